@@ -1,0 +1,66 @@
+//! The command line, and nothing else: clap definitions turned into plain config values.
+//!
+//! The rest of arbor sees only [`Command`] and the config structs it carries, never clap,
+//! so every job can be driven from tests without building argument vectors.
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// arbor bootstraps and manages fleets of machines over SSH, with nothing installed on them
+/// first. It copies itself to each host, tunnels the host back to a coordination store on the
+/// initiator, and runs a graph of resources there. Hosts behind jump hosts are reached through
+/// relays: a host with children re-launches itself as a relay and stages its own children.
+#[derive(Parser, Debug)]
+#[command(name = "arbor", version, about, long_about, propagate_version = true)]
+struct Args {
+    /// More log output: -v for debug, -vv for trace (ARBOR_LOG overrides).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+
+    #[command(subcommand)]
+    command: Option<Sub>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Sub {
+    /// Print arbor's version.
+    Version,
+}
+
+/// What the user asked for, as plain data.
+#[derive(Debug)]
+pub enum Command {
+    Version,
+}
+
+/// One invocation of arbor: the job and how chatty the log should be (0 = info).
+#[derive(Debug)]
+pub struct Invocation {
+    pub verbosity: u8,
+    pub command: Command,
+}
+
+/// Parses the process arguments. On `--help`, `--version` or a usage error, clap has already
+/// printed what it has to say and the returned exit code ends the process (2 for bad usage).
+pub fn parse() -> Result<Invocation, ExitCode> {
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return Err(ExitCode::from(code));
+        }
+    };
+    let command = match args.command {
+        Some(Sub::Version) => Command::Version,
+        None => {
+            use clap::CommandFactory;
+            let _ = Args::command().print_help();
+            return Err(ExitCode::from(2));
+        }
+    };
+    Ok(Invocation {
+        verbosity: args.verbose,
+        command,
+    })
+}

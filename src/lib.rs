@@ -1,0 +1,5 @@
+//! arbor as a library: the binary in `main.rs` is a thin shell over these modules, and the
+//! end-to-end tests in `integration/` drive them directly against the lab.
+
+pub mod cli;
+pub mod ssh;
