@@ -12,7 +12,10 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     init_tracing(invocation.verbosity);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("arbor: cannot start the async runtime: {e}");
