@@ -134,13 +134,12 @@ pub(crate) async fn authenticate(
         }
         attempts.note_failure(&result);
     }
-    if let Some(prompter) = &options.prompter {
-        if try_prompts(handle, label, user, prompter.clone(), &mut attempts)
+    if let Some(prompter) = &options.prompter
+        && try_prompts(handle, label, user, prompter.clone(), &mut attempts)
             .await
             .map_err(err)?
-        {
-            return Ok(());
-        }
+    {
+        return Ok(());
     }
     let tried = if attempts.tried.is_empty() {
         "nothing (no agent, no key files, no password)".to_string()

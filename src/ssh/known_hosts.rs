@@ -220,14 +220,15 @@ fn wildcard_match(pattern: &str, name: &str) -> bool {
 /// private modes if needed. The entry is written in one `write` so concurrent appenders from
 /// one process don't interleave within a line.
 pub fn append(file: &Path, name: &str, key: &PublicKey) -> std::io::Result<()> {
-    if let Some(dir) = file.parent() {
-        if !dir.as_os_str().is_empty() && !dir.exists() {
-            std::fs::create_dir_all(dir)?;
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-            }
+    if let Some(dir) = file.parent()
+        && !dir.as_os_str().is_empty()
+        && !dir.exists()
+    {
+        std::fs::create_dir_all(dir)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
         }
     }
     let openssh = key

@@ -217,15 +217,17 @@ pub async fn connect(target: &Target, options: &ConnectOptions) -> Result<Sessio
 }
 
 fn client_config(keepalive: Duration) -> client::Config {
-    let mut preferred = russh::Preferred::default();
     // AES-GCM first: hardware-accelerated almost everywhere, and the fastest for bulk copies.
-    preferred.cipher = std::borrow::Cow::Owned(vec![
-        russh::cipher::AES_256_GCM,
-        russh::cipher::AES_128_GCM,
-        russh::cipher::CHACHA20_POLY1305,
-        russh::cipher::AES_256_CTR,
-        russh::cipher::AES_128_CTR,
-    ]);
+    let preferred = russh::Preferred {
+        cipher: std::borrow::Cow::Owned(vec![
+            russh::cipher::AES_256_GCM,
+            russh::cipher::AES_128_GCM,
+            russh::cipher::CHACHA20_POLY1305,
+            russh::cipher::AES_256_CTR,
+            russh::cipher::AES_128_CTR,
+        ]),
+        ..Default::default()
+    };
     client::Config {
         keepalive_interval: Some(keepalive),
         keepalive_max: 3,
