@@ -1,0 +1,180 @@
+//! Shared by the end-to-end test binaries: a lab of real SSH hosts (integration/lab) that is
+//! brought up for one test binary and always torn down, failed tests included.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A running lab. Dropping it runs `integration/lab down`.
+pub struct Lab {
+    pub name: String,
+    env: HashMap<String, String>,
+}
+
+impl Lab {
+    /// Brings up a lab named `name` (replacing a stale one of that name from a killed run).
+    pub fn up(name: &str, args: &[&str]) -> Lab {
+        assert!(
+            unsafe { libc::geteuid() } == 0,
+            "the end-to-end tests build network namespaces and must run as root"
+        );
+        let script = repo_root().join("integration/lab");
+        let _ = Command::new(&script)
+            .args(["down", "--name", name])
+            .output();
+        let out = Command::new(&script)
+            .args(["up", "--name", name])
+            .args(args)
+            .output()
+            .expect("run integration/lab up");
+        if !out.status.success() {
+            let _ = Command::new(&script)
+                .args(["down", "--name", name])
+                .output();
+            panic!(
+                "integration/lab up failed:\n{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let env_path = Command::new(&script)
+            .args(["env", "--name", name])
+            .output()
+            .expect("run integration/lab env");
+        let env_path = String::from_utf8_lossy(&env_path.stdout).trim().to_string();
+        let text = std::fs::read_to_string(&env_path)
+            .unwrap_or_else(|e| panic!("reading lab env {env_path}: {e}"));
+        let env = text
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect();
+        Lab {
+            name: name.to_string(),
+            env,
+        }
+    }
+
+    pub fn get(&self, key: &str) -> &str {
+        self.env
+            .get(key)
+            .map(String::as_str)
+            .unwrap_or_else(|| panic!("lab env has no {key}"))
+    }
+
+    fn host_key(host: &str, what: &str) -> String {
+        format!("HOST_{}_{what}", host.replace('-', "_"))
+    }
+
+    /// The address the initiator (or, for leaves, the relay) uses for `host`.
+    pub fn addr(&self, host: &str) -> String {
+        self.get(&Self::host_key(host, "ADDR")).to_string()
+    }
+
+    pub fn addr6(&self, host: &str) -> String {
+        self.get(&Self::host_key(host, "ADDR6")).to_string()
+    }
+
+    /// The initiator's HOME: .ssh/id_ed25519 and .ssh/known_hosts live there.
+    pub fn home(&self) -> PathBuf {
+        PathBuf::from(self.get("LAB_HOME"))
+    }
+
+    pub fn dir(&self) -> PathBuf {
+        PathBuf::from(self.get("LAB_DIR"))
+    }
+
+    pub fn init_ns(&self) -> &str {
+        self.get("LAB_INIT_NS")
+    }
+
+    /// Runs a shell command on a lab host (or `init`) and returns its output.
+    pub fn exec(&self, host: &str, shell: &str) -> Output {
+        Command::new(repo_root().join("integration/lab"))
+            .args(["exec", "--name", &self.name, host, "sh", "-c", shell])
+            .output()
+            .expect("run integration/lab exec")
+    }
+
+    /// Like [`exec`](Self::exec) but returns stdout and panics on failure.
+    pub fn sh(&self, host: &str, shell: &str) -> String {
+        let out = self.exec(host, shell);
+        assert!(
+            out.status.success(),
+            "`{shell}` on {host} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Bytes sent and received on the initiator's link, from its counters.
+    pub fn init_link_bytes(&self) -> (u64, u64) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", self.init_ns(), "cat"])
+            .arg(format!(
+                "/sys/class/net/{}/statistics/tx_bytes",
+                self.get("LAB_INIT_IF")
+            ))
+            .arg(format!(
+                "/sys/class/net/{}/statistics/rx_bytes",
+                self.get("LAB_INIT_IF")
+            ))
+            .output()
+            .expect("read link counters");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut n = text.lines().map(|l| l.trim().parse::<u64>().unwrap_or(0));
+        (n.next().unwrap_or(0), n.next().unwrap_or(0))
+    }
+
+    /// Moves the calling thread into the initiator's network namespace and runs `f` on a
+    /// runtime confined to this thread, so every socket it opens is the initiator's.
+    pub fn run<F: Future>(&self, f: F) -> F::Output {
+        enter_netns(self.init_ns());
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
+            .block_on(f)
+    }
+
+    pub fn down(&self) {
+        let _ = Command::new(repo_root().join("integration/lab"))
+            .args(["down", "--name", &self.name])
+            .output();
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
+/// Joins the named network namespace on the calling thread only.
+pub fn enter_netns(name: &str) {
+    use std::os::fd::AsRawFd;
+    let path = Path::new("/run/netns").join(name);
+    let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns {name}: {}", std::io::Error::last_os_error());
+}
+
+/// Runs a command on this machine (outside the lab) and returns stdout, panicking on failure.
+pub fn local(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
