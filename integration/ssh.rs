@@ -17,11 +17,12 @@ use support::{Lab, local};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 type TestResult = Result<(), Failed>;
+type Test = (&'static str, fn(&Lab) -> TestResult);
 
 fn main() -> std::process::ExitCode {
     let args = Arguments::from_args();
     let lab = Arc::new(Lab::up("t-ssh", &["--relays", "2", "--leaves", "1"]));
-    let tests: Vec<(&str, fn(&Lab) -> TestResult)> = vec![
+    let tests: Vec<Test> = vec![
         (
             "exec_streams_stdout_and_stderr_apart_with_exit_code",
             exec_streams_stdout_and_stderr_apart_with_exit_code,
