@@ -178,3 +178,27 @@ pub fn local(cmd: &str, args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Replaces the block between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` in
+/// docs/benchmarks.md with `body` (appending the block if it is missing), stamped with the date.
+pub fn write_bench_section(name: &str, body: &str) {
+    let path = repo_root().join("docs/benchmarks.md");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".to_string());
+    let (open, close) = (
+        format!("<!-- bench:{name} -->"),
+        format!("<!-- /bench:{name} -->"),
+    );
+    let date = local("date", &["-u", "+%Y-%m-%d"]);
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let block = format!(
+        "{open}\n_Measured {} on this project's {cpus}-core machine._\n\n{body}{close}",
+        date.trim()
+    );
+    let new = match (text.find(&open), text.find(&close)) {
+        (Some(a), Some(b)) if a < b => {
+            format!("{}{block}{}", &text[..a], &text[b + close.len()..])
+        }
+        _ => format!("{}\n{block}\n", text.trim_end()),
+    };
+    std::fs::write(&path, new).expect("write docs/benchmarks.md");
+}

@@ -15,6 +15,7 @@ pub mod error;
 pub mod exec;
 pub mod forward;
 pub mod known_hosts;
+pub mod prompt;
 pub mod session;
 pub mod sftp;
 
@@ -24,5 +25,6 @@ pub use exec::{
     Collected, CommandLine, ExecOptions, ExitStatus, Output, RemoteCommand, shell_quote,
 };
 pub use forward::{Connector, ForwardEnd, ForwardedStream};
+pub use prompt::TerminalPrompter;
 pub use session::{ConnectOptions, HostKeyOptions, HostKeyPolicy, Session, Target, connect};
 pub use sftp::{Sftp, Uploaded};
