@@ -21,7 +21,7 @@ type Test = (&'static str, fn(&Lab) -> TestResult);
 
 fn main() -> std::process::ExitCode {
     let args = Arguments::from_args();
-    let lab = Arc::new(Lab::up("t-ssh", &["--relays", "2", "--leaves", "1"]));
+    let lab = Arc::new(Lab::up("ssh", &["--relays", "2", "--leaves", "1"]));
     let tests: Vec<Test> = vec![
         (
             "exec_streams_stdout_and_stderr_apart_with_exit_code",

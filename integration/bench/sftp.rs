@@ -21,7 +21,7 @@ fn main() {
         eprintln!("benchmark: run it with `cargo bench --bench sftp` (as root)");
         return;
     }
-    let lab = Lab::up("b-sftp", &["--relays", "1", "--leaves", "1"]);
+    let lab = Lab::up("bsftp", &["--relays", "1", "--leaves", "1"]);
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("payload.bin");
     write_payload(&file, SIZE_MB);

@@ -18,16 +18,18 @@ pub struct Lab {
 }
 
 impl Lab {
-    /// Brings up a lab named `name` (replacing a stale one of that name from a killed run).
-    pub fn up(name: &str, args: &[&str]) -> Lab {
+    /// Brings up a lab for this test process, named `<prefix><pid>` so that concurrent runs
+    /// (and a developer's own labs) never touch each other. Labs left by killed runs of the
+    /// same prefix, whose process is gone, are torn down first.
+    pub fn up(prefix: &str, args: &[&str]) -> Lab {
         assert!(
             unsafe { libc::geteuid() } == 0,
             "the end-to-end tests build network namespaces and must run as root"
         );
         let script = repo_root().join("integration/lab");
-        let _ = Command::new(&script)
-            .args(["down", "--name", name])
-            .output();
+        reap_stale_labs(prefix);
+        let name = format!("{prefix}{}", std::process::id());
+        let name = name.as_str();
         let out = Command::new(&script)
             .args(["up", "--name", name])
             .args(args)
@@ -153,6 +155,28 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         self.down();
+    }
+}
+
+/// Tears down labs named `<prefix><pid>` whose pid no longer runs.
+fn reap_stale_labs(prefix: &str) {
+    let base = std::env::var("ARBOR_LAB_DIR").unwrap_or_else(|_| "/tmp/arbor-lab".into());
+    let Ok(entries) = std::fs::read_dir(&base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(prefix)
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = Command::new(repo_root().join("integration/lab"))
+                .args(["down", "--name", &name])
+                .output();
+        }
     }
 }
 
