@@ -83,6 +83,10 @@ fn main() -> std::process::ExitCode {
             unrouted_leaf_fails_fast_naming_connect,
         ),
         ("ipv6_in_brackets_connects", ipv6_in_brackets_connects),
+        (
+            "dns_name_that_does_not_resolve_names_the_host",
+            dns_name_that_does_not_resolve_names_the_host,
+        ),
     ];
     let trials = tests
         .into_iter()
@@ -762,6 +766,23 @@ fn ipv6_in_brackets_connects(lab: &Lab) -> TestResult {
         check!(s.peer().is_ipv6(), "peer {}", s.peer());
         let out = s.run_checked("hostname").await.map_err(fail)?;
         check!(out == b"r1\n", "hostname {out:?}");
+        Ok(())
+    })
+}
+
+fn dns_name_that_does_not_resolve_names_the_host(lab: &Lab) -> TestResult {
+    lab.run(async {
+        let t = Target::new("root", "no-such-host.invalid", 2222);
+        let err = match ssh::connect(&t, &options(lab)).await {
+            Ok(_) => return Err(fail("connected to a name that cannot resolve")),
+            Err(e) => e,
+        };
+        check!(matches!(err.cause, Cause::Resolve(_)), "{err}");
+        check!(
+            err.to_string()
+                .starts_with("no-such-host.invalid:2222: connect: cannot resolve address"),
+            "{err}"
+        );
         Ok(())
     })
 }
