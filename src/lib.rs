@@ -2,5 +2,6 @@
 //! end-to-end tests in `integration/` drive them directly against the lab.
 
 pub mod cli;
+pub mod node;
 pub mod ssh;
 pub mod wire;
