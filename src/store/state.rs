@@ -141,7 +141,8 @@ impl State {
             })
             .collect();
         Ok(PbRangeResponse {
-            header: Some(self.header(at)),
+            // etcd names the store's revision here, not the one read.
+            header: Some(self.header(newest)),
             kvs,
             more,
             count,
