@@ -24,6 +24,10 @@ pub use etcd_client::{Compare, CompareOp, Txn, TxnOp, TxnOpResponse, TxnResponse
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest response the client accepts. One revision is never split across watch
+/// responses, and a delete of many keys is one revision, so this is far above the request
+/// limit.
+const MAX_RESPONSE_BYTES: usize = 256 << 20;
 /// Watch reconnection backoff bounds.
 const RETRY_MIN: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(2);
@@ -193,7 +197,8 @@ impl StoreClient {
         let prefix = prefix.into();
         let mut resp = self
             .client
-            .clone()
+            .kv_client()
+            .max_decoding_message_size(MAX_RESPONSE_BYTES)
             .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
             .await
             .with_context(|| {
@@ -381,8 +386,12 @@ impl ResumingWatch {
         if self.next > 0 {
             options = options.with_start_revision(self.next);
         }
+        let mut watch_client = self
+            .client
+            .watch_client()
+            .max_decoding_message_size(MAX_RESPONSE_BYTES);
         let mut stream = tokio::select! {
-            r = self.client.watch(self.prefix.clone(), Some(options)) => match r {
+            r = watch_client.watch(self.prefix.clone(), Some(options)) => match r {
                 Ok(stream) => stream,
                 Err(e) => {
                     tracing::debug!("store: watch on {:?}: {e}; retrying", self.prefix_str());

@@ -108,7 +108,11 @@ impl Store {
     pub async fn serve(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let limit = MAX_REQUEST_BYTES + GRPC_OVERHEAD_BYTES;
         let b = &self.backend;
+        // Clients behind a tunnel can vanish without a reset: probe idle connections so their
+        // streams end instead of lingering.
         let router = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(
                 PbKvServer::new(KvService { backend: b.clone() }).max_decoding_message_size(limit),
             )
