@@ -65,6 +65,7 @@ conformance!(
     concurrent_writers_and_watchers_see_every_event_in_revision_order,
     client_watch_resumes_after_its_connection_is_cut,
     oversized_requests_get_a_clear_error,
+    malformed_requests_get_an_error_and_the_store_goes_on,
     status_and_member_list_describe_one_leader,
 );
 
@@ -1305,6 +1306,54 @@ mod checks {
         assert!(c.get("big", None).await.unwrap().kvs().is_empty());
         // The store still works.
         c.put("after", "ok", None).await.unwrap();
+    }
+
+    pub async fn malformed_requests_get_an_error_and_the_store_goes_on(store: &TestStore) {
+        /// A PutRequest whose key (field 1, bytes) is sent as a varint.
+        #[derive(Clone, PartialEq, prost::Message)]
+        struct BadPut {
+            #[prost(uint64, tag = "1")]
+            key: u64,
+        }
+        #[derive(Clone, PartialEq, prost::Message)]
+        struct Empty {}
+        let channel = tonic::transport::Endpoint::from_shared(store.endpoint.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.unwrap();
+        let err = grpc
+            .unary::<BadPut, Empty, _>(
+                tonic::Request::new(BadPut { key: 7 }),
+                "/etcdserverpb.KV/Put".parse().unwrap(),
+                tonic_prost::ProstCodec::default(),
+            )
+            .await
+            .unwrap_err();
+        // grpc-go and tonic both answer Internal, naming the decoding failure.
+        assert_eq!(err.code(), Code::Internal, "{err:?}");
+        assert!(
+            err.message().contains("unmarshal") || err.message().contains("decode"),
+            "{err:?}"
+        );
+        grpc.ready().await.unwrap();
+        let err = grpc
+            .unary::<Empty, Empty, _>(
+                tonic::Request::new(Empty {}),
+                "/etcdserverpb.KV/NoSuchMethod".parse().unwrap(),
+                tonic_prost::ProstCodec::default(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
+        let mut c = store.client().await;
+        c.put("still", "fine", None).await.unwrap();
+        assert_eq!(
+            c.get("still", None).await.unwrap().kvs()[0].value(),
+            b"fine"
+        );
     }
 
     pub async fn status_and_member_list_describe_one_leader(store: &TestStore) {
