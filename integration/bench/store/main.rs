@@ -347,9 +347,10 @@ fn write_doc(table: &str) {
         "# Benchmarks\n\n\
          ## Store: embedded vs etcd 3.4\n\n\
          `cargo bench --bench store` (integration/bench/store). Both stores run as processes on \
-         this machine ({cpus} CPUs), durable with a data dir on the same disk (etcd in its \
-         default, durable configuration: one fsync per raft batch; the embedded store: one \
-         fsync per group-commit batch). Values are {VALUE} bytes. Each row is the median of \
+         this machine ({cpus} CPUs), durable with a data dir on the same disk (etcd with its \
+         default settings, which are its durable ones: fsync of its WAL per raft batch, plus \
+         `--quota-backend-bytes=8GiB` so no quota interferes; the embedded store with its \
+         defaults: one fsync per group-commit batch). Values are {VALUE} bytes. Each row is the median of \
          {RUNS} runs on fresh stores:\n\n\
          - sequential put: {SEQ_PUTS} puts from one client, one at a time;\n\
          - throughput: {CLIENTS} clients on their own connections, {PUTS_PER_CLIENT} puts each;\n\
