@@ -25,12 +25,25 @@ struct Args {
 enum Sub {
     /// Print arbor's version.
     Version,
+    /// Run the coordination store alone: an etcd v3 API server (etcdctl works against it).
+    Store {
+        /// Where to listen: host:port or unix:PATH. Loopback only, unless --allow-non-loopback.
+        #[arg(long, value_name = "ADDR")]
+        listen: String,
+        /// Persist the store here (every acknowledged write survives a crash); in memory if unset.
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<std::path::PathBuf>,
+        /// Listen on a non-loopback address. The store has no authentication.
+        #[arg(long)]
+        allow_non_loopback: bool,
+    },
 }
 
 /// What the user asked for, as plain data.
 #[derive(Debug)]
 pub enum Command {
     Version,
+    Store(crate::store::StoreConfig),
 }
 
 /// One invocation of arbor: the job and how chatty the log should be (0 = info).
@@ -53,6 +66,15 @@ pub fn parse() -> Result<Invocation, ExitCode> {
     };
     let command = match args.command {
         Some(Sub::Version) => Command::Version,
+        Some(Sub::Store {
+            listen,
+            data_dir,
+            allow_non_loopback,
+        }) => Command::Store(crate::store::StoreConfig {
+            listen,
+            data_dir,
+            allow_non_loopback,
+        }),
         None => {
             use clap::CommandFactory;
             let _ = Args::command().print_help();

@@ -4,4 +4,5 @@
 pub mod cli;
 pub mod node;
 pub mod ssh;
+pub mod store;
 pub mod wire;

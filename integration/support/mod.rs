@@ -2,6 +2,10 @@
 //! brought up for one test binary and always torn down, failed tests included.
 #![allow(dead_code)]
 
+mod store;
+#[allow(unused_imports)]
+pub use store::*;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};

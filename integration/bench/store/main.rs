@@ -1,0 +1,363 @@
+//! The embedded store against etcd 3.4 (Debian's etcd-server), side by side, on this machine.
+//!
+//! `cargo bench --bench store` runs both as processes, each durable with a data dir on the same
+//! disk (the system temp dir, or $ARBOR_BENCH_DIR), etcd in its default (durable)
+//! configuration, and writes the table to docs/benchmarks.md. Every row is the median of
+//! `RUNS` runs, each on a fresh store. Not a timed test.
+
+#[path = "../../support/mod.rs"]
+mod support;
+
+use etcd_client::{Client, GetOptions, Txn, TxnOp, WatchOptions};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const ARBOR: &str = env!("CARGO_BIN_EXE_arbor");
+const ETCD: &str = "/usr/bin/etcd";
+const RUNS: usize = 3;
+const SEQ_PUTS: usize = 2000;
+const CLIENTS: usize = 16;
+const PUTS_PER_CLIENT: usize = 500;
+const WATCH_PUTS: usize = 500;
+const RANGE_KEYS: usize = 10_000;
+const RANGE_READS: usize = 20;
+const MEMORY_KEYS: usize = 100_000;
+const VALUE: usize = 100;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Embedded,
+    Etcd,
+}
+
+struct Server {
+    child: Child,
+    endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn bench_dir() -> PathBuf {
+    std::env::var_os("ARBOR_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+}
+
+async fn start(kind: Kind) -> Server {
+    let dir = tempfile::tempdir_in(bench_dir()).expect("bench dir");
+    let port = free_port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let data = dir.path().join("data");
+    let child = match kind {
+        Kind::Embedded => Command::new(ARBOR)
+            .args([
+                "store",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--data-dir",
+            ])
+            .arg(&data)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start arbor store"),
+        Kind::Etcd => {
+            let peer = format!("http://127.0.0.1:{}", free_port());
+            Command::new(ETCD)
+                .arg("--name=bench")
+                .arg(format!("--data-dir={}", data.display()))
+                .arg(format!("--listen-client-urls={endpoint}"))
+                .arg(format!("--advertise-client-urls={endpoint}"))
+                .arg(format!("--listen-peer-urls={peer}"))
+                .arg(format!("--initial-advertise-peer-urls={peer}"))
+                .arg(format!("--initial-cluster=bench={peer}"))
+                .arg("--quota-backend-bytes=8589934592")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start etcd")
+        }
+    };
+    let server = Server {
+        child,
+        endpoint,
+        _dir: dir,
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(mut c) = client(&server).await
+            && c.status().await.is_ok()
+        {
+            return server;
+        }
+        assert!(Instant::now() < deadline, "store did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn client(server: &Server) -> Result<Client, etcd_client::Error> {
+    Client::connect([&server.endpoint], None).await
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx]
+}
+
+async fn sequential_put(server: &Server) -> (f64, f64) {
+    let mut c = client(server).await.unwrap();
+    let mut lat = Vec::with_capacity(SEQ_PUTS);
+    for i in 0..SEQ_PUTS {
+        let t = Instant::now();
+        c.put(format!("seq/{i}"), vec![b'v'; VALUE], None)
+            .await
+            .unwrap();
+        lat.push(t.elapsed());
+    }
+    lat.sort();
+    (
+        percentile(&lat, 0.5).as_secs_f64() * 1e3,
+        percentile(&lat, 0.99).as_secs_f64() * 1e3,
+    )
+}
+
+async fn concurrent_put(server: &Server) -> f64 {
+    let mut tasks = Vec::new();
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        clients.push(client(server).await.unwrap());
+    }
+    let start = Instant::now();
+    for (w, mut c) in clients.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            for i in 0..PUTS_PER_CLIENT {
+                c.put(format!("con/{w}/{i}"), vec![b'v'; VALUE], None)
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    (CLIENTS * PUTS_PER_CLIENT) as f64 / start.elapsed().as_secs_f64()
+}
+
+async fn watch_latency(server: &Server) -> f64 {
+    let mut c = client(server).await.unwrap();
+    let mut w = c
+        .watch("wl/", Some(WatchOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    assert!(w.message().await.unwrap().unwrap().created());
+    let mut lat = Vec::with_capacity(WATCH_PUTS);
+    for i in 0..WATCH_PUTS {
+        let t = Instant::now();
+        c.put(format!("wl/{i}"), vec![b'v'; VALUE], None)
+            .await
+            .unwrap();
+        loop {
+            let resp = w.message().await.unwrap().unwrap();
+            if !resp.events().is_empty() {
+                break;
+            }
+        }
+        lat.push(t.elapsed());
+    }
+    lat.sort();
+    percentile(&lat, 0.5).as_secs_f64() * 1e3
+}
+
+/// Loads `n` keys under `prefix` with txns of 100 puts from 16 clients.
+async fn load(server: &Server, prefix: &str, n: usize) {
+    let mut tasks = Vec::new();
+    for w in 0..CLIENTS {
+        let mut c = client(server).await.unwrap();
+        let prefix = prefix.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut i = w * 100;
+            while i < n {
+                let ops: Vec<TxnOp> = (i..(i + 100).min(n))
+                    .map(|k| TxnOp::put(format!("{prefix}{k:06}"), vec![b'v'; VALUE], None))
+                    .collect();
+                c.txn(Txn::new().and_then(ops)).await.unwrap();
+                i += CLIENTS * 100;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+async fn range_10k(server: &Server) -> f64 {
+    load(server, "rg/", RANGE_KEYS).await;
+    let c = client(server).await.unwrap();
+    let mut kv = c.kv_client().max_decoding_message_size(64 << 20);
+    let mut lat = Vec::new();
+    for _ in 0..RANGE_READS {
+        let t = Instant::now();
+        let r = kv
+            .get("rg/", Some(GetOptions::new().with_prefix()))
+            .await
+            .unwrap();
+        assert_eq!(r.kvs().len(), RANGE_KEYS);
+        lat.push(t.elapsed());
+    }
+    lat.sort();
+    percentile(&lat, 0.5).as_secs_f64() * 1e3
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+async fn memory_100k(server: &Server) -> f64 {
+    load(server, "mem/", MEMORY_KEYS).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    rss_mib(server.child.id())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+struct Row {
+    name: &'static str,
+    unit: &'static str,
+    lower_is_better: bool,
+    embedded: Vec<f64>,
+    etcd: Vec<f64>,
+}
+
+#[tokio::main]
+async fn main() {
+    let mut rows = vec![
+        Row {
+            name: "sequential put, p50",
+            unit: "ms",
+            lower_is_better: true,
+            embedded: vec![],
+            etcd: vec![],
+        },
+        Row {
+            name: "sequential put, p99",
+            unit: "ms",
+            lower_is_better: true,
+            embedded: vec![],
+            etcd: vec![],
+        },
+        Row {
+            name: "put throughput, 16 clients",
+            unit: "puts/s",
+            lower_is_better: false,
+            embedded: vec![],
+            etcd: vec![],
+        },
+        Row {
+            name: "watch delivery, put to event, p50",
+            unit: "ms",
+            lower_is_better: true,
+            embedded: vec![],
+            etcd: vec![],
+        },
+        Row {
+            name: "range over 10k keys, p50",
+            unit: "ms",
+            lower_is_better: true,
+            embedded: vec![],
+            etcd: vec![],
+        },
+        Row {
+            name: "memory (RSS) after 100k keys",
+            unit: "MiB",
+            lower_is_better: true,
+            embedded: vec![],
+            etcd: vec![],
+        },
+    ];
+    for run in 0..RUNS {
+        for kind in [Kind::Embedded, Kind::Etcd] {
+            let label = if kind == Kind::Embedded {
+                "embedded"
+            } else {
+                "etcd"
+            };
+            eprintln!("run {}/{RUNS}: {label}", run + 1);
+            let mut results = Vec::new();
+            let s = start(kind).await;
+            let (p50, p99) = sequential_put(&s).await;
+            results.extend([p50, p99, concurrent_put(&s).await, watch_latency(&s).await]);
+            results.push(range_10k(&s).await);
+            drop(s);
+            let s = start(kind).await;
+            results.push(memory_100k(&s).await);
+            drop(s);
+            for (row, value) in rows.iter_mut().zip(results) {
+                match kind {
+                    Kind::Embedded => row.embedded.push(value),
+                    Kind::Etcd => row.etcd.push(value),
+                }
+            }
+        }
+    }
+    let mut table = String::new();
+    table.push_str("| metric | embedded | etcd 3.4 | embedded / etcd | better |\n");
+    table.push_str("|---|---:|---:|---:|---|\n");
+    for row in &rows {
+        let (e, d) = (median(row.embedded.clone()), median(row.etcd.clone()));
+        let ratio = e / d;
+        let better = if row.lower_is_better { e < d } else { e > d };
+        table.push_str(&format!(
+            "| {} | {:.3} {} | {:.3} {} | {:.2} | {} |\n",
+            row.name,
+            e,
+            row.unit,
+            d,
+            row.unit,
+            ratio,
+            if better { "embedded" } else { "etcd" }
+        ));
+    }
+    println!("{table}");
+    write_doc(&table);
+}
+
+fn write_doc(table: &str) {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let body = format!(
+        "`cargo bench --bench store` (integration/bench/store). Both stores run as processes on \
+         this machine ({cpus} CPUs), durable with a data dir on the same disk (etcd with its \
+         default settings, which are its durable ones: fsync of its WAL per raft batch, plus \
+         `--quota-backend-bytes=8GiB` so no quota interferes; the embedded store with its \
+         defaults: one fsync per group-commit batch). Values are {VALUE} bytes. Each row is the median of \
+         {RUNS} runs on fresh stores:\n\n\
+         - sequential put: {SEQ_PUTS} puts from one client, one at a time;\n\
+         - throughput: {CLIENTS} clients on their own connections, {PUTS_PER_CLIENT} puts each;\n\
+         - watch delivery: time from sending a put to receiving its event, {WATCH_PUTS} puts;\n\
+         - range: one Range over a prefix holding {RANGE_KEYS} keys, {RANGE_READS} reads;\n\
+         - memory: RSS of the server process after {MEMORY_KEYS} keys were written.\n\n\
+         {table}"
+    );
+    support::write_bench_section("store", &body);
+}

@@ -1,0 +1,380 @@
+//! What only the embedded store has: its data dir across restarts, its Unix socket, its
+//! auto-compaction and snapshot policy, and the RPCs it leaves out.
+
+#[path = "support/mod.rs"]
+mod support;
+
+use arbor::store::client::{Endpoints, EventKind, StoreClient};
+use arbor::store::{Options, StoreConfig};
+use etcd_client::{GetOptions, LeaseTimeToLiveOptions, PutOptions, WatchOptions};
+use std::path::Path;
+use std::time::Duration;
+use support::{embedded_listening, embedded_with, status, test_options};
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_with_the_same_data_dir_keeps_data_revisions_leases_and_compaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let store = embedded_with(Some(&data)).await;
+    let mut c = store.client().await;
+    let lease = c.lease_grant(300, None).await.unwrap().id();
+    for i in 0..50 {
+        c.put(format!("k/{i:02}"), format!("v{i}"), None)
+            .await
+            .unwrap();
+    }
+    c.put("leased", "x", Some(PutOptions::new().with_lease(lease)))
+        .await
+        .unwrap();
+    c.delete("k/00", None).await.unwrap();
+    let compact_at = c.get("k/10", None).await.unwrap().kvs()[0].mod_revision();
+    c.compact(compact_at, None).await.unwrap();
+    let before = c
+        .get("", Some(GetOptions::new().with_all_keys()))
+        .await
+        .unwrap();
+    let ids = c.status().await.unwrap().header().unwrap().clone();
+    drop(c);
+    store.stop().await;
+
+    let store = embedded_with(Some(&data)).await;
+    let mut c = store.client().await;
+    let after = c
+        .get("", Some(GetOptions::new().with_all_keys()))
+        .await
+        .unwrap();
+    assert_eq!(
+        after.header().unwrap().revision(),
+        before.header().unwrap().revision()
+    );
+    assert_eq!(after.kvs().len(), before.kvs().len());
+    for (a, b) in after.kvs().iter().zip(before.kvs()) {
+        assert_eq!(
+            (
+                a.key(),
+                a.value(),
+                a.create_revision(),
+                a.mod_revision(),
+                a.version(),
+                a.lease()
+            ),
+            (
+                b.key(),
+                b.value(),
+                b.create_revision(),
+                b.mod_revision(),
+                b.version(),
+                b.lease()
+            )
+        );
+    }
+    let header = after.header().unwrap();
+    assert_eq!(
+        header.cluster_id(),
+        ids.cluster_id(),
+        "the ids belong to the data dir"
+    );
+    assert_eq!(header.member_id(), ids.member_id());
+    let err = status(
+        c.get(
+            "k/01",
+            Some(GetOptions::new().with_revision(compact_at - 1)),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!(
+        err.message(),
+        "etcdserver: mvcc: required revision has been compacted"
+    );
+    let ttl = c
+        .lease_time_to_live(lease, Some(LeaseTimeToLiveOptions::new().with_keys()))
+        .await
+        .unwrap();
+    assert_eq!(ttl.granted_ttl(), 300);
+    assert!(
+        ttl.ttl() > 290,
+        "a restart gives leases their full TTL again"
+    );
+    assert_eq!(ttl.keys(), [b"leased".to_vec()]);
+    // History since the compaction is still there for watches.
+    let mut w = c
+        .watch(
+            "k/",
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(compact_at),
+            ),
+        )
+        .await
+        .unwrap();
+    assert!(w.message().await.unwrap().unwrap().created());
+    let first = w.message().await.unwrap().unwrap();
+    assert_eq!(first.events()[0].kv().unwrap().mod_revision(), compact_at);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_record_at_the_end_of_the_log_is_dropped_on_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let store = embedded_with(Some(&data)).await;
+    let mut c = store.client().await;
+    for i in 0..20 {
+        c.put(format!("t/{i}"), "v", None).await.unwrap();
+    }
+    drop(c);
+    store.stop().await;
+    let wal = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "log"))
+        .expect("a log segment");
+    let len = std::fs::metadata(&wal).unwrap().len();
+    // Half of a record that claims 100 bytes, as a crash mid-write leaves it.
+    let mut bytes = std::fs::read(&wal).unwrap();
+    bytes.extend_from_slice(&[100, 0, 0, 0, 1, 2, 3, 4, 5, 6]);
+    std::fs::write(&wal, &bytes).unwrap();
+
+    let store = embedded_with(Some(&data)).await;
+    let mut c = store.client().await;
+    let all = c
+        .get("t/", Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    assert_eq!(all.count(), 20);
+    assert_eq!(
+        std::fs::metadata(&wal).unwrap().len(),
+        len,
+        "the torn tail is cut off"
+    );
+    c.put("t/after", "v", None).await.unwrap();
+    drop(c);
+    store.stop().await;
+    let store = embedded_with(Some(&data)).await;
+    let mut c = store.client().await;
+    let all = c
+        .get("t/", Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    assert_eq!(all.count(), 21, "writes after the cut are kept");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_restart_the_log_and_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let options = || Options {
+        snapshot_after_bytes: 8 << 10,
+        ..test_options(Some(data.clone()))
+    };
+    let store = embedded_listening("127.0.0.1:0", options()).await;
+    let mut c = store.client().await;
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let mut c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..100 {
+                c.put(format!("s/{w}/{i:03}"), vec![b'v'; 200], None)
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let before = c
+        .get("s/", Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    assert_eq!(before.count(), 800);
+    let segments = log_segments(&data);
+    assert_eq!(segments.len(), 1, "old segments are removed: {segments:?}");
+    assert!(
+        !segments[0].ends_with("wal-00000000000000000001.log"),
+        "the log was restarted after a snapshot: {segments:?}"
+    );
+    assert!(data.join("snapshot.pb").exists());
+    drop(c);
+    store.stop().await;
+
+    let store = embedded_listening("127.0.0.1:0", options()).await;
+    let mut c = store.client().await;
+    let after = c
+        .get("s/", Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    assert_eq!(after.count(), 800);
+    assert_eq!(
+        after.header().unwrap().revision(),
+        before.header().unwrap().revision()
+    );
+    // Every revision is still there for a watch from the start.
+    let mut w = c
+        .watch(
+            "s/",
+            Some(WatchOptions::new().with_prefix().with_start_revision(1)),
+        )
+        .await
+        .unwrap();
+    let mut seen = 0;
+    while seen < 800 {
+        let resp = w.message().await.unwrap().unwrap();
+        seen += resp.events().len();
+    }
+    assert_eq!(seen, 800);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_compaction_keeps_the_newest_revisions_only() {
+    let options = Options {
+        retain_revisions: 100,
+        ..test_options(None)
+    };
+    let store = embedded_listening("127.0.0.1:0", options).await;
+    let mut c = store.client().await;
+    let mut last = 0;
+    for i in 0..400 {
+        last = c
+            .put("ac", format!("{i}"), None)
+            .await
+            .unwrap()
+            .header()
+            .unwrap()
+            .revision();
+    }
+    let err = status(
+        c.get("ac", Some(GetOptions::new().with_revision(2)))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(
+        err.message(),
+        "etcdserver: mvcc: required revision has been compacted"
+    );
+    let kept = c
+        .get("ac", Some(GetOptions::new().with_revision(last - 100)))
+        .await
+        .unwrap();
+    assert_eq!(kept.kvs()[0].mod_revision(), last - 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_over_a_unix_socket_resumes_its_watch_across_a_store_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let socket = dir.path().join("store.sock");
+    let listen = format!("unix:{}", socket.display());
+    let store = embedded_listening(&listen, test_options(Some(data.clone()))).await;
+    assert_eq!(store.endpoint, listen);
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "only the owner may reach the store");
+
+    let client = StoreClient::connect(&Endpoints::parse(&listen).unwrap())
+        .await
+        .unwrap();
+    let (_, rev) = client.get_prefix("u/").await.unwrap();
+    let mut events = client.watch_prefix("u/", rev + 1);
+    for i in 0..5 {
+        client.put(format!("u/{i}"), "a").await.unwrap();
+    }
+    let mut got = Vec::new();
+    while got.len() < 5 {
+        got.push(next(&mut events).await);
+    }
+    store.stop().await;
+    assert!(
+        client.put("u/x", "down").await.is_err(),
+        "the store is down"
+    );
+
+    let store = embedded_listening(&listen, test_options(Some(data.clone()))).await;
+    let direct = StoreClient::connect(&Endpoints::parse(&store.endpoint).unwrap())
+        .await
+        .unwrap();
+    for i in 5..10 {
+        direct.put(format!("u/{i}"), "b").await.unwrap();
+    }
+    direct.delete("u/0").await.unwrap();
+    while got.len() < 11 {
+        got.push(next(&mut events).await);
+    }
+    let revs: Vec<i64> = got.iter().map(|e| e.revision).collect();
+    assert!(
+        revs.windows(2).all(|w| w[1] == w[0] + 1),
+        "no gap, no repeat: {revs:?}"
+    );
+    assert_eq!(got[10].kind, EventKind::Delete);
+    assert_eq!(client.get("u/9").await.unwrap().unwrap().value(), b"b");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpcs_outside_the_subset_answer_unimplemented() {
+    let store = embedded_with(None).await;
+    let mut c = store.client().await;
+    let err = status(c.defragment().await.unwrap_err());
+    assert_eq!(err.code(), Code::Unimplemented);
+    let err = status(
+        c.alarm(
+            etcd_client::AlarmAction::Get,
+            etcd_client::AlarmType::None,
+            None,
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!(err.code(), Code::Unimplemented);
+    let err = status(
+        c.member_add(["http://127.0.0.1:1"], None)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(err.code(), Code::Unimplemented);
+    let err = status(c.lock("l", None).await.unwrap_err());
+    assert_eq!(err.code(), Code::Unimplemented);
+    let err = status(c.auth_enable().await.unwrap_err());
+    assert_eq!(err.code(), Code::Unimplemented);
+    // And the store goes on serving.
+    c.put("still", "here", None).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_store_cannot_open_a_data_dir_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let _store = embedded_with(Some(&data)).await;
+    let config = StoreConfig {
+        listen: "127.0.0.1:0".into(),
+        data_dir: Some(data.clone()),
+        allow_non_loopback: false,
+    };
+    let err = match arbor::store::Store::bind(&config).await {
+        Ok(_) => panic!("two stores on one data dir"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("in use"), "{err}");
+}
+
+fn log_segments(dir: &Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect()
+}
+
+async fn next(
+    events: &mut tokio_stream::wrappers::ReceiverStream<
+        Result<arbor::store::client::StoreEvent, arbor::store::client::WatchLost>,
+    >,
+) -> arbor::store::client::StoreEvent {
+    tokio::time::timeout(Duration::from_secs(20), events.next())
+        .await
+        .expect("an event within 20s")
+        .expect("the watch goes on")
+        .expect("no history lost")
+}

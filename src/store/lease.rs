@@ -1,0 +1,122 @@
+//! The Lease service: Grant, Revoke, the KeepAlive stream, TimeToLive and Leases.
+
+use super::backend::Backend;
+use etcd_client::proto::{
+    PbLeaseGrantRequest, PbLeaseGrantResponse, PbLeaseKeepAliveRequest, PbLeaseKeepAliveResponse,
+    PbLeaseLeasesRequest, PbLeaseLeasesResponse, PbLeaseRevokeRequest, PbLeaseRevokeResponse,
+    PbLeaseService, PbLeaseStatus, PbLeaseTimeToLiveRequest, PbLeaseTimeToLiveResponse,
+};
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+pub struct LeaseService {
+    pub backend: Arc<Backend>,
+}
+
+#[tonic::async_trait]
+impl PbLeaseService for LeaseService {
+    async fn lease_grant(
+        &self,
+        request: Request<PbLeaseGrantRequest>,
+    ) -> Result<Response<PbLeaseGrantResponse>, Status> {
+        let req = request.get_ref();
+        let (id, ttl, rev) = self.backend.lease_grant(req.id, req.ttl).await?;
+        Ok(Response::new(PbLeaseGrantResponse {
+            header: Some(self.backend.header(rev)),
+            id,
+            ttl,
+            error: String::new(),
+        }))
+    }
+
+    async fn lease_revoke(
+        &self,
+        request: Request<PbLeaseRevokeRequest>,
+    ) -> Result<Response<PbLeaseRevokeResponse>, Status> {
+        let rev = self.backend.lease_revoke(request.get_ref().id).await?;
+        Ok(Response::new(PbLeaseRevokeResponse {
+            header: Some(self.backend.header(rev)),
+        }))
+    }
+
+    type LeaseKeepAliveStream =
+        Pin<Box<dyn Stream<Item = Result<PbLeaseKeepAliveResponse, Status>> + Send + 'static>>;
+
+    /// One answer per request, in order: the TTL restarted, or 0 for a lease that is gone.
+    async fn lease_keep_alive(
+        &self,
+        request: Request<Streaming<PbLeaseKeepAliveRequest>>,
+    ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        let backend = self.backend.clone();
+        let closing = backend.closing();
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            loop {
+                let req = tokio::select! {
+                    req = inbound.next() => req,
+                    () = closing.cancelled() => None,
+                };
+                let Some(Ok(req)) = req else {
+                    return;
+                };
+                let answer = PbLeaseKeepAliveResponse {
+                    header: Some(backend.header(backend.visible())),
+                    id: req.id,
+                    ttl: backend.lease_keep_alive(req.id),
+                };
+                if tx.send(Ok(answer)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let answers = ReceiverStream::new(rx);
+        Ok(Response::new(Box::pin(answers)))
+    }
+
+    /// A lease that does not exist has TTL -1, as etcd answers.
+    async fn lease_time_to_live(
+        &self,
+        request: Request<PbLeaseTimeToLiveRequest>,
+    ) -> Result<Response<PbLeaseTimeToLiveResponse>, Status> {
+        let req = request.get_ref();
+        let header = Some(self.backend.header(self.backend.visible()));
+        let resp = match self.backend.lease_time_to_live(req.id, req.keys) {
+            Some((ttl, granted_ttl, keys)) => PbLeaseTimeToLiveResponse {
+                header,
+                id: req.id,
+                ttl,
+                granted_ttl,
+                keys,
+            },
+            None => PbLeaseTimeToLiveResponse {
+                header,
+                id: req.id,
+                ttl: -1,
+                granted_ttl: 0,
+                keys: vec![],
+            },
+        };
+        Ok(Response::new(resp))
+    }
+
+    async fn lease_leases(
+        &self,
+        _request: Request<PbLeaseLeasesRequest>,
+    ) -> Result<Response<PbLeaseLeasesResponse>, Status> {
+        let leases = self
+            .backend
+            .lease_ids()
+            .into_iter()
+            .map(|id| PbLeaseStatus { id })
+            .collect();
+        Ok(Response::new(PbLeaseLeasesResponse {
+            header: Some(self.backend.header(self.backend.visible())),
+            leases,
+        }))
+    }
+}
