@@ -2,4 +2,5 @@
 //! end-to-end tests in `integration/` drive them directly against the lab.
 
 pub mod cli;
+pub mod engine;
 pub mod ssh;
