@@ -2,6 +2,7 @@
 //! their desired state by events (inotify, child processes, store watches), exchanged between
 //! hosts through the store. See docs/engine.md.
 
+pub mod graph;
 pub mod resources;
 pub mod template;
 pub mod watch;
