@@ -236,6 +236,12 @@ fn validate(raw: RawGraph, root: (u64, u64), host: &str) -> Result<Graph, Locate
     let mut collect = Vec::new();
     for c in raw.collect.unwrap_or_default() {
         let kind = parse_kind(&c.value.kind)?;
+        if collect.iter().any(|have: &Collect| have.kind == kind) {
+            return Err(fail(
+                &c.value.kind,
+                format!("collect lists kind `{kind}` twice"),
+            ));
+        }
         let pattern = match &c.value.pattern {
             None => None,
             Some(p) => Some(absolute(p, &x(&p.value), "collect pattern")?),

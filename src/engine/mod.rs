@@ -2,6 +2,8 @@
 //! their desired state by events (inotify, child processes, store watches), exchanged between
 //! hosts through the store. See docs/engine.md.
 
+pub mod converge;
+pub mod exchange;
 pub mod graph;
 pub mod resources;
 pub mod template;

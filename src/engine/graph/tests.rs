@@ -245,3 +245,13 @@ fn reading_a_missing_file_names_it() {
     let err = load(Path::new("/nonexistent/g.yaml"), "h1").expect_err("no file");
     assert!(err.to_string().contains("/nonexistent/g.yaml"));
 }
+
+#[test]
+fn collecting_a_kind_twice_is_an_error() {
+    err_at(
+        "graph: g\ncollect:\n- kind: file\n- kind: file\n  pattern: /tmp/\n",
+        4,
+        9,
+        "twice",
+    );
+}
