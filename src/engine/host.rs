@@ -1,0 +1,359 @@
+//! One host's engine: the loop that ties the graph, the scheduler, the exchange and the
+//! convergence flag together.
+//!
+//! Everything that can happen arrives on one `select!`: a finished check, a watch event, a
+//! new set of collected exports from the store, a new graph (hot reload), the end of a quiet
+//! period, or shutdown. The loop owns all state, so nothing here needs a lock.
+
+use crate::engine::collect;
+use crate::engine::converge::{Convergence, DEFAULT_QUIET, Load};
+use crate::engine::exchange::{Exchange, ExportedResource};
+use crate::engine::graph::Graph;
+use crate::engine::reload::diff;
+use crate::engine::resources::{Kind, ResourceId, Services};
+use crate::engine::scheduler::{Event, Scheduler};
+use crate::engine::watch::FsWatcher;
+use futures::StreamExt;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// The name this host publishes under, and `{{hostname}}` in its graph.
+    pub hostname: String,
+    /// Check and report; change nothing, publish no exports.
+    pub noop: bool,
+    /// How long nothing must change before the host is converged.
+    pub quiet: Duration,
+}
+
+impl EngineConfig {
+    pub fn new(hostname: impl Into<String>) -> Self {
+        EngineConfig {
+            hostname: hostname.into(),
+            noop: false,
+            quiet: DEFAULT_QUIET,
+        }
+    }
+}
+
+/// What the engine reports about itself, for the runner, the UI and tests.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Status {
+    /// Every resource applied and nothing changed for the quiet period.
+    pub converged: bool,
+    /// Idle and nothing changed for the quiet period, failures or not.
+    pub settled: bool,
+    /// Failed or blocked resources, with why.
+    pub failures: BTreeMap<ResourceId, String>,
+    /// The resources managed right now (the graph's and the collected ones).
+    pub managed: Arc<Vec<ResourceId>>,
+    /// Resources changed (or, in noop mode, found to need a change) since start.
+    pub changes: u64,
+}
+
+/// A running engine. Dropping it without [`Engine::stop`] stops the loop too, but without
+/// waiting for it to withdraw the host's exports.
+pub struct Engine {
+    graphs: mpsc::UnboundedSender<Graph>,
+    status: watch::Receiver<Status>,
+    cancel: CancellationToken,
+    task: Option<JoinHandle<()>>,
+    fs: FsWatcher,
+}
+
+impl Engine {
+    /// Starts the engine on `graph`; needs a tokio runtime.
+    pub fn start(
+        graph: Graph,
+        config: EngineConfig,
+        exchange: Arc<dyn Exchange>,
+    ) -> anyhow::Result<Engine> {
+        let fs = FsWatcher::new().map_err(|e| anyhow::anyhow!("inotify: {e}"))?;
+        let (graphs_tx, graphs) = mpsc::unbounded_channel();
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let (status_tx, status) = watch::channel(Status::default());
+        let cancel = CancellationToken::new();
+        let services = Services { fs: fs.clone() };
+        let host = HostLoop {
+            scheduler: Scheduler::new(services, config.noop, events_tx.clone()),
+            convergence: Convergence::new(config.quiet, Instant::now()),
+            config,
+            exchange,
+            graph: Graph {
+                name: String::new(),
+                comment: None,
+                remote: None,
+                resources: Vec::new(),
+                exports: Vec::new(),
+                collect: Vec::new(),
+                edges: Vec::new(),
+            },
+            collected: HashMap::new(),
+            collectors: HashMap::new(),
+            events_tx,
+            events,
+            graphs,
+            status: status_tx,
+            changes: 0,
+            managed: Arc::default(),
+        };
+        let task = tokio::spawn(host.run(graph, cancel.clone()));
+        Ok(Engine {
+            graphs: graphs_tx,
+            status,
+            cancel,
+            task: Some(task),
+            fs,
+        })
+    }
+
+    /// Hot reload: the engine diffs `graph` against what runs and applies the difference.
+    pub fn load_graph(&self, graph: Graph) {
+        let _ = self.graphs.send(graph);
+    }
+
+    /// A sender for new graphs, for a file watcher (see `reload::watch_graph_file`).
+    pub fn graph_sender(&self) -> mpsc::UnboundedSender<Graph> {
+        self.graphs.clone()
+    }
+
+    /// The engine's inotify instance, to share with a graph file watcher.
+    pub fn fs_watcher(&self) -> FsWatcher {
+        self.fs.clone()
+    }
+
+    pub fn status(&self) -> watch::Receiver<Status> {
+        self.status.clone()
+    }
+
+    /// Waits until `pred` holds for the status, or `timeout`; returns the last status seen
+    /// and whether it held.
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        pred: impl FnMut(&Status) -> bool,
+    ) -> (Status, bool) {
+        let mut rx = self.status.clone();
+        let held = match tokio::time::timeout(timeout, rx.wait_for(pred)).await {
+            Ok(Ok(s)) => Some(s.clone()),
+            _ => None,
+        };
+        match held {
+            Some(s) => (s, true),
+            None => (self.status.borrow().clone(), false),
+        }
+    }
+
+    /// Stops every watch and check, withdraws this host from the exchange, and waits.
+    pub async fn stop(mut self) {
+        self.cancel.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+struct HostLoop {
+    config: EngineConfig,
+    exchange: Arc<dyn Exchange>,
+    graph: Graph,
+    scheduler: Scheduler,
+    convergence: Convergence,
+    collected: HashMap<Kind, Vec<ExportedResource>>,
+    /// One store watch per collected kind.
+    collectors: HashMap<Kind, CancellationToken>,
+    events_tx: mpsc::UnboundedSender<Event>,
+    events: mpsc::UnboundedReceiver<Event>,
+    graphs: mpsc::UnboundedReceiver<Graph>,
+    status: watch::Sender<Status>,
+    changes: u64,
+    managed: Arc<Vec<ResourceId>>,
+}
+
+impl HostLoop {
+    async fn run(mut self, graph: Graph, cancel: CancellationToken) {
+        self.load(graph).await;
+        loop {
+            self.scheduler.launch_ready();
+            let load = self.scheduler.load();
+            let now = Instant::now();
+            self.report(load, now).await;
+            let deadline = self.convergence.deadline(load, now);
+            let busy = self.scheduler.busy();
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                Some(done) = self.scheduler.next_done(), if busy => {
+                    if self.scheduler.finish(done) {
+                        self.changed();
+                    }
+                }
+                Some(event) = self.events.recv() => self.handle(event),
+                Some(graph) = self.graphs.recv() => self.load(graph).await,
+                _ = sleep_until(deadline), if deadline.is_some() => {}
+            }
+        }
+        self.scheduler.shutdown();
+        self.collectors.values().for_each(CancellationToken::cancel);
+        if let Err(e) = self.exchange.withdraw(&self.config.hostname).await {
+            tracing::warn!("withdrawing {}'s exports: {e:#}", self.config.hostname);
+        }
+    }
+
+    fn changed(&mut self) {
+        self.changes += 1;
+        self.convergence.changed(Instant::now());
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Poke { id, generation } => self.scheduler.poke(&id, generation),
+            Event::WatchEnded {
+                id,
+                generation,
+                result,
+            } => {
+                if self.scheduler.watch_ended(&id, generation, result) {
+                    self.convergence.changed(Instant::now());
+                }
+            }
+            Event::Collected { kind, exports } => match exports {
+                Ok(exports) if self.collectors.contains_key(&kind) => {
+                    self.collected.insert(kind, exports);
+                    self.sync_resources();
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!("store watch of exported {kind} resources: {e:#}"),
+            },
+        }
+    }
+
+    /// Takes on a graph: the first one, or a new version (hot reload).
+    async fn load(&mut self, graph: Graph) {
+        if graph == self.graph {
+            return;
+        }
+        if graph.exports != self.graph.exports || self.graph.name.is_empty() {
+            self.publish(&graph).await;
+        }
+        let kinds: Vec<Kind> = graph.collect.iter().map(|c| c.kind).collect();
+        self.collectors.retain(|kind, token| {
+            let keep = kinds.contains(kind);
+            if !keep {
+                token.cancel();
+            }
+            keep
+        });
+        self.collected.retain(|kind, _| kinds.contains(kind));
+        for kind in kinds {
+            if !self.collectors.contains_key(&kind) {
+                let token = self.start_collector(kind);
+                self.collectors.insert(kind, token);
+            }
+        }
+        self.graph = graph;
+        self.sync_resources();
+        self.convergence.changed(Instant::now());
+    }
+
+    async fn publish(&self, graph: &Graph) {
+        let host = &self.config.hostname;
+        if self.config.noop {
+            for spec in &graph.exports {
+                tracing::info!("noop: would export {} as {host}", spec.id());
+            }
+            return;
+        }
+        if let Err(e) = self.exchange.publish(host, graph.exports.clone()).await {
+            tracing::error!("publishing {host}'s exports: {e:#}");
+        }
+    }
+
+    fn start_collector(&self, kind: Kind) -> CancellationToken {
+        let token = CancellationToken::new();
+        let mut stream = self.exchange.watch_exports(kind);
+        let (events, cancel) = (self.events_tx.clone(), token.clone());
+        tokio::spawn(async move {
+            loop {
+                let item = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    item = stream.next() => item,
+                };
+                let ended = item.is_none();
+                let exports = item.unwrap_or_else(|| Err(anyhow::anyhow!("the store watch ended")));
+                if events.send(Event::Collected { kind, exports }).is_err() || ended {
+                    return;
+                }
+            }
+        });
+        token
+    }
+
+    /// Brings the scheduler to the graph's resources plus the collected ones.
+    fn sync_resources(&mut self) {
+        let desired = collect::desired(&self.graph, &self.collected);
+        let d = diff(&self.scheduler.specs(), &desired);
+        let empty = d.is_empty();
+        if !empty {
+            tracing::debug!(
+                "graph diff: {} added, {} changed, {} removed, {} unchanged",
+                d.added.len(),
+                d.changed.len(),
+                d.removed.len(),
+                d.unchanged
+            );
+        }
+        self.scheduler.apply(d, &self.graph.edges);
+        if !empty {
+            self.managed = Arc::new(self.scheduler.ids());
+            self.convergence.changed(Instant::now());
+        }
+    }
+
+    /// Publishes the converged flag when it flips, and the status when anything in it moved.
+    async fn report(&mut self, load: Load, now: Instant) {
+        if let Some(converged) = self.convergence.update(load, now) {
+            let host = &self.config.hostname;
+            if converged {
+                tracing::info!("{host}: converged");
+            } else {
+                tracing::debug!("{host}: no longer converged");
+            }
+            if let Err(e) = self.exchange.set_converged(host, converged).await {
+                tracing::error!("publishing {host}'s converged flag: {e:#}");
+            }
+        }
+        let next = Status {
+            converged: self.convergence.converged(),
+            settled: self.convergence.settled(load, now),
+            failures: self.scheduler.failures(),
+            managed: self.managed.clone(),
+            changes: self.changes,
+        };
+        self.status.send_if_modified(|s| {
+            let moved = *s != next;
+            if moved {
+                *s = next;
+            }
+            moved
+        });
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
