@@ -31,6 +31,7 @@ async fn run(command: cli::Command) -> ExitCode {
             println!("arbor {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
+        cli::Command::Run(config) => ExitCode::from(arbor::engine::local::run(&config).await),
     }
 }
 

@@ -22,6 +22,10 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+/// At most this many checks at once: a graph of a thousand files should not start a thousand
+/// blocking threads. The rest wait their turn in `pending`.
+pub const MAX_CONCURRENT_CHECKS: usize = 64;
+
 /// Everything that wakes the engine besides finished checks, on one channel.
 pub enum Event {
     /// A watch saw something: check the resource again. `generation` tells a replaced
@@ -232,6 +236,9 @@ impl Scheduler {
     pub fn launch_ready(&mut self) {
         let pending: Vec<ResourceId> = self.pending.iter().cloned().collect();
         for id in pending {
+            if self.checks.len() >= MAX_CONCURRENT_CHECKS {
+                break;
+            }
             let blocker = self.blocker(&id);
             let Some(v) = self.vertices.get_mut(&id) else {
                 self.pending.remove(&id);

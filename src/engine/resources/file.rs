@@ -112,10 +112,10 @@ fn check_apply(spec: &FileSpec, noop: bool) -> anyhow::Result<Outcome> {
                 (Some(have), Some(want)) => have == want.as_bytes(),
             };
             if !content_right {
-                let what = if current.is_some() {
-                    "rewrite"
+                let (what, done) = if current.is_some() {
+                    ("rewrite", "rewrote")
                 } else {
-                    "create"
+                    ("create", "created")
                 };
                 if noop {
                     return Ok(Outcome::WouldChange(format!("would {what} {shown}")));
@@ -123,7 +123,7 @@ fn check_apply(spec: &FileSpec, noop: bool) -> anyhow::Result<Outcome> {
                 let content = spec.content.as_deref().unwrap_or("");
                 write_atomic(path, content.as_bytes(), spec.mode)
                     .with_context(|| format!("write {shown}"))?;
-                return Ok(Outcome::Changed(format!("{what}d {shown}")));
+                return Ok(Outcome::Changed(format!("{done} {shown}")));
             }
             if let Some(mode) = spec.mode {
                 let have = fs::metadata(path)
