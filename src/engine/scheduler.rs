@@ -15,7 +15,7 @@ use crate::engine::resources::{
     self, ApplyContext, Kind, Outcome, Poke, Resource, ResourceId, ResourceSpec, Services,
 };
 use futures::FutureExt;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -67,7 +67,6 @@ struct Vertex {
     resource: Arc<dyn Resource>,
     generation: u64,
     state: State,
-    running: bool,
     refresh: bool,
     watch: CancellationToken,
     watch_error: Option<String>,
@@ -81,6 +80,9 @@ pub struct Scheduler {
     dependents: HashMap<ResourceId, Vec<(ResourceId, bool)>>,
     /// Vertices that want a check.
     pending: BTreeSet<ResourceId>,
+    /// Ids with a check running, whatever its generation: a replaced resource's new version
+    /// waits for the old one's check to end, so two never run at once (an exec twice).
+    in_flight: HashSet<ResourceId>,
     checks: JoinSet<CheckDone>,
     events: mpsc::UnboundedSender<Event>,
     services: Services,
@@ -97,6 +99,7 @@ impl Scheduler {
             deps: HashMap::new(),
             dependents: HashMap::new(),
             pending: BTreeSet::new(),
+            in_flight: HashSet::new(),
             checks: JoinSet::new(),
             events,
             services,
@@ -144,7 +147,6 @@ impl Scheduler {
                     resource,
                     generation,
                     state: State::Unchecked,
-                    running: false,
                     refresh: false,
                     watch,
                     watch_error: None,
@@ -239,15 +241,15 @@ impl Scheduler {
             if self.checks.len() >= MAX_CONCURRENT_CHECKS {
                 break;
             }
+            if self.in_flight.contains(&id) {
+                // Checked again once the running check ends.
+                continue;
+            }
             let blocker = self.blocker(&id);
             let Some(v) = self.vertices.get_mut(&id) else {
                 self.pending.remove(&id);
                 continue;
             };
-            if v.running {
-                // Checked again once the running check ends.
-                continue;
-            }
             match blocker {
                 Readiness::Ready => {}
                 Readiness::Waiting => continue,
@@ -260,7 +262,7 @@ impl Scheduler {
                 }
             }
             self.pending.remove(&id);
-            v.running = true;
+            self.in_flight.insert(id.clone());
             let ctx = ApplyContext {
                 noop: self.noop,
                 refresh: std::mem::take(&mut v.refresh),
@@ -317,10 +319,10 @@ impl Scheduler {
             generation,
             result,
         } = done;
+        self.in_flight.remove(&id);
         let Some(v) = self.current(&id, generation) else {
             return false;
         };
-        v.running = false;
         match result {
             Ok(Outcome::Unchanged) => {
                 // Recovering from a failure is news; a first check that finds all well is not.

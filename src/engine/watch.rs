@@ -73,7 +73,7 @@ impl WatchedDir {
 pub struct Subscription {
     notify: Arc<Notify>,
     id: u64,
-    dir: PathBuf,
+    wd: WatchDescriptor,
     name: OsString,
     owner: Weak<Inner>,
 }
@@ -89,7 +89,7 @@ impl Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         if let Some(inner) = self.owner.upgrade() {
-            inner.unsubscribe(&self.dir, &self.name, self.id);
+            inner.unsubscribe(&self.wd, &self.name, self.id);
         }
     }
 }
@@ -115,7 +115,8 @@ impl FsWatcher {
     }
 
     /// Starts watching `path` (which need not exist) through its parent directory (which
-    /// must).
+    /// must). If the directory is later removed, the subscription wakes once and then stays
+    /// silent: the caller subscribes again (see the file resource's watch).
     pub fn subscribe(&self, path: &Path) -> io::Result<Subscription> {
         let (dir, name) = split(path)?;
         let notify = Arc::new(Notify::new());
@@ -124,35 +125,25 @@ impl FsWatcher {
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut dirs = lock(&self.inner.dirs);
-        let wd = match dirs.by_path.get(&dir) {
-            Some(wd) => wd.clone(),
-            None => {
-                let wd = lock(&self.inner.watches)
-                    .add(&dir, dir_mask())
-                    .map_err(|e| {
-                        io::Error::new(e.kind(), format!("inotify on {}: {e}", dir.display()))
-                    })?;
-                dirs.by_path.insert(dir.clone(), wd.clone());
-                dirs.by_wd.insert(
-                    wd.clone(),
-                    WatchedDir {
-                        names: HashMap::new(),
-                    },
-                );
-                wd
-            }
-        };
-        if let Some(watched) = dirs.by_wd.get_mut(&wd) {
-            watched
-                .names
-                .entry(name.clone())
-                .or_default()
-                .push((id, notify.clone()));
-        }
+        // Always ask the kernel: it returns the same descriptor for a directory already
+        // watched, and a new one if the directory was replaced since (new inode).
+        let wd = lock(&self.inner.watches)
+            .add(&dir, dir_mask())
+            .map_err(|e| io::Error::new(e.kind(), format!("inotify on {}: {e}", dir.display())))?;
+        dirs.by_path.insert(dir, wd.clone());
+        dirs.by_wd
+            .entry(wd.clone())
+            .or_insert_with(|| WatchedDir {
+                names: HashMap::new(),
+            })
+            .names
+            .entry(name.clone())
+            .or_default()
+            .push((id, notify.clone()));
         Ok(Subscription {
             notify,
             id,
-            dir,
+            wd,
             name,
             owner: Arc::downgrade(&self.inner),
         })
@@ -160,12 +151,9 @@ impl FsWatcher {
 }
 
 impl Inner {
-    fn unsubscribe(&self, dir: &Path, name: &OsStr, id: u64) {
+    fn unsubscribe(&self, wd: &WatchDescriptor, name: &OsStr, id: u64) {
         let mut dirs = lock(&self.dirs);
-        let Some(wd) = dirs.by_path.get(dir).cloned() else {
-            return;
-        };
-        let now_empty = match dirs.by_wd.get_mut(&wd) {
+        let now_empty = match dirs.by_wd.get_mut(wd) {
             Some(watched) => {
                 if let Some(subs) = watched.names.get_mut(name) {
                     subs.retain(|(sid, _)| *sid != id);
@@ -178,10 +166,10 @@ impl Inner {
             None => false,
         };
         if now_empty {
-            dirs.by_wd.remove(&wd);
-            dirs.by_path.remove(dir);
+            dirs.by_wd.remove(wd);
+            dirs.by_path.retain(|_, w| w != wd);
             // The directory may already be gone, which removed the watch with it.
-            let _ = lock(&self.watches).remove(wd);
+            let _ = lock(&self.watches).remove(wd.clone());
         }
     }
 

@@ -145,8 +145,19 @@ fn spawn(shell: &str, cmd: &str, stdin: Stdio) -> std::io::Result<Child> {
         .spawn()
 }
 
-/// Kills a process group when dropped (timeout, cancellation, or an early return).
+/// How long output may keep flowing after the shell exits (from something it left running
+/// in the background) before we stop reading it.
+const OUTPUT_GRACE: Duration = Duration::from_millis(200);
+
+/// Kills a process group when dropped (timeout, cancellation, or an early return), unless
+/// disarmed: a command that exits normally may leave a daemon running on purpose.
 struct GroupKiller(Option<u32>);
+
+impl GroupKiller {
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
 
 impl Drop for GroupKiller {
     fn drop(&mut self) {
@@ -169,7 +180,7 @@ async fn run_logged(
 ) -> anyhow::Result<ExitStatus> {
     let mut child =
         spawn(shell, cmd, Stdio::null()).with_context(|| format!("start `{cmd}` with {shell}"))?;
-    let group = GroupKiller(child.id());
+    let mut group = GroupKiller(child.id());
     let out = child
         .stdout
         .take()
@@ -186,11 +197,14 @@ async fn run_logged(
         None => child.wait().await,
     }
     .with_context(|| format!("wait for `{cmd}`"))?;
-    // The shell is gone; whatever it left running in its group goes too, which also closes
-    // the pipes so the log readers end.
-    drop(group);
-    for reader in [out, err].into_iter().flatten() {
-        let _ = reader.await;
+    group.disarm();
+    for mut reader in [out, err].into_iter().flatten() {
+        if tokio::time::timeout(OUTPUT_GRACE, &mut reader)
+            .await
+            .is_err()
+        {
+            reader.abort();
+        }
     }
     Ok(status)
 }
@@ -254,6 +268,19 @@ mod tests {
             .expect_err("must fail");
         let msg = format!("{err:#}");
         assert!(msg.contains("`exit 3`") && msg.contains("code 3"), "{msg}");
+    }
+
+    #[tokio::test]
+    async fn a_background_process_holding_the_output_does_not_hang_the_run() {
+        let start = std::time::Instant::now();
+        let res = ExecResource::new(exec("sleep 5 & echo started"));
+        let outcome = res.check_apply(ApplyContext::default()).await.expect("run");
+        assert!(matches!(outcome, Outcome::Changed(_)));
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
     }
 
     #[tokio::test]

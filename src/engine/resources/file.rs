@@ -75,15 +75,49 @@ impl Resource for FileResource {
 
     fn watch(&self, poke: Poke, cancel: CancellationToken) -> BoxFuture<'_, anyhow::Result<()>> {
         Box::pin(async move {
-            let sub = self.fs.subscribe(&self.spec.path)?;
+            let path = &self.spec.path;
             loop {
-                tokio::select! {
-                    _ = cancel.cancelled() => return Ok(()),
-                    _ = sub.changed() => poke.poke(),
+                match self.fs.subscribe(path) {
+                    Ok(sub) => loop {
+                        tokio::select! {
+                            _ = cancel.cancelled() => return Ok(()),
+                            _ = sub.changed() => poke.poke(),
+                        }
+                        // The directory itself went away: its watch went with it.
+                        if !path.parent().is_some_and(Path::is_dir) {
+                            break;
+                        }
+                    },
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        // No directory yet (an exec may create it): wait for the first missing
+                        // ancestor to appear, then try again.
+                        let missing = first_missing_ancestor(path)
+                            .with_context(|| format!("watch {}", path.display()))?;
+                        let sub = self.fs.subscribe(&missing)?;
+                        if missing.exists() {
+                            continue;
+                        }
+                        tokio::select! {
+                            _ = cancel.cancelled() => return Ok(()),
+                            _ = sub.changed() => poke.poke(),
+                        }
+                    }
+                    Err(e) => return Err(e).with_context(|| format!("watch {}", path.display())),
                 }
             }
         })
     }
+}
+
+/// For `/a/b/c/f` where only `/a` exists: `/a/b`.
+fn first_missing_ancestor(path: &Path) -> anyhow::Result<PathBuf> {
+    let mut ancestors: Vec<&Path> = path.ancestors().skip(1).collect();
+    ancestors.reverse();
+    ancestors
+        .into_iter()
+        .find(|a| !a.exists())
+        .map(Path::to_path_buf)
+        .context("its directory exists but cannot be watched")
 }
 
 fn check_apply(spec: &FileSpec, noop: bool) -> anyhow::Result<Outcome> {
@@ -352,6 +386,51 @@ mod tests {
         cancel.cancel();
         watcher.await.expect("join").expect("watch ended cleanly");
         took
+    }
+
+    async fn expect_poke(rx: &mut tokio::sync::mpsc::UnboundedReceiver<()>) {
+        tokio::time::timeout(Duration::from_secs(2), rx.recv())
+            .await
+            .expect("a poke within 2s");
+    }
+
+    #[tokio::test]
+    async fn a_directory_created_or_recreated_later_is_watched() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let path = root.path().join("sub/deeper/f");
+        let fs_watch = FsWatcher::new().expect("inotify");
+        let res = std::sync::Arc::new(FileResource::new(spec(&path, "x"), fs_watch));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let cancel = CancellationToken::new();
+        let watcher = {
+            let (res, cancel) = (res.clone(), cancel.clone());
+            tokio::spawn(async move {
+                let poke = Poke::new(move || {
+                    let _ = tx.send(());
+                });
+                res.watch(poke, cancel).await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        fs::create_dir_all(root.path().join("sub/deeper")).expect("mkdir");
+        expect_poke(&mut rx).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        while rx.try_recv().is_ok() {}
+        fs::write(&path, "edit").expect("write");
+        expect_poke(&mut rx).await;
+
+        fs::remove_dir_all(root.path().join("sub")).expect("rm -r");
+        expect_poke(&mut rx).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        while rx.try_recv().is_ok() {}
+        fs::create_dir_all(root.path().join("sub/deeper")).expect("mkdir again");
+        expect_poke(&mut rx).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        while rx.try_recv().is_ok() {}
+        fs::write(&path, "edit again").expect("write");
+        expect_poke(&mut rx).await;
+        cancel.cancel();
+        watcher.await.expect("join").expect("clean end");
     }
 
     #[tokio::test]
