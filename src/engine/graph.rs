@@ -19,8 +19,9 @@ use std::path::{Path, PathBuf};
 /// Prefix of a resource name that exports it instead of applying it here.
 pub const EXPORT_PREFIX: &str = "@@";
 
-/// A validated graph for one host, `{{hostname}}` already expanded.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A validated graph for one host, `{{hostname}}` already expanded. The default is the empty
+/// graph an engine starts from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Graph {
     pub name: String,
     pub comment: Option<String>,

@@ -10,7 +10,7 @@ use crate::engine::converge::{Convergence, DEFAULT_QUIET, Load};
 use crate::engine::exchange::{Exchange, ExportedResource};
 use crate::engine::graph::Graph;
 use crate::engine::reload::diff;
-use crate::engine::resources::{Kind, ResourceId, Services};
+use crate::engine::resources::{Kind, ResourceId, ResourceSpec, Services};
 use crate::engine::scheduler::{Event, Scheduler};
 use crate::engine::watch::FsWatcher;
 use futures::StreamExt;
@@ -21,6 +21,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+/// Pause before re-opening a broken store watch, so a store that is down is not hammered.
+const REWATCH_DELAY: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -85,15 +88,8 @@ impl Engine {
             convergence: Convergence::new(config.quiet, Instant::now()),
             config,
             exchange,
-            graph: Graph {
-                name: String::new(),
-                comment: None,
-                remote: None,
-                resources: Vec::new(),
-                exports: Vec::new(),
-                collect: Vec::new(),
-                edges: Vec::new(),
-            },
+            graph: Graph::default(),
+            published: None,
             collected: HashMap::new(),
             collectors: HashMap::new(),
             events_tx,
@@ -169,6 +165,8 @@ struct HostLoop {
     config: EngineConfig,
     exchange: Arc<dyn Exchange>,
     graph: Graph,
+    /// The exports last published successfully; `None` before the first time.
+    published: Option<Vec<ResourceSpec>>,
     scheduler: Scheduler,
     convergence: Convergence,
     collected: HashMap<Kind, Vec<ExportedResource>>,
@@ -244,7 +242,7 @@ impl HostLoop {
         if graph == self.graph {
             return;
         }
-        if graph.exports != self.graph.exports || self.graph.name.is_empty() {
+        if self.published.as_ref() != Some(&graph.exports) {
             self.publish(&graph).await;
         }
         let kinds: Vec<Kind> = graph.collect.iter().map(|c| c.kind).collect();
@@ -267,33 +265,49 @@ impl HostLoop {
         self.convergence.changed(Instant::now());
     }
 
-    async fn publish(&self, graph: &Graph) {
+    async fn publish(&mut self, graph: &Graph) {
         let host = &self.config.hostname;
         if self.config.noop {
             for spec in &graph.exports {
                 tracing::info!("noop: would export {} as {host}", spec.id());
             }
+            self.published = Some(graph.exports.clone());
             return;
         }
-        if let Err(e) = self.exchange.publish(host, graph.exports.clone()).await {
-            tracing::error!("publishing {host}'s exports: {e:#}");
+        match self.exchange.publish(host, graph.exports.clone()).await {
+            Ok(()) => self.published = Some(graph.exports.clone()),
+            // Tried again with the next graph.
+            Err(e) => tracing::error!("publishing {host}'s exports: {e:#}"),
         }
     }
 
+    /// A store watch of one kind's exports, feeding the loop. A watch that breaks is reported
+    /// and started again after [`REWATCH_DELAY`]; the new one begins with the full set.
     fn start_collector(&self, kind: Kind) -> CancellationToken {
         let token = CancellationToken::new();
-        let mut stream = self.exchange.watch_exports(kind);
+        let exchange = self.exchange.clone();
         let (events, cancel) = (self.events_tx.clone(), token.clone());
         tokio::spawn(async move {
             loop {
-                let item = tokio::select! {
+                let mut stream = exchange.watch_exports(kind);
+                loop {
+                    let item = tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        item = stream.next() => item,
+                    };
+                    let Some(exports) = item else { break };
+                    let broken = exports.is_err();
+                    if events.send(Event::Collected { kind, exports }).is_err() {
+                        return;
+                    }
+                    if broken {
+                        break;
+                    }
+                }
+                tracing::warn!("store watch of exported {kind} resources ended; watching again");
+                tokio::select! {
                     _ = cancel.cancelled() => return,
-                    item = stream.next() => item,
-                };
-                let ended = item.is_none();
-                let exports = item.unwrap_or_else(|| Err(anyhow::anyhow!("the store watch ended")));
-                if events.send(Event::Collected { kind, exports }).is_err() || ended {
-                    return;
+                    _ = tokio::time::sleep(REWATCH_DELAY) => {}
                 }
             }
         });
