@@ -204,7 +204,8 @@ fn validate(raw: RawGraph, root: (u64, u64), host: &str) -> Result<Graph, Locate
             name: x(&e.value.name.value),
             cmd: x(&e.value.cmd),
             shell: e.value.shell.as_deref().map(x),
-            timeout: e.value.timeout,
+            // As in mgmt, 0 means no limit.
+            timeout: e.value.timeout.filter(|t| *t > 0),
             ifcmd: e.value.ifcmd.as_deref().map(x),
             watchcmd: e.value.watchcmd.as_deref().map(x),
         });

@@ -317,7 +317,7 @@ impl HostLoop {
     /// Brings the scheduler to the graph's resources plus the collected ones.
     fn sync_resources(&mut self) {
         let desired = collect::desired(&self.graph, &self.collected);
-        let d = diff(&self.scheduler.specs(), &desired);
+        let d = diff(self.scheduler.specs(), &desired);
         let empty = d.is_empty();
         if !empty {
             tracing::debug!(

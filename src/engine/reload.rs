@@ -6,7 +6,7 @@
 use crate::engine::graph::{self, Graph};
 use crate::engine::resources::{ResourceId, ResourceSpec};
 use crate::engine::watch::FsWatcher;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -32,12 +32,17 @@ impl Diff {
     }
 }
 
-pub fn diff(running: &BTreeMap<ResourceId, ResourceSpec>, desired: &[ResourceSpec]) -> Diff {
+/// Compares the running specs with the desired ones, by id and then by value.
+pub fn diff<'a>(
+    running: impl IntoIterator<Item = (&'a ResourceId, &'a ResourceSpec)>,
+    desired: &[ResourceSpec],
+) -> Diff {
+    let running: HashMap<&ResourceId, &ResourceSpec> = running.into_iter().collect();
     let mut d = Diff::default();
     let mut wanted = HashSet::with_capacity(desired.len());
     for spec in desired {
         let id = spec.id();
-        match running.get(&id) {
+        match running.get(&id).copied() {
             None => d.added.push(spec.clone()),
             Some(have) if have == spec => d.unchanged += 1,
             Some(_) => d.changed.push(spec.clone()),
@@ -46,9 +51,11 @@ pub fn diff(running: &BTreeMap<ResourceId, ResourceSpec>, desired: &[ResourceSpe
     }
     d.removed = running
         .keys()
-        .filter(|id| !wanted.contains(*id))
-        .cloned()
+        .filter(|id| !wanted.contains(**id))
+        .map(|id| (*id).clone())
         .collect();
+    // Deterministic order for logs and tests.
+    d.removed.sort();
     d
 }
 
@@ -93,6 +100,7 @@ pub async fn watch_graph_file(
 mod tests {
     use super::*;
     use crate::engine::resources::{Kind, NoopSpec};
+    use std::collections::BTreeMap;
 
     fn noop(name: &str) -> ResourceSpec {
         ResourceSpec::Noop(NoopSpec { name: name.into() })
@@ -120,6 +128,7 @@ mod tests {
         assert_eq!(d.changed, vec![exec("e", "false")]);
         assert_eq!(d.removed, vec![ResourceId::new(Kind::Noop, "gone")]);
         assert_eq!(d.unchanged, 1);
-        assert!(diff(&running, &running.values().cloned().collect::<Vec<_>>()).is_empty());
+        let same: Vec<ResourceSpec> = running.values().cloned().collect();
+        assert!(diff(&running, &same).is_empty());
     }
 }

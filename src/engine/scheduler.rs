@@ -110,11 +110,8 @@ impl Scheduler {
     }
 
     /// The running specs, for diffing against a new desired set.
-    pub fn specs(&self) -> BTreeMap<ResourceId, ResourceSpec> {
-        self.vertices
-            .iter()
-            .map(|(id, v)| (id.clone(), v.spec.clone()))
-            .collect()
+    pub fn specs(&self) -> impl Iterator<Item = (&ResourceId, &ResourceSpec)> {
+        self.vertices.iter().map(|(id, v)| (id, &v.spec))
     }
 
     pub fn ids(&self) -> Vec<ResourceId> {
