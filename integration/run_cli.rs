@@ -137,3 +137,30 @@ fn noop_changes_nothing_and_exits_0() {
     assert!(!dir.path().join("file1a").exists());
     assert!(!dir.path().join("file2a").exists());
 }
+
+#[test]
+fn exec_output_reaches_the_log_tagged_with_the_resource() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(
+        dir.path(),
+        "echo.yaml",
+        "graph: g\nresources:\n  exec:\n  - name: greet\n    cmd: \"echo hello from {{hostname}}; echo to stderr >&2\"\n",
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_arbor"))
+        .args([
+            "run",
+            "--file",
+            &path,
+            "--converged-timeout",
+            "1",
+            "--hostname",
+            "h9",
+        ])
+        .env("ARBOR_LOG", "arbor=info")
+        .output()
+        .expect("run arbor");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("exec[greet]: hello from h9"), "{stderr}");
+    assert!(stderr.contains("exec[greet]: to stderr"), "{stderr}");
+}

@@ -58,6 +58,16 @@ pub struct Status {
     pub managed: Arc<Vec<ResourceId>>,
     /// Resources changed (or, in noop mode, found to need a change) since start.
     pub changes: u64,
+    /// Collected kinds whose store watch is broken, with why. While one is, the host is not
+    /// converged: it cannot know what it should collect.
+    pub collect_errors: BTreeMap<Kind, String>,
+}
+
+impl Status {
+    /// Nothing failed, blocked or broken.
+    pub fn healthy(&self) -> bool {
+        self.failures.is_empty() && self.collect_errors.is_empty()
+    }
 }
 
 /// A running engine. Dropping it without [`Engine::stop`] stops the loop too, but without
@@ -161,6 +171,18 @@ impl Drop for Engine {
     }
 }
 
+struct Collector {
+    stop: CancellationToken,
+    state: CollectState,
+}
+
+enum CollectState {
+    /// Started; the first set has not arrived. Counts as busy: convergence waits for it.
+    Waiting,
+    Live,
+    Broken(String),
+}
+
 struct HostLoop {
     config: EngineConfig,
     exchange: Arc<dyn Exchange>,
@@ -171,7 +193,7 @@ struct HostLoop {
     convergence: Convergence,
     collected: HashMap<Kind, Vec<ExportedResource>>,
     /// One store watch per collected kind.
-    collectors: HashMap<Kind, CancellationToken>,
+    collectors: HashMap<Kind, Collector>,
     events_tx: mpsc::UnboundedSender<Event>,
     events: mpsc::UnboundedReceiver<Event>,
     graphs: mpsc::UnboundedReceiver<Graph>,
@@ -185,7 +207,7 @@ impl HostLoop {
         self.load(graph).await;
         loop {
             self.scheduler.launch_ready();
-            let load = self.scheduler.load();
+            let load = self.load_now();
             let now = Instant::now();
             self.report(load, now).await;
             let deadline = self.convergence.deadline(load, now);
@@ -203,7 +225,7 @@ impl HostLoop {
             }
         }
         self.scheduler.shutdown();
-        self.collectors.values().for_each(CancellationToken::cancel);
+        self.collectors.values().for_each(|c| c.stop.cancel());
         if let Err(e) = self.exchange.withdraw(&self.config.hostname).await {
             tracing::warn!("withdrawing {}'s exports: {e:#}", self.config.hostname);
         }
@@ -226,14 +248,24 @@ impl HostLoop {
                     self.convergence.changed(Instant::now());
                 }
             }
-            Event::Collected { kind, exports } => match exports {
-                Ok(exports) if self.collectors.contains_key(&kind) => {
-                    self.collected.insert(kind, exports);
-                    self.sync_resources();
+            Event::Collected { kind, exports } => {
+                let Some(collector) = self.collectors.get_mut(&kind) else {
+                    return;
+                };
+                match exports {
+                    Ok(exports) => {
+                        collector.state = CollectState::Live;
+                        self.collected.insert(kind, exports);
+                        self.sync_resources();
+                    }
+                    Err(e) => {
+                        let msg = format!("store watch of exported {kind} resources: {e:#}");
+                        tracing::error!("{msg}");
+                        collector.state = CollectState::Broken(msg);
+                        self.convergence.changed(Instant::now());
+                    }
                 }
-                Ok(_) => {}
-                Err(e) => tracing::error!("store watch of exported {kind} resources: {e:#}"),
-            },
+            }
         }
     }
 
@@ -246,18 +278,24 @@ impl HostLoop {
             self.publish(&graph).await;
         }
         let kinds: Vec<Kind> = graph.collect.iter().map(|c| c.kind).collect();
-        self.collectors.retain(|kind, token| {
+        self.collectors.retain(|kind, collector| {
             let keep = kinds.contains(kind);
             if !keep {
-                token.cancel();
+                collector.stop.cancel();
             }
             keep
         });
         self.collected.retain(|kind, _| kinds.contains(kind));
         for kind in kinds {
             if !self.collectors.contains_key(&kind) {
-                let token = self.start_collector(kind);
-                self.collectors.insert(kind, token);
+                let stop = self.start_collector(kind);
+                self.collectors.insert(
+                    kind,
+                    Collector {
+                        stop,
+                        state: CollectState::Waiting,
+                    },
+                );
             }
         }
         self.graph = graph;
@@ -314,6 +352,30 @@ impl HostLoop {
         token
     }
 
+    /// The scheduler's load, with the store watches: a watch still waiting for its first
+    /// set keeps the host busy, a broken one makes it unhealthy.
+    fn load_now(&self) -> Load {
+        let mut load = self.scheduler.load();
+        for c in self.collectors.values() {
+            match c.state {
+                CollectState::Waiting => load.busy = true,
+                CollectState::Live => {}
+                CollectState::Broken(_) => load.healthy = false,
+            }
+        }
+        load
+    }
+
+    fn collect_errors(&self) -> BTreeMap<Kind, String> {
+        self.collectors
+            .iter()
+            .filter_map(|(kind, c)| match &c.state {
+                CollectState::Broken(msg) => Some((*kind, msg.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Brings the scheduler to the graph's resources plus the collected ones.
     fn sync_resources(&mut self) {
         let desired = collect::desired(&self.graph, &self.collected);
@@ -354,6 +416,7 @@ impl HostLoop {
             failures: self.scheduler.failures(),
             managed: self.managed.clone(),
             changes: self.changes,
+            collect_errors: self.collect_errors(),
         };
         self.status.send_if_modified(|s| {
             let moved = *s != next;
@@ -369,5 +432,81 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::exchange::MemoryExchange;
+    use crate::engine::graph;
+    use crate::engine::resources::ResourceSpec;
+    use futures::future::BoxFuture;
+    use futures::stream::BoxStream;
+    use std::path::Path;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A store whose first export watch breaks at once.
+    struct BrokenOnce {
+        inner: MemoryExchange,
+        watches: AtomicUsize,
+    }
+
+    impl Exchange for BrokenOnce {
+        fn publish(
+            &self,
+            host: &str,
+            exports: Vec<ResourceSpec>,
+        ) -> BoxFuture<'_, anyhow::Result<()>> {
+            self.inner.publish(host, exports)
+        }
+
+        fn watch_exports(
+            &self,
+            kind: Kind,
+        ) -> BoxStream<'static, anyhow::Result<Vec<ExportedResource>>> {
+            if self.watches.fetch_add(1, Ordering::SeqCst) == 0 {
+                Box::pin(futures::stream::once(async {
+                    Err(anyhow::anyhow!("connection reset"))
+                }))
+            } else {
+                self.inner.watch_exports(kind)
+            }
+        }
+
+        fn set_converged(&self, host: &str, converged: bool) -> BoxFuture<'_, anyhow::Result<()>> {
+            self.inner.set_converged(host, converged)
+        }
+
+        fn withdraw(&self, host: &str) -> BoxFuture<'_, anyhow::Result<()>> {
+            self.inner.withdraw(host)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_broken_store_watch_is_opened_again_and_collects() {
+        let dir = tempfile::tempdir().expect("dir");
+        let src = format!(
+            "graph: g\nresources:\n  file:\n  - name: \"@@x\"\n    path: /x/x\n    content: \"x\\n\"\ncollect:\n- kind: file\n  pattern: {}/\n",
+            dir.path().display()
+        );
+        let g = graph::parse(&src, Path::new("g.yaml"), "h").expect("valid");
+        let ex = Arc::new(BrokenOnce {
+            inner: MemoryExchange::new(),
+            watches: AtomicUsize::new(0),
+        });
+        let mut config = EngineConfig::new("h");
+        config.quiet = Duration::from_millis(50);
+        let engine = Engine::start(g, config, ex.clone()).expect("start");
+        let (status, held) = engine
+            .wait_for(Duration::from_secs(10), |s| s.converged)
+            .await;
+        assert!(held, "{status:?}");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("x")).expect("collected"),
+            "x\n"
+        );
+        assert!(ex.watches.load(Ordering::SeqCst) >= 2);
+        engine.stop().await;
     }
 }

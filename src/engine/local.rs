@@ -59,10 +59,13 @@ pub async fn run(config: &RunConfig) -> u8 {
     }
     let code = wait(&engine, config).await;
     stop_watch.cancel();
-    let failures = engine.status().borrow().failures.clone();
+    let last = engine.status().borrow().clone();
     engine.stop().await;
-    for (id, why) in &failures {
+    for (id, why) in &last.failures {
         eprintln!("arbor: {id}: {why}");
+    }
+    for why in last.collect_errors.values() {
+        eprintln!("arbor: {why}");
     }
     code
 }
@@ -78,7 +81,7 @@ async fn wait(engine: &Engine, config: &RunConfig) -> u8 {
             (true, None) => Some(Instant::now()),
             (false, _) => None,
         };
-        let code = if now.failures.is_empty() {
+        let code = if now.healthy() {
             EXIT_CONVERGED
         } else {
             EXIT_FAILED
