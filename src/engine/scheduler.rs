@@ -233,32 +233,33 @@ impl Scheduler {
 
     /// Starts a check for every pending vertex whose dependencies are applied.
     pub fn launch_ready(&mut self) {
-        let pending: Vec<ResourceId> = self.pending.iter().cloned().collect();
+        let pending = std::mem::take(&mut self.pending);
         for id in pending {
-            if self.checks.len() >= MAX_CONCURRENT_CHECKS {
-                break;
-            }
-            if self.in_flight.contains(&id) {
-                // Checked again once the running check ends.
+            if self.checks.len() >= MAX_CONCURRENT_CHECKS || self.in_flight.contains(&id) {
+                // Stays pending: launched when a slot frees, or checked again once the
+                // running check ends.
+                self.pending.insert(id);
                 continue;
             }
             let blocker = self.blocker(&id);
             let Some(v) = self.vertices.get_mut(&id) else {
-                self.pending.remove(&id);
                 continue;
             };
             match blocker {
                 Readiness::Ready => {}
-                Readiness::Waiting => continue,
+                Readiness::Waiting => {
+                    self.pending.insert(id);
+                    continue;
+                }
                 Readiness::Blocked(dep) => {
                     if v.state != State::Blocked(dep.clone()) {
                         tracing::warn!("{id}: blocked: it depends on {dep}, which failed");
                         v.state = State::Blocked(dep);
                     }
+                    self.pending.insert(id);
                     continue;
                 }
             }
-            self.pending.remove(&id);
             self.in_flight.insert(id.clone());
             let ctx = ApplyContext {
                 noop: self.noop,
