@@ -24,6 +24,7 @@ pub mod local;
 pub mod reload;
 pub mod resources;
 pub mod scheduler;
+pub mod store_exchange;
 pub mod template;
 pub mod watch;
 

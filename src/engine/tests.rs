@@ -1,20 +1,40 @@
 //! Engine tests: whole engines on real files, sharing one exchange.
 //!
-//! They are written against the `Exchange` trait only. [`new_exchange`] is the one place to
-//! swap in the embedded store, so the same tests run against it.
+//! They are written against the `Exchange` trait only, and [`new_exchange`] gives them the real
+//! thing: an embedded store serving on a loopback port in this test's runtime, reached through
+//! the store client, as every host in a run reaches it.
 
-use crate::engine::exchange::{Exchange, MemoryExchange};
+use crate::engine::exchange::Exchange;
 use crate::engine::graph::{self, Graph};
 use crate::engine::host::{Engine, EngineConfig, Status};
 use crate::engine::resources::{Kind, ResourceId};
+use crate::engine::store_exchange::StoreExchange;
+use crate::store::client::{Endpoints, StoreClient};
+use crate::store::{Store, StoreConfig};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-/// The exchange the engines share. Swap for the embedded store to run these against it.
-fn new_exchange() -> Arc<dyn Exchange> {
-    Arc::new(MemoryExchange::new())
+/// A fresh embedded store (in memory, on a free loopback port) for this test; it serves until
+/// the test's runtime ends.
+async fn new_store() -> StoreClient {
+    let config = StoreConfig {
+        listen: "127.0.0.1:0".into(),
+        data_dir: None,
+        allow_non_loopback: false,
+    };
+    let store = Store::bind(&config).await.expect("embedded store binds");
+    let endpoint = store.endpoint().to_string();
+    tokio::spawn(store.serve(tokio_util::sync::CancellationToken::new()));
+    StoreClient::connect(&Endpoints::parse(&endpoint).expect("endpoint"))
+        .await
+        .expect("store client connects")
+}
+
+/// The exchange the engines share: the embedded store, through the store client.
+async fn new_exchange() -> Arc<dyn Exchange> {
+    Arc::new(StoreExchange::new(new_store().await))
 }
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -87,7 +107,7 @@ async fn the_articles_two_graphs_import_each_others_exports() {
         tempfile::tempdir().expect("a"),
         tempfile::tempdir().expect("b"),
     );
-    let ex = new_exchange();
+    let ex = new_exchange().await;
     let a = start(&article_graph('a', da.path()), "a", &ex).await;
     let b = start(&article_graph('b', db.path()), "b", &ex).await;
     for dir in [da.path(), db.path()] {
@@ -112,7 +132,7 @@ async fn a_changed_export_updates_the_collected_file() {
         tempfile::tempdir().expect("a"),
         tempfile::tempdir().expect("b"),
     );
-    let ex = new_exchange();
+    let ex = new_exchange().await;
     let a = start(&article_graph('a', da.path()), "a", &ex).await;
     let b_src = article_graph('b', db.path());
     let b = start(&b_src, "b", &ex).await;
@@ -134,7 +154,7 @@ async fn a_departed_hosts_collected_files_stay_but_are_no_longer_managed() {
         tempfile::tempdir().expect("a"),
         tempfile::tempdir().expect("b"),
     );
-    let ex = new_exchange();
+    let ex = new_exchange().await;
     let a = start(&article_graph('a', da.path()), "a", &ex).await;
     let b = start(&article_graph('b', db.path()), "b", &ex).await;
     let collected = da.path().join("file2b");
@@ -168,7 +188,7 @@ async fn a_shared_graph_names_each_host_with_its_hostname() {
         "graph: rack\nresources:\n  file:\n  - name: \"@@from-{{{{hostname}}}}\"\n    path: \"/x/from-{{{{hostname}}}}\"\n    content: \"hello from {{{{hostname}}}}\\n\"\ncollect:\n- kind: file\n  pattern: \"{}/\"\n",
         dir.path().display()
     );
-    let ex = new_exchange();
+    let ex = new_exchange().await;
     let h1 = start(&src, "h1", &ex).await;
     let h2 = start(&src, "h2", &ex).await;
     wait_file(&dir.path().join("from-h1"), "hello from h1\n").await;
@@ -180,7 +200,7 @@ async fn a_shared_graph_names_each_host_with_its_hostname() {
 #[tokio::test]
 async fn an_edited_or_deleted_managed_file_is_restored() {
     let dir = tempfile::tempdir().expect("dir");
-    let ex = new_exchange();
+    let ex = new_exchange().await;
     let a = start(&article_graph('a', dir.path()), "a", &ex).await;
     let path = dir.path().join("file1a");
     wait_file(&path, "i am file1a\n").await;
@@ -216,7 +236,7 @@ fn reload_graph(dir: &Path, f2: &str, extra: bool) -> String {
 async fn hot_reload_touches_only_what_changed() {
     let dir = tempfile::tempdir().expect("dir");
     let d = dir.path();
-    let ex = new_exchange();
+    let ex = new_exchange().await;
     let e = start(&reload_graph(d, "two", false), "h", &ex).await;
     converged(&e).await;
     let (f1_before, f2_before) = (mtime(&d.join("f1")), mtime(&d.join("f2")));
@@ -253,7 +273,7 @@ async fn a_graph_file_edit_is_picked_up_by_the_file_watcher() {
     let d = dir.path();
     let graph_path = d.join("g.yaml");
     fs::write(&graph_path, reload_graph(d, "two", false)).expect("write graph");
-    let ex = new_exchange();
+    let ex = new_exchange().await;
     let first = graph::load(&graph_path, "h").expect("valid");
     let e = Engine::start(first.clone(), config("h"), ex).expect("start");
     let cancel = tokio_util::sync::CancellationToken::new();
@@ -306,7 +326,7 @@ edges:
 async fn edges_order_application_and_notify_refreshes() {
     let dir = tempfile::tempdir().expect("dir");
     let d = dir.path();
-    let ex = new_exchange();
+    let ex = new_exchange().await;
     let e = start(&chain_graph(d, "v1"), "h", &ex).await;
     converged(&e).await;
     // The exec ran after the file was written, exactly once.
@@ -326,7 +346,7 @@ async fn edges_order_application_and_notify_refreshes() {
 
 #[tokio::test]
 async fn independent_branches_run_concurrently() {
-    let ex = new_exchange();
+    let ex = new_exchange().await;
     let src = "graph: g\nresources:\n  exec:\n  - name: one\n    cmd: sleep 1\n  - name: two\n    cmd: sleep 1\n  - name: three\n    cmd: sleep 1\n";
     let started = std::time::Instant::now();
     let e = start(src, "h", &ex).await;
@@ -360,7 +380,7 @@ edges:
   to: {{kind: file, name: after-broken}}
 "
     );
-    let ex = new_exchange();
+    let ex = new_exchange().await;
     let e = start(&src, "h", &ex).await;
     let (status, held) = e
         .wait_for(WAIT, |s| s.settled && !s.failures.is_empty())
@@ -384,7 +404,7 @@ async fn noop_changes_nothing_and_reports_what_would_change() {
     let d = dir.path();
     fs::write(d.join("conf"), "old\n").expect("seed");
     let before = mtime(&d.join("conf"));
-    let ex = new_exchange();
+    let ex = new_exchange().await;
     let mut cfg = config("h");
     cfg.noop = true;
     let e = Engine::start(parse(&chain_graph(d, "new"), "h"), cfg, ex).expect("start");
@@ -404,13 +424,15 @@ async fn noop_changes_nothing_and_reports_what_would_change() {
 #[tokio::test]
 async fn the_converged_flag_is_published_and_withdrawn() {
     let dir = tempfile::tempdir().expect("dir");
-    let memory = MemoryExchange::new();
-    let ex: Arc<dyn Exchange> = Arc::new(memory.clone());
+    let client = new_store().await;
+    let ex: Arc<dyn Exchange> = Arc::new(StoreExchange::new(client.clone()));
     let e = start(&article_graph('a', dir.path()), "a", &ex).await;
     converged(&e).await;
-    assert_eq!(memory.converged("a"), Some(true));
+    let flag = client.get("/arbor/converged/a").await.expect("get flag");
+    assert_eq!(flag.map(|kv| kv.value().to_vec()), Some(b"true".to_vec()));
     e.stop().await;
-    assert_eq!(memory.converged("a"), None);
+    let flag = client.get("/arbor/converged/a").await.expect("get flag");
+    assert!(flag.is_none(), "the flag outlived the host");
 }
 
 /// Only for the examples' own smoke test below.
