@@ -3,9 +3,12 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+/// Runs arbor with its state (the embedded store's data) in a fresh temp dir, so tests running
+/// side by side don't share ~/.local/state/arbor.
 fn arbor(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_arbor"))
         .args(args)
+        .arg("--tmp-prefix")
         .env("ARBOR_LOG", "arbor=warn")
         .output()
         .expect("run arbor")

@@ -40,16 +40,32 @@ enum Sub {
         allow_non_loopback: bool,
     },
     /// Run a graph of resources and keep it converged.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
+/// `arbor run`: run graphs here, on hosts reached over SSH, or both.
+///
+/// Examples:
+///
+///   arbor run --file site.yaml --converged-timeout 5
+///       run one graph on this machine until converged for 5 s
+///
+///   arbor run --remote examples/remote2a.yaml --remote examples/remote2b.yaml --converged-timeout 5
+///       copy arbor to the hosts named in each graph's `remote: ssh://user@host:port`, run each
+///       graph there, exchange exports through the store embedded here, and exit once every
+///       host has been converged for 5 s
 #[derive(clap::Args, Debug)]
+#[command(verbatim_doc_comment)]
 struct RunArgs {
-    /// The graph file (mgmt YAML) to run on this host.
-    // Required until --remote/--topology offer other sources of graphs.
-    #[arg(long, value_name = "GRAPH", required = true)]
+    /// A graph file (mgmt YAML) to run on this host.
+    #[arg(long, value_name = "GRAPH")]
     file: Option<PathBuf>,
-    /// Exit once converged for this many seconds (0 if converged, 1 if resources failed).
+    /// A graph to run on the host its `remote: ssh://[user[:password]@]host[:port]` names.
+    /// Repeat for more hosts.
+    #[arg(long = "remote", value_name = "GRAPH")]
+    remotes: Vec<PathBuf>,
+    /// Exit once every host has been converged at the same time for this many seconds.
+    /// Without it, run until ^C.
     #[arg(long, value_name = "SECONDS")]
     converged_timeout: Option<u64>,
     /// Check and report what would change; change nothing.
@@ -59,9 +75,56 @@ struct RunArgs {
     /// machine's host name.
     #[arg(long, value_name = "NAME")]
     hostname: Option<String>,
-    /// Do not watch the graph file for edits.
+    /// Do not watch graph files for edits (by default an edit is applied on its host live).
     #[arg(long)]
     no_watch: bool,
+    /// At most this many SSH connections being set up at once (0: no limit).
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    cconns: usize,
+    /// Copy arbor into each host's working dir and remove it at the end, instead of keeping it
+    /// in the host's cache (~/.cache/arbor/bin).
+    #[arg(long)]
+    no_caching: bool,
+    /// Keep the embedded store in memory in a fresh temporary state dir, not in
+    /// ~/.local/state/arbor.
+    #[arg(long)]
+    tmp_prefix: bool,
+    /// Use an existing etcd cluster (comma-separated http://host:port URLs) instead of the
+    /// embedded store.
+    #[arg(long, value_name = "URLS", value_delimiter = ',')]
+    seeds: Vec<String>,
+    /// Start no store here (with --seeds, or on a remote host whose store is tunnelled).
+    #[arg(long)]
+    no_server: bool,
+    /// An SSH private key to try after the agent and ~/.ssh/id_* (repeatable).
+    #[arg(long = "identity", short = 'i', value_name = "KEY")]
+    identities: Vec<PathBuf>,
+    /// An extra known_hosts file to trust (repeatable); ~/.ssh/known_hosts is always read.
+    #[arg(long = "known-hosts", value_name = "FILE")]
+    known_hosts: Vec<PathBuf>,
+    /// strict: refuse unknown and changed host keys. accept-new: record unknown keys in
+    /// ~/.ssh/known_hosts, still refuse changed ones.
+    #[arg(long, value_name = "POLICY", default_value = "strict", value_parser = ["strict", "accept-new"])]
+    host_key_policy: String,
+    /// Ask on the terminal for passphrases and passwords when keys and the agent fail.
+    #[arg(long)]
+    allow_interactive: bool,
+    /// Seconds to wait for a host's TCP connect and SSH handshake.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    connect_timeout: u64,
+    /// A build of arbor for hosts of another platform, as ARCH=PATH (e.g.
+    /// aarch64=./arbor-aarch64 or "Linux aarch64"=PATH). Repeatable.
+    #[arg(long = "binary", value_name = "ARCH=PATH")]
+    binaries: Vec<String>,
+    /// Where working dirs are created on hosts.
+    #[arg(long, value_name = "DIR", default_value = "/tmp")]
+    remote_tmp: String,
+    /// (internal) This node's depth in the tree; >0 means a parent staged it.
+    #[arg(long, default_value_t = 0, hide = true)]
+    depth: usize,
+    /// (internal) This node's working dir on its host.
+    #[arg(long, value_name = "DIR", hide = true)]
+    workdir: Option<PathBuf>,
 }
 
 /// What the user asked for, as plain data.
@@ -69,22 +132,40 @@ struct RunArgs {
 pub enum Command {
     Version,
     Store(crate::store::StoreConfig),
-    Run(RunConfig),
+    Run(Box<RunConfig>),
 }
 
-/// `arbor run`, as plain data. More sources of graphs (--remote, --topology) and of the
-/// store (--seeds) join here as fields.
+/// `arbor run`, as plain data.
 #[derive(Debug, Clone, Default)]
 pub struct RunConfig {
     /// Graph to run locally.
     pub file: Option<PathBuf>,
+    /// Graphs to run on the hosts they name.
+    pub remotes: Vec<PathBuf>,
     /// Exit after being converged this long.
     pub converged_timeout: Option<Duration>,
     pub noop: bool,
     /// `None`: this machine's host name.
     pub hostname: Option<String>,
-    /// Re-read and apply the graph file when it changes.
+    /// Re-read and apply graph files when they change.
     pub watch: bool,
+    /// Simultaneous SSH connections being set up (0: unlimited).
+    pub cconns: usize,
+    pub no_caching: bool,
+    pub tmp_prefix: bool,
+    pub seeds: Vec<String>,
+    pub no_server: bool,
+    pub identities: Vec<PathBuf>,
+    pub known_hosts: Vec<PathBuf>,
+    pub accept_new: bool,
+    pub allow_interactive: bool,
+    pub connect_timeout: Duration,
+    /// Builds for other platforms: (platform, path).
+    pub binaries: Vec<(String, PathBuf)>,
+    pub remote_tmp: String,
+    /// 0 for the initiator.
+    pub depth: usize,
+    pub workdir: Option<PathBuf>,
 }
 
 /// One invocation of arbor: the job and how chatty the log should be (0 = info).
@@ -116,13 +197,49 @@ pub fn parse() -> Result<Invocation, ExitCode> {
             data_dir,
             allow_non_loopback,
         }),
-        Some(Sub::Run(run)) => Command::Run(RunConfig {
-            file: run.file,
-            converged_timeout: run.converged_timeout.map(Duration::from_secs),
-            noop: run.noop,
-            hostname: run.hostname,
-            watch: !run.no_watch,
-        }),
+        Some(Sub::Run(run)) => {
+            let mut binaries = Vec::new();
+            for spec in &run.binaries {
+                match spec.split_once('=') {
+                    Some((arch, path)) if !arch.is_empty() && !path.is_empty() => {
+                        binaries.push((arch.to_string(), PathBuf::from(path)))
+                    }
+                    _ => {
+                        eprintln!("arbor: --binary {spec:?}: expected ARCH=PATH");
+                        return Err(ExitCode::from(2));
+                    }
+                }
+            }
+            if run.file.is_none() && run.remotes.is_empty() && run.depth == 0 {
+                eprintln!(
+                    "arbor: run needs something to run: --file GRAPH and/or --remote GRAPH \
+                     (see arbor run --help)"
+                );
+                return Err(ExitCode::from(2));
+            }
+            Command::Run(Box::new(RunConfig {
+                file: run.file,
+                remotes: run.remotes,
+                converged_timeout: run.converged_timeout.map(Duration::from_secs),
+                noop: run.noop,
+                hostname: run.hostname,
+                watch: !run.no_watch,
+                cconns: run.cconns,
+                no_caching: run.no_caching,
+                tmp_prefix: run.tmp_prefix,
+                seeds: run.seeds,
+                no_server: run.no_server,
+                identities: run.identities,
+                known_hosts: run.known_hosts,
+                accept_new: run.host_key_policy == "accept-new",
+                allow_interactive: run.allow_interactive,
+                connect_timeout: Duration::from_secs(run.connect_timeout),
+                binaries,
+                remote_tmp: run.remote_tmp,
+                depth: run.depth,
+                workdir: run.workdir,
+            }))
+        }
         None => {
             use clap::CommandFactory;
             let _ = Args::command().print_help();

@@ -6,4 +6,5 @@ pub mod engine;
 pub mod node;
 pub mod ssh;
 pub mod store;
+pub mod ui;
 pub mod wire;

@@ -11,7 +11,21 @@ fn main() -> ExitCode {
         Ok(invocation) => invocation,
         Err(code) => return code,
     };
-    init_tracing(invocation.verbosity);
+    // A staged node's stdout carries frames: its log goes up the link as events instead.
+    let event_log = match &invocation.command {
+        cli::Command::Run(config) if config.depth > 0 => {
+            let file = config.workdir.as_ref().and_then(|dir| {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.join("arbor.log"))
+                    .ok()
+            });
+            Some(arbor::node::parent::EventLog::new(file))
+        }
+        _ => None,
+    };
+    init_tracing(invocation.verbosity, event_log.clone());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -22,10 +36,13 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    runtime.block_on(run(invocation.command))
+    let code = runtime.block_on(run(invocation.command, event_log));
+    // Don't wait for blocked reads of stdin (tokio reads it on a blocking thread).
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    code
 }
 
-async fn run(command: cli::Command) -> ExitCode {
+async fn run(command: cli::Command, event_log: Option<arbor::node::parent::EventLog>) -> ExitCode {
     match command {
         cli::Command::Version => {
             println!("arbor {}", env!("CARGO_PKG_VERSION"));
@@ -42,7 +59,10 @@ async fn run(command: cli::Command) -> ExitCode {
                 }
             }
         }
-        cli::Command::Run(config) => ExitCode::from(arbor::engine::local::run(&config).await),
+        cli::Command::Run(config) => match event_log {
+            Some(log) => ExitCode::from(arbor::node::relay::run(*config, log).await),
+            None => ExitCode::from(arbor::node::initiator::run(*config).await),
+        },
     }
 }
 
@@ -63,7 +83,7 @@ async fn cancel_on_signal(token: tokio_util::sync::CancellationToken) {
     token.cancel();
 }
 
-fn init_tracing(verbosity: u8) {
+fn init_tracing(verbosity: u8, event_log: Option<arbor::node::parent::EventLog>) {
     let default = match verbosity {
         0 => "arbor=info",
         1 => "arbor=debug",
@@ -71,9 +91,15 @@ fn init_tracing(verbosity: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("ARBOR_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match event_log {
+        Some(log) => builder
+            .with_writer(log)
+            .with_ansi(false)
+            .without_time()
+            .init(),
+        None => builder.with_writer(std::io::stderr).init(),
+    }
 }

@@ -3,5 +3,8 @@
 //! parent opened (a relay or leaf). It stages its children with one code path (`stage`).
 
 pub mod child;
+pub mod fleet;
+pub mod initiator;
 pub mod parent;
+pub mod relay;
 pub mod stage;

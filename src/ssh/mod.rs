@@ -26,5 +26,7 @@ pub use exec::{
 };
 pub use forward::{Connector, ForwardEnd, ForwardedStream};
 pub use prompt::TerminalPrompter;
-pub use session::{ConnectOptions, HostKeyOptions, HostKeyPolicy, Session, Target, connect};
+pub use session::{
+    ConnectOptions, HostKeyOptions, HostKeyPolicy, Session, Target, TargetUrl, connect, local_user,
+};
 pub use sftp::{Sftp, Uploaded};

@@ -411,3 +411,123 @@ impl client::Handler for ClientHandler {
         Ok(())
     }
 }
+
+/// A target parsed from `ssh://[user[:password]@]host[:port]`, and the password if the URL
+/// carried one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetUrl {
+    pub target: Target,
+    pub password: Option<String>,
+}
+
+impl Target {
+    /// Parses `ssh://[user[:password]@]host[:port]` (IPv6 in brackets). The default port is 22
+    /// and the default user is `default_user`, as with ssh.
+    pub fn parse_url(url: &str, default_user: &str) -> std::result::Result<TargetUrl, String> {
+        let rest = url
+            .strip_prefix("ssh://")
+            .ok_or_else(|| format!("{url:?}: expected ssh://[user[:password]@]host[:port]"))?;
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        let (userinfo, hostport) = match rest.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, rest),
+        };
+        let (user, password) = match userinfo {
+            Some(u) => match u.split_once(':') {
+                Some((user, pass)) => (user.to_string(), Some(pass.to_string())),
+                None => (u.to_string(), None),
+            },
+            None => (default_user.to_string(), None),
+        };
+        if user.is_empty() {
+            return Err(format!("{url:?}: empty user name"));
+        }
+        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+            let (host, after) = v6
+                .split_once(']')
+                .ok_or_else(|| format!("{url:?}: unclosed [ in an IPv6 address"))?;
+            let port = match after.strip_prefix(':') {
+                Some(p) => Some(p),
+                None if after.is_empty() => None,
+                None => return Err(format!("{url:?}: unexpected {after:?} after the address")),
+            };
+            (host.to_string(), port)
+        } else {
+            match hostport.split_once(':') {
+                Some((h, p)) if !p.contains(':') => (h.to_string(), Some(p)),
+                Some(_) => {
+                    return Err(format!(
+                        "{url:?}: put an IPv6 address in brackets: [addr]:port"
+                    ));
+                }
+                None => (hostport.to_string(), None),
+            }
+        };
+        if host.is_empty() {
+            return Err(format!("{url:?}: no host"));
+        }
+        let port = match port {
+            Some(p) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| format!("{url:?}: bad port {p:?}"))?,
+            None => 22,
+        };
+        Ok(TargetUrl {
+            target: Target::new(user, host, port),
+            password,
+        })
+    }
+}
+
+/// The local user's name, the default SSH user (as with ssh).
+pub fn local_user() -> String {
+    // SAFETY: getpwuid returns a pointer into static storage or null; we copy the name at once.
+    let from_passwd = unsafe {
+        let pw = libc::getpwuid(libc::getuid());
+        if pw.is_null() || (*pw).pw_name.is_null() {
+            None
+        } else {
+            std::ffi::CStr::from_ptr((*pw).pw_name)
+                .to_str()
+                .ok()
+                .map(str::to_string)
+        }
+    };
+    from_passwd
+        .or_else(|| std::env::var("USER").ok())
+        .unwrap_or_else(|| "root".into())
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::*;
+
+    fn parse(url: &str) -> TargetUrl {
+        Target::parse_url(url, "me").unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn urls_parse_like_ssh() {
+        assert_eq!(parse("ssh://h").target, Target::new("me", "h", 22));
+        assert_eq!(
+            parse("ssh://root@10.0.0.5:2222").target,
+            Target::new("root", "10.0.0.5", 2222)
+        );
+        let t = parse("ssh://u:s3cret@[fd00::1]:22");
+        assert_eq!(t.target, Target::new("u", "fd00::1", 22));
+        assert_eq!(t.password.as_deref(), Some("s3cret"));
+        assert_eq!(parse("ssh://[fd00::1]").target.address(), "[fd00::1]:22");
+    }
+
+    #[test]
+    fn bad_urls_say_what_is_wrong() {
+        let err = |u: &str| Target::parse_url(u, "me").expect_err(u);
+        assert!(err("root@h").contains("expected ssh://"));
+        assert!(err("ssh://h:99999").contains("bad port"));
+        assert!(err("ssh://fd00::1").contains("brackets"));
+        assert!(err("ssh://[fd00::1").contains("unclosed"));
+        assert!(err("ssh://@h").contains("empty user"));
+    }
+}

@@ -126,6 +126,9 @@ pub struct ChildSpec {
     pub host_key: Option<String>,
     /// A key path on the node that connects.
     pub identity: Option<String>,
+    /// A password from the target URL (insecure; goes down the control channel only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
     pub cconns: Option<usize>,
     #[serde(default)]
     pub children: Vec<ChildSpec>,
@@ -181,6 +184,10 @@ pub enum HostState {
     Converged,
     /// Was converged, then something changed.
     Changed,
+    /// Settled (nothing left to do, nothing changing) but some resources failed.
+    Unhealthy {
+        failures: Vec<String>,
+    },
     Failed {
         cause: String,
     },

@@ -1,0 +1,272 @@
+//! A node at depth > 0: staged by its parent, which talks to it over stdin/stdout. It runs its
+//! own graph (if it has one) against the store reached through its tunnel, stages its own
+//! children with the same code the initiator uses, relays their events up, and routes control
+//! frames down. It exits when its parent says so, or when its parent is gone (stdin closed):
+//! a node never outlives its link.
+
+use super::fleet::{Fleet, FleetContext};
+use super::parent::{self, EventLog, Upstream};
+use super::stage::{Build, Builds, StageOptions};
+use crate::cli::RunConfig;
+use crate::engine::exchange::Exchange;
+use crate::engine::graph;
+use crate::engine::host::{Engine, EngineConfig, Status};
+use crate::engine::store_exchange::StoreExchange;
+use crate::ssh::{self, ConnectOptions, HostKeyPolicy};
+use crate::store::client::{Endpoints, StoreClient};
+use crate::wire::{Down, EventKind, HostState, Start};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+
+/// After a shutdown or a lost parent, the node is gone within this long, whatever hangs.
+const EXIT_DEADLINE: Duration = Duration::from_secs(4);
+
+/// Runs the node; returns the process exit code.
+pub async fn run(config: RunConfig, log: EventLog) -> u8 {
+    let (start, up, mut down, writer) = match parent::open().await {
+        Ok(parts) => parts,
+        Err(e) => {
+            eprintln!("arbor: control link: {e}");
+            return 1;
+        }
+    };
+    log.attach(up.clone());
+    let name = start.hostname.clone();
+    tracing::debug!("{name}: node at depth {} starting", start.path.depth());
+
+    let code = match serve(&config, &start, &up, &mut down).await {
+        Ok(()) => {
+            up.own(EventKind::State(HostState::Exited));
+            0
+        }
+        Err(cause) => {
+            up.own(EventKind::State(HostState::Failed {
+                cause: cause.clone(),
+            }));
+            1
+        }
+    };
+    drop(up);
+    drop(log);
+    let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+    if let Some(dir) = &config.workdir {
+        remove_own_workdir(dir);
+    }
+    code
+}
+
+async fn serve(
+    config: &RunConfig,
+    start: &Start,
+    up: &Upstream,
+    down: &mut parent::Downstream,
+) -> Result<(), String> {
+    let name = &start.hostname;
+    let seeds = config
+        .seeds
+        .first()
+        .ok_or_else(|| format!("{name}: no store endpoint (--seeds)"))?;
+    let endpoint = if seeds.starts_with("unix:") || seeds.starts_with("http://") {
+        seeds.clone()
+    } else {
+        format!("http://{seeds}")
+    };
+    let endpoints = Endpoints::parse(&endpoint).map_err(|e| format!("{name}: {e:#}"))?;
+    let client = StoreClient::connect(&endpoints)
+        .await
+        .map_err(|e| format!("{name}: store: {e:#}"))?;
+    let exchange: Arc<dyn Exchange> = Arc::new(StoreExchange::new(client));
+
+    // Our own graph.
+    let mut engine = None;
+    let mut status: Option<watch::Receiver<Status>> = None;
+    if let Some(graph_name) = &start.graph {
+        let text = start
+            .graphs
+            .get(graph_name)
+            .ok_or_else(|| format!("{name}: graph {graph_name} was not sent"))?;
+        let path = config
+            .file
+            .clone()
+            .unwrap_or_else(|| Path::new(graph_name).to_path_buf());
+        let graph = graph::parse(text, &path, name).map_err(|e| e.to_string())?;
+        let mut engine_config = EngineConfig::new(name.clone());
+        engine_config.noop = start.noop;
+        let e = Engine::start(graph, engine_config, exchange.clone())
+            .map_err(|e| format!("{name}: engine: {e:#}"))?;
+        status = Some(e.status());
+        engine = Some(e);
+    }
+    up.own(EventKind::State(HostState::Running));
+
+    // Our children, staged exactly as our parent staged us.
+    let (events_tx, mut events_rx) = mpsc::channel(1024);
+    let fleet = if start.children.is_empty() {
+        None
+    } else {
+        let ctx = fleet_context(config, start, events_tx.clone())?;
+        Some(Fleet::start(Arc::new(ctx), start.children.clone()))
+    };
+    drop(events_tx);
+
+    let mut reported: Option<HostState> = None;
+    let result = loop {
+        tokio::select! {
+            frame = down.recv() => match frame {
+                Some(Down::Graph { name: graph_name, text }) => {
+                    if start.graph.as_deref() == Some(graph_name.as_str())
+                        && let Some(engine) = &engine
+                    {
+                        match graph::parse(&text, Path::new(&graph_name), name) {
+                            Ok(g) => {
+                                tracing::info!("copied over new graph definition");
+                                engine.load_graph(g);
+                            }
+                            Err(e) => tracing::error!("new graph rejected: {e}"),
+                        }
+                    }
+                    if let Some(fleet) = &fleet {
+                        fleet.update_graph(&graph_name, &text);
+                    }
+                }
+                Some(Down::Shutdown { reason }) => {
+                    tracing::debug!("{name}: shutting down: {reason}");
+                    break Ok(());
+                }
+                Some(_) => {}
+                None => {
+                    tracing::warn!("{name}: parent link closed; shutting down");
+                    break Ok(());
+                }
+            },
+            event = events_rx.recv(), if fleet.is_some() => {
+                if let Some(event) = event {
+                    up.forward(event);
+                }
+            }
+            changed = wait_status(&mut status) => {
+                let Some(now) = changed else { continue };
+                let state = settled_state(&now, reported.as_ref());
+                if state.is_some() && state != reported {
+                    up.own(EventKind::State(state.clone().unwrap_or(HostState::Running)));
+                    reported = state;
+                }
+            }
+        }
+    };
+
+    // Bottom-up: children first, then our own engine; a hard deadline covers any hang.
+    std::thread::spawn(|| {
+        std::thread::sleep(EXIT_DEADLINE);
+        eprintln!("arbor: shutdown took longer than {EXIT_DEADLINE:?}; exiting");
+        std::process::exit(1);
+    });
+    if let Some(fleet) = fleet {
+        let forward = async {
+            while let Some(event) = events_rx.recv().await {
+                up.forward(event);
+            }
+        };
+        let (_, ()) = tokio::join!(fleet.shutdown("parent is shutting down"), forward);
+    }
+    if let Some(engine) = engine {
+        engine.stop().await;
+    }
+    result
+}
+
+/// The state to report for an engine status: converged, settled with failures, or changed
+/// (only after one of those); `None` while working toward the first.
+pub fn settled_state(status: &Status, reported: Option<&HostState>) -> Option<HostState> {
+    if status.converged {
+        Some(HostState::Converged)
+    } else if status.settled && !status.healthy() {
+        let mut failures: Vec<String> = status
+            .failures
+            .iter()
+            .map(|(id, why)| format!("{id}: {why}"))
+            .collect();
+        failures.extend(status.collect_errors.values().cloned());
+        Some(HostState::Unhealthy { failures })
+    } else if reported.is_some() {
+        Some(HostState::Changed)
+    } else {
+        None
+    }
+}
+
+/// The next status of the engine, if there is one (forever pending otherwise).
+async fn wait_status(status: &mut Option<watch::Receiver<Status>>) -> Option<Status> {
+    match status {
+        Some(rx) => {
+            if rx.changed().await.is_err() {
+                *status = None;
+                return None;
+            }
+            Some(rx.borrow_and_update().clone())
+        }
+        None => std::future::pending().await,
+    }
+}
+
+fn fleet_context(
+    config: &RunConfig,
+    start: &Start,
+    events: mpsc::Sender<crate::wire::Event>,
+) -> Result<FleetContext, String> {
+    let name = &start.hostname;
+    let build = Build::current().map_err(|e| format!("{name}: reading own binary: {e}"))?;
+    let home = std::env::var_os("HOME")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "/root".into());
+    let mut connect = ConnectOptions::for_home(&home);
+    connect.host_keys.extra_entries = start.known_hosts.clone();
+    connect.host_keys.policy = if start.accept_new {
+        HostKeyPolicy::AcceptNew
+    } else {
+        HostKeyPolicy::Strict
+    };
+    let seeds = config.seeds.first().cloned().unwrap_or_default();
+    let store: Arc<dyn ssh::Connector> = match seeds.strip_prefix("unix:") {
+        Some(path) => ssh::forward::to_unix(path.into()),
+        None => {
+            let addr = seeds
+                .trim_start_matches("http://")
+                .parse()
+                .map_err(|e| format!("{name}: store endpoint {seeds}: {e}"))?;
+            ssh::forward::to_tcp(addr)
+        }
+    };
+    let agent = std::env::var_os("SSH_AUTH_SOCK").map(|p| ssh::forward::to_unix(p.into()));
+    Ok(FleetContext {
+        path: start.path.clone(),
+        connect,
+        builds: Builds::new([build]),
+        stage: StageOptions {
+            remote_tmp: config.remote_tmp.clone(),
+            no_caching: start.no_caching,
+        },
+        store,
+        agent,
+        graphs: start.graphs.clone(),
+        known_hosts: start.known_hosts.clone(),
+        accept_new: start.accept_new,
+        cconns: start.cconns,
+        converged_timeout: start.converged_timeout,
+        noop: start.noop,
+        events,
+    })
+}
+
+/// A node removes its own working dir on the way out, so a lost parent leaves nothing behind.
+fn remove_own_workdir(dir: &Path) {
+    let is_ours = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("arbor."));
+    if is_ours {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
