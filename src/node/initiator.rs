@@ -335,7 +335,7 @@ pub async fn run(config: RunConfig) -> u8 {
     {
         {
             tokio::spawn(watch_graph_file(
-                path.clone(),
+                std::fs::canonicalize(path).unwrap_or_else(|_| path.clone()),
                 hostname.clone(),
                 engine.fs_watcher(),
                 g,
@@ -376,9 +376,10 @@ pub async fn run(config: RunConfig) -> u8 {
         match FsWatcher::new() {
             Ok(fs) => {
                 for r in &remotes {
+                    let path = std::fs::canonicalize(&r.path).unwrap_or_else(|_| r.path.clone());
                     tokio::spawn(watch_remote_graph(
                         fs.clone(),
-                        r.path.clone(),
+                        path,
                         r.key.clone(),
                         r.spec.name.clone(),
                         r.text.clone(),

@@ -37,10 +37,8 @@ pub async fn run(config: RunConfig, log: EventLog) -> u8 {
     tracing::debug!("{name}: node at depth {} starting", start.path.depth());
 
     let code = match serve(&config, &start, &up, &mut down).await {
-        Ok(()) => {
-            up.own(EventKind::State(HostState::Exited));
-            0
-        }
+        // The parent reports our clean exit once the link has closed.
+        Ok(()) => 0,
         Err(cause) => {
             up.own(EventKind::State(HostState::Failed {
                 cause: cause.clone(),
