@@ -162,6 +162,35 @@ async fn a_departed_hosts_collected_files_stay_but_are_no_longer_managed() {
 }
 
 #[tokio::test]
+async fn a_host_that_restarts_exports_again() {
+    let (da, db) = (
+        tempfile::tempdir().expect("a"),
+        tempfile::tempdir().expect("b"),
+    );
+    let ex = new_exchange();
+    let a = start(&article_graph('a', da.path()), "a", &ex).await;
+    let b_src = article_graph('b', db.path());
+    let b = start(&b_src, "b", &ex).await;
+    let from_b = ResourceId::new(Kind::File, "@@b/file2b");
+    let (_, held) = a.wait_for(WAIT, |s| s.managed.contains(&from_b)).await;
+    assert!(held);
+    b.stop().await;
+    let (_, held) = a.wait_for(WAIT, |s| !s.managed.contains(&from_b)).await;
+    assert!(held, "b's export outlived b");
+    let b = start(
+        &b_src.replace("exported from host b", "back again"),
+        "b",
+        &ex,
+    )
+    .await;
+    wait_file(&da.path().join("file2b"), "i am file2b, back again\n").await;
+    let (_, held) = a.wait_for(WAIT, |s| s.managed.contains(&from_b)).await;
+    assert!(held);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
 async fn a_shared_graph_names_each_host_with_its_hostname() {
     let dir = tempfile::tempdir().expect("dir");
     let src = format!(
