@@ -408,6 +408,41 @@ edges:
 }
 
 #[tokio::test]
+async fn a_failed_resource_recovers_on_its_next_event_and_unblocks_its_dependents() {
+    let dir = tempfile::tempdir().expect("dir");
+    let d = dir.path().display();
+    let src = format!(
+        "graph: g
+resources:
+  file:
+  - name: in-missing-dir
+    path: {d}/later/conf
+    content: \"c\\n\"
+  exec:
+  - name: after
+    cmd: \"touch {d}/after\"
+edges:
+- name: e
+  from: {{kind: file, name: in-missing-dir}}
+  to: {{kind: exec, name: after}}
+"
+    );
+    let ex = new_exchange();
+    let e = start(&src, "h", &ex).await;
+    let (status, held) = e
+        .wait_for(WAIT, |s| s.settled && s.failures.len() == 2)
+        .await;
+    assert!(held, "{status:?}");
+    assert!(!dir.path().join("after").exists());
+    // The directory appears: the file's watch sees it, the file is written, the exec runs.
+    fs::create_dir(dir.path().join("later")).expect("mkdir");
+    converged(&e).await;
+    assert_eq!(read(&dir.path().join("later/conf")), "c\n");
+    assert!(dir.path().join("after").exists());
+    e.stop().await;
+}
+
+#[tokio::test]
 async fn noop_changes_nothing_and_reports_what_would_change() {
     let dir = tempfile::tempdir().expect("dir");
     let d = dir.path();
