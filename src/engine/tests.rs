@@ -492,3 +492,53 @@ fn every_example_graph_is_valid() {
         graph::load(&example(name), "h").unwrap_or_else(|e| panic!("{e}"));
     }
 }
+
+#[tokio::test]
+async fn a_thousand_files_converge_in_seconds() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut src = String::from("graph: big\nresources:\n  file:\n");
+    for i in 0..1000 {
+        src.push_str(&format!(
+            "  - name: f{i}\n    path: {}/f{i}\n    content: \"{i}\\n\"\n",
+            dir.path().display()
+        ));
+    }
+    let started = std::time::Instant::now();
+    let e = start(&src, "h", &new_exchange()).await;
+    let status = converged(&e).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(status.changes, 1000);
+    assert_eq!(read(&dir.path().join("f999")), "999\n");
+    e.stop().await;
+}
+
+#[tokio::test]
+async fn a_long_chain_is_applied_in_order() {
+    let dir = tempfile::tempdir().expect("dir");
+    let log = dir.path().join("order.log");
+    let mut src = String::from("graph: chain\nresources:\n  exec:\n");
+    let n = 30;
+    for i in 0..n {
+        src.push_str(&format!(
+            "  - name: s{i}\n    cmd: \"echo {i} >> {}\"\n",
+            log.display()
+        ));
+    }
+    src.push_str("edges:\n");
+    // Declared in reverse, so file order cannot be what orders them.
+    for i in (1..n).rev() {
+        src.push_str(&format!(
+            "- name: e{i}\n  from: {{kind: exec, name: s{}}}\n  to: {{kind: exec, name: s{i}}}\n",
+            i - 1
+        ));
+    }
+    let e = start(&src, "h", &new_exchange()).await;
+    converged(&e).await;
+    let want: String = (0..n).map(|i| format!("{i}\n")).collect();
+    assert_eq!(read(&log), want);
+    e.stop().await;
+}
