@@ -362,8 +362,11 @@ impl Scheduler {
             Err(e) => {
                 let msg = format!("{e:#}");
                 tracing::error!("{id}: {msg}");
+                // The same failure again is not news: a resource that keeps failing on every
+                // event must not keep the host from settling.
+                let again = v.state == State::Failed(msg.clone());
                 v.state = State::Failed(msg);
-                true
+                !again
             }
         };
         record(&mut self.failures, &mut self.failures_version, &id, v);
