@@ -81,6 +81,46 @@ pub fn decode_spec(value: &str) -> anyhow::Result<ResourceSpec> {
     Ok(serde_saphyr::from_str(value)?)
 }
 
+/// The puts of [`Exchange::publish`] for one host: (key, value) per export.
+pub fn encode_exports(
+    host: &str,
+    exports: &[ResourceSpec],
+) -> anyhow::Result<Vec<(String, String)>> {
+    exports
+        .iter()
+        .map(|spec| {
+            Ok((
+                export_key(host, spec.kind(), spec.name()),
+                encode_spec(spec)?,
+            ))
+        })
+        .collect()
+}
+
+/// The set [`Exchange::watch_exports`] sends, from the (key, value) pairs under
+/// [`EXPORTS_PREFIX`]: those of `kind`, the host taken from the key. A value that does not
+/// decode is an error naming its key (another arbor version, or a hand-written key).
+pub fn decode_exports<'a>(
+    kind: Kind,
+    pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> anyhow::Result<Vec<ExportedResource>> {
+    let mut out = Vec::new();
+    for (key, value) in pairs {
+        let Some((host, key_kind, _)) = parse_export_key(key) else {
+            continue;
+        };
+        if key_kind != kind {
+            continue;
+        }
+        let spec = decode_spec(value).map_err(|e| anyhow::anyhow!("{key}: {e:#}"))?;
+        out.push(ExportedResource {
+            host: host.to_string(),
+            spec,
+        });
+    }
+    Ok(out)
+}
+
 /// An in-process [`Exchange`]: a map and a change counter. For the engine's unit tests, and
 /// for the local runner until it embeds the real store. Leases are simulated by
 /// [`MemoryExchange::expire`].
@@ -227,6 +267,31 @@ mod tests {
         assert_eq!(key, "/arbor/exports/h1/file/a/b");
         assert_eq!(parse_export_key(&key), Some(("h1", Kind::File, "a/b")));
         assert_eq!(parse_export_key("/arbor/exports/h1/pkg/x"), None);
+    }
+
+    #[test]
+    fn published_pairs_decode_back_into_the_kinds_set() {
+        let noop = ResourceSpec::Noop(NoopSpec { name: "n".into() });
+        let pairs = encode_exports("h1", &[file("f"), noop]).expect("encode");
+        assert_eq!(pairs[0].0, "/arbor/exports/h1/file/f");
+        let set = decode_exports(
+            Kind::File,
+            pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        )
+        .expect("decode");
+        assert_eq!(
+            set,
+            vec![ExportedResource {
+                host: "h1".into(),
+                spec: file("f")
+            }]
+        );
+        let err = decode_exports(Kind::File, [("/arbor/exports/h1/file/x", "{not: [a spec")])
+            .expect_err("garbage");
+        assert!(
+            err.to_string().contains("/arbor/exports/h1/file/x"),
+            "{err}"
+        );
     }
 
     #[tokio::test]

@@ -235,68 +235,8 @@ fn validate(raw: RawGraph, root: (u64, u64), host: &str) -> Result<Graph, Locate
         }
     }
 
-    let mut collect = Vec::new();
-    for c in raw.collect.unwrap_or_default() {
-        let kind = parse_kind(&c.value.kind)?;
-        if collect.iter().any(|have: &Collect| have.kind == kind) {
-            return Err(fail(
-                &c.value.kind,
-                format!("collect lists kind `{kind}` twice"),
-            ));
-        }
-        let pattern = match &c.value.pattern {
-            None => None,
-            Some(p) => Some(absolute(p, &x(&p.value), "collect pattern")?),
-        };
-        collect.push(Collect { kind, pattern });
-    }
-
-    let applied: HashMap<ResourceId, bool> =
-        declared.iter().map(|d| (d.spec.id(), d.exported)).collect();
-    let mut edges = Vec::new();
-    let mut edge_at = Vec::new();
-    for e in raw.edges.unwrap_or_default() {
-        let edge_name = x(&e.value.name.value);
-        let mut ends = Vec::with_capacity(2);
-        for end in [&e.value.from, &e.value.to] {
-            let kind = parse_kind(&end.value.kind)?;
-            let name = x(&end.value.name.value);
-            let id = ResourceId::new(kind, name.strip_prefix(EXPORT_PREFIX).unwrap_or(&name));
-            match applied.get(&id) {
-                None => {
-                    return Err(fail(
-                        &end.value.name,
-                        format!("edge `{edge_name}` names {id}, which is not in the graph"),
-                    ));
-                }
-                Some(true) => {
-                    return Err(fail(
-                        &end.value.name,
-                        format!(
-                            "edge `{edge_name}` names {id}, which is exported (@@), not applied on this host"
-                        ),
-                    ));
-                }
-                Some(false) => ends.push(id),
-            }
-        }
-        let to = ends.pop();
-        let from = ends.pop();
-        if let (Some(from), Some(to)) = (from, to) {
-            edges.push(Edge {
-                name: edge_name,
-                from,
-                to,
-                notify: e.value.notify.unwrap_or(false),
-            });
-            edge_at.push(loc(&e.value.name));
-        }
-    }
-    if let Some((i, cycle)) = find_cycle(&edges) {
-        let names: Vec<String> = cycle.iter().map(ToString::to_string).collect();
-        let (l, c) = edge_at[i];
-        return Err((l, c, format!("cycle: {}", names.join(" -> "))));
-    }
+    let collect = collect_entries(raw.collect.unwrap_or_default(), host)?;
+    let edges = edges(raw.edges.unwrap_or_default(), &declared, host)?;
 
     let (exported, local): (Vec<_>, Vec<_>) = declared.into_iter().partition(|d| d.exported);
     Ok(Graph {
@@ -308,6 +248,72 @@ fn validate(raw: RawGraph, root: (u64, u64), host: &str) -> Result<Graph, Locate
         collect,
         edges,
     })
+}
+
+fn collect_entries(raw: Vec<Spanned<RawCollect>>, host: &str) -> Result<Vec<Collect>, Located> {
+    let mut collect: Vec<Collect> = Vec::new();
+    for c in raw {
+        let kind = parse_kind(&c.value.kind)?;
+        if collect.iter().any(|have| have.kind == kind) {
+            return Err(fail(
+                &c.value.kind,
+                format!("collect lists kind `{kind}` twice"),
+            ));
+        }
+        let pattern = match &c.value.pattern {
+            None => None,
+            Some(p) => Some(absolute(p, &expand(&p.value, host), "collect pattern")?),
+        };
+        collect.push(Collect { kind, pattern });
+    }
+    Ok(collect)
+}
+
+/// Edges between resources applied here, checked for missing ends and cycles.
+fn edges(
+    raw: Vec<Spanned<RawEdge>>,
+    declared: &[Declared],
+    host: &str,
+) -> Result<Vec<Edge>, Located> {
+    let exported: HashMap<ResourceId, bool> =
+        declared.iter().map(|d| (d.spec.id(), d.exported)).collect();
+    let mut edges = Vec::new();
+    let mut edge_at = Vec::new();
+    for e in raw {
+        let edge_name = expand(&e.value.name.value, host);
+        let end = |end: &Spanned<RawVertex>| -> Result<ResourceId, Located> {
+            let kind = parse_kind(&end.value.kind)?;
+            let name = expand(&end.value.name.value, host);
+            let id = ResourceId::new(kind, name.strip_prefix(EXPORT_PREFIX).unwrap_or(&name));
+            match exported.get(&id) {
+                Some(false) => Ok(id),
+                Some(true) => Err(fail(
+                    &end.value.name,
+                    format!(
+                        "edge `{edge_name}` names {id}, which is exported (@@), not applied on this host"
+                    ),
+                )),
+                None => Err(fail(
+                    &end.value.name,
+                    format!("edge `{edge_name}` names {id}, which is not in the graph"),
+                )),
+            }
+        };
+        let (from, to) = (end(&e.value.from)?, end(&e.value.to)?);
+        edge_at.push(loc(&e.value.name));
+        edges.push(Edge {
+            name: edge_name,
+            from,
+            to,
+            notify: e.value.notify.unwrap_or(false),
+        });
+    }
+    if let Some((i, cycle)) = find_cycle(&edges) {
+        let names: Vec<String> = cycle.iter().map(ToString::to_string).collect();
+        let (l, c) = edge_at.get(i).copied().unwrap_or((1, 1));
+        return Err((l, c, format!("cycle: {}", names.join(" -> "))));
+    }
+    Ok(edges)
 }
 
 fn declare_file(f: &Spanned<RawFile>, host: &str) -> Result<Declared, Located> {

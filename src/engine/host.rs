@@ -108,6 +108,7 @@ impl Engine {
             status: status_tx,
             changes: 0,
             managed: Arc::default(),
+            reported_failures: 0,
         };
         let task = tokio::spawn(host.run(graph, cancel.clone()));
         Ok(Engine {
@@ -200,6 +201,8 @@ struct HostLoop {
     status: watch::Sender<Status>,
     changes: u64,
     managed: Arc<Vec<ResourceId>>,
+    /// The scheduler's failures version last copied into the status.
+    reported_failures: u64,
 }
 
 impl HostLoop {
@@ -410,18 +413,34 @@ impl HostLoop {
                 tracing::error!("publishing {host}'s converged flag: {e:#}");
             }
         }
-        let next = Status {
-            converged: self.convergence.converged(),
-            settled: self.convergence.settled(load, now),
-            failures: self.scheduler.failures(),
-            managed: self.managed.clone(),
-            changes: self.changes,
-            collect_errors: self.collect_errors(),
-        };
+        // Field by field, cheapest first, so that the thousands of checks of a big graph do
+        // not each copy its lists.
+        let (converged, settled) = (
+            self.convergence.converged(),
+            self.convergence.settled(load, now),
+        );
+        let failures_version = self.scheduler.failures_version();
+        let collect_errors = self.collect_errors();
+        let (changes, managed) = (self.changes, &self.managed);
+        let reported_failures = &mut self.reported_failures;
         self.status.send_if_modified(|s| {
-            let moved = *s != next;
-            if moved {
-                *s = next;
+            let mut moved = false;
+            if s.converged != converged || s.settled != settled || s.changes != changes {
+                (s.converged, s.settled, s.changes) = (converged, settled, changes);
+                moved = true;
+            }
+            if !Arc::ptr_eq(&s.managed, managed) {
+                s.managed = managed.clone();
+                moved = true;
+            }
+            if *reported_failures != failures_version {
+                *reported_failures = failures_version;
+                s.failures = self.scheduler.failures().clone();
+                moved = true;
+            }
+            if s.collect_errors != collect_errors {
+                s.collect_errors = collect_errors;
+                moved = true;
             }
             moved
         });

@@ -70,9 +70,16 @@ pub async fn run(config: &RunConfig) -> u8 {
     code
 }
 
-/// Until ^C, or until settled for --converged-timeout.
+/// Until ^C or SIGTERM, or until settled for --converged-timeout.
 async fn wait(engine: &Engine, config: &RunConfig) -> u8 {
     let mut status = engine.status();
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!("cannot handle SIGTERM: {e}");
+            None
+        }
+    };
     let mut settled_since: Option<Instant> = None;
     loop {
         let now = status.borrow_and_update().clone();
@@ -95,6 +102,10 @@ async fn wait(engine: &Engine, config: &RunConfig) -> u8 {
                 tracing::info!("interrupted");
                 return code;
             }
+            Some(()) = recv_term(&mut term) => {
+                tracing::info!("terminated");
+                return code;
+            }
             changed = status.changed() => if changed.is_err() {
                 return EXIT_FAILED;
             },
@@ -105,6 +116,13 @@ async fn wait(engine: &Engine, config: &RunConfig) -> u8 {
                 return code;
             }
         }
+    }
+}
+
+async fn recv_term(term: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match term {
+        Some(t) => t.recv().await,
+        None => std::future::pending().await,
     }
 }
 

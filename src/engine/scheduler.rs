@@ -15,7 +15,7 @@ use crate::engine::resources::{
     self, ApplyContext, Kind, Outcome, Poke, Resource, ResourceId, ResourceSpec, Services,
 };
 use futures::FutureExt;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -80,6 +80,15 @@ pub struct Scheduler {
     dependents: HashMap<ResourceId, Vec<(ResourceId, bool)>>,
     /// Vertices that want a check.
     pending: BTreeSet<ResourceId>,
+    /// Vertices worth looking at in [`Scheduler::launch_ready`]: poked, added, or one of their
+    /// dependencies just finished. Looking only at these keeps each event's work small in a
+    /// graph of thousands (a waiting vertex is not rescanned until a dependency moves).
+    candidates: VecDeque<ResourceId>,
+    /// Failed or blocked vertices, and those whose watch broke, with why; kept up to date on
+    /// every state change so health is known without a scan.
+    failures: BTreeMap<ResourceId, String>,
+    /// Bumped whenever `failures` changes, so observers copy it only then.
+    failures_version: u64,
     /// Ids with a check running, whatever its generation: a replaced resource's new version
     /// waits for the old one's check to end, so two never run at once (an exec twice).
     in_flight: HashSet<ResourceId>,
@@ -99,6 +108,9 @@ impl Scheduler {
             deps: HashMap::new(),
             dependents: HashMap::new(),
             pending: BTreeSet::new(),
+            candidates: VecDeque::new(),
+            failures: BTreeMap::new(),
+            failures_version: 0,
             in_flight: HashSet::new(),
             checks: JoinSet::new(),
             events,
@@ -127,6 +139,9 @@ impl Scheduler {
                 tracing::info!("{id}: no longer managed");
             }
             self.pending.remove(&id);
+            if self.failures.remove(&id).is_some() {
+                self.failures_version += 1;
+            }
         }
         for spec in diff.changed.into_iter().chain(diff.added) {
             let id = spec.id();
@@ -149,6 +164,9 @@ impl Scheduler {
                     watch_error: None,
                 },
             );
+            if self.failures.remove(&id).is_some() {
+                self.failures_version += 1;
+            }
             self.pending.insert(id);
         }
         self.deps.clear();
@@ -163,6 +181,8 @@ impl Scheduler {
                 .or_default()
                 .push((e.to.clone(), e.notify));
         }
+        // Readiness may have moved with the edges and the removals.
+        self.candidates.extend(self.pending.iter().cloned());
     }
 
     fn start_watch(
@@ -198,8 +218,9 @@ impl Scheduler {
 
     /// A watch event: check again (coalesced with any check already wanted).
     pub fn poke(&mut self, id: &ResourceId, generation: u64) {
-        if self.current(id, generation).is_some() {
+        if current(&mut self.vertices, id, generation).is_some() {
             self.pending.insert(id.clone());
+            self.candidates.push_back(id.clone());
         }
     }
 
@@ -211,7 +232,7 @@ impl Scheduler {
         generation: u64,
         result: anyhow::Result<()>,
     ) -> bool {
-        let Some(v) = self.current(id, generation) else {
+        let Some(v) = current(&mut self.vertices, id, generation) else {
             return false;
         };
         match result {
@@ -220,46 +241,43 @@ impl Scheduler {
                 let msg = format!("watch: {e:#}");
                 tracing::error!("{id}: {msg}");
                 v.watch_error = Some(msg);
+                record(&mut self.failures, &mut self.failures_version, id, v);
                 true
             }
         }
     }
 
-    fn current(&mut self, id: &ResourceId, generation: u64) -> Option<&mut Vertex> {
-        self.vertices
-            .get_mut(id)
-            .filter(|v| v.generation == generation)
-    }
-
-    /// Starts a check for every pending vertex whose dependencies are applied.
+    /// Starts a check for every candidate vertex that is pending and whose dependencies are
+    /// applied, up to [`MAX_CONCURRENT_CHECKS`].
     pub fn launch_ready(&mut self) {
-        let pending = std::mem::take(&mut self.pending);
-        for id in pending {
-            if self.checks.len() >= MAX_CONCURRENT_CHECKS || self.in_flight.contains(&id) {
-                // Stays pending: launched when a slot frees, or checked again once the
-                // running check ends.
-                self.pending.insert(id);
+        while self.checks.len() < MAX_CONCURRENT_CHECKS {
+            let Some(id) = self.candidates.pop_front() else {
+                return;
+            };
+            // Already launched through an earlier copy in the queue, or running: its finish
+            // makes it a candidate again.
+            if !self.pending.contains(&id) || self.in_flight.contains(&id) {
                 continue;
             }
             let blocker = self.blocker(&id);
             let Some(v) = self.vertices.get_mut(&id) else {
+                self.pending.remove(&id);
                 continue;
             };
             match blocker {
                 Readiness::Ready => {}
-                Readiness::Waiting => {
-                    self.pending.insert(id);
-                    continue;
-                }
+                // A candidate again when a dependency finishes.
+                Readiness::Waiting => continue,
                 Readiness::Blocked(dep) => {
                     if v.state != State::Blocked(dep.clone()) {
                         tracing::warn!("{id}: blocked: it depends on {dep}, which failed");
                         v.state = State::Blocked(dep);
+                        record(&mut self.failures, &mut self.failures_version, &id, v);
                     }
-                    self.pending.insert(id);
                     continue;
                 }
             }
+            self.pending.remove(&id);
             self.in_flight.insert(id.clone());
             let ctx = ApplyContext {
                 noop: self.noop,
@@ -318,10 +336,14 @@ impl Scheduler {
             result,
         } = done;
         self.in_flight.remove(&id);
-        let Some(v) = self.current(&id, generation) else {
+        // Poked while running (or replaced by a new version): look at it again.
+        if self.pending.contains(&id) {
+            self.candidates.push_back(id.clone());
+        }
+        let Some(v) = current(&mut self.vertices, &id, generation) else {
             return false;
         };
-        match result {
+        let changed = match result {
             Ok(Outcome::Unchanged) => {
                 // Recovering from a failure is news; a first check that finds all well is not.
                 let recovered = matches!(v.state, State::Failed(_) | State::Blocked(_));
@@ -335,46 +357,49 @@ impl Scheduler {
                     Outcome::Unchanged => {}
                 }
                 v.state = State::Applied;
-                for (to, notify) in self.dependents.get(&id).into_iter().flatten() {
-                    if let Some(dependent) = self.vertices.get_mut(to) {
-                        dependent.refresh |= notify;
-                        self.pending.insert(to.clone());
-                    }
-                }
                 true
             }
             Err(e) => {
                 let msg = format!("{e:#}");
                 tracing::error!("{id}: {msg}");
+                // The same failure again is not news: a resource that keeps failing on every
+                // event must not keep the host from settling.
+                let again = v.state == State::Failed(msg.clone());
                 v.state = State::Failed(msg);
-                true
+                !again
+            }
+        };
+        record(&mut self.failures, &mut self.failures_version, &id, v);
+        let applied_change = changed && v.state == State::Applied;
+        // Dependents may now be ready (or blocked); a change also makes them check again,
+        // and refreshes them along notify edges.
+        for (to, notify) in self.dependents.get(&id).into_iter().flatten() {
+            if let Some(dependent) = self.vertices.get_mut(to) {
+                if applied_change {
+                    dependent.refresh |= notify;
+                    self.pending.insert(to.clone());
+                }
+                self.candidates.push_back(to.clone());
             }
         }
+        changed
     }
 
     pub fn load(&self) -> Load {
         Load {
             busy: self.busy(),
-            healthy: self.vertices.values().all(|v| {
-                v.watch_error.is_none() && matches!(v.state, State::Applied | State::Unchecked)
-            }),
+            healthy: self.failures.is_empty(),
         }
     }
 
     /// Resources that failed or are blocked, with why.
-    pub fn failures(&self) -> BTreeMap<ResourceId, String> {
-        self.vertices
-            .iter()
-            .filter_map(|(id, v)| {
-                let why = match (&v.state, &v.watch_error) {
-                    (State::Failed(msg), _) => msg.clone(),
-                    (State::Blocked(dep), _) => format!("blocked by {dep}"),
-                    (_, Some(msg)) => msg.clone(),
-                    _ => return None,
-                };
-                Some((id.clone(), why))
-            })
-            .collect()
+    pub fn failures(&self) -> &BTreeMap<ResourceId, String> {
+        &self.failures
+    }
+
+    /// Changes whenever [`Scheduler::failures`] does.
+    pub fn failures_version(&self) -> u64 {
+        self.failures_version
     }
 
     /// Stops every watch and check (exec children die with their tasks).
@@ -387,6 +412,41 @@ impl Scheduler {
 impl Drop for Scheduler {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+/// The vertex `id` if it is still the version `generation` (not replaced or removed since).
+fn current<'a>(
+    vertices: &'a mut BTreeMap<ResourceId, Vertex>,
+    id: &ResourceId,
+    generation: u64,
+) -> Option<&'a mut Vertex> {
+    vertices.get_mut(id).filter(|v| v.generation == generation)
+}
+
+/// Brings `failures` up to date with one vertex's state.
+fn record(
+    failures: &mut BTreeMap<ResourceId, String>,
+    version: &mut u64,
+    id: &ResourceId,
+    v: &Vertex,
+) {
+    let why = match (&v.state, &v.watch_error) {
+        (State::Failed(msg), _) => Some(msg.clone()),
+        (State::Blocked(dep), _) => Some(format!("blocked by {dep}")),
+        (_, Some(msg)) => Some(msg.clone()),
+        _ => None,
+    };
+    let moved = match why {
+        Some(why) if failures.get(id) == Some(&why) => false,
+        Some(why) => {
+            failures.insert(id.clone(), why);
+            true
+        }
+        None => failures.remove(id).is_some(),
+    };
+    if moved {
+        *version += 1;
     }
 }
 

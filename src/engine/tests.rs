@@ -182,6 +182,35 @@ async fn a_departed_hosts_collected_files_stay_but_are_no_longer_managed() {
 }
 
 #[tokio::test]
+async fn a_host_that_restarts_exports_again() {
+    let (da, db) = (
+        tempfile::tempdir().expect("a"),
+        tempfile::tempdir().expect("b"),
+    );
+    let ex = new_exchange();
+    let a = start(&article_graph('a', da.path()), "a", &ex).await;
+    let b_src = article_graph('b', db.path());
+    let b = start(&b_src, "b", &ex).await;
+    let from_b = ResourceId::new(Kind::File, "@@b/file2b");
+    let (_, held) = a.wait_for(WAIT, |s| s.managed.contains(&from_b)).await;
+    assert!(held);
+    b.stop().await;
+    let (_, held) = a.wait_for(WAIT, |s| !s.managed.contains(&from_b)).await;
+    assert!(held, "b's export outlived b");
+    let b = start(
+        &b_src.replace("exported from host b", "back again"),
+        "b",
+        &ex,
+    )
+    .await;
+    wait_file(&da.path().join("file2b"), "i am file2b, back again\n").await;
+    let (_, held) = a.wait_for(WAIT, |s| s.managed.contains(&from_b)).await;
+    assert!(held);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
 async fn a_shared_graph_names_each_host_with_its_hostname() {
     let dir = tempfile::tempdir().expect("dir");
     let src = format!(
@@ -399,6 +428,41 @@ edges:
 }
 
 #[tokio::test]
+async fn a_failed_resource_recovers_on_its_next_event_and_unblocks_its_dependents() {
+    let dir = tempfile::tempdir().expect("dir");
+    let d = dir.path().display();
+    let src = format!(
+        "graph: g
+resources:
+  file:
+  - name: in-missing-dir
+    path: {d}/later/conf
+    content: \"c\\n\"
+  exec:
+  - name: after
+    cmd: \"touch {d}/after\"
+edges:
+- name: e
+  from: {{kind: file, name: in-missing-dir}}
+  to: {{kind: exec, name: after}}
+"
+    );
+    let ex = new_exchange();
+    let e = start(&src, "h", &ex).await;
+    let (status, held) = e
+        .wait_for(WAIT, |s| s.settled && s.failures.len() == 2)
+        .await;
+    assert!(held, "{status:?}");
+    assert!(!dir.path().join("after").exists());
+    // The directory appears: the file's watch sees it, the file is written, the exec runs.
+    fs::create_dir(dir.path().join("later")).expect("mkdir");
+    converged(&e).await;
+    assert_eq!(read(&dir.path().join("later/conf")), "c\n");
+    assert!(dir.path().join("after").exists());
+    e.stop().await;
+}
+
+#[tokio::test]
 async fn noop_changes_nothing_and_reports_what_would_change() {
     let dir = tempfile::tempdir().expect("dir");
     let d = dir.path();
@@ -449,4 +513,54 @@ fn every_example_graph_is_valid() {
     ] {
         graph::load(&example(name), "h").unwrap_or_else(|e| panic!("{e}"));
     }
+}
+
+#[tokio::test]
+async fn a_thousand_files_converge_in_seconds() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut src = String::from("graph: big\nresources:\n  file:\n");
+    for i in 0..1000 {
+        src.push_str(&format!(
+            "  - name: f{i}\n    path: {}/f{i}\n    content: \"{i}\\n\"\n",
+            dir.path().display()
+        ));
+    }
+    let started = std::time::Instant::now();
+    let e = start(&src, "h", &new_exchange()).await;
+    let status = converged(&e).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(status.changes, 1000);
+    assert_eq!(read(&dir.path().join("f999")), "999\n");
+    e.stop().await;
+}
+
+#[tokio::test]
+async fn a_long_chain_is_applied_in_order() {
+    let dir = tempfile::tempdir().expect("dir");
+    let log = dir.path().join("order.log");
+    let mut src = String::from("graph: chain\nresources:\n  exec:\n");
+    let n = 30;
+    for i in 0..n {
+        src.push_str(&format!(
+            "  - name: s{i}\n    cmd: \"echo {i} >> {}\"\n",
+            log.display()
+        ));
+    }
+    src.push_str("edges:\n");
+    // Declared in reverse, so file order cannot be what orders them.
+    for i in (1..n).rev() {
+        src.push_str(&format!(
+            "- name: e{i}\n  from: {{kind: exec, name: s{}}}\n  to: {{kind: exec, name: s{i}}}\n",
+            i - 1
+        ));
+    }
+    let e = start(&src, "h", &new_exchange()).await;
+    converged(&e).await;
+    let want: String = (0..n).map(|i| format!("{i}\n")).collect();
+    assert_eq!(read(&log), want);
+    e.stop().await;
 }
