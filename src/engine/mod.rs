@@ -20,7 +20,6 @@ pub mod converge;
 pub mod exchange;
 pub mod graph;
 pub mod host;
-pub mod local;
 pub mod reload;
 pub mod resources;
 pub mod scheduler;

@@ -187,7 +187,7 @@ async fn a_host_that_restarts_exports_again() {
         tempfile::tempdir().expect("a"),
         tempfile::tempdir().expect("b"),
     );
-    let ex = new_exchange();
+    let ex = new_exchange().await;
     let a = start(&article_graph('a', da.path()), "a", &ex).await;
     let b_src = article_graph('b', db.path());
     let b = start(&b_src, "b", &ex).await;
@@ -447,7 +447,7 @@ edges:
   to: {{kind: exec, name: after}}
 "
     );
-    let ex = new_exchange();
+    let ex = new_exchange().await;
     let e = start(&src, "h", &ex).await;
     let (status, held) = e
         .wait_for(WAIT, |s| s.settled && s.failures.len() == 2)
@@ -526,7 +526,7 @@ async fn a_thousand_files_converge_in_seconds() {
         ));
     }
     let started = std::time::Instant::now();
-    let e = start(&src, "h", &new_exchange()).await;
+    let e = start(&src, "h", &new_exchange().await).await;
     let status = converged(&e).await;
     assert!(
         started.elapsed() < Duration::from_secs(8),
@@ -558,7 +558,7 @@ async fn a_long_chain_is_applied_in_order() {
             i - 1
         ));
     }
-    let e = start(&src, "h", &new_exchange()).await;
+    let e = start(&src, "h", &new_exchange().await).await;
     converged(&e).await;
     let want: String = (0..n).map(|i| format!("{i}\n")).collect();
     assert_eq!(read(&log), want);
