@@ -64,6 +64,7 @@ conformance!(
     lease_expiry_deletes_keys_and_watchers_see_it,
     concurrent_writers_and_watchers_see_every_event_in_revision_order,
     client_watch_resumes_after_its_connection_is_cut,
+    client_helpers_and_keep_alive,
     oversized_requests_get_a_clear_error,
     malformed_requests_get_an_error_and_the_store_goes_on,
     status_and_member_list_describe_one_leader,
@@ -1273,6 +1274,52 @@ mod checks {
         // Nothing more arrives.
         let extra = tokio::time::timeout(Duration::from_millis(300), events.next()).await;
         assert!(extra.is_err(), "unexpected event {extra:?}");
+    }
+
+    pub async fn client_helpers_and_keep_alive(store: &TestStore) {
+        use arbor::store::client::{Compare, CompareOp, Txn, TxnOp};
+        let c = StoreClient::connect(&Endpoints::parse(&store.endpoint).unwrap())
+            .await
+            .unwrap();
+        let r1 = c.put("ch/a", "1").await.unwrap();
+        c.put("ch/b", "2").await.unwrap();
+        assert_eq!(c.get("ch/a").await.unwrap().unwrap().value(), b"1");
+        assert!(c.get("ch/none").await.unwrap().is_none());
+        let (kvs, rev) = c.get_prefix("ch/").await.unwrap();
+        assert_eq!(keys(&kvs), ["ch/a", "ch/b"]);
+        assert_eq!(rev, r1 + 1);
+        let txn = Txn::new()
+            .when([Compare::mod_revision("ch/a", CompareOp::Equal, r1)])
+            .and_then([TxnOp::put("ch/c", "3", None)]);
+        assert!(c.txn(txn).await.unwrap().succeeded());
+        assert_eq!(c.delete("ch/a").await.unwrap(), 1);
+        assert_eq!(c.delete_prefix("ch/").await.unwrap(), 2);
+
+        // A kept-alive lease outlives its TTL; once the handle is dropped it expires.
+        let lease = c.lease_grant(2).await.unwrap();
+        c.put_leased("ch/leased", "x", lease).await.unwrap();
+        let keeper = c.keep_alive(lease, 2);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(keeper.is_alive());
+        assert!(
+            c.get("ch/leased").await.unwrap().is_some(),
+            "kept alive past its TTL"
+        );
+        drop(keeper);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while c.get("ch/leased").await.unwrap().is_some() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the lease never expired"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // Keeping a revoked lease alive stops by itself.
+        let lease = c.lease_grant(30).await.unwrap();
+        c.lease_revoke(lease).await.unwrap();
+        let keeper = c.keep_alive(lease, 3);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!keeper.is_alive(), "renewing a lease that is gone stops");
     }
 
     pub async fn oversized_requests_get_a_clear_error(store: &TestStore) {

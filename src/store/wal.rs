@@ -563,6 +563,37 @@ mod tests {
     }
 
     #[test]
+    fn writes_queued_during_an_fsync_share_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, opened) = open(dir.path()).unwrap();
+        let (published_tx, published_rx) = mpsc::channel();
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        let release_rx = std::sync::Mutex::new(release_rx);
+        let wal = opened
+            .start(Box::new(move |d| {
+                let index = d.unwrap().0;
+                let _ = published_tx.send(index);
+                if index == 1 {
+                    // Hold the log thread, as a slow fsync would, while writers queue up.
+                    let _ = release_rx.lock().unwrap().recv();
+                }
+            }))
+            .unwrap();
+        wal.append(1, 2, record(1, "a").encode_to_vec()).unwrap();
+        assert_eq!(published_rx.recv().unwrap(), 1);
+        for i in 2..=50 {
+            wal.append(i, i as i64 + 1, record(i, "a").encode_to_vec())
+                .unwrap();
+        }
+        release_tx.send(()).unwrap();
+        assert_eq!(
+            published_rx.recv().unwrap(),
+            50,
+            "49 writes, one batch, one fsync"
+        );
+    }
+
+    #[test]
     fn a_snapshot_replaces_the_log_before_it() {
         let dir = tempfile::tempdir().unwrap();
         let (_, opened) = open(dir.path()).unwrap();
