@@ -144,6 +144,21 @@ impl Backend {
         self.closing.clone()
     }
 
+    /// Ends the store: open streams end, the log is flushed and closed, and the data dir is
+    /// free for the next store as soon as this returns.
+    pub async fn close(self: &Arc<Self>) {
+        self.closing.cancel();
+        if self.wal.is_some() {
+            let backend = self.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Some(wal) = &backend.wal {
+                    wal.stop();
+                }
+            })
+            .await;
+        }
+    }
+
     pub fn options(&self) -> &Options {
         &self.options
     }

@@ -101,6 +101,8 @@ const MAX_FRAME: usize = 256 << 20;
 pub type Publish = Box<dyn Fn(Result<(u64, i64), String>) + Send>;
 
 enum Item {
+    /// Write what is queued before this, then let go of the log and the dir lock.
+    Stop,
     Record {
         index: u64,
         revision: i64,
@@ -120,6 +122,7 @@ pub struct Wal {
     /// snapshot, after which the log starts a new segment.
     pub segment_bytes: Arc<AtomicU64>,
     pub snapshot_pending: Arc<AtomicBool>,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 /// What a data dir held at startup.
@@ -244,7 +247,7 @@ impl Opened {
             snapshot_pending: snapshot_pending.clone(),
             publish,
         };
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("arbor-store-wal".into())
             .spawn(move || writer.run(rx))
             .context("starting the log thread")?;
@@ -252,6 +255,7 @@ impl Opened {
             tx,
             segment_bytes,
             snapshot_pending,
+            thread: std::sync::Mutex::new(Some(thread)),
         })
     }
 }
@@ -267,6 +271,16 @@ impl Wal {
                 bytes,
             })
             .map_err(|_| "the log thread has stopped".to_string())
+    }
+
+    /// Writes everything queued, closes the log and releases the data dir, so another store can
+    /// open it at once. Later appends fail.
+    pub fn stop(&self) {
+        let _ = self.tx.send(Item::Stop);
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
     }
 
     /// Queues a snapshot covering every record up to `index`.
@@ -305,9 +319,17 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            let stop = batch.iter().position(|i| matches!(i, Item::Stop));
+            if let Some(at) = stop {
+                batch.truncate(at);
+            }
             if let Err(e) = self.write_batch(batch) {
                 tracing::error!("store: write-ahead log failed: {e:#}");
                 (self.publish)(Err(format!("{e:#}")));
+                return;
+            }
+            if stop.is_some() {
+                (self.publish)(Err("the store has shut down".to_string()));
                 return;
             }
         }
@@ -326,6 +348,7 @@ impl Writer {
                     frame(&mut buf, &bytes);
                     durable = Some(max_durable(durable, index, revision));
                 }
+                Item::Stop => {}
                 Item::Snapshot {
                     index,
                     revision,
