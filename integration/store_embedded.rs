@@ -18,6 +18,9 @@ async fn restart_with_the_same_data_dir_keeps_data_revisions_leases_and_compacti
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let store = embedded_with(Some(&data)).await;
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&data).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o700, "the data dir is its owner's only");
     let mut c = store.client().await;
     let lease = c.lease_grant(300, None).await.unwrap().id();
     for i in 0..50 {

@@ -23,6 +23,7 @@ use prost::Message;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -144,7 +145,12 @@ pub struct Opened {
 
 /// Reads a data dir (creating it if needed): the snapshot, then every intact record after it.
 pub fn open(dir: &Path) -> anyhow::Result<(Recovered, Opened)> {
-    fs::create_dir_all(dir).with_context(|| format!("creating data dir {}", dir.display()))?;
+    // The store has no authentication; its files are its owner's only.
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating data dir {}", dir.display()))?;
     let lock = lock_dir(dir)?;
     let _ = fs::remove_file(dir.join(format!("{SNAPSHOT_FILE}.tmp")));
     let snapshot = read_snapshot(dir)?;
@@ -207,6 +213,7 @@ pub fn open(dir: &Path) -> anyhow::Result<(Recovered, Opened)> {
     let segment = OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(&segment_path)
         .with_context(|| format!("opening log segment {}", segment_path.display()))?;
     sync_dir(dir)?;
@@ -388,6 +395,7 @@ impl Writer {
         let segment = OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&path)
             .with_context(|| format!("creating log segment {}", path.display()))?;
         sync_dir(&self.dir)?;
@@ -473,7 +481,12 @@ fn write_snapshot(dir: &Path, payload: &[u8]) -> anyhow::Result<()> {
     let mut buf = Vec::with_capacity(payload.len() + 16);
     buf.extend_from_slice(SNAPSHOT_MAGIC);
     frame(&mut buf, payload);
-    File::create(&tmp)
+    OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
         .and_then(|mut f| f.write_all(&buf).and_then(|()| f.sync_all()))
         .with_context(|| format!("writing snapshot {}", tmp.display()))?;
     fs::rename(&tmp, dir.join(SNAPSHOT_FILE))
@@ -494,6 +507,7 @@ fn lock_dir(dir: &Path) -> anyhow::Result<File> {
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
     // SAFETY: flock on a descriptor we own; no memory is passed.
@@ -649,5 +663,11 @@ mod tests {
         let indexes: Vec<u64> = rec.records.iter().map(|r| r.index).collect();
         assert_eq!(indexes, [2]);
         assert!(!segment_name(dir.path(), 1).exists(), "old segment removed");
+        use std::os::unix::fs::PermissionsExt;
+        for entry in fs::read_dir(dir.path()).unwrap() {
+            let path = entry.unwrap().path();
+            let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{} is its owner's only", path.display());
+        }
     }
 }
