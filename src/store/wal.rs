@@ -94,8 +94,6 @@ pub struct SnapshotRecord {
 
 const SNAPSHOT_FILE: &str = "snapshot.pb";
 const SNAPSHOT_MAGIC: &[u8; 8] = b"ARBSNAP1";
-/// A frame longer than this is garbage, not a record (requests are capped far below it).
-const MAX_FRAME: usize = 256 << 20;
 
 /// What the log thread reports after each fsync: everything up to `index` is durable, and the
 /// newest durable revision is `revision`. `Err` means the log failed and stopped.
@@ -352,7 +350,7 @@ impl Writer {
                     revision,
                     bytes,
                 } => {
-                    frame(&mut buf, &bytes);
+                    frame(&mut buf, &bytes)?;
                     durable = Some(max_durable(durable, index, revision));
                 }
                 Item::Stop => {}
@@ -422,10 +420,15 @@ fn segment_name(dir: &Path, first_index: u64) -> PathBuf {
     dir.join(format!("wal-{first_index:020}.log"))
 }
 
-fn frame(buf: &mut Vec<u8>, payload: &[u8]) {
-    buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+/// Appends `len | crc32 | payload`. A length that does not fit the u32 header is an error, not
+/// a silently truncated frame.
+fn frame(buf: &mut Vec<u8>, payload: &[u8]) -> anyhow::Result<()> {
+    let len = u32::try_from(payload.len())
+        .map_err(|_| anyhow::anyhow!("a record of {} bytes is too large to log", payload.len()))?;
+    buf.extend_from_slice(&len.to_le_bytes());
     buf.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
     buf.extend_from_slice(payload);
+    Ok(())
 }
 
 /// Splits a log into its intact frames; returns them and the length of the intact prefix.
@@ -435,9 +438,6 @@ fn parse_frames(bytes: &[u8]) -> (Vec<&[u8]>, usize) {
     while let Some(header) = bytes.get(pos..pos + 8) {
         let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
         let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-        if len > MAX_FRAME {
-            break;
-        }
         let Some(payload) = bytes.get(pos + 8..pos + 8 + len) else {
             break;
         };
@@ -480,7 +480,7 @@ fn write_snapshot(dir: &Path, payload: &[u8]) -> anyhow::Result<()> {
     let tmp = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
     let mut buf = Vec::with_capacity(payload.len() + 16);
     buf.extend_from_slice(SNAPSHOT_MAGIC);
-    frame(&mut buf, payload);
+    frame(&mut buf, payload)?;
     OpenOptions::new()
         .create(true)
         .write(true)
@@ -545,7 +545,7 @@ mod tests {
     fn torn_and_corrupt_tails_end_the_log_without_panicking() {
         let mut buf = Vec::new();
         for i in 1..=3 {
-            frame(&mut buf, &record(i, "k").encode_to_vec());
+            frame(&mut buf, &record(i, "k").encode_to_vec()).unwrap();
         }
         let whole = buf.len();
         for cut in 0..whole {
