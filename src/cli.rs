@@ -4,7 +4,9 @@
 //! so every job can be driven from tests without building argument vectors.
 
 use clap::{Parser, Subcommand};
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 /// arbor bootstraps and manages fleets of machines over SSH, with nothing installed on them
 /// first. It copies itself to each host, tunnels the host back to a coordination store on the
@@ -37,6 +39,29 @@ enum Sub {
         #[arg(long)]
         allow_non_loopback: bool,
     },
+    /// Run a graph of resources and keep it converged.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// The graph file (mgmt YAML) to run on this host.
+    // Required until --remote/--topology offer other sources of graphs.
+    #[arg(long, value_name = "GRAPH", required = true)]
+    file: Option<PathBuf>,
+    /// Exit once converged for this many seconds (0 if converged, 1 if resources failed).
+    #[arg(long, value_name = "SECONDS")]
+    converged_timeout: Option<u64>,
+    /// Check and report what would change; change nothing.
+    #[arg(long)]
+    noop: bool,
+    /// The host name to run as (publishes under it; `{{hostname}}` in graphs). Default: this
+    /// machine's host name.
+    #[arg(long, value_name = "NAME")]
+    hostname: Option<String>,
+    /// Do not watch the graph file for edits.
+    #[arg(long)]
+    no_watch: bool,
 }
 
 /// What the user asked for, as plain data.
@@ -44,6 +69,22 @@ enum Sub {
 pub enum Command {
     Version,
     Store(crate::store::StoreConfig),
+    Run(RunConfig),
+}
+
+/// `arbor run`, as plain data. More sources of graphs (--remote, --topology) and of the
+/// store (--seeds) join here as fields.
+#[derive(Debug, Clone, Default)]
+pub struct RunConfig {
+    /// Graph to run locally.
+    pub file: Option<PathBuf>,
+    /// Exit after being converged this long.
+    pub converged_timeout: Option<Duration>,
+    pub noop: bool,
+    /// `None`: this machine's host name.
+    pub hostname: Option<String>,
+    /// Re-read and apply the graph file when it changes.
+    pub watch: bool,
 }
 
 /// One invocation of arbor: the job and how chatty the log should be (0 = info).
@@ -74,6 +115,13 @@ pub fn parse() -> Result<Invocation, ExitCode> {
             listen,
             data_dir,
             allow_non_loopback,
+        }),
+        Some(Sub::Run(run)) => Command::Run(RunConfig {
+            file: run.file,
+            converged_timeout: run.converged_timeout.map(Duration::from_secs),
+            noop: run.noop,
+            hostname: run.hostname,
+            watch: !run.no_watch,
         }),
         None => {
             use clap::CommandFactory;

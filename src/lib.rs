@@ -2,5 +2,8 @@
 //! end-to-end tests in `integration/` drive them directly against the lab.
 
 pub mod cli;
+pub mod engine;
+pub mod node;
 pub mod ssh;
 pub mod store;
+pub mod wire;

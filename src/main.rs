@@ -42,6 +42,7 @@ async fn run(command: cli::Command) -> ExitCode {
                 }
             }
         }
+        cli::Command::Run(config) => ExitCode::from(arbor::engine::local::run(&config).await),
     }
 }
 

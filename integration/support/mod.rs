@@ -1,198 +1,232 @@
-//! Stores for the store tests to run against: the embedded store (in this process, on a free
-//! loopback port) and a real etcd (Debian's /usr/bin/etcd, on free loopback ports with a temp
-//! data dir, killed when the handle drops, also when a test fails).
-
+//! Shared by the end-to-end test binaries: a lab of real SSH hosts (integration/lab) that is
+//! brought up for one test binary and always torn down, failed tests included.
 #![allow(dead_code)]
 
-use arbor::store::{Options, Store, StoreConfig};
-use std::net::TcpListener;
+mod store;
+#[allow(unused_imports)]
+pub use store::*;
+
+use std::collections::HashMap;
+use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-use tokio_util::sync::CancellationToken;
+use std::process::{Command, Output};
 
-pub const ETCD: &str = "/usr/bin/etcd";
-
-/// How often watches with progress_notify hear from either store in tests.
-pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
-
-pub enum Kind {
-    Embedded {
-        shutdown: CancellationToken,
-        done: tokio::task::JoinHandle<()>,
-    },
-    Etcd {
-        child: Child,
-    },
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A running store; dropping it stops it.
-pub struct TestStore {
-    /// `http://127.0.0.1:port`
-    pub endpoint: String,
-    pub kind: Kind,
-    pub dir: tempfile::TempDir,
+/// A running lab. Dropping it runs `integration/lab down`.
+pub struct Lab {
+    pub name: String,
+    env: HashMap<String, String>,
 }
 
-impl TestStore {
-    pub fn name(&self) -> &'static str {
-        match self.kind {
-            Kind::Embedded { .. } => "embedded",
-            Kind::Etcd { .. } => "etcd",
-        }
-    }
-
-    pub fn is_etcd(&self) -> bool {
-        matches!(self.kind, Kind::Etcd { .. })
-    }
-
-    pub async fn client(&self) -> etcd_client::Client {
-        etcd_client::Client::connect([&self.endpoint], None)
-            .await
-            .expect("connect to the test store")
-    }
-
-    /// Stops an embedded store and waits until it has let go of its data dir.
-    pub async fn stop(mut self) {
-        if let Kind::Embedded { shutdown, done } = &mut self.kind {
-            shutdown.cancel();
-            let _ = done.await;
-        }
-    }
-}
-
-impl Drop for TestStore {
-    fn drop(&mut self) {
-        match &mut self.kind {
-            Kind::Embedded { shutdown, .. } => shutdown.cancel(),
-            Kind::Etcd { child } => {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-    }
-}
-
-/// Children of a test must not outlive it, even when the test process is killed outright
-/// (Drop does not run then): the kernel sends them SIGKILL when the spawning thread ends.
-pub trait DieWithParent {
-    fn die_with_parent(&mut self) -> &mut Self;
-}
-
-impl DieWithParent for Command {
-    fn die_with_parent(&mut self) -> &mut Self {
-        use std::os::unix::process::CommandExt;
-        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-        unsafe {
-            self.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            })
-        }
-    }
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
-pub fn test_options(data_dir: Option<PathBuf>) -> Options {
-    Options {
-        data_dir,
-        progress_notify_interval: PROGRESS_INTERVAL,
-        ..Options::default()
-    }
-}
-
-/// The embedded store, in memory, in this process.
-pub async fn embedded() -> TestStore {
-    embedded_with(None).await
-}
-
-/// The embedded store persisting in `data_dir` (a fresh temp dir's subdir if `None` is given,
-/// the store lives in memory).
-pub async fn embedded_with(data_dir: Option<&Path>) -> TestStore {
-    embedded_listening("127.0.0.1:0", test_options(data_dir.map(Path::to_path_buf))).await
-}
-
-pub async fn embedded_listening(listen: &str, options: Options) -> TestStore {
-    let config = StoreConfig {
-        listen: listen.to_string(),
-        data_dir: options.data_dir.clone(),
-        allow_non_loopback: false,
-    };
-    let store = Store::bind_with(&config, options)
-        .await
-        .expect("start the embedded store");
-    let endpoint = store.endpoint().to_string();
-    let shutdown = CancellationToken::new();
-    let token = shutdown.clone();
-    let done = tokio::spawn(async move {
-        if let Err(e) = store.serve(token).await {
-            eprintln!("embedded store: {e:#}");
-        }
-    });
-    TestStore {
-        endpoint,
-        kind: Kind::Embedded { shutdown, done },
-        dir: tempfile::tempdir().expect("temp dir"),
-    }
-}
-
-/// A real etcd 3.4 on free loopback ports, with a temp data dir.
-pub async fn etcd() -> TestStore {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let (client_port, peer_port) = (free_port(), free_port());
-    let client_url = format!("http://127.0.0.1:{client_port}");
-    let peer_url = format!("http://127.0.0.1:{peer_port}");
-    let log = std::fs::File::create(dir.path().join("etcd.log")).expect("etcd log file");
-    let child = Command::new(ETCD)
-        .arg("--name=test")
-        .arg(format!("--data-dir={}", dir.path().join("data").display()))
-        .arg(format!("--listen-client-urls={client_url}"))
-        .arg(format!("--advertise-client-urls={client_url}"))
-        .arg(format!("--listen-peer-urls={peer_url}"))
-        .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-        .arg(format!("--initial-cluster=test={peer_url}"))
-        .arg(format!(
-            "--experimental-watch-progress-notify-interval={}ms",
-            PROGRESS_INTERVAL.as_millis()
-        ))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .die_with_parent()
-        .spawn()
-        .expect("start /usr/bin/etcd (Debian's etcd-server)");
-    let store = TestStore {
-        endpoint: client_url,
-        kind: Kind::Etcd { child },
-        dir,
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(mut c) = etcd_client::Client::connect([&store.endpoint], None).await
-            && c.status().await.is_ok()
-        {
-            return store;
-        }
+impl Lab {
+    /// Brings up a lab for this test process, named `<prefix><pid>` so that concurrent runs
+    /// (and a developer's own labs) never touch each other. Labs left by killed runs of the
+    /// same prefix, whose process is gone, are torn down first.
+    pub fn up(prefix: &str, args: &[&str]) -> Lab {
         assert!(
-            Instant::now() < deadline,
-            "etcd did not come up; see its log"
+            unsafe { libc::geteuid() } == 0,
+            "the end-to-end tests build network namespaces and must run as root"
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let script = repo_root().join("integration/lab");
+        reap_stale_labs(prefix);
+        let name = format!("{prefix}{}", std::process::id());
+        let name = name.as_str();
+        let out = Command::new(&script)
+            .args(["up", "--name", name])
+            .args(args)
+            .output()
+            .expect("run integration/lab up");
+        if !out.status.success() {
+            let _ = Command::new(&script)
+                .args(["down", "--name", name])
+                .output();
+            panic!(
+                "integration/lab up failed:\n{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let env_path = Command::new(&script)
+            .args(["env", "--name", name])
+            .output()
+            .expect("run integration/lab env");
+        let env_path = String::from_utf8_lossy(&env_path.stdout).trim().to_string();
+        let text = std::fs::read_to_string(&env_path)
+            .unwrap_or_else(|e| panic!("reading lab env {env_path}: {e}"));
+        let env = text
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect();
+        Lab {
+            name: name.to_string(),
+            env,
+        }
+    }
+
+    pub fn get(&self, key: &str) -> &str {
+        self.env
+            .get(key)
+            .map(String::as_str)
+            .unwrap_or_else(|| panic!("lab env has no {key}"))
+    }
+
+    fn host_key(host: &str, what: &str) -> String {
+        format!("HOST_{}_{what}", host.replace('-', "_"))
+    }
+
+    /// The address the initiator (or, for leaves, the relay) uses for `host`.
+    pub fn addr(&self, host: &str) -> String {
+        self.get(&Self::host_key(host, "ADDR")).to_string()
+    }
+
+    pub fn addr6(&self, host: &str) -> String {
+        self.get(&Self::host_key(host, "ADDR6")).to_string()
+    }
+
+    /// The initiator's HOME: .ssh/id_ed25519 and .ssh/known_hosts live there.
+    pub fn home(&self) -> PathBuf {
+        PathBuf::from(self.get("LAB_HOME"))
+    }
+
+    pub fn dir(&self) -> PathBuf {
+        PathBuf::from(self.get("LAB_DIR"))
+    }
+
+    pub fn init_ns(&self) -> &str {
+        self.get("LAB_INIT_NS")
+    }
+
+    /// Runs a shell command on a lab host (or `init`) and returns its output.
+    pub fn exec(&self, host: &str, shell: &str) -> Output {
+        Command::new(repo_root().join("integration/lab"))
+            .args(["exec", "--name", &self.name, host, "sh", "-c", shell])
+            .output()
+            .expect("run integration/lab exec")
+    }
+
+    /// Like [`exec`](Self::exec) but returns stdout and panics on failure.
+    pub fn sh(&self, host: &str, shell: &str) -> String {
+        let out = self.exec(host, shell);
+        assert!(
+            out.status.success(),
+            "`{shell}` on {host} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Bytes sent and received on the initiator's link, from its counters.
+    pub fn init_link_bytes(&self) -> (u64, u64) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", self.init_ns(), "cat"])
+            .arg(format!(
+                "/sys/class/net/{}/statistics/tx_bytes",
+                self.get("LAB_INIT_IF")
+            ))
+            .arg(format!(
+                "/sys/class/net/{}/statistics/rx_bytes",
+                self.get("LAB_INIT_IF")
+            ))
+            .output()
+            .expect("read link counters");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut n = text.lines().map(|l| l.trim().parse::<u64>().unwrap_or(0));
+        (n.next().unwrap_or(0), n.next().unwrap_or(0))
+    }
+
+    /// Moves the calling thread into the initiator's network namespace and runs `f` on a
+    /// runtime confined to this thread, so every socket it opens is the initiator's.
+    pub fn run<F: Future>(&self, f: F) -> F::Output {
+        enter_netns(self.init_ns());
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
+            .block_on(f)
+    }
+
+    pub fn down(&self) {
+        let _ = Command::new(repo_root().join("integration/lab"))
+            .args(["down", "--name", &self.name])
+            .output();
     }
 }
 
-/// The gRPC status of a failed call.
-pub fn status(e: etcd_client::Error) -> tonic::Status {
-    match e {
-        etcd_client::Error::GRpcStatus(s) => s,
-        other => panic!("expected a gRPC status, got {other:?}"),
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.down();
     }
+}
+
+/// Tears down labs named `<prefix><pid>` whose pid no longer runs.
+fn reap_stale_labs(prefix: &str) {
+    let base = std::env::var("ARBOR_LAB_DIR").unwrap_or_else(|_| "/tmp/arbor-lab".into());
+    let Ok(entries) = std::fs::read_dir(&base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(prefix)
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = Command::new(repo_root().join("integration/lab"))
+                .args(["down", "--name", &name])
+                .output();
+        }
+    }
+}
+
+/// Joins the named network namespace on the calling thread only.
+pub fn enter_netns(name: &str) {
+    use std::os::fd::AsRawFd;
+    let path = Path::new("/run/netns").join(name);
+    let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns {name}: {}", std::io::Error::last_os_error());
+}
+
+/// Runs a command on this machine (outside the lab) and returns stdout, panicking on failure.
+pub fn local(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Replaces the block between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` in
+/// docs/benchmarks.md with `body` (appending the block if it is missing), stamped with the date.
+pub fn write_bench_section(name: &str, body: &str) {
+    let path = repo_root().join("docs/benchmarks.md");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".to_string());
+    let (open, close) = (
+        format!("<!-- bench:{name} -->"),
+        format!("<!-- /bench:{name} -->"),
+    );
+    let date = local("date", &["-u", "+%Y-%m-%d"]);
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let block = format!(
+        "{open}\n_Measured {} on this project's {cpus}-core machine._\n\n{body}{close}",
+        date.trim()
+    );
+    let new = match (text.find(&open), text.find(&close)) {
+        (Some(a), Some(b)) if a < b => {
+            format!("{}{block}{}", &text[..a], &text[b + close.len()..])
+        }
+        _ => format!("{}\n{block}\n", text.trim_end()),
+    };
+    std::fs::write(&path, new).expect("write docs/benchmarks.md");
 }

@@ -5,8 +5,11 @@
 //! configuration, and writes the table to docs/benchmarks.md. Every row is the median of
 //! `RUNS` runs, each on a fresh store. Not a timed test.
 
+#[path = "../../support/mod.rs"]
+mod support;
+
 use etcd_client::{Client, GetOptions, Txn, TxnOp, WatchOptions};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -341,12 +344,9 @@ async fn main() {
 }
 
 fn write_doc(table: &str) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/benchmarks.md");
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let doc = format!(
-        "# Benchmarks\n\n\
-         ## Store: embedded vs etcd 3.4\n\n\
-         `cargo bench --bench store` (integration/bench/store). Both stores run as processes on \
+    let body = format!(
+        "`cargo bench --bench store` (integration/bench/store). Both stores run as processes on \
          this machine ({cpus} CPUs), durable with a data dir on the same disk (etcd with its \
          default settings, which are its durable ones: fsync of its WAL per raft batch, plus \
          `--quota-backend-bytes=8GiB` so no quota interferes; the embedded store with its \
@@ -359,7 +359,5 @@ fn write_doc(table: &str) {
          - memory: RSS of the server process after {MEMORY_KEYS} keys were written.\n\n\
          {table}"
     );
-    if let Err(e) = std::fs::write(&path, doc) {
-        eprintln!("writing {}: {e}", path.display());
-    }
+    support::write_bench_section("store", &body);
 }

@@ -1,0 +1,166 @@
+//! `arbor run --file G` as a user runs it: exit codes, messages, files on disk.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn arbor(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_arbor"))
+        .args(args)
+        .env("ARBOR_LOG", "arbor=warn")
+        .output()
+        .expect("run arbor")
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write graph");
+    path.display().to_string()
+}
+
+#[test]
+fn every_bad_graph_exits_2_naming_file_line_and_column() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases = [
+        (
+            "unknown-key.yaml",
+            "graph: g\nresorces: {}\n",
+            ":2:1: ",
+            "resorces",
+        ),
+        (
+            "missing-graph.yaml",
+            "resources: {}\n",
+            ":1:1: ",
+            "missing `graph`",
+        ),
+        (
+            "duplicate.yaml",
+            "graph: g\nresources:\n  noop:\n  - name: a\n  - name: a\n",
+            ":5:11: ",
+            "duplicate noop name `a`",
+        ),
+        (
+            "relative.yaml",
+            "graph: g\nresources:\n  file:\n  - name: a\n    path: tmp/a\n",
+            ":5:11: ",
+            "relative",
+        ),
+        (
+            "bad-edge.yaml",
+            "graph: g\nresources:\n  noop:\n  - name: a\nedges:\n- name: e\n  from: {kind: noop, name: a}\n  to: {kind: noop, name: b}\n",
+            ":8:26: ",
+            "noop[b]",
+        ),
+        (
+            "cycle.yaml",
+            "graph: g\nresources:\n  noop:\n  - name: a\n  - name: b\nedges:\n- name: ab\n  from: {kind: noop, name: a}\n  to: {kind: noop, name: b}\n- name: ba\n  from: {kind: noop, name: b}\n  to: {kind: noop, name: a}\n",
+            ":7:9: ",
+            "cycle: noop[a] -> noop[b] -> noop[a]",
+        ),
+    ];
+    for (name, text, at, needle) in cases {
+        let path = write(dir.path(), name, text);
+        let out = arbor(&["run", "--file", &path, "--converged-timeout", "1"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{path}{at}")) && stderr.contains(needle),
+            "{name}: want {path}{at}...{needle} in {stderr}"
+        );
+    }
+}
+
+#[test]
+fn the_articles_graph_converges_and_exits_0_with_its_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().display().to_string();
+    let src = include_str!("../examples/remote2a.yaml").replace("/tmp/", &format!("{d}/"));
+    let path = write(dir.path(), "remote2a.yaml", &src);
+    let out = arbor(&[
+        "run",
+        "--file",
+        &path,
+        "--converged-timeout",
+        "1",
+        "--hostname",
+        "a",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let read = |n: &str| std::fs::read_to_string(dir.path().join(n)).expect(n);
+    assert_eq!(read("file1a"), "i am file1a\n");
+    // Its own export, collected back through the exchange.
+    assert_eq!(read("file2a"), "i am file2a, exported from host a\n");
+}
+
+#[test]
+fn a_failing_resource_exits_1_naming_command_and_code() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(
+        dir.path(),
+        "fail.yaml",
+        "graph: g\nresources:\n  exec:\n  - name: bad\n    cmd: \"exit 4\"\n",
+    );
+    let out = arbor(&[
+        "run",
+        "--file",
+        &path,
+        "--converged-timeout",
+        "1",
+        "--no-watch",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("exec[bad]: `exit 4` exited with code 4"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn noop_changes_nothing_and_exits_0() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().display().to_string();
+    let src = include_str!("../examples/remote2a.yaml").replace("/tmp/", &format!("{d}/"));
+    let path = write(dir.path(), "remote2a.yaml", &src);
+    let out = arbor(&["run", "--file", &path, "--converged-timeout", "1", "--noop"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!dir.path().join("file1a").exists());
+    assert!(!dir.path().join("file2a").exists());
+}
+
+#[test]
+fn exec_output_reaches_the_log_tagged_with_the_resource() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(
+        dir.path(),
+        "echo.yaml",
+        "graph: g\nresources:\n  exec:\n  - name: greet\n    cmd: \"echo hello from {{hostname}}; echo to stderr >&2\"\n",
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_arbor"))
+        .args([
+            "run",
+            "--file",
+            &path,
+            "--converged-timeout",
+            "1",
+            "--hostname",
+            "h9",
+        ])
+        .env("ARBOR_LOG", "arbor=info")
+        .output()
+        .expect("run arbor");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("exec[greet]: hello from h9"), "{stderr}");
+    assert!(stderr.contains("exec[greet]: to stderr"), "{stderr}");
+}

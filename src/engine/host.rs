@@ -1,0 +1,512 @@
+//! One host's engine: the loop that ties the graph, the scheduler, the exchange and the
+//! convergence flag together.
+//!
+//! Everything that can happen arrives on one `select!`: a finished check, a watch event, a
+//! new set of collected exports from the store, a new graph (hot reload), the end of a quiet
+//! period, or shutdown. The loop owns all state, so nothing here needs a lock.
+
+use crate::engine::collect;
+use crate::engine::converge::{Convergence, DEFAULT_QUIET, Load};
+use crate::engine::exchange::{Exchange, ExportedResource};
+use crate::engine::graph::Graph;
+use crate::engine::reload::diff;
+use crate::engine::resources::{Kind, ResourceId, ResourceSpec, Services};
+use crate::engine::scheduler::{Event, Scheduler};
+use crate::engine::watch::FsWatcher;
+use futures::StreamExt;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Pause before re-opening a broken store watch, so a store that is down is not hammered.
+const REWATCH_DELAY: Duration = Duration::from_secs(1);
+
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// The name this host publishes under, and `{{hostname}}` in its graph.
+    pub hostname: String,
+    /// Check and report; change nothing, publish no exports.
+    pub noop: bool,
+    /// How long nothing must change before the host is converged.
+    pub quiet: Duration,
+}
+
+impl EngineConfig {
+    pub fn new(hostname: impl Into<String>) -> Self {
+        EngineConfig {
+            hostname: hostname.into(),
+            noop: false,
+            quiet: DEFAULT_QUIET,
+        }
+    }
+}
+
+/// What the engine reports about itself, for the runner, the UI and tests.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Status {
+    /// Every resource applied and nothing changed for the quiet period.
+    pub converged: bool,
+    /// Idle and nothing changed for the quiet period, failures or not.
+    pub settled: bool,
+    /// Failed or blocked resources, with why.
+    pub failures: BTreeMap<ResourceId, String>,
+    /// The resources managed right now (the graph's and the collected ones).
+    pub managed: Arc<Vec<ResourceId>>,
+    /// Resources changed (or, in noop mode, found to need a change) since start.
+    pub changes: u64,
+    /// Collected kinds whose store watch is broken, with why. While one is, the host is not
+    /// converged: it cannot know what it should collect.
+    pub collect_errors: BTreeMap<Kind, String>,
+}
+
+impl Status {
+    /// Nothing failed, blocked or broken.
+    pub fn healthy(&self) -> bool {
+        self.failures.is_empty() && self.collect_errors.is_empty()
+    }
+}
+
+/// A running engine. Dropping it without [`Engine::stop`] stops the loop too, but without
+/// waiting for it to withdraw the host's exports.
+pub struct Engine {
+    graphs: mpsc::UnboundedSender<Graph>,
+    status: watch::Receiver<Status>,
+    cancel: CancellationToken,
+    task: Option<JoinHandle<()>>,
+    fs: FsWatcher,
+}
+
+impl Engine {
+    /// Starts the engine on `graph`; needs a tokio runtime.
+    pub fn start(
+        graph: Graph,
+        config: EngineConfig,
+        exchange: Arc<dyn Exchange>,
+    ) -> anyhow::Result<Engine> {
+        let fs = FsWatcher::new().map_err(|e| anyhow::anyhow!("inotify: {e}"))?;
+        let (graphs_tx, graphs) = mpsc::unbounded_channel();
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let (status_tx, status) = watch::channel(Status::default());
+        let cancel = CancellationToken::new();
+        let services = Services { fs: fs.clone() };
+        let host = HostLoop {
+            scheduler: Scheduler::new(services, config.noop, events_tx.clone()),
+            convergence: Convergence::new(config.quiet, Instant::now()),
+            config,
+            exchange,
+            graph: Graph::default(),
+            published: None,
+            collected: HashMap::new(),
+            collectors: HashMap::new(),
+            events_tx,
+            events,
+            graphs,
+            status: status_tx,
+            changes: 0,
+            managed: Arc::default(),
+        };
+        let task = tokio::spawn(host.run(graph, cancel.clone()));
+        Ok(Engine {
+            graphs: graphs_tx,
+            status,
+            cancel,
+            task: Some(task),
+            fs,
+        })
+    }
+
+    /// Hot reload: the engine diffs `graph` against what runs and applies the difference.
+    pub fn load_graph(&self, graph: Graph) {
+        let _ = self.graphs.send(graph);
+    }
+
+    /// A sender for new graphs, for a file watcher (see `reload::watch_graph_file`).
+    pub fn graph_sender(&self) -> mpsc::UnboundedSender<Graph> {
+        self.graphs.clone()
+    }
+
+    /// The engine's inotify instance, to share with a graph file watcher.
+    pub fn fs_watcher(&self) -> FsWatcher {
+        self.fs.clone()
+    }
+
+    pub fn status(&self) -> watch::Receiver<Status> {
+        self.status.clone()
+    }
+
+    /// Waits until `pred` holds for the status, or `timeout`; returns the last status seen
+    /// and whether it held.
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        pred: impl FnMut(&Status) -> bool,
+    ) -> (Status, bool) {
+        let mut rx = self.status.clone();
+        let held = match tokio::time::timeout(timeout, rx.wait_for(pred)).await {
+            Ok(Ok(s)) => Some(s.clone()),
+            _ => None,
+        };
+        match held {
+            Some(s) => (s, true),
+            None => (self.status.borrow().clone(), false),
+        }
+    }
+
+    /// Stops every watch and check, withdraws this host from the exchange, and waits.
+    pub async fn stop(mut self) {
+        self.cancel.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+struct Collector {
+    stop: CancellationToken,
+    state: CollectState,
+}
+
+enum CollectState {
+    /// Started; the first set has not arrived. Counts as busy: convergence waits for it.
+    Waiting,
+    Live,
+    Broken(String),
+}
+
+struct HostLoop {
+    config: EngineConfig,
+    exchange: Arc<dyn Exchange>,
+    graph: Graph,
+    /// The exports last published successfully; `None` before the first time.
+    published: Option<Vec<ResourceSpec>>,
+    scheduler: Scheduler,
+    convergence: Convergence,
+    collected: HashMap<Kind, Vec<ExportedResource>>,
+    /// One store watch per collected kind.
+    collectors: HashMap<Kind, Collector>,
+    events_tx: mpsc::UnboundedSender<Event>,
+    events: mpsc::UnboundedReceiver<Event>,
+    graphs: mpsc::UnboundedReceiver<Graph>,
+    status: watch::Sender<Status>,
+    changes: u64,
+    managed: Arc<Vec<ResourceId>>,
+}
+
+impl HostLoop {
+    async fn run(mut self, graph: Graph, cancel: CancellationToken) {
+        self.load(graph).await;
+        loop {
+            self.scheduler.launch_ready();
+            let load = self.load_now();
+            let now = Instant::now();
+            self.report(load, now).await;
+            let deadline = self.convergence.deadline(load, now);
+            let busy = self.scheduler.busy();
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                Some(done) = self.scheduler.next_done(), if busy => {
+                    if self.scheduler.finish(done) {
+                        self.changed();
+                    }
+                }
+                Some(event) = self.events.recv() => self.handle(event),
+                Some(graph) = self.graphs.recv() => self.load(graph).await,
+                _ = sleep_until(deadline), if deadline.is_some() => {}
+            }
+        }
+        self.scheduler.shutdown();
+        self.collectors.values().for_each(|c| c.stop.cancel());
+        if let Err(e) = self.exchange.withdraw(&self.config.hostname).await {
+            tracing::warn!("withdrawing {}'s exports: {e:#}", self.config.hostname);
+        }
+    }
+
+    fn changed(&mut self) {
+        self.changes += 1;
+        self.convergence.changed(Instant::now());
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Poke { id, generation } => self.scheduler.poke(&id, generation),
+            Event::WatchEnded {
+                id,
+                generation,
+                result,
+            } => {
+                if self.scheduler.watch_ended(&id, generation, result) {
+                    self.convergence.changed(Instant::now());
+                }
+            }
+            Event::Collected { kind, exports } => {
+                let Some(collector) = self.collectors.get_mut(&kind) else {
+                    return;
+                };
+                match exports {
+                    Ok(exports) => {
+                        collector.state = CollectState::Live;
+                        self.collected.insert(kind, exports);
+                        self.sync_resources();
+                    }
+                    Err(e) => {
+                        let msg = format!("store watch of exported {kind} resources: {e:#}");
+                        tracing::error!("{msg}");
+                        collector.state = CollectState::Broken(msg);
+                        self.convergence.changed(Instant::now());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes on a graph: the first one, or a new version (hot reload).
+    async fn load(&mut self, graph: Graph) {
+        if graph == self.graph {
+            return;
+        }
+        if self.published.as_ref() != Some(&graph.exports) {
+            self.publish(&graph).await;
+        }
+        let kinds: Vec<Kind> = graph.collect.iter().map(|c| c.kind).collect();
+        self.collectors.retain(|kind, collector| {
+            let keep = kinds.contains(kind);
+            if !keep {
+                collector.stop.cancel();
+            }
+            keep
+        });
+        self.collected.retain(|kind, _| kinds.contains(kind));
+        for kind in kinds {
+            if !self.collectors.contains_key(&kind) {
+                let stop = self.start_collector(kind);
+                self.collectors.insert(
+                    kind,
+                    Collector {
+                        stop,
+                        state: CollectState::Waiting,
+                    },
+                );
+            }
+        }
+        self.graph = graph;
+        self.sync_resources();
+        self.convergence.changed(Instant::now());
+    }
+
+    async fn publish(&mut self, graph: &Graph) {
+        let host = &self.config.hostname;
+        if self.config.noop {
+            for spec in &graph.exports {
+                tracing::info!("noop: would export {} as {host}", spec.id());
+            }
+            self.published = Some(graph.exports.clone());
+            return;
+        }
+        match self.exchange.publish(host, graph.exports.clone()).await {
+            Ok(()) => self.published = Some(graph.exports.clone()),
+            // Tried again with the next graph.
+            Err(e) => tracing::error!("publishing {host}'s exports: {e:#}"),
+        }
+    }
+
+    /// A store watch of one kind's exports, feeding the loop. A watch that breaks is reported
+    /// and started again after [`REWATCH_DELAY`]; the new one begins with the full set.
+    fn start_collector(&self, kind: Kind) -> CancellationToken {
+        let token = CancellationToken::new();
+        let exchange = self.exchange.clone();
+        let (events, cancel) = (self.events_tx.clone(), token.clone());
+        tokio::spawn(async move {
+            loop {
+                let mut stream = exchange.watch_exports(kind);
+                loop {
+                    let item = tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        item = stream.next() => item,
+                    };
+                    let Some(exports) = item else { break };
+                    let broken = exports.is_err();
+                    if events.send(Event::Collected { kind, exports }).is_err() {
+                        return;
+                    }
+                    if broken {
+                        break;
+                    }
+                }
+                tracing::warn!("store watch of exported {kind} resources ended; watching again");
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(REWATCH_DELAY) => {}
+                }
+            }
+        });
+        token
+    }
+
+    /// The scheduler's load, with the store watches: a watch still waiting for its first
+    /// set keeps the host busy, a broken one makes it unhealthy.
+    fn load_now(&self) -> Load {
+        let mut load = self.scheduler.load();
+        for c in self.collectors.values() {
+            match c.state {
+                CollectState::Waiting => load.busy = true,
+                CollectState::Live => {}
+                CollectState::Broken(_) => load.healthy = false,
+            }
+        }
+        load
+    }
+
+    fn collect_errors(&self) -> BTreeMap<Kind, String> {
+        self.collectors
+            .iter()
+            .filter_map(|(kind, c)| match &c.state {
+                CollectState::Broken(msg) => Some((*kind, msg.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Brings the scheduler to the graph's resources plus the collected ones.
+    fn sync_resources(&mut self) {
+        let desired = collect::desired(&self.graph, &self.collected);
+        let d = diff(self.scheduler.specs(), &desired);
+        let empty = d.is_empty();
+        if !empty {
+            tracing::debug!(
+                "graph diff: {} added, {} changed, {} removed, {} unchanged",
+                d.added.len(),
+                d.changed.len(),
+                d.removed.len(),
+                d.unchanged
+            );
+        }
+        self.scheduler.apply(d, &self.graph.edges);
+        if !empty {
+            self.managed = Arc::new(self.scheduler.ids());
+            self.convergence.changed(Instant::now());
+        }
+    }
+
+    /// Publishes the converged flag when it flips, and the status when anything in it moved.
+    async fn report(&mut self, load: Load, now: Instant) {
+        if let Some(converged) = self.convergence.update(load, now) {
+            let host = &self.config.hostname;
+            if converged {
+                tracing::info!("{host}: converged");
+            } else {
+                tracing::debug!("{host}: no longer converged");
+            }
+            if let Err(e) = self.exchange.set_converged(host, converged).await {
+                tracing::error!("publishing {host}'s converged flag: {e:#}");
+            }
+        }
+        let next = Status {
+            converged: self.convergence.converged(),
+            settled: self.convergence.settled(load, now),
+            failures: self.scheduler.failures(),
+            managed: self.managed.clone(),
+            changes: self.changes,
+            collect_errors: self.collect_errors(),
+        };
+        self.status.send_if_modified(|s| {
+            let moved = *s != next;
+            if moved {
+                *s = next;
+            }
+            moved
+        });
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::exchange::MemoryExchange;
+    use crate::engine::graph;
+    use crate::engine::resources::ResourceSpec;
+    use futures::future::BoxFuture;
+    use futures::stream::BoxStream;
+    use std::path::Path;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A store whose first export watch breaks at once.
+    struct BrokenOnce {
+        inner: MemoryExchange,
+        watches: AtomicUsize,
+    }
+
+    impl Exchange for BrokenOnce {
+        fn publish(
+            &self,
+            host: &str,
+            exports: Vec<ResourceSpec>,
+        ) -> BoxFuture<'_, anyhow::Result<()>> {
+            self.inner.publish(host, exports)
+        }
+
+        fn watch_exports(
+            &self,
+            kind: Kind,
+        ) -> BoxStream<'static, anyhow::Result<Vec<ExportedResource>>> {
+            if self.watches.fetch_add(1, Ordering::SeqCst) == 0 {
+                Box::pin(futures::stream::once(async {
+                    Err(anyhow::anyhow!("connection reset"))
+                }))
+            } else {
+                self.inner.watch_exports(kind)
+            }
+        }
+
+        fn set_converged(&self, host: &str, converged: bool) -> BoxFuture<'_, anyhow::Result<()>> {
+            self.inner.set_converged(host, converged)
+        }
+
+        fn withdraw(&self, host: &str) -> BoxFuture<'_, anyhow::Result<()>> {
+            self.inner.withdraw(host)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_broken_store_watch_is_opened_again_and_collects() {
+        let dir = tempfile::tempdir().expect("dir");
+        let src = format!(
+            "graph: g\nresources:\n  file:\n  - name: \"@@x\"\n    path: /x/x\n    content: \"x\\n\"\ncollect:\n- kind: file\n  pattern: {}/\n",
+            dir.path().display()
+        );
+        let g = graph::parse(&src, Path::new("g.yaml"), "h").expect("valid");
+        let ex = Arc::new(BrokenOnce {
+            inner: MemoryExchange::new(),
+            watches: AtomicUsize::new(0),
+        });
+        let mut config = EngineConfig::new("h");
+        config.quiet = Duration::from_millis(50);
+        let engine = Engine::start(g, config, ex.clone()).expect("start");
+        let (status, held) = engine
+            .wait_for(Duration::from_secs(10), |s| s.converged)
+            .await;
+        assert!(held, "{status:?}");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("x")).expect("collected"),
+            "x\n"
+        );
+        assert!(ex.watches.load(Ordering::SeqCst) >= 2);
+        engine.stop().await;
+    }
+}

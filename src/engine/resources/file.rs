@@ -1,0 +1,458 @@
+//! `file`: a regular file with given content and mode, or no file at all.
+//!
+//! Writes are atomic (temp file in the same directory, fsync, rename, fsync of the directory)
+//! so a reader never sees half a file, and a crash leaves the old or the new content. A file
+//! that is already right is not written at all: its mtime is how tests, and users, see that
+//! nothing happened.
+
+use super::{ApplyContext, Kind, Outcome, Poke, Resource, ResourceId};
+use crate::engine::watch::FsWatcher;
+use anyhow::Context as _;
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio_util::sync::CancellationToken;
+
+/// Mode of files created without an explicit `mode` (before the umask, as `touch` does).
+const DEFAULT_MODE: u32 = 0o644;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileState {
+    #[default]
+    Exists,
+    Absent,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileSpec {
+    pub name: String,
+    /// Absolute (checked when the graph is parsed).
+    pub path: PathBuf,
+    /// `None`: the file must exist, whatever it holds (created empty if missing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    #[serde(default)]
+    pub state: FileState,
+    /// Permission bits; `None` leaves an existing file's mode alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<u32>,
+}
+
+pub struct FileResource {
+    id: ResourceId,
+    spec: FileSpec,
+    fs: FsWatcher,
+}
+
+impl FileResource {
+    pub fn new(spec: FileSpec, fs: FsWatcher) -> Self {
+        FileResource {
+            id: ResourceId::new(Kind::File, spec.name.clone()),
+            spec,
+            fs,
+        }
+    }
+}
+
+impl Resource for FileResource {
+    fn id(&self) -> &ResourceId {
+        &self.id
+    }
+
+    fn check_apply(&self, ctx: ApplyContext) -> BoxFuture<'_, anyhow::Result<Outcome>> {
+        let spec = self.spec.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || check_apply(&spec, ctx.noop))
+                .await
+                .context("file check task died")?
+        })
+    }
+
+    fn watch(&self, poke: Poke, cancel: CancellationToken) -> BoxFuture<'_, anyhow::Result<()>> {
+        Box::pin(async move {
+            let path = &self.spec.path;
+            loop {
+                match self.fs.subscribe(path) {
+                    Ok(sub) => loop {
+                        tokio::select! {
+                            _ = cancel.cancelled() => return Ok(()),
+                            _ = sub.changed() => poke.poke(),
+                        }
+                        // The directory itself went away: its watch went with it.
+                        if !path.parent().is_some_and(Path::is_dir) {
+                            break;
+                        }
+                    },
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        // No directory yet (an exec may create it): wait for the first missing
+                        // ancestor to appear, then try again.
+                        let missing = first_missing_ancestor(path)
+                            .with_context(|| format!("watch {}", path.display()))?;
+                        let sub = self.fs.subscribe(&missing)?;
+                        if missing.exists() {
+                            continue;
+                        }
+                        tokio::select! {
+                            _ = cancel.cancelled() => return Ok(()),
+                            _ = sub.changed() => poke.poke(),
+                        }
+                    }
+                    Err(e) => return Err(e).with_context(|| format!("watch {}", path.display())),
+                }
+            }
+        })
+    }
+}
+
+/// For `/a/b/c/f` where only `/a` exists: `/a/b`.
+fn first_missing_ancestor(path: &Path) -> anyhow::Result<PathBuf> {
+    let mut ancestors: Vec<&Path> = path.ancestors().skip(1).collect();
+    ancestors.reverse();
+    ancestors
+        .into_iter()
+        .find(|a| !a.exists())
+        .map(Path::to_path_buf)
+        .context("its directory exists but cannot be watched")
+}
+
+fn check_apply(spec: &FileSpec, noop: bool) -> anyhow::Result<Outcome> {
+    let path = &spec.path;
+    let shown = path.display();
+    match spec.state {
+        FileState::Absent => match fs::symlink_metadata(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Outcome::Unchanged),
+            Err(e) => Err(e).with_context(|| format!("stat {shown}")),
+            Ok(meta) if meta.is_dir() => anyhow::bail!("{shown} is a directory"),
+            Ok(_) if noop => Ok(Outcome::WouldChange(format!("would remove {shown}"))),
+            Ok(_) => {
+                fs::remove_file(path).with_context(|| format!("remove {shown}"))?;
+                Ok(Outcome::Changed(format!("removed {shown}")))
+            }
+        },
+        FileState::Exists => {
+            let current = match fs::read(path) {
+                Ok(bytes) => Some(bytes),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                Err(e) => return Err(e).with_context(|| format!("read {shown}")),
+            };
+            let content_right = match (&current, &spec.content) {
+                (None, _) => false,
+                (Some(_), None) => true,
+                (Some(have), Some(want)) => have == want.as_bytes(),
+            };
+            if !content_right {
+                let (what, done) = if current.is_some() {
+                    ("rewrite", "rewrote")
+                } else {
+                    ("create", "created")
+                };
+                if noop {
+                    return Ok(Outcome::WouldChange(format!("would {what} {shown}")));
+                }
+                let content = spec.content.as_deref().unwrap_or("");
+                write_atomic(path, content.as_bytes(), spec.mode)
+                    .with_context(|| format!("write {shown}"))?;
+                return Ok(Outcome::Changed(format!("{done} {shown}")));
+            }
+            if let Some(mode) = spec.mode {
+                let have = fs::metadata(path)
+                    .with_context(|| format!("stat {shown}"))?
+                    .permissions()
+                    .mode()
+                    & 0o7777;
+                if have != mode {
+                    if noop {
+                        return Ok(Outcome::WouldChange(format!(
+                            "would chmod {shown} from {have:04o} to {mode:04o}"
+                        )));
+                    }
+                    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+                        .with_context(|| format!("chmod {shown}"))?;
+                    return Ok(Outcome::Changed(format!("chmod {shown} to {mode:04o}")));
+                }
+            }
+            Ok(Outcome::Unchanged)
+        }
+    }
+}
+
+/// Temp file beside the target (so the rename stays in one filesystem), fsync, mode, rename,
+/// fsync of the directory so the rename itself survives a crash.
+fn write_atomic(path: &Path, content: &[u8], mode: Option<u32>) -> io::Result<()> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let (dir, name) = match (path.parent(), path.file_name()) {
+        (Some(d), Some(n)) => (d, n),
+        _ => return Err(io::Error::new(io::ErrorKind::InvalidInput, "no file name")),
+    };
+    // Keep an existing file's mode when none is asked for, as an editor would.
+    let mode = match mode {
+        Some(m) => m,
+        None => fs::metadata(path)
+            .map(|m| m.permissions().mode() & 0o7777)
+            .unwrap_or(DEFAULT_MODE),
+    };
+    let tmp = dir.join(format!(
+        ".{}.arbor-{}-{}",
+        name.to_string_lossy(),
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let result = (|| {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(content)?;
+        // The umask applied at open; the spec's mode is what was asked for.
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::watch::FsWatcher;
+    use std::time::{Duration, SystemTime};
+
+    fn spec(path: &Path, content: &str) -> FileSpec {
+        FileSpec {
+            name: "f".into(),
+            path: path.to_path_buf(),
+            content: Some(content.into()),
+            state: FileState::Exists,
+            mode: None,
+        }
+    }
+
+    fn mtime(path: &Path) -> SystemTime {
+        fs::metadata(path)
+            .and_then(|m| m.modified())
+            .expect("mtime")
+    }
+
+    #[test]
+    fn creates_the_file_with_content_and_mode() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("f");
+        let mut s = spec(&path, "hello\n");
+        s.mode = Some(0o600);
+        let outcome = check_apply(&s, false).expect("apply");
+        assert!(matches!(outcome, Outcome::Changed(_)));
+        assert_eq!(fs::read_to_string(&path).expect("read"), "hello\n");
+        let mode = fs::metadata(&path).expect("stat").permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o600);
+        // No temp file is left behind.
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .expect("readdir")
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("f")]);
+    }
+
+    #[test]
+    fn a_right_file_is_not_rewritten_and_keeps_its_mtime() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("f");
+        let s = spec(&path, "same\n");
+        check_apply(&s, false).expect("first apply");
+        let before = mtime(&path);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(check_apply(&s, false).expect("second"), Outcome::Unchanged);
+        assert_eq!(mtime(&path), before);
+    }
+
+    #[test]
+    fn wrong_content_is_replaced_by_a_new_inode() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("f");
+        fs::write(&path, "old").expect("seed");
+        let old_ino = std::os::unix::fs::MetadataExt::ino(&fs::metadata(&path).expect("stat"));
+        check_apply(&spec(&path, "new"), false).expect("apply");
+        assert_eq!(fs::read_to_string(&path).expect("read"), "new");
+        let new_ino = std::os::unix::fs::MetadataExt::ino(&fs::metadata(&path).expect("stat"));
+        assert_ne!(
+            old_ino, new_ino,
+            "content was written in place, not renamed over"
+        );
+    }
+
+    #[test]
+    fn only_the_mode_is_fixed_when_only_the_mode_is_wrong() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("f");
+        fs::write(&path, "x").expect("seed");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).expect("chmod");
+        let mut s = spec(&path, "x");
+        s.mode = Some(0o640);
+        let outcome = check_apply(&s, false).expect("apply");
+        assert!(matches!(outcome, Outcome::Changed(ref m) if m.contains("chmod")));
+        let mode = fs::metadata(&path).expect("stat").permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o640);
+    }
+
+    #[test]
+    fn absent_removes_the_file_and_then_is_unchanged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("f");
+        fs::write(&path, "x").expect("seed");
+        let mut s = spec(&path, "");
+        s.state = FileState::Absent;
+        assert!(matches!(
+            check_apply(&s, false).expect("apply"),
+            Outcome::Changed(_)
+        ));
+        assert!(!path.exists());
+        assert_eq!(check_apply(&s, false).expect("again"), Outcome::Unchanged);
+    }
+
+    #[test]
+    fn noop_reports_and_changes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("f");
+        let outcome = check_apply(&spec(&path, "x"), true).expect("noop check");
+        assert!(matches!(outcome, Outcome::WouldChange(_)));
+        assert!(!path.exists());
+        fs::write(&path, "x").expect("seed");
+        let mut absent = spec(&path, "x");
+        absent.state = FileState::Absent;
+        assert!(matches!(
+            check_apply(&absent, true).expect("noop"),
+            Outcome::WouldChange(_)
+        ));
+        assert!(path.exists());
+    }
+
+    #[test]
+    fn a_missing_parent_directory_is_an_error_naming_the_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("nope/f");
+        let err = check_apply(&spec(&path, "x"), false).expect_err("must fail");
+        assert!(format!("{err:#}").contains("nope/f"), "{err:#}");
+    }
+
+    /// Drives watch + check_apply the way the scheduler does, and measures the repair.
+    async fn repaired_within(path: &Path, damage: impl FnOnce(), want: &str) -> Duration {
+        let fs_watch = FsWatcher::new().expect("inotify");
+        let res = std::sync::Arc::new(FileResource::new(spec(path, want), fs_watch));
+        res.check_apply(ApplyContext::default())
+            .await
+            .expect("first apply");
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let cancel = CancellationToken::new();
+        let watcher = {
+            let res = res.clone();
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                res.watch(
+                    Poke::new(move || {
+                        let _ = tx.send(());
+                    }),
+                    cancel,
+                )
+                .await
+            })
+        };
+        // Let the watch register before damaging.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        while rx.try_recv().is_ok() {}
+        let start = std::time::Instant::now();
+        damage();
+        loop {
+            tokio::time::timeout(Duration::from_secs(2), rx.recv())
+                .await
+                .expect("a poke within 2s");
+            res.check_apply(ApplyContext::default())
+                .await
+                .expect("repair");
+            if fs::read_to_string(path).ok().as_deref() == Some(want) {
+                break;
+            }
+        }
+        let took = start.elapsed();
+        cancel.cancel();
+        watcher.await.expect("join").expect("watch ended cleanly");
+        took
+    }
+
+    async fn expect_poke(rx: &mut tokio::sync::mpsc::UnboundedReceiver<()>) {
+        tokio::time::timeout(Duration::from_secs(2), rx.recv())
+            .await
+            .expect("a poke within 2s");
+    }
+
+    #[tokio::test]
+    async fn a_directory_created_or_recreated_later_is_watched() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let path = root.path().join("sub/deeper/f");
+        let fs_watch = FsWatcher::new().expect("inotify");
+        let res = std::sync::Arc::new(FileResource::new(spec(&path, "x"), fs_watch));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let cancel = CancellationToken::new();
+        let watcher = {
+            let (res, cancel) = (res.clone(), cancel.clone());
+            tokio::spawn(async move {
+                let poke = Poke::new(move || {
+                    let _ = tx.send(());
+                });
+                res.watch(poke, cancel).await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        fs::create_dir_all(root.path().join("sub/deeper")).expect("mkdir");
+        expect_poke(&mut rx).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        while rx.try_recv().is_ok() {}
+        fs::write(&path, "edit").expect("write");
+        expect_poke(&mut rx).await;
+
+        fs::remove_dir_all(root.path().join("sub")).expect("rm -r");
+        expect_poke(&mut rx).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        while rx.try_recv().is_ok() {}
+        fs::create_dir_all(root.path().join("sub/deeper")).expect("mkdir again");
+        expect_poke(&mut rx).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        while rx.try_recv().is_ok() {}
+        fs::write(&path, "edit again").expect("write");
+        expect_poke(&mut rx).await;
+        cancel.cancel();
+        watcher.await.expect("join").expect("clean end");
+    }
+
+    #[tokio::test]
+    async fn an_edited_file_is_restored_within_100ms() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("f");
+        let p = path.clone();
+        let took = repaired_within(
+            &path,
+            move || fs::write(&p, "vandal").expect("edit"),
+            "ok\n",
+        )
+        .await;
+        assert!(took < Duration::from_millis(100), "took {took:?}");
+    }
+
+    #[tokio::test]
+    async fn a_deleted_file_is_restored_within_100ms() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("f");
+        let p = path.clone();
+        let took = repaired_within(&path, move || fs::remove_file(&p).expect("rm"), "ok\n").await;
+        assert!(took < Duration::from_millis(100), "took {took:?}");
+    }
+}

@@ -1,0 +1,189 @@
+//! Resource kinds: one file per kind, all behind the one small [`Resource`] trait.
+//!
+//! After mgmt's resource API: `check_apply` compares the world with the spec and (unless in
+//! noop mode) fixes it; `watch` blocks on real events (inotify, child processes) and pokes the
+//! scheduler when the world may have drifted. Nothing polls. Adding a kind means one file here,
+//! one variant in [`ResourceSpec`] and one arm in [`build`].
+
+pub mod exec;
+pub mod file;
+pub mod noop;
+
+use crate::engine::watch::FsWatcher;
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+pub use exec::ExecSpec;
+pub use file::{FileSpec, FileState};
+pub use noop::NoopSpec;
+
+/// The kinds of resource a graph may declare, as spelled in YAML.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    File,
+    Exec,
+    Noop,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::File, Kind::Exec, Kind::Noop];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::File => "file",
+            Kind::Exec => "exec",
+            Kind::Noop => "noop",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A resource's identity within one host's running graph: names are unique per kind.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ResourceId {
+    pub kind: Kind,
+    pub name: String,
+}
+
+impl ResourceId {
+    pub fn new(kind: Kind, name: impl Into<String>) -> Self {
+        ResourceId {
+            kind,
+            name: name.into(),
+        }
+    }
+}
+
+/// Printed as mgmt does: `file[file1a]`.
+impl fmt::Display for ResourceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}[{}]", self.kind, self.name)
+    }
+}
+
+/// The desired state of one resource, as declared in a graph or received from the store.
+///
+/// Specs compare by value: hot reload keeps a running resource whose spec is unchanged, and
+/// an exported spec is what travels through the store (see `exchange`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum ResourceSpec {
+    File(FileSpec),
+    Exec(ExecSpec),
+    Noop(NoopSpec),
+}
+
+impl ResourceSpec {
+    pub fn kind(&self) -> Kind {
+        match self {
+            ResourceSpec::File(_) => Kind::File,
+            ResourceSpec::Exec(_) => Kind::Exec,
+            ResourceSpec::Noop(_) => Kind::Noop,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            ResourceSpec::File(s) => &s.name,
+            ResourceSpec::Exec(s) => &s.name,
+            ResourceSpec::Noop(s) => &s.name,
+        }
+    }
+
+    pub fn set_name(&mut self, name: String) {
+        match self {
+            ResourceSpec::File(s) => s.name = name,
+            ResourceSpec::Exec(s) => s.name = name,
+            ResourceSpec::Noop(s) => s.name = name,
+        }
+    }
+
+    pub fn id(&self) -> ResourceId {
+        ResourceId::new(self.kind(), self.name())
+    }
+}
+
+/// What one `check_apply` found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Already in the desired state; nothing was done.
+    Unchanged,
+    /// It was not, and now is; the text says what was done (for the log).
+    Changed(String),
+    /// Noop mode: it is not in the desired state, and the text says what would be done.
+    WouldChange(String),
+}
+
+impl Outcome {
+    /// Whether dependents should hear about it (and notify edges refresh them).
+    pub fn changed(&self) -> bool {
+        !matches!(self, Outcome::Unchanged)
+    }
+}
+
+/// How one `check_apply` is to run.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ApplyContext {
+    /// Report what would change, change nothing.
+    pub noop: bool,
+    /// A notify edge fired since the last run: an exec re-runs its command.
+    pub refresh: bool,
+}
+
+/// Tells the scheduler that a resource should be checked again. Cheap to clone; pokes that
+/// arrive while a check is queued or running are coalesced into one more check.
+#[derive(Clone)]
+pub struct Poke(Arc<dyn Fn() + Send + Sync>);
+
+impl Poke {
+    pub fn new(f: impl Fn() + Send + Sync + 'static) -> Self {
+        Poke(Arc::new(f))
+    }
+
+    pub fn poke(&self) {
+        (self.0)()
+    }
+}
+
+/// One resource kind's behaviour (after mgmt's CheckApply and Watch).
+pub trait Resource: Send + Sync + 'static {
+    fn id(&self) -> &ResourceId;
+
+    /// Compares the world with the spec and, unless `ctx.noop`, makes it so. Must be
+    /// idempotent: a second call right after a successful one returns `Unchanged` and touches
+    /// nothing. Errors name the cause; the scheduler adds the resource id.
+    fn check_apply(&self, ctx: ApplyContext) -> BoxFuture<'_, anyhow::Result<Outcome>>;
+
+    /// Blocks on the events that may mean drift and calls `poke` for each, until `cancel`.
+    /// Returns at once for kinds that have nothing to watch.
+    fn watch(&self, poke: Poke, cancel: CancellationToken) -> BoxFuture<'_, anyhow::Result<()>>;
+}
+
+/// What resources may share with each other on one host.
+#[derive(Clone)]
+pub struct Services {
+    /// One inotify instance for the whole engine: the per-user limit on instances is small.
+    pub fs: FsWatcher,
+}
+
+/// Builds the running resource for a spec.
+pub fn build(spec: &ResourceSpec, services: &Services) -> Arc<dyn Resource> {
+    match spec {
+        ResourceSpec::File(s) => Arc::new(file::FileResource::new(s.clone(), services.fs.clone())),
+        ResourceSpec::Exec(s) => Arc::new(exec::ExecResource::new(s.clone())),
+        ResourceSpec::Noop(s) => Arc::new(noop::NoopResource::new(s.clone())),
+    }
+}

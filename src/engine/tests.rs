@@ -1,0 +1,452 @@
+//! Engine tests: whole engines on real files, sharing one exchange.
+//!
+//! They are written against the `Exchange` trait only, and [`new_exchange`] gives them the real
+//! thing: an embedded store serving on a loopback port in this test's runtime, reached through
+//! the store client, as every host in a run reaches it.
+
+use crate::engine::exchange::Exchange;
+use crate::engine::graph::{self, Graph};
+use crate::engine::host::{Engine, EngineConfig, Status};
+use crate::engine::resources::{Kind, ResourceId};
+use crate::engine::store_exchange::StoreExchange;
+use crate::store::client::{Endpoints, StoreClient};
+use crate::store::{Store, StoreConfig};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// A fresh embedded store (in memory, on a free loopback port) for this test; it serves until
+/// the test's runtime ends.
+async fn new_store() -> StoreClient {
+    let config = StoreConfig {
+        listen: "127.0.0.1:0".into(),
+        data_dir: None,
+        allow_non_loopback: false,
+    };
+    let store = Store::bind(&config).await.expect("embedded store binds");
+    let endpoint = store.endpoint().to_string();
+    tokio::spawn(store.serve(tokio_util::sync::CancellationToken::new()));
+    StoreClient::connect(&Endpoints::parse(&endpoint).expect("endpoint"))
+        .await
+        .expect("store client connects")
+}
+
+/// The exchange the engines share: the embedded store, through the store client.
+async fn new_exchange() -> Arc<dyn Exchange> {
+    Arc::new(StoreExchange::new(new_store().await))
+}
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn config(host: &str) -> EngineConfig {
+    let mut c = EngineConfig::new(host);
+    c.quiet = Duration::from_millis(100);
+    c
+}
+
+fn parse(src: &str, host: &str) -> Graph {
+    graph::parse(src, Path::new("test.yaml"), host).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The article's graph for host `a` or `b`, with `/tmp/` moved into `dir`.
+fn article_graph(which: char, dir: &Path) -> String {
+    let src = match which {
+        'a' => include_str!("../../examples/remote2a.yaml"),
+        _ => include_str!("../../examples/remote2b.yaml"),
+    };
+    src.replace("/tmp/", &format!("{}/", dir.display()))
+}
+
+async fn start(src: &str, host: &str, exchange: &Arc<dyn Exchange>) -> Engine {
+    Engine::start(parse(src, host), config(host), exchange.clone()).expect("engine starts")
+}
+
+async fn converged(engine: &Engine) -> Status {
+    let (status, held) = engine.wait_for(WAIT, |s| s.converged).await;
+    assert!(held, "not converged within {WAIT:?}: {status:?}");
+    status
+}
+
+/// Waits for a file to hold `want` (tests may poll; the engine must not).
+async fn wait_file(path: &Path, want: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if fs::read_to_string(path).ok().as_deref() == Some(want) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} never held {want:?} (has {:?})",
+            path.display(),
+            fs::read_to_string(path).ok()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn read(path: &Path) -> String {
+    fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn mtime(path: &Path) -> SystemTime {
+    fs::metadata(path)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn lines(path: &Path) -> usize {
+    fs::read_to_string(path)
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn the_articles_two_graphs_import_each_others_exports() {
+    let (da, db) = (
+        tempfile::tempdir().expect("a"),
+        tempfile::tempdir().expect("b"),
+    );
+    let ex = new_exchange().await;
+    let a = start(&article_graph('a', da.path()), "a", &ex).await;
+    let b = start(&article_graph('b', db.path()), "b", &ex).await;
+    for dir in [da.path(), db.path()] {
+        wait_file(&dir.join("file2a"), "i am file2a, exported from host a\n").await;
+        wait_file(&dir.join("file2b"), "i am file2b, exported from host b\n").await;
+    }
+    assert_eq!(read(&da.path().join("file1a")), "i am file1a\n");
+    assert_eq!(read(&db.path().join("file1b")), "i am file1b\n");
+    assert!(
+        !da.path().join("file1b").exists(),
+        "b's local file leaked to a"
+    );
+    converged(&a).await;
+    converged(&b).await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_changed_export_updates_the_collected_file() {
+    let (da, db) = (
+        tempfile::tempdir().expect("a"),
+        tempfile::tempdir().expect("b"),
+    );
+    let ex = new_exchange().await;
+    let a = start(&article_graph('a', da.path()), "a", &ex).await;
+    let b_src = article_graph('b', db.path());
+    let b = start(&b_src, "b", &ex).await;
+    let collected = da.path().join("file2b");
+    wait_file(&collected, "i am file2b, exported from host b\n").await;
+    b.load_graph(parse(
+        &b_src.replace("exported from host b", "edited on b"),
+        "b",
+    ));
+    wait_file(&collected, "i am file2b, edited on b\n").await;
+    wait_file(&db.path().join("file2b"), "i am file2b, edited on b\n").await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_departed_hosts_collected_files_stay_but_are_no_longer_managed() {
+    let (da, db) = (
+        tempfile::tempdir().expect("a"),
+        tempfile::tempdir().expect("b"),
+    );
+    let ex = new_exchange().await;
+    let a = start(&article_graph('a', da.path()), "a", &ex).await;
+    let b = start(&article_graph('b', db.path()), "b", &ex).await;
+    let collected = da.path().join("file2b");
+    wait_file(&collected, "i am file2b, exported from host b\n").await;
+    b.stop().await;
+    let from_b = ResourceId::new(Kind::File, "@@b/file2b");
+    let (status, held) = a
+        .wait_for(WAIT, |s| {
+            !s.managed.contains(&from_b) && !s.managed.is_empty()
+        })
+        .await;
+    assert!(held, "a still manages b's export: {status:?}");
+    assert!(collected.exists(), "an unmanaged file must stay on disk");
+    fs::remove_file(&collected).expect("rm");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!collected.exists(), "an unmanaged file was restored");
+    // a's own export is still collected and still managed.
+    fs::remove_file(da.path().join("file2a")).expect("rm");
+    wait_file(
+        &da.path().join("file2a"),
+        "i am file2a, exported from host a\n",
+    )
+    .await;
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn a_shared_graph_names_each_host_with_its_hostname() {
+    let dir = tempfile::tempdir().expect("dir");
+    let src = format!(
+        "graph: rack\nresources:\n  file:\n  - name: \"@@from-{{{{hostname}}}}\"\n    path: \"/x/from-{{{{hostname}}}}\"\n    content: \"hello from {{{{hostname}}}}\\n\"\ncollect:\n- kind: file\n  pattern: \"{}/\"\n",
+        dir.path().display()
+    );
+    let ex = new_exchange().await;
+    let h1 = start(&src, "h1", &ex).await;
+    let h2 = start(&src, "h2", &ex).await;
+    wait_file(&dir.path().join("from-h1"), "hello from h1\n").await;
+    wait_file(&dir.path().join("from-h2"), "hello from h2\n").await;
+    h1.stop().await;
+    h2.stop().await;
+}
+
+#[tokio::test]
+async fn an_edited_or_deleted_managed_file_is_restored() {
+    let dir = tempfile::tempdir().expect("dir");
+    let ex = new_exchange().await;
+    let a = start(&article_graph('a', dir.path()), "a", &ex).await;
+    let path = dir.path().join("file1a");
+    wait_file(&path, "i am file1a\n").await;
+    converged(&a).await;
+    fs::write(&path, "vandalised\n").expect("edit");
+    wait_file(&path, "i am file1a\n").await;
+    fs::remove_file(&path).expect("rm");
+    wait_file(&path, "i am file1a\n").await;
+    // The collected copy of a's own export is guarded the same way.
+    let own = dir.path().join("file2a");
+    fs::write(&own, "x").expect("edit");
+    wait_file(&own, "i am file2a, exported from host a\n").await;
+    a.stop().await;
+}
+
+fn reload_graph(dir: &Path, f2: &str, extra: bool) -> String {
+    let d = dir.display();
+    let mut src = format!(
+        "graph: g\nresources:\n  file:\n  - name: f1\n    path: {d}/f1\n    content: \"one\\n\"\n  - name: f2\n    path: {d}/f2\n    content: \"{f2}\\n\"\n"
+    );
+    if extra {
+        src.push_str(&format!(
+            "  - name: f3\n    path: {d}/f3\n    content: \"three\\n\"\n"
+        ));
+    }
+    src.push_str(&format!(
+        "  exec:\n  - name: e\n    cmd: \"echo ran >> {d}/exec.log\"\n"
+    ));
+    src
+}
+
+#[tokio::test]
+async fn hot_reload_touches_only_what_changed() {
+    let dir = tempfile::tempdir().expect("dir");
+    let d = dir.path();
+    let ex = new_exchange().await;
+    let e = start(&reload_graph(d, "two", false), "h", &ex).await;
+    converged(&e).await;
+    let (f1_before, f2_before) = (mtime(&d.join("f1")), mtime(&d.join("f2")));
+    assert_eq!(lines(&d.join("exec.log")), 1);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+
+    e.load_graph(parse(&reload_graph(d, "TWO", true), "h"));
+    wait_file(&d.join("f2"), "TWO\n").await;
+    wait_file(&d.join("f3"), "three\n").await;
+    converged(&e).await;
+    assert_eq!(
+        mtime(&d.join("f1")),
+        f1_before,
+        "unchanged f1 was rewritten"
+    );
+    assert_ne!(mtime(&d.join("f2")), f2_before);
+    assert_eq!(lines(&d.join("exec.log")), 1, "unchanged exec re-ran");
+
+    // Removed from the graph: stays on disk, no longer guarded.
+    e.load_graph(parse(&reload_graph(d, "TWO", false), "h"));
+    let f3 = ResourceId::new(Kind::File, "f3");
+    let (_, held) = e.wait_for(WAIT, |s| !s.managed.contains(&f3)).await;
+    assert!(held);
+    assert_eq!(read(&d.join("f3")), "three\n");
+    fs::remove_file(d.join("f3")).expect("rm");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!d.join("f3").exists());
+    e.stop().await;
+}
+
+#[tokio::test]
+async fn a_graph_file_edit_is_picked_up_by_the_file_watcher() {
+    let dir = tempfile::tempdir().expect("dir");
+    let d = dir.path();
+    let graph_path = d.join("g.yaml");
+    fs::write(&graph_path, reload_graph(d, "two", false)).expect("write graph");
+    let ex = new_exchange().await;
+    let first = graph::load(&graph_path, "h").expect("valid");
+    let e = Engine::start(first.clone(), config("h"), ex).expect("start");
+    let cancel = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(crate::engine::reload::watch_graph_file(
+        graph_path.clone(),
+        "h".into(),
+        e.fs_watcher(),
+        first,
+        e.graph_sender(),
+        cancel.clone(),
+    ));
+    wait_file(&d.join("f2"), "two\n").await;
+    // A broken edit is reported and ignored; the next good one applies.
+    fs::write(&graph_path, "graph: g\nbogus: 1\n").expect("bad edit");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(read(&d.join("f1")), "one\n");
+    fs::write(&graph_path, reload_graph(d, "edited", false)).expect("good edit");
+    wait_file(&d.join("f2"), "edited\n").await;
+    cancel.cancel();
+    e.stop().await;
+}
+
+fn chain_graph(dir: &Path, content: &str) -> String {
+    let d = dir.display();
+    format!(
+        "graph: chain
+resources:
+  noop:
+  - name: start
+  file:
+  - name: conf
+    path: {d}/conf
+    content: \"{content}\\n\"
+  exec:
+  - name: reload
+    cmd: \"cat {d}/conf >> {d}/reload.log\"
+edges:
+- name: start-conf
+  from: {{kind: noop, name: start}}
+  to: {{kind: file, name: conf}}
+- name: conf-reload
+  from: {{kind: file, name: conf}}
+  to: {{kind: exec, name: reload}}
+  notify: true
+"
+    )
+}
+
+#[tokio::test]
+async fn edges_order_application_and_notify_refreshes() {
+    let dir = tempfile::tempdir().expect("dir");
+    let d = dir.path();
+    let ex = new_exchange().await;
+    let e = start(&chain_graph(d, "v1"), "h", &ex).await;
+    converged(&e).await;
+    // The exec ran after the file was written, exactly once.
+    assert_eq!(read(&d.join("reload.log")), "v1\n");
+
+    // A change to the file (by reload) refreshes the exec.
+    e.load_graph(parse(&chain_graph(d, "v2"), "h"));
+    wait_file(&d.join("reload.log"), "v1\nv2\n").await;
+
+    // So does drift repair: the file is restored, and the exec re-runs.
+    fs::write(d.join("conf"), "tampered\n").expect("edit");
+    wait_file(&d.join("reload.log"), "v1\nv2\nv2\n").await;
+    converged(&e).await;
+    assert_eq!(lines(&d.join("reload.log")), 3);
+    e.stop().await;
+}
+
+#[tokio::test]
+async fn independent_branches_run_concurrently() {
+    let ex = new_exchange().await;
+    let src = "graph: g\nresources:\n  exec:\n  - name: one\n    cmd: sleep 1\n  - name: two\n    cmd: sleep 1\n  - name: three\n    cmd: sleep 1\n";
+    let started = std::time::Instant::now();
+    let e = start(src, "h", &ex).await;
+    converged(&e).await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(2500),
+        "took {took:?}: ran in series"
+    );
+    e.stop().await;
+}
+
+#[tokio::test]
+async fn a_failure_blocks_only_what_depends_on_it() {
+    let dir = tempfile::tempdir().expect("dir");
+    let d = dir.path().display();
+    let src = format!(
+        "graph: g
+resources:
+  exec:
+  - name: broken
+    cmd: \"exit 7\"
+  file:
+  - name: after-broken
+    path: {d}/after
+  - name: independent
+    path: {d}/independent
+edges:
+- name: e
+  from: {{kind: exec, name: broken}}
+  to: {{kind: file, name: after-broken}}
+"
+    );
+    let ex = new_exchange().await;
+    let e = start(&src, "h", &ex).await;
+    let (status, held) = e
+        .wait_for(WAIT, |s| s.settled && !s.failures.is_empty())
+        .await;
+    assert!(held, "{status:?}");
+    assert!(dir.path().join("independent").exists());
+    assert!(!dir.path().join("after").exists());
+    assert!(!status.converged);
+    let broken = &status.failures[&ResourceId::new(Kind::Exec, "broken")];
+    assert!(broken.contains("`exit 7` exited with code 7"), "{broken}");
+    assert_eq!(
+        status.failures[&ResourceId::new(Kind::File, "after-broken")],
+        "blocked by exec[broken]"
+    );
+    e.stop().await;
+}
+
+#[tokio::test]
+async fn noop_changes_nothing_and_reports_what_would_change() {
+    let dir = tempfile::tempdir().expect("dir");
+    let d = dir.path();
+    fs::write(d.join("conf"), "old\n").expect("seed");
+    let before = mtime(&d.join("conf"));
+    let ex = new_exchange().await;
+    let mut cfg = config("h");
+    cfg.noop = true;
+    let e = Engine::start(parse(&chain_graph(d, "new"), "h"), cfg, ex).expect("start");
+    let (status, held) = e.wait_for(WAIT, |s| s.settled).await;
+    assert!(held, "{status:?}");
+    assert_eq!(
+        status.changes, 2,
+        "the file and the exec would change: {status:?}"
+    );
+    assert!(status.failures.is_empty());
+    assert_eq!(read(&d.join("conf")), "old\n");
+    assert_eq!(mtime(&d.join("conf")), before);
+    assert!(!d.join("reload.log").exists(), "noop ran the exec");
+    e.stop().await;
+}
+
+#[tokio::test]
+async fn the_converged_flag_is_published_and_withdrawn() {
+    let dir = tempfile::tempdir().expect("dir");
+    let client = new_store().await;
+    let ex: Arc<dyn Exchange> = Arc::new(StoreExchange::new(client.clone()));
+    let e = start(&article_graph('a', dir.path()), "a", &ex).await;
+    converged(&e).await;
+    let flag = client.get("/arbor/converged/a").await.expect("get flag");
+    assert_eq!(flag.map(|kv| kv.value().to_vec()), Some(b"true".to_vec()));
+    e.stop().await;
+    let flag = client.get("/arbor/converged/a").await.expect("get flag");
+    assert!(flag.is_none(), "the flag outlived the host");
+}
+
+/// Only for the examples' own smoke test below.
+fn example(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+#[test]
+fn every_example_graph_is_valid() {
+    for name in [
+        "examples/remote2a.yaml",
+        "examples/remote2b.yaml",
+        "examples/local.yaml",
+    ] {
+        graph::load(&example(name), "h").unwrap_or_else(|e| panic!("{e}"));
+    }
+}

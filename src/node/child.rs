@@ -1,0 +1,185 @@
+//! The parent's end of a link to a staged child: the store tunnel, the exec of arbor on the
+//! child, control frames down its stdin, and its event frames (and raw stderr) coming up.
+
+use super::stage::Staged;
+use crate::ssh::{CommandLine, Connector, ExecOptions, ExitStatus, ForwardEnd, Output, Session};
+use crate::wire::{Down, Event, EventKind, FrameReader, FrameWriter, HostPath, Start, Up};
+use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+
+/// What comes up from a child, already tagged with paths relative to the parent.
+#[derive(Debug)]
+pub enum FromChild {
+    Event(Event),
+    /// The child's arbor ended (or the link broke).
+    Exited {
+        status: ExitStatus,
+        error: Option<String>,
+    },
+}
+
+/// The parent's handle on a running child: send control frames, and know its tunnel end.
+pub struct ChildControl {
+    writer: FrameWriter<Box<dyn tokio::io::AsyncWrite + Send + Unpin>>,
+    pub tunnel: ForwardEnd,
+}
+
+impl ChildControl {
+    pub async fn send(&mut self, frame: &Down) -> Result<(), crate::wire::WireError> {
+        self.writer.send(frame).await
+    }
+
+    /// Closes the child's stdin: the child takes that as "parent gone" and exits.
+    pub async fn close(&mut self) {
+        let _ = self.writer.shutdown().await;
+    }
+}
+
+/// Opens the store tunnel, starts arbor on the child, exchanges hellos and sends `start`.
+/// Events from the child arrive on the returned receiver, tagged with the child's path
+/// relative to this node (its name first), until a final [`FromChild::Exited`].
+pub async fn launch(
+    session: &Session,
+    name: &str,
+    staged: &Staged,
+    store: Arc<dyn Connector>,
+    start: Start,
+    forward_agent: bool,
+) -> Result<(ChildControl, mpsc::Receiver<FromChild>), String> {
+    let socket = format!("{}/store.sock", staged.workdir);
+    let tunnel = session
+        .forward_unix_or_tcp(&socket, store)
+        .await
+        .map_err(|e| e.to_string())?;
+
+    let mut line = CommandLine::new(&staged.binary).args([
+        "run",
+        "--hostname",
+        name,
+        "--no-server",
+        "--seeds",
+        &tunnel.to_string(),
+        "--workdir",
+        &staged.workdir,
+        "--depth",
+        &start.path.depth().to_string(),
+    ]);
+    if let Some(graph) = &staged.graph {
+        line = line.args(["--file", graph]);
+    }
+    let mut command = session
+        .exec(line.as_str(), &ExecOptions { forward_agent })
+        .await
+        .map_err(|e| e.to_string())?;
+
+    let (events_tx, events_rx) = mpsc::channel(1024);
+    let (frames_in, frames_out) = tokio::io::duplex(256 * 1024);
+    let writer: Box<dyn tokio::io::AsyncWrite + Send + Unpin> = Box::new(command.stdin_writer());
+    let mut control = ChildControl {
+        writer: FrameWriter::new(writer),
+        tunnel,
+    };
+
+    // Pump the exec channel: stdout bytes into the frame reader, stderr lines up as logs,
+    // and the exit status last.
+    let me = HostPath::root().child(name);
+    let pump_tx = events_tx.clone();
+    let pump_me = me.clone();
+    tokio::spawn(async move {
+        let mut frames_in = frames_in;
+        let mut stderr_buf = Vec::new();
+        let mut status = ExitStatus::Unknown;
+        while let Some(item) = command.next().await {
+            match item {
+                Output::Stdout(data) => {
+                    if frames_in.write_all(&data).await.is_err() {
+                        break;
+                    }
+                }
+                Output::Stderr(data) => {
+                    stderr_buf.extend_from_slice(&data);
+                    while let Some(pos) = stderr_buf.iter().position(|b| *b == b'\n') {
+                        let line: Vec<u8> = stderr_buf.drain(..=pos).collect();
+                        let text = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
+                        let _ = pump_tx
+                            .send(FromChild::Event(Event {
+                                host: pump_me.clone(),
+                                kind: EventKind::Log {
+                                    line: text,
+                                    stderr: true,
+                                },
+                            }))
+                            .await;
+                    }
+                }
+                Output::Exit(s) => status = s,
+            }
+        }
+        if !stderr_buf.is_empty() {
+            let text = String::from_utf8_lossy(&stderr_buf).into_owned();
+            let _ = pump_tx
+                .send(FromChild::Event(Event {
+                    host: pump_me.clone(),
+                    kind: EventKind::Log {
+                        line: text,
+                        stderr: true,
+                    },
+                }))
+                .await;
+        }
+        drop(frames_in);
+        let _ = pump_tx
+            .send(FromChild::Exited {
+                status,
+                error: None,
+            })
+            .await;
+    });
+
+    // Read frames: the child's hello first, then events, re-tagged under this child's path.
+    let (hello_tx, hello_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut reader = FrameReader::new(frames_out);
+        let mut hello_tx = Some(hello_tx);
+        loop {
+            match reader.recv::<Up>().await {
+                Ok(Some(Up::Hello(hello))) => {
+                    if let Some(tx) = hello_tx.take() {
+                        let _ = tx.send(hello.check().map_err(|e| e.to_string()));
+                    }
+                }
+                Ok(Some(Up::Event(mut event))) => {
+                    event.host = event.host.under(&me);
+                    if events_tx.send(FromChild::Event(event)).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    if let Some(tx) = hello_tx.take() {
+                        let _ = tx.send(Err(format!("link: {e}")));
+                    } else {
+                        tracing::warn!("{me}: link: {e}");
+                    }
+                    break;
+                }
+            }
+        }
+    });
+
+    control
+        .send(&Down::hello())
+        .await
+        .map_err(|e| format!("sending hello: {e}"))?;
+    control
+        .send(&Down::Start(Box::new(start)))
+        .await
+        .map_err(|e| format!("sending start: {e}"))?;
+    match hello_rx.await {
+        Ok(Ok(())) => Ok((control, events_rx)),
+        Ok(Err(e)) => Err(e),
+        // The child exited before saying hello: its stderr (already queued) says why.
+        Err(_) => Ok((control, events_rx)),
+    }
+}

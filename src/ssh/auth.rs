@@ -1,0 +1,352 @@
+//! Authentication, in the order OpenSSH users expect: agent keys, key files, a password from
+//! the target URL, then prompts (only when the user allowed interactive prompts).
+//!
+//! RSA keys always sign with rsa-sha2-256/512; a server that only takes SHA-1 signatures is
+//! refused rather than downgraded.
+
+use super::error::{Cause, Result, SshError, Step};
+use super::session::ClientHandler;
+use russh::client::{AuthResult, Handle, KeyboardInteractiveAuthResponse};
+use russh::keys::agent::client::AgentClient;
+use russh::keys::{Algorithm, HashAlg, PrivateKey, PrivateKeyWithHashAlg};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Answers questions only a person can: passphrases, passwords, keyboard-interactive prompts.
+/// Called from a blocking thread, so an implementation may read a terminal.
+pub trait Prompter: Send + Sync {
+    fn passphrase(&self, key: &Path) -> Option<String>;
+    fn password(&self, user: &str, host: &str) -> Option<String>;
+    /// One answer per prompt; `(text, echo)` pairs.
+    fn keyboard_interactive(
+        &self,
+        host: &str,
+        instructions: &str,
+        prompts: &[(String, bool)],
+    ) -> Option<Vec<String>>;
+}
+
+/// Where agent identities come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentSource {
+    /// The socket named by SSH_AUTH_SOCK, if set.
+    Env,
+    /// A specific agent socket.
+    Socket(PathBuf),
+    /// No agent.
+    None,
+}
+
+/// How to authenticate.
+#[derive(Clone)]
+pub struct AuthOptions {
+    pub agent: AgentSource,
+    /// Default key files tried after the agent (~/.ssh/id_ed25519, id_ecdsa, id_rsa).
+    pub default_identities: Vec<PathBuf>,
+    /// Key files given explicitly (--identity), tried after the defaults.
+    pub identities: Vec<PathBuf>,
+    /// A password from the target URL (insecure: a warning is printed when it is used).
+    pub password: Option<String>,
+    /// Set only with --allow-interactive.
+    pub prompter: Option<Arc<dyn Prompter>>,
+}
+
+impl AuthOptions {
+    pub fn for_home(home: &Path) -> Self {
+        let ssh = home.join(".ssh");
+        AuthOptions {
+            agent: AgentSource::Env,
+            default_identities: ["id_ed25519", "id_ecdsa", "id_rsa"]
+                .iter()
+                .map(|n| ssh.join(n))
+                .collect(),
+            identities: Vec::new(),
+            password: None,
+            prompter: None,
+        }
+    }
+}
+
+struct Attempts {
+    tried: Vec<String>,
+    allowed: Vec<String>,
+}
+
+impl Attempts {
+    fn note_failure(&mut self, result: &AuthResult) {
+        if let AuthResult::Failure {
+            remaining_methods, ..
+        } = result
+        {
+            self.allowed = remaining_methods
+                .iter()
+                .map(|m| <&'static str>::from(m).to_string())
+                .collect();
+        }
+    }
+}
+
+pub(crate) async fn authenticate(
+    handle: &mut Handle<ClientHandler>,
+    label: &str,
+    user: &str,
+    options: &AuthOptions,
+) -> Result<()> {
+    let err = |cause: Cause| SshError::new(label.to_string(), Step::Auth, cause);
+    let mut attempts = Attempts {
+        tried: Vec::new(),
+        allowed: Vec::new(),
+    };
+    let rsa_hash = handle
+        .best_supported_rsa_hash()
+        .await
+        .map_err(|e| err(Cause::Protocol(e)))?
+        .flatten();
+
+    if try_agent(handle, user, options, rsa_hash, &mut attempts).await {
+        return Ok(());
+    }
+    let files = options
+        .default_identities
+        .iter()
+        .filter(|p| p.exists())
+        .chain(options.identities.iter());
+    for path in files {
+        if try_key_file(handle, label, user, path, options, rsa_hash, &mut attempts)
+            .await
+            .map_err(err)?
+        {
+            return Ok(());
+        }
+    }
+    if let Some(password) = &options.password {
+        tracing::warn!(
+            "{label}: using a password from the target URL; this is insecure (it may be in \
+             shell history and files): prefer keys"
+        );
+        attempts.tried.push("password from the URL".into());
+        let result = handle
+            .authenticate_password(user, password)
+            .await
+            .map_err(|e| err(Cause::Protocol(e)))?;
+        if result.success() {
+            return Ok(());
+        }
+        attempts.note_failure(&result);
+    }
+    if let Some(prompter) = &options.prompter
+        && try_prompts(handle, label, user, prompter.clone(), &mut attempts)
+            .await
+            .map_err(err)?
+    {
+        return Ok(());
+    }
+    let tried = if attempts.tried.is_empty() {
+        "nothing (no agent, no key files, no password)".to_string()
+    } else {
+        attempts.tried.join(", ")
+    };
+    Err(err(Cause::AuthRefused {
+        user: user.to_string(),
+        tried,
+        allowed: attempts.allowed,
+    }))
+}
+
+async fn try_agent(
+    handle: &mut Handle<ClientHandler>,
+    user: &str,
+    options: &AuthOptions,
+    rsa_hash: Option<HashAlg>,
+    attempts: &mut Attempts,
+) -> bool {
+    let socket = match &options.agent {
+        AgentSource::None => return false,
+        AgentSource::Socket(path) => path.clone(),
+        AgentSource::Env => match std::env::var_os("SSH_AUTH_SOCK") {
+            Some(path) if !path.is_empty() => PathBuf::from(path),
+            _ => return false,
+        },
+    };
+    let mut agent = match AgentClient::connect_uds(&socket).await {
+        Ok(agent) => agent,
+        Err(e) => {
+            tracing::debug!("agent at {}: {e}", socket.display());
+            attempts
+                .tried
+                .push(format!("agent ({}: unreachable)", socket.display()));
+            return false;
+        }
+    };
+    let identities = match agent.request_identities().await {
+        Ok(ids) => ids,
+        Err(e) => {
+            attempts.tried.push(format!("agent ({e})"));
+            return false;
+        }
+    };
+    attempts
+        .tried
+        .push(format!("agent ({} keys)", identities.len()));
+    for identity in identities {
+        let key = identity.public_key().into_owned();
+        let hash = match key.algorithm() {
+            Algorithm::Rsa { .. } => match rsa_hash {
+                Some(h) => Some(h),
+                None => continue, // never SHA-1
+            },
+            _ => None,
+        };
+        match handle
+            .authenticate_publickey_with(user, key, hash, &mut agent)
+            .await
+        {
+            Ok(result) if result.success() => return true,
+            Ok(result) => attempts.note_failure(&result),
+            Err(e) => tracing::debug!("agent signing failed: {e:?}"),
+        }
+    }
+    false
+}
+
+async fn try_key_file(
+    handle: &mut Handle<ClientHandler>,
+    label: &str,
+    user: &str,
+    path: &Path,
+    options: &AuthOptions,
+    rsa_hash: Option<HashAlg>,
+    attempts: &mut Attempts,
+) -> std::result::Result<bool, Cause> {
+    let key = match load_key(path, options.prompter.clone()).await {
+        Ok(Some(key)) => key,
+        Ok(None) => {
+            attempts
+                .tried
+                .push(format!("key {} (encrypted, no passphrase)", path.display()));
+            return Ok(false);
+        }
+        Err(e) => {
+            // An unreadable explicit identity is the user's mistake: say so and go on.
+            tracing::warn!("{label}: cannot use key {}: {e}", path.display());
+            attempts
+                .tried
+                .push(format!("key {} (unreadable)", path.display()));
+            return Ok(false);
+        }
+    };
+    let hash = match key.algorithm() {
+        Algorithm::Rsa { .. } => match rsa_hash {
+            Some(h) => Some(h),
+            None => {
+                attempts.tried.push(format!(
+                    "key {} (skipped: server offers no rsa-sha2 signatures)",
+                    path.display()
+                ));
+                return Ok(false);
+            }
+        },
+        _ => None,
+    };
+    attempts.tried.push(format!("key {}", path.display()));
+    let result = handle
+        .authenticate_publickey(user, PrivateKeyWithHashAlg::new(Arc::new(key), hash))
+        .await?;
+    if result.success() {
+        return Ok(true);
+    }
+    attempts.note_failure(&result);
+    Ok(false)
+}
+
+/// Loads a private key; for an encrypted key asks the prompter (if any) for the passphrase.
+/// `Ok(None)` means encrypted and no passphrase available.
+async fn load_key(
+    path: &Path,
+    prompter: Option<Arc<dyn Prompter>>,
+) -> std::result::Result<Option<PrivateKey>, String> {
+    let text = tokio::fs::read_to_string(path)
+        .await
+        .map_err(|e| e.to_string())?;
+    let key = PrivateKey::from_openssh(&text)
+        .or_else(|_| russh::keys::decode_secret_key(&text, None))
+        .map_err(|e| e.to_string())?;
+    if !key.is_encrypted() {
+        return Ok(Some(key));
+    }
+    let Some(prompter) = prompter else {
+        return Ok(None);
+    };
+    let asked = path.to_path_buf();
+    let passphrase = tokio::task::spawn_blocking(move || prompter.passphrase(&asked))
+        .await
+        .map_err(|e| e.to_string())?;
+    let Some(passphrase) = passphrase else {
+        return Ok(None);
+    };
+    key.decrypt(passphrase.as_bytes())
+        .map(Some)
+        .map_err(|_| "wrong passphrase".to_string())
+}
+
+async fn try_prompts(
+    handle: &mut Handle<ClientHandler>,
+    label: &str,
+    user: &str,
+    prompter: Arc<dyn Prompter>,
+    attempts: &mut Attempts,
+) -> std::result::Result<bool, Cause> {
+    attempts.tried.push("keyboard-interactive".into());
+    let mut response = handle
+        .authenticate_keyboard_interactive_start(user, None::<String>)
+        .await?;
+    loop {
+        match response {
+            KeyboardInteractiveAuthResponse::Success => return Ok(true),
+            KeyboardInteractiveAuthResponse::Failure {
+                remaining_methods, ..
+            } => {
+                attempts.allowed = remaining_methods
+                    .iter()
+                    .map(|m| <&'static str>::from(m).to_string())
+                    .collect();
+                break;
+            }
+            KeyboardInteractiveAuthResponse::InfoRequest {
+                instructions,
+                prompts,
+                ..
+            } => {
+                let asked: Vec<(String, bool)> =
+                    prompts.into_iter().map(|p| (p.prompt, p.echo)).collect();
+                let p = prompter.clone();
+                let host = label.to_string();
+                let answers = tokio::task::spawn_blocking(move || {
+                    p.keyboard_interactive(&host, &instructions, &asked)
+                })
+                .await
+                .map_err(|e| Cause::Other(e.to_string()))?;
+                let Some(answers) = answers else {
+                    return Ok(false);
+                };
+                response = handle
+                    .authenticate_keyboard_interactive_respond(answers)
+                    .await?;
+            }
+        }
+    }
+    attempts.tried.push("password prompt".into());
+    let p = prompter.clone();
+    let (u, h) = (user.to_string(), label.to_string());
+    let password = tokio::task::spawn_blocking(move || p.password(&u, &h))
+        .await
+        .map_err(|e| Cause::Other(e.to_string()))?;
+    let Some(password) = password else {
+        return Ok(false);
+    };
+    let result = handle.authenticate_password(user, password).await?;
+    if !result.success() {
+        attempts.note_failure(&result);
+    }
+    Ok(result.success())
+}

@@ -1,0 +1,413 @@
+//! Connecting: TCP with a timeout, the SSH handshake, host key verification, and the
+//! [`Session`] handle every other step works through.
+
+use super::auth::{self, AuthOptions};
+use super::error::{Cause, Result, SshError, Step};
+use super::forward::{Connector, Routes};
+use super::known_hosts::{self, KnownHosts, Verdict};
+use russh::Channel;
+use russh::client::ChannelOpenHandle;
+use russh::client::{self, Msg};
+use russh::keys::{PublicKey, PublicKeyOrCertificate};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Where to connect: a user on a host and port. `host` is a DNS name or an IP address
+/// (IPv6 without brackets).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub user: String,
+    pub host: String,
+    pub port: u16,
+}
+
+impl Target {
+    pub fn new(user: impl Into<String>, host: impl Into<String>, port: u16) -> Self {
+        let host = host.into();
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        Target {
+            user: user.into(),
+            host,
+            port,
+        }
+    }
+
+    /// `host:port`, with IPv6 addresses in brackets: how errors name the host by default.
+    pub fn address(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// What to do with a host key that no known_hosts entry vouches for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HostKeyPolicy {
+    /// Refuse unknown and changed keys (the default).
+    #[default]
+    Strict,
+    /// Record unknown keys in the user's known_hosts; still refuse changed keys.
+    AcceptNew,
+}
+
+/// How host keys are checked.
+#[derive(Debug, Clone, Default)]
+pub struct HostKeyOptions {
+    pub policy: HostKeyPolicy,
+    /// Files searched, in order: usually ~/.ssh/known_hosts plus any given with --known-hosts.
+    pub known_hosts: Vec<PathBuf>,
+    /// Extra entries as text (a relay gets its subtree's entries this way).
+    pub extra_entries: String,
+    /// Where accept-new records new keys (usually ~/.ssh/known_hosts).
+    pub learn_into: Option<PathBuf>,
+    /// A pinned key: when set, it alone decides.
+    pub pinned: Option<PublicKey>,
+}
+
+/// Everything needed to open a session besides the target.
+#[derive(Clone)]
+pub struct ConnectOptions {
+    /// How errors name this host (defaults to `host:port`).
+    pub label: Option<String>,
+    /// Bound on TCP connect plus the SSH handshake.
+    pub connect_timeout: Duration,
+    pub keepalive_interval: Duration,
+    pub host_keys: HostKeyOptions,
+    pub auth: AuthOptions,
+}
+
+impl ConnectOptions {
+    /// Options with arbor's defaults for `HOME`: ~/.ssh/known_hosts, default identities,
+    /// the agent from SSH_AUTH_SOCK, a 10 s connect timeout, strict host keys.
+    pub fn for_home(home: &std::path::Path) -> Self {
+        let known = home.join(".ssh").join("known_hosts");
+        ConnectOptions {
+            label: None,
+            connect_timeout: Duration::from_secs(10),
+            keepalive_interval: Duration::from_secs(15),
+            host_keys: HostKeyOptions {
+                policy: HostKeyPolicy::Strict,
+                known_hosts: vec![known.clone()],
+                extra_entries: String::new(),
+                learn_into: Some(known),
+                pinned: None,
+            },
+            auth: AuthOptions::for_home(home),
+        }
+    }
+}
+
+/// An authenticated SSH connection to one host.
+pub struct Session {
+    label: String,
+    handle: client::Handle<ClientHandler>,
+    routes: Arc<Routes>,
+    peer: SocketAddr,
+}
+
+impl Session {
+    /// How errors name this host.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// The address the TCP connection reached.
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    pub(crate) fn handle(&self) -> &client::Handle<ClientHandler> {
+        &self.handle
+    }
+
+    pub(crate) fn routes(&self) -> &Arc<Routes> {
+        &self.routes
+    }
+
+    pub(crate) fn error(&self, step: Step, cause: impl Into<Cause>) -> SshError {
+        SshError::new(self.label.clone(), step, cause)
+    }
+
+    /// Opens a session channel (for exec or sftp).
+    pub(crate) async fn open_channel(&self, step: Step) -> Result<Channel<Msg>> {
+        self.handle
+            .channel_open_session()
+            .await
+            .map_err(|e| self.error(step, e))
+    }
+
+    /// Serves forwarded agent channels (`auth-agent@openssh.com`) with `connector`. Without one,
+    /// the server's attempts to open agent channels are refused.
+    pub fn set_agent_connector(&self, connector: Arc<dyn Connector>) {
+        self.routes.set_agent(connector);
+    }
+
+    /// Whether the connection has ended.
+    pub fn is_closed(&self) -> bool {
+        self.handle.is_closed()
+    }
+
+    /// Ends the connection politely.
+    pub async fn disconnect(&self) {
+        let _ = self
+            .handle
+            .disconnect(russh::Disconnect::ByApplication, "arbor done", "en")
+            .await;
+    }
+}
+
+/// Connects to `target`, verifies its host key, and authenticates.
+pub async fn connect(target: &Target, options: &ConnectOptions) -> Result<Session> {
+    let label = options.label.clone().unwrap_or_else(|| target.address());
+    let err = |step, cause: Cause| SshError::new(label.clone(), step, cause);
+
+    let verdict = Arc::new(Mutex::new(None));
+    let routes = Arc::new(Routes::default());
+    let known = KnownHosts::load(&options.host_keys.known_hosts)
+        .map(|mut k| {
+            k.add_text(
+                std::path::Path::new("(entries from the parent)"),
+                &options.host_keys.extra_entries,
+            );
+            k
+        })
+        .map_err(|e| err(Step::HostKey, Cause::Io(e)))?;
+    let handler = ClientHandler {
+        name: known_hosts::host_key_name(&target.host, target.port),
+        options: options.host_keys.clone(),
+        known,
+        refusal: verdict.clone(),
+        routes: routes.clone(),
+    };
+    let config = Arc::new(client_config(options.keepalive_interval));
+
+    let handshake = async {
+        let (socket, peer) = tcp_connect(target)
+            .await
+            .map_err(|c| err(Step::Connect, c))?;
+        match client::connect_stream(config, socket, handler).await {
+            Ok(handle) => Ok((handle, peer)),
+            Err(e) => {
+                let refusal = verdict.lock().ok().and_then(|mut v| v.take());
+                Err(match refusal {
+                    Some(cause) => err(Step::HostKey, cause),
+                    None => err(Step::Connect, Cause::Protocol(e)),
+                })
+            }
+        }
+    };
+    let (mut handle, peer) = tokio::time::timeout(options.connect_timeout, handshake)
+        .await
+        .map_err(|_| err(Step::Connect, Cause::Timeout(options.connect_timeout)))??;
+
+    auth::authenticate(&mut handle, &label, &target.user, &options.auth).await?;
+    Ok(Session {
+        label,
+        handle,
+        routes,
+        peer,
+    })
+}
+
+fn client_config(keepalive: Duration) -> client::Config {
+    // AES-GCM first: hardware-accelerated almost everywhere, and the fastest for bulk copies.
+    let preferred = russh::Preferred {
+        cipher: std::borrow::Cow::Owned(vec![
+            russh::cipher::AES_256_GCM,
+            russh::cipher::AES_128_GCM,
+            russh::cipher::CHACHA20_POLY1305,
+            russh::cipher::AES_256_CTR,
+            russh::cipher::AES_128_CTR,
+        ]),
+        ..Default::default()
+    };
+    client::Config {
+        keepalive_interval: Some(keepalive),
+        keepalive_max: 3,
+        nodelay: true,
+        // Large windows keep bulk uploads from stalling on window adjustments.
+        window_size: 16 * 1024 * 1024,
+        maximum_packet_size: 32768,
+        channel_buffer_size: 256,
+        preferred,
+        ..Default::default()
+    }
+}
+
+async fn tcp_connect(
+    target: &Target,
+) -> std::result::Result<(tokio::net::TcpStream, SocketAddr), Cause> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((target.host.as_str(), target.port))
+        .await
+        .map_err(|e| Cause::Resolve(format!("{}: {e}", target.host)))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(Cause::Resolve(format!("{}: no addresses", target.host)));
+    }
+    let mut last = None;
+    for addr in addrs {
+        match tokio::net::TcpStream::connect(addr).await {
+            Ok(socket) => {
+                let _ = socket.set_nodelay(true);
+                return Ok((socket, addr));
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(Cause::Io(last.unwrap_or_else(|| {
+        std::io::Error::other("no address worked")
+    })))
+}
+
+/// russh's callbacks for one connection: host key checks and channels the server opens.
+pub(crate) struct ClientHandler {
+    name: String,
+    options: HostKeyOptions,
+    known: KnownHosts,
+    refusal: Arc<Mutex<Option<Cause>>>,
+    routes: Arc<Routes>,
+}
+
+impl ClientHandler {
+    fn judge(&self, key: &PublicKey) -> std::result::Result<(), Cause> {
+        let fingerprint = known_hosts::fingerprint(key);
+        let name = self.name.clone();
+        if let Some(pinned) = &self.options.pinned {
+            return if pinned.key_data() == key.key_data() {
+                Ok(())
+            } else {
+                Err(Cause::HostKeyPinMismatch {
+                    name,
+                    fingerprint,
+                    pinned: known_hosts::fingerprint(pinned),
+                })
+            };
+        }
+        match self.known.verify(&self.name, key) {
+            Verdict::Trusted(_) => Ok(()),
+            Verdict::Changed(origin) => Err(Cause::HostKeyChanged {
+                name,
+                fingerprint,
+                origin: origin.to_string(),
+            }),
+            Verdict::Revoked(origin) => Err(Cause::HostKeyRevoked {
+                name,
+                fingerprint,
+                origin: origin.to_string(),
+            }),
+            Verdict::Unknown => match (self.options.policy, &self.options.learn_into) {
+                (HostKeyPolicy::AcceptNew, Some(file)) => {
+                    known_hosts::append(file, &self.name, key)
+                        .map_err(|e| Cause::HostKeyRecord(format!("{}: {e}", file.display())))?;
+                    tracing::warn!(
+                        "{}: recorded new host key {fingerprint} in {}",
+                        self.name,
+                        file.display()
+                    );
+                    Ok(())
+                }
+                _ => Err(Cause::HostKeyUnknown {
+                    name,
+                    fingerprint,
+                    searched: self.searched(),
+                }),
+            },
+        }
+    }
+
+    fn searched(&self) -> String {
+        let mut files: Vec<String> = self
+            .options
+            .known_hosts
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        if !self.options.extra_entries.is_empty() {
+            files.push("entries from the parent".into());
+        }
+        files.join(", ")
+    }
+}
+
+impl client::Handler for ClientHandler {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        offered: &PublicKeyOrCertificate,
+    ) -> std::result::Result<bool, Self::Error> {
+        let key = match offered {
+            PublicKeyOrCertificate::PublicKey { key, .. } => key.clone(),
+            PublicKeyOrCertificate::Certificate(cert) => PublicKey::from(cert.public_key().clone()),
+        };
+        match self.judge(&key) {
+            Ok(()) => Ok(true),
+            Err(cause) => {
+                if let Ok(mut slot) = self.refusal.lock() {
+                    *slot = Some(cause);
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        connected_address: &str,
+        connected_port: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> std::result::Result<(), Self::Error> {
+        match self.routes.tcp(connected_address, connected_port) {
+            Some(connector) => {
+                reply.accept().await;
+                connector.connect(channel.into_stream());
+            }
+            None => drop(reply),
+        }
+        Ok(())
+    }
+
+    async fn server_channel_open_forwarded_streamlocal(
+        &mut self,
+        channel: Channel<Msg>,
+        socket_path: &str,
+        reply: ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> std::result::Result<(), Self::Error> {
+        match self.routes.unix(socket_path) {
+            Some(connector) => {
+                reply.accept().await;
+                connector.connect(channel.into_stream());
+            }
+            None => drop(reply),
+        }
+        Ok(())
+    }
+
+    async fn server_channel_open_agent_forward(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> std::result::Result<(), Self::Error> {
+        match self.routes.agent() {
+            Some(connector) => {
+                reply.accept().await;
+                connector.connect(channel.into_stream());
+            }
+            None => drop(reply),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,298 @@
+//! SFTP uploads: pipelined, atomic, fsynced once.
+//!
+//! A file is written under a temporary name in the target's directory, its mode set, fsynced
+//! once, and renamed over the target with posix-rename@openssh.com (plain SFTP rename fails
+//! when the target exists). A reader of the target therefore sees the old file or the whole
+//! new one, never a torn one, and an interrupted upload leaves only a temp file, which is
+//! removed on error.
+//!
+//! Many writes are kept in flight at once: with one outstanding write, throughput would be
+//! one chunk per round trip.
+
+use super::error::{Cause, Result, SshError, Step};
+use super::session::Session;
+use futures::stream::{FuturesUnordered, StreamExt};
+use russh_sftp::client::RawSftpSession;
+use russh_sftp::extensions::HardlinkExtension;
+use russh_sftp::protocol::{FileAttributes, OpenFlags, StatusCode};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// Bytes per write request. OpenSSH's sftp-server accepts up to 256 KiB messages.
+const CHUNK: usize = 64 * 1024;
+/// Write requests in flight at once.
+const IN_FLIGHT: usize = 64;
+/// Seconds a single request may take: generous, for thin links carrying many writes.
+const REQUEST_TIMEOUT_SECS: u64 = 120;
+
+const POSIX_RENAME: &str = "posix-rename@openssh.com";
+const FSYNC: &str = "fsync@openssh.com";
+
+/// An SFTP session on one host.
+pub struct Sftp {
+    label: String,
+    raw: RawSftpSession,
+    posix_rename: bool,
+    fsync: bool,
+}
+
+impl Session {
+    /// Opens the sftp subsystem.
+    pub async fn sftp(&self) -> Result<Sftp> {
+        let channel = self.open_channel(Step::Sftp).await?;
+        channel
+            .request_subsystem(true, "sftp")
+            .await
+            .map_err(|e| self.error(Step::Sftp, e))?;
+        let raw = RawSftpSession::new(channel.into_stream());
+        raw.set_timeout(REQUEST_TIMEOUT_SECS);
+        let version = raw
+            .init()
+            .await
+            .map_err(|e| self.error(Step::Sftp, Cause::Sftp(format!("init: {e}"))))?;
+        Ok(Sftp {
+            label: self.label().to_string(),
+            posix_rename: version.extensions.contains_key(POSIX_RENAME),
+            fsync: version.extensions.contains_key(FSYNC),
+            raw,
+        })
+    }
+}
+
+/// What an upload did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Uploaded {
+    pub bytes: u64,
+}
+
+impl Sftp {
+    fn error(&self, what: &str, e: impl std::fmt::Display) -> SshError {
+        SshError::new(
+            self.label.clone(),
+            Step::Sftp,
+            Cause::Sftp(format!("{what}: {e}")),
+        )
+    }
+
+    /// Uploads `size` bytes from `source` to `remote` atomically with `mode`.
+    /// `progress(sent, total)` is called as the server acknowledges writes.
+    pub async fn upload(
+        &self,
+        source: &mut (dyn AsyncRead + Unpin + Send),
+        size: u64,
+        remote: &str,
+        mode: u32,
+        progress: &mut (dyn FnMut(u64, u64) + Send),
+    ) -> Result<Uploaded> {
+        let temp = temp_name(remote);
+        let attrs = FileAttributes {
+            permissions: Some(mode),
+            ..FileAttributes::empty()
+        };
+        let flags = OpenFlags::CREATE | OpenFlags::TRUNCATE | OpenFlags::WRITE | OpenFlags::EXCLUDE;
+        let handle = self
+            .raw
+            .open(temp.clone(), flags, attrs)
+            .await
+            .map_err(|e| self.error(&format!("upload of {remote}: creating {temp}"), e))?
+            .handle;
+
+        let written = self
+            .write_all(&handle, source, size, remote, progress)
+            .await;
+        let finished = match written {
+            Ok(bytes) => self
+                .finish(&handle, &temp, remote, mode)
+                .await
+                .map(|_| bytes),
+            Err(e) => Err(e),
+        };
+        match finished {
+            Ok(bytes) => Ok(Uploaded { bytes }),
+            Err(e) => {
+                let _ = self.raw.close(handle).await;
+                let _ = self.raw.remove(temp).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn write_all(
+        &self,
+        handle: &str,
+        source: &mut (dyn AsyncRead + Unpin + Send),
+        size: u64,
+        remote: &str,
+        progress: &mut (dyn FnMut(u64, u64) + Send),
+    ) -> Result<u64> {
+        let what = format!("upload of {remote}");
+        let mut in_flight = FuturesUnordered::new();
+        let (mut offset, mut acked) = (0u64, 0u64);
+        let mut eof = false;
+        loop {
+            while !eof && in_flight.len() < IN_FLIGHT {
+                let mut chunk = vec![0u8; CHUNK];
+                let n = read_full(source, &mut chunk)
+                    .await
+                    .map_err(|e| self.error(&format!("{what}: reading the local file"), e))?;
+                if n == 0 {
+                    eof = true;
+                    break;
+                }
+                chunk.truncate(n);
+                let at = offset;
+                offset += n as u64;
+                let raw = &self.raw;
+                in_flight.push(async move { raw.write(handle, at, chunk).await.map(|_| n as u64) });
+            }
+            match in_flight.next().await {
+                Some(Ok(n)) => {
+                    acked += n;
+                    progress(acked, size.max(acked));
+                }
+                Some(Err(e)) => return Err(self.error(&what, e)),
+                None => break,
+            }
+        }
+        if acked != size {
+            return Err(self.error(
+                &what,
+                format!("the local file changed during upload ({acked} of {size} bytes)"),
+            ));
+        }
+        Ok(acked)
+    }
+
+    async fn finish(&self, handle: &str, temp: &str, remote: &str, mode: u32) -> Result<()> {
+        let what = format!("upload of {remote}");
+        // The server applies its umask at open; set the mode exactly.
+        let attrs = FileAttributes {
+            permissions: Some(mode),
+            ..FileAttributes::empty()
+        };
+        self.raw
+            .fsetstat(handle, attrs)
+            .await
+            .map_err(|e| self.error(&format!("{what}: setting mode {mode:o}"), e))?;
+        if self.fsync {
+            let data: Vec<u8> = russh_sftp::extensions::FsyncExtension {
+                handle: handle.to_string(),
+            }
+            .try_into()
+            .map_err(|e| self.error(&what, e))?;
+            self.raw
+                .extended(FSYNC, data)
+                .await
+                .map_err(|e| self.error(&format!("{what}: fsync"), e))?;
+        }
+        self.raw
+            .close(handle)
+            .await
+            .map_err(|e| self.error(&format!("{what}: close"), e))?;
+        self.rename_over(temp, remote).await
+    }
+
+    /// Renames `from` over `to`, replacing it atomically where the server allows.
+    pub async fn rename_over(&self, from: &str, to: &str) -> Result<()> {
+        let what = format!("renaming {from} to {to}");
+        if self.posix_rename {
+            let data: Vec<u8> = HardlinkExtension {
+                oldpath: from.to_string(),
+                newpath: to.to_string(),
+            }
+            .try_into()
+            .map_err(|e| self.error(&what, e))?;
+            return match self.raw.extended(POSIX_RENAME, data).await {
+                Ok(russh_sftp::protocol::Packet::Status(s)) if s.status_code == StatusCode::Ok => {
+                    Ok(())
+                }
+                Ok(russh_sftp::protocol::Packet::Status(s)) => {
+                    Err(self.error(&what, format!("{}: {}", s.status_code, s.error_message)))
+                }
+                Ok(_) => Err(self.error(&what, "unexpected reply")),
+                Err(e) => Err(self.error(&what, e)),
+            };
+        }
+        // No atomic replace on this server: remove, then rename (a short window without `to`).
+        let _ = self.raw.remove(to).await;
+        self.raw
+            .rename(from, to)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.error(&what, e))
+    }
+
+    /// Creates a directory with `mode`.
+    pub async fn mkdir(&self, path: &str, mode: u32) -> Result<()> {
+        let attrs = FileAttributes {
+            permissions: Some(mode),
+            ..FileAttributes::empty()
+        };
+        self.raw
+            .mkdir(path, attrs)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.error(&format!("mkdir {path}"), e))
+    }
+
+    /// Size and mode of a remote file, or `None` if it does not exist.
+    pub async fn stat(&self, path: &str) -> Result<Option<(u64, u32)>> {
+        match self.raw.stat(path).await {
+            Ok(attrs) => Ok(Some((
+                attrs.attrs.size.unwrap_or(0),
+                attrs.attrs.permissions.unwrap_or(0),
+            ))),
+            Err(russh_sftp::client::error::Error::Status(s))
+                if s.status_code == StatusCode::NoSuchFile =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(self.error(&format!("stat {path}"), e)),
+        }
+    }
+
+    /// Removes a file.
+    pub async fn remove(&self, path: &str) -> Result<()> {
+        self.raw
+            .remove(path)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.error(&format!("remove {path}"), e))
+    }
+}
+
+/// `.name.arbor-<random>` beside `remote`, so the rename stays on one filesystem.
+fn temp_name(remote: &str) -> String {
+    let (dir, base) = match remote.rsplit_once('/') {
+        Some((dir, base)) => (format!("{dir}/"), base),
+        None => (String::new(), remote),
+    };
+    format!("{dir}.{base}.arbor-{:016x}", rand::random::<u64>())
+}
+
+async fn read_full(
+    source: &mut (dyn AsyncRead + Unpin + Send),
+    buf: &mut [u8],
+) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let n = source.read(&mut buf[filled..]).await?;
+        if n == 0 {
+            break;
+        }
+        filled += n;
+    }
+    Ok(filled)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temp_name_stays_in_the_target_directory() {
+        let t = temp_name("/root/.cache/arbor/bin/abc");
+        assert!(t.starts_with("/root/.cache/arbor/bin/.abc.arbor-"), "{t}");
+        assert_ne!(temp_name("/x/y"), temp_name("/x/y"));
+        assert!(temp_name("rel").starts_with(".rel.arbor-"));
+    }
+}

@@ -1,0 +1,289 @@
+//! The frame types. Control flows down ([`Down`]), events flow up ([`Up`]).
+
+use super::{PROTOCOL_VERSION, WireError};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// A host's place in the tree: names from the first hop down, shown as `r1/l1-2`.
+/// The initiator is the empty path.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct HostPath(Vec<String>);
+
+impl HostPath {
+    pub fn root() -> Self {
+        HostPath(Vec::new())
+    }
+
+    pub fn parse(text: &str) -> Self {
+        HostPath(
+            text.split('/')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect(),
+        )
+    }
+
+    pub fn child(&self, name: &str) -> Self {
+        let mut v = self.0.clone();
+        v.push(name.to_string());
+        HostPath(v)
+    }
+
+    pub fn is_root(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn depth(&self) -> usize {
+        self.0.len()
+    }
+
+    /// The host's own name (the last segment).
+    pub fn name(&self) -> &str {
+        self.0.last().map_or("", String::as_str)
+    }
+
+    /// The first segment below `self` on the way to `other`, if `other` is below `self`.
+    pub fn next_hop<'a>(&self, other: &'a HostPath) -> Option<&'a str> {
+        if other.0.len() > self.0.len() && other.0.starts_with(&self.0) {
+            Some(&other.0[self.0.len()])
+        } else {
+            None
+        }
+    }
+
+    /// Prefixes `self` with `parent`: how a relay re-tags its children's events.
+    pub fn under(&self, parent: &HostPath) -> HostPath {
+        let mut v = parent.0.clone();
+        v.extend(self.0.iter().cloned());
+        HostPath(v)
+    }
+}
+
+impl std::fmt::Display for HostPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_empty() {
+            f.write_str("(initiator)")
+        } else {
+            f.write_str(&self.0.join("/"))
+        }
+    }
+}
+
+/// The first frame each way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol: u32,
+    /// arbor's version, for messages.
+    pub version: String,
+}
+
+impl Hello {
+    pub fn ours() -> Self {
+        Hello {
+            protocol: PROTOCOL_VERSION,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+
+    /// Checks the peer's hello against ours.
+    pub fn check(&self) -> Result<(), WireError> {
+        if self.protocol == PROTOCOL_VERSION {
+            Ok(())
+        } else {
+            Err(WireError::Version {
+                ours: PROTOCOL_VERSION,
+                theirs: self.protocol,
+            })
+        }
+    }
+}
+
+/// How a node reaches a child.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChildMode {
+    /// arbor runs on the child, which stages its own children.
+    #[default]
+    Relay,
+    /// A pure TCP hop: nothing runs there; its children are reached through it.
+    Jump,
+}
+
+/// One child in a subtree sent down to a relay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChildSpec {
+    /// Identity in the run (unique in the whole tree).
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    /// Key into [`Start::graphs`].
+    pub graph: Option<String>,
+    #[serde(default)]
+    pub mode: ChildMode,
+    /// A pinned host key, "type base64".
+    pub host_key: Option<String>,
+    /// A key path on the node that connects.
+    pub identity: Option<String>,
+    pub cconns: Option<usize>,
+    #[serde(default)]
+    pub children: Vec<ChildSpec>,
+}
+
+/// Run parameters for a node: everything it needs that must not appear on a command line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Start {
+    /// This node's name in the run.
+    pub hostname: String,
+    /// This node's path from the initiator.
+    pub path: HostPath,
+    /// Key into `graphs` for this node's own graph.
+    pub graph: Option<String>,
+    /// Graph texts by name, each sent once for the whole subtree.
+    pub graphs: BTreeMap<String, String>,
+    pub children: Vec<ChildSpec>,
+    /// known_hosts lines for this node's subtree.
+    pub known_hosts: String,
+    pub accept_new: bool,
+    pub cconns: usize,
+    pub converged_timeout: Option<u64>,
+    pub noop: bool,
+    pub no_caching: bool,
+}
+
+/// Control frames, parent to child.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Down {
+    Hello(Hello),
+    Start(Box<Start>),
+    /// A new text for graph `name`: every host in the subtree using it applies the difference.
+    Graph {
+        name: String,
+        text: String,
+    },
+    /// Stop: the subtree tears down bottom-up and exits.
+    Shutdown {
+        reason: String,
+    },
+}
+
+/// A host's state, as the operator sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum HostState {
+    /// Being staged: connect, copy, tunnel, exec.
+    Staging {
+        step: String,
+    },
+    Running,
+    Converged,
+    /// Was converged, then something changed.
+    Changed,
+    Failed {
+        cause: String,
+    },
+    /// Ended cleanly.
+    Exited,
+}
+
+/// What happened on a host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum EventKind {
+    Log {
+        line: String,
+        #[serde(default)]
+        stderr: bool,
+    },
+    State(HostState),
+    Transfer {
+        what: String,
+        sent: u64,
+        total: u64,
+        cached: bool,
+    },
+    /// A host key learned under accept-new, for the initiator's known_hosts.
+    KnownHost {
+        name: String,
+        key: String,
+    },
+}
+
+/// An event tagged with the host it is about.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub host: HostPath,
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+/// Event frames, child to parent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Up {
+    Hello(Hello),
+    Event(Event),
+}
+
+impl Up {
+    pub fn hello() -> Self {
+        Up::Hello(Hello::ours())
+    }
+}
+
+impl Down {
+    pub fn hello() -> Self {
+        Down::Hello(Hello::ours())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_paths_route_and_retag() {
+        let r1 = HostPath::parse("r1");
+        let leaf = HostPath::parse("r1/l1-2");
+        assert_eq!(leaf.to_string(), "r1/l1-2");
+        assert_eq!(r1.next_hop(&leaf), Some("l1-2"));
+        assert_eq!(HostPath::root().next_hop(&leaf), Some("r1"));
+        assert_eq!(leaf.next_hop(&r1), None);
+        assert_eq!(HostPath::parse("l1-2").under(&r1), leaf);
+        assert_eq!(leaf.name(), "l1-2");
+        assert_eq!(leaf.depth(), 2);
+    }
+
+    #[test]
+    fn hello_mismatch_names_both_versions() {
+        let theirs = Hello {
+            protocol: PROTOCOL_VERSION + 1,
+            version: "9.9.9".into(),
+        };
+        let err = theirs.check().expect_err("mismatch");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "protocol mismatch: this side speaks version {PROTOCOL_VERSION}, the other side {}",
+                PROTOCOL_VERSION + 1
+            )
+        );
+    }
+
+    #[test]
+    fn event_json_is_flat_and_readable() {
+        let e = Up::Event(Event {
+            host: HostPath::parse("r1/l1-2"),
+            kind: EventKind::State(HostState::Converged),
+        });
+        let json = serde_json::to_string(&e).expect("json");
+        assert_eq!(
+            json,
+            r#"{"type":"event","host":["r1","l1-2"],"kind":"state","state":"converged"}"#
+        );
+        let back: Up = serde_json::from_str(&json).expect("parse");
+        assert_eq!(back, e);
+    }
+}
