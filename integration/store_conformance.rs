@@ -60,6 +60,7 @@ conformance!(
     watch_compacted_start_is_refused_with_the_compact_revision,
     watch_stream_carries_many_watches_and_cancels_one,
     watch_progress_request_and_progress_notify,
+    watch_fragments_a_revision_too_large_for_one_message,
     lease_grant_keepalive_ttl_leases_revoke,
     lease_expiry_deletes_keys_and_watchers_see_it,
     concurrent_writers_and_watchers_see_every_event_in_revision_order,
@@ -1013,6 +1014,61 @@ mod checks {
         assert_eq!(notify.watch_id(), created.watch_id());
         assert!(notify.events().is_empty() && !notify.canceled() && !notify.created());
         assert!(notify.header().unwrap().revision() >= later);
+    }
+
+    pub async fn watch_fragments_a_revision_too_large_for_one_message(store: &TestStore) {
+        const KEYS: usize = 300;
+        let mut c = store.client().await;
+        for i in 0..KEYS {
+            c.put(format!("fr/{i:03}"), vec![b'v'; 10 << 10], None)
+                .await
+                .unwrap();
+        }
+        let mut watches = Vec::new();
+        for fragment in [true, false] {
+            let mut options = WatchOptions::new().with_prefix().with_prev_key();
+            if fragment {
+                options = options.with_fragment();
+            }
+            let mut w = c
+                .watch_client()
+                .max_decoding_message_size(64 << 20)
+                .watch("fr/", Some(options))
+                .await
+                .unwrap();
+            assert!(w.message().await.unwrap().unwrap().created());
+            watches.push((fragment, w));
+        }
+        // One revision deleting 300 keys whose previous values total 3 MiB.
+        let rev = c
+            .delete("fr/", Some(DeleteOptions::new().with_prefix()))
+            .await
+            .unwrap()
+            .header()
+            .unwrap()
+            .revision();
+        for (fragment, mut w) in watches {
+            let mut parts = Vec::new();
+            let mut events = 0;
+            while events < KEYS {
+                let resp = next_with_events(&mut w).await;
+                events += resp.events().len();
+                assert!(
+                    resp.events()
+                        .iter()
+                        .all(|e| e.kv().unwrap().mod_revision() == rev)
+                );
+                parts.push(resp.0.fragment);
+            }
+            assert_eq!(events, KEYS);
+            if fragment {
+                assert!(parts.len() >= 2, "split: {parts:?}");
+                assert!(!parts[parts.len() - 1], "the last part ends the revision");
+                assert!(parts[..parts.len() - 1].iter().all(|f| *f), "{parts:?}");
+            } else {
+                assert_eq!(parts, [false], "without fragment a revision is one message");
+            }
+        }
     }
 
     pub async fn lease_grant_keepalive_ttl_leases_revoke(store: &TestStore) {
