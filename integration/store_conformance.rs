@@ -60,10 +60,12 @@ conformance!(
     watch_compacted_start_is_refused_with_the_compact_revision,
     watch_stream_carries_many_watches_and_cancels_one,
     watch_progress_request_and_progress_notify,
+    watch_fragments_a_revision_too_large_for_one_message,
     lease_grant_keepalive_ttl_leases_revoke,
     lease_expiry_deletes_keys_and_watchers_see_it,
     concurrent_writers_and_watchers_see_every_event_in_revision_order,
     client_watch_resumes_after_its_connection_is_cut,
+    client_helpers_and_keep_alive,
     oversized_requests_get_a_clear_error,
     malformed_requests_get_an_error_and_the_store_goes_on,
     status_and_member_list_describe_one_leader,
@@ -1014,6 +1016,61 @@ mod checks {
         assert!(notify.header().unwrap().revision() >= later);
     }
 
+    pub async fn watch_fragments_a_revision_too_large_for_one_message(store: &TestStore) {
+        const KEYS: usize = 300;
+        let mut c = store.client().await;
+        for i in 0..KEYS {
+            c.put(format!("fr/{i:03}"), vec![b'v'; 10 << 10], None)
+                .await
+                .unwrap();
+        }
+        let mut watches = Vec::new();
+        for fragment in [true, false] {
+            let mut options = WatchOptions::new().with_prefix().with_prev_key();
+            if fragment {
+                options = options.with_fragment();
+            }
+            let mut w = c
+                .watch_client()
+                .max_decoding_message_size(64 << 20)
+                .watch("fr/", Some(options))
+                .await
+                .unwrap();
+            assert!(w.message().await.unwrap().unwrap().created());
+            watches.push((fragment, w));
+        }
+        // One revision deleting 300 keys whose previous values total 3 MiB.
+        let rev = c
+            .delete("fr/", Some(DeleteOptions::new().with_prefix()))
+            .await
+            .unwrap()
+            .header()
+            .unwrap()
+            .revision();
+        for (fragment, mut w) in watches {
+            let mut parts = Vec::new();
+            let mut events = 0;
+            while events < KEYS {
+                let resp = next_with_events(&mut w).await;
+                events += resp.events().len();
+                assert!(
+                    resp.events()
+                        .iter()
+                        .all(|e| e.kv().unwrap().mod_revision() == rev)
+                );
+                parts.push(resp.0.fragment);
+            }
+            assert_eq!(events, KEYS);
+            if fragment {
+                assert!(parts.len() >= 2, "split: {parts:?}");
+                assert!(!parts[parts.len() - 1], "the last part ends the revision");
+                assert!(parts[..parts.len() - 1].iter().all(|f| *f), "{parts:?}");
+            } else {
+                assert_eq!(parts, [false], "without fragment a revision is one message");
+            }
+        }
+    }
+
     pub async fn lease_grant_keepalive_ttl_leases_revoke(store: &TestStore) {
         let mut c = store.client().await;
         let grant = c.lease_grant(30, None).await.unwrap();
@@ -1273,6 +1330,52 @@ mod checks {
         // Nothing more arrives.
         let extra = tokio::time::timeout(Duration::from_millis(300), events.next()).await;
         assert!(extra.is_err(), "unexpected event {extra:?}");
+    }
+
+    pub async fn client_helpers_and_keep_alive(store: &TestStore) {
+        use arbor::store::client::{Compare, CompareOp, Txn, TxnOp};
+        let c = StoreClient::connect(&Endpoints::parse(&store.endpoint).unwrap())
+            .await
+            .unwrap();
+        let r1 = c.put("ch/a", "1").await.unwrap();
+        c.put("ch/b", "2").await.unwrap();
+        assert_eq!(c.get("ch/a").await.unwrap().unwrap().value(), b"1");
+        assert!(c.get("ch/none").await.unwrap().is_none());
+        let (kvs, rev) = c.get_prefix("ch/").await.unwrap();
+        assert_eq!(keys(&kvs), ["ch/a", "ch/b"]);
+        assert_eq!(rev, r1 + 1);
+        let txn = Txn::new()
+            .when([Compare::mod_revision("ch/a", CompareOp::Equal, r1)])
+            .and_then([TxnOp::put("ch/c", "3", None)]);
+        assert!(c.txn(txn).await.unwrap().succeeded());
+        assert_eq!(c.delete("ch/a").await.unwrap(), 1);
+        assert_eq!(c.delete_prefix("ch/").await.unwrap(), 2);
+
+        // A kept-alive lease outlives its TTL; once the handle is dropped it expires.
+        let lease = c.lease_grant(2).await.unwrap();
+        c.put_leased("ch/leased", "x", lease).await.unwrap();
+        let keeper = c.keep_alive(lease, 2);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(keeper.is_alive());
+        assert!(
+            c.get("ch/leased").await.unwrap().is_some(),
+            "kept alive past its TTL"
+        );
+        drop(keeper);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while c.get("ch/leased").await.unwrap().is_some() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the lease never expired"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // Keeping a revoked lease alive stops by itself.
+        let lease = c.lease_grant(30).await.unwrap();
+        c.lease_revoke(lease).await.unwrap();
+        let keeper = c.keep_alive(lease, 3);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!keeper.is_alive(), "renewing a lease that is gone stops");
     }
 
     pub async fn oversized_requests_get_a_clear_error(store: &TestStore) {

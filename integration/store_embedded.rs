@@ -4,7 +4,7 @@
 #[path = "support/mod.rs"]
 mod support;
 
-use arbor::store::client::{Endpoints, EventKind, StoreClient};
+use arbor::store::client::{Endpoints, EventKind, StoreClient, WatchLost};
 use arbor::store::{Options, StoreConfig};
 use etcd_client::{GetOptions, LeaseTimeToLiveOptions, PutOptions, WatchOptions};
 use std::path::Path;
@@ -18,6 +18,9 @@ async fn restart_with_the_same_data_dir_keeps_data_revisions_leases_and_compacti
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let store = embedded_with(Some(&data)).await;
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&data).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o700, "the data dir is its owner's only");
     let mut c = store.client().await;
     let lease = c.lease_grant(300, None).await.unwrap().id();
     for i in 0..50 {
@@ -310,6 +313,65 @@ async fn client_over_a_unix_socket_resumes_its_watch_across_a_store_restart() {
     );
     assert_eq!(got[10].kind, EventKind::Delete);
     assert_eq!(client.get("u/9").await.unwrap().unwrap().value(), b"b");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_watch_from_compacted_history_reports_it() {
+    let options = Options {
+        retain_revisions: 10,
+        ..test_options(None)
+    };
+    let store = embedded_listening("127.0.0.1:0", options).await;
+    let client = StoreClient::connect(&Endpoints::parse(&store.endpoint).unwrap())
+        .await
+        .unwrap();
+    for i in 0..50 {
+        client.put("h/k", format!("{i}")).await.unwrap();
+    }
+    let mut events = client.watch_prefix("h/", 2);
+    let lost = tokio::time::timeout(Duration::from_secs(20), events.next())
+        .await
+        .expect("a verdict within 20s")
+        .expect("the stream ends with the reason");
+    match lost {
+        Err(WatchLost::Compacted {
+            compact_revision,
+            next_revision,
+            ..
+        }) => {
+            assert_eq!(next_revision, 2);
+            assert!(compact_revision > 2, "{compact_revision}");
+        }
+        other => panic!("expected Compacted, got {other:?}"),
+    }
+    assert!(events.next().await.is_none(), "the watch stops");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_watch_reports_a_store_replaced_by_a_fresh_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = format!("unix:{}", dir.path().join("store.sock").display());
+    let store = embedded_listening(&listen, test_options(None)).await;
+    let client = StoreClient::connect(&Endpoints::parse(&listen).unwrap())
+        .await
+        .unwrap();
+    let (_, rev) = client.get_prefix("r/").await.unwrap();
+    let mut events = client.watch_prefix("r/", rev + 1);
+    client.put("r/1", "old").await.unwrap();
+    assert_eq!(next(&mut events).await.value, b"old");
+    store.stop().await;
+    // A fresh in-memory store on the same socket: revisions start over.
+    let _store = embedded_listening(&listen, test_options(None)).await;
+    client.put("r/2", "new").await.unwrap();
+    let lost = tokio::time::timeout(Duration::from_secs(20), events.next())
+        .await
+        .expect("a verdict within 20s")
+        .expect("the stream ends with the reason");
+    match lost {
+        Err(WatchLost::StoreReplaced { prefix, .. }) => assert_eq!(prefix, "r/"),
+        other => panic!("expected StoreReplaced, got {other:?}"),
+    }
+    assert!(events.next().await.is_none(), "the watch stops");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -73,6 +73,27 @@ impl Drop for TestStore {
     }
 }
 
+/// Children of a test must not outlive it, even when the test process is killed outright
+/// (Drop does not run then): the kernel sends them SIGKILL when the spawning thread ends.
+pub trait DieWithParent {
+    fn die_with_parent(&mut self) -> &mut Self;
+}
+
+impl DieWithParent for Command {
+    fn die_with_parent(&mut self) -> &mut Self {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            self.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            })
+        }
+    }
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -145,6 +166,7 @@ pub async fn etcd() -> TestStore {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
+        .die_with_parent()
         .spawn()
         .expect("start /usr/bin/etcd (Debian's etcd-server)");
     let store = TestStore {

@@ -144,13 +144,28 @@ impl Backend {
         self.closing.clone()
     }
 
+    /// Ends the store: open streams end, the log is flushed and closed, and the data dir is
+    /// free for the next store as soon as this returns.
+    pub async fn close(self: &Arc<Self>) {
+        self.closing.cancel();
+        if self.wal.is_some() {
+            let backend = self.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Some(wal) = &backend.wal {
+                    wal.stop();
+                }
+            })
+            .await;
+        }
+    }
+
     pub fn options(&self) -> &Options {
         &self.options
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock cannot leave a half-applied request behind (requests
-        // are validated before they change anything), so the state stays usable.
+        // A release build aborts on panic, so a poisoned lock is only seen in debug builds and
+        // tests, where carrying on shows more than failing every later request would.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 

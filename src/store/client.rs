@@ -80,17 +80,31 @@ pub enum EventKind {
     Delete,
 }
 
-/// A watch cannot go on without losing events: the store no longer has the history it would
-/// resume from. The caller must read the current state again and watch from there.
+/// A watch cannot go on without losing events. The caller must read the current state again
+/// and watch from there.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "store watch on {prefix:?}: history before revision {compact_revision} is compacted, \
-     and the watch had only reached revision {next_revision}"
-)]
-pub struct WatchLost {
-    pub prefix: String,
-    pub compact_revision: i64,
-    pub next_revision: i64,
+pub enum WatchLost {
+    /// The store no longer has the history the watch would resume from.
+    #[error(
+        "store watch on {prefix:?}: history before revision {compact_revision} is compacted, \
+         and the watch had only reached revision {next_revision}"
+    )]
+    Compacted {
+        prefix: String,
+        compact_revision: i64,
+        next_revision: i64,
+    },
+    /// The endpoint now answers with another store (another cluster id): say, an initiator
+    /// restarted with a fresh in-memory store. Its revisions have nothing to do with the old.
+    #[error(
+        "store watch on {prefix:?}: the store was replaced (cluster {old_cluster:x} is now \
+         {new_cluster:x}); its history is not the one being watched"
+    )]
+    StoreReplaced {
+        prefix: String,
+        old_cluster: u64,
+        new_cluster: u64,
+    },
 }
 
 /// The store client. Cheap to clone; clones share the connection.
@@ -309,7 +323,8 @@ impl StoreClient {
     /// Every change under `prefix` from revision `from_rev` on (0: from now), in revision
     /// order, across broken connections: after a break the watch is made again from the
     /// revision after the last one delivered. The stream ends with a [`WatchLost`] if the store
-    /// has compacted that history away, and when the stream is dropped the watch stops.
+    /// has compacted that history away or has been replaced by another store, and when the
+    /// stream is dropped the watch stops.
     pub fn watch_prefix(
         &self,
         prefix: impl Into<Vec<u8>>,
@@ -320,6 +335,7 @@ impl StoreClient {
             client: self.client.clone(),
             prefix: prefix.into(),
             next: from_rev,
+            cluster: None,
             tx,
         };
         tokio::spawn(watch.run());
@@ -350,6 +366,8 @@ struct ResumingWatch {
     prefix: Vec<u8>,
     /// The first revision not yet delivered (0 until the first watch says where "now" is).
     next: i64,
+    /// The store's cluster id, from the first reply.
+    cluster: Option<u64>,
     tx: mpsc::Sender<Result<StoreEvent, WatchLost>>,
 }
 
@@ -417,8 +435,23 @@ impl ResumingWatch {
                 }
             };
             let header_rev = resp.header().map_or(0, |h| h.revision());
+            if let Some(cluster) = resp.header().map(|h| h.cluster_id()) {
+                match self.cluster {
+                    None => self.cluster = Some(cluster),
+                    Some(old) if old != cluster => {
+                        let lost = WatchLost::StoreReplaced {
+                            prefix: self.prefix_str(),
+                            old_cluster: old,
+                            new_cluster: cluster,
+                        };
+                        let _ = self.tx.send(Err(lost)).await;
+                        return End::Stop;
+                    }
+                    Some(_) => {}
+                }
+            }
             if resp.compact_revision() > 0 {
-                let lost = WatchLost {
+                let lost = WatchLost::Compacted {
                     prefix: self.prefix_str(),
                     compact_revision: resp.compact_revision(),
                     next_revision: self.next,

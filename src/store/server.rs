@@ -162,13 +162,15 @@ impl Store {
         };
         // Streams end when the store closes; a client that keeps a connection open anyway does
         // not hold the process for more than a few seconds.
-        tokio::select! {
-            r = served => r.context("serving the store")?,
+        let result = tokio::select! {
+            r = served => r.context("serving the store"),
             () = async { shutdown.cancelled().await; tokio::time::sleep(Duration::from_secs(5)).await } => {
                 tracing::warn!("store: clients still connected after shutdown; closing anyway");
+                Ok(())
             }
-        }
-        Ok(())
+        };
+        self.backend.close().await;
+        result
     }
 }
 

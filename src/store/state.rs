@@ -486,7 +486,9 @@ fn sort(kvs: &mut [&Kv], order: i32, target: i32) {
 
 fn compare_kv(c: &PbCompare, kv: &KeyValue) -> bool {
     use std::cmp::Ordering;
+    // A union of another kind than the target reads as zero / empty, as protobuf getters do.
     let union = c.target_union.as_ref();
+    let int = |pick: fn(&PbTargetUnion) -> Option<i64>| union.and_then(pick).unwrap_or(0);
     let ord = match PbCompareTarget::try_from(c.target) {
         Ok(PbCompareTarget::Value) => {
             let want: &[u8] = match union {
@@ -495,10 +497,22 @@ fn compare_kv(c: &PbCompare, kv: &KeyValue) -> bool {
             };
             kv.value.as_slice().cmp(want)
         }
-        Ok(PbCompareTarget::Version) => kv.version.cmp(&int_target(union, 0)),
-        Ok(PbCompareTarget::Create) => kv.create_revision.cmp(&int_target(union, 1)),
-        Ok(PbCompareTarget::Mod) => kv.mod_revision.cmp(&int_target(union, 2)),
-        Ok(PbCompareTarget::Lease) => kv.lease.cmp(&int_target(union, 3)),
+        Ok(PbCompareTarget::Version) => kv.version.cmp(&int(|u| match u {
+            PbTargetUnion::Version(v) => Some(*v),
+            _ => None,
+        })),
+        Ok(PbCompareTarget::Create) => kv.create_revision.cmp(&int(|u| match u {
+            PbTargetUnion::CreateRevision(v) => Some(*v),
+            _ => None,
+        })),
+        Ok(PbCompareTarget::Mod) => kv.mod_revision.cmp(&int(|u| match u {
+            PbTargetUnion::ModRevision(v) => Some(*v),
+            _ => None,
+        })),
+        Ok(PbCompareTarget::Lease) => kv.lease.cmp(&int(|u| match u {
+            PbTargetUnion::Lease(v) => Some(*v),
+            _ => None,
+        })),
         Err(_) => return false,
     };
     match c.result {
@@ -507,18 +521,6 @@ fn compare_kv(c: &PbCompare, kv: &KeyValue) -> bool {
         CMP_LESS => ord == Ordering::Less,
         CMP_NOT_EQUAL => ord != Ordering::Equal,
         _ => false,
-    }
-}
-
-/// The integer a compare names for its target (0 when the union holds another kind, as
-/// protobuf getters return).
-fn int_target(union: Option<&PbTargetUnion>, kind: u8) -> i64 {
-    match (union, kind) {
-        (Some(PbTargetUnion::Version(v)), 0)
-        | (Some(PbTargetUnion::CreateRevision(v)), 1)
-        | (Some(PbTargetUnion::ModRevision(v)), 2)
-        | (Some(PbTargetUnion::Lease(v)), 3) => *v,
-        _ => 0,
     }
 }
 

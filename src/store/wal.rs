@@ -23,6 +23,7 @@ use prost::Message;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -93,14 +94,14 @@ pub struct SnapshotRecord {
 
 const SNAPSHOT_FILE: &str = "snapshot.pb";
 const SNAPSHOT_MAGIC: &[u8; 8] = b"ARBSNAP1";
-/// A frame longer than this is garbage, not a record (requests are capped far below it).
-const MAX_FRAME: usize = 256 << 20;
 
 /// What the log thread reports after each fsync: everything up to `index` is durable, and the
 /// newest durable revision is `revision`. `Err` means the log failed and stopped.
 pub type Publish = Box<dyn Fn(Result<(u64, i64), String>) + Send>;
 
 enum Item {
+    /// Write what is queued before this, then let go of the log and the dir lock.
+    Stop,
     Record {
         index: u64,
         revision: i64,
@@ -120,6 +121,7 @@ pub struct Wal {
     /// snapshot, after which the log starts a new segment.
     pub segment_bytes: Arc<AtomicU64>,
     pub snapshot_pending: Arc<AtomicBool>,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 /// What a data dir held at startup.
@@ -141,7 +143,12 @@ pub struct Opened {
 
 /// Reads a data dir (creating it if needed): the snapshot, then every intact record after it.
 pub fn open(dir: &Path) -> anyhow::Result<(Recovered, Opened)> {
-    fs::create_dir_all(dir).with_context(|| format!("creating data dir {}", dir.display()))?;
+    // The store has no authentication; its files are its owner's only.
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating data dir {}", dir.display()))?;
     let lock = lock_dir(dir)?;
     let _ = fs::remove_file(dir.join(format!("{SNAPSHOT_FILE}.tmp")));
     let snapshot = read_snapshot(dir)?;
@@ -204,6 +211,7 @@ pub fn open(dir: &Path) -> anyhow::Result<(Recovered, Opened)> {
     let segment = OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(&segment_path)
         .with_context(|| format!("opening log segment {}", segment_path.display()))?;
     sync_dir(dir)?;
@@ -244,7 +252,7 @@ impl Opened {
             snapshot_pending: snapshot_pending.clone(),
             publish,
         };
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("arbor-store-wal".into())
             .spawn(move || writer.run(rx))
             .context("starting the log thread")?;
@@ -252,6 +260,7 @@ impl Opened {
             tx,
             segment_bytes,
             snapshot_pending,
+            thread: std::sync::Mutex::new(Some(thread)),
         })
     }
 }
@@ -267,6 +276,16 @@ impl Wal {
                 bytes,
             })
             .map_err(|_| "the log thread has stopped".to_string())
+    }
+
+    /// Writes everything queued, closes the log and releases the data dir, so another store can
+    /// open it at once. Later appends fail.
+    pub fn stop(&self) {
+        let _ = self.tx.send(Item::Stop);
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
     }
 
     /// Queues a snapshot covering every record up to `index`.
@@ -305,9 +324,17 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            let stop = batch.iter().position(|i| matches!(i, Item::Stop));
+            if let Some(at) = stop {
+                batch.truncate(at);
+            }
             if let Err(e) = self.write_batch(batch) {
                 tracing::error!("store: write-ahead log failed: {e:#}");
                 (self.publish)(Err(format!("{e:#}")));
+                return;
+            }
+            if stop.is_some() {
+                (self.publish)(Err("the store has shut down".to_string()));
                 return;
             }
         }
@@ -323,9 +350,10 @@ impl Writer {
                     revision,
                     bytes,
                 } => {
-                    frame(&mut buf, &bytes);
+                    frame(&mut buf, &bytes)?;
                     durable = Some(max_durable(durable, index, revision));
                 }
+                Item::Stop => {}
                 Item::Snapshot {
                     index,
                     revision,
@@ -365,6 +393,7 @@ impl Writer {
         let segment = OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&path)
             .with_context(|| format!("creating log segment {}", path.display()))?;
         sync_dir(&self.dir)?;
@@ -391,10 +420,15 @@ fn segment_name(dir: &Path, first_index: u64) -> PathBuf {
     dir.join(format!("wal-{first_index:020}.log"))
 }
 
-fn frame(buf: &mut Vec<u8>, payload: &[u8]) {
-    buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+/// Appends `len | crc32 | payload`. A length that does not fit the u32 header is an error, not
+/// a silently truncated frame.
+fn frame(buf: &mut Vec<u8>, payload: &[u8]) -> anyhow::Result<()> {
+    let len = u32::try_from(payload.len())
+        .map_err(|_| anyhow::anyhow!("a record of {} bytes is too large to log", payload.len()))?;
+    buf.extend_from_slice(&len.to_le_bytes());
     buf.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
     buf.extend_from_slice(payload);
+    Ok(())
 }
 
 /// Splits a log into its intact frames; returns them and the length of the intact prefix.
@@ -404,9 +438,6 @@ fn parse_frames(bytes: &[u8]) -> (Vec<&[u8]>, usize) {
     while let Some(header) = bytes.get(pos..pos + 8) {
         let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
         let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-        if len > MAX_FRAME {
-            break;
-        }
         let Some(payload) = bytes.get(pos + 8..pos + 8 + len) else {
             break;
         };
@@ -449,8 +480,13 @@ fn write_snapshot(dir: &Path, payload: &[u8]) -> anyhow::Result<()> {
     let tmp = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
     let mut buf = Vec::with_capacity(payload.len() + 16);
     buf.extend_from_slice(SNAPSHOT_MAGIC);
-    frame(&mut buf, payload);
-    File::create(&tmp)
+    frame(&mut buf, payload)?;
+    OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
         .and_then(|mut f| f.write_all(&buf).and_then(|()| f.sync_all()))
         .with_context(|| format!("writing snapshot {}", tmp.display()))?;
     fs::rename(&tmp, dir.join(SNAPSHOT_FILE))
@@ -471,6 +507,7 @@ fn lock_dir(dir: &Path) -> anyhow::Result<File> {
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
     // SAFETY: flock on a descriptor we own; no memory is passed.
@@ -508,7 +545,7 @@ mod tests {
     fn torn_and_corrupt_tails_end_the_log_without_panicking() {
         let mut buf = Vec::new();
         for i in 1..=3 {
-            frame(&mut buf, &record(i, "k").encode_to_vec());
+            frame(&mut buf, &record(i, "k").encode_to_vec()).unwrap();
         }
         let whole = buf.len();
         for cut in 0..whole {
@@ -563,6 +600,37 @@ mod tests {
     }
 
     #[test]
+    fn writes_queued_during_an_fsync_share_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, opened) = open(dir.path()).unwrap();
+        let (published_tx, published_rx) = mpsc::channel();
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        let release_rx = std::sync::Mutex::new(release_rx);
+        let wal = opened
+            .start(Box::new(move |d| {
+                let index = d.unwrap().0;
+                let _ = published_tx.send(index);
+                if index == 1 {
+                    // Hold the log thread, as a slow fsync would, while writers queue up.
+                    let _ = release_rx.lock().unwrap().recv();
+                }
+            }))
+            .unwrap();
+        wal.append(1, 2, record(1, "a").encode_to_vec()).unwrap();
+        assert_eq!(published_rx.recv().unwrap(), 1);
+        for i in 2..=50 {
+            wal.append(i, i as i64 + 1, record(i, "a").encode_to_vec())
+                .unwrap();
+        }
+        release_tx.send(()).unwrap();
+        assert_eq!(
+            published_rx.recv().unwrap(),
+            50,
+            "49 writes, one batch, one fsync"
+        );
+    }
+
+    #[test]
     fn a_snapshot_replaces_the_log_before_it() {
         let dir = tempfile::tempdir().unwrap();
         let (_, opened) = open(dir.path()).unwrap();
@@ -595,5 +663,11 @@ mod tests {
         let indexes: Vec<u64> = rec.records.iter().map(|r| r.index).collect();
         assert_eq!(indexes, [2]);
         assert!(!segment_name(dir.path(), 1).exists(), "old segment removed");
+        use std::os::unix::fs::PermissionsExt;
+        for entry in fs::read_dir(dir.path()).unwrap() {
+            let path = entry.unwrap().path();
+            let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{} is its owner's only", path.display());
+        }
     }
 }

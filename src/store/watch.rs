@@ -11,11 +11,13 @@
 //! comes only after every event up to its header revision has been sent.
 
 use super::backend::Backend;
+use super::kv::{GRPC_OVERHEAD_BYTES, MAX_REQUEST_BYTES};
 use super::mvcc::{Change, KeyRange, RevisionError, is_tombstone};
 use etcd_client::proto::{
     PbEvent, PbKeyValue as KeyValue, PbWatchRequest, PbWatchRequestUnion, PbWatchResponse,
     PbWatchService,
 };
+use prost::Message;
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -64,6 +66,9 @@ struct Watcher {
     no_put: bool,
     no_delete: bool,
     progress_notify: bool,
+    /// Split a revision too large for one message into several (`fragment` set on all but the
+    /// last), as etcd does when asked.
+    fragment: bool,
     /// Nothing sent since the last progress tick.
     quiet: bool,
 }
@@ -148,6 +153,7 @@ impl Session {
                     no_put: create.filters.contains(&FILTER_NOPUT),
                     no_delete: create.filters.contains(&FILTER_NODELETE),
                     progress_notify: create.progress_notify,
+                    fragment: create.fragment,
                     quiet: true,
                 };
                 self.watchers.insert(id, watcher);
@@ -211,6 +217,7 @@ impl Session {
                 }
                 Err(RevisionError::Future) => return Ok(()),
                 Ok((changes, next, visible)) => {
+                    let fragment = w.fragment;
                     let events: Vec<PbEvent> = changes.iter().filter_map(|c| event(w, c)).collect();
                     if let Some(w) = self.watchers.get_mut(&id) {
                         w.next = next;
@@ -221,7 +228,13 @@ impl Session {
                     if !events.is_empty() {
                         let mut resp = self.response(id, visible);
                         resp.events = events;
-                        self.send(resp).await?;
+                        if fragment && resp.encoded_len() > FRAGMENT_BYTES {
+                            for part in fragments(resp) {
+                                self.send(part).await?;
+                            }
+                        } else {
+                            self.send(resp).await?;
+                        }
                     }
                     if next > visible {
                         return Ok(());
@@ -250,6 +263,38 @@ impl Session {
         }
         Ok(())
     }
+}
+
+/// etcd splits a response for a watch that asked for `fragment` past this size.
+const FRAGMENT_BYTES: usize = MAX_REQUEST_BYTES + GRPC_OVERHEAD_BYTES;
+
+/// Splits a response into parts of at most [`FRAGMENT_BYTES`] (a single event larger than that
+/// goes alone), all but the last marked `fragment`, as etcd's FragmentWatchResponse.
+fn fragments(whole: PbWatchResponse) -> Vec<PbWatchResponse> {
+    let mut parts = Vec::new();
+    let mut events = whole.events.iter().cloned().peekable();
+    let empty = PbWatchResponse {
+        events: Vec::new(),
+        ..whole.clone()
+    };
+    while events.peek().is_some() {
+        let mut part = empty.clone();
+        let mut size = part.encoded_len();
+        while let Some(ev) = events.peek() {
+            let add = ev.encoded_len() + 8;
+            if !part.events.is_empty() && size + add > FRAGMENT_BYTES {
+                break;
+            }
+            size += add;
+            part.events.extend(events.next());
+        }
+        part.fragment = true;
+        parts.push(part);
+    }
+    if let Some(last) = parts.last_mut() {
+        last.fragment = false;
+    }
+    parts
 }
 
 fn event(w: &Watcher, change: &Change) -> Option<PbEvent> {
