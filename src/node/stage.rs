@@ -3,7 +3,7 @@
 //! 1. Check the host's OS and architecture (`uname -sm`) and pick the build to copy; refuse
 //!    before copying anything if none matches.
 //! 2. Create a private working dir (mktemp: mode 0700, unpredictable name).
-//! 3. Copy the binary into the content-addressed cache `~/.cache/arbor/bin/<sha256>`
+//! 3. Copy the binary into the content-addressed cache `~/.cache/arbor/bin/<sha256>/arbor`
 //!    (XDG_CACHE_HOME respected) unless an intact copy (size and sha256) is already there; with
 //!    --no-caching, into the working dir instead. Uploads are atomic, so an interrupted copy
 //!    never leaves a bad cache entry, and the far side's sha256 is checked after the copy.
@@ -183,7 +183,7 @@ pub async fn stage(
         "set -e; umask 077; \
          w=$(mktemp -d {tmp}/arbor.XXXXXXXXXX); echo \"$w\"; \
          c=\"${{XDG_CACHE_HOME:-$HOME/.cache}}/arbor/bin\"; echo \"$c\"; \
-         f=\"$c\"/{sha}; \
+         f=\"$c\"/{sha}/arbor; \
          if [ -f \"$f\" ] && [ \"$(wc -c < \"$f\")\" -eq {size} ] && \
             sha256sum \"$f\" | grep -q '^{sha} '; then echo cached; else echo missing; fi",
         tmp = shell_quote(options.remote_tmp.trim_end_matches('/')),
@@ -202,17 +202,19 @@ pub async fn stage(
 
     let sftp = session.sftp().await?;
     let mut bytes_copied = 0;
+    // Named `arbor` inside a directory named by its hash, so `ps` and `pgrep arbor` show it.
+    let entry = format!("{cache}/{}", build.sha256);
     let binary = if options.no_caching {
         format!("{workdir}/arbor")
     } else {
-        format!("{cache}/{}", build.sha256)
+        format!("{entry}/arbor")
     };
     if !cached {
         if !options.no_caching {
             session
                 .run_checked(
                     CommandLine::new("mkdir")
-                        .args(["-p", "-m", "700", cache])
+                        .args(["-p", "-m", "700", &entry])
                         .as_str(),
                 )
                 .await?;

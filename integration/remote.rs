@@ -1,0 +1,671 @@
+//! End-to-end tests of `arbor run --remote` against the lab's real sshd hosts: the article's
+//! example, caching, teardown, live edits, failures, and a real etcd as the store.
+//!
+//! The tests share the lab's hosts r1 and r2, so they run one at a time; each starts by
+//! clearing what earlier tests left in /tmp.
+
+mod support;
+
+use libtest_mimic::{Arguments, Failed, Trial};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
+use support::Lab;
+
+type TestResult = Result<(), Failed>;
+type Test = (&'static str, fn(&Lab) -> TestResult);
+
+fn main() -> std::process::ExitCode {
+    let mut args = Arguments::from_args();
+    args.test_threads = Some(1);
+    let lab = Arc::new(Lab::up("remote", &["--relays", "2", "--leaves", "1"]));
+    let tests: Vec<Test> = vec![
+        (
+            "the_articles_example_exchanges_files_and_cleans_up",
+            the_articles_example_exchanges_files_and_cleans_up,
+        ),
+        (
+            "a_warm_cache_copies_no_binary",
+            a_warm_cache_copies_no_binary,
+        ),
+        (
+            "no_caching_leaves_nothing_of_arbor_behind",
+            no_caching_leaves_nothing_of_arbor_behind,
+        ),
+        (
+            "ctrl_c_stops_every_host_and_exits_130",
+            ctrl_c_stops_every_host_and_exits_130,
+        ),
+        (
+            "a_live_edit_reaches_the_host_during_the_run",
+            a_live_edit_reaches_the_host_during_the_run,
+        ),
+        (
+            "an_unreachable_host_fails_alone_with_exit_1",
+            an_unreachable_host_fails_alone_with_exit_1,
+        ),
+        ("a_wrong_host_key_is_refused", a_wrong_host_key_is_refused),
+        (
+            "a_bad_graph_exits_2_before_connecting",
+            a_bad_graph_exits_2_before_connecting,
+        ),
+        (
+            "the_example_works_with_a_real_etcd_as_the_store",
+            the_example_works_with_a_real_etcd_as_the_store,
+        ),
+    ];
+    let trials = tests
+        .into_iter()
+        .map(|(name, test)| {
+            let lab = lab.clone();
+            Trial::test(name, move || test(&lab))
+        })
+        .collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    lab.down();
+    conclusion.exit_code()
+}
+
+fn fail(msg: impl std::fmt::Display) -> Failed {
+    Failed::from(msg.to_string())
+}
+
+macro_rules! check {
+    ($cond:expr, $($fmt:tt)+) => {
+        if !$cond {
+            return Err(fail(format!($($fmt)+)));
+        }
+    };
+}
+
+const ARBOR: &str = env!("CARGO_BIN_EXE_arbor");
+
+/// The article's two graphs, pointed at lab hosts, in a temp dir.
+struct Graphs {
+    dir: tempfile::TempDir,
+    a: PathBuf,
+    b: PathBuf,
+}
+
+fn article_graphs(lab: &Lab, host_a: &str, host_b: &str) -> Graphs {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write = |name: &str, src: &str, addr: &str| {
+        let text = std::fs::read_to_string(support::repo_root().join(src)).expect("example");
+        let text = text
+            .lines()
+            .map(|l| {
+                if l.starts_with("remote:") {
+                    format!("remote: ssh://root@{addr}:22")
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\n";
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write graph");
+        path
+    };
+    let a = write("remote2a.yaml", "examples/remote2a.yaml", host_a);
+    let b = write("remote2b.yaml", "examples/remote2b.yaml", host_b);
+    let _ = lab;
+    Graphs { dir, a, b }
+}
+
+/// `arbor run ARGS` in the initiator's namespace, with the lab's HOME.
+fn arbor_command(lab: &Lab, args: &[&str]) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", lab.init_ns(), ARBOR, "run"])
+        .args(args)
+        .env("HOME", lab.home())
+        .env_remove("SSH_AUTH_SOCK")
+        .env("ARBOR_LOG", "arbor=info");
+    c
+}
+
+fn arbor(lab: &Lab, args: &[&str]) -> Output {
+    arbor_command(lab, args).output().expect("run arbor")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "--- stdout\n{}--- stderr\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn clean_hosts(lab: &Lab) {
+    for h in ["r1", "r2"] {
+        lab.sh(h, "rm -rf /tmp/file* /tmp/arbor.* /root/.cache/arbor");
+    }
+}
+
+/// What arbor left on a host: its processes and its working dirs.
+fn leftovers(lab: &Lab, host: &str) -> String {
+    lab.sh(
+        host,
+        "pgrep -x -a arbor || true; ls -d /tmp/arbor.* 2>/dev/null || true",
+    )
+}
+
+fn read_far(lab: &Lab, host: &str, path: &str) -> String {
+    lab.sh(host, &format!("cat {path} 2>/dev/null || echo MISSING"))
+}
+
+fn check_article_files(lab: &Lab) -> TestResult {
+    let want_a = [
+        ("/tmp/file1a", "i am file1a\n"),
+        ("/tmp/file2a", "i am file2a, exported from host a\n"),
+        ("/tmp/file2b", "i am file2b, exported from host b\n"),
+    ];
+    let want_b = [
+        ("/tmp/file1b", "i am file1b\n"),
+        ("/tmp/file2a", "i am file2a, exported from host a\n"),
+        ("/tmp/file2b", "i am file2b, exported from host b\n"),
+    ];
+    for (host, want) in [("r1", &want_a), ("r2", &want_b)] {
+        for (path, content) in want.iter() {
+            let got = read_far(lab, host, path);
+            check!(
+                got == *content,
+                "{host}:{path} holds {got:?}, want {content:?}"
+            );
+        }
+    }
+    check!(
+        read_far(lab, "r1", "/tmp/file1b") == "MISSING\n",
+        "b's local file reached a"
+    );
+    Ok(())
+}
+
+fn the_articles_example_exchanges_files_and_cleans_up(lab: &Lab) -> TestResult {
+    clean_hosts(lab);
+    let g = article_graphs(lab, &lab.addr("r1"), &lab.addr("r2"));
+    let out = arbor(
+        lab,
+        &[
+            "--remote",
+            &g.a.to_string_lossy(),
+            "--remote",
+            &g.b.to_string_lossy(),
+            "--converged-timeout",
+            "2",
+            "--tmp-prefix",
+        ],
+    );
+    let log = text(&out);
+    check!(
+        out.status.code() == Some(0),
+        "exit {:?}\n{log}",
+        out.status.code()
+    );
+    check_article_files(lab)?;
+    for h in ["r1", "r2"] {
+        let left = leftovers(lab, h);
+        check!(left.trim().is_empty(), "{h} has leftovers: {left}\n{log}");
+        let cache = lab.sh(h, "ls /root/.cache/arbor/bin/*/arbor | wc -l");
+        check!(cache.trim() == "1", "{h}: binary not cached: {cache}");
+    }
+    // Live output, tagged with the host, and the summary.
+    check!(
+        log.contains(&format!("{} | ", lab.addr("r1"))),
+        "no tagged output\n{log}"
+    );
+    check!(
+        log.contains("HOST") && log.contains("RESULT"),
+        "no summary\n{log}"
+    );
+    drop(g.dir);
+    Ok(())
+}
+
+fn a_warm_cache_copies_no_binary(lab: &Lab) -> TestResult {
+    clean_hosts(lab);
+    let g = article_graphs(lab, &lab.addr("r1"), &lab.addr("r2"));
+    let args = [
+        "--remote",
+        &*g.a.to_string_lossy(),
+        "--remote",
+        &*g.b.to_string_lossy(),
+        "--converged-timeout",
+        "1",
+        "--tmp-prefix",
+    ]
+    .map(str::to_string);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let binary = std::fs::metadata(ARBOR).map_err(fail)?.len();
+
+    let (tx0, _) = lab.init_link_bytes();
+    let cold = arbor(lab, &args);
+    let (tx1, _) = lab.init_link_bytes();
+    check!(cold.status.success(), "cold run failed\n{}", text(&cold));
+    let warm = arbor(lab, &args);
+    let (tx2, _) = lab.init_link_bytes();
+    check!(warm.status.success(), "warm run failed\n{}", text(&warm));
+
+    let (cold_bytes, warm_bytes) = (tx1 - tx0, tx2 - tx1);
+    check!(
+        cold_bytes >= 2 * binary,
+        "cold run sent {cold_bytes} bytes, less than two copies of the {binary}-byte binary"
+    );
+    check!(
+        warm_bytes < binary / 10 && warm_bytes < 2_000_000,
+        "warm run sent {warm_bytes} bytes (binary is {binary})\n{}",
+        text(&warm)
+    );
+    let summary = String::from_utf8_lossy(&warm.stdout);
+    let cached_rows = summary
+        .lines()
+        .filter(|l| l.starts_with("10.199.") && l.contains(" yes "))
+        .count();
+    check!(
+        cached_rows == 2,
+        "summary does not show both cached:\n{summary}"
+    );
+    Ok(())
+}
+
+fn no_caching_leaves_nothing_of_arbor_behind(lab: &Lab) -> TestResult {
+    clean_hosts(lab);
+    let g = article_graphs(lab, &lab.addr("r1"), &lab.addr("r2"));
+    let out = arbor(
+        lab,
+        &[
+            "--remote",
+            &g.a.to_string_lossy(),
+            "--remote",
+            &g.b.to_string_lossy(),
+            "--converged-timeout",
+            "1",
+            "--no-caching",
+            "--tmp-prefix",
+        ],
+    );
+    check!(out.status.success(), "run failed\n{}", text(&out));
+    check_article_files(lab)?;
+    for h in ["r1", "r2"] {
+        let left = lab.sh(
+            h,
+            "pgrep -x -a arbor; ls -d /tmp/arbor.* /root/.cache/arbor 2>/dev/null; \
+             find / -xdev -name 'arbor*' -newer /tmp/file1* 2>/dev/null | grep -v '^/proc'; true",
+        );
+        check!(left.trim().is_empty(), "{h} keeps: {left}");
+    }
+    Ok(())
+}
+
+/// A running arbor that is stopped (^C, then killed) however the test ends.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            unsafe {
+                libc::kill(self.0.id() as i32, libc::SIGINT);
+            }
+            for _ in 0..300 {
+                if let Ok(Some(_)) = self.0.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Starts a continuous run; returns the child and a channel of its stdout lines.
+fn start_continuous(lab: &Lab, graphs: &[&Path]) -> (Running, mpsc::Receiver<String>) {
+    let mut args: Vec<String> = Vec::new();
+    for g in graphs {
+        args.push("--remote".into());
+        args.push(g.to_string_lossy().into_owned());
+    }
+    args.push("--tmp-prefix".into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut child = arbor_command(lab, &args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start arbor");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (Running(child), rx)
+}
+
+/// Waits for a line containing each of `needles` (in any order); returns all lines seen.
+fn wait_lines(
+    rx: &mpsc::Receiver<String>,
+    needles: &[String],
+    within: Duration,
+) -> Result<Vec<String>, Failed> {
+    let deadline = Instant::now() + within;
+    let mut seen = Vec::new();
+    let mut missing: Vec<&String> = needles.iter().collect();
+    while !missing.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                missing.retain(|n| !line.contains(n.as_str()));
+                seen.push(line);
+            }
+            Err(_) => {
+                return Err(fail(format!(
+                    "never saw {missing:?} within {within:?}; saw:\n{}",
+                    seen.join("\n")
+                )));
+            }
+        }
+    }
+    Ok(seen)
+}
+
+fn interrupt(running: &mut Running) -> Result<(Option<i32>, Duration), Failed> {
+    let child = &mut running.0;
+    // `ip netns exec` execs arbor, so the child's pid is arbor's.
+    let started = Instant::now();
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    loop {
+        if let Some(status) = child.try_wait().map_err(fail)? {
+            return Ok((status.code(), started.elapsed()));
+        }
+        if started.elapsed() > Duration::from_secs(15) {
+            let _ = child.kill();
+            return Err(fail("arbor did not exit within 15 s of ^C"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn ctrl_c_stops_every_host_and_exits_130(lab: &Lab) -> TestResult {
+    clean_hosts(lab);
+    let g = article_graphs(lab, &lab.addr("r1"), &lab.addr("r2"));
+    let (mut child, rx) = start_continuous(lab, &[&g.a, &g.b]);
+    let converged = [
+        format!("{}: converged", lab.addr("r1")),
+        format!("{}: converged", lab.addr("r2")),
+    ];
+    wait_lines(&rx, &converged, Duration::from_secs(60))?;
+    // Both hosts run arbor now.
+    for h in ["r1", "r2"] {
+        let procs = lab.sh(h, "pgrep -x -c arbor || true");
+        check!(procs.trim() != "0", "{h}: no arbor running during the run");
+    }
+    let (code, took) = interrupt(&mut child)?;
+    check!(code == Some(130), "exit code {code:?} after ^C");
+    check!(took < Duration::from_secs(6), "took {took:?} to stop");
+    for h in ["r1", "r2"] {
+        let left = leftovers(lab, h);
+        check!(left.trim().is_empty(), "{h} has leftovers after ^C: {left}");
+    }
+    Ok(())
+}
+
+fn a_live_edit_reaches_the_host_during_the_run(lab: &Lab) -> TestResult {
+    clean_hosts(lab);
+    let g = article_graphs(lab, &lab.addr("r1"), &lab.addr("r2"));
+    let (mut child, rx) = start_continuous(lab, &[&g.a, &g.b]);
+    let r1 = lab.addr("r1");
+    let result = (|| {
+        wait_lines(&rx, &[format!("{r1}: converged")], Duration::from_secs(60))?;
+        // Write the edit the way editors do: a new file renamed over the old one.
+        let text = std::fs::read_to_string(&g.a).map_err(fail)?;
+        let edited = text.replace("i am file1a", "i am file1a, edited live");
+        let tmp = g.dir.path().join(".remote2a.yaml.swp");
+        std::fs::write(&tmp, edited).map_err(fail)?;
+        let saved = Instant::now();
+        std::fs::rename(&tmp, &g.a).map_err(fail)?;
+        loop {
+            if read_far(lab, "r1", "/tmp/file1a") == "i am file1a, edited live\n" {
+                break;
+            }
+            if saved.elapsed() > Duration::from_secs(10) {
+                return Err(fail("the edit never reached r1"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        wait_lines(
+            &rx,
+            &[
+                format!("{r1} | "),
+                "copied over new graph definition".to_string(),
+            ],
+            Duration::from_secs(5),
+        )?;
+        Ok(())
+    })();
+    let stopped = interrupt(&mut child);
+    result?;
+    stopped?;
+    Ok(())
+}
+
+fn an_unreachable_host_fails_alone_with_exit_1(lab: &Lab) -> TestResult {
+    clean_hosts(lab);
+    let g = article_graphs(lab, &lab.addr("r1"), "10.199.0.99");
+    let out = arbor(
+        lab,
+        &[
+            "--remote",
+            &g.a.to_string_lossy(),
+            "--remote",
+            &g.b.to_string_lossy(),
+            "--converged-timeout",
+            "1",
+            "--connect-timeout",
+            "2",
+            "--tmp-prefix",
+        ],
+    );
+    let log = text(&out);
+    check!(
+        out.status.code() == Some(1),
+        "exit {:?}\n{log}",
+        out.status.code()
+    );
+    check!(
+        log.contains("10.199.0.99: connect:"),
+        "the error does not name the host and step\n{log}"
+    );
+    check!(
+        read_far(lab, "r1", "/tmp/file1a") == "i am file1a\n",
+        "the good host did not converge\n{log}"
+    );
+    check!(leftovers(lab, "r1").trim().is_empty(), "r1 has leftovers");
+    Ok(())
+}
+
+fn a_wrong_host_key_is_refused(lab: &Lab) -> TestResult {
+    clean_hosts(lab);
+    let g = article_graphs(lab, &lab.addr("r1"), &lab.addr("r2"));
+    // A HOME whose known_hosts holds another key for r1.
+    let home = tempfile::tempdir().map_err(fail)?;
+    let ssh_dir = home.path().join(".ssh");
+    std::fs::create_dir_all(&ssh_dir).map_err(fail)?;
+    std::fs::copy(
+        lab.home().join(".ssh/id_ed25519"),
+        ssh_dir.join("id_ed25519"),
+    )
+    .map_err(fail)?;
+    support::local(
+        "ssh-keygen",
+        &[
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-f",
+            &home.path().join("other").to_string_lossy(),
+        ],
+    );
+    let other = std::fs::read_to_string(home.path().join("other.pub")).map_err(fail)?;
+    let kh = std::fs::read_to_string(lab.home().join(".ssh/known_hosts")).map_err(fail)?;
+    let r1 = lab.addr("r1");
+    let mut lines: Vec<String> = kh
+        .lines()
+        .filter(|l| {
+            !l.split_whitespace()
+                .next()
+                .unwrap_or("")
+                .split(',')
+                .any(|h| h == r1)
+        })
+        .map(str::to_string)
+        .collect();
+    lines.push(format!("{r1} {}", other.trim()));
+    std::fs::write(ssh_dir.join("known_hosts"), lines.join("\n") + "\n").map_err(fail)?;
+
+    let out = arbor_command(
+        lab,
+        &[
+            "--remote",
+            &g.a.to_string_lossy(),
+            "--remote",
+            &g.b.to_string_lossy(),
+            "--converged-timeout",
+            "1",
+            "--tmp-prefix",
+        ],
+    )
+    .env("HOME", home.path())
+    .output()
+    .map_err(fail)?;
+    let log = text(&out);
+    check!(
+        out.status.code() == Some(1),
+        "exit {:?}\n{log}",
+        out.status.code()
+    );
+    check!(
+        log.contains(&format!("{r1}: host key: HOST KEY CHANGED")),
+        "no host key error for r1\n{log}"
+    );
+    check!(
+        read_far(lab, "r1", "/tmp/file1a") == "MISSING\n",
+        "arbor ran on a host whose key was wrong"
+    );
+    Ok(())
+}
+
+fn a_bad_graph_exits_2_before_connecting(lab: &Lab) -> TestResult {
+    clean_hosts(lab);
+    let g = article_graphs(lab, &lab.addr("r1"), &lab.addr("r2"));
+    let text_b = std::fs::read_to_string(&g.b).map_err(fail)?;
+    std::fs::write(
+        &g.b,
+        text_b.replace("state: exists", "state: exists\n    colour: blue"),
+    )
+    .map_err(fail)?;
+    let (tx0, _) = lab.init_link_bytes();
+    let out = arbor(
+        lab,
+        &[
+            "--remote",
+            &g.a.to_string_lossy(),
+            "--remote",
+            &g.b.to_string_lossy(),
+            "--tmp-prefix",
+        ],
+    );
+    let (tx1, _) = lab.init_link_bytes();
+    let log = text(&out);
+    check!(
+        out.status.code() == Some(2),
+        "exit {:?}\n{log}",
+        out.status.code()
+    );
+    check!(
+        log.contains(&format!("{}:", g.b.display())) && log.contains("colour"),
+        "the error does not name the file and key\n{log}"
+    );
+    check!(
+        tx1 - tx0 < 1000,
+        "{} bytes went out for a bad graph",
+        tx1 - tx0
+    );
+    check!(leftovers(lab, "r1").trim().is_empty(), "r1 was touched");
+    Ok(())
+}
+
+fn the_example_works_with_a_real_etcd_as_the_store(lab: &Lab) -> TestResult {
+    clean_hosts(lab);
+    let data = tempfile::tempdir().map_err(fail)?;
+    let port = 23791;
+    let url = format!("http://127.0.0.1:{port}");
+    let mut etcd = Command::new("ip")
+        .args(["netns", "exec", lab.init_ns(), "/usr/bin/etcd"])
+        .arg("--data-dir")
+        .arg(data.path())
+        .args([
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+        ])
+        .args(["--listen-peer-urls", "http://127.0.0.1:23801"])
+        .args(["--initial-advertise-peer-urls", "http://127.0.0.1:23801"])
+        .args(["--initial-cluster", "default=http://127.0.0.1:23801"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(fail)?;
+    let result = (|| {
+        let g = article_graphs(lab, &lab.addr("r1"), &lab.addr("r2"));
+        let out = arbor(
+            lab,
+            &[
+                "--remote",
+                &g.a.to_string_lossy(),
+                "--remote",
+                &g.b.to_string_lossy(),
+                "--converged-timeout",
+                "2",
+                "--seeds",
+                &url,
+            ],
+        );
+        check!(
+            out.status.code() == Some(0),
+            "exit {:?}\n{}",
+            out.status.code(),
+            text(&out)
+        );
+        check_article_files(lab)?;
+        // The exports went through etcd: it saw the revisions.
+        let status = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                lab.init_ns(),
+                "etcdctl",
+                "--endpoints",
+                &url,
+            ])
+            .args(["endpoint", "status", "-w", "json"])
+            .env("ETCDCTL_API", "3")
+            .output()
+            .map_err(fail)?;
+        let status = String::from_utf8_lossy(&status.stdout);
+        check!(status.contains("\"revision\""), "etcdctl: {status}");
+        Ok(())
+    })();
+    let _ = etcd.kill();
+    let _ = etcd.wait();
+    result
+}
