@@ -41,6 +41,18 @@ enum Sub {
     },
     /// Run a graph of resources and keep it converged.
     Run(Box<RunArgs>),
+    /// Work with topology files (docs/topology.md).
+    #[command(subcommand)]
+    Topology(TopologySub),
+}
+
+#[derive(Subcommand, Debug)]
+enum TopologySub {
+    /// Validate a topology file and print the tree it describes (exit 2 if invalid).
+    Check {
+        /// The topology file (YAML).
+        file: PathBuf,
+    },
 }
 
 /// `arbor run`: run graphs here, on hosts reached over SSH, or both.
@@ -64,6 +76,10 @@ struct RunArgs {
     /// Repeat for more hosts.
     #[arg(long = "remote", value_name = "GRAPH")]
     remotes: Vec<PathBuf>,
+    /// A topology file: the hosts to reach, through relays and jump hosts, and the graph
+    /// each runs (docs/topology.md).
+    #[arg(long, value_name = "FILE")]
+    topology: Option<PathBuf>,
     /// Exit once every host has been converged at the same time for this many seconds.
     /// Without it, run until ^C.
     #[arg(long, value_name = "SECONDS")]
@@ -133,6 +149,8 @@ pub enum Command {
     Version,
     Store(crate::store::StoreConfig),
     Run(Box<RunConfig>),
+    /// `arbor topology check FILE`.
+    TopologyCheck(PathBuf),
 }
 
 /// `arbor run`, as plain data.
@@ -142,6 +160,8 @@ pub struct RunConfig {
     pub file: Option<PathBuf>,
     /// Graphs to run on the hosts they name.
     pub remotes: Vec<PathBuf>,
+    /// A topology file naming the hosts to reach and their graphs.
+    pub topology: Option<PathBuf>,
     /// Exit after being converged this long.
     pub converged_timeout: Option<Duration>,
     pub noop: bool,
@@ -197,6 +217,7 @@ pub fn parse() -> Result<Invocation, ExitCode> {
             data_dir,
             allow_non_loopback,
         }),
+        Some(Sub::Topology(TopologySub::Check { file })) => Command::TopologyCheck(file),
         Some(Sub::Run(run)) => {
             let mut binaries = Vec::new();
             for spec in &run.binaries {
@@ -210,16 +231,21 @@ pub fn parse() -> Result<Invocation, ExitCode> {
                     }
                 }
             }
-            if run.file.is_none() && run.remotes.is_empty() && run.depth == 0 {
+            if run.file.is_none()
+                && run.remotes.is_empty()
+                && run.topology.is_none()
+                && run.depth == 0
+            {
                 eprintln!(
-                    "arbor: run needs something to run: --file GRAPH and/or --remote GRAPH \
-                     (see arbor run --help)"
+                    "arbor: run needs something to run: --file GRAPH, --remote GRAPH and/or \
+                     --topology FILE (see arbor run --help)"
                 );
                 return Err(ExitCode::from(2));
             }
             Command::Run(Box::new(RunConfig {
                 file: run.file,
                 remotes: run.remotes,
+                topology: run.topology,
                 converged_timeout: run.converged_timeout.map(Duration::from_secs),
                 noop: run.noop,
                 hostname: run.hostname,

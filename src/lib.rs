@@ -6,5 +6,6 @@ pub mod engine;
 pub mod node;
 pub mod ssh;
 pub mod store;
+pub mod topology;
 pub mod ui;
 pub mod wire;

@@ -59,6 +59,7 @@ async fn run(command: cli::Command, event_log: Option<arbor::node::parent::Event
                 }
             }
         }
+        cli::Command::TopologyCheck(path) => ExitCode::from(arbor::topology::check::run(&path)),
         cli::Command::Run(config) => match event_log {
             Some(log) => ExitCode::from(arbor::node::relay::run(*config, log).await),
             None => ExitCode::from(arbor::node::initiator::run(*config).await),
