@@ -85,22 +85,36 @@ async fn cancel_on_signal(token: tokio_util::sync::CancellationToken) {
 }
 
 fn init_tracing(verbosity: u8, event_log: Option<arbor::node::parent::EventLog>) {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::prelude::*;
+    // Plain target=level lists (no regex engine in the binary that goes to every host).
     let default = match verbosity {
-        0 => "arbor=info",
-        1 => "arbor=debug",
-        _ => "arbor=trace,russh=debug",
+        0 => Targets::new().with_target("arbor", LevelFilter::INFO),
+        1 => Targets::new().with_target("arbor", LevelFilter::DEBUG),
+        _ => Targets::new()
+            .with_target("arbor", LevelFilter::TRACE)
+            .with_target("russh", LevelFilter::DEBUG),
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("ARBOR_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false);
+    let filter = match std::env::var("ARBOR_LOG") {
+        Ok(spec) => spec.parse::<Targets>().unwrap_or_else(|e| {
+            eprintln!("arbor: ignoring ARBOR_LOG={spec:?}: {e}");
+            default.clone()
+        }),
+        Err(_) => default,
+    };
+    let layer = tracing_subscriber::fmt::layer().with_target(false);
     match event_log {
-        Some(log) => builder
-            .with_writer(log)
-            .with_ansi(false)
-            .without_time()
+        Some(log) => tracing_subscriber::registry()
+            .with(
+                layer
+                    .with_writer(log)
+                    .with_ansi(false)
+                    .without_time()
+                    .with_filter(filter),
+            )
             .init(),
-        None => builder.with_writer(std::io::stderr).init(),
+        None => tracing_subscriber::registry()
+            .with(layer.with_writer(std::io::stderr).with_filter(filter))
+            .init(),
     }
 }

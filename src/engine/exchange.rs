@@ -5,7 +5,7 @@
 //!
 //! | key | value | lease |
 //! |---|---|---|
-//! | `/arbor/exports/<host>/<kind>/<name>` | the resource spec, [`encode_spec`] (YAML) | the host's |
+//! | `/arbor/exports/<host>/<kind>/<name>` | the resource spec, [`encode_spec`] (JSON) | the host's |
 //! | `/arbor/converged/<host>` | `true` or `false` | the host's |
 //!
 //! - [`Exchange::publish`] is one transaction: delete the prefix `/arbor/exports/<host>/`, then
@@ -72,13 +72,14 @@ pub fn converged_key(host: &str) -> String {
     format!("{CONVERGED_PREFIX}{host}")
 }
 
-/// The value stored under an export key.
+/// The value stored under an export key: JSON, which every etcd tool shows readably, and
+/// which keeps a YAML serializer out of the binary.
 pub fn encode_spec(spec: &ResourceSpec) -> anyhow::Result<String> {
-    Ok(serde_saphyr::to_string(spec)?)
+    Ok(serde_json::to_string(spec)?)
 }
 
 pub fn decode_spec(value: &str) -> anyhow::Result<ResourceSpec> {
-    Ok(serde_saphyr::from_str(value)?)
+    Ok(serde_json::from_str(value)?)
 }
 
 /// The puts of [`Exchange::publish`] for one host: (key, value) per export.

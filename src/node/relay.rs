@@ -36,7 +36,14 @@ pub async fn run(config: RunConfig, log: EventLog) -> u8 {
     let name = start.hostname.clone();
     tracing::debug!("{name}: node at depth {} starting", start.path.depth());
 
-    let code = match serve(&config, &start, &up, &mut down).await {
+    let result = serve(&config, &start, &up, &mut down).await;
+    if let Some(peak) = peak_rss_kib() {
+        tracing::info!(
+            "{name}: exiting; peak memory {:.1} MB",
+            peak as f64 / 1024.0
+        );
+    }
+    let code = match result {
         // The parent reports our clean exit once the link has closed.
         Ok(()) => 0,
         Err(cause) => {
@@ -256,6 +263,13 @@ fn fleet_context(
         noop: start.noop,
         events,
     })
+}
+
+/// This process's peak resident set size (VmHWM), in KiB.
+pub fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// A node removes its own working dir on the way out, so a lost parent leaves nothing behind.
