@@ -41,7 +41,7 @@ impl ChildControl {
 /// relative to this node (its name first), until a final [`FromChild::Exited`].
 pub async fn launch(
     session: &Session,
-    name: &str,
+    me: HostPath,
     staged: &Staged,
     store: Arc<dyn Connector>,
     start: Start,
@@ -53,10 +53,11 @@ pub async fn launch(
         .await
         .map_err(|e| e.to_string())?;
 
+    let name = me.name().to_string();
     let mut line = CommandLine::new(&staged.binary).args([
         "run",
         "--hostname",
-        name,
+        &name,
         "--no-server",
         "--seeds",
         &tunnel.to_string(),
@@ -83,7 +84,6 @@ pub async fn launch(
 
     // Pump the exec channel: stdout bytes into the frame reader, stderr lines up as logs,
     // and the exit status last.
-    let me = HostPath::root().child(name);
     let pump_tx = events_tx.clone();
     let pump_me = me.clone();
     tokio::spawn(async move {

@@ -4,8 +4,9 @@
 
 use super::child::{self, FromChild};
 use super::stage::{self, Builds, StageOptions};
+use crate::ssh::Session;
 use crate::ssh::{self, ConnectOptions, Connector, ExitStatus, Target};
-use crate::wire::{ChildSpec, Down, Event, EventKind, HostPath, HostState, Start};
+use crate::wire::{ChildMode, ChildSpec, Down, Event, EventKind, HostPath, HostState, Start};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -56,7 +57,9 @@ pub struct Fleet {
     controls: HashMap<String, mpsc::UnboundedSender<Down>>,
     /// Which graphs each child's subtree uses.
     uses: HashMap<String, Vec<String>>,
-    tasks: JoinSet<ChildReport>,
+    tasks: JoinSet<Vec<ChildReport>>,
+    /// Reports finished but not yet handed out.
+    ready: Vec<ChildReport>,
 }
 
 impl Fleet {
@@ -71,16 +74,36 @@ impl Fleet {
             controls: HashMap::new(),
             uses: HashMap::new(),
             tasks: JoinSet::new(),
+            ready: Vec::new(),
         };
         for spec in children {
-            let (tx, rx) = mpsc::unbounded_channel();
-            fleet.controls.insert(spec.name.clone(), tx);
-            fleet.uses.insert(spec.name.clone(), graphs_used(&spec));
-            fleet
-                .tasks
-                .spawn(run_child(ctx.clone(), limit.clone(), spec, rx));
+            match spec.mode {
+                ChildMode::Relay => {
+                    let rx = fleet.register(&spec);
+                    let (ctx, limit) = (ctx.clone(), limit.clone());
+                    fleet.tasks.spawn(async move {
+                        vec![run_child(ctx, limit, spec, rx, HostPath::root(), None).await]
+                    });
+                }
+                ChildMode::Jump => {
+                    // Nothing runs on a jump host: its children are this node's, reached
+                    // through it.
+                    let controls: Vec<_> =
+                        spec.children.iter().map(|c| fleet.register(c)).collect();
+                    fleet
+                        .tasks
+                        .spawn(run_jump(ctx.clone(), limit.clone(), spec, controls));
+                }
+            }
         }
         fleet
+    }
+
+    fn register(&mut self, spec: &ChildSpec) -> mpsc::UnboundedReceiver<Down> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.controls.insert(spec.name.clone(), tx);
+        self.uses.insert(spec.name.clone(), graphs_used(spec));
+        rx
     }
 
     pub fn is_empty(&self) -> bool {
@@ -104,8 +127,11 @@ impl Fleet {
     /// The next child to finish, or `None` when none is left.
     pub async fn next_finished(&mut self) -> Option<ChildReport> {
         loop {
+            if let Some(report) = self.ready.pop() {
+                return Some(report);
+            }
             match self.tasks.join_next().await? {
-                Ok(report) => return Some(report),
+                Ok(reports) => self.ready.extend(reports),
                 Err(e) => tracing::error!("a child's task failed: {e}"),
             }
         }
@@ -154,14 +180,116 @@ async fn emit(ctx: &FleetContext, host: &HostPath, kind: EventKind) {
         .await;
 }
 
+/// Connect options for one child: this node's, with the child's pinned key, identity and
+/// URL password.
+fn child_options(ctx: &FleetContext, spec: &ChildSpec) -> Result<ConnectOptions, String> {
+    let mut options = ctx.connect.clone();
+    options.label = Some(spec.name.clone());
+    if let Some(key) = &spec.host_key {
+        let key = russh::keys::PublicKey::from_openssh(key)
+            .map_err(|e| format!("{}: host key: bad pinned key: {e}", spec.name))?;
+        options.host_keys.pinned = Some(key);
+    }
+    if let Some(identity) = &spec.identity {
+        options.auth.identities.push(identity.into());
+    }
+    options.auth.password = spec.password.clone();
+    Ok(options)
+}
+
+/// Connects to a jump host and stages its children through it (direct-tcpip channels, as
+/// ProxyJump). If the jump host cannot be reached, every child fails with that cause.
+async fn run_jump(
+    ctx: Arc<FleetContext>,
+    limit: Arc<Semaphore>,
+    spec: ChildSpec,
+    controls: Vec<mpsc::UnboundedReceiver<Down>>,
+) -> Vec<ChildReport> {
+    let started = Instant::now();
+    let me = HostPath::root().child(&spec.name);
+    emit(
+        &ctx,
+        &me,
+        EventKind::State(HostState::Staging {
+            step: "connect (jump host)".into(),
+        }),
+    )
+    .await;
+    let connected = async {
+        let options = child_options(&ctx, &spec)?;
+        let _permit = limit.acquire().await.map_err(|e| e.to_string())?;
+        let target = Target::new(spec.user.clone(), spec.host.clone(), spec.port);
+        ssh::connect(&target, &options)
+            .await
+            .map_err(|e| e.to_string())
+    }
+    .await;
+    let session = match connected {
+        Ok(session) => Arc::new(session),
+        Err(cause) => {
+            emit(
+                &ctx,
+                &me,
+                EventKind::State(HostState::Failed {
+                    cause: cause.clone(),
+                }),
+            )
+            .await;
+            let mut reports = Vec::new();
+            for child in &spec.children {
+                let why = format!("{}: unreachable: jump host {cause}", child.name);
+                emit(
+                    &ctx,
+                    &me.child(&child.name),
+                    EventKind::State(HostState::Failed { cause: why.clone() }),
+                )
+                .await;
+                reports.push(ChildReport {
+                    name: child.name.clone(),
+                    ok: false,
+                    cause: Some(why),
+                    elapsed: started.elapsed(),
+                    bytes: 0,
+                    cached: None,
+                });
+            }
+            return reports;
+        }
+    };
+    emit(&ctx, &me, EventKind::State(HostState::Running)).await;
+    let mut children = JoinSet::new();
+    for (child, control) in spec.children.iter().cloned().zip(controls) {
+        children.spawn(run_child(
+            ctx.clone(),
+            limit.clone(),
+            child,
+            control,
+            me.clone(),
+            Some(session.clone()),
+        ));
+    }
+    let mut reports = Vec::new();
+    while let Some(r) = children.join_next().await {
+        match r {
+            Ok(report) => reports.push(report),
+            Err(e) => tracing::error!("a child's task failed: {e}"),
+        }
+    }
+    session.disconnect().await;
+    emit(&ctx, &me, EventKind::State(HostState::Exited)).await;
+    reports
+}
+
 async fn run_child(
     ctx: Arc<FleetContext>,
     limit: Arc<Semaphore>,
     spec: ChildSpec,
     mut control: mpsc::UnboundedReceiver<Down>,
+    prefix: HostPath,
+    via: Option<Arc<Session>>,
 ) -> ChildReport {
     let started = Instant::now();
-    let me = HostPath::root().child(&spec.name);
+    let me = prefix.child(&spec.name);
     let mut report = ChildReport {
         name: spec.name.clone(),
         ok: false,
@@ -201,27 +329,20 @@ async fn run_child(
     )
     .await;
     let target = Target::new(spec.user.clone(), spec.host.clone(), spec.port);
-    let mut options = ctx.connect.clone();
-    options.label = Some(spec.name.clone());
-    if let Some(key) = &spec.host_key {
-        match russh::keys::PublicKey::from_openssh(key) {
-            Ok(k) => options.host_keys.pinned = Some(k),
-            Err(e) => {
-                let cause = format!("{}: host key: bad pinned key: {e}", spec.name);
-                fail(&mut report, cause.clone());
-                emit(&ctx, &me, EventKind::State(HostState::Failed { cause })).await;
-                return report;
-            }
+    let options = match child_options(&ctx, &spec) {
+        Ok(o) => o,
+        Err(cause) => {
+            fail(&mut report, cause.clone());
+            emit(&ctx, &me, EventKind::State(HostState::Failed { cause })).await;
+            return report;
         }
-    }
-    if let Some(identity) = &spec.identity {
-        options.auth.identities.push(identity.into());
-    }
-    options.auth.password = spec.password.clone();
+    };
     let setup = async {
-        let session = ssh::connect(&target, &options)
-            .await
-            .map_err(|e| e.to_string())?;
+        let session = match &via {
+            Some(jump) => ssh::connect_via(jump, &target, &options).await,
+            None => ssh::connect(&target, &options).await,
+        }
+        .map_err(|e| e.to_string())?;
         emit(
             &ctx,
             &me,
@@ -285,7 +406,7 @@ async fn run_child(
         .await;
         let start = Start {
             hostname: spec.name.clone(),
-            path: ctx.path.child(&spec.name),
+            path: me.under(&ctx.path),
             graph: spec.graph.clone(),
             graphs: graphs_for(&spec, &ctx.graphs),
             children: spec.children.clone(),
@@ -306,7 +427,7 @@ async fn run_child(
         }
         let (link, events) = child::launch(
             &session,
-            &spec.name,
+            me.clone(),
             &staged,
             ctx.store.clone(),
             start,

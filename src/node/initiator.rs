@@ -296,6 +296,38 @@ pub async fn run(config: RunConfig) -> u8 {
             return EXIT_BAD_INPUT;
         }
     };
+    let topology = match &config.topology {
+        Some(path) => match crate::topology::load(path) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("arbor: {e}");
+                return EXIT_BAD_INPUT;
+            }
+        },
+        None => None,
+    };
+    let mut children: Vec<ChildSpec> = remotes.iter().map(|r| r.spec.clone()).collect();
+    let mut graphs: BTreeMap<String, String> = remotes
+        .iter()
+        .map(|r| (r.key.clone(), r.text.clone()))
+        .collect();
+    let mut cconns = config.cconns;
+    if let Some(t) = &topology {
+        children.extend(t.hosts.iter().cloned());
+        graphs.extend(
+            t.graphs
+                .iter()
+                .map(|(k, (_, text))| (k.clone(), text.clone())),
+        );
+        cconns = t.cconns.unwrap_or(cconns);
+    }
+    if let Err(e) = unique_names(
+        &children,
+        config.file.is_some().then_some(hostname.as_str()),
+    ) {
+        eprintln!("arbor: {e}");
+        return EXIT_BAD_INPUT;
+    }
     let builds = match builds(&config) {
         Ok(b) => b,
         Err(e) => {
@@ -312,8 +344,12 @@ pub async fn run(config: RunConfig) -> u8 {
     };
     let exchange: Arc<dyn Exchange> = Arc::new(StoreExchange::new(store.client.clone()));
 
-    // Who must be converged for the run to end.
-    let mut expected: BTreeSet<String> = remotes.iter().map(|r| r.spec.name.clone()).collect();
+    // Who must be converged for the run to end: every host with a graph, at any depth.
+    let mut expected: BTreeSet<String> = BTreeSet::new();
+    let mut subtrees: HashMap<String, Vec<String>> = HashMap::new();
+    for c in &children {
+        index_tree(c, &mut expected, &mut subtrees);
+    }
     let engine = match local_graph {
         Some(g) => {
             expected.insert(hostname.clone());
@@ -346,29 +382,51 @@ pub async fn run(config: RunConfig) -> u8 {
     }
 
     let (events_tx, mut events) = mpsc::channel(4096);
-    let graphs: BTreeMap<String, String> = remotes
+    let connect = connect_options(&config);
+    // Relays sign for their children with our keys: through our ssh-agent if there is one,
+    // else through an agent in this process holding the key files we loaded.
+    let has_relays = children.iter().any(|c| has_grandchildren(c));
+    let agent: Option<Arc<dyn ssh::Connector>> = match std::env::var_os("SSH_AUTH_SOCK") {
+        Some(sock) => Some(ssh::forward::to_unix(sock.into())),
+        None if has_relays => match ssh::agent::from_key_files(&connect.auth).await {
+            Ok((agent, keys)) => {
+                tracing::debug!("in-process agent with {keys} keys for the relays");
+                Some(agent)
+            }
+            Err(e) => {
+                eprintln!("arbor: {e}");
+                None
+            }
+        },
+        None => None,
+    };
+    let known_hosts = connect
+        .host_keys
+        .known_hosts
         .iter()
-        .map(|r| (r.key.clone(), r.text.clone()))
-        .collect();
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .collect::<Vec<_>>()
+        .join("\n");
+    let learn_into = connect.host_keys.learn_into.clone();
     let ctx = Arc::new(FleetContext {
         path: crate::wire::HostPath::root(),
-        connect: connect_options(&config),
+        connect,
         builds,
         stage: StageOptions {
             remote_tmp: config.remote_tmp.clone(),
             no_caching: config.no_caching,
         },
         store: store.connector.clone(),
-        agent: std::env::var_os("SSH_AUTH_SOCK").map(|p| ssh::forward::to_unix(p.into())),
+        agent,
         graphs,
-        known_hosts: String::new(),
+        known_hosts,
         accept_new: config.accept_new,
-        cconns: config.cconns,
+        cconns,
         converged_timeout: config.converged_timeout.map(|d| d.as_secs()),
         noop: config.noop,
         events: events_tx,
     });
-    let mut fleet = Fleet::start(ctx, remotes.iter().map(|r| r.spec.clone()).collect());
+    let mut fleet = Fleet::start(ctx, children);
 
     // Live edits of --remote graphs go to their hosts.
     let (edits_tx, mut edits) = mpsc::unbounded_channel::<(String, String)>();
@@ -432,10 +490,19 @@ pub async fn run(config: RunConfig) -> u8 {
             }
             event = events.recv() => {
                 let Some(event) = event else { continue };
+                if let (EventKind::KnownHost { name, key }, true, Some(file)) =
+                    (&event.kind, config.accept_new, &learn_into)
+                {
+                    record_learned_key(file, name, key, &event.host);
+                }
                 if let EventKind::State(state) = &event.kind {
                     let host = event.host.name().to_string();
                     match state {
                         HostState::Failed { .. } => {
+                            // A failed relay takes its whole subtree with it.
+                            if let Some(below) = subtrees.get(&host) {
+                                failed.extend(below.iter().cloned());
+                            }
                             failed.insert(host);
                         }
                         HostState::Unhealthy { .. } => {
@@ -551,6 +618,75 @@ pub async fn run(config: RunConfig) -> u8 {
         EXIT_INTERRUPTED => EXIT_INTERRUPTED,
         _ if any_failed => EXIT_FAILED,
         code => code,
+    }
+}
+
+/// Names must be unique in the whole run (they key the store); the topology checks its own
+/// tree, this checks --remote hosts, topology hosts and this host together.
+fn unique_names(children: &[ChildSpec], local: Option<&str>) -> Result<(), String> {
+    let mut seen: BTreeSet<String> = local.into_iter().map(str::to_string).collect();
+    let mut stack: Vec<&ChildSpec> = children.iter().collect();
+    while let Some(c) = stack.pop() {
+        if !seen.insert(c.name.clone()) {
+            return Err(format!(
+                "host name {} appears twice in this run; names must be unique",
+                c.name
+            ));
+        }
+        stack.extend(c.children.iter());
+    }
+    Ok(())
+}
+
+/// Collects hosts that run a graph, and each node's descendants.
+fn index_tree(
+    spec: &ChildSpec,
+    expected: &mut BTreeSet<String>,
+    subtrees: &mut HashMap<String, Vec<String>>,
+) -> Vec<String> {
+    if spec.graph.is_some() {
+        expected.insert(spec.name.clone());
+    }
+    let mut below = Vec::new();
+    for c in &spec.children {
+        below.push(c.name.clone());
+        below.extend(index_tree(c, expected, subtrees));
+    }
+    subtrees.insert(spec.name.clone(), below.clone());
+    below
+}
+
+fn has_grandchildren(spec: &ChildSpec) -> bool {
+    match spec.mode {
+        ChildMode::Jump => spec.children.iter().any(has_grandchildren),
+        ChildMode::Relay => !spec.children.is_empty(),
+    }
+}
+
+/// Records a host key a relay learned under accept-new in our known_hosts.
+fn record_learned_key(file: &Path, name: &str, key: &str, via: &crate::wire::HostPath) {
+    let Ok(parsed) = russh::keys::PublicKey::from_openssh(key) else {
+        tracing::warn!("{via}: reported an unreadable host key for {name}");
+        return;
+    };
+    let known =
+        crate::ssh::known_hosts::KnownHosts::load(&[file.to_path_buf()]).unwrap_or_default();
+    if matches!(
+        known.verify(name, &parsed),
+        crate::ssh::known_hosts::Verdict::Trusted(_)
+    ) {
+        return;
+    }
+    match crate::ssh::known_hosts::append(file, name, &parsed) {
+        Ok(()) => tracing::warn!(
+            "{via}: learned the host key of {name} ({}); recorded in {}",
+            crate::ssh::known_hosts::fingerprint(&parsed),
+            file.display()
+        ),
+        Err(e) => tracing::error!(
+            "recording the host key of {name} in {}: {e}",
+            file.display()
+        ),
     }
 }
 

@@ -111,7 +111,24 @@ async fn serve(
     let fleet = if start.children.is_empty() {
         None
     } else {
-        let ctx = fleet_context(config, start, events_tx.clone())?;
+        let mut ctx = fleet_context(config, start, events_tx.clone())?;
+        if start.accept_new {
+            // Keys learned here go up to the initiator's known_hosts, not into ours.
+            let (learned_tx, mut learned) = mpsc::unbounded_channel::<(String, String)>();
+            ctx.connect.host_keys.learn_into = None;
+            ctx.connect.host_keys.report_learned = Some(learned_tx);
+            let events = events_tx.clone();
+            tokio::spawn(async move {
+                while let Some((name, key)) = learned.recv().await {
+                    let _ = events
+                        .send(crate::wire::Event {
+                            host: crate::wire::HostPath::root(),
+                            kind: EventKind::KnownHost { name, key },
+                        })
+                        .await;
+                }
+            });
+        }
         Some(Fleet::start(Arc::new(ctx), start.children.clone()))
     };
     drop(events_tx);

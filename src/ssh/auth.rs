@@ -261,7 +261,7 @@ async fn try_key_file(
 
 /// Loads a private key; for an encrypted key asks the prompter (if any) for the passphrase.
 /// `Ok(None)` means encrypted and no passphrase available.
-async fn load_key(
+pub(crate) async fn load_key(
     path: &Path,
     prompter: Option<Arc<dyn Prompter>>,
 ) -> std::result::Result<Option<PrivateKey>, String> {

@@ -10,6 +10,7 @@
 //!
 //! Every error is an [`SshError`] naming the host, the step and the cause.
 
+pub mod agent;
 pub mod auth;
 pub mod error;
 pub mod exec;
@@ -27,6 +28,7 @@ pub use exec::{
 pub use forward::{Connector, ForwardEnd, ForwardedStream};
 pub use prompt::TerminalPrompter;
 pub use session::{
-    ConnectOptions, HostKeyOptions, HostKeyPolicy, Session, Target, TargetUrl, connect, local_user,
+    ConnectOptions, HostKeyOptions, HostKeyPolicy, Session, Target, TargetUrl, connect,
+    connect_via, local_user,
 };
 pub use sftp::{Sftp, Uploaded};

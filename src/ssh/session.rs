@@ -69,6 +69,9 @@ pub struct HostKeyOptions {
     pub learn_into: Option<PathBuf>,
     /// A pinned key: when set, it alone decides.
     pub pinned: Option<PublicKey>,
+    /// Under accept-new, keys learned are also sent here as (known_hosts name, "type base64"):
+    /// how a relay reports keys learned at depth to the initiator.
+    pub report_learned: Option<tokio::sync::mpsc::UnboundedSender<(String, String)>>,
 }
 
 /// Everything needed to open a session besides the target.
@@ -98,6 +101,7 @@ impl ConnectOptions {
                 extra_entries: String::new(),
                 learn_into: Some(known),
                 pinned: None,
+                report_learned: None,
             },
             auth: AuthOptions::for_home(home),
         }
@@ -165,6 +169,25 @@ impl Session {
 
 /// Connects to `target`, verifies its host key, and authenticates.
 pub async fn connect(target: &Target, options: &ConnectOptions) -> Result<Session> {
+    connect_with(target, options, None).await
+}
+
+/// Like [`connect`], but the TCP connection is a direct-tcpip channel through `jump` (as
+/// OpenSSH's ProxyJump): the target sees a connection from the jump host, and the SSH session
+/// (host key check, auth, everything) is end to end between us and the target.
+pub async fn connect_via(
+    jump: &Session,
+    target: &Target,
+    options: &ConnectOptions,
+) -> Result<Session> {
+    connect_with(target, options, Some(jump)).await
+}
+
+async fn connect_with(
+    target: &Target,
+    options: &ConnectOptions,
+    jump: Option<&Session>,
+) -> Result<Session> {
     let label = options.label.clone().unwrap_or_else(|| target.address());
     let err = |step, cause: Cause| SshError::new(label.clone(), step, cause);
 
@@ -189,11 +212,41 @@ pub async fn connect(target: &Target, options: &ConnectOptions) -> Result<Sessio
     let config = Arc::new(client_config(options.keepalive_interval));
 
     let handshake = async {
-        let (socket, peer) = tcp_connect(target)
-            .await
-            .map_err(|c| err(Step::Connect, c))?;
-        match client::connect_stream(config, socket, handler).await {
-            Ok(handle) => Ok((handle, peer)),
+        let connected = match jump {
+            None => {
+                let (socket, peer) = tcp_connect(target)
+                    .await
+                    .map_err(|c| err(Step::Connect, c))?;
+                client::connect_stream(config, socket, handler)
+                    .await
+                    .map(|h| (h, peer))
+            }
+            Some(jump) => {
+                let channel = jump
+                    .handle()
+                    .channel_open_direct_tcpip(
+                        target.host.clone(),
+                        u32::from(target.port),
+                        "127.0.0.1",
+                        0,
+                    )
+                    .await
+                    .map_err(|e| {
+                        err(
+                            Step::Connect,
+                            Cause::Other(format!("through {}: {e}", jump.label())),
+                        )
+                    })?;
+                let peer = format!("{}:{}", target.host, target.port)
+                    .parse()
+                    .unwrap_or_else(|_| jump.peer());
+                client::connect_stream(config, channel.into_stream(), handler)
+                    .await
+                    .map(|h| (h, peer))
+            }
+        };
+        match connected {
+            Ok(pair) => Ok(pair),
             Err(e) => {
                 let refusal = verdict.lock().ok().and_then(|mut v| v.take());
                 Err(match refusal {
@@ -302,15 +355,30 @@ impl ClientHandler {
                 fingerprint,
                 origin: origin.to_string(),
             }),
-            Verdict::Unknown => match (self.options.policy, &self.options.learn_into) {
-                (HostKeyPolicy::AcceptNew, Some(file)) => {
-                    known_hosts::append(file, &self.name, key)
-                        .map_err(|e| Cause::HostKeyRecord(format!("{}: {e}", file.display())))?;
-                    tracing::warn!(
-                        "{}: recorded new host key {fingerprint} in {}",
-                        self.name,
-                        file.display()
-                    );
+            Verdict::Unknown => match (
+                self.options.policy,
+                &self.options.learn_into,
+                &self.options.report_learned,
+            ) {
+                (HostKeyPolicy::AcceptNew, learn_into, report)
+                    if learn_into.is_some() || report.is_some() =>
+                {
+                    if let Some(file) = learn_into {
+                        known_hosts::append(file, &self.name, key).map_err(|e| {
+                            Cause::HostKeyRecord(format!("{}: {e}", file.display()))
+                        })?;
+                        tracing::warn!(
+                            "{}: recorded new host key {fingerprint} in {}",
+                            self.name,
+                            file.display()
+                        );
+                    }
+                    if let Some(report) = report {
+                        let text = key
+                            .to_openssh()
+                            .map_err(|e| Cause::HostKeyRecord(format!("encoding the key: {e}")))?;
+                        let _ = report.send((self.name.clone(), text));
+                    }
                     Ok(())
                 }
                 _ => Err(Cause::HostKeyUnknown {
