@@ -385,7 +385,7 @@ pub async fn run(config: RunConfig) -> u8 {
     let connect = connect_options(&config);
     // Relays sign for their children with our keys: through our ssh-agent if there is one,
     // else through an agent in this process holding the key files we loaded.
-    let has_relays = children.iter().any(|c| has_grandchildren(c));
+    let has_relays = children.iter().any(has_grandchildren);
     let agent: Option<Arc<dyn ssh::Connector>> = match std::env::var_os("SSH_AUTH_SOCK") {
         Some(sock) => Some(ssh::forward::to_unix(sock.into())),
         None if has_relays => match ssh::agent::from_key_files(&connect.auth).await {
