@@ -1,0 +1,549 @@
+//! End-to-end tests of hierarchical runs: topology files, relays at depth 2 and 3, jump hosts,
+//! teardown at every depth, a killed relay, and host keys learned at depth. The lab is 2 relays
+//! × 3 leaves; the leaves are unreachable from the initiator, and the relays hold no private
+//! key, so every leaf is reached through a relay signing with the initiator's key.
+
+mod support;
+
+use libtest_mimic::{Arguments, Failed, Trial};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
+use support::Lab;
+
+type TestResult = Result<(), Failed>;
+type Test = (&'static str, fn(&Lab) -> TestResult);
+
+const ARBOR: &str = env!("CARGO_BIN_EXE_arbor");
+const HOSTS: [&str; 8] = ["r1", "r2", "l1-1", "l1-2", "l1-3", "l2-1", "l2-2", "l2-3"];
+const LEAVES: [&str; 6] = ["l1-1", "l1-2", "l1-3", "l2-1", "l2-2", "l2-3"];
+
+fn main() -> std::process::ExitCode {
+    let mut args = Arguments::from_args();
+    args.test_threads = Some(1);
+    let lab = Arc::new(Lab::up("tree", &["--relays", "2", "--leaves", "3"]));
+    let tests: Vec<Test> = vec![
+        (
+            "leaves_exchange_files_through_relays_with_one_binary_per_relay_on_the_link",
+            leaves_exchange_files_through_relays_with_one_binary_per_relay_on_the_link,
+        ),
+        (
+            "a_relay_under_a_relay_works_at_depth_3",
+            a_relay_under_a_relay_works_at_depth_3,
+        ),
+        (
+            "jump_hosts_give_the_same_result",
+            jump_hosts_give_the_same_result,
+        ),
+        (
+            "ctrl_c_tears_down_every_depth",
+            ctrl_c_tears_down_every_depth,
+        ),
+        (
+            "a_killed_relay_fails_its_subtree_and_the_rest_converges",
+            a_killed_relay_fails_its_subtree_and_the_rest_converges,
+        ),
+        (
+            "leaf_host_keys_are_learned_at_depth_only_under_accept_new",
+            leaf_host_keys_are_learned_at_depth_only_under_accept_new,
+        ),
+        ("a_bad_topology_exits_2", a_bad_topology_exits_2),
+    ];
+    let trials = tests
+        .into_iter()
+        .map(|(name, test)| {
+            let lab = lab.clone();
+            Trial::test(name, move || test(&lab))
+        })
+        .collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    lab.down();
+    conclusion.exit_code()
+}
+
+fn fail(msg: impl std::fmt::Display) -> Failed {
+    Failed::from(msg.to_string())
+}
+
+macro_rules! check {
+    ($cond:expr, $($fmt:tt)+) => {
+        if !$cond {
+            return Err(fail(format!($($fmt)+)));
+        }
+    };
+}
+
+/// A topology file in a temp dir; `{leaf}` in `body` becomes the leaf graph's path.
+struct Topo {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+fn topology(body: &str) -> Topo {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let leaf = support::repo_root().join("examples/leaf.yaml");
+    let path = dir.path().join("topology.yaml");
+    std::fs::write(&path, body.replace("{leaf}", &leaf.to_string_lossy())).expect("write");
+    Topo { _dir: dir, path }
+}
+
+const TWO_RELAYS: &str = "\
+defaults:
+  user: root
+hosts:
+- host: 10.199.0.11
+  name: r1
+  children:
+  - host: 10.199.1.1[1-3]
+    name: l1-[1-3]
+    graph: {leaf}
+- host: 10.199.0.12
+  name: r2
+  children:
+  - host: 10.199.2.1[1-3]
+    name: l2-[1-3]
+    graph: {leaf}
+";
+
+fn arbor_command(lab: &Lab, home: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", lab.init_ns(), ARBOR, "run"])
+        .args(args)
+        .env("HOME", home)
+        .env_remove("SSH_AUTH_SOCK")
+        .env("ARBOR_LOG", "arbor=info");
+    c
+}
+
+fn run(lab: &Lab, topo: &Topo, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "--topology",
+        topo.path.to_str().unwrap_or_default(),
+        "--tmp-prefix",
+    ];
+    args.extend_from_slice(extra);
+    arbor_command(lab, &lab.home(), &args)
+        .output()
+        .expect("run arbor")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "--- stdout\n{}--- stderr\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn clean(lab: &Lab, caches: bool) {
+    for h in HOSTS {
+        let extra = if caches { " /root/.cache/arbor" } else { "" };
+        lab.sh(
+            h,
+            &format!("rm -rf /tmp/from-* /tmp/collected /tmp/arbor.*{extra}"),
+        );
+    }
+}
+
+fn leftovers(lab: &Lab, host: &str) -> String {
+    lab.sh(
+        host,
+        "pgrep -x -a arbor || true; ls -d /tmp/arbor.* 2>/dev/null || true",
+    )
+}
+
+fn check_no_leftovers(lab: &Lab, hosts: &[&str]) -> TestResult {
+    // Leaves whose relay vanished notice their link is gone and clean up on their own.
+    let deadline = Instant::now() + Duration::from_secs(8);
+    for h in hosts {
+        loop {
+            let left = leftovers(lab, h);
+            if left.trim().is_empty() {
+                break;
+            }
+            check!(Instant::now() < deadline, "{h} has leftovers: {left}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    Ok(())
+}
+
+/// The collected files on a leaf: sorted "name: content" lines.
+fn collected(lab: &Lab, leaf: &str) -> String {
+    lab.sh(
+        leaf,
+        "for f in /tmp/collected/*; do [ -f \"$f\" ] && printf '%s: %s' \"$(basename $f)\" \"$(cat $f)\" && echo; done | sort",
+    )
+}
+
+fn expect_collected(names: &[&str]) -> String {
+    let mut v: Vec<String> = names
+        .iter()
+        .map(|n| format!("from-{n}: hello from {n}\n"))
+        .collect();
+    v.sort();
+    v.concat()
+}
+
+fn leaves_exchange_files_through_relays_with_one_binary_per_relay_on_the_link(
+    lab: &Lab,
+) -> TestResult {
+    clean(lab, true);
+    for r in ["r1", "r2"] {
+        let keys = lab.sh(r, "ls /root/.ssh/id_* 2>/dev/null || true");
+        check!(keys.trim().is_empty(), "{r} holds a private key: {keys}");
+    }
+    let topo = topology(TWO_RELAYS);
+    let binary = std::fs::metadata(ARBOR).map_err(fail)?.len();
+    let (tx0, rx0) = lab.init_link_bytes();
+    let out = run(lab, &topo, &["--converged-timeout", "2"]);
+    let (tx1, rx1) = lab.init_link_bytes();
+    let log = text(&out);
+    check!(
+        out.status.code() == Some(0),
+        "exit {:?}\n{log}",
+        out.status.code()
+    );
+    let want = expect_collected(&LEAVES);
+    for leaf in LEAVES {
+        let got = collected(lab, leaf);
+        check!(
+            got == want,
+            "{leaf} collected:\n{got}\nwant:\n{want}\n{log}"
+        );
+    }
+    // Events from depth 2 arrive tagged with their path.
+    check!(
+        log.contains("r1/l1-2 | "),
+        "no output tagged r1/l1-2\n{log}"
+    );
+    let sent = tx1 - tx0;
+    let limit = 2 * binary + 2 * binary / 10;
+    check!(
+        sent <= limit,
+        "the initiator's link carried {sent} bytes out (and {} in); two relays x {binary}-byte \
+         binary + 10% is {limit}",
+        rx1 - rx0
+    );
+    check_no_leftovers(lab, &HOSTS)
+}
+
+fn a_relay_under_a_relay_works_at_depth_3(lab: &Lab) -> TestResult {
+    clean(lab, false);
+    // r1 reaches itself again over its rack address: a relay at depth 2 whose leaves are at 3.
+    let topo = topology(
+        "\
+defaults:
+  user: root
+hosts:
+- host: 10.199.0.11
+  name: r1
+  children:
+  - host: 10.199.1.1
+    name: r1-inner
+    children:
+    - host: 10.199.1.1[1-3]
+      name: l1-[1-3]
+      graph: {leaf}
+",
+    );
+    let out = run(lab, &topo, &["--converged-timeout", "2"]);
+    let log = text(&out);
+    check!(
+        out.status.code() == Some(0),
+        "exit {:?}\n{log}",
+        out.status.code()
+    );
+    check!(
+        log.contains("r1/r1-inner/l1-3 | "),
+        "no output tagged with the depth-3 path\n{log}"
+    );
+    let want = expect_collected(&["l1-1", "l1-2", "l1-3"]);
+    for leaf in ["l1-1", "l1-2", "l1-3"] {
+        let got = collected(lab, leaf);
+        check!(got == want, "{leaf} collected:\n{got}\n{log}");
+    }
+    check_no_leftovers(lab, &HOSTS)
+}
+
+fn jump_hosts_give_the_same_result(lab: &Lab) -> TestResult {
+    clean(lab, false);
+    let topo = topology(&TWO_RELAYS.replace("  name: r1\n", "  name: r1\n  mode: jump\n"));
+    let out = run(lab, &topo, &["--converged-timeout", "2"]);
+    let log = text(&out);
+    check!(
+        out.status.code() == Some(0),
+        "exit {:?}\n{log}",
+        out.status.code()
+    );
+    let want = expect_collected(&LEAVES);
+    for leaf in LEAVES {
+        let got = collected(lab, leaf);
+        check!(got == want, "{leaf} collected:\n{got}\n{log}");
+    }
+    check_no_leftovers(lab, &HOSTS)
+}
+
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            unsafe {
+                libc::kill(self.0.id() as i32, libc::SIGINT);
+            }
+            for _ in 0..300 {
+                if let Ok(Some(_)) = self.0.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn start(lab: &Lab, topo: &Topo, extra: &[&str]) -> (Running, mpsc::Receiver<String>) {
+    let mut args = vec![
+        "--topology",
+        topo.path.to_str().unwrap_or_default(),
+        "--tmp-prefix",
+    ];
+    args.extend_from_slice(extra);
+    let mut child = arbor_command(lab, &lab.home(), &args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start arbor");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (Running(child), rx)
+}
+
+fn wait_lines(
+    rx: &mpsc::Receiver<String>,
+    needles: &[String],
+    within: Duration,
+) -> Result<Vec<String>, Failed> {
+    let deadline = Instant::now() + within;
+    let mut seen = Vec::new();
+    let mut missing: Vec<&String> = needles.iter().collect();
+    while !missing.is_empty() {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => {
+                missing.retain(|n| !line.contains(n.as_str()));
+                seen.push(line);
+            }
+            Err(_) => {
+                return Err(fail(format!(
+                    "never saw {missing:?}; saw:\n{}",
+                    seen.join("\n")
+                )));
+            }
+        }
+    }
+    Ok(seen)
+}
+
+fn ctrl_c_tears_down_every_depth(lab: &Lab) -> TestResult {
+    clean(lab, false);
+    let topo = topology(TWO_RELAYS);
+    let (mut running, rx) = start(lab, &topo, &[]);
+    let converged: Vec<String> = [
+        "r1/l1-1", "r1/l1-2", "r1/l1-3", "r2/l2-1", "r2/l2-2", "r2/l2-3",
+    ]
+    .iter()
+    .map(|p| format!("{p}: converged"))
+    .collect();
+    wait_lines(&rx, &converged, Duration::from_secs(90))?;
+    for h in HOSTS {
+        let n = lab.sh(h, "pgrep -x -c arbor || true");
+        check!(n.trim() != "0", "{h}: no arbor running during the run");
+    }
+    let started = Instant::now();
+    unsafe {
+        libc::kill(running.0.id() as i32, libc::SIGINT);
+    }
+    let status = loop {
+        if let Some(s) = running.0.try_wait().map_err(fail)? {
+            break s;
+        }
+        check!(
+            started.elapsed() < Duration::from_secs(15),
+            "no exit after ^C"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = started.elapsed();
+    check!(
+        status.code() == Some(130),
+        "exit {:?} after ^C",
+        status.code()
+    );
+    check!(
+        took < Duration::from_secs(6),
+        "took {took:?} to stop the tree"
+    );
+    for h in HOSTS {
+        let left = leftovers(lab, h);
+        check!(
+            left.trim().is_empty(),
+            "{h} has leftovers right after exit: {left}"
+        );
+    }
+    Ok(())
+}
+
+fn a_killed_relay_fails_its_subtree_and_the_rest_converges(lab: &Lab) -> TestResult {
+    clean(lab, false);
+    let topo = topology(TWO_RELAYS);
+    let (mut running, rx) = start(lab, &topo, &["--converged-timeout", "3"]);
+    wait_lines(
+        &rx,
+        &[
+            "r1/l1-1: running".to_string(),
+            "r1/l1-3: running".to_string(),
+        ],
+        Duration::from_secs(90),
+    )?;
+    // Kill r1's arbor outright: no shutdown path runs there.
+    lab.sh("r1", "pkill -9 -x arbor");
+    let mut lines = Vec::new();
+    let status = loop {
+        while let Ok(line) = rx.try_recv() {
+            lines.push(line);
+        }
+        if let Some(s) = running.0.try_wait().map_err(fail)? {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    while let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+        lines.push(line);
+    }
+    let log = lines.join("\n");
+    check!(status.code() == Some(1), "exit {:?}\n{log}", status.code());
+    check!(
+        log.contains("r1: FAILED: r1: arbor ended unexpectedly"),
+        "no clear cause for r1\n{log}"
+    );
+    let r1_row = log.lines().find(|l| l.starts_with("r1 ")).unwrap_or("");
+    check!(
+        r1_row.contains("failed"),
+        "summary row for r1: {r1_row:?}\n{log}"
+    );
+    // r2's subtree carried on: each of its leaves has at least its own rack's files.
+    for leaf in ["l2-1", "l2-2", "l2-3"] {
+        let got = collected(lab, leaf);
+        for n in ["l2-1", "l2-2", "l2-3"] {
+            check!(
+                got.contains(&format!("from-{n}: hello from {n}")),
+                "{leaf} lacks {n}'s file:\n{got}\n{log}"
+            );
+        }
+    }
+    // r1's leaves lost their relay: they exit and clean up on their own.
+    check_no_leftovers(lab, &HOSTS)
+}
+
+fn leaf_host_keys_are_learned_at_depth_only_under_accept_new(lab: &Lab) -> TestResult {
+    clean(lab, false);
+    // A HOME whose known_hosts knows the relays but no leaf.
+    let home = tempfile::tempdir().map_err(fail)?;
+    let ssh_dir = home.path().join(".ssh");
+    std::fs::create_dir_all(&ssh_dir).map_err(fail)?;
+    std::fs::copy(
+        lab.home().join(".ssh/id_ed25519"),
+        ssh_dir.join("id_ed25519"),
+    )
+    .map_err(fail)?;
+    let kh = std::fs::read_to_string(lab.home().join(".ssh/known_hosts")).map_err(fail)?;
+    let relays_only: Vec<&str> = kh
+        .lines()
+        .filter(|l| !l.starts_with("10.199.1.1") && !l.starts_with("10.199.2.1"))
+        .collect();
+    let known = ssh_dir.join("known_hosts");
+    std::fs::write(&known, relays_only.join("\n") + "\n").map_err(fail)?;
+    let topo = topology(TWO_RELAYS);
+    let args = [
+        "--topology",
+        topo.path.to_str().unwrap_or_default(),
+        "--tmp-prefix",
+        "--converged-timeout",
+        "2",
+    ];
+
+    let strict = arbor_command(lab, home.path(), &args)
+        .output()
+        .map_err(fail)?;
+    let log = text(&strict);
+    check!(
+        strict.status.code() == Some(1),
+        "strict: exit {:?}\n{log}",
+        strict.status.code()
+    );
+    check!(
+        log.contains("l1-1: host key: unknown host key"),
+        "strict: no host key refusal for l1-1\n{log}"
+    );
+    let after = std::fs::read_to_string(&known).map_err(fail)?;
+    check!(
+        !after.contains("10.199.1.11 "),
+        "strict recorded a key:\n{after}"
+    );
+
+    let mut accept: Vec<&str> = args.to_vec();
+    accept.extend(["--host-key-policy", "accept-new"]);
+    let learned = arbor_command(lab, home.path(), &accept)
+        .output()
+        .map_err(fail)?;
+    let log = text(&learned);
+    check!(
+        learned.status.code() == Some(0),
+        "accept-new: exit {:?}\n{log}",
+        learned.status.code()
+    );
+    let after = std::fs::read_to_string(&known).map_err(fail)?;
+    for leaf in LEAVES {
+        let addr = lab.addr(leaf);
+        let real = lab.sh(leaf, "cut -d' ' -f1,2 /run/arbor/ssh_host_ed25519_key.pub");
+        check!(
+            after.contains(&format!("{addr} {}", real.trim())),
+            "known_hosts lacks {leaf}'s real key ({addr}):\n{after}"
+        );
+    }
+    Ok(())
+}
+
+fn a_bad_topology_exits_2(lab: &Lab) -> TestResult {
+    let topo = topology(&TWO_RELAYS.replace("  name: r2\n", "  name: r2\n  colour: blue\n"));
+    let (tx0, _) = lab.init_link_bytes();
+    let out = run(lab, &topo, &["--converged-timeout", "1"]);
+    let (tx1, _) = lab.init_link_bytes();
+    let log = text(&out);
+    check!(
+        out.status.code() == Some(2),
+        "exit {:?}\n{log}",
+        out.status.code()
+    );
+    check!(
+        log.contains(&format!("{}:12:3:", topo.path.display())) && log.contains("colour"),
+        "no file:line for the unknown key\n{log}"
+    );
+    check!(
+        tx1 - tx0 < 1000,
+        "{} bytes went out for a bad topology",
+        tx1 - tx0
+    );
+    Ok(())
+}
