@@ -191,7 +191,15 @@ fn child_options(ctx: &FleetContext, spec: &ChildSpec) -> Result<ConnectOptions,
         options.host_keys.pinned = Some(key);
     }
     if let Some(identity) = &spec.identity {
-        options.auth.identities.push(identity.into());
+        // A key path on the node that connects: `~/` is that node's home.
+        let path = match identity.strip_prefix("~/") {
+            Some(rest) => std::env::var_os("HOME")
+                .map(std::path::PathBuf::from)
+                .unwrap_or_else(|| "/root".into())
+                .join(rest),
+            None => identity.into(),
+        };
+        options.auth.identities.push(path);
     }
     options.auth.password = spec.password.clone();
     Ok(options)
