@@ -4,23 +4,18 @@
 //! The tests share the lab's hosts r1 and r2, so they run one at a time; each starts by
 //! clearing what earlier tests left in /tmp.
 
+#[macro_use]
 mod support;
 
-use libtest_mimic::{Arguments, Failed, Trial};
-use std::io::{BufRead, BufReader};
+use support::harness::{Running, Test, TestResult, fail, lines_of, wait_lines};
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, mpsc};
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use support::Lab;
 
-type TestResult = Result<(), Failed>;
-type Test = (&'static str, fn(&Lab) -> TestResult);
-
 fn main() -> std::process::ExitCode {
-    let mut args = Arguments::from_args();
-    args.test_threads = Some(1);
-    let lab = Arc::new(Lab::up("remote", &["--relays", "2", "--leaves", "1"]));
     let tests: Vec<Test> = vec![
         (
             "the_articles_example_exchanges_files_and_cleans_up",
@@ -56,28 +51,7 @@ fn main() -> std::process::ExitCode {
             the_example_works_with_a_real_etcd_as_the_store,
         ),
     ];
-    let trials = tests
-        .into_iter()
-        .map(|(name, test)| {
-            let lab = lab.clone();
-            Trial::test(name, move || test(&lab))
-        })
-        .collect();
-    let conclusion = libtest_mimic::run(&args, trials);
-    lab.down();
-    conclusion.exit_code()
-}
-
-fn fail(msg: impl std::fmt::Display) -> Failed {
-    Failed::from(msg.to_string())
-}
-
-macro_rules! check {
-    ($cond:expr, $($fmt:tt)+) => {
-        if !$cond {
-            return Err(fail(format!($($fmt)+)));
-        }
-    };
+    support::harness::run_with_lab("remote", &["--relays", "2", "--leaves", "1"], true, tests)
 }
 
 const ARBOR: &str = env!("CARGO_BIN_EXE_arbor");
@@ -299,27 +273,6 @@ fn no_caching_leaves_nothing_of_arbor_behind(lab: &Lab) -> TestResult {
     Ok(())
 }
 
-/// A running arbor that is stopped (^C, then killed) however the test ends.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            unsafe {
-                libc::kill(self.0.id() as i32, libc::SIGINT);
-            }
-            for _ in 0..300 {
-                if let Ok(Some(_)) = self.0.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
 /// Starts a continuous run; returns the child and a channel of its stdout lines.
 fn start_continuous(lab: &Lab, graphs: &[&Path]) -> (Running, mpsc::Receiver<String>) {
     let mut args: Vec<String> = Vec::new();
@@ -334,62 +287,8 @@ fn start_continuous(lab: &Lab, graphs: &[&Path]) -> (Running, mpsc::Receiver<Str
         .stderr(Stdio::null())
         .spawn()
         .expect("start arbor");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = lines_of(child.stdout.take().expect("stdout"));
     (Running(child), rx)
-}
-
-/// Waits for a line containing each of `needles` (in any order); returns all lines seen.
-fn wait_lines(
-    rx: &mpsc::Receiver<String>,
-    needles: &[String],
-    within: Duration,
-) -> Result<Vec<String>, Failed> {
-    let deadline = Instant::now() + within;
-    let mut seen = Vec::new();
-    let mut missing: Vec<&String> = needles.iter().collect();
-    while !missing.is_empty() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) => {
-                missing.retain(|n| !line.contains(n.as_str()));
-                seen.push(line);
-            }
-            Err(_) => {
-                return Err(fail(format!(
-                    "never saw {missing:?} within {within:?}; saw:\n{}",
-                    seen.join("\n")
-                )));
-            }
-        }
-    }
-    Ok(seen)
-}
-
-fn interrupt(running: &mut Running) -> Result<(Option<i32>, Duration), Failed> {
-    let child = &mut running.0;
-    // `ip netns exec` execs arbor, so the child's pid is arbor's.
-    let started = Instant::now();
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGINT);
-    }
-    loop {
-        if let Some(status) = child.try_wait().map_err(fail)? {
-            return Ok((status.code(), started.elapsed()));
-        }
-        if started.elapsed() > Duration::from_secs(15) {
-            let _ = child.kill();
-            return Err(fail("arbor did not exit within 15 s of ^C"));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn ctrl_c_stops_every_host_and_exits_130(lab: &Lab) -> TestResult {
@@ -406,7 +305,7 @@ fn ctrl_c_stops_every_host_and_exits_130(lab: &Lab) -> TestResult {
         let procs = lab.sh(h, "pgrep -x -c arbor || true");
         check!(procs.trim() != "0", "{h}: no arbor running during the run");
     }
-    let (code, took) = interrupt(&mut child)?;
+    let (code, took) = child.interrupt()?;
     check!(code == Some(130), "exit code {code:?} after ^C");
     check!(took < Duration::from_secs(6), "took {took:?} to stop");
     for h in ["r1", "r2"] {
@@ -449,7 +348,7 @@ fn a_live_edit_reaches_the_host_during_the_run(lab: &Lab) -> TestResult {
         )?;
         Ok(())
     })();
-    let stopped = interrupt(&mut child);
+    let stopped = child.interrupt();
     result?;
     stopped?;
     Ok(())

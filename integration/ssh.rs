@@ -3,25 +3,22 @@
 //! One lab (2 relays, 1 leaf each) serves the whole binary and is torn down at the end, failed
 //! tests included. Each test runs in the initiator's network namespace.
 
+#[macro_use]
 mod support;
 
 use arbor::ssh::{
     self, AgentSource, Cause, ConnectOptions, ExecOptions, ExitStatus, HostKeyPolicy, Output,
     Prompter, Session, Step, Target,
 };
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::Failed;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use support::harness::{Test, TestResult, fail};
 use support::{Lab, local};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-type TestResult = Result<(), Failed>;
-type Test = (&'static str, fn(&Lab) -> TestResult);
-
 fn main() -> std::process::ExitCode {
-    let args = Arguments::from_args();
-    let lab = Arc::new(Lab::up("ssh", &["--relays", "2", "--leaves", "1"]));
     let tests: Vec<Test> = vec![
         (
             "exec_streams_stdout_and_stderr_apart_with_exit_code",
@@ -88,28 +85,7 @@ fn main() -> std::process::ExitCode {
             dns_name_that_does_not_resolve_names_the_host,
         ),
     ];
-    let trials = tests
-        .into_iter()
-        .map(|(name, test)| {
-            let lab = lab.clone();
-            Trial::test(name, move || test(&lab))
-        })
-        .collect();
-    let conclusion = libtest_mimic::run(&args, trials);
-    lab.down();
-    conclusion.exit_code()
-}
-
-fn fail(msg: impl std::fmt::Display) -> Failed {
-    Failed::from(msg.to_string())
-}
-
-macro_rules! check {
-    ($cond:expr, $($fmt:tt)+) => {
-        if !$cond {
-            return Err(fail(format!($($fmt)+)));
-        }
-    };
+    support::harness::run_with_lab("ssh", &["--relays", "2", "--leaves", "1"], false, tests)
 }
 
 /// Options as arbor uses them for the lab's HOME, minus any agent from the environment.

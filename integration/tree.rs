@@ -3,27 +3,22 @@
 //! × 3 leaves; the leaves are unreachable from the initiator, and the relays hold no private
 //! key, so every leaf is reached through a relay signing with the initiator's key.
 
+#[macro_use]
 mod support;
 
-use libtest_mimic::{Arguments, Failed, Trial};
-use std::io::{BufRead, BufReader};
+use support::harness::{Running, Test, TestResult, fail, lines_of, wait_lines};
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, mpsc};
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use support::Lab;
-
-type TestResult = Result<(), Failed>;
-type Test = (&'static str, fn(&Lab) -> TestResult);
 
 const ARBOR: &str = env!("CARGO_BIN_EXE_arbor");
 const HOSTS: [&str; 8] = ["r1", "r2", "l1-1", "l1-2", "l1-3", "l2-1", "l2-2", "l2-3"];
 const LEAVES: [&str; 6] = ["l1-1", "l1-2", "l1-3", "l2-1", "l2-2", "l2-3"];
 
 fn main() -> std::process::ExitCode {
-    let mut args = Arguments::from_args();
-    args.test_threads = Some(1);
-    let lab = Arc::new(Lab::up("tree", &["--relays", "2", "--leaves", "3"]));
     let tests: Vec<Test> = vec![
         (
             "leaves_exchange_files_through_relays_with_one_binary_per_relay_on_the_link",
@@ -51,28 +46,7 @@ fn main() -> std::process::ExitCode {
         ),
         ("a_bad_topology_exits_2", a_bad_topology_exits_2),
     ];
-    let trials = tests
-        .into_iter()
-        .map(|(name, test)| {
-            let lab = lab.clone();
-            Trial::test(name, move || test(&lab))
-        })
-        .collect();
-    let conclusion = libtest_mimic::run(&args, trials);
-    lab.down();
-    conclusion.exit_code()
-}
-
-fn fail(msg: impl std::fmt::Display) -> Failed {
-    Failed::from(msg.to_string())
-}
-
-macro_rules! check {
-    ($cond:expr, $($fmt:tt)+) => {
-        if !$cond {
-            return Err(fail(format!($($fmt)+)));
-        }
-    };
+    support::harness::run_with_lab("tree", &["--relays", "2", "--leaves", "3"], true, tests)
 }
 
 /// A topology file in a temp dir; `{leaf}` in `body` becomes the leaf graph's path.
@@ -286,26 +260,6 @@ fn jump_hosts_give_the_same_result(lab: &Lab) -> TestResult {
     check_no_leftovers(lab, &HOSTS)
 }
 
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            unsafe {
-                libc::kill(self.0.id() as i32, libc::SIGINT);
-            }
-            for _ in 0..300 {
-                if let Ok(Some(_)) = self.0.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
 fn start(lab: &Lab, topo: &Topo, extra: &[&str]) -> (Running, mpsc::Receiver<String>) {
     let mut args = vec![
         "--topology",
@@ -318,41 +272,8 @@ fn start(lab: &Lab, topo: &Topo, extra: &[&str]) -> (Running, mpsc::Receiver<Str
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start arbor");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = lines_of(child.stdout.take().expect("stdout"));
     (Running(child), rx)
-}
-
-fn wait_lines(
-    rx: &mpsc::Receiver<String>,
-    needles: &[String],
-    within: Duration,
-) -> Result<Vec<String>, Failed> {
-    let deadline = Instant::now() + within;
-    let mut seen = Vec::new();
-    let mut missing: Vec<&String> = needles.iter().collect();
-    while !missing.is_empty() {
-        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(line) => {
-                missing.retain(|n| !line.contains(n.as_str()));
-                seen.push(line);
-            }
-            Err(_) => {
-                return Err(fail(format!(
-                    "never saw {missing:?}; saw:\n{}",
-                    seen.join("\n")
-                )));
-            }
-        }
-    }
-    Ok(seen)
 }
 
 fn ctrl_c_tears_down_every_depth(lab: &Lab) -> TestResult {

@@ -29,7 +29,10 @@ fn main() {
     let binary = std::fs::metadata(ARBOR).expect("arbor binary").len();
     let mut out = String::new();
     {
-        let lab = Lab::up("btree", &["--relays", "2", "--leaves", "12", "--rate", "20mbit"]);
+        let lab = Lab::up(
+            "btree",
+            &["--relays", "2", "--leaves", "12", "--rate", "20mbit"],
+        );
         out += &relay_vs_jump(&lab, binary);
         lab.down();
     }
@@ -70,7 +73,10 @@ fn topology(relays: usize, leaves: usize, jump: bool) -> (tempfile::TempDir, Pat
 
 fn clean(lab: &Lab) {
     for h in lab.get("LAB_HOSTS").split(',') {
-        lab.sh(h, "rm -rf /root/.cache/arbor /tmp/from-* /tmp/collected /tmp/arbor.*");
+        lab.sh(
+            h,
+            "rm -rf /root/.cache/arbor /tmp/from-* /tmp/collected /tmp/arbor.*",
+        );
     }
 }
 
@@ -82,7 +88,11 @@ fn run(lab: &Lab, topo: &PathBuf) -> (f64, u64, Vec<String>, usize) {
     let mut child = Command::new("ip")
         .args(["netns", "exec", lab.init_ns(), ARBOR, "run", "--topology"])
         .arg(topo)
-        .args(["--tmp-prefix", "--converged-timeout", &TIMEOUT_S.to_string()])
+        .args([
+            "--tmp-prefix",
+            "--converged-timeout",
+            &TIMEOUT_S.to_string(),
+        ])
         .env("HOME", lab.home())
         .env_remove("SSH_AUTH_SOCK")
         .stdout(Stdio::piped())
@@ -102,7 +112,16 @@ fn run(lab: &Lab, topo: &PathBuf) -> (f64, u64, Vec<String>, usize) {
             break;
         }
         let ss = Command::new("ip")
-            .args(["netns", "exec", lab.init_ns(), "ss", "-Htn", "state", "established", "( dport = :22 )"])
+            .args([
+                "netns",
+                "exec",
+                lab.init_ns(),
+                "ss",
+                "-Htn",
+                "state",
+                "established",
+                "( dport = :22 )",
+            ])
             .output()
             .expect("ss");
         peak_conns = peak_conns.max(String::from_utf8_lossy(&ss.stdout).lines().count());

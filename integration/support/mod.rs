@@ -2,9 +2,20 @@
 //! brought up for one test binary and always torn down, failed tests included.
 #![allow(dead_code)]
 
+pub mod harness;
 mod store;
 #[allow(unused_imports)]
 pub use store::*;
+
+/// Fails the test with a message unless the condition holds.
+#[allow(unused_macros)]
+macro_rules! check {
+    ($cond:expr, $($fmt:tt)+) => {
+        if !$cond {
+            return Err(support::harness::fail(format!($($fmt)+)));
+        }
+    };
+}
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -1,0 +1,113 @@
+//! What every end-to-end test binary shares: a lab for the whole binary, trials run with
+//! libtest-mimic, and helpers for arbor runs that must stop however a test ends.
+
+use super::Lab;
+use libtest_mimic::{Arguments, Failed, Trial};
+use std::process::Child;
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
+
+pub type TestResult = Result<(), Failed>;
+pub type Test = (&'static str, fn(&Lab) -> TestResult);
+
+/// Brings up a lab (`<prefix><pid>`, with `lab_args`), runs `tests` against it (one at a time
+/// when they share hosts), and tears the lab down whatever the tests did.
+pub fn run_with_lab(
+    prefix: &str,
+    lab_args: &[&str],
+    one_at_a_time: bool,
+    tests: Vec<Test>,
+) -> std::process::ExitCode {
+    let mut args = Arguments::from_args();
+    if one_at_a_time {
+        args.test_threads = Some(1);
+    }
+    let lab = Arc::new(Lab::up(prefix, lab_args));
+    let trials = tests
+        .into_iter()
+        .map(|(name, test)| {
+            let lab = lab.clone();
+            Trial::test(name, move || test(&lab))
+        })
+        .collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    lab.down();
+    conclusion.exit_code()
+}
+
+pub fn fail(msg: impl std::fmt::Display) -> Failed {
+    Failed::from(msg.to_string())
+}
+
+/// A running arbor that is stopped (^C, then killed) however the test ends.
+pub struct Running(pub Child);
+
+impl Running {
+    /// Sends ^C and waits for the exit; returns the exit code and how long it took.
+    pub fn interrupt(&mut self) -> Result<(Option<i32>, Duration), Failed> {
+        let started = Instant::now();
+        // `ip netns exec` execs arbor, so the child's pid is arbor's.
+        unsafe {
+            libc::kill(self.0.id() as i32, libc::SIGINT);
+        }
+        loop {
+            if let Some(status) = self.0.try_wait().map_err(fail)? {
+                return Ok((status.code(), started.elapsed()));
+            }
+            if started.elapsed() > Duration::from_secs(15) {
+                return Err(fail("arbor did not exit within 15 s of ^C"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.interrupt();
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Waits for a line containing each of `needles` (in any order); returns the lines seen.
+pub fn wait_lines(
+    rx: &mpsc::Receiver<String>,
+    needles: &[String],
+    within: Duration,
+) -> Result<Vec<String>, Failed> {
+    let deadline = Instant::now() + within;
+    let mut seen = Vec::new();
+    let mut missing: Vec<&String> = needles.iter().collect();
+    while !missing.is_empty() {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => {
+                missing.retain(|n| !line.contains(n.as_str()));
+                seen.push(line);
+            }
+            Err(_) => {
+                return Err(fail(format!(
+                    "never saw {missing:?} within {within:?}; saw:\n{}",
+                    seen.join("\n")
+                )));
+            }
+        }
+    }
+    Ok(seen)
+}
+
+/// Reads a child's stdout lines on a thread, into a channel.
+pub fn lines_of(stdout: std::process::ChildStdout) -> mpsc::Receiver<String> {
+    use std::io::{BufRead, BufReader};
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
