@@ -501,7 +501,7 @@ async fn run_child(
                     let _ = link.send(&Down::Shutdown { reason: "parent stopped".into() }).await;
                 }
             },
-            _ = sleep_until(deadline) => {
+            _ = super::sleep_until(deadline) => {
                 // Past the grace period: closing stdin is the child's last word to exit.
                 tracing::warn!("{}: did not exit within {SHUTDOWN_GRACE:?} of shutdown; closing its link", spec.name);
                 link.close().await;
@@ -533,12 +533,5 @@ async fn wait_shutdown(control: &mut mpsc::UnboundedReceiver<Down>) {
             Some(Down::Shutdown { .. }) | None => return,
             Some(_) => {}
         }
-    }
-}
-
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }

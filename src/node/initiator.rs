@@ -537,7 +537,7 @@ pub async fn run(config: RunConfig) -> u8 {
                 }
                 None => fleet_done = true,
             },
-            status = next_status(&mut local_status) => {
+            status = super::next_status(&mut local_status) => {
                 let Some(now) = status else { continue };
                 let state = super::relay::settled_state(&now, local_reported.as_ref());
                 if state.is_some() && state != local_reported {
@@ -559,7 +559,7 @@ pub async fn run(config: RunConfig) -> u8 {
                     fleet.update_graph(&key, &text);
                 }
             }
-            _ = sleep_until(deadline) => {
+            _ = super::sleep_until(deadline) => {
                 let timeout = config.converged_timeout.unwrap_or_default();
                 if unhealthy.is_empty() {
                     eprintln!("arbor: every host converged for {}s; finishing", timeout.as_secs());
@@ -728,27 +728,5 @@ async fn watch_remote_graph(
             }
             Err(e) => tracing::error!("{e} (the host keeps its running graph)"),
         }
-    }
-}
-
-async fn next_status(
-    status: &mut Option<tokio::sync::watch::Receiver<crate::engine::host::Status>>,
-) -> Option<crate::engine::host::Status> {
-    match status {
-        Some(rx) => {
-            if rx.changed().await.is_err() {
-                *status = None;
-                return None;
-            }
-            Some(rx.borrow_and_update().clone())
-        }
-        None => std::future::pending().await,
-    }
-}
-
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }

@@ -168,7 +168,7 @@ async fn serve(
                     up.forward(event);
                 }
             }
-            changed = wait_status(&mut status) => {
+            changed = super::next_status(&mut status) => {
                 let Some(now) = changed else { continue };
                 let state = settled_state(&now, reported.as_ref());
                 if state.is_some() && state != reported {
@@ -216,20 +216,6 @@ pub fn settled_state(status: &Status, reported: Option<&HostState>) -> Option<Ho
         Some(HostState::Changed)
     } else {
         None
-    }
-}
-
-/// The next status of the engine, if there is one (forever pending otherwise).
-async fn wait_status(status: &mut Option<watch::Receiver<Status>>) -> Option<Status> {
-    match status {
-        Some(rx) => {
-            if rx.changed().await.is_err() {
-                *status = None;
-                return None;
-            }
-            Some(rx.borrow_and_update().clone())
-        }
-        None => std::future::pending().await,
     }
 }
 
