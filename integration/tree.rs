@@ -25,6 +25,10 @@ fn main() -> std::process::ExitCode {
             leaves_exchange_files_through_relays_with_one_binary_per_relay_on_the_link,
         ),
         (
+            "relays_with_keys_of_their_own_still_sign_for_their_leaves",
+            relays_with_keys_of_their_own_still_sign_for_their_leaves,
+        ),
+        (
             "a_relay_under_a_relay_works_at_depth_3",
             a_relay_under_a_relay_works_at_depth_3,
         ),
@@ -201,6 +205,32 @@ fn leaves_exchange_files_through_relays_with_one_binary_per_relay_on_the_link(
          binary + 10% is {limit}",
         rx1 - rx0
     );
+    check_no_leftovers(lab, &HOSTS)
+}
+
+fn relays_with_keys_of_their_own_still_sign_for_their_leaves(lab: &Lab) -> TestResult {
+    clean(lab, false);
+    // Each relay gets a key of its own that its leaves do not accept: the relay tries it
+    // (after the forwarded agent), and the run must still reach every leaf.
+    for r in ["r1", "r2"] {
+        lab.sh(r, "ssh-keygen -q -t ed25519 -N '' -f /root/.ssh/id_ed25519");
+    }
+    let topo = topology(TWO_RELAYS);
+    let out = run(lab, &topo, &["--converged-timeout", "2"]);
+    for r in ["r1", "r2"] {
+        lab.sh(r, "rm -f /root/.ssh/id_ed25519 /root/.ssh/id_ed25519.pub");
+    }
+    let log = text(&out);
+    check!(
+        out.status.code() == Some(0),
+        "exit {:?}\n{log}",
+        out.status.code()
+    );
+    let want = expect_collected(&LEAVES);
+    for leaf in LEAVES {
+        let got = collected(lab, leaf);
+        check!(got == want, "{leaf} collected:\n{got}\n{log}");
+    }
     check_no_leftovers(lab, &HOSTS)
 }
 
