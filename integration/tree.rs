@@ -118,10 +118,7 @@ fn text(out: &Output) -> String {
 fn clean(lab: &Lab, caches: bool) {
     for h in HOSTS {
         let extra = if caches { " /root/.cache/arbor" } else { "" };
-        lab.sh(
-            h,
-            &format!("rm -rf /tmp/from-* /tmp/collected /tmp/arbor.*{extra}"),
-        );
+        lab.sh(h, &format!("rm -rf /tmp/from-* /tmp/arbor.*{extra}"));
     }
 }
 
@@ -152,7 +149,7 @@ fn check_no_leftovers(lab: &Lab, hosts: &[&str]) -> TestResult {
 fn collected(lab: &Lab, leaf: &str) -> String {
     lab.sh(
         leaf,
-        "for f in /tmp/collected/*; do [ -f \"$f\" ] && printf '%s: %s' \"$(basename $f)\" \"$(cat $f)\" && echo; done | sort",
+        "for f in /tmp/from-*; do [ -f \"$f\" ] && printf '%s: %s' \"$(basename $f)\" \"$(cat $f)\" && echo; done | sort",
     )
 }
 

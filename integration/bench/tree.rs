@@ -73,10 +73,7 @@ fn topology(relays: usize, leaves: usize, jump: bool) -> (tempfile::TempDir, Pat
 
 fn clean(lab: &Lab) {
     for h in lab.get("LAB_HOSTS").split(',') {
-        lab.sh(
-            h,
-            "rm -rf /root/.cache/arbor /tmp/from-* /tmp/collected /tmp/arbor.*",
-        );
+        lab.sh(h, "rm -rf /root/.cache/arbor /tmp/from-* /tmp/arbor.*");
     }
 }
 

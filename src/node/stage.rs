@@ -1,13 +1,14 @@
 //! Staging a child: the one code path every node, at every depth, uses to put arbor on a host.
 //!
-//! 1. Check the host's OS and architecture (`uname -sm`) and pick the build to copy; refuse
-//!    before copying anything if none matches.
-//! 2. Create a private working dir (mktemp: mode 0700, unpredictable name).
-//! 3. Copy the binary into the content-addressed cache `~/.cache/arbor/bin/<sha256>/arbor`
-//!    (XDG_CACHE_HOME respected) unless an intact copy (size and sha256) is already there; with
-//!    --no-caching, into the working dir instead. Uploads are atomic, so an interrupted copy
-//!    never leaves a bad cache entry, and the far side's sha256 is checked after the copy.
-//! 4. Copy the graph into the working dir.
+//! 1. One probe (a single exec, so a single round trip): the host's OS and architecture
+//!    (`uname -sm`), a private working dir (mktemp: mode 0700, unpredictable name), and whether
+//!    the content-addressed cache `~/.cache/arbor/bin/<sha256>/arbor` (XDG_CACHE_HOME
+//!    respected) holds an intact copy (size and sha256) of the build for that platform. A host
+//!    whose platform has no build is refused before anything is copied, its working dir removed.
+//! 2. Copy the binary into the cache unless it is there; with --no-caching, into the working
+//!    dir instead. Uploads are atomic (temp name, rename), so an interrupted copy never leaves a
+//!    bad cache entry; the size is checked after the copy, and the sha256 by every later probe.
+//! 3. Copy the graph into the working dir.
 //!
 //! Tunnel and exec come after, in `child.rs`.
 
@@ -75,6 +76,11 @@ impl Builds {
 
     pub fn for_platform(&self, platform: &str) -> Option<Arc<Build>> {
         self.by_platform.get(&normalize_platform(platform)).cloned()
+    }
+
+    /// Any build, for when none matches this machine's own platform.
+    pub fn first(&self) -> Option<Arc<Build>> {
+        self.by_platform.values().next().cloned()
     }
 
     pub fn platforms(&self) -> Vec<String> {
@@ -168,57 +174,75 @@ pub async fn stage(
         what,
     };
 
-    let uname = session.run_checked("uname -sm").await?;
-    let platform = String::from_utf8_lossy(&uname).trim().to_string();
-    let Some(build) = builds.for_platform(&platform) else {
-        return Err(StageError::Platform {
-            host: host.clone(),
-            platform,
-            available: builds.platforms().join(", "),
-        });
+    // One round trip for the common case: the platform, a private working dir, and whether
+    // the cache holds the build we expect to copy (this node's own). A host of another
+    // platform costs a second probe, or is refused with its working dir removed.
+    let expected = builds
+        .for_platform(&local_platform())
+        .or_else(|| builds.first())
+        .ok_or_else(|| other("no build of arbor to copy".into()))?;
+    let probe = |build: &Build, make_dir: bool| {
+        format!(
+            "set -e; umask 077; uname -sm; \
+             w=$(mktemp -d {tmp}/arbor.XXXXXXXXXX); echo \"$w\"; \
+             c=\"${{XDG_CACHE_HOME:-$HOME/.cache}}/arbor/bin\"; echo \"$c\"; \
+             f=\"$c\"/{sha}/arbor; \
+             if [ -f \"$f\" ] && [ \"$(wc -c < \"$f\")\" -eq {size} ] && \
+                sha256sum \"$f\" | grep -q '^{sha} '; then echo cached; \
+             else {mkdir} echo missing; fi",
+            tmp = shell_quote(options.remote_tmp.trim_end_matches('/')),
+            sha = build.sha256,
+            size = build.size,
+            mkdir = if make_dir {
+                format!("mkdir -p -m 700 \"$c\"/{};", build.sha256)
+            } else {
+                String::new()
+            },
+        )
     };
-
-    // One round trip: the working dir, the cache dir, and whether the cache holds this build.
-    let probe = format!(
-        "set -e; umask 077; \
-         w=$(mktemp -d {tmp}/arbor.XXXXXXXXXX); echo \"$w\"; \
-         c=\"${{XDG_CACHE_HOME:-$HOME/.cache}}/arbor/bin\"; echo \"$c\"; \
-         f=\"$c\"/{sha}/arbor; \
-         if [ -f \"$f\" ] && [ \"$(wc -c < \"$f\")\" -eq {size} ] && \
-            sha256sum \"$f\" | grep -q '^{sha} '; then echo cached; else echo missing; fi",
-        tmp = shell_quote(options.remote_tmp.trim_end_matches('/')),
-        sha = build.sha256,
-        size = build.size,
-    );
-    let out = session.run_checked(&probe).await?;
-    let out = String::from_utf8_lossy(&out);
-    let mut lines = out.lines();
-    let (Some(workdir), Some(cache), Some(state)) = (lines.next(), lines.next(), lines.next())
-    else {
-        return Err(other(format!("unexpected probe output: {out:?}")));
+    let parse = |out: &[u8]| -> Result<(String, String, String, bool), StageError> {
+        let out = String::from_utf8_lossy(out);
+        let mut lines = out.lines();
+        match (lines.next(), lines.next(), lines.next(), lines.next()) {
+            (Some(p), Some(w), Some(c), Some(state)) => Ok((
+                p.trim().to_string(),
+                w.to_string(),
+                c.to_string(),
+                state == "cached",
+            )),
+            _ => Err(other(format!("unexpected probe output: {out:?}"))),
+        }
     };
-    let workdir = workdir.to_string();
-    let cached = state == "cached" && !options.no_caching;
+    let make_dir = !options.no_caching;
+    let (platform, mut workdir, mut cache, mut in_cache) =
+        parse(&session.run_checked(&probe(&expected, make_dir)).await?)?;
+    let build = match builds.for_platform(&platform) {
+        Some(b) if b.sha256 == expected.sha256 => b,
+        other_build => {
+            let _ = remove_workdir(session, &workdir).await;
+            let Some(b) = other_build else {
+                return Err(StageError::Platform {
+                    host: host.clone(),
+                    platform,
+                    available: builds.platforms().join(", "),
+                });
+            };
+            (_, workdir, cache, in_cache) =
+                parse(&session.run_checked(&probe(&b, make_dir)).await?)?;
+            b
+        }
+    };
+    let cached = in_cache && !options.no_caching;
 
     let sftp = session.sftp().await?;
     let mut bytes_copied = 0;
     // Named `arbor` inside a directory named by its hash, so `ps` and `pgrep arbor` show it.
-    let entry = format!("{cache}/{}", build.sha256);
     let binary = if options.no_caching {
         format!("{workdir}/arbor")
     } else {
-        format!("{entry}/arbor")
+        format!("{cache}/{}/arbor", build.sha256)
     };
     if !cached {
-        if !options.no_caching {
-            session
-                .run_checked(
-                    CommandLine::new("mkdir")
-                        .args(["-p", "-m", "700", &entry])
-                        .as_str(),
-                )
-                .await?;
-        }
         let mut file = tokio::fs::File::open(&build.path)
             .await
             .map_err(|e| other(format!("opening {}: {e}", build.path.display())))?;
@@ -228,14 +252,18 @@ pub async fn stage(
             })
             .await?;
         bytes_copied += uploaded.bytes;
-        let check = session
-            .run_checked(CommandLine::new("sha256sum").arg(&binary).as_str())
-            .await?;
-        if !String::from_utf8_lossy(&check).starts_with(&build.sha256) {
-            let _ = sftp.remove(&binary).await;
-            return Err(other(format!(
-                "copy of arbor to {binary} is corrupt (sha256 mismatch); removed it"
-            )));
+        // The bytes crossed an authenticated channel and were renamed into place only when
+        // complete; the size is checked here, and the sha256 by every later probe before the
+        // entry is trusted again.
+        match sftp.stat(&binary).await? {
+            Some((size, _)) if size == build.size => {}
+            found => {
+                let _ = sftp.remove(&binary).await;
+                return Err(other(format!(
+                    "copy of arbor to {binary} has the wrong size ({found:?}, want {}); removed it",
+                    build.size
+                )));
+            }
         }
     } else {
         progress("arbor", build.size, build.size);
