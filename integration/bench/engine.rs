@@ -10,8 +10,11 @@
 mod support;
 
 use arbor::engine::graph::{self, Graph};
+use arbor::engine::store_exchange::StoreExchange;
 use arbor::engine::watch::FsWatcher;
-use arbor::engine::{Engine, EngineConfig, Exchange, MemoryExchange};
+use arbor::engine::{Engine, EngineConfig, Exchange};
+use arbor::store::client::{Endpoints, StoreClient};
+use arbor::store::{Store, StoreConfig};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,10 +22,21 @@ use std::time::{Duration, Instant};
 const SAMPLES: usize = 200;
 const FILES: usize = 1000;
 
-/// The exchange the engines share: swap for the embedded store over loopback once it is
-/// available to the engine (the figures below then measure the store path too).
-fn new_exchange() -> Arc<dyn Exchange> {
-    Arc::new(MemoryExchange::new())
+/// The exchange the engines share: the embedded store (in memory) on a loopback port, through
+/// the store client, as hosts in a run use it.
+async fn new_exchange() -> Arc<dyn Exchange> {
+    let config = StoreConfig {
+        listen: "127.0.0.1:0".into(),
+        data_dir: None,
+        allow_non_loopback: false,
+    };
+    let store = Store::bind(&config).await.expect("embedded store");
+    let endpoint = store.endpoint().to_string();
+    tokio::spawn(store.serve(tokio_util::sync::CancellationToken::new()));
+    let client = StoreClient::connect(&Endpoints::parse(&endpoint).expect("endpoint"))
+        .await
+        .expect("store client");
+    Arc::new(StoreExchange::new(client))
 }
 
 fn main() {
@@ -46,8 +60,8 @@ fn main() {
          | start → every file written | {} |\n\
          | start → converged flag (includes the 500 ms quiet period) | {} |\n\
          | resident memory after convergence (whole process) | {rss_mb:.1} MB |\n\n\
-         {SAMPLES} samples each; two engines in one process sharing `MemoryExchange` (the \
-         embedded store replaces it when wired in). Command: `cargo bench --bench engine`.\n",
+         {SAMPLES} samples each; two engines in one process sharing the embedded store \
+         (in memory) over loopback gRPC. Command: `cargo bench --bench engine`.\n",
         ms(export_p50),
         ms(export_p99),
         ms(drift_p50),
@@ -109,7 +123,7 @@ async fn export_to_collected() -> (Duration, Duration) {
         "graph: b\ncollect:\n- kind: file\n  pattern: {}/\n",
         db.path().display()
     );
-    let ex = new_exchange();
+    let ex = new_exchange().await;
     let a = Engine::start(exporter_graph(0), EngineConfig::new("a"), ex.clone()).expect("a");
     let b = Engine::start(parse(&collector, "b"), EngineConfig::new("b"), ex).expect("b");
     let fs = FsWatcher::new().expect("inotify");
@@ -137,7 +151,12 @@ async fn drift_repair() -> (Duration, Duration) {
         "graph: g\nresources:\n  file:\n  - name: guarded\n    path: {}\n    content: \"right\\n\"\n",
         path.display()
     );
-    let e = Engine::start(parse(&src, "h"), EngineConfig::new("h"), new_exchange()).expect("e");
+    let e = Engine::start(
+        parse(&src, "h"),
+        EngineConfig::new("h"),
+        new_exchange().await,
+    )
+    .expect("e");
     let fs = FsWatcher::new().expect("inotify");
     let sub = fs.subscribe(&path).expect("watch");
     until_content(&sub, &path, "right\n").await;
@@ -167,7 +186,7 @@ async fn thousand_files() -> (Duration, Duration, f64) {
     let fs = FsWatcher::new().expect("inotify");
     let sub = fs.subscribe(&last).expect("watch");
     let start = Instant::now();
-    let e = Engine::start(g, EngineConfig::new("h"), new_exchange()).expect("e");
+    let e = Engine::start(g, EngineConfig::new("h"), new_exchange().await).expect("e");
     until_content(&sub, &last, &format!("file {}\n", FILES - 1)).await;
     // The last file in the graph is not necessarily the last written: wait for all.
     let (status, held) = e
