@@ -433,7 +433,7 @@ async fn run_child(
         if let (true, Some(agent)) = (forward_agent, &ctx.agent) {
             session.set_agent_connector(agent.clone());
         }
-        let (link, events) = child::launch(
+        let launched = child::launch(
             &session,
             me.clone(),
             &staged,
@@ -441,9 +441,16 @@ async fn run_child(
             start,
             forward_agent,
         )
-        .await
-        .map_err(|e| format!("{}: exec: {e}", spec.name))?;
-        Ok::<_, String>((session, staged, link, events))
+        .await;
+        match launched {
+            Ok((link, events)) => Ok::<_, String>((session, staged, link, events)),
+            Err(e) => {
+                // Staged but not started: leave nothing behind on the host.
+                let _ = stage::remove_workdir(&session, &staged.workdir).await;
+                session.disconnect().await;
+                Err(format!("{}: exec: {e}", spec.name))
+            }
+        }
     };
     let setup = tokio::select! {
         r = setup => Some(r),
