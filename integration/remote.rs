@@ -63,6 +63,26 @@ struct Graphs {
     b: PathBuf,
 }
 
+impl Graphs {
+    /// `--remote A --remote B --tmp-prefix` followed by `extra`.
+    fn args(&self, extra: &[&str]) -> Vec<String> {
+        let mut v: Vec<String> = vec![
+            "--remote".into(),
+            self.a.to_string_lossy().into_owned(),
+            "--remote".into(),
+            self.b.to_string_lossy().into_owned(),
+            "--tmp-prefix".into(),
+        ];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    }
+}
+
+/// Borrows a list of owned arguments as `&str`s.
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
 fn article_graphs(lab: &Lab, host_a: &str, host_b: &str) -> Graphs {
     let dir = tempfile::tempdir().expect("tempdir");
     let write = |name: &str, src: &str, addr: &str| {
@@ -160,18 +180,7 @@ fn check_article_files(lab: &Lab) -> TestResult {
 fn the_articles_example_exchanges_files_and_cleans_up(lab: &Lab) -> TestResult {
     clean_hosts(lab);
     let g = article_graphs(lab, &lab.addr("r1"), &lab.addr("r2"));
-    let out = arbor(
-        lab,
-        &[
-            "--remote",
-            &g.a.to_string_lossy(),
-            "--remote",
-            &g.b.to_string_lossy(),
-            "--converged-timeout",
-            "2",
-            "--tmp-prefix",
-        ],
-    );
+    let out = arbor(lab, &strs(&g.args(&["--converged-timeout", "2"])));
     let log = text(&out);
     check!(
         out.status.code() == Some(0),
@@ -249,16 +258,7 @@ fn no_caching_leaves_nothing_of_arbor_behind(lab: &Lab) -> TestResult {
     let g = article_graphs(lab, &lab.addr("r1"), &lab.addr("r2"));
     let out = arbor(
         lab,
-        &[
-            "--remote",
-            &g.a.to_string_lossy(),
-            "--remote",
-            &g.b.to_string_lossy(),
-            "--converged-timeout",
-            "1",
-            "--no-caching",
-            "--tmp-prefix",
-        ],
+        &strs(&g.args(&["--converged-timeout", "1", "--no-caching"])),
     );
     check!(out.status.success(), "run failed\n{}", text(&out));
     check_article_files(lab)?;
@@ -359,17 +359,7 @@ fn an_unreachable_host_fails_alone_with_exit_1(lab: &Lab) -> TestResult {
     let g = article_graphs(lab, &lab.addr("r1"), "10.199.0.99");
     let out = arbor(
         lab,
-        &[
-            "--remote",
-            &g.a.to_string_lossy(),
-            "--remote",
-            &g.b.to_string_lossy(),
-            "--converged-timeout",
-            "1",
-            "--connect-timeout",
-            "2",
-            "--tmp-prefix",
-        ],
+        &strs(&g.args(&["--converged-timeout", "1", "--connect-timeout", "2"])),
     );
     let log = text(&out);
     check!(
@@ -472,16 +462,7 @@ fn a_bad_graph_exits_2_before_connecting(lab: &Lab) -> TestResult {
     )
     .map_err(fail)?;
     let (tx0, _) = lab.init_link_bytes();
-    let out = arbor(
-        lab,
-        &[
-            "--remote",
-            &g.a.to_string_lossy(),
-            "--remote",
-            &g.b.to_string_lossy(),
-            "--tmp-prefix",
-        ],
-    );
+    let out = arbor(lab, &strs(&g.args(&[])));
     let (tx1, _) = lab.init_link_bytes();
     let log = text(&out);
     check!(
@@ -528,16 +509,7 @@ fn the_example_works_with_a_real_etcd_as_the_store(lab: &Lab) -> TestResult {
         let g = article_graphs(lab, &lab.addr("r1"), &lab.addr("r2"));
         let out = arbor(
             lab,
-            &[
-                "--remote",
-                &g.a.to_string_lossy(),
-                "--remote",
-                &g.b.to_string_lossy(),
-                "--converged-timeout",
-                "2",
-                "--seeds",
-                &url,
-            ],
+            &strs(&g.args(&["--converged-timeout", "2", "--seeds", &url])),
         );
         check!(
             out.status.code() == Some(0),
