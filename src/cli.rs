@@ -39,7 +39,8 @@ enum Sub {
         #[arg(long)]
         allow_non_loopback: bool,
     },
-    /// Run a graph of resources and keep it converged.
+    /// Run graphs here, on hosts over SSH, or through relays, and keep them converged.
+    #[command(after_help = RUN_EXAMPLES)]
     Run(Box<RunArgs>),
     /// Work with topology files (docs/topology.md).
     #[command(subcommand)]
@@ -55,19 +56,20 @@ enum TopologySub {
     },
 }
 
-/// `arbor run`: run graphs here, on hosts reached over SSH, or both.
-///
-/// Examples:
-///
-///   arbor run --file site.yaml --converged-timeout 5
-///       run one graph on this machine until converged for 5 s
-///
-///   arbor run --remote examples/remote2a.yaml --remote examples/remote2b.yaml --converged-timeout 5
-///       copy arbor to the hosts named in each graph's `remote: ssh://user@host:port`, run each
-///       graph there, exchange exports through the store embedded here, and exit once every
-///       host has been converged for 5 s
+const RUN_EXAMPLES: &str = "\
+Examples:
+  arbor run --file site.yaml --converged-timeout 5
+      run one graph on this machine until it has been converged for 5 s
+  arbor run --remote a.yaml --remote b.yaml --converged-timeout 5
+      copy arbor to the hosts each graph's `remote: ssh://user@host:port` names, run each graph
+      there, exchange exports through the store embedded here, exit once all are converged
+  arbor run --topology topology/dc1.yaml
+      reach hosts behind relays and jump hosts; run until ^C
+
+Exit codes: 0 converged, 1 some host failed, 2 bad input (nothing contacted), 130 ^C.";
+
+/// `arbor run`'s flags (the help text and examples come from `Sub::Run`).
 #[derive(clap::Args, Debug)]
-#[command(verbatim_doc_comment)]
 struct RunArgs {
     /// A graph file (mgmt YAML) to run on this host.
     #[arg(long, value_name = "GRAPH")]
