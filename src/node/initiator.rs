@@ -135,29 +135,17 @@ struct RunStore {
 
 async fn open_store(config: &RunConfig) -> Result<RunStore, String> {
     if !config.seeds.is_empty() {
-        let urls: Vec<String> = config
-            .seeds
-            .iter()
-            .map(|s| {
-                if s.starts_with("http://") {
-                    s.clone()
-                } else {
-                    format!("http://{s}")
-                }
-            })
-            .collect();
-        let client = StoreClient::connect(&Endpoints::Http(urls.clone()))
+        let endpoints =
+            super::seed_endpoints(&config.seeds).map_err(|e| format!("--seeds: {e}"))?;
+        let client = StoreClient::connect(&endpoints)
             .await
             .map_err(|e| format!("{e:#}"))?;
-        let first = urls[0].trim_start_matches("http://");
-        let addr = tokio::net::lookup_host(first)
+        let connector = super::store_connector(&endpoints)
             .await
-            .map_err(|e| format!("--seeds {first}: {e}"))?
-            .next()
-            .ok_or_else(|| format!("--seeds {first}: no address"))?;
+            .map_err(|e| format!("--seeds: {e}"))?;
         return Ok(RunStore {
             client,
-            connector: ssh::forward::to_tcp(addr),
+            connector,
             shutdown: CancellationToken::new(),
             served: None,
             temp_dir: None,

@@ -33,3 +33,45 @@ pub(crate) async fn next_status(
         None => std::future::pending().await,
     }
 }
+
+/// The store named by --seeds: `unix:PATH`, or URLs where a bare `host:port` means
+/// `http://host:port` (how the tunnel end of a TCP forward is written).
+pub(crate) fn seed_endpoints(seeds: &[String]) -> Result<crate::store::client::Endpoints, String> {
+    let first = seeds.first().ok_or("no store endpoint (--seeds)")?;
+    if first.starts_with("unix:") {
+        return crate::store::client::Endpoints::parse(first).map_err(|e| format!("{e:#}"));
+    }
+    let urls: Vec<String> = seeds
+        .iter()
+        .map(|s| {
+            if s.starts_with("http://") {
+                s.clone()
+            } else {
+                format!("http://{s}")
+            }
+        })
+        .collect();
+    crate::store::client::Endpoints::parse(&urls.join(",")).map_err(|e| format!("{e:#}"))
+}
+
+/// Connects each child's store tunnel to `endpoints` (its first URL for a cluster).
+pub(crate) async fn store_connector(
+    endpoints: &crate::store::client::Endpoints,
+) -> Result<std::sync::Arc<dyn crate::ssh::Connector>, String> {
+    use crate::store::client::Endpoints;
+    match endpoints {
+        Endpoints::Unix(path) => Ok(crate::ssh::forward::to_unix(path.clone())),
+        Endpoints::Http(urls) => {
+            let first = urls
+                .first()
+                .map(|u| u.trim_start_matches("http://"))
+                .ok_or("no store endpoint")?;
+            let addr = tokio::net::lookup_host(first)
+                .await
+                .map_err(|e| format!("store endpoint {first}: {e}"))?
+                .next()
+                .ok_or_else(|| format!("store endpoint {first}: no address"))?;
+            Ok(crate::ssh::forward::to_tcp(addr))
+        }
+    }
+}

@@ -13,7 +13,7 @@ use crate::engine::graph;
 use crate::engine::host::{Engine, EngineConfig, Status};
 use crate::engine::store_exchange::StoreExchange;
 use crate::ssh::{self, ConnectOptions, HostKeyPolicy};
-use crate::store::client::{Endpoints, StoreClient};
+use crate::store::client::StoreClient;
 use crate::wire::{Down, EventKind, HostState, Start};
 use std::path::Path;
 use std::sync::Arc;
@@ -69,16 +69,7 @@ async fn serve(
     down: &mut parent::Downstream,
 ) -> Result<(), String> {
     let name = &start.hostname;
-    let seeds = config
-        .seeds
-        .first()
-        .ok_or_else(|| format!("{name}: no store endpoint (--seeds)"))?;
-    let endpoint = if seeds.starts_with("unix:") || seeds.starts_with("http://") {
-        seeds.clone()
-    } else {
-        format!("http://{seeds}")
-    };
-    let endpoints = Endpoints::parse(&endpoint).map_err(|e| format!("{name}: {e:#}"))?;
+    let endpoints = super::seed_endpoints(&config.seeds).map_err(|e| format!("{name}: {e}"))?;
     let client = StoreClient::connect(&endpoints)
         .await
         .map_err(|e| format!("{name}: store: {e:#}"))?;
@@ -111,7 +102,10 @@ async fn serve(
     let fleet = if start.children.is_empty() {
         None
     } else {
-        let mut ctx = fleet_context(config, start, events_tx.clone())?;
+        let store = super::store_connector(&endpoints)
+            .await
+            .map_err(|e| format!("{name}: {e}"))?;
+        let mut ctx = fleet_context(config, start, store, events_tx.clone())?;
         if start.accept_new {
             // Keys learned here go up to the initiator's known_hosts, not into ours.
             let (learned_tx, mut learned) = mpsc::unbounded_channel::<(String, String)>();
@@ -222,6 +216,7 @@ pub fn settled_state(status: &Status, reported: Option<&HostState>) -> Option<Ho
 fn fleet_context(
     config: &RunConfig,
     start: &Start,
+    store: Arc<dyn ssh::Connector>,
     events: mpsc::Sender<crate::wire::Event>,
 ) -> Result<FleetContext, String> {
     let name = &start.hostname;
@@ -235,17 +230,6 @@ fn fleet_context(
         HostKeyPolicy::AcceptNew
     } else {
         HostKeyPolicy::Strict
-    };
-    let seeds = config.seeds.first().cloned().unwrap_or_default();
-    let store: Arc<dyn ssh::Connector> = match seeds.strip_prefix("unix:") {
-        Some(path) => ssh::forward::to_unix(path.into()),
-        None => {
-            let addr = seeds
-                .trim_start_matches("http://")
-                .parse()
-                .map_err(|e| format!("{name}: store endpoint {seeds}: {e}"))?;
-            ssh::forward::to_tcp(addr)
-        }
     };
     let agent = std::env::var_os("SSH_AUTH_SOCK").map(|p| ssh::forward::to_unix(p.into()));
     Ok(FleetContext {
