@@ -112,6 +112,15 @@ impl EventLog {
             inner.up = Some(up);
         }
     }
+
+    /// Stops sending lines up (they still go to the file). The subscriber keeps its clone of
+    /// this log for the life of the process, so without this the writer task would never see
+    /// the last [`Upstream`] drop, and the node's exit would wait for its deadline.
+    pub fn detach(&self) {
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.up = None;
+        }
+    }
 }
 
 impl Write for EventLog {

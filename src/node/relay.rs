@@ -54,7 +54,7 @@ pub async fn run(config: RunConfig, log: EventLog) -> u8 {
         }
     };
     drop(up);
-    drop(log);
+    log.detach();
     let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
     if let Some(dir) = &config.workdir {
         remove_own_workdir(dir);

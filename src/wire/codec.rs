@@ -47,7 +47,9 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     }
 }
 
-/// Reads frames.
+/// Reads frames. [`FrameReader::recv`] is cancel-safe: bytes already read stay buffered in
+/// the reader, so a `recv` dropped by a `select!` mid-frame loses nothing, and the next call
+/// picks the frame up where the last one stopped.
 pub struct FrameReader<R> {
     inner: R,
     buf: Vec<u8>,
@@ -63,25 +65,31 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// The next frame, or `Ok(None)` on a clean end of stream between frames.
     pub async fn recv<T: DeserializeOwned>(&mut self) -> Result<Option<T>, WireError> {
-        let mut len = [0u8; 4];
-        match self.inner.read_exact(&mut len).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-            Err(e) => return Err(e.into()),
-        }
-        let len = u32::from_be_bytes(len) as usize;
-        if len > MAX_FRAME {
-            return Err(WireError::TooLarge(len));
-        }
-        self.buf.resize(len, 0);
-        self.inner.read_exact(&mut self.buf).await.map_err(|e| {
-            if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                WireError::Closed
+        loop {
+            if self.buf.len() >= 4 {
+                let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]])
+                    as usize;
+                if len > MAX_FRAME {
+                    return Err(WireError::TooLarge(len));
+                }
+                if self.buf.len() >= 4 + len {
+                    let frame = serde_json::from_slice(&self.buf[4..4 + len]);
+                    self.buf.drain(..4 + len);
+                    return Ok(Some(frame?));
+                }
+                self.buf.reserve(4 + len - self.buf.len());
             } else {
-                e.into()
+                self.buf.reserve(64 * 1024);
             }
-        })?;
-        Ok(Some(serde_json::from_slice(&self.buf)?))
+            // `read_buf` either appends what it read or, if dropped while pending, nothing.
+            if self.inner.read_buf(&mut self.buf).await? == 0 {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(WireError::Closed)
+                };
+            }
+        }
     }
 }
 
@@ -141,6 +149,29 @@ mod tests {
         assert!(matches!(r.recv::<Down>().await, Err(WireError::Closed)));
         let mut empty = FrameReader::new(&b""[..]);
         assert!(matches!(empty.recv::<Down>().await, Ok(None)));
+    }
+
+    /// A `recv` dropped mid-frame (as a `select!` does when another branch wins) must not
+    /// lose the bytes it already read: the next `recv` returns the whole frame.
+    #[tokio::test]
+    async fn recv_dropped_mid_frame_loses_nothing() {
+        let (mut a, b) = tokio::io::duplex(1024);
+        let mut r = FrameReader::new(b);
+        let mut bytes = Vec::new();
+        let mut w = FrameWriter::new(&mut bytes);
+        w.send(&Down::Shutdown {
+            reason: "bye".into(),
+        })
+        .await
+        .expect("encode");
+        // The length and half the body arrive; the read is then cancelled.
+        a.write_all(&bytes[..8]).await.expect("write");
+        let cancelled =
+            tokio::time::timeout(std::time::Duration::from_millis(50), r.recv::<Down>()).await;
+        assert!(cancelled.is_err(), "a half frame must not complete");
+        a.write_all(&bytes[8..]).await.expect("write");
+        let frame = r.recv::<Down>().await.expect("recv");
+        assert!(matches!(frame, Some(Down::Shutdown { reason }) if reason == "bye"));
     }
 
     #[tokio::test]
