@@ -19,8 +19,53 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Bytes per write request. OpenSSH's sftp-server accepts up to 256 KiB messages.
 const CHUNK: usize = 64 * 1024;
-/// Write requests in flight at once.
-const IN_FLIGHT: usize = 64;
+/// Write requests in flight: enough to cover the link's bandwidth-delay product, and no more.
+/// More only queues in the server: sshd holds what sftp-server has not yet read in one
+/// channel buffer that it reallocates and zeroes as it grows, so on a LAN 64 writes in
+/// flight upload at 198 MB/s and 8 at 321 MB/s, and a relay copying to 24 children at once
+/// spent 80% of the CPU in sshd's page faults (docs/ssh.md, "Writes in flight").
+///
+/// The floor suits a LAN; the count grows with the round trip measured at open, sized for a
+/// link of up to [`SIZED_FOR_BYTES_PER_SEC`], to the cap (OpenSSH's 2 MiB channel window
+/// bounds what is useful anyway). Concurrent uploads share [`IN_FLIGHT_TOTAL`].
+const IN_FLIGHT_FLOOR: usize = 8;
+const IN_FLIGHT_CAP: usize = 32;
+const SIZED_FOR_BYTES_PER_SEC: f64 = 125e6;
+/// Writes in flight across every upload of this process; each keeps at least
+/// [`IN_FLIGHT_MIN`] however many run.
+const IN_FLIGHT_TOTAL: usize = 64;
+const IN_FLIGHT_MIN: usize = 4;
+
+/// How many writes one upload wants in flight over a link with this round trip.
+fn in_flight_for(rtt: std::time::Duration) -> usize {
+    let bdp = rtt.as_secs_f64() * SIZED_FOR_BYTES_PER_SEC;
+    ((bdp / CHUNK as f64).ceil() as usize).clamp(IN_FLIGHT_FLOOR, IN_FLIGHT_CAP)
+}
+
+/// Uploads running in this process right now.
+static UPLOADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Counts one running upload while it lives.
+struct Running;
+
+impl Running {
+    fn start() -> Self {
+        UPLOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Running
+    }
+
+    /// This upload's share of the writes in flight, given what it wants on its own.
+    fn share(&self, wanted: usize) -> usize {
+        let n = UPLOADS.load(std::sync::atomic::Ordering::Relaxed).max(1);
+        wanted.min(IN_FLIGHT_TOTAL / n).max(IN_FLIGHT_MIN)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        UPLOADS.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
 /// Seconds a single request may take: generous, for thin links carrying many writes.
 const REQUEST_TIMEOUT_SECS: u64 = 120;
 
@@ -89,15 +134,17 @@ impl Sftp {
             ..FileAttributes::empty()
         };
         let flags = OpenFlags::CREATE | OpenFlags::TRUNCATE | OpenFlags::WRITE | OpenFlags::EXCLUDE;
+        let opened = std::time::Instant::now();
         let handle = self
             .raw
             .open(temp.clone(), flags, attrs)
             .await
             .map_err(|e| self.error(&format!("upload of {remote}: creating {temp}"), e))?
             .handle;
+        let wanted = in_flight_for(opened.elapsed());
 
         let written = self
-            .write_all(&handle, source, size, remote, progress)
+            .write_all(&handle, source, size, remote, wanted, progress)
             .await;
         let finished = match written {
             Ok(bytes) => self
@@ -122,14 +169,16 @@ impl Sftp {
         source: &mut (dyn AsyncRead + Unpin + Send),
         size: u64,
         remote: &str,
+        wanted: usize,
         progress: &mut (dyn FnMut(u64, u64) + Send),
     ) -> Result<u64> {
         let what = format!("upload of {remote}");
         let mut in_flight = FuturesUnordered::new();
         let (mut offset, mut acked) = (0u64, 0u64);
         let mut eof = false;
+        let running = Running::start();
         loop {
-            while !eof && in_flight.len() < IN_FLIGHT {
+            while !eof && in_flight.len() < running.share(wanted) {
                 let mut chunk = vec![0u8; CHUNK];
                 let n = read_full(source, &mut chunk)
                     .await
@@ -287,6 +336,15 @@ async fn read_full(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn writes_in_flight_follow_the_round_trip() {
+        use std::time::Duration;
+        assert_eq!(in_flight_for(Duration::from_micros(300)), IN_FLIGHT_FLOOR);
+        // 10 ms at 125 MB/s is 1.25 MB: 20 writes of 64 KiB.
+        assert_eq!(in_flight_for(Duration::from_millis(10)), 20);
+        assert_eq!(in_flight_for(Duration::from_millis(200)), IN_FLIGHT_CAP);
+    }
 
     #[test]
     fn temp_name_stays_in_the_target_directory() {
