@@ -49,6 +49,10 @@ fn main() -> std::process::ExitCode {
             leaf_host_keys_are_learned_at_depth_only_under_accept_new,
         ),
         ("a_bad_topology_exits_2", a_bad_topology_exits_2),
+        (
+            "a_topology_without_graphs_ends_once_every_host_runs",
+            a_topology_without_graphs_ends_once_every_host_runs,
+        ),
     ];
     support::harness::run_with_lab("tree", &["--relays", "2", "--leaves", "3"], true, tests)
 }
@@ -284,6 +288,58 @@ fn jump_hosts_give_the_same_result(lab: &Lab) -> TestResult {
         let got = collected(lab, leaf);
         check!(got == want, "{leaf} collected:\n{got}\n{log}");
     }
+    check_no_leftovers(lab, &HOSTS)
+}
+
+/// Hosts with nothing to apply are converged as soon as they run: --converged-timeout ends
+/// the run (it used to wait for a convergence flag that no host would ever write).
+fn a_topology_without_graphs_ends_once_every_host_runs(lab: &Lab) -> TestResult {
+    clean(lab, false);
+    let topo = topology(&TWO_RELAYS.replace("    graph: {leaf}\n", ""));
+    let started = Instant::now();
+    let mut command = arbor_command(
+        lab,
+        &lab.home(),
+        &[
+            "--topology",
+            topo.path.to_str().unwrap_or_default(),
+            "--tmp-prefix",
+            "--converged-timeout",
+            "1",
+        ],
+    );
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run arbor");
+    let deadline = started + Duration::from_secs(60);
+    while child.try_wait().expect("wait").is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if child.try_wait().expect("wait").is_none() {
+        let _ = child.kill();
+        let out = child.wait_with_output().expect("output");
+        return Err(fail(format!(
+            "still running after 60 s with --converged-timeout 1\n{}",
+            text(&out)
+        )));
+    }
+    let out = child.wait_with_output().expect("output");
+    let log = text(&out);
+    check!(
+        out.status.code() == Some(0),
+        "exit {:?}\n{log}",
+        out.status.code()
+    );
+    check!(
+        log.contains("r2/l2-3: running"),
+        "a leaf never reported running\n{log}"
+    );
+    check!(
+        collected(lab, "l1-1").is_empty(),
+        "a leaf without a graph wrote files"
+    );
     check_no_leftovers(lab, &HOSTS)
 }
 

@@ -11,6 +11,9 @@ use std::time::Duration;
 pub struct Ui {
     /// Transfers already reported as finished, so repeated updates print once.
     done_transfers: std::collections::HashSet<(String, String)>,
+    /// The run is being torn down: hosts still running see the ones already gone withdraw
+    /// their exports, and those "changed"/"converged" flips say nothing about the run.
+    stopping: bool,
 }
 
 impl Ui {
@@ -18,7 +21,20 @@ impl Ui {
         Self::default()
     }
 
+    /// From now on, state flips other than exits and failures are not shown.
+    pub fn stopping(&mut self) {
+        self.stopping = true;
+    }
+
     pub fn event(&mut self, event: &Event) {
+        if self.stopping
+            && matches!(
+                event.kind,
+                EventKind::State(HostState::Changed | HostState::Converged | HostState::Running)
+            )
+        {
+            return;
+        }
         let host = event.host.to_string();
         let line = match &event.kind {
             EventKind::Log { line, stderr } => {

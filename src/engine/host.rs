@@ -404,8 +404,9 @@ impl HostLoop {
     async fn report(&mut self, load: Load, now: Instant) {
         if let Some(converged) = self.convergence.update(load, now) {
             let host = &self.config.hostname;
+            // The run's output shows each host's state already ("host: converged").
             if converged {
-                tracing::info!("{host}: converged");
+                tracing::debug!("{host}: converged");
             } else {
                 tracing::debug!("{host}: no longer converged");
             }

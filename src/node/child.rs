@@ -37,6 +37,7 @@ impl ChildControl {
 }
 
 /// Opens the store tunnel, starts arbor on the child, exchanges hellos and sends `start`.
+/// Errors are whole sentences naming the host and the step (`l1-3: forward: …`).
 /// Events from the child arrive on the returned receiver, tagged with the child's path
 /// relative to this node (its name first), until a final [`FromChild::Exited`].
 pub async fn launch(
@@ -168,17 +169,18 @@ pub async fn launch(
         }
     });
 
+    let label = session.label();
     control
         .send(&Down::hello())
         .await
-        .map_err(|e| format!("sending hello: {e}"))?;
+        .map_err(|e| format!("{label}: start: sending hello: {e}"))?;
     control
         .send(&Down::Start(Box::new(start)))
         .await
-        .map_err(|e| format!("sending start: {e}"))?;
+        .map_err(|e| format!("{label}: start: sending start: {e}"))?;
     match hello_rx.await {
         Ok(Ok(())) => Ok((control, events_rx)),
-        Ok(Err(e)) => Err(e),
+        Ok(Err(e)) => Err(format!("{label}: start: {e}")),
         // The child exited before saying hello: its stderr (already queued) says why.
         Err(_) => Ok((control, events_rx)),
     }

@@ -448,7 +448,7 @@ async fn run_child(
                 // Staged but not started: leave nothing behind on the host.
                 let _ = stage::remove_workdir(&session, &staged.workdir).await;
                 session.disconnect().await;
-                Err(format!("{}: exec: {e}", spec.name))
+                Err(e)
             }
         }
     };

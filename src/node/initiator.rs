@@ -332,11 +332,13 @@ pub async fn run(config: RunConfig) -> u8 {
     };
     let exchange: Arc<dyn Exchange> = Arc::new(StoreExchange::new(store.client.clone()));
 
-    // Who must be converged for the run to end: every host with a graph, at any depth.
+    // Who must be converged for the run to end: every host with a graph, at any depth, and
+    // every host running arbor without one (done once it runs: there is nothing to apply).
     let mut expected: BTreeSet<String> = BTreeSet::new();
+    let mut bare: BTreeSet<String> = BTreeSet::new();
     let mut subtrees: HashMap<String, Vec<String>> = HashMap::new();
     for c in &children {
-        index_tree(c, &mut expected, &mut subtrees);
+        index_tree(c, &mut expected, &mut bare, &mut subtrees);
     }
     let engine = match local_graph {
         Some(g) => {
@@ -452,19 +454,22 @@ pub async fn run(config: RunConfig) -> u8 {
     let interrupt = tokio::signal::ctrl_c();
     tokio::pin!(interrupt);
     let mut fleet_done = fleet.is_empty();
+    let mut running: BTreeSet<String> = BTreeSet::new();
 
     let outcome = loop {
         let alive: Vec<&String> = expected.iter().filter(|h| !failed.contains(*h)).collect();
-        let all_converged = !alive.is_empty()
+        let alive_bare: Vec<&String> = bare.iter().filter(|h| !failed.contains(*h)).collect();
+        let all_converged = !(alive.is_empty() && alive_bare.is_empty())
             && alive
                 .iter()
-                .all(|h| converged.get(*h) == Some(&true) || unhealthy.contains(*h));
+                .all(|h| converged.get(*h) == Some(&true) || unhealthy.contains(*h))
+            && alive_bare.iter().all(|h| running.contains(*h));
         if all_converged {
             all_since.get_or_insert_with(tokio::time::Instant::now);
         } else {
             all_since = None;
         }
-        if alive.is_empty() && !expected.is_empty() {
+        if alive.is_empty() && alive_bare.is_empty() && !(expected.is_empty() && bare.is_empty()) {
             break EXIT_FAILED; // nothing left that could converge
         }
         let deadline = config
@@ -495,6 +500,10 @@ pub async fn run(config: RunConfig) -> u8 {
                         }
                         HostState::Unhealthy { .. } => {
                             unhealthy.insert(host);
+                        }
+                        HostState::Running => {
+                            unhealthy.remove(&host);
+                            running.insert(host);
                         }
                         _ => {
                             unhealthy.remove(&host);
@@ -565,6 +574,7 @@ pub async fn run(config: RunConfig) -> u8 {
 
     // Teardown: children (bottom-up through the tree), then our own engine, then the store.
     stop_watches.cancel();
+    ui.stopping();
     let drain = async {
         while let Some(event) = events.recv().await {
             ui.event(&event);
@@ -626,19 +636,23 @@ fn unique_names(children: &[ChildSpec], local: Option<&str>) -> Result<(), Strin
     Ok(())
 }
 
-/// Collects hosts that run a graph, and each node's descendants.
+/// Collects the hosts that run a graph, those that run arbor without one (jump hosts run
+/// nothing), and each node's descendants.
 fn index_tree(
     spec: &ChildSpec,
     expected: &mut BTreeSet<String>,
+    bare: &mut BTreeSet<String>,
     subtrees: &mut HashMap<String, Vec<String>>,
 ) -> Vec<String> {
     if spec.graph.is_some() {
         expected.insert(spec.name.clone());
+    } else if spec.mode == ChildMode::Relay {
+        bare.insert(spec.name.clone());
     }
     let mut below = Vec::new();
     for c in &spec.children {
         below.push(c.name.clone());
-        below.extend(index_tree(c, expected, subtrees));
+        below.extend(index_tree(c, expected, bare, subtrees));
     }
     subtrees.insert(spec.name.clone(), below.clone());
     below
