@@ -50,6 +50,10 @@ fn main() -> std::process::ExitCode {
         ),
         ("a_bad_topology_exits_2", a_bad_topology_exits_2),
         (
+            "compress_sends_the_binary_gzipped_once_per_relay",
+            compress_sends_the_binary_gzipped_once_per_relay,
+        ),
+        (
             "a_topology_without_graphs_ends_once_every_host_runs",
             a_topology_without_graphs_ends_once_every_host_runs,
         ),
@@ -287,6 +291,82 @@ fn jump_hosts_give_the_same_result(lab: &Lab) -> TestResult {
     for leaf in LEAVES {
         let got = collected(lab, leaf);
         check!(got == want, "{leaf} collected:\n{got}\n{log}");
+    }
+    check_no_leftovers(lab, &HOSTS)
+}
+
+/// With --compress, the initiator's link carries two gzipped binaries, relays keep theirs to
+/// pass on without recompressing, and every leaf ends up with the exact binary.
+fn compress_sends_the_binary_gzipped_once_per_relay(lab: &Lab) -> TestResult {
+    clean(lab, true);
+    let topo = topology(TWO_RELAYS);
+    let sha_of = |out: &[u8]| {
+        String::from_utf8_lossy(out)
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let local_sha = sha_of(
+        &Command::new("sha256sum")
+            .arg(ARBOR)
+            .output()
+            .map_err(fail)?
+            .stdout,
+    );
+    // What gzip -6 makes of the binary: the reference for the bytes on the link.
+    let gz = Command::new("sh")
+        .args(["-c", &format!("gzip -6 -c '{ARBOR}' | wc -c")])
+        .output()
+        .map_err(fail)?;
+    let gz: u64 = String::from_utf8_lossy(&gz.stdout)
+        .trim()
+        .parse()
+        .map_err(fail)?;
+    let binary = std::fs::metadata(ARBOR).map_err(fail)?.len();
+
+    let (tx0, _) = lab.init_link_bytes();
+    let out = run(lab, &topo, &["--converged-timeout", "2", "--compress"]);
+    let (tx1, _) = lab.init_link_bytes();
+    let log = text(&out);
+    check!(
+        out.status.code() == Some(0),
+        "exit {:?}\n{log}",
+        out.status.code()
+    );
+    let want = expect_collected(&LEAVES);
+    for leaf in LEAVES {
+        let got = collected(lab, leaf);
+        check!(got == want, "{leaf} collected:\n{got}\n{log}");
+    }
+    for line in ["r1: copied arbor.gz", "r2/l2-3: copied arbor.gz"] {
+        check!(log.contains(line), "no line {line:?}\n{log}");
+    }
+    let sent = tx1 - tx0;
+    let limit = 2 * gz + 2 * gz * 15 / 100;
+    check!(
+        sent <= limit,
+        "the initiator's link carried {sent} bytes out; two relays x {gz} bytes (gzip -6 of \
+         the {binary}-byte binary) + 15% is {limit}"
+    );
+    for (host, keeps) in [("r1", true), ("r2", true), ("l1-1", false), ("l2-3", false)] {
+        let dir = lab.sh(host, "ls -d /root/.cache/arbor/bin/*/ 2>/dev/null || true");
+        let dir = dir.trim();
+        check!(!dir.is_empty(), "{host}: no cache entry");
+        let sha = sha_of(lab.sh(host, &format!("sha256sum {dir}arbor")).as_bytes());
+        check!(
+            sha == local_sha,
+            "{host}: cached arbor has sha256 {sha}, want {local_sha}"
+        );
+        let kept = lab.sh(host, &format!("ls -a {dir}"));
+        check!(
+            kept.contains("arbor.gz") == keeps,
+            "{host}: cache dir holds {kept:?} (a relay keeps arbor.gz, a leaf does not)"
+        );
+        check!(
+            !kept.contains(".arbor.unpack"),
+            "{host}: an unpacking temp file was left: {kept:?}"
+        );
     }
     check_no_leftovers(lab, &HOSTS)
 }

@@ -103,6 +103,11 @@ struct RunArgs {
     /// in the host's cache (~/.cache/arbor/bin).
     #[arg(long)]
     no_caching: bool,
+    /// Copy arbor gzipped (43% of its size) to hosts that have gzip, and have relays pass the
+    /// compressed copy on. Worth it on thin links; on a LAN compressing costs more than it
+    /// saves, as with ssh -C.
+    #[arg(long)]
+    compress: bool,
     /// Keep the embedded store in memory in a fresh temporary state dir, not in
     /// ~/.local/state/arbor.
     #[arg(long)]
@@ -174,6 +179,7 @@ pub struct RunConfig {
     /// Simultaneous SSH connections being set up (0: unlimited).
     pub cconns: usize,
     pub no_caching: bool,
+    pub compress: bool,
     pub tmp_prefix: bool,
     pub seeds: Vec<String>,
     pub no_server: bool,
@@ -254,6 +260,7 @@ pub fn parse() -> Result<Invocation, ExitCode> {
                 watch: !run.no_watch,
                 cconns: run.cconns,
                 no_caching: run.no_caching,
+                compress: run.compress,
                 tmp_prefix: run.tmp_prefix,
                 seeds: run.seeds,
                 no_server: run.no_server,

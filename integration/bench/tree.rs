@@ -79,7 +79,7 @@ fn clean(lab: &Lab) {
 
 /// One run; returns (seconds to converged exit minus the timeout, bytes out on the link,
 /// stdout lines, peak count of the initiator's SSH connections).
-fn run(lab: &Lab, topo: &PathBuf) -> (f64, u64, Vec<String>, usize) {
+fn run(lab: &Lab, topo: &PathBuf, extra: &[&str]) -> (f64, u64, Vec<String>, usize) {
     let (tx0, _) = lab.init_link_bytes();
     let started = Instant::now();
     let mut child = Command::new("ip")
@@ -90,6 +90,7 @@ fn run(lab: &Lab, topo: &PathBuf) -> (f64, u64, Vec<String>, usize) {
             "--converged-timeout",
             &TIMEOUT_S.to_string(),
         ])
+        .args(extra)
         .env("HOME", lab.home())
         .env_remove("SSH_AUTH_SOCK")
         .stdout(Stdio::piped())
@@ -138,15 +139,30 @@ fn relay_vs_jump(lab: &Lab, binary: u64) -> String {
     let (mut rt, mut rb, mut jt, mut jb) = (vec![], vec![], vec![], vec![]);
     for _ in 0..RUNS {
         clean(lab);
-        let (t, b, _, _) = run(lab, &relay);
+        let (t, b, _, _) = run(lab, &relay, &[]);
         rt.push(t);
         rb.push(b as f64);
         clean(lab);
-        let (t, b, _, _) = run(lab, &jump);
+        let (t, b, _, _) = run(lab, &jump, &[]);
         jt.push(t);
         jb.push(b as f64);
     }
     let (rt, rb, jt, jb) = (median(rt), median(rb), median(jt), median(jb));
+    // The same with --compress: the binary crosses gzipped.
+    let (mut crt, mut crb, mut cjt, mut cjb) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..RUNS {
+        clean(lab);
+        let (t, b, _, _) = run(lab, &relay, &["--compress"]);
+        crt.push(t);
+        crb.push(b as f64);
+        clean(lab);
+        let (t, b, _, _) = run(lab, &jump, &["--compress"]);
+        cjt.push(t);
+        cjb.push(b as f64);
+    }
+    let (crt, crb, cjt, cjb) = (median(crt), median(crb), median(cjt), median(cjb));
+    let gz = gzipped_size();
+    let gz_floor = 2.0 * gz as f64 * 8.0 / RATE_BITS;
     let floor = 2.0 * binary as f64 * 8.0 / RATE_BITS;
     format!(
         "### Relays vs jump hosts: 2 × 12 leaves, initiator link at 20 Mbit/s, cold cache\n\n\
@@ -162,13 +178,43 @@ fn relay_vs_jump(lab: &Lab, binary: u64) -> String {
          Same topology and graphs (examples/leaf.yaml on every leaf) in both modes; in jump mode \
          the relays run nothing and the initiator stages all 24 leaves through them. Median of \
          {RUNS} runs each, alternating, every cache emptied before each run. Bytes are the tx \
-         counter of the initiator's veth (all traffic, headers included).\n\n",
+         counter of the initiator's veth (all traffic, headers included).\n\n\
+         #### The same with `--compress` (off by default)\n\n\
+         | mode | time to converged (minus timeout) | bytes out on the initiator's link | \
+         time vs uncompressed |\n|---|---|---|---|\n\
+         | relay | {crt:.1} s | {crb:.0} ({:.2}× two gzipped binaries) | {:.2} |\n\
+         | jump | {cjt:.1} s | {cjb:.0} ({:.1}× two gzipped binaries) | {:.2} |\n\n\
+         | figure | value |\n|---|---|\n\
+         | floor: 2 gzipped binaries ({gz} bytes each, gzip -6) / 20 Mbit/s | {gz_floor:.1} s |\n\
+         | relay time / (1.25 × floor + 2 s) | {:.2} |\n\
+         | jump time / relay time | {:.1}× |\n\n\
+         Compressing shrinks what must cross, so both modes gain and the ratio between them \
+         shrinks: the fixed costs (connect, start, converge) weigh more against a shorter \
+         transfer (docs/topology.md).\n\n",
         rb / (2.0 * binary as f64),
         jb / (2.0 * binary as f64),
         rt / (1.25 * floor + 2.0),
         jt / rt,
         rb / (2.2 * binary as f64),
+        crb / (2.0 * gz as f64),
+        crt / rt,
+        cjb / (2.0 * gz as f64),
+        cjt / jt,
+        crt / (1.25 * gz_floor + 2.0),
+        cjt / crt,
     )
+}
+
+/// What `gzip -6` makes of the binary (arbor's own compressor gives within a few percent).
+fn gzipped_size() -> u64 {
+    let out = Command::new("sh")
+        .args(["-c", &format!("gzip -6 -c '{ARBOR}' | wc -c")])
+        .output()
+        .expect("gzip");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("gzip size")
 }
 
 fn hundred(lab: &Lab) -> String {
@@ -186,11 +232,11 @@ fn hundred(lab: &Lab) -> String {
         (vec![], vec![], vec![], vec![], vec![]);
     for _ in 0..RUNS {
         clean(lab);
-        let (t, _, lines, c) = run(lab, &topo);
+        let (t, _, lines, c) = run(lab, &topo, &[]);
         cold.push(t);
         conns.push(c as f64);
         cold_mb.push(relay_peak(&lines));
-        let (t, _, lines, c) = run(lab, &topo);
+        let (t, _, lines, c) = run(lab, &topo, &[]);
         warm.push(t);
         conns.push(c as f64);
         warm_mb.push(relay_peak(&lines));

@@ -373,6 +373,7 @@ async fn run_child(
             graph
                 .as_ref()
                 .map(|(_, text)| ("graph.yaml", text.as_bytes())),
+            !spec.children.is_empty(),
             &mut |what, sent, total| {
                 // At most ten updates a second, and always the last.
                 if sent == total || last_sent.elapsed() >= Duration::from_millis(100) {
@@ -428,6 +429,7 @@ async fn run_child(
             converged_timeout: ctx.converged_timeout,
             noop: ctx.noop,
             no_caching: ctx.stage.no_caching,
+            compress: ctx.stage.compress,
         };
         let forward_agent = !spec.children.is_empty() && ctx.agent.is_some();
         if let (true, Some(agent)) = (forward_agent, &ctx.agent) {

@@ -239,6 +239,16 @@ fn builds(config: &RunConfig) -> Result<Builds, String> {
         };
         all.push(Build::from_file(path, &platform).map_err(|e| format!("--binary {arch}: {e}"))?);
     }
+    if config.compress {
+        all = all
+            .into_iter()
+            .map(|b| {
+                let path = b.path.display().to_string();
+                b.with_gzip(false)
+                    .map_err(|e| format!("--compress: compressing {path}: {e}"))
+            })
+            .collect::<Result<_, _>>()?;
+    }
     tracing::debug!("this arbor is for {}", local_platform());
     Ok(Builds::new(all))
 }
@@ -405,6 +415,7 @@ pub async fn run(config: RunConfig) -> u8 {
         stage: StageOptions {
             remote_tmp: config.remote_tmp.clone(),
             no_caching: config.no_caching,
+            compress: config.compress,
         },
         store: store.connector.clone(),
         agent,

@@ -220,7 +220,12 @@ fn fleet_context(
     events: mpsc::Sender<crate::wire::Event>,
 ) -> Result<FleetContext, String> {
     let name = &start.hostname;
-    let build = Build::current().map_err(|e| format!("{name}: reading own binary: {e}"))?;
+    let mut build = Build::current().map_err(|e| format!("{name}: reading own binary: {e}"))?;
+    if start.compress {
+        build = build
+            .with_gzip(true)
+            .map_err(|e| format!("{name}: compressing own binary: {e}"))?;
+    }
     let home = std::env::var_os("HOME")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| "/root".into());
@@ -239,6 +244,7 @@ fn fleet_context(
         stage: StageOptions {
             remote_tmp: config.remote_tmp.clone(),
             no_caching: start.no_caching,
+            compress: start.compress,
         },
         store,
         agent,

@@ -153,6 +153,8 @@ pub struct Start {
     pub converged_timeout: Option<u64>,
     pub noop: bool,
     pub no_caching: bool,
+    /// Copy the binary gzipped to hosts with gzip (--compress).
+    pub compress: bool,
 }
 
 /// Control frames, parent to child.
