@@ -222,9 +222,7 @@ fn fleet_context(
     let name = &start.hostname;
     let mut build = Build::current().map_err(|e| format!("{name}: reading own binary: {e}"))?;
     if start.compress {
-        build = build
-            .with_gzip(true)
-            .map_err(|e| format!("{name}: compressing own binary: {e}"))?;
+        build = build.with_gzip(true);
     }
     let home = std::env::var_os("HOME")
         .map(std::path::PathBuf::from)

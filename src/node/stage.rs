@@ -31,8 +31,8 @@ pub struct Build {
     pub size: u64,
     /// `uname -sm` of the hosts it runs on, e.g. "Linux x86_64".
     pub platform: String,
-    /// The build gzipped, when copies go compressed (--compress).
-    pub gz: Option<Gzipped>,
+    /// The build gzipped, made the first time a copy needs it (--compress).
+    pub gz: Option<Arc<GzCell>>,
 }
 
 /// A gzip stream of a build, held in memory (about 43% of the binary).
@@ -43,6 +43,62 @@ impl std::fmt::Debug for Gzipped {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Gzipped({} bytes)", self.0.len())
     }
+}
+
+/// Where a build's gzip stream comes from, and the stream once made. Made lazily: a run whose
+/// hosts all have the binary cached never compresses, and the first copy's compression
+/// overlaps the other hosts' connects.
+#[derive(Debug)]
+pub struct GzCell {
+    source: PathBuf,
+    reuse_kept: bool,
+    made: tokio::sync::OnceCell<Result<Gzipped, String>>,
+}
+
+impl PartialEq for GzCell {
+    fn eq(&self, other: &Self) -> bool {
+        self.source == other.source && self.reuse_kept == other.reuse_kept
+    }
+}
+
+impl Eq for GzCell {}
+
+impl GzCell {
+    /// The gzip stream; the first caller makes it (on a blocking thread), the rest wait.
+    pub async fn get(&self) -> Result<Gzipped, String> {
+        self.made
+            .get_or_init(|| async {
+                let (source, reuse_kept) = (self.source.clone(), self.reuse_kept);
+                tokio::task::spawn_blocking(move || gzip_file(&source, reuse_kept))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|made| made)
+            })
+            .await
+            .clone()
+    }
+}
+
+/// A node staged with --compress reuses the `arbor.gz` its parent left beside its binary
+/// (`reuse_kept`); otherwise the binary is compressed here (gzip level 6: 6.6 MB to 2.85 MB in
+/// about 0.4 s).
+fn gzip_file(path: &Path, reuse_kept: bool) -> Result<Gzipped, String> {
+    if reuse_kept
+        && let Ok(bytes) = std::fs::read(path.with_file_name(KEPT_GZ))
+        && !bytes.is_empty()
+    {
+        return Ok(Gzipped(Arc::new(bytes)));
+    }
+    let raw = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut encoder = flate2::write::GzEncoder::new(
+        Vec::with_capacity(raw.len() / 2),
+        flate2::Compression::new(6),
+    );
+    encoder
+        .write_all(&raw)
+        .and_then(|()| encoder.finish())
+        .map(|bytes| Gzipped(Arc::new(bytes)))
+        .map_err(|e| format!("compressing {}: {e}", path.display()))
 }
 
 /// What a host that stages children keeps beside its binary: the compressed copy it received.
@@ -62,27 +118,14 @@ impl Build {
         })
     }
 
-    /// Adds the gzipped form. A node staged with --compress reuses the `arbor.gz` its parent
-    /// left beside its binary (`reuse_kept`); otherwise the binary is compressed here, once
-    /// (gzip level 6: 6.6 MB to 2.85 MB in about half a second).
-    pub fn with_gzip(mut self, reuse_kept: bool) -> std::io::Result<Build> {
-        let kept = self.path.with_file_name(KEPT_GZ);
-        let bytes = match std::fs::read(&kept) {
-            Ok(bytes) if reuse_kept && !bytes.is_empty() => bytes,
-            _ => {
-                let raw = std::fs::read(&self.path).map_err(|e| {
-                    std::io::Error::new(e.kind(), format!("{}: {e}", self.path.display()))
-                })?;
-                let mut encoder = flate2::write::GzEncoder::new(
-                    Vec::with_capacity(raw.len() / 2),
-                    flate2::Compression::new(6),
-                );
-                encoder.write_all(&raw)?;
-                encoder.finish()?
-            }
-        };
-        self.gz = Some(Gzipped(Arc::new(bytes)));
-        Ok(self)
+    /// Copies of this build go gzipped (--compress); see [`GzCell`].
+    pub fn with_gzip(mut self, reuse_kept: bool) -> Build {
+        self.gz = Some(Arc::new(GzCell {
+            source: self.path.clone(),
+            reuse_kept,
+            made: tokio::sync::OnceCell::new(),
+        }));
+        self
     }
 
     /// The running executable: what a node copies to its children by default.
@@ -300,13 +343,13 @@ pub async fn stage(
     } else {
         format!("{cache}/{}/arbor", build.sha256)
     };
-    let gz = match (&build.gz, options.compress && has_gzip) {
-        (Some(gz), true) => Some(gz),
+    let gz = match (&build.gz, options.compress && has_gzip && !cached) {
+        (Some(cell), true) => Some(cell.get().await.map_err(&other)?),
         _ => None,
     };
     if cached {
         progress("arbor", build.size, build.size);
-    } else if let Some(gz) = gz {
+    } else if let Some(gz) = &gz {
         bytes_copied += copy_gzipped(session, &sftp, &build, gz, &binary, relay, progress).await?;
     } else {
         let mut file = tokio::fs::File::open(&build.path)
