@@ -3,7 +3,8 @@
 //!
 //! - A 2 × 12 lab whose initiator link is shaped to 20 Mbit/s (inner links unshaped), cold
 //!   cache: relay mode against jump mode on the same topology and graphs; time to converged,
-//!   bytes on the initiator's link, and the floor (bytes that must cross / link rate).
+//!   bytes on the initiator's link, and the floor (bytes that must cross / link rate). Then
+//!   both modes again with --compress.
 //! - A 4 × 24 lab (100 hosts) at full link speed: time to converged, SSH connections the
 //!   initiator holds, and the peak memory of a relay with 24 children.
 
