@@ -161,6 +161,25 @@ fn collected(lab: &Lab, leaf: &str) -> String {
     )
 }
 
+/// The run exited 0 and every leaf holds all six leaves' files; returns the run's output.
+fn exchanged(lab: &Lab, out: &Output) -> Result<String, libtest_mimic::Failed> {
+    let log = text(out);
+    check!(
+        out.status.code() == Some(0),
+        "exit {:?}\n{log}",
+        out.status.code()
+    );
+    let want = expect_collected(&LEAVES);
+    for leaf in LEAVES {
+        let got = collected(lab, leaf);
+        check!(
+            got == want,
+            "{leaf} collected:\n{got}\nwant:\n{want}\n{log}"
+        );
+    }
+    Ok(log)
+}
+
 fn expect_collected(names: &[&str]) -> String {
     let mut v: Vec<String> = names
         .iter()
@@ -183,20 +202,7 @@ fn leaves_exchange_files_through_relays_with_one_binary_per_relay_on_the_link(
     let (tx0, rx0) = lab.init_link_bytes();
     let out = run(lab, &topo, &["--converged-timeout", "2"]);
     let (tx1, rx1) = lab.init_link_bytes();
-    let log = text(&out);
-    check!(
-        out.status.code() == Some(0),
-        "exit {:?}\n{log}",
-        out.status.code()
-    );
-    let want = expect_collected(&LEAVES);
-    for leaf in LEAVES {
-        let got = collected(lab, leaf);
-        check!(
-            got == want,
-            "{leaf} collected:\n{got}\nwant:\n{want}\n{log}"
-        );
-    }
+    let log = exchanged(lab, &out)?;
     // Events from depth 2 arrive tagged with their path.
     check!(
         log.contains("r1/l1-2 | "),
@@ -225,17 +231,7 @@ fn relays_with_keys_of_their_own_still_sign_for_their_leaves(lab: &Lab) -> TestR
     for r in ["r1", "r2"] {
         lab.sh(r, "rm -f /root/.ssh/id_ed25519 /root/.ssh/id_ed25519.pub");
     }
-    let log = text(&out);
-    check!(
-        out.status.code() == Some(0),
-        "exit {:?}\n{log}",
-        out.status.code()
-    );
-    let want = expect_collected(&LEAVES);
-    for leaf in LEAVES {
-        let got = collected(lab, leaf);
-        check!(got == want, "{leaf} collected:\n{got}\n{log}");
-    }
+    exchanged(lab, &out)?;
     check_no_leftovers(lab, &HOSTS)
 }
 
@@ -281,17 +277,7 @@ fn jump_hosts_give_the_same_result(lab: &Lab) -> TestResult {
     clean(lab, false);
     let topo = topology(&TWO_RELAYS.replace("  name: r1\n", "  name: r1\n  mode: jump\n"));
     let out = run(lab, &topo, &["--converged-timeout", "2"]);
-    let log = text(&out);
-    check!(
-        out.status.code() == Some(0),
-        "exit {:?}\n{log}",
-        out.status.code()
-    );
-    let want = expect_collected(&LEAVES);
-    for leaf in LEAVES {
-        let got = collected(lab, leaf);
-        check!(got == want, "{leaf} collected:\n{got}\n{log}");
-    }
+    exchanged(lab, &out)?;
     check_no_leftovers(lab, &HOSTS)
 }
 
@@ -328,17 +314,7 @@ fn compress_sends_the_binary_gzipped_once_per_relay(lab: &Lab) -> TestResult {
     let (tx0, _) = lab.init_link_bytes();
     let out = run(lab, &topo, &["--converged-timeout", "2", "--compress"]);
     let (tx1, _) = lab.init_link_bytes();
-    let log = text(&out);
-    check!(
-        out.status.code() == Some(0),
-        "exit {:?}\n{log}",
-        out.status.code()
-    );
-    let want = expect_collected(&LEAVES);
-    for leaf in LEAVES {
-        let got = collected(lab, leaf);
-        check!(got == want, "{leaf} collected:\n{got}\n{log}");
-    }
+    let log = exchanged(lab, &out)?;
     for line in ["r1: copied arbor.gz", "r2/l2-3: copied arbor.gz"] {
         check!(log.contains(line), "no line {line:?}\n{log}");
     }
