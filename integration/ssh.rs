@@ -514,8 +514,9 @@ impl Agent {
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("start ssh-agent");
-        for _ in 0..100 {
-            if socket.exists() {
+        // The socket file appears at bind(), before listen(): wait until it accepts.
+        for _ in 0..250 {
+            if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));
