@@ -65,6 +65,8 @@ Examples:
       there, exchange exports through the store embedded here, exit once all are converged
   arbor run --topology topology/dc1.yaml
       reach hosts behind relays and jump hosts; run until ^C
+  arbor run --topology topology/dc1.yaml --compress --converged-timeout 10
+      the same over a thin uplink: copy arbor gzipped, once per relay
 
 Exit codes: 0 converged, 1 some host failed, 2 bad input (nothing contacted), 130 ^C.";
 
