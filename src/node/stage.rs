@@ -80,16 +80,25 @@ impl GzCell {
 }
 
 /// A node staged with --compress reuses the `arbor.gz` its parent left beside its binary
-/// (`reuse_kept`); otherwise the binary is compressed here (gzip level 6: 6.6 MB to 2.85 MB in
-/// about 0.4 s).
+/// (`reuse_kept`) if it unpacks to exactly that binary (a few tens of milliseconds, so a
+/// damaged copy is never passed on); otherwise the binary is compressed here (gzip level 6:
+/// 6.6 MB to 2.85 MB in about 0.4 s).
 fn gzip_file(path: &Path, reuse_kept: bool) -> Result<Gzipped, String> {
-    if reuse_kept
-        && let Ok(bytes) = std::fs::read(path.with_file_name(KEPT_GZ))
-        && !bytes.is_empty()
-    {
-        return Ok(Gzipped(Arc::new(bytes)));
-    }
     let raw = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if reuse_kept && let Ok(kept) = std::fs::read(path.with_file_name(KEPT_GZ)) {
+        let mut unpacked = Vec::with_capacity(raw.len());
+        let intact =
+            std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&kept[..]), &mut unpacked)
+                .is_ok()
+                && unpacked == raw;
+        if intact {
+            return Ok(Gzipped(Arc::new(kept)));
+        }
+        tracing::warn!(
+            "{}: does not unpack to this binary; compressing afresh",
+            path.with_file_name(KEPT_GZ).display()
+        );
+    }
     let mut encoder = flate2::write::GzEncoder::new(
         Vec::with_capacity(raw.len() / 2),
         flate2::Compression::new(6),
@@ -479,6 +488,43 @@ mod tests {
             normalize_platform(uname.trim()),
             normalize_platform(&local_platform())
         );
+    }
+
+    #[tokio::test]
+    async fn a_kept_gzip_is_reused_only_if_it_unpacks_to_the_binary() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bin = dir.path().join("arbor");
+        let body: Vec<u8> = (0..200_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect();
+        std::fs::write(&bin, &body).expect("write");
+        let unpack = |gz: &Gzipped| {
+            let mut out = Vec::new();
+            std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz.0[..]), &mut out)
+                .expect("gunzip");
+            out
+        };
+        // Nothing kept: compressed here.
+        let made = gzip_file(&bin, true).expect("gzip");
+        assert_eq!(unpack(&made), body);
+        // An intact kept copy is reused as it is.
+        let mut marked = made.0.to_vec();
+        marked[4] = 0x42; // gzip's MTIME field: ignored on unpacking, tells the copies apart
+        std::fs::write(dir.path().join(KEPT_GZ), &marked).expect("write");
+        assert_eq!(gzip_file(&bin, true).expect("gzip").0.to_vec(), marked);
+        // A damaged one is not passed on.
+        let cut = &marked[..marked.len() / 2];
+        std::fs::write(dir.path().join(KEPT_GZ), cut).expect("write");
+        let fresh = gzip_file(&bin, true).expect("gzip");
+        assert_eq!(unpack(&fresh), body);
+        // And the initiator never looks at a kept copy.
+        std::fs::write(dir.path().join(KEPT_GZ), &marked).expect("write");
+        assert_ne!(gzip_file(&bin, false).expect("gzip").0.to_vec(), marked);
+        let cell = Build::from_file(&bin, "Linux x86_64")
+            .expect("build")
+            .with_gzip(true);
+        let got = cell.gz.expect("armed").get().await.expect("gzip");
+        assert_eq!(got.0.to_vec(), marked);
     }
 
     #[test]
