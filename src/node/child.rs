@@ -102,32 +102,14 @@ pub async fn launch(
                     stderr_buf.extend_from_slice(&data);
                     while let Some(pos) = stderr_buf.iter().position(|b| *b == b'\n') {
                         let line: Vec<u8> = stderr_buf.drain(..=pos).collect();
-                        let text = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
-                        let _ = pump_tx
-                            .send(FromChild::Event(Event {
-                                host: pump_me.clone(),
-                                kind: EventKind::Log {
-                                    line: text,
-                                    stderr: true,
-                                },
-                            }))
-                            .await;
+                        send_stderr(&pump_tx, &pump_me, &line[..line.len() - 1]).await;
                     }
                 }
                 Output::Exit(s) => status = s,
             }
         }
         if !stderr_buf.is_empty() {
-            let text = String::from_utf8_lossy(&stderr_buf).into_owned();
-            let _ = pump_tx
-                .send(FromChild::Event(Event {
-                    host: pump_me.clone(),
-                    kind: EventKind::Log {
-                        line: text,
-                        stderr: true,
-                    },
-                }))
-                .await;
+            send_stderr(&pump_tx, &pump_me, &stderr_buf).await;
         }
         drop(frames_in);
         let _ = pump_tx
@@ -184,4 +166,17 @@ pub async fn launch(
         // The child exited before saying hello: its stderr (already queued) says why.
         Err(_) => Ok((control, events_rx)),
     }
+}
+
+/// One line of the child's raw stderr, sent up as its log.
+async fn send_stderr(tx: &mpsc::Sender<FromChild>, host: &HostPath, line: &[u8]) {
+    let _ = tx
+        .send(FromChild::Event(Event {
+            host: host.clone(),
+            kind: EventKind::Log {
+                line: String::from_utf8_lossy(line).into_owned(),
+                stderr: true,
+            },
+        }))
+        .await;
 }

@@ -57,38 +57,34 @@ pub fn render(topology: &Topology, path: &Path) -> String {
         width(4, &|r| r.graph.chars().count()),
         width(5, &|r| r.fan_out.to_string().len()),
     ];
-    let mut out = format!(
-        "{:<w0$}  {:<w1$}  {:>w2$}  {:<w3$}  {:<w4$}  {:>w5$}\n",
-        headers[0],
-        headers[1],
-        headers[2],
-        headers[3],
-        headers[4],
-        headers[5],
-        w0 = w[0],
-        w1 = w[1],
-        w2 = w[2],
-        w3 = w[3],
-        w4 = w[4],
-        w5 = w[5],
-    );
-    for r in &rows {
-        // `{:<N}` pads by chars, so the tree's box-drawing characters line up.
-        out.push_str(&format!(
+    // `{:<N}` pads by chars, so the tree's box-drawing characters line up.
+    let line = |c: [&str; 6]| {
+        format!(
             "{:<w0$}  {:<w1$}  {:>w2$}  {:<w3$}  {:<w4$}  {:>w5$}\n",
-            r.tree,
-            r.address,
-            r.depth,
-            r.mode,
-            r.graph,
-            r.fan_out,
+            c[0],
+            c[1],
+            c[2],
+            c[3],
+            c[4],
+            c[5],
             w0 = w[0],
             w1 = w[1],
             w2 = w[2],
             w3 = w[3],
             w4 = w[4],
             w5 = w[5],
-        ));
+        )
+    };
+    let mut out = line(headers);
+    for r in &rows {
+        out.push_str(&line([
+            &r.tree,
+            &r.address,
+            &r.depth.to_string(),
+            r.mode,
+            &r.graph,
+            &r.fan_out.to_string(),
+        ]));
     }
     let modes = |mode: &str| rows.iter().filter(|r| r.mode == mode).count();
     out.push_str(&format!(
