@@ -350,20 +350,8 @@ mod tests {
         res.check_apply(ApplyContext::default())
             .await
             .expect("first run");
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let cancel = CancellationToken::new();
-        let watcher = {
-            let (res, cancel) = (res.clone(), cancel.clone());
-            tokio::spawn(async move {
-                res.watch(
-                    Poke::new(move || {
-                        let _ = tx.send(());
-                    }),
-                    cancel,
-                )
-                .await
-            })
-        };
+        let (watcher, mut rx) = crate::engine::resources::spawn_watch(res.clone(), cancel.clone());
         for _ in 0..2 {
             tokio::time::timeout(Duration::from_secs(5), rx.recv())
                 .await

@@ -351,21 +351,8 @@ mod tests {
         res.check_apply(ApplyContext::default())
             .await
             .expect("first apply");
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let cancel = CancellationToken::new();
-        let watcher = {
-            let res = res.clone();
-            let cancel = cancel.clone();
-            tokio::spawn(async move {
-                res.watch(
-                    Poke::new(move || {
-                        let _ = tx.send(());
-                    }),
-                    cancel,
-                )
-                .await
-            })
-        };
+        let (watcher, mut rx) = crate::engine::resources::spawn_watch(res.clone(), cancel.clone());
         // Let the watch register before damaging.
         tokio::time::sleep(Duration::from_millis(50)).await;
         while rx.try_recv().is_ok() {}
@@ -400,17 +387,8 @@ mod tests {
         let path = root.path().join("sub/deeper/f");
         let fs_watch = FsWatcher::new().expect("inotify");
         let res = std::sync::Arc::new(FileResource::new(spec(&path, "x"), fs_watch));
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let cancel = CancellationToken::new();
-        let watcher = {
-            let (res, cancel) = (res.clone(), cancel.clone());
-            tokio::spawn(async move {
-                let poke = Poke::new(move || {
-                    let _ = tx.send(());
-                });
-                res.watch(poke, cancel).await
-            })
-        };
+        let (watcher, mut rx) = crate::engine::resources::spawn_watch(res.clone(), cancel.clone());
         tokio::time::sleep(Duration::from_millis(50)).await;
         fs::create_dir_all(root.path().join("sub/deeper")).expect("mkdir");
         expect_poke(&mut rx).await;

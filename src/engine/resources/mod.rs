@@ -172,6 +172,26 @@ pub trait Resource: Send + Sync + 'static {
     fn watch(&self, poke: Poke, cancel: CancellationToken) -> BoxFuture<'_, anyhow::Result<()>>;
 }
 
+/// For tests: runs `res.watch` in a task whose pokes arrive on the returned channel, until
+/// `cancel` fires.
+#[cfg(test)]
+pub(crate) fn spawn_watch<R: Resource>(
+    res: Arc<R>,
+    cancel: CancellationToken,
+) -> (
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let poke = Poke::new(move || {
+        let _ = tx.send(());
+    });
+    (
+        tokio::spawn(async move { res.watch(poke, cancel).await }),
+        rx,
+    )
+}
+
 /// What resources may share with each other on one host.
 #[derive(Clone)]
 pub struct Services {
