@@ -7,7 +7,9 @@
 #[macro_use]
 mod support;
 
-use support::harness::{Running, Test, TestResult, fail, lines_of, wait_lines};
+use support::harness::{
+    Running, Test, TestResult, exited, fail, lines_of, output_text as text, wait_lines,
+};
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -124,14 +126,6 @@ fn arbor(lab: &Lab, args: &[&str]) -> Output {
     arbor_command(lab, args).output().expect("run arbor")
 }
 
-fn text(out: &Output) -> String {
-    format!(
-        "--- stdout\n{}--- stderr\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 fn clean_hosts(lab: &Lab) {
     for h in ["r1", "r2"] {
         lab.sh(h, "rm -rf /tmp/file* /tmp/arbor.* /root/.cache/arbor");
@@ -181,12 +175,7 @@ fn the_articles_example_exchanges_files_and_cleans_up(lab: &Lab) -> TestResult {
     clean_hosts(lab);
     let g = article_graphs(lab, &lab.addr("r1"), &lab.addr("r2"));
     let out = arbor(lab, &strs(&g.args(&["--converged-timeout", "2"])));
-    let log = text(&out);
-    check!(
-        out.status.code() == Some(0),
-        "exit {:?}\n{log}",
-        out.status.code()
-    );
+    let log = exited(&out, 0)?;
     check_article_files(lab)?;
     for h in ["r1", "r2"] {
         let left = leftovers(lab, h);
@@ -361,12 +350,7 @@ fn an_unreachable_host_fails_alone_with_exit_1(lab: &Lab) -> TestResult {
         lab,
         &strs(&g.args(&["--converged-timeout", "1", "--connect-timeout", "2"])),
     );
-    let log = text(&out);
-    check!(
-        out.status.code() == Some(1),
-        "exit {:?}\n{log}",
-        out.status.code()
-    );
+    let log = exited(&out, 1)?;
     check!(
         log.contains("10.199.0.99: connect:"),
         "the error does not name the host and step\n{log}"
@@ -435,12 +419,7 @@ fn a_wrong_host_key_is_refused(lab: &Lab) -> TestResult {
     .env("HOME", home.path())
     .output()
     .map_err(fail)?;
-    let log = text(&out);
-    check!(
-        out.status.code() == Some(1),
-        "exit {:?}\n{log}",
-        out.status.code()
-    );
+    let log = exited(&out, 1)?;
     check!(
         log.contains(&format!("{r1}: host key: HOST KEY CHANGED")),
         "no host key error for r1\n{log}"
@@ -464,12 +443,7 @@ fn a_bad_graph_exits_2_before_connecting(lab: &Lab) -> TestResult {
     let (tx0, _) = lab.init_link_bytes();
     let out = arbor(lab, &strs(&g.args(&[])));
     let (tx1, _) = lab.init_link_bytes();
-    let log = text(&out);
-    check!(
-        out.status.code() == Some(2),
-        "exit {:?}\n{log}",
-        out.status.code()
-    );
+    let log = exited(&out, 2)?;
     check!(
         log.contains(&format!("{}:", g.b.display())) && log.contains("colour"),
         "the error does not name the file and key\n{log}"
@@ -511,12 +485,7 @@ fn the_example_works_with_a_real_etcd_as_the_store(lab: &Lab) -> TestResult {
             lab,
             &strs(&g.args(&["--converged-timeout", "2", "--seeds", &url])),
         );
-        check!(
-            out.status.code() == Some(0),
-            "exit {:?}\n{}",
-            out.status.code(),
-            text(&out)
-        );
+        exited(&out, 0)?;
         check_article_files(lab)?;
         // The exports went through etcd: it saw the revisions.
         let status = Command::new("ip")

@@ -6,7 +6,9 @@
 #[macro_use]
 mod support;
 
-use support::harness::{Running, Test, TestResult, fail, lines_of, wait_lines};
+use support::harness::{
+    Running, Test, TestResult, exited, fail, lines_of, output_text as text, wait_lines,
+};
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -115,14 +117,6 @@ fn run(lab: &Lab, topo: &Topo, extra: &[&str]) -> Output {
         .expect("run arbor")
 }
 
-fn text(out: &Output) -> String {
-    format!(
-        "--- stdout\n{}--- stderr\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 fn clean(lab: &Lab, caches: bool) {
     for h in HOSTS {
         let extra = if caches { " /root/.cache/arbor" } else { "" };
@@ -163,12 +157,7 @@ fn collected(lab: &Lab, leaf: &str) -> String {
 
 /// The run exited 0 and every leaf holds all six leaves' files; returns the run's output.
 fn exchanged(lab: &Lab, out: &Output) -> Result<String, libtest_mimic::Failed> {
-    let log = text(out);
-    check!(
-        out.status.code() == Some(0),
-        "exit {:?}\n{log}",
-        out.status.code()
-    );
+    let log = exited(out, 0)?;
     let want = expect_collected(&LEAVES);
     for leaf in LEAVES {
         let got = collected(lab, leaf);
@@ -255,12 +244,7 @@ hosts:
 ",
     );
     let out = run(lab, &topo, &["--converged-timeout", "2"]);
-    let log = text(&out);
-    check!(
-        out.status.code() == Some(0),
-        "exit {:?}\n{log}",
-        out.status.code()
-    );
+    let log = exited(&out, 0)?;
     check!(
         log.contains("r1/r1-inner/l1-3 | "),
         "no output tagged with the depth-3 path\n{log}"
@@ -382,12 +366,7 @@ fn a_topology_without_graphs_ends_once_every_host_runs(lab: &Lab) -> TestResult 
         )));
     }
     let out = child.wait_with_output().expect("output");
-    let log = text(&out);
-    check!(
-        out.status.code() == Some(0),
-        "exit {:?}\n{log}",
-        out.status.code()
-    );
+    let log = exited(&out, 0)?;
     check!(
         log.contains("r2/l2-3: running"),
         "a leaf never reported running\n{log}"
@@ -590,12 +569,7 @@ fn a_bad_topology_exits_2(lab: &Lab) -> TestResult {
     let (tx0, _) = lab.init_link_bytes();
     let out = run(lab, &topo, &["--converged-timeout", "1"]);
     let (tx1, _) = lab.init_link_bytes();
-    let log = text(&out);
-    check!(
-        out.status.code() == Some(2),
-        "exit {:?}\n{log}",
-        out.status.code()
-    );
+    let log = exited(&out, 2)?;
     check!(
         log.contains(&format!("{}:12:3:", topo.path.display())) && log.contains("colour"),
         "no file:line for the unknown key\n{log}"

@@ -3,7 +3,7 @@
 
 use super::Lab;
 use libtest_mimic::{Arguments, Failed, Trial};
-use std::process::Child;
+use std::process::{Child, Output};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
@@ -37,6 +37,24 @@ pub fn run_with_lab(
 
 pub fn fail(msg: impl std::fmt::Display) -> Failed {
     Failed::from(msg.to_string())
+}
+
+/// A finished run's stdout and stderr, labelled, for checks and failure messages.
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "--- stdout\n{}--- stderr\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The run exited with `code`; returns its output text for further checks.
+pub fn exited(out: &Output, code: i32) -> Result<String, Failed> {
+    let log = output_text(out);
+    if out.status.code() != Some(code) {
+        return Err(fail(format!("exit {:?}\n{log}", out.status.code())));
+    }
+    Ok(log)
 }
 
 /// A running arbor that is stopped (^C, then killed) however the test ends.
