@@ -836,34 +836,30 @@ mod checks {
             "a delete carries no value"
         );
 
-        let mut noput = c
-            .watch(
-                "w/",
-                Some(
-                    WatchOptions::new()
-                        .with_prefix()
-                        .with_start_revision(start)
-                        .with_filters([WatchFilterType::NoPut]),
-                ),
-            )
-            .await
-            .unwrap();
-        assert!(noput.message().await.unwrap().unwrap().created());
+        let mut noput = watch_created(
+            &mut c,
+            "w/",
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(start)
+                    .with_filters([WatchFilterType::NoPut]),
+            ),
+        )
+        .await;
         let events = collect_events(&mut noput, 1).await;
         assert_eq!(events[0].event_type(), EventType::Delete);
-        let mut nodelete = c
-            .watch(
-                "w/",
-                Some(
-                    WatchOptions::new()
-                        .with_prefix()
-                        .with_start_revision(start)
-                        .with_filters([WatchFilterType::NoDelete]),
-                ),
-            )
-            .await
-            .unwrap();
-        assert!(nodelete.message().await.unwrap().unwrap().created());
+        let mut nodelete = watch_created(
+            &mut c,
+            "w/",
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(start)
+                    .with_filters([WatchFilterType::NoDelete]),
+            ),
+        )
+        .await;
         let events = collect_events(&mut nodelete, 3).await;
         assert!(events.iter().all(|e| e.event_type() == EventType::Put));
         // Live events follow the replay.
@@ -913,11 +909,12 @@ mod checks {
             }
         }
         // From the compaction revision itself, the watch works.
-        let mut w = c
-            .watch("wc", Some(WatchOptions::new().with_start_revision(r2)))
-            .await
-            .unwrap();
-        assert!(w.message().await.unwrap().unwrap().created());
+        let mut w = watch_created(
+            &mut c,
+            "wc",
+            Some(WatchOptions::new().with_start_revision(r2)),
+        )
+        .await;
         let events = collect_events(&mut w, 2).await;
         assert_eq!(events[0].kv().unwrap().mod_revision(), r2);
     }
@@ -974,8 +971,7 @@ mod checks {
             .header()
             .unwrap()
             .revision();
-        let mut w = c.watch("pg-idle", None).await.unwrap();
-        assert!(w.message().await.unwrap().unwrap().created());
+        let mut w = watch_created(&mut c, "pg-idle", None).await;
         w.request_progress().await.unwrap();
         let progress = tokio::time::timeout(Duration::from_secs(5), w.message())
             .await
@@ -1176,14 +1172,12 @@ mod checks {
             .await
             .unwrap();
         c.put("x/3", "kept", None).await.unwrap();
-        let mut w = c
-            .watch(
-                "x/",
-                Some(WatchOptions::new().with_prefix().with_prev_key()),
-            )
-            .await
-            .unwrap();
-        assert!(w.message().await.unwrap().unwrap().created());
+        let mut w = watch_created(
+            &mut c,
+            "x/",
+            Some(WatchOptions::new().with_prefix().with_prev_key()),
+        )
+        .await;
         let events = tokio::time::timeout(Duration::from_secs(10), collect_events(&mut w, 2))
             .await
             .expect("the lease expires within 10s");
@@ -1223,11 +1217,7 @@ mod checks {
             .unwrap()
             .revision()
             + 1;
-        let mut live = c
-            .watch("cw/", Some(WatchOptions::new().with_prefix()))
-            .await
-            .unwrap();
-        assert!(live.message().await.unwrap().unwrap().created());
+        let live = watch_created(&mut c, "cw/", Some(WatchOptions::new().with_prefix())).await;
 
         let mut tasks = Vec::new();
         for w in 0..WRITERS {
@@ -1477,6 +1467,17 @@ mod checks {
     }
 
     /// Reads events until `n` have arrived (failing after 20s).
+    /// Opens a watch and checks that its first response says it was created.
+    async fn watch_created(
+        c: &mut etcd_client::Client,
+        key: &str,
+        options: Option<WatchOptions>,
+    ) -> etcd_client::WatchStream {
+        let mut w = c.watch(key, options).await.unwrap();
+        assert!(w.message().await.unwrap().unwrap().created());
+        w
+    }
+
     async fn collect_events(w: &mut etcd_client::WatchStream, n: usize) -> Vec<etcd_client::Event> {
         let mut out = Vec::new();
         while out.len() < n {
