@@ -290,7 +290,8 @@ fn fan_out(lab: &Lab) -> String {
          A lab of 1 relay × 24 leaves; the initiator runs on the relay (`integration/lab exec \
          r1`), which sees every leaf, and reaches the 24 leaves flat. Each leaf exports a file \
          and collects all 24. Median of {RUNS} warm runs after one cold run; peak RSS from \
-         `/usr/bin/time` (initiator) and from each remote process's own VmHWM report.\n",
+         `/usr/bin/time` (initiator) and from each remote process's own VmHWM report. \
+         Command: `cargo bench --bench remote`.\n",
         took - TIMEOUT_S as f64,
         median(im),
         median(rm)

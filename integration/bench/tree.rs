@@ -252,7 +252,7 @@ fn hundred(lab: &Lab) -> String {
          | peak RSS of a relay with 24 children, warm cache | {:.1} MB | < 60 MB |\n\n\
          Every leaf exports a file and collects all 96. Medians of {RUNS} cold and {RUNS} warm \
          runs, alternating. The RSS figures are the largest relay's own VmHWM, which it logs as \
-         it exits.\n",
+         it exits. Command: `cargo bench --bench tree` (both tables).\n",
         median(cold),
         median(warm),
         median(conns),
