@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+pub use crate::node::config::RunOptions;
+
 /// arbor bootstraps and manages fleets of machines over SSH, with nothing installed on them
 /// first. It copies itself to each host, tunnels the host back to a coordination store on the
 /// initiator, and runs a graph of resources there. Hosts behind jump hosts are reached through
@@ -68,7 +70,9 @@ Examples:
   arbor run --topology topology/dc1.yaml --compress --converged-timeout 10
       the same over a thin uplink: copy arbor gzipped, once per relay
 
-Exit codes: 0 converged, 1 some host failed, 2 bad input (nothing contacted), 130 ^C.";
+Exit codes: 0 converged, 1 some host failed, 2 bad input (nothing contacted),
+130 ^C, 143 SIGTERM, 129 SIGHUP (each tears every host down first; a second signal
+exits at once and names the hosts that may still hold state).";
 
 /// `arbor run`'s flags (the help text and examples come from `Sub::Run`).
 #[derive(clap::Args, Debug)]
@@ -157,45 +161,9 @@ struct RunArgs {
 pub enum Command {
     Version,
     Store(crate::store::StoreConfig),
-    Run(Box<RunConfig>),
+    Run(Box<RunOptions>),
     /// `arbor topology check FILE`.
     TopologyCheck(PathBuf),
-}
-
-/// `arbor run`, as plain data.
-#[derive(Debug, Clone, Default)]
-pub struct RunConfig {
-    /// Graph to run locally.
-    pub file: Option<PathBuf>,
-    /// Graphs to run on the hosts they name.
-    pub remotes: Vec<PathBuf>,
-    /// A topology file naming the hosts to reach and their graphs.
-    pub topology: Option<PathBuf>,
-    /// Exit after being converged this long.
-    pub converged_timeout: Option<Duration>,
-    pub noop: bool,
-    /// `None`: this machine's host name.
-    pub hostname: Option<String>,
-    /// Re-read and apply graph files when they change.
-    pub watch: bool,
-    /// Simultaneous SSH connections being set up (0: unlimited).
-    pub cconns: usize,
-    pub no_caching: bool,
-    pub compress: bool,
-    pub tmp_prefix: bool,
-    pub seeds: Vec<String>,
-    pub no_server: bool,
-    pub identities: Vec<PathBuf>,
-    pub known_hosts: Vec<PathBuf>,
-    pub accept_new: bool,
-    pub allow_interactive: bool,
-    pub connect_timeout: Duration,
-    /// Builds for other platforms: (platform, path).
-    pub binaries: Vec<(String, PathBuf)>,
-    pub remote_tmp: String,
-    /// 0 for the initiator.
-    pub depth: usize,
-    pub workdir: Option<PathBuf>,
 }
 
 /// One invocation of arbor: the job and how chatty the log should be (0 = info).
@@ -211,7 +179,11 @@ pub fn parse() -> Result<Invocation, ExitCode> {
     let args = match Args::try_parse() {
         Ok(args) => args,
         Err(e) => {
-            let code = if e.use_stderr() { 2 } else { 0 };
+            let code = if e.use_stderr() {
+                crate::exit::BAD_INPUT
+            } else {
+                crate::exit::OK
+            };
             let _ = e.print();
             return Err(ExitCode::from(code));
         }
@@ -237,7 +209,7 @@ pub fn parse() -> Result<Invocation, ExitCode> {
                     }
                     _ => {
                         eprintln!("arbor: --binary {spec:?}: expected ARCH=PATH");
-                        return Err(ExitCode::from(2));
+                        return Err(ExitCode::from(crate::exit::BAD_INPUT));
                     }
                 }
             }
@@ -250,16 +222,16 @@ pub fn parse() -> Result<Invocation, ExitCode> {
                     "arbor: run needs something to run: --file GRAPH, --remote GRAPH and/or \
                      --topology FILE (see arbor run --help)"
                 );
-                return Err(ExitCode::from(2));
+                return Err(ExitCode::from(crate::exit::BAD_INPUT));
             }
-            Command::Run(Box::new(RunConfig {
+            Command::Run(Box::new(RunOptions {
                 file: run.file,
                 remotes: run.remotes,
                 topology: run.topology,
                 converged_timeout: run.converged_timeout.map(Duration::from_secs),
                 noop: run.noop,
                 hostname: run.hostname,
-                watch: !run.no_watch,
+                live_edits: !run.no_watch,
                 cconns: run.cconns,
                 no_caching: run.no_caching,
                 compress: run.compress,
@@ -273,6 +245,7 @@ pub fn parse() -> Result<Invocation, ExitCode> {
                 connect_timeout: Duration::from_secs(run.connect_timeout),
                 binaries,
                 remote_tmp: run.remote_tmp,
+                verbosity: args.verbose,
                 depth: run.depth,
                 workdir: run.workdir,
             }))
@@ -280,7 +253,7 @@ pub fn parse() -> Result<Invocation, ExitCode> {
         None => {
             use clap::CommandFactory;
             let _ = Args::command().print_help();
-            return Err(ExitCode::from(2));
+            return Err(ExitCode::from(crate::exit::BAD_INPUT));
         }
     };
     Ok(Invocation {

@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod engine;
+pub mod exit;
 pub mod node;
 pub mod ssh;
 pub mod store;

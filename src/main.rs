@@ -13,19 +13,19 @@ fn main() -> ExitCode {
     };
     // A staged node's stdout carries frames: its log goes up the link as events instead.
     let event_log = match &invocation.command {
-        cli::Command::Run(config) if config.depth > 0 => {
-            let file = config.workdir.as_ref().and_then(|dir| {
+        cli::Command::Run(options) if options.depth > 0 => {
+            let file = options.workdir.as_ref().and_then(|dir| {
                 std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
                     .open(dir.join("arbor.log"))
                     .ok()
             });
-            Some(arbor::node::parent::EventLog::new(file))
+            Some(arbor::node::parent_link::EventLog::new(file))
         }
         _ => None,
     };
-    init_tracing(invocation.verbosity, event_log.clone());
+    let set_verbosity = init_tracing(invocation.verbosity, event_log.clone());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -33,16 +33,20 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("arbor: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
+            return ExitCode::from(arbor::exit::FAILED);
         }
     };
-    let code = runtime.block_on(run(invocation.command, event_log));
+    let code = runtime.block_on(run(invocation.command, event_log, set_verbosity));
     // Don't wait for blocked reads of stdin (tokio reads it on a blocking thread).
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     code
 }
 
-async fn run(command: cli::Command, event_log: Option<arbor::node::parent::EventLog>) -> ExitCode {
+async fn run(
+    command: cli::Command,
+    event_log: Option<arbor::node::parent_link::EventLog>,
+    set_verbosity: arbor::node::relay::SetVerbosity,
+) -> ExitCode {
     match command {
         cli::Command::Version => {
             println!("arbor {}", env!("CARGO_PKG_VERSION"));
@@ -55,14 +59,16 @@ async fn run(command: cli::Command, event_log: Option<arbor::node::parent::Event
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("arbor store: {e:#}");
-                    ExitCode::from(1)
+                    ExitCode::from(arbor::exit::FAILED)
                 }
             }
         }
         cli::Command::TopologyCheck(path) => ExitCode::from(arbor::topology::check::run(&path)),
-        cli::Command::Run(config) => match event_log {
-            Some(log) => ExitCode::from(arbor::node::relay::run(*config, log).await),
-            None => ExitCode::from(arbor::node::initiator::run(*config).await),
+        cli::Command::Run(options) => match event_log {
+            Some(log) => {
+                ExitCode::from(arbor::node::relay::run(*options, log, set_verbosity).await)
+            }
+            None => ExitCode::from(arbor::node::initiator::run(*options).await),
         },
     }
 }
@@ -84,24 +90,35 @@ async fn cancel_on_signal(token: tokio_util::sync::CancellationToken) {
     token.cancel();
 }
 
-fn init_tracing(verbosity: u8, event_log: Option<arbor::node::parent::EventLog>) {
+/// The log filter for a verbosity: 0 info, 1 debug, 2 and more trace (and russh's debug).
+fn targets(verbosity: u8) -> tracing_subscriber::filter::Targets {
     use tracing_subscriber::filter::{LevelFilter, Targets};
-    use tracing_subscriber::prelude::*;
     // Plain target=level lists (no regex engine in the binary that goes to every host).
-    let default = match verbosity {
+    match verbosity {
         0 => Targets::new().with_target("arbor", LevelFilter::INFO),
         1 => Targets::new().with_target("arbor", LevelFilter::DEBUG),
         _ => Targets::new()
             .with_target("arbor", LevelFilter::TRACE)
             .with_target("russh", LevelFilter::DEBUG),
-    };
-    let filter = match std::env::var("ARBOR_LOG") {
-        Ok(spec) => spec.parse::<Targets>().unwrap_or_else(|e| {
-            eprintln!("arbor: ignoring ARBOR_LOG={spec:?}: {e}");
-            default.clone()
-        }),
-        Err(_) => default,
-    };
+    }
+}
+
+/// Starts logging; returns how to change the level later (a staged node learns its level
+/// from its parent's `Start` frame). ARBOR_LOG, when set, wins over both.
+fn init_tracing(
+    verbosity: u8,
+    event_log: Option<arbor::node::parent_link::EventLog>,
+) -> arbor::node::relay::SetVerbosity {
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::prelude::*;
+    let from_env = std::env::var("ARBOR_LOG").ok().and_then(|spec| {
+        spec.parse::<Targets>()
+            .map_err(|e| eprintln!("arbor: ignoring ARBOR_LOG={spec:?}: {e}"))
+            .ok()
+    });
+    let fixed = from_env.is_some();
+    let (filter, handle) =
+        tracing_subscriber::reload::Layer::new(from_env.unwrap_or_else(|| targets(verbosity)));
     let layer = tracing_subscriber::fmt::layer().with_target(false);
     match event_log {
         Some(log) => tracing_subscriber::registry()
@@ -117,4 +134,9 @@ fn init_tracing(verbosity: u8, event_log: Option<arbor::node::parent::EventLog>)
             .with(layer.with_writer(std::io::stderr).with_filter(filter))
             .init(),
     }
+    Box::new(move |verbosity| {
+        if !fixed {
+            let _ = handle.reload(targets(verbosity));
+        }
+    })
 }

@@ -1,10 +1,21 @@
 //! The operator's view: every event from every host, live, one line each, and the summary at
 //! the end. Host output reads like the article's `host | line`, but as it happens.
 
-use crate::node::fleet::ChildReport;
 use crate::wire::{Event, EventKind, HostState};
 use std::io::Write;
 use std::time::Duration;
+
+/// How one host's part in the run ended, for the summary.
+#[derive(Debug, Clone)]
+pub struct HostReport {
+    pub name: String,
+    pub ok: bool,
+    /// Why it failed, naming the step.
+    pub cause: Option<String>,
+    pub elapsed: Duration,
+    pub bytes: u64,
+    pub cached: Option<bool>,
+}
 
 /// Prints events as they arrive (stdout), in arrival order.
 #[derive(Default)]
@@ -90,7 +101,7 @@ impl Ui {
     }
 
     /// The table at the end: host, result, time, bytes sent, binary from cache.
-    pub fn summary(&self, reports: &[ChildReport], local: Option<(&str, bool, Duration)>) {
+    pub fn summary(&self, reports: &[HostReport], local: Option<(&str, bool, Duration)>) {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out);
         let _ = writeln!(
@@ -109,7 +120,7 @@ impl Ui {
                 "-"
             );
         }
-        let mut sorted: Vec<&ChildReport> = reports.iter().collect();
+        let mut sorted: Vec<&HostReport> = reports.iter().collect();
         sorted.sort_by(|a, b| a.name.cmp(&b.name));
         for r in sorted {
             let _ = writeln!(

@@ -3,15 +3,15 @@
 //! latency, and a graph of 1,000 files (time to first convergence, memory). Writes its table
 //! into docs/benchmarks.md. Run by hand: `cargo bench --bench engine`.
 //!
-//! Waiting is by inotify (arbor's own `FsWatcher`), so the figures are not rounded up to a
+//! Waiting is by inotify (arbor's own `FsEvents`), so the figures are not rounded up to a
 //! polling interval.
 
 #[path = "../support/mod.rs"]
 mod support;
 
+use arbor::engine::fs_events::FsEvents;
 use arbor::engine::graph::{self, Graph};
 use arbor::engine::store_exchange::StoreExchange;
-use arbor::engine::watch::FsWatcher;
 use arbor::engine::{Engine, EngineConfig, Exchange};
 use arbor::store::client::{Endpoints, StoreClient};
 use arbor::store::{Store, StoreConfig};
@@ -88,7 +88,7 @@ fn percentiles(mut samples: Vec<Duration>) -> (Duration, Duration) {
 }
 
 /// Waits (by inotify) until `path` holds `want`.
-async fn until_content(sub: &arbor::engine::watch::Subscription, path: &Path, want: &str) {
+async fn until_content(sub: &arbor::engine::fs_events::Subscription, path: &Path, want: &str) {
     loop {
         if std::fs::read_to_string(path).ok().as_deref() == Some(want) {
             return;
@@ -126,7 +126,7 @@ async fn export_to_collected() -> (Duration, Duration) {
     let ex = new_exchange().await;
     let a = Engine::start(exporter_graph(0), EngineConfig::new("a"), ex.clone()).expect("a");
     let b = Engine::start(parse(&collector, "b"), EngineConfig::new("b"), ex).expect("b");
-    let fs = FsWatcher::new().expect("inotify");
+    let fs = FsEvents::new().expect("inotify");
     let probe = db.path().join("probe");
     let sub = fs.subscribe(&probe).expect("watch probe");
     until_content(&sub, &probe, "0\n").await;
@@ -157,7 +157,7 @@ async fn drift_repair() -> (Duration, Duration) {
         new_exchange().await,
     )
     .expect("e");
-    let fs = FsWatcher::new().expect("inotify");
+    let fs = FsEvents::new().expect("inotify");
     let sub = fs.subscribe(&path).expect("watch");
     until_content(&sub, &path, "right\n").await;
     converged(&e).await;
@@ -183,7 +183,7 @@ async fn thousand_files() -> (Duration, Duration, f64) {
     }
     let g = parse(&src, "h");
     let last = dir.path().join(format!("f{}", FILES - 1));
-    let fs = FsWatcher::new().expect("inotify");
+    let fs = FsEvents::new().expect("inotify");
     let sub = fs.subscribe(&last).expect("watch");
     let start = Instant::now();
     let e = Engine::start(g, EngineConfig::new("h"), new_exchange().await).expect("e");

@@ -86,18 +86,25 @@ pub fn parse(source: &str, path: &Path, hostname: &str) -> Result<Graph, GraphEr
         return Err(at(1, 1, "missing `graph`: the file is empty".into()));
     }
     let raw: Spanned<RawGraph> = serde_saphyr::from_str(source).map_err(|e| {
-        let (line, column) = e
-            .location()
-            .map(|l| (l.line(), l.column()))
-            .unwrap_or((1, 1));
-        let message = serde_saphyr::UserMessageFormatter.format_message(e.without_snippet());
-        at(line, column, message.escape_debug().to_string())
+        let (line, column, message) = yaml_error(&e);
+        at(line, column, message)
     })?;
     let root = (raw.referenced.line(), raw.referenced.column());
     validate(raw.value, root, hostname).map_err(|(line, column, message)| at(line, column, message))
 }
 
 type Located = (u64, u64, String);
+
+/// Where a YAML error is (line, column) and what it says, on one line: for graph and
+/// topology files alike.
+pub(crate) fn yaml_error(e: &serde_saphyr::Error) -> Located {
+    let (line, column) = e
+        .location()
+        .map(|l| (l.line(), l.column()))
+        .unwrap_or((1, 1));
+    let message = serde_saphyr::UserMessageFormatter.format_message(e.without_snippet());
+    (line, column, message.escape_debug().to_string())
+}
 
 fn loc<T>(s: &Spanned<T>) -> (u64, u64) {
     (s.referenced.line(), s.referenced.column())

@@ -7,29 +7,30 @@
 //! | graph | the YAML model and its validation (file:line:col errors) |
 //! | template | `{{hostname}}` |
 //! | resources | the `Resource` trait and one file per kind |
-//! | watch | the shared inotify instance |
+//! | fs_events | the shared inotify instance: changes to paths, however they are saved |
 //! | scheduler | order, concurrency, failures, notify |
 //! | exchange | what the engine needs from the store, and the key layout |
 //! | collect | exported resources as collected on this host |
-//! | reload | hot reload: graph file watch and diff |
+//! | reload | hot reload: following a graph file's saved versions, and the diff |
 //! | converge | the converged flag and its quiet period |
-//! | host | one host's engine loop |
+//! | runner | `Engine`: one host's engine loop |
+//! | store_exchange | the `Exchange` over the store client, and the converged flags |
 
 pub mod collect;
 pub mod converge;
 pub mod exchange;
+pub mod fs_events;
 pub mod graph;
-pub mod host;
 pub mod reload;
 pub mod resources;
+pub mod runner;
 pub mod scheduler;
 pub mod store_exchange;
 pub mod template;
-pub mod watch;
 
 pub use exchange::{Exchange, ExportedResource, MemoryExchange};
 pub use graph::{Graph, GraphError};
-pub use host::{Engine, EngineConfig, Status};
+pub use runner::{Engine, EngineConfig, Status};
 
 #[cfg(test)]
 mod tests;

@@ -1,13 +1,13 @@
-//! Hot reload: the graph file is watched, and each valid new version is diffed against what
+//! Hot reload: the graph file is followed, and each valid new version is diffed against what
 //! runs, so that unchanged resources are not touched (an exec does not re-run, a file is not
 //! rewritten), changed ones are re-applied and removed ones stop being managed (their files
 //! stay on disk).
 
+use crate::engine::fs_events::{FsEvents, Subscription};
 use crate::engine::graph::{self, Graph};
 use crate::engine::resources::{ResourceId, ResourceSpec};
-use crate::engine::watch::FsWatcher;
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -59,33 +59,68 @@ pub fn diff<'a>(
     d
 }
 
-/// Watches the graph file and sends every valid version that differs from the last one sent.
-/// An invalid version is logged (file:line:col) and the running graph stays.
-pub async fn watch_graph_file(
+/// A graph file followed for edits: each saved version whose text differs from the last one
+/// seen. Saves in place and by rename (as editors do) are both seen, since [`FsEvents`]
+/// watches the file through its directory. The one way arbor follows graph files: the local
+/// engine's (`--file`) and the initiator's for graphs it sends to hosts.
+pub struct GraphFile {
     path: PathBuf,
+    subscription: Subscription,
+    last: String,
+}
+
+impl GraphFile {
+    /// Starts following `path`, whose current text is `text`.
+    pub fn follow(fs: &FsEvents, path: &Path, text: String) -> std::io::Result<GraphFile> {
+        Ok(GraphFile {
+            path: path.to_path_buf(),
+            subscription: fs.subscribe(path)?,
+            last: text,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The next saved text that differs from the last one returned (or the starting one).
+    /// A file that is missing or unreadable for a moment (mid-save) is skipped.
+    pub async fn next_version(&mut self) -> String {
+        loop {
+            self.subscription.changed().await;
+            tokio::time::sleep(SETTLE).await;
+            let Ok(text) = std::fs::read_to_string(&self.path) else {
+                continue;
+            };
+            if text != self.last {
+                self.last = text.clone();
+                return text;
+            }
+        }
+    }
+}
+
+/// Follows the local engine's graph file and sends every valid version that differs from the
+/// running graph. An invalid version is logged (file:line:col) and the running graph stays.
+pub async fn follow_graph_file(
+    mut file: GraphFile,
     hostname: String,
-    fs: FsWatcher,
     mut last: Graph,
     graphs: mpsc::UnboundedSender<Graph>,
     cancel: CancellationToken,
 ) {
-    let sub = match fs.subscribe(&path) {
-        Ok(sub) => sub,
-        Err(e) => {
-            tracing::error!("{}: cannot watch for edits: {e}", path.display());
-            return;
-        }
-    };
     loop {
-        tokio::select! {
+        let text = tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = sub.changed() => {}
-        }
-        tokio::time::sleep(SETTLE).await;
-        match graph::load(&path, &hostname) {
+            text = file.next_version() => text,
+        };
+        match graph::parse(&text, file.path(), &hostname) {
             Ok(g) if g == last => {}
             Ok(g) => {
-                tracing::info!("{}: graph changed, applying the difference", path.display());
+                tracing::info!(
+                    "{}: graph changed, applying the difference",
+                    file.path().display()
+                );
                 last = g.clone();
                 if graphs.send(g).is_err() {
                     return;

@@ -209,7 +209,7 @@ impl Exchange for StoreExchange {
 /// Every host's converged flag, as the initiator follows them: `(host, converged)` updates,
 /// starting with the current flags. A deleted flag (host withdrew or its lease expired) is
 /// reported as `None`.
-pub fn watch_converged(
+pub fn converged_flags(
     client: &StoreClient,
 ) -> BoxStream<'static, anyhow::Result<(String, Option<bool>)>> {
     let client = client.clone();

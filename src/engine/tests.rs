@@ -6,8 +6,8 @@
 
 use crate::engine::exchange::Exchange;
 use crate::engine::graph::{self, Graph};
-use crate::engine::host::{Engine, EngineConfig, Status};
 use crate::engine::resources::{Kind, ResourceId};
+use crate::engine::runner::{Engine, EngineConfig, Status};
 use crate::engine::store_exchange::StoreExchange;
 use crate::store::client::{Endpoints, StoreClient};
 use crate::store::{Store, StoreConfig};
@@ -306,10 +306,12 @@ async fn a_graph_file_edit_is_picked_up_by_the_file_watcher() {
     let first = graph::load(&graph_path, "h").expect("valid");
     let e = Engine::start(first.clone(), config("h"), ex).expect("start");
     let cancel = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(crate::engine::reload::watch_graph_file(
-        graph_path.clone(),
+    let text = fs::read_to_string(&graph_path).expect("read graph");
+    let file = crate::engine::reload::GraphFile::follow(&e.fs_events(), &graph_path, text)
+        .expect("follow");
+    tokio::spawn(crate::engine::reload::follow_graph_file(
+        file,
         "h".into(),
-        e.fs_watcher(),
         first,
         e.graph_sender(),
         cancel.clone(),

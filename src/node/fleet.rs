@@ -1,17 +1,22 @@
 //! A node's children: staging each one (at most `cconns` being set up at once), relaying their
-//! events upward, routing control frames down, and tearing them down. The initiator and every
-//! relay use this same code; only where events go (the UI, or the parent link) differs.
+//! events upward, routing control frames down, serving their requests for builds, and tearing
+//! them down. The initiator and every relay use this same code, configured by the same
+//! [`NodeConfig`]; only where events go (the operator's view, or the parent link) differs.
 
-use super::child::{self, FromChild};
-use super::stage::{self, Builds, StageOptions};
-use crate::ssh::Session;
-use crate::ssh::{self, ConnectOptions, Connector, ExitStatus, Target};
-use crate::wire::{ChildMode, ChildSpec, Down, Event, EventKind, HostPath, HostState, Start};
+use super::builds::Builds;
+use super::child_link::{self, ChildLink, FromChild};
+use super::stage::{self, StageOptions, Staged};
+use crate::ssh::{self, ConnectOptions, Connector, ExitStatus, HostKeyPolicy, Session, Target};
+use crate::ui::HostReport;
+use crate::wire::{
+    ChildMode, ChildSpec, Down, Event, EventKind, HostPath, HostState, NodeConfig, Start,
+};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 /// How long a child gets to exit after a shutdown before its link is closed.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
@@ -20,57 +25,88 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
 pub struct FleetContext {
     /// This node's path from the initiator (root for the initiator).
     pub path: HostPath,
+    /// The run's settings: this node's children get the same.
+    pub config: NodeConfig,
+    /// How this node connects: built from `config` by [`connect_options`], plus what only
+    /// this node has (the initiator's key files and known_hosts; a relay's received lines).
     pub connect: ConnectOptions,
     pub builds: Builds,
-    pub stage: StageOptions,
     /// Connects each child's store tunnel to this node's own store endpoint.
     pub store: Arc<dyn Connector>,
     /// Serves agent channels from children whose own children need signatures.
     pub agent: Option<Arc<dyn Connector>>,
-    /// Graph texts by name.
-    pub graphs: BTreeMap<String, String>,
+    /// Graph texts by name, as last edited.
+    pub graphs: Mutex<BTreeMap<String, String>>,
     /// known_hosts lines to hand down to relays.
     pub known_hosts: String,
-    pub accept_new: bool,
-    /// Limit on children being set up at once (0: none).
-    pub cconns: usize,
-    pub converged_timeout: Option<u64>,
-    pub noop: bool,
     /// Where events go: tagged relative to this node.
     pub events: mpsc::Sender<Event>,
 }
 
-/// How one child's run ended, for the summary.
-#[derive(Debug, Clone)]
-pub struct ChildReport {
-    pub name: String,
-    pub ok: bool,
-    /// Why it failed, naming the step.
-    pub cause: Option<String>,
-    pub elapsed: Duration,
-    pub bytes: u64,
-    pub cached: Option<bool>,
+impl FleetContext {
+    fn graph(&self, name: &str) -> Option<String> {
+        lock(&self.graphs).get(name).cloned()
+    }
+
+    /// The subset of the graphs a subtree needs.
+    fn graphs_for(&self, spec: &ChildSpec) -> BTreeMap<String, String> {
+        let graphs = lock(&self.graphs);
+        graphs_used(spec)
+            .into_iter()
+            .filter_map(|name| graphs.get(&name).map(|t| (name, t.clone())))
+            .collect()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The connect options every node derives from the run's settings.
+pub fn connect_options(config: &NodeConfig) -> ConnectOptions {
+    let mut o = ConnectOptions::for_home(&super::home_dir());
+    o.connect_timeout = Duration::from_secs(config.connect_timeout);
+    o.host_keys.policy = if config.accept_new {
+        HostKeyPolicy::AcceptNew
+    } else {
+        HostKeyPolicy::Strict
+    };
+    o
+}
+
+/// The parent's side of one child's control: frames to send, and the stop signal.
+struct ChildControl {
+    frames: mpsc::UnboundedSender<Down>,
+    stop: CancellationToken,
+}
+
+/// What a child's task listens to.
+struct Inbox {
+    frames: mpsc::UnboundedReceiver<Down>,
+    stop: CancellationToken,
 }
 
 /// The running children of one node.
 pub struct Fleet {
-    controls: HashMap<String, mpsc::UnboundedSender<Down>>,
+    ctx: Arc<FleetContext>,
+    controls: HashMap<String, ChildControl>,
     /// Which graphs each child's subtree uses.
     uses: HashMap<String, Vec<String>>,
-    tasks: JoinSet<Vec<ChildReport>>,
+    tasks: JoinSet<Vec<HostReport>>,
     /// Reports finished but not yet handed out.
-    ready: Vec<ChildReport>,
+    ready: Vec<HostReport>,
 }
 
 impl Fleet {
     /// Starts staging every child in `children`; events flow to `ctx.events` at once.
     pub fn start(ctx: Arc<FleetContext>, children: Vec<ChildSpec>) -> Fleet {
-        let limit = Arc::new(Semaphore::new(if ctx.cconns == 0 {
+        let limit = Arc::new(Semaphore::new(if ctx.config.cconns == 0 {
             Semaphore::MAX_PERMITS
         } else {
-            ctx.cconns
+            ctx.config.cconns
         }));
         let mut fleet = Fleet {
+            ctx: ctx.clone(),
             controls: HashMap::new(),
             uses: HashMap::new(),
             tasks: JoinSet::new(),
@@ -79,53 +115,64 @@ impl Fleet {
         for spec in children {
             match spec.mode {
                 ChildMode::Relay => {
-                    let rx = fleet.register(&spec);
+                    let inbox = fleet.register(&spec);
                     let (ctx, limit) = (ctx.clone(), limit.clone());
                     fleet.tasks.spawn(async move {
-                        vec![run_child(ctx, limit, spec, rx, HostPath::root(), None).await]
+                        vec![run_child(ctx, limit, spec, inbox, HostPath::root(), None).await]
                     });
                 }
                 ChildMode::Jump => {
                     // Nothing runs on a jump host: its children are this node's, reached
                     // through it.
-                    let controls: Vec<_> =
-                        spec.children.iter().map(|c| fleet.register(c)).collect();
+                    let inboxes: Vec<_> = spec.children.iter().map(|c| fleet.register(c)).collect();
                     fleet
                         .tasks
-                        .spawn(run_jump(ctx.clone(), limit.clone(), spec, controls));
+                        .spawn(run_jump(ctx.clone(), limit.clone(), spec, inboxes));
                 }
             }
         }
         fleet
     }
 
-    fn register(&mut self, spec: &ChildSpec) -> mpsc::UnboundedReceiver<Down> {
+    fn register(&mut self, spec: &ChildSpec) -> Inbox {
         let (tx, rx) = mpsc::unbounded_channel();
-        self.controls.insert(spec.name.clone(), tx);
+        let stop = CancellationToken::new();
+        self.controls.insert(
+            spec.name.clone(),
+            ChildControl {
+                frames: tx,
+                stop: stop.clone(),
+            },
+        );
         self.uses.insert(spec.name.clone(), graphs_used(spec));
-        rx
+        Inbox { frames: rx, stop }
     }
 
     pub fn is_empty(&self) -> bool {
         self.controls.is_empty()
     }
 
-    /// Sends a new text of graph `name` to every child whose subtree uses it.
-    pub fn update_graph(&self, name: &str, text: &str) {
+    /// A new text of graph `name`: children not started yet get it in their `Start`, running
+    /// ones whose subtree uses it get it now. Returns how many children it was sent to.
+    pub fn update_graph(&self, name: &str, text: &str) -> usize {
+        lock(&self.ctx.graphs).insert(name.to_string(), text.to_string());
+        let mut sent = 0;
         for (child, uses) in &self.uses {
             if uses.iter().any(|g| g == name)
-                && let Some(tx) = self.controls.get(child)
+                && let Some(control) = self.controls.get(child)
             {
-                let _ = tx.send(Down::Graph {
+                sent += 1;
+                let _ = control.frames.send(Down::Graph {
                     name: name.to_string(),
                     text: text.to_string(),
                 });
             }
         }
+        sent
     }
 
     /// The next child to finish, or `None` when none is left.
-    pub async fn next_finished(&mut self) -> Option<ChildReport> {
+    pub async fn next_finished(&mut self) -> Option<HostReport> {
         loop {
             if let Some(report) = self.ready.pop() {
                 return Some(report);
@@ -137,12 +184,11 @@ impl Fleet {
         }
     }
 
-    /// Shuts every child down and waits for all of them; returns their reports.
-    pub async fn shutdown(mut self, reason: &str) -> Vec<ChildReport> {
-        for tx in self.controls.values() {
-            let _ = tx.send(Down::Shutdown {
-                reason: reason.to_string(),
-            });
+    /// Stops every child (those still being set up clean up and stop; running ones are told
+    /// to shut down) and waits for all of them; returns their reports.
+    pub async fn shutdown(mut self) -> Vec<HostReport> {
+        for control in self.controls.values() {
+            control.stop.cancel();
         }
         let mut reports = Vec::new();
         while let Some(r) = self.next_finished().await {
@@ -162,22 +208,67 @@ fn graphs_used(spec: &ChildSpec) -> Vec<String> {
     out
 }
 
-/// The subset of `graphs` a subtree needs.
-fn graphs_for(spec: &ChildSpec, graphs: &BTreeMap<String, String>) -> BTreeMap<String, String> {
-    graphs_used(spec)
-        .into_iter()
-        .filter_map(|name| graphs.get(&name).map(|t| (name, t.clone())))
-        .collect()
+/// One child's part in the run, as its events and its report tell it.
+struct ChildRun {
+    events: mpsc::Sender<Event>,
+    name: String,
+    me: HostPath,
+    started: Instant,
+    bytes: u64,
+    cached: Option<bool>,
 }
 
-async fn emit(ctx: &FleetContext, host: &HostPath, kind: EventKind) {
-    let _ = ctx
-        .events
-        .send(Event {
-            host: host.clone(),
-            kind,
-        })
+impl ChildRun {
+    fn new(ctx: &FleetContext, name: &str, prefix: &HostPath) -> ChildRun {
+        ChildRun {
+            events: ctx.events.clone(),
+            name: name.to_string(),
+            me: prefix.child(name),
+            started: Instant::now(),
+            bytes: 0,
+            cached: None,
+        }
+    }
+
+    async fn emit(&self, kind: EventKind) {
+        let _ = self
+            .events
+            .send(Event {
+                host: self.me.clone(),
+                kind,
+            })
+            .await;
+    }
+
+    async fn step(&self, step: &str) {
+        self.emit(EventKind::State(HostState::Staging { step: step.into() }))
+            .await;
+    }
+
+    fn report(&self, cause: Option<String>) -> HostReport {
+        HostReport {
+            name: self.name.clone(),
+            ok: cause.is_none(),
+            cause,
+            elapsed: self.started.elapsed(),
+            bytes: self.bytes,
+            cached: self.cached,
+        }
+    }
+
+    /// The one way a child fails: its event up, and its report.
+    async fn failed(&self, cause: String) -> HostReport {
+        self.emit(EventKind::State(HostState::Failed {
+            cause: cause.clone(),
+        }))
         .await;
+        self.report(Some(cause))
+    }
+
+    async fn exited(&self) -> HostReport {
+        self.emit(EventKind::State(HostState::Exited)).await;
+        self.report(None)
+    }
 }
 
 /// Connect options for one child: this node's, with the child's pinned key, identity and
@@ -193,10 +284,7 @@ fn child_options(ctx: &FleetContext, spec: &ChildSpec) -> Result<ConnectOptions,
     if let Some(identity) = &spec.identity {
         // A key path on the node that connects: `~/` is that node's home.
         let path = match identity.strip_prefix("~/") {
-            Some(rest) => std::env::var_os("HOME")
-                .map(std::path::PathBuf::from)
-                .unwrap_or_else(|| "/root".into())
-                .join(rest),
+            Some(rest) => super::home_dir().join(rest),
             None => identity.into(),
         };
         options.auth.identities.push(path);
@@ -205,24 +293,20 @@ fn child_options(ctx: &FleetContext, spec: &ChildSpec) -> Result<ConnectOptions,
     Ok(options)
 }
 
+fn stopped(name: &str) -> String {
+    format!("{name}: not started: the run was stopped")
+}
+
 /// Connects to a jump host and stages its children through it (direct-tcpip channels, as
 /// ProxyJump). If the jump host cannot be reached, every child fails with that cause.
 async fn run_jump(
     ctx: Arc<FleetContext>,
     limit: Arc<Semaphore>,
     spec: ChildSpec,
-    controls: Vec<mpsc::UnboundedReceiver<Down>>,
-) -> Vec<ChildReport> {
-    let started = Instant::now();
-    let me = HostPath::root().child(&spec.name);
-    emit(
-        &ctx,
-        &me,
-        EventKind::State(HostState::Staging {
-            step: "connect (jump host)".into(),
-        }),
-    )
-    .await;
+    inboxes: Vec<Inbox>,
+) -> Vec<HostReport> {
+    let jump = ChildRun::new(&ctx, &spec.name, &HostPath::root());
+    jump.step("connect (jump host)").await;
     let connected = async {
         let options = child_options(&ctx, &spec)?;
         let _permit = limit.acquire().await.map_err(|e| e.to_string())?;
@@ -235,44 +319,27 @@ async fn run_jump(
     let session = match connected {
         Ok(session) => Arc::new(session),
         Err(cause) => {
-            emit(
-                &ctx,
-                &me,
-                EventKind::State(HostState::Failed {
-                    cause: cause.clone(),
-                }),
-            )
-            .await;
+            jump.failed(cause.clone()).await;
             let mut reports = Vec::new();
             for child in &spec.children {
-                let why = format!("{}: unreachable: jump host {cause}", child.name);
-                emit(
-                    &ctx,
-                    &me.child(&child.name),
-                    EventKind::State(HostState::Failed { cause: why.clone() }),
-                )
-                .await;
-                reports.push(ChildReport {
-                    name: child.name.clone(),
-                    ok: false,
-                    cause: Some(why),
-                    elapsed: started.elapsed(),
-                    bytes: 0,
-                    cached: None,
-                });
+                let run = ChildRun::new(&ctx, &child.name, &jump.me);
+                reports.push(
+                    run.failed(format!("{}: unreachable: jump host {cause}", child.name))
+                        .await,
+                );
             }
             return reports;
         }
     };
-    emit(&ctx, &me, EventKind::State(HostState::Running)).await;
+    jump.emit(EventKind::State(HostState::Running)).await;
     let mut children = JoinSet::new();
-    for (child, control) in spec.children.iter().cloned().zip(controls) {
+    for (child, inbox) in spec.children.iter().cloned().zip(inboxes) {
         children.spawn(run_child(
             ctx.clone(),
             limit.clone(),
             child,
-            control,
-            me.clone(),
+            inbox,
+            jump.me.clone(),
             Some(session.clone()),
         ));
     }
@@ -284,205 +351,184 @@ async fn run_jump(
         }
     }
     session.disconnect().await;
-    emit(&ctx, &me, EventKind::State(HostState::Exited)).await;
+    jump.emit(EventKind::State(HostState::Exited)).await;
     reports
+}
+
+/// A child staged and started: what its supervision needs.
+struct Launched {
+    session: Arc<Session>,
+    staged: Staged,
+    link: ChildLink,
+    events: mpsc::Receiver<FromChild>,
 }
 
 async fn run_child(
     ctx: Arc<FleetContext>,
     limit: Arc<Semaphore>,
     spec: ChildSpec,
-    mut control: mpsc::UnboundedReceiver<Down>,
+    inbox: Inbox,
     prefix: HostPath,
     via: Option<Arc<Session>>,
-) -> ChildReport {
-    let started = Instant::now();
-    let me = prefix.child(&spec.name);
-    let mut report = ChildReport {
-        name: spec.name.clone(),
-        ok: false,
-        cause: None,
-        elapsed: Duration::ZERO,
-        bytes: 0,
-        cached: None,
-    };
-    let fail = |report: &mut ChildReport, cause: String| {
-        report.cause = Some(cause);
-        report.elapsed = started.elapsed();
-    };
+) -> HostReport {
+    let mut run = ChildRun::new(&ctx, &spec.name, &prefix);
+    match stage_child(&ctx, &limit, &spec, &mut run, via, &inbox.stop).await {
+        Ok(launched) => supervise(&ctx, &spec, &mut run, launched, inbox).await,
+        Err(cause) => run.failed(cause).await,
+    }
+}
 
-    // Setup, under the cconns limit. A shutdown that arrives meanwhile ends it early.
-    let permit = tokio::select! {
-        p = limit.acquire_owned() => p.ok(),
-        _ = wait_shutdown(&mut control) => None,
+/// Connect, stage, start: under the `cconns` limit, and stopped (leaving nothing on the host)
+/// when `stop` fires.
+async fn stage_child(
+    ctx: &FleetContext,
+    limit: &Semaphore,
+    spec: &ChildSpec,
+    run: &mut ChildRun,
+    via: Option<Arc<Session>>,
+    stop: &CancellationToken,
+) -> Result<Launched, String> {
+    let _permit = tokio::select! {
+        p = limit.acquire() => p.map_err(|e| e.to_string())?,
+        _ = stop.cancelled() => return Err(stopped(&spec.name)),
     };
-    let Some(permit) = permit else {
-        fail(&mut report, "not started: the run was stopped".into());
-        emit(
-            &ctx,
-            &me,
-            EventKind::State(HostState::Failed {
-                cause: "not started".into(),
-            }),
-        )
-        .await;
-        return report;
-    };
-    emit(
-        &ctx,
-        &me,
-        EventKind::State(HostState::Staging {
-            step: "connect".into(),
-        }),
-    )
-    .await;
+    run.step("connect").await;
     let target = Target::new(spec.user.clone(), spec.host.clone(), spec.port);
-    let options = match child_options(&ctx, &spec) {
-        Ok(o) => o,
-        Err(cause) => {
-            fail(&mut report, cause.clone());
-            emit(&ctx, &me, EventKind::State(HostState::Failed { cause })).await;
-            return report;
-        }
-    };
-    let setup = async {
-        let session = match &via {
+    let options = child_options(ctx, spec)?;
+    let connect = async {
+        match &via {
             Some(jump) => ssh::connect_via(jump, &target, &options).await,
             None => ssh::connect(&target, &options).await,
         }
-        .map_err(|e| e.to_string())?;
-        emit(
-            &ctx,
-            &me,
-            EventKind::State(HostState::Staging {
-                step: "copy".into(),
-            }),
-        )
-        .await;
-        let graph = spec
-            .graph
-            .as_ref()
-            .and_then(|g| ctx.graphs.get(g).map(|t| (g.clone(), t.clone())));
-        let mut last_sent = Instant::now();
-        let events = ctx.events.clone();
-        let progress_host = me.clone();
-        let staged = stage::stage(
-            &session,
-            &ctx.builds,
-            &ctx.stage,
-            graph
-                .as_ref()
-                .map(|(_, text)| ("graph.yaml", text.as_bytes())),
-            !spec.children.is_empty(),
-            &mut |what, sent, total| {
-                // At most ten updates a second, and always the last.
-                if sent == total || last_sent.elapsed() >= Duration::from_millis(100) {
-                    last_sent = Instant::now();
-                    let _ = events.try_send(Event {
-                        host: progress_host.clone(),
-                        kind: EventKind::Transfer {
-                            what: what.to_string(),
-                            sent,
-                            total,
-                            cached: false,
-                        },
-                    });
-                }
-            },
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        if staged.cached {
-            emit(
-                &ctx,
-                &me,
-                EventKind::Transfer {
-                    what: "arbor".into(),
-                    sent: 0,
-                    total: 0,
-                    cached: true,
-                },
-            )
-            .await;
-        }
-        emit(
-            &ctx,
-            &me,
-            EventKind::State(HostState::Staging {
-                step: "start".into(),
-            }),
-        )
-        .await;
-        let start = Start {
-            hostname: spec.name.clone(),
-            path: me.under(&ctx.path),
-            graph: spec.graph.clone(),
-            graphs: graphs_for(&spec, &ctx.graphs),
-            children: spec.children.clone(),
-            known_hosts: if spec.children.is_empty() {
-                String::new()
-            } else {
-                ctx.known_hosts.clone()
-            },
-            accept_new: ctx.accept_new,
-            cconns: spec.cconns.unwrap_or(ctx.cconns),
-            converged_timeout: ctx.converged_timeout,
-            noop: ctx.noop,
-            no_caching: ctx.stage.no_caching,
-            compress: ctx.stage.compress,
-        };
-        let forward_agent = !spec.children.is_empty() && ctx.agent.is_some();
-        if let (true, Some(agent)) = (forward_agent, &ctx.agent) {
-            session.set_agent_connector(agent.clone());
-        }
-        let launched = child::launch(
-            &session,
-            me.clone(),
-            &staged,
-            ctx.store.clone(),
-            start,
-            forward_agent,
-        )
-        .await;
-        match launched {
-            Ok((link, events)) => Ok::<_, String>((session, staged, link, events)),
-            Err(e) => {
-                // Staged but not started: leave nothing behind on the host.
-                let _ = stage::remove_workdir(&session, &staged.workdir).await;
-                session.disconnect().await;
-                Err(e)
-            }
-        }
+        .map_err(|e| e.to_string())
     };
-    let setup = tokio::select! {
-        r = setup => Some(r),
-        _ = wait_shutdown(&mut control) => None,
+    let session = tokio::select! {
+        s = connect => Arc::new(s?),
+        _ = stop.cancelled() => return Err(stopped(&spec.name)),
     };
-    drop(permit);
-    let (session, staged, mut link, mut events) = match setup {
-        Some(Ok(parts)) => parts,
-        Some(Err(cause)) => {
-            fail(&mut report, cause.clone());
-            emit(&ctx, &me, EventKind::State(HostState::Failed { cause })).await;
-            return report;
-        }
-        None => {
-            fail(&mut report, "not started: the run was stopped".into());
-            emit(
-                &ctx,
-                &me,
-                EventKind::State(HostState::Failed {
-                    cause: "stopped during setup".into(),
-                }),
-            )
-            .await;
-            return report;
-        }
-    };
-    report.bytes = staged.bytes_copied;
-    report.cached = Some(staged.cached);
 
-    // Running: relay events up, control frames down, until the child's arbor ends.
+    run.step("copy").await;
+    let graph = spec
+        .graph
+        .as_ref()
+        .and_then(|g| ctx.graph(g).map(|t| (g.clone(), t)));
+    let mut last_sent = Instant::now();
+    let (events, progress_host) = (ctx.events.clone(), run.me.clone());
+    let staged = stage::stage(
+        &session,
+        &ctx.builds,
+        &StageOptions::from(&ctx.config),
+        graph
+            .as_ref()
+            .map(|(_, text)| ("graph.yaml", text.as_bytes())),
+        !spec.children.is_empty(),
+        &mut |what, sent, total| {
+            // At most ten updates a second, and always the last.
+            if sent == total || last_sent.elapsed() >= Duration::from_millis(100) {
+                last_sent = Instant::now();
+                let _ = events.try_send(Event {
+                    host: progress_host.clone(),
+                    kind: EventKind::Transfer {
+                        what: what.to_string(),
+                        sent,
+                        total,
+                        cached: false,
+                    },
+                });
+            }
+        },
+        stop,
+    )
+    .await;
+    let staged = match staged {
+        Ok(staged) => staged,
+        Err(e) => {
+            session.disconnect().await;
+            return Err(match e {
+                stage::StageError::Stopped { .. } => stopped(&spec.name),
+                e => e.to_string(),
+            });
+        }
+    };
+    run.bytes = staged.bytes_copied;
+    run.cached = Some(staged.cached);
+    if staged.cached {
+        run.emit(EventKind::Transfer {
+            what: "arbor".into(),
+            sent: 0,
+            total: 0,
+            cached: true,
+        })
+        .await;
+    }
+
+    run.step("start").await;
+    let mut config = ctx.config.clone();
+    config.cconns = spec.cconns.unwrap_or(config.cconns);
+    let start = Start {
+        hostname: spec.name.clone(),
+        path: run.me.under(&ctx.path),
+        graph: spec.graph.clone(),
+        graphs: ctx.graphs_for(spec),
+        children: spec.children.clone(),
+        known_hosts: if spec.children.is_empty() {
+            String::new()
+        } else {
+            ctx.known_hosts.clone()
+        },
+        config,
+    };
+    let forward_agent = !spec.children.is_empty() && ctx.agent.is_some();
+    if let (true, Some(agent)) = (forward_agent, &ctx.agent) {
+        session.set_agent_connector(agent.clone());
+    }
+    let hello_timeout = Duration::from_secs(ctx.config.hello_timeout);
+    let launched = child_link::launch(
+        &session,
+        run.me.clone(),
+        &staged,
+        ctx.store.clone(),
+        start,
+        forward_agent,
+        hello_timeout,
+    )
+    .await;
+    match launched {
+        // A stop that came meanwhile is seen at once by `supervise`, which shuts it down.
+        Ok((link, events)) => Ok(Launched {
+            session,
+            staged,
+            link,
+            events,
+        }),
+        Err(e) => {
+            // Staged but not started (or silent): leave nothing behind on the host.
+            stage::stop_and_remove(&session, &staged).await;
+            session.disconnect().await;
+            Err(e)
+        }
+    }
+}
+
+/// A build copied for a child: its path there and the bytes sent, or why not.
+type FetchResult = Result<(String, u64), String>;
+
+/// Running: relay events up, control frames down and builds to the child, until its arbor
+/// ends; then remove its working dir.
+async fn supervise(
+    ctx: &FleetContext,
+    spec: &ChildSpec,
+    run: &mut ChildRun,
+    launched: Launched,
+    mut inbox: Inbox,
+) -> HostReport {
+    let Launched {
+        session,
+        staged,
+        mut link,
+        mut events,
+    } = launched;
+    let mut fetches: JoinSet<(String, FetchResult)> = JoinSet::new();
     let mut stopping = false;
     let mut deadline: Option<tokio::time::Instant> = None;
     let status = loop {
@@ -491,25 +537,54 @@ async fn run_child(
                 Some(FromChild::Event(event)) => {
                     let _ = ctx.events.send(event).await;
                 }
+                Some(FromChild::Fetch { sha256 }) => {
+                    let (session, staged) = (session.clone(), staged.clone());
+                    let builds = ctx.builds.clone();
+                    let no_caching = ctx.config.no_caching;
+                    fetches.spawn(async move {
+                        let copied = match builds.by_sha256(&sha256).await {
+                            Ok(build) => {
+                                stage::copy_build(&session, &staged, &build, no_caching).await
+                            }
+                            Err(e) => Err(e),
+                        };
+                        (sha256, copied)
+                    });
+                }
                 Some(FromChild::Exited { status, .. }) => break status,
                 None => break ExitStatus::Unknown,
             },
-            frame = control.recv(), if !stopping => match frame {
-                Some(frame) => {
-                    if matches!(frame, Down::Shutdown { .. }) {
-                        stopping = true;
-                        deadline = Some(tokio::time::Instant::now() + SHUTDOWN_GRACE);
+            Some(done) = fetches.join_next() => {
+                let Ok((sha256, copied)) = done else { continue };
+                let result = match copied {
+                    Ok((path, bytes)) => {
+                        run.bytes += bytes;
+                        Ok(path)
                     }
-                    if let Err(e) = link.send(&frame).await {
-                        tracing::debug!("{}: control link: {e}", spec.name);
+                    Err(e) => {
+                        tracing::warn!("{}: fetching build {sha256}: {e}", spec.name);
+                        Err(e)
                     }
+                };
+                if let Err(e) = link.send(&Down::Fetched { sha256, result }).await {
+                    tracing::debug!("{}: control link: {e}", spec.name);
                 }
-                None => {
-                    stopping = true;
-                    deadline = Some(tokio::time::Instant::now() + SHUTDOWN_GRACE);
-                    let _ = link.send(&Down::Shutdown { reason: "parent stopped".into() }).await;
+            }
+            frame = inbox.frames.recv(), if !stopping => {
+                if let Some(frame) = frame
+                    && let Err(e) = link.send(&frame).await
+                {
+                    tracing::debug!("{}: control link: {e}", spec.name);
                 }
-            },
+            }
+            _ = inbox.stop.cancelled(), if !stopping => {
+                stopping = true;
+                deadline = Some(tokio::time::Instant::now() + SHUTDOWN_GRACE);
+                let shutdown = Down::Shutdown { reason: "parent is shutting down".into() };
+                if let Err(e) = link.send(&shutdown).await {
+                    tracing::debug!("{}: control link: {e}", spec.name);
+                }
+            }
             _ = super::sleep_until(deadline) => {
                 // Past the grace period: closing stdin is the child's last word to exit.
                 tracing::warn!("{}: did not exit within {SHUTDOWN_GRACE:?} of shutdown; closing its link", spec.name);
@@ -518,29 +593,22 @@ async fn run_child(
             }
         }
     };
+    fetches.abort_all();
     let _ = stage::remove_workdir(&session, &staged.workdir).await;
     session.disconnect().await;
-    report.elapsed = started.elapsed();
     if stopping && status.success() {
-        report.ok = true;
-        emit(&ctx, &me, EventKind::State(HostState::Exited)).await;
+        run.exited().await
+    } else if stopping {
+        run.failed(format!(
+            "{}: arbor ended with {status} during shutdown",
+            spec.name
+        ))
+        .await
     } else {
-        let cause = if stopping {
-            format!("{}: arbor ended with {status} during shutdown", spec.name)
-        } else {
-            format!("{}: arbor ended unexpectedly ({status})", spec.name)
-        };
-        report.cause = Some(cause.clone());
-        emit(&ctx, &me, EventKind::State(HostState::Failed { cause })).await;
-    }
-    report
-}
-
-async fn wait_shutdown(control: &mut mpsc::UnboundedReceiver<Down>) {
-    loop {
-        match control.recv().await {
-            Some(Down::Shutdown { .. }) | None => return,
-            Some(_) => {}
-        }
+        run.failed(format!(
+            "{}: arbor ended unexpectedly ({status})",
+            spec.name
+        ))
+        .await
     }
 }

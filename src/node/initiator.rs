@@ -1,37 +1,40 @@
 //! The node at depth 0. Its parent link is the operator's terminal and its store is the one it
 //! embeds (or an etcd cluster given with --seeds). Otherwise it is a node like any other: it
-//! may run a graph of its own (--file) and it stages its children (--remote) with the shared
-//! fleet code.
+//! may run a graph of its own (--file) and it stages its children (--remote, --topology)
+//! with the shared fleet code, configured by the [`NodeConfig`] it builds here and sends down.
 //!
-//! Exit codes: 0 every host converged (or ran until ^C without failing... see below), 1 some
-//! host failed, 2 bad input (nothing was contacted), 130 interrupted by ^C.
+//! A run: read every input ([`Plan`]; bad input exits 2 before anything is contacted), open
+//! the store, start the local engine and the fleet, follow graph files for live edits, then
+//! listen (events, converged flags, finished children, edits, signals) until the
+//! [`RunBook`] says the run is done or a signal stops it; tear everything down, print the
+//! summary. Exit codes are in [`crate::exit`]: 0 converged, 1 some host failed, 2 bad input,
+//! 128 + the signal when stopped by SIGINT (130), SIGTERM (143) or SIGHUP (129). A second
+//! signal during teardown exits at once, naming the hosts that may still hold state.
 
-use super::fleet::{ChildReport, Fleet, FleetContext};
-use super::stage::{Build, Builds, StageOptions, local_platform};
-use crate::cli::RunConfig;
+use super::builds::{Build, Builds, local_platform};
+use super::config::RunOptions;
+use super::fleet::{self, Fleet, FleetContext};
+use super::run_book::{Next, RunBook};
+use super::{StopSignals, signal_name};
 use crate::engine::exchange::Exchange;
-use crate::engine::graph;
-use crate::engine::host::{Engine, EngineConfig};
-use crate::engine::reload::watch_graph_file;
-use crate::engine::store_exchange::{StoreExchange, watch_converged};
-use crate::engine::watch::FsWatcher;
-use crate::ssh::{self, ConnectOptions, HostKeyPolicy, Target, TerminalPrompter};
+use crate::engine::fs_events::FsEvents;
+use crate::engine::graph::{self, Graph};
+use crate::engine::reload::{GraphFile, follow_graph_file};
+use crate::engine::runner::{Engine, EngineConfig};
+use crate::engine::store_exchange::{StoreExchange, converged_flags};
+use crate::exit;
+use crate::ssh::{self, Target, TerminalPrompter};
 use crate::store::client::{Endpoints, StoreClient};
 use crate::store::{Store, StoreConfig};
-use crate::ui::Ui;
-use crate::wire::{ChildMode, ChildSpec, EventKind, HostState};
+use crate::ui::{HostReport, Ui};
+use crate::wire::{ChildMode, ChildSpec, Event, EventKind, HostPath, HostState, NodeConfig};
 use futures::StreamExt;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-
-pub const EXIT_OK: u8 = 0;
-pub const EXIT_FAILED: u8 = 1;
-pub const EXIT_BAD_INPUT: u8 = 2;
-pub const EXIT_INTERRUPTED: u8 = 130;
 
 /// A --remote graph, read and checked before anything is contacted.
 struct RemoteGraph {
@@ -44,12 +47,12 @@ struct RemoteGraph {
 
 /// Reads every --remote graph: each must parse and name its host with `remote:`; a repeated
 /// file is ignored; two graphs naming one host is an error.
-fn read_remotes(config: &RunConfig) -> Result<Vec<RemoteGraph>, String> {
+fn read_remotes(options: &RunOptions) -> Result<Vec<RemoteGraph>, String> {
     let default_user = ssh::local_user();
     let mut seen_files = BTreeSet::new();
     let mut hosts: HashMap<String, PathBuf> = HashMap::new();
     let mut remotes = Vec::new();
-    for path in &config.remotes {
+    for path in &options.remotes {
         let canonical =
             std::fs::canonicalize(path).map_err(|e| format!("{}: {e}", path.display()))?;
         if !seen_files.insert(canonical.clone()) {
@@ -108,12 +111,6 @@ fn read_remotes(config: &RunConfig) -> Result<Vec<RemoteGraph>, String> {
     Ok(remotes)
 }
 
-fn home() -> PathBuf {
-    std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/root"))
-}
-
 fn system_hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
@@ -129,14 +126,14 @@ struct RunStore {
     shutdown: CancellationToken,
     served: Option<tokio::task::JoinHandle<()>>,
     /// A --tmp-prefix state dir, removed at the end.
-    temp_dir: Option<PathBuf>,
+    temp_dir: Option<tempfile::TempDir>,
     socket: Option<PathBuf>,
 }
 
-async fn open_store(config: &RunConfig) -> Result<RunStore, String> {
-    if !config.seeds.is_empty() {
+async fn open_store(options: &RunOptions) -> Result<RunStore, String> {
+    if !options.seeds.is_empty() {
         let endpoints =
-            super::seed_endpoints(&config.seeds).map_err(|e| format!("--seeds: {e}"))?;
+            super::seed_endpoints(&options.seeds).map_err(|e| format!("--seeds: {e}"))?;
         let client = StoreClient::connect(&endpoints)
             .await
             .map_err(|e| format!("{e:#}"))?;
@@ -152,17 +149,21 @@ async fn open_store(config: &RunConfig) -> Result<RunStore, String> {
             socket: None,
         });
     }
-    if config.no_server {
+    if options.no_server {
         return Err("--no-server needs --seeds: there is no store to use".into());
     }
     // The store listens on a Unix socket in a private dir: only this user can reach it.
-    let (state_dir, temp, data_dir) = if config.tmp_prefix {
-        let t = make_temp_dir().map_err(|e| format!("creating a temporary state dir: {e}"))?;
-        (t.clone(), Some(t), None)
+    let (state_dir, temp, data_dir) = if options.tmp_prefix {
+        // tempfile makes it 0700 with an unpredictable name.
+        let t = tempfile::Builder::new()
+            .prefix("arbor-run.")
+            .tempdir()
+            .map_err(|e| format!("creating a temporary state dir: {e}"))?;
+        (t.path().to_path_buf(), Some(t), None)
     } else {
         let dir = std::env::var_os("XDG_STATE_HOME")
             .map(PathBuf::from)
-            .unwrap_or_else(|| home().join(".local/state"))
+            .unwrap_or_else(|| super::home_dir().join(".local/state"))
             .join("arbor");
         create_private_dir(&dir)?;
         (dir.clone(), None, Some(dir.join("store")))
@@ -204,22 +205,25 @@ async fn open_store(config: &RunConfig) -> Result<RunStore, String> {
     })
 }
 
-/// A fresh private (0700) directory under $TMPDIR or /tmp.
-fn make_temp_dir() -> std::io::Result<PathBuf> {
-    use std::os::unix::ffi::OsStrExt;
-    let base = std::env::var_os("TMPDIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/tmp"));
-    let template = base.join("arbor-run.XXXXXXXXXX");
-    let mut bytes = template.as_os_str().as_bytes().to_vec();
-    bytes.push(0);
-    // SAFETY: `bytes` is a NUL-terminated template that mkdtemp rewrites in place.
-    let made = unsafe { libc::mkdtemp(bytes.as_mut_ptr().cast()) };
-    if made.is_null() {
-        return Err(std::io::Error::last_os_error());
+impl RunStore {
+    /// Stops the embedded store and removes its socket and temporary state dir.
+    async fn close(self) {
+        self.shutdown.cancel();
+        if let Some(served) = self.served {
+            let _ = tokio::time::timeout(Duration::from_secs(2), served).await;
+        }
+        if let Some(socket) = &self.socket {
+            let _ = std::fs::remove_file(socket);
+        }
     }
-    bytes.pop();
-    Ok(PathBuf::from(std::ffi::OsStr::from_bytes(&bytes)))
+
+    /// On the way out in a hurry: the socket and a temporary state dir go, nothing waits.
+    fn remove_files(self) {
+        if let Some(socket) = &self.socket {
+            let _ = std::fs::remove_file(socket);
+        }
+        drop(self.temp_dir);
+    }
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), String> {
@@ -229,9 +233,76 @@ fn create_private_dir(dir: &Path) -> Result<(), String> {
         .map_err(|e| format!("{}: {e}", dir.display()))
 }
 
-fn builds(config: &RunConfig) -> Result<Builds, String> {
+/// Everything a run needs from its inputs, read and checked before anything is contacted.
+struct Plan {
+    /// This host's name in the run.
+    hostname: String,
+    local_graph: Option<Graph>,
+    /// The initiator's children (--remote hosts, then the topology's), with their subtrees.
+    children: Vec<ChildSpec>,
+    /// Graph files by key: path and text.
+    graphs: BTreeMap<String, (PathBuf, String)>,
+    /// The settings every node gets.
+    config: NodeConfig,
+    builds: Builds,
+}
+
+impl Plan {
+    fn read(options: &RunOptions) -> Result<Plan, String> {
+        let hostname = options.hostname.clone().unwrap_or_else(system_hostname);
+        let local_graph = match &options.file {
+            Some(path) => Some(graph::load(path, &hostname).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        let remotes = read_remotes(options)?;
+        let topology = match &options.topology {
+            Some(path) => Some(crate::topology::load(path).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        let mut children: Vec<ChildSpec> = remotes.iter().map(|r| r.spec.clone()).collect();
+        let mut graphs: BTreeMap<String, (PathBuf, String)> = remotes
+            .into_iter()
+            .map(|r| (r.key, (r.path, r.text)))
+            .collect();
+        let mut cconns = options.cconns;
+        if let Some(t) = topology {
+            children.extend(t.hosts);
+            graphs.extend(t.graphs);
+            cconns = t.cconns.unwrap_or(cconns);
+        }
+        unique_names(
+            &children,
+            options.file.is_some().then_some(hostname.as_str()),
+        )?;
+        let builds = builds(options)?;
+        let config = options.node_config(cconns, builds.refs());
+        Ok(Plan {
+            hostname,
+            local_graph,
+            children,
+            graphs,
+            config,
+            builds,
+        })
+    }
+
+    /// Which hosts run each graph: who an edit goes to, and whose name it is checked with.
+    fn graph_users(&self) -> BTreeMap<String, Vec<String>> {
+        let mut users: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut stack: Vec<&ChildSpec> = self.children.iter().collect();
+        while let Some(c) = stack.pop() {
+            if let Some(g) = &c.graph {
+                users.entry(g.clone()).or_default().push(c.name.clone());
+            }
+            stack.extend(&c.children);
+        }
+        users
+    }
+}
+
+fn builds(options: &RunOptions) -> Result<Builds, String> {
     let mut all = vec![Build::current().map_err(|e| format!("reading arbor's own binary: {e}"))?];
-    for (arch, path) in &config.binaries {
+    for (arch, path) in &options.binaries {
         let platform = if arch.contains(' ') || arch.contains('-') {
             arch.clone()
         } else {
@@ -239,149 +310,61 @@ fn builds(config: &RunConfig) -> Result<Builds, String> {
         };
         all.push(Build::from_file(path, &platform).map_err(|e| format!("--binary {arch}: {e}"))?);
     }
-    if config.compress {
+    if options.compress {
         all = all.into_iter().map(|b| b.with_gzip(false)).collect();
     }
     tracing::debug!("this arbor is for {}", local_platform());
     Ok(Builds::new(all))
 }
 
-fn connect_options(config: &RunConfig) -> ConnectOptions {
-    let mut o = ConnectOptions::for_home(&home());
-    o.connect_timeout = config.connect_timeout;
-    o.host_keys
+/// The initiator's fleet: the run's settings, plus what only the initiator has (the
+/// operator's key files, known_hosts, prompter and agent).
+fn fleet_context(
+    options: &RunOptions,
+    plan: &Plan,
+    store: &RunStore,
+    events: mpsc::Sender<Event>,
+) -> FleetContext {
+    let mut connect = fleet::connect_options(&plan.config);
+    connect
+        .host_keys
         .known_hosts
-        .extend(config.known_hosts.iter().cloned());
-    o.host_keys.policy = if config.accept_new {
-        HostKeyPolicy::AcceptNew
-    } else {
-        HostKeyPolicy::Strict
-    };
-    o.auth.identities = config.identities.clone();
-    if config.allow_interactive {
-        o.auth.prompter = Some(Arc::new(TerminalPrompter::default()));
+        .extend(options.known_hosts.iter().cloned());
+    connect.auth.identities = options.identities.clone();
+    if options.allow_interactive {
+        connect.auth.prompter = Some(Arc::new(TerminalPrompter::default()));
     }
-    o
+    let known_hosts = connect
+        .host_keys
+        .known_hosts
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .collect::<Vec<_>>()
+        .join("\n");
+    FleetContext {
+        path: HostPath::root(),
+        config: plan.config.clone(),
+        agent: None,
+        builds: plan.builds.clone(),
+        store: store.connector.clone(),
+        graphs: Mutex::new(
+            plan.graphs
+                .iter()
+                .map(|(k, (_, text))| (k.clone(), text.clone()))
+                .collect(),
+        ),
+        known_hosts,
+        connect,
+        events,
+    }
 }
 
-/// Runs the initiator; returns the exit code.
-pub async fn run(config: RunConfig) -> u8 {
-    let started = Instant::now();
-    let hostname = config.hostname.clone().unwrap_or_else(system_hostname);
-
-    // Bad input is found before anything is contacted.
-    let local_graph = match &config.file {
-        Some(path) => match graph::load(path, &hostname) {
-            Ok(g) => Some(g),
-            Err(e) => {
-                eprintln!("arbor: {e}");
-                return EXIT_BAD_INPUT;
-            }
-        },
-        None => None,
-    };
-    let remotes = match read_remotes(&config) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("arbor: {e}");
-            return EXIT_BAD_INPUT;
-        }
-    };
-    let topology = match &config.topology {
-        Some(path) => match crate::topology::load(path) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                eprintln!("arbor: {e}");
-                return EXIT_BAD_INPUT;
-            }
-        },
-        None => None,
-    };
-    let mut children: Vec<ChildSpec> = remotes.iter().map(|r| r.spec.clone()).collect();
-    let mut graphs: BTreeMap<String, String> = remotes
-        .iter()
-        .map(|r| (r.key.clone(), r.text.clone()))
-        .collect();
-    let mut cconns = config.cconns;
-    if let Some(t) = &topology {
-        children.extend(t.hosts.iter().cloned());
-        graphs.extend(
-            t.graphs
-                .iter()
-                .map(|(k, (_, text))| (k.clone(), text.clone())),
-        );
-        cconns = t.cconns.unwrap_or(cconns);
-    }
-    if let Err(e) = unique_names(
-        &children,
-        config.file.is_some().then_some(hostname.as_str()),
-    ) {
-        eprintln!("arbor: {e}");
-        return EXIT_BAD_INPUT;
-    }
-    let builds = match builds(&config) {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("arbor: {e}");
-            return EXIT_BAD_INPUT;
-        }
-    };
-    let store = match open_store(&config).await {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("arbor: store: {e}");
-            return EXIT_FAILED;
-        }
-    };
-    let exchange: Arc<dyn Exchange> = Arc::new(StoreExchange::new(store.client.clone()));
-
-    // Who must be converged for the run to end: every host with a graph, at any depth, and
-    // every host running arbor without one (done once it runs: there is nothing to apply).
-    let mut expected: BTreeSet<String> = BTreeSet::new();
-    let mut bare: BTreeSet<String> = BTreeSet::new();
-    let mut subtrees: HashMap<String, Vec<String>> = HashMap::new();
-    for c in &children {
-        index_tree(c, &mut expected, &mut bare, &mut subtrees);
-    }
-    let engine = match local_graph {
-        Some(g) => {
-            expected.insert(hostname.clone());
-            let mut c = EngineConfig::new(hostname.clone());
-            c.noop = config.noop;
-            match Engine::start(g, c, exchange.clone()) {
-                Ok(e) => Some(e),
-                Err(e) => {
-                    eprintln!("arbor: {hostname}: cannot start the engine: {e:#}");
-                    return EXIT_FAILED;
-                }
-            }
-        }
-        None => None,
-    };
-    let stop_watches = CancellationToken::new();
-    if let (Some(engine), Some(path), true) = (&engine, &config.file, config.watch)
-        && let Ok(g) = graph::load(path, &hostname)
-    {
-        {
-            tokio::spawn(watch_graph_file(
-                std::fs::canonicalize(path).unwrap_or_else(|_| path.clone()),
-                hostname.clone(),
-                engine.fs_watcher(),
-                g,
-                engine.graph_sender(),
-                stop_watches.clone(),
-            ));
-        }
-    }
-
-    let (events_tx, mut events) = mpsc::channel(4096);
-    let connect = connect_options(&config);
-    // Relays sign for their children with our keys: through our ssh-agent if there is one,
-    // else through an agent in this process holding the key files we loaded.
-    let has_relays = children.iter().any(has_grandchildren);
-    let agent: Option<Arc<dyn ssh::Connector>> = match std::env::var_os("SSH_AUTH_SOCK") {
+/// Relays sign for their children with our keys: through our ssh-agent if there is one,
+/// else through an agent in this process holding the key files we loaded.
+async fn choose_agent(ctx: &FleetContext, has_relays: bool) -> Option<Arc<dyn ssh::Connector>> {
+    match std::env::var_os("SSH_AUTH_SOCK") {
         Some(sock) => Some(ssh::forward::to_unix(sock.into())),
-        None if has_relays => match ssh::agent::from_key_files(&connect.auth).await {
+        None if has_relays => match ssh::agent::from_key_files(&ctx.connect.auth).await {
             Ok((agent, keys)) => {
                 tracing::debug!("in-process agent with {keys} keys for the relays");
                 Some(agent)
@@ -392,201 +375,305 @@ pub async fn run(config: RunConfig) -> u8 {
             }
         },
         None => None,
-    };
-    let known_hosts = connect
-        .host_keys
-        .known_hosts
-        .iter()
-        .filter_map(|p| std::fs::read_to_string(p).ok())
-        .collect::<Vec<_>>()
-        .join("\n");
-    let learn_into = connect.host_keys.learn_into.clone();
-    let ctx = Arc::new(FleetContext {
-        path: crate::wire::HostPath::root(),
-        connect,
-        builds,
-        stage: StageOptions {
-            remote_tmp: config.remote_tmp.clone(),
-            no_caching: config.no_caching,
-            compress: config.compress,
-        },
-        store: store.connector.clone(),
-        agent,
-        graphs,
-        known_hosts,
-        accept_new: config.accept_new,
-        cconns,
-        converged_timeout: config.converged_timeout.map(|d| d.as_secs()),
-        noop: config.noop,
-        events: events_tx,
-    });
-    let mut fleet = Fleet::start(ctx, children);
+    }
+}
 
-    // Live edits of --remote graphs go to their hosts.
-    let (edits_tx, mut edits) = mpsc::unbounded_channel::<(String, String)>();
-    if config.watch {
-        match FsWatcher::new() {
-            Ok(fs) => {
-                for r in &remotes {
-                    let path = std::fs::canonicalize(&r.path).unwrap_or_else(|_| r.path.clone());
-                    tokio::spawn(watch_remote_graph(
-                        fs.clone(),
-                        path,
-                        r.key.clone(),
-                        r.spec.name.clone(),
-                        r.text.clone(),
-                        edits_tx.clone(),
-                        stop_watches.clone(),
-                    ));
-                }
+/// Follows every graph file for edits: the local one feeds the local engine; each edit of a
+/// graph that hosts run is checked with each host's name and, if valid for all of them,
+/// comes out of the returned channel as (key, text) for the fleet to send down. Saves in
+/// place and by rename are both seen. An invalid edit is reported (file:line:col) and the
+/// hosts keep their running graph.
+fn follow_graphs(
+    options: &RunOptions,
+    plan: &Plan,
+    engine: Option<&Engine>,
+    stop: &CancellationToken,
+) -> mpsc::UnboundedReceiver<(String, String)> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    if !options.live_edits {
+        return rx;
+    }
+    if let (Some(engine), Some(path), Some(graph)) = (engine, &options.file, &plan.local_graph) {
+        let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        match GraphFile::follow(&engine.fs_events(), &path, text) {
+            Ok(file) => {
+                tokio::spawn(follow_graph_file(
+                    file,
+                    plan.hostname.clone(),
+                    graph.clone(),
+                    engine.graph_sender(),
+                    stop.clone(),
+                ));
             }
-            Err(e) => tracing::warn!("cannot watch graph files for edits: {e}"),
+            Err(e) => tracing::warn!("{}: cannot follow for edits: {e}", path.display()),
         }
     }
-    drop(edits_tx);
+    if plan.graphs.is_empty() {
+        return rx;
+    }
+    let fs = match FsEvents::new() {
+        Ok(fs) => fs,
+        Err(e) => {
+            tracing::warn!("cannot follow graph files for edits: {e}");
+            return rx;
+        }
+    };
+    let users = plan.graph_users();
+    for (key, (path, text)) in &plan.graphs {
+        let mut file = match GraphFile::follow(&fs, path, text.clone()) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!("{}: cannot follow for edits: {e}", path.display());
+                continue;
+            }
+        };
+        let (key, hosts, tx, stop) = (
+            key.clone(),
+            users.get(key).cloned().unwrap_or_default(),
+            tx.clone(),
+            stop.clone(),
+        );
+        let fs = fs.clone();
+        tokio::spawn(async move {
+            let _fs = fs; // the inotify instance lives as long as a follower does
+            loop {
+                let text = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    text = file.next_version() => text,
+                };
+                let invalid = hosts
+                    .iter()
+                    .find_map(|h| graph::parse(&text, file.path(), h).err());
+                match invalid {
+                    Some(e) => tracing::error!("{e} (hosts keep their running graph)"),
+                    None => {
+                        if tx.send((key.clone(), text)).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+    rx
+}
 
-    let mut ui = Ui::new();
-    let mut converged: BTreeMap<String, bool> = BTreeMap::new();
-    // Hosts settled with failed resources: done, but the run exits 1.
-    let mut unhealthy: BTreeSet<String> = BTreeSet::new();
-    let mut failed: BTreeSet<String> = BTreeSet::new();
+/// How the listening part of a run ended.
+enum Outcome {
+    /// The run book said so, with this exit code.
+    Done(u8),
+    /// A signal stopped it.
+    Stopped(i32),
+}
+
+/// What the initiator shows and counts as events arrive.
+struct View {
+    ui: Ui,
+    book: RunBook,
+    /// accept-new: where host keys learned by relays are recorded.
+    learn_into: Option<PathBuf>,
+    hostname: String,
+    local_reported: Option<HostState>,
+}
+
+impl View {
+    fn event(&mut self, event: &Event) {
+        if let (EventKind::KnownHost { name, key }, Some(file)) = (&event.kind, &self.learn_into) {
+            record_learned_key(file, name, key, &event.host);
+        }
+        if let EventKind::State(state) = &event.kind {
+            self.book.state(event.host.name(), state);
+        }
+        self.ui.event(event);
+    }
+
+    /// The local engine's new status.
+    fn local_status(&mut self, status: &crate::engine::Status) {
+        let state = super::relay::settled_state(status, self.local_reported.as_ref());
+        if let Some(state) = &state
+            && Some(state) != self.local_reported.as_ref()
+        {
+            self.event(&Event {
+                host: HostPath::root().child(&self.hostname),
+                kind: EventKind::State(state.clone()),
+            });
+            self.local_reported = Some(state.clone());
+        }
+    }
+}
+
+/// Runs the initiator; returns the exit code.
+pub async fn run(options: RunOptions) -> u8 {
+    let started = Instant::now();
+    let plan = match Plan::read(&options) {
+        Ok(plan) => plan,
+        Err(e) => {
+            eprintln!("arbor: {e}");
+            return exit::BAD_INPUT;
+        }
+    };
+    let mut signals = match StopSignals::new() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("arbor: cannot handle signals: {e}");
+            return exit::FAILED;
+        }
+    };
+    let store = match open_store(&options).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("arbor: store: {e}");
+            return exit::FAILED;
+        }
+    };
+    let exchange: Arc<dyn Exchange> = Arc::new(StoreExchange::new(store.client.clone()));
+    let hostname = plan.hostname.clone();
+    let engine = match &plan.local_graph {
+        Some(g) => {
+            let mut c = EngineConfig::new(hostname.clone());
+            c.noop = options.noop;
+            match Engine::start(g.clone(), c, exchange.clone()) {
+                Ok(e) => Some(e),
+                Err(e) => {
+                    eprintln!("arbor: {hostname}: cannot start the engine: {e:#}");
+                    store.close().await;
+                    return exit::FAILED;
+                }
+            }
+        }
+        None => None,
+    };
+
+    let (events_tx, mut events) = mpsc::channel(4096);
+    let mut ctx = fleet_context(&options, &plan, &store, events_tx);
+    ctx.agent = choose_agent(&ctx, plan.children.iter().any(has_grandchildren)).await;
+    let learn_into = options
+        .accept_new
+        .then(|| ctx.connect.host_keys.learn_into.clone())
+        .flatten();
+    let mut fleet = Fleet::start(Arc::new(ctx), plan.children.clone());
+    let stop_following = CancellationToken::new();
+    let mut edits = follow_graphs(&options, &plan, engine.as_ref(), &stop_following);
+
+    let mut view = View {
+        ui: Ui::new(),
+        book: RunBook::new(
+            &plan.children,
+            engine.is_some().then_some(hostname.as_str()),
+            options.converged_timeout,
+        ),
+        learn_into,
+        hostname: hostname.clone(),
+        local_reported: None,
+    };
     let mut local_status = engine.as_ref().map(|e| e.status());
-    let mut local_reported: Option<HostState> = None;
-    let mut flags = watch_converged(&store.client);
-    let mut all_since: Option<tokio::time::Instant> = None;
-    let mut reports: Vec<ChildReport> = Vec::new();
-    let interrupt = tokio::signal::ctrl_c();
-    tokio::pin!(interrupt);
+    let mut flags = converged_flags(&store.client);
+    let mut reports: Vec<HostReport> = Vec::new();
     let mut fleet_done = fleet.is_empty();
-    let mut running: BTreeSet<String> = BTreeSet::new();
 
     let outcome = loop {
-        let alive: Vec<&String> = expected.iter().filter(|h| !failed.contains(*h)).collect();
-        let alive_bare: Vec<&String> = bare.iter().filter(|h| !failed.contains(*h)).collect();
-        let all_converged = !(alive.is_empty() && alive_bare.is_empty())
-            && alive
-                .iter()
-                .all(|h| converged.get(*h) == Some(&true) || unhealthy.contains(*h))
-            && alive_bare.iter().all(|h| running.contains(*h));
-        if all_converged {
-            all_since.get_or_insert_with(tokio::time::Instant::now);
-        } else {
-            all_since = None;
-        }
-        if alive.is_empty() && alive_bare.is_empty() && !(expected.is_empty() && bare.is_empty()) {
-            break EXIT_FAILED; // nothing left that could converge
-        }
-        let deadline = config
-            .converged_timeout
-            .zip(all_since)
-            .map(|(timeout, since)| since + timeout);
+        let deadline = match view.book.next(tokio::time::Instant::now()) {
+            Next::Done(code) => break Outcome::Done(code),
+            Next::Wait(deadline) => deadline,
+        };
         tokio::select! {
-            _ = &mut interrupt => {
-                eprintln!("arbor: interrupted; stopping every host");
-                break EXIT_INTERRUPTED;
+            signal = signals.next() => {
+                eprintln!("arbor: {}; stopping every host", signal_name(signal));
+                break Outcome::Stopped(signal);
             }
             event = events.recv() => {
-                let Some(event) = event else { continue };
-                if let (EventKind::KnownHost { name, key }, true, Some(file)) =
-                    (&event.kind, config.accept_new, &learn_into)
-                {
-                    record_learned_key(file, name, key, &event.host);
+                if let Some(event) = event {
+                    view.event(&event);
                 }
-                if let EventKind::State(state) = &event.kind {
-                    let host = event.host.name().to_string();
-                    match state {
-                        HostState::Failed { .. } => {
-                            // A failed relay takes its whole subtree with it.
-                            if let Some(below) = subtrees.get(&host) {
-                                failed.extend(below.iter().cloned());
-                            }
-                            failed.insert(host);
-                        }
-                        HostState::Unhealthy { .. } => {
-                            unhealthy.insert(host);
-                        }
-                        HostState::Running => {
-                            unhealthy.remove(&host);
-                            running.insert(host);
-                        }
-                        _ => {
-                            unhealthy.remove(&host);
-                        }
-                    }
-                }
-                ui.event(&event);
             }
             flag = flags.next() => match flag {
-                Some(Ok((host, value))) => {
-                    match value {
-                        Some(v) => { converged.insert(host, v); }
-                        None => { converged.remove(&host); }
-                    }
-                }
+                Some(Ok((host, value))) => view.book.converged_flag(&host, value),
                 Some(Err(e)) => {
                     eprintln!("arbor: store: {e:#}");
-                    break EXIT_FAILED;
+                    break Outcome::Done(exit::FAILED);
                 }
                 None => {}
             },
             report = fleet.next_finished(), if !fleet_done => match report {
                 Some(r) => {
-                    if !r.ok {
-                        failed.insert(r.name.clone());
-                    }
+                    view.book.finished(&r.name, r.ok);
                     reports.push(r);
                 }
                 None => fleet_done = true,
             },
             status = super::next_status(&mut local_status) => {
-                let Some(now) = status else { continue };
-                let state = super::relay::settled_state(&now, local_reported.as_ref());
-                if state.is_some() && state != local_reported {
-                    match &state {
-                        Some(HostState::Unhealthy { .. }) => unhealthy.insert(hostname.clone()),
-                        _ => unhealthy.remove(&hostname),
-                    };
-                    if let Some(state) = &state {
-                        ui.event(&crate::wire::Event {
-                            host: crate::wire::HostPath::root().child(&hostname),
-                            kind: EventKind::State(state.clone()),
-                        });
-                    }
-                    local_reported = state;
+                if let Some(status) = status {
+                    view.local_status(&status);
                 }
             }
             edit = edits.recv() => {
                 if let Some((key, text)) = edit {
-                    fleet.update_graph(&key, &text);
-                }
-            }
-            _ = super::sleep_until(deadline) => {
-                let timeout = config.converged_timeout.unwrap_or_default();
-                if unhealthy.is_empty() {
-                    eprintln!("arbor: every host converged for {}s; finishing", timeout.as_secs());
-                } else {
-                    eprintln!(
-                        "arbor: every host settled for {}s, with failures on {}; finishing",
-                        timeout.as_secs(),
-                        unhealthy.iter().cloned().collect::<Vec<_>>().join(", ")
+                    let path = plan.graphs.get(&key).map(|(p, _)| p.display().to_string());
+                    let sent = fleet.update_graph(&key, &text);
+                    tracing::info!(
+                        "{}: changed; sending it on ({sent} of this node's children run it)",
+                        path.unwrap_or(key)
                     );
                 }
-                break EXIT_OK;
             }
+            _ = super::sleep_until(deadline) => {}
         }
     };
+    if let Outcome::Done(exit::OK) = outcome {
+        let timeout = options.converged_timeout.unwrap_or_default().as_secs();
+        let unhealthy = view.book.unhealthy();
+        if unhealthy.is_empty() {
+            eprintln!("arbor: every host converged for {timeout}s; finishing");
+        } else {
+            let names: Vec<&str> = unhealthy.keys().map(String::as_str).collect();
+            eprintln!(
+                "arbor: every host settled for {timeout}s, with failures on {}; finishing",
+                names.join(", ")
+            );
+        }
+    }
 
     // Teardown: children (bottom-up through the tree), then our own engine, then the store.
-    stop_watches.cancel();
-    ui.stopping();
-    let drain = async {
-        while let Some(event) = events.recv().await {
-            ui.event(&event);
+    // A second signal meanwhile ends the process at once.
+    stop_following.cancel();
+    view.ui.stopping();
+    let second_signal = {
+        let drain = async {
+            while let Some(event) = events.recv().await {
+                view.event(&event);
+            }
+        };
+        let teardown = async { tokio::join!(fleet.shutdown(), drain).0 };
+        tokio::select! {
+            rest = teardown => {
+                reports.extend(rest);
+                None
+            }
+            signal = signals.next() => Some(signal),
         }
     };
-    let (mut rest, ()) = tokio::join!(fleet.shutdown("the run is over"), drain);
-    reports.append(&mut rest);
-    let local = match engine {
+    if let Some(signal) = second_signal {
+        let left = view.book.may_hold_state();
+        eprintln!(
+            "arbor: {} during teardown; exiting now without waiting for the hosts",
+            signal_name(signal)
+        );
+        if !left.is_empty() {
+            eprintln!(
+                "arbor: these hosts may still hold a working dir or a running arbor (each \
+                 removes its own once its link closes): {}",
+                left.join(", ")
+            );
+        }
+        store.remove_files();
+        let code = match outcome {
+            Outcome::Stopped(first) => exit::for_signal(first),
+            Outcome::Done(_) => exit::for_signal(signal),
+        };
+        std::process::exit(code.into());
+    }
+    let local_ok = match engine {
         Some(engine) => {
             let status = engine.status().borrow().clone();
             for (id, why) in &status.failures {
@@ -597,29 +684,17 @@ pub async fn run(config: RunConfig) -> u8 {
         }
         None => None,
     };
-    store.shutdown.cancel();
-    if let Some(served) = store.served {
-        let _ = tokio::time::timeout(Duration::from_secs(2), served).await;
-    }
-    if let Some(socket) = &store.socket {
-        let _ = std::fs::remove_file(socket);
-    }
-    if let Some(dir) = &store.temp_dir {
-        let _ = std::fs::remove_dir_all(dir);
-    }
+    store.close().await;
 
-    ui.summary(
+    view.ui.summary(
         &reports,
-        local.map(|ok| (hostname.as_str(), ok, started.elapsed())),
+        local_ok.map(|ok| (hostname.as_str(), ok, started.elapsed())),
     );
-    let any_failed = reports.iter().any(|r| !r.ok)
-        || local == Some(false)
-        || !failed.is_empty()
-        || !unhealthy.is_empty();
+    let any_failed = reports.iter().any(|r| !r.ok) || local_ok == Some(false);
     match outcome {
-        EXIT_INTERRUPTED => EXIT_INTERRUPTED,
-        _ if any_failed => EXIT_FAILED,
-        code => code,
+        Outcome::Stopped(signal) => exit::for_signal(signal),
+        Outcome::Done(_) if any_failed => exit::FAILED,
+        Outcome::Done(code) => code,
     }
 }
 
@@ -638,28 +713,6 @@ fn unique_names(children: &[ChildSpec], local: Option<&str>) -> Result<(), Strin
         stack.extend(c.children.iter());
     }
     Ok(())
-}
-
-/// Collects the hosts that run a graph, those that run arbor without one (jump hosts run
-/// nothing), and each node's descendants.
-fn index_tree(
-    spec: &ChildSpec,
-    expected: &mut BTreeSet<String>,
-    bare: &mut BTreeSet<String>,
-    subtrees: &mut HashMap<String, Vec<String>>,
-) -> Vec<String> {
-    if spec.graph.is_some() {
-        expected.insert(spec.name.clone());
-    } else if spec.mode == ChildMode::Relay {
-        bare.insert(spec.name.clone());
-    }
-    let mut below = Vec::new();
-    for c in &spec.children {
-        below.push(c.name.clone());
-        below.extend(index_tree(c, expected, bare, subtrees));
-    }
-    subtrees.insert(spec.name.clone(), below.clone());
-    below
 }
 
 fn has_grandchildren(spec: &ChildSpec) -> bool {
@@ -693,46 +746,5 @@ fn record_learned_key(file: &Path, name: &str, key: &str, via: &crate::wire::Hos
             "recording the host key of {name} in {}: {e}",
             file.display()
         ),
-    }
-}
-
-/// Watches one --remote graph file; each valid new version goes to its host.
-async fn watch_remote_graph(
-    fs: FsWatcher,
-    path: PathBuf,
-    key: String,
-    host: String,
-    mut last: String,
-    edits: mpsc::UnboundedSender<(String, String)>,
-    cancel: CancellationToken,
-) {
-    let sub = match fs.subscribe(&path) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!("{}: cannot watch for edits: {e}", path.display());
-            return;
-        }
-    };
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = sub.changed() => {}
-        }
-        let Ok(text) = std::fs::read_to_string(&path) else {
-            continue;
-        };
-        if text == last {
-            continue;
-        }
-        match graph::parse(&text, &path, &host) {
-            Ok(_) => {
-                tracing::info!("{}: changed; sending it to {host}", path.display());
-                last = text.clone();
-                if edits.send((key.clone(), text)).is_err() {
-                    return;
-                }
-            }
-            Err(e) => tracing::error!("{e} (the host keeps its running graph)"),
-        }
     }
 }

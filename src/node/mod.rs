@@ -1,13 +1,39 @@
 //! The node loop: every arbor process in a run, at every depth, is a node. Its parent link is
 //! the operator's terminal (the initiator) or the stdin/stdout of the SSH exec channel its
-//! parent opened (a relay or leaf). It stages its children with one code path (`stage`).
+//! parent opened (a relay or leaf). It stages its children with one code path (`fleet`,
+//! `stage`, `child_link`), configured by one [`wire::NodeConfig`](crate::wire::NodeConfig)
+//! that the initiator builds and every `Start` frame carries down.
+//!
+//! | module | owns |
+//! |---|---|
+//! | config | `RunOptions` (what `arbor run` was asked) and the `NodeConfig` built from it |
+//! | initiator | depth 0: inputs, the store, the operator's view, signals, teardown |
+//! | relay | depth > 0: the parent link, its own graph, its own children |
+//! | run_book | the run's bookkeeping: who is converged, failed, running; when it is done |
+//! | fleet | a node's children: staging under `cconns`, events up, control down, teardown |
+//! | stage | putting arbor and a graph on one host |
+//! | builds | the builds of arbor a node can copy, and fetching them from the parent |
+//! | child_link | the parent's end of the link to one child (tunnel, exec, frames) |
+//! | parent_link | a child's end of the link to its parent (stdin/stdout frames, log) |
 
-pub mod child;
+pub mod builds;
+pub mod child_link;
+pub mod config;
 pub mod fleet;
 pub mod initiator;
-pub mod parent;
+pub mod parent_link;
 pub mod relay;
+pub mod run_book;
 pub mod stage;
+
+use std::path::PathBuf;
+
+/// The user's home: `$HOME`, or `/root` where it is unset (as under some init systems).
+pub fn home_dir() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"))
+}
 
 /// Sleeps until `deadline`, or forever without one (for an optional arm of `select!`).
 pub(crate) async fn sleep_until(deadline: Option<tokio::time::Instant>) {
@@ -20,8 +46,8 @@ pub(crate) async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 /// The engine's next status, if there is an engine (forever pending otherwise); `None` once
 /// the engine is gone.
 pub(crate) async fn next_status(
-    status: &mut Option<tokio::sync::watch::Receiver<crate::engine::host::Status>>,
-) -> Option<crate::engine::host::Status> {
+    status: &mut Option<tokio::sync::watch::Receiver<crate::engine::Status>>,
+) -> Option<crate::engine::Status> {
     match status {
         Some(rx) => {
             if rx.changed().await.is_err() {
@@ -73,5 +99,42 @@ pub(crate) async fn store_connector(
                 .ok_or_else(|| format!("store endpoint {first}: no address"))?;
             Ok(crate::ssh::forward::to_tcp(addr))
         }
+    }
+}
+
+/// The signals that stop a run, as a stream of signal numbers: SIGINT (^C), SIGTERM, SIGHUP.
+pub struct StopSignals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    pub fn new() -> std::io::Result<StopSignals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(StopSignals {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// The next stop signal's number.
+    pub async fn next(&mut self) -> i32 {
+        tokio::select! {
+            _ = self.int.recv() => libc::SIGINT,
+            _ = self.term.recv() => libc::SIGTERM,
+            _ = self.hup.recv() => libc::SIGHUP,
+        }
+    }
+}
+
+/// The name of a stop signal, for messages.
+pub fn signal_name(signal: i32) -> &'static str {
+    match signal {
+        libc::SIGINT => "SIGINT (^C)",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGHUP => "SIGHUP",
+        _ => "a signal",
     }
 }

@@ -1,42 +1,51 @@
 //! A node at depth > 0: staged by its parent, which talks to it over stdin/stdout. It runs its
 //! own graph (if it has one) against the store reached through its tunnel, stages its own
-//! children with the same code the initiator uses, relays their events up, and routes control
-//! frames down. It exits when its parent says so, or when its parent is gone (stdin closed):
-//! a node never outlives its link.
+//! children with the same code and the same settings (`Start::config`) the initiator uses,
+//! relays their events up, fetches the builds they need from its parent, and routes control
+//! frames down. It exits when its parent says so, when its parent is gone (stdin closed), or
+//! on SIGTERM/SIGHUP/SIGINT: a node never outlives its link, and leaves no working dir.
 
-use super::fleet::{Fleet, FleetContext};
-use super::parent::{self, EventLog, Upstream};
-use super::stage::{Build, Builds, StageOptions};
-use crate::cli::RunConfig;
+use super::builds::{Build, Builds, FetchFromParent};
+use super::config::RunOptions;
+use super::fleet::{self, Fleet, FleetContext};
+use super::parent_link::{self, EventLog, Upstream};
 use crate::engine::exchange::Exchange;
 use crate::engine::graph;
-use crate::engine::host::{Engine, EngineConfig, Status};
+use crate::engine::runner::{Engine, EngineConfig, Status};
 use crate::engine::store_exchange::StoreExchange;
-use crate::ssh::{self, ConnectOptions, HostKeyPolicy};
+use crate::ssh;
 use crate::store::client::StoreClient;
 use crate::wire::{Down, EventKind, HostState, Start};
-use std::path::Path;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// After a shutdown or a lost parent, the node is gone within this long, whatever hangs.
 const EXIT_DEADLINE: Duration = Duration::from_secs(4);
 
+/// Sets the log level once the parent has said which (`NodeConfig::verbosity`).
+pub type SetVerbosity = Box<dyn Fn(u8) + Send + Sync>;
+
 /// Runs the node; returns the process exit code.
-pub async fn run(config: RunConfig, log: EventLog) -> u8 {
-    let (start, up, mut down, writer) = match parent::open().await {
+pub async fn run(options: RunOptions, log: EventLog, set_verbosity: SetVerbosity) -> u8 {
+    let (start, up, mut down, writer) = match parent_link::open().await {
         Ok(parts) => parts,
         Err(e) => {
             eprintln!("arbor: control link: {e}");
-            return 1;
+            if let Some(dir) = &options.workdir {
+                remove_own_workdir(dir);
+            }
+            return crate::exit::FAILED;
         }
     };
+    set_verbosity(start.config.verbosity);
     log.attach(up.clone());
     let name = start.hostname.clone();
     tracing::debug!("{name}: node at depth {} starting", start.path.depth());
 
-    let result = serve(&config, &start, &up, &mut down).await;
+    let result = serve(&options, &start, &up, &mut down).await;
     if let Some(peak) = peak_rss_kib() {
         tracing::info!(
             "{name}: exiting; peak memory {:.1} MB",
@@ -45,35 +54,78 @@ pub async fn run(config: RunConfig, log: EventLog) -> u8 {
     }
     let code = match result {
         // The parent reports our clean exit once the link has closed.
-        Ok(()) => 0,
+        Ok(()) => crate::exit::OK,
         Err(cause) => {
             up.own(EventKind::State(HostState::Failed {
                 cause: cause.clone(),
             }));
-            1
+            crate::exit::FAILED
         }
     };
     drop(up);
     log.detach();
     let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
-    if let Some(dir) = &config.workdir {
+    if let Some(dir) = &options.workdir {
         remove_own_workdir(dir);
     }
     code
 }
 
+/// Where the answer to one fetch goes: the build's path here, or why not.
+type FetchWaiter = oneshot::Sender<Result<String, String>>;
+
+/// Builds asked of the parent, waiting for its `Fetched` answer.
+#[derive(Clone, Default)]
+struct Fetches {
+    waiting: Arc<Mutex<HashMap<String, Vec<FetchWaiter>>>>,
+}
+
+impl Fetches {
+    fn fetcher(&self, up: Upstream) -> FetchFromParent {
+        let waiting = self.waiting.clone();
+        Arc::new(move |sha256: String| {
+            let (tx, rx) = oneshot::channel();
+            waiting
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(sha256.clone())
+                .or_default()
+                .push(tx);
+            up.fetch(sha256);
+            Box::pin(async move {
+                rx.await
+                    .map_err(|_| "the link to the parent closed".to_string())?
+                    .map(PathBuf::from)
+            })
+        })
+    }
+
+    fn answer(&self, sha256: &str, result: Result<String, String>) {
+        let waiters = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(sha256)
+            .unwrap_or_default();
+        for tx in waiters {
+            let _ = tx.send(result.clone());
+        }
+    }
+}
+
 async fn serve(
-    config: &RunConfig,
+    options: &RunOptions,
     start: &Start,
     up: &Upstream,
-    down: &mut parent::Downstream,
+    down: &mut parent_link::Downstream,
 ) -> Result<(), String> {
     let name = &start.hostname;
-    let endpoints = super::seed_endpoints(&config.seeds).map_err(|e| format!("{name}: {e}"))?;
+    let endpoints = super::seed_endpoints(&options.seeds).map_err(|e| format!("{name}: {e}"))?;
     let client = StoreClient::connect(&endpoints)
         .await
         .map_err(|e| format!("{name}: store: {e:#}"))?;
     let exchange: Arc<dyn Exchange> = Arc::new(StoreExchange::new(client));
+    let mut signals = super::StopSignals::new().map_err(|e| format!("{name}: signals: {e}"))?;
 
     // Our own graph.
     let mut engine = None;
@@ -83,13 +135,13 @@ async fn serve(
             .graphs
             .get(graph_name)
             .ok_or_else(|| format!("{name}: graph {graph_name} was not sent"))?;
-        let path = config
+        let path = options
             .file
             .clone()
             .unwrap_or_else(|| Path::new(graph_name).to_path_buf());
         let graph = graph::parse(text, &path, name).map_err(|e| e.to_string())?;
         let mut engine_config = EngineConfig::new(name.clone());
-        engine_config.noop = start.noop;
+        engine_config.noop = start.config.noop;
         let e = Engine::start(graph, engine_config, exchange.clone())
             .map_err(|e| format!("{name}: engine: {e:#}"))?;
         status = Some(e.status());
@@ -98,6 +150,7 @@ async fn serve(
     up.own(EventKind::State(HostState::Running));
 
     // Our children, staged exactly as our parent staged us.
+    let fetches = Fetches::default();
     let (events_tx, mut events_rx) = mpsc::channel(1024);
     let fleet = if start.children.is_empty() {
         None
@@ -105,8 +158,9 @@ async fn serve(
         let store = super::store_connector(&endpoints)
             .await
             .map_err(|e| format!("{name}: {e}"))?;
-        let mut ctx = fleet_context(config, start, store, events_tx.clone())?;
-        if start.accept_new {
+        let fetcher = fetches.fetcher(up.clone());
+        let mut ctx = fleet_context(start, store, events_tx.clone(), fetcher)?;
+        if start.config.accept_new {
             // Keys learned here go up to the initiator's known_hosts, not into ours.
             let (learned_tx, mut learned) = mpsc::unbounded_channel::<(String, String)>();
             ctx.connect.host_keys.learn_into = None;
@@ -147,11 +201,12 @@ async fn serve(
                         fleet.update_graph(&graph_name, &text);
                     }
                 }
+                Some(Down::Fetched { sha256, result }) => fetches.answer(&sha256, result),
                 Some(Down::Shutdown { reason }) => {
                     tracing::debug!("{name}: shutting down: {reason}");
                     break Ok(());
                 }
-                Some(_) => {}
+                Some(Down::Hello(_) | Down::Start(_)) => {}
                 None => {
                     tracing::warn!("{name}: parent link closed; shutting down");
                     break Ok(());
@@ -170,27 +225,47 @@ async fn serve(
                     reported = state;
                 }
             }
+            signal = signals.next() => {
+                tracing::warn!("{name}: {}; shutting down", super::signal_name(signal));
+                break Ok(());
+            }
         }
     };
 
-    // Bottom-up: children first, then our own engine; a hard deadline covers any hang.
-    std::thread::spawn(|| {
+    // Bottom-up: children first, then our own engine; a hard deadline covers any hang, and
+    // still removes our working dir.
+    let workdir = options.workdir.clone();
+    std::thread::spawn(move || {
         std::thread::sleep(EXIT_DEADLINE);
         eprintln!("arbor: shutdown took longer than {EXIT_DEADLINE:?}; exiting");
-        std::process::exit(1);
+        if let Some(dir) = &workdir {
+            remove_own_workdir(dir);
+        }
+        std::process::exit(crate::exit::FAILED.into());
     });
+    fetches.answer_all_closed();
     if let Some(fleet) = fleet {
         let forward = async {
             while let Some(event) = events_rx.recv().await {
                 up.forward(event);
             }
         };
-        let (_, ()) = tokio::join!(fleet.shutdown("parent is shutting down"), forward);
+        let (_, ()) = tokio::join!(fleet.shutdown(), forward);
     }
     if let Some(engine) = engine {
         engine.stop().await;
     }
     result
+}
+
+impl Fetches {
+    /// Ends every wait: the node is stopping.
+    fn answer_all_closed(&self) {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
 }
 
 /// The state to report for an engine status: converged, settled with failures, or changed
@@ -213,45 +288,34 @@ pub fn settled_state(status: &Status, reported: Option<&HostState>) -> Option<Ho
     }
 }
 
+/// What this relay's children share: the run's settings from `start`, this relay's own build
+/// (and the run's others, fetched from the parent on demand), and the known_hosts lines the
+/// parent sent down.
 fn fleet_context(
-    config: &RunConfig,
     start: &Start,
     store: Arc<dyn ssh::Connector>,
     events: mpsc::Sender<crate::wire::Event>,
+    fetcher: FetchFromParent,
 ) -> Result<FleetContext, String> {
     let name = &start.hostname;
-    let mut build = Build::current().map_err(|e| format!("{name}: reading own binary: {e}"))?;
-    if start.compress {
-        build = build.with_gzip(true);
+    let config = &start.config;
+    let mut own = Build::current().map_err(|e| format!("{name}: reading own binary: {e}"))?;
+    if config.compress {
+        own = own.with_gzip(true);
     }
-    let home = std::env::var_os("HOME")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| "/root".into());
-    let mut connect = ConnectOptions::for_home(&home);
+    let builds = Builds::new([own]).with_parent(&config.builds, fetcher, config.compress);
+    let mut connect = fleet::connect_options(config);
     connect.host_keys.extra_entries = start.known_hosts.clone();
-    connect.host_keys.policy = if start.accept_new {
-        HostKeyPolicy::AcceptNew
-    } else {
-        HostKeyPolicy::Strict
-    };
     let agent = std::env::var_os("SSH_AUTH_SOCK").map(|p| ssh::forward::to_unix(p.into()));
     Ok(FleetContext {
         path: start.path.clone(),
+        config: config.clone(),
         connect,
-        builds: Builds::new([build]),
-        stage: StageOptions {
-            remote_tmp: config.remote_tmp.clone(),
-            no_caching: start.no_caching,
-            compress: start.compress,
-        },
+        builds,
         store,
         agent,
-        graphs: start.graphs.clone(),
+        graphs: Mutex::new(start.graphs.clone()),
         known_hosts: start.known_hosts.clone(),
-        accept_new: start.accept_new,
-        cconns: start.cconns,
-        converged_timeout: start.converged_timeout,
-        noop: start.noop,
         events,
     })
 }

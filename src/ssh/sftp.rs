@@ -16,6 +16,7 @@ use russh_sftp::client::RawSftpSession;
 use russh_sftp::extensions::HardlinkExtension;
 use russh_sftp::protocol::{FileAttributes, OpenFlags, StatusCode};
 use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio_util::sync::CancellationToken;
 
 /// Bytes per write request. OpenSSH's sftp-server accepts up to 256 KiB messages.
 const CHUNK: usize = 64 * 1024;
@@ -128,6 +129,22 @@ impl Sftp {
         mode: u32,
         progress: &mut (dyn FnMut(u64, u64) + Send),
     ) -> Result<Uploaded> {
+        let never = CancellationToken::new();
+        self.upload_until(&never, source, size, remote, mode, progress)
+            .await
+    }
+
+    /// [`Sftp::upload`], stopped early when `cancel` fires: the temp file is removed and the
+    /// target left as it was, so a stopped run leaves no partial file behind.
+    pub async fn upload_until(
+        &self,
+        cancel: &CancellationToken,
+        source: &mut (dyn AsyncRead + Unpin + Send),
+        size: u64,
+        remote: &str,
+        mode: u32,
+        progress: &mut (dyn FnMut(u64, u64) + Send),
+    ) -> Result<Uploaded> {
         let temp = temp_name(remote);
         let attrs = FileAttributes {
             permissions: Some(mode),
@@ -143,9 +160,10 @@ impl Sftp {
             .handle;
         let wanted = in_flight_for(opened.elapsed());
 
-        let written = self
-            .write_all(&handle, source, size, remote, wanted, progress)
-            .await;
+        let written = tokio::select! {
+            written = self.write_all(&handle, source, size, remote, wanted, progress) => written,
+            _ = cancel.cancelled() => Err(self.error(&format!("upload of {remote}"), "stopped")),
+        };
         let finished = match written {
             Ok(bytes) => self
                 .finish(&handle, &temp, remote, mode)

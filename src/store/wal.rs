@@ -22,7 +22,6 @@ use etcd_client::proto::PbKeyValue as KeyValue;
 use prost::Message;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -510,14 +509,15 @@ fn lock_dir(dir: &Path) -> anyhow::Result<File> {
         .mode(0o600)
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
-    // SAFETY: flock on a descriptor we own; no memory is passed.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        bail!(
-            "data dir {} is in use by another store ({})",
-            dir.display(),
-            std::io::Error::last_os_error()
-        );
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "data dir {} is in use by another store (its lock file is held)",
+            dir.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            bail!("locking data dir {}: {e}", dir.display())
+        }
     }
     Ok(file)
 }

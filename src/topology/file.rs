@@ -5,7 +5,7 @@
 use super::{MAX_DEPTH, Topology, TopologyError, nodeset};
 use crate::wire::{ChildMode, ChildSpec};
 use serde::Deserialize;
-use serde_saphyr::{MessageFormatter, Spanned};
+use serde_saphyr::Spanned;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Component, Path, PathBuf};
 
@@ -33,12 +33,8 @@ pub fn parse(source: &str, path: &Path) -> Result<Topology, TopologyError> {
         return Err(invalid(1, 1, "missing `hosts`: the file is empty".into()));
     }
     let raw: Spanned<RawTopology> = serde_saphyr::from_str(source).map_err(|e| {
-        let (line, column) = e
-            .location()
-            .map(|l| (l.line(), l.column()))
-            .unwrap_or((1, 1));
-        let message = serde_saphyr::UserMessageFormatter.format_message(e.without_snippet());
-        invalid(line, column, message.escape_debug().to_string())
+        let (line, column, message) = crate::engine::graph::yaml_error(&e);
+        invalid(line, column, message)
     })?;
     let base = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),

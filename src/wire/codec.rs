@@ -1,94 +1,93 @@
-//! Length-delimited JSON frames over any async byte stream.
+//! Length-delimited JSON frames over any async byte stream: tokio-util's
+//! [`LengthDelimitedCodec`] (4-byte big-endian length, then the body) does the framing, so a
+//! read dropped by a `select!` mid-frame loses nothing (the partial frame stays buffered in
+//! the `FramedRead`), and serde_json the body.
 
 use super::WireError;
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
 /// The largest frame either side accepts: graphs and subtrees fit many times over, and a
 /// corrupt length cannot make a node allocate gigabytes.
 pub const MAX_FRAME: usize = 16 * 1024 * 1024;
 
+fn codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .length_field_length(4)
+        .big_endian()
+        .max_frame_length(MAX_FRAME)
+        .new_codec()
+}
+
+/// Turns the codec's I/O errors into the link's: an over-long length, and a stream that ends
+/// inside a frame.
+fn read_error(e: std::io::Error) -> WireError {
+    if e.get_ref()
+        .is_some_and(|inner| inner.is::<tokio_util::codec::LengthDelimitedCodecError>())
+    {
+        WireError::TooLarge
+    } else if e.kind() == std::io::ErrorKind::Other && e.to_string() == "bytes remaining on stream"
+    {
+        WireError::Closed
+    } else {
+        WireError::Io(e)
+    }
+}
+
 /// Writes frames. Each `send` writes one whole frame and flushes.
 pub struct FrameWriter<W> {
-    inner: W,
-    buf: Vec<u8>,
+    inner: FramedWrite<W, LengthDelimitedCodec>,
 }
 
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub fn new(inner: W) -> Self {
         FrameWriter {
-            inner,
-            buf: Vec::new(),
+            inner: FramedWrite::new(inner, codec()),
         }
     }
 
     pub async fn send<T: Serialize>(&mut self, frame: &T) -> Result<(), WireError> {
-        self.buf.clear();
-        self.buf.extend_from_slice(&[0; 4]);
-        serde_json::to_writer(&mut self.buf, frame)?;
-        let len = self.buf.len() - 4;
-        if len > MAX_FRAME {
-            return Err(WireError::TooLarge(len));
+        let body = serde_json::to_vec(frame)?;
+        if body.len() > MAX_FRAME {
+            return Err(WireError::TooLarge);
         }
-        self.buf[..4].copy_from_slice(&(len as u32).to_be_bytes());
-        self.inner.write_all(&self.buf).await?;
-        self.inner.flush().await?;
-        Ok(())
+        self.inner.send(Bytes::from(body)).await.map_err(read_error)
     }
 
+    /// Flushes and closes the stream (the peer reads a clean end).
     pub async fn shutdown(&mut self) -> Result<(), WireError> {
-        self.inner.shutdown().await?;
+        SinkExt::<Bytes>::close(&mut self.inner).await?;
         Ok(())
     }
 
     pub fn into_inner(self) -> W {
-        self.inner
+        self.inner.into_inner()
     }
 }
 
-/// Reads frames. [`FrameReader::recv`] is cancel-safe: bytes already read stay buffered in
-/// the reader, so a `recv` dropped by a `select!` mid-frame loses nothing, and the next call
-/// picks the frame up where the last one stopped.
+/// Reads frames. [`FrameReader::recv`] is cancel-safe: a `recv` dropped mid-frame leaves the
+/// bytes it read in the reader's buffer, and the next call returns the whole frame.
 pub struct FrameReader<R> {
-    inner: R,
-    buf: Vec<u8>,
+    inner: FramedRead<R, LengthDelimitedCodec>,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(inner: R) -> Self {
         FrameReader {
-            inner,
-            buf: Vec::new(),
+            inner: FramedRead::new(inner, codec()),
         }
     }
 
     /// The next frame, or `Ok(None)` on a clean end of stream between frames.
     pub async fn recv<T: DeserializeOwned>(&mut self) -> Result<Option<T>, WireError> {
-        loop {
-            if self.buf.len() >= 4 {
-                let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]])
-                    as usize;
-                if len > MAX_FRAME {
-                    return Err(WireError::TooLarge(len));
-                }
-                if self.buf.len() >= 4 + len {
-                    let frame = serde_json::from_slice(&self.buf[4..4 + len]);
-                    self.buf.drain(..4 + len);
-                    return Ok(Some(frame?));
-                }
-                self.buf.reserve(4 + len - self.buf.len());
-            } else {
-                self.buf.reserve(64 * 1024);
-            }
-            // `read_buf` either appends what it read or, if dropped while pending, nothing.
-            if self.inner.read_buf(&mut self.buf).await? == 0 {
-                return if self.buf.is_empty() {
-                    Ok(None)
-                } else {
-                    Err(WireError::Closed)
-                };
-            }
+        match self.inner.next().await {
+            None => Ok(None),
+            Some(Err(e)) => Err(read_error(e)),
+            Some(Ok(body)) => Ok(Some(serde_json::from_slice(&body)?)),
         }
     }
 }
@@ -97,6 +96,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 mod tests {
     use super::*;
     use crate::wire::{Down, Event, EventKind, HostPath, Up};
+    use tokio::io::AsyncWriteExt;
 
     #[tokio::test]
     async fn frames_round_trip_in_order() {
@@ -135,10 +135,7 @@ mod tests {
         let mut bytes = ((MAX_FRAME + 1) as u32).to_be_bytes().to_vec();
         bytes.extend_from_slice(b"{}");
         let mut r = FrameReader::new(&bytes[..]);
-        assert!(matches!(
-            r.recv::<Down>().await,
-            Err(WireError::TooLarge(n)) if n == MAX_FRAME + 1
-        ));
+        assert!(matches!(r.recv::<Down>().await, Err(WireError::TooLarge)));
     }
 
     #[tokio::test]

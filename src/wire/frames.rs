@@ -134,6 +134,61 @@ pub struct ChildSpec {
     pub children: Vec<ChildSpec>,
 }
 
+/// A build of arbor a node can have its parent fetch for it: the hosts of `platform` run it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildRef {
+    /// `uname -sm` of its hosts, e.g. "Linux aarch64".
+    pub platform: String,
+    pub sha256: String,
+    pub size: u64,
+}
+
+/// The settings of a run that apply at every depth: built once at the initiator from its
+/// flags and topology, sent down in every [`Start`], and used by each node to stage its own
+/// children exactly as it was staged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeConfig {
+    /// Seconds for a child's TCP connect and SSH handshake.
+    pub connect_timeout: u64,
+    /// Seconds for a started child's arbor to say hello.
+    pub hello_timeout: u64,
+    /// Log level: 0 info, 1 debug, 2 trace.
+    pub verbosity: u8,
+    /// Where working dirs are created on hosts.
+    pub remote_tmp: String,
+    /// Copy the binary into each working dir instead of the host's cache.
+    pub no_caching: bool,
+    /// Copy the binary gzipped to hosts with gzip.
+    pub compress: bool,
+    /// Record unknown host keys (reported up to the initiator) instead of refusing them.
+    pub accept_new: bool,
+    /// At most this many children being set up at once (0: no limit).
+    pub cconns: usize,
+    pub converged_timeout: Option<u64>,
+    pub noop: bool,
+    /// Every build of arbor the run has, for children of other platforms: a node that lacks
+    /// one asks its parent for it (`Up::Fetch`).
+    pub builds: Vec<BuildRef>,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            connect_timeout: 10,
+            hello_timeout: 20,
+            verbosity: 0,
+            remote_tmp: "/tmp".into(),
+            no_caching: false,
+            compress: false,
+            accept_new: false,
+            cconns: 64,
+            converged_timeout: None,
+            noop: false,
+            builds: Vec::new(),
+        }
+    }
+}
+
 /// Run parameters for a node: everything it needs that must not appear on a command line.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Start {
@@ -148,13 +203,8 @@ pub struct Start {
     pub children: Vec<ChildSpec>,
     /// known_hosts lines for this node's subtree.
     pub known_hosts: String,
-    pub accept_new: bool,
-    pub cconns: usize,
-    pub converged_timeout: Option<u64>,
-    pub noop: bool,
-    pub no_caching: bool,
-    /// Copy the binary gzipped to hosts with gzip (--compress).
-    pub compress: bool,
+    /// The run's settings, for this node and its subtree.
+    pub config: NodeConfig,
 }
 
 /// Control frames, parent to child.
@@ -171,6 +221,11 @@ pub enum Down {
     /// Stop: the subtree tears down bottom-up and exits.
     Shutdown {
         reason: String,
+    },
+    /// The answer to `Up::Fetch`: the build is in this node's cache at `Ok(path)`, or why not.
+    Fetched {
+        sha256: String,
+        result: Result<String, String>,
     },
 }
 
@@ -234,6 +289,11 @@ pub struct Event {
 pub enum Up {
     Hello(Hello),
     Event(Event),
+    /// Copy the build with this sha256 (one of `NodeConfig::builds`) into this node's cache:
+    /// a child of this node runs on its platform.
+    Fetch {
+        sha256: String,
+    },
 }
 
 impl Up {

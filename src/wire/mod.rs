@@ -14,7 +14,7 @@ pub use codec::{FrameReader, FrameWriter, MAX_FRAME};
 pub use frames::*;
 
 /// Bumped on any incompatible change to the frames below.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Errors of the framed link.
 #[derive(Debug, thiserror::Error)]
@@ -23,8 +23,8 @@ pub enum WireError {
     Closed,
     #[error("{0}")]
     Io(#[from] std::io::Error),
-    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
-    TooLarge(usize),
+    #[error("frame exceeds the {MAX_FRAME}-byte limit")]
+    TooLarge,
     #[error("malformed frame: {0}")]
     Malformed(#[from] serde_json::Error),
     #[error("protocol mismatch: this side speaks version {ours}, the other side {theirs}")]

@@ -6,7 +6,7 @@
 //! nothing happened.
 
 use super::{ApplyContext, Kind, Outcome, Poke, Resource, ResourceId};
-use crate::engine::watch::FsWatcher;
+use crate::engine::fs_events::FsEvents;
 use anyhow::Context as _;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
@@ -46,11 +46,11 @@ pub struct FileSpec {
 pub struct FileResource {
     id: ResourceId,
     spec: FileSpec,
-    fs: FsWatcher,
+    fs: FsEvents,
 }
 
 impl FileResource {
-    pub fn new(spec: FileSpec, fs: FsWatcher) -> Self {
+    pub fn new(spec: FileSpec, fs: FsEvents) -> Self {
         FileResource {
             id: ResourceId::new(Kind::File, spec.name.clone()),
             spec,
@@ -224,7 +224,7 @@ fn write_atomic(path: &Path, content: &[u8], mode: Option<u32>) -> io::Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::watch::FsWatcher;
+    use crate::engine::fs_events::FsEvents;
     use std::time::{Duration, SystemTime};
 
     fn spec(path: &Path, content: &str) -> FileSpec {
@@ -346,7 +346,7 @@ mod tests {
 
     /// Drives watch + check_apply the way the scheduler does, and measures the repair.
     async fn repaired_within(path: &Path, damage: impl FnOnce(), want: &str) -> Duration {
-        let fs_watch = FsWatcher::new().expect("inotify");
+        let fs_watch = FsEvents::new().expect("inotify");
         let res = std::sync::Arc::new(FileResource::new(spec(path, want), fs_watch));
         res.check_apply(ApplyContext::default())
             .await
@@ -385,7 +385,7 @@ mod tests {
     async fn a_directory_created_or_recreated_later_is_watched() {
         let root = tempfile::tempdir().expect("tempdir");
         let path = root.path().join("sub/deeper/f");
-        let fs_watch = FsWatcher::new().expect("inotify");
+        let fs_watch = FsEvents::new().expect("inotify");
         let res = std::sync::Arc::new(FileResource::new(spec(&path, "x"), fs_watch));
         let cancel = CancellationToken::new();
         let (watcher, mut rx) = crate::engine::resources::spawn_watch(res.clone(), cancel.clone());

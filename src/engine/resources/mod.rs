@@ -9,7 +9,7 @@ pub mod exec;
 pub mod file;
 pub mod noop;
 
-use crate::engine::watch::FsWatcher;
+use crate::engine::fs_events::FsEvents;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -196,7 +196,7 @@ pub(crate) fn spawn_watch<R: Resource>(
 #[derive(Clone)]
 pub struct Services {
     /// One inotify instance for the whole engine: the per-user limit on instances is small.
-    pub fs: FsWatcher,
+    pub fs: FsEvents,
 }
 
 /// Builds the running resource for a spec.

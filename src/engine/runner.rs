@@ -8,11 +8,11 @@
 use crate::engine::collect;
 use crate::engine::converge::{Convergence, DEFAULT_QUIET, Load};
 use crate::engine::exchange::{Exchange, ExportedResource};
+use crate::engine::fs_events::FsEvents;
 use crate::engine::graph::Graph;
 use crate::engine::reload::diff;
 use crate::engine::resources::{Kind, ResourceId, ResourceSpec, Services};
 use crate::engine::scheduler::{Event, Scheduler};
-use crate::engine::watch::FsWatcher;
 use futures::StreamExt;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -77,7 +77,7 @@ pub struct Engine {
     status: watch::Receiver<Status>,
     cancel: CancellationToken,
     task: Option<JoinHandle<()>>,
-    fs: FsWatcher,
+    fs: FsEvents,
 }
 
 impl Engine {
@@ -87,7 +87,7 @@ impl Engine {
         config: EngineConfig,
         exchange: Arc<dyn Exchange>,
     ) -> anyhow::Result<Engine> {
-        let fs = FsWatcher::new().map_err(|e| anyhow::anyhow!("inotify: {e}"))?;
+        let fs = FsEvents::new().map_err(|e| anyhow::anyhow!("inotify: {e}"))?;
         let (graphs_tx, graphs) = mpsc::unbounded_channel();
         let (events_tx, events) = mpsc::unbounded_channel();
         let (status_tx, status) = watch::channel(Status::default());
@@ -125,13 +125,13 @@ impl Engine {
         let _ = self.graphs.send(graph);
     }
 
-    /// A sender for new graphs, for a file watcher (see `reload::watch_graph_file`).
+    /// A sender for new graphs, for a file watcher (see `reload::follow_graph_file`).
     pub fn graph_sender(&self) -> mpsc::UnboundedSender<Graph> {
         self.graphs.clone()
     }
 
     /// The engine's inotify instance, to share with a graph file watcher.
-    pub fn fs_watcher(&self) -> FsWatcher {
+    pub fn fs_events(&self) -> FsEvents {
         self.fs.clone()
     }
 

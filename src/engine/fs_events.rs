@@ -31,7 +31,7 @@ fn dir_mask() -> WatchMask {
 /// A handle on the engine's inotify instance. Clones share it; the reader task ends when the
 /// last clone is dropped.
 #[derive(Clone)]
-pub struct FsWatcher {
+pub struct FsEvents {
     inner: Arc<Inner>,
 }
 
@@ -94,9 +94,9 @@ impl Drop for Subscription {
     }
 }
 
-impl FsWatcher {
+impl FsEvents {
     /// Starts the instance and its reader task; needs a tokio runtime.
-    pub fn new() -> io::Result<FsWatcher> {
+    pub fn new() -> io::Result<FsEvents> {
         let inotify = Inotify::init()?;
         let watches = inotify.watches();
         let stream = inotify.into_event_stream(vec![0u8; 64 * 1024])?;
@@ -111,7 +111,7 @@ impl FsWatcher {
             Arc::downgrade(&inner),
             inner.stop.clone(),
         ));
-        Ok(FsWatcher { inner })
+        Ok(FsEvents { inner })
     }
 
     /// Starts watching `path` (which need not exist) through its parent directory (which
@@ -255,7 +255,7 @@ mod tests {
     async fn create_write_rename_and_delete_are_all_seen() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("watched");
-        let fs = FsWatcher::new().expect("inotify");
+        let fs = FsEvents::new().expect("inotify");
         let sub = fs.subscribe(&path).expect("subscribe");
 
         std::fs::write(&path, "one").expect("write");
@@ -271,7 +271,7 @@ mod tests {
     #[tokio::test]
     async fn events_on_other_names_do_not_wake() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let fs = FsWatcher::new().expect("inotify");
+        let fs = FsEvents::new().expect("inotify");
         let sub = fs.subscribe(&dir.path().join("a")).expect("subscribe");
         std::fs::write(dir.path().join("b"), "x").expect("write");
         let woke = tokio::time::timeout(Duration::from_millis(200), sub.changed()).await;
@@ -281,7 +281,7 @@ mod tests {
     #[tokio::test]
     async fn dropping_the_last_subscription_removes_the_directory_watch() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let fs = FsWatcher::new().expect("inotify");
+        let fs = FsEvents::new().expect("inotify");
         let a = fs.subscribe(&dir.path().join("a")).expect("subscribe a");
         let b = fs.subscribe(&dir.path().join("b")).expect("subscribe b");
         assert_eq!(lock(&fs.inner.dirs).by_path.len(), 1);

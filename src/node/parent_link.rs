@@ -32,6 +32,12 @@ impl Upstream {
     pub fn forward(&self, event: Event) {
         let _ = self.tx.send(Up::Event(event));
     }
+
+    /// Asks the parent to copy the build with this sha256 into this node's cache; the answer
+    /// comes down as `Down::Fetched`.
+    pub fn fetch(&self, sha256: String) {
+        let _ = self.tx.send(Up::Fetch { sha256 });
+    }
 }
 
 /// Control frames from the parent.

@@ -12,6 +12,11 @@ use tokio::sync::mpsc;
 #[derive(Debug)]
 pub enum FromChild {
     Event(Event),
+    /// The child asks for the build with this sha256 (a child of its own runs on that
+    /// build's platform).
+    Fetch {
+        sha256: String,
+    },
     /// The child's arbor ended (or the link broke).
     Exited {
         status: ExitStatus,
@@ -20,12 +25,12 @@ pub enum FromChild {
 }
 
 /// The parent's handle on a running child: send control frames, and know its tunnel end.
-pub struct ChildControl {
+pub struct ChildLink {
     writer: FrameWriter<Box<dyn tokio::io::AsyncWrite + Send + Unpin>>,
     pub tunnel: ForwardEnd,
 }
 
-impl ChildControl {
+impl ChildLink {
     pub async fn send(&mut self, frame: &Down) -> Result<(), crate::wire::WireError> {
         self.writer.send(frame).await
     }
@@ -47,7 +52,8 @@ pub async fn launch(
     store: Arc<dyn Connector>,
     start: Start,
     forward_agent: bool,
-) -> Result<(ChildControl, mpsc::Receiver<FromChild>), String> {
+    hello_timeout: std::time::Duration,
+) -> Result<(ChildLink, mpsc::Receiver<FromChild>), String> {
     let socket = format!("{}/store.sock", staged.workdir);
     let tunnel = session
         .forward_unix_or_tcp(&socket, store)
@@ -78,7 +84,7 @@ pub async fn launch(
     let (events_tx, events_rx) = mpsc::channel(1024);
     let (frames_in, frames_out) = tokio::io::duplex(256 * 1024);
     let writer: Box<dyn tokio::io::AsyncWrite + Send + Unpin> = Box::new(command.stdin_writer());
-    let mut control = ChildControl {
+    let mut control = ChildLink {
         writer: FrameWriter::new(writer),
         tunnel,
     };
@@ -138,6 +144,11 @@ pub async fn launch(
                         break;
                     }
                 }
+                Ok(Some(Up::Fetch { sha256 })) => {
+                    if events_tx.send(FromChild::Fetch { sha256 }).await.is_err() {
+                        break;
+                    }
+                }
                 Ok(None) => break,
                 Err(e) => {
                     if let Some(tx) = hello_tx.take() {
@@ -160,11 +171,16 @@ pub async fn launch(
         .send(&Down::Start(Box::new(start)))
         .await
         .map_err(|e| format!("{label}: start: sending start: {e}"))?;
-    match hello_rx.await {
-        Ok(Ok(())) => Ok((control, events_rx)),
-        Ok(Err(e)) => Err(format!("{label}: start: {e}")),
+    match tokio::time::timeout(hello_timeout, hello_rx).await {
+        Ok(Ok(Ok(()))) => Ok((control, events_rx)),
+        Ok(Ok(Err(e))) => Err(format!("{label}: start: {e}")),
         // The child exited before saying hello: its stderr (already queued) says why.
-        Err(_) => Ok((control, events_rx)),
+        Ok(Err(_)) => Ok((control, events_rx)),
+        Err(_) => Err(format!(
+            "{label}: start: arbor was started but did not answer within {}s \
+             (a hung host, or not an arbor build); stopped it",
+            hello_timeout.as_secs()
+        )),
     }
 }
 

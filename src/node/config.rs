@@ -1,0 +1,160 @@
+//! What a run is asked to do, as plain data. `cli` builds [`RunOptions`] from the command
+//! line; the initiator turns them, with the topology, into the [`NodeConfig`] that every node
+//! of the run receives in its `Start` frame, so a relay stages its children with exactly the
+//! settings the initiator used for it.
+
+use crate::wire::{BuildRef, NodeConfig};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// `arbor run`, as plain data.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Graph to run locally.
+    pub file: Option<PathBuf>,
+    /// Graphs to run on the hosts they name.
+    pub remotes: Vec<PathBuf>,
+    /// A topology file naming the hosts to reach and their graphs.
+    pub topology: Option<PathBuf>,
+    /// Exit after being converged this long.
+    pub converged_timeout: Option<Duration>,
+    pub noop: bool,
+    /// `None`: this machine's host name.
+    pub hostname: Option<String>,
+    /// Send graph files to their hosts again when they are edited.
+    pub live_edits: bool,
+    /// Simultaneous SSH connections being set up (0: unlimited).
+    pub cconns: usize,
+    pub no_caching: bool,
+    pub compress: bool,
+    pub tmp_prefix: bool,
+    pub seeds: Vec<String>,
+    pub no_server: bool,
+    pub identities: Vec<PathBuf>,
+    pub known_hosts: Vec<PathBuf>,
+    pub accept_new: bool,
+    pub allow_interactive: bool,
+    pub connect_timeout: Duration,
+    /// Builds for other platforms: (platform, path).
+    pub binaries: Vec<(String, PathBuf)>,
+    pub remote_tmp: String,
+    /// Log level: 0 info, 1 debug, 2 trace.
+    pub verbosity: u8,
+    /// 0 for the initiator.
+    pub depth: usize,
+    /// A staged node's working dir on its host.
+    pub workdir: Option<PathBuf>,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        let node = NodeConfig::default();
+        RunOptions {
+            file: None,
+            remotes: Vec::new(),
+            topology: None,
+            converged_timeout: None,
+            noop: false,
+            hostname: None,
+            live_edits: true,
+            cconns: node.cconns,
+            no_caching: false,
+            compress: false,
+            tmp_prefix: false,
+            seeds: Vec::new(),
+            no_server: false,
+            identities: Vec::new(),
+            known_hosts: Vec::new(),
+            accept_new: false,
+            allow_interactive: false,
+            connect_timeout: Duration::from_secs(node.connect_timeout),
+            binaries: Vec::new(),
+            remote_tmp: node.remote_tmp,
+            verbosity: 0,
+            depth: 0,
+            workdir: None,
+        }
+    }
+}
+
+/// The shortest wait for a started child's hello: a loaded host can take a few seconds to
+/// exec a freshly copied binary.
+const MIN_HELLO_TIMEOUT: u64 = 10;
+
+impl RunOptions {
+    /// The settings every node of this run gets; `cconns` as the topology may override it,
+    /// `builds` every build the initiator can copy.
+    pub fn node_config(&self, cconns: usize, builds: Vec<BuildRef>) -> NodeConfig {
+        let connect_timeout = self.connect_timeout.as_secs().max(1);
+        NodeConfig {
+            connect_timeout,
+            hello_timeout: (2 * connect_timeout).max(MIN_HELLO_TIMEOUT),
+            verbosity: self.verbosity,
+            remote_tmp: self.remote_tmp.clone(),
+            no_caching: self.no_caching,
+            compress: self.compress,
+            accept_new: self.accept_new,
+            cconns,
+            converged_timeout: self.converged_timeout.map(|d| d.as_secs()),
+            noop: self.noop,
+            builds,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_flag_that_applies_below_reaches_the_node_config() {
+        let options = RunOptions {
+            connect_timeout: Duration::from_secs(2),
+            verbosity: 1,
+            remote_tmp: "/var/tmp".into(),
+            no_caching: true,
+            compress: true,
+            accept_new: true,
+            converged_timeout: Some(Duration::from_secs(5)),
+            noop: true,
+            ..RunOptions::default()
+        };
+        let builds = vec![BuildRef {
+            platform: "Linux aarch64".into(),
+            sha256: "ab".into(),
+            size: 3,
+        }];
+        let node = options.node_config(7, builds.clone());
+        assert_eq!(
+            node,
+            NodeConfig {
+                connect_timeout: 2,
+                hello_timeout: MIN_HELLO_TIMEOUT,
+                verbosity: 1,
+                remote_tmp: "/var/tmp".into(),
+                no_caching: true,
+                compress: true,
+                accept_new: true,
+                cconns: 7,
+                converged_timeout: Some(5),
+                noop: true,
+                builds,
+            }
+        );
+        // It survives the trip down the link unchanged.
+        let json = serde_json::to_string(&node).expect("json");
+        assert_eq!(
+            serde_json::from_str::<NodeConfig>(&json).expect("parse"),
+            node
+        );
+    }
+
+    #[test]
+    fn a_long_connect_timeout_lengthens_the_hello_wait() {
+        let options = RunOptions {
+            connect_timeout: Duration::from_secs(30),
+            ..RunOptions::default()
+        };
+        assert_eq!(options.node_config(1, Vec::new()).hello_timeout, 60);
+    }
+}
