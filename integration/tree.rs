@@ -43,6 +43,34 @@ fn main() -> std::process::ExitCode {
             ctrl_c_tears_down_every_depth,
         ),
         (
+            "sigterm_tears_down_every_depth_with_the_summary_and_exit_143",
+            sigterm_tears_down_every_depth_with_the_summary_and_exit_143,
+        ),
+        (
+            "ctrl_c_during_staging_leaves_no_working_dir_or_partial_cache_file",
+            ctrl_c_during_staging_leaves_no_working_dir_or_partial_cache_file,
+        ),
+        (
+            "a_leaf_of_another_platform_gets_its_build_once_through_its_relay",
+            a_leaf_of_another_platform_gets_its_build_once_through_its_relay,
+        ),
+        (
+            "a_child_that_never_says_hello_fails_after_the_hello_timeout_and_is_stopped",
+            a_child_that_never_says_hello_fails_after_the_hello_timeout_and_is_stopped,
+        ),
+        (
+            "connect_timeout_applies_at_depth_2",
+            connect_timeout_applies_at_depth_2,
+        ),
+        (
+            "remote_tmp_and_verbosity_apply_at_depth_2",
+            remote_tmp_and_verbosity_apply_at_depth_2,
+        ),
+        (
+            "live_edits_reach_a_depth_2_leaf_saved_in_place_and_by_rename",
+            live_edits_reach_a_depth_2_leaf_saved_in_place_and_by_rename,
+        ),
+        (
             "a_killed_relay_fails_its_subtree_and_the_rest_converges",
             a_killed_relay_fails_its_subtree_and_the_rest_converges,
         ),
@@ -394,7 +422,52 @@ fn start(lab: &Lab, topo: &Topo, extra: &[&str]) -> (Running, mpsc::Receiver<Str
     (Running(child), rx)
 }
 
+/// [`start`], with stderr's lines (the initiator's log) in the same channel as stdout's.
+fn start_logging(lab: &Lab, topo: &Topo, extra: &[&str]) -> (Running, mpsc::Receiver<String>) {
+    let mut args = vec![
+        "--topology",
+        topo.path.to_str().unwrap_or_default(),
+        "--tmp-prefix",
+    ];
+    args.extend_from_slice(extra);
+    let mut child = arbor_command(lab, &lab.home(), &args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start arbor");
+    let out = lines_of(child.stdout.take().expect("stdout"));
+    let err = child.stderr.take().expect("stderr");
+    let (tx, rx) = mpsc::channel();
+    let tx2 = tx.clone();
+    std::thread::spawn(move || {
+        for line in out {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+            if tx2.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (Running(child), rx)
+}
+
 fn ctrl_c_tears_down_every_depth(lab: &Lab) -> TestResult {
+    signal_tears_down_every_depth(lab, libc::SIGINT, 130)
+}
+
+fn sigterm_tears_down_every_depth_with_the_summary_and_exit_143(lab: &Lab) -> TestResult {
+    signal_tears_down_every_depth(lab, libc::SIGTERM, 143)
+}
+
+/// Runs the two-relay tree until every leaf converged, sends `signal`, and checks the exit
+/// code, the summary and that nothing is left on any host.
+fn signal_tears_down_every_depth(lab: &Lab, signal: i32, code: i32) -> TestResult {
     clean(lab, false);
     let topo = topology(TWO_RELAYS);
     let (mut running, rx) = start(lab, &topo, &[]);
@@ -410,28 +483,26 @@ fn ctrl_c_tears_down_every_depth(lab: &Lab) -> TestResult {
         check!(n.trim() != "0", "{h}: no arbor running during the run");
     }
     let started = Instant::now();
-    unsafe {
-        libc::kill(running.0.id() as i32, libc::SIGINT);
-    }
-    let status = loop {
-        if let Some(s) = running.0.try_wait().map_err(fail)? {
-            break s;
-        }
-        check!(
-            started.elapsed() < Duration::from_secs(15),
-            "no exit after ^C"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = stop_with(&mut running, signal)?;
     let took = started.elapsed();
     check!(
-        status.code() == Some(130),
-        "exit {:?} after ^C",
+        status.code() == Some(code),
+        "exit {:?} after signal {signal}, want {code}",
         status.code()
     );
     check!(
         took < Duration::from_secs(6),
         "took {took:?} to stop the tree"
+    );
+    let rest: Vec<String> = rx.try_iter().collect();
+    check!(
+        rest.iter()
+            .any(|l| l.starts_with("HOST") && l.contains("RESULT"))
+            && rest
+                .iter()
+                .any(|l| l.starts_with("r1 ") && l.contains(" ok ")),
+        "no summary after signal {signal}:\n{}",
+        rest.join("\n")
     );
     for h in HOSTS {
         let left = leftovers(lab, h);
@@ -440,6 +511,365 @@ fn ctrl_c_tears_down_every_depth(lab: &Lab) -> TestResult {
             "{h} has leftovers right after exit: {left}"
         );
     }
+    Ok(())
+}
+
+/// Sends `signal` to a running arbor and waits (at most 15 s) for its exit.
+fn stop_with(
+    running: &mut Running,
+    signal: i32,
+) -> Result<std::process::ExitStatus, libtest_mimic::Failed> {
+    let started = Instant::now();
+    // `ip netns exec` execs arbor, so the child's pid is arbor's.
+    unsafe {
+        libc::kill(running.0.id() as i32, signal);
+    }
+    loop {
+        if let Some(s) = running.0.try_wait().map_err(fail)? {
+            return Ok(s);
+        }
+        check!(
+            started.elapsed() < Duration::from_secs(15),
+            "no exit within 15 s of signal {signal}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Undoes a change to a lab host (or `init`) however the test ends.
+struct Undo<'a> {
+    lab: &'a Lab,
+    host: &'a str,
+    shell: String,
+}
+
+impl Drop for Undo<'_> {
+    fn drop(&mut self) {
+        let _ = self.lab.exec(self.host, &self.shell);
+    }
+}
+
+fn ctrl_c_during_staging_leaves_no_working_dir_or_partial_cache_file(lab: &Lab) -> TestResult {
+    clean(lab, true);
+    // A thin link, so ^C lands while the relays' copies of arbor are in flight.
+    let dev = lab.get("LAB_INIT_IF").to_string();
+    lab.sh(
+        "init",
+        &format!("tc qdisc replace dev {dev} root tbf rate 20mbit burst 64kb latency 500ms"),
+    );
+    let _unshape = Undo {
+        lab,
+        host: "init",
+        shell: format!("tc qdisc del dev {dev} root"),
+    };
+    let topo = topology(TWO_RELAYS);
+    let (mut running, rx) = start(lab, &topo, &[]);
+    wait_lines(
+        &rx,
+        &["r1: copy".to_string(), "r2: copy".to_string()],
+        Duration::from_secs(30),
+    )?;
+    std::thread::sleep(Duration::from_millis(1500));
+    for r in ["r1", "r2"] {
+        let partial = lab.sh(
+            r,
+            "find /root/.cache/arbor -name '.arbor.arbor-*' 2>/dev/null || true",
+        );
+        check!(
+            !partial.trim().is_empty(),
+            "{r}: no copy in flight when ^C was sent"
+        );
+    }
+    let status = stop_with(&mut running, libc::SIGINT)?;
+    check!(
+        status.code() == Some(130),
+        "exit {:?} after ^C",
+        status.code()
+    );
+    for r in ["r1", "r2"] {
+        let left = lab.sh(
+            r,
+            "ls -d /tmp/arbor.* 2>/dev/null; find /root/.cache/arbor -name '.*arbor-*' 2>/dev/null; \
+             ls /root/.cache/arbor/bin/*/arbor 2>/dev/null; pgrep -x -a arbor; true",
+        );
+        check!(
+            left.trim().is_empty(),
+            "{r} holds a working dir, a partial or unfinished cache entry, or a process after ^C \
+             during staging:\n{left}"
+        );
+    }
+    Ok(())
+}
+
+/// Makes `host` report `platform` to `uname -sm` (through a login PATH from
+/// ~/.ssh/environment) until dropped.
+fn pretend_platform<'a>(lab: &'a Lab, host: &'a str, platform: &str) -> Undo<'a> {
+    lab.sh(
+        host,
+        &format!(
+            "mkdir -p /root/shim /root/.ssh && \
+             printf '#!/bin/sh\\nif [ \"$*\" = -sm ]; then echo \"{platform}\"; else exec /usr/bin/uname \"$@\"; fi\\n' \
+               > /root/shim/uname && chmod 755 /root/shim/uname && \
+             echo PATH=/root/shim:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+               > /root/.ssh/environment"
+        ),
+    );
+    Undo {
+        lab,
+        host,
+        shell: "rm -rf /root/shim /root/.ssh/environment".into(),
+    }
+}
+
+/// The sha256 directories in a host's binary cache.
+fn cached_builds(lab: &Lab, host: &str) -> Vec<String> {
+    let out = lab.sh(host, "ls /root/.cache/arbor/bin 2>/dev/null || true");
+    let mut v: Vec<String> = out.split_whitespace().map(str::to_string).collect();
+    v.sort();
+    v
+}
+
+fn sha256_of(path: &Path) -> Result<String, libtest_mimic::Failed> {
+    let out = Command::new("sha256sum").arg(path).output().map_err(fail)?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string())
+}
+
+fn a_leaf_of_another_platform_gets_its_build_once_through_its_relay(lab: &Lab) -> TestResult {
+    clean(lab, true);
+    let _shim = pretend_platform(lab, "l1-1", "Linux aarch64");
+    let topo = topology(TWO_RELAYS);
+
+    // Without a build for it, only that leaf fails, naming its platform and the flag.
+    let out = run(lab, &topo, &["--converged-timeout", "2"]);
+    let log = exited(&out, 1)?;
+    check!(
+        log.lines().any(|l| l.contains("r1/l1-1: FAILED")
+            && l.contains("Linux aarch64")
+            && l.contains("--binary")),
+        "no failure naming the platform and --binary\n{log}"
+    );
+    let got = collected(lab, "l2-3");
+    check!(
+        got == expect_collected(&["l1-2", "l1-3", "l2-1", "l2-2", "l2-3"]),
+        "the other leaves did not converge: l2-3 collected\n{got}\n{log}"
+    );
+
+    // A second build: the same program with other bytes (so another sha256).
+    let dir = tempfile::tempdir().map_err(fail)?;
+    let other = dir.path().join("arbor-aarch64");
+    let mut bytes = std::fs::read(ARBOR).map_err(fail)?;
+    bytes.extend_from_slice(b"\narbor test build for aarch64\n");
+    std::fs::write(&other, &bytes).map_err(fail)?;
+    let (own_sha, other_sha) = (sha256_of(Path::new(ARBOR))?, sha256_of(&other)?);
+    clean(lab, true);
+    let (tx0, _) = lab.init_link_bytes();
+    let flag = format!("aarch64={}", other.display());
+    let out = run(lab, &topo, &["--converged-timeout", "2", "--binary", &flag]);
+    let (tx1, _) = lab.init_link_bytes();
+    let log = exchanged(lab, &out)?;
+    check!(
+        cached_builds(lab, "l1-1") == vec![other_sha.clone()],
+        "l1-1 caches {:?}, want only the aarch64 build {other_sha}\n{log}",
+        cached_builds(lab, "l1-1")
+    );
+    let mut both = vec![own_sha.clone(), other_sha.clone()];
+    both.sort();
+    check!(
+        cached_builds(lab, "r1") == both,
+        "r1 caches {:?}, want its own and the aarch64 build",
+        cached_builds(lab, "r1")
+    );
+    for h in ["r2", "l1-2", "l2-1"] {
+        check!(
+            cached_builds(lab, h) == vec![own_sha.clone()],
+            "{h} caches {:?}, want only {own_sha}",
+            cached_builds(lab, h)
+        );
+    }
+    // Each relay's binary, and the aarch64 build once (to r1 only).
+    let binary = bytes.len() as u64;
+    let budget = 3 * binary + binary / 10;
+    check!(
+        tx1 - tx0 <= budget,
+        "{} bytes left the initiator, more than 3 builds + 10% ({budget})",
+        tx1 - tx0
+    );
+    Ok(())
+}
+
+fn a_child_that_never_says_hello_fails_after_the_hello_timeout_and_is_stopped(
+    lab: &Lab,
+) -> TestResult {
+    clean(lab, false);
+    let _shim = pretend_platform(lab, "l1-1", "Linux aarch64");
+    let dir = tempfile::tempdir().map_err(fail)?;
+    let silent = dir.path().join("silent");
+    std::fs::write(&silent, "#!/bin/sh\nwhile :; do sleep 1; done\n").map_err(fail)?;
+    let topo = topology(
+        "defaults:\n  user: root\nhosts:\n- host: 10.199.0.11\n  name: r1\n  children:\n  - host: 10.199.1.11\n    name: l1-1\n    graph: {leaf}\n",
+    );
+    let flag = format!("aarch64={}", silent.display());
+    let started = Instant::now();
+    let out = run(
+        lab,
+        &topo,
+        &[
+            "--converged-timeout",
+            "1",
+            "--connect-timeout",
+            "2",
+            "--binary",
+            &flag,
+        ],
+    );
+    let log = exited(&out, 1)?;
+    check!(
+        log.lines()
+            .any(|l| l.contains("r1/l1-1: FAILED") && l.contains("did not answer within 10s")),
+        "no hello-timeout failure for l1-1\n{log}"
+    );
+    check!(
+        started.elapsed() < Duration::from_secs(40),
+        "the run took {:?}",
+        started.elapsed()
+    );
+    let left = lab.sh(
+        "l1-1",
+        "pgrep -f -a -- '--workdir /tmp/arbor' ; ls -d /tmp/arbor.* 2>/dev/null; true",
+    );
+    check!(
+        left.trim().is_empty(),
+        "l1-1 keeps the silent build or its working dir:\n{left}"
+    );
+    Ok(())
+}
+
+fn connect_timeout_applies_at_depth_2(lab: &Lab) -> TestResult {
+    clean(lab, false);
+    // An address on r1's rack that no host owns, with a permanent neighbour entry: SYNs to
+    // it vanish, so only the connect timeout ends the attempt.
+    lab.sh(
+        "r1",
+        "ip neigh replace 10.199.1.99 lladdr 02:00:00:00:01:99 dev rack0 nud permanent",
+    );
+    let _undo = Undo {
+        lab,
+        host: "r1",
+        shell: "ip neigh del 10.199.1.99 dev rack0".into(),
+    };
+    let topo = topology(
+        "defaults:\n  user: root\nhosts:\n- host: 10.199.0.11\n  name: r1\n  children:\n  - host: 10.199.1.11\n    name: l1-1\n    graph: {leaf}\n  - host: 10.199.1.99\n    name: ghost\n    graph: {leaf}\n",
+    );
+    let out = run(
+        lab,
+        &topo,
+        &["--converged-timeout", "1", "--connect-timeout", "2"],
+    );
+    let log = exited(&out, 1)?;
+    check!(
+        log.lines()
+            .any(|l| l.contains("r1/ghost: FAILED") && l.contains("timed out after 2s")),
+        "the leaf behind r1 did not time out after 2 s\n{log}"
+    );
+    Ok(())
+}
+
+fn remote_tmp_and_verbosity_apply_at_depth_2(lab: &Lab) -> TestResult {
+    clean(lab, false);
+    lab.sh("l1-1", "rm -rf /var/tmp/arbor.*");
+    let topo = topology(
+        "defaults:\n  user: root\nhosts:\n- host: 10.199.0.11\n  name: r1\n  children:\n  - host: 10.199.1.11\n    name: l1-1\n    graph: {leaf}\n",
+    );
+    let (mut running, rx) = start(lab, &topo, &["--remote-tmp", "/var/tmp", "-v"]);
+    let seen = wait_lines(
+        &rx,
+        &["r1/l1-1: converged".to_string()],
+        Duration::from_secs(60),
+    )?;
+    check!(
+        seen.iter()
+            .any(|l| l.starts_with("r1/l1-1 | ") && l.contains("node at depth 2 starting")),
+        "no debug line from the leaf under -v:\n{}",
+        seen.join("\n")
+    );
+    let dirs = lab.sh(
+        "l1-1",
+        "ls -d /var/tmp/arbor.* /tmp/arbor.* 2>/dev/null; true",
+    );
+    check!(
+        dirs.trim().starts_with("/var/tmp/arbor.") && !dirs.contains("\n/tmp/arbor."),
+        "l1-1's working dir is not under --remote-tmp /var/tmp: {dirs}"
+    );
+    let status = stop_with(&mut running, libc::SIGINT)?;
+    check!(status.code() == Some(130), "exit {:?}", status.code());
+    let left = lab.sh("l1-1", "ls -d /var/tmp/arbor.* 2>/dev/null; true");
+    check!(left.trim().is_empty(), "l1-1 keeps {left}");
+    Ok(())
+}
+
+fn live_edits_reach_a_depth_2_leaf_saved_in_place_and_by_rename(lab: &Lab) -> TestResult {
+    clean(lab, false);
+    lab.sh("l1-1", "rm -f /tmp/edited-*");
+    let dir = tempfile::tempdir().map_err(fail)?;
+    let graph = dir.path().join("edit.yaml");
+    let version = |content: &str| {
+        format!(
+            "graph: edit\nresources:\n  file:\n  - name: edited\n    path: \"/tmp/edited-{{{{hostname}}}}\"\n    content: \"{content}\\n\"\n    state: exists\nedges: []\n"
+        )
+    };
+    std::fs::write(&graph, version("v1")).map_err(fail)?;
+    let topo = topology(&format!(
+        "defaults:\n  user: root\nhosts:\n- host: 10.199.0.11\n  name: r1\n  children:\n  - host: 10.199.1.11\n    name: l1-1\n    graph: {}\n",
+        graph.display()
+    ));
+    let (mut running, rx) = start_logging(lab, &topo, &[]);
+    wait_lines(
+        &rx,
+        &["r1/l1-1: converged".to_string()],
+        Duration::from_secs(60),
+    )?;
+    let content = || lab.sh("l1-1", "cat /tmp/edited-l1-1 2>/dev/null; true");
+    let wait_content = |want: &str| -> TestResult {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if content() == format!("{want}\n") {
+                return Ok(());
+            }
+            check!(
+                Instant::now() < deadline,
+                "l1-1 never got {want:?}; it has {:?}",
+                content()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_content("v1")?;
+    // Saved in place.
+    std::fs::write(&graph, version("v2")).map_err(fail)?;
+    wait_content("v2")?;
+    // Saved by rename, as editors do.
+    let temp = dir.path().join(".edit.yaml.swp");
+    std::fs::write(&temp, version("v3")).map_err(fail)?;
+    std::fs::rename(&temp, &graph).map_err(fail)?;
+    wait_content("v3")?;
+    // A bad edit is reported with file:line:col, and the leaf keeps its graph.
+    std::fs::write(&graph, "graph: edit\nbogus: 1\n").map_err(fail)?;
+    let at = format!("{}:2:", graph.display());
+    wait_lines(&rx, std::slice::from_ref(&at), Duration::from_secs(10))?;
+    std::thread::sleep(Duration::from_millis(300));
+    check!(
+        content() == "v3\n",
+        "a bad edit changed l1-1: {:?}",
+        content()
+    );
+    std::fs::write(&graph, version("v4")).map_err(fail)?;
+    wait_content("v4")?;
+    let status = stop_with(&mut running, libc::SIGINT)?;
+    check!(status.code() == Some(130), "exit {:?}", status.code());
     Ok(())
 }
 

@@ -22,6 +22,20 @@ pub fn run_with_lab(
     if one_at_a_time {
         args.test_threads = Some(1);
     }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        // The no-root tier: `cargo test` as a normal user runs the unit, store and CLI tests.
+        eprintln!(
+            "{prefix}: skipping {} lab tests: the lab needs root (network namespaces, sshd); \
+             run integration/test as root for everything",
+            tests.len()
+        );
+        let trials = tests
+            .into_iter()
+            .map(|(name, _)| Trial::test(name, || Ok(())).with_ignored_flag(true))
+            .collect();
+        return libtest_mimic::run(&args, trials).exit_code();
+    }
     let lab = Arc::new(Lab::up(prefix, lab_args));
     let trials = tests
         .into_iter()

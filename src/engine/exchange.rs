@@ -17,8 +17,8 @@
 //!   loses its exports and flag when the lease expires; one that exits calls
 //!   [`Exchange::withdraw`] (revoke) so they vanish at once. A host that restarts re-publishes.
 //!
-//! [`MemoryExchange`] implements this in process, for the engine's unit tests (and, until the
-//! embedded store lands on this branch, for the local runner).
+//! [`MemoryExchange`] implements this in process, for the engine's unit tests; every run uses
+//! the store (`store_exchange.rs`).
 
 use crate::engine::resources::{Kind, ResourceSpec};
 use futures::future::BoxFuture;
