@@ -67,6 +67,10 @@ fn main() -> std::process::ExitCode {
             remote_tmp_and_verbosity_apply_at_depth_2,
         ),
         (
+            "no_caching_and_noop_apply_at_depth_2",
+            no_caching_and_noop_apply_at_depth_2,
+        ),
+        (
             "live_edits_reach_a_depth_2_leaf_saved_in_place_and_by_rename",
             live_edits_reach_a_depth_2_leaf_saved_in_place_and_by_rename,
         ),
@@ -739,7 +743,7 @@ fn a_child_that_never_says_hello_fails_after_the_hello_timeout_and_is_stopped(
     );
     let left = lab.sh(
         "l1-1",
-        "pgrep -f -a -- '--workdir /tmp/arbor' ; ls -d /tmp/arbor.* 2>/dev/null; true",
+        "pgrep -f -a -- '--workdir /tmp/arbor[.]' ; ls -d /tmp/arbor.* 2>/dev/null; true",
     );
     check!(
         left.trim().is_empty(),
@@ -809,6 +813,30 @@ fn remote_tmp_and_verbosity_apply_at_depth_2(lab: &Lab) -> TestResult {
     let left = lab.sh("l1-1", "ls -d /var/tmp/arbor.* 2>/dev/null; true");
     check!(left.trim().is_empty(), "l1-1 keeps {left}");
     Ok(())
+}
+
+fn no_caching_and_noop_apply_at_depth_2(lab: &Lab) -> TestResult {
+    clean(lab, true);
+    let topo = topology(TWO_RELAYS);
+    let out = run(
+        lab,
+        &topo,
+        &["--converged-timeout", "1", "--no-caching", "--noop"],
+    );
+    let log = exited(&out, 0)?;
+    for h in HOSTS {
+        let cached = cached_builds(lab, h);
+        check!(
+            cached.is_empty(),
+            "{h} kept {cached:?} in its cache under --no-caching\n{log}"
+        );
+        let made = lab.sh(h, "ls /tmp/from-* 2>/dev/null; true");
+        check!(
+            made.trim().is_empty(),
+            "{h} changed files under --noop: {made}\n{log}"
+        );
+    }
+    check_no_leftovers(lab, &HOSTS)
 }
 
 fn live_edits_reach_a_depth_2_leaf_saved_in_place_and_by_rename(lab: &Lab) -> TestResult {

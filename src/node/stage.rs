@@ -103,12 +103,13 @@ struct Probed {
 }
 
 /// The one-round-trip probe: platform, a fresh private working dir, the cache entry of
-/// `build` (made ready for a copy when `make_dir`), and gzip.
-fn probe_command(build: &Build, remote_tmp: &str, make_dir: bool) -> String {
+/// `build` (made ready for a copy when `make_dir`), and gzip. `undo` runs first, with `$c`
+/// the cache: what an earlier probe made for another build.
+fn probe_command(build: &Build, remote_tmp: &str, make_dir: bool, undo: &str) -> String {
     format!(
         "set -e; umask 077; uname -sm; \
-         w=$(mktemp -d {tmp}/arbor.XXXXXXXXXX); echo \"$w\"; \
-         c=\"${{XDG_CACHE_HOME:-$HOME/.cache}}/arbor/bin\"; echo \"$c\"; \
+         c=\"${{XDG_CACHE_HOME:-$HOME/.cache}}/arbor/bin\"; {undo} \
+         w=$(mktemp -d {tmp}/arbor.XXXXXXXXXX); echo \"$w\"; echo \"$c\"; \
          f=\"$c\"/{sha}/arbor; \
          if [ -f \"$f\" ] && [ \"$(wc -c < \"$f\")\" -eq {size} ] && \
             sha256sum \"$f\" | grep -q '^{sha} '; then echo cached; \
@@ -123,6 +124,25 @@ fn probe_command(build: &Build, remote_tmp: &str, make_dir: bool) -> String {
             String::new()
         },
     )
+}
+
+/// Shell that removes what a probe made that is not needed after all: its working dir, and
+/// the cache entry dir it made ready for `build` if nothing was put in it (`$c`: the cache).
+fn undo_probe(probed: &Probed, build: &Build) -> String {
+    format!(
+        "rm -rf -- {w}; rmdir \"$c\"/{sha} 2>/dev/null || true;",
+        w = shell_quote(&probed.workdir),
+        sha = build.sha256
+    )
+}
+
+/// Runs `undo_probe`'s shell on its own.
+async fn undo(session: &Session, undo: &str) {
+    let _ = session
+        .run_checked(&format!(
+            "c=\"${{XDG_CACHE_HOME:-$HOME/.cache}}/arbor/bin\"; {undo}"
+        ))
+        .await;
 }
 
 fn parse_probe(out: &[u8]) -> Option<Probed> {
@@ -154,14 +174,9 @@ pub async fn stage(
         host: host.clone(),
         what,
     };
-    let probe = async |build: &Build| -> Result<Probed, StageError> {
-        let out = session
-            .run_checked(&probe_command(
-                build,
-                &options.remote_tmp,
-                !options.no_caching,
-            ))
-            .await?;
+    let probe = async |build: &Build, undo: &str| -> Result<Probed, StageError> {
+        let command = probe_command(build, &options.remote_tmp, !options.no_caching, undo);
+        let out = session.run_checked(&command).await?;
         parse_probe(&out).ok_or_else(|| {
             other(format!(
                 "unexpected probe output: {:?}",
@@ -177,27 +192,29 @@ pub async fn stage(
     let expected = builds
         .preferred()
         .ok_or_else(|| other("no build of arbor to copy".into()))?;
-    let mut probed = probe(&expected).await?;
+    let mut probed = probe(&expected, "").await?;
+    let made = undo_probe(&probed, &expected);
     let found = match builds.for_platform(&probed.platform).await {
         Ok(found) => found,
         Err(e) => {
-            let _ = remove_workdir(session, &probed.workdir).await;
+            undo(session, &made).await;
             return Err(other(format!("build for {}: {e}", probed.platform)));
         }
     };
     let build = match found {
         Some(b) if b.sha256 == expected.sha256 => b,
-        other_build => {
-            let _ = remove_workdir(session, &probed.workdir).await;
-            let Some(b) = other_build else {
-                return Err(StageError::Platform {
-                    host: host.clone(),
-                    platform: probed.platform,
-                    available: builds.platforms().join(", "),
-                });
-            };
-            probed = probe(&b).await?;
+        Some(b) => {
+            // Another platform: the second probe first undoes what the first made.
+            probed = probe(&b, &made).await?;
             b
+        }
+        None => {
+            undo(session, &made).await;
+            return Err(StageError::Platform {
+                host: host.clone(),
+                platform: probed.platform,
+                available: builds.platforms().join(", "),
+            });
         }
     };
     let copied = copy_in(

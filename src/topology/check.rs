@@ -10,11 +10,11 @@ pub fn run(path: &Path) -> u8 {
     match super::load(path) {
         Ok(topology) => {
             print!("{}", render(&topology, path));
-            0
+            crate::exit::OK
         }
         Err(e) => {
             eprintln!("arbor: {e}");
-            2
+            crate::exit::BAD_INPUT
         }
     }
 }
