@@ -411,23 +411,20 @@ fn a_topology_without_graphs_ends_once_every_host_runs(lab: &Lab) -> TestResult 
 }
 
 fn start(lab: &Lab, topo: &Topo, extra: &[&str]) -> (Running, mpsc::Receiver<String>) {
-    let mut args = vec![
-        "--topology",
-        topo.path.to_str().unwrap_or_default(),
-        "--tmp-prefix",
-    ];
-    args.extend_from_slice(extra);
-    let mut child = arbor_command(lab, &lab.home(), &args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start arbor");
-    let rx = lines_of(child.stdout.take().expect("stdout"));
-    (Running(child), rx)
+    start_with(lab, topo, extra, false)
 }
 
 /// [`start`], with stderr's lines (the initiator's log) in the same channel as stdout's.
 fn start_logging(lab: &Lab, topo: &Topo, extra: &[&str]) -> (Running, mpsc::Receiver<String>) {
+    start_with(lab, topo, extra, true)
+}
+
+fn start_with(
+    lab: &Lab,
+    topo: &Topo,
+    extra: &[&str],
+    with_stderr: bool,
+) -> (Running, mpsc::Receiver<String>) {
     let mut args = vec![
         "--topology",
         topo.path.to_str().unwrap_or_default(),
@@ -436,15 +433,21 @@ fn start_logging(lab: &Lab, topo: &Topo, extra: &[&str]) -> (Running, mpsc::Rece
     args.extend_from_slice(extra);
     let mut child = arbor_command(lab, &lab.home(), &args)
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(if with_stderr {
+            Stdio::piped()
+        } else {
+            Stdio::inherit()
+        })
         .spawn()
         .expect("start arbor");
-    let out = lines_of(child.stdout.take().expect("stdout"));
-    let err = child.stderr.take().expect("stderr");
-    let (tx, rx) = mpsc::channel();
+    let rx = lines_of(child.stdout.take().expect("stdout"));
+    let Some(err) = child.stderr.take() else {
+        return (Running(child), rx);
+    };
+    let (tx, merged) = mpsc::channel();
     let tx2 = tx.clone();
     std::thread::spawn(move || {
-        for line in out {
+        for line in rx {
             if tx.send(line).is_err() {
                 break;
             }
@@ -458,7 +461,7 @@ fn start_logging(lab: &Lab, topo: &Topo, extra: &[&str]) -> (Running, mpsc::Rece
             }
         }
     });
-    (Running(child), rx)
+    (Running(child), merged)
 }
 
 fn ctrl_c_tears_down_every_depth(lab: &Lab) -> TestResult {

@@ -167,30 +167,9 @@ fn live_edit(lab: &Lab) -> String {
     }
     std::thread::sleep(Duration::from_secs(2));
     let original = std::fs::read_to_string(&a).expect("graph");
-    let mut samples = Vec::new();
-    for i in 0..7 {
-        let marker = format!("edit number {i}");
-        // A busy-waiting watcher on the host, started before the edit.
-        let mut watcher = Command::new(support::repo_root().join("integration/lab"))
-            .args(["exec", "--name", &lab.name, "r1", "sh", "-c"])
-            .arg(format!(
-                "while ! grep -q '{marker}' /tmp/file1a 2>/dev/null; do :; done"
-            ))
-            .spawn()
-            .expect("watcher");
-        std::thread::sleep(Duration::from_millis(300));
-        let tmp = dir.path().join(".edit.swp");
-        std::fs::write(
-            &tmp,
-            original.replace("i am file1a", &format!("i am file1a, {marker}")),
-        )
-        .expect("write edit");
-        let saved = Instant::now();
-        std::fs::rename(&tmp, &a).expect("save edit");
-        watcher.wait().expect("watcher");
-        samples.push(saved.elapsed().as_secs_f64() * 1000.0);
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    let samples = edit_latencies(lab, "r1", "/tmp/file1a", &a, &|marker| {
+        original.replace("i am file1a", &format!("i am file1a, {marker}"))
+    });
     unsafe {
         libc::kill(child.id() as i32, libc::SIGINT);
     }
@@ -255,25 +234,7 @@ fn live_edit_at_depth_2(lab: &Lab) -> String {
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_secs(2));
-    let mut samples = Vec::new();
-    for i in 0..7 {
-        let marker = format!("edit number {i}");
-        let mut watcher = Command::new(support::repo_root().join("integration/lab"))
-            .args(["exec", "--name", &lab.name, "l1-1", "sh", "-c"])
-            .arg(format!(
-                "while ! grep -q '{marker}' /tmp/edited 2>/dev/null; do :; done"
-            ))
-            .spawn()
-            .expect("watcher");
-        std::thread::sleep(Duration::from_millis(300));
-        let tmp = dir.path().join(".edit.swp");
-        std::fs::write(&tmp, version(&marker)).expect("write edit");
-        let saved = Instant::now();
-        std::fs::rename(&tmp, &graph).expect("save edit");
-        watcher.wait().expect("watcher");
-        samples.push(saved.elapsed().as_secs_f64() * 1000.0);
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    let samples = edit_latencies(lab, "l1-1", "/tmp/edited", &graph, &version);
     unsafe {
         libc::kill(child.id() as i32, libc::SIGINT);
     }
@@ -292,6 +253,38 @@ fn live_edit_at_depth_2(lab: &Lab) -> String {
         sorted[0],
         sorted[sorted.len() - 1]
     )
+}
+
+/// Seven edits of `graph`, each saved by rename with `edit(marker)`'s text: milliseconds from
+/// the save until `file` on `host` holds the marker, as seen by a process busy-waiting there
+/// (started before the edit, so its own start-up is excluded).
+fn edit_latencies(
+    lab: &Lab,
+    host: &str,
+    file: &str,
+    graph: &Path,
+    edit: &dyn Fn(&str) -> String,
+) -> Vec<f64> {
+    let mut samples = Vec::new();
+    for i in 0..7 {
+        let marker = format!("edit number {i}");
+        let mut watcher = Command::new(support::repo_root().join("integration/lab"))
+            .args(["exec", "--name", &lab.name, host, "sh", "-c"])
+            .arg(format!(
+                "while ! grep -q '{marker}' {file} 2>/dev/null; do :; done"
+            ))
+            .spawn()
+            .expect("watcher");
+        std::thread::sleep(Duration::from_millis(300));
+        let tmp = graph.with_file_name(".edit.swp");
+        std::fs::write(&tmp, edit(&marker)).expect("write edit");
+        let saved = Instant::now();
+        std::fs::rename(&tmp, graph).expect("save edit");
+        watcher.wait().expect("watcher");
+        samples.push(saved.elapsed().as_secs_f64() * 1000.0);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    samples
 }
 
 fn fan_out(lab: &Lab) -> String {

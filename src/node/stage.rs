@@ -88,6 +88,14 @@ pub enum StageError {
     Stopped { host: String },
 }
 
+/// Makes `StageError::Other` for `host`.
+fn other_error(host: &str) -> impl Fn(String) -> StageError + '_ {
+    move |what| StageError::Other {
+        host: host.to_string(),
+        what,
+    }
+}
+
 /// Progress of one transfer: what, bytes sent, total.
 pub type Progress<'a> = &'a mut (dyn FnMut(&str, u64, u64) + Send);
 
@@ -170,10 +178,7 @@ pub async fn stage(
     cancel: &CancellationToken,
 ) -> Result<Staged, StageError> {
     let host = session.label().to_string();
-    let other = |what: String| StageError::Other {
-        host: host.clone(),
-        what,
-    };
+    let other = other_error(&host);
     let probe = async |build: &Build, undo: &str| -> Result<Probed, StageError> {
         let command = probe_command(build, &options.remote_tmp, !options.no_caching, undo);
         let out = session.run_checked(&command).await?;
@@ -227,7 +232,7 @@ pub async fn stage(
             let _ = remove_workdir(session, &probed.workdir).await;
             match result {
                 Err(e) if !cancel.is_cancelled() => Err(e),
-                _ => Err(StageError::Stopped { host }),
+                _ => Err(StageError::Stopped { host: host.clone() }),
             }
         }
     }
@@ -246,10 +251,7 @@ async fn copy_in(
     cancel: &CancellationToken,
 ) -> Result<Staged, StageError> {
     let host = session.label().to_string();
-    let other = |what: String| StageError::Other {
-        host: host.clone(),
-        what,
-    };
+    let other = other_error(&host);
     let (workdir, cache) = (&probed.workdir, &probed.cache);
     let cached = probed.cached && !options.no_caching;
     let sftp = session.sftp().await?;
