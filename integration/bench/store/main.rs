@@ -182,6 +182,30 @@ async fn snapshot(server: &Server) -> (f64, usize) {
     (t.elapsed().as_secs_f64() * 1e3, bytes)
 }
 
+/// `ARBOR_BENCH_ONLY=snapshot`: the snapshot row alone, printed, not written (for work on it).
+async fn snapshots_only() {
+    for kind in [Kind::Embedded, Kind::Etcd] {
+        let s = start(kind).await;
+        load(&s, "mem/", MEMORY_KEYS).await;
+        let mut times = Vec::new();
+        let mut size = 0;
+        for _ in 0..7 {
+            let (ms, bytes) = snapshot(&s).await;
+            times.push(ms);
+            size = bytes;
+        }
+        let label = if kind == Kind::Embedded {
+            "embedded"
+        } else {
+            "etcd"
+        };
+        eprintln!(
+            "{label}: {size} bytes, {times:.1?} ms, median {:.1} ms",
+            median(times.clone())
+        );
+    }
+}
+
 /// Put throughput with a scraper fetching /metrics every 100 ms for as long as it runs.
 async fn scraped_put(server: &Server) -> (f64, usize) {
     let stop = tokio_util::sync::CancellationToken::new();
@@ -433,7 +457,11 @@ async fn main() {
             etcd: vec![],
         },
     ];
-    let only_metrics = std::env::var("ARBOR_BENCH_ONLY").is_ok_and(|v| v == "metrics");
+    let only = std::env::var("ARBOR_BENCH_ONLY").unwrap_or_default();
+    if only == "snapshot" {
+        return snapshots_only().await;
+    }
+    let only_metrics = only == "metrics";
     for run in 0..if only_metrics { 0 } else { RUNS } {
         for kind in [Kind::Embedded, Kind::Etcd] {
             let label = if kind == Kind::Embedded {
