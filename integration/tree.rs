@@ -664,6 +664,13 @@ fn a_leaf_of_another_platform_gets_its_build_once_through_its_relay(lab: &Lab) -
         got == expect_collected(&["l1-2", "l1-3", "l2-1", "l2-2", "l2-3"]),
         "the other leaves did not converge: l2-3 collected\n{got}\n{log}"
     );
+    // The refused leaf keeps nothing: no working dir, no cache entry made ready by the probe.
+    check!(
+        cached_builds(lab, "l1-1").is_empty(),
+        "l1-1 keeps cache entries {:?} after being refused",
+        cached_builds(lab, "l1-1")
+    );
+    check_no_leftovers(lab, &["l1-1"])?;
 
     // A second build: the same program with other bytes (so another sha256).
     let dir = tempfile::tempdir().map_err(fail)?;
