@@ -3,7 +3,10 @@
 
 use super::stage::Staged;
 use crate::ssh::{CommandLine, Connector, ExecOptions, ExitStatus, ForwardEnd, Output, Session};
-use crate::wire::{Down, Event, EventKind, FrameReader, FrameWriter, HostPath, Start, Up};
+use crate::wire::{
+    Down, Event, EventKind, FrameReader, FrameWriter, HostPath, MAX_LINE, MAX_UP_FRAME, Start, Up,
+};
+use std::collections::HashSet;
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
@@ -41,10 +44,33 @@ impl ChildLink {
     }
 }
 
+/// How many items wait in one child's queue at most. Each is a frame of at most
+/// [`MAX_UP_FRAME`] bytes or a stderr line of at most [`MAX_LINE`], so one child can make its
+/// parent hold at most 16 MiB; when the queue is full, reading from the child waits (and
+/// SSH flow control makes the child wait in turn).
+pub const CHILD_QUEUE: usize = 256;
+
+/// The paths, relative to a child, that the child may send events about: itself (the root
+/// path) and every host of its subtree (jump hosts included, as their children's events are
+/// tagged under them). Anything else is dropped: a child reports on its own subtree only.
+pub fn subtree_paths(children: &[crate::wire::ChildSpec]) -> HashSet<HostPath> {
+    fn walk(at: &HostPath, specs: &[crate::wire::ChildSpec], out: &mut HashSet<HostPath>) {
+        for c in specs {
+            let path = at.child(&c.name);
+            walk(&path, &c.children, out);
+            out.insert(path);
+        }
+    }
+    let mut out = HashSet::from([HostPath::root()]);
+    walk(&HostPath::root(), children, &mut out);
+    out
+}
+
 /// Opens the store tunnel, starts arbor on the child, exchanges hellos and sends `start`.
 /// Errors are whole sentences naming the host and the step (`l1-3: forward: …`).
 /// Events from the child arrive on the returned receiver, tagged with the child's path
-/// relative to this node (its name first), until a final [`FromChild::Exited`].
+/// relative to this node (its name first), until a final [`FromChild::Exited`]; events about
+/// hosts outside the child's subtree ([`subtree_paths`] of `start.children`) are dropped.
 pub async fn launch(
     session: &Session,
     me: HostPath,
@@ -81,7 +107,8 @@ pub async fn launch(
         .await
         .map_err(|e| e.to_string())?;
 
-    let (events_tx, events_rx) = mpsc::channel(1024);
+    let (events_tx, events_rx) = mpsc::channel(CHILD_QUEUE);
+    let allowed = subtree_paths(&start.children);
     let (frames_in, frames_out) = tokio::io::duplex(256 * 1024);
     let writer: Box<dyn tokio::io::AsyncWrite + Send + Unpin> = Box::new(command.stdin_writer());
     let mut control = ChildLink {
@@ -110,6 +137,11 @@ pub async fn launch(
                         let line: Vec<u8> = stderr_buf.drain(..=pos).collect();
                         send_stderr(&pump_tx, &pump_me, &line[..line.len() - 1]).await;
                     }
+                    // A line without an end is sent in pieces, never buffered past MAX_LINE.
+                    while stderr_buf.len() >= MAX_LINE {
+                        let line: Vec<u8> = stderr_buf.drain(..MAX_LINE).collect();
+                        send_stderr(&pump_tx, &pump_me, &line).await;
+                    }
                 }
                 Output::Exit(s) => status = s,
             }
@@ -129,7 +161,8 @@ pub async fn launch(
     // Read frames: the child's hello first, then events, re-tagged under this child's path.
     let (hello_tx, hello_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
-        let mut reader = FrameReader::new(frames_out);
+        let mut reader = FrameReader::with_limit(frames_out, MAX_UP_FRAME);
+        let mut refused = 0u64;
         let mut hello_tx = Some(hello_tx);
         loop {
             match reader.recv::<Up>().await {
@@ -139,6 +172,17 @@ pub async fn launch(
                     }
                 }
                 Ok(Some(Up::Event(mut event))) => {
+                    if !allowed.contains(&event.host) {
+                        refused += 1;
+                        if refused == 1 {
+                            tracing::warn!(
+                                "{me}: sent an event about {:?}, which is not in its subtree; \
+                                 dropping such events",
+                                event.host.to_string()
+                            );
+                        }
+                        continue;
+                    }
                     event.host = event.host.under(&me);
                     if events_tx.send(FromChild::Event(event)).await.is_err() {
                         break;

@@ -198,6 +198,17 @@ impl Fleet {
     }
 }
 
+/// The known_hosts names of every host in a subtree.
+fn subtree_names(children: &[ChildSpec]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack: Vec<&ChildSpec> = children.iter().collect();
+    while let Some(c) = stack.pop() {
+        out.push(ssh::known_hosts::host_key_name(&c.host, c.port));
+        stack.extend(&c.children);
+    }
+    out
+}
+
 fn graphs_used(spec: &ChildSpec) -> Vec<String> {
     let mut out: Vec<String> = spec.graph.iter().cloned().collect();
     for c in &spec.children {
@@ -471,10 +482,11 @@ async fn stage_child(
         graph: spec.graph.clone(),
         graphs: ctx.graphs_for(spec),
         children: spec.children.clone(),
+        // Only the lines its subtree needs: a relay learns nothing about other hosts.
         known_hosts: if spec.children.is_empty() {
             String::new()
         } else {
-            ctx.known_hosts.clone()
+            ssh::known_hosts::lines_naming(&ctx.known_hosts, &subtree_names(&spec.children))
         },
         config,
     };

@@ -29,7 +29,7 @@ use crate::store::{Store, StoreConfig};
 use crate::ui::{HostReport, Ui};
 use crate::wire::{ChildMode, ChildSpec, Event, EventKind, HostPath, HostState, NodeConfig};
 use futures::StreamExt;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -473,6 +473,8 @@ struct View {
     book: RunBook,
     /// accept-new: where host keys learned by relays are recorded.
     learn_into: Option<PathBuf>,
+    /// Which known_hosts names each relay may report keys for: the hosts it connects to.
+    learnable: HashMap<HostPath, HashSet<String>>,
     hostname: String,
     local_reported: Option<HostState>,
 }
@@ -480,7 +482,21 @@ struct View {
 impl View {
     fn event(&mut self, event: &Event) {
         if let (EventKind::KnownHost { name, key }, Some(file)) = (&event.kind, &self.learn_into) {
-            record_learned_key(file, name, key, &event.host);
+            // Only the relay that connects to a host may report its key.
+            if self
+                .learnable
+                .get(&event.host)
+                .is_some_and(|names| names.contains(name))
+            {
+                record_learned_key(file, name, key, &event.host);
+            } else {
+                tracing::warn!(
+                    "{}: ignored its report of a host key for {:?}: not a host it connects to",
+                    event.host,
+                    crate::ui::printable(name)
+                );
+                return;
+            }
         }
         if let EventKind::State(state) = &event.kind {
             self.book.state(event.host.name(), state);
@@ -545,7 +561,7 @@ pub async fn run(options: RunOptions) -> u8 {
         None => None,
     };
 
-    let (events_tx, mut events) = mpsc::channel(4096);
+    let (events_tx, mut events) = mpsc::channel(super::child_link::CHILD_QUEUE * 4);
     let mut ctx = fleet_context(&options, &plan, &store, events_tx);
     ctx.agent = choose_agent(&ctx, plan.children.iter().any(has_grandchildren)).await;
     let learn_into = options
@@ -564,6 +580,7 @@ pub async fn run(options: RunOptions) -> u8 {
             options.converged_timeout,
         ),
         learn_into,
+        learnable: learnable_names(&plan.children),
         hostname: hostname.clone(),
         local_reported: None,
     };
@@ -713,6 +730,36 @@ fn unique_names(children: &[ChildSpec], local: Option<&str>) -> Result<(), Strin
         stack.extend(c.children.iter());
     }
     Ok(())
+}
+
+/// For each relay (by path), the known_hosts names of the hosts it connects to: its children,
+/// and the children it reaches through its jump hosts.
+fn learnable_names(children: &[ChildSpec]) -> HashMap<HostPath, HashSet<String>> {
+    fn reached(
+        at: &HostPath,
+        specs: &[ChildSpec],
+        names: &mut HashSet<String>,
+        out: &mut HashMap<HostPath, HashSet<String>>,
+    ) {
+        for c in specs {
+            names.insert(ssh::known_hosts::host_key_name(&c.host, c.port));
+            let path = at.child(&c.name);
+            match c.mode {
+                // The node above a jump host connects to the jump host's children itself.
+                ChildMode::Jump => reached(&path, &c.children, names, out),
+                ChildMode::Relay => {
+                    let mut own = HashSet::new();
+                    reached(&path, &c.children, &mut own, out);
+                    if !own.is_empty() {
+                        out.insert(path, own);
+                    }
+                }
+            }
+        }
+    }
+    let mut out = HashMap::new();
+    reached(&HostPath::root(), children, &mut HashSet::new(), &mut out);
+    out
 }
 
 fn has_grandchildren(spec: &ChildSpec) -> bool {

@@ -58,7 +58,8 @@ pub async fn run(options: RunOptions, log: EventLog, set_verbosity: SetVerbosity
         Err(cause) => {
             up.own(EventKind::State(HostState::Failed {
                 cause: cause.clone(),
-            }));
+            }))
+            .await;
             crate::exit::FAILED
         }
     };
@@ -91,8 +92,9 @@ impl Fetches {
                 .entry(sha256.clone())
                 .or_default()
                 .push(tx);
-            up.fetch(sha256);
+            let up = up.clone();
             Box::pin(async move {
+                up.fetch(sha256).await;
                 rx.await
                     .map_err(|_| "the link to the parent closed".to_string())?
                     .map(PathBuf::from)
@@ -147,7 +149,7 @@ async fn serve(
         status = Some(e.status());
         engine = Some(e);
     }
-    up.own(EventKind::State(HostState::Running));
+    up.own(EventKind::State(HostState::Running)).await;
 
     // Our children, staged exactly as our parent staged us.
     let fetches = Fetches::default();
@@ -214,14 +216,14 @@ async fn serve(
             },
             event = events_rx.recv(), if fleet.is_some() => {
                 if let Some(event) = event {
-                    up.forward(event);
+                    up.forward(event).await;
                 }
             }
             changed = super::next_status(&mut status) => {
                 let Some(now) = changed else { continue };
                 let state = settled_state(&now, reported.as_ref());
                 if state.is_some() && state != reported {
-                    up.own(EventKind::State(state.clone().unwrap_or(HostState::Running)));
+                    up.own(EventKind::State(state.clone().unwrap_or(HostState::Running))).await;
                     reported = state;
                 }
             }
@@ -247,7 +249,7 @@ async fn serve(
     if let Some(fleet) = fleet {
         let forward = async {
             while let Some(event) = events_rx.recv().await {
-                up.forward(event);
+                up.forward(event).await;
             }
         };
         let (_, ()) = tokio::join!(fleet.shutdown(), forward);

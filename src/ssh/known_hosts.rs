@@ -216,6 +216,37 @@ fn wildcard_match(pattern: &str, name: &str) -> bool {
     pi == p.len()
 }
 
+/// The lines of known_hosts `text` that can vouch for one of `names` (plain, hashed or
+/// pattern entries naming it, and `@cert-authority` lines whose patterns match it), plus every
+/// `@revoked` line: what a relay needs to verify those hosts, and nothing about others.
+pub fn lines_naming(text: &str, names: &[String]) -> String {
+    let mut out = String::new();
+    for raw in text.lines() {
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut fields = line.split_whitespace();
+        let Some(mut first) = fields.next() else {
+            continue;
+        };
+        if first == "@revoked" {
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        }
+        if first.starts_with('@') {
+            let Some(next) = fields.next() else { continue };
+            first = next;
+        }
+        if names.iter().any(|n| patterns_match(first, n)) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 /// Appends `name key` to a known_hosts file (accept-new), creating it and its directory with
 /// private modes if needed. The entry is written in one `write` so concurrent appenders from
 /// one process don't interleave within a line.
@@ -362,5 +393,21 @@ mod tests {
             k.verify("[h]:2222", &key(KEY_A)),
             Verdict::Trusted(_)
         ));
+    }
+
+    #[test]
+    fn a_relay_is_sent_only_the_lines_naming_its_subtree() {
+        let text = "# comment\n\
+                    l1-1 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n\
+                    r2,other ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n\
+                    [10.0.0.*]:2222 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n\
+                    @revoked * ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n";
+        let got = lines_naming(text, &["l1-1".into(), "[10.0.0.7]:2222".into()]);
+        let lines: Vec<&str> = got.lines().collect();
+        assert_eq!(lines.len(), 3, "{got}");
+        assert!(lines[0].starts_with("l1-1 "));
+        assert!(lines[1].starts_with("[10.0.0.*]:2222 "));
+        assert!(lines[2].starts_with("@revoked "));
+        assert!(!got.contains("r2,other"));
     }
 }

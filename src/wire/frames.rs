@@ -275,6 +275,19 @@ pub enum EventKind {
     },
 }
 
+/// `line` cut to at most [`MAX_LINE`](super::MAX_LINE) bytes (at a character boundary),
+/// marked when cut.
+pub fn cut_line(line: &str) -> String {
+    if line.len() <= super::MAX_LINE {
+        return line.to_string();
+    }
+    let mut end = super::MAX_LINE;
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… (cut at {} bytes)", &line[..end], super::MAX_LINE)
+}
+
 /// An event tagged with the host it is about.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
