@@ -67,6 +67,10 @@ fn main() -> std::process::ExitCode {
             remote_tmp_and_verbosity_apply_at_depth_2,
         ),
         (
+            "a_misbehaving_relay_cannot_forge_states_host_keys_or_terminal_escapes",
+            a_misbehaving_relay_cannot_forge_states_host_keys_or_terminal_escapes,
+        ),
+        (
             "no_caching_and_noop_apply_at_depth_2",
             no_caching_and_noop_apply_at_depth_2,
         ),
@@ -822,6 +826,69 @@ fn remote_tmp_and_verbosity_apply_at_depth_2(lab: &Lab) -> TestResult {
     check!(status.code() == Some(130), "exit {:?}", status.code());
     let left = lab.sh("l1-1", "ls -d /var/tmp/arbor.* 2>/dev/null; true");
     check!(left.trim().is_empty(), "l1-1 keeps {left}");
+    Ok(())
+}
+
+fn a_misbehaving_relay_cannot_forge_states_host_keys_or_terminal_escapes(lab: &Lab) -> TestResult {
+    clean(lab, false);
+    // r1 runs a test build that forges (ARBOR_TEST_MISBEHAVE, honoured by debug builds only).
+    lab.sh(
+        "r1",
+        "mkdir -p /root/.ssh && echo ARBOR_TEST_MISBEHAVE=forge > /root/.ssh/environment",
+    );
+    let _undo = Undo {
+        lab,
+        host: "r1",
+        shell: "rm -f /root/.ssh/environment".into(),
+    };
+    // accept-new, so host-key reports are acted on; a HOME of our own to see what is written.
+    let home = tempfile::tempdir().map_err(fail)?;
+    let ssh_dir = home.path().join(".ssh");
+    std::fs::create_dir_all(&ssh_dir).map_err(fail)?;
+    std::fs::copy(
+        lab.home().join(".ssh/id_ed25519"),
+        ssh_dir.join("id_ed25519"),
+    )
+    .map_err(fail)?;
+    let known = ssh_dir.join("known_hosts");
+    std::fs::copy(lab.home().join(".ssh/known_hosts"), &known).map_err(fail)?;
+    let before = std::fs::read_to_string(&known).map_err(fail)?;
+    let topo = topology(TWO_RELAYS);
+    let out = arbor_command(
+        lab,
+        home.path(),
+        &[
+            "--topology",
+            topo.path.to_str().unwrap_or_default(),
+            "--tmp-prefix",
+            "--converged-timeout",
+            "2",
+            "--host-key-policy",
+            "accept-new",
+        ],
+    )
+    .output()
+    .map_err(fail)?;
+    // l2-1 and r2 were not failed by r1's forged events: the run converges with exit 0.
+    let log = exchanged(lab, &out)?;
+    check!(
+        log.contains("r1 | forged ^[]0;owned^G^[[2J^[[31mescapes"),
+        "the forged log line did not arrive escaped\n{log}"
+    );
+    check!(
+        !out.stdout.contains(&0x1b),
+        "raw escape bytes reached the terminal\n{log}"
+    );
+    check!(
+        log.contains("not in its subtree"),
+        "no warning about r1's events outside its subtree\n{log}"
+    );
+    let after = std::fs::read_to_string(&known).map_err(fail)?;
+    check!(
+        after == before,
+        "forged host-key reports changed known_hosts:\n{}",
+        &after[before.len().min(after.len())..]
+    );
     Ok(())
 }
 

@@ -150,6 +150,8 @@ async fn serve(
         engine = Some(e);
     }
     up.own(EventKind::State(HostState::Running)).await;
+    #[cfg(debug_assertions)]
+    misbehave(up).await;
 
     // Our children, staged exactly as our parent staged us.
     let fetches = Fetches::default();
@@ -268,6 +270,40 @@ impl Fetches {
             .unwrap_or_else(|e| e.into_inner())
             .clear();
     }
+}
+
+/// Test builds only (never compiled into release builds): with `ARBOR_TEST_MISBEHAVE=forge`
+/// in its environment, a node sends up what a compromised one could, so the end-to-end tests
+/// can check its parent and the initiator refuse it: state events about hosts outside its
+/// subtree, host-key reports for hosts it does not connect to and for names that would inject
+/// known_hosts lines, and terminal escapes in a log line.
+#[cfg(debug_assertions)]
+async fn misbehave(up: &Upstream) {
+    if std::env::var("ARBOR_TEST_MISBEHAVE").as_deref() != Ok("forge") {
+        return;
+    }
+    let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl";
+    for name in ["10.199.2.11", "*", "x\n@cert-authority * ssh-ed25519 AAAA"] {
+        up.own(EventKind::KnownHost {
+            name: name.to_string(),
+            key: key.to_string(),
+        })
+        .await;
+    }
+    for victim in ["l2-1", "r2"] {
+        up.event(
+            crate::wire::HostPath::parse(victim),
+            EventKind::State(HostState::Failed {
+                cause: "forged".into(),
+            }),
+        )
+        .await;
+    }
+    up.own(EventKind::Log {
+        line: "forged \x1b]0;owned\x07\x1b[2J\x1b[31mescapes".into(),
+        stderr: false,
+    })
+    .await;
 }
 
 /// The state to report for an engine status: converged, settled with failures, or changed
