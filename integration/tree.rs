@@ -156,7 +156,10 @@ fn run(lab: &Lab, topo: &Topo, extra: &[&str]) -> Output {
 fn clean(lab: &Lab, caches: bool) {
     for h in HOSTS {
         let extra = if caches { " /root/.cache/arbor" } else { "" };
-        lab.sh(h, &format!("rm -rf /tmp/from-* /tmp/arbor.*{extra}"));
+        lab.sh(
+            h,
+            &format!("rm -rf /tmp/from-* /tmp/arbor.* /tmp/escaped /root/escaped{extra}"),
+        );
     }
 }
 
@@ -889,6 +892,20 @@ fn a_misbehaving_relay_cannot_forge_states_host_keys_or_terminal_escapes(lab: &L
         "forged host-key reports changed known_hosts:\n{}",
         &after[before.len().min(after.len())..]
     );
+    // r1's forged exports: the escaping file landed under the collect pattern without its
+    // setuid bit, nothing was written outside it, and the `absent` export deleted nothing.
+    for leaf in LEAVES {
+        let seen = lab.sh(
+            leaf,
+            "stat -c '%a %n' /tmp/escaped 2>&1; ls /root/escaped 2>&1; ls /tmp/from-l1-2",
+        );
+        check!(
+            seen.contains("755 /tmp/escaped")
+                && seen.contains("cannot access '/root/escaped'")
+                && seen.contains("/tmp/from-l1-2"),
+            "{leaf} after r1's forged exports:\n{seen}"
+        );
+    }
     Ok(())
 }
 

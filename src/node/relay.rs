@@ -151,7 +151,7 @@ async fn serve(
     }
     up.own(EventKind::State(HostState::Running)).await;
     #[cfg(debug_assertions)]
-    misbehave(up).await;
+    misbehave(up, exchange.as_ref()).await;
 
     // Our children, staged exactly as our parent staged us.
     let fetches = Fetches::default();
@@ -276,9 +276,10 @@ impl Fetches {
 /// in its environment, a node sends up what a compromised one could, so the end-to-end tests
 /// can check its parent and the initiator refuse it: state events about hosts outside its
 /// subtree, host-key reports for hosts it does not connect to and for names that would inject
-/// known_hosts lines, and terminal escapes in a log line.
+/// known_hosts lines, terminal escapes in a log line, and exports (under the name `evil`)
+/// that try to escape a collector's pattern, set setuid bits and delete collected files.
 #[cfg(debug_assertions)]
-async fn misbehave(up: &Upstream) {
+async fn misbehave(up: &Upstream, exchange: &dyn Exchange) {
     if std::env::var("ARBOR_TEST_MISBEHAVE").as_deref() != Ok("forge") {
         return;
     }
@@ -304,6 +305,28 @@ async fn misbehave(up: &Upstream) {
         stderr: false,
     })
     .await;
+    use crate::engine::resources::{FileSpec, FileState, ResourceSpec};
+    let file = |name: &str, path: &str, mode, state| {
+        ResourceSpec::File(FileSpec {
+            name: name.into(),
+            path: path.into(),
+            content: Some("forged\n".into()),
+            state,
+            mode,
+        })
+    };
+    let exports = vec![
+        file(
+            "escape",
+            "/tmp/../../root/escaped",
+            Some(0o4755),
+            FileState::Exists,
+        ),
+        file("wipe", "/tmp/from-l1-2", None, FileState::Absent),
+    ];
+    if let Err(e) = exchange.publish("evil", exports).await {
+        tracing::warn!("misbehaving: publishing as evil: {e:#}");
+    }
 }
 
 /// The state to report for an engine status: converged, settled with failures, or changed
