@@ -67,6 +67,10 @@ fn main() -> std::process::ExitCode {
             remote_tmp_and_verbosity_apply_at_depth_2,
         ),
         (
+            "a_new_run_never_takes_a_killed_runs_converged_flags_for_its_own",
+            a_new_run_never_takes_a_killed_runs_converged_flags_for_its_own,
+        ),
+        (
             "a_misbehaving_relay_cannot_forge_states_host_keys_or_terminal_escapes",
             a_misbehaving_relay_cannot_forge_states_host_keys_or_terminal_escapes,
         ),
@@ -832,6 +836,67 @@ fn remote_tmp_and_verbosity_apply_at_depth_2(lab: &Lab) -> TestResult {
     Ok(())
 }
 
+/// A HOME of the test's own, with the lab's client key and known_hosts: its
+/// `~/.local/state/arbor` (the store's data) and known_hosts are the test's to inspect.
+fn private_home(lab: &Lab) -> Result<tempfile::TempDir, libtest_mimic::Failed> {
+    let home = tempfile::tempdir().map_err(fail)?;
+    let ssh_dir = home.path().join(".ssh");
+    std::fs::create_dir_all(&ssh_dir).map_err(fail)?;
+    for file in ["id_ed25519", "known_hosts"] {
+        std::fs::copy(lab.home().join(".ssh").join(file), ssh_dir.join(file)).map_err(fail)?;
+    }
+    Ok(home)
+}
+
+fn a_new_run_never_takes_a_killed_runs_converged_flags_for_its_own(lab: &Lab) -> TestResult {
+    clean(lab, false);
+    lab.sh("l1-1", "rm -f /tmp/slow-done");
+    let dir = tempfile::tempdir().map_err(fail)?;
+    let graph = dir.path().join("slow.yaml");
+    std::fs::write(
+        &graph,
+        "graph: slow\nresources:\n  exec:\n  - name: slow\n    cmd: \"sleep 6; touch /tmp/slow-done\"\n    shell: /bin/sh\nedges: []\n",
+    )
+    .map_err(fail)?;
+    let topo = topology(&format!(
+        "defaults:\n  user: root\nhosts:\n- host: 10.199.0.11\n  name: r1\n  children:\n  - host: 10.199.1.11\n    name: l1-1\n    graph: {}\n",
+        graph.display()
+    ));
+    // The store persists under this HOME (no --tmp-prefix), as an operator's runs do.
+    let home = private_home(lab)?;
+    let args = ["--topology", topo.path.to_str().unwrap_or_default()];
+    let mut first = arbor_command(lab, home.path(), &args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(fail)?;
+    let rx = lines_of(first.stdout.take().expect("stdout"));
+    let mut first = Running(first);
+    wait_lines(
+        &rx,
+        &["r1/l1-1: converged".to_string()],
+        Duration::from_secs(60),
+    )?;
+    // Killed: its hosts' converged flags stay in the store until their leases expire.
+    first.0.kill().map_err(fail)?;
+    let _ = first.0.wait();
+    check_no_leftovers(lab, &["r1", "l1-1"])?;
+    lab.sh("l1-1", "rm -f /tmp/slow-done");
+
+    let mut with_timeout = args.to_vec();
+    with_timeout.extend(["--converged-timeout", "1"]);
+    let out = arbor_command(lab, home.path(), &with_timeout)
+        .output()
+        .map_err(fail)?;
+    let log = exited(&out, 0)?;
+    let done = lab.sh("l1-1", "ls /tmp/slow-done 2>&1; true");
+    check!(
+        done.trim() == "/tmp/slow-done",
+        "the second run ended before l1-1 converged (it took the killed run's flag): {done}\n{log}"
+    );
+    Ok(())
+}
+
 fn a_misbehaving_relay_cannot_forge_states_host_keys_or_terminal_escapes(lab: &Lab) -> TestResult {
     clean(lab, false);
     // r1 runs a test build that forges (ARBOR_TEST_MISBEHAVE, honoured by debug builds only).
@@ -845,16 +910,8 @@ fn a_misbehaving_relay_cannot_forge_states_host_keys_or_terminal_escapes(lab: &L
         shell: "rm -f /root/.ssh/environment".into(),
     };
     // accept-new, so host-key reports are acted on; a HOME of our own to see what is written.
-    let home = tempfile::tempdir().map_err(fail)?;
-    let ssh_dir = home.path().join(".ssh");
-    std::fs::create_dir_all(&ssh_dir).map_err(fail)?;
-    std::fs::copy(
-        lab.home().join(".ssh/id_ed25519"),
-        ssh_dir.join("id_ed25519"),
-    )
-    .map_err(fail)?;
-    let known = ssh_dir.join("known_hosts");
-    std::fs::copy(lab.home().join(".ssh/known_hosts"), &known).map_err(fail)?;
+    let home = private_home(lab)?;
+    let known = home.path().join(".ssh/known_hosts");
     let before = std::fs::read_to_string(&known).map_err(fail)?;
     let topo = topology(TWO_RELAYS);
     let out = arbor_command(

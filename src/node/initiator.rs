@@ -16,7 +16,7 @@ use super::config::RunOptions;
 use super::fleet::{self, Fleet, FleetContext};
 use super::run_book::{Next, RunBook};
 use super::{StopSignals, signal_name};
-use crate::engine::exchange::Exchange;
+use crate::engine::exchange::{Exchange, Keys, new_run_id};
 use crate::engine::fs_events::FsEvents;
 use crate::engine::graph::{self, Graph};
 use crate::engine::reload::{GraphFile, follow_graph_file};
@@ -275,7 +275,7 @@ impl Plan {
             options.file.is_some().then_some(hostname.as_str()),
         )?;
         let builds = builds(options)?;
-        let config = options.node_config(cconns, builds.refs());
+        let config = options.node_config(cconns, builds.refs(), &new_run_id());
         Ok(Plan {
             hostname,
             local_graph,
@@ -543,7 +543,9 @@ pub async fn run(options: RunOptions) -> u8 {
             return exit::FAILED;
         }
     };
-    let exchange: Arc<dyn Exchange> = Arc::new(StoreExchange::new(store.client.clone()));
+    let keys = Keys::for_run(&plan.config.run);
+    let exchange: Arc<dyn Exchange> =
+        Arc::new(StoreExchange::new(store.client.clone(), keys.clone()));
     let hostname = plan.hostname.clone();
     let engine = match &plan.local_graph {
         Some(g) => {
@@ -585,7 +587,7 @@ pub async fn run(options: RunOptions) -> u8 {
         local_reported: None,
     };
     let mut local_status = engine.as_ref().map(|e| e.status());
-    let mut flags = converged_flags(&store.client);
+    let mut flags = converged_flags(&store.client, &keys);
     let mut reports: Vec<HostReport> = Vec::new();
     let mut fleet_done = fleet.is_empty();
 

@@ -126,7 +126,8 @@ async fn serve(
     let client = StoreClient::connect(&endpoints)
         .await
         .map_err(|e| format!("{name}: store: {e:#}"))?;
-    let exchange: Arc<dyn Exchange> = Arc::new(StoreExchange::new(client));
+    let keys = crate::engine::exchange::Keys::for_run(&start.config.run);
+    let exchange: Arc<dyn Exchange> = Arc::new(StoreExchange::new(client, keys));
     let mut signals = super::StopSignals::new().map_err(|e| format!("{name}: signals: {e}"))?;
 
     // Our own graph.

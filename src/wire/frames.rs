@@ -148,6 +148,8 @@ pub struct BuildRef {
 /// children exactly as it was staged.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeConfig {
+    /// The run's id: every store key of the run is under `/arbor/runs/<run>/`.
+    pub run: String,
     /// Seconds for a child's TCP connect and SSH handshake.
     pub connect_timeout: u64,
     /// Seconds for a started child's arbor to say hello.
@@ -174,6 +176,7 @@ pub struct NodeConfig {
 impl Default for NodeConfig {
     fn default() -> Self {
         NodeConfig {
+            run: String::new(),
             connect_timeout: 10,
             hello_timeout: 20,
             verbosity: 0,
