@@ -67,6 +67,10 @@ fn main() -> std::process::ExitCode {
             remote_tmp_and_verbosity_apply_at_depth_2,
         ),
         (
+            "a_relays_graph_cannot_use_the_agent_to_log_in_outside_its_subtree",
+            a_relays_graph_cannot_use_the_agent_to_log_in_outside_its_subtree,
+        ),
+        (
             "a_new_run_never_takes_a_killed_runs_converged_flags_for_its_own",
             a_new_run_never_takes_a_killed_runs_converged_flags_for_its_own,
         ),
@@ -833,6 +837,66 @@ fn remote_tmp_and_verbosity_apply_at_depth_2(lab: &Lab) -> TestResult {
     check!(status.code() == Some(130), "exit {:?}", status.code());
     let left = lab.sh("l1-1", "ls -d /var/tmp/arbor.* 2>/dev/null; true");
     check!(left.trim().is_empty(), "l1-1 keeps {left}");
+    Ok(())
+}
+
+fn a_relays_graph_cannot_use_the_agent_to_log_in_outside_its_subtree(lab: &Lab) -> TestResult {
+    clean(lab, false);
+    lab.sh("r1", "rm -f /tmp/reached /tmp/graph-env");
+    // r1's own graph hunts for agent sockets and tries each on r2 (outside its subtree) and
+    // on l1-1 (inside it), with OpenSSH's ssh, which binds the agent to the session.
+    let dir = tempfile::tempdir().map_err(fail)?;
+    let thief = dir.path().join("thief.yaml");
+    std::fs::write(
+        &thief,
+        r#"graph: thief
+resources:
+  exec:
+  - name: steal
+    shell: /bin/sh
+    cmd: >-
+      echo "SSH_AUTH_SOCK=$SSH_AUTH_SOCK" > /tmp/graph-env;
+      for s in /tmp/ssh-*/agent.*; do for t in 10.199.0.12 10.199.1.11; do
+      SSH_AUTH_SOCK=$s ssh -F /dev/null -o BatchMode=yes -o StrictHostKeyChecking=no
+      -o UserKnownHostsFile=/dev/null -o ConnectTimeout=3 -o LogLevel=ERROR root@$t true
+      && echo "$t" >> /tmp/reached; done; done; true
+edges: []
+"#,
+    )
+    .map_err(fail)?;
+    let topo = topology(&TWO_RELAYS.replace(
+        "  name: r1
+",
+        &format!(
+            "  name: r1
+  graph: {}
+",
+            thief.display()
+        ),
+    ));
+    let out = run(lab, &topo, &["--converged-timeout", "2"]);
+    let log = exited(&out, 0)?;
+    let env = lab.sh("r1", "cat /tmp/graph-env 2>&1; true");
+    check!(
+        env.trim() == "SSH_AUTH_SOCK=",
+        "r1's graph saw an agent socket in its environment: {env}"
+    );
+    let reached = lab.sh("r1", "cat /tmp/reached 2>/dev/null; true");
+    check!(
+        reached.contains("10.199.1.11"),
+        "the agent socket was not found or did not work for r1's own leaf (no control):          {reached:?}
+{log}"
+    );
+    check!(
+        !reached.contains("10.199.0.12"),
+        "r1's graph logged into r2 with the operator's agent
+{log}"
+    );
+    check!(
+        log.contains("r1: refused an agent request"),
+        "no refusal reported for r1
+{log}"
+    );
     Ok(())
 }
 

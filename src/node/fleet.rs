@@ -33,8 +33,10 @@ pub struct FleetContext {
     pub builds: Builds,
     /// Connects each child's store tunnel to this node's own store endpoint.
     pub store: Arc<dyn Connector>,
-    /// Serves agent channels from children whose own children need signatures.
-    pub agent: Option<Arc<dyn Connector>>,
+    /// Serves agent channels from children whose own children need signatures: for each such
+    /// child, a connector (at the initiator, a front that signs only for that child's
+    /// subtree; at a relay, its own forwarded agent, which that front stands behind).
+    pub agent: Option<AgentFor>,
     /// Graph texts by name, as last edited.
     pub graphs: Mutex<BTreeMap<String, String>>,
     /// known_hosts lines to hand down to relays.
@@ -61,6 +63,9 @@ impl FleetContext {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// The agent connector for one child's channels.
+pub type AgentFor = Arc<dyn Fn(&ChildSpec) -> Arc<dyn Connector> + Send + Sync>;
 
 /// The connect options every node derives from the run's settings.
 pub fn connect_options(config: &NodeConfig) -> ConnectOptions {
@@ -199,7 +204,7 @@ impl Fleet {
 }
 
 /// The known_hosts names of every host in a subtree.
-fn subtree_names(children: &[ChildSpec]) -> Vec<String> {
+pub fn subtree_names(children: &[ChildSpec]) -> Vec<String> {
     let mut out = Vec::new();
     let mut stack: Vec<&ChildSpec> = children.iter().collect();
     while let Some(c) = stack.pop() {
@@ -491,8 +496,8 @@ async fn stage_child(
         config,
     };
     let forward_agent = !spec.children.is_empty() && ctx.agent.is_some();
-    if let (true, Some(agent)) = (forward_agent, &ctx.agent) {
-        session.set_agent_connector(agent.clone());
+    if let (true, Some(agent_for)) = (forward_agent, &ctx.agent) {
+        session.set_agent_connector(agent_for(spec));
     }
     let hello_timeout = Duration::from_secs(ctx.config.hello_timeout);
     let launched = child_link::launch(

@@ -23,6 +23,8 @@ use crate::engine::reload::{GraphFile, follow_graph_file};
 use crate::engine::runner::{Engine, EngineConfig};
 use crate::engine::store_exchange::{StoreExchange, converged_flags};
 use crate::exit;
+use crate::ssh::agent_front::{AgentBackend, Destinations};
+use crate::ssh::known_hosts::KnownHosts;
 use crate::ssh::{self, Target, TerminalPrompter};
 use crate::store::client::{Endpoints, StoreClient};
 use crate::store::{Store, StoreConfig};
@@ -360,22 +362,69 @@ fn fleet_context(
 }
 
 /// Relays sign for their children with our keys: through our ssh-agent if there is one,
-/// else through an agent in this process holding the key files we loaded.
-async fn choose_agent(ctx: &FleetContext, has_relays: bool) -> Option<Arc<dyn ssh::Connector>> {
-    match std::env::var_os("SSH_AUTH_SOCK") {
-        Some(sock) => Some(ssh::forward::to_unix(sock.into())),
-        None if has_relays => match ssh::agent::from_key_files(&ctx.connect.auth).await {
-            Ok((agent, keys)) => {
+/// else through an agent in this process holding the key files we loaded. Either way each
+/// relay reaches it only through a front that signs user authentication to the hosts of that
+/// relay's own subtree, bound to their host keys and sessions (`ssh::agent_front`).
+async fn choose_agent(ctx: &FleetContext, has_relays: bool) -> Option<fleet::AgentFor> {
+    if !has_relays {
+        return None;
+    }
+    let backend = match ssh::agent_socket() {
+        Some(socket) => AgentBackend::Socket(socket),
+        None => match ssh::agent::from_key_files(&ctx.connect.auth).await {
+            Ok((backend, keys)) => {
                 tracing::debug!("in-process agent with {keys} keys for the relays");
-                Some(agent)
+                backend
             }
             Err(e) => {
                 eprintln!("arbor: {e}");
-                None
+                return None;
             }
         },
-        None => None,
+    };
+    let known = Arc::new(
+        KnownHosts::load(&ctx.connect.host_keys.known_hosts).unwrap_or_else(|e| {
+            tracing::warn!("known_hosts: {e}");
+            KnownHosts::default()
+        }),
+    );
+    let accept_new = ctx.config.accept_new;
+    Some(Arc::new(move |spec: &ChildSpec| {
+        let allowed = destinations(&known, &spec.children, accept_new);
+        ssh::agent_front::constrained(backend.clone(), allowed, spec.name.clone())
+    }))
+}
+
+/// The host keys a relay whose children are `children` may bind agent sessions to: the keys
+/// known_hosts and the topology's pinned keys give for the hosts of its subtree. Under
+/// accept-new, where some of those hosts have no known key yet, also any key that known_hosts
+/// holds for no host at all: at first contact the relay is trusted to say which key such a
+/// host has (docs/security.md), but never to claim a key arbor knows as another host's.
+fn destinations(known: &Arc<KnownHosts>, children: &[ChildSpec], accept_new: bool) -> Destinations {
+    let mut keys: Vec<russh::keys::PublicKey> = Vec::new();
+    let mut some_unknown = false;
+    let mut stack: Vec<&ChildSpec> = children.iter().collect();
+    while let Some(c) = stack.pop() {
+        stack.extend(&c.children);
+        // Jump hosts included: the relay logs into them too.
+        let name = ssh::known_hosts::host_key_name(&c.host, c.port);
+        let mut found = known.keys_for(&name);
+        if let Some(pinned) = c
+            .host_key
+            .as_deref()
+            .and_then(|k| russh::keys::PublicKey::from_openssh(k).ok())
+        {
+            found.push(pinned);
+        }
+        some_unknown |= found.is_empty();
+        keys.extend(found);
     }
+    let first_contact = accept_new && some_unknown;
+    let known = known.clone();
+    Arc::new(move |key: &russh::keys::PublicKey| {
+        keys.iter().any(|k| k.key_data() == key.key_data())
+            || (first_contact && !known.knows_key(key))
+    })
 }
 
 /// Follows every graph file for edits: the local one feeds the local engine; each edit of a

@@ -368,7 +368,13 @@ fn fleet_context(
     let builds = Builds::new([own]).with_parent(&config.builds, fetcher, config.compress);
     let mut connect = fleet::connect_options(config);
     connect.host_keys.extra_entries = start.known_hosts.clone();
-    let agent = std::env::var_os("SSH_AUTH_SOCK").map(|p| ssh::forward::to_unix(p.into()));
+    // Our own forwarded agent: the initiator's front behind it decides what it signs.
+    let agent = ssh::agent_socket().map(|socket| {
+        let connector = ssh::forward::to_unix(socket);
+        let agent_for: fleet::AgentFor =
+            Arc::new(move |_: &crate::wire::ChildSpec| connector.clone());
+        agent_for
+    });
     Ok(FleetContext {
         path: start.path.clone(),
         config: config.clone(),

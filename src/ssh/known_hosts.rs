@@ -216,6 +216,24 @@ fn wildcard_match(pattern: &str, name: &str) -> bool {
     pi == p.len()
 }
 
+impl KnownHosts {
+    /// The keys entries vouch for `name` with (not revoked ones).
+    pub fn keys_for(&self, name: &str) -> Vec<PublicKey> {
+        self.entries
+            .iter()
+            .filter(|e| !e.revoked && patterns_match(&e.patterns, name))
+            .map(|e| e.key.clone())
+            .collect()
+    }
+
+    /// Whether any entry, for any host, holds `key`.
+    pub fn knows_key(&self, key: &PublicKey) -> bool {
+        self.entries
+            .iter()
+            .any(|e| e.key.key_data() == key.key_data())
+    }
+}
+
 /// The lines of known_hosts `text` that can vouch for one of `names` (plain, hashed or
 /// pattern entries naming it, and `@cert-authority` lines whose patterns match it), plus every
 /// `@revoked` line: what a relay needs to verify those hosts, and nothing about others.
