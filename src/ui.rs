@@ -15,6 +15,9 @@ pub struct HostReport {
     pub elapsed: Duration,
     pub bytes: u64,
     pub cached: Option<bool>,
+    /// The host's store tunnel ends on a loopback TCP port (its sshd refused Unix-socket
+    /// forwarding), where any local process can reach it.
+    pub store_over_tcp: bool,
 }
 
 /// Prints events as they arrive (stdout), in arrival order.
@@ -138,6 +141,18 @@ impl Ui {
                     None => "-",
                 },
                 printable(r.cause.as_deref().unwrap_or(""))
+            );
+        }
+        let tcp: Vec<&str> = reports
+            .iter()
+            .filter(|r| r.store_over_tcp)
+            .map(|r| r.name.as_str())
+            .collect();
+        if !tcp.is_empty() {
+            let _ = writeln!(
+                out,
+                "store tunnel on loopback TCP (sshd refused Unix-socket forwarding): {}",
+                tcp.join(", ")
             );
         }
         let _ = out.flush();

@@ -87,6 +87,12 @@ pub async fn launch(
         .map_err(|e| e.to_string())?;
 
     let name = me.name().to_string();
+    if let crate::ssh::ForwardEnd::Tcp(port) = &tunnel {
+        tracing::warn!(
+            "{name}: the store tunnel ends on loopback TCP port {port} there (its sshd refused \
+             Unix-socket forwarding): any local process on that host can reach the store"
+        );
+    }
     let mut line = CommandLine::new(&staged.binary).args([
         "run",
         "--hostname",

@@ -232,6 +232,7 @@ struct ChildRun {
     started: Instant,
     bytes: u64,
     cached: Option<bool>,
+    store_over_tcp: bool,
 }
 
 impl ChildRun {
@@ -243,6 +244,7 @@ impl ChildRun {
             started: Instant::now(),
             bytes: 0,
             cached: None,
+            store_over_tcp: false,
         }
     }
 
@@ -269,6 +271,7 @@ impl ChildRun {
             elapsed: self.started.elapsed(),
             bytes: self.bytes,
             cached: self.cached,
+            store_over_tcp: self.store_over_tcp,
         }
     }
 
@@ -545,6 +548,7 @@ async fn supervise(
         mut link,
         mut events,
     } = launched;
+    run.store_over_tcp = matches!(link.tunnel, ssh::ForwardEnd::Tcp(_));
     let mut fetches: JoinSet<(String, FetchResult)> = JoinSet::new();
     let mut stopping = false;
     let mut deadline: Option<tokio::time::Instant> = None;
