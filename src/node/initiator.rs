@@ -532,10 +532,11 @@ impl View {
     fn event(&mut self, event: &Event) {
         if let (EventKind::KnownHost { name, key }, Some(file)) = (&event.kind, &self.learn_into) {
             // Only the relay that connects to a host may report its key.
-            if self
-                .learnable
-                .get(&event.host)
-                .is_some_and(|names| names.contains(name))
+            if ssh::known_hosts::valid_reported_name(name)
+                && self
+                    .learnable
+                    .get(&event.host)
+                    .is_some_and(|names| names.contains(name))
             {
                 record_learned_key(file, name, key, &event.host);
             } else {
