@@ -1186,6 +1186,8 @@ fn leaf_host_keys_are_learned_at_depth_only_under_accept_new(lab: &Lab) -> TestR
         .collect();
     let known = ssh_dir.join("known_hosts");
     std::fs::write(&known, relays_only.join("\n") + "\n").map_err(fail)?;
+    // As Debian's ssh_config does: learned names are then written hashed.
+    std::fs::write(ssh_dir.join("config"), "Host *\n    HashKnownHosts yes\n").map_err(fail)?;
     let topo = topology(TWO_RELAYS);
     let args = [
         "--topology",
@@ -1229,9 +1231,19 @@ fn leaf_host_keys_are_learned_at_depth_only_under_accept_new(lab: &Lab) -> TestR
     for leaf in LEAVES {
         let addr = lab.addr(leaf);
         let real = lab.sh(leaf, "cut -d' ' -f1,2 /run/arbor/ssh_host_ed25519_key.pub");
+        let key = russh::keys::PublicKey::from_openssh(real.trim()).map_err(fail)?;
+        let known_now = arbor::ssh::known_hosts::KnownHosts::load(std::slice::from_ref(&known))
+            .map_err(fail)?;
         check!(
-            after.contains(&format!("{addr} {}", real.trim())),
+            matches!(
+                known_now.verify(&addr, &key),
+                arbor::ssh::known_hosts::Verdict::Trusted(_)
+            ),
             "known_hosts lacks {leaf}'s real key ({addr}):\n{after}"
+        );
+        check!(
+            !after.contains(&format!("{addr} ")),
+            "{leaf}'s name was recorded in clear despite HashKnownHosts yes:\n{after}"
         );
     }
     Ok(())

@@ -69,6 +69,8 @@ pub struct HostKeyOptions {
     pub extra_entries: String,
     /// Where accept-new records new keys (usually ~/.ssh/known_hosts).
     pub learn_into: Option<PathBuf>,
+    /// Record learned names hashed (`|1|salt|hmac`), as ssh_config's `HashKnownHosts yes`.
+    pub hash_learned: bool,
     /// A pinned key: when set, it alone decides.
     pub pinned: Option<PublicKey>,
     /// Under accept-new, keys learned are also sent here as (known_hosts name, "type base64"):
@@ -105,6 +107,7 @@ impl ConnectOptions {
                 known_hosts: files,
                 extra_entries: String::new(),
                 learn_into: Some(known),
+                hash_learned: false,
                 pinned: None,
                 report_learned: None,
             },
@@ -432,7 +435,12 @@ impl ClientHandler {
                     if learn_into.is_some() || report.is_some() =>
                 {
                     if let Some(file) = learn_into {
-                        known_hosts::append(file, &self.name, key).map_err(|e| {
+                        let append = if self.options.hash_learned {
+                            known_hosts::append_hashed
+                        } else {
+                            known_hosts::append
+                        };
+                        append(file, &self.name, key).map_err(|e| {
                             Cause::HostKeyRecord(format!("{}: {e}", file.display()))
                         })?;
                         tracing::warn!(
