@@ -1,5 +1,6 @@
 //! `arbor store` as a process: kill -9 in the middle of a write load loses no acknowledged
-//! write, and the listen address policy holds.
+//! write, the listen address policy holds, a backup taken with etcdctl restores with
+//! `arbor store restore`, and the space quota flag applies.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -35,6 +36,10 @@ fn free_port() -> u16 {
 }
 
 async fn start(data: &Path, log: &Path) -> StoreProcess {
+    start_with(data, log, &[]).await
+}
+
+async fn start_with(data: &Path, log: &Path, extra: &[&str]) -> StoreProcess {
     let port = free_port();
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -49,6 +54,7 @@ async fn start(data: &Path, log: &Path) -> StoreProcess {
             "--data-dir",
         ])
         .arg(data)
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
@@ -315,4 +321,365 @@ async fn a_wal_corrupt_in_the_middle_refuses_to_start_and_a_torn_tail_does_not()
         logged.contains("dropped a torn record (11 bytes)"),
         "{logged}"
     );
+}
+
+const ETCDCTL: &str = "/usr/bin/etcdctl";
+
+fn etcdctl(endpoint: &str, args: &[&str]) -> std::process::Output {
+    Command::new(ETCDCTL)
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={endpoint}"))
+        .arg("--command-timeout=10s")
+        .args(args)
+        .output()
+        .expect("run /usr/bin/etcdctl")
+}
+
+/// Everything a client can see of a store: every live key with its versions and lease, the
+/// revision, the compaction point (by what a read there answers), the leases with their TTLs
+/// and keys, and the history a watch replays.
+#[derive(Debug, PartialEq)]
+struct Seen {
+    revision: i64,
+    kvs: Vec<(String, String, i64, i64, i64, i64)>,
+    at_compaction: Vec<(String, String)>,
+    before_compaction: Option<tonic::Code>,
+    leases: Vec<(i64, i64, Vec<String>)>,
+    history: Vec<(i32, String, i64)>,
+}
+
+async fn seen(endpoint: &str, compacted: i64) -> Seen {
+    use etcd_client::{GetOptions, LeaseTimeToLiveOptions, WatchOptions};
+    let mut c = etcd_client::Client::connect([endpoint], None)
+        .await
+        .unwrap();
+    let s = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let all = c
+        .get("", Some(GetOptions::new().with_all_keys()))
+        .await
+        .unwrap();
+    let kvs = all
+        .kvs()
+        .iter()
+        .map(|kv| {
+            (
+                s(kv.key()),
+                s(kv.value()),
+                kv.create_revision(),
+                kv.mod_revision(),
+                kv.version(),
+                kv.lease(),
+            )
+        })
+        .collect();
+    let at = c
+        .get(
+            "",
+            Some(GetOptions::new().with_all_keys().with_revision(compacted)),
+        )
+        .await
+        .unwrap()
+        .kvs()
+        .iter()
+        .map(|kv| (s(kv.key()), s(kv.value())))
+        .collect();
+    let before = c
+        .get(
+            "",
+            Some(
+                GetOptions::new()
+                    .with_all_keys()
+                    .with_revision(compacted - 1),
+            ),
+        )
+        .await
+        .err()
+        .map(|e| match e {
+            etcd_client::Error::GRpcStatus(st) => st.code(),
+            other => panic!("{other:?}"),
+        });
+    let mut leases = Vec::new();
+    for l in c.leases().await.unwrap().leases() {
+        let ttl = c
+            .lease_time_to_live(l.id(), Some(LeaseTimeToLiveOptions::new().with_keys()))
+            .await
+            .unwrap();
+        leases.push((
+            l.id(),
+            ttl.granted_ttl(),
+            ttl.keys().iter().map(|k| s(k)).collect(),
+        ));
+    }
+    leases.sort();
+    let revision = all.header().unwrap().revision();
+    let mut w = c
+        .watch(
+            "",
+            Some(
+                WatchOptions::new()
+                    .with_all_keys()
+                    .with_start_revision(compacted),
+            ),
+        )
+        .await
+        .unwrap();
+    let mut history = Vec::new();
+    while history.last().map(|(_, _, r)| *r) != Some(revision) {
+        let resp = tokio::time::timeout(Duration::from_secs(20), w.message())
+            .await
+            .expect("the history within 20s")
+            .unwrap()
+            .unwrap();
+        assert!(!resp.canceled(), "{resp:?}");
+        for e in resp.events() {
+            let kv = e.kv().unwrap();
+            history.push((e.event_type() as i32, s(kv.key()), kv.mod_revision()));
+        }
+    }
+    Seen {
+        revision,
+        kvs,
+        at_compaction: at,
+        before_compaction: before,
+        leases,
+        history,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_save_then_restore_then_start_gives_back_every_key_revision_and_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("store.log");
+    let store = start(&dir.path().join("data"), &log).await;
+    let mut c = etcd_client::Client::connect([&store.endpoint], None)
+        .await
+        .unwrap();
+    let long = c.lease_grant(600, None).await.unwrap().id();
+    let short = c.lease_grant(90, None).await.unwrap().id();
+    c.lease_grant(300, None).await.unwrap();
+    for i in 0..300 {
+        let lease = match i % 10 {
+            0 => Some(etcd_client::PutOptions::new().with_lease(long)),
+            1 => Some(etcd_client::PutOptions::new().with_lease(short)),
+            _ => None,
+        };
+        c.put(format!("k/{i:03}"), format!("v{i}"), lease)
+            .await
+            .unwrap();
+    }
+    for i in 0..50 {
+        c.put(format!("k/{i:03}"), format!("again {i}"), None)
+            .await
+            .unwrap();
+    }
+    let compacted = c
+        .delete("k/299", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    c.compact(compacted, None).await.unwrap();
+    for i in 100..120 {
+        c.delete(format!("k/{i:03}"), None).await.unwrap();
+        c.put(format!("k/{i:03}"), "reborn", None).await.unwrap();
+    }
+    let before = seen(&store.endpoint, compacted).await;
+    assert_eq!(before.before_compaction, Some(tonic::Code::OutOfRange));
+    assert_eq!(before.leases.len(), 3);
+    let ids = c.status().await.unwrap().header().unwrap().cluster_id();
+
+    let file = dir.path().join("backup.snap");
+    let out = etcdctl(
+        &store.endpoint,
+        &["snapshot", "save", file.to_str().unwrap()],
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(said, format!("Snapshot saved at {}\n", file.display()));
+    drop(store);
+
+    let restored = dir.path().join("restored");
+    let out = Command::new(ARBOR)
+        .args(["store", "restore"])
+        .arg(&file)
+        .arg("--data-dir")
+        .arg(&restored)
+        .output()
+        .expect("run arbor store restore");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.starts_with(&format!(
+            "restored {} into {}: revision {}",
+            file.display(),
+            restored.display(),
+            before.revision
+        )) && said.contains(&format!("{} keys, 3 leases", before.kvs.len())),
+        "{said}"
+    );
+    let store = start(&restored, &log).await;
+    assert_eq!(seen(&store.endpoint, compacted).await, before);
+    let mut c = etcd_client::Client::connect([&store.endpoint], None)
+        .await
+        .unwrap();
+    let header = c.status().await.unwrap().header().unwrap().clone();
+    assert_ne!(header.cluster_id(), ids, "a restored store is a new store");
+    // It takes writes from where the snapshot left off.
+    let next = c.put("after", "restore", None).await.unwrap();
+    assert_eq!(next.header().unwrap().revision(), before.revision + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_or_corrupted_snapshot_is_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = start(&dir.path().join("data"), &dir.path().join("store.log")).await;
+    let mut c = etcd_client::Client::connect([&store.endpoint], None)
+        .await
+        .unwrap();
+    for i in 0..100 {
+        c.put(format!("k/{i}"), "v".repeat(100), None)
+            .await
+            .unwrap();
+    }
+    let file = dir.path().join("good.snap");
+    assert!(
+        etcdctl(
+            &store.endpoint,
+            &["snapshot", "save", file.to_str().unwrap()]
+        )
+        .status
+        .success()
+    );
+    let good = std::fs::read(&file).unwrap();
+    let restore = |name: &str, bytes: &[u8]| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        let target = dir.path().join(format!("{name}.data"));
+        let out = Command::new(ARBOR)
+            .args(["store", "restore"])
+            .arg(&path)
+            .arg("--data-dir")
+            .arg(&target)
+            .output()
+            .expect("run arbor store restore");
+        assert_eq!(out.status.code(), Some(1), "{name} restored");
+        assert!(!target.exists(), "{name}: nothing is created");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let half = restore("half", &good[..good.len() / 2]);
+    assert!(
+        half.contains("half cannot be restored: truncated: the header announces"),
+        "{half}"
+    );
+    let tail = restore("tail", &good[..good.len() - 10]);
+    assert!(
+        tail.contains("truncated: the file ends inside its checksum trailer"),
+        "{tail}"
+    );
+    let mut flipped = good.clone();
+    flipped[good.len() / 2] ^= 1;
+    let corrupt = restore("flipped", &flipped);
+    assert!(
+        corrupt.contains("corrupt: its sha256 does not match"),
+        "{corrupt}"
+    );
+    let mut bolt = vec![0u8; 8192];
+    bolt[16..20].copy_from_slice(&0xED0C_DAEDu32.to_le_bytes());
+    let etcd = restore("etcd", &bolt);
+    assert!(
+        etcd.contains("this is an etcd snapshot (a bbolt database)"),
+        "{etcd}"
+    );
+    // A data dir is never overwritten.
+    let taken = dir.path().join("taken");
+    std::fs::create_dir(&taken).unwrap();
+    std::fs::write(taken.join("x"), "x").unwrap();
+    let out = Command::new(ARBOR)
+        .args(["store", "restore"])
+        .arg(&file)
+        .arg("--data-dir")
+        .arg(&taken)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not empty"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quota_flag_sets_the_space_quota() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("store.log");
+    let store = start_with(
+        &dir.path().join("data"),
+        &log,
+        &["--quota-backend-bytes", "100000"],
+    )
+    .await;
+    let mut c = etcd_client::Client::connect([&store.endpoint], None)
+        .await
+        .unwrap();
+    c.put("small", "fits", None).await.unwrap();
+    let err = c.put("large", "x".repeat(120_000), None).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("etcdserver: mvcc: database space exceeded"),
+        "{err}"
+    );
+    let metrics = http_get(&store.endpoint, "/metrics").await;
+    assert!(
+        metrics.contains("\netcd_server_quota_backend_bytes 100000\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("\narbor_store_alarm{alarm=\"NOSPACE\"} 1\n"),
+        "{metrics}"
+    );
+    drop(store);
+    // The alarm is kept across a restart, until disarmed.
+    let store = start_with(
+        &dir.path().join("data"),
+        &log,
+        &["--quota-backend-bytes=-1"],
+    )
+    .await;
+    let mut c = etcd_client::Client::connect([&store.endpoint], None)
+        .await
+        .unwrap();
+    assert!(
+        c.put("small", "again", None).await.is_err(),
+        "NOSPACE still raised"
+    );
+    let out = etcdctl(&store.endpoint, &["alarm", "disarm"]);
+    assert!(out.status.success());
+    c.put("large", "x".repeat(120_000), None).await.unwrap();
+    let metrics = http_get(&store.endpoint, "/metrics").await;
+    assert!(
+        metrics.contains("\netcd_server_quota_backend_bytes -1\n"),
+        "no quota: {metrics}"
+    );
+}
+
+/// GET over plain HTTP/1.1 (the store serves it beside gRPC), the body as text.
+async fn http_get(endpoint: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = endpoint.trim_start_matches("http://");
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut reply = String::new();
+    tcp.read_to_string(&mut reply).await.unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200 OK"), "{reply}");
+    reply
 }

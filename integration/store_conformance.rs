@@ -6,6 +6,9 @@
 #[path = "support/mod.rs"]
 mod support;
 
+#[path = "store_conformance_ops.rs"]
+mod ops;
+
 use etcd_client::{
     Compare, CompareOp, DeleteOptions, EventType, GetOptions, PutOptions, SortOrder, SortTarget,
     Txn, TxnOp, TxnOpResponse, WatchFilterType, WatchOptions,

@@ -375,31 +375,42 @@ async fn a_client_watch_reports_a_store_replaced_by_a_fresh_one() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rpcs_outside_the_subset_answer_unimplemented() {
+async fn rpcs_outside_the_subset_answer_unimplemented_saying_why() {
     let store = embedded_with(None).await;
     let mut c = store.client().await;
-    let err = status(c.defragment().await.unwrap_err());
-    assert_eq!(err.code(), Code::Unimplemented);
-    let err = status(
-        c.alarm(
-            etcd_client::AlarmAction::Get,
-            etcd_client::AlarmType::None,
-            None,
-        )
-        .await
-        .unwrap_err(),
-    );
-    assert_eq!(err.code(), Code::Unimplemented);
     let err = status(
         c.member_add(["http://127.0.0.1:1"], None)
             .await
             .unwrap_err(),
     );
     assert_eq!(err.code(), Code::Unimplemented);
+    let err = status(c.hash_kv(0).await.unwrap_err());
+    assert_eq!(err.code(), Code::Unimplemented);
+    assert!(err.message().contains("Maintenance.HashKV"), "{err:?}");
     let err = status(c.lock("l", None).await.unwrap_err());
     assert_eq!(err.code(), Code::Unimplemented);
+    assert_eq!(
+        err.message(),
+        "arbor store: v3lockpb.Lock is not served (docs/store.md lists what is)"
+    );
+    // etcd's auth API: a clear refusal, whichever call.
     let err = status(c.auth_enable().await.unwrap_err());
     assert_eq!(err.code(), Code::Unimplemented);
+    assert!(
+        err.message().contains("Auth.AuthEnable is not supported")
+            && err.message().contains("per-host credentials"),
+        "{err:?}"
+    );
+    let err = status(c.user_list().await.unwrap_err());
+    assert!(err.message().contains("Auth.UserList"), "{err:?}");
+    // The same over the JSON gateway.
+    let reply = support::http_client::post(&store.endpoint, "/v3/auth/user/list", "{}").await;
+    assert_eq!(reply.status, 501, "{}", reply.body);
+    assert!(
+        reply.body.contains("per-host credentials"),
+        "{}",
+        reply.body
+    );
     // And the store goes on serving.
     c.put("still", "here", None).await.unwrap();
 }
@@ -439,4 +450,159 @@ async fn next(
         .expect("an event within 20s")
         .expect("the watch goes on")
         .expect("no history lost")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn defragment_folds_the_log_into_a_snapshot_and_the_data_survives() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let store = embedded_with(Some(&data)).await;
+    let mut c = store.client().await;
+    for i in 0..200 {
+        c.put(format!("d/{i:03}"), "v".repeat(1000), None)
+            .await
+            .unwrap();
+    }
+    c.delete("d/1", Some(etcd_client::DeleteOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    let rev = c
+        .put("d/last", "x", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    c.compact(rev, None).await.unwrap();
+    let before = c.status().await.unwrap();
+    let log_bytes = |dir: &Path| -> u64 {
+        log_segments(dir)
+            .iter()
+            .map(|p| std::fs::metadata(p).unwrap().len())
+            .sum()
+    };
+    assert!(log_bytes(&data) > 200_000, "the log holds every write");
+    assert!(before.db_size() > before.raft_used_db_size() + 200_000);
+
+    c.defragment().await.unwrap();
+    let after = c.status().await.unwrap();
+    assert_eq!(log_bytes(&data), 0, "the log starts over");
+    assert_eq!(log_segments(&data).len(), 1);
+    assert_eq!(after.db_size(), after.raft_used_db_size());
+    assert_eq!(after.raft_used_db_size(), before.raft_used_db_size());
+    let snapshot = std::fs::metadata(data.join("snapshot.pb")).unwrap().len();
+    assert!(snapshot > 100_000 && snapshot < 200_000, "{snapshot}");
+
+    let metrics = support::http_client::get(&store.endpoint, "/metrics")
+        .await
+        .body;
+    let has = |prefix: &str| metrics.lines().any(|l| l.starts_with(prefix));
+    assert!(
+        has("etcd_disk_backend_defrag_duration_seconds_count 1"),
+        "{metrics}"
+    );
+    assert!(
+        !has("etcd_disk_wal_fsync_duration_seconds_count 0"),
+        "the log was fsynced"
+    );
+    // arbor times every request by method (etcd only with --metrics=extensive).
+    assert!(
+        has(
+            "grpc_server_handling_seconds_count{grpc_method=\"Put\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"} 201"
+        ),
+        "{metrics}"
+    );
+    store.stop().await;
+
+    let store = embedded_with(Some(&data)).await;
+    let mut c = store.client().await;
+    let all = c
+        .get(
+            "d/",
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(all.count(), 101);
+    assert_eq!(all.header().unwrap().revision(), rev);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_alone_gives_space_back_to_the_quota() {
+    // arbor counts what it holds, so compaction frees room at once; etcd counts its file,
+    // which only defragmentation shrinks (docs/store.md).
+    let store = support::embedded_with_quota(200 << 10).await;
+    let mut c = store.client().await;
+    let mut last = 0;
+    for i in 0.. {
+        match c.put("same/key", "v".repeat(4096), None).await {
+            Ok(r) => last = r.header().unwrap().revision(),
+            Err(e) => {
+                assert!(i > 10, "{e}");
+                break;
+            }
+        }
+    }
+    let full = c.status().await.unwrap().raft_used_db_size();
+    c.compact(last, None).await.unwrap();
+    let compacted = c.status().await.unwrap().raft_used_db_size();
+    assert!(
+        compacted < 10_000,
+        "one version left: {compacted} bytes of {full}"
+    );
+    let mut member = etcd_client::AlarmOptions::new();
+    member.with_member(c.status().await.unwrap().header().unwrap().member_id());
+    c.alarm(
+        etcd_client::AlarmAction::Deactivate,
+        etcd_client::AlarmType::Nospace,
+        Some(member),
+    )
+    .await
+    .unwrap();
+    c.put("same/key", "fits again", None).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_json_gateway_refuses_what_a_web_page_could_send() {
+    use support::http_client::request_with;
+    let store = embedded_with(None).await;
+    let e = &store.endpoint;
+    let body = r#"{"key":"Zm9v","value":"YmFy"}"#;
+    let page = request_with(
+        e,
+        "POST",
+        "/v3/kv/put",
+        body,
+        &[("origin", "http://evil.example")],
+    )
+    .await;
+    assert_eq!(page.status, 403, "{}", page.body);
+    assert_eq!(page.json()["code"], 7);
+    let rebound = request_with(
+        e,
+        "POST",
+        "/v3/kv/put",
+        body,
+        &[("host", "evil.example:80")],
+    )
+    .await;
+    assert_eq!(rebound.status, 403, "{}", rebound.body);
+    let mut c = store.client().await;
+    assert!(
+        c.get("foo", None).await.unwrap().kvs().is_empty(),
+        "nothing was written"
+    );
+    // A script (no Origin, an IP or localhost as Host) is served.
+    let script = request_with(e, "POST", "/v3/kv/put", body, &[("host", "localhost")]).await;
+    assert_eq!(script.status, 200, "{}", script.body);
+    // /health, /version and /metrics answer anyone.
+    let health = request_with(
+        e,
+        "GET",
+        "/health",
+        "",
+        &[("origin", "http://evil.example")],
+    )
+    .await;
+    assert_eq!(health.status, 200);
 }

@@ -193,3 +193,110 @@ async fn etcdctl_drives_the_embedded_store() {
         "{health}"
     );
 }
+
+/// Runs etcdctl expecting it to fail; returns what it printed on stderr.
+async fn run_failing(endpoint: &str, args: &[&str]) -> String {
+    let out = etcdctl_at(endpoint)
+        .args(args)
+        .output()
+        .await
+        .expect("run /usr/bin/etcdctl");
+    assert!(!out.status.success(), "etcdctl {args:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_backs_up_defragments_and_handles_the_nospace_alarm() {
+    let store = support::embedded_with_quota(64 << 10).await;
+    let port = store.endpoint.rsplit(':').next().unwrap().to_string();
+    let host_port = format!("127.0.0.1:{port}");
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(run(&store, &["put", "keep", "1"], None).await, "OK\n");
+
+    let file = dir.path().join("backup.snap");
+    let file = file.to_str().unwrap();
+    assert_eq!(
+        run(&store, &["snapshot", "save", file], None).await,
+        format!("Snapshot saved at {file}\n")
+    );
+    // The file is arbor's format: etcdctl cannot read it (docs/store.md).
+    let status = run_failing(&store.endpoint, &["snapshot", "status", file]).await;
+    assert!(status.contains("Error: invalid database"), "{status}");
+
+    // Like endpoint status, defrag sends the endpoint as :authority: host:port it is.
+    assert_eq!(
+        run_at(&host_port, &["defrag"], None).await,
+        format!("Finished defragmenting etcd member[{host_port}]\n")
+    );
+    assert_eq!(run(&store, &["alarm", "list"], None).await, "");
+
+    let mut c = store.client().await;
+    let value = "x".repeat(4096);
+    let mut i = 0;
+    while c
+        .put(format!("fill/{i}"), value.clone(), None)
+        .await
+        .is_ok()
+    {
+        i += 1;
+        assert!(i < 100, "a 64 KiB quota never refused a write");
+    }
+    let refused = run_failing(&store.endpoint, &["put", "more", "x"]).await;
+    assert!(
+        refused.contains("Error: etcdserver: mvcc: database space exceeded"),
+        "{refused}"
+    );
+    let member = c.status().await.unwrap().header().unwrap().member_id();
+    let alarm = format!("memberID:{member} alarm:NOSPACE");
+    assert_eq!(
+        run(&store, &["alarm", "list"], None).await.trim_end(),
+        alarm
+    );
+    let status = run_at(&host_port, &["endpoint", "status"], None).await;
+    assert!(status.trim_end().ends_with(&alarm), "{status}");
+    assert_eq!(
+        run(&store, &["get", "keep", "--print-value-only"], None).await,
+        "1\n"
+    );
+    assert_eq!(
+        run(&store, &["del", "--prefix", "fill/"], None).await,
+        format!("{i}\n")
+    );
+    let rev = c
+        .get("keep", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    assert_eq!(
+        run(&store, &["compact", &rev.to_string()], None).await,
+        format!("compacted revision {rev}\n")
+    );
+    assert_eq!(
+        run(&store, &["alarm", "disarm"], None).await.trim_end(),
+        alarm
+    );
+    assert_eq!(run(&store, &["put", "more", "x"], None).await, "OK\n");
+    assert_eq!(run(&store, &["alarm", "list"], None).await, "");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_auth_commands_say_arbor_uses_per_host_credentials() {
+    let store = support::embedded().await;
+    for args in [
+        &["user", "list"][..],
+        &["role", "list"],
+        &["auth", "enable"],
+        &["user", "add", "alice", "--new-user-password=pw"],
+        &["role", "grant-permission", "r", "read", "k"],
+    ] {
+        let err = run_failing(&store.endpoint, args).await;
+        assert!(
+            err.contains("is not supported: the store has no etcd users or roles; arbor uses per-host credentials"),
+            "{args:?}: {err}"
+        );
+    }
+    let err = run_failing(&store.endpoint, &["--user=root:pw", "get", "k"]).await;
+    assert!(err.contains("per-host credentials"), "{err}");
+}

@@ -29,17 +29,34 @@ struct Args {
 enum Sub {
     /// Print arbor's version.
     Version,
-    /// Run the coordination store alone: an etcd v3 API server (etcdctl works against it).
+    /// Run the coordination store alone: an etcd v3 API server (etcdctl works against it),
+    /// with /health, /version, /metrics and etcd's JSON gateway on the same port.
+    #[command(
+        args_conflicts_with_subcommands = true,
+        subcommand_negates_reqs = true,
+        after_help = STORE_EXAMPLES
+    )]
     Store {
+        #[command(subcommand)]
+        action: Option<StoreSub>,
         /// Where to listen: host:port or unix:PATH. Loopback only, unless --allow-non-loopback.
-        #[arg(long, value_name = "ADDR")]
-        listen: String,
+        #[arg(long, value_name = "ADDR", required = true)]
+        listen: Option<String>,
         /// Persist the store here (every acknowledged write survives a crash); in memory if unset.
         #[arg(long, value_name = "DIR")]
         data_dir: Option<std::path::PathBuf>,
         /// Listen on a non-loopback address. The store has no authentication.
         #[arg(long)]
         allow_non_loopback: bool,
+        /// The space quota, as etcd's flag: past it writes are refused and the NOSPACE alarm
+        /// is raised. 0 is the default (2 GiB), a negative value means no quota.
+        #[arg(
+            long,
+            value_name = "BYTES",
+            default_value_t = 0,
+            allow_negative_numbers = true
+        )]
+        quota_backend_bytes: i64,
     },
     /// Run graphs here, on hosts over SSH, or through relays, and keep them converged.
     #[command(after_help = RUN_EXAMPLES)]
@@ -48,6 +65,27 @@ enum Sub {
     #[command(subcommand)]
     Topology(TopologySub),
 }
+
+#[derive(Subcommand, Debug)]
+enum StoreSub {
+    /// Make a new data dir from a snapshot that `etcdctl snapshot save` took of an arbor store.
+    Restore {
+        /// The snapshot file.
+        file: PathBuf,
+        /// The data dir to create; it must not exist, or be empty.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+    },
+}
+
+const STORE_EXAMPLES: &str = "\
+Examples:
+  arbor store --listen 127.0.0.1:2379 --data-dir ./data
+      serve the store; etcdctl --endpoints=http://127.0.0.1:2379 and curl work against it
+  ETCDCTL_API=3 etcdctl --endpoints=http://127.0.0.1:2379 snapshot save backup.snap
+      back it up (arbor's own snapshot format, see docs/store.md)
+  arbor store restore backup.snap --data-dir ./restored
+      make a new data dir from that backup, then serve it with --data-dir ./restored";
 
 #[derive(Subcommand, Debug)]
 enum TopologySub {
@@ -160,7 +198,7 @@ struct RunArgs {
 #[derive(Debug)]
 pub enum Command {
     Version,
-    Store(crate::store::StoreConfig),
+    Store(crate::store::StoreCommand),
     Run(Box<RunOptions>),
     /// `arbor topology check FILE`.
     TopologyCheck(PathBuf),
@@ -191,13 +229,30 @@ pub fn parse() -> Result<Invocation, ExitCode> {
     let command = match args.command {
         Some(Sub::Version) => Command::Version,
         Some(Sub::Store {
+            action: Some(StoreSub::Restore { file, data_dir }),
+            ..
+        }) => Command::Store(crate::store::StoreCommand::Restore {
+            snapshot: file,
+            data_dir,
+        }),
+        Some(Sub::Store {
+            action: None,
             listen,
             data_dir,
             allow_non_loopback,
-        }) => Command::Store(crate::store::StoreConfig {
-            listen,
-            data_dir,
-            allow_non_loopback,
+            quota_backend_bytes,
+        }) => Command::Store(crate::store::StoreCommand::Serve {
+            config: crate::store::StoreConfig {
+                // clap requires --listen without a subcommand.
+                listen: listen.unwrap_or_default(),
+                data_dir,
+                allow_non_loopback,
+            },
+            quota_bytes: match quota_backend_bytes {
+                0 => Some(crate::store::DEFAULT_QUOTA_BYTES),
+                q if q < 0 => None,
+                q => Some(q as u64),
+            },
         }),
         Some(Sub::Topology(TopologySub::Check { file })) => Command::TopologyCheck(file),
         Some(Sub::Run(run)) => {

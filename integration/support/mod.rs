@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod harness;
+pub mod http_client;
 mod store;
 #[allow(unused_imports)]
 pub use store::*;

@@ -120,6 +120,20 @@ pub async fn embedded_with(data_dir: Option<&Path>) -> TestStore {
     embedded_listening("127.0.0.1:0", test_options(data_dir.map(Path::to_path_buf))).await
 }
 
+/// The embedded store in memory with a space quota of `quota` bytes.
+pub async fn embedded_with_quota(quota: u64) -> TestStore {
+    let options = Options {
+        quota_bytes: Some(quota),
+        ..test_options(None)
+    };
+    embedded_listening("127.0.0.1:0", options).await
+}
+
+/// A real etcd with a space quota of `quota` bytes.
+pub async fn etcd_with_quota(quota: u64) -> TestStore {
+    etcd_with(&[&format!("--quota-backend-bytes={quota}")]).await
+}
+
 pub async fn embedded_listening(listen: &str, options: Options) -> TestStore {
     let config = StoreConfig {
         listen: listen.to_string(),
@@ -146,6 +160,11 @@ pub async fn embedded_listening(listen: &str, options: Options) -> TestStore {
 
 /// A real etcd 3.4 on free loopback ports, with a temp data dir.
 pub async fn etcd() -> TestStore {
+    etcd_with(&[]).await
+}
+
+/// [`etcd`] with more flags (`--quota-backend-bytes=...`).
+pub async fn etcd_with(args: &[&str]) -> TestStore {
     let dir = tempfile::tempdir().expect("temp dir");
     let (client_port, peer_port) = (free_port(), free_port());
     let client_url = format!("http://127.0.0.1:{client_port}");
@@ -163,6 +182,7 @@ pub async fn etcd() -> TestStore {
             "--experimental-watch-progress-notify-interval={}ms",
             PROGRESS_INTERVAL.as_millis()
         ))
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)

@@ -10,14 +10,16 @@
 //! Without a data dir, "durable" is "applied" and nothing waits.
 
 use super::errors;
+use super::metrics::{Gauges, Metrics};
 use super::mvcc::{Change, KeyRange, RevisionError};
-use super::state::{Ids, State};
+use super::state::{ALARM_NOSPACE, Ids, LEASE_COST, State, txn_cost};
 use super::wal::{self, Wal, WalRecord};
 use etcd_client::proto::{
     PbRangeRequest, PbRangeResponse, PbResponseHeader, PbTxnRequest, PbTxnResponse,
 };
 use prost::Message;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -37,7 +39,13 @@ pub struct Options {
     /// than etcd's 10 minutes: it is what keeps an idle client watch's resume point recent, so
     /// a reconnect after a busy spell elsewhere does not land behind compaction.
     pub progress_notify_interval: Duration,
+    /// The space quota (`--quota-backend-bytes`): once the store's size would pass it, writes
+    /// that add data are refused and the NOSPACE alarm is raised. `None`: no quota.
+    pub quota_bytes: Option<u64>,
 }
+
+/// The space quota unless told otherwise: etcd's default, 2 GiB.
+pub const DEFAULT_QUOTA_BYTES: u64 = 2 << 30;
 
 impl Default for Options {
     fn default() -> Self {
@@ -46,6 +54,7 @@ impl Default for Options {
             retain_revisions: 10_000,
             snapshot_after_bytes: 64 << 20,
             progress_notify_interval: Duration::from_secs(60),
+            quota_bytes: Some(DEFAULT_QUOTA_BYTES),
         }
     }
 }
@@ -69,12 +78,19 @@ pub struct Backend {
     options: Options,
     /// Fired when the server shuts down, so open streams end and shutdown can finish.
     closing: CancellationToken,
+    metrics: Arc<Metrics>,
 }
 
 /// What `Status` reports besides headers.
 pub struct StatusInfo {
     pub index: u64,
+    /// The state's size plus the log written since the last snapshot: what defragmentation
+    /// (which writes a snapshot and starts the log over) brings down to `db_size_in_use`.
     pub db_size: i64,
+    /// The state's size, as the quota counts it.
+    pub db_size_in_use: i64,
+    /// Why the store is unwell (an alarm, a failed log), if it is.
+    pub errors: Vec<String>,
 }
 
 impl Backend {
@@ -97,7 +113,7 @@ impl Backend {
                     Some(snap) => State::restore(snap, now),
                     None => {
                         let state = State::new(Ids::random());
-                        opened.write_snapshot(&state.snapshot())?;
+                        opened.write_snapshot(&state.snapshot_parts())?;
                         state
                     }
                 };
@@ -113,19 +129,23 @@ impl Backend {
             failed: None,
         });
         let ids = state.ids;
+        let metrics = Arc::new(Metrics::default());
         let wal = match opened {
             None => None,
             Some(opened) => {
                 let tx = durable.clone();
-                Some(opened.start(Box::new(move |result| {
-                    tx.send_modify(|d| match result {
-                        Ok((index, revision)) => {
-                            d.index = d.index.max(index);
-                            d.revision = d.revision.max(revision);
-                        }
-                        Err(e) => d.failed = Some(e.into()),
-                    })
-                }))?)
+                Some(opened.start(
+                    Box::new(move |result| {
+                        tx.send_modify(|d| match result {
+                            Ok((index, revision)) => {
+                                d.index = d.index.max(index);
+                                d.revision = d.revision.max(revision);
+                            }
+                            Err(e) => d.failed = Some(e.into()),
+                        })
+                    }),
+                    metrics.clone(),
+                )?)
             }
         };
         let backend = Arc::new(Backend {
@@ -135,6 +155,7 @@ impl Backend {
             ids,
             options,
             closing: CancellationToken::new(),
+            metrics,
         });
         tokio::spawn(expire_leases(Arc::downgrade(&backend)));
         Ok(backend)
@@ -161,6 +182,10 @@ impl Backend {
 
     pub fn options(&self) -> &Options {
         &self.options
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -200,6 +225,7 @@ impl Backend {
         let wait = {
             let mut st = self.lock();
             self.check_writable()?;
+            self.check_space(&mut st, txn_cost(req))?;
             let (resp, record) = st.txn(req)?;
             (resp, self.commit(&mut st, record))
         };
@@ -224,10 +250,12 @@ impl Backend {
         let (id, ttl, rev, index) = {
             let mut st = self.lock();
             self.check_writable()?;
+            self.check_space(&mut st, LEASE_COST)?;
             let (id, ttl, record) = st.lease_grant(id, ttl, Instant::now())?;
             (id, ttl, st.mvcc.current(), self.commit(&mut st, record))
         };
         self.wait_durable(index).await?;
+        self.metrics.leases_granted.fetch_add(1, Relaxed);
         Ok((id, ttl, rev))
     }
 
@@ -240,12 +268,17 @@ impl Backend {
             (st.mvcc.current(), self.commit(&mut st, record))
         };
         self.wait_durable(index).await?;
+        self.metrics.leases_revoked.fetch_add(1, Relaxed);
         Ok(rev)
     }
 
     /// Restarts a lease's TTL; returns the TTL, 0 if the lease does not exist (as etcd does).
     pub fn lease_keep_alive(&self, id: i64) -> i64 {
-        self.lock().lessor.renew(id, Instant::now()).unwrap_or(0)
+        let ttl = self.lock().lessor.renew(id, Instant::now()).unwrap_or(0);
+        if ttl > 0 {
+            self.metrics.leases_renewed.fetch_add(1, Relaxed);
+        }
+        ttl
     }
 
     /// `(remaining seconds, granted TTL, keys)` of a lease, or `None` if it does not exist.
@@ -269,14 +302,171 @@ impl Backend {
     }
 
     pub fn status_info(&self) -> StatusInfo {
-        let st = self.lock();
-        let db_size = self.wal.as_ref().map_or(0, |w| {
-            w.segment_bytes.load(std::sync::atomic::Ordering::Relaxed)
-        }) as i64;
+        let (index, in_use, alarms) = {
+            let st = self.lock();
+            (st.index, st.size(), !st.alarms.is_empty())
+        };
+        let log = self
+            .wal
+            .as_ref()
+            .map_or(0, |w| w.segment_bytes.load(Relaxed));
         StatusInfo {
-            index: st.index,
-            db_size,
+            index,
+            db_size: (in_use + log) as i64,
+            db_size_in_use: in_use as i64,
+            errors: self.health_problems(alarms),
         }
+    }
+
+    /// Why the store is not healthy, if it is not: an alarm, or a failed log.
+    fn health_problems(&self, alarms: bool) -> Vec<String> {
+        let mut problems = Vec::new();
+        if alarms {
+            for alarm in self.alarms() {
+                // As etcd writes an alarm (the protobuf text form, space included).
+                problems.push(format!(
+                    "memberID:{} alarm:{} ",
+                    self.ids.member_id,
+                    super::state::alarm_name(alarm)
+                ));
+            }
+        }
+        if let Some(cause) = &self.durable.borrow().failed {
+            problems.push(format!("the write-ahead log failed: {cause}"));
+        }
+        problems
+    }
+
+    /// `Ok` when the store serves reads and writes: no alarm is raised and the log works.
+    /// Otherwise the reasons, for `/health`.
+    pub fn health(&self) -> Result<(), Vec<String>> {
+        let alarms = !self.lock().alarms.is_empty();
+        let problems = self.health_problems(alarms);
+        if problems.is_empty() {
+            self.metrics.health_successes.fetch_add(1, Relaxed);
+            Ok(())
+        } else {
+            self.metrics.health_failures.fetch_add(1, Relaxed);
+            Err(problems)
+        }
+    }
+
+    /// The figures `/metrics` shows about the state.
+    pub fn gauges(&self) -> Gauges {
+        let (keys, leases, revision, compacted, index, in_use, nospace) = {
+            let st = self.lock();
+            (
+                st.mvcc.live_keys(),
+                st.lessor.len(),
+                st.mvcc.current(),
+                st.mvcc.compacted(),
+                st.index,
+                st.size(),
+                st.alarms.contains(&ALARM_NOSPACE),
+            )
+        };
+        let log = self
+            .wal
+            .as_ref()
+            .map_or(0, |w| w.segment_bytes.load(Relaxed));
+        Gauges {
+            member_id: self.ids.member_id,
+            version: super::maintenance::API_VERSION,
+            quota_bytes: self
+                .options
+                .quota_bytes
+                .map_or(-1, |q| i64::try_from(q).unwrap_or(i64::MAX)),
+            db_size: (in_use + log) as i64,
+            db_size_in_use: in_use as i64,
+            keys,
+            leases,
+            revision,
+            compacted,
+            index,
+            durable_index: self.durable.borrow().index,
+            nospace,
+        }
+    }
+
+    /// The alarms raised, as etcd's AlarmType values.
+    pub fn alarms(&self) -> Vec<i32> {
+        self.lock().alarms.iter().copied().collect()
+    }
+
+    /// Raises an alarm (Maintenance.Alarm ACTIVATE); returns it if it was not raised before.
+    pub async fn raise_alarm(&self, alarm: i32) -> Result<Option<i32>, Status> {
+        let index = {
+            let mut st = self.lock();
+            self.check_writable()?;
+            st.raise_alarm(alarm)
+                .map(|record| self.commit(&mut st, record))
+        };
+        match index {
+            Some(index) => {
+                self.wait_durable(index).await?;
+                Ok(Some(alarm))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Disarms an alarm (Maintenance.Alarm DEACTIVATE); returns it if it was raised. Writes are
+    /// accepted again, until the next one that does not fit the quota.
+    pub async fn clear_alarm(&self, alarm: i32) -> Result<Option<i32>, Status> {
+        let index = {
+            let mut st = self.lock();
+            self.check_writable()?;
+            st.clear_alarm(alarm)
+                .map(|record| self.commit(&mut st, record))
+        };
+        match index {
+            Some(index) => {
+                self.wait_durable(index).await?;
+                tracing::info!("store: alarm {} disarmed", super::state::alarm_name(alarm));
+                Ok(Some(alarm))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Defragmentation, in arbor's terms: writes a snapshot of the state now and starts the
+    /// log over, so the data dir holds the state and nothing more. In memory, nothing to do.
+    pub async fn defragment(&self) -> Result<(), Status> {
+        let started = Instant::now();
+        let Some(wal) = &self.wal else {
+            return Ok(());
+        };
+        let placed = {
+            let st = self.lock();
+            self.check_writable()?;
+            wal.snapshot_pending.store(true, Relaxed);
+            let (done, placed) = tokio::sync::oneshot::channel();
+            wal.snapshot(st.index, st.mvcc.current(), st.snapshot_parts(), Some(done))
+                .map_err(|e| errors::storage_failed(&e))?;
+            placed
+        };
+        match placed.await {
+            Ok(Ok(())) => {
+                self.metrics.defrag.observe(started.elapsed());
+                Ok(())
+            }
+            Ok(Err(e)) => Err(errors::storage_failed(&e)),
+            Err(_) => Err(errors::storage_failed("the log thread has stopped")),
+        }
+    }
+
+    /// A consistent snapshot of the whole state, encoded (the payload of a snapshot file; see
+    /// `wal::snapshot_header`). Holds the state lock only to share its versions, and answers
+    /// once everything in it is durable, as any read does.
+    pub async fn snapshot(&self) -> Result<Vec<u8>, Status> {
+        let (parts, index) = {
+            let st = self.lock();
+            (st.snapshot_parts(), st.index)
+        };
+        self.wait_durable(index).await?;
+        tokio::task::spawn_blocking(move || parts.encode())
+            .await
+            .map_err(|e| Status::internal(format!("arbor store: encoding a snapshot: {e}")))
     }
 
     /// The changes a watcher on `range` has not seen yet: from `from` up to the newest visible
@@ -292,6 +482,34 @@ impl Backend {
         let st = self.lock();
         let (changes, next) = st.mvcc.changes_since(range, from, visible, budget)?;
         Ok((changes, next, visible))
+    }
+
+    /// The space quota, for a request that adds `cost` bytes: refused while the NOSPACE alarm
+    /// is raised, and refused (raising it) when it would take the store to the quota. Requests
+    /// that add nothing (reads, deletes, compaction, revokes) always pass, as in etcd.
+    fn check_space(&self, st: &mut State, cost: u64) -> Result<(), Status> {
+        if cost == 0 {
+            return Ok(());
+        }
+        if st.alarms.contains(&ALARM_NOSPACE) {
+            return Err(errors::no_space());
+        }
+        let Some(quota) = self.options.quota_bytes else {
+            return Ok(());
+        };
+        if st.size() + cost < quota {
+            return Ok(());
+        }
+        if let Some(record) = st.raise_alarm(ALARM_NOSPACE) {
+            tracing::warn!(
+                "store: the space quota ({quota} bytes) is reached ({} bytes in use): NOSPACE \
+                 alarm raised; writes are refused until space is freed (delete, compact) and \
+                 the alarm disarmed (etcdctl alarm disarm)",
+                st.size()
+            );
+            self.commit(st, record);
+        }
+        Err(errors::no_space())
     }
 
     fn check_writable(&self) -> Result<(), Status> {
@@ -348,8 +566,7 @@ impl Backend {
         {
             return;
         }
-        let bytes = st.snapshot().encode_to_vec();
-        if let Err(e) = wal.snapshot(st.index, st.mvcc.current(), bytes) {
+        if let Err(e) = wal.snapshot(st.index, st.mvcc.current(), st.snapshot_parts(), None) {
             self.durable.send_modify(|d| d.failed = Some(e.into()));
         }
     }
@@ -378,6 +595,7 @@ impl Backend {
         for id in st.lessor.expired(Instant::now()) {
             if let Ok(record) = st.lease_revoke(id) {
                 tracing::debug!("store: lease {id:x} expired");
+                self.metrics.leases_expired.fetch_add(1, Relaxed);
                 self.commit(&mut st, record);
             }
         }

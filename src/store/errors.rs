@@ -55,6 +55,11 @@ pub fn lease_ttl_too_large() -> Status {
     Status::out_of_range("etcdserver: too large lease TTL")
 }
 
+/// etcd's ErrGRPCNoSpace: the space quota is reached, or the NOSPACE alarm is raised.
+pub fn no_space() -> Status {
+    Status::resource_exhausted("etcdserver: mvcc: database space exceeded")
+}
+
 pub fn revision(e: RevisionError) -> Status {
     match e {
         RevisionError::Compacted(_) => compacted(),
@@ -67,6 +72,15 @@ pub fn revision(e: RevisionError) -> Status {
 pub fn storage_failed(cause: &str) -> Status {
     Status::unavailable(format!(
         "arbor store: the write-ahead log failed, writes are refused: {cause}"
+    ))
+}
+
+/// etcd's auth API (users, roles, tokens) is not served: arbor gives each host its own
+/// credential instead.
+pub fn auth_unsupported(what: &str) -> Status {
+    Status::unimplemented(format!(
+        "arbor store: {what} is not supported: the store has no etcd users or roles; arbor uses \
+         per-host credentials (docs/store.md)"
     ))
 }
 

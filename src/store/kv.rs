@@ -40,10 +40,19 @@ impl KvService {
             failure: vec![],
         };
         let mut resp = self.backend.txn(&txn).await?;
-        resp.responses
+        let mut op = resp
+            .responses
             .pop()
             .and_then(|r| r.response)
-            .ok_or_else(|| Status::internal("arbor store: a one-op txn answered no op"))
+            .ok_or_else(|| Status::internal("arbor store: a one-op txn answered no op"))?;
+        // The op's own header holds only its revision (as inside any txn); a Put or DeleteRange
+        // answers with the whole header.
+        match &mut op {
+            PbTxnOpResponse::ResponsePut(r) => r.header = resp.header,
+            PbTxnOpResponse::ResponseDeleteRange(r) => r.header = resp.header,
+            _ => {}
+        }
+        Ok(op)
     }
 }
 

@@ -51,31 +51,8 @@ impl PbLeaseService for LeaseService {
         &self,
         request: Request<Streaming<PbLeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
-        let backend = self.backend.clone();
-        let closing = backend.closing();
-        let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(async move {
-            loop {
-                let req = tokio::select! {
-                    req = inbound.next() => req,
-                    () = closing.cancelled() => None,
-                };
-                let Some(Ok(req)) = req else {
-                    return;
-                };
-                let answer = PbLeaseKeepAliveResponse {
-                    header: Some(backend.header(backend.visible())),
-                    id: req.id,
-                    ttl: backend.lease_keep_alive(req.id),
-                };
-                if tx.send(Ok(answer)).await.is_err() {
-                    return;
-                }
-            }
-        });
-        let answers = ReceiverStream::new(rx);
-        Ok(Response::new(Box::pin(answers)))
+        let rx = keep_alive(self.backend.clone(), request.into_inner());
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     /// A lease that does not exist has TTL -1, as etcd answers.
@@ -119,4 +96,37 @@ impl PbLeaseService for LeaseService {
             leases,
         }))
     }
+}
+
+/// One keep-alive stream: an answer per request in `inbound` (from gRPC or the JSON gateway),
+/// until `inbound` ends, as etcd's does.
+pub fn keep_alive<S>(
+    backend: Arc<Backend>,
+    mut inbound: S,
+) -> mpsc::Receiver<Result<PbLeaseKeepAliveResponse, Status>>
+where
+    S: Stream<Item = Result<PbLeaseKeepAliveRequest, Status>> + Unpin + Send + 'static,
+{
+    let closing = backend.closing();
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            let req = tokio::select! {
+                req = inbound.next() => req,
+                () = closing.cancelled() => None,
+            };
+            let Some(Ok(req)) = req else {
+                return;
+            };
+            let answer = PbLeaseKeepAliveResponse {
+                header: Some(backend.header(backend.visible())),
+                id: req.id,
+                ttl: backend.lease_keep_alive(req.id),
+            };
+            if tx.send(Ok(answer)).await.is_err() {
+                return;
+            }
+        }
+    });
+    rx
 }

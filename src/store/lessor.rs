@@ -80,6 +80,10 @@ impl Lessor {
         due.into_iter().map(|(_, id)| id).collect()
     }
 
+    pub fn len(&self) -> usize {
+        self.leases.len()
+    }
+
     pub fn ids(&self) -> Vec<i64> {
         let mut ids: Vec<i64> = self.leases.keys().copied().collect();
         ids.sort();

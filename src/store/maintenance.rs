@@ -1,17 +1,18 @@
-//! Maintenance.Status and Cluster.MemberList, enough for `etcdctl endpoint status` and
-//! `etcdctl member list`: the store is a single member that is always the leader. Every other
-//! RPC of both services answers Unimplemented.
+//! The Maintenance service (Status, Alarm, Defragment, Snapshot) and Cluster.MemberList: the
+//! store is a single member that is always the leader. Hash, HashKV, MoveLeader, Downgrade and
+//! the rest of Cluster answer Unimplemented.
 
 use super::backend::Backend;
 use super::errors;
+use super::state::ALARM_NOSPACE;
 use etcd_client::proto::{
-    PbAlarmRequest, PbAlarmResponse, PbClusterService, PbDefragmentRequest, PbDefragmentResponse,
-    PbDowngradeRequest, PbDowngradeResponse, PbHashKvRequest, PbHashKvResponse, PbHashRequest,
-    PbHashResponse, PbMaintenanceService, PbMember, PbMemberAddRequest, PbMemberAddResponse,
-    PbMemberListRequest, PbMemberListResponse, PbMemberPromoteRequest, PbMemberPromoteResponse,
-    PbMemberRemoveRequest, PbMemberRemoveResponse, PbMemberUpdateRequest, PbMemberUpdateResponse,
-    PbMoveLeaderRequest, PbMoveLeaderResponse, PbSnapshotRequest, PbSnapshotResponse,
-    PbStatusRequest, PbStatusResponse,
+    PbAlarmMember, PbAlarmRequest, PbAlarmResponse, PbClusterService, PbDefragmentRequest,
+    PbDefragmentResponse, PbDowngradeRequest, PbDowngradeResponse, PbHashKvRequest,
+    PbHashKvResponse, PbHashRequest, PbHashResponse, PbMaintenanceService, PbMember,
+    PbMemberAddRequest, PbMemberAddResponse, PbMemberListRequest, PbMemberListResponse,
+    PbMemberPromoteRequest, PbMemberPromoteResponse, PbMemberRemoveRequest, PbMemberRemoveResponse,
+    PbMemberUpdateRequest, PbMemberUpdateResponse, PbMoveLeaderRequest, PbMoveLeaderResponse,
+    PbSnapshotRequest, PbSnapshotResponse, PbStatusRequest, PbStatusResponse,
 };
 use std::pin::Pin;
 use std::sync::Arc;
@@ -23,17 +24,63 @@ pub const API_VERSION: &str = "3.4.0";
 /// The member name in `etcdctl member list`.
 pub const MEMBER_NAME: &str = "arbor";
 
+/// Snapshot stream chunk size.
+const SNAPSHOT_CHUNK: usize = 1 << 20;
+
+// AlarmRequest.AlarmAction values.
+const ALARM_GET: i32 = 0;
+const ALARM_ACTIVATE: i32 = 1;
+const ALARM_DEACTIVATE: i32 = 2;
+
 pub struct MaintenanceService {
     pub backend: Arc<Backend>,
 }
 
 #[tonic::async_trait]
 impl PbMaintenanceService for MaintenanceService {
+    /// GET lists the alarms; ACTIVATE raises NOSPACE (the only alarm the store has);
+    /// DEACTIVATE disarms one. As in etcd, the response has no header and lists the alarms
+    /// listed, raised or disarmed (`etcdctl alarm list`, `etcdctl alarm disarm`).
     async fn alarm(
         &self,
-        _request: Request<PbAlarmRequest>,
+        request: Request<PbAlarmRequest>,
     ) -> Result<Response<PbAlarmResponse>, Status> {
-        Err(errors::unimplemented("Maintenance.Alarm"))
+        let req = request.get_ref();
+        let member_id = self.backend.ids().member_id;
+        let alarms = match req.action {
+            ALARM_GET => self.backend.alarms(),
+            ALARM_ACTIVATE => {
+                if req.alarm != ALARM_NOSPACE {
+                    return Err(Status::invalid_argument(
+                        "arbor store: only the NOSPACE alarm can be raised",
+                    ));
+                }
+                self.backend
+                    .raise_alarm(req.alarm)
+                    .await?
+                    .into_iter()
+                    .collect()
+            }
+            ALARM_DEACTIVATE if req.member_id == member_id => self
+                .backend
+                .clear_alarm(req.alarm)
+                .await?
+                .into_iter()
+                .collect(),
+            ALARM_DEACTIVATE => vec![],
+            _ => {
+                return Err(Status::invalid_argument(
+                    "arbor store: unknown alarm action",
+                ));
+            }
+        };
+        Ok(Response::new(PbAlarmResponse {
+            header: None,
+            alarms: alarms
+                .into_iter()
+                .map(|alarm| PbAlarmMember { member_id, alarm })
+                .collect(),
+        }))
     }
 
     async fn status(
@@ -50,8 +97,8 @@ impl PbMaintenanceService for MaintenanceService {
             raft_index: info.index,
             raft_term: super::state::RAFT_TERM,
             raft_applied_index: info.index,
-            errors: vec![],
-            db_size_in_use: info.db_size,
+            errors: info.errors,
+            db_size_in_use: info.db_size_in_use,
             is_learner: false,
             ..Default::default()
         }))
@@ -61,7 +108,9 @@ impl PbMaintenanceService for MaintenanceService {
         &self,
         _request: Request<PbDefragmentRequest>,
     ) -> Result<Response<PbDefragmentResponse>, Status> {
-        Err(errors::unimplemented("Maintenance.Defragment"))
+        self.backend.defragment().await?;
+        // etcd answers with no header.
+        Ok(Response::new(PbDefragmentResponse { header: None }))
     }
 
     async fn hash(
@@ -81,11 +130,56 @@ impl PbMaintenanceService for MaintenanceService {
     type SnapshotStream =
         Pin<Box<dyn Stream<Item = Result<PbSnapshotResponse, Status>> + Send + 'static>>;
 
+    /// The whole state as a snapshot file (arbor's format, docs/store.md), in chunks:
+    /// `etcdctl snapshot save` writes them to its file as they come.
     async fn snapshot(
         &self,
         _request: Request<PbSnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
-        Err(errors::unimplemented("Maintenance.Snapshot"))
+        let started = std::time::Instant::now();
+        let header = self.backend.header(self.backend.visible());
+        let payload = self.backend.snapshot().await?;
+        let file_header = super::wal::snapshot_header(&payload)
+            .map_err(|e| Status::internal(format!("{e:#}")))?;
+        let (file_header, payload, trailer) = tokio::task::spawn_blocking(move || {
+            let trailer = super::wal::snapshot_trailer(&file_header, &payload);
+            (file_header, payload, trailer)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("arbor store: a snapshot's checksum: {e}")))?;
+        let total = (file_header.len() + payload.len() + trailer.len()) as u64;
+        let metrics = self.backend.metrics().clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut sent = 0u64;
+            let mut first = Some(header);
+            let mut chunks = std::iter::once(file_header.as_slice())
+                .chain(payload.chunks(SNAPSHOT_CHUNK))
+                .chain(std::iter::once(trailer.as_slice()));
+            while let Some(chunk) = chunks.next() {
+                // The header goes with the first chunk of the state.
+                let mut blob = chunk.to_vec();
+                if sent == 0
+                    && let Some(next) = chunks.next()
+                {
+                    blob.extend_from_slice(next);
+                }
+                sent += blob.len() as u64;
+                let resp = PbSnapshotResponse {
+                    header: first.take(),
+                    remaining_bytes: total - sent,
+                    blob,
+                    version: String::new(),
+                };
+                if tx.send(Ok(resp)).await.is_err() {
+                    return;
+                }
+            }
+            metrics.snapshot_send.observe(started.elapsed());
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn move_leader(

@@ -3,28 +3,36 @@
 //!
 //! Map of the server, from the wire inwards:
 //! - [`server`]: listening (loopback or Unix socket only, unless told otherwise) and shutdown;
+//! - `http`: HTTP on the same port: `/health`, `/version`, `/metrics` (`metrics`) and the
+//!   JSON gateway under `/v3/` (`json`), over the same services as gRPC;
 //! - `kv`, `watch`, `lease`, `maintenance`: the gRPC services, thin over the backend;
 //! - `backend`: durability and visibility: nothing is shown or acknowledged before it is
 //!   durable;
 //! - `state`: the state machine (requests to effects), over `mvcc` (versions and revisions)
 //!   and `lessor` (leases);
-//! - `wal`: the write-ahead log with group commit, and snapshots.
+//! - `wal`: the write-ahead log with group commit, and snapshots (also the format of the
+//!   snapshot files `etcdctl snapshot save` writes and `restore` reads).
 //!
 //! docs/store.md has the policies (limits, compaction, durability) and why they are so.
 
 mod backend;
 pub mod client;
 mod errors;
+mod http;
+mod json;
 mod kv;
 mod lease;
 mod lessor;
 mod maintenance;
+mod metrics;
 mod mvcc;
+mod restore;
 mod server;
 mod state;
 mod wal;
 mod watch;
 
-pub use backend::Options;
+pub use backend::{DEFAULT_QUOTA_BYTES, Options};
 pub use kv::MAX_REQUEST_BYTES;
-pub use server::{ListenAddr, Store, StoreConfig, run};
+pub use restore::{Restored, restore};
+pub use server::{ListenAddr, Store, StoreCommand, StoreConfig, run};

@@ -18,6 +18,16 @@ use std::sync::Arc;
 /// One version of one key, shared between the key's history and the revision log.
 pub type Kv = Arc<KeyValue>;
 
+/// What one retained version is counted as in the store's size, besides its key and value:
+/// roughly the memory it holds (the shared version, its slots in the key's history and in the
+/// revision log, the prev_kv reference). The size is what the space quota limits.
+pub const VERSION_OVERHEAD: u64 = 256;
+
+/// The bytes one version counts for in the store's size.
+pub fn version_size(kv: &KeyValue) -> u64 {
+    (kv.key.len() + kv.value.len()) as u64 + VERSION_OVERHEAD
+}
+
 /// A deletion marker (see the module docs).
 pub fn is_tombstone(kv: &KeyValue) -> bool {
     kv.create_revision == 0
@@ -127,6 +137,10 @@ pub struct Mvcc {
     log: VecDeque<RevisionChanges>,
     current: i64,
     compacted: i64,
+    /// [`version_size`] summed over every retained version (tombstones included).
+    bytes: u64,
+    /// Keys whose newest version is live.
+    live: usize,
 }
 
 impl Default for Mvcc {
@@ -143,6 +157,8 @@ impl Mvcc {
             log: VecDeque::new(),
             current: 1,
             compacted: 0,
+            bytes: 0,
+            live: 0,
         }
     }
 
@@ -157,10 +173,12 @@ impl Mvcc {
         let mut mvcc = Mvcc::new();
         mvcc.compacted = compacted;
         for kv in base {
-            mvcc.keys
-                .entry(kv.key.clone())
-                .or_default()
-                .push(Arc::new(kv));
+            mvcc.bytes += version_size(&kv);
+            let history = mvcc.keys.entry(kv.key.clone()).or_default();
+            let was_live = history.last().is_some_and(|p| !is_tombstone(p));
+            let live = !is_tombstone(&kv);
+            history.push(Arc::new(kv));
+            mvcc.count_live(was_live, live);
         }
         for changes in revisions {
             for kv in changes {
@@ -169,6 +187,24 @@ impl Mvcc {
         }
         mvcc.current = mvcc.current.max(current);
         mvcc
+    }
+
+    fn count_live(&mut self, was_live: bool, live: bool) {
+        match (was_live, live) {
+            (false, true) => self.live += 1,
+            (true, false) => self.live -= 1,
+            _ => {}
+        }
+    }
+
+    /// The store's size: [`version_size`] summed over every version kept.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// How many keys exist now (counting versions not yet durable).
+    pub fn live_keys(&self) -> usize {
+        self.live
     }
 
     /// The newest revision applied (durable or not).
@@ -217,6 +253,8 @@ impl Mvcc {
         let history = self.keys.entry(kv.key.clone()).or_default();
         let prev = history.last().filter(|p| !is_tombstone(p)).cloned();
         history.push(kv.clone());
+        self.bytes += version_size(&kv);
+        self.count_live(prev.is_some(), !is_tombstone(&kv));
         match self.log.back_mut() {
             Some(last) if last.revision == rev => last.changes.push(Change {
                 kv,
@@ -276,6 +314,7 @@ impl Mvcc {
         if rev <= self.compacted {
             return;
         }
+        let mut freed = 0;
         self.keys.retain(|_, history| {
             let keep_from = history.partition_point(|kv| kv.mod_revision <= rev);
             // history[keep_from - 1] is what a read at `rev` sees: keep it unless it is a
@@ -287,12 +326,16 @@ impl Mvcc {
             {
                 first += 1;
             }
-            history.drain(..first);
+            freed += history
+                .drain(..first)
+                .map(|kv| version_size(&kv))
+                .sum::<u64>();
             !history.is_empty()
         });
         while self.log.front().is_some_and(|r| r.revision < rev) {
             self.log.pop_front();
         }
+        self.bytes -= freed;
         self.compacted = rev;
     }
 
@@ -333,17 +376,19 @@ impl Mvcc {
 
     /// What a snapshot needs: the versions older than the compaction point, and each retained
     /// revision's changes in order.
-    pub fn snapshot_parts(&self) -> (Vec<KeyValue>, Vec<Vec<KeyValue>>) {
+    /// Shares the versions instead of copying them, so taking the parts under the state lock is
+    /// cheap; encoding them happens after the lock is let go.
+    pub fn snapshot_parts(&self) -> (Vec<Kv>, Vec<Vec<Kv>>) {
         let base = self
             .keys
             .values()
             .flat_map(|h| h.iter().take_while(|kv| kv.mod_revision < self.compacted))
-            .map(|kv| KeyValue::clone(kv))
+            .cloned()
             .collect();
         let revisions = self
             .log
             .iter()
-            .map(|r| r.changes.iter().map(|c| KeyValue::clone(&c.kv)).collect())
+            .map(|r| r.changes.iter().map(|c| c.kv.clone()).collect())
             .collect();
         (base, revisions)
     }
@@ -463,7 +508,15 @@ mod tests {
         m.compact(3);
         m.delete_range(&KeyRange::single(b"b"), 5);
         let (base, revisions) = m.snapshot_parts();
-        let r = Mvcc::restore(m.current(), m.compacted(), base, revisions);
+        let owned = |kvs: Vec<Kv>| kvs.iter().map(|kv| KeyValue::clone(kv)).collect::<Vec<_>>();
+        let r = Mvcc::restore(
+            m.current(),
+            m.compacted(),
+            owned(base),
+            revisions.into_iter().map(owned),
+        );
+        assert_eq!((r.bytes(), r.live_keys()), (m.bytes(), m.live_keys()));
+        assert_eq!(r.live_keys(), 1, "a is live, b deleted");
         assert_eq!(r.current(), 5);
         assert_eq!(r.compacted(), 3);
         for at in 3..=5 {

@@ -5,6 +5,7 @@
 //! needs `allow_non_loopback`.
 
 use super::backend::{Backend, Options};
+use super::http::{Front, FrontLayer};
 use super::kv::{GRPC_OVERHEAD_BYTES, KvService, MAX_REQUEST_BYTES};
 use super::lease::LeaseService;
 use super::maintenance::{ClusterService, MaintenanceService};
@@ -110,9 +111,14 @@ impl Store {
         let b = &self.backend;
         // Clients behind a tunnel can vanish without a reset: probe idle connections so their
         // streams end instead of lingering.
+        // HTTP/1.1 as well as HTTP/2, for /health, /metrics and the JSON gateway (curl, scripts);
+        // the front sends everything that is not gRPC there.
+        let front = Front::new(b.clone(), vec![self.endpoint.clone()]);
         let router = tonic::transport::Server::builder()
+            .accept_http1(true)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .layer(FrontLayer(front))
             .add_service(
                 PbKvServer::new(KvService { backend: b.clone() }).max_decoding_message_size(limit),
             )
@@ -174,9 +180,45 @@ impl Store {
     }
 }
 
-/// Runs `arbor store` until `shutdown` fires.
-pub async fn run(config: StoreConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let store = Store::bind(&config).await?;
+/// What `arbor store` was asked to do.
+#[derive(Debug, Clone)]
+pub enum StoreCommand {
+    /// Serve until stopped.
+    Serve {
+        config: StoreConfig,
+        /// The space quota; `None` for none.
+        quota_bytes: Option<u64>,
+    },
+    /// Make a new data dir from a snapshot file, then exit.
+    Restore {
+        snapshot: PathBuf,
+        data_dir: PathBuf,
+    },
+}
+
+/// Runs `arbor store` (serving until `shutdown` fires) or `arbor store restore`.
+pub async fn run(command: StoreCommand, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let (config, quota_bytes) = match command {
+        StoreCommand::Serve {
+            config,
+            quota_bytes,
+        } => (config, quota_bytes),
+        StoreCommand::Restore { snapshot, data_dir } => {
+            let restored = super::restore::restore(&snapshot, &data_dir)?;
+            println!(
+                "restored {} into {}: {restored}",
+                snapshot.display(),
+                data_dir.display()
+            );
+            return Ok(());
+        }
+    };
+    let options = Options {
+        data_dir: config.data_dir.clone(),
+        quota_bytes,
+        ..Options::default()
+    };
+    let store = Store::bind_with(&config, options).await?;
     match &config.data_dir {
         Some(dir) => tracing::info!(
             "store: serving {} (data in {})",

@@ -8,13 +8,13 @@
 use super::errors;
 use super::lessor::{Lessor, MAX_TTL, MIN_TTL};
 use super::mvcc::{KeyRange, Kv, Mvcc, is_tombstone};
-use super::wal::{LeaseRecord, SnapshotRecord, WalRecord};
+use super::wal::{LeaseRecord, SnapshotParts, SnapshotRecord, WalRecord};
 use etcd_client::proto::{
     PbCompare, PbCompareTarget, PbDeleteRequest, PbDeleteResponse, PbKeyValue as KeyValue,
     PbPutRequest, PbPutResponse, PbRangeRequest, PbRangeResponse, PbResponseHeader, PbResponseOp,
     PbTargetUnion, PbTxnOpRequest, PbTxnOpResponse, PbTxnRequest, PbTxnRequestOp, PbTxnResponse,
 };
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 use tonic::Status;
@@ -24,6 +24,15 @@ pub const MAX_TXN_OPS: usize = 128;
 
 /// Reported as raft_term everywhere: a single member that never held an election.
 pub const RAFT_TERM: u64 = 1;
+
+/// etcd's AlarmType values.
+pub const ALARM_NOSPACE: i32 = 1;
+pub const ALARM_CORRUPT: i32 = 2;
+
+/// What a put counts for against the space quota besides its key and value, and what a lease
+/// counts for: etcd's figures (kvOverhead, leaseOverhead in its quota.go).
+pub const PUT_COST_OVERHEAD: u64 = 256;
+pub const LEASE_COST: u64 = 64;
 
 /// The identity the store reports in every header; fixed for the life of a data dir.
 #[derive(Debug, Clone, Copy)]
@@ -50,6 +59,8 @@ pub struct State {
     pub ids: Ids,
     /// Index of the last record handed to the log (0 before the first).
     pub index: u64,
+    /// Alarms raised and not disarmed (etcd's AlarmType values).
+    pub alarms: BTreeSet<i32>,
 }
 
 // sort_order and sort_target values from rpc.proto.
@@ -75,7 +86,30 @@ impl State {
             lessor: Lessor::default(),
             ids,
             index: 0,
+            alarms: BTreeSet::new(),
         }
+    }
+
+    /// The store's size, as the space quota and `dbSizeInUse` count it: every version kept
+    /// (see [`super::mvcc::version_size`]) and every lease.
+    pub fn size(&self) -> u64 {
+        self.mvcc.bytes() + self.lessor.len() as u64 * LEASE_COST
+    }
+
+    /// Raises an alarm; returns what to log, or `None` if it was already raised.
+    pub fn raise_alarm(&mut self, alarm: i32) -> Option<WalRecord> {
+        self.alarms.insert(alarm).then(|| WalRecord {
+            alarms_raised: vec![alarm],
+            ..Default::default()
+        })
+    }
+
+    /// Disarms an alarm; returns what to log, or `None` if it was not raised.
+    pub fn clear_alarm(&mut self, alarm: i32) -> Option<WalRecord> {
+        self.alarms.remove(&alarm).then(|| WalRecord {
+            alarms_cleared: vec![alarm],
+            ..Default::default()
+        })
     }
 
     pub fn header(&self, revision: i64) -> PbResponseHeader {
@@ -162,7 +196,10 @@ impl State {
         self.check_txn(req, before, &mut steps)?;
         let mut record = WalRecord::default();
         let mut steps = path.iter().copied();
-        let resp = self.exec_txn(req, before + 1, &mut steps, &mut record);
+        let mut resp = self.exec_txn(req, before + 1, &mut steps, &mut record);
+        // Only the outer header names the cluster and member; the responses inside a txn carry
+        // just their revision, as etcd's do.
+        resp.header = Some(self.header(self.mvcc.current()));
         Ok((resp, record))
     }
 
@@ -251,7 +288,8 @@ impl State {
                 Some(PbTxnOpRequest::RequestRange(r)) => {
                     let now = self.mvcc.current();
                     // Checked above; a failure here would be a bug, answered as an empty range.
-                    let resp = self.range(r, now, now).unwrap_or_default();
+                    let mut resp = self.range(r, now, now).unwrap_or_default();
+                    resp.header = Some(revision_header(now));
                     Some(PbTxnOpResponse::ResponseRange(resp))
                 }
                 Some(PbTxnOpRequest::RequestPut(p)) => {
@@ -268,7 +306,7 @@ impl State {
             responses.push(PbResponseOp { response });
         }
         PbTxnResponse {
-            header: Some(self.header(self.mvcc.current())),
+            header: Some(revision_header(self.mvcc.current())),
             succeeded,
             responses,
         }
@@ -288,7 +326,7 @@ impl State {
         self.track_lease(&kv, prev.as_ref());
         record.changes.push(KeyValue::clone(&kv));
         PbPutResponse {
-            header: Some(self.header(rev)),
+            header: Some(revision_header(rev)),
             prev_kv: prev.filter(|_| req.prev_kv).map(|p| KeyValue::clone(&p)),
         }
     }
@@ -301,7 +339,7 @@ impl State {
     ) -> PbDeleteResponse {
         let deleted = self.delete(&KeyRange::new(&req.key, &req.range_end), rev, record);
         PbDeleteResponse {
-            header: Some(self.header(self.mvcc.current())),
+            header: Some(revision_header(self.mvcc.current())),
             deleted: deleted.len() as i64,
             prev_kvs: if req.prev_kv {
                 deleted.iter().map(|kv| KeyValue::clone(kv)).collect()
@@ -411,28 +449,33 @@ impl State {
         if record.compact > self.mvcc.compacted() && record.compact <= self.mvcc.current() {
             self.mvcc.compact(record.compact);
         }
+        for alarm in record.alarms_raised {
+            self.alarms.insert(alarm);
+        }
+        for alarm in record.alarms_cleared {
+            self.alarms.remove(&alarm);
+        }
         self.index = self.index.max(record.index);
     }
 
-    pub fn snapshot(&self) -> SnapshotRecord {
+    /// The whole state, sharing its versions (see [`SnapshotParts`]).
+    pub fn snapshot_parts(&self) -> SnapshotParts {
         let (base, revisions) = self.mvcc.snapshot_parts();
-        SnapshotRecord {
+        SnapshotParts {
             cluster_id: self.ids.cluster_id,
             member_id: self.ids.member_id,
             index: self.index,
             current: self.mvcc.current(),
             compacted: self.mvcc.compacted(),
             base,
-            revisions: revisions
-                .into_iter()
-                .map(|changes| super::wal::RevisionRecord { changes })
-                .collect(),
+            revisions,
             leases: self
                 .lessor
                 .records()
                 .into_iter()
                 .map(|(id, ttl)| LeaseRecord { id, ttl })
                 .collect(),
+            alarms: self.alarms.iter().copied().collect(),
         }
     }
 
@@ -458,8 +501,43 @@ impl State {
                 member_id: snap.member_id,
             },
             index: snap.index,
+            alarms: snap.alarms.into_iter().collect(),
         }
     }
+}
+
+/// etcd's name for an alarm type.
+pub fn alarm_name(alarm: i32) -> &'static str {
+    match alarm {
+        ALARM_NOSPACE => "NOSPACE",
+        ALARM_CORRUPT => "CORRUPT",
+        _ => "NONE",
+    }
+}
+
+fn revision_header(revision: i64) -> PbResponseHeader {
+    PbResponseHeader {
+        revision,
+        ..Default::default()
+    }
+}
+
+/// What a txn counts for against the space quota, as etcd counts it: its larger branch's puts,
+/// each its key, value and [`PUT_COST_OVERHEAD`] (nested txns included, which etcd forgets).
+/// Zero for a txn that writes no value: those are never refused for space.
+pub fn txn_cost(req: &PbTxnRequest) -> u64 {
+    let branch = |ops: &[PbTxnRequestOp]| -> u64 {
+        ops.iter()
+            .map(|op| match &op.request {
+                Some(PbTxnOpRequest::RequestPut(p)) => {
+                    (p.key.len() + p.value.len()) as u64 + PUT_COST_OVERHEAD
+                }
+                Some(PbTxnOpRequest::RequestTxn(nested)) => txn_cost(nested),
+                _ => 0,
+            })
+            .sum()
+    };
+    branch(&req.success).max(branch(&req.failure))
 }
 
 fn sort(kvs: &mut [&Kv], order: i32, target: i32) {

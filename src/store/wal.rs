@@ -32,6 +32,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 
+use super::metrics::Metrics;
+
 /// The effects of one request, as logged.
 #[derive(Clone, PartialEq, Message)]
 pub struct WalRecord {
@@ -47,6 +49,12 @@ pub struct WalRecord {
     /// A Compact request's revision, or 0.
     #[prost(int64, tag = "5")]
     pub compact: i64,
+    /// Alarms raised (etcd's AlarmType values: 1 is NOSPACE).
+    #[prost(int32, repeated, tag = "6")]
+    pub alarms_raised: Vec<i32>,
+    /// Alarms disarmed.
+    #[prost(int32, repeated, tag = "7")]
+    pub alarms_cleared: Vec<i32>,
 }
 
 impl WalRecord {
@@ -55,6 +63,8 @@ impl WalRecord {
             && self.lease_grants.is_empty()
             && self.lease_revokes.is_empty()
             && self.compact == 0
+            && self.alarms_raised.is_empty()
+            && self.alarms_cleared.is_empty()
     }
 }
 
@@ -93,10 +103,84 @@ pub struct SnapshotRecord {
     pub revisions: Vec<RevisionRecord>,
     #[prost(message, repeated, tag = "8")]
     pub leases: Vec<LeaseRecord>,
+    /// Alarms raised and not disarmed.
+    #[prost(int32, repeated, tag = "9")]
+    pub alarms: Vec<i32>,
+}
+
+/// A [`SnapshotRecord`] whose versions are shared with the live state rather than copied:
+/// taken under the state lock in the time it takes to bump reference counts, and encoded after
+/// the lock is let go (by the log thread, or by the task streaming a backup).
+pub struct SnapshotParts {
+    pub cluster_id: u64,
+    pub member_id: u64,
+    pub index: u64,
+    pub current: i64,
+    pub compacted: i64,
+    pub base: Vec<Arc<KeyValue>>,
+    pub revisions: Vec<Vec<Arc<KeyValue>>>,
+    pub leases: Vec<LeaseRecord>,
+    pub alarms: Vec<i32>,
+}
+
+impl SnapshotParts {
+    /// The protobuf encoding of the [`SnapshotRecord`] these parts describe.
+    pub fn encode(&self) -> Vec<u8> {
+        use prost::encoding::{self, WireType};
+        let kvs: usize = self
+            .base
+            .iter()
+            .map(|kv| kv.encoded_len() + 4)
+            .sum::<usize>()
+            + self
+                .revisions
+                .iter()
+                .flatten()
+                .map(|kv| kv.encoded_len() + 4)
+                .sum::<usize>();
+        let mut buf = Vec::with_capacity(kvs + self.revisions.len() * 4 + 64);
+        if self.cluster_id != 0 {
+            encoding::uint64::encode(1, &self.cluster_id, &mut buf);
+        }
+        if self.member_id != 0 {
+            encoding::uint64::encode(2, &self.member_id, &mut buf);
+        }
+        if self.index != 0 {
+            encoding::uint64::encode(3, &self.index, &mut buf);
+        }
+        if self.current != 0 {
+            encoding::int64::encode(4, &self.current, &mut buf);
+        }
+        if self.compacted != 0 {
+            encoding::int64::encode(5, &self.compacted, &mut buf);
+        }
+        for kv in &self.base {
+            encoding::message::encode(6, kv.as_ref(), &mut buf);
+        }
+        for changes in &self.revisions {
+            let len: usize = changes
+                .iter()
+                .map(|kv| encoding::message::encoded_len(1, kv.as_ref()))
+                .sum();
+            encoding::encode_key(7, WireType::LengthDelimited, &mut buf);
+            encoding::encode_varint(len as u64, &mut buf);
+            for kv in changes {
+                encoding::message::encode(1, kv.as_ref(), &mut buf);
+            }
+        }
+        for lease in &self.leases {
+            encoding::message::encode(8, lease, &mut buf);
+        }
+        if !self.alarms.is_empty() {
+            encoding::int32::encode_packed(9, &self.alarms, &mut buf);
+        }
+        buf
+    }
 }
 
 const SNAPSHOT_FILE: &str = "snapshot.pb";
-const SNAPSHOT_MAGIC: &[u8; 8] = b"ARBSNAP1";
+/// The first bytes of a snapshot file, in a data dir and as `etcdctl snapshot save` writes it.
+pub const SNAPSHOT_MAGIC: &[u8; 8] = b"ARBSNAP1";
 
 /// What the log thread reports after each fsync: everything up to `index` is durable, and the
 /// newest durable revision is `revision`. `Err` means the log failed and stopped.
@@ -113,7 +197,9 @@ enum Item {
     Snapshot {
         index: u64,
         revision: i64,
-        bytes: Vec<u8>,
+        parts: Box<SnapshotParts>,
+        /// Told when the snapshot is in place (defragmentation waits for it).
+        done: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
     },
 }
 
@@ -251,12 +337,12 @@ pub fn open(dir: &Path) -> anyhow::Result<(Recovered, Opened)> {
 impl Opened {
     /// Writes a snapshot synchronously (used once, for a fresh dir, so the store's ids are
     /// durable before it serves).
-    pub fn write_snapshot(&mut self, snap: &SnapshotRecord) -> anyhow::Result<()> {
-        write_snapshot(&self.dir, &snap.encode_to_vec())
+    pub fn write_snapshot(&mut self, snap: &SnapshotParts) -> anyhow::Result<()> {
+        write_snapshot(&self.dir, &snap.encode())
     }
 
     /// Starts the log thread.
-    pub fn start(self, publish: Publish) -> anyhow::Result<Wal> {
+    pub fn start(self, publish: Publish, metrics: Arc<Metrics>) -> anyhow::Result<Wal> {
         let (tx, rx) = mpsc::channel();
         let segment_bytes = Arc::new(AtomicU64::new(self.segment_bytes));
         let snapshot_pending = Arc::new(AtomicBool::new(false));
@@ -268,6 +354,7 @@ impl Opened {
             segment_bytes: segment_bytes.clone(),
             snapshot_pending: snapshot_pending.clone(),
             publish,
+            metrics,
         };
         let thread = std::thread::Builder::new()
             .name("arbor-store-wal".into())
@@ -305,13 +392,21 @@ impl Wal {
         }
     }
 
-    /// Queues a snapshot covering every record up to `index`.
-    pub fn snapshot(&self, index: u64, revision: i64, bytes: Vec<u8>) -> Result<(), String> {
+    /// Queues a snapshot covering every record up to `index` (the caller holds the state lock,
+    /// so no later record is queued before it). `done` hears when it is in place.
+    pub fn snapshot(
+        &self,
+        index: u64,
+        revision: i64,
+        parts: SnapshotParts,
+        done: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
+    ) -> Result<(), String> {
         self.tx
             .send(Item::Snapshot {
                 index,
                 revision,
-                bytes,
+                parts: Box::new(parts),
+                done,
             })
             .map_err(|_| "the log thread has stopped".to_string())
     }
@@ -326,6 +421,7 @@ struct Writer {
     segment_bytes: Arc<AtomicU64>,
     snapshot_pending: Arc<AtomicBool>,
     publish: Publish,
+    metrics: Arc<Metrics>,
 }
 
 /// Records taken per batch at most, so one fsync never waits on an unbounded write.
@@ -345,7 +441,17 @@ impl Writer {
             if let Some(at) = stop {
                 batch.truncate(at);
             }
-            if let Err(e) = self.write_batch(batch) {
+            let mut waiting = Vec::new();
+            for item in &mut batch {
+                if let Item::Snapshot { done, .. } = item {
+                    waiting.extend(done.take());
+                }
+            }
+            let result = self.write_batch(batch);
+            for done in waiting {
+                let _ = done.send(result.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")));
+            }
+            if let Err(e) = result {
                 tracing::error!("store: write-ahead log failed: {e:#}");
                 (self.publish)(Err(format!("{e:#}")));
                 return;
@@ -374,10 +480,13 @@ impl Writer {
                 Item::Snapshot {
                     index,
                     revision,
-                    bytes,
+                    parts,
+                    ..
                 } => {
                     self.flush(&mut buf)?;
-                    self.rotate(index, &bytes)?;
+                    let started = std::time::Instant::now();
+                    self.rotate(index, &parts.encode())?;
+                    self.metrics.snapshot_write.observe(started.elapsed());
                     durable = Some(max_durable(durable, index, revision));
                 }
             }
@@ -395,9 +504,17 @@ impl Writer {
         }
         self.segment
             .write_all(buf)
-            .and_then(|()| self.segment.sync_data())
+            .and_then(|()| {
+                let started = std::time::Instant::now();
+                let synced = self.segment.sync_data();
+                self.metrics.wal_fsync.observe(started.elapsed());
+                synced
+            })
             .with_context(|| format!("appending to {}", self.segment_path.display()))?;
         self.segment_bytes
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.metrics
+            .wal_write_bytes
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
         buf.clear();
         Ok(())
@@ -592,30 +709,220 @@ fn read_snapshot(dir: &Path) -> anyhow::Result<Option<SnapshotRecord>> {
         return Ok(None);
     }
     let bytes = read_file(&path)?;
-    let body = bytes
-        .strip_prefix(SNAPSHOT_MAGIC.as_slice())
-        .with_context(|| format!("{}: not an arbor store snapshot", path.display()))?;
-    let (frames, good) = parse_frames(body);
-    if frames.len() != 1 || good != body.len() {
-        bail!("{}: snapshot fails its checksum", path.display());
-    }
-    let snap = SnapshotRecord::decode(frames[0])
-        .with_context(|| format!("{}: undecodable snapshot", path.display()))?;
+    let snap = decode_snapshot(&bytes).with_context(|| format!("{}", path.display()))?;
     Ok(Some(snap))
 }
 
+/// The 16 bytes a snapshot file starts with: [`SNAPSHOT_MAGIC`], then the payload's length and
+/// crc32, each u32 little-endian. The payload (a [`SnapshotRecord`]) follows. That is all of a
+/// data dir's `snapshot.pb`; a snapshot streamed to a client adds [`snapshot_trailer`].
+pub fn snapshot_header(payload: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let len = u32::try_from(payload.len()).map_err(|_| {
+        anyhow::anyhow!(
+            "a snapshot of {} bytes is larger than the format's 4 GiB",
+            payload.len()
+        )
+    })?;
+    let mut header = Vec::with_capacity(16);
+    header.extend_from_slice(SNAPSHOT_MAGIC);
+    header.extend_from_slice(&len.to_le_bytes());
+    header.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    Ok(header)
+}
+
+/// Bytes of the sha256 that ends a streamed snapshot.
+const SHA256_BYTES: usize = 32;
+/// A streamed snapshot's length is a multiple of this plus the sha256: etcdctl 3.4's
+/// `snapshot save` refuses a file that is not so (it expects etcd's page-sized database
+/// followed by its sha256).
+const SNAPSHOT_ALIGN: usize = 512;
+
+fn padding_after(body_len: usize) -> usize {
+    (SNAPSHOT_ALIGN - body_len % SNAPSHOT_ALIGN) % SNAPSHOT_ALIGN
+}
+
+/// What a streamed snapshot ends with, after its header and payload: zeros up to a multiple of
+/// 512 bytes, then the sha256 of everything before it.
+pub fn snapshot_trailer(header: &[u8], payload: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
+    let padding = vec![0u8; padding_after(header.len() + payload.len())];
+    let mut sha = sha2::Sha256::new();
+    sha.update(header);
+    sha.update(payload);
+    sha.update(&padding);
+    let mut trailer = padding;
+    trailer.extend_from_slice(&sha.finalize());
+    trailer
+}
+
+/// Why bytes are not a usable snapshot. The messages are what an operator restoring a file
+/// reads, so each says what is wrong with the file.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SnapshotError {
+    #[error(
+        "this is an etcd snapshot (a bbolt database), not an arbor store snapshot; arbor cannot \
+         read etcd's format (restore it into an etcd with `etcdctl snapshot restore`, or copy \
+         the keys over with etcdctl)"
+    )]
+    Etcd,
+    #[error("not an arbor store snapshot: it does not start with \"ARBSNAP1\"")]
+    NotASnapshot,
+    #[error("truncated: {0} bytes, shorter than the 16-byte snapshot header")]
+    NoHeader(usize),
+    #[error("truncated: the header announces {announced} bytes of state, the file holds {held}")]
+    Truncated { announced: u64, held: u64 },
+    #[error(
+        "truncated: the file ends inside its checksum trailer ({held} of {expected} bytes after \
+         the state)"
+    )]
+    TruncatedTrailer { expected: u64, held: u64 },
+    #[error("{0} unexpected bytes after the end of the snapshot")]
+    Trailing(u64),
+    #[error("corrupt: its {what} does not match (computed {computed}, the file says {recorded})")]
+    Checksum {
+        what: &'static str,
+        computed: String,
+        recorded: String,
+    },
+    #[error("corrupt: the state passes its checksum but does not decode ({0})")]
+    Undecodable(String),
+    #[error("corrupt: {0}")]
+    Inconsistent(String),
+}
+
+/// Checks and decodes a snapshot: a streamed one (header, payload, trailer) or a data dir's
+/// `snapshot.pb` (header and payload).
+pub fn decode_snapshot(bytes: &[u8]) -> Result<SnapshotRecord, SnapshotError> {
+    use sha2::Digest;
+    const BBOLT_MAGIC: u32 = 0xED0C_DAED;
+    let hex = |b: &[u8]| data_encoding::HEXLOWER.encode(b);
+    let u32_at = |at: usize| {
+        bytes
+            .get(at..at + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    if !bytes.starts_with(SNAPSHOT_MAGIC) {
+        if u32_at(16) == Some(BBOLT_MAGIC) {
+            return Err(SnapshotError::Etcd);
+        }
+        if bytes.len() < SNAPSHOT_MAGIC.len() && SNAPSHOT_MAGIC.starts_with(bytes) {
+            return Err(SnapshotError::NoHeader(bytes.len()));
+        }
+        return Err(SnapshotError::NotASnapshot);
+    }
+    let (Some(len), Some(crc)) = (u32_at(8), u32_at(12)) else {
+        return Err(SnapshotError::NoHeader(bytes.len()));
+    };
+    let end = 16 + len as usize;
+    let Some(payload) = bytes.get(16..end) else {
+        return Err(SnapshotError::Truncated {
+            announced: u64::from(len),
+            held: (bytes.len() - 16) as u64,
+        });
+    };
+    let rest = &bytes[end..];
+    if !rest.is_empty() {
+        let expected = padding_after(end) + SHA256_BYTES;
+        if rest.len() < expected {
+            return Err(SnapshotError::TruncatedTrailer {
+                expected: expected as u64,
+                held: rest.len() as u64,
+            });
+        }
+        if rest.len() > expected {
+            return Err(SnapshotError::Trailing((rest.len() - expected) as u64));
+        }
+        let (content, recorded) = bytes.split_at(bytes.len() - SHA256_BYTES);
+        let computed = sha2::Sha256::digest(content);
+        if computed.as_slice() != recorded {
+            return Err(SnapshotError::Checksum {
+                what: "sha256",
+                computed: hex(&computed),
+                recorded: hex(recorded),
+            });
+        }
+    }
+    let computed = crc32fast::hash(payload);
+    if computed != crc {
+        return Err(SnapshotError::Checksum {
+            what: "crc32",
+            computed: format!("{computed:08x}"),
+            recorded: format!("{crc:08x}"),
+        });
+    }
+    let snap =
+        SnapshotRecord::decode(payload).map_err(|e| SnapshotError::Undecodable(e.to_string()))?;
+    check_snapshot(&snap).map_err(SnapshotError::Inconsistent)?;
+    Ok(snap)
+}
+
+/// What a snapshot must hold for a store to start from it.
+fn check_snapshot(snap: &SnapshotRecord) -> Result<(), String> {
+    if snap.current < 1 || snap.compacted < 0 || snap.compacted > snap.current {
+        return Err(format!(
+            "revision {} with compaction at {} is impossible",
+            snap.current, snap.compacted
+        ));
+    }
+    if let Some(kv) = snap
+        .base
+        .iter()
+        .find(|kv| kv.mod_revision >= snap.compacted)
+    {
+        return Err(format!(
+            "a compacted version at revision {} is past the compaction at {}",
+            kv.mod_revision, snap.compacted
+        ));
+    }
+    let mut last = 0;
+    for kv in snap.revisions.iter().flat_map(|r| &r.changes) {
+        if kv.key.is_empty() || kv.mod_revision < last || kv.mod_revision > snap.current {
+            return Err(format!(
+                "the history is out of order at revision {} (store revision {})",
+                kv.mod_revision, snap.current
+            ));
+        }
+        last = kv.mod_revision;
+    }
+    Ok(())
+}
+
+/// Makes `dir` a data dir holding only `snap` (for `arbor store restore`): the dir must not
+/// exist or be empty. A store started on it replays nothing and starts a new log after it.
+pub fn create_from_snapshot(dir: &Path, snap: &SnapshotRecord) -> anyhow::Result<()> {
+    if let Ok(mut entries) = fs::read_dir(dir)
+        && entries.next().is_some()
+    {
+        bail!(
+            "{} is not empty; restore into a new or empty directory (a store's data dir is never \
+             overwritten)",
+            dir.display()
+        );
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating data dir {}", dir.display()))?;
+    let _lock = lock_dir(dir)?;
+    write_snapshot(dir, &snap.encode_to_vec())
+}
+
+/// Writes `snapshot.pb` atomically.
 fn write_snapshot(dir: &Path, payload: &[u8]) -> anyhow::Result<()> {
     let tmp = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
-    let mut buf = Vec::with_capacity(payload.len() + 16);
-    buf.extend_from_slice(SNAPSHOT_MAGIC);
-    frame(&mut buf, payload)?;
+    let header = snapshot_header(payload)?;
     OpenOptions::new()
         .create(true)
         .write(true)
         .truncate(true)
         .mode(0o600)
         .open(&tmp)
-        .and_then(|mut f| f.write_all(&buf).and_then(|()| f.sync_all()))
+        .and_then(|mut f| {
+            f.write_all(&header)
+                .and_then(|()| f.write_all(payload))
+                .and_then(|()| f.sync_all())
+        })
         .with_context(|| format!("writing snapshot {}", tmp.display()))?;
     fs::rename(&tmp, dir.join(SNAPSHOT_FILE))
         .with_context(|| format!("installing snapshot in {}", dir.display()))?;
@@ -698,9 +1005,12 @@ mod tests {
         assert!(rec.snapshot.is_none() && rec.records.is_empty());
         let (done_tx, done_rx) = mpsc::channel();
         let wal = opened
-            .start(Box::new(move |d| {
-                let _ = done_tx.send(d);
-            }))
+            .start(
+                Box::new(move |d| {
+                    let _ = done_tx.send(d);
+                }),
+                Arc::new(Metrics::default()),
+            )
             .unwrap();
         for i in 1..=3 {
             wal.append(i, i as i64 + 1, record(i, "k").encode_to_vec())
@@ -868,14 +1178,17 @@ mod tests {
         let (release_tx, release_rx) = mpsc::channel::<()>();
         let release_rx = std::sync::Mutex::new(release_rx);
         let wal = opened
-            .start(Box::new(move |d| {
-                let index = d.unwrap().0;
-                let _ = published_tx.send(index);
-                if index == 1 {
-                    // Hold the log thread, as a slow fsync would, while writers queue up.
-                    let _ = release_rx.lock().unwrap().recv();
-                }
-            }))
+            .start(
+                Box::new(move |d| {
+                    let index = d.unwrap().0;
+                    let _ = published_tx.send(index);
+                    if index == 1 {
+                        // Hold the log thread, as a slow fsync would, while writers queue up.
+                        let _ = release_rx.lock().unwrap().recv();
+                    }
+                }),
+                Arc::new(Metrics::default()),
+            )
             .unwrap();
         wal.append(1, 2, record(1, "a").encode_to_vec()).unwrap();
         assert_eq!(published_rx.recv().unwrap(), 1);
@@ -897,17 +1210,28 @@ mod tests {
         let (_, opened) = open(dir.path()).unwrap();
         let (done_tx, done_rx) = mpsc::channel();
         let wal = opened
-            .start(Box::new(move |d| {
-                let _ = done_tx.send(d);
-            }))
+            .start(
+                Box::new(move |d| {
+                    let _ = done_tx.send(d);
+                }),
+                Arc::new(Metrics::default()),
+            )
             .unwrap();
         wal.append(1, 2, record(1, "a").encode_to_vec()).unwrap();
-        let snap = SnapshotRecord {
+        let parts = SnapshotParts {
+            cluster_id: 0,
+            member_id: 0,
             index: 1,
             current: 2,
-            ..Default::default()
+            compacted: 0,
+            base: vec![],
+            revisions: vec![vec![Arc::new(record(1, "a").changes[0].clone())]],
+            leases: vec![],
+            alarms: vec![],
         };
-        wal.snapshot(1, 2, snap.encode_to_vec()).unwrap();
+        let (done, placed) = tokio::sync::oneshot::channel();
+        wal.snapshot(1, 2, parts, Some(done)).unwrap();
+        assert_eq!(placed.blocking_recv().unwrap(), Ok(()));
         wal.append(2, 3, record(2, "b").encode_to_vec()).unwrap();
         let mut durable = 0;
         while durable < 2 {
@@ -930,5 +1254,123 @@ mod tests {
             let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{} is its owner's only", path.display());
         }
+    }
+
+    #[test]
+    fn snapshot_parts_encode_as_the_record_they_describe() {
+        let kv = |key: &str, rev: i64| {
+            Arc::new(KeyValue {
+                key: key.into(),
+                create_revision: 2,
+                mod_revision: rev,
+                version: 1,
+                value: b"v".to_vec(),
+                lease: 0,
+            })
+        };
+        let parts = SnapshotParts {
+            cluster_id: 7,
+            member_id: 8,
+            index: 9,
+            current: 5,
+            compacted: 3,
+            base: vec![kv("a", 2)],
+            revisions: vec![vec![kv("b", 3), kv("c", 3)], vec![], vec![kv("d", 5)]],
+            leases: vec![LeaseRecord { id: 4, ttl: 60 }],
+            alarms: vec![1],
+        };
+        let record = SnapshotRecord::decode(parts.encode().as_slice()).unwrap();
+        let owned = |kvs: &[Arc<KeyValue>]| kvs.iter().map(|kv| KeyValue::clone(kv)).collect();
+        assert_eq!(
+            record,
+            SnapshotRecord {
+                cluster_id: 7,
+                member_id: 8,
+                index: 9,
+                current: 5,
+                compacted: 3,
+                base: owned(&parts.base),
+                revisions: parts
+                    .revisions
+                    .iter()
+                    .map(|r| RevisionRecord { changes: owned(r) })
+                    .collect(),
+                leases: parts.leases.clone(),
+                alarms: vec![1],
+            }
+        );
+    }
+
+    #[test]
+    fn a_damaged_snapshot_file_is_refused_with_what_is_wrong() {
+        let record = SnapshotRecord {
+            current: 4,
+            compacted: 2,
+            revisions: vec![RevisionRecord {
+                changes: vec![record(2, "k").changes[0].clone()],
+            }],
+            ..Default::default()
+        };
+        let payload = record.encode_to_vec();
+        let header = snapshot_header(&payload).unwrap();
+        let mut bare = header.clone();
+        bare.extend_from_slice(&payload);
+        let mut file = bare.clone();
+        file.extend_from_slice(&snapshot_trailer(&header, &payload));
+        assert_eq!(file.len() % 512, 32, "etcdctl 3.4 checks this");
+        assert_eq!(decode_snapshot(&file), Ok(record.clone()));
+        assert_eq!(
+            decode_snapshot(&bare),
+            Ok(record),
+            "a data dir's snapshot.pb"
+        );
+        assert_eq!(
+            decode_snapshot(&bare[..bare.len() - 1]),
+            Err(SnapshotError::Truncated {
+                announced: payload.len() as u64,
+                held: payload.len() as u64 - 1
+            })
+        );
+        assert!(matches!(
+            decode_snapshot(&file[..file.len() - 1]),
+            Err(SnapshotError::TruncatedTrailer { .. })
+        ));
+        assert_eq!(
+            decode_snapshot(&file[..10]),
+            Err(SnapshotError::NoHeader(10))
+        );
+        assert_eq!(decode_snapshot(&file[..3]), Err(SnapshotError::NoHeader(3)));
+        let mut longer = file.clone();
+        longer.push(0);
+        assert_eq!(decode_snapshot(&longer), Err(SnapshotError::Trailing(1)));
+        for at in [20, bare.len() - 1, file.len() - 1] {
+            let mut flipped = file.clone();
+            flipped[at] ^= 0x40;
+            assert!(
+                matches!(
+                    decode_snapshot(&flipped),
+                    Err(SnapshotError::Checksum { .. })
+                ),
+                "a flipped bit at {at}"
+            );
+        }
+        let mut flipped = bare.clone();
+        flipped[20] ^= 0x40;
+        assert!(matches!(
+            decode_snapshot(&flipped),
+            Err(SnapshotError::Checksum { what: "crc32", .. })
+        ));
+        assert_eq!(decode_snapshot(b"hello"), Err(SnapshotError::NotASnapshot));
+        let mut bolt = vec![0u8; 4096];
+        bolt[16..20].copy_from_slice(&0xED0C_DAEDu32.to_le_bytes());
+        assert_eq!(decode_snapshot(&bolt), Err(SnapshotError::Etcd));
+        let err = SnapshotError::Truncated {
+            announced: 10,
+            held: 4,
+        };
+        assert_eq!(
+            err.to_string(),
+            "truncated: the header announces 10 bytes of state, the file holds 4"
+        );
     }
 }

@@ -21,6 +21,7 @@ use prost::Message;
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
@@ -46,16 +47,28 @@ impl PbWatchService for WatchService {
         &self,
         request: Request<Streaming<PbWatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let (tx, rx) = mpsc::channel(16);
-        let session = Session {
-            backend: self.backend.clone(),
-            tx,
-            watchers: BTreeMap::new(),
-            next_id: 0,
-        };
-        tokio::spawn(session.run(request.into_inner()));
+        let rx = open(self.backend.clone(), request.into_inner());
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+/// Starts one watch stream: `inbound` carries its requests (from gRPC, or from the JSON
+/// gateway), the receiver its responses. The stream lives until the receiver is dropped or the
+/// store closes; the end of `inbound` only means no more requests, as in etcd.
+pub fn open<S>(backend: Arc<Backend>, inbound: S) -> mpsc::Receiver<Result<PbWatchResponse, Status>>
+where
+    S: Stream<Item = Result<PbWatchRequest, Status>> + Unpin + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(16);
+    backend.metrics().watch_streams.fetch_add(1, Relaxed);
+    let session = Session {
+        backend,
+        tx,
+        watchers: BTreeMap::new(),
+        next_id: 0,
+    };
+    tokio::spawn(session.run(inbound));
+    rx
 }
 
 struct Watcher {
@@ -83,8 +96,33 @@ struct Session {
     next_id: i64,
 }
 
+impl Drop for Session {
+    fn drop(&mut self) {
+        let metrics = self.backend.metrics();
+        metrics.watch_streams.fetch_sub(1, Relaxed);
+        metrics
+            .watchers
+            .fetch_sub(self.watchers.len() as i64, Relaxed);
+    }
+}
+
+/// The next request, or never once the requests have ended.
+async fn next_request<S>(inbound: &mut Option<S>) -> Option<Result<PbWatchRequest, Status>>
+where
+    S: Stream<Item = Result<PbWatchRequest, Status>> + Unpin,
+{
+    match inbound {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
+    }
+}
+
 impl Session {
-    async fn run(mut self, mut inbound: Streaming<PbWatchRequest>) {
+    async fn run<S>(mut self, inbound: S)
+    where
+        S: Stream<Item = Result<PbWatchRequest, Status>> + Unpin,
+    {
+        let mut inbound = Some(inbound);
         let mut durable = self.backend.subscribe();
         let mut tick = tokio::time::interval(self.backend.options().progress_notify_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -92,9 +130,13 @@ impl Session {
         let closing = self.backend.closing();
         loop {
             let step = tokio::select! {
-                msg = inbound.next() => match msg {
+                msg = next_request(&mut inbound) => match msg {
                     Some(Ok(req)) => self.handle(req).await,
-                    Some(Err(_)) | None => Err(Gone),
+                    Some(Err(_)) => Err(Gone),
+                    None => {
+                        inbound = None;
+                        Ok(())
+                    }
                 },
                 changed = durable.changed() => match changed {
                     Ok(()) => self.sync_all().await,
@@ -157,6 +199,7 @@ impl Session {
                     quiet: true,
                 };
                 self.watchers.insert(id, watcher);
+                self.backend.metrics().watchers.fetch_add(1, Relaxed);
                 let mut resp = self.response(id, visible);
                 resp.created = true;
                 self.send(resp).await?;
@@ -164,6 +207,7 @@ impl Session {
             }
             Some(PbWatchRequestUnion::CancelRequest(cancel)) => {
                 if self.watchers.remove(&cancel.watch_id).is_some() {
+                    self.backend.metrics().watchers.fetch_sub(1, Relaxed);
                     let mut resp = self.response(cancel.watch_id, self.backend.visible());
                     resp.canceled = true;
                     return self.send(resp).await;
@@ -208,11 +252,11 @@ impl Session {
             {
                 Err(RevisionError::Compacted(rev)) => {
                     self.watchers.remove(&id);
-                    let mut resp = self.response(id, self.backend.visible());
+                    self.backend.metrics().watchers.fetch_sub(1, Relaxed);
+                    // etcd leaves the header's revision at 0 here.
+                    let mut resp = self.response(id, 0);
                     resp.canceled = true;
                     resp.compact_revision = rev;
-                    resp.cancel_reason =
-                        "etcdserver: mvcc: required revision has been compacted".into();
                     return self.send(resp).await;
                 }
                 Err(RevisionError::Future) => return Ok(()),
