@@ -1013,8 +1013,27 @@ fn a_misbehaving_relay_cannot_forge_states_host_keys_or_terminal_escapes(lab: &L
         "forged host-key reports changed known_hosts:\n{}",
         &after[before.len().min(after.len())..]
     );
-    // r1's forged exports: the escaping file landed under the collect pattern without its
-    // setuid bit, nothing was written outside it, and the `absent` export deleted nothing.
+    // The store refused r1 everything beyond its own keys.
+    for attack in [
+        "publishing as another host",
+        "reading the store without a credential",
+        "writing another host's export",
+        "writing another host's converged flag",
+        "deleting every key",
+        "compacting",
+    ] {
+        check!(
+            log.contains(&format!("misbehaving: {attack}: refused")),
+            "the store did not refuse r1 {attack}\n{log}"
+        );
+    }
+    check!(
+        !log.contains(": ALLOWED"),
+        "the store allowed r1 something beyond its own keys\n{log}"
+    );
+    // r1's own hostile exports: the escaping file landed under the collect pattern without
+    // its setuid bit, nothing was written outside it, and the `absent` export deleted nothing.
+
     for leaf in LEAVES {
         let seen = lab.sh(
             leaf,

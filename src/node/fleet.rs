@@ -497,6 +497,7 @@ async fn stage_child(
             ssh::known_hosts::lines_naming(&ctx.known_hosts, &subtree_names(&spec.children))
         },
         config,
+        credential: spec.credential.clone(),
     };
     let forward_agent = !spec.children.is_empty() && ctx.agent.is_some();
     if let (true, Some(agent_for)) = (forward_agent, &ctx.agent) {

@@ -26,6 +26,7 @@ use crate::exit;
 use crate::ssh::agent_front::{AgentBackend, Destinations};
 use crate::ssh::known_hosts::KnownHosts;
 use crate::ssh::{self, Target, TerminalPrompter};
+use crate::store::auth::{Access, Users};
 use crate::store::client::{Endpoints, StoreClient};
 use crate::store::{Store, StoreConfig};
 use crate::ui::{HostReport, Ui};
@@ -107,6 +108,7 @@ fn read_remotes(options: &RunOptions) -> Result<Vec<RemoteGraph>, String> {
                 password: parsed.password,
                 cconns: None,
                 children: Vec::new(),
+                credential: None,
             },
         });
     }
@@ -132,7 +134,49 @@ struct RunStore {
     socket: Option<PathBuf>,
 }
 
-async fn open_store(options: &RunOptions) -> Result<RunStore, String> {
+/// The name the initiator's own store client authenticates as (no host name can be it).
+const INITIATOR_USER: &str = "@initiator";
+
+/// Every host's store credential and what it may do: read every export of the run, write its
+/// own exports and its own converged flag, use its own leases. Sets each spec's `credential`
+/// (sent down to the relays above it, never on a command line) and returns the store's users,
+/// with the initiator's own admin credential.
+fn mint_credentials(children: &mut [ChildSpec], run: &str) -> (Users, String) {
+    fn secret() -> String {
+        format!(
+            "{:016x}{:016x}",
+            rand::random::<u64>(),
+            rand::random::<u64>()
+        )
+    }
+    fn walk(specs: &mut [ChildSpec], keys: &Keys, users: &mut Users) {
+        for c in specs {
+            let password = secret();
+            users.add(
+                &c.name,
+                &password,
+                Access::Keys {
+                    read: vec![keys.exports().as_bytes().to_vec()],
+                    write: vec![keys.host_exports(&c.name).into_bytes()],
+                    own: vec![keys.converged(&c.name).into_bytes()],
+                },
+            );
+            c.credential = Some(password);
+            walk(&mut c.children, keys, users);
+        }
+    }
+    let keys = Keys::for_run(run);
+    let mut users = Users::new();
+    walk(children, &keys, &mut users);
+    let admin = secret();
+    users.add(INITIATOR_USER, &admin, Access::Admin);
+    (users, admin)
+}
+
+async fn open_store(
+    options: &RunOptions,
+    users: Option<(Users, String)>,
+) -> Result<RunStore, String> {
     if !options.seeds.is_empty() {
         let endpoints =
             super::seed_endpoints(&options.seeds).map_err(|e| format!("--seeds: {e}"))?;
@@ -171,11 +215,22 @@ async fn open_store(options: &RunOptions) -> Result<RunStore, String> {
         (dir.clone(), None, Some(dir.join("store")))
     };
     let socket = state_dir.join(format!("store-{}.sock", std::process::id()));
-    let store = Store::bind(&StoreConfig {
-        listen: format!("unix:{}", socket.display()),
-        data_dir,
-        allow_non_loopback: false,
-    })
+    let (users, admin) = match users {
+        Some((users, admin)) => (Some(Arc::new(users)), Some(admin)),
+        None => (None, None),
+    };
+    let store = Store::bind_with(
+        &StoreConfig {
+            listen: format!("unix:{}", socket.display()),
+            data_dir: data_dir.clone(),
+            allow_non_loopback: false,
+        },
+        crate::store::Options {
+            data_dir,
+            users,
+            ..crate::store::Options::default()
+        },
+    )
     .await
     .map_err(|e| {
         let hint = if format!("{e:#}").contains("in use") {
@@ -193,9 +248,13 @@ async fn open_store(options: &RunOptions) -> Result<RunStore, String> {
             tracing::error!("store: {e:#}");
         }
     });
-    let client = StoreClient::connect(&Endpoints::parse(&endpoint).map_err(|e| format!("{e:#}"))?)
-        .await
-        .map_err(|e| format!("{e:#}"))?;
+    let endpoints = Endpoints::parse(&endpoint).map_err(|e| format!("{e:#}"))?;
+    let client = StoreClient::connect_as(
+        &endpoints,
+        admin.as_deref().map(|password| (INITIATOR_USER, password)),
+    )
+    .await
+    .map_err(|e| format!("{e:#}"))?;
     tracing::debug!("store at {endpoint}");
     Ok(RunStore {
         client,
@@ -587,7 +646,14 @@ pub async fn run(options: RunOptions) -> u8 {
             return exit::FAILED;
         }
     };
-    let store = match open_store(&options).await {
+    // The embedded store checks every host's credential; an etcd given with --seeds is used as
+    // it is configured (docs/security.md).
+    let mut plan = plan;
+    let users = options
+        .seeds
+        .is_empty()
+        .then(|| mint_credentials(&mut plan.children, &plan.config.run));
+    let store = match open_store(&options, users).await {
         Ok(s) => s,
         Err(e) => {
             eprintln!("arbor: store: {e}");

@@ -123,7 +123,11 @@ async fn serve(
 ) -> Result<(), String> {
     let name = &start.hostname;
     let endpoints = super::seed_endpoints(&options.seeds).map_err(|e| format!("{name}: {e}"))?;
-    let client = StoreClient::connect(&endpoints)
+    let user = start
+        .credential
+        .as_deref()
+        .map(|password| (name.as_str(), password));
+    let client = StoreClient::connect_as(&endpoints, user)
         .await
         .map_err(|e| format!("{name}: store: {e:#}"))?;
     let keys = crate::engine::exchange::Keys::for_run(&start.config.run);
@@ -152,7 +156,7 @@ async fn serve(
     }
     up.own(EventKind::State(HostState::Running)).await;
     #[cfg(debug_assertions)]
-    misbehave(up, exchange.as_ref()).await;
+    misbehave(up, exchange.as_ref(), &endpoints, start).await;
 
     // Our children, staged exactly as our parent staged us.
     let fetches = Fetches::default();
@@ -277,10 +281,16 @@ impl Fetches {
 /// in its environment, a node sends up what a compromised one could, so the end-to-end tests
 /// can check its parent and the initiator refuse it: state events about hosts outside its
 /// subtree, host-key reports for hosts it does not connect to and for names that would inject
-/// known_hosts lines, terminal escapes in a log line, and exports (under the name `evil`)
-/// that try to escape a collector's pattern, set setuid bits and delete collected files.
+/// known_hosts lines, terminal escapes in a log line, store requests beyond its own keys (each
+/// logged as `misbehaving: … refused` or `… ALLOWED`), and exports of its own that try to
+/// escape a collector's pattern, set setuid bits and delete collected files.
 #[cfg(debug_assertions)]
-async fn misbehave(up: &Upstream, exchange: &dyn Exchange) {
+async fn misbehave(
+    up: &Upstream,
+    exchange: &dyn Exchange,
+    endpoints: &crate::store::client::Endpoints,
+    start: &Start,
+) {
     if std::env::var("ARBOR_TEST_MISBEHAVE").as_deref() != Ok("forge") {
         return;
     }
@@ -325,9 +335,58 @@ async fn misbehave(up: &Upstream, exchange: &dyn Exchange) {
         ),
         file("wipe", "/tmp/from-l1-2", None, FileState::Absent),
     ];
-    if let Err(e) = exchange.publish("evil", exports).await {
-        tracing::warn!("misbehaving: publishing as evil: {e:#}");
+    let name = start.hostname.clone();
+    let outcome = |what: &str, result: anyhow::Result<()>| match result {
+        Ok(()) => tracing::warn!("misbehaving: {what}: ALLOWED"),
+        Err(e) => tracing::warn!("misbehaving: {what}: refused ({e:#})"),
+    };
+    if let Err(e) = exchange.publish(&name, exports).await {
+        tracing::warn!("misbehaving: publishing its own hostile exports: {e:#}");
     }
+    outcome(
+        "publishing as another host",
+        exchange
+            .publish(
+                "evil",
+                vec![file("evil", "/tmp/evil", None, FileState::Exists)],
+            )
+            .await,
+    );
+    // Without a credential, as any local process on a TCP-fallback host would try.
+    let anonymous = async {
+        let client = crate::store::client::StoreClient::connect(endpoints).await?;
+        client.get_prefix("/").await.map(|_| ())
+    };
+    outcome("reading the store without a credential", anonymous.await);
+    let user = start.credential.as_deref().map(|p| (name.as_str(), p));
+    let Ok(client) = crate::store::client::StoreClient::connect_as(endpoints, user).await else {
+        return;
+    };
+    let keys = crate::engine::exchange::Keys::for_run(&start.config.run);
+    let mut raw = client.raw();
+    let export = keys.export("l2-1", crate::engine::resources::Kind::File, "x");
+    outcome(
+        "writing another host's export",
+        raw.put(export, "forged", None)
+            .await
+            .map(|_| ())
+            .map_err(Into::into),
+    );
+    outcome(
+        "writing another host's converged flag",
+        raw.put(keys.converged("l2-1"), "true", None)
+            .await
+            .map(|_| ())
+            .map_err(Into::into),
+    );
+    outcome(
+        "deleting every key",
+        client.delete_prefix("/").await.map(|_| ()),
+    );
+    outcome(
+        "compacting",
+        raw.compact(1, None).await.map(|_| ()).map_err(Into::into),
+    );
 }
 
 /// The state to report for an engine status: converged, settled with failures, or changed

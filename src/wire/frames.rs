@@ -132,6 +132,10 @@ pub struct ChildSpec {
     pub cconns: Option<usize>,
     #[serde(default)]
     pub children: Vec<ChildSpec>,
+    /// The host's store credential (the initiator makes one per host); goes down the control
+    /// channel only, to the relays above the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
 }
 
 /// A build of arbor a node can have its parent fetch for it: the hosts of `platform` run it.
@@ -208,6 +212,10 @@ pub struct Start {
     pub known_hosts: String,
     /// The run's settings, for this node and its subtree.
     pub config: NodeConfig,
+    /// This node's store credential (its password, its name being `hostname`), when the
+    /// store checks credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
 }
 
 /// Control frames, parent to child.
