@@ -485,14 +485,14 @@ async fn run_child(
     // Running: relay events up, control frames down, until the child's arbor ends.
     let mut stopping = false;
     let mut deadline: Option<tokio::time::Instant> = None;
-    let status = loop {
+    let (status, stderr) = loop {
         tokio::select! {
             item = events.recv() => match item {
                 Some(FromChild::Event(event)) => {
                     let _ = ctx.events.send(event).await;
                 }
-                Some(FromChild::Exited { status, .. }) => break status,
-                None => break ExitStatus::Unknown,
+                Some(FromChild::Exited { status, error }) => break (status, error),
+                None => break (ExitStatus::Unknown, None),
             },
             frame = control.recv(), if !stopping => match frame {
                 Some(frame) => {
@@ -518,17 +518,23 @@ async fn run_child(
             }
         }
     };
+    let ok = stopping && status.success();
+    let why = if ok {
+        String::new()
+    } else {
+        child::why_ended(&session, &staged.workdir, &status, stderr.as_deref()).await
+    };
     let _ = stage::remove_workdir(&session, &staged.workdir).await;
     session.disconnect().await;
     report.elapsed = started.elapsed();
-    if stopping && status.success() {
+    if ok {
         report.ok = true;
         emit(&ctx, &me, EventKind::State(HostState::Exited)).await;
     } else {
         let cause = if stopping {
-            format!("{}: arbor ended with {status} during shutdown", spec.name)
+            format!("{}: arbor ended during shutdown ({why})", spec.name)
         } else {
-            format!("{}: arbor ended unexpectedly ({status})", spec.name)
+            format!("{}: arbor ended unexpectedly ({why})", spec.name)
         };
         report.cause = Some(cause.clone());
         emit(&ctx, &me, EventKind::State(HostState::Failed { cause })).await;
