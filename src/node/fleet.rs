@@ -553,7 +553,7 @@ async fn supervise(
     let mut fetches: JoinSet<(String, FetchResult)> = JoinSet::new();
     let mut stopping = false;
     let mut deadline: Option<tokio::time::Instant> = None;
-    let status = loop {
+    let (status, stderr) = loop {
         tokio::select! {
             item = events.recv() => match item {
                 Some(FromChild::Event(event)) => {
@@ -573,8 +573,8 @@ async fn supervise(
                         (sha256, copied)
                     });
                 }
-                Some(FromChild::Exited { status, .. }) => break status,
-                None => break ExitStatus::Unknown,
+                Some(FromChild::Exited { status, error }) => break (status, error),
+                None => break (ExitStatus::Unknown, None),
             },
             Some(done) = fetches.join_next() => {
                 let Ok((sha256, copied)) = done else { continue };
@@ -616,21 +616,24 @@ async fn supervise(
         }
     };
     fetches.abort_all();
+    let ok = stopping && status.success();
+    let why = if ok {
+        String::new()
+    } else {
+        child_link::why_ended(&session, &staged.workdir, &status, stderr.as_deref()).await
+    };
     let _ = stage::remove_workdir(&session, &staged.workdir).await;
     session.disconnect().await;
-    if stopping && status.success() {
+    if ok {
         run.exited().await
     } else if stopping {
         run.failed(format!(
-            "{}: arbor ended with {status} during shutdown",
+            "{}: arbor ended during shutdown ({why})",
             spec.name
         ))
         .await
     } else {
-        run.failed(format!(
-            "{}: arbor ended unexpectedly ({status})",
-            spec.name
-        ))
-        .await
+        run.failed(format!("{}: arbor ended unexpectedly ({why})", spec.name))
+            .await
     }
 }
