@@ -433,7 +433,7 @@ fn hashed_matches(hashed: &str, name: &str) -> bool {
 }
 
 /// `*` matches any run, `?` one character; the comparison ignores ASCII case, as OpenSSH does.
-fn wildcard_match(pattern: &str, name: &str) -> bool {
+pub(crate) fn wildcard_match(pattern: &str, name: &str) -> bool {
     let p: Vec<char> = pattern.to_ascii_lowercase().chars().collect();
     let n: Vec<char> = name.to_ascii_lowercase().chars().collect();
     let (mut pi, mut ni, mut star, mut mark) = (0, 0, None, 0);

@@ -19,6 +19,7 @@ pub mod known_hosts;
 pub mod prompt;
 pub mod session;
 pub mod sftp;
+pub mod ssh_config;
 
 pub use auth::{AgentSource, AuthOptions, Prompter};
 pub use error::{Cause, SshError, Step};
