@@ -28,3 +28,5 @@ mod watch;
 pub use backend::Options;
 pub use kv::MAX_REQUEST_BYTES;
 pub use server::{ListenAddr, Store, StoreConfig, run};
+/// Log decoding as recovery does it (for fuzzing and tools), and its mid-log corruption error.
+pub use wal::{Corruption, WalRecord, decode_segment};
