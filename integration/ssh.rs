@@ -57,6 +57,10 @@ fn main() -> std::process::ExitCode {
             "accept_new_records_unknown_key",
             accept_new_records_unknown_key,
         ),
+        (
+            "accept_new_hashes_the_name_under_hash_known_hosts",
+            accept_new_hashes_the_name_under_hash_known_hosts,
+        ),
         ("pinned_key_decides_alone", pinned_key_decides_alone),
         ("auth_by_agent", auth_by_agent),
         ("auth_by_default_key_file", auth_by_default_key_file),
@@ -492,6 +496,7 @@ fn accept_new_records_unknown_key(lab: &Lab) -> TestResult {
         let mut o = options(lab);
         o.host_keys.known_hosts = vec![kh.clone()];
         o.host_keys.learn_into = Some(kh.clone());
+        o.host_keys.ssh_config = Vec::new(); // HashKnownHosts no
         o.host_keys.policy = HostKeyPolicy::AcceptNew;
         let s = ssh::connect(&target(lab, "r2"), &o).await.map_err(fail)?;
         s.disconnect().await;
@@ -504,6 +509,32 @@ fn accept_new_records_unknown_key(lab: &Lab) -> TestResult {
     check!(text.lines().count() == 1, "recorded: {text}");
     check!(
         text.starts_with(&format!("{addr} ssh-ed25519 ")),
+        "recorded: {text}"
+    );
+    Ok(())
+}
+
+fn accept_new_hashes_the_name_under_hash_known_hosts(lab: &Lab) -> TestResult {
+    let dir = tempfile::tempdir().map_err(fail)?;
+    let kh = dir.path().join("known_hosts");
+    let config = dir.path().join("config");
+    let addr = lab.addr("r2");
+    std::fs::write(
+        &config,
+        format!("Host {addr}\n    HashKnownHosts yes\nHost *\n    HashKnownHosts no\n"),
+    )
+    .map_err(fail)?;
+    lab.run(async {
+        let mut o = only(lab, &kh, HostKeyPolicy::AcceptNew);
+        o.host_keys.ssh_config = vec![config.clone()];
+        ssh::connect(&target(lab, "r2"), &o).await.map_err(fail)?;
+        o.host_keys.policy = HostKeyPolicy::Strict;
+        ssh::connect(&target(lab, "r2"), &o).await.map_err(fail)?;
+        Ok::<(), Failed>(())
+    })?;
+    let text = std::fs::read_to_string(&kh).map_err(fail)?;
+    check!(
+        text.lines().count() == 1 && text.starts_with("|1|") && !text.contains(&addr),
         "recorded: {text}"
     );
     Ok(())

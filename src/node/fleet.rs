@@ -494,7 +494,9 @@ async fn stage_child(
         known_hosts: if spec.children.is_empty() {
             String::new()
         } else {
-            ssh::known_hosts::lines_naming(&ctx.known_hosts, &subtree_names(&spec.children))
+            let mut known = ssh::known_hosts::KnownHosts::default();
+            known.add_text(std::path::Path::new("(known_hosts)"), &ctx.known_hosts);
+            known.lines_for(subtree_names(&spec.children).iter().map(String::as_str))
         },
         config,
         credential: spec.credential.clone(),

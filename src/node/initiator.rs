@@ -392,7 +392,6 @@ fn fleet_context(
         .known_hosts
         .extend(options.known_hosts.iter().cloned());
     connect.auth.identities = options.identities.clone();
-    connect.host_keys.hash_learned = hash_known_hosts(&super::home_dir());
     if options.allow_interactive {
         connect.auth.prompter = Some(Arc::new(TerminalPrompter::default()));
     }
@@ -881,42 +880,6 @@ fn learnable_names(children: &[ChildSpec]) -> HashMap<HostPath, HashSet<String>>
     out
 }
 
-/// Whether ssh_config asks for hashed known_hosts names (`HashKnownHosts yes`), as OpenSSH
-/// reads it: the first value found wins, user file first (~/.ssh/config, then
-/// /etc/ssh/ssh_config), from lines outside any `Host`/`Match` block or in a `Host *` block.
-/// (Full ssh_config support is a separate piece of work: docs/ssh.md.)
-fn hash_known_hosts(home: &Path) -> bool {
-    for file in [
-        home.join(".ssh/config"),
-        PathBuf::from("/etc/ssh/ssh_config"),
-    ] {
-        let Ok(text) = std::fs::read_to_string(&file) else {
-            continue;
-        };
-        let mut applies = true;
-        for line in text.lines() {
-            let mut words = line
-                .split(|c: char| c.is_whitespace() || c == '=')
-                .filter(|w| !w.is_empty());
-            let Some(keyword) = words.next() else {
-                continue;
-            };
-            if keyword.starts_with('#') {
-                continue;
-            }
-            match keyword.to_ascii_lowercase().as_str() {
-                "host" => applies = words.any(|w| w == "*"),
-                "match" => applies = words.next().is_some_and(|w| w.eq_ignore_ascii_case("all")),
-                "hashknownhosts" if applies => {
-                    return words.next().is_some_and(|w| w.eq_ignore_ascii_case("yes"));
-                }
-                _ => {}
-            }
-        }
-    }
-    false
-}
-
 fn has_grandchildren(spec: &ChildSpec) -> bool {
     match spec.mode {
         ChildMode::Jump => spec.children.iter().any(has_grandchildren),
@@ -938,7 +901,13 @@ fn record_learned_key(file: &Path, name: &str, key: &str, via: &crate::wire::Hos
     ) {
         return;
     }
-    let append = if hash_known_hosts(&super::home_dir()) {
+    // The host as ssh_config's `Host` patterns see it: the name without `[…]:port`.
+    let host = name
+        .strip_prefix('[')
+        .and_then(|rest| rest.split_once("]:"))
+        .map_or(name, |(host, _)| host);
+    let config = crate::ssh::ssh_config::default_files(&super::home_dir());
+    let append = if crate::ssh::ssh_config::hash_known_hosts(&config, host) {
         crate::ssh::known_hosts::append_hashed
     } else {
         crate::ssh::known_hosts::append
@@ -953,27 +922,5 @@ fn record_learned_key(file: &Path, name: &str, key: &str, via: &crate::wire::Hos
             "recording the host key of {name} in {}: {e}",
             file.display()
         ),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hash_known_hosts_follows_ssh_config_as_openssh_reads_it() {
-        let home = tempfile::tempdir().expect("tempdir");
-        let ssh = home.path().join(".ssh");
-        std::fs::create_dir_all(&ssh).expect("mkdir");
-        let says = |text: &str| {
-            std::fs::write(ssh.join("config"), text).expect("write");
-            hash_known_hosts(home.path())
-        };
-        assert!(says("HashKnownHosts yes\n"));
-        assert!(!says("HashKnownHosts no\nHost *\n  HashKnownHosts yes\n"));
-        assert!(says("Host *\n  HashKnownHosts=yes\n"));
-        // Only for some hosts: not a global setting; the system file decides.
-        let system = hash_known_hosts(Path::new("/nonexistent"));
-        assert_eq!(says("Host gw\n  HashKnownHosts yes\n"), system);
     }
 }

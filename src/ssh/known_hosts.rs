@@ -131,6 +131,8 @@ struct Entry {
     marker: Marker,
     patterns: String,
     key: PublicKey,
+    /// The line as read (trimmed), for handing entries down the tree.
+    line: String,
 }
 
 /// A set of known_hosts entries read from one or more files.
@@ -172,6 +174,24 @@ impl KnownHosts {
         self.entries
             .iter()
             .find(|e| e.marker == Marker::Revoked && e.key.key_data() == key)
+    }
+
+    /// The entries a node needs to check the hosts known as `names` (see [`host_key_name`]), as
+    /// known_hosts text: the plain and `@cert-authority` lines whose patterns match one of the
+    /// names (hashed ones included), and every `@revoked` line. What a relay should receive for
+    /// its subtree, instead of the operator's whole files.
+    pub fn lines_for<'a>(&self, names: impl IntoIterator<Item = &'a str>) -> String {
+        let names: Vec<&str> = names.into_iter().collect();
+        let mut out = String::new();
+        for entry in &self.entries {
+            let wanted = entry.marker == Marker::Revoked
+                || names.iter().any(|n| patterns_match(&entry.patterns, n));
+            if wanted {
+                out.push_str(&entry.line);
+                out.push('\n');
+            }
+        }
+        out
     }
 
     /// Checks `key` offered by the host known as `name` (see [`host_key_name`]).
@@ -382,6 +402,7 @@ fn parse_line(raw: &str, file: &Path, line: usize) -> Option<Entry> {
         marker,
         patterns: first.to_string(),
         key,
+        line: text.to_string(),
     })
 }
 
@@ -433,7 +454,7 @@ fn hashed_matches(hashed: &str, name: &str) -> bool {
 }
 
 /// `*` matches any run, `?` one character; the comparison ignores ASCII case, as OpenSSH does.
-fn wildcard_match(pattern: &str, name: &str) -> bool {
+pub(crate) fn wildcard_match(pattern: &str, name: &str) -> bool {
     let p: Vec<char> = pattern.to_ascii_lowercase().chars().collect();
     let n: Vec<char> = name.to_ascii_lowercase().chars().collect();
     let (mut pi, mut ni, mut star, mut mark) = (0, 0, None, 0);
@@ -475,37 +496,6 @@ impl KnownHosts {
             .iter()
             .any(|e| e.key.key_data() == key.key_data())
     }
-}
-
-/// The lines of known_hosts `text` that can vouch for one of `names` (plain, hashed or
-/// pattern entries naming it, and `@cert-authority` lines whose patterns match it), plus every
-/// `@revoked` line: what a relay needs to verify those hosts, and nothing about others.
-pub fn lines_naming(text: &str, names: &[String]) -> String {
-    let mut out = String::new();
-    for raw in text.lines() {
-        let line = raw.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let mut fields = line.split_whitespace();
-        let Some(mut first) = fields.next() else {
-            continue;
-        };
-        if first == "@revoked" {
-            out.push_str(line);
-            out.push('\n');
-            continue;
-        }
-        if first.starts_with('@') {
-            let Some(next) = fields.next() else { continue };
-            first = next;
-        }
-        if names.iter().any(|n| patterns_match(first, n)) {
-            out.push_str(line);
-            out.push('\n');
-        }
-    }
-    out
 }
 
 /// Whether `name`, reported by another node (a relay that learned a host key under
@@ -705,22 +695,6 @@ mod tests {
             k.verify("[h]:2222", &key(KEY_A)),
             Verdict::Trusted(_)
         ));
-    }
-
-    #[test]
-    fn a_relay_is_sent_only_the_lines_naming_its_subtree() {
-        let text = "# comment\n\
-                    l1-1 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n\
-                    r2,other ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n\
-                    [10.0.0.*]:2222 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n\
-                    @revoked * ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n";
-        let got = lines_naming(text, &["l1-1".into(), "[10.0.0.7]:2222".into()]);
-        let lines: Vec<&str> = got.lines().collect();
-        assert_eq!(lines.len(), 3, "{got}");
-        assert!(lines[0].starts_with("l1-1 "));
-        assert!(lines[1].starts_with("[10.0.0.*]:2222 "));
-        assert!(lines[2].starts_with("@revoked "));
-        assert!(!got.contains("r2,other"));
     }
 
     const KEY_ECDSA: &str = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBB5xTJOf1ZkPQEZGHhP78dUq0ErrVPjUvGMyNAwaOKXeT2f5f81jS4QlpmMtekqSQL1sRSZ2sE0IPmMFj7gIaKI=";
@@ -957,6 +931,38 @@ mod tests {
             k.verify_certificate("n1", "n1", &c, NOW),
             CertVerdict::Revoked(_)
         ));
+    }
+
+    #[test]
+    fn lines_for_a_subtree_hold_its_hosts_its_authorities_and_every_revocation() {
+        let ca = ed25519(9);
+        let text = format!(
+            "# header\nl1-1,10.0.1.11 {KEY_A}\nl2-1 {KEY_B}\n{}@revoked other {KEY_ECDSA}\n\
+             |1|{}|{} {KEY_B}\n",
+            ca_line("l1-*", &ca),
+            BASE64.encode(b"salt"),
+            BASE64.encode(&host_hmac(b"salt", "[l1-2]:2222").expect("hmac")),
+        );
+        let k = known(&text);
+        let lines = k.lines_for(["10.0.1.11", "[l1-2]:2222", "l1-3"]);
+        let got: Vec<&str> = lines.lines().collect();
+        assert_eq!(got.len(), 4, "{lines}");
+        assert!(got[0].starts_with("l1-1,10.0.1.11 "));
+        assert!(got[1].starts_with("@cert-authority l1-* "));
+        assert!(got[2].starts_with("@revoked other "));
+        assert!(got[3].starts_with("|1|"));
+        assert!(!lines.contains("l2-1"));
+        // What is handed down verifies as the whole file does.
+        let down = known(&lines);
+        assert!(matches!(
+            down.verify("10.0.1.11", &key(KEY_A)),
+            Verdict::Trusted(_)
+        ));
+        assert!(matches!(
+            down.verify("[l1-2]:2222", &key(KEY_B)),
+            Verdict::Trusted(_)
+        ));
+        assert_eq!(k.lines_for(std::iter::empty()).lines().count(), 1);
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod known_hosts;
 pub mod prompt;
 pub mod session;
 pub mod sftp;
+pub mod ssh_config;
 
 pub use auth::{AgentSource, AuthOptions, Prompter, agent_socket, take_agent_socket};
 pub use error::{Cause, SshError, Step};

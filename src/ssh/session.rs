@@ -69,8 +69,9 @@ pub struct HostKeyOptions {
     pub extra_entries: String,
     /// Where accept-new records new keys (usually ~/.ssh/known_hosts).
     pub learn_into: Option<PathBuf>,
-    /// Record learned names hashed (`|1|salt|hmac`), as ssh_config's `HashKnownHosts yes`.
-    pub hash_learned: bool,
+    /// OpenSSH client config files consulted for `HashKnownHosts` (usually ~/.ssh/config and
+    /// /etc/ssh/ssh_config): when it says yes for the host, accept-new writes the name hashed.
+    pub ssh_config: Vec<PathBuf>,
     /// A pinned key: when set, it alone decides.
     pub pinned: Option<PublicKey>,
     /// Under accept-new, keys learned are also sent here as (known_hosts name, "type base64"):
@@ -107,7 +108,7 @@ impl ConnectOptions {
                 known_hosts: files,
                 extra_entries: String::new(),
                 learn_into: Some(known),
-                hash_learned: false,
+                ssh_config: super::ssh_config::default_files(home),
                 pinned: None,
                 report_learned: None,
             },
@@ -435,18 +436,27 @@ impl ClientHandler {
                     if learn_into.is_some() || report.is_some() =>
                 {
                     if let Some(file) = learn_into {
-                        let append = if self.options.hash_learned {
+                        let hashed = super::ssh_config::hash_known_hosts(
+                            &self.options.ssh_config,
+                            &self.principal,
+                        );
+                        let record = if hashed {
                             known_hosts::append_hashed
                         } else {
                             known_hosts::append
                         };
-                        append(file, &self.name, key).map_err(|e| {
+                        record(file, &self.name, key).map_err(|e| {
                             Cause::HostKeyRecord(format!("{}: {e}", file.display()))
                         })?;
                         tracing::warn!(
-                            "{}: recorded new host key {fingerprint} in {}",
+                            "{}: recorded new host key {fingerprint} in {}{}",
                             self.name,
-                            file.display()
+                            file.display(),
+                            if hashed {
+                                " (hashed: HashKnownHosts yes)"
+                            } else {
+                                ""
+                            }
                         );
                     }
                     if let Some(report) = report {
@@ -680,6 +690,13 @@ mod url_tests {
         assert_eq!(
             o.host_keys.learn_into,
             Some(PathBuf::from("/home/u/.ssh/known_hosts"))
+        );
+        assert_eq!(
+            o.host_keys.ssh_config,
+            vec![
+                PathBuf::from("/home/u/.ssh/config"),
+                PathBuf::from("/etc/ssh/ssh_config"),
+            ]
         );
     }
 

@@ -39,3 +39,5 @@ pub use backend::{DEFAULT_QUOTA_BYTES, Options};
 pub use kv::MAX_REQUEST_BYTES;
 pub use restore::{Restored, restore};
 pub use server::{ListenAddr, Store, StoreCommand, StoreConfig, run};
+/// Log decoding as recovery does it (for fuzzing and tools), and its mid-log corruption error.
+pub use wal::{Corruption, WalRecord, decode_segment};

@@ -263,45 +263,18 @@ pub fn open(dir: &Path) -> anyhow::Result<(Recovered, Opened)> {
     let last = segments.len().saturating_sub(1);
     for (i, (_, path)) in segments.iter().enumerate() {
         let bytes = read_file(path)?;
-        let (frames, good) = parse_frames(&bytes);
-        if good < bytes.len() {
-            if i != last {
-                bail!(Corruption {
-                    file: path.clone(),
-                    offset: good as u64,
-                    what: format!(
-                        "{} (in a log segment that is not the last)",
-                        frame_fault(&bytes, good)
-                    ),
-                });
-            }
-            if !is_torn_tail(&bytes, good) {
-                bail!(Corruption {
-                    file: path.clone(),
-                    offset: good as u64,
-                    what: format!(
-                        "{}, and {} bytes of log follow it",
-                        frame_fault(&bytes, good),
-                        bytes.len() - frame_end(&bytes, good)
-                    ),
-                });
-            }
-            dropped_bytes = (bytes.len() - good) as u64;
+        let (decoded, keep) = decode_segment(path, &bytes, i == last)?;
+        if keep < bytes.len() {
+            dropped_bytes = (bytes.len() - keep) as u64;
             let f = OpenOptions::new()
                 .write(true)
                 .open(path)
                 .with_context(|| format!("opening {} to drop its torn tail", path.display()))?;
-            f.set_len(good as u64)
+            f.set_len(keep as u64)
                 .and_then(|()| f.sync_all())
                 .with_context(|| format!("truncating the torn tail of {}", path.display()))?;
         }
-        for frame in frames {
-            let record = WalRecord::decode(frame)
-                .with_context(|| format!("{}: undecodable record", path.display()))?;
-            if record.index > after {
-                records.push(record);
-            }
-        }
+        records.extend(decoded.into_iter().filter(|r| r.index > after));
     }
 
     let (segment_path, segment_bytes) = match segments.last() {
@@ -563,6 +536,54 @@ fn frame(buf: &mut Vec<u8>, payload: &[u8]) -> anyhow::Result<()> {
     buf.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
     buf.extend_from_slice(payload);
     Ok(())
+}
+
+/// Decodes the bytes of the log segment `path` as recovery does: its records, and how many of
+/// its bytes to keep. Only the last segment (`last`) may lose a torn tail (then fewer bytes are
+/// kept than given); any other damage is a [`Corruption`], and an intact frame that is not a
+/// record is an error too. Pure: the caller truncates the file.
+pub fn decode_segment(
+    path: &Path,
+    bytes: &[u8],
+    last: bool,
+) -> anyhow::Result<(Vec<WalRecord>, usize)> {
+    let (frames, good) = parse_frames(bytes);
+    if good < bytes.len() {
+        if !last {
+            bail!(Corruption {
+                file: path.to_path_buf(),
+                offset: good as u64,
+                what: format!(
+                    "{} (in a log segment that is not the last)",
+                    frame_fault(bytes, good)
+                ),
+            });
+        }
+        if !is_torn_tail(bytes, good) {
+            bail!(Corruption {
+                file: path.to_path_buf(),
+                offset: good as u64,
+                what: format!(
+                    "{}, and {} bytes of log follow it",
+                    frame_fault(bytes, good),
+                    bytes.len() - frame_end(bytes, good)
+                ),
+            });
+        }
+    }
+    let mut records = Vec::with_capacity(frames.len());
+    let mut offset = 0;
+    for frame in frames {
+        let record = WalRecord::decode(frame).with_context(|| {
+            format!(
+                "{}: undecodable record at byte offset {offset}",
+                path.display()
+            )
+        })?;
+        offset += 8 + frame.len();
+        records.push(record);
+    }
+    Ok((records, good))
 }
 
 /// A damaged record in the middle of the log: the store refuses to start rather than drop the
