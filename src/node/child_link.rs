@@ -90,7 +90,8 @@ pub async fn launch(
     if let crate::ssh::ForwardEnd::Tcp(port) = &tunnel {
         tracing::warn!(
             "{name}: the store tunnel ends on loopback TCP port {port} there (its sshd refused \
-             Unix-socket forwarding): any local process on that host can reach the store"
+             Unix-socket forwarding): local processes can reach that port, and the store \
+             refuses them without the host's credential"
         );
     }
     let mut line = CommandLine::new(&staged.binary).args([
