@@ -1,8 +1,8 @@
-//! End-to-end tests of `arbor run --remote` against the lab's real sshd hosts: the article's
+//! End-to-end tests of `arbor run --remote` against the lab's real SSH hosts: the article's
 //! example, caching, teardown, live edits, failures, and a real etcd as the store.
 //!
-//! The tests share the lab's hosts r1 and r2, so they run one at a time; each starts by
-//! clearing what earlier tests left in /tmp.
+//! The tests share the lab's hosts r1 (OpenSSH) and r2 (Debian's dropbear), so they run one at
+//! a time; each starts by clearing what earlier tests left in /tmp.
 
 #[macro_use]
 mod support;
@@ -52,8 +52,17 @@ fn main() -> std::process::ExitCode {
             "the_example_works_with_a_real_etcd_as_the_store",
             the_example_works_with_a_real_etcd_as_the_store,
         ),
+        (
+            "a_host_whose_arbor_fails_at_start_says_why",
+            a_host_whose_arbor_fails_at_start_says_why,
+        ),
     ];
-    support::harness::run_with_lab("remote", &["--relays", "2", "--leaves", "1"], true, tests)
+    support::harness::run_with_lab(
+        "remote",
+        &["--relays", "2", "--leaves", "1", "--dropbear", "r2"],
+        true,
+        tests,
+    )
 }
 
 const ARBOR: &str = env!("CARGO_BIN_EXE_arbor");
@@ -255,7 +264,8 @@ fn no_caching_leaves_nothing_of_arbor_behind(lab: &Lab) -> TestResult {
         let left = lab.sh(
             h,
             "pgrep -x -a arbor; ls -d /tmp/arbor.* /root/.cache/arbor 2>/dev/null; \
-             find / -xdev -name 'arbor*' -newer /tmp/file1* 2>/dev/null | grep -v '^/proc'; true",
+             find / -xdev \\( -path /proc -o -path '*/target' \\) -prune -o \
+               -name 'arbor*' -newer /tmp/file1* -print 2>/dev/null; true",
         );
         check!(left.trim().is_empty(), "{h} keeps: {left}");
     }
@@ -508,4 +518,44 @@ fn the_example_works_with_a_real_etcd_as_the_store(lab: &Lab) -> TestResult {
     let _ = etcd.kill();
     let _ = etcd.wait();
     result
+}
+
+/// An arbor that fails at start, on both servers: the failure names its exit code, the end of
+/// its stderr and the end of its log, not only that it ended.
+fn a_host_whose_arbor_fails_at_start_says_why(lab: &Lab) -> TestResult {
+    clean_hosts(lab);
+    let g = article_graphs(lab, &lab.addr("r1"), &lab.addr("r2"));
+    // Staged in place of arbor (--binary for this platform): it reads the start of its control
+    // link, leaves a line in its log and one on stderr, and exits 3.
+    let fake = g.dir.path().join("failing-arbor");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\n\
+         while [ $# -gt 0 ]; do [ \"$1\" = --workdir ] && w=$2; shift; done\n\
+         head -c 1 >/dev/null\n\
+         echo 'ERROR store: the tunnel refused the connection' >> \"$w/arbor.log\"\n\
+         echo 'failing-arbor: giving up' >&2\n\
+         exit 3\n",
+    )
+    .map_err(fail)?;
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .map_err(fail)?;
+    let binary = format!("{}={}", std::env::consts::ARCH, fake.display());
+    let out = arbor(
+        lab,
+        &strs(&g.args(&["--converged-timeout", "1", "--binary", &binary])),
+    );
+    let log = exited(&out, 1)?;
+    for h in ["r1", "r2"] {
+        let want = format!(
+            "{addr}: FAILED: {addr}: arbor ended unexpectedly (exit code 3; \
+             stderr: failing-arbor: giving up; \
+             arbor.log: ERROR store: the tunnel refused the connection)",
+            addr = lab.addr(h)
+        );
+        check!(log.contains(&want), "{h}: no line {want:?}\n{log}");
+        let left = leftovers(lab, h);
+        check!(left.trim().is_empty(), "{h} has leftovers: {left}");
+    }
+    Ok(())
 }

@@ -1,6 +1,7 @@
 //! End-to-end tests of the SSH layer against the lab's real OpenSSH servers.
 //!
-//! One lab (2 relays, 1 leaf each) serves the whole binary and is torn down at the end, failed
+//! One lab (3 relays, 1 leaf each; every sshd with Ed25519, ECDSA and RSA host keys and host
+//! certificates from the lab's CA) serves the whole binary and is torn down at the end, failed
 //! tests included. Each test runs in the initiator's network namespace.
 
 #[macro_use]
@@ -56,6 +57,10 @@ fn main() -> std::process::ExitCode {
             "accept_new_records_unknown_key",
             accept_new_records_unknown_key,
         ),
+        (
+            "accept_new_hashes_the_name_under_hash_known_hosts",
+            accept_new_hashes_the_name_under_hash_known_hosts,
+        ),
         ("pinned_key_decides_alone", pinned_key_decides_alone),
         ("auth_by_agent", auth_by_agent),
         ("auth_by_default_key_file", auth_by_default_key_file),
@@ -84,8 +89,39 @@ fn main() -> std::process::ExitCode {
             "dns_name_that_does_not_resolve_names_the_host",
             dns_name_that_does_not_resolve_names_the_host,
         ),
+        (
+            "host_known_only_by_ecdsa_or_rsa_connects_and_accept_new_adds_nothing",
+            host_known_only_by_ecdsa_or_rsa_connects_and_accept_new_adds_nothing,
+        ),
+        (
+            "host_certificate_from_a_cert_authority_line_is_accepted",
+            host_certificate_from_a_cert_authority_line_is_accepted,
+        ),
+        (
+            "certificate_from_an_unknown_authority_falls_back_to_the_plain_key",
+            certificate_from_an_unknown_authority_falls_back_to_the_plain_key,
+        ),
+        (
+            "host_certificate_with_wrong_principal_or_expired_is_refused",
+            host_certificate_with_wrong_principal_or_expired_is_refused,
+        ),
     ];
-    support::harness::run_with_lab("ssh", &["--relays", "2", "--leaves", "1"], false, tests)
+    // Every sshd has Ed25519, ECDSA and RSA host keys, each with a host certificate from the
+    // lab's CA. r3 is reserved for the test that re-signs its certificates.
+    support::harness::run_with_lab(
+        "ssh",
+        &[
+            "--relays",
+            "3",
+            "--leaves",
+            "1",
+            "--host-keys",
+            "ed25519,ecdsa,rsa",
+            "--host-ca",
+        ],
+        false,
+        tests,
+    )
 }
 
 /// Options as arbor uses them for the lab's HOME, minus any agent from the environment.
@@ -460,6 +496,7 @@ fn accept_new_records_unknown_key(lab: &Lab) -> TestResult {
         let mut o = options(lab);
         o.host_keys.known_hosts = vec![kh.clone()];
         o.host_keys.learn_into = Some(kh.clone());
+        o.host_keys.ssh_config = Vec::new(); // HashKnownHosts no
         o.host_keys.policy = HostKeyPolicy::AcceptNew;
         let s = ssh::connect(&target(lab, "r2"), &o).await.map_err(fail)?;
         s.disconnect().await;
@@ -472,6 +509,32 @@ fn accept_new_records_unknown_key(lab: &Lab) -> TestResult {
     check!(text.lines().count() == 1, "recorded: {text}");
     check!(
         text.starts_with(&format!("{addr} ssh-ed25519 ")),
+        "recorded: {text}"
+    );
+    Ok(())
+}
+
+fn accept_new_hashes_the_name_under_hash_known_hosts(lab: &Lab) -> TestResult {
+    let dir = tempfile::tempdir().map_err(fail)?;
+    let kh = dir.path().join("known_hosts");
+    let config = dir.path().join("config");
+    let addr = lab.addr("r2");
+    std::fs::write(
+        &config,
+        format!("Host {addr}\n    HashKnownHosts yes\nHost *\n    HashKnownHosts no\n"),
+    )
+    .map_err(fail)?;
+    lab.run(async {
+        let mut o = only(lab, &kh, HostKeyPolicy::AcceptNew);
+        o.host_keys.ssh_config = vec![config.clone()];
+        ssh::connect(&target(lab, "r2"), &o).await.map_err(fail)?;
+        o.host_keys.policy = HostKeyPolicy::Strict;
+        ssh::connect(&target(lab, "r2"), &o).await.map_err(fail)?;
+        Ok::<(), Failed>(())
+    })?;
+    let text = std::fs::read_to_string(&kh).map_err(fail)?;
+    check!(
+        text.lines().count() == 1 && text.starts_with("|1|") && !text.contains(&addr),
         "recorded: {text}"
     );
     Ok(())
@@ -762,4 +825,238 @@ fn dns_name_that_does_not_resolve_names_the_host(lab: &Lab) -> TestResult {
         );
         Ok(())
     })
+}
+
+/// `type base64` of a lab host's public host key of `kind` (ed25519, ecdsa, rsa).
+fn host_key_text(lab: &Lab, host: &str, kind: &str) -> String {
+    let var = format!(
+        "HOST_{}_HOSTKEY_{}",
+        host.replace('-', "_"),
+        kind.to_ascii_uppercase()
+    );
+    let text = std::fs::read_to_string(lab.get(&var)).expect("host key file");
+    text.split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The lab CA's public key, `type base64`.
+fn host_ca_text(lab: &Lab) -> String {
+    let text = std::fs::read_to_string(lab.get("LAB_HOST_CA_PUB")).expect("CA file");
+    text.split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Signs `host`'s host keys again with the lab CA (extra ssh-keygen options: `-n`, `-V`) and
+/// restarts its sshd.
+fn resign(lab: &Lab, host: &str, options: &[&str]) -> TestResult {
+    let out = std::process::Command::new(support::repo_root().join("integration/lab"))
+        .args(["host-cert", "--name", &lab.name, host])
+        .args(options)
+        .output()
+        .map_err(fail)?;
+    check!(
+        out.status.success(),
+        "lab host-cert {host} {options:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// Strict and accept-new options over exactly `known_hosts` (no other file).
+fn only(lab: &Lab, known_hosts: &Path, policy: HostKeyPolicy) -> ConnectOptions {
+    let mut o = options(lab);
+    o.host_keys.known_hosts = vec![known_hosts.to_path_buf()];
+    o.host_keys.learn_into = Some(known_hosts.to_path_buf());
+    o.host_keys.policy = policy;
+    o
+}
+
+fn host_known_only_by_ecdsa_or_rsa_connects_and_accept_new_adds_nothing(lab: &Lab) -> TestResult {
+    // The hosts also have an Ed25519 key, which russh would otherwise ask for first: the
+    // known key's type must be offered first, as OpenSSH does.
+    for kind in ["ecdsa", "rsa"] {
+        let dir = tempfile::tempdir().map_err(fail)?;
+        let kh = dir.path().join("known_hosts");
+        let text = format!(
+            "{} {}\n{} {}\n",
+            lab.addr("r1"),
+            host_key_text(lab, "r1", kind),
+            lab.addr("l1-1"),
+            host_key_text(lab, "l1-1", kind)
+        );
+        std::fs::write(&kh, &text).map_err(fail)?;
+        lab.run(async {
+            for policy in [HostKeyPolicy::Strict, HostKeyPolicy::AcceptNew] {
+                let o = only(lab, &kh, policy);
+                let s = ssh::connect(&target(lab, "r1"), &o)
+                    .await
+                    .map_err(|e| fail(format!("{kind}, {policy:?}: {e}")))?;
+                let out = s.run_checked("hostname").await.map_err(fail)?;
+                check!(out == b"r1\n", "hostname {out:?}");
+                // Through r1 to its leaf, as a relay reaches its children.
+                let leaf = ssh::connect_via(&s, &target(lab, "l1-1"), &o)
+                    .await
+                    .map_err(|e| fail(format!("{kind}, {policy:?}, via r1: {e}")))?;
+                let out = leaf.run_checked("hostname").await.map_err(fail)?;
+                check!(out == b"l1-1\n", "hostname {out:?}");
+            }
+            // Entries handed down from a parent count as well.
+            let mut o = only(lab, &dir.path().join("absent"), HostKeyPolicy::Strict);
+            o.host_keys.extra_entries = text.clone();
+            ssh::connect(&target(lab, "r1"), &o)
+                .await
+                .map_err(|e| fail(format!("{kind}, entries from the parent: {e}")))?;
+            Ok::<(), Failed>(())
+        })?;
+        let after = std::fs::read_to_string(&kh).map_err(fail)?;
+        check!(after == text, "accept-new changed known_hosts:\n{after}");
+    }
+    Ok(())
+}
+
+fn host_certificate_from_a_cert_authority_line_is_accepted(lab: &Lab) -> TestResult {
+    let dir = tempfile::tempdir().map_err(fail)?;
+    let kh = dir.path().join("known_hosts");
+    // Only the CA: no host's own key is listed anywhere.
+    let text = format!(
+        "@cert-authority 10.199.*,fd00:199::* {}\n",
+        host_ca_text(lab)
+    );
+    std::fs::write(&kh, &text).map_err(fail)?;
+    let addr6 = lab.addr6("r2");
+    lab.run(async {
+        for policy in [HostKeyPolicy::Strict, HostKeyPolicy::AcceptNew] {
+            let o = only(lab, &kh, policy);
+            for host in ["r1", "r2"] {
+                let s = ssh::connect(&target(lab, host), &o)
+                    .await
+                    .map_err(|e| fail(format!("{host}, {policy:?}: {e}")))?;
+                let out = s.run_checked("hostname").await.map_err(fail)?;
+                check!(
+                    out == host
+                        .as_bytes()
+                        .iter()
+                        .chain(b"\n")
+                        .copied()
+                        .collect::<Vec<_>>(),
+                    "hostname {out:?}"
+                );
+                if host == "r1" {
+                    let leaf = ssh::connect_via(&s, &target(lab, "l1-1"), &o)
+                        .await
+                        .map_err(|e| fail(format!("l1-1 via r1, {policy:?}: {e}")))?;
+                    leaf.run_checked("true").await.map_err(fail)?;
+                }
+            }
+            // By its IPv6 address, a principal of r2's certificate too.
+            let t = Target::new("root", addr6.clone(), 22);
+            ssh::connect(&t, &o)
+                .await
+                .map_err(|e| fail(format!("{addr6}, {policy:?}: {e}")))?;
+        }
+        Ok::<(), Failed>(())
+    })?;
+    let after = std::fs::read_to_string(&kh).map_err(fail)?;
+    check!(after == text, "accept-new changed known_hosts:\n{after}");
+    Ok(())
+}
+
+fn certificate_from_an_unknown_authority_falls_back_to_the_plain_key(lab: &Lab) -> TestResult {
+    let dir = tempfile::tempdir().map_err(fail)?;
+    let other = keygen(dir.path(), "other-ca", "");
+    let other_ca = std::fs::read_to_string(other.with_extension("pub")).map_err(fail)?;
+    let ca_line = format!("@cert-authority * {}\n", other_ca.trim());
+    let addr = lab.addr("r1");
+    // With r1's plain key listed, the connection goes ahead on that key (as OpenSSH).
+    let with_key = dir.path().join("with_key");
+    std::fs::write(
+        &with_key,
+        format!("{ca_line}{addr} {}\n", host_key_text(lab, "r1", "ed25519")),
+    )
+    .map_err(fail)?;
+    let without = dir.path().join("without");
+    std::fs::write(&without, &ca_line).map_err(fail)?;
+    lab.run(async {
+        let o = only(lab, &with_key, HostKeyPolicy::Strict);
+        ssh::connect(&target(lab, "r1"), &o)
+            .await
+            .map_err(|e| fail(format!("with the plain key listed: {e}")))?;
+        let o = only(lab, &without, HostKeyPolicy::Strict);
+        let err = match ssh::connect(&target(lab, "r1"), &o).await {
+            Ok(_) => return Err(fail("connected with a certificate from an unknown CA")),
+            Err(e) => e,
+        };
+        let msg = err.to_string();
+        check!(err.step == Step::HostKey, "{msg}");
+        check!(
+            matches!(err.cause, Cause::HostCertUnknownAuthority { .. }),
+            "{msg}"
+        );
+        let lab_ca = russh::keys::PublicKey::from_openssh(&host_ca_text(lab)).map_err(fail)?;
+        let lab_ca = ssh::known_hosts::fingerprint(&lab_ca);
+        check!(
+            msg.contains(&lab_ca),
+            "message lacks the CA {lab_ca}: {msg}"
+        );
+        Ok::<(), Failed>(())
+    })
+}
+
+fn host_certificate_with_wrong_principal_or_expired_is_refused(lab: &Lab) -> TestResult {
+    let dir = tempfile::tempdir().map_err(fail)?;
+    let kh = dir.path().join("known_hosts");
+    let text = format!("# the lab CA\n@cert-authority * {}\n", host_ca_text(lab));
+    std::fs::write(&kh, &text).map_err(fail)?;
+    let cases: [(&[&str], &str); 2] = [
+        (
+            &["-n", "wrong.name"],
+            "\"10.199.0.13\" is not one of its principals (wrong.name)",
+        ),
+        (&["-V", "20200101:20200102"], "expired at 2020-01-0"),
+    ];
+    let result = (|| {
+        for (options, reason) in cases {
+            resign(lab, "r3", options)?;
+            lab.run(async {
+                for policy in [HostKeyPolicy::Strict, HostKeyPolicy::AcceptNew] {
+                    let o = only(lab, &kh, policy);
+                    let err = match ssh::connect(&target(lab, "r3"), &o).await {
+                        Ok(_) => {
+                            return Err(fail(format!(
+                                "connected with a bad certificate ({options:?}, {policy:?})"
+                            )));
+                        }
+                        Err(e) => e,
+                    };
+                    let msg = err.to_string();
+                    check!(err.step == Step::HostKey, "{msg}");
+                    check!(matches!(err.cause, Cause::HostCertInvalid { .. }), "{msg}");
+                    check!(msg.contains(reason), "message lacks {reason:?}: {msg}");
+                    check!(
+                        msg.contains(&format!("{}:2", kh.display())),
+                        "message lacks the CA's file:line: {msg}"
+                    );
+                }
+                Ok::<(), Failed>(())
+            })?;
+        }
+        Ok::<(), Failed>(())
+    })();
+    // A good certificate again: r3 connects.
+    resign(lab, "r3", &[])?;
+    result?;
+    lab.run(async {
+        let o = only(lab, &kh, HostKeyPolicy::Strict);
+        ssh::connect(&target(lab, "r3"), &o)
+            .await
+            .map_err(|e| fail(format!("after re-signing: {e}")))?;
+        Ok::<(), Failed>(())
+    })?;
+    let after = std::fs::read_to_string(&kh).map_err(fail)?;
+    check!(after == text, "known_hosts changed:\n{after}");
+    Ok(())
 }

@@ -206,6 +206,123 @@ fn a_non_loopback_listen_address_is_refused_without_the_flag() {
     );
 }
 
+/// Where each frame (`len: u32 LE | crc: u32 LE | payload`) of a log segment starts.
+fn frame_starts(bytes: &[u8]) -> Vec<usize> {
+    let mut starts = Vec::new();
+    let mut pos = 0;
+    while pos + 8 <= bytes.len() {
+        starts.push(pos);
+        let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
+        pos += 8 + len;
+    }
+    assert_eq!(pos, bytes.len(), "the log ends on a frame boundary");
+    starts
+}
+
+fn log_segment(data: &Path) -> std::path::PathBuf {
+    std::fs::read_dir(data)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("wal-") && n.ends_with(".log"))
+        })
+        .expect("a log segment")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wal_corrupt_in_the_middle_refuses_to_start_and_a_torn_tail_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let log = dir.path().join("store.log");
+    {
+        let store = start(&data, &log).await;
+        let mut c = etcd_client::Client::connect([&store.endpoint], None)
+            .await
+            .unwrap();
+        for i in 0..6 {
+            c.put(format!("wal/{i}"), format!("value-{i}"), None)
+                .await
+                .unwrap();
+        }
+        // Dropped: SIGKILL. Every acknowledged write is in the log.
+    }
+    let seg = log_segment(&data);
+    let intact = std::fs::read(&seg).unwrap();
+    let starts = frame_starts(&intact);
+    assert!(starts.len() >= 6, "{} records", starts.len());
+
+    // One byte of a record in the middle flips.
+    let mid = starts[starts.len() / 2];
+    let mut corrupt = intact.clone();
+    corrupt[mid + 8 + 2] ^= 0x20;
+    std::fs::write(&seg, &corrupt).unwrap();
+    let mut child = Command::new(ARBOR)
+        .args([
+            "store",
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--data-dir",
+        ])
+        .arg(&data)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start arbor store");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("arbor store started on a log corrupt in the middle");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "exit {status}: {stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{} is corrupt at byte offset {mid}",
+            seg.display()
+        )),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read(&seg).unwrap(),
+        corrupt,
+        "the corrupt log was changed"
+    );
+
+    // A torn tail instead (half a record after the last one): truncated, and every write is
+    // there.
+    let mut torn = intact.clone();
+    torn.extend_from_slice(&intact[starts[1]..starts[1] + 11]);
+    std::fs::write(&seg, &torn).unwrap();
+    let store = start(&data, &log).await;
+    let mut c = etcd_client::Client::connect([&store.endpoint], None)
+        .await
+        .unwrap();
+    for i in 0..6 {
+        let resp = c.get(format!("wal/{i}"), None).await.unwrap();
+        assert_eq!(
+            resp.kvs().first().map(|kv| kv.value().to_vec()),
+            Some(format!("value-{i}").into_bytes())
+        );
+    }
+    drop(store);
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("dropped a torn record (11 bytes)"),
+        "{logged}"
+    );
+}
+
 const ETCDCTL: &str = "/usr/bin/etcdctl";
 
 fn etcdctl(endpoint: &str, args: &[&str]) -> std::process::Output {

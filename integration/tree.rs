@@ -1,7 +1,8 @@
 //! End-to-end tests of hierarchical runs: topology files, relays at depth 2 and 3, jump hosts,
 //! teardown at every depth, a killed relay, and host keys learned at depth. The lab is 2 relays
 //! × 3 leaves; the leaves are unreachable from the initiator, and the relays hold no private
-//! key, so every leaf is reached through a relay signing with the initiator's key.
+//! key, so every leaf is reached through a relay signing with the initiator's key. Two hosts
+//! run Debian's dropbear instead of OpenSSH: the relay r2 and the leaf l1-2 (under r1).
 
 #[macro_use]
 mod support;
@@ -67,6 +68,18 @@ fn main() -> std::process::ExitCode {
             remote_tmp_and_verbosity_apply_at_depth_2,
         ),
         (
+            "a_relays_graph_cannot_use_the_agent_to_log_in_outside_its_subtree",
+            a_relays_graph_cannot_use_the_agent_to_log_in_outside_its_subtree,
+        ),
+        (
+            "a_new_run_never_takes_a_killed_runs_converged_flags_for_its_own",
+            a_new_run_never_takes_a_killed_runs_converged_flags_for_its_own,
+        ),
+        (
+            "a_misbehaving_relay_cannot_forge_states_host_keys_or_terminal_escapes",
+            a_misbehaving_relay_cannot_forge_states_host_keys_or_terminal_escapes,
+        ),
+        (
             "no_caching_and_noop_apply_at_depth_2",
             no_caching_and_noop_apply_at_depth_2,
         ),
@@ -92,7 +105,12 @@ fn main() -> std::process::ExitCode {
             a_topology_without_graphs_ends_once_every_host_runs,
         ),
     ];
-    support::harness::run_with_lab("tree", &["--relays", "2", "--leaves", "3"], true, tests)
+    support::harness::run_with_lab(
+        "tree",
+        &["--relays", "2", "--leaves", "3", "--dropbear", "r2,l1-2"],
+        true,
+        tests,
+    )
 }
 
 /// A topology file in a temp dir; `{leaf}` in `body` becomes the leaf graph's path.
@@ -152,7 +170,10 @@ fn run(lab: &Lab, topo: &Topo, extra: &[&str]) -> Output {
 fn clean(lab: &Lab, caches: bool) {
     for h in HOSTS {
         let extra = if caches { " /root/.cache/arbor" } else { "" };
-        lab.sh(h, &format!("rm -rf /tmp/from-* /tmp/arbor.*{extra}"));
+        lab.sh(
+            h,
+            &format!("rm -rf /tmp/from-* /tmp/arbor.* /tmp/escaped /root/escaped{extra}"),
+        );
     }
 }
 
@@ -664,6 +685,13 @@ fn a_leaf_of_another_platform_gets_its_build_once_through_its_relay(lab: &Lab) -
         got == expect_collected(&["l1-2", "l1-3", "l2-1", "l2-2", "l2-3"]),
         "the other leaves did not converge: l2-3 collected\n{got}\n{log}"
     );
+    // The refused leaf keeps nothing: no working dir, no cache entry made ready by the probe.
+    check!(
+        cached_builds(lab, "l1-1").is_empty(),
+        "l1-1 keeps cache entries {:?} after being refused",
+        cached_builds(lab, "l1-1")
+    );
+    check_no_leftovers(lab, &["l1-1"])?;
 
     // A second build: the same program with other bytes (so another sha256).
     let dir = tempfile::tempdir().map_err(fail)?;
@@ -818,6 +846,215 @@ fn remote_tmp_and_verbosity_apply_at_depth_2(lab: &Lab) -> TestResult {
     Ok(())
 }
 
+fn a_relays_graph_cannot_use_the_agent_to_log_in_outside_its_subtree(lab: &Lab) -> TestResult {
+    clean(lab, false);
+    lab.sh("r1", "rm -f /tmp/reached /tmp/graph-env");
+    // r1's own graph hunts for agent sockets and tries each on r2 (outside its subtree) and
+    // on l1-1 (inside it), with OpenSSH's ssh, which binds the agent to the session.
+    let dir = tempfile::tempdir().map_err(fail)?;
+    let thief = dir.path().join("thief.yaml");
+    std::fs::write(
+        &thief,
+        r#"graph: thief
+resources:
+  exec:
+  - name: steal
+    shell: /bin/sh
+    cmd: >-
+      echo "SSH_AUTH_SOCK=$SSH_AUTH_SOCK" > /tmp/graph-env;
+      for s in /tmp/ssh-*/agent.*; do for t in 10.199.0.12 10.199.1.11; do
+      SSH_AUTH_SOCK=$s ssh -F /dev/null -o BatchMode=yes -o StrictHostKeyChecking=no
+      -o UserKnownHostsFile=/dev/null -o ConnectTimeout=3 -o LogLevel=ERROR root@$t true
+      && echo "$t" >> /tmp/reached; done; done; true
+edges: []
+"#,
+    )
+    .map_err(fail)?;
+    let topo = topology(&TWO_RELAYS.replace(
+        "  name: r1
+",
+        &format!(
+            "  name: r1
+  graph: {}
+",
+            thief.display()
+        ),
+    ));
+    let out = run(lab, &topo, &["--converged-timeout", "2"]);
+    let log = exited(&out, 0)?;
+    let env = lab.sh("r1", "cat /tmp/graph-env 2>&1; true");
+    check!(
+        env.trim() == "SSH_AUTH_SOCK=",
+        "r1's graph saw an agent socket in its environment: {env}"
+    );
+    let reached = lab.sh("r1", "cat /tmp/reached 2>/dev/null; true");
+    check!(
+        reached.contains("10.199.1.11"),
+        "the agent socket was not found or did not work for r1's own leaf (no control):          {reached:?}
+{log}"
+    );
+    check!(
+        !reached.contains("10.199.0.12"),
+        "r1's graph logged into r2 with the operator's agent
+{log}"
+    );
+    check!(
+        log.contains("r1: refused an agent request"),
+        "no refusal reported for r1
+{log}"
+    );
+    Ok(())
+}
+
+/// A HOME of the test's own, with the lab's client key and known_hosts: its
+/// `~/.local/state/arbor` (the store's data) and known_hosts are the test's to inspect.
+fn private_home(lab: &Lab) -> Result<tempfile::TempDir, libtest_mimic::Failed> {
+    let home = tempfile::tempdir().map_err(fail)?;
+    let ssh_dir = home.path().join(".ssh");
+    std::fs::create_dir_all(&ssh_dir).map_err(fail)?;
+    for file in ["id_ed25519", "known_hosts"] {
+        std::fs::copy(lab.home().join(".ssh").join(file), ssh_dir.join(file)).map_err(fail)?;
+    }
+    Ok(home)
+}
+
+fn a_new_run_never_takes_a_killed_runs_converged_flags_for_its_own(lab: &Lab) -> TestResult {
+    clean(lab, false);
+    lab.sh("l1-1", "rm -f /tmp/slow-done");
+    let dir = tempfile::tempdir().map_err(fail)?;
+    let graph = dir.path().join("slow.yaml");
+    std::fs::write(
+        &graph,
+        "graph: slow\nresources:\n  exec:\n  - name: slow\n    cmd: \"sleep 6; touch /tmp/slow-done\"\n    shell: /bin/sh\nedges: []\n",
+    )
+    .map_err(fail)?;
+    let topo = topology(&format!(
+        "defaults:\n  user: root\nhosts:\n- host: 10.199.0.11\n  name: r1\n  children:\n  - host: 10.199.1.11\n    name: l1-1\n    graph: {}\n",
+        graph.display()
+    ));
+    // The store persists under this HOME (no --tmp-prefix), as an operator's runs do.
+    let home = private_home(lab)?;
+    let args = ["--topology", topo.path.to_str().unwrap_or_default()];
+    let mut first = arbor_command(lab, home.path(), &args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(fail)?;
+    let rx = lines_of(first.stdout.take().expect("stdout"));
+    let mut first = Running(first);
+    wait_lines(
+        &rx,
+        &["r1/l1-1: converged".to_string()],
+        Duration::from_secs(60),
+    )?;
+    // Killed: its hosts' converged flags stay in the store until their leases expire.
+    first.0.kill().map_err(fail)?;
+    let _ = first.0.wait();
+    check_no_leftovers(lab, &["r1", "l1-1"])?;
+    lab.sh("l1-1", "rm -f /tmp/slow-done");
+
+    let mut with_timeout = args.to_vec();
+    with_timeout.extend(["--converged-timeout", "1"]);
+    let out = arbor_command(lab, home.path(), &with_timeout)
+        .output()
+        .map_err(fail)?;
+    let log = exited(&out, 0)?;
+    let done = lab.sh("l1-1", "ls /tmp/slow-done 2>&1; true");
+    check!(
+        done.trim() == "/tmp/slow-done",
+        "the second run ended before l1-1 converged (it took the killed run's flag): {done}\n{log}"
+    );
+    Ok(())
+}
+
+fn a_misbehaving_relay_cannot_forge_states_host_keys_or_terminal_escapes(lab: &Lab) -> TestResult {
+    clean(lab, false);
+    // r1 runs a test build that forges (ARBOR_TEST_MISBEHAVE, honoured by debug builds only).
+    lab.sh(
+        "r1",
+        "mkdir -p /root/.ssh && echo ARBOR_TEST_MISBEHAVE=forge > /root/.ssh/environment",
+    );
+    let _undo = Undo {
+        lab,
+        host: "r1",
+        shell: "rm -f /root/.ssh/environment".into(),
+    };
+    // accept-new, so host-key reports are acted on; a HOME of our own to see what is written.
+    let home = private_home(lab)?;
+    let known = home.path().join(".ssh/known_hosts");
+    let before = std::fs::read_to_string(&known).map_err(fail)?;
+    let topo = topology(TWO_RELAYS);
+    let out = arbor_command(
+        lab,
+        home.path(),
+        &[
+            "--topology",
+            topo.path.to_str().unwrap_or_default(),
+            "--tmp-prefix",
+            "--converged-timeout",
+            "2",
+            "--host-key-policy",
+            "accept-new",
+        ],
+    )
+    .output()
+    .map_err(fail)?;
+    // l2-1 and r2 were not failed by r1's forged events: the run converges with exit 0.
+    let log = exchanged(lab, &out)?;
+    check!(
+        log.contains("r1 | forged ^[]0;owned^G^[[2J^[[31mescapes"),
+        "the forged log line did not arrive escaped\n{log}"
+    );
+    check!(
+        !out.stdout.contains(&0x1b),
+        "raw escape bytes reached the terminal\n{log}"
+    );
+    check!(
+        log.contains("not in its subtree"),
+        "no warning about r1's events outside its subtree\n{log}"
+    );
+    let after = std::fs::read_to_string(&known).map_err(fail)?;
+    check!(
+        after == before,
+        "forged host-key reports changed known_hosts:\n{}",
+        &after[before.len().min(after.len())..]
+    );
+    // The store refused r1 everything beyond its own keys.
+    for attack in [
+        "publishing as another host",
+        "reading the store without a credential",
+        "writing another host's export",
+        "writing another host's converged flag",
+        "deleting every key",
+        "compacting",
+    ] {
+        check!(
+            log.contains(&format!("misbehaving: {attack}: refused")),
+            "the store did not refuse r1 {attack}\n{log}"
+        );
+    }
+    check!(
+        !log.contains(": ALLOWED"),
+        "the store allowed r1 something beyond its own keys\n{log}"
+    );
+    // r1's own hostile exports: the escaping file landed under the collect pattern without
+    // its setuid bit, nothing was written outside it, and the `absent` export deleted nothing.
+
+    for leaf in LEAVES {
+        let seen = lab.sh(
+            leaf,
+            "stat -c '%a %n' /tmp/escaped 2>&1; ls /root/escaped 2>&1; ls /tmp/from-l1-2",
+        );
+        check!(
+            seen.contains("755 /tmp/escaped")
+                && seen.contains("cannot access '/root/escaped'")
+                && seen.contains("/tmp/from-l1-2"),
+            "{leaf} after r1's forged exports:\n{seen}"
+        );
+    }
+    Ok(())
+}
+
 fn no_caching_and_noop_apply_at_depth_2(lab: &Lab) -> TestResult {
     clean(lab, true);
     let topo = topology(TWO_RELAYS);
@@ -912,11 +1149,14 @@ fn a_killed_relay_fails_its_subtree_and_the_rest_converges(lab: &Lab) -> TestRes
         &rx,
         &[
             "r1/l1-1: running".to_string(),
+            "r1/l1-2: running".to_string(),
             "r1/l1-3: running".to_string(),
         ],
         Duration::from_secs(90),
     )?;
-    // Kill r1's arbor outright: no shutdown path runs there.
+    // Kill r1's arbor outright: no shutdown path runs there. (Every leaf runs by now: a leaf
+    // whose relay dies while staging it keeps the working dir the relay's probe made, since
+    // nothing of arbor runs there yet to remove it.)
     lab.sh("r1", "pkill -9 -x arbor");
     let mut lines = Vec::new();
     let status = loop {
@@ -934,7 +1174,7 @@ fn a_killed_relay_fails_its_subtree_and_the_rest_converges(lab: &Lab) -> TestRes
     let log = lines.join("\n");
     check!(status.code() == Some(1), "exit {:?}\n{log}", status.code());
     check!(
-        log.contains("r1: FAILED: r1: arbor ended unexpectedly"),
+        log.contains("r1: FAILED: r1: arbor ended unexpectedly (killed by SIGKILL"),
         "no clear cause for r1\n{log}"
     );
     let r1_row = log.lines().find(|l| l.starts_with("r1 ")).unwrap_or("");
@@ -974,6 +1214,8 @@ fn leaf_host_keys_are_learned_at_depth_only_under_accept_new(lab: &Lab) -> TestR
         .collect();
     let known = ssh_dir.join("known_hosts");
     std::fs::write(&known, relays_only.join("\n") + "\n").map_err(fail)?;
+    // As Debian's ssh_config does: learned names are then written hashed.
+    std::fs::write(ssh_dir.join("config"), "Host *\n    HashKnownHosts yes\n").map_err(fail)?;
     let topo = topology(TWO_RELAYS);
     let args = [
         "--topology",
@@ -1017,9 +1259,19 @@ fn leaf_host_keys_are_learned_at_depth_only_under_accept_new(lab: &Lab) -> TestR
     for leaf in LEAVES {
         let addr = lab.addr(leaf);
         let real = lab.sh(leaf, "cut -d' ' -f1,2 /run/arbor/ssh_host_ed25519_key.pub");
+        let key = russh::keys::PublicKey::from_openssh(real.trim()).map_err(fail)?;
+        let known_now = arbor::ssh::known_hosts::KnownHosts::load(std::slice::from_ref(&known))
+            .map_err(fail)?;
         check!(
-            after.contains(&format!("{addr} {}", real.trim())),
+            matches!(
+                known_now.verify(&addr, &key),
+                arbor::ssh::known_hosts::Verdict::Trusted(_)
+            ),
             "known_hosts lacks {leaf}'s real key ({addr}):\n{after}"
+        );
+        check!(
+            !after.contains(&format!("{addr} ")),
+            "{leaf}'s name was recorded in clear despite HashKnownHosts yes:\n{after}"
         );
     }
     Ok(())

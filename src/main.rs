@@ -7,6 +7,9 @@ use arbor::cli;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // Before any thread starts: arbor keeps the agent socket for itself, and the commands its
+    // graphs run never see one.
+    arbor::ssh::take_agent_socket();
     let invocation = match cli::parse() {
         Ok(invocation) => invocation,
         Err(code) => return code,

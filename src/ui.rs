@@ -15,6 +15,9 @@ pub struct HostReport {
     pub elapsed: Duration,
     pub bytes: u64,
     pub cached: Option<bool>,
+    /// The host's store tunnel ends on a loopback TCP port (its sshd refused Unix-socket
+    /// forwarding), where any local process can reach it.
+    pub store_over_tcp: bool,
 }
 
 /// Prints events as they arrive (stdout), in arrival order.
@@ -38,6 +41,7 @@ impl Ui {
     }
 
     pub fn event(&mut self, event: &Event) {
+        let event = &sanitized(event);
         if self.stopping
             && matches!(
                 event.kind,
@@ -46,7 +50,7 @@ impl Ui {
         {
             return;
         }
-        let host = event.host.to_string();
+        let host = printable(&event.host.to_string()).into_owned();
         let line = match &event.kind {
             EventKind::Log { line, stderr } => {
                 if *stderr {
@@ -100,7 +104,8 @@ impl Ui {
         let _ = out.flush();
     }
 
-    /// The table at the end: host, result, time, bytes sent, binary from cache.
+    /// The table at the end: host, result, time, bytes sent, binary from cache. Causes may
+    /// quote remote text: it is shown without control characters.
     pub fn summary(&self, reports: &[HostReport], local: Option<(&str, bool, Duration)>) {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out);
@@ -135,10 +140,87 @@ impl Ui {
                     Some(false) => "no",
                     None => "-",
                 },
-                r.cause.as_deref().unwrap_or("")
+                printable(r.cause.as_deref().unwrap_or(""))
+            );
+        }
+        let tcp: Vec<&str> = reports
+            .iter()
+            .filter(|r| r.store_over_tcp)
+            .map(|r| r.name.as_str())
+            .collect();
+        if !tcp.is_empty() {
+            let _ = writeln!(
+                out,
+                "store tunnel on loopback TCP (sshd refused Unix-socket forwarding): {}",
+                tcp.join(", ")
             );
         }
         let _ = out.flush();
+    }
+}
+
+/// `text` as it may reach the terminal: control characters (which could move the cursor,
+/// rewrite earlier lines or change the terminal's state) and bidirectional overrides become
+/// visible escapes (`\x1b` → `^[`, others `\u{…}`); tabs stay. Whatever a remote host sends
+/// passes through here; the colours arbor adds itself are added after.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    let bad = |c: char| {
+        (c.is_control() && c != '\t')
+            || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.chars().any(bad) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            c if !bad(c) => out.push(c),
+            c if (c as u32) < 0x20 => {
+                out.push('^');
+                out.push(char::from(b'@' + c as u8));
+            }
+            '\u{7f}' => out.push_str("^?"),
+            c => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// An event with every text a remote host chose made printable.
+fn sanitized(event: &Event) -> Event {
+    let p = |s: &str| printable(s).into_owned();
+    let kind = match &event.kind {
+        EventKind::Log { line, stderr } => EventKind::Log {
+            line: p(line),
+            stderr: *stderr,
+        },
+        EventKind::State(state) => EventKind::State(match state {
+            HostState::Staging { step } => HostState::Staging { step: p(step) },
+            HostState::Unhealthy { failures } => HostState::Unhealthy {
+                failures: failures.iter().map(|f| p(f)).collect(),
+            },
+            HostState::Failed { cause } => HostState::Failed { cause: p(cause) },
+            other => other.clone(),
+        }),
+        EventKind::Transfer {
+            what,
+            sent,
+            total,
+            cached,
+        } => EventKind::Transfer {
+            what: p(what),
+            sent: *sent,
+            total: *total,
+            cached: *cached,
+        },
+        EventKind::KnownHost { name, key } => EventKind::KnownHost {
+            name: p(name),
+            key: p(key),
+        },
+    };
+    Event {
+        host: event.host.clone(),
+        kind,
     }
 }
 
@@ -153,5 +235,21 @@ pub fn bytes(n: u64) -> String {
         n if n >= 1_000_000 => format!("{:.1} MB", n as f64 / 1e6),
         n if n >= 1_000 => format!("{:.1} kB", n as f64 / 1e3),
         n => format!("{n} B"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remote_text_reaches_the_terminal_without_control_characters() {
+        assert_eq!(printable("plain\ttext"), "plain\ttext");
+        assert_eq!(
+            printable("\x1b[2J\x1b]0;owned\x07red\rback"),
+            "^[[2J^[]0;owned^Gred^Mback"
+        );
+        assert_eq!(printable("a\u{202E}b\u{7f}"), "a\\u{202e}b^?");
+        assert_eq!(printable("line\nnext"), "line^Jnext");
     }
 }

@@ -36,7 +36,10 @@ async fn new_exchange() -> Arc<dyn Exchange> {
     let client = StoreClient::connect(&Endpoints::parse(&endpoint).expect("endpoint"))
         .await
         .expect("store client");
-    Arc::new(StoreExchange::new(client))
+    Arc::new(StoreExchange::new(
+        client,
+        arbor::engine::exchange::Keys::for_run("bench"),
+    ))
 }
 
 fn main() {

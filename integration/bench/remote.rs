@@ -12,6 +12,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -140,31 +141,13 @@ fn live_edit(lab: &Lab) -> String {
     let dir = tempfile::tempdir().expect("tempdir");
     let a = article(dir.path(), "a", &lab.addr("r1"));
     let b = article(dir.path(), "b", &lab.addr("r2"));
-    let mut child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            lab.init_ns(),
-            ARBOR,
-            "run",
-            "--tmp-prefix",
-            "--remote",
-        ])
-        .arg(&a)
-        .arg("--remote")
-        .arg(&b)
-        .env("HOME", lab.home())
-        .env_remove("SSH_AUTH_SOCK")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start arbor");
-    // Wait until the first graph is applied.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while lab.sh("r1", "cat /tmp/file1a 2>/dev/null || true") != "i am file1a\n" {
-        assert!(Instant::now() < deadline, "the run never applied the graph");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let args = [
+        OsStr::new("--remote"),
+        a.as_os_str(),
+        OsStr::new("--remote"),
+        b.as_os_str(),
+    ];
+    let mut child = start_and_wait(lab, &args, "r1", "/tmp/file1a", "i am file1a\n");
     std::thread::sleep(Duration::from_secs(2));
     let original = std::fs::read_to_string(&a).expect("graph");
     let samples = edit_latencies(lab, "r1", "/tmp/file1a", &a, &|marker| {
@@ -211,28 +194,8 @@ fn live_edit_at_depth_2(lab: &Lab) -> String {
         ),
     )
     .expect("topology");
-    let mut child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            lab.init_ns(),
-            ARBOR,
-            "run",
-            "--tmp-prefix",
-            "--topology",
-        ])
-        .arg(&topo)
-        .env("HOME", lab.home())
-        .env_remove("SSH_AUTH_SOCK")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start arbor");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while lab.sh("l1-1", "cat /tmp/edited 2>/dev/null || true") != "start\n" {
-        assert!(Instant::now() < deadline, "the run never applied the graph");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let args = [OsStr::new("--topology"), topo.as_os_str()];
+    let mut child = start_and_wait(lab, &args, "l1-1", "/tmp/edited", "start\n");
     std::thread::sleep(Duration::from_secs(2));
     let samples = edit_latencies(lab, "l1-1", "/tmp/edited", &graph, &version);
     unsafe {
@@ -253,6 +216,32 @@ fn live_edit_at_depth_2(lab: &Lab) -> String {
         sorted[0],
         sorted[sorted.len() - 1]
     )
+}
+
+/// Starts a continuous `arbor run --tmp-prefix ARGS` in the initiator's namespace and waits
+/// until `file` on `host` holds `content` (the first graph is applied).
+fn start_and_wait(
+    lab: &Lab,
+    args: &[&OsStr],
+    host: &str,
+    file: &str,
+    content: &str,
+) -> std::process::Child {
+    let child = Command::new("ip")
+        .args(["netns", "exec", lab.init_ns(), ARBOR, "run", "--tmp-prefix"])
+        .args(args)
+        .env("HOME", lab.home())
+        .env_remove("SSH_AUTH_SOCK")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start arbor");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while lab.sh(host, &format!("cat {file} 2>/dev/null || true")) != content {
+        assert!(Instant::now() < deadline, "the run never applied the graph");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
 }
 
 /// Seven edits of `graph`, each saved by rename with `edit(marker)`'s text: milliseconds from

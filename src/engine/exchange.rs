@@ -5,14 +5,17 @@
 //!
 //! | key | value | lease |
 //! |---|---|---|
-//! | `/arbor/exports/<host>/<kind>/<name>` | the resource spec, [`encode_spec`] (JSON) | the host's |
-//! | `/arbor/converged/<host>` | `true` or `false` | the host's |
+//! | `/arbor/runs/<run>/exports/<host>/<kind>/<name>` | the resource spec, [`encode_spec`] (JSON) | the host's |
+//! | `/arbor/runs/<run>/converged/<host>` | `true` or `false` | the host's |
 //!
-//! - [`Exchange::publish`] is one transaction: delete the prefix `/arbor/exports/<host>/`, then
-//!   put every export, all on the host's lease, so watchers never see half a replacement.
-//! - [`Exchange::watch_exports`] is a range get of `/arbor/exports/` followed by a watch of that
-//!   prefix from the get's revision + 1; after every event it re-sends the full current set of
-//!   the kind (keys split with [`parse_export_key`]).
+//! Every key is under the run's own prefix ([`Keys`]): a run never takes another run's exports
+//! or converged flags (say, those of a killed run whose leases have not expired) for its own.
+//!
+//! - [`Exchange::publish`] is one transaction: delete the host's exports prefix, then put every
+//!   export, all on the host's lease, so watchers never see half a replacement.
+//! - [`Exchange::watch_exports`] is a range get of the run's exports prefix followed by a watch
+//!   of that prefix from the get's revision + 1; after every event it re-sends the full current
+//!   set of the kind (keys split with [`Keys::parse_export`]).
 //! - The lease is granted when the host joins and kept alive while it runs: a host that dies
 //!   loses its exports and flag when the lease expires; one that exits calls
 //!   [`Exchange::withdraw`] (revoke) so they vanish at once. A host that restarts re-publishes.
@@ -27,8 +30,63 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-pub const EXPORTS_PREFIX: &str = "/arbor/exports/";
-pub const CONVERGED_PREFIX: &str = "/arbor/converged/";
+/// The key layout of one run: everything under `/arbor/runs/<run>/`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Keys {
+    exports: String,
+    converged: String,
+}
+
+impl Keys {
+    /// The keys of the run with id `run` (the initiator makes one per run).
+    pub fn for_run(run: &str) -> Keys {
+        Keys {
+            exports: format!("/arbor/runs/{run}/exports/"),
+            converged: format!("/arbor/runs/{run}/converged/"),
+        }
+    }
+
+    /// Where every host's exports are.
+    pub fn exports(&self) -> &str {
+        &self.exports
+    }
+
+    /// Where one host's exports are.
+    pub fn host_exports(&self, host: &str) -> String {
+        format!("{}{host}/", self.exports)
+    }
+
+    pub fn export(&self, host: &str, kind: Kind, name: &str) -> String {
+        format!("{}{host}/{kind}/{name}", self.exports)
+    }
+
+    /// `<exports>/<host>/<kind>/<name>` → (host, kind, name); names may contain `/`.
+    pub fn parse_export<'a>(&self, key: &'a str) -> Option<(&'a str, Kind, &'a str)> {
+        let rest = key.strip_prefix(self.exports.as_str())?;
+        let (host, rest) = rest.split_once('/')?;
+        let (kind, name) = rest.split_once('/')?;
+        Some((host, Kind::parse(kind)?, name))
+    }
+
+    /// Where every host's converged flag is.
+    pub fn converged_prefix(&self) -> &str {
+        &self.converged
+    }
+
+    pub fn converged(&self, host: &str) -> String {
+        format!("{}{host}", self.converged)
+    }
+
+    /// The host a converged-flag key names.
+    pub fn converged_host<'a>(&self, key: &'a str) -> Option<&'a str> {
+        key.strip_prefix(self.converged.as_str())
+    }
+}
+
+/// A fresh run id: 16 hex digits from the OS's random source.
+pub fn new_run_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
 
 /// A resource exported by a host (name without `@@`), as every collector sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,22 +114,6 @@ pub trait Exchange: Send + Sync + 'static {
     fn withdraw(&self, host: &str) -> BoxFuture<'_, anyhow::Result<()>>;
 }
 
-pub fn export_key(host: &str, kind: Kind, name: &str) -> String {
-    format!("{EXPORTS_PREFIX}{host}/{kind}/{name}")
-}
-
-/// `/arbor/exports/<host>/<kind>/<name>` → (host, kind, name); names may contain `/`.
-pub fn parse_export_key(key: &str) -> Option<(&str, Kind, &str)> {
-    let rest = key.strip_prefix(EXPORTS_PREFIX)?;
-    let (host, rest) = rest.split_once('/')?;
-    let (kind, name) = rest.split_once('/')?;
-    Some((host, Kind::parse(kind)?, name))
-}
-
-pub fn converged_key(host: &str) -> String {
-    format!("{CONVERGED_PREFIX}{host}")
-}
-
 /// The value stored under an export key: JSON, which every etcd tool shows readably, and
 /// which keeps a YAML serializer out of the binary.
 pub fn encode_spec(spec: &ResourceSpec) -> anyhow::Result<String> {
@@ -84,6 +126,7 @@ pub fn decode_spec(value: &str) -> anyhow::Result<ResourceSpec> {
 
 /// The puts of [`Exchange::publish`] for one host: (key, value) per export.
 pub fn encode_exports(
+    keys: &Keys,
     host: &str,
     exports: &[ResourceSpec],
 ) -> anyhow::Result<Vec<(String, String)>> {
@@ -91,23 +134,24 @@ pub fn encode_exports(
         .iter()
         .map(|spec| {
             Ok((
-                export_key(host, spec.kind(), spec.name()),
+                keys.export(host, spec.kind(), spec.name()),
                 encode_spec(spec)?,
             ))
         })
         .collect()
 }
 
-/// The set [`Exchange::watch_exports`] sends, from the (key, value) pairs under
-/// [`EXPORTS_PREFIX`]: those of `kind`, the host taken from the key. A value that does not
+/// The set [`Exchange::watch_exports`] sends, from the (key, value) pairs under the run's
+/// exports prefix: those of `kind`, the host taken from the key. A value that does not
 /// decode is an error naming its key (another arbor version, or a hand-written key).
 pub fn decode_exports<'a>(
+    keys: &Keys,
     kind: Kind,
     pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
 ) -> anyhow::Result<Vec<ExportedResource>> {
     let mut out = Vec::new();
     for (key, value) in pairs {
-        let Some((host, key_kind, _)) = parse_export_key(key) else {
+        let Some((host, key_kind, _)) = keys.parse_export(key) else {
             continue;
         };
         if key_kind != kind {
@@ -264,18 +308,28 @@ mod tests {
 
     #[test]
     fn export_keys_split_back_into_host_kind_and_name() {
-        let key = export_key("h1", Kind::File, "a/b");
-        assert_eq!(key, "/arbor/exports/h1/file/a/b");
-        assert_eq!(parse_export_key(&key), Some(("h1", Kind::File, "a/b")));
-        assert_eq!(parse_export_key("/arbor/exports/h1/pkg/x"), None);
+        let keys = Keys::for_run("r1");
+        let key = keys.export("h1", Kind::File, "a/b");
+        assert_eq!(key, "/arbor/runs/r1/exports/h1/file/a/b");
+        assert_eq!(keys.parse_export(&key), Some(("h1", Kind::File, "a/b")));
+        assert_eq!(keys.parse_export("/arbor/runs/r1/exports/h1/pkg/x"), None);
+        // Another run's keys are not this run's.
+        assert_eq!(Keys::for_run("r2").parse_export(&key), None);
+        assert_eq!(keys.converged_host(&keys.converged("h1")), Some("h1"));
+        assert_eq!(
+            Keys::for_run("r2").converged_host(&keys.converged("h1")),
+            None
+        );
     }
 
     #[test]
     fn published_pairs_decode_back_into_the_kinds_set() {
         let noop = ResourceSpec::Noop(NoopSpec { name: "n".into() });
-        let pairs = encode_exports("h1", &[file("f"), noop]).expect("encode");
-        assert_eq!(pairs[0].0, "/arbor/exports/h1/file/f");
+        let keys = Keys::for_run("r");
+        let pairs = encode_exports(&keys, "h1", &[file("f"), noop]).expect("encode");
+        assert_eq!(pairs[0].0, "/arbor/runs/r/exports/h1/file/f");
         let set = decode_exports(
+            &keys,
             Kind::File,
             pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())),
         )
@@ -287,10 +341,14 @@ mod tests {
                 spec: file("f")
             }]
         );
-        let err = decode_exports(Kind::File, [("/arbor/exports/h1/file/x", "{not: [a spec")])
-            .expect_err("garbage");
+        let err = decode_exports(
+            &keys,
+            Kind::File,
+            [("/arbor/runs/r/exports/h1/file/x", "{not: [a spec")],
+        )
+        .expect_err("garbage");
         assert!(
-            err.to_string().contains("/arbor/exports/h1/file/x"),
+            err.to_string().contains("/arbor/runs/r/exports/h1/file/x"),
             "{err}"
         );
     }

@@ -35,12 +35,18 @@ pub struct Graph {
     pub edges: Vec<Edge>,
 }
 
-/// Pull in every host's exports of a kind.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Pull in every host's exports of a kind. What other hosts export is untrusted: a collected
+/// file lands under `pattern` (required for files), loses setuid/setgid bits unless
+/// `allow_setid`, and exec resources are collected only with `allow_commands`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Collect {
     pub kind: Kind,
     /// For file: the directory collected files are written to (pattern + basename).
     pub pattern: Option<PathBuf>,
+    /// Keep setuid and setgid bits of collected files (`allow_setid: true`).
+    pub allow_setid: bool,
+    /// Run exec resources other hosts export (`allow_commands: true`).
+    pub allow_commands: bool,
 }
 
 /// `from` is applied before `to`; with `notify`, a change in `from` refreshes `to`.
@@ -166,6 +172,8 @@ struct RawNoop {
 struct RawCollect {
     kind: Spanned<String>,
     pattern: Option<Spanned<String>>,
+    allow_setid: Option<bool>,
+    allow_commands: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -271,7 +279,29 @@ fn collect_entries(raw: Vec<Spanned<RawCollect>>, host: &str) -> Result<Vec<Coll
             None => None,
             Some(p) => Some(absolute(p, &expand(&p.value, host), "collect pattern")?),
         };
-        collect.push(Collect { kind, pattern });
+        if kind == Kind::File && pattern.is_none() {
+            return Err(fail(
+                &c.value.kind,
+                "collecting files needs a `pattern`: the directory collected files land in \
+                 (a collected file never chooses its own path)"
+                    .into(),
+            ));
+        }
+        let allow_commands = c.value.allow_commands.unwrap_or(false);
+        if kind == Kind::Exec && !allow_commands {
+            return Err(fail(
+                &c.value.kind,
+                "collecting exec resources runs commands that other hosts chose; add \
+                 `allow_commands: true` to this collect entry to allow it"
+                    .into(),
+            ));
+        }
+        collect.push(Collect {
+            kind,
+            pattern,
+            allow_setid: c.value.allow_setid.unwrap_or(false),
+            allow_commands,
+        });
     }
     Ok(collect)
 }

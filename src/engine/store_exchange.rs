@@ -5,10 +5,7 @@
 //! a host that dies without withdrawing loses its exports and converged flag when the lease
 //! runs out, and collectors see them go.
 
-use super::exchange::{
-    CONVERGED_PREFIX, EXPORTS_PREFIX, Exchange, ExportedResource, converged_key, decode_spec,
-    encode_spec, export_key, parse_export_key,
-};
+use super::exchange::{Exchange, ExportedResource, Keys, decode_spec, encode_spec};
 use super::resources::{Kind, ResourceSpec};
 use crate::store::client::{EventKind, KeepAlive, StoreClient, Txn, TxnOp};
 use anyhow::Context;
@@ -26,13 +23,16 @@ pub const LEASE_TTL: i64 = 10;
 #[derive(Clone)]
 pub struct StoreExchange {
     client: StoreClient,
+    keys: Keys,
     leases: Arc<Mutex<HashMap<String, (i64, KeepAlive)>>>,
 }
 
 impl StoreExchange {
-    pub fn new(client: StoreClient) -> Self {
+    /// The exchange of one run (its keys are under `keys`).
+    pub fn new(client: StoreClient, keys: Keys) -> Self {
         StoreExchange {
             client,
+            keys,
             leases: Arc::new(Mutex::new(HashMap::new())),
         }
     }
@@ -53,12 +53,12 @@ impl StoreExchange {
 
     async fn publish_inner(&self, host: &str, exports: Vec<ResourceSpec>) -> anyhow::Result<()> {
         let lease = self.lease(host).await?;
-        let prefix = format!("{EXPORTS_PREFIX}{host}/");
+        let prefix = self.keys.host_exports(host);
         let (current, _) = self.client.get_prefix(prefix.as_bytes()).await?;
         let mut wanted = BTreeMap::new();
         for spec in &exports {
             wanted.insert(
-                export_key(host, spec.kind(), spec.name()),
+                self.keys.export(host, spec.kind(), spec.name()),
                 encode_spec(spec).with_context(|| format!("encoding export {}", spec.name()))?,
             );
         }
@@ -91,10 +91,14 @@ impl StoreExchange {
 }
 
 /// Current exports of every host, by key, as the watch keeps them.
-fn snapshot(all: &BTreeMap<String, ResourceSpec>, kind: Kind) -> Vec<ExportedResource> {
+fn snapshot(
+    keys: &Keys,
+    all: &BTreeMap<String, ResourceSpec>,
+    kind: Kind,
+) -> Vec<ExportedResource> {
     all.iter()
         .filter_map(|(key, spec)| {
-            let (host, k, _) = parse_export_key(key)?;
+            let (host, k, _) = keys.parse_export(key)?;
             (k == kind).then(|| ExportedResource {
                 host: host.to_string(),
                 spec: spec.clone(),
@@ -114,12 +118,13 @@ impl Exchange for StoreExchange {
         kind: Kind,
     ) -> BoxStream<'static, anyhow::Result<Vec<ExportedResource>>> {
         let client = self.client.clone();
+        let keys = self.keys.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         tokio::spawn(async move {
             let mut last: Option<Vec<ExportedResource>> = None;
             // Read everything, then follow changes; start over if the history is compacted.
             loop {
-                let (kvs, revision) = match client.get_prefix(EXPORTS_PREFIX).await {
+                let (kvs, revision) = match client.get_prefix(keys.exports()).await {
                     Ok(r) => r,
                     Err(e) => {
                         let _ = tx.send(Err(e)).await;
@@ -136,14 +141,14 @@ impl Exchange for StoreExchange {
                         Err(e) => tracing::warn!("store: ignoring export {key}: {e}"),
                     }
                 }
-                let now = snapshot(&all, kind);
+                let now = snapshot(&keys, &all, kind);
                 if last.as_ref() != Some(&now) {
                     if tx.send(Ok(now.clone())).await.is_err() {
                         return;
                     }
                     last = Some(now);
                 }
-                let mut events = client.watch_prefix(EXPORTS_PREFIX, revision + 1);
+                let mut events = client.watch_prefix(keys.exports(), revision + 1);
                 while let Some(event) = events.next().await {
                     let event = match event {
                         Ok(e) => e,
@@ -166,7 +171,7 @@ impl Exchange for StoreExchange {
                             all.remove(&key);
                         }
                     }
-                    let now = snapshot(&all, kind);
+                    let now = snapshot(&keys, &all, kind);
                     if last.as_ref() != Some(&now) {
                         if tx.send(Ok(now.clone())).await.is_err() {
                             return;
@@ -187,7 +192,7 @@ impl Exchange for StoreExchange {
         Box::pin(async move {
             let lease = self.lease(&host).await?;
             self.client
-                .put_leased(converged_key(&host), converged.to_string(), lease)
+                .put_leased(self.keys.converged(&host), converged.to_string(), lease)
                 .await?;
             Ok(())
         })
@@ -211,12 +216,14 @@ impl Exchange for StoreExchange {
 /// reported as `None`.
 pub fn converged_flags(
     client: &StoreClient,
+    keys: &Keys,
 ) -> BoxStream<'static, anyhow::Result<(String, Option<bool>)>> {
     let client = client.clone();
+    let keys = keys.clone();
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
         loop {
-            let (kvs, revision) = match client.get_prefix(CONVERGED_PREFIX).await {
+            let (kvs, revision) = match client.get_prefix(keys.converged_prefix()).await {
                 Ok(r) => r,
                 Err(e) => {
                     let _ = tx.send(Err(e)).await;
@@ -225,17 +232,21 @@ pub fn converged_flags(
             };
             for kv in kvs {
                 let key = String::from_utf8_lossy(kv.key()).into_owned();
-                let host = key.trim_start_matches(CONVERGED_PREFIX).to_string();
+                let Some(host) = keys.converged_host(&key).map(str::to_string) else {
+                    continue;
+                };
                 let value = kv.value() == b"true";
                 if tx.send(Ok((host, Some(value)))).await.is_err() {
                     return;
                 }
             }
-            let mut events = client.watch_prefix(CONVERGED_PREFIX, revision + 1);
+            let mut events = client.watch_prefix(keys.converged_prefix(), revision + 1);
             while let Some(event) = events.next().await {
                 let Ok(event) = event else { break };
                 let key = String::from_utf8_lossy(&event.key).into_owned();
-                let host = key.trim_start_matches(CONVERGED_PREFIX).to_string();
+                let Some(host) = keys.converged_host(&key).map(str::to_string) else {
+                    continue;
+                };
                 let value = match event.kind {
                     EventKind::Put => Some(event.value == b"true"),
                     EventKind::Delete => None,

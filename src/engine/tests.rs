@@ -34,7 +34,10 @@ async fn new_store() -> StoreClient {
 
 /// The exchange the engines share: the embedded store, through the store client.
 async fn new_exchange() -> Arc<dyn Exchange> {
-    Arc::new(StoreExchange::new(new_store().await))
+    Arc::new(StoreExchange::new(
+        new_store().await,
+        crate::engine::exchange::Keys::for_run("test"),
+    ))
 }
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -491,13 +494,22 @@ async fn noop_changes_nothing_and_reports_what_would_change() {
 async fn the_converged_flag_is_published_and_withdrawn() {
     let dir = tempfile::tempdir().expect("dir");
     let client = new_store().await;
-    let ex: Arc<dyn Exchange> = Arc::new(StoreExchange::new(client.clone()));
+    let ex: Arc<dyn Exchange> = Arc::new(StoreExchange::new(
+        client.clone(),
+        crate::engine::exchange::Keys::for_run("test"),
+    ));
     let e = start(&article_graph('a', dir.path()), "a", &ex).await;
     converged(&e).await;
-    let flag = client.get("/arbor/converged/a").await.expect("get flag");
+    let flag = client
+        .get("/arbor/runs/test/converged/a")
+        .await
+        .expect("get flag");
     assert_eq!(flag.map(|kv| kv.value().to_vec()), Some(b"true".to_vec()));
     e.stop().await;
-    let flag = client.get("/arbor/converged/a").await.expect("get flag");
+    let flag = client
+        .get("/arbor/runs/test/converged/a")
+        .await
+        .expect("get flag");
     assert!(flag.is_none(), "the flag outlived the host");
 }
 

@@ -3,7 +3,10 @@
 
 use super::stage::Staged;
 use crate::ssh::{CommandLine, Connector, ExecOptions, ExitStatus, ForwardEnd, Output, Session};
-use crate::wire::{Down, Event, EventKind, FrameReader, FrameWriter, HostPath, Start, Up};
+use crate::wire::{
+    Down, Event, EventKind, FrameReader, FrameWriter, HostPath, MAX_LINE, MAX_UP_FRAME, Start, Up,
+};
+use std::collections::HashSet;
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
@@ -17,7 +20,7 @@ pub enum FromChild {
     Fetch {
         sha256: String,
     },
-    /// The child's arbor ended (or the link broke).
+    /// The child's arbor ended (or the link broke). `error`: the last lines of its stderr.
     Exited {
         status: ExitStatus,
         error: Option<String>,
@@ -41,10 +44,33 @@ impl ChildLink {
     }
 }
 
+/// How many items wait in one child's queue at most. Each is a frame of at most
+/// [`MAX_UP_FRAME`] bytes or a stderr line of at most [`MAX_LINE`], so one child can make its
+/// parent hold at most 16 MiB; when the queue is full, reading from the child waits (and
+/// SSH flow control makes the child wait in turn).
+pub const CHILD_QUEUE: usize = 256;
+
+/// The paths, relative to a child, that the child may send events about: itself (the root
+/// path) and every host of its subtree (jump hosts included, as their children's events are
+/// tagged under them). Anything else is dropped: a child reports on its own subtree only.
+pub fn subtree_paths(children: &[crate::wire::ChildSpec]) -> HashSet<HostPath> {
+    fn walk(at: &HostPath, specs: &[crate::wire::ChildSpec], out: &mut HashSet<HostPath>) {
+        for c in specs {
+            let path = at.child(&c.name);
+            walk(&path, &c.children, out);
+            out.insert(path);
+        }
+    }
+    let mut out = HashSet::from([HostPath::root()]);
+    walk(&HostPath::root(), children, &mut out);
+    out
+}
+
 /// Opens the store tunnel, starts arbor on the child, exchanges hellos and sends `start`.
 /// Errors are whole sentences naming the host and the step (`l1-3: forward: …`).
 /// Events from the child arrive on the returned receiver, tagged with the child's path
-/// relative to this node (its name first), until a final [`FromChild::Exited`].
+/// relative to this node (its name first), until a final [`FromChild::Exited`]; events about
+/// hosts outside the child's subtree ([`subtree_paths`] of `start.children`) are dropped.
 pub async fn launch(
     session: &Session,
     me: HostPath,
@@ -61,6 +87,13 @@ pub async fn launch(
         .map_err(|e| e.to_string())?;
 
     let name = me.name().to_string();
+    if let crate::ssh::ForwardEnd::Tcp(port) = &tunnel {
+        tracing::warn!(
+            "{name}: the store tunnel ends on loopback TCP port {port} there (its sshd refused \
+             Unix-socket forwarding): local processes can reach that port, and the store \
+             refuses them without the host's credential"
+        );
+    }
     let mut line = CommandLine::new(&staged.binary).args([
         "run",
         "--hostname",
@@ -81,7 +114,8 @@ pub async fn launch(
         .await
         .map_err(|e| e.to_string())?;
 
-    let (events_tx, events_rx) = mpsc::channel(1024);
+    let (events_tx, events_rx) = mpsc::channel(CHILD_QUEUE);
+    let allowed = subtree_paths(&start.children);
     let (frames_in, frames_out) = tokio::io::duplex(256 * 1024);
     let writer: Box<dyn tokio::io::AsyncWrite + Send + Unpin> = Box::new(command.stdin_writer());
     let mut control = ChildLink {
@@ -96,6 +130,7 @@ pub async fn launch(
     tokio::spawn(async move {
         let mut frames_in = frames_in;
         let mut stderr_buf = Vec::new();
+        let mut stderr_tail = Tail::default();
         let mut status = ExitStatus::Unknown;
         while let Some(item) = command.next().await {
             match item {
@@ -108,20 +143,27 @@ pub async fn launch(
                     stderr_buf.extend_from_slice(&data);
                     while let Some(pos) = stderr_buf.iter().position(|b| *b == b'\n') {
                         let line: Vec<u8> = stderr_buf.drain(..=pos).collect();
+                        stderr_tail.push(&line[..line.len() - 1]);
                         send_stderr(&pump_tx, &pump_me, &line[..line.len() - 1]).await;
+                    }
+                    // A line without an end is sent in pieces, never buffered past MAX_LINE.
+                    while stderr_buf.len() >= MAX_LINE {
+                        let line: Vec<u8> = stderr_buf.drain(..MAX_LINE).collect();
+                        send_stderr(&pump_tx, &pump_me, &line).await;
                     }
                 }
                 Output::Exit(s) => status = s,
             }
         }
         if !stderr_buf.is_empty() {
+            stderr_tail.push(&stderr_buf);
             send_stderr(&pump_tx, &pump_me, &stderr_buf).await;
         }
         drop(frames_in);
         let _ = pump_tx
             .send(FromChild::Exited {
                 status,
-                error: None,
+                error: stderr_tail.joined(),
             })
             .await;
     });
@@ -129,7 +171,8 @@ pub async fn launch(
     // Read frames: the child's hello first, then events, re-tagged under this child's path.
     let (hello_tx, hello_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
-        let mut reader = FrameReader::new(frames_out);
+        let mut reader = FrameReader::with_limit(frames_out, MAX_UP_FRAME);
+        let mut refused = 0u64;
         let mut hello_tx = Some(hello_tx);
         loop {
             match reader.recv::<Up>().await {
@@ -139,6 +182,17 @@ pub async fn launch(
                     }
                 }
                 Ok(Some(Up::Event(mut event))) => {
+                    if !allowed.contains(&event.host) {
+                        refused += 1;
+                        if refused == 1 {
+                            tracing::warn!(
+                                "{me}: sent an event about {:?}, which is not in its subtree; \
+                                 dropping such events",
+                                event.host.to_string()
+                            );
+                        }
+                        continue;
+                    }
                     event.host = event.host.under(&me);
                     if events_tx.send(FromChild::Event(event)).await.is_err() {
                         break;
@@ -195,4 +249,105 @@ async fn send_stderr(tx: &mpsc::Sender<FromChild>, host: &HostPath, line: &[u8])
             },
         }))
         .await;
+}
+
+/// Lines kept of a child's stderr, and of its log file, to say why it ended.
+const TAIL_LINES: usize = 5;
+/// Longest line kept, in characters.
+const TAIL_LINE_CHARS: usize = 300;
+
+/// The last [`TAIL_LINES`] non-empty lines of a stream, each cut to [`TAIL_LINE_CHARS`].
+#[derive(Default)]
+struct Tail(std::collections::VecDeque<String>);
+
+impl Tail {
+    fn push(&mut self, line: &[u8]) {
+        let line = String::from_utf8_lossy(line);
+        let line = line.trim();
+        if line.is_empty() {
+            return;
+        }
+        if self.0.len() == TAIL_LINES {
+            self.0.pop_front();
+        }
+        let mut kept: String = line.chars().take(TAIL_LINE_CHARS).collect();
+        if kept.len() < line.len() {
+            kept.push('…');
+        }
+        self.0.push_back(kept);
+    }
+
+    /// The lines on one line (a cause is one line in the summary), or `None` if there are none.
+    fn joined(&self) -> Option<String> {
+        (!self.0.is_empty()).then(|| Vec::from(self.0.clone()).join(" / "))
+    }
+}
+
+/// Why a child's arbor ended when it was not asked to, for its failure: how it ended (exit
+/// code, signal, or closed before the command ran), then the last lines of its stderr (`stderr`, from
+/// [`FromChild::Exited`]) and of `arbor.log` in its working dir. Call it before the working
+/// dir is removed. A node that exits on its own removes its working dir, so the log is there
+/// to read when it did not get that far: killed, crashed, or never past its start.
+pub async fn why_ended(
+    session: &Session,
+    workdir: &str,
+    status: &ExitStatus,
+    stderr: Option<&str>,
+) -> String {
+    let mut why = status.to_string();
+    if let Some(stderr) = stderr {
+        why.push_str(&format!("; stderr: {stderr}"));
+    }
+    if let Some(log) = log_tail(session, workdir).await {
+        why.push_str(&format!("; arbor.log: {log}"));
+    }
+    why
+}
+
+/// The last lines of `<workdir>/arbor.log` on the child, if it is there (bounded in time: the
+/// host may be gone).
+async fn log_tail(session: &Session, workdir: &str) -> Option<String> {
+    if !workdir.contains("/arbor.") || session.is_closed() {
+        return None;
+    }
+    let log = format!("{workdir}/arbor.log");
+    let command = CommandLine::new("tail").args(["-n", &TAIL_LINES.to_string(), "--", &log]);
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(3),
+        session.output(command.as_str()),
+    )
+    .await;
+    let out = match read {
+        Ok(Ok(out)) if out.status.success() => out.stdout,
+        _ => return None,
+    };
+    let mut tail = Tail::default();
+    for line in out.split(|b| *b == b'\n') {
+        tail.push(line);
+    }
+    tail.joined()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tail_keeps_the_last_non_empty_lines_cut_short() {
+        let mut tail = Tail::default();
+        assert_eq!(tail.joined(), None);
+        for i in 0..8 {
+            tail.push(format!("line {i}").as_bytes());
+            tail.push(b"  ");
+        }
+        assert_eq!(
+            tail.joined().as_deref(),
+            Some("line 3 / line 4 / line 5 / line 6 / line 7")
+        );
+        let mut long = Tail::default();
+        long.push("é".repeat(400).as_bytes());
+        let kept = long.joined().unwrap_or_default();
+        assert_eq!(kept.chars().count(), TAIL_LINE_CHARS + 1);
+        assert!(kept.ends_with('…'));
+    }
 }

@@ -83,10 +83,11 @@ const MIN_HELLO_TIMEOUT: u64 = 10;
 
 impl RunOptions {
     /// The settings every node of this run gets; `cconns` as the topology may override it,
-    /// `builds` every build the initiator can copy.
-    pub fn node_config(&self, cconns: usize, builds: Vec<BuildRef>) -> NodeConfig {
+    /// `builds` every build the initiator can copy, `run` the run's id.
+    pub fn node_config(&self, cconns: usize, builds: Vec<BuildRef>, run: &str) -> NodeConfig {
         let connect_timeout = self.connect_timeout.as_secs().max(1);
         NodeConfig {
+            run: run.to_string(),
             connect_timeout,
             hello_timeout: (2 * connect_timeout).max(MIN_HELLO_TIMEOUT),
             verbosity: self.verbosity,
@@ -124,10 +125,11 @@ mod tests {
             sha256: "ab".into(),
             size: 3,
         }];
-        let node = options.node_config(7, builds.clone());
+        let node = options.node_config(7, builds.clone(), "0123456789abcdef");
         assert_eq!(
             node,
             NodeConfig {
+                run: "0123456789abcdef".into(),
                 connect_timeout: 2,
                 hello_timeout: MIN_HELLO_TIMEOUT,
                 verbosity: 1,
@@ -155,6 +157,6 @@ mod tests {
             connect_timeout: Duration::from_secs(30),
             ..RunOptions::default()
         };
-        assert_eq!(options.node_config(1, Vec::new()).hello_timeout, 60);
+        assert_eq!(options.node_config(1, Vec::new(), "r").hello_timeout, 60);
     }
 }

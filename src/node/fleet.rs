@@ -33,8 +33,10 @@ pub struct FleetContext {
     pub builds: Builds,
     /// Connects each child's store tunnel to this node's own store endpoint.
     pub store: Arc<dyn Connector>,
-    /// Serves agent channels from children whose own children need signatures.
-    pub agent: Option<Arc<dyn Connector>>,
+    /// Serves agent channels from children whose own children need signatures: for each such
+    /// child, a connector (at the initiator, a front that signs only for that child's
+    /// subtree; at a relay, its own forwarded agent, which that front stands behind).
+    pub agent: Option<AgentFor>,
     /// Graph texts by name, as last edited.
     pub graphs: Mutex<BTreeMap<String, String>>,
     /// known_hosts lines to hand down to relays.
@@ -61,6 +63,9 @@ impl FleetContext {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// The agent connector for one child's channels.
+pub type AgentFor = Arc<dyn Fn(&ChildSpec) -> Arc<dyn Connector> + Send + Sync>;
 
 /// The connect options every node derives from the run's settings.
 pub fn connect_options(config: &NodeConfig) -> ConnectOptions {
@@ -198,6 +203,17 @@ impl Fleet {
     }
 }
 
+/// The known_hosts names of every host in a subtree.
+pub fn subtree_names(children: &[ChildSpec]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack: Vec<&ChildSpec> = children.iter().collect();
+    while let Some(c) = stack.pop() {
+        out.push(ssh::known_hosts::host_key_name(&c.host, c.port));
+        stack.extend(&c.children);
+    }
+    out
+}
+
 fn graphs_used(spec: &ChildSpec) -> Vec<String> {
     let mut out: Vec<String> = spec.graph.iter().cloned().collect();
     for c in &spec.children {
@@ -216,6 +232,7 @@ struct ChildRun {
     started: Instant,
     bytes: u64,
     cached: Option<bool>,
+    store_over_tcp: bool,
 }
 
 impl ChildRun {
@@ -227,6 +244,7 @@ impl ChildRun {
             started: Instant::now(),
             bytes: 0,
             cached: None,
+            store_over_tcp: false,
         }
     }
 
@@ -253,6 +271,7 @@ impl ChildRun {
             elapsed: self.started.elapsed(),
             bytes: self.bytes,
             cached: self.cached,
+            store_over_tcp: self.store_over_tcp,
         }
     }
 
@@ -471,16 +490,20 @@ async fn stage_child(
         graph: spec.graph.clone(),
         graphs: ctx.graphs_for(spec),
         children: spec.children.clone(),
+        // Only the lines its subtree needs: a relay learns nothing about other hosts.
         known_hosts: if spec.children.is_empty() {
             String::new()
         } else {
-            ctx.known_hosts.clone()
+            let mut known = ssh::known_hosts::KnownHosts::default();
+            known.add_text(std::path::Path::new("(known_hosts)"), &ctx.known_hosts);
+            known.lines_for(subtree_names(&spec.children).iter().map(String::as_str))
         },
         config,
+        credential: spec.credential.clone(),
     };
     let forward_agent = !spec.children.is_empty() && ctx.agent.is_some();
-    if let (true, Some(agent)) = (forward_agent, &ctx.agent) {
-        session.set_agent_connector(agent.clone());
+    if let (true, Some(agent_for)) = (forward_agent, &ctx.agent) {
+        session.set_agent_connector(agent_for(spec));
     }
     let hello_timeout = Duration::from_secs(ctx.config.hello_timeout);
     let launched = child_link::launch(
@@ -528,10 +551,11 @@ async fn supervise(
         mut link,
         mut events,
     } = launched;
+    run.store_over_tcp = matches!(link.tunnel, ssh::ForwardEnd::Tcp(_));
     let mut fetches: JoinSet<(String, FetchResult)> = JoinSet::new();
     let mut stopping = false;
     let mut deadline: Option<tokio::time::Instant> = None;
-    let status = loop {
+    let (status, stderr) = loop {
         tokio::select! {
             item = events.recv() => match item {
                 Some(FromChild::Event(event)) => {
@@ -551,8 +575,8 @@ async fn supervise(
                         (sha256, copied)
                     });
                 }
-                Some(FromChild::Exited { status, .. }) => break status,
-                None => break ExitStatus::Unknown,
+                Some(FromChild::Exited { status, error }) => break (status, error),
+                None => break (ExitStatus::Unknown, None),
             },
             Some(done) = fetches.join_next() => {
                 let Ok((sha256, copied)) = done else { continue };
@@ -594,21 +618,24 @@ async fn supervise(
         }
     };
     fetches.abort_all();
+    let ok = stopping && status.success();
+    let why = if ok {
+        String::new()
+    } else {
+        child_link::why_ended(&session, &staged.workdir, &status, stderr.as_deref()).await
+    };
     let _ = stage::remove_workdir(&session, &staged.workdir).await;
     session.disconnect().await;
-    if stopping && status.success() {
+    if ok {
         run.exited().await
     } else if stopping {
         run.failed(format!(
-            "{}: arbor ended with {status} during shutdown",
+            "{}: arbor ended during shutdown ({why})",
             spec.name
         ))
         .await
     } else {
-        run.failed(format!(
-            "{}: arbor ended unexpectedly ({status})",
-            spec.name
-        ))
-        .await
+        run.failed(format!("{}: arbor ended unexpectedly ({why})", spec.name))
+            .await
     }
 }

@@ -16,20 +16,23 @@ use super::config::RunOptions;
 use super::fleet::{self, Fleet, FleetContext};
 use super::run_book::{Next, RunBook};
 use super::{StopSignals, signal_name};
-use crate::engine::exchange::Exchange;
+use crate::engine::exchange::{Exchange, Keys, new_run_id};
 use crate::engine::fs_events::FsEvents;
 use crate::engine::graph::{self, Graph};
 use crate::engine::reload::{GraphFile, follow_graph_file};
 use crate::engine::runner::{Engine, EngineConfig};
 use crate::engine::store_exchange::{StoreExchange, converged_flags};
 use crate::exit;
+use crate::ssh::agent_front::{AgentBackend, Destinations};
+use crate::ssh::known_hosts::KnownHosts;
 use crate::ssh::{self, Target, TerminalPrompter};
+use crate::store::auth::{Access, Users};
 use crate::store::client::{Endpoints, StoreClient};
 use crate::store::{Store, StoreConfig};
 use crate::ui::{HostReport, Ui};
 use crate::wire::{ChildMode, ChildSpec, Event, EventKind, HostPath, HostState, NodeConfig};
 use futures::StreamExt;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -105,6 +108,7 @@ fn read_remotes(options: &RunOptions) -> Result<Vec<RemoteGraph>, String> {
                 password: parsed.password,
                 cconns: None,
                 children: Vec::new(),
+                credential: None,
             },
         });
     }
@@ -130,7 +134,49 @@ struct RunStore {
     socket: Option<PathBuf>,
 }
 
-async fn open_store(options: &RunOptions) -> Result<RunStore, String> {
+/// The name the initiator's own store client authenticates as (no host name can be it).
+const INITIATOR_USER: &str = "@initiator";
+
+/// Every host's store credential and what it may do: read every export of the run, write its
+/// own exports and its own converged flag, use its own leases. Sets each spec's `credential`
+/// (sent down to the relays above it, never on a command line) and returns the store's users,
+/// with the initiator's own admin credential.
+fn mint_credentials(children: &mut [ChildSpec], run: &str) -> (Users, String) {
+    fn secret() -> String {
+        format!(
+            "{:016x}{:016x}",
+            rand::random::<u64>(),
+            rand::random::<u64>()
+        )
+    }
+    fn walk(specs: &mut [ChildSpec], keys: &Keys, users: &mut Users) {
+        for c in specs {
+            let password = secret();
+            users.add(
+                &c.name,
+                &password,
+                Access::Keys {
+                    read: vec![keys.exports().as_bytes().to_vec()],
+                    write: vec![keys.host_exports(&c.name).into_bytes()],
+                    own: vec![keys.converged(&c.name).into_bytes()],
+                },
+            );
+            c.credential = Some(password);
+            walk(&mut c.children, keys, users);
+        }
+    }
+    let keys = Keys::for_run(run);
+    let mut users = Users::new();
+    walk(children, &keys, &mut users);
+    let admin = secret();
+    users.add(INITIATOR_USER, &admin, Access::Admin);
+    (users, admin)
+}
+
+async fn open_store(
+    options: &RunOptions,
+    users: Option<(Users, String)>,
+) -> Result<RunStore, String> {
     if !options.seeds.is_empty() {
         let endpoints =
             super::seed_endpoints(&options.seeds).map_err(|e| format!("--seeds: {e}"))?;
@@ -169,11 +215,22 @@ async fn open_store(options: &RunOptions) -> Result<RunStore, String> {
         (dir.clone(), None, Some(dir.join("store")))
     };
     let socket = state_dir.join(format!("store-{}.sock", std::process::id()));
-    let store = Store::bind(&StoreConfig {
-        listen: format!("unix:{}", socket.display()),
-        data_dir,
-        allow_non_loopback: false,
-    })
+    let (users, admin) = match users {
+        Some((users, admin)) => (Some(Arc::new(users)), Some(admin)),
+        None => (None, None),
+    };
+    let store = Store::bind_with(
+        &StoreConfig {
+            listen: format!("unix:{}", socket.display()),
+            data_dir: data_dir.clone(),
+            allow_non_loopback: false,
+        },
+        crate::store::Options {
+            data_dir,
+            users,
+            ..crate::store::Options::default()
+        },
+    )
     .await
     .map_err(|e| {
         let hint = if format!("{e:#}").contains("in use") {
@@ -191,9 +248,13 @@ async fn open_store(options: &RunOptions) -> Result<RunStore, String> {
             tracing::error!("store: {e:#}");
         }
     });
-    let client = StoreClient::connect(&Endpoints::parse(&endpoint).map_err(|e| format!("{e:#}"))?)
-        .await
-        .map_err(|e| format!("{e:#}"))?;
+    let endpoints = Endpoints::parse(&endpoint).map_err(|e| format!("{e:#}"))?;
+    let client = StoreClient::connect_as(
+        &endpoints,
+        admin.as_deref().map(|password| (INITIATOR_USER, password)),
+    )
+    .await
+    .map_err(|e| format!("{e:#}"))?;
     tracing::debug!("store at {endpoint}");
     Ok(RunStore {
         client,
@@ -275,7 +336,7 @@ impl Plan {
             options.file.is_some().then_some(hostname.as_str()),
         )?;
         let builds = builds(options)?;
-        let config = options.node_config(cconns, builds.refs());
+        let config = options.node_config(cconns, builds.refs(), &new_run_id());
         Ok(Plan {
             hostname,
             local_graph,
@@ -360,22 +421,69 @@ fn fleet_context(
 }
 
 /// Relays sign for their children with our keys: through our ssh-agent if there is one,
-/// else through an agent in this process holding the key files we loaded.
-async fn choose_agent(ctx: &FleetContext, has_relays: bool) -> Option<Arc<dyn ssh::Connector>> {
-    match std::env::var_os("SSH_AUTH_SOCK") {
-        Some(sock) => Some(ssh::forward::to_unix(sock.into())),
-        None if has_relays => match ssh::agent::from_key_files(&ctx.connect.auth).await {
-            Ok((agent, keys)) => {
+/// else through an agent in this process holding the key files we loaded. Either way each
+/// relay reaches it only through a front that signs user authentication to the hosts of that
+/// relay's own subtree, bound to their host keys and sessions (`ssh::agent_front`).
+async fn choose_agent(ctx: &FleetContext, has_relays: bool) -> Option<fleet::AgentFor> {
+    if !has_relays {
+        return None;
+    }
+    let backend = match ssh::agent_socket() {
+        Some(socket) => AgentBackend::Socket(socket),
+        None => match ssh::agent::from_key_files(&ctx.connect.auth).await {
+            Ok((backend, keys)) => {
                 tracing::debug!("in-process agent with {keys} keys for the relays");
-                Some(agent)
+                backend
             }
             Err(e) => {
                 eprintln!("arbor: {e}");
-                None
+                return None;
             }
         },
-        None => None,
+    };
+    let known = Arc::new(
+        KnownHosts::load(&ctx.connect.host_keys.known_hosts).unwrap_or_else(|e| {
+            tracing::warn!("known_hosts: {e}");
+            KnownHosts::default()
+        }),
+    );
+    let accept_new = ctx.config.accept_new;
+    Some(Arc::new(move |spec: &ChildSpec| {
+        let allowed = destinations(&known, &spec.children, accept_new);
+        ssh::agent_front::constrained(backend.clone(), allowed, spec.name.clone())
+    }))
+}
+
+/// The host keys a relay whose children are `children` may bind agent sessions to: the keys
+/// known_hosts and the topology's pinned keys give for the hosts of its subtree. Under
+/// accept-new, where some of those hosts have no known key yet, also any key that known_hosts
+/// holds for no host at all: at first contact the relay is trusted to say which key such a
+/// host has (docs/security.md), but never to claim a key arbor knows as another host's.
+fn destinations(known: &Arc<KnownHosts>, children: &[ChildSpec], accept_new: bool) -> Destinations {
+    let mut keys: Vec<russh::keys::PublicKey> = Vec::new();
+    let mut some_unknown = false;
+    let mut stack: Vec<&ChildSpec> = children.iter().collect();
+    while let Some(c) = stack.pop() {
+        stack.extend(&c.children);
+        // Jump hosts included: the relay logs into them too.
+        let name = ssh::known_hosts::host_key_name(&c.host, c.port);
+        let mut found = known.keys_for(&name);
+        if let Some(pinned) = c
+            .host_key
+            .as_deref()
+            .and_then(|k| russh::keys::PublicKey::from_openssh(k).ok())
+        {
+            found.push(pinned);
+        }
+        some_unknown |= found.is_empty();
+        keys.extend(found);
     }
+    let first_contact = accept_new && some_unknown;
+    let known = known.clone();
+    Arc::new(move |key: &russh::keys::PublicKey| {
+        keys.iter().any(|k| k.key_data() == key.key_data())
+            || (first_contact && !known.knows_key(key))
+    })
 }
 
 /// Follows every graph file for edits: the local one feeds the local engine; each edit of a
@@ -473,6 +581,8 @@ struct View {
     book: RunBook,
     /// accept-new: where host keys learned by relays are recorded.
     learn_into: Option<PathBuf>,
+    /// Which known_hosts names each relay may report keys for: the hosts it connects to.
+    learnable: HashMap<HostPath, HashSet<String>>,
     hostname: String,
     local_reported: Option<HostState>,
 }
@@ -480,7 +590,22 @@ struct View {
 impl View {
     fn event(&mut self, event: &Event) {
         if let (EventKind::KnownHost { name, key }, Some(file)) = (&event.kind, &self.learn_into) {
-            record_learned_key(file, name, key, &event.host);
+            // Only the relay that connects to a host may report its key.
+            if ssh::known_hosts::valid_reported_name(name)
+                && self
+                    .learnable
+                    .get(&event.host)
+                    .is_some_and(|names| names.contains(name))
+            {
+                record_learned_key(file, name, key, &event.host);
+            } else {
+                tracing::warn!(
+                    "{}: ignored its report of a host key for {:?}: not a host it connects to",
+                    event.host,
+                    crate::ui::printable(name)
+                );
+                return;
+            }
         }
         if let EventKind::State(state) = &event.kind {
             self.book.state(event.host.name(), state);
@@ -520,14 +645,23 @@ pub async fn run(options: RunOptions) -> u8 {
             return exit::FAILED;
         }
     };
-    let store = match open_store(&options).await {
+    // The embedded store checks every host's credential; an etcd given with --seeds is used as
+    // it is configured (docs/security.md).
+    let mut plan = plan;
+    let users = options
+        .seeds
+        .is_empty()
+        .then(|| mint_credentials(&mut plan.children, &plan.config.run));
+    let store = match open_store(&options, users).await {
         Ok(s) => s,
         Err(e) => {
             eprintln!("arbor: store: {e}");
             return exit::FAILED;
         }
     };
-    let exchange: Arc<dyn Exchange> = Arc::new(StoreExchange::new(store.client.clone()));
+    let keys = Keys::for_run(&plan.config.run);
+    let exchange: Arc<dyn Exchange> =
+        Arc::new(StoreExchange::new(store.client.clone(), keys.clone()));
     let hostname = plan.hostname.clone();
     let engine = match &plan.local_graph {
         Some(g) => {
@@ -545,7 +679,7 @@ pub async fn run(options: RunOptions) -> u8 {
         None => None,
     };
 
-    let (events_tx, mut events) = mpsc::channel(4096);
+    let (events_tx, mut events) = mpsc::channel(super::child_link::CHILD_QUEUE * 4);
     let mut ctx = fleet_context(&options, &plan, &store, events_tx);
     ctx.agent = choose_agent(&ctx, plan.children.iter().any(has_grandchildren)).await;
     let learn_into = options
@@ -564,11 +698,12 @@ pub async fn run(options: RunOptions) -> u8 {
             options.converged_timeout,
         ),
         learn_into,
+        learnable: learnable_names(&plan.children),
         hostname: hostname.clone(),
         local_reported: None,
     };
     let mut local_status = engine.as_ref().map(|e| e.status());
-    let mut flags = converged_flags(&store.client);
+    let mut flags = converged_flags(&store.client, &keys);
     let mut reports: Vec<HostReport> = Vec::new();
     let mut fleet_done = fleet.is_empty();
 
@@ -715,6 +850,36 @@ fn unique_names(children: &[ChildSpec], local: Option<&str>) -> Result<(), Strin
     Ok(())
 }
 
+/// For each relay (by path), the known_hosts names of the hosts it connects to: its children,
+/// and the children it reaches through its jump hosts.
+fn learnable_names(children: &[ChildSpec]) -> HashMap<HostPath, HashSet<String>> {
+    fn reached(
+        at: &HostPath,
+        specs: &[ChildSpec],
+        names: &mut HashSet<String>,
+        out: &mut HashMap<HostPath, HashSet<String>>,
+    ) {
+        for c in specs {
+            names.insert(ssh::known_hosts::host_key_name(&c.host, c.port));
+            let path = at.child(&c.name);
+            match c.mode {
+                // The node above a jump host connects to the jump host's children itself.
+                ChildMode::Jump => reached(&path, &c.children, names, out),
+                ChildMode::Relay => {
+                    let mut own = HashSet::new();
+                    reached(&path, &c.children, &mut own, out);
+                    if !own.is_empty() {
+                        out.insert(path, own);
+                    }
+                }
+            }
+        }
+    }
+    let mut out = HashMap::new();
+    reached(&HostPath::root(), children, &mut HashSet::new(), &mut out);
+    out
+}
+
 fn has_grandchildren(spec: &ChildSpec) -> bool {
     match spec.mode {
         ChildMode::Jump => spec.children.iter().any(has_grandchildren),
@@ -736,7 +901,18 @@ fn record_learned_key(file: &Path, name: &str, key: &str, via: &crate::wire::Hos
     ) {
         return;
     }
-    match crate::ssh::known_hosts::append(file, name, &parsed) {
+    // The host as ssh_config's `Host` patterns see it: the name without `[…]:port`.
+    let host = name
+        .strip_prefix('[')
+        .and_then(|rest| rest.split_once("]:"))
+        .map_or(name, |(host, _)| host);
+    let config = crate::ssh::ssh_config::default_files(&super::home_dir());
+    let append = if crate::ssh::ssh_config::hash_known_hosts(&config, host) {
+        crate::ssh::known_hosts::append_hashed
+    } else {
+        crate::ssh::known_hosts::append
+    };
+    match append(file, name, &parsed) {
         Ok(()) => tracing::warn!(
             "{via}: learned the host key of {name} ({}); recorded in {}",
             crate::ssh::known_hosts::fingerprint(&parsed),

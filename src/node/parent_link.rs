@@ -11,32 +11,74 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
-/// Sends events up. Cheap to clone; sending never blocks (the writer task drains the queue).
+/// How many frames wait to be written up at most; with frames of at most
+/// [`MAX_UP_FRAME`](crate::wire::MAX_UP_FRAME) bytes, a node never queues more than 64 MiB
+/// for its parent. Events from children wait for room (backpressure reaches them through
+/// their own bounded queues); this node's own log lines are dropped, and counted, when the
+/// queue is full, since the log cannot wait.
+pub const UP_QUEUE: usize = 1024;
+
+/// Sends events up. Cheap to clone; the writer task drains the queue.
 #[derive(Clone)]
 pub struct Upstream {
-    tx: mpsc::UnboundedSender<Up>,
+    tx: mpsc::Sender<Up>,
+    dropped: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Upstream {
-    /// An event about `host` (relative to this node: the root path is this node itself).
-    pub fn event(&self, host: HostPath, kind: EventKind) {
-        let _ = self.tx.send(Up::Event(Event { host, kind }));
+    /// An event about `host` (relative to this node: the root path is this node itself);
+    /// waits for room in the queue.
+    pub async fn event(&self, host: HostPath, kind: EventKind) {
+        let _ = self.tx.send(Up::Event(Event { host, kind })).await;
     }
 
     /// An event about this node itself.
-    pub fn own(&self, kind: EventKind) {
-        self.event(HostPath::root(), kind);
+    pub async fn own(&self, kind: EventKind) {
+        self.event(HostPath::root(), kind).await;
     }
 
     /// Forwards a child's event as it is (already tagged under this node).
-    pub fn forward(&self, event: Event) {
-        let _ = self.tx.send(Up::Event(event));
+    pub async fn forward(&self, event: Event) {
+        let _ = self.tx.send(Up::Event(event)).await;
+    }
+
+    /// A log line of this node's: sent if there is room, else dropped and counted (the next
+    /// line that fits says how many were lost).
+    fn log(&self, line: String) {
+        use std::sync::atomic::Ordering;
+        let lost = self.dropped.load(Ordering::Relaxed);
+        if lost > 0 && self.tx.capacity() > 1 {
+            let note = format!("({lost} log lines were dropped: the link to the parent was full)");
+            if self
+                .tx
+                .try_send(Up::Event(Event {
+                    host: HostPath::root(),
+                    kind: EventKind::Log {
+                        line: note,
+                        stderr: false,
+                    },
+                }))
+                .is_ok()
+            {
+                self.dropped.fetch_sub(lost, Ordering::Relaxed);
+            }
+        }
+        let sent = self.tx.try_send(Up::Event(Event {
+            host: HostPath::root(),
+            kind: EventKind::Log {
+                line: crate::wire::cut_line(&line),
+                stderr: false,
+            },
+        }));
+        if sent.is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Asks the parent to copy the build with this sha256 into this node's cache; the answer
     /// comes down as `Down::Fetched`.
-    pub fn fetch(&self, sha256: String) {
-        let _ = self.tx.send(Up::Fetch { sha256 });
+    pub async fn fetch(&self, sha256: String) {
+        let _ = self.tx.send(Up::Fetch { sha256 }).await;
     }
 }
 
@@ -63,7 +105,7 @@ impl Downstream {
 /// completes when the last queued frame is written.
 pub async fn open() -> Result<(Start, Upstream, Downstream, tokio::task::JoinHandle<()>), WireError>
 {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Up>();
+    let (tx, mut rx) = mpsc::channel::<Up>(UP_QUEUE);
     let writer = tokio::spawn(async move {
         let mut out = FrameWriter::new(tokio::io::stdout());
         while let Some(frame) = rx.recv().await {
@@ -72,8 +114,11 @@ pub async fn open() -> Result<(Start, Upstream, Downstream, tokio::task::JoinHan
             }
         }
     });
-    let up = Upstream { tx };
-    let _ = up.tx.send(Up::hello());
+    let up = Upstream {
+        tx,
+        dropped: Arc::default(),
+    };
+    let _ = up.tx.send(Up::hello()).await;
     let mut reader = FrameReader::new(tokio::io::stdin());
     match reader.recv::<Down>().await? {
         Some(Down::Hello(hello)) => hello.check()?,
@@ -142,10 +187,7 @@ impl Write for EventLog {
             let line: Vec<u8> = inner.pending.drain(..=pos).collect();
             let text = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
             if let Some(up) = &inner.up {
-                up.own(EventKind::Log {
-                    line: text,
-                    stderr: false,
-                });
+                up.log(text);
             }
         }
         Ok(buf.len())

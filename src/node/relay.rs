@@ -58,7 +58,8 @@ pub async fn run(options: RunOptions, log: EventLog, set_verbosity: SetVerbosity
         Err(cause) => {
             up.own(EventKind::State(HostState::Failed {
                 cause: cause.clone(),
-            }));
+            }))
+            .await;
             crate::exit::FAILED
         }
     };
@@ -91,8 +92,9 @@ impl Fetches {
                 .entry(sha256.clone())
                 .or_default()
                 .push(tx);
-            up.fetch(sha256);
+            let up = up.clone();
             Box::pin(async move {
+                up.fetch(sha256).await;
                 rx.await
                     .map_err(|_| "the link to the parent closed".to_string())?
                     .map(PathBuf::from)
@@ -121,10 +123,15 @@ async fn serve(
 ) -> Result<(), String> {
     let name = &start.hostname;
     let endpoints = super::seed_endpoints(&options.seeds).map_err(|e| format!("{name}: {e}"))?;
-    let client = StoreClient::connect(&endpoints)
+    let user = start
+        .credential
+        .as_deref()
+        .map(|password| (name.as_str(), password));
+    let client = StoreClient::connect_as(&endpoints, user)
         .await
         .map_err(|e| format!("{name}: store: {e:#}"))?;
-    let exchange: Arc<dyn Exchange> = Arc::new(StoreExchange::new(client));
+    let keys = crate::engine::exchange::Keys::for_run(&start.config.run);
+    let exchange: Arc<dyn Exchange> = Arc::new(StoreExchange::new(client, keys));
     let mut signals = super::StopSignals::new().map_err(|e| format!("{name}: signals: {e}"))?;
 
     // Our own graph.
@@ -147,7 +154,9 @@ async fn serve(
         status = Some(e.status());
         engine = Some(e);
     }
-    up.own(EventKind::State(HostState::Running));
+    up.own(EventKind::State(HostState::Running)).await;
+    #[cfg(debug_assertions)]
+    misbehave(up, exchange.as_ref(), &endpoints, start).await;
 
     // Our children, staged exactly as our parent staged us.
     let fetches = Fetches::default();
@@ -214,14 +223,14 @@ async fn serve(
             },
             event = events_rx.recv(), if fleet.is_some() => {
                 if let Some(event) = event {
-                    up.forward(event);
+                    up.forward(event).await;
                 }
             }
             changed = super::next_status(&mut status) => {
                 let Some(now) = changed else { continue };
                 let state = settled_state(&now, reported.as_ref());
                 if state.is_some() && state != reported {
-                    up.own(EventKind::State(state.clone().unwrap_or(HostState::Running)));
+                    up.own(EventKind::State(state.clone().unwrap_or(HostState::Running))).await;
                     reported = state;
                 }
             }
@@ -247,7 +256,7 @@ async fn serve(
     if let Some(fleet) = fleet {
         let forward = async {
             while let Some(event) = events_rx.recv().await {
-                up.forward(event);
+                up.forward(event).await;
             }
         };
         let (_, ()) = tokio::join!(fleet.shutdown(), forward);
@@ -266,6 +275,118 @@ impl Fetches {
             .unwrap_or_else(|e| e.into_inner())
             .clear();
     }
+}
+
+/// Test builds only (never compiled into release builds): with `ARBOR_TEST_MISBEHAVE=forge`
+/// in its environment, a node sends up what a compromised one could, so the end-to-end tests
+/// can check its parent and the initiator refuse it: state events about hosts outside its
+/// subtree, host-key reports for hosts it does not connect to and for names that would inject
+/// known_hosts lines, terminal escapes in a log line, store requests beyond its own keys (each
+/// logged as `misbehaving: … refused` or `… ALLOWED`), and exports of its own that try to
+/// escape a collector's pattern, set setuid bits and delete collected files.
+#[cfg(debug_assertions)]
+async fn misbehave(
+    up: &Upstream,
+    exchange: &dyn Exchange,
+    endpoints: &crate::store::client::Endpoints,
+    start: &Start,
+) {
+    if std::env::var("ARBOR_TEST_MISBEHAVE").as_deref() != Ok("forge") {
+        return;
+    }
+    let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl";
+    for name in ["10.199.2.11", "*", "x\n@cert-authority * ssh-ed25519 AAAA"] {
+        up.own(EventKind::KnownHost {
+            name: name.to_string(),
+            key: key.to_string(),
+        })
+        .await;
+    }
+    for victim in ["l2-1", "r2"] {
+        up.event(
+            crate::wire::HostPath::parse(victim),
+            EventKind::State(HostState::Failed {
+                cause: "forged".into(),
+            }),
+        )
+        .await;
+    }
+    up.own(EventKind::Log {
+        line: "forged \x1b]0;owned\x07\x1b[2J\x1b[31mescapes".into(),
+        stderr: false,
+    })
+    .await;
+    use crate::engine::resources::{FileSpec, FileState, ResourceSpec};
+    let file = |name: &str, path: &str, mode, state| {
+        ResourceSpec::File(FileSpec {
+            name: name.into(),
+            path: path.into(),
+            content: Some("forged\n".into()),
+            state,
+            mode,
+        })
+    };
+    let exports = vec![
+        file(
+            "escape",
+            "/tmp/../../root/escaped",
+            Some(0o4755),
+            FileState::Exists,
+        ),
+        file("wipe", "/tmp/from-l1-2", None, FileState::Absent),
+    ];
+    let name = start.hostname.clone();
+    let outcome = |what: &str, result: anyhow::Result<()>| match result {
+        Ok(()) => tracing::warn!("misbehaving: {what}: ALLOWED"),
+        Err(e) => tracing::warn!("misbehaving: {what}: refused ({e:#})"),
+    };
+    if let Err(e) = exchange.publish(&name, exports).await {
+        tracing::warn!("misbehaving: publishing its own hostile exports: {e:#}");
+    }
+    outcome(
+        "publishing as another host",
+        exchange
+            .publish(
+                "evil",
+                vec![file("evil", "/tmp/evil", None, FileState::Exists)],
+            )
+            .await,
+    );
+    // Without a credential, as any local process on a TCP-fallback host would try.
+    let anonymous = async {
+        let client = crate::store::client::StoreClient::connect(endpoints).await?;
+        client.get_prefix("/").await.map(|_| ())
+    };
+    outcome("reading the store without a credential", anonymous.await);
+    let user = start.credential.as_deref().map(|p| (name.as_str(), p));
+    let Ok(client) = crate::store::client::StoreClient::connect_as(endpoints, user).await else {
+        return;
+    };
+    let keys = crate::engine::exchange::Keys::for_run(&start.config.run);
+    let mut raw = client.raw();
+    let export = keys.export("l2-1", crate::engine::resources::Kind::File, "x");
+    outcome(
+        "writing another host's export",
+        raw.put(export, "forged", None)
+            .await
+            .map(|_| ())
+            .map_err(Into::into),
+    );
+    outcome(
+        "writing another host's converged flag",
+        raw.put(keys.converged("l2-1"), "true", None)
+            .await
+            .map(|_| ())
+            .map_err(Into::into),
+    );
+    outcome(
+        "deleting every key",
+        client.delete_prefix("/").await.map(|_| ()),
+    );
+    outcome(
+        "compacting",
+        raw.compact(1, None).await.map(|_| ()).map_err(Into::into),
+    );
 }
 
 /// The state to report for an engine status: converged, settled with failures, or changed
@@ -306,7 +427,13 @@ fn fleet_context(
     let builds = Builds::new([own]).with_parent(&config.builds, fetcher, config.compress);
     let mut connect = fleet::connect_options(config);
     connect.host_keys.extra_entries = start.known_hosts.clone();
-    let agent = std::env::var_os("SSH_AUTH_SOCK").map(|p| ssh::forward::to_unix(p.into()));
+    // Our own forwarded agent: the initiator's front behind it decides what it signs.
+    let agent = ssh::agent_socket().map(|socket| {
+        let connector = ssh::forward::to_unix(socket);
+        let agent_for: fleet::AgentFor =
+            Arc::new(move |_: &crate::wire::ChildSpec| connector.clone());
+        agent_for
+    });
     Ok(FleetContext {
         path: start.path.clone(),
         config: config.clone(),

@@ -192,6 +192,7 @@ mod tests {
             password: None,
             cconns: None,
             children,
+            credential: None,
         }
     }
 

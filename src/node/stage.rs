@@ -12,7 +12,8 @@
 //!    whose CRC and a size check guard the result; a host that will stage children of its own
 //!    keeps `arbor.gz` beside the binary, so it passes the compressed copy on without
 //!    recompressing. A host without gzip gets the plain binary.
-//! 3. Copy the graph into the working dir.
+//! 3. Copy the graph into the working dir, and close the sftp session: wait until the server
+//!    has closed its channel, so the exec that follows cannot be lost (see `ssh::sftp`).
 //!
 //! 4. On any error after the probe, or when the run is stopped (`cancel`), the working dir
 //!    is removed and an upload in flight drops its temp file: a failed or stopped staging
@@ -300,6 +301,12 @@ async fn copy_in(
         }
         None => None,
     };
+    // Nothing may start on this connection until the server has closed the sftp channel:
+    // dropbear before 2024.86 drops a command started meanwhile (see ssh::sftp). On the error
+    // paths above nothing else runs here.
+    if let Err(e) = sftp.close().await {
+        tracing::warn!("{e}");
+    }
     Ok(Staged {
         workdir: workdir.clone(),
         cache: cache.clone(),
@@ -389,6 +396,10 @@ pub async fn copy_build(
             UploadError::Ssh(e) => e.to_string(),
             UploadError::Other(what) => format!("{}: {what}", session.label()),
         })?;
+    // As after staging: the sftp channel is gone before anything else starts here.
+    if let Err(e) = sftp.close().await {
+        tracing::warn!("{e}");
+    }
     Ok((binary, bytes))
 }
 

@@ -3,16 +3,16 @@
 //! reachable only through the agent channels of the sessions it is attached to: the keys never
 //! leave this process, only signatures do.
 
+use super::agent_front::AgentBackend;
 use super::auth::{AuthOptions, load_key};
-use super::forward::{Connector, ForwardedStream};
 use russh::keys::agent::client::AgentClient;
-use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 /// Loads the key files `auth` would try (defaults that exist, then --identity), skipping any
-/// that cannot be read or stay encrypted, and serves them as an agent.
-pub async fn from_key_files(auth: &AuthOptions) -> Result<(Arc<dyn Connector>, usize), String> {
+/// that cannot be read or stay encrypted, and serves them as an agent; returns it and how
+/// many keys it holds. Relays reach it only through `agent_front`.
+pub async fn from_key_files(auth: &AuthOptions) -> Result<(AgentBackend, usize), String> {
     let mut keys = Vec::new();
     let files = auth
         .default_identities
@@ -48,13 +48,5 @@ pub async fn from_key_files(auth: &AuthOptions) -> Result<(Arc<dyn Connector>, u
     }
     drop(client);
 
-    let connector = Arc::new(move |mut channel: ForwardedStream| {
-        let (mut ours, theirs) = tokio::io::duplex(64 * 1024);
-        if tx.send(Ok(theirs)).is_ok() {
-            tokio::spawn(async move {
-                let _ = tokio::io::copy_bidirectional(&mut channel, &mut ours).await;
-            });
-        }
-    });
-    Ok((connector, count))
+    Ok((AgentBackend::InProcess(tx), count))
 }

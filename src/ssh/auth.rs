@@ -26,10 +26,37 @@ pub trait Prompter: Send + Sync {
     ) -> Option<Vec<String>>;
 }
 
+/// The agent socket arbor took from its environment at start ([`take_agent_socket`]).
+static AGENT_SOCKET: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+
+/// Takes SSH_AUTH_SOCK out of this process's environment and keeps it for arbor's own use, so
+/// the commands graphs run never see an agent socket. Call it first thing in `main`, before
+/// any thread starts.
+pub fn take_agent_socket() {
+    let socket = std::env::var_os("SSH_AUTH_SOCK")
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from);
+    // SAFETY: called from `main` before the runtime or any other thread exists, so nothing
+    // reads the environment concurrently.
+    unsafe { std::env::remove_var("SSH_AUTH_SOCK") };
+    let _ = AGENT_SOCKET.set(socket);
+}
+
+/// The agent socket this process may use: the one taken at start, or (when nothing was
+/// taken, as in tests) SSH_AUTH_SOCK.
+pub fn agent_socket() -> Option<PathBuf> {
+    match AGENT_SOCKET.get() {
+        Some(taken) => taken.clone(),
+        None => std::env::var_os("SSH_AUTH_SOCK")
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from),
+    }
+}
+
 /// Where agent identities come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AgentSource {
-    /// The socket named by SSH_AUTH_SOCK, if set.
+    /// The socket named by SSH_AUTH_SOCK when arbor started ([`agent_socket`]), if set.
     Env,
     /// A specific agent socket.
     Socket(PathBuf),
@@ -163,9 +190,9 @@ async fn try_agent(
     let socket = match &options.agent {
         AgentSource::None => return false,
         AgentSource::Socket(path) => path.clone(),
-        AgentSource::Env => match std::env::var_os("SSH_AUTH_SOCK") {
-            Some(path) if !path.is_empty() => PathBuf::from(path),
-            _ => return false,
+        AgentSource::Env => match agent_socket() {
+            Some(path) => path,
+            None => return false,
         },
     };
     let mut agent = match AgentClient::connect_uds(&socket).await {
@@ -178,6 +205,14 @@ async fn try_agent(
             return false;
         }
     };
+    // Tell the agent which server this is (OpenSSH's session-bind@openssh.com): an agent with
+    // destination constraints, such as the one arbor fronts for relays, signs only then. An
+    // agent that does not know the extension refuses it, and is used as before.
+    if let Some(binding) = handle.agent_session_binding()
+        && let Err(e) = agent.bind_session(binding, false).await
+    {
+        tracing::debug!("agent at {}: session-bind: {e:?}", socket.display());
+    }
     let identities = match agent.request_identities().await {
         Ok(ids) => ids,
         Err(e) => {

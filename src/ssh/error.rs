@@ -66,6 +66,27 @@ pub enum Cause {
         fingerprint: String,
         origin: String,
     },
+    #[error(
+        "host certificate of {name} (key {fingerprint}, signed by the CA at {origin}) \
+         is not valid: {reason}; refusing to connect"
+    )]
+    HostCertInvalid {
+        name: String,
+        fingerprint: String,
+        origin: String,
+        reason: String,
+    },
+    #[error(
+        "unknown host key {fingerprint} for {name}: its certificate is signed by CA \
+         {authority}, which no @cert-authority line for {name} names (searched {searched}), \
+         and the key itself is not listed either"
+    )]
+    HostCertUnknownAuthority {
+        name: String,
+        fingerprint: String,
+        authority: String,
+        searched: String,
+    },
     #[error("cannot record host key: {0}")]
     HostKeyRecord(String),
     #[error("permission denied for {user}; tried {tried}{}", server_allows(.allowed))]

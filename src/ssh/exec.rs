@@ -69,6 +69,12 @@ pub enum ExitStatus {
     },
     /// The channel closed without an exit status (connection lost, or the server didn't say).
     Unknown,
+    /// The server closed the channel before answering the exec request: the command did not
+    /// run on this channel (dropbear before 2024.86 can do this; see `ssh::sftp`). That
+    /// dropbear may still start it on the closed channel, where it finds its stdin closed.
+    ClosedBeforeReply,
+    /// The server refused the exec request.
+    Refused,
 }
 
 impl ExitStatus {
@@ -90,6 +96,11 @@ impl std::fmt::Display for ExitStatus {
                 if *core_dumped { " (core dumped)" } else { "" }
             ),
             ExitStatus::Unknown => write!(f, "no exit status (channel closed)"),
+            ExitStatus::ClosedBeforeReply => write!(
+                f,
+                "no exit status: the server closed the channel before answering the exec request"
+            ),
+            ExitStatus::Refused => write!(f, "the server refused to run the command"),
         }
     }
 }
@@ -116,6 +127,10 @@ pub struct RemoteCommand {
     read: ChannelReadHalf,
     write: ChannelWriteHalf<Msg>,
     status: Option<ExitStatus>,
+    /// Replies to our channel requests still due; the exec request's is the last.
+    replies_due: u8,
+    /// The server accepted the exec request.
+    started: bool,
     done: bool,
 }
 
@@ -147,6 +162,8 @@ impl Session {
             read,
             write,
             status: None,
+            replies_due: if options.forward_agent { 2 } else { 1 },
+            started: false,
             done: false,
         })
     }
@@ -200,6 +217,25 @@ impl RemoteCommand {
                         signal: signal_name_of(&signal_name),
                         core_dumped,
                     });
+                }
+                // Replies come in the order of the requests: agent forwarding's (whose refusal
+                // only means no agent), then the exec request's.
+                Some(ChannelMsg::Success) if self.replies_due > 0 => {
+                    self.replies_due -= 1;
+                    self.started = self.replies_due == 0;
+                }
+                Some(ChannelMsg::Failure) if self.replies_due > 0 => {
+                    self.replies_due -= 1;
+                    if self.replies_due == 0 {
+                        self.done = true;
+                        let _ = self.write.close().await;
+                        return Some(Output::Exit(ExitStatus::Refused));
+                    }
+                }
+                // Closed by the server before it answered the exec request.
+                Some(ChannelMsg::Close) if !self.started && self.status.is_none() => {
+                    self.done = true;
+                    return Some(Output::Exit(ExitStatus::ClosedBeforeReply));
                 }
                 Some(ChannelMsg::Close) | None => {
                     self.done = true;

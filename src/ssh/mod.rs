@@ -11,6 +11,7 @@
 //! Every error is an [`SshError`] naming the host, the step and the cause.
 
 pub mod agent;
+pub mod agent_front;
 pub mod auth;
 pub mod error;
 pub mod exec;
@@ -19,8 +20,9 @@ pub mod known_hosts;
 pub mod prompt;
 pub mod session;
 pub mod sftp;
+pub mod ssh_config;
 
-pub use auth::{AgentSource, AuthOptions, Prompter};
+pub use auth::{AgentSource, AuthOptions, Prompter, agent_socket, take_agent_socket};
 pub use error::{Cause, SshError, Step};
 pub use exec::{
     Collected, CommandLine, ExecOptions, ExitStatus, Output, RemoteCommand, shell_quote,

@@ -4,11 +4,11 @@
 use super::auth::{self, AuthOptions};
 use super::error::{Cause, Result, SshError, Step};
 use super::forward::{Connector, Routes};
-use super::known_hosts::{self, KnownHosts, Verdict};
+use super::known_hosts::{self, CertVerdict, HostKeyOrder, KnownHosts, Verdict};
 use russh::Channel;
 use russh::client::ChannelOpenHandle;
 use russh::client::{self, Msg};
-use russh::keys::{PublicKey, PublicKeyOrCertificate};
+use russh::keys::{Certificate, PublicKey, PublicKeyOrCertificate};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -61,12 +61,17 @@ pub enum HostKeyPolicy {
 #[derive(Debug, Clone, Default)]
 pub struct HostKeyOptions {
     pub policy: HostKeyPolicy,
-    /// Files searched, in order: usually ~/.ssh/known_hosts plus any given with --known-hosts.
+    /// Files searched, in order: usually ~/.ssh/known_hosts, the system-wide
+    /// /etc/ssh/ssh_known_hosts and ssh_known_hosts2 ([`known_hosts::GLOBAL_FILES`]), plus any
+    /// given with --known-hosts.
     pub known_hosts: Vec<PathBuf>,
     /// Extra entries as text (a relay gets its subtree's entries this way).
     pub extra_entries: String,
     /// Where accept-new records new keys (usually ~/.ssh/known_hosts).
     pub learn_into: Option<PathBuf>,
+    /// OpenSSH client config files consulted for `HashKnownHosts` (usually ~/.ssh/config and
+    /// /etc/ssh/ssh_config): when it says yes for the host, accept-new writes the name hashed.
+    pub ssh_config: Vec<PathBuf>,
     /// A pinned key: when set, it alone decides.
     pub pinned: Option<PublicKey>,
     /// Under accept-new, keys learned are also sent here as (known_hosts name, "type base64"):
@@ -87,19 +92,23 @@ pub struct ConnectOptions {
 }
 
 impl ConnectOptions {
-    /// Options with arbor's defaults for `HOME`: ~/.ssh/known_hosts, default identities,
-    /// the agent from SSH_AUTH_SOCK, a 10 s connect timeout, strict host keys.
+    /// Options with arbor's defaults for `HOME`: ~/.ssh/known_hosts and the system-wide
+    /// known_hosts files (as OpenSSH's defaults), default identities, the agent from
+    /// SSH_AUTH_SOCK, a 10 s connect timeout, strict host keys.
     pub fn for_home(home: &std::path::Path) -> Self {
         let known = home.join(".ssh").join("known_hosts");
+        let mut files = vec![known.clone()];
+        files.extend(known_hosts::GLOBAL_FILES.iter().map(PathBuf::from));
         ConnectOptions {
             label: None,
             connect_timeout: Duration::from_secs(10),
             keepalive_interval: Duration::from_secs(15),
             host_keys: HostKeyOptions {
                 policy: HostKeyPolicy::Strict,
-                known_hosts: vec![known.clone()],
+                known_hosts: files,
                 extra_entries: String::new(),
                 learn_into: Some(known),
+                ssh_config: super::ssh_config::default_files(home),
                 pinned: None,
                 report_learned: None,
             },
@@ -202,14 +211,19 @@ async fn connect_with(
             k
         })
         .map_err(|e| err(Step::HostKey, Cause::Io(e)))?;
+    let name = known_hosts::host_key_name(&target.host, target.port);
+    // Offer first the host-key algorithms known_hosts holds for this host, as OpenSSH does: a
+    // host known only by its ECDSA key must not be asked for its Ed25519 key.
+    let order = known.host_key_order(&name, options.host_keys.pinned.as_ref());
     let handler = ClientHandler {
-        name: known_hosts::host_key_name(&target.host, target.port),
+        name,
+        principal: target.host.clone(),
         options: options.host_keys.clone(),
         known,
         refusal: verdict.clone(),
         routes: routes.clone(),
     };
-    let config = Arc::new(client_config(options.keepalive_interval));
+    let config = Arc::new(client_config(options.keepalive_interval, order));
 
     let handshake = async {
         let connected = match jump {
@@ -269,9 +283,11 @@ async fn connect_with(
     })
 }
 
-fn client_config(keepalive: Duration) -> client::Config {
+fn client_config(keepalive: Duration, order: HostKeyOrder) -> client::Config {
     // AES-GCM first: hardware-accelerated almost everywhere, and the fastest for bulk copies.
     let preferred = russh::Preferred {
+        key: std::borrow::Cow::Owned(order.keys),
+        host_key_certificates: std::borrow::Cow::Owned(order.certificates),
         cipher: std::borrow::Cow::Owned(vec![
             russh::cipher::AES_256_GCM,
             russh::cipher::AES_128_GCM,
@@ -321,7 +337,10 @@ async fn tcp_connect(
 
 /// russh's callbacks for one connection: host key checks and channels the server opens.
 pub(crate) struct ClientHandler {
+    /// The host's known_hosts name (`host` or `[host]:port`).
     name: String,
+    /// The name a host certificate must list as a principal: the host as connected to.
+    principal: String,
     options: HostKeyOptions,
     known: KnownHosts,
     refusal: Arc<Mutex<Option<Cause>>>,
@@ -329,6 +348,59 @@ pub(crate) struct ClientHandler {
 }
 
 impl ClientHandler {
+    /// Judges a host certificate as OpenSSH does: valid and signed by an authority that an
+    /// `@cert-authority` line names for this host; a certificate from an authority no line
+    /// names falls back to the plain key inside it.
+    fn judge_certificate(&self, cert: &Certificate) -> std::result::Result<(), Cause> {
+        let key = PublicKey::from(cert.public_key().clone());
+        let fingerprint = known_hosts::fingerprint(&key);
+        if self.options.pinned.is_some() {
+            return self.judge(&key);
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        match self
+            .known
+            .verify_certificate(&self.name, &self.principal, cert, now)
+        {
+            CertVerdict::Trusted(origin) => {
+                tracing::debug!(
+                    "{}: host certificate {:?} (serial {}) accepted by the CA at {origin}",
+                    self.name,
+                    cert.key_id(),
+                    cert.serial()
+                );
+                Ok(())
+            }
+            CertVerdict::Invalid { origin, reason } => Err(Cause::HostCertInvalid {
+                name: self.name.clone(),
+                fingerprint,
+                origin: origin.to_string(),
+                reason,
+            }),
+            CertVerdict::Revoked(origin) => Err(Cause::HostKeyRevoked {
+                name: self.name.clone(),
+                fingerprint,
+                origin: origin.to_string(),
+            }),
+            CertVerdict::UnknownAuthority => match self.judge(&key) {
+                Err(Cause::HostKeyUnknown { searched, .. }) => {
+                    Err(Cause::HostCertUnknownAuthority {
+                        name: self.name.clone(),
+                        fingerprint,
+                        authority: known_hosts::fingerprint(&PublicKey::from(
+                            cert.signature_key().clone(),
+                        )),
+                        searched,
+                    })
+                }
+                other => other,
+            },
+        }
+    }
+
     fn judge(&self, key: &PublicKey) -> std::result::Result<(), Cause> {
         let fingerprint = known_hosts::fingerprint(key);
         let name = self.name.clone();
@@ -364,13 +436,27 @@ impl ClientHandler {
                     if learn_into.is_some() || report.is_some() =>
                 {
                     if let Some(file) = learn_into {
-                        known_hosts::append(file, &self.name, key).map_err(|e| {
+                        let hashed = super::ssh_config::hash_known_hosts(
+                            &self.options.ssh_config,
+                            &self.principal,
+                        );
+                        let record = if hashed {
+                            known_hosts::append_hashed
+                        } else {
+                            known_hosts::append
+                        };
+                        record(file, &self.name, key).map_err(|e| {
                             Cause::HostKeyRecord(format!("{}: {e}", file.display()))
                         })?;
                         tracing::warn!(
-                            "{}: recorded new host key {fingerprint} in {}",
+                            "{}: recorded new host key {fingerprint} in {}{}",
                             self.name,
-                            file.display()
+                            file.display(),
+                            if hashed {
+                                " (hashed: HashKnownHosts yes)"
+                            } else {
+                                ""
+                            }
                         );
                     }
                     if let Some(report) = report {
@@ -411,11 +497,11 @@ impl client::Handler for ClientHandler {
         &mut self,
         offered: &PublicKeyOrCertificate,
     ) -> std::result::Result<bool, Self::Error> {
-        let key = match offered {
-            PublicKeyOrCertificate::PublicKey { key, .. } => key.clone(),
-            PublicKeyOrCertificate::Certificate(cert) => PublicKey::from(cert.public_key().clone()),
+        let judged = match offered {
+            PublicKeyOrCertificate::PublicKey { key, .. } => self.judge(key),
+            PublicKeyOrCertificate::Certificate(cert) => self.judge_certificate(cert),
         };
-        match self.judge(&key) {
+        match judged {
             Ok(()) => Ok(true),
             Err(cause) => {
                 if let Ok(mut slot) = self.refusal.lock() {
@@ -587,6 +673,31 @@ mod url_tests {
         assert_eq!(t.target, Target::new("u", "fd00::1", 22));
         assert_eq!(t.password.as_deref(), Some("s3cret"));
         assert_eq!(parse("ssh://[fd00::1]").target.address(), "[fd00::1]:22");
+    }
+
+    #[test]
+    fn defaults_read_the_users_and_the_system_known_hosts() {
+        let o = ConnectOptions::for_home(std::path::Path::new("/home/u"));
+        assert_eq!(
+            o.host_keys.known_hosts,
+            vec![
+                PathBuf::from("/home/u/.ssh/known_hosts"),
+                PathBuf::from("/etc/ssh/ssh_known_hosts"),
+                PathBuf::from("/etc/ssh/ssh_known_hosts2"),
+            ]
+        );
+        // New keys go to the user's file only.
+        assert_eq!(
+            o.host_keys.learn_into,
+            Some(PathBuf::from("/home/u/.ssh/known_hosts"))
+        );
+        assert_eq!(
+            o.host_keys.ssh_config,
+            vec![
+                PathBuf::from("/home/u/.ssh/config"),
+                PathBuf::from("/etc/ssh/ssh_config"),
+            ]
+        );
     }
 
     #[test]

@@ -8,14 +8,25 @@
 //!
 //! Many writes are kept in flight at once: with one outstanding write, throughput would be
 //! one chunk per round trip.
+//!
+//! [`Sftp::close`] ends the session and waits until the server has closed the channel, that
+//! is, until its sftp-server has exited and been reaped. A command started on the same
+//! connection before that can be lost: dropbear before 2024.86 closes every session channel
+//! that has not started its command yet (EOF and CLOSE, no exit status, no reply to the exec
+//! request) when it handles a child's exit in the same turn of its loop (mkj/dropbear#173,
+//! fixed by mkj/dropbear#326); the command then never runs, or runs on the closed channel and
+//! finds its stdin closed. OpenSSH ties a child's exit to its own channel only.
 
 use super::error::{Cause, Result, SshError, Step};
 use super::session::Session;
 use futures::stream::{FuturesUnordered, StreamExt};
+use russh::client::Msg;
+use russh::{Channel, ChannelMsg};
 use russh_sftp::client::RawSftpSession;
 use russh_sftp::extensions::HardlinkExtension;
 use russh_sftp::protocol::{FileAttributes, OpenFlags, StatusCode};
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 /// Bytes per write request. OpenSSH's sftp-server accepts up to 256 KiB messages.
@@ -70,6 +81,9 @@ impl Drop for Running {
 /// Seconds a single request may take: generous, for thin links carrying many writes.
 const REQUEST_TIMEOUT_SECS: u64 = 120;
 
+/// How long [`Sftp::close`] waits for the server to close the channel.
+const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 const POSIX_RENAME: &str = "posix-rename@openssh.com";
 const FSYNC: &str = "fsync@openssh.com";
 
@@ -79,6 +93,8 @@ pub struct Sftp {
     raw: RawSftpSession,
     posix_rename: bool,
     fsync: bool,
+    /// Completes once the server has closed the channel (or the connection is gone).
+    closed: oneshot::Receiver<()>,
 }
 
 impl Session {
@@ -89,7 +105,8 @@ impl Session {
             .request_subsystem(true, "sftp")
             .await
             .map_err(|e| self.error(Step::Sftp, e))?;
-        let raw = RawSftpSession::new(channel.into_stream());
+        let (stream, closed) = watched_stream(channel);
+        let raw = RawSftpSession::new(stream);
         raw.set_timeout(REQUEST_TIMEOUT_SECS);
         let version = raw
             .init()
@@ -100,8 +117,45 @@ impl Session {
             posix_rename: version.extensions.contains_key(POSIX_RENAME),
             fsync: version.extensions.contains_key(FSYNC),
             raw,
+            closed,
         })
     }
+}
+
+/// The channel as the byte stream the sftp client speaks, and a receiver that completes when
+/// the server closes the channel. The server's messages are read here, not by the stream, so
+/// its CLOSE (which follows EOF and the exit status) is seen even after the sftp client has
+/// stopped reading.
+fn watched_stream(
+    channel: Channel<Msg>,
+) -> (
+    impl AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    oneshot::Receiver<()>,
+) {
+    let (mut read, write) = channel.split();
+    // Boxed as 'static: the writer holds its own handle on the channel, not a borrow.
+    let to_server: Box<dyn AsyncWrite + Send + Unpin> = Box::new(write.make_writer());
+    let (mut to_client, from_server) = tokio::io::duplex(2 * CHUNK);
+    let (closed_tx, closed_rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let mut open = true;
+        while let Some(msg) = read.wait().await {
+            match msg {
+                // An error means the sftp client is gone: its data is no longer wanted.
+                ChannelMsg::Data { data } if open => {
+                    open = to_client.write_all(&data).await.is_ok();
+                }
+                ChannelMsg::Eof => {
+                    let _ = to_client.shutdown().await;
+                    open = false;
+                }
+                ChannelMsg::Close => break,
+                _ => {}
+            }
+        }
+        let _ = closed_tx.send(());
+    });
+    (tokio::io::join(from_server, to_server), closed_rx)
 }
 
 /// What an upload did.
@@ -111,6 +165,24 @@ pub struct Uploaded {
 }
 
 impl Sftp {
+    /// Ends the session: EOF to the server's sftp-server, then waits (at most 10 s) until the
+    /// server has closed the channel, so the next command on this connection is safe (see the
+    /// module docs). Dropping an `Sftp` ends the session without waiting.
+    pub async fn close(self) -> Result<()> {
+        let _ = self.raw.close_session();
+        let Sftp { label, closed, .. } = self;
+        match tokio::time::timeout(CLOSE_TIMEOUT, closed).await {
+            Ok(_) => Ok(()),
+            Err(_) => Err(SshError::new(
+                label,
+                Step::Sftp,
+                Cause::Sftp(format!(
+                    "close: the server did not close the sftp channel within {CLOSE_TIMEOUT:?}"
+                )),
+            )),
+        }
+    }
+
     fn error(&self, what: &str, e: impl std::fmt::Display) -> SshError {
         SshError::new(
             self.label.clone(),

@@ -42,6 +42,8 @@ pub struct Options {
     /// The space quota (`--quota-backend-bytes`): once the store's size would pass it, writes
     /// that add data are refused and the NOSPACE alarm is raised. `None`: no quota.
     pub quota_bytes: Option<u64>,
+    /// The users requests must authenticate as (`auth`); `None`: no credentials asked.
+    pub users: Option<Arc<super::auth::Users>>,
 }
 
 /// The space quota unless told otherwise: etcd's default, 2 GiB.
@@ -55,6 +57,7 @@ impl Default for Options {
             snapshot_after_bytes: 64 << 20,
             progress_notify_interval: Duration::from_secs(60),
             quota_bytes: Some(DEFAULT_QUOTA_BYTES),
+            users: None,
         }
     }
 }
@@ -182,6 +185,11 @@ impl Backend {
 
     pub fn options(&self) -> &Options {
         &self.options
+    }
+
+    /// The users requests must authenticate as, when the store checks credentials.
+    pub fn users(&self) -> Option<&Arc<super::auth::Users>> {
+        self.options.users.as_ref()
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {

@@ -116,12 +116,27 @@ pub struct StoreClient {
 
 impl StoreClient {
     pub async fn connect(endpoints: &Endpoints) -> anyhow::Result<StoreClient> {
+        Self::connect_as(endpoints, None).await
+    }
+
+    /// Connects as a user (name, password): the client authenticates with etcd's
+    /// `Auth.Authenticate` and every request then carries the token, as etcd expects.
+    pub async fn connect_as(
+        endpoints: &Endpoints,
+        user: Option<(&str, &str)>,
+    ) -> anyhow::Result<StoreClient> {
+        let with_user = |options: ConnectOptions| match user {
+            Some((name, password)) => options.with_user(name, password),
+            None => options,
+        };
         match endpoints {
             Endpoints::Http(urls) => {
-                let options = ConnectOptions::new()
-                    .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
-                    .with_keep_alive_while_idle(true)
-                    .with_connect_timeout(CONNECT_TIMEOUT);
+                let options = with_user(
+                    ConnectOptions::new()
+                        .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
+                        .with_keep_alive_while_idle(true)
+                        .with_connect_timeout(CONNECT_TIMEOUT),
+                );
                 let client = Client::connect(urls, Some(options))
                     .await
                     .with_context(|| format!("connecting to the store at {}", urls.join(",")))?;
@@ -132,7 +147,8 @@ impl StoreClient {
             }
             Endpoints::Unix(path) => {
                 let channel = unix_channel(path.clone())?;
-                let client = Client::from_channel(etcd_client::Channel::Tonic(channel), None)
+                let options = user.map(|_| with_user(ConnectOptions::new()));
+                let client = Client::from_channel(etcd_client::Channel::Tonic(channel), options)
                     .await
                     .with_context(|| {
                         format!("connecting to the store at unix:{}", path.display())

@@ -9,6 +9,7 @@
 //! `/health`, `/version` and `/metrics` never need a credential. `/v3/` requests carry theirs
 //! in `Authorization`, passed on to the services as gRPC metadata, as etcd's gateway does.
 
+use super::auth::Caller;
 use super::backend::Backend;
 use super::json;
 use super::kv::{GRPC_OVERHEAD_BYTES, KvService, MAX_REQUEST_BYTES};
@@ -139,12 +140,52 @@ impl tower::Service<HttpRequest> for FrontService {
             ));
             return Box::pin(async move { Ok(status.into_http()) });
         }
-        if let Some(name) = path.strip_prefix("/etcdserverpb.Auth/") {
+        let users = self.front.backend.users().cloned();
+        let authenticate = users.is_some() && path == "/etcdserverpb.Auth/Authenticate";
+        if let Some(name) = path.strip_prefix("/etcdserverpb.Auth/")
+            && !authenticate
+        {
             let status = errors::auth_unsupported(&format!("Auth.{name}"));
             if let Some(m) = method {
                 metrics.handled(m, status.code() as i32, started.elapsed());
             }
             return Box::pin(async move { Ok(status.into_http()) });
+        }
+        if let (Some(users), true) = (&users, authenticate) {
+            let svc = Authenticate {
+                users: users.clone(),
+                backend: self.front.backend.clone(),
+            };
+            return Box::pin(async move {
+                let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::default());
+                let resp = grpc.unary(svc, req).await;
+                if let Some(m) = method {
+                    metrics.handled(m, 0, started.elapsed());
+                }
+                Ok(resp)
+            });
+        }
+        let mut req = req;
+        if let (Some(users), false) = (&users, authenticate) {
+            // Every request but Authenticate names its caller by the token it was given.
+            let token = req.headers().get("token").and_then(|v| v.to_str().ok());
+            let caller = match token {
+                Some(token) => users
+                    .caller(token)
+                    .ok_or_else(|| Status::unauthenticated("etcdserver: invalid auth token")),
+                None => Err(Status::invalid_argument("etcdserver: user name is empty")),
+            };
+            match caller {
+                Ok(caller) => {
+                    req.extensions_mut().insert(caller);
+                }
+                Err(status) => {
+                    if let Some(m) = method {
+                        metrics.handled(m, status.code() as i32, started.elapsed());
+                    }
+                    return Box::pin(async move { Ok(status.into_http()) });
+                }
+            }
         }
         let call = self.inner.call(req);
         Box::pin(async move {
@@ -153,6 +194,39 @@ impl tower::Service<HttpRequest> for FrontService {
                 Some(method) => meter(resp, method, started, metrics),
                 None => resp,
             })
+        })
+    }
+}
+
+/// `Auth.Authenticate`, the one call of etcd's auth API the store answers (when it checks
+/// credentials): a name and password for a token, which every later request carries.
+struct Authenticate {
+    users: Arc<super::auth::Users>,
+    backend: Arc<Backend>,
+}
+
+impl tonic::server::UnaryService<etcd_client::proto::PbAuthenticateRequest> for Authenticate {
+    type Response = etcd_client::proto::PbAuthenticateResponse;
+    type Future = BoxFuture<'static, Result<tonic::Response<Self::Response>, Status>>;
+
+    fn call(
+        &mut self,
+        request: Request<etcd_client::proto::PbAuthenticateRequest>,
+    ) -> Self::Future {
+        let (users, backend) = (self.users.clone(), self.backend.clone());
+        Box::pin(async move {
+            let req = request.get_ref();
+            match users.authenticate(&req.name, &req.password) {
+                Some(token) => Ok(tonic::Response::new(
+                    etcd_client::proto::PbAuthenticateResponse {
+                        header: Some(backend.header(backend.visible())),
+                        token,
+                    },
+                )),
+                None => Err(Status::invalid_argument(
+                    "etcdserver: authentication failed, invalid user ID or password",
+                )),
+            }
         })
     }
 }
@@ -373,9 +447,13 @@ fn json_ok(body: String) -> HttpResponse {
     resp
 }
 
-/// A gRPC request carrying the HTTP request's credential, as grpc-gateway passes it on.
-fn grpc_request<T>(message: T, headers: &HeaderMap) -> Request<T> {
+/// A gRPC request carrying the HTTP request's credential, as grpc-gateway passes it on, and
+/// its caller when the store checks credentials.
+fn grpc_request<T>(message: T, headers: &HeaderMap, caller: &Option<Arc<Caller>>) -> Request<T> {
     let mut req = Request::new(message);
+    if let Some(caller) = caller {
+        req.extensions_mut().insert(caller.clone());
+    }
     if let Some(auth) = headers
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -428,10 +506,25 @@ impl Front {
             self.metrics().started(i);
         }
         let (parts, body) = req.into_parts();
-        let resp = match route {
-            Some((_, Shape::Stream)) => self.stream(method, parts.headers, body).await,
-            _ => match read_body(body).await {
-                Ok(value) => self.unary(method, &parts.headers, &value).await,
+        // When the store checks credentials, the gateway's caller is named by the token in
+        // `Authorization`, as etcd's gateway takes it.
+        let caller = match self.backend.users() {
+            None => Ok(None),
+            Some(users) => parts
+                .headers
+                .get(http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|token| users.caller(token))
+                .map(Some)
+                .ok_or_else(|| Status::unauthenticated("etcdserver: invalid auth token")),
+        };
+        let resp = match (caller, route) {
+            (Err(status), _) => Err(status),
+            (Ok(caller), Some((_, Shape::Stream))) => {
+                self.stream(method, parts.headers, body, caller).await
+            }
+            (Ok(caller), _) => match read_body(body).await {
+                Ok(value) => self.unary(method, &parts.headers, &value, caller).await,
                 Err(status) => Err(status),
             },
         };
@@ -451,41 +544,60 @@ impl Front {
         method: &str,
         headers: &HeaderMap,
         v: &Value,
+        caller: Option<Arc<Caller>>,
     ) -> Result<HttpResponse, Status> {
         let parse = |e: String| Status::invalid_argument(e);
         let json = match method {
             "Range" => {
                 let req = json::range_request(v).map_err(parse)?;
-                json::range_response(self.kv.range(grpc_request(req, headers)).await?.get_ref())
+                json::range_response(
+                    self.kv
+                        .range(grpc_request(req, headers, &caller))
+                        .await?
+                        .get_ref(),
+                )
             }
             "Put" => {
                 let req = json::put_request(v).map_err(parse)?;
-                json::put_response(self.kv.put(grpc_request(req, headers)).await?.get_ref())
+                json::put_response(
+                    self.kv
+                        .put(grpc_request(req, headers, &caller))
+                        .await?
+                        .get_ref(),
+                )
             }
             "DeleteRange" => {
                 let req = json::delete_request(v).map_err(parse)?;
                 json::delete_response(
                     self.kv
-                        .delete_range(grpc_request(req, headers))
+                        .delete_range(grpc_request(req, headers, &caller))
                         .await?
                         .get_ref(),
                 )
             }
             "Txn" => {
                 let req = json::txn_request(v).map_err(parse)?;
-                json::txn_response(self.kv.txn(grpc_request(req, headers)).await?.get_ref())
+                json::txn_response(
+                    self.kv
+                        .txn(grpc_request(req, headers, &caller))
+                        .await?
+                        .get_ref(),
+                )
             }
             "Compact" => {
                 let req = json::compaction_request(v).map_err(parse)?;
                 json::compaction_response(
-                    self.kv.compact(grpc_request(req, headers)).await?.get_ref(),
+                    self.kv
+                        .compact(grpc_request(req, headers, &caller))
+                        .await?
+                        .get_ref(),
                 )
             }
             "LeaseGrant" => {
                 let req = json::lease_grant_request(v).map_err(parse)?;
                 json::lease_grant_response(
                     self.lease
-                        .lease_grant(grpc_request(req, headers))
+                        .lease_grant(grpc_request(req, headers, &caller))
                         .await?
                         .get_ref(),
                 )
@@ -494,7 +606,7 @@ impl Front {
                 let req = json::lease_revoke_request(v).map_err(parse)?;
                 json::lease_revoke_response(
                     self.lease
-                        .lease_revoke(grpc_request(req, headers))
+                        .lease_revoke(grpc_request(req, headers, &caller))
                         .await?
                         .get_ref(),
                 )
@@ -503,7 +615,7 @@ impl Front {
                 let req = json::lease_time_to_live_request(v).map_err(parse)?;
                 json::lease_time_to_live_response(
                     self.lease
-                        .lease_time_to_live(grpc_request(req, headers))
+                        .lease_time_to_live(grpc_request(req, headers, &caller))
                         .await?
                         .get_ref(),
                 )
@@ -512,7 +624,7 @@ impl Front {
                 json::empty_request(v).map_err(parse)?;
                 let resp = self
                     .lease
-                    .lease_leases(grpc_request(PbLeaseLeasesRequest {}, headers))
+                    .lease_leases(grpc_request(PbLeaseLeasesRequest {}, headers, &caller))
                     .await?;
                 json::lease_leases_response(resp.get_ref())
             }
@@ -520,7 +632,7 @@ impl Front {
                 json::empty_request(v).map_err(parse)?;
                 let resp = self
                     .maintenance
-                    .status(grpc_request(PbStatusRequest {}, headers))
+                    .status(grpc_request(PbStatusRequest {}, headers, &caller))
                     .await?;
                 json::status_response(resp.get_ref())
             }
@@ -528,7 +640,7 @@ impl Front {
                 let req = json::alarm_request(v).map_err(parse)?;
                 json::alarm_response(
                     self.maintenance
-                        .alarm(grpc_request(req, headers))
+                        .alarm(grpc_request(req, headers, &caller))
                         .await?
                         .get_ref(),
                 )
@@ -537,7 +649,7 @@ impl Front {
                 json::empty_request(v).map_err(parse)?;
                 let resp = self
                     .maintenance
-                    .defragment(grpc_request(PbDefragmentRequest {}, headers))
+                    .defragment(grpc_request(PbDefragmentRequest {}, headers, &caller))
                     .await?;
                 json::defragment_response(resp.get_ref())
             }
@@ -545,7 +657,11 @@ impl Front {
                 json::empty_request(v).map_err(parse)?;
                 let resp = self
                     .cluster
-                    .member_list(grpc_request(PbMemberListRequest::default(), headers))
+                    .member_list(grpc_request(
+                        PbMemberListRequest::default(),
+                        headers,
+                        &caller,
+                    ))
                     .await?;
                 json::member_list_response(resp.get_ref())
             }
@@ -561,6 +677,7 @@ impl Front {
         method: &str,
         headers: HeaderMap,
         body: Body,
+        caller: Option<Arc<Caller>>,
     ) -> Result<HttpResponse, Status> {
         let (out_tx, out_rx) = mpsc::channel::<Bytes>(16);
         let stop = CancellationToken::new();
@@ -568,7 +685,7 @@ impl Front {
             "Watch" => {
                 let inbound =
                     read_messages(body, json::watch_request, out_tx.clone(), stop.clone());
-                let rx = watch::open(self.backend.clone(), inbound);
+                let rx = watch::open(self.backend.clone(), inbound, caller);
                 forward(ReceiverStream::new(rx), json::watch_response, out_tx, stop);
             }
             "LeaseKeepAlive" => {
@@ -578,7 +695,7 @@ impl Front {
                     out_tx.clone(),
                     stop.clone(),
                 );
-                let rx = lease::keep_alive(self.backend.clone(), inbound);
+                let rx = lease::keep_alive(self.backend.clone(), inbound, caller);
                 forward(
                     ReceiverStream::new(rx),
                     json::lease_keep_alive_response,
@@ -591,7 +708,7 @@ impl Front {
                 json::empty_request(&read_body(body).await?).map_err(Status::invalid_argument)?;
                 let resp = self
                     .maintenance
-                    .snapshot(grpc_request(PbSnapshotRequest {}, &headers))
+                    .snapshot(grpc_request(PbSnapshotRequest {}, &headers, &caller))
                     .await?;
                 forward(resp.into_inner(), json::snapshot_response, out_tx, stop);
             }

@@ -2,6 +2,7 @@
 //!
 //! Put and DeleteRange run as one-op transactions, so every write takes the same path.
 
+use super::auth::{admin_only, caller_of, denied};
 use super::backend::Backend;
 use super::errors;
 use etcd_client::proto::{
@@ -33,6 +34,19 @@ fn check_size(req: &impl Message) -> Result<(), Status> {
 }
 
 impl KvService {
+    /// Checks one write as the one-op transaction it runs as.
+    fn check_op<T>(&self, request: &Request<T>, op: PbTxnOpRequest) -> Result<(), Status> {
+        if let (Some(caller), Some(users)) = (caller_of(request), self.backend.users()) {
+            let txn = PbTxnRequest {
+                compare: vec![],
+                success: vec![PbTxnRequestOp { request: Some(op) }],
+                failure: vec![],
+            };
+            users.check_txn(&caller, &txn)?;
+        }
+        Ok(())
+    }
+
     async fn single_op(&self, op: PbTxnOpRequest) -> Result<PbTxnOpResponse, Status> {
         let txn = PbTxnRequest {
             compare: vec![],
@@ -62,6 +76,12 @@ impl PbKvService for KvService {
         &self,
         request: Request<PbRangeRequest>,
     ) -> Result<Response<PbRangeResponse>, Status> {
+        if let Some(caller) = caller_of(&request) {
+            let r = request.get_ref();
+            if !caller.may_read(&r.key, &r.range_end) {
+                return Err(denied());
+            }
+        }
         self.backend.range(request.get_ref()).map(Response::new)
     }
 
@@ -77,6 +97,10 @@ impl PbKvService for KvService {
 
     async fn put(&self, request: Request<PbPutRequest>) -> Result<Response<PbPutResponse>, Status> {
         check_size(request.get_ref())?;
+        self.check_op(
+            &request,
+            PbTxnOpRequest::RequestPut(request.get_ref().clone()),
+        )?;
         match self
             .single_op(PbTxnOpRequest::RequestPut(request.into_inner()))
             .await?
@@ -93,6 +117,10 @@ impl PbKvService for KvService {
         request: Request<PbDeleteRequest>,
     ) -> Result<Response<PbDeleteResponse>, Status> {
         check_size(request.get_ref())?;
+        self.check_op(
+            &request,
+            PbTxnOpRequest::RequestDeleteRange(request.get_ref().clone()),
+        )?;
         match self
             .single_op(PbTxnOpRequest::RequestDeleteRange(request.into_inner()))
             .await?
@@ -106,6 +134,9 @@ impl PbKvService for KvService {
 
     async fn txn(&self, request: Request<PbTxnRequest>) -> Result<Response<PbTxnResponse>, Status> {
         check_size(request.get_ref())?;
+        if let (Some(caller), Some(users)) = (caller_of(&request), self.backend.users()) {
+            users.check_txn(&caller, request.get_ref())?;
+        }
         self.backend.txn(request.get_ref()).await.map(Response::new)
     }
 
@@ -113,6 +144,7 @@ impl PbKvService for KvService {
         &self,
         request: Request<PbCompactionRequest>,
     ) -> Result<Response<PbCompactionResponse>, Status> {
+        admin_only(&request)?;
         let header = self.backend.compact(request.get_ref().revision).await?;
         Ok(Response::new(PbCompactionResponse {
             header: Some(header),

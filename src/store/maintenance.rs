@@ -2,6 +2,7 @@
 //! store is a single member that is always the leader. Hash, HashKV, MoveLeader, Downgrade and
 //! the rest of Cluster answer Unimplemented.
 
+use super::auth::admin_only;
 use super::backend::Backend;
 use super::errors;
 use super::state::ALARM_NOSPACE;
@@ -47,6 +48,7 @@ impl PbMaintenanceService for MaintenanceService {
         &self,
         request: Request<PbAlarmRequest>,
     ) -> Result<Response<PbAlarmResponse>, Status> {
+        admin_only(&request)?;
         let req = request.get_ref();
         let member_id = self.backend.ids().member_id;
         let alarms = match req.action {
@@ -108,8 +110,9 @@ impl PbMaintenanceService for MaintenanceService {
 
     async fn defragment(
         &self,
-        _request: Request<PbDefragmentRequest>,
+        request: Request<PbDefragmentRequest>,
     ) -> Result<Response<PbDefragmentResponse>, Status> {
+        admin_only(&request)?;
         self.backend.defragment().await?;
         // etcd answers with no header.
         Ok(Response::new(PbDefragmentResponse { header: None }))
@@ -117,15 +120,17 @@ impl PbMaintenanceService for MaintenanceService {
 
     async fn hash(
         &self,
-        _request: Request<PbHashRequest>,
+        request: Request<PbHashRequest>,
     ) -> Result<Response<PbHashResponse>, Status> {
+        admin_only(&request)?;
         Err(errors::unimplemented("Maintenance.Hash"))
     }
 
     async fn hash_kv(
         &self,
-        _request: Request<PbHashKvRequest>,
+        request: Request<PbHashKvRequest>,
     ) -> Result<Response<PbHashKvResponse>, Status> {
+        admin_only(&request)?;
         Err(errors::unimplemented("Maintenance.HashKV"))
     }
 
@@ -137,8 +142,9 @@ impl PbMaintenanceService for MaintenanceService {
     /// come.
     async fn snapshot(
         &self,
-        _request: Request<PbSnapshotRequest>,
+        request: Request<PbSnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
+        admin_only(&request)?;
         let started = std::time::Instant::now();
         let parts = self.backend.snapshot().await?;
         let metrics = self.backend.metrics().clone();
@@ -197,15 +203,17 @@ impl PbMaintenanceService for MaintenanceService {
 
     async fn move_leader(
         &self,
-        _request: Request<PbMoveLeaderRequest>,
+        request: Request<PbMoveLeaderRequest>,
     ) -> Result<Response<PbMoveLeaderResponse>, Status> {
+        admin_only(&request)?;
         Err(errors::unimplemented("Maintenance.MoveLeader"))
     }
 
     async fn downgrade(
         &self,
-        _request: Request<PbDowngradeRequest>,
+        request: Request<PbDowngradeRequest>,
     ) -> Result<Response<PbDowngradeResponse>, Status> {
+        admin_only(&request)?;
         Err(errors::unimplemented("Maintenance.Downgrade"))
     }
 }

@@ -5,6 +5,8 @@
 //! - [`server`]: listening (loopback or Unix socket only, unless told otherwise) and shutdown;
 //! - `http`: HTTP on the same port: `/health`, `/version`, `/metrics` (`metrics`) and the
 //!   JSON gateway under `/v3/` (`json`), over the same services as gRPC;
+//! - `auth`: when a run's store checks credentials: users, tokens, key-prefix permissions and
+//!   lease ownership (the front checks the token; each service checks what it is asked);
 //! - `kv`, `watch`, `lease`, `maintenance`: the gRPC services, thin over the backend;
 //! - `backend`: durability and visibility: nothing is shown or acknowledged before it is
 //!   durable;
@@ -15,6 +17,7 @@
 //!
 //! docs/store.md has the policies (limits, compaction, durability) and why they are so.
 
+pub mod auth;
 mod backend;
 pub mod client;
 mod errors;
@@ -36,3 +39,5 @@ pub use backend::{DEFAULT_QUOTA_BYTES, Options};
 pub use kv::MAX_REQUEST_BYTES;
 pub use restore::{Restored, restore};
 pub use server::{ListenAddr, Store, StoreCommand, StoreConfig, run};
+/// Log decoding as recovery does it (for fuzzing and tools), and its mid-log corruption error.
+pub use wal::{Corruption, WalRecord, decode_segment};

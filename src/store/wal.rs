@@ -13,9 +13,13 @@
 //! once, and only then publishes the new durable index, which is what writers wait for before
 //! they answer. Concurrent writes therefore share one fsync.
 //!
-//! A crash can tear only the batch being written, whose writers have not been answered: on
-//! recovery the first frame that is short or fails its checksum ends the log, and the file is
-//! truncated there.
+//! A crash can tear only the batch being written, whose writers have not been answered, so only
+//! a torn tail is truncated on recovery (as etcd's WAL does): in the last segment, a frame that
+//! is incomplete (its header or payload runs past the end of the file), or one that fails its
+//! checksum and either ends exactly at the end of the file or holds a zero-filled sector (a
+//! write that never reached the disk, etcd's torn-write test). Any other bad frame is corruption
+//! in the middle of the log: truncating there would silently drop acknowledged writes, so the
+//! store refuses to start and names the file and byte offset (see [`Corruption`]).
 
 use anyhow::{Context, bail};
 use etcd_client::proto::PbKeyValue as KeyValue;
@@ -318,31 +322,18 @@ pub fn open(dir: &Path) -> anyhow::Result<(Recovered, Opened)> {
     let last = segments.len().saturating_sub(1);
     for (i, (_, path)) in segments.iter().enumerate() {
         let bytes = read_file(path)?;
-        let (frames, good) = parse_frames(&bytes);
-        if good < bytes.len() {
-            if i != last {
-                bail!(
-                    "{}: corrupt record at byte {good} in a log segment that is not the last; \
-                     refusing to start rather than lose acknowledged writes",
-                    path.display()
-                );
-            }
-            dropped_bytes = (bytes.len() - good) as u64;
+        let (decoded, keep) = decode_segment(path, &bytes, i == last)?;
+        if keep < bytes.len() {
+            dropped_bytes = (bytes.len() - keep) as u64;
             let f = OpenOptions::new()
                 .write(true)
                 .open(path)
                 .with_context(|| format!("opening {} to drop its torn tail", path.display()))?;
-            f.set_len(good as u64)
+            f.set_len(keep as u64)
                 .and_then(|()| f.sync_all())
                 .with_context(|| format!("truncating the torn tail of {}", path.display()))?;
         }
-        for frame in frames {
-            let record = WalRecord::decode(frame)
-                .with_context(|| format!("{}: undecodable record", path.display()))?;
-            if record.index > after {
-                records.push(record);
-            }
-        }
+        records.extend(decoded.into_iter().filter(|r| r.index > after));
     }
 
     let (segment_path, segment_bytes) = match segments.last() {
@@ -604,6 +595,165 @@ fn frame(buf: &mut Vec<u8>, payload: &[u8]) -> anyhow::Result<()> {
     buf.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
     buf.extend_from_slice(payload);
     Ok(())
+}
+
+/// Decodes the bytes of the log segment `path` as recovery does: its records, and how many of
+/// its bytes to keep. Only the last segment (`last`) may lose a torn tail (then fewer bytes are
+/// kept than given); any other damage is a [`Corruption`], and an intact frame that is not a
+/// record is an error too. Pure: the caller truncates the file.
+pub fn decode_segment(
+    path: &Path,
+    bytes: &[u8],
+    last: bool,
+) -> anyhow::Result<(Vec<WalRecord>, usize)> {
+    let (frames, good) = parse_frames(bytes);
+    if good < bytes.len() {
+        if !last {
+            bail!(Corruption {
+                file: path.to_path_buf(),
+                offset: good as u64,
+                what: format!(
+                    "{} (in a log segment that is not the last)",
+                    frame_fault(bytes, good)
+                ),
+            });
+        }
+        if !is_torn_tail(bytes, good) {
+            bail!(Corruption {
+                file: path.to_path_buf(),
+                offset: good as u64,
+                what: format!(
+                    "{}, and {} bytes of log follow it",
+                    frame_fault(bytes, good),
+                    bytes.len() - frame_end(bytes, good)
+                ),
+            });
+        }
+    }
+    let mut records = Vec::with_capacity(frames.len());
+    let mut offset = 0;
+    for frame in frames {
+        let record = WalRecord::decode(frame).with_context(|| {
+            format!(
+                "{}: undecodable record at byte offset {offset}",
+                path.display()
+            )
+        })?;
+        offset += 8 + frame.len();
+        records.push(record);
+    }
+    Ok((records, good))
+}
+
+/// A damaged record in the middle of the log: the store refuses to start rather than drop the
+/// acknowledged writes after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Corruption {
+    pub file: PathBuf,
+    /// Where the damaged record's frame starts.
+    pub offset: u64,
+    pub what: String,
+}
+
+impl std::fmt::Display for Corruption {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "write-ahead log {} is corrupt at byte offset {}: {}; refusing to start, since \
+             truncating the log there would silently drop acknowledged writes (restore the data \
+             dir from a backup, or move it away to start empty)",
+            self.file.display(),
+            self.offset,
+            self.what
+        )
+    }
+}
+
+impl std::error::Error for Corruption {}
+
+/// The size of the sectors a torn write leaves zero-filled (etcd's `minSectorSize`).
+const SECTOR: usize = 512;
+
+/// Where the frame at `pos` ends: past its payload, or at the end of the file when it claims
+/// more than the file holds.
+fn frame_end(bytes: &[u8], pos: usize) -> usize {
+    match bytes.get(pos..pos + 8) {
+        Some(header) => {
+            let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+            pos.saturating_add(8).saturating_add(len).min(bytes.len())
+        }
+        None => bytes.len(),
+    }
+}
+
+/// What is wrong with the frame at `pos` (the first one that is not intact).
+fn frame_fault(bytes: &[u8], pos: usize) -> String {
+    match bytes.get(pos..pos + 8) {
+        None => format!("an incomplete record header ({} bytes)", bytes.len() - pos),
+        Some(header) => {
+            let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+            if pos + 8 + len > bytes.len() {
+                format!(
+                    "a record of {len} bytes of which only {} are in the file",
+                    bytes.len() - pos - 8
+                )
+            } else {
+                format!("a record of {len} bytes fails its checksum (CRC-32 mismatch)")
+            }
+        }
+    }
+}
+
+/// Whether the damaged frame at `pos` (in the last segment) is a torn tail: the unfinished write
+/// of a batch that was never acknowledged. It is when the frame is incomplete (a header or a
+/// payload cut short by the end of the file) and no intact record follows its header (one
+/// would mean a damaged length in the middle of the log, not a short write), when it fails its
+/// checksum and ends exactly at the end of the file, or, as etcd judges a torn write, when a
+/// sector's worth of its payload (split at the file's 512-byte sector boundaries) is all zeros.
+fn is_torn_tail(bytes: &[u8], pos: usize) -> bool {
+    let Some(header) = bytes.get(pos..pos + 8) else {
+        return true;
+    };
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    let start = pos + 8;
+    let Some(end) = start.checked_add(len).filter(|end| *end <= bytes.len()) else {
+        return !intact_frame_within(&bytes[start..]);
+    };
+    if end == bytes.len() {
+        return true;
+    }
+    let mut at = start;
+    while at < end {
+        let chunk_end = ((at / SECTOR + 1) * SECTOR).min(end);
+        if bytes[at..chunk_end].iter().all(|b| *b == 0) {
+            return true;
+        }
+        at = chunk_end;
+    }
+    false
+}
+
+/// Whether `bytes` holds, at any offset, a whole non-empty frame whose checksum matches: after an
+/// incomplete frame, the sign that its length field is damaged and the log goes on. Hashes at
+/// most 64 MiB in all, then answers no.
+fn intact_frame_within(bytes: &[u8]) -> bool {
+    let mut budget: usize = 64 << 20;
+    for at in 0..bytes.len().saturating_sub(8) {
+        let h = &bytes[at..at + 8];
+        let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+        let crc = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+        if len == 0 || len > bytes.len() - at - 8 {
+            continue;
+        }
+        if len > budget {
+            return false;
+        }
+        budget -= len;
+        if crc32fast::hash(&bytes[at + 8..at + 8 + len]) == crc {
+            return true;
+        }
+    }
+    false
 }
 
 /// Splits a log into its intact frames; returns them and the length of the intact prefix.
@@ -996,6 +1146,138 @@ mod tests {
         assert_eq!(rec.dropped_bytes, 6);
         let indexes: Vec<u64> = rec.records.iter().map(|r| r.index).collect();
         assert_eq!(indexes, [1, 2, 3]);
+    }
+
+    /// A log segment of `n` framed records (indexes 1..=n) in a fresh dir, and the offsets
+    /// where each frame starts (plus the end).
+    fn segment_of(n: u64, value_len: usize) -> (tempfile::TempDir, PathBuf, Vec<usize>) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut buf = Vec::new();
+        let mut starts = Vec::new();
+        for i in 1..=n {
+            starts.push(buf.len());
+            let mut r = record(i, "k");
+            r.changes[0].value = vec![b'v'; value_len];
+            frame(&mut buf, &r.encode_to_vec()).unwrap();
+        }
+        starts.push(buf.len());
+        let seg = segment_name(dir.path(), 1);
+        std::fs::write(&seg, &buf).unwrap();
+        (dir, seg, starts)
+    }
+
+    fn corruption(dir: &Path) -> Corruption {
+        let err = match open(dir) {
+            Ok(_) => panic!("opened a log corrupt in the middle"),
+            Err(e) => e,
+        };
+        err.downcast_ref::<Corruption>()
+            .unwrap_or_else(|| panic!("not a Corruption: {err:#}"))
+            .clone()
+    }
+
+    fn indexes(rec: &Recovered) -> Vec<u64> {
+        rec.records.iter().map(|r| r.index).collect()
+    }
+
+    #[test]
+    fn a_corrupt_record_in_the_middle_refuses_to_start_naming_file_and_offset() {
+        let (dir, seg, starts) = segment_of(3, 10);
+        let before = std::fs::read(&seg).unwrap();
+        let mut bytes = before.clone();
+        bytes[starts[1] + 12] ^= 0x01; // a payload byte of record 2
+        std::fs::write(&seg, &bytes).unwrap();
+        let c = corruption(dir.path());
+        assert_eq!(c.file, seg);
+        assert_eq!(c.offset, starts[1] as u64);
+        let msg = c.to_string();
+        assert!(
+            msg.contains(&format!(
+                "{} is corrupt at byte offset {}",
+                seg.display(),
+                starts[1]
+            )),
+            "{msg}"
+        );
+        assert!(msg.contains("checksum"), "{msg}");
+        assert!(
+            msg.contains(&format!("{} bytes of log follow it", starts[3] - starts[2])),
+            "{msg}"
+        );
+        // Nothing was truncated: the evidence stays for whoever repairs it.
+        assert_eq!(std::fs::read(&seg).unwrap(), bytes);
+
+        // A damaged length that makes record 2 look longer than the file is caught too.
+        let mut bytes = before.clone();
+        bytes[starts[1] + 2] = 0x7f;
+        std::fs::write(&seg, &bytes).unwrap();
+        let c = corruption(dir.path());
+        assert_eq!(c.offset, starts[1] as u64);
+        assert!(c.to_string().contains("only"), "{c}");
+
+        // A bad record 1 with two after it, too.
+        let mut bytes = before;
+        bytes[starts[0] + 4] ^= 0xff; // its stored CRC
+        std::fs::write(&seg, &bytes).unwrap();
+        assert_eq!(corruption(dir.path()).offset, 0);
+    }
+
+    #[test]
+    fn a_corrupt_segment_that_is_not_the_last_refuses_to_start() {
+        let (dir, seg, starts) = segment_of(2, 10);
+        let mut bytes = std::fs::read(&seg).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x01; // a bad last record, but a later segment exists
+        std::fs::write(&seg, &bytes).unwrap();
+        let mut next = Vec::new();
+        frame(&mut next, &record(3, "k").encode_to_vec()).unwrap();
+        std::fs::write(segment_name(dir.path(), 3), &next).unwrap();
+        let c = corruption(dir.path());
+        assert_eq!((c.file, c.offset), (seg, starts[1] as u64));
+        assert!(c.what.contains("not the last"), "{}", c.what);
+    }
+
+    fn reopen_torn(bytes: &[u8], dir: &Path, seg: &Path) -> Recovered {
+        std::fs::write(seg, bytes).unwrap();
+        let (rec, _opened) = open(dir).unwrap_or_else(|e| panic!("{e:#}"));
+        rec
+    }
+
+    #[test]
+    fn only_a_torn_tail_is_truncated() {
+        let (dir, seg, starts) = segment_of(3, 10);
+        let whole = std::fs::read(&seg).unwrap();
+        // The last record cut short, anywhere in its header or payload.
+        for cut in starts[2] + 1..starts[3] {
+            let rec = reopen_torn(&whole[..cut], dir.path(), &seg);
+            assert_eq!(indexes(&rec), [1, 2], "cut at {cut}");
+            assert_eq!(rec.dropped_bytes, (cut - starts[2]) as u64);
+            assert_eq!(std::fs::metadata(&seg).unwrap().len(), starts[2] as u64);
+        }
+        // A bad last record that ends exactly at the end of the file.
+        let mut bytes = whole.clone();
+        bytes[starts[3] - 1] ^= 0x01;
+        let rec = reopen_torn(&bytes, dir.path(), &seg);
+        assert_eq!(indexes(&rec), [1, 2]);
+        assert_eq!(rec.dropped_bytes, (starts[3] - starts[2]) as u64);
+        // Intact: nothing dropped.
+        let rec = reopen_torn(&whole, dir.path(), &seg);
+        assert_eq!((indexes(&rec), rec.dropped_bytes), (vec![1, 2, 3], 0));
+    }
+
+    #[test]
+    fn a_torn_batch_with_a_zeroed_sector_is_a_torn_tail() {
+        // Records of ~2 KiB: record 2 spans whole sectors. A crash left one of its sectors
+        // unwritten (zeros) while the file already had record 3 after it, all in one
+        // unacknowledged batch.
+        let (dir, seg, starts) = segment_of(3, 2000);
+        let mut bytes = std::fs::read(&seg).unwrap();
+        let sector = (starts[1] / SECTOR + 2) * SECTOR;
+        assert!(sector + SECTOR <= starts[2]);
+        bytes[sector..sector + SECTOR].fill(0);
+        let rec = reopen_torn(&bytes, dir.path(), &seg);
+        assert_eq!(indexes(&rec), [1]);
+        assert_eq!(rec.dropped_bytes, (starts[3] - starts[1]) as u64);
     }
 
     #[test]

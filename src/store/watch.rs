@@ -47,7 +47,8 @@ impl PbWatchService for WatchService {
         &self,
         request: Request<Streaming<PbWatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let rx = open(self.backend.clone(), request.into_inner());
+        let caller = super::auth::caller_of(&request);
+        let rx = open(self.backend.clone(), request.into_inner(), caller);
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -55,7 +56,13 @@ impl PbWatchService for WatchService {
 /// Starts one watch stream: `inbound` carries its requests (from gRPC, or from the JSON
 /// gateway), the receiver its responses. The stream lives until the receiver is dropped or the
 /// store closes; the end of `inbound` only means no more requests, as in etcd.
-pub fn open<S>(backend: Arc<Backend>, inbound: S) -> mpsc::Receiver<Result<PbWatchResponse, Status>>
+/// With a `caller` (the store checks credentials), a watch outside what it may read is
+/// created and at once canceled with etcd's "permission denied".
+pub fn open<S>(
+    backend: Arc<Backend>,
+    inbound: S,
+    caller: Option<Arc<super::auth::Caller>>,
+) -> mpsc::Receiver<Result<PbWatchResponse, Status>>
 where
     S: Stream<Item = Result<PbWatchRequest, Status>> + Unpin + Send + 'static,
 {
@@ -66,6 +73,7 @@ where
         tx,
         watchers: BTreeMap::new(),
         next_id: 0,
+        caller,
     };
     tokio::spawn(session.run(inbound));
     rx
@@ -94,6 +102,7 @@ struct Session {
     tx: mpsc::Sender<Result<PbWatchResponse, Status>>,
     watchers: BTreeMap<i64, Watcher>,
     next_id: i64,
+    caller: Option<Arc<super::auth::Caller>>,
 }
 
 impl Drop for Session {
@@ -176,6 +185,15 @@ impl Session {
                     }
                     self.next_id
                 };
+                if let Some(caller) = &self.caller
+                    && !caller.may_read(&create.key, &create.range_end)
+                {
+                    let mut resp = self.response(-1, visible);
+                    resp.created = true;
+                    resp.canceled = true;
+                    resp.cancel_reason = "etcdserver: permission denied".into();
+                    return self.send(resp).await;
+                }
                 if self.watchers.contains_key(&id) || id < 0 {
                     let mut resp = self.response(-1, visible);
                     resp.created = true;

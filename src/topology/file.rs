@@ -335,6 +335,7 @@ impl Builder<'_> {
                 password: password.clone(),
                 cconns,
                 children: children.clone(),
+                credential: None,
             })
             .collect())
     }

@@ -15,11 +15,18 @@ use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 /// corrupt length cannot make a node allocate gigabytes.
 pub const MAX_FRAME: usize = 16 * 1024 * 1024;
 
-fn codec() -> LengthDelimitedCodec {
+/// The largest frame a parent accepts from a child: events are small (a log line is cut at
+/// [`MAX_LINE`]), so a child cannot make its parent buffer more than this per frame.
+pub const MAX_UP_FRAME: usize = 64 * 1024;
+
+/// The longest log or stderr line a node sends up; longer lines are cut.
+pub const MAX_LINE: usize = 16 * 1024;
+
+fn codec(max: usize) -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder()
         .length_field_length(4)
         .big_endian()
-        .max_frame_length(MAX_FRAME)
+        .max_frame_length(max)
         .new_codec()
 }
 
@@ -46,7 +53,7 @@ pub struct FrameWriter<W> {
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub fn new(inner: W) -> Self {
         FrameWriter {
-            inner: FramedWrite::new(inner, codec()),
+            inner: FramedWrite::new(inner, codec(MAX_FRAME)),
         }
     }
 
@@ -77,8 +84,14 @@ pub struct FrameReader<R> {
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(inner: R) -> Self {
+        Self::with_limit(inner, MAX_FRAME)
+    }
+
+    /// A reader that refuses frames longer than `max` bytes (a parent reading its child's
+    /// events uses [`MAX_UP_FRAME`]).
+    pub fn with_limit(inner: R, max: usize) -> Self {
         FrameReader {
-            inner: FramedRead::new(inner, codec()),
+            inner: FramedRead::new(inner, codec(max)),
         }
     }
 

@@ -132,6 +132,10 @@ pub struct ChildSpec {
     pub cconns: Option<usize>,
     #[serde(default)]
     pub children: Vec<ChildSpec>,
+    /// The host's store credential (the initiator makes one per host); goes down the control
+    /// channel only, to the relays above the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
 }
 
 /// A build of arbor a node can have its parent fetch for it: the hosts of `platform` run it.
@@ -148,6 +152,8 @@ pub struct BuildRef {
 /// children exactly as it was staged.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeConfig {
+    /// The run's id: every store key of the run is under `/arbor/runs/<run>/`.
+    pub run: String,
     /// Seconds for a child's TCP connect and SSH handshake.
     pub connect_timeout: u64,
     /// Seconds for a started child's arbor to say hello.
@@ -174,6 +180,7 @@ pub struct NodeConfig {
 impl Default for NodeConfig {
     fn default() -> Self {
         NodeConfig {
+            run: String::new(),
             connect_timeout: 10,
             hello_timeout: 20,
             verbosity: 0,
@@ -205,6 +212,10 @@ pub struct Start {
     pub known_hosts: String,
     /// The run's settings, for this node and its subtree.
     pub config: NodeConfig,
+    /// This node's store credential (its password, its name being `hostname`), when the
+    /// store checks credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
 }
 
 /// Control frames, parent to child.
@@ -273,6 +284,19 @@ pub enum EventKind {
         name: String,
         key: String,
     },
+}
+
+/// `line` cut to at most [`MAX_LINE`](super::MAX_LINE) bytes (at a character boundary),
+/// marked when cut.
+pub fn cut_line(line: &str) -> String {
+    if line.len() <= super::MAX_LINE {
+        return line.to_string();
+    }
+    let mut end = super::MAX_LINE;
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… (cut at {} bytes)", &line[..end], super::MAX_LINE)
 }
 
 /// An event tagged with the host it is about.

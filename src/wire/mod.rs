@@ -10,7 +10,7 @@
 mod codec;
 mod frames;
 
-pub use codec::{FrameReader, FrameWriter, MAX_FRAME};
+pub use codec::{FrameReader, FrameWriter, MAX_FRAME, MAX_LINE, MAX_UP_FRAME};
 pub use frames::*;
 
 /// Bumped on any incompatible change to the frames below.
@@ -23,7 +23,7 @@ pub enum WireError {
     Closed,
     #[error("{0}")]
     Io(#[from] std::io::Error),
-    #[error("frame exceeds the {MAX_FRAME}-byte limit")]
+    #[error("frame exceeds the size limit")]
     TooLarge,
     #[error("malformed frame: {0}")]
     Malformed(#[from] serde_json::Error),

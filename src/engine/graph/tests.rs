@@ -49,7 +49,8 @@ fn the_articles_graphs_parse_unchanged() {
         a.collect,
         vec![Collect {
             kind: Kind::File,
-            pattern: Some(PathBuf::from("/tmp/"))
+            pattern: Some(PathBuf::from("/tmp/")),
+            ..Collect::default()
         }]
     );
     assert!(a.edges.is_empty());
@@ -249,9 +250,31 @@ fn reading_a_missing_file_names_it() {
 #[test]
 fn collecting_a_kind_twice_is_an_error() {
     err_at(
-        "graph: g\ncollect:\n- kind: file\n- kind: file\n  pattern: /tmp/\n",
-        4,
+        "graph: g\ncollect:\n- kind: file\n  pattern: /a/\n- kind: file\n  pattern: /tmp/\n",
+        5,
         9,
         "twice",
     );
+}
+
+#[test]
+fn collecting_files_without_a_pattern_is_an_error() {
+    err_at(
+        "graph: g\ncollect:\n- kind: file\n",
+        3,
+        9,
+        "needs a `pattern`",
+    );
+}
+
+#[test]
+fn collecting_exec_needs_an_explicit_opt_in() {
+    err_at(
+        "graph: g\ncollect:\n- kind: exec\n",
+        3,
+        9,
+        "allow_commands: true",
+    );
+    let g = ok("graph: g\ncollect:\n- kind: exec\n  allow_commands: true\n");
+    assert!(g.collect[0].allow_commands);
 }

@@ -21,9 +21,12 @@ pub use file::{FileSpec, FileState};
 pub use noop::NoopSpec;
 
 /// The kinds of resource a graph may declare, as spelled in YAML.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
+    #[default]
     File,
     Exec,
     Noop,
