@@ -463,18 +463,16 @@ impl Backend {
         }
     }
 
-    /// A consistent snapshot of the whole state, encoded (the payload of a snapshot file; see
-    /// `wal::snapshot_header`). Holds the state lock only to share its versions, and answers
-    /// once everything in it is durable, as any read does.
-    pub async fn snapshot(&self) -> Result<Vec<u8>, Status> {
+    /// A consistent snapshot of the whole state, its versions shared, not copied (encode it
+    /// with `SnapshotParts::encode_chunks`). Holds the state lock only to take them, and
+    /// answers once everything in it is durable, as any read does.
+    pub async fn snapshot(&self) -> Result<wal::SnapshotParts, Status> {
         let (parts, index) = {
             let st = self.lock();
             (st.snapshot_parts(), st.index)
         };
         self.wait_durable(index).await?;
-        tokio::task::spawn_blocking(move || parts.encode())
-            .await
-            .map_err(|e| Status::internal(format!("arbor store: encoding a snapshot: {e}")))
+        Ok(parts)
     }
 
     /// The changes a watcher on `range` has not seen yet: from `from` up to the newest visible

@@ -6,6 +6,7 @@ use super::auth::admin_only;
 use super::backend::Backend;
 use super::errors;
 use super::state::ALARM_NOSPACE;
+use super::wal;
 use etcd_client::proto::{
     PbAlarmMember, PbAlarmRequest, PbAlarmResponse, PbClusterService, PbDefragmentRequest,
     PbDefragmentResponse, PbDowngradeRequest, PbDowngradeResponse, PbHashKvRequest,
@@ -25,8 +26,9 @@ pub const API_VERSION: &str = "3.4.0";
 /// The member name in `etcdctl member list`.
 pub const MEMBER_NAME: &str = "arbor";
 
-/// Snapshot stream chunk size.
-const SNAPSHOT_CHUNK: usize = 1 << 20;
+/// A snapshot is sent in messages of about this size, small enough that sending overlaps
+/// encoding (1 MiB messages made a 100k-key snapshot a third slower).
+const SNAPSHOT_CHUNK: usize = 128 << 10;
 
 // AlarmRequest.AlarmAction values.
 const ALARM_GET: i32 = 0;
@@ -135,53 +137,64 @@ impl PbMaintenanceService for MaintenanceService {
     type SnapshotStream =
         Pin<Box<dyn Stream<Item = Result<PbSnapshotResponse, Status>> + Send + 'static>>;
 
-    /// The whole state as a snapshot file (arbor's format, docs/store.md), in chunks:
-    /// `etcdctl snapshot save` writes them to its file as they come.
+    /// The whole state as a backup (arbor's format, docs/store.md; `wal::backup_header`), in
+    /// chunks sent as they are encoded: `etcdctl snapshot save` writes them to its file as they
+    /// come.
     async fn snapshot(
         &self,
         request: Request<PbSnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
         admin_only(&request)?;
         let started = std::time::Instant::now();
-        let header = self.backend.header(self.backend.visible());
-        let payload = self.backend.snapshot().await?;
-        let file_header = super::wal::snapshot_header(&payload)
-            .map_err(|e| Status::internal(format!("{e:#}")))?;
-        let (file_header, payload, trailer) = tokio::task::spawn_blocking(move || {
-            let trailer = super::wal::snapshot_trailer(&file_header, &payload);
-            (file_header, payload, trailer)
-        })
-        .await
-        .map_err(|e| Status::internal(format!("arbor store: a snapshot's checksum: {e}")))?;
-        let total = (file_header.len() + payload.len() + trailer.len()) as u64;
+        let parts = self.backend.snapshot().await?;
         let metrics = self.backend.metrics().clone();
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tokio::spawn(async move {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::task::spawn_blocking(move || {
+            use sha2::Digest;
+            let lens = parts.revision_lens();
+            let len = parts.encoded_len(&lens) as u64;
+            let padding = wal::backup_padding(len);
+            let total = 16 + len + (padding + wal::SHA256_BYTES) as u64;
+            let mut sha = sha2::Sha256::new();
             let mut sent = 0u64;
-            let mut first = Some(header);
-            let mut chunks = std::iter::once(file_header.as_slice())
-                .chain(payload.chunks(SNAPSHOT_CHUNK))
-                .chain(std::iter::once(trailer.as_slice()));
-            while let Some(chunk) = chunks.next() {
-                // The header goes with the first chunk of the state.
-                let mut blob = chunk.to_vec();
-                if sent == 0
-                    && let Some(next) = chunks.next()
-                {
-                    blob.extend_from_slice(next);
-                }
+            let mut send = |blob: Vec<u8>, sha: &mut sha2::Sha256| {
+                sha.update(&blob);
                 sent += blob.len() as u64;
+                // etcd 3.4 sends no header with a snapshot.
                 let resp = PbSnapshotResponse {
-                    header: first.take(),
-                    remaining_bytes: total - sent,
+                    header: None,
+                    remaining_bytes: total.saturating_sub(sent),
                     blob,
                     version: String::new(),
                 };
-                if tx.send(Ok(resp)).await.is_err() {
-                    return;
-                }
+                tx.blocking_send(Ok(resp)).is_ok()
+            };
+            let whole = parts.encode_chunks(&lens, wal::backup_header(len), SNAPSHOT_CHUNK, |c| {
+                send(c, &mut sha)
+            });
+            if !whole {
+                return; // the client went away
             }
-            metrics.snapshot_send.observe(started.elapsed());
+            let mut trailer = vec![0u8; padding];
+            sha.update(&trailer);
+            trailer.extend_from_slice(&sha.finalize());
+            sent += trailer.len() as u64;
+            if sent != total {
+                // The encoded length is computed apart from the encoding: were they ever to
+                // disagree, the file would be refused by restore; say so here too.
+                tracing::error!("store: a snapshot came out at {sent} bytes, not {total}");
+            }
+            let last = PbSnapshotResponse {
+                header: None,
+                remaining_bytes: 0,
+                blob: trailer,
+                version: String::new(),
+            };
+            if tx.blocking_send(Ok(last)).is_ok() {
+                let took = started.elapsed();
+                metrics.snapshot_send.observe(took);
+                tracing::debug!("store: a snapshot of {total} bytes sent in {took:?}");
+            }
         });
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),

@@ -532,6 +532,32 @@ mod tests {
     }
 
     #[test]
+    fn the_size_counts_every_version_kept_and_compaction_gives_it_back() {
+        let mut m = Mvcc::new();
+        let one = (1 + 10) as u64 + VERSION_OVERHEAD;
+        m.put(b"a", vec![b'x'; 10], 0, 2);
+        m.put(b"a", vec![b'y'; 10], 0, 3);
+        m.put(b"b", vec![b'z'; 10], 0, 4);
+        assert_eq!((m.bytes(), m.live_keys()), (3 * one, 2));
+        m.delete_range(&KeyRange::single(b"b"), 5);
+        let tombstone = 1 + VERSION_OVERHEAD;
+        assert_eq!((m.bytes(), m.live_keys()), (3 * one + tombstone, 1));
+        // At 5: a's first version and b's live one go; a's second stays, and so does b's
+        // tombstone, made at 5 itself (a watch from 5 sees the delete).
+        m.compact(5);
+        assert_eq!((m.bytes(), m.live_keys()), (one + tombstone, 1));
+        m.put(b"c", vec![], 0, 6);
+        m.compact(6);
+        assert_eq!(
+            m.bytes(),
+            one + (1 + VERSION_OVERHEAD),
+            "b's tombstone is gone"
+        );
+        m.put(b"b", vec![], 0, 7);
+        assert_eq!(m.live_keys(), 3, "a, c and a new generation of b");
+    }
+
+    #[test]
     fn overlap_of_single_keys_and_intervals() {
         let a = KeyRange::single(b"a");
         assert!(a.overlaps(&KeyRange::single(b"a")));

@@ -124,21 +124,80 @@ pub struct SnapshotParts {
 }
 
 impl SnapshotParts {
+    /// The length of each revision's encoded changes (a [`RevisionRecord`]'s body).
+    pub fn revision_lens(&self) -> Vec<usize> {
+        use prost::encoding::message;
+        self.revisions
+            .iter()
+            .map(|changes| {
+                changes
+                    .iter()
+                    .map(|kv| message::encoded_len(1, kv.as_ref()))
+                    .sum()
+            })
+            .collect()
+    }
+
+    /// The length of [`Self::encode`]'s output, without encoding (`lens` from
+    /// [`Self::revision_lens`]).
+    pub fn encoded_len(&self, lens: &[usize]) -> usize {
+        use prost::encoding::{self, message};
+        let scalars = [
+            (self.cluster_id != 0).then(|| encoding::uint64::encoded_len(1, &self.cluster_id)),
+            (self.member_id != 0).then(|| encoding::uint64::encoded_len(2, &self.member_id)),
+            (self.index != 0).then(|| encoding::uint64::encoded_len(3, &self.index)),
+            (self.current != 0).then(|| encoding::int64::encoded_len(4, &self.current)),
+            (self.compacted != 0).then(|| encoding::int64::encoded_len(5, &self.compacted)),
+            (!self.alarms.is_empty()).then(|| encoding::int32::encoded_len_packed(9, &self.alarms)),
+        ];
+        scalars.into_iter().flatten().sum::<usize>()
+            + self
+                .base
+                .iter()
+                .map(|kv| message::encoded_len(6, kv.as_ref()))
+                .sum::<usize>()
+            + lens
+                .iter()
+                .map(|len| encoding::key_len(7) + encoding::encoded_len_varint(*len as u64) + len)
+                .sum::<usize>()
+            + self
+                .leases
+                .iter()
+                .map(|l| message::encoded_len(8, l))
+                .sum::<usize>()
+    }
+
     /// The protobuf encoding of the [`SnapshotRecord`] these parts describe.
     pub fn encode(&self) -> Vec<u8> {
-        use prost::encoding::{self, WireType};
-        let kvs: usize = self
-            .base
-            .iter()
-            .map(|kv| kv.encoded_len() + 4)
-            .sum::<usize>()
-            + self
-                .revisions
-                .iter()
-                .flatten()
-                .map(|kv| kv.encoded_len() + 4)
-                .sum::<usize>();
-        let mut buf = Vec::with_capacity(kvs + self.revisions.len() * 4 + 64);
+        let lens = self.revision_lens();
+        let mut whole = Vec::with_capacity(self.encoded_len(&lens));
+        self.encode_chunks(&lens, std::mem::take(&mut whole), usize::MAX, |chunk| {
+            whole = chunk;
+            true
+        });
+        whole
+    }
+
+    /// [`Self::encode`], handed out in pieces of about `chunk` bytes as they are made (the
+    /// first starting with `prefix`), so a snapshot can be sent while it is encoded. Stops when
+    /// `emit` returns false; returns whether every piece was taken.
+    pub fn encode_chunks(
+        &self,
+        lens: &[usize],
+        prefix: Vec<u8>,
+        chunk: usize,
+        mut emit: impl FnMut(Vec<u8>) -> bool,
+    ) -> bool {
+        use prost::encoding::{self, WireType, message};
+        let mut buf = prefix;
+        let fresh = || Vec::with_capacity(chunk.saturating_add(4096).min(8 << 20));
+        macro_rules! full {
+            () => {
+                if buf.len() >= chunk && !emit(std::mem::replace(&mut buf, fresh())) {
+                    return false;
+                }
+            };
+        }
         if self.cluster_id != 0 {
             encoding::uint64::encode(1, &self.cluster_id, &mut buf);
         }
@@ -155,32 +214,32 @@ impl SnapshotParts {
             encoding::int64::encode(5, &self.compacted, &mut buf);
         }
         for kv in &self.base {
-            encoding::message::encode(6, kv.as_ref(), &mut buf);
+            message::encode(6, kv.as_ref(), &mut buf);
+            full!();
         }
-        for changes in &self.revisions {
-            let len: usize = changes
-                .iter()
-                .map(|kv| encoding::message::encoded_len(1, kv.as_ref()))
-                .sum();
+        for (changes, len) in self.revisions.iter().zip(lens) {
             encoding::encode_key(7, WireType::LengthDelimited, &mut buf);
-            encoding::encode_varint(len as u64, &mut buf);
+            encoding::encode_varint(*len as u64, &mut buf);
             for kv in changes {
-                encoding::message::encode(1, kv.as_ref(), &mut buf);
+                message::encode(1, kv.as_ref(), &mut buf);
+                full!();
             }
         }
         for lease in &self.leases {
-            encoding::message::encode(8, lease, &mut buf);
+            message::encode(8, lease, &mut buf);
         }
         if !self.alarms.is_empty() {
             encoding::int32::encode_packed(9, &self.alarms, &mut buf);
         }
-        buf
+        emit(buf)
     }
 }
 
 const SNAPSHOT_FILE: &str = "snapshot.pb";
-/// The first bytes of a snapshot file, in a data dir and as `etcdctl snapshot save` writes it.
+/// The first bytes of a data dir's snapshot (`snapshot.pb`).
 pub const SNAPSHOT_MAGIC: &[u8; 8] = b"ARBSNAP1";
+/// The first bytes of a backup: the snapshot `etcdctl snapshot save` receives.
+pub const BACKUP_MAGIC: &[u8; 8] = b"ARBSNAP2";
 
 /// What the log thread reports after each fsync: everything up to `index` is durable, and the
 /// newest durable revision is `revision`. `Err` means the log failed and stopped.
@@ -734,9 +793,9 @@ fn read_snapshot(dir: &Path) -> anyhow::Result<Option<SnapshotRecord>> {
     Ok(Some(snap))
 }
 
-/// The 16 bytes a snapshot file starts with: [`SNAPSHOT_MAGIC`], then the payload's length and
-/// crc32, each u32 little-endian. The payload (a [`SnapshotRecord`]) follows. That is all of a
-/// data dir's `snapshot.pb`; a snapshot streamed to a client adds [`snapshot_trailer`].
+/// The 16 bytes a data dir's `snapshot.pb` starts with: [`SNAPSHOT_MAGIC`], then the
+/// payload's length and crc32, each u32 little-endian. The payload (a [`SnapshotRecord`])
+/// follows, and nothing else.
 pub fn snapshot_header(payload: &[u8]) -> anyhow::Result<Vec<u8>> {
     let len = u32::try_from(payload.len()).map_err(|_| {
         anyhow::anyhow!(
@@ -751,29 +810,27 @@ pub fn snapshot_header(payload: &[u8]) -> anyhow::Result<Vec<u8>> {
     Ok(header)
 }
 
-/// Bytes of the sha256 that ends a streamed snapshot.
-const SHA256_BYTES: usize = 32;
-/// A streamed snapshot's length is a multiple of this plus the sha256: etcdctl 3.4's
-/// `snapshot save` refuses a file that is not so (it expects etcd's page-sized database
-/// followed by its sha256).
-const SNAPSHOT_ALIGN: usize = 512;
+/// Bytes of the sha256 that ends a backup.
+pub const SHA256_BYTES: usize = 32;
+/// A backup's length is a multiple of this plus the sha256: etcdctl 3.4's `snapshot save`
+/// refuses a file that is not so (it expects etcd's page-sized database and its sha256).
+const BACKUP_ALIGN: usize = 512;
 
-fn padding_after(body_len: usize) -> usize {
-    (SNAPSHOT_ALIGN - body_len % SNAPSHOT_ALIGN) % SNAPSHOT_ALIGN
+/// A backup is [`BACKUP_MAGIC`], the payload's length (u64 little-endian), the payload (a
+/// [`SnapshotRecord`]), zeros up to a multiple of 512 bytes, and the sha256 of everything
+/// before it. The length is known before the payload is encoded, so a backup streams while it
+/// is made; the sha256 comes last for the same reason.
+pub fn backup_header(payload_len: u64) -> Vec<u8> {
+    let mut header = Vec::with_capacity(16);
+    header.extend_from_slice(BACKUP_MAGIC);
+    header.extend_from_slice(&payload_len.to_le_bytes());
+    header
 }
 
-/// What a streamed snapshot ends with, after its header and payload: zeros up to a multiple of
-/// 512 bytes, then the sha256 of everything before it.
-pub fn snapshot_trailer(header: &[u8], payload: &[u8]) -> Vec<u8> {
-    use sha2::Digest;
-    let padding = vec![0u8; padding_after(header.len() + payload.len())];
-    let mut sha = sha2::Sha256::new();
-    sha.update(header);
-    sha.update(payload);
-    sha.update(&padding);
-    let mut trailer = padding;
-    trailer.extend_from_slice(&sha.finalize());
-    trailer
+/// The zeros between a backup's payload and its sha256.
+pub fn backup_padding(payload_len: u64) -> usize {
+    let body = (16 + payload_len) % BACKUP_ALIGN as u64;
+    (BACKUP_ALIGN - body as usize) % BACKUP_ALIGN
 }
 
 /// Why bytes are not a usable snapshot. The messages are what an operator restoring a file
@@ -786,7 +843,7 @@ pub enum SnapshotError {
          the keys over with etcdctl)"
     )]
     Etcd,
-    #[error("not an arbor store snapshot: it does not start with \"ARBSNAP1\"")]
+    #[error("not an arbor store snapshot: it starts with neither \"ARBSNAP2\" nor \"ARBSNAP1\"")]
     NotASnapshot,
     #[error("truncated: {0} bytes, shorter than the 16-byte snapshot header")]
     NoHeader(usize),
@@ -811,70 +868,102 @@ pub enum SnapshotError {
     Inconsistent(String),
 }
 
-/// Checks and decodes a snapshot: a streamed one (header, payload, trailer) or a data dir's
-/// `snapshot.pb` (header and payload).
+/// Checks and decodes a snapshot: a backup ([`backup_header`]) or a data dir's `snapshot.pb`
+/// ([`snapshot_header`]).
 pub fn decode_snapshot(bytes: &[u8]) -> Result<SnapshotRecord, SnapshotError> {
     use sha2::Digest;
     const BBOLT_MAGIC: u32 = 0xED0C_DAED;
-    let hex = |b: &[u8]| data_encoding::HEXLOWER.encode(b);
     let u32_at = |at: usize| {
         bytes
             .get(at..at + 4)
             .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     };
-    if !bytes.starts_with(SNAPSHOT_MAGIC) {
-        if u32_at(16) == Some(BBOLT_MAGIC) {
-            return Err(SnapshotError::Etcd);
-        }
-        if bytes.len() < SNAPSHOT_MAGIC.len() && SNAPSHOT_MAGIC.starts_with(bytes) {
+    let payload = if bytes.starts_with(BACKUP_MAGIC) {
+        let Some(len) = bytes
+            .get(8..16)
+            .map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+        else {
             return Err(SnapshotError::NoHeader(bytes.len()));
-        }
-        return Err(SnapshotError::NotASnapshot);
-    }
-    let (Some(len), Some(crc)) = (u32_at(8), u32_at(12)) else {
-        return Err(SnapshotError::NoHeader(bytes.len()));
-    };
-    let end = 16 + len as usize;
-    let Some(payload) = bytes.get(16..end) else {
-        return Err(SnapshotError::Truncated {
-            announced: u64::from(len),
-            held: (bytes.len() - 16) as u64,
-        });
-    };
-    let rest = &bytes[end..];
-    if !rest.is_empty() {
-        let expected = padding_after(end) + SHA256_BYTES;
-        if rest.len() < expected {
-            return Err(SnapshotError::TruncatedTrailer {
-                expected: expected as u64,
-                held: rest.len() as u64,
+        };
+        let held = (bytes.len() - 16) as u64;
+        if held < len {
+            return Err(SnapshotError::Truncated {
+                announced: len,
+                held,
             });
         }
-        if rest.len() > expected {
-            return Err(SnapshotError::Trailing((rest.len() - expected) as u64));
+        let expected = (backup_padding(len) + SHA256_BYTES) as u64;
+        let after = held - len;
+        if after < expected {
+            return Err(SnapshotError::TruncatedTrailer {
+                expected,
+                held: after,
+            });
+        }
+        if after > expected {
+            return Err(SnapshotError::Trailing(after - expected));
         }
         let (content, recorded) = bytes.split_at(bytes.len() - SHA256_BYTES);
         let computed = sha2::Sha256::digest(content);
         if computed.as_slice() != recorded {
             return Err(SnapshotError::Checksum {
                 what: "sha256",
-                computed: hex(&computed),
-                recorded: hex(recorded),
+                computed: data_encoding::HEXLOWER.encode(&computed),
+                recorded: data_encoding::HEXLOWER.encode(recorded),
             });
         }
-    }
-    let computed = crc32fast::hash(payload);
-    if computed != crc {
-        return Err(SnapshotError::Checksum {
-            what: "crc32",
-            computed: format!("{computed:08x}"),
-            recorded: format!("{crc:08x}"),
-        });
-    }
+        &bytes[16..16 + len as usize]
+    } else if bytes.starts_with(SNAPSHOT_MAGIC) {
+        let (Some(len), Some(crc)) = (u32_at(8), u32_at(12)) else {
+            return Err(SnapshotError::NoHeader(bytes.len()));
+        };
+        let held = (bytes.len() - 16) as u64;
+        let len = u64::from(len);
+        if held < len {
+            return Err(SnapshotError::Truncated {
+                announced: len,
+                held,
+            });
+        }
+        if held > len {
+            return Err(SnapshotError::Trailing(held - len));
+        }
+        let payload = &bytes[16..];
+        let computed = crc32fast::hash(payload);
+        if computed != crc {
+            return Err(SnapshotError::Checksum {
+                what: "crc32",
+                computed: format!("{computed:08x}"),
+                recorded: format!("{crc:08x}"),
+            });
+        }
+        payload
+    } else if u32_at(16) == Some(BBOLT_MAGIC) {
+        return Err(SnapshotError::Etcd);
+    } else if bytes.len() < 8
+        && (BACKUP_MAGIC.starts_with(bytes) || SNAPSHOT_MAGIC.starts_with(bytes))
+    {
+        return Err(SnapshotError::NoHeader(bytes.len()));
+    } else {
+        return Err(SnapshotError::NotASnapshot);
+    };
     let snap =
         SnapshotRecord::decode(payload).map_err(|e| SnapshotError::Undecodable(e.to_string()))?;
     check_snapshot(&snap).map_err(SnapshotError::Inconsistent)?;
     Ok(snap)
+}
+
+/// A whole backup of `parts`, in one piece (for tests; the server streams it).
+#[cfg(test)]
+pub fn backup(parts: &SnapshotParts) -> Vec<u8> {
+    use sha2::Digest;
+    let payload = parts.encode();
+    let mut file = backup_header(payload.len() as u64);
+    file.extend_from_slice(&payload);
+    file.resize(file.len() + backup_padding(payload.len() as u64), 0);
+    let sha = sha2::Sha256::digest(&file);
+    file.extend_from_slice(&sha);
+    file
 }
 
 /// What a snapshot must hold for a store to start from it.
@@ -1324,26 +1413,45 @@ mod tests {
 
     #[test]
     fn a_damaged_snapshot_file_is_refused_with_what_is_wrong() {
-        let record = SnapshotRecord {
+        let kv = record(2, "k").changes[0].clone();
+        let parts = SnapshotParts {
+            cluster_id: 1,
+            member_id: 2,
+            index: 3,
             current: 4,
             compacted: 2,
-            revisions: vec![RevisionRecord {
-                changes: vec![record(2, "k").changes[0].clone()],
-            }],
+            base: vec![],
+            revisions: vec![vec![Arc::new(kv.clone())]],
+            leases: vec![],
+            alarms: vec![],
+        };
+        let record = SnapshotRecord {
+            cluster_id: 1,
+            member_id: 2,
+            index: 3,
+            current: 4,
+            compacted: 2,
+            revisions: vec![RevisionRecord { changes: vec![kv] }],
             ..Default::default()
         };
         let payload = record.encode_to_vec();
-        let header = snapshot_header(&payload).unwrap();
-        let mut bare = header.clone();
-        bare.extend_from_slice(&payload);
-        let mut file = bare.clone();
-        file.extend_from_slice(&snapshot_trailer(&header, &payload));
+        let file = backup(&parts);
         assert_eq!(file.len() % 512, 32, "etcdctl 3.4 checks this");
+        assert!(file.starts_with(BACKUP_MAGIC));
         assert_eq!(decode_snapshot(&file), Ok(record.clone()));
+        let mut bare = snapshot_header(&payload).unwrap();
+        bare.extend_from_slice(&payload);
         assert_eq!(
             decode_snapshot(&bare),
             Ok(record),
             "a data dir's snapshot.pb"
+        );
+        assert_eq!(
+            decode_snapshot(&file[..16 + payload.len() - 1]),
+            Err(SnapshotError::Truncated {
+                announced: payload.len() as u64,
+                held: payload.len() as u64 - 1
+            })
         );
         assert_eq!(
             decode_snapshot(&bare[..bare.len() - 1]),
@@ -1364,13 +1472,13 @@ mod tests {
         let mut longer = file.clone();
         longer.push(0);
         assert_eq!(decode_snapshot(&longer), Err(SnapshotError::Trailing(1)));
-        for at in [20, bare.len() - 1, file.len() - 1] {
+        for at in [20, 16 + payload.len() - 1, file.len() - 40, file.len() - 1] {
             let mut flipped = file.clone();
             flipped[at] ^= 0x40;
             assert!(
                 matches!(
                     decode_snapshot(&flipped),
-                    Err(SnapshotError::Checksum { .. })
+                    Err(SnapshotError::Checksum { what: "sha256", .. })
                 ),
                 "a flipped bit at {at}"
             );
@@ -1393,5 +1501,40 @@ mod tests {
             err.to_string(),
             "truncated: the header announces 10 bytes of state, the file holds 4"
         );
+    }
+
+    #[test]
+    fn snapshot_parts_encode_in_pieces_as_announced() {
+        let kvs: Vec<Arc<KeyValue>> = (0..500)
+            .map(|i| Arc::new(record(i + 1, &format!("key/{i}")).changes[0].clone()))
+            .collect();
+        let parts = SnapshotParts {
+            cluster_id: 1,
+            member_id: 2,
+            index: 500,
+            current: 502,
+            compacted: 100,
+            base: kvs[..50].to_vec(),
+            revisions: kvs[50..].chunks(7).map(<[_]>::to_vec).collect(),
+            leases: vec![LeaseRecord { id: 9, ttl: 10 }],
+            alarms: vec![1],
+        };
+        let whole = parts.encode();
+        let lens = parts.revision_lens();
+        assert_eq!(parts.encoded_len(&lens), whole.len());
+        let mut pieces = Vec::new();
+        assert!(parts.encode_chunks(&lens, b"head".to_vec(), 1000, |p| {
+            pieces.push(p);
+            true
+        }));
+        assert!(pieces.len() > 10);
+        assert!(pieces[..pieces.len() - 1].iter().all(|p| p.len() >= 1000));
+        assert_eq!(pieces.concat(), [b"head".as_slice(), &whole].concat());
+        let mut taken = 0;
+        assert!(!parts.encode_chunks(&lens, vec![], 1000, |_| {
+            taken += 1;
+            taken < 3
+        }));
+        assert_eq!(taken, 3, "encoding stops when the pieces are refused");
     }
 }

@@ -4,6 +4,10 @@
 //! disk (the system temp dir, or $ARBOR_BENCH_DIR), etcd in its default (durable)
 //! configuration, and writes the table to docs/benchmarks.md. Every row is the median of
 //! `RUNS` runs, each on a fresh store. Not a timed test.
+//!
+//! A second section measures what scraping `/metrics` every 100 ms costs the put throughput
+//! (alternating runs with and without a scraper on one store, `SCRAPE_PAIRS` pairs), and what
+//! one scrape costs the server in CPU time. `ARBOR_BENCH_ONLY=metrics` runs that part alone.
 
 #[path = "../../support/mod.rs"]
 mod support;
@@ -24,6 +28,10 @@ const RANGE_KEYS: usize = 10_000;
 const RANGE_READS: usize = 20;
 const MEMORY_KEYS: usize = 100_000;
 const VALUE: usize = 100;
+const SCRAPE_PAIRS: usize = 7;
+const SCRAPE_PUTS_PER_CLIENT: usize = 2000;
+const SCRAPE_EVERY: Duration = Duration::from_millis(100);
+const SCRAPE_COST_SAMPLES: usize = 1000;
 
 #[derive(Clone, Copy, PartialEq)]
 enum Kind {
@@ -136,6 +144,10 @@ async fn sequential_put(server: &Server) -> (f64, f64) {
 }
 
 async fn concurrent_put(server: &Server) -> f64 {
+    concurrent_put_n(server, PUTS_PER_CLIENT).await
+}
+
+async fn concurrent_put_n(server: &Server, per_client: usize) -> f64 {
     let mut tasks = Vec::new();
     let mut clients = Vec::new();
     for _ in 0..CLIENTS {
@@ -144,7 +156,7 @@ async fn concurrent_put(server: &Server) -> f64 {
     let start = Instant::now();
     for (w, mut c) in clients.into_iter().enumerate() {
         tasks.push(tokio::spawn(async move {
-            for i in 0..PUTS_PER_CLIENT {
+            for i in 0..per_client {
                 c.put(format!("con/{w}/{i}"), vec![b'v'; VALUE], None)
                     .await
                     .unwrap();
@@ -154,7 +166,142 @@ async fn concurrent_put(server: &Server) -> f64 {
     for t in tasks {
         t.await.unwrap();
     }
-    (CLIENTS * PUTS_PER_CLIENT) as f64 / start.elapsed().as_secs_f64()
+    (CLIENTS * per_client) as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Reads a whole snapshot over the Maintenance.Snapshot stream; returns (ms, bytes).
+async fn snapshot(server: &Server) -> (f64, usize) {
+    let c = client(server).await.unwrap();
+    let mut m = c.maintenance_client();
+    let t = Instant::now();
+    let mut stream = m.snapshot().await.unwrap();
+    let mut bytes = 0;
+    while let Some(resp) = stream.message().await.unwrap() {
+        bytes += resp.blob().len();
+    }
+    (t.elapsed().as_secs_f64() * 1e3, bytes)
+}
+
+/// `ARBOR_BENCH_ONLY=snapshot`: the snapshot row alone, printed, not written (for work on it).
+async fn snapshots_only() {
+    for kind in [Kind::Embedded, Kind::Etcd] {
+        let s = start(kind).await;
+        load(&s, "mem/", MEMORY_KEYS).await;
+        let mut times = Vec::new();
+        let mut size = 0;
+        for _ in 0..7 {
+            let (ms, bytes) = snapshot(&s).await;
+            times.push(ms);
+            size = bytes;
+        }
+        let label = if kind == Kind::Embedded {
+            "embedded"
+        } else {
+            "etcd"
+        };
+        eprintln!(
+            "{label}: {size} bytes, {times:.1?} ms, median {:.1} ms",
+            median(times.clone())
+        );
+    }
+}
+
+/// Put throughput with a scraper fetching /metrics every 100 ms for as long as it runs.
+async fn scraped_put(server: &Server) -> (f64, usize) {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let endpoint = server.endpoint.clone();
+    let token = stop.clone();
+    let scraper = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(SCRAPE_EVERY);
+        let mut scrapes = 0;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = token.cancelled() => return scrapes,
+            }
+            let reply = support::http_client::get(&endpoint, "/metrics").await;
+            assert_eq!(reply.status, 200);
+            scrapes += 1;
+        }
+    });
+    let rate = concurrent_put_n(server, SCRAPE_PUTS_PER_CLIENT).await;
+    stop.cancel();
+    (rate, scraper.await.unwrap())
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, r)| r)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15; `fields` starts at field 3.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// What one scrape costs: the server's CPU time per scrape and the scrape's latency (ms), with
+/// the store holding the keys the throughput runs wrote.
+async fn scrape_cost(server: &Server) -> (f64, f64, usize) {
+    let cpu0 = cpu_seconds(server.child.id());
+    let t = Instant::now();
+    let mut size = 0;
+    for _ in 0..SCRAPE_COST_SAMPLES {
+        size = support::http_client::get(&server.endpoint, "/metrics")
+            .await
+            .body
+            .len();
+    }
+    let per = t.elapsed().as_secs_f64() * 1e3 / SCRAPE_COST_SAMPLES as f64;
+    let cpu = (cpu_seconds(server.child.id()) - cpu0) * 1e3 / SCRAPE_COST_SAMPLES as f64;
+    (cpu, per, size)
+}
+
+struct ScrapeFigures {
+    without: Vec<f64>,
+    with: Vec<f64>,
+    scrapes: usize,
+    cpu_ms: f64,
+    latency_ms: f64,
+    size: usize,
+}
+
+async fn metrics_overhead(kind: Kind) -> ScrapeFigures {
+    let s = start(kind).await;
+    // Warm up: connections, allocator, the first keys.
+    concurrent_put_n(&s, 200).await;
+    let mut f = ScrapeFigures {
+        without: vec![],
+        with: vec![],
+        scrapes: 0,
+        cpu_ms: 0.0,
+        latency_ms: 0.0,
+        size: 0,
+    };
+    for pair in 0..SCRAPE_PAIRS {
+        // Alternate which goes first, so drift over time does not favour either.
+        if pair % 2 == 0 {
+            f.without
+                .push(concurrent_put_n(&s, SCRAPE_PUTS_PER_CLIENT).await);
+            let (rate, n) = scraped_put(&s).await;
+            f.with.push(rate);
+            f.scrapes += n;
+        } else {
+            let (rate, n) = scraped_put(&s).await;
+            f.with.push(rate);
+            f.scrapes += n;
+            f.without
+                .push(concurrent_put_n(&s, SCRAPE_PUTS_PER_CLIENT).await);
+        }
+    }
+    (f.cpu_ms, f.latency_ms, f.size) = scrape_cost(&s).await;
+    f
 }
 
 async fn watch_latency(server: &Server) -> f64 {
@@ -295,8 +442,27 @@ async fn main() {
             embedded: vec![],
             etcd: vec![],
         },
+        Row {
+            name: "snapshot of 100k keys, streamed to a client",
+            unit: "ms",
+            lower_is_better: true,
+            embedded: vec![],
+            etcd: vec![],
+        },
+        Row {
+            name: "snapshot size, 100k keys",
+            unit: "MiB",
+            lower_is_better: true,
+            embedded: vec![],
+            etcd: vec![],
+        },
     ];
-    for run in 0..RUNS {
+    let only = std::env::var("ARBOR_BENCH_ONLY").unwrap_or_default();
+    if only == "snapshot" {
+        return snapshots_only().await;
+    }
+    let only_metrics = only == "metrics";
+    for run in 0..if only_metrics { 0 } else { RUNS } {
         for kind in [Kind::Embedded, Kind::Etcd] {
             let label = if kind == Kind::Embedded {
                 "embedded"
@@ -312,6 +478,8 @@ async fn main() {
             drop(s);
             let s = start(kind).await;
             results.push(memory_100k(&s).await);
+            let (ms, bytes) = snapshot(&s).await;
+            results.extend([ms, bytes as f64 / (1 << 20) as f64]);
             drop(s);
             for (row, value) in rows.iter_mut().zip(results) {
                 match kind {
@@ -321,10 +489,17 @@ async fn main() {
             }
         }
     }
+    if !only_metrics {
+        main_section(&rows);
+    }
+    metrics_section().await;
+}
+
+fn main_section(rows: &[Row]) {
     let mut table = String::new();
     table.push_str("| metric | embedded | etcd 3.4 | embedded / etcd | better |\n");
     table.push_str("|---|---:|---:|---:|---|\n");
-    for row in &rows {
+    for row in rows {
         let (e, d) = (median(row.embedded.clone()), median(row.etcd.clone()));
         let ratio = e / d;
         let better = if row.lower_is_better { e < d } else { e > d };
@@ -343,6 +518,65 @@ async fn main() {
     write_doc(&table);
 }
 
+async fn metrics_section() {
+    let mut table = String::new();
+    table.push_str(
+        "| store | put throughput, no scraper | with /metrics every 100 ms | cost (median of pairs) | CPU per scrape | = CPU share at 10 scrapes/s | scrape latency | exposition size |\n",
+    );
+    table.push_str("|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    let mut embedded_cost = 0.0;
+    for kind in [Kind::Embedded, Kind::Etcd] {
+        let label = if kind == Kind::Embedded {
+            "embedded"
+        } else {
+            "etcd 3.4"
+        };
+        eprintln!("metrics overhead: {label}");
+        let f = metrics_overhead(kind).await;
+        let (without, with) = (median(f.without.clone()), median(f.with.clone()));
+        // Each pair ran back to back, so its ratio is less exposed to drift than the medians.
+        let cost = median(
+            f.without
+                .iter()
+                .zip(&f.with)
+                .map(|(a, b)| (1.0 - b / a) * 100.0)
+                .collect(),
+        );
+        if kind == Kind::Embedded {
+            embedded_cost = cost;
+        }
+        eprintln!(
+            "  without {:?}\n  with    {:?}\n  {} scrapes",
+            f.without, f.with, f.scrapes
+        );
+        table.push_str(&format!(
+            "| {label} | {without:.0} puts/s | {with:.0} puts/s | {cost:.1}% | {:.3} ms | {:.2}% of a core | {:.2} ms | {:.1} KiB |\n",
+            f.cpu_ms,
+            f.cpu_ms / SCRAPE_EVERY.as_millis() as f64 * 100.0,
+            f.latency_ms,
+            f.size as f64 / 1024.0
+        ));
+    }
+    println!("{table}");
+    let body = format!(
+        "`cargo bench --bench store` (integration/bench/store), second part \
+         (`ARBOR_BENCH_ONLY=metrics` runs it alone). One durable store per row, as above; \
+         {CLIENTS} clients put {SCRAPE_PUTS_PER_CLIENT} values of {VALUE} bytes each, \
+         {SCRAPE_PAIRS} times without and {SCRAPE_PAIRS} times with a scraper fetching \
+         `/metrics` every {} ms over a new HTTP/1.1 connection, alternating which goes first; \
+         throughputs are medians, cost is the median over pairs of 1 − with / without (target \
+         for the embedded store: ≤ 2%; measured {embedded_cost:.1}%, which on a shared \
+         2-core machine is within run-to-run noise of several percent either way). CPU per \
+         scrape is the server's user + system time over {SCRAPE_COST_SAMPLES} scrapes in a \
+         row, divided by {SCRAPE_COST_SAMPLES}; times 10 scrapes a second it is the share of \
+         one core the scraper takes from the server, which bounds what it can take from \
+         the put throughput without the noise.\n\n\
+         {table}",
+        SCRAPE_EVERY.as_millis()
+    );
+    support::write_bench_section("store-metrics", &body);
+}
+
 fn write_doc(table: &str) {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let body = format!(
@@ -356,7 +590,10 @@ fn write_doc(table: &str) {
          - throughput: {CLIENTS} clients on their own connections, {PUTS_PER_CLIENT} puts each;\n\
          - watch delivery: time from sending a put to receiving its event, {WATCH_PUTS} puts;\n\
          - range: one Range over a prefix holding {RANGE_KEYS} keys, {RANGE_READS} reads;\n\
-         - memory: RSS of the server process after {MEMORY_KEYS} keys were written.\n\n\
+         - memory: RSS of the server process after {MEMORY_KEYS} keys were written;\n\
+         - snapshot: Maintenance.Snapshot of that store (what `etcdctl snapshot save` \
+         reads), from the request to the last byte received, and its size (arbor's own \
+         format: the state as protobuf; etcd's: its bbolt file).\n\n\
          {table}"
     );
     support::write_bench_section("store", &body);
