@@ -48,6 +48,10 @@ fn main() -> std::process::ExitCode {
             sigterm_tears_down_every_depth_with_the_summary_and_exit_143,
         ),
         (
+            "a_second_signal_during_teardown_exits_at_once_naming_the_hosts_left",
+            a_second_signal_during_teardown_exits_at_once_naming_the_hosts_left,
+        ),
+        (
             "ctrl_c_during_staging_leaves_no_working_dir_or_partial_cache_file",
             ctrl_c_during_staging_leaves_no_working_dir_or_partial_cache_file,
         ),
@@ -540,6 +544,56 @@ fn signal_tears_down_every_depth(lab: &Lab, signal: i32, code: i32) -> TestResul
         );
     }
     Ok(())
+}
+
+fn a_second_signal_during_teardown_exits_at_once_naming_the_hosts_left(lab: &Lab) -> TestResult {
+    clean(lab, false);
+    let topo = topology(TWO_RELAYS);
+    let (mut running, rx) = start_logging(lab, &topo, &[]);
+    let converged: Vec<String> = LEAVES.iter().map(|l| format!("/{l}: converged")).collect();
+    wait_lines(&rx, &converged, Duration::from_secs(90))?;
+    // A leaf that cannot answer: the teardown waits for it (the grace period, then its
+    // relay's own deadline), so a second signal lands while it is under way.
+    lab.sh("l1-1", "pkill -STOP -x arbor");
+    let _resume = Undo {
+        lab,
+        host: "l1-1",
+        shell: "pkill -CONT -x arbor".into(),
+    };
+    unsafe {
+        libc::kill(running.0.id() as i32, libc::SIGINT);
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    check!(
+        running.0.try_wait().map_err(fail)?.is_none(),
+        "the teardown ended before the second signal; nothing to force"
+    );
+    let second = Instant::now();
+    let status = stop_with(&mut running, libc::SIGTERM)?;
+    let took = second.elapsed();
+    check!(
+        took < Duration::from_secs(1),
+        "exit took {took:?} after the second signal"
+    );
+    check!(status.code() == Some(130), "exit {:?}", status.code());
+    let mut rest = Vec::new();
+    while let Ok(line) = rx.recv_timeout(Duration::from_millis(300)) {
+        rest.push(line);
+    }
+    let named = rest
+        .iter()
+        .find(|l| l.contains("may still hold a working dir"))
+        .cloned()
+        .unwrap_or_default();
+    check!(
+        named.contains("l1-1") && named.contains("r1"),
+        "the hosts that may hold state were not named:\n{}",
+        rest.join("\n")
+    );
+    // Once resumed, the stopped leaf finds its link gone; its relay, stuck waiting for it,
+    // ends through its own hard deadline: every working dir still goes.
+    lab.sh("l1-1", "pkill -CONT -x arbor");
+    check_no_leftovers(lab, &HOSTS)
 }
 
 /// Sends `signal` to a running arbor and waits (at most 15 s) for its exit.
