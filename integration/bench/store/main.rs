@@ -32,8 +32,8 @@ const RANGE_KEYS: usize = 10_000;
 const RANGE_READS: usize = 20;
 const MEMORY_KEYS: usize = 100_000;
 const VALUE: usize = 100;
-const SCRAPE_PAIRS: usize = 7;
-const SCRAPE_PUTS_PER_CLIENT: usize = 2000;
+const SCRAPE_PAIRS: usize = 21;
+const SCRAPE_PUTS_PER_CLIENT: usize = 600;
 const SCRAPE_EVERY: Duration = Duration::from_millis(100);
 const SCRAPE_COST_SAMPLES: usize = 1000;
 
