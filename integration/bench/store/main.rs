@@ -8,6 +8,10 @@
 //! A second section measures what scraping `/metrics` every 100 ms costs the put throughput
 //! (alternating runs with and without a scraper on one store, `SCRAPE_PAIRS` pairs), and what
 //! one scrape costs the server in CPU time. `ARBOR_BENCH_ONLY=metrics` runs that part alone.
+//!
+//! For work on the store, printed and not written: `ARBOR_BENCH_ONLY=snapshot` (the snapshot
+//! of 100k keys, both stores, 7 times), `ARBOR_BENCH_ONLY=latency ARBOR_BENCH_COMPARE=PATH`
+//! (sequential put and watch delivery against another build of arbor, alternating).
 
 #[path = "../../support/mod.rs"]
 mod support;
@@ -28,8 +32,8 @@ const RANGE_KEYS: usize = 10_000;
 const RANGE_READS: usize = 20;
 const MEMORY_KEYS: usize = 100_000;
 const VALUE: usize = 100;
-const SCRAPE_PAIRS: usize = 7;
-const SCRAPE_PUTS_PER_CLIENT: usize = 2000;
+const SCRAPE_PAIRS: usize = 21;
+const SCRAPE_PUTS_PER_CLIENT: usize = 600;
 const SCRAPE_EVERY: Duration = Duration::from_millis(100);
 const SCRAPE_COST_SAMPLES: usize = 1000;
 
@@ -66,12 +70,17 @@ fn bench_dir() -> PathBuf {
 }
 
 async fn start(kind: Kind) -> Server {
+    start_binary(kind, ARBOR).await
+}
+
+/// [`start`], the embedded store from another build of arbor.
+async fn start_binary(kind: Kind, arbor: &str) -> Server {
     let dir = tempfile::tempdir_in(bench_dir()).expect("bench dir");
     let port = free_port();
     let endpoint = format!("http://127.0.0.1:{port}");
     let data = dir.path().join("data");
     let child = match kind {
-        Kind::Embedded => Command::new(ARBOR)
+        Kind::Embedded => Command::new(arbor)
             .args([
                 "store",
                 "--listen",
@@ -180,6 +189,36 @@ async fn snapshot(server: &Server) -> (f64, usize) {
         bytes += resp.blob().len();
     }
     (t.elapsed().as_secs_f64() * 1e3, bytes)
+}
+
+/// `ARBOR_BENCH_ONLY=latency ARBOR_BENCH_COMPARE=PATH`: sequential put and watch delivery of
+/// this build's embedded store against another build's, alternating, printed, not written.
+async fn latency_against_another_build() {
+    let other = std::env::var("ARBOR_BENCH_COMPARE").expect("ARBOR_BENCH_COMPARE=PATH");
+    let mut figures: Vec<(&str, Vec<f64>, Vec<f64>)> = vec![
+        ("this build", vec![], vec![]),
+        ("ARBOR_BENCH_COMPARE", vec![], vec![]),
+    ];
+    for run in 0..5 {
+        for (i, bin) in [ARBOR, other.as_str()].into_iter().enumerate() {
+            let s = start_binary(Kind::Embedded, bin).await;
+            let (p50, _) = sequential_put(&s).await;
+            let watch = watch_latency(&s).await;
+            eprintln!(
+                "run {run}, {}: put p50 {p50:.3} ms, watch p50 {watch:.3} ms",
+                figures[i].0
+            );
+            figures[i].1.push(p50);
+            figures[i].2.push(watch);
+        }
+    }
+    for (name, put, watch) in figures {
+        eprintln!(
+            "{name}: put p50 {:.3} ms, watch p50 {:.3} ms (medians of 5)",
+            median(put),
+            median(watch)
+        );
+    }
 }
 
 /// `ARBOR_BENCH_ONLY=snapshot`: the snapshot row alone, printed, not written (for work on it).
@@ -460,6 +499,9 @@ async fn main() {
     let only = std::env::var("ARBOR_BENCH_ONLY").unwrap_or_default();
     if only == "snapshot" {
         return snapshots_only().await;
+    }
+    if only == "latency" {
+        return latency_against_another_build().await;
     }
     let only_metrics = only == "metrics";
     for run in 0..if only_metrics { 0 } else { RUNS } {
