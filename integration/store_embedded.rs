@@ -606,3 +606,75 @@ async fn the_json_gateway_refuses_what_a_web_page_could_send() {
     .await;
     assert_eq!(health.status, 200);
 }
+
+/// A run's store: every request needs a token from `Auth.Authenticate`, each user reaches
+/// only its own keys, and over HTTP only `/health`, `/version` and `/metrics` answer without
+/// one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_with_users_checks_every_request_over_grpc_and_http() {
+    use arbor::store::auth::{Access, Users};
+    use support::http_client::request_with;
+    let mut users = Users::new();
+    users.add(
+        "h1",
+        "pw1",
+        Access::Keys {
+            read: vec![b"/run/exports/".to_vec()],
+            write: vec![b"/run/exports/h1/".to_vec()],
+            own: vec![b"/run/converged/h1".to_vec()],
+        },
+    );
+    users.add("admin", "pwa", Access::Admin);
+    let options = Options {
+        users: Some(std::sync::Arc::new(users)),
+        ..test_options(None)
+    };
+    let store = embedded_listening("127.0.0.1:0", options).await;
+    let endpoints = Endpoints::parse(&store.endpoint).expect("endpoints");
+
+    // No credential, a wrong one: refused.
+    let anonymous = StoreClient::connect(&endpoints).await.expect("connect");
+    let err = anonymous.get_prefix("/").await.expect_err("no token");
+    assert!(format!("{err:#}").contains("user name is empty"), "{err:#}");
+    assert!(
+        StoreClient::connect_as(&endpoints, Some(("h1", "wrong")))
+            .await
+            .is_err()
+    );
+
+    // h1: its own keys, every export to read, nothing else.
+    let h1 = StoreClient::connect_as(&endpoints, Some(("h1", "pw1")))
+        .await
+        .expect("h1");
+    let mut raw = h1.raw();
+    raw.put("/run/exports/h1/file/a", "mine", None)
+        .await
+        .expect("own export");
+    raw.put("/run/converged/h1", "true", None)
+        .await
+        .expect("own flag");
+    for key in ["/run/exports/h2/file/a", "/run/converged/h2", "/elsewhere"] {
+        let e = raw.put(key, "x", None).await.expect_err(key);
+        assert!(e.to_string().contains("permission denied"), "{key}: {e}");
+    }
+    assert_eq!(
+        h1.get_prefix("/run/exports/").await.expect("read").0.len(),
+        1
+    );
+    assert!(h1.delete_prefix("/").await.is_err());
+    assert!(raw.compact(1, None).await.is_err());
+
+    // The admin does what it likes.
+    let admin = StoreClient::connect_as(&endpoints, Some(("admin", "pwa")))
+        .await
+        .expect("admin");
+    assert_eq!(admin.get_prefix("/").await.expect("all").0.len(), 2);
+
+    // HTTP: health answers anyone; the gateway wants the token.
+    let e = &store.endpoint;
+    let health = request_with(e, "GET", "/health", "", &[]).await;
+    assert_eq!(health.status, 200, "{}", health.body);
+    let range = r#"{"key":"L3J1bi9leHBvcnRzLw==","range_end":"L3J1bi9leHBvcnRzMA=="}"#;
+    let without = request_with(e, "POST", "/v3/kv/range", range, &[]).await;
+    assert_eq!(without.status, 401, "{}", without.body);
+}
