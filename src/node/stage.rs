@@ -256,57 +256,61 @@ async fn copy_in(
     let (workdir, cache) = (&probed.workdir, &probed.cache);
     let cached = probed.cached && !options.no_caching;
     let sftp = session.sftp().await?;
-    let mut bytes_copied = 0;
     // Named `arbor` inside a directory named by its hash, so `ps` and `pgrep arbor` show it.
     let binary = if options.no_caching {
         format!("{workdir}/arbor")
     } else {
         format!("{cache}/{}/arbor", build.sha256)
     };
-    let gz = match (&build.gz, options.compress && probed.has_gzip && !cached) {
-        (Some(cell), true) => Some(cell.get().await.map_err(&other)?),
-        _ => None,
-    };
-    if cached {
-        progress("arbor", build.size, build.size);
-    } else if let Some(gz) = &gz {
-        bytes_copied +=
-            copy_gzipped(session, &sftp, build, gz, &binary, relay, progress, cancel).await?;
-    } else {
-        bytes_copied += upload_build(&sftp, build, &binary, cancel, &mut |sent, total| {
-            progress("arbor", sent, total)
-        })
-        .await
-        .map_err(|e| match e {
-            UploadError::Ssh(e) => StageError::Ssh(e),
-            UploadError::Other(what) => other(what),
-        })?;
-    }
-
-    let graph = match graph {
-        Some((name, text)) => {
-            let path = format!("{workdir}/{name}");
-            let uploaded = sftp
-                .upload_until(
-                    cancel,
-                    &mut &text[..],
-                    text.len() as u64,
-                    &path,
-                    0o600,
-                    &mut |_, _| {},
-                )
-                .await?;
-            bytes_copied += uploaded.bytes;
-            Some(path)
+    let copied = async {
+        let mut bytes_copied = 0;
+        let gz = match (&build.gz, options.compress && probed.has_gzip && !cached) {
+            (Some(cell), true) => Some(cell.get().await.map_err(&other)?),
+            _ => None,
+        };
+        if cached {
+            progress("arbor", build.size, build.size);
+        } else if let Some(gz) = &gz {
+            bytes_copied +=
+                copy_gzipped(session, &sftp, build, gz, &binary, relay, progress, cancel).await?;
+        } else {
+            bytes_copied += upload_build(&sftp, build, &binary, cancel, &mut |sent, total| {
+                progress("arbor", sent, total)
+            })
+            .await
+            .map_err(|e| match e {
+                UploadError::Ssh(e) => StageError::Ssh(e),
+                UploadError::Other(what) => other(what),
+            })?;
         }
-        None => None,
-    };
-    // Nothing may start on this connection until the server has closed the sftp channel:
-    // dropbear before 2024.86 drops a command started meanwhile (see ssh::sftp). On the error
-    // paths above nothing else runs here.
+        let graph = match graph {
+            Some((name, text)) => {
+                let path = format!("{workdir}/{name}");
+                let uploaded = sftp
+                    .upload_until(
+                        cancel,
+                        &mut &text[..],
+                        text.len() as u64,
+                        &path,
+                        0o600,
+                        &mut |_, _| {},
+                    )
+                    .await?;
+                bytes_copied += uploaded.bytes;
+                Some(path)
+            }
+            None => None,
+        };
+        Ok::<_, StageError>((graph, bytes_copied))
+    }
+    .await;
+    // Nothing may start on this connection until the server has closed the sftp channel,
+    // whether the copy worked or not (a failed or stopped one is followed by removing the
+    // working dir): dropbear before 2024.86 drops a command started meanwhile (ssh::sftp).
     if let Err(e) = sftp.close().await {
         tracing::warn!("{e}");
     }
+    let (graph, bytes_copied) = copied?;
     Ok(Staged {
         workdir: workdir.clone(),
         cache: cache.clone(),
