@@ -45,7 +45,9 @@ fn main() {
         &["--relays", "1", "--leaves", "1", "--dropbear", "r1,l1-1"],
     );
     let dir = tempfile::tempdir().expect("tempdir");
-    let flat = article_graph(dir.path(), &lab.addr("r1"));
+    let flat = support::article_graph(dir.path(), "a", &lab.addr("r1"))
+        .to_string_lossy()
+        .into_owned();
     let topology = relay_topology(dir.path(), &lab.addr("r1"), &lab.addr("l1-1"));
     let flat_args = vec!["--remote".to_string(), flat];
     let relay_args = vec!["--topology".to_string(), topology];
@@ -167,24 +169,6 @@ fn run_once(lab: &Lab, arbor: &str, args: &[String]) -> (Duration, Result<(), St
 }
 
 /// The article's first graph with `remote:` pointed at `addr`.
-fn article_graph(dir: &Path, addr: &str) -> String {
-    let src = std::fs::read_to_string(support::repo_root().join("examples/remote2a.yaml"))
-        .expect("example");
-    let text: String = src
-        .lines()
-        .map(|l| {
-            if l.starts_with("remote:") {
-                format!("remote: ssh://root@{addr}:22\n")
-            } else {
-                format!("{l}\n")
-            }
-        })
-        .collect();
-    let path = dir.join("remote2a.yaml");
-    std::fs::write(&path, text).expect("write graph");
-    path.to_string_lossy().into_owned()
-}
-
 /// A topology: `relay` relays for `leaf`, which runs examples/leaf.yaml.
 fn relay_topology(dir: &Path, relay: &str, leaf: &str) -> String {
     let graph = support::repo_root().join("examples/leaf.yaml");

@@ -13,7 +13,7 @@
 mod support;
 
 use std::ffi::OsStr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use support::Lab;
@@ -51,25 +51,6 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Graph files with `remote:` pointed at `addr`, in `dir`.
-fn article(dir: &Path, which: &str, addr: &str) -> PathBuf {
-    let src =
-        std::fs::read_to_string(support::repo_root().join(format!("examples/remote2{which}.yaml")))
-            .expect("example");
-    let text: String = src
-        .lines()
-        .map(|l| {
-            if l.starts_with("remote:") {
-                format!("remote: ssh://root@{addr}:22\n")
-            } else {
-                format!("{l}\n")
-            }
-        })
-        .collect();
-    let path = dir.join(format!("remote2{which}.yaml"));
-    std::fs::write(&path, text).expect("write graph");
-    path
-}
-
 fn run_initiator(lab: &Lab, args: &[String]) -> (Duration, std::process::Output) {
     let started = Instant::now();
     let out = Command::new("ip")
@@ -91,8 +72,8 @@ fn run_initiator(lab: &Lab, args: &[String]) -> (Duration, std::process::Output)
 
 fn two_hosts(lab: &Lab, binary: u64) -> String {
     let dir = tempfile::tempdir().expect("tempdir");
-    let a = article(dir.path(), "a", &lab.addr("r1"));
-    let b = article(dir.path(), "b", &lab.addr("r2"));
+    let a = support::article_graph(dir.path(), "a", &lab.addr("r1"));
+    let b = support::article_graph(dir.path(), "b", &lab.addr("r2"));
     let args: Vec<String> = [
         "--remote",
         &a.to_string_lossy(),
@@ -139,8 +120,8 @@ fn two_hosts(lab: &Lab, binary: u64) -> String {
 
 fn live_edit(lab: &Lab) -> String {
     let dir = tempfile::tempdir().expect("tempdir");
-    let a = article(dir.path(), "a", &lab.addr("r1"));
-    let b = article(dir.path(), "b", &lab.addr("r2"));
+    let a = support::article_graph(dir.path(), "a", &lab.addr("r1"));
+    let b = support::article_graph(dir.path(), "b", &lab.addr("r2"));
     let args = [
         OsStr::new("--remote"),
         a.as_os_str(),

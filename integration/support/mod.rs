@@ -221,6 +221,26 @@ pub fn local(cmd: &str, args: &[&str]) -> String {
 
 /// Replaces the block between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` in
 /// docs/benchmarks.md with `body` (appending the block if it is missing), stamped with the date.
+/// The mgmt article's example graph `examples/remote2{which}.yaml`, its `remote:` pointed at
+/// `addr`, written into `dir`; returns its path.
+pub fn article_graph(dir: &Path, which: &str, addr: &str) -> PathBuf {
+    let src = std::fs::read_to_string(repo_root().join(format!("examples/remote2{which}.yaml")))
+        .expect("example");
+    let text: String = src
+        .lines()
+        .map(|l| {
+            if l.starts_with("remote:") {
+                format!("remote: ssh://root@{addr}:22\n")
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    let path = dir.join(format!("remote2{which}.yaml"));
+    std::fs::write(&path, text).expect("write graph");
+    path
+}
+
 pub fn write_bench_section(name: &str, body: &str) {
     let path = repo_root().join("docs/benchmarks.md");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".to_string());
