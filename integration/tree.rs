@@ -1231,11 +1231,38 @@ fn a_killed_relay_fails_its_subtree_and_the_rest_converges(lab: &Lab) -> TestRes
         log.contains("r1: FAILED: r1: arbor ended unexpectedly (killed by SIGKILL"),
         "no clear cause for r1\n{log}"
     );
-    let r1_row = log.lines().find(|l| l.starts_with("r1 ")).unwrap_or("");
+    // The summary: r1 failed, its leaves have rows of their own below it, failed with it;
+    // r2's are ok.
+    let summary: Vec<&str> = log
+        .lines()
+        .skip_while(|l| !(l.starts_with("HOST") && l.contains("RESULT")))
+        .collect();
+    let row = |name: &str| {
+        summary
+            .iter()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .copied()
+            .unwrap_or("")
+    };
     check!(
-        r1_row.contains("failed"),
-        "summary row for r1: {r1_row:?}\n{log}"
+        row("r1").contains(" failed "),
+        "summary row for r1: {:?}\n{log}",
+        row("r1")
     );
+    for leaf in ["r1/l1-1", "r1/l1-2", "r1/l1-3"] {
+        check!(
+            row(leaf).contains(" failed ") && row(leaf).contains("relay failed"),
+            "summary row for {leaf}: {:?}\n{log}",
+            row(leaf)
+        );
+    }
+    for leaf in ["r2/l2-1", "r2/l2-2", "r2/l2-3"] {
+        check!(
+            row(leaf).contains(" ok "),
+            "summary row for {leaf}: {:?}\n{log}",
+            row(leaf)
+        );
+    }
     // r2's subtree carried on: each of its leaves has at least its own rack's files.
     for leaf in ["l2-1", "l2-2", "l2-3"] {
         let got = collected(lab, leaf);

@@ -23,7 +23,7 @@ use crate::engine::reload::{GraphFile, follow_graph_file};
 use crate::engine::runner::{Engine, EngineConfig};
 use crate::engine::store_exchange::{StoreExchange, converged_flags};
 use crate::exit;
-use crate::ssh::agent_front::{AgentBackend, Destinations};
+use crate::ssh::agent_front::{AgentBackend, Destinations, HostKey};
 use crate::ssh::known_hosts::KnownHosts;
 use crate::ssh::{self, Target, TerminalPrompter};
 use crate::store::auth::{Access, Users};
@@ -455,12 +455,16 @@ async fn choose_agent(ctx: &FleetContext, has_relays: bool) -> Option<fleet::Age
 }
 
 /// The host keys a relay whose children are `children` may bind agent sessions to: the keys
-/// known_hosts and the topology's pinned keys give for the hosts of its subtree. Under
-/// accept-new, where some of those hosts have no known key yet, also any key that known_hosts
-/// holds for no host at all: at first contact the relay is trusted to say which key such a
-/// host has (docs/security.md), but never to claim a key arbor knows as another host's.
+/// known_hosts and the topology's pinned keys give for the hosts of its subtree, and host
+/// certificates that known_hosts' `@cert-authority` lines accept for one of those hosts (by
+/// name and principal, as the relay's own check does). Under accept-new, where some of those
+/// hosts have no known key yet, also any key that known_hosts holds for no host at all: at
+/// first contact the relay is trusted to say which key such a host has (docs/security.md),
+/// but never to claim a key arbor knows as another host's.
 fn destinations(known: &Arc<KnownHosts>, children: &[ChildSpec], accept_new: bool) -> Destinations {
     let mut keys: Vec<russh::keys::PublicKey> = Vec::new();
+    // (known_hosts name, principal) of every host of the subtree.
+    let mut hosts: Vec<(String, String)> = Vec::new();
     let mut some_unknown = false;
     let mut stack: Vec<&ChildSpec> = children.iter().collect();
     while let Some(c) = stack.pop() {
@@ -475,14 +479,35 @@ fn destinations(known: &Arc<KnownHosts>, children: &[ChildSpec], accept_new: boo
         {
             found.push(pinned);
         }
-        some_unknown |= found.is_empty();
+        some_unknown |= found.is_empty() && !known.has_authority_for(&name);
         keys.extend(found);
+        hosts.push((name, c.host.clone()));
     }
     let first_contact = accept_new && some_unknown;
     let known = known.clone();
-    Arc::new(move |key: &russh::keys::PublicKey| {
-        keys.iter().any(|k| k.key_data() == key.key_data())
-            || (first_contact && !known.knows_key(key))
+    Arc::new(move |shown: &HostKey| {
+        let key_data = match shown {
+            HostKey::Plain(k) => k.key_data(),
+            HostKey::Certificate(cert) => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let certified = hosts.iter().any(|(name, principal)| {
+                    matches!(
+                        known.verify_certificate(name, principal, cert, now),
+                        ssh::known_hosts::CertVerdict::Trusted(_)
+                    )
+                });
+                if certified {
+                    return true;
+                }
+                // As a relay does when no authority vouches: judge the certified key itself.
+                cert.public_key()
+            }
+        };
+        keys.iter().any(|k| k.key_data() == key_data)
+            || (first_contact
+                && !known.knows_key(&russh::keys::PublicKey::new(key_data.clone(), "")))
     })
 }
 
@@ -585,10 +610,84 @@ struct View {
     learnable: HashMap<HostPath, HashSet<String>>,
     hostname: String,
     local_reported: Option<HostState>,
+    /// Hosts below the relays (depth 2 and more), for their rows in the summary: the
+    /// initiator's own children report themselves when their task ends.
+    deep: BTreeMap<HostPath, DeepRow>,
+}
+
+/// What the initiator heard of a host below a relay.
+#[derive(Default)]
+struct DeepRow {
+    first: Option<Instant>,
+    last: Option<Instant>,
+    bytes: u64,
+    cached: Option<bool>,
+    cause: Option<String>,
+}
+
+/// Every host at depth 2 and more in `children`'s subtrees, by path.
+fn deep_rows(children: &[ChildSpec]) -> BTreeMap<HostPath, DeepRow> {
+    let mut rows = BTreeMap::new();
+    let mut stack: Vec<(HostPath, &ChildSpec)> = children
+        .iter()
+        .map(|c| (HostPath::root().child(&c.name), c))
+        .collect();
+    while let Some((path, c)) = stack.pop() {
+        for grandchild in &c.children {
+            let p = path.child(&grandchild.name);
+            rows.insert(p.clone(), DeepRow::default());
+            stack.push((p, grandchild));
+        }
+    }
+    rows
 }
 
 impl View {
+    /// Summary rows for the hosts below the relays, named by path (`r1/l1-2`).
+    fn deep_reports(&self) -> Vec<HostReport> {
+        self.deep
+            .iter()
+            .map(|(path, row)| {
+                let failed = self.book.has_failed(path.name());
+                let cause = match (&row.cause, row.first) {
+                    (Some(c), _) => Some(c.clone()),
+                    (None, None) if failed => Some("not reached: a host above it failed".into()),
+                    (None, _) if failed => Some("its relay failed".into()),
+                    (None, _) => None,
+                };
+                HostReport {
+                    name: path.to_string(),
+                    ok: !failed && row.cause.is_none(),
+                    cause,
+                    elapsed: match (row.first, row.last) {
+                        (Some(a), Some(b)) => b.duration_since(a),
+                        _ => Duration::ZERO,
+                    },
+                    bytes: row.bytes,
+                    cached: row.cached,
+                    store_over_tcp: false,
+                }
+            })
+            .collect()
+    }
+
     fn event(&mut self, event: &Event) {
+        if let Some(row) = self.deep.get_mut(&event.host) {
+            let now = Instant::now();
+            row.first.get_or_insert(now);
+            row.last = Some(now);
+            match &event.kind {
+                EventKind::State(HostState::Failed { cause }) => {
+                    row.cause.get_or_insert_with(|| cause.clone());
+                }
+                EventKind::Transfer { cached: true, .. } => row.cached = Some(true),
+                EventKind::Transfer { sent, total, .. } if sent == total => {
+                    row.bytes += total;
+                    row.cached.get_or_insert(false);
+                }
+                _ => {}
+            }
+        }
         if let (EventKind::KnownHost { name, key }, Some(file)) = (&event.kind, &self.learn_into) {
             // Only the relay that connects to a host may report its key.
             if ssh::known_hosts::valid_reported_name(name)
@@ -701,6 +800,7 @@ pub async fn run(options: RunOptions) -> u8 {
         learnable: learnable_names(&plan.children),
         hostname: hostname.clone(),
         local_reported: None,
+        deep: deep_rows(&plan.children),
     };
     let mut local_status = engine.as_ref().map(|e| e.status());
     let mut flags = converged_flags(&store.client, &keys);
@@ -821,6 +921,7 @@ pub async fn run(options: RunOptions) -> u8 {
     };
     store.close().await;
 
+    reports.extend(view.deep_reports());
     view.ui.summary(
         &reports,
         local_ok.map(|ok| (hostname.as_str(), ok, started.elapsed())),

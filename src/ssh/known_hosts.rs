@@ -490,6 +490,13 @@ impl KnownHosts {
             .collect()
     }
 
+    /// Whether an `@cert-authority` line applies to the host known as `name`.
+    pub fn has_authority_for(&self, name: &str) -> bool {
+        self.entries
+            .iter()
+            .any(|e| e.marker == Marker::CertAuthority && patterns_match(&e.patterns, name))
+    }
+
     /// Whether any entry, for any host, holds `key`.
     pub fn knows_key(&self, key: &PublicKey) -> bool {
         self.entries
