@@ -1202,7 +1202,7 @@ fn a_leafs_expired_certificate_at_depth_2_fails_that_leaf_naming_it(lab: &Lab) -
         let pairs = [("r3", "l3-1")];
         for policy in ["strict", "accept-new"] {
             let out = arbor_run(lab, home.path(), &pairs, &["--host-key-policy", policy])?;
-            let log = exited_as(&out, 1, format!("{policy}"))?;
+            let log = exited_as(&out, 1, policy.to_string())?;
             check!(
                 log.contains("l3-1: host key: host certificate")
                     && log.contains("is not valid: expired"),
@@ -1229,6 +1229,6 @@ fn a_leafs_expired_certificate_at_depth_2_fails_that_leaf_naming_it(lab: &Lab) -
     result?;
     // Signed again: the same run converges.
     let out = arbor_run(lab, home.path(), &[("r3", "l3-1")], &[])?;
-    exited_as(&out, 0, format!("after re-signing"))?;
+    exited_as(&out, 0, "after re-signing".to_string())?;
     Ok(())
 }
