@@ -98,6 +98,11 @@ impl Ui {
             EventKind::KnownHost { name, .. } => {
                 format!("{host}: learned the host key of {name}")
             }
+            // Only `arbor exec` asks for these; its own view prints them (node::exec).
+            EventKind::Output { line, stderr } => {
+                format!("{host} {} {line}", if *stderr { '!' } else { '|' })
+            }
+            EventKind::Ended { code, .. } => format!("{host}: command ended with exit code {code}"),
         };
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{line}");
@@ -187,7 +192,7 @@ pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// An event with every text a remote host chose made printable.
-fn sanitized(event: &Event) -> Event {
+pub fn sanitized(event: &Event) -> Event {
     let p = |s: &str| printable(s).into_owned();
     let kind = match &event.kind {
         EventKind::Log { line, stderr } => EventKind::Log {
@@ -216,6 +221,14 @@ fn sanitized(event: &Event) -> Event {
         EventKind::KnownHost { name, key } => EventKind::KnownHost {
             name: p(name),
             key: p(key),
+        },
+        EventKind::Output { line, stderr } => EventKind::Output {
+            line: p(line),
+            stderr: *stderr,
+        },
+        EventKind::Ended { code, signal } => EventKind::Ended {
+            code: *code,
+            signal: signal.as_deref().map(p),
         },
     };
     Event {

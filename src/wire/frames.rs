@@ -216,6 +216,22 @@ pub struct Start {
     /// store checks credentials.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential: Option<String>,
+    /// `arbor exec`: instead of running graphs, run this command on the targeted hosts of the
+    /// subtree (`children`, already pruned to the paths that lead to targets). No store, no
+    /// engine: the node stages only the children that relay to targets, and exits when every
+    /// child is done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec: Option<ExecJob>,
+}
+
+/// An ad-hoc command (`arbor exec`) for a subtree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecJob {
+    /// The command line, run by each target's login shell as ssh would run it.
+    pub command: String,
+    /// The names of the hosts, in the receiving node's subtree only, that run it. The others
+    /// in the subtree only relay to them.
+    pub targets: Vec<String>,
 }
 
 /// Control frames, parent to child.
@@ -284,19 +300,70 @@ pub enum EventKind {
         name: String,
         key: String,
     },
+    /// One line of an ad-hoc command's output (`arbor exec`), without its newline; a line
+    /// longer than [`MAX_LINE`](super::MAX_LINE) comes in pieces ([`line_pieces`]).
+    Output {
+        line: String,
+        #[serde(default)]
+        stderr: bool,
+    },
+    /// The ad-hoc command ended on the host: its exit code (128 + N when signal N killed it),
+    /// and the signal's name when the server reported one.
+    Ended {
+        code: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signal: Option<String>,
+    },
 }
 
-/// `line` cut to at most [`MAX_LINE`](super::MAX_LINE) bytes (at a character boundary),
-/// marked when cut.
+/// How many bytes `c` takes inside a JSON string: a frame carries the escaped form, so a line
+/// of control characters is up to six times its own size on the link.
+fn json_len(c: char) -> usize {
+    match c {
+        '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+        c if (c as u32) < 0x20 => 6,
+        c => c.len_utf8(),
+    }
+}
+
+/// The length of the longest prefix of `text` (at a character boundary) whose JSON form is at
+/// most [`MAX_LINE`](super::MAX_LINE) bytes.
+fn fitting_prefix(text: &str) -> usize {
+    let mut size = 0;
+    for (at, c) in text.char_indices() {
+        size += json_len(c);
+        if size > super::MAX_LINE {
+            return at;
+        }
+    }
+    text.len()
+}
+
+/// `line` cut so that it takes at most [`MAX_LINE`](super::MAX_LINE) bytes in a frame (at a
+/// character boundary), marked when cut.
 pub fn cut_line(line: &str) -> String {
-    if line.len() <= super::MAX_LINE {
+    let end = fitting_prefix(line);
+    if end == line.len() {
         return line.to_string();
     }
-    let mut end = super::MAX_LINE;
-    while !line.is_char_boundary(end) {
-        end -= 1;
-    }
     format!("{}… (cut at {} bytes)", &line[..end], super::MAX_LINE)
+}
+
+/// `line` in pieces that each take at most [`MAX_LINE`](super::MAX_LINE) bytes in a frame, so
+/// that an event carrying one always fits in [`MAX_UP_FRAME`](super::MAX_UP_FRAME) whatever
+/// the text (control characters are escaped six times their size). An empty line is one
+/// empty piece.
+pub fn line_pieces(line: &str) -> Vec<&str> {
+    let mut pieces = Vec::new();
+    let mut rest = line;
+    loop {
+        let end = fitting_prefix(rest);
+        pieces.push(&rest[..end]);
+        rest = &rest[end..];
+        if rest.is_empty() {
+            return pieces;
+        }
+    }
 }
 
 /// An event tagged with the host it is about.
@@ -363,6 +430,36 @@ mod tests {
                 PROTOCOL_VERSION + 1
             )
         );
+    }
+
+    #[test]
+    fn a_line_of_control_characters_fits_in_a_frame_once_escaped() {
+        use crate::wire::{MAX_LINE, MAX_UP_FRAME};
+        let nasty = "\u{1}".repeat(MAX_LINE);
+        let pieces = line_pieces(&nasty);
+        assert!(pieces.len() >= 6, "{} pieces", pieces.len());
+        assert_eq!(pieces.concat(), nasty);
+        for piece in &pieces {
+            let frame = serde_json::to_vec(&Up::Event(Event {
+                host: HostPath::parse("r1/l1-2"),
+                kind: EventKind::Output {
+                    line: piece.to_string(),
+                    stderr: false,
+                },
+            }))
+            .expect("json");
+            assert!(frame.len() <= MAX_LINE + 200, "{} bytes", frame.len());
+            assert!(frame.len() < MAX_UP_FRAME);
+        }
+        assert_eq!(line_pieces(""), [""]);
+        assert_eq!(line_pieces("plain"), ["plain"]);
+        let cut = cut_line(&nasty);
+        assert!(cut.ends_with(&format!("(cut at {MAX_LINE} bytes)")));
+        assert!(serde_json::to_vec(&cut).expect("json").len() <= MAX_LINE + 64);
+        let long = "é".repeat(MAX_LINE);
+        let pieces = line_pieces(&long);
+        assert_eq!(pieces.len(), 2);
+        assert_eq!(pieces[0].len(), MAX_LINE);
     }
 
     #[test]
