@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-pub use crate::node::config::RunOptions;
+pub use crate::node::config::{ExecOptions, RunOptions};
 
 /// arbor bootstraps and manages fleets of machines over SSH, with nothing installed on them
 /// first. It copies itself to each host, tunnels the host back to a coordination store on the
@@ -61,6 +61,11 @@ enum Sub {
     /// Run graphs here, on hosts over SSH, or through relays, and keep them converged.
     #[command(after_help = RUN_EXAMPLES)]
     Run(Box<RunArgs>),
+    /// Run a command on many hosts at once (ClusterShell's clush, through arbor's relays): on
+    /// the SSH hosts a nodeset names, or on topology hosts by name. Output is live, each line
+    /// prefixed by its host; stderr goes to stderr.
+    #[command(after_help = EXEC_EXAMPLES)]
+    Exec(Box<ExecArgs>),
     /// Work with topology files (docs/topology.md).
     #[command(subcommand)]
     Topology(TopologySub),
@@ -112,6 +117,128 @@ Exit codes: 0 converged, 1 some host failed, 2 bad input (nothing contacted),
 130 ^C, 143 SIGTERM, 129 SIGHUP (each tears every host down first; a second signal
 exits at once and names the hosts that may still hold state).";
 
+const EXEC_EXAMPLES: &str = "\
+Examples:
+  arbor exec -w 'n[01-40]' -- uptime
+      run uptime on n01 … n40 over SSH, as the local user (-l USER to change it)
+  arbor exec -w 10.199.0.[11-12] -b -- uname -r
+      gather identical outputs at the end under one folded nodeset, as clush -b
+  arbor exec --topology topology/lab.yaml -w 'l[1-2]-[1-3]' -x l2-3 -- df -h /
+      run on five leaves through their relays; no other host is contacted
+  arbor exec --topology topology/dc1.yaml -w rack1-n07 -- 'journalctl -n 20 | grep -i err'
+      one host behind a relay; the command is one shell line, run by the login shell
+
+The hosts' login shell runs COMMAND (its words joined by spaces, as ssh does), with stdin from
+/dev/null, in a process group of its own: ^C (or a lost connection) kills that group on every
+host, and no arbor process or working dir is left on the relays.
+
+Exit codes: the largest exit code of COMMAND across hosts; 255 when a host could not be
+reached (or its connection, staging or relay failed); 2 for bad input (a bad nodeset, an empty
+command, a host not in the topology; nothing contacted); 130 on ^C (143 SIGTERM, 129 SIGHUP).";
+
+/// The SSH and staging flags `arbor run` and `arbor exec` share.
+#[derive(clap::Args, Debug)]
+struct SshArgs {
+    /// At most this many SSH connections being set up at once (0: no limit).
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    cconns: usize,
+    /// Copy arbor into each host's working dir and remove it at the end, instead of keeping it
+    /// in the host's cache (~/.cache/arbor/bin).
+    #[arg(long)]
+    no_caching: bool,
+    /// Copy arbor gzipped (43% of its size) to hosts that have gzip, and have relays pass the
+    /// compressed copy on. Worth it on thin links; on a LAN compressing costs more than it
+    /// saves, as with ssh -C.
+    #[arg(long)]
+    compress: bool,
+    /// An SSH private key to try after the agent and ~/.ssh/id_* (repeatable).
+    #[arg(long = "identity", short = 'i', value_name = "KEY")]
+    identities: Vec<PathBuf>,
+    /// An extra known_hosts file to trust (repeatable); ~/.ssh/known_hosts is always read.
+    #[arg(long = "known-hosts", value_name = "FILE")]
+    known_hosts: Vec<PathBuf>,
+    /// strict: refuse unknown and changed host keys. accept-new: record unknown keys in
+    /// ~/.ssh/known_hosts, still refuse changed ones.
+    #[arg(long, value_name = "POLICY", default_value = "strict", value_parser = ["strict", "accept-new"])]
+    host_key_policy: String,
+    /// Ask on the terminal for passphrases and passwords when keys and the agent fail.
+    #[arg(long)]
+    allow_interactive: bool,
+    /// Seconds to wait for a host's TCP connect and SSH handshake.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    connect_timeout: u64,
+    /// A build of arbor for hosts of another platform, as ARCH=PATH (e.g.
+    /// aarch64=./arbor-aarch64 or "Linux aarch64"=PATH). Repeatable.
+    #[arg(long = "binary", value_name = "ARCH=PATH")]
+    binaries: Vec<String>,
+    /// Where working dirs are created on hosts.
+    #[arg(long, value_name = "DIR", default_value = "/tmp")]
+    remote_tmp: String,
+}
+
+impl SshArgs {
+    /// These flags into `options`; `Err` (exit 2, said on stderr) for a bad --binary.
+    fn apply(self, options: &mut RunOptions) -> Result<(), ExitCode> {
+        let mut binaries = Vec::new();
+        for spec in &self.binaries {
+            match spec.split_once('=') {
+                Some((arch, path)) if !arch.is_empty() && !path.is_empty() => {
+                    binaries.push((arch.to_string(), PathBuf::from(path)))
+                }
+                _ => {
+                    eprintln!("arbor: --binary {spec:?}: expected ARCH=PATH");
+                    return Err(ExitCode::from(crate::exit::BAD_INPUT));
+                }
+            }
+        }
+        options.cconns = self.cconns;
+        options.no_caching = self.no_caching;
+        options.compress = self.compress;
+        options.identities = self.identities;
+        options.known_hosts = self.known_hosts;
+        options.accept_new = self.host_key_policy == "accept-new";
+        options.allow_interactive = self.allow_interactive;
+        options.connect_timeout = Duration::from_secs(self.connect_timeout);
+        options.binaries = binaries;
+        options.remote_tmp = self.remote_tmp;
+        Ok(())
+    }
+}
+
+/// `arbor exec`'s flags (the help text and examples come from `Sub::Exec`).
+#[derive(clap::Args, Debug)]
+struct ExecArgs {
+    /// The hosts to run on, as a nodeset (`n[01-40]`, `a,b`, `10.0.0.[1-9]`; repeatable).
+    /// Without --topology these are SSH hosts; with it, names of the topology's hosts.
+    #[arg(short = 'w', long = "nodes", value_name = "NODESET", required = true)]
+    nodesets: Vec<String>,
+    /// Hosts to leave out, as a nodeset (repeatable).
+    #[arg(short = 'x', long = "exclude", value_name = "NODESET")]
+    exclude: Vec<String>,
+    /// Reach the hosts -w names as this topology file says: through its relays and jump
+    /// hosts, with its users, ports and keys (docs/topology.md). Only the paths to them are
+    /// contacted.
+    #[arg(long, value_name = "FILE")]
+    topology: Option<PathBuf>,
+    /// Gather identical outputs and print each once at the end, under the folded nodeset of
+    /// the hosts that gave it (as clush -b); stderr stays live.
+    #[arg(short = 'b', long = "gather")]
+    gather: bool,
+    /// The SSH user, without --topology (default: the local user, as ssh).
+    #[arg(short = 'l', long, value_name = "USER", conflicts_with = "topology")]
+    user: Option<String>,
+    /// The SSH port, without --topology.
+    #[arg(short = 'p', long, value_name = "PORT", conflicts_with = "topology",
+          value_parser = clap::value_parser!(u16).range(1..))]
+    port: Option<u16>,
+    #[command(flatten)]
+    ssh: SshArgs,
+    /// The command, after `--`: its words are joined by spaces and run by each host's login
+    /// shell, as ssh runs a command.
+    #[arg(value_name = "COMMAND", required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<String>,
+}
+
 /// `arbor run`'s flags (the help text and examples come from `Sub::Run`).
 #[derive(clap::Args, Debug)]
 struct RunArgs {
@@ -140,18 +267,6 @@ struct RunArgs {
     /// Do not watch graph files for edits (by default an edit is applied on its host live).
     #[arg(long)]
     no_watch: bool,
-    /// At most this many SSH connections being set up at once (0: no limit).
-    #[arg(long, value_name = "N", default_value_t = 64)]
-    cconns: usize,
-    /// Copy arbor into each host's working dir and remove it at the end, instead of keeping it
-    /// in the host's cache (~/.cache/arbor/bin).
-    #[arg(long)]
-    no_caching: bool,
-    /// Copy arbor gzipped (43% of its size) to hosts that have gzip, and have relays pass the
-    /// compressed copy on. Worth it on thin links; on a LAN compressing costs more than it
-    /// saves, as with ssh -C.
-    #[arg(long)]
-    compress: bool,
     /// Keep the embedded store in memory in a fresh temporary state dir, not in
     /// ~/.local/state/arbor.
     #[arg(long)]
@@ -163,29 +278,8 @@ struct RunArgs {
     /// Start no store here (with --seeds, or on a remote host whose store is tunnelled).
     #[arg(long)]
     no_server: bool,
-    /// An SSH private key to try after the agent and ~/.ssh/id_* (repeatable).
-    #[arg(long = "identity", short = 'i', value_name = "KEY")]
-    identities: Vec<PathBuf>,
-    /// An extra known_hosts file to trust (repeatable); ~/.ssh/known_hosts is always read.
-    #[arg(long = "known-hosts", value_name = "FILE")]
-    known_hosts: Vec<PathBuf>,
-    /// strict: refuse unknown and changed host keys. accept-new: record unknown keys in
-    /// ~/.ssh/known_hosts, still refuse changed ones.
-    #[arg(long, value_name = "POLICY", default_value = "strict", value_parser = ["strict", "accept-new"])]
-    host_key_policy: String,
-    /// Ask on the terminal for passphrases and passwords when keys and the agent fail.
-    #[arg(long)]
-    allow_interactive: bool,
-    /// Seconds to wait for a host's TCP connect and SSH handshake.
-    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
-    connect_timeout: u64,
-    /// A build of arbor for hosts of another platform, as ARCH=PATH (e.g.
-    /// aarch64=./arbor-aarch64 or "Linux aarch64"=PATH). Repeatable.
-    #[arg(long = "binary", value_name = "ARCH=PATH")]
-    binaries: Vec<String>,
-    /// Where working dirs are created on hosts.
-    #[arg(long, value_name = "DIR", default_value = "/tmp")]
-    remote_tmp: String,
+    #[command(flatten)]
+    ssh: SshArgs,
     /// (internal) This node's depth in the tree; >0 means a parent staged it.
     #[arg(long, default_value_t = 0, hide = true)]
     depth: usize,
@@ -200,6 +294,7 @@ pub enum Command {
     Version,
     Store(crate::store::StoreCommand),
     Run(Box<RunOptions>),
+    Exec(Box<ExecOptions>),
     /// `arbor topology check FILE`.
     TopologyCheck(PathBuf),
 }
@@ -255,19 +350,25 @@ pub fn parse() -> Result<Invocation, ExitCode> {
             },
         }),
         Some(Sub::Topology(TopologySub::Check { file })) => Command::TopologyCheck(file),
+        Some(Sub::Exec(exec)) => {
+            let exec = *exec;
+            let mut run = RunOptions {
+                verbosity: args.verbose,
+                ..RunOptions::default()
+            };
+            exec.ssh.apply(&mut run)?;
+            Command::Exec(Box::new(ExecOptions {
+                nodesets: exec.nodesets,
+                exclude: exec.exclude,
+                topology: exec.topology,
+                gather: exec.gather,
+                command: exec.command,
+                user: exec.user,
+                port: exec.port.unwrap_or(22),
+                run,
+            }))
+        }
         Some(Sub::Run(run)) => {
-            let mut binaries = Vec::new();
-            for spec in &run.binaries {
-                match spec.split_once('=') {
-                    Some((arch, path)) if !arch.is_empty() && !path.is_empty() => {
-                        binaries.push((arch.to_string(), PathBuf::from(path)))
-                    }
-                    _ => {
-                        eprintln!("arbor: --binary {spec:?}: expected ARCH=PATH");
-                        return Err(ExitCode::from(crate::exit::BAD_INPUT));
-                    }
-                }
-            }
             if run.file.is_none()
                 && run.remotes.is_empty()
                 && run.topology.is_none()
@@ -279,7 +380,8 @@ pub fn parse() -> Result<Invocation, ExitCode> {
                 );
                 return Err(ExitCode::from(crate::exit::BAD_INPUT));
             }
-            Command::Run(Box::new(RunOptions {
+            let run = *run;
+            let mut options = RunOptions {
                 file: run.file,
                 remotes: run.remotes,
                 topology: run.topology,
@@ -287,23 +389,16 @@ pub fn parse() -> Result<Invocation, ExitCode> {
                 noop: run.noop,
                 hostname: run.hostname,
                 live_edits: !run.no_watch,
-                cconns: run.cconns,
-                no_caching: run.no_caching,
-                compress: run.compress,
                 tmp_prefix: run.tmp_prefix,
                 seeds: run.seeds,
                 no_server: run.no_server,
-                identities: run.identities,
-                known_hosts: run.known_hosts,
-                accept_new: run.host_key_policy == "accept-new",
-                allow_interactive: run.allow_interactive,
-                connect_timeout: Duration::from_secs(run.connect_timeout),
-                binaries,
-                remote_tmp: run.remote_tmp,
                 verbosity: args.verbose,
                 depth: run.depth,
                 workdir: run.workdir,
-            }))
+                ..RunOptions::default()
+            };
+            run.ssh.apply(&mut options)?;
+            Command::Run(Box::new(options))
         }
         None => {
             use clap::CommandFactory;

@@ -67,6 +67,7 @@ async fn run(
             }
         }
         cli::Command::TopologyCheck(path) => ExitCode::from(arbor::topology::check::run(&path)),
+        cli::Command::Exec(options) => ExitCode::from(arbor::node::exec::run(*options).await),
         cli::Command::Run(options) => match event_log {
             Some(log) => {
                 ExitCode::from(arbor::node::relay::run(*options, log, set_verbosity).await)

@@ -30,7 +30,8 @@ pub enum FromChild {
 /// The parent's handle on a running child: send control frames, and know its tunnel end.
 pub struct ChildLink {
     writer: FrameWriter<Box<dyn tokio::io::AsyncWrite + Send + Unpin>>,
-    pub tunnel: ForwardEnd,
+    /// The store tunnel's end on the child (none for `arbor exec`, which has no store).
+    pub tunnel: Option<ForwardEnd>,
 }
 
 impl ChildLink {
@@ -66,7 +67,8 @@ pub fn subtree_paths(children: &[crate::wire::ChildSpec]) -> HashSet<HostPath> {
     out
 }
 
-/// Opens the store tunnel, starts arbor on the child, exchanges hellos and sends `start`.
+/// Opens the store tunnel (when there is a `store`), starts arbor on the child, exchanges
+/// hellos and sends `start`.
 /// Errors are whole sentences naming the host and the step (`l1-3: forward: …`).
 /// Events from the child arrive on the returned receiver, tagged with the child's path
 /// relative to this node (its name first), until a final [`FromChild::Exited`]; events about
@@ -75,19 +77,26 @@ pub async fn launch(
     session: &Session,
     me: HostPath,
     staged: &Staged,
-    store: Arc<dyn Connector>,
+    store: Option<Arc<dyn Connector>>,
     start: Start,
     forward_agent: bool,
     hello_timeout: std::time::Duration,
 ) -> Result<(ChildLink, mpsc::Receiver<FromChild>), String> {
-    let socket = format!("{}/store.sock", staged.workdir);
-    let tunnel = session
-        .forward_unix_or_tcp(&socket, store)
-        .await
-        .map_err(|e| e.to_string())?;
+    let tunnel = match store {
+        Some(store) => {
+            let socket = format!("{}/store.sock", staged.workdir);
+            Some(
+                session
+                    .forward_unix_or_tcp(&socket, store)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            )
+        }
+        None => None,
+    };
 
     let name = me.name().to_string();
-    if let crate::ssh::ForwardEnd::Tcp(port) = &tunnel {
+    if let Some(crate::ssh::ForwardEnd::Tcp(port)) = &tunnel {
         tracing::warn!(
             "{name}: the store tunnel ends on loopback TCP port {port} there (its sshd refused \
              Unix-socket forwarding): local processes can reach that port, and the store \
@@ -99,13 +108,14 @@ pub async fn launch(
         "--hostname",
         &name,
         "--no-server",
-        "--seeds",
-        &tunnel.to_string(),
         "--workdir",
         &staged.workdir,
         "--depth",
         &start.path.depth().to_string(),
     ]);
+    if let Some(tunnel) = &tunnel {
+        line = line.args(["--seeds", &tunnel.to_string()]);
+    }
     if let Some(graph) = &staged.graph {
         line = line.args(["--file", graph]);
     }
@@ -238,17 +248,20 @@ pub async fn launch(
     }
 }
 
-/// One line of the child's raw stderr, sent up as its log.
+/// One line of the child's raw stderr, sent up as its log (in pieces that fit a frame).
 async fn send_stderr(tx: &mpsc::Sender<FromChild>, host: &HostPath, line: &[u8]) {
-    let _ = tx
-        .send(FromChild::Event(Event {
-            host: host.clone(),
-            kind: EventKind::Log {
-                line: String::from_utf8_lossy(line).into_owned(),
-                stderr: true,
-            },
-        }))
-        .await;
+    let text = String::from_utf8_lossy(line);
+    for piece in crate::wire::line_pieces(&text) {
+        let _ = tx
+            .send(FromChild::Event(Event {
+                host: host.clone(),
+                kind: EventKind::Log {
+                    line: piece.to_string(),
+                    stderr: true,
+                },
+            }))
+            .await;
+    }
 }
 
 /// Lines kept of a child's stderr, and of its log file, to say why it ended.

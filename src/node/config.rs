@@ -77,6 +77,27 @@ impl Default for RunOptions {
     }
 }
 
+/// `arbor exec`, as plain data.
+#[derive(Debug, Clone)]
+pub struct ExecOptions {
+    /// `-w`: the nodesets of the hosts to run on (joined).
+    pub nodesets: Vec<String>,
+    /// `-x`: nodesets of hosts to leave out.
+    pub exclude: Vec<String>,
+    /// With a topology, `-w` names its hosts, reached through its relays.
+    pub topology: Option<PathBuf>,
+    /// `-b`: gather identical outputs at the end.
+    pub gather: bool,
+    /// The command's words, joined with spaces for the remote shell (as ssh does).
+    pub command: Vec<String>,
+    /// Without a topology: the SSH user (default: the local user, as ssh) and port.
+    pub user: Option<String>,
+    pub port: u16,
+    /// The settings shared with `arbor run`: cconns, keys, known_hosts, host-key policy,
+    /// timeouts, builds, remote tmp, caching, compression, verbosity.
+    pub run: RunOptions,
+}
+
 /// The shortest wait for a started child's hello: a loaded host can take a few seconds to
 /// exec a freshly copied binary.
 const MIN_HELLO_TIMEOUT: u64 = 10;

@@ -9,7 +9,7 @@ use super::stage::{self, StageOptions, Staged};
 use crate::ssh::{self, ConnectOptions, Connector, ExitStatus, HostKeyPolicy, Session, Target};
 use crate::ui::HostReport;
 use crate::wire::{
-    ChildMode, ChildSpec, Down, Event, EventKind, HostPath, HostState, NodeConfig, Start,
+    ChildMode, ChildSpec, Down, Event, EventKind, ExecJob, HostPath, HostState, NodeConfig, Start,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -31,8 +31,9 @@ pub struct FleetContext {
     /// this node has (the initiator's key files and known_hosts; a relay's received lines).
     pub connect: ConnectOptions,
     pub builds: Builds,
-    /// Connects each child's store tunnel to this node's own store endpoint.
-    pub store: Arc<dyn Connector>,
+    /// Connects each child's store tunnel to this node's own store endpoint (`None` for
+    /// `arbor exec`, which has no store).
+    pub store: Option<Arc<dyn Connector>>,
     /// Serves agent channels from children whose own children need signatures: for each such
     /// child, a connector (at the initiator, a front that signs only for that child's
     /// subtree; at a relay, its own forwarded agent, which that front stands behind).
@@ -43,6 +44,10 @@ pub struct FleetContext {
     pub known_hosts: String,
     /// Where events go: tagged relative to this node.
     pub events: mpsc::Sender<Event>,
+    /// `arbor exec`: the command and its targets in this node's subtree. Targeted children
+    /// run it over a connection of their own; children with children of their own (the
+    /// subtree is pruned to the paths that lead to targets) are staged as relays for it.
+    pub exec: Option<Arc<ExecJob>>,
 }
 
 impl FleetContext {
@@ -205,13 +210,19 @@ impl Fleet {
 
 /// The known_hosts names of every host in a subtree.
 pub fn subtree_names(children: &[ChildSpec]) -> Vec<String> {
-    let mut out = Vec::new();
+    subtree_specs(children)
+        .map(|c| ssh::known_hosts::host_key_name(&c.host, c.port))
+        .collect()
+}
+
+/// Every host of a subtree, depth first.
+pub fn subtree_specs(children: &[ChildSpec]) -> impl Iterator<Item = &ChildSpec> {
     let mut stack: Vec<&ChildSpec> = children.iter().collect();
-    while let Some(c) = stack.pop() {
-        out.push(ssh::known_hosts::host_key_name(&c.host, c.port));
+    std::iter::from_fn(move || {
+        let c = stack.pop()?;
         stack.extend(&c.children);
-    }
-    out
+        Some(c)
+    })
 }
 
 fn graphs_used(spec: &ChildSpec) -> Vec<String> {
@@ -292,7 +303,7 @@ impl ChildRun {
 
 /// Connect options for one child: this node's, with the child's pinned key, identity and
 /// URL password.
-fn child_options(ctx: &FleetContext, spec: &ChildSpec) -> Result<ConnectOptions, String> {
+pub(super) fn child_options(ctx: &FleetContext, spec: &ChildSpec) -> Result<ConnectOptions, String> {
     let mut options = ctx.connect.clone();
     options.label = Some(spec.name.clone());
     if let Some(key) = &spec.host_key {
@@ -312,7 +323,7 @@ fn child_options(ctx: &FleetContext, spec: &ChildSpec) -> Result<ConnectOptions,
     Ok(options)
 }
 
-fn stopped(name: &str) -> String {
+pub(super) fn stopped(name: &str) -> String {
     format!("{name}: not started: the run was stopped")
 }
 
@@ -391,9 +402,48 @@ async fn run_child(
     via: Option<Arc<Session>>,
 ) -> HostReport {
     let mut run = ChildRun::new(&ctx, &spec.name, &prefix);
-    match stage_child(&ctx, &limit, &spec, &mut run, via, &inbox.stop).await {
-        Ok(launched) => supervise(&ctx, &spec, &mut run, launched, inbox).await,
-        Err(cause) => run.failed(cause).await,
+    let Some(job) = ctx.exec.clone() else {
+        return match stage_child(&ctx, &limit, &spec, &mut run, via, &inbox.stop).await {
+            Ok(launched) => supervise(&ctx, &spec, &mut run, launched, inbox).await,
+            Err(cause) => run.failed(cause).await,
+        };
+    };
+    // `arbor exec`: the command over a connection of its own (so a relay's staging never
+    // shares a connection with it), and arbor as a relay for the targets below.
+    let command = job.targets.contains(&spec.name).then(|| {
+        super::exec::run_on_host(
+            ctx.clone(),
+            limit.clone(),
+            spec.clone(),
+            run.me.clone(),
+            via.clone(),
+            job.command.clone(),
+            inbox.stop.clone(),
+        )
+    });
+    let relay = async {
+        if spec.children.is_empty() {
+            return None;
+        }
+        Some(
+            match stage_child(&ctx, &limit, &spec, &mut run, via.clone(), &inbox.stop).await {
+                Ok(launched) => supervise(&ctx, &spec, &mut run, launched, inbox).await,
+                Err(cause) => run.failed(cause).await,
+            },
+        )
+    };
+    match command {
+        Some(command) => {
+            let (ran, relayed) = tokio::join!(command, relay);
+            match relayed {
+                Some(r) if !r.ok => r,
+                _ => ran,
+            }
+        }
+        None => match relay.await {
+            Some(r) => r,
+            None => run.report(None),
+        },
     }
 }
 
@@ -430,6 +480,7 @@ async fn stage_child(
     let graph = spec
         .graph
         .as_ref()
+        .filter(|_| ctx.exec.is_none())
         .and_then(|g| ctx.graph(g).map(|t| (g.clone(), t)));
     let mut last_sent = Instant::now();
     let (events, progress_host) = (ctx.events.clone(), run.me.clone());
@@ -500,7 +551,20 @@ async fn stage_child(
         },
         config,
         credential: spec.credential.clone(),
-        exec: None,
+        // Only the targets of its own subtree: a relay learns nothing about other hosts.
+        exec: ctx.exec.as_ref().map(|job| {
+            let below: std::collections::HashSet<String> =
+                subtree_specs(&spec.children).map(|c| c.name.clone()).collect();
+            ExecJob {
+                command: job.command.clone(),
+                targets: job
+                    .targets
+                    .iter()
+                    .filter(|t| below.contains(*t))
+                    .cloned()
+                    .collect(),
+            }
+        }),
     };
     let forward_agent = !spec.children.is_empty() && ctx.agent.is_some();
     if let (true, Some(agent_for)) = (forward_agent, &ctx.agent) {
@@ -552,7 +616,7 @@ async fn supervise(
         mut link,
         mut events,
     } = launched;
-    run.store_over_tcp = matches!(link.tunnel, ssh::ForwardEnd::Tcp(_));
+    run.store_over_tcp = matches!(link.tunnel, Some(ssh::ForwardEnd::Tcp(_)));
     let mut fetches: JoinSet<(String, FetchResult)> = JoinSet::new();
     let mut stopping = false;
     let mut deadline: Option<tokio::time::Instant> = None;
@@ -619,7 +683,8 @@ async fn supervise(
         }
     };
     fetches.abort_all();
-    let ok = stopping && status.success();
+    // A relay for `arbor exec` ends on its own once its subtree is done.
+    let ok = (stopping || ctx.exec.is_some()) && status.success();
     let why = if ok {
         String::new()
     } else {

@@ -361,7 +361,7 @@ impl Plan {
     }
 }
 
-fn builds(options: &RunOptions) -> Result<Builds, String> {
+pub(super) fn builds(options: &RunOptions) -> Result<Builds, String> {
     let mut all = vec![Build::current().map_err(|e| format!("reading arbor's own binary: {e}"))?];
     for (arch, path) in &options.binaries {
         let platform = if arch.contains(' ') || arch.contains('-') {
@@ -386,7 +386,33 @@ fn fleet_context(
     store: &RunStore,
     events: mpsc::Sender<Event>,
 ) -> FleetContext {
-    let mut connect = fleet::connect_options(&plan.config);
+    let (connect, known_hosts) = initiator_connect(options, &plan.config);
+    FleetContext {
+        path: HostPath::root(),
+        config: plan.config.clone(),
+        agent: None,
+        builds: plan.builds.clone(),
+        store: Some(store.connector.clone()),
+        graphs: Mutex::new(
+            plan.graphs
+                .iter()
+                .map(|(k, (_, text))| (k.clone(), text.clone()))
+                .collect(),
+        ),
+        known_hosts,
+        connect,
+        events,
+        exec: None,
+    }
+}
+
+/// How the initiator connects: the run's settings plus the operator's key files, known_hosts
+/// files and prompter; and the text of those known_hosts files, for relays.
+pub(super) fn initiator_connect(
+    options: &RunOptions,
+    config: &NodeConfig,
+) -> (ssh::ConnectOptions, String) {
+    let mut connect = fleet::connect_options(config);
     connect
         .host_keys
         .known_hosts
@@ -402,29 +428,17 @@ fn fleet_context(
         .filter_map(|p| std::fs::read_to_string(p).ok())
         .collect::<Vec<_>>()
         .join("\n");
-    FleetContext {
-        path: HostPath::root(),
-        config: plan.config.clone(),
-        agent: None,
-        builds: plan.builds.clone(),
-        store: store.connector.clone(),
-        graphs: Mutex::new(
-            plan.graphs
-                .iter()
-                .map(|(k, (_, text))| (k.clone(), text.clone()))
-                .collect(),
-        ),
-        known_hosts,
-        connect,
-        events,
-    }
+    (connect, known_hosts)
 }
 
 /// Relays sign for their children with our keys: through our ssh-agent if there is one,
 /// else through an agent in this process holding the key files we loaded. Either way each
 /// relay reaches it only through a front that signs user authentication to the hosts of that
 /// relay's own subtree, bound to their host keys and sessions (`ssh::agent_front`).
-async fn choose_agent(ctx: &FleetContext, has_relays: bool) -> Option<fleet::AgentFor> {
+pub(super) async fn choose_agent(
+    ctx: &FleetContext,
+    has_relays: bool,
+) -> Option<fleet::AgentFor> {
     if !has_relays {
         return None;
     }
@@ -688,23 +702,8 @@ impl View {
                 _ => {}
             }
         }
-        if let (EventKind::KnownHost { name, key }, Some(file)) = (&event.kind, &self.learn_into) {
-            // Only the relay that connects to a host may report its key.
-            if ssh::known_hosts::valid_reported_name(name)
-                && self
-                    .learnable
-                    .get(&event.host)
-                    .is_some_and(|names| names.contains(name))
-            {
-                record_learned_key(file, name, key, &event.host);
-            } else {
-                tracing::warn!(
-                    "{}: ignored its report of a host key for {:?}: not a host it connects to",
-                    event.host,
-                    crate::ui::printable(name)
-                );
-                return;
-            }
+        if !learned_key(event, self.learn_into.as_deref(), &self.learnable) {
+            return;
         }
         if let EventKind::State(state) = &event.kind {
             self.book.state(event.host.name(), state);
@@ -953,7 +952,7 @@ fn unique_names(children: &[ChildSpec], local: Option<&str>) -> Result<(), Strin
 
 /// For each relay (by path), the known_hosts names of the hosts it connects to: its children,
 /// and the children it reaches through its jump hosts.
-fn learnable_names(children: &[ChildSpec]) -> HashMap<HostPath, HashSet<String>> {
+pub(super) fn learnable_names(children: &[ChildSpec]) -> HashMap<HostPath, HashSet<String>> {
     fn reached(
         at: &HostPath,
         specs: &[ChildSpec],
@@ -981,10 +980,40 @@ fn learnable_names(children: &[ChildSpec]) -> HashMap<HostPath, HashSet<String>>
     out
 }
 
-fn has_grandchildren(spec: &ChildSpec) -> bool {
+pub(super) fn has_grandchildren(spec: &ChildSpec) -> bool {
     match spec.mode {
         ChildMode::Jump => spec.children.iter().any(has_grandchildren),
         ChildMode::Relay => !spec.children.is_empty(),
+    }
+}
+
+/// A relay's report of a host key it learned under accept-new (`event`, if it is one):
+/// recorded in `learn_into` when it comes from the relay that connects to that host (by
+/// `learnable`, from [`learnable_names`]), refused with a warning otherwise. Returns false
+/// for a refused report, which is not shown.
+pub(super) fn learned_key(
+    event: &Event,
+    learn_into: Option<&Path>,
+    learnable: &HashMap<HostPath, HashSet<String>>,
+) -> bool {
+    let (EventKind::KnownHost { name, key }, Some(file)) = (&event.kind, learn_into) else {
+        return true;
+    };
+    // Only the relay that connects to a host may report its key.
+    if ssh::known_hosts::valid_reported_name(name)
+        && learnable
+            .get(&event.host)
+            .is_some_and(|names| names.contains(name))
+    {
+        record_learned_key(file, name, key, &event.host);
+        true
+    } else {
+        tracing::warn!(
+            "{}: ignored its report of a host key for {:?}: not a host it connects to",
+            event.host,
+            crate::ui::printable(name)
+        );
+        false
     }
 }
 

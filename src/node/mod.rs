@@ -14,11 +14,13 @@
 //! | stage | putting arbor and a graph on one host |
 //! | builds | the builds of arbor a node can copy, and fetching them from the parent |
 //! | child_link | the parent's end of the link to one child (tunnel, exec, frames) |
+//! | exec | `arbor exec`: an ad-hoc command on targeted hosts, through relays; output and exit codes |
 //! | parent_link | a child's end of the link to its parent (stdin/stdout frames, log) |
 
 pub mod builds;
 pub mod child_link;
 pub mod config;
+pub mod exec;
 pub mod fleet;
 pub mod initiator;
 pub mod parent_link;

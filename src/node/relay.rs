@@ -45,12 +45,19 @@ pub async fn run(options: RunOptions, log: EventLog, set_verbosity: SetVerbosity
     let name = start.hostname.clone();
     tracing::debug!("{name}: node at depth {} starting", start.path.depth());
 
-    let result = serve(&options, &start, &up, &mut down).await;
+    let result = if start.exec.is_some() {
+        serve_exec(&options, &start, &up, &mut down).await
+    } else {
+        serve(&options, &start, &up, &mut down).await
+    };
     if let Some(peak) = peak_rss_kib() {
-        tracing::info!(
-            "{name}: exiting; peak memory {:.1} MB",
-            peak as f64 / 1024.0
-        );
+        let peak = peak as f64 / 1024.0;
+        // `arbor exec` prints its hosts' logs on the operator's stderr: keep it quiet there.
+        if start.exec.is_some() {
+            tracing::debug!("{name}: exiting; peak memory {peak:.1} MB");
+        } else {
+            tracing::info!("{name}: exiting; peak memory {peak:.1} MB");
+        }
     }
     let code = match result {
         // The parent reports our clean exit once the link has closed.
@@ -168,24 +175,8 @@ async fn serve(
             .await
             .map_err(|e| format!("{name}: {e}"))?;
         let fetcher = fetches.fetcher(up.clone());
-        let mut ctx = fleet_context(start, store, events_tx.clone(), fetcher)?;
-        if start.config.accept_new {
-            // Keys learned here go up to the initiator's known_hosts, not into ours.
-            let (learned_tx, mut learned) = mpsc::unbounded_channel::<(String, String)>();
-            ctx.connect.host_keys.learn_into = None;
-            ctx.connect.host_keys.report_learned = Some(learned_tx);
-            let events = events_tx.clone();
-            tokio::spawn(async move {
-                while let Some((name, key)) = learned.recv().await {
-                    let _ = events
-                        .send(crate::wire::Event {
-                            host: crate::wire::HostPath::root(),
-                            kind: EventKind::KnownHost { name, key },
-                        })
-                        .await;
-                }
-            });
-        }
+        let mut ctx = fleet_context(start, Some(store), events_tx.clone(), fetcher)?;
+        report_learned_keys(&mut ctx, start, &events_tx);
         Some(Fleet::start(Arc::new(ctx), start.children.clone()))
     };
     drop(events_tx);
@@ -409,12 +400,113 @@ pub fn settled_state(status: &Status, reported: Option<&HostState>) -> Option<Ho
     }
 }
 
+/// Under accept-new, keys learned here go up to the initiator's known_hosts, not into ours.
+fn report_learned_keys(
+    ctx: &mut FleetContext,
+    start: &Start,
+    events: &mpsc::Sender<crate::wire::Event>,
+) {
+    if !start.config.accept_new {
+        return;
+    }
+    let (learned_tx, mut learned) = mpsc::unbounded_channel::<(String, String)>();
+    ctx.connect.host_keys.learn_into = None;
+    ctx.connect.host_keys.report_learned = Some(learned_tx);
+    let events = events.clone();
+    tokio::spawn(async move {
+        while let Some((name, key)) = learned.recv().await {
+            let _ = events
+                .send(crate::wire::Event {
+                    host: crate::wire::HostPath::root(),
+                    kind: EventKind::KnownHost { name, key },
+                })
+                .await;
+        }
+    });
+}
+
+/// `arbor exec` at depth > 0: no store and no graph. The children (pruned by the initiator to
+/// the paths that lead to targets) are run by the same fleet code: targeted ones run the
+/// command over a connection of their own, those with children below are staged as relays.
+/// Their output goes up as events. The node exits once every child is done, or at once
+/// (stopping every command below) when its parent says so, is gone, or a signal comes.
+async fn serve_exec(
+    options: &RunOptions,
+    start: &Start,
+    up: &Upstream,
+    down: &mut parent_link::Downstream,
+) -> Result<(), String> {
+    let name = &start.hostname;
+    let mut signals = super::StopSignals::new().map_err(|e| format!("{name}: signals: {e}"))?;
+    let fetches = Fetches::default();
+    let (events_tx, mut events_rx) = mpsc::channel(1024);
+    let mut ctx = fleet_context(start, None, events_tx.clone(), fetches.fetcher(up.clone()))?;
+    ctx.exec = start.exec.clone().map(Arc::new);
+    report_learned_keys(&mut ctx, start, &events_tx);
+    drop(events_tx);
+    let mut fleet = Fleet::start(Arc::new(ctx), start.children.clone());
+    let mut done = fleet.is_empty();
+    let stopped = loop {
+        if done {
+            break false;
+        }
+        tokio::select! {
+            frame = down.recv() => match frame {
+                Some(Down::Fetched { sha256, result }) => fetches.answer(&sha256, result),
+                Some(Down::Shutdown { reason }) => {
+                    tracing::debug!("{name}: stopping the command: {reason}");
+                    break true;
+                }
+                Some(_) => {}
+                None => {
+                    tracing::warn!("{name}: parent link closed; stopping the command below");
+                    break true;
+                }
+            },
+            event = events_rx.recv() => {
+                if let Some(event) = event {
+                    up.forward(event).await;
+                }
+            }
+            report = fleet.next_finished() => {
+                if report.is_none() {
+                    done = true;
+                }
+            }
+            signal = signals.next() => {
+                tracing::warn!("{name}: {}; stopping the command below", super::signal_name(signal));
+                break true;
+            }
+        }
+    };
+    if stopped {
+        let workdir = options.workdir.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(EXIT_DEADLINE);
+            eprintln!("arbor: stopping took longer than {EXIT_DEADLINE:?}; exiting");
+            if let Some(dir) = &workdir {
+                remove_own_workdir(dir);
+            }
+            std::process::exit(crate::exit::FAILED.into());
+        });
+    }
+    fetches.answer_all_closed();
+    // Every child's last events (its command's end) go up before this node exits.
+    let forward = async {
+        while let Some(event) = events_rx.recv().await {
+            up.forward(event).await;
+        }
+    };
+    tokio::join!(fleet.shutdown(), forward);
+    Ok(())
+}
+
 /// What this relay's children share: the run's settings from `start`, this relay's own build
 /// (and the run's others, fetched from the parent on demand), and the known_hosts lines the
 /// parent sent down.
 fn fleet_context(
     start: &Start,
-    store: Arc<dyn ssh::Connector>,
+    store: Option<Arc<dyn ssh::Connector>>,
     events: mpsc::Sender<crate::wire::Event>,
     fetcher: FetchFromParent,
 ) -> Result<FleetContext, String> {
@@ -444,6 +536,7 @@ fn fleet_context(
         graphs: Mutex::new(start.graphs.clone()),
         known_hosts: start.known_hosts.clone(),
         events,
+        exec: None,
     })
 }
 

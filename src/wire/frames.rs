@@ -38,6 +38,13 @@ impl HostPath {
         self.0.len()
     }
 
+    /// The path of the host above this one (the root for a top-level host and the root).
+    pub fn parent(&self) -> HostPath {
+        let mut v = self.0.clone();
+        v.pop();
+        HostPath(v)
+    }
+
     /// The host's own name (the last segment).
     pub fn name(&self) -> &str {
         self.0.last().map_or("", String::as_str)
