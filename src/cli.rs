@@ -235,7 +235,12 @@ struct ExecArgs {
     ssh: SshArgs,
     /// The command, after `--`: its words are joined by spaces and run by each host's login
     /// shell, as ssh runs a command.
-    #[arg(value_name = "COMMAND", required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    #[arg(
+        value_name = "COMMAND",
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
     command: Vec<String>,
 }
 

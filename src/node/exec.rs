@@ -132,7 +132,8 @@ impl Lines {
 
     /// The last line, if the stream did not end with a newline.
     fn finish(&mut self) -> Option<String> {
-        (!self.buf.is_empty()).then(|| String::from_utf8_lossy(&std::mem::take(&mut self.buf)).into_owned())
+        (!self.buf.is_empty())
+            .then(|| String::from_utf8_lossy(&std::mem::take(&mut self.buf)).into_owned())
     }
 }
 
@@ -367,7 +368,9 @@ impl ExecPlan {
     fn read(options: &ExecOptions) -> Result<ExecPlan, String> {
         let command = options.command.join(" ");
         if command.trim().is_empty() {
-            return Err(bad("no command to run: give it after `--` (arbor exec -w HOSTS -- COMMAND)"));
+            return Err(bad(
+                "no command to run: give it after `--` (arbor exec -w HOSTS -- COMMAND)",
+            ));
         }
         let names = select_names(&options.nodesets, &options.exclude)?;
         let children = match &options.topology {
@@ -426,7 +429,9 @@ impl ExecPlan {
             }
         };
         if names.is_empty() {
-            return Err(bad("no host left to run on (every host of -w is excluded by -x)"));
+            return Err(bad(
+                "no host left to run on (every host of -w is excluded by -x)",
+            ));
         }
         let paths = index(&children)
             .into_iter()
@@ -554,7 +559,10 @@ impl View {
         let event = crate::ui::sanitized(event);
         let host = printable(&event.host.to_string()).into_owned();
         match &event.kind {
-            EventKind::Output { line, stderr: false } => {
+            EventKind::Output {
+                line,
+                stderr: false,
+            } => {
                 if let Some(gather) = &mut self.gather {
                     let g = gather.entry(event.host.name().to_string()).or_default();
                     if g.bytes + line.len() > GATHER_LIMIT {
@@ -614,7 +622,8 @@ impl View {
     /// The end on stderr: hosts whose command failed, by exit code, and hosts not reached.
     fn print_outcome(&self) {
         let mut by_code: BTreeMap<u32, Vec<String>> = BTreeMap::new();
-        let unreached: HashSet<String> = self.book.unreached().into_iter().map(|(n, _)| n).collect();
+        let unreached: HashSet<String> =
+            self.book.unreached().into_iter().map(|(n, _)| n).collect();
         for (name, code) in self.book.codes() {
             if code != 0 && !unreached.contains(&name) {
                 by_code.entry(code).or_default().push(name);
@@ -627,7 +636,11 @@ impl View {
             );
         }
         for (name, why) in self.book.unreached() {
-            eprintln!("arbor: {}: no exit code (255): {}", printable(&name), printable(&why));
+            eprintln!(
+                "arbor: {}: no exit code (255): {}",
+                printable(&name),
+                printable(&why)
+            );
         }
     }
 }
@@ -648,7 +661,10 @@ pub async fn run(options: ExecOptions) -> u8 {
             return exit::FAILED;
         }
     };
-    let relays = plan.children.iter().any(super::initiator::has_grandchildren);
+    let relays = plan
+        .children
+        .iter()
+        .any(super::initiator::has_grandchildren);
     let builds = if relays {
         match super::initiator::builds(&options.run) {
             Ok(b) => b,
@@ -722,7 +738,10 @@ pub async fn run(options: ExecOptions) -> u8 {
         }
     };
     if let Some(signal) = stopped {
-        eprintln!("arbor: {}; stopping the command on every host", signal_name(signal));
+        eprintln!(
+            "arbor: {}; stopping the command on every host",
+            signal_name(signal)
+        );
         let drain = async {
             while let Some(event) = events.recv().await {
                 view.event(&event);
@@ -786,7 +805,9 @@ mod tests {
     }
 
     fn names(specs: &[ChildSpec]) -> Vec<String> {
-        let mut out: Vec<String> = fleet::subtree_specs(specs).map(|c| c.name.clone()).collect();
+        let mut out: Vec<String> = fleet::subtree_specs(specs)
+            .map(|c| c.name.clone())
+            .collect();
         out.sort();
         out
     }
@@ -812,34 +833,81 @@ mod tests {
 
     #[test]
     fn the_exit_code_is_the_largest_and_unreached_targets_are_255_with_why() {
-        let pruned = prune(&tree(), &["l1-1", "l1-2", "l2-1", "r2"].map(String::from).into());
+        let pruned = prune(
+            &tree(),
+            &["l1-1", "l1-2", "l2-1", "r2"].map(String::from).into(),
+        );
         let paths: BTreeMap<String, HostPath> = index(&pruned)
             .into_iter()
             .map(|(n, (p, _))| (n, p))
             .collect();
-        let mut book = ExecBook::new(&["l1-1".into(), "l1-2".into(), "l2-1".into(), "r2".into()], &paths);
+        let mut book = ExecBook::new(
+            &["l1-1".into(), "l1-2".into(), "l2-1".into(), "r2".into()],
+            &paths,
+        );
         let ev = |path: &str, kind: EventKind| Event {
             host: HostPath::parse(path),
             kind,
         };
-        book.event(&ev("r1/l1-1", EventKind::Ended { code: 0, signal: None }));
-        book.event(&ev("r1/l1-2", EventKind::Ended { code: 3, signal: None }));
-        book.event(&ev("r2", EventKind::Ended { code: 1, signal: None }));
+        book.event(&ev(
+            "r1/l1-1",
+            EventKind::Ended {
+                code: 0,
+                signal: None,
+            },
+        ));
+        book.event(&ev(
+            "r1/l1-2",
+            EventKind::Ended {
+                code: 3,
+                signal: None,
+            },
+        ));
+        book.event(&ev(
+            "r2",
+            EventKind::Ended {
+                code: 1,
+                signal: None,
+            },
+        ));
         assert_eq!(book.exit_code(), exit::UNREACHABLE);
         book.event(&ev(
             "r2",
-            EventKind::State(HostState::Failed { cause: "r2: stage: boom".into() }),
+            EventKind::State(HostState::Failed {
+                cause: "r2: stage: boom".into(),
+            }),
         ));
         assert_eq!(
             book.unreached(),
-            [("l2-1".to_string(), "not reached: r2: stage: boom".to_string())]
+            [(
+                "l2-1".to_string(),
+                "not reached: r2: stage: boom".to_string()
+            )]
         );
-        book.event(&ev("r2/l2-1", EventKind::Ended { code: 2, signal: None }));
+        book.event(&ev(
+            "r2/l2-1",
+            EventKind::Ended {
+                code: 2,
+                signal: None,
+            },
+        ));
         assert_eq!(book.exit_code(), 3);
         assert!(book.unreached().is_empty());
         // A code for a host that is no target, or a second code, changes nothing.
-        book.event(&ev("r1", EventKind::Ended { code: 200, signal: None }));
-        book.event(&ev("r1/l1-2", EventKind::Ended { code: 9, signal: None }));
+        book.event(&ev(
+            "r1",
+            EventKind::Ended {
+                code: 200,
+                signal: None,
+            },
+        ));
+        book.event(&ev(
+            "r1/l1-2",
+            EventKind::Ended {
+                code: 9,
+                signal: None,
+            },
+        ));
         assert_eq!(book.exit_code(), 3);
     }
 
@@ -900,8 +968,16 @@ mod tests {
         let started = Instant::now();
         drop(stdin);
         let out = child.wait_with_output().expect("wait");
-        assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
         assert_eq!(out.status.code(), Some(143));
-        assert!(out.stdout.is_empty(), "{:?}", String::from_utf8_lossy(&out.stdout));
+        assert!(
+            out.stdout.is_empty(),
+            "{:?}",
+            String::from_utf8_lossy(&out.stdout)
+        );
     }
 }

@@ -303,7 +303,10 @@ impl ChildRun {
 
 /// Connect options for one child: this node's, with the child's pinned key, identity and
 /// URL password.
-pub(super) fn child_options(ctx: &FleetContext, spec: &ChildSpec) -> Result<ConnectOptions, String> {
+pub(super) fn child_options(
+    ctx: &FleetContext,
+    spec: &ChildSpec,
+) -> Result<ConnectOptions, String> {
     let mut options = ctx.connect.clone();
     options.label = Some(spec.name.clone());
     if let Some(key) = &spec.host_key {
@@ -553,8 +556,9 @@ async fn stage_child(
         credential: spec.credential.clone(),
         // Only the targets of its own subtree: a relay learns nothing about other hosts.
         exec: ctx.exec.as_ref().map(|job| {
-            let below: std::collections::HashSet<String> =
-                subtree_specs(&spec.children).map(|c| c.name.clone()).collect();
+            let below: std::collections::HashSet<String> = subtree_specs(&spec.children)
+                .map(|c| c.name.clone())
+                .collect();
             ExecJob {
                 command: job.command.clone(),
                 targets: job

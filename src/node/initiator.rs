@@ -435,10 +435,7 @@ pub(super) fn initiator_connect(
 /// else through an agent in this process holding the key files we loaded. Either way each
 /// relay reaches it only through a front that signs user authentication to the hosts of that
 /// relay's own subtree, bound to their host keys and sessions (`ssh::agent_front`).
-pub(super) async fn choose_agent(
-    ctx: &FleetContext,
-    has_relays: bool,
-) -> Option<fleet::AgentFor> {
+pub(super) async fn choose_agent(ctx: &FleetContext, has_relays: bool) -> Option<fleet::AgentFor> {
     if !has_relays {
         return None;
     }
