@@ -1,7 +1,8 @@
 //! End-to-end tests of `arbor exec` against the lab's real SSH hosts: flat over a nodeset of
 //! addresses, exit codes (the largest; 255 for a host not reached), through relays to exactly
 //! the targeted leaves (no other host contacted: sshd logs unchanged, no marker, nothing left),
-//! `-b` gathering under folded nodesets, and ^C at depth 2 leaving nothing running.
+//! `-b` gathering under folded nodesets, ^C at depth 2 leaving nothing running; and
+//! `arbor run --limit`, `--limit @failed` and `arbor exec -w @failed`.
 //!
 //! The lab is 2 relays × 3 leaves, with Debian's dropbear instead of OpenSSH on the relay r2
 //! and the leaf l1-2, as in the tree tests.
@@ -45,6 +46,14 @@ fn main() -> std::process::ExitCode {
         (
             "bad_input_exits_2_before_contacting_anything",
             bad_input_exits_2_before_contacting_anything,
+        ),
+        (
+            "exec_at_failed_reruns_only_the_hosts_whose_command_failed",
+            exec_at_failed_reruns_only_the_hosts_whose_command_failed,
+        ),
+        (
+            "run_limit_reaches_only_its_hosts_and_limit_failed_reruns_the_failures",
+            run_limit_reaches_only_its_hosts_and_limit_failed_reruns_the_failures,
         ),
     ];
     support::harness::run_with_lab(
@@ -139,8 +148,22 @@ fn check_no_leftovers(lab: &Lab, hosts: &[&str], within: Duration) -> TestResult
     Ok(())
 }
 
-/// Each host's sshd (or dropbear) log size: a host that was not contacted logs nothing.
+/// Each host's sshd (or dropbear) log size: a host that was not contacted logs nothing. Taken
+/// once the logs are quiet (a session that just ended may still log its disconnect).
 fn sshd_logs(lab: &Lab) -> BTreeMap<&'static str, u64> {
+    let mut last = log_sizes(lab);
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(150));
+        let now = log_sizes(lab);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    last
+}
+
+fn log_sizes(lab: &Lab) -> BTreeMap<&'static str, u64> {
     HOSTS
         .iter()
         .map(|h| {
@@ -153,7 +176,7 @@ fn sshd_logs(lab: &Lab) -> BTreeMap<&'static str, u64> {
 
 /// The hosts whose sshd log grew since `before`.
 fn contacted(lab: &Lab, before: &BTreeMap<&'static str, u64>) -> Vec<&'static str> {
-    let after = sshd_logs(lab);
+    let after = log_sizes(lab);
     HOSTS
         .iter()
         .copied()
@@ -454,4 +477,193 @@ fn bad_input_exits_2_before_contacting_anything(lab: &Lab) -> TestResult {
     let touched = contacted(lab, &before);
     check!(touched.is_empty(), "bad input contacted {touched:?}");
     Ok(())
+}
+
+/// The failed-hosts lists of the lab's HOME, removed so that a test starts from none.
+fn forget_failures(lab: &Lab) {
+    let _ = std::fs::remove_dir_all(lab.home().join(".local/state/arbor/failed"));
+}
+
+fn exec_at_failed_reruns_only_the_hosts_whose_command_failed(lab: &Lab) -> TestResult {
+    clean(lab);
+    forget_failures(lab);
+    let out = exec(lab, &["-w", "@failed", "--", "true"]);
+    let log = exited(&out, 2)?;
+    check!(
+        stderr_text(&out).contains("no `arbor exec` has finished yet"),
+        "no list yet, but no such error\n{log}"
+    );
+    let out = exec(
+        lab,
+        &["-w", "10.199.0.[11-12]", "--", "test $(hostname) = r1"],
+    );
+    exited(&out, 1)?;
+    let before = sshd_logs(lab);
+    let out = exec(lab, &["-w", "@failed", "--", "hostname"]);
+    let log = exited(&out, 0)?;
+    let lines = stdout_lines(&out);
+    check!(
+        lines == ["10.199.0.12 | r2"],
+        "stdout lines {lines:?}\n{log}"
+    );
+    let touched = contacted(lab, &before);
+    check!(touched == ["r2"], "contacted {touched:?}\n{log}");
+    let out = exec(lab, &["-w", "@failed", "--", "hostname"]);
+    let log = exited(&out, 0)?;
+    check!(
+        out.stdout.is_empty() && stderr_text(&out).contains("nothing to do"),
+        "a rerun with nothing failed ran something\n{log}"
+    );
+    Ok(())
+}
+
+/// `arbor run ARGS --tmp-prefix` in the initiator's namespace, with the lab's HOME.
+fn run(lab: &Lab, args: &[&str]) -> Output {
+    Command::new("ip")
+        .args(["netns", "exec", lab.init_ns(), ARBOR, "run", "--tmp-prefix"])
+        .args(args)
+        .env("HOME", lab.home())
+        .env_remove("SSH_AUTH_SOCK")
+        .env("ARBOR_LOG", "arbor=info")
+        .output()
+        .expect("run arbor run")
+}
+
+fn run_limit_reaches_only_its_hosts_and_limit_failed_reruns_the_failures(lab: &Lab) -> TestResult {
+    clean(lab);
+    forget_failures(lab);
+    // Each leaf runs one exec, which fails where /tmp/make-me-fail exists.
+    let dir = tempfile::tempdir().map_err(fail)?;
+    let graph = dir.path().join("check.yaml");
+    std::fs::write(
+        &graph,
+        "\
+graph: check
+resources:
+  exec:
+  - name: check
+    cmd: \"test ! -e /tmp/make-me-fail && hostname > /tmp/exec-marker\"
+    shell: /bin/sh
+    timeout: 10
+edges: []
+",
+    )
+    .map_err(fail)?;
+    let topo = dir.path().join("topology.yaml");
+    std::fs::write(
+        &topo,
+        std::fs::read_to_string(topology().path)
+            .map_err(fail)?
+            .replace(
+                "name: l1-[1-3]\n",
+                "name: l1-[1-3]\n    graph: check.yaml\n",
+            )
+            .replace(
+                "name: l2-[1-3]\n",
+                "name: l2-[1-3]\n    graph: check.yaml\n",
+            ),
+    )
+    .map_err(fail)?;
+    let topo = topo.to_str().unwrap_or_default();
+    for h in ["l1-2", "l2-3"] {
+        lab.sh(h, "touch /tmp/make-me-fail");
+    }
+    let _undo = Undo(lab);
+    let markers = |lab: &Lab| -> Vec<&'static str> {
+        HOSTS
+            .iter()
+            .copied()
+            .filter(|h| {
+                !lab.sh(h, "cat /tmp/exec-marker 2>/dev/null || true")
+                    .is_empty()
+            })
+            .collect()
+    };
+    let limited = |limit: &str| -> Result<(Output, Vec<&'static str>), libtest_mimic::Failed> {
+        let before = sshd_logs(lab);
+        let out = run(
+            lab,
+            &[
+                "--topology",
+                topo,
+                "--converged-timeout",
+                "1",
+                "--limit",
+                limit,
+            ],
+        );
+        Ok((out, contacted(lab, &before)))
+    };
+
+    // Three leaves: the other leaves are not contacted; the failures are listed.
+    let (out, touched) = limited("l1-[1-2],l2-3")?;
+    let log = exited(&out, 1)?;
+    check!(
+        touched == ["r1", "r2", "l1-1", "l1-2", "l2-3"],
+        "contacted {touched:?}\n{log}"
+    );
+    check!(
+        markers(lab) == ["l1-1"],
+        "markers on {:?}\n{log}",
+        markers(lab)
+    );
+    check!(
+        log.contains("arbor: failed: l1-2,l2-3; rerun them alone with --limit @failed"),
+        "the failures are not named\n{log}"
+    );
+    let lists: Vec<PathBuf> = std::fs::read_dir(lab.home().join(".local/state/arbor/failed"))
+        .map_err(fail)?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    check!(lists.len() == 1, "failed lists: {lists:?}");
+    let list = std::fs::read_to_string(&lists[0]).map_err(fail)?;
+    check!(
+        list.ends_with("\nl1-2\nl2-3\n") && list.contains(topo),
+        "the list:\n{list}"
+    );
+
+    // One failure fixed: both are rerun, and only they (with their relays).
+    lab.sh("l1-2", "rm /tmp/make-me-fail");
+    let (out, touched) = limited("@failed")?;
+    let log = exited(&out, 1)?;
+    check!(
+        touched == ["r1", "r2", "l1-2", "l2-3"],
+        "contacted {touched:?}\n{log}"
+    );
+    check!(
+        markers(lab) == ["l1-1", "l1-2"],
+        "markers on {:?}\n{log}",
+        markers(lab)
+    );
+
+    // The other fixed: only l2-3 and its relay; then nothing is left to rerun.
+    lab.sh("l2-3", "rm /tmp/make-me-fail");
+    let (out, touched) = limited("@failed")?;
+    let log = exited(&out, 0)?;
+    check!(touched == ["r2", "l2-3"], "contacted {touched:?}\n{log}");
+    let (out, touched) = limited("@failed")?;
+    let log = exited(&out, 0)?;
+    check!(
+        touched.is_empty() && log.contains("nothing to do"),
+        "contacted {touched:?}\n{log}"
+    );
+    let (out, touched) = limited("l1-1,l9-9")?;
+    let log = exited(&out, 2)?;
+    check!(
+        touched.is_empty() && log.contains("l9-9 is not a host of this run"),
+        "contacted {touched:?}\n{log}"
+    );
+    check_no_leftovers(lab, &HOSTS, Duration::from_secs(5))
+}
+
+/// Removes the failure triggers however the test ends.
+struct Undo<'a>(&'a Lab);
+
+impl Drop for Undo<'_> {
+    fn drop(&mut self) {
+        for h in HOSTS {
+            let _ = self.0.exec(h, "rm -f /tmp/make-me-fail");
+        }
+    }
 }

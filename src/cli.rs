@@ -112,6 +112,10 @@ Examples:
       reach hosts behind relays and jump hosts; run until ^C
   arbor run --topology topology/dc1.yaml --compress --converged-timeout 10
       the same over a thin uplink: copy arbor gzipped, once per relay
+  arbor run --topology topology/dc1.yaml --limit 'rack1-n[01-08]' --converged-timeout 10
+      only those hosts (and the relays on their way, which run no graph of their own)
+  arbor run --topology topology/dc1.yaml --limit @failed --converged-timeout 10
+      only the hosts that failed in the last run of this topology
 
 Exit codes: 0 converged, 1 some host failed, 2 bad input (nothing contacted),
 130 ^C, 143 SIGTERM, 129 SIGHUP (each tears every host down first; a second signal
@@ -258,6 +262,12 @@ struct RunArgs {
     /// each runs (docs/topology.md).
     #[arg(long, value_name = "FILE")]
     topology: Option<PathBuf>,
+    /// Run only on these hosts (a nodeset of host names; relays on their way stage them but
+    /// run no graph). `@failed` (alone or in the list) stands for the hosts that failed in the
+    /// last run of the same --topology/--remote/--file, kept in
+    /// ~/.local/state/arbor/failed/ ($XDG_STATE_HOME respected).
+    #[arg(long, value_name = "NODESET")]
+    limit: Option<String>,
     /// Exit once every host has been converged at the same time for this many seconds.
     /// Without it, run until ^C.
     #[arg(long, value_name = "SECONDS")]
@@ -390,6 +400,7 @@ pub fn parse() -> Result<Invocation, ExitCode> {
                 file: run.file,
                 remotes: run.remotes,
                 topology: run.topology,
+                limit: run.limit,
                 converged_timeout: run.converged_timeout.map(Duration::from_secs),
                 noop: run.noop,
                 hostname: run.hostname,

@@ -16,6 +16,9 @@ pub struct RunOptions {
     pub remotes: Vec<PathBuf>,
     /// A topology file naming the hosts to reach and their graphs.
     pub topology: Option<PathBuf>,
+    /// `--limit`: only these hosts (a nodeset, `@failed` for the last run's failures), with
+    /// the relays on their way as relays only.
+    pub limit: Option<String>,
     /// Exit after being converged this long.
     pub converged_timeout: Option<Duration>,
     pub noop: bool,
@@ -53,6 +56,7 @@ impl Default for RunOptions {
             file: None,
             remotes: Vec::new(),
             topology: None,
+            limit: None,
             converged_timeout: None,
             noop: false,
             hostname: None,

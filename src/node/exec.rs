@@ -23,13 +23,14 @@
 use super::builds::Builds;
 use super::config::ExecOptions;
 use super::fleet::{self, Fleet, FleetContext};
+use super::last_failed::{LastFailed, expand_limit};
 use super::{StopSignals, signal_name};
 use crate::exit;
 use crate::ssh::{self, CommandLine, ExitStatus, Output, Session, Target};
 use crate::topology::nodeset;
 use crate::ui::{HostReport, printable};
 use crate::wire::{ChildMode, ChildSpec, Event, EventKind, ExecJob, HostPath, HostState, MAX_LINE};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -290,6 +291,9 @@ async fn run_command(
 
 /// Everything `arbor exec` needs, read and checked before anything is contacted.
 struct ExecPlan {
+    last_failed: LastFailed,
+    /// The topology's own `cconns`, overriding --cconns.
+    cconns: Option<usize>,
     /// The initiator's children, pruned to the paths that lead to targets.
     children: Vec<ChildSpec>,
     /// The targets' names, in the order given.
@@ -304,31 +308,50 @@ fn bad(message: impl Into<String>) -> String {
     message.into()
 }
 
-/// Expands the `-w` and `-x` nodesets: the names of the first, without those of the second,
-/// each once, in the order written.
-pub fn select_names(include: &[String], exclude: &[String]) -> Result<Vec<String>, String> {
-    let expand = |flag: &str, set: &str| {
-        nodeset::expand(set).map_err(|e| {
-            bad(format!(
-                "{flag} {set:?}: bad nodeset at character {}: {e}",
-                e.at + 1
-            ))
-        })
-    };
+/// The hosts `-w` and `-x` name.
+#[derive(Debug, Default)]
+pub struct Selected {
+    /// The targets: those of `-w` (the failed list's first), without those of `-x`, each
+    /// once, in order.
+    pub names: Vec<String>,
+    /// Named in a `-w` nodeset itself (not through `@failed`).
+    pub named: HashSet<String>,
+    /// `@failed` was used and gave no host while no nodeset named one: nothing to do.
+    pub nothing_failed: bool,
+}
+
+/// Expands the `-w` values (nodesets, whose items may include `@failed`, read from
+/// `last_failed` if used) and the `-x` nodesets.
+pub fn select_names(
+    include: &[String],
+    exclude: &[String],
+    last_failed: &LastFailed,
+) -> Result<Selected, String> {
     let mut excluded = HashSet::new();
     for set in exclude {
-        excluded.extend(expand("-x", set)?);
+        excluded.extend(nodeset::expand(set).map_err(|e| {
+            bad(format!(
+                "-x {set:?}: bad nodeset at character {}: {e}",
+                e.at + 1
+            ))
+        })?);
     }
-    let mut seen = HashSet::new();
-    let mut names = Vec::new();
+    let mut selected = Selected::default();
+    let mut all = Vec::new();
+    let mut used_failed = false;
     for set in include {
-        for name in expand("-w", set)? {
-            if !excluded.contains(&name) && seen.insert(name.clone()) {
-                names.push(name);
-            }
-        }
+        let limit = expand_limit(set, || last_failed.read()).map_err(|e| bad(format!("-w {e}")))?;
+        used_failed |= limit.failed.is_some();
+        selected.named.extend(limit.named.iter().cloned());
+        all.extend(limit.all());
     }
-    Ok(names)
+    selected.nothing_failed = used_failed && all.is_empty();
+    let mut seen = HashSet::new();
+    selected.names = all
+        .into_iter()
+        .filter(|n| !excluded.contains(n) && seen.insert(n.clone()))
+        .collect();
+    Ok(selected)
 }
 
 /// The subtree that leads to `targets`: hosts that are targets or have one below them, with
@@ -365,14 +388,27 @@ fn index(specs: &[ChildSpec]) -> BTreeMap<String, (HostPath, ChildMode)> {
 }
 
 impl ExecPlan {
-    fn read(options: &ExecOptions) -> Result<ExecPlan, String> {
+    /// `Ok(None)`: `-w @failed` and nothing failed last time, so nothing to do.
+    fn read(options: &ExecOptions) -> Result<Option<ExecPlan>, String> {
         let command = options.command.join(" ");
         if command.trim().is_empty() {
             return Err(bad(
                 "no command to run: give it after `--` (arbor exec -w HOSTS -- COMMAND)",
             ));
         }
-        let names = select_names(&options.nodesets, &options.exclude)?;
+        let last_failed = LastFailed::for_inputs(
+            &super::state_dir(),
+            "exec",
+            options.topology.as_deref(),
+            &[],
+            None,
+        );
+        let selected = select_names(&options.nodesets, &options.exclude, &last_failed)?;
+        if selected.nothing_failed {
+            return Ok(None);
+        }
+        let mut names = selected.names;
+        let mut cconns = None;
         let children = match &options.topology {
             None => {
                 let user = options.user.clone().unwrap_or_else(ssh::local_user);
@@ -399,31 +435,42 @@ impl ExecPlan {
             }
             Some(path) => {
                 let topology = crate::topology::load(path).map_err(|e| e.to_string())?;
+                cconns = topology.cconns;
                 let known = index(&topology.hosts);
-                let check = |flag: &str, sets: &[String]| -> Result<(), String> {
-                    for set in sets {
-                        for name in nodeset::expand(set).unwrap_or_default() {
-                            match known.get(&name) {
-                                None => {
-                                    return Err(bad(format!(
-                                        "{flag} {set:?}: no host named {name:?} in {}",
-                                        path.display()
-                                    )));
-                                }
-                                Some((_, ChildMode::Jump)) if flag == "-w" => {
-                                    return Err(bad(format!(
-                                        "-w {set:?}: {name} is a jump host (`mode: jump`): it \
-                                         only forwards TCP and runs nothing"
-                                    )));
-                                }
-                                Some(_) => {}
-                            }
+                for set in &options.exclude {
+                    for name in nodeset::expand(set).unwrap_or_default() {
+                        if !known.contains_key(&name) {
+                            return Err(bad(format!(
+                                "-x {set:?}: no host named {name:?} in {}",
+                                path.display()
+                            )));
                         }
                     }
-                    Ok(())
-                };
-                check("-w", &options.nodesets)?;
-                check("-x", &options.exclude)?;
+                }
+                let mut kept = Vec::new();
+                for name in names {
+                    let named = selected.named.contains(&name);
+                    match known.get(&name) {
+                        Some((_, ChildMode::Relay)) => kept.push(name),
+                        None if named => {
+                            return Err(bad(format!(
+                                "-w: no host named {name:?} in {}",
+                                path.display()
+                            )));
+                        }
+                        Some((_, ChildMode::Jump)) if named => {
+                            return Err(bad(format!(
+                                "-w: {name} is a jump host (`mode: jump`): it only forwards \
+                                 TCP and runs nothing"
+                            )));
+                        }
+                        _ => tracing::warn!(
+                            "-w @failed: {name} failed last time but is no longer a host of {}",
+                            path.display()
+                        ),
+                    }
+                }
+                names = kept;
                 let targets: HashSet<String> = names.iter().cloned().collect();
                 prune(&topology.hosts, &targets)
             }
@@ -437,12 +484,14 @@ impl ExecPlan {
             .into_iter()
             .map(|(name, (path, _))| (name, path))
             .collect();
-        Ok(ExecPlan {
+        Ok(Some(ExecPlan {
+            last_failed,
+            cconns,
             children,
             targets: names,
             paths,
             command,
-        })
+        }))
     }
 }
 
@@ -648,7 +697,13 @@ impl View {
 /// Runs `arbor exec`; returns the exit code.
 pub async fn run(options: ExecOptions) -> u8 {
     let plan = match ExecPlan::read(&options) {
-        Ok(plan) => plan,
+        Ok(Some(plan)) => plan,
+        Ok(None) => {
+            eprintln!(
+                "arbor exec: no host failed in the last `arbor exec` of these hosts; nothing to do"
+            );
+            return exit::OK;
+        }
         Err(e) => {
             eprintln!("arbor exec: {e}");
             return exit::BAD_INPUT;
@@ -676,13 +731,7 @@ pub async fn run(options: ExecOptions) -> u8 {
     } else {
         Builds::new([])
     };
-    let cconns = match &options.topology {
-        Some(path) => crate::topology::load(path)
-            .ok()
-            .and_then(|t| t.cconns)
-            .unwrap_or(options.run.cconns),
-        None => options.run.cconns,
-    };
+    let cconns = plan.cconns.unwrap_or(options.run.cconns);
     let config = options.run.node_config(
         cconns,
         builds.refs(),
@@ -770,6 +819,18 @@ pub async fn run(options: ExecOptions) -> u8 {
     }
     view.print_gathered();
     view.print_outcome();
+    // For `-w @failed`: the targets whose command did not exit 0.
+    let ran: BTreeSet<String> = plan.targets.iter().cloned().collect();
+    let failed: BTreeSet<String> = view
+        .book
+        .codes()
+        .into_iter()
+        .filter(|(_, code)| *code != 0)
+        .map(|(name, _)| name)
+        .collect();
+    if let Err(e) = plan.last_failed.update(&ran, &failed) {
+        eprintln!("arbor: keeping the list of failed hosts: {e}");
+    }
     match stopped {
         Some(signal) => exit::for_signal(signal),
         None => view.book.exit_code(),
@@ -824,11 +885,27 @@ mod tests {
     }
 
     #[test]
-    fn exclusion_and_repeats() {
-        let got = select_names(&["n[1-4]".into(), "n2,m1".into()], &["n3".into()]).expect("ok");
-        assert_eq!(got, ["n1", "n2", "n4", "m1"]);
-        let e = select_names(&["n[1-".into()], &[]).expect_err("bad");
+    fn exclusion_repeats_and_the_failed_list() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let last = LastFailed::for_inputs(dir.path(), "exec", None, &[], None);
+        let got =
+            select_names(&["n[1-4]".into(), "n2,m1".into()], &["n3".into()], &last).expect("ok");
+        assert_eq!(got.names, ["n1", "n2", "n4", "m1"]);
+        let e = select_names(&["n[1-".into()], &[], &last).expect_err("bad");
         assert!(e.contains("-w \"n[1-\": bad nodeset at character 2"), "{e}");
+        assert!(select_names(&["@failed".into()], &[], &last).is_err());
+        let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+        last.update(&set(&["n1", "n2"]), &set(&["n2"]))
+            .expect("write");
+        let got = select_names(&["@failed,m1".into()], &[], &last).expect("ok");
+        assert_eq!(got.names, ["n2", "m1"]);
+        assert_eq!(got.named, ["m1".to_string()].into());
+        last.update(&set(&["n2"]), &set(&[])).expect("write");
+        assert!(
+            select_names(&["@failed".into()], &[], &last)
+                .expect("ok")
+                .nothing_failed
+        );
     }
 
     #[test]

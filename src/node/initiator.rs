@@ -14,6 +14,7 @@
 use super::builds::{Build, Builds, local_platform};
 use super::config::RunOptions;
 use super::fleet::{self, Fleet, FleetContext};
+use super::last_failed::{LastFailed, expand_limit};
 use super::run_book::{Next, RunBook};
 use super::{StopSignals, signal_name};
 use crate::engine::exchange::{Exchange, Keys, new_run_id};
@@ -207,10 +208,7 @@ async fn open_store(
             .map_err(|e| format!("creating a temporary state dir: {e}"))?;
         (t.path().to_path_buf(), Some(t), None)
     } else {
-        let dir = std::env::var_os("XDG_STATE_HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| super::home_dir().join(".local/state"))
-            .join("arbor");
+        let dir = super::state_dir();
         create_private_dir(&dir)?;
         (dir.clone(), None, Some(dir.join("store")))
     };
@@ -296,6 +294,9 @@ fn create_private_dir(dir: &Path) -> Result<(), String> {
 
 /// Everything a run needs from its inputs, read and checked before anything is contacted.
 struct Plan {
+    /// The hosts this run is for (`--limit`'s, or all), whose results go into the failed list.
+    ran: BTreeSet<String>,
+    last_failed: LastFailed,
     /// This host's name in the run.
     hostname: String,
     local_graph: Option<Graph>,
@@ -309,9 +310,10 @@ struct Plan {
 }
 
 impl Plan {
-    fn read(options: &RunOptions) -> Result<Plan, String> {
+    /// `Ok(None)`: `--limit @failed` and nothing failed last time, so nothing to do.
+    fn read(options: &RunOptions) -> Result<Option<Plan>, String> {
         let hostname = options.hostname.clone().unwrap_or_else(system_hostname);
-        let local_graph = match &options.file {
+        let mut local_graph = match &options.file {
             Some(path) => Some(graph::load(path, &hostname).map_err(|e| e.to_string())?),
             None => None,
         };
@@ -335,16 +337,41 @@ impl Plan {
             &children,
             options.file.is_some().then_some(hostname.as_str()),
         )?;
+        let last_failed = LastFailed::for_inputs(
+            &super::state_dir(),
+            "run",
+            options.topology.as_deref(),
+            &options.remotes,
+            options.file.as_deref(),
+        );
+        let local = local_graph.is_some().then_some(hostname.as_str());
+        let ran = match &options.limit {
+            None => all_names(&children, local),
+            Some(value) => {
+                let Some(ran) = limit_names(value, &children, local, &last_failed)? else {
+                    return Ok(None);
+                };
+                children = limited(&children, &ran);
+                if !ran.contains(&hostname) {
+                    local_graph = None;
+                }
+                let used: BTreeSet<String> = graph_keys_used(&children);
+                graphs.retain(|key, _| used.contains(key));
+                ran
+            }
+        };
         let builds = builds(options)?;
         let config = options.node_config(cconns, builds.refs(), &new_run_id());
-        Ok(Plan {
+        Ok(Some(Plan {
+            ran,
+            last_failed,
             hostname,
             local_graph,
             children,
             graphs,
             config,
             builds,
-        })
+        }))
     }
 
     /// Which hosts run each graph: who an edit goes to, and whose name it is checked with.
@@ -727,7 +754,11 @@ impl View {
 pub async fn run(options: RunOptions) -> u8 {
     let started = Instant::now();
     let plan = match Plan::read(&options) {
-        Ok(plan) => plan,
+        Ok(Some(plan)) => plan,
+        Ok(None) => {
+            eprintln!("arbor: no host failed in the last run of these inputs; nothing to do");
+            return exit::OK;
+        }
         Err(e) => {
             eprintln!("arbor: {e}");
             return exit::BAD_INPUT;
@@ -922,12 +953,116 @@ pub async fn run(options: RunOptions) -> u8 {
         &reports,
         local_ok.map(|ok| (hostname.as_str(), ok, started.elapsed())),
     );
+    // The failed list, for `--limit @failed`: hosts that failed or settled with failures.
+    let mut failed: BTreeSet<String> = reports
+        .iter()
+        .filter(|r| !r.ok)
+        .map(|r| HostPath::parse(&r.name).name().to_string())
+        .chain(view.book.unhealthy().keys().cloned())
+        .collect();
+    if local_ok == Some(false) {
+        failed.insert(hostname.clone());
+    }
+    failed.retain(|h| plan.ran.contains(h));
+    if let Err(e) = plan.last_failed.update(&plan.ran, &failed) {
+        eprintln!("arbor: keeping the list of failed hosts: {e}");
+    } else if !failed.is_empty() {
+        eprintln!(
+            "arbor: failed: {}; rerun them alone with --limit @failed",
+            crate::topology::nodeset::fold(&failed.iter().collect::<Vec<_>>())
+        );
+    }
     let any_failed = reports.iter().any(|r| !r.ok) || local_ok == Some(false);
     match outcome {
         Outcome::Stopped(signal) => exit::for_signal(signal),
         Outcome::Done(_) if any_failed => exit::FAILED,
         Outcome::Done(code) => code,
     }
+}
+
+/// Every host a run reaches (jump hosts too) and the local one.
+fn all_names(children: &[ChildSpec], local: Option<&str>) -> BTreeSet<String> {
+    fleet::subtree_specs(children)
+        .map(|c| c.name.clone())
+        .chain(local.map(str::to_string))
+        .collect()
+}
+
+/// The hosts a `--limit` names, checked against the run's: a name given in the nodeset must
+/// be one of them (a jump host runs nothing, so it cannot be); names from the failed list
+/// that the run no longer has are dropped with a warning. `Ok(None)` when the limit is only
+/// `@failed` and the list is empty.
+fn limit_names(
+    value: &str,
+    children: &[ChildSpec],
+    local: Option<&str>,
+    last_failed: &LastFailed,
+) -> Result<Option<BTreeSet<String>>, String> {
+    let limit = expand_limit(value, || last_failed.read()).map_err(|e| format!("--limit {e}"))?;
+    let mut modes: HashMap<&str, ChildMode> = fleet::subtree_specs(children)
+        .map(|c| (c.name.as_str(), c.mode))
+        .collect();
+    if let Some(local) = local {
+        modes.insert(local, ChildMode::Relay);
+    }
+    let mut out = BTreeSet::new();
+    for name in &limit.named {
+        match modes.get(name.as_str()) {
+            None => {
+                return Err(format!(
+                    "--limit {value:?}: {name} is not a host of this run"
+                ));
+            }
+            Some(ChildMode::Jump) => {
+                return Err(format!(
+                    "--limit {value:?}: {name} is a jump host (`mode: jump`): it runs nothing; \
+                     name the hosts behind it"
+                ));
+            }
+            Some(ChildMode::Relay) => {
+                out.insert(name.clone());
+            }
+        }
+    }
+    for name in limit.failed.iter().flatten() {
+        match modes.get(name.as_str()) {
+            Some(ChildMode::Relay) => {
+                out.insert(name.clone());
+            }
+            Some(ChildMode::Jump) => {}
+            None => tracing::warn!(
+                "--limit @failed: {name} failed last time but is no longer a host of this run"
+            ),
+        }
+    }
+    if out.is_empty() && limit.named.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(out))
+}
+
+/// The run's tree cut down to the `limit`ed hosts and the relays (and jump hosts) on their
+/// way: a relay that is not in the limit stages its children and runs no graph.
+fn limited(specs: &[ChildSpec], limit: &BTreeSet<String>) -> Vec<ChildSpec> {
+    specs
+        .iter()
+        .filter_map(|s| {
+            let children = limited(&s.children, limit);
+            let wanted = limit.contains(&s.name);
+            (wanted || !children.is_empty()).then(|| ChildSpec {
+                children,
+                graph: if wanted { s.graph.clone() } else { None },
+                ..s.clone()
+            })
+        })
+        .collect()
+}
+
+/// The graph keys a tree uses.
+fn graph_keys_used(children: &[ChildSpec]) -> BTreeSet<String> {
+    fleet::subtree_specs(children)
+        .filter_map(|c| c.graph.clone())
+        .collect()
 }
 
 /// Names must be unique in the whole run (they key the store); the topology checks its own
