@@ -809,11 +809,8 @@ pub async fn run(options: ExecOptions) -> u8 {
             }
         }
     } else {
+        // Every task sent its events before it finished.
         while let Ok(event) = events.try_recv() {
-            view.event(&event);
-        }
-        drop(fleet);
-        while let Some(event) = events.recv().await {
             view.event(&event);
         }
     }
