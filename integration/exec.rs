@@ -40,6 +40,10 @@ fn main() -> std::process::ExitCode {
             gather_folds_identical_outputs_under_one_nodeset,
         ),
         (
+            "large_output_through_relays_arrives_whole_and_in_order",
+            large_output_through_relays_arrives_whole_and_in_order,
+        ),
+        (
             "ctrl_c_at_depth_2_leaves_nothing_running",
             ctrl_c_at_depth_2_leaves_nothing_running,
         ),
@@ -386,6 +390,56 @@ odd
         stdout == "---------------\n10.199.0.[11-12] (2)\n---------------\nhi\n",
         "gathered stdout:\n{stdout}\n{log}"
     );
+    Ok(())
+}
+
+/// 20 MB in 20 000 lines from each of three leaves under both relays (one of them dropbear):
+/// every line arrives, in order, and the exit code with them. (A parent used to drop the
+/// events of a child still being parsed when the child's channel ended, and a relay the
+/// events still queued for its parent after 1 s.)
+fn large_output_through_relays_arrives_whole_and_in_order(lab: &Lab) -> TestResult {
+    clean(lab);
+    let topo = topology();
+    let started = Instant::now();
+    let out = exec(
+        lab,
+        &[
+            "--topology",
+            topo.path.to_str().unwrap_or_default(),
+            "-w",
+            "l1-[1-2],l2-1",
+            "--",
+            "awk 'BEGIN { s = sprintf(\"%1000s\", \"\"); gsub(/ /, \"x\", s); \
+             for (i = 1; i <= 20000; i++) print i, s }'; echo err >&2; exit 4",
+        ],
+    );
+    let took = started.elapsed();
+    let log_tail = |out: &Output| {
+        let err = stderr_text(out);
+        err.lines().rev().take(10).collect::<Vec<_>>().join("\n")
+    };
+    check!(
+        out.status.code() == Some(4),
+        "exit {:?}\n{}",
+        out.status.code(),
+        log_tail(&out)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for path in ["r1/l1-1", "r1/l1-2", "r2/l2-1"] {
+        let prefix = format!("{path} | ");
+        let numbers: Vec<u64> = stdout
+            .lines()
+            .filter_map(|l| l.strip_prefix(&prefix))
+            .filter_map(|l| l.split_once(' ')?.0.parse().ok())
+            .collect();
+        check!(
+            numbers.len() == 20_000 && numbers.iter().enumerate().all(|(i, n)| *n == i as u64 + 1),
+            "{path}: {} lines, not 1..=20000 in order\n{}",
+            numbers.len(),
+            log_tail(&out)
+        );
+    }
+    check!(took < Duration::from_secs(30), "took {took:?}");
     Ok(())
 }
 

@@ -99,9 +99,11 @@ impl Ui {
                 format!("{host}: learned the host key of {name}")
             }
             // Only `arbor exec` asks for these; its own view prints them (node::exec).
-            EventKind::Output { line, stderr } => {
-                format!("{host} {} {line}", if *stderr { '!' } else { '|' })
-            }
+            EventKind::Output { lines, stderr } => lines
+                .split('\n')
+                .map(|line| format!("{host} {} {line}", if *stderr { '!' } else { '|' }))
+                .collect::<Vec<_>>()
+                .join("\n"),
             EventKind::Ended { code, .. } => format!("{host}: command ended with exit code {code}"),
         };
         let mut out = std::io::stdout().lock();
@@ -222,8 +224,9 @@ pub fn sanitized(event: &Event) -> Event {
             name: p(name),
             key: p(key),
         },
-        EventKind::Output { line, stderr } => EventKind::Output {
-            line: p(line),
+        // Line by line: the newlines that separate them stay.
+        EventKind::Output { lines, stderr } => EventKind::Output {
+            lines: lines.split('\n').map(p).collect::<Vec<_>>().join("\n"),
             stderr: *stderr,
         },
         EventKind::Ended { code, signal } => EventKind::Ended {

@@ -134,9 +134,11 @@ pub async fn launch(
     };
 
     // Pump the exec channel: stdout bytes into the frame reader, stderr lines up as logs,
-    // and the exit status last.
+    // and the exit status last, once the reader has passed on every frame the child sent (the
+    // parent stops reading at the exit: events still being parsed would be lost).
     let pump_tx = events_tx.clone();
     let pump_me = me.clone();
+    let (reader_done, reader_finished) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         let mut frames_in = frames_in;
         let mut stderr_buf = Vec::new();
@@ -170,6 +172,7 @@ pub async fn launch(
             send_stderr(&pump_tx, &pump_me, &stderr_buf).await;
         }
         drop(frames_in);
+        let _ = reader_finished.await;
         let _ = pump_tx
             .send(FromChild::Exited {
                 status,
@@ -181,6 +184,8 @@ pub async fn launch(
     // Read frames: the child's hello first, then events, re-tagged under this child's path.
     let (hello_tx, hello_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
+        // Dropped when this task ends: the pump then reports the exit.
+        let _done = reader_done;
         let mut reader = FrameReader::with_limit(frames_out, MAX_UP_FRAME);
         let mut refused = 0u64;
         let mut hello_tx = Some(hello_tx);

@@ -138,14 +138,14 @@ impl Lines {
     }
 }
 
-/// Sends one host's output line up, in pieces that fit a frame.
-async fn send_line(events: &mpsc::Sender<Event>, host: &HostPath, line: &str, stderr: bool) {
-    for piece in crate::wire::line_pieces(line) {
+/// Sends one host's output lines up, as many to an event as fit a frame.
+async fn send_lines(events: &mpsc::Sender<Event>, host: &HostPath, lines: &[String], stderr: bool) {
+    for text in crate::wire::pack_lines(lines) {
         let _ = events
             .send(Event {
                 host: host.clone(),
                 kind: EventKind::Output {
-                    line: piece.to_string(),
+                    lines: text,
                     stderr,
                 },
             })
@@ -246,14 +246,10 @@ async fn run_command(
         tokio::select! {
             item = remote.next() => match item {
                 Some(Output::Stdout(data)) => {
-                    for line in out.push(&data) {
-                        send_line(&ctx.events, me, &line, false).await;
-                    }
+                    send_lines(&ctx.events, me, &out.push(&data), false).await;
                 }
                 Some(Output::Stderr(data)) => {
-                    for line in err.push(&data) {
-                        send_line(&ctx.events, me, &line, true).await;
-                    }
+                    send_lines(&ctx.events, me, &err.push(&data), true).await;
                 }
                 Some(Output::Exit(status)) => break Some(status),
                 None => break Some(ExitStatus::Unknown),
@@ -269,10 +265,10 @@ async fn run_command(
         }
     };
     if let Some(line) = out.finish() {
-        send_line(&ctx.events, me, &line, false).await;
+        send_lines(&ctx.events, me, &[line], false).await;
     }
     if let Some(line) = err.finish() {
-        send_line(&ctx.events, me, &line, true).await;
+        send_lines(&ctx.events, me, &[line], true).await;
     }
     drop(remote);
     session.disconnect().await;
@@ -609,25 +605,35 @@ impl View {
         let host = printable(&event.host.to_string()).into_owned();
         match &event.kind {
             EventKind::Output {
-                line,
+                lines,
                 stderr: false,
             } => {
                 if let Some(gather) = &mut self.gather {
                     let g = gather.entry(event.host.name().to_string()).or_default();
-                    if g.bytes + line.len() > GATHER_LIMIT {
-                        g.cut = true;
-                    } else {
+                    for line in lines.split('\n') {
+                        if g.bytes + line.len() > GATHER_LIMIT {
+                            g.cut = true;
+                            break;
+                        }
                         g.bytes += line.len() + 1;
-                        g.lines.push(line.clone());
+                        g.lines.push(line.to_string());
                     }
                 } else {
                     let mut out = std::io::stdout().lock();
-                    let _ = writeln!(out, "{host} | {line}");
+                    for line in lines.split('\n') {
+                        let _ = writeln!(out, "{host} | {line}");
+                    }
                     let _ = out.flush();
                 }
             }
-            EventKind::Output { line, stderr: true } => {
-                eprintln!("{host} ! {line}");
+            EventKind::Output {
+                lines,
+                stderr: true,
+            } => {
+                let mut err = std::io::stderr().lock();
+                for line in lines.split('\n') {
+                    let _ = writeln!(err, "{host} ! {line}");
+                }
             }
             EventKind::State(HostState::Failed { cause }) => {
                 eprintln!("arbor: {host}: FAILED: {cause}");

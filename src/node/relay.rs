@@ -25,6 +25,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 /// After a shutdown or a lost parent, the node is gone within this long, whatever hangs.
 const EXIT_DEADLINE: Duration = Duration::from_secs(4);
 
+/// At the end of `arbor exec`, how long a node waits for its parent to take the output still
+/// queued for it (at most `UP_QUEUE` frames): a slow terminal at the initiator slows every hop.
+const EXEC_FLUSH: Duration = Duration::from_secs(60);
+
 /// Sets the log level once the parent has said which (`NodeConfig::verbosity`).
 pub type SetVerbosity = Box<dyn Fn(u8) + Send + Sync>;
 
@@ -72,7 +76,16 @@ pub async fn run(options: RunOptions, log: EventLog, set_verbosity: SetVerbosity
     };
     drop(up);
     log.detach();
-    let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+    // `arbor exec`'s output must all reach the parent, which reads until the link closes (a
+    // parent that is gone fails the write at once); a run's last frames are a few events.
+    let flush = if start.exec.is_some() {
+        EXEC_FLUSH
+    } else {
+        Duration::from_secs(1)
+    };
+    if tokio::time::timeout(flush, writer).await.is_err() {
+        eprintln!("arbor: the parent did not take this node's last frames within {flush:?}");
+    }
     if let Some(dir) = &options.workdir {
         remove_own_workdir(dir);
     }

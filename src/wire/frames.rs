@@ -307,10 +307,11 @@ pub enum EventKind {
         name: String,
         key: String,
     },
-    /// One line of an ad-hoc command's output (`arbor exec`), without its newline; a line
-    /// longer than [`MAX_LINE`](super::MAX_LINE) comes in pieces ([`line_pieces`]).
+    /// Lines of an ad-hoc command's output (`arbor exec`), joined by `\n`, without the last
+    /// newline: as many whole lines as fit in [`MAX_LINE`](super::MAX_LINE) bytes once
+    /// JSON-escaped ([`pack_lines`]); a longer line comes in pieces, each a line of its own.
     Output {
-        line: String,
+        lines: String,
         #[serde(default)]
         stderr: bool,
     },
@@ -331,6 +332,43 @@ fn json_len(c: char) -> usize {
         c if (c as u32) < 0x20 => 6,
         c => c.len_utf8(),
     }
+}
+
+/// How many bytes `text` takes inside a JSON string.
+fn json_size(text: &str) -> usize {
+    text.chars().map(json_len).sum()
+}
+
+/// `lines` packed for `Output` events: each text is whole lines joined by `\n` and takes at
+/// most [`MAX_LINE`](super::MAX_LINE) bytes once JSON-escaped; a line too long for one is cut
+/// into pieces ([`line_pieces`]), each a line of its own. Nothing for no lines.
+pub fn pack_lines<S: AsRef<str>>(lines: &[S]) -> Vec<String> {
+    let mut packed = Vec::new();
+    let mut current = String::new();
+    let mut size = 0;
+    let mut any = false;
+    for line in lines {
+        for piece in line_pieces(line.as_ref()) {
+            let piece_size = json_size(piece);
+            // A separator `\n` is two bytes escaped.
+            if any && size + 2 + piece_size > super::MAX_LINE {
+                packed.push(std::mem::take(&mut current));
+                size = 0;
+                any = false;
+            }
+            if any {
+                current.push('\n');
+                size += 2;
+            }
+            current.push_str(piece);
+            size += piece_size;
+            any = true;
+        }
+    }
+    if any {
+        packed.push(current);
+    }
+    packed
 }
 
 /// The length of the longest prefix of `text` (at a character boundary) whose JSON form is at
@@ -450,7 +488,7 @@ mod tests {
             let frame = serde_json::to_vec(&Up::Event(Event {
                 host: HostPath::parse("r1/l1-2"),
                 kind: EventKind::Output {
-                    line: piece.to_string(),
+                    lines: piece.to_string(),
                     stderr: false,
                 },
             }))
@@ -467,6 +505,31 @@ mod tests {
         let pieces = line_pieces(&long);
         assert_eq!(pieces.len(), 2);
         assert_eq!(pieces[0].len(), MAX_LINE);
+    }
+
+    #[test]
+    fn lines_are_packed_whole_into_texts_that_fit_a_frame() {
+        use crate::wire::MAX_LINE;
+        assert!(pack_lines::<&str>(&[]).is_empty());
+        assert_eq!(pack_lines(&["a", "", "b"]), ["a\n\nb"]);
+        let many: Vec<String> = (0..10_000).map(|i| format!("line {i}")).collect();
+        let packed = pack_lines(&many);
+        assert!(
+            packed.len() > 1 && packed.len() < 10,
+            "{} texts",
+            packed.len()
+        );
+        let back: Vec<&str> = packed.iter().flat_map(|t| t.split('\n')).collect();
+        assert_eq!(back, many);
+        for text in &packed {
+            assert!(serde_json::to_vec(text).expect("json").len() <= MAX_LINE + 2);
+        }
+        let nasty = "\u{1}".repeat(MAX_LINE);
+        let packed = pack_lines(&["x", nasty.as_str(), "y"]);
+        assert_eq!(packed.concat().replace('\n', ""), format!("x{nasty}y"));
+        for text in &packed {
+            assert!(serde_json::to_vec(text).expect("json").len() <= MAX_LINE + 2);
+        }
     }
 
     #[test]
