@@ -491,7 +491,7 @@ mod tests {
                 bits.push(((v >> k) & 1) as u8);
             }
         }
-        while bits.len() % 8 != 0 {
+        while !bits.len().is_multiple_of(8) {
             bits.push(1); // EOS padding
         }
         bits.chunks(8)
