@@ -167,3 +167,91 @@ fn exec_output_reaches_the_log_tagged_with_the_resource() {
     assert!(stderr.contains("exec[greet]: hello from h9"), "{stderr}");
     assert!(stderr.contains("exec[greet]: to stderr"), "{stderr}");
 }
+
+/// `arbor completions SHELL` prints a script that the shell accepts and that completes arbor's
+/// commands and flags.
+#[test]
+fn completions_load_in_bash_and_name_the_commands_and_flags() {
+    let out = Command::new(env!("CARGO_BIN_EXE_arbor"))
+        .args(["completions", "bash"])
+        .output()
+        .expect("run arbor");
+    assert!(out.status.success());
+    let script = String::from_utf8(out.stdout).expect("utf-8");
+    // Loaded into bash, then asked what follows `arbor run --to`.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(dir.path(), "arbor.bash", &script);
+    let probe = format!(
+        "source {path}; COMP_WORDS=(arbor run --to); COMP_CWORD=2; COMP_LINE='arbor run --to'; \
+         COMP_POINT=${{#COMP_LINE}}; _arbor arbor --to run; printf '%s\\n' \"${{COMPREPLY[@]}}\"; \
+         COMP_WORDS=(arbor ''); COMP_CWORD=1; _arbor arbor '' arbor; printf '%s\\n' \"${{COMPREPLY[@]}}\""
+    );
+    let out = Command::new("bash")
+        .args(["--norc", "-c", &probe])
+        .output()
+        .expect("run bash");
+    let words = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{words}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in ["--topology", "run", "store", "topology", "completions"] {
+        assert!(
+            words.lines().any(|l| l == want),
+            "bash does not complete {want}:\n{words}"
+        );
+    }
+    for (shell, marker) in [("zsh", "#compdef arbor"), ("fish", "complete -c arbor")] {
+        let out = Command::new(env!("CARGO_BIN_EXE_arbor"))
+            .args(["completions", shell])
+            .output()
+            .expect("run arbor");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains(marker),
+            "{shell}:\n{text}"
+        );
+        assert!(text.contains("topology"), "{shell}:\n{text}");
+    }
+    let bad = Command::new(env!("CARGO_BIN_EXE_arbor"))
+        .args(["completions", "tcsh"])
+        .output()
+        .expect("run arbor");
+    assert_eq!(bad.status.code(), Some(2));
+}
+
+/// `arbor-man DIR` writes a page per command that groff renders without a warning.
+#[test]
+fn man_pages_render_for_every_command() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(env!("CARGO_BIN_EXE_arbor-man"))
+        .arg(dir.path())
+        .output()
+        .expect("run arbor-man");
+    assert!(out.status.success(), "{out:?}");
+    for page in [
+        "arbor.1",
+        "arbor-run.1",
+        "arbor-store.1",
+        "arbor-topology-check.1",
+    ] {
+        let path = dir.path().join(page);
+        assert!(path.exists(), "no {page}");
+        let rendered = Command::new("groff")
+            .args(["-man", "-Tutf8", "-ww"])
+            .arg(&path)
+            .output()
+            .expect("run groff (integration/deps installs groff-base)");
+        let text = String::from_utf8_lossy(&rendered.stdout);
+        let warnings = String::from_utf8_lossy(&rendered.stderr);
+        assert!(
+            rendered.status.success() && warnings.trim().is_empty(),
+            "{page}: {warnings}"
+        );
+        if page == "arbor-run.1" {
+            // Rendered text may hyphenate: look for the flag as groff prints it.
+            assert!(text.contains("topology"), "{page}:\n{text}");
+        }
+    }
+}

@@ -64,7 +64,19 @@ enum Sub {
     /// Work with topology files (docs/topology.md).
     #[command(subcommand)]
     Topology(TopologySub),
+    /// Print a shell completion script for arbor.
+    #[command(after_help = COMPLETIONS_EXAMPLES)]
+    Completions {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
+    },
 }
+
+const COMPLETIONS_EXAMPLES: &str = "\
+Examples:
+  arbor completions bash > /etc/bash_completion.d/arbor
+  arbor completions zsh > \"${fpath[1]}/_arbor\"
+  arbor completions fish > ~/.config/fish/completions/arbor.fish";
 
 #[derive(Subcommand, Debug)]
 enum StoreSub {
@@ -202,6 +214,21 @@ pub enum Command {
     Run(Box<RunOptions>),
     /// `arbor topology check FILE`.
     TopologyCheck(PathBuf),
+    /// `arbor completions SHELL`: the script, on stdout.
+    Completions(clap_complete::Shell),
+}
+
+/// arbor's whole command line as clap sees it: for completions and the man pages
+/// (`cargo run --bin arbor-man`).
+pub fn command() -> clap::Command {
+    use clap::CommandFactory;
+    Args::command()
+}
+
+/// Writes the completion script for `shell` to stdout.
+pub fn print_completions(shell: clap_complete::Shell) {
+    let mut cmd = command();
+    clap_complete::generate(shell, &mut cmd, "arbor", &mut std::io::stdout());
 }
 
 /// One invocation of arbor: the job and how chatty the log should be (0 = info).
@@ -255,6 +282,7 @@ pub fn parse() -> Result<Invocation, ExitCode> {
             },
         }),
         Some(Sub::Topology(TopologySub::Check { file })) => Command::TopologyCheck(file),
+        Some(Sub::Completions { shell }) => Command::Completions(shell),
         Some(Sub::Run(run)) => {
             let mut binaries = Vec::new();
             for spec in &run.binaries {

@@ -55,6 +55,10 @@ async fn run(
             println!("arbor {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
+        cli::Command::Completions(shell) => {
+            cli::print_completions(shell);
+            ExitCode::SUCCESS
+        }
         cli::Command::Store(config) => {
             let shutdown = tokio_util::sync::CancellationToken::new();
             tokio::spawn(cancel_on_signal(shutdown.clone()));
