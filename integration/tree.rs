@@ -101,6 +101,10 @@ fn main() -> std::process::ExitCode {
         ),
         ("a_bad_topology_exits_2", a_bad_topology_exits_2),
         (
+            "json_output_is_one_event_per_line_in_order_at_every_depth",
+            json_output_is_one_event_per_line_in_order_at_every_depth,
+        ),
+        (
             "compress_sends_the_binary_gzipped_once_per_relay",
             compress_sends_the_binary_gzipped_once_per_relay,
         ),
@@ -1372,6 +1376,109 @@ fn a_bad_topology_exits_2(lab: &Lab) -> TestResult {
         tx1 - tx0 < 1000,
         "{} bytes went out for a bad topology",
         tx1 - tx0
+    );
+    Ok(())
+}
+
+/// The event types docs/events.md documents (its `### \`type\`` headings).
+fn documented_event_types() -> Vec<String> {
+    let doc = std::fs::read_to_string(support::repo_root().join("docs/events.md"))
+        .expect("docs/events.md");
+    doc.lines()
+        .filter_map(|l| l.strip_prefix("### `")?.strip_suffix('`'))
+        .map(str::to_string)
+        .collect()
+}
+
+fn json_output_is_one_event_per_line_in_order_at_every_depth(lab: &Lab) -> TestResult {
+    clean(lab, false);
+    // Leaves unknown to known_hosts, learned under accept-new: host_key events too.
+    let home = private_home(lab)?;
+    let known = home.path().join(".ssh/known_hosts");
+    let kh = std::fs::read_to_string(&known).map_err(fail)?;
+    let relays_only: Vec<&str> = kh
+        .lines()
+        .filter(|l| !l.starts_with("10.199.1.1") && !l.starts_with("10.199.2.1"))
+        .collect();
+    std::fs::write(&known, relays_only.join("\n") + "\n").map_err(fail)?;
+    let topo = topology(TWO_RELAYS);
+    let out = arbor_command(
+        lab,
+        home.path(),
+        &[
+            "--topology",
+            topo.path.to_str().unwrap_or_default(),
+            "--tmp-prefix",
+            "--converged-timeout",
+            "2",
+            "--host-key-policy",
+            "accept-new",
+            "--output",
+            "json",
+        ],
+    )
+    .output()
+    .map_err(fail)?;
+    let log = exited(&out, 0)?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let documented = documented_event_types();
+    check!(documented.len() == 6, "docs/events.md lists {documented:?}");
+    let mut seen = std::collections::BTreeSet::new();
+    // Per host: the order its events came in, as phases (0 staging, 1 running, 2 exited).
+    let mut phase: std::collections::BTreeMap<String, u8> = Default::default();
+    let lines: Vec<&str> = stdout.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| fail(format!("line {} is not JSON ({e}): {line}\n{log}", i + 1)))?;
+        check!(v["v"] == 1, "no version: {line}");
+        let ts = v["ts"].as_str().unwrap_or_default();
+        check!(
+            ts.len() == 24 && ts.ends_with('Z') && ts.as_bytes()[10] == b'T',
+            "timestamp {ts:?}: {line}"
+        );
+        let kind = v["type"].as_str().unwrap_or_default().to_string();
+        check!(documented.contains(&kind), "undocumented type: {line}");
+        seen.insert(kind.clone());
+        if kind == "summary" {
+            check!(i == lines.len() - 1, "summary is not the last line: {line}");
+            check!(v["exit_code"] == 0, "{line}");
+            let hosts: Vec<&str> = v["hosts"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|h| h["host"].as_str()).collect())
+                .unwrap_or_default();
+            let want = [
+                "r1", "r1/l1-1", "r1/l1-2", "r1/l1-3", "r2", "r2/l2-1", "r2/l2-2", "r2/l2-3",
+            ];
+            check!(hosts == want, "summary hosts {hosts:?}: {line}");
+            continue;
+        }
+        let host = v["host"].as_str().unwrap_or_default().to_string();
+        check!(!host.is_empty(), "no host: {line}");
+        let p = phase.entry(host.clone()).or_insert(0);
+        check!(*p < 2, "{host}: an event after it exited: {line}");
+        match (kind.as_str(), v["state"].as_str()) {
+            ("stage", _) => check!(*p == 0, "{host}: a stage after running: {line}"),
+            ("state", Some("running")) => *p = 1,
+            ("state", Some("exited")) => *p = 2,
+            ("state", Some("failed")) => return Err(fail(format!("failed: {line}"))),
+            _ => {}
+        }
+    }
+    let all: std::collections::BTreeSet<String> = documented.into_iter().collect();
+    check!(seen == all, "emitted {seen:?}, documented {all:?}");
+    for h in [
+        "r1", "r1/l1-1", "r1/l1-2", "r1/l1-3", "r2", "r2/l2-1", "r2/l2-2", "r2/l2-3",
+    ] {
+        check!(
+            phase.get(h) == Some(&2),
+            "{h} did not end with exited: {:?}",
+            phase.get(h)
+        );
+    }
+    // Nothing but JSON on stdout; arbor's own words went to stderr.
+    check!(
+        !stdout.contains("HOST "),
+        "the text summary reached stdout:\n{stdout}"
     );
     Ok(())
 }

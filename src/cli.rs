@@ -164,6 +164,11 @@ struct RunArgs {
     /// saves, as with ssh -C.
     #[arg(long)]
     compress: bool,
+    /// What goes to stdout: text (lines for people) or json (one JSON object per event and a
+    /// final summary object, nothing else; schema in docs/events.md). Messages from arbor
+    /// itself go to stderr either way.
+    #[arg(long, value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    output: String,
     /// Keep the embedded store in memory in a fresh temporary state dir, not in
     /// ~/.local/state/arbor.
     #[arg(long)]
@@ -318,6 +323,7 @@ pub fn parse() -> Result<Invocation, ExitCode> {
                 cconns: run.cconns,
                 no_caching: run.no_caching,
                 compress: run.compress,
+                json: run.output == "json",
                 tmp_prefix: run.tmp_prefix,
                 seeds: run.seeds,
                 no_server: run.no_server,

@@ -40,6 +40,8 @@ pub struct RunOptions {
     pub remote_tmp: String,
     /// Log level: 0 info, 1 debug, 2 trace.
     pub verbosity: u8,
+    /// `--output json`: events and the summary as JSON lines on stdout.
+    pub json: bool,
     /// 0 for the initiator.
     pub depth: usize,
     /// A staged node's working dir on its host.
@@ -71,6 +73,7 @@ impl Default for RunOptions {
             binaries: Vec::new(),
             remote_tmp: node.remote_tmp,
             verbosity: 0,
+            json: false,
             depth: 0,
             workdir: None,
         }

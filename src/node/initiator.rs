@@ -790,7 +790,7 @@ pub async fn run(options: RunOptions) -> u8 {
     let mut edits = follow_graphs(&options, &plan, engine.as_ref(), &stop_following);
 
     let mut view = View {
-        ui: Ui::new(),
+        ui: if options.json { Ui::json() } else { Ui::new() },
         book: RunBook::new(
             &plan.children,
             engine.is_some().then_some(hostname.as_str()),
@@ -922,16 +922,18 @@ pub async fn run(options: RunOptions) -> u8 {
     store.close().await;
 
     reports.extend(view.deep_reports());
-    view.ui.summary(
-        &reports,
-        local_ok.map(|ok| (hostname.as_str(), ok, started.elapsed())),
-    );
     let any_failed = reports.iter().any(|r| !r.ok) || local_ok == Some(false);
-    match outcome {
+    let code = match outcome {
         Outcome::Stopped(signal) => exit::for_signal(signal),
         Outcome::Done(_) if any_failed => exit::FAILED,
         Outcome::Done(code) => code,
-    }
+    };
+    view.ui.summary(
+        &reports,
+        local_ok.map(|ok| (hostname.as_str(), ok, started.elapsed())),
+        code,
+    );
+    code
 }
 
 /// Names must be unique in the whole run (they key the store); the topology checks its own
