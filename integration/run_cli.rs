@@ -255,3 +255,88 @@ fn man_pages_render_for_every_command() {
         }
     }
 }
+
+/// `-q` leaves the summary and failures on stdout; `--log-file` keeps every line with a
+/// timestamp anyway; `--color` and NO_COLOR decide the colours of the log on stderr.
+#[test]
+fn quiet_log_file_and_colour_do_what_they_say() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().display();
+    let path = write(
+        dir.path(),
+        "g.yaml",
+        &format!(
+            "graph: g\nresources:\n  file:\n  - name: f\n    path: {d}/made\n    content: hi\n    state: exists\n"
+        ),
+    );
+    let log = dir.path().join("run.log");
+    let run = |extra: &[&str], env: &[(&str, &str)]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_arbor"));
+        c.args([
+            "run",
+            "--file",
+            &path,
+            "--converged-timeout",
+            "1",
+            "--tmp-prefix",
+        ])
+        .args(["--hostname", "h1"])
+        .args(extra)
+        .env_remove("ARBOR_LOG")
+        .env_remove("NO_COLOR");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().expect("run arbor")
+    };
+
+    let out = run(&["-q", "--log-file", log.to_str().expect("utf-8")], &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(
+        !stdout.contains("h1: converged"),
+        "-q showed states:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("HOST") && stdout.contains("h1 (local)"),
+        "{stdout}"
+    );
+    assert!(!stderr.contains("INFO"), "-q logged info:\n{stderr}");
+    let kept = std::fs::read_to_string(&log).expect("log file");
+    // Every line starts with an RFC 3339 timestamp, the events and the engine's log included.
+    assert!(
+        kept.lines()
+            .filter(|l| !l.is_empty())
+            .any(|l| l.ends_with("h1: converged") && l.as_bytes().get(10) == Some(&b'T')),
+        "no timestamped converged line:\n{kept}"
+    );
+    assert!(
+        kept.contains("created"),
+        "the engine's info log is not kept:\n{kept}"
+    );
+    assert!(kept.contains("HOST"), "the summary is not kept:\n{kept}");
+    assert!(!kept.contains('\x1b'), "colours in the log file:\n{kept}");
+
+    // stderr is not a terminal here: auto means no colour, always means colour, and NO_COLOR
+    // turns auto off. Each run creates the file again, so each logs at info.
+    let made = dir.path().join("made");
+    let stderr_of = |extra: &[&str], env: &[(&str, &str)]| {
+        let _ = std::fs::remove_file(&made);
+        let out = run(extra, env);
+        assert_eq!(out.status.code(), Some(0));
+        let text = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(text.contains("INFO"), "{extra:?}: nothing logged:\n{text}");
+        text
+    };
+    assert!(!stderr_of(&[], &[]).contains('\x1b'));
+    assert!(stderr_of(&["--color", "always"], &[]).contains("\x1b["));
+    assert!(!stderr_of(&["--color", "never"], &[]).contains('\x1b'));
+    assert!(!stderr_of(&["--color", "auto"], &[("NO_COLOR", "1")]).contains('\x1b'));
+    // -q and -v together is a usage error.
+    assert_eq!(run(&["-q", "-v"], &[]).status.code(), Some(2));
+    // A log file that cannot be opened: exit 2, naming it.
+    let bad = run(&["--log-file", "/nonexistent/dir/x.log"], &[]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("/nonexistent/dir/x.log"));
+}

@@ -105,6 +105,10 @@ fn main() -> std::process::ExitCode {
             json_output_is_one_event_per_line_in_order_at_every_depth,
         ),
         (
+            "quiet_reaches_hosts_at_depth_2",
+            quiet_reaches_hosts_at_depth_2,
+        ),
+        (
             "compress_sends_the_binary_gzipped_once_per_relay",
             compress_sends_the_binary_gzipped_once_per_relay,
         ),
@@ -1480,5 +1484,34 @@ fn json_output_is_one_event_per_line_in_order_at_every_depth(lab: &Lab) -> TestR
         !stdout.contains("HOST "),
         "the text summary reached stdout:\n{stdout}"
     );
+    Ok(())
+}
+
+fn quiet_reaches_hosts_at_depth_2(lab: &Lab) -> TestResult {
+    clean(lab, false);
+    // JSON shows every event it gets, -q or not: so what comes up is what the hosts sent.
+    let topo = topology(TWO_RELAYS);
+    let out = run(
+        lab,
+        &topo,
+        &["-q", "--output", "json", "--converged-timeout", "2"],
+    );
+    let log = exited(&out, 0)?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let logs: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains("\"type\":\"log\""))
+        .collect();
+    check!(
+        logs.iter().all(|l| !l.contains(" INFO ")),
+        "hosts logged at info under -q:\n{}\n{log}",
+        logs.join("\n")
+    );
+    for leaf in ["r1/l1-1", "r2/l2-3"] {
+        check!(
+            stdout.contains(&format!("\"host\":\"{leaf}\"")),
+            "no events from {leaf}:\n{stdout}"
+        );
+    }
     Ok(())
 }

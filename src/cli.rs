@@ -17,9 +17,23 @@ pub use crate::node::config::RunOptions;
 #[derive(Parser, Debug)]
 #[command(name = "arbor", version, about, long_about, propagate_version = true)]
 struct Args {
-    /// More log output: -v for debug, -vv for trace (ARBOR_LOG overrides).
+    /// More log output: -v for debug, -vv for trace (ARBOR_LOG overrides). Reaches every
+    /// host of a run.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// Less output: warnings, errors, failures and the summary only. Reaches every host of a
+    /// run (unless --log-file keeps everything).
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    /// Also write everything to this file, with timestamps, whatever -q or --output show:
+    /// arbor's log at the -v level, and every host's events.
+    #[arg(long, value_name = "PATH", global = true)]
+    log_file: Option<PathBuf>,
+    /// Colours in arbor's log on stderr: auto (when stderr is a terminal and NO_COLOR is not
+    /// set), always, never.
+    #[arg(long, value_name = "WHEN", global = true, default_value = "auto",
+          value_parser = ["auto", "always", "never"])]
+    color: String,
 
     #[command(subcommand)]
     command: Option<Sub>,
@@ -240,7 +254,27 @@ pub fn print_completions(shell: clap_complete::Shell) {
 #[derive(Debug)]
 pub struct Invocation {
     pub verbosity: u8,
+    /// `-q`: warnings and errors only.
+    pub quiet: bool,
+    /// `--log-file`: everything, with timestamps.
+    pub log_file: Option<PathBuf>,
+    /// Colours on stderr, from `--color` and NO_COLOR.
+    pub color: bool,
     pub command: Command,
+}
+
+/// Whether arbor's log on stderr is coloured: `--color WHEN`, where auto means stderr is a
+/// terminal and NO_COLOR (https://no-color.org) is unset or empty.
+fn colour(when: &str) -> bool {
+    use std::io::IsTerminal;
+    match when {
+        "always" => true,
+        "never" => false,
+        _ => {
+            std::io::stderr().is_terminal()
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+        }
+    }
 }
 
 /// Parses the process arguments. On `--help`, `--version` or a usage error, clap has already
@@ -335,6 +369,8 @@ pub fn parse() -> Result<Invocation, ExitCode> {
                 binaries,
                 remote_tmp: run.remote_tmp,
                 verbosity: args.verbose,
+                quiet: args.quiet,
+                log_file: args.log_file.clone(),
                 depth: run.depth,
                 workdir: run.workdir,
             }))
@@ -347,6 +383,9 @@ pub fn parse() -> Result<Invocation, ExitCode> {
     };
     Ok(Invocation {
         verbosity: args.verbose,
+        quiet: args.quiet,
+        color: colour(&args.color),
+        log_file: args.log_file,
         command,
     })
 }

@@ -33,6 +33,12 @@ pub struct Ui {
     /// Transfers already reported as finished, so repeated updates print once.
     done_transfers: std::collections::HashSet<(String, String)>,
     json: bool,
+    /// `-q`: only failures, settling with failures, and warnings or errors from hosts.
+    quiet: bool,
+    /// `--log-file`: every event as a timestamped text line, whatever the view shows.
+    log_file: Option<std::fs::File>,
+    /// JSON: transfers whose final event was written.
+    json_done: std::collections::HashSet<(String, String)>,
     /// JSON: when each (host, transfer) last had a progress event.
     progress_at: std::collections::HashMap<(String, String), std::time::Instant>,
     /// The run is being torn down: hosts still running see the ones already gone withdraw
@@ -45,11 +51,46 @@ impl Ui {
         Self::default()
     }
 
-    /// JSON lines on stdout instead of text (`--output json`).
-    pub fn json() -> Self {
-        Ui {
-            json: true,
+    /// The view a run asks for: JSON or text, `quiet`, and a log file (opened to append).
+    pub fn for_run(
+        json: bool,
+        quiet: bool,
+        log_file: Option<&std::path::Path>,
+    ) -> std::io::Result<Self> {
+        let log_file = match log_file {
+            Some(path) => Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?,
+            ),
+            None => None,
+        };
+        Ok(Ui {
+            json,
+            quiet,
+            log_file,
             ..Self::default()
+        })
+    }
+
+    /// Appends `line` to the log file, if any, after a timestamp.
+    fn record(&self, line: &str) {
+        if let Some(mut f) = self.log_file.as_ref() {
+            let _ = writeln!(f, "{} {line}", timestamp(std::time::SystemTime::now()));
+        }
+    }
+
+    /// Whether `-q` hides this event: everything but failures, settling with failures, and
+    /// host log lines at warn or error level.
+    fn hidden_when_quiet(kind: &EventKind) -> bool {
+        match kind {
+            EventKind::State(HostState::Failed { .. } | HostState::Unhealthy { .. }) => false,
+            EventKind::Log { line, .. } => {
+                let level = line.split_whitespace().next().unwrap_or_default();
+                !matches!(level, "WARN" | "ERROR")
+            }
+            _ => true,
         }
     }
 
@@ -107,7 +148,7 @@ impl Ui {
                 let done = *cached || sent == total;
                 let now = std::time::Instant::now();
                 if done {
-                    if !self.done_transfers.insert(key) {
+                    if !self.json_done.insert(key) {
                         return;
                     }
                 } else if self
@@ -145,9 +186,29 @@ impl Ui {
             return;
         }
         if self.json {
+            if self.log_file.is_some()
+                && let Some(line) = self.text_line(event)
+            {
+                self.record(&line);
+            }
             self.event_json(event);
             return;
         }
+        let Some(line) = self.text_line(event) else {
+            return;
+        };
+        self.record(&line);
+        if self.quiet && Self::hidden_when_quiet(&event.kind) {
+            return;
+        }
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    }
+
+    /// The text line for `event`, or `None` for a transfer update not worth a line (a
+    /// repeated "copied", progress where no terminal shows it).
+    fn text_line(&mut self, event: &Event) -> Option<String> {
         let host = printable(&event.host.to_string()).into_owned();
         let line = match &event.kind {
             EventKind::Log { line, stderr } => {
@@ -178,13 +239,13 @@ impl Ui {
                     format!("{host}: {what} already in the host's cache")
                 } else if sent == total {
                     if !self.done_transfers.insert((host.clone(), what.clone())) {
-                        return;
+                        return None;
                     }
                     format!("{host}: copied {what} ({})", bytes(*total))
                 } else {
                     // Progress lines only where a person watches.
                     if !is_terminal() {
-                        return;
+                        return None;
                     }
                     format!(
                         "{host}: copying {what} {}% of {}",
@@ -197,9 +258,7 @@ impl Ui {
                 format!("{host}: learned the host key of {name}")
             }
         };
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "{line}");
-        let _ = out.flush();
+        Some(line)
     }
 
     /// The table at the end: host, result, time, bytes sent, binary from cache. Causes may
@@ -239,8 +298,8 @@ impl Ui {
             );
             return;
         }
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out);
+        use std::fmt::Write as _;
+        let mut out = String::from("\n");
         let _ = writeln!(
             out,
             "{:<24} {:<8} {:>8} {:>10} {:<6}  CAUSE",
@@ -287,7 +346,10 @@ impl Ui {
                 tcp.join(", ")
             );
         }
-        let _ = out.flush();
+        self.record(&out);
+        let mut stdout = std::io::stdout().lock();
+        let _ = stdout.write_all(out.as_bytes());
+        let _ = stdout.flush();
     }
 }
 

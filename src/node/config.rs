@@ -42,6 +42,10 @@ pub struct RunOptions {
     pub verbosity: u8,
     /// `--output json`: events and the summary as JSON lines on stdout.
     pub json: bool,
+    /// `-q`: the view shows warnings, errors, failures and the summary only.
+    pub quiet: bool,
+    /// `--log-file`: every event is also written there, with a timestamp.
+    pub log_file: Option<PathBuf>,
     /// 0 for the initiator.
     pub depth: usize,
     /// A staged node's working dir on its host.
@@ -74,6 +78,8 @@ impl Default for RunOptions {
             remote_tmp: node.remote_tmp,
             verbosity: 0,
             json: false,
+            quiet: false,
+            log_file: None,
             depth: 0,
             workdir: None,
         }
@@ -94,6 +100,8 @@ impl RunOptions {
             connect_timeout,
             hello_timeout: (2 * connect_timeout).max(MIN_HELLO_TIMEOUT),
             verbosity: self.verbosity,
+            // With a log file, hosts still send everything for it to keep.
+            quiet: self.quiet && self.log_file.is_none(),
             remote_tmp: self.remote_tmp.clone(),
             no_caching: self.no_caching,
             compress: self.compress,

@@ -778,6 +778,14 @@ pub async fn run(options: RunOptions) -> u8 {
         None => None,
     };
 
+    let ui = match Ui::for_run(options.json, options.quiet, options.log_file.as_deref()) {
+        Ok(ui) => ui,
+        Err(e) => {
+            eprintln!("arbor: --log-file: {e}");
+            store.close().await;
+            return exit::BAD_INPUT;
+        }
+    };
     let (events_tx, mut events) = mpsc::channel(super::child_link::CHILD_QUEUE * 4);
     let mut ctx = fleet_context(&options, &plan, &store, events_tx);
     ctx.agent = choose_agent(&ctx, plan.children.iter().any(has_grandchildren)).await;
@@ -790,7 +798,7 @@ pub async fn run(options: RunOptions) -> u8 {
     let mut edits = follow_graphs(&options, &plan, engine.as_ref(), &stop_following);
 
     let mut view = View {
-        ui: if options.json { Ui::json() } else { Ui::new() },
+        ui,
         book: RunBook::new(
             &plan.children,
             engine.is_some().then_some(hostname.as_str()),

@@ -25,8 +25,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 /// After a shutdown or a lost parent, the node is gone within this long, whatever hangs.
 const EXIT_DEADLINE: Duration = Duration::from_secs(4);
 
-/// Sets the log level once the parent has said which (`NodeConfig::verbosity`).
-pub type SetVerbosity = Box<dyn Fn(u8) + Send + Sync>;
+/// Sets the log level once the parent has said which (`NodeConfig::verbosity`, `quiet`).
+pub type SetVerbosity = Box<dyn Fn(u8, bool) + Send + Sync>;
 
 /// Runs the node; returns the process exit code.
 pub async fn run(options: RunOptions, log: EventLog, set_verbosity: SetVerbosity) -> u8 {
@@ -40,7 +40,7 @@ pub async fn run(options: RunOptions, log: EventLog, set_verbosity: SetVerbosity
             return crate::exit::FAILED;
         }
     };
-    set_verbosity(start.config.verbosity);
+    set_verbosity(start.config.verbosity, start.config.quiet);
     log.attach(up.clone());
     let name = start.hostname.clone();
     tracing::debug!("{name}: node at depth {} starting", start.path.depth());

@@ -160,6 +160,9 @@ pub struct NodeConfig {
     pub hello_timeout: u64,
     /// Log level: 0 info, 1 debug, 2 trace.
     pub verbosity: u8,
+    /// Warnings and errors only (`-q`), whatever `verbosity` says.
+    #[serde(default)]
+    pub quiet: bool,
     /// Where working dirs are created on hosts.
     pub remote_tmp: String,
     /// Copy the binary into each working dir instead of the host's cache.
@@ -184,6 +187,7 @@ impl Default for NodeConfig {
             connect_timeout: 10,
             hello_timeout: 20,
             verbosity: 0,
+            quiet: false,
             remote_tmp: "/tmp".into(),
             no_caching: false,
             compress: false,
