@@ -129,6 +129,7 @@ mod tests {
             accept_new: true,
             converged_timeout: Some(Duration::from_secs(5)),
             noop: true,
+            quiet: true,
             ..RunOptions::default()
         };
         let builds = vec![BuildRef {
@@ -144,6 +145,7 @@ mod tests {
                 connect_timeout: 2,
                 hello_timeout: MIN_HELLO_TIMEOUT,
                 verbosity: 1,
+                quiet: true,
                 remote_tmp: "/var/tmp".into(),
                 no_caching: true,
                 compress: true,
@@ -154,6 +156,12 @@ mod tests {
                 builds,
             }
         );
+        // With a log file to fill, hosts still send everything.
+        let logged = RunOptions {
+            log_file: Some("run.log".into()),
+            ..options.clone()
+        };
+        assert!(!logged.node_config(7, Vec::new(), "r").quiet);
         // It survives the trip down the link unchanged.
         let json = serde_json::to_string(&node).expect("json");
         assert_eq!(
