@@ -34,6 +34,10 @@ fn main() -> std::process::ExitCode {
             hosts_get_etcd_users_of_their_own_keys_and_none_outlive_a_ctrl_c,
         ),
         (
+            "a_second_signal_during_teardown_still_deletes_the_runs_users_and_roles",
+            a_second_signal_during_teardown_still_deletes_the_runs_users_and_roles,
+        ),
+        (
             "a_finished_run_deletes_its_etcd_users_and_roles",
             a_finished_run_deletes_its_etcd_users_and_roles,
         ),
@@ -376,6 +380,76 @@ fn hosts_get_etcd_users_of_their_own_keys_and_none_outlive_a_ctrl_c(lab: &Lab) -
     check!(code == Some(130), "exit {code:?} after ^C\n{log}");
     check_only_root(&etcd, &log)?;
     check_no_leftovers(lab)?;
+    Ok(())
+}
+
+fn a_second_signal_during_teardown_still_deletes_the_runs_users_and_roles(lab: &Lab) -> TestResult {
+    clean(lab);
+    let etcd = Etcd::start(lab, true)?;
+    let topo = topology(lab);
+    let (mut running, rx) = start(lab, &topo, &["--seeds-user", "root"]);
+    let converged = ["r1/l1-1: converged", "r2: converged"].map(String::from);
+    let seen = wait_lines(&rx, &converged, Duration::from_secs(90))?;
+    let (users, _) = etcd.users_and_roles()?;
+    check!(users.contains("arbor."), "no run users:\n{users}");
+    // A leaf that cannot answer holds the teardown up, so a second signal lands during it.
+    lab.sh("l1-1", "pkill -STOP -x arbor");
+    let _resume = Undo {
+        lab,
+        host: "l1-1",
+        shell: "pkill -CONT -x arbor".into(),
+    };
+    unsafe {
+        libc::kill(running.0.id() as i32, libc::SIGINT);
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    check!(
+        running.0.try_wait().map_err(fail)?.is_none(),
+        "the teardown ended before the second signal; nothing to force"
+    );
+    let second = Instant::now();
+    unsafe {
+        libc::kill(running.0.id() as i32, libc::SIGTERM);
+    }
+    let status = loop {
+        if let Some(status) = running.0.try_wait().map_err(fail)? {
+            break status;
+        }
+        check!(
+            second.elapsed() < Duration::from_secs(10),
+            "no exit within 10 s of the second signal"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = second.elapsed();
+    let mut rest = Vec::new();
+    while let Ok(line) = rx.recv_timeout(Duration::from_millis(300)) {
+        rest.push(line);
+    }
+    let log = format!("{}\n{}", seen.join("\n"), rest.join("\n"));
+    check!(
+        status.code() == Some(130),
+        "exit {:?}\n{log}",
+        status.code()
+    );
+    check!(
+        took < Duration::from_secs(2),
+        "exit took {took:?} after the second signal\n{log}"
+    );
+    check_only_root(&etcd, &log)?;
+    // Once resumed, the stopped leaf finds its link gone and cleans up after itself.
+    lab.sh("l1-1", "pkill -CONT -x arbor");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for h in HOSTS {
+        loop {
+            let left = leftovers(lab, h);
+            if left.trim().is_empty() {
+                break;
+            }
+            check!(Instant::now() < deadline, "{h} has leftovers: {left}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
     Ok(())
 }
 
