@@ -188,9 +188,21 @@ struct RunArgs {
     #[arg(long)]
     tmp_prefix: bool,
     /// Use an existing etcd cluster (comma-separated http://host:port URLs) instead of the
-    /// embedded store.
+    /// embedded store. If the etcd has authentication enabled, give --seeds-user: arbor then
+    /// makes an etcd user and role per host for the run, limited to that host's own keys, and
+    /// deletes them at the end. With authentication off, hosts are not isolated in the store
+    /// (docs/security.md).
     #[arg(long, value_name = "URLS", value_delimiter = ',')]
     seeds: Vec<String>,
+    /// The etcd user arbor acts as at the --seeds etcd; it needs the root role (it adds and
+    /// deletes the run's users and roles). Its password is read from --seeds-password-file,
+    /// else from the environment variable ARBOR_SEEDS_PASSWORD, else (with
+    /// --allow-interactive) asked on the terminal; never from the command line.
+    #[arg(long, value_name = "NAME", requires = "seeds")]
+    seeds_user: Option<String>,
+    /// A file holding the --seeds-user's password (one line; keep it mode 0600).
+    #[arg(long, value_name = "PATH", requires = "seeds_user")]
+    seeds_password_file: Option<PathBuf>,
     /// Start no store here (with --seeds, or on a remote host whose store is tunnelled).
     #[arg(long)]
     no_server: bool,
@@ -360,6 +372,8 @@ pub fn parse() -> Result<Invocation, ExitCode> {
                 json: run.output == "json",
                 tmp_prefix: run.tmp_prefix,
                 seeds: run.seeds,
+                seeds_user: run.seeds_user,
+                seeds_password_file: run.seeds_password_file,
                 no_server: run.no_server,
                 identities: run.identities,
                 known_hosts: run.known_hosts,

@@ -88,10 +88,15 @@ pub async fn launch(
 
     let name = me.name().to_string();
     if let crate::ssh::ForwardEnd::Tcp(port) = &tunnel {
+        // A host gets no credential only from an etcd without authentication (--seeds).
+        let who = if start.credential.is_some() {
+            "and the store refuses them without the host's credential"
+        } else {
+            "and the store (an etcd with authentication off) lets them do anything"
+        };
         tracing::warn!(
             "{name}: the store tunnel ends on loopback TCP port {port} there (its sshd refused \
-             Unix-socket forwarding): local processes can reach that port, and the store \
-             refuses them without the host's credential"
+             Unix-socket forwarding): local processes can reach that port, {who}"
         );
     }
     let mut line = CommandLine::new(&staged.binary).args([

@@ -29,6 +29,10 @@ pub struct RunOptions {
     pub compress: bool,
     pub tmp_prefix: bool,
     pub seeds: Vec<String>,
+    /// The etcd user the initiator acts as at the --seeds etcd.
+    pub seeds_user: Option<String>,
+    /// Where that user's password is (else ARBOR_SEEDS_PASSWORD, or the terminal).
+    pub seeds_password_file: Option<PathBuf>,
     pub no_server: bool,
     pub identities: Vec<PathBuf>,
     pub known_hosts: Vec<PathBuf>,
@@ -68,6 +72,8 @@ impl Default for RunOptions {
             compress: false,
             tmp_prefix: false,
             seeds: Vec::new(),
+            seeds_user: None,
+            seeds_password_file: None,
             no_server: false,
             identities: Vec::new(),
             known_hosts: Vec::new(),

@@ -500,6 +500,7 @@ async fn stage_child(
         },
         config,
         credential: spec.credential.clone(),
+        store_user: spec.store_user.clone(),
     };
     let forward_agent = !spec.children.is_empty() && ctx.agent.is_some();
     if let (true, Some(agent_for)) = (forward_agent, &ctx.agent) {

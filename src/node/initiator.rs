@@ -15,6 +15,7 @@ use super::builds::{Build, Builds, local_platform};
 use super::config::RunOptions;
 use super::fleet::{self, Fleet, FleetContext};
 use super::run_book::{Next, RunBook};
+use super::seeds;
 use super::{StopSignals, signal_name};
 use crate::engine::exchange::{Exchange, Keys, new_run_id};
 use crate::engine::fs_events::FsEvents;
@@ -109,6 +110,7 @@ fn read_remotes(options: &RunOptions) -> Result<Vec<RemoteGraph>, String> {
                 cconns: None,
                 children: Vec::new(),
                 credential: None,
+                store_user: None,
             },
         });
     }
@@ -132,6 +134,8 @@ struct RunStore {
     /// A --tmp-prefix state dir, removed at the end.
     temp_dir: Option<tempfile::TempDir>,
     socket: Option<PathBuf>,
+    /// The etcd users and roles made for the hosts (--seeds with authentication on).
+    run_users: Option<seeds::RunUsers>,
 }
 
 /// The name the initiator's own store client authenticates as (no host name can be it).
@@ -139,62 +143,117 @@ const INITIATOR_USER: &str = "@initiator";
 
 /// Every host's store credential and what it may do: read every export of the run, write its
 /// own exports and its own converged flag, use its own leases. Sets each spec's `credential`
-/// (sent down to the relays above it, never on a command line) and returns the store's users,
-/// with the initiator's own admin credential.
-fn mint_credentials(children: &mut [ChildSpec], run: &str) -> (Users, String) {
-    fn secret() -> String {
-        format!(
-            "{:016x}{:016x}",
-            rand::random::<u64>(),
-            rand::random::<u64>()
-        )
-    }
-    fn walk(specs: &mut [ChildSpec], keys: &Keys, users: &mut Users) {
+/// (sent down to the relays above it, never on a command line) and, where the user is not
+/// named after the host (`user_name`), its `store_user`. The embedded store and an etcd with
+/// authentication on both enforce exactly these.
+fn host_users(
+    children: &mut [ChildSpec],
+    run: &str,
+    user_name: &dyn Fn(&str) -> Option<String>,
+) -> Vec<seeds::HostUser> {
+    fn walk(
+        specs: &mut [ChildSpec],
+        keys: &Keys,
+        user_name: &dyn Fn(&str) -> Option<String>,
+        out: &mut Vec<seeds::HostUser>,
+    ) {
         for c in specs {
             let password = secret();
-            users.add(
-                &c.name,
-                &password,
-                Access::Keys {
+            let store_user = user_name(&c.name);
+            out.push(seeds::HostUser {
+                name: store_user.clone().unwrap_or_else(|| c.name.clone()),
+                password: password.clone(),
+                access: Access::Keys {
                     read: vec![keys.exports().as_bytes().to_vec()],
                     write: vec![keys.host_exports(&c.name).into_bytes()],
                     own: vec![keys.converged(&c.name).into_bytes()],
                 },
-            );
+            });
             c.credential = Some(password);
-            walk(&mut c.children, keys, users);
+            c.store_user = store_user;
+            walk(&mut c.children, keys, user_name, out);
         }
     }
-    let keys = Keys::for_run(run);
+    let mut out = Vec::new();
+    walk(children, &Keys::for_run(run), user_name, &mut out);
+    out
+}
+
+/// A random password.
+fn secret() -> String {
+    format!(
+        "{:016x}{:016x}",
+        rand::random::<u64>(),
+        rand::random::<u64>()
+    )
+}
+
+/// The embedded store's users: every host's ([`host_users`], named after the host), and the
+/// initiator's own admin credential.
+fn mint_credentials(children: &mut [ChildSpec], run: &str) -> (Users, String) {
     let mut users = Users::new();
-    walk(children, &keys, &mut users);
+    for host in host_users(children, run, &|_| None) {
+        users.add(&host.name, &host.password, host.access);
+    }
     let admin = secret();
     users.add(INITIATOR_USER, &admin, Access::Admin);
     (users, admin)
 }
 
-async fn open_store(
+/// The etcd given with --seeds. With authentication on, the initiator acts as --seeds-user and
+/// gives each host an etcd user and role of its own for this run; with it off, hosts connect
+/// as nobody and may do anything (said once, as a warning).
+async fn open_seeds(
     options: &RunOptions,
-    users: Option<(Users, String)>,
+    operator: Option<(String, String)>,
+    children: &mut [ChildSpec],
+    run: &str,
 ) -> Result<RunStore, String> {
-    if !options.seeds.is_empty() {
-        let endpoints =
-            super::seed_endpoints(&options.seeds).map_err(|e| format!("--seeds: {e}"))?;
-        let client = StoreClient::connect(&endpoints)
-            .await
-            .map_err(|e| format!("{e:#}"))?;
-        let connector = super::store_connector(&endpoints)
-            .await
-            .map_err(|e| format!("--seeds: {e}"))?;
-        return Ok(RunStore {
-            client,
-            connector,
-            shutdown: CancellationToken::new(),
-            served: None,
-            temp_dir: None,
-            socket: None,
-        });
-    }
+    let endpoints = super::seed_endpoints(&options.seeds).map_err(|e| format!("--seeds: {e}"))?;
+    let connected = seeds::connect(
+        &endpoints,
+        operator.as_ref().map(|(u, p)| (u.as_str(), p.as_str())),
+    )
+    .await?;
+    let run_users = if connected.auth {
+        let operator = operator.as_ref().map_or("", |(u, _)| u.as_str());
+        let hosts = host_users(children, run, &|host| Some(seeds::user_name(run, host)));
+        Some(seeds::RunUsers::create(&connected.client, operator, hosts).await?)
+    } else {
+        tracing::warn!(
+            "--seeds: the etcd has authentication off: hosts are not isolated in the store \
+             (any host can read and write every key, so forge other hosts' exports and \
+             converged flags); see docs/security.md"
+        );
+        None
+    };
+    let connector = match super::store_connector(&endpoints).await {
+        Ok(c) => c,
+        Err(e) => {
+            if let Some(users) = &run_users {
+                users.remove_within(USERS_TEARDOWN).await;
+            }
+            return Err(format!("--seeds: {e}"));
+        }
+    };
+    Ok(RunStore {
+        client: connected.client,
+        connector,
+        shutdown: CancellationToken::new(),
+        served: None,
+        temp_dir: None,
+        socket: None,
+        run_users,
+    })
+}
+
+/// How long the teardown may take to delete a run's etcd users and roles.
+const USERS_TEARDOWN: Duration = Duration::from_secs(30);
+/// The same, when a second signal asked to exit at once.
+const USERS_TEARDOWN_HURRIED: Duration = Duration::from_secs(3);
+
+/// The embedded store, checking the hosts' credentials in `users`.
+async fn open_store(options: &RunOptions, users: (Users, String)) -> Result<RunStore, String> {
     if options.no_server {
         return Err("--no-server needs --seeds: there is no store to use".into());
     }
@@ -215,10 +274,7 @@ async fn open_store(
         (dir.clone(), None, Some(dir.join("store")))
     };
     let socket = state_dir.join(format!("store-{}.sock", std::process::id()));
-    let (users, admin) = match users {
-        Some((users, admin)) => (Some(Arc::new(users)), Some(admin)),
-        None => (None, None),
-    };
+    let (users, admin) = (Some(Arc::new(users.0)), Some(users.1));
     let store = Store::bind_with(
         &StoreConfig {
             listen: format!("unix:{}", socket.display()),
@@ -263,12 +319,17 @@ async fn open_store(
         served: Some(served),
         temp_dir: temp,
         socket: Some(socket),
+        run_users: None,
     })
 }
 
 impl RunStore {
-    /// Stops the embedded store and removes its socket and temporary state dir.
+    /// Stops the embedded store and removes its socket and temporary state dir, or deletes
+    /// the run's users and roles from the etcd.
     async fn close(self) {
+        if let Some(users) = &self.run_users {
+            users.remove_within(USERS_TEARDOWN).await;
+        }
         self.shutdown.cancel();
         if let Some(served) = self.served {
             let _ = tokio::time::timeout(Duration::from_secs(2), served).await;
@@ -278,8 +339,12 @@ impl RunStore {
         }
     }
 
-    /// On the way out in a hurry: the socket and a temporary state dir go, nothing waits.
-    fn remove_files(self) {
+    /// On the way out in a hurry: the socket and a temporary state dir go, and the run's etcd
+    /// users and roles if that is quick; nothing else waits.
+    async fn abandon(self) {
+        if let Some(users) = &self.run_users {
+            users.remove_within(USERS_TEARDOWN_HURRIED).await;
+        }
         if let Some(socket) = &self.socket {
             let _ = std::fs::remove_file(socket);
         }
@@ -737,6 +802,14 @@ pub async fn run(options: RunOptions) -> u8 {
             return exit::BAD_INPUT;
         }
     };
+    // The operator's etcd password is read (or asked) before anything is contacted.
+    let operator = match seeds::operator(&options) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("arbor: {e}");
+            return exit::BAD_INPUT;
+        }
+    };
     let mut signals = match StopSignals::new() {
         Ok(s) => s,
         Err(e) => {
@@ -744,15 +817,22 @@ pub async fn run(options: RunOptions) -> u8 {
             return exit::FAILED;
         }
     };
-    // The embedded store checks every host's credential; an etcd given with --seeds is used as
-    // it is configured (docs/security.md).
+    // The embedded store checks every host's credential, and so does an etcd given with
+    // --seeds that has authentication on (docs/security.md).
     let mut plan = plan;
-    let users = options
-        .seeds
-        .is_empty()
-        .then(|| mint_credentials(&mut plan.children, &plan.config.run));
-    let store = match open_store(&options, users).await {
+    let run = plan.config.run.clone();
+    let opened = if options.seeds.is_empty() {
+        let users = mint_credentials(&mut plan.children, &run);
+        open_store(&options, users).await
+    } else {
+        open_seeds(&options, operator, &mut plan.children, &run).await
+    };
+    let store = match opened {
         Ok(s) => s,
+        Err(e) if !options.seeds.is_empty() => {
+            eprintln!("arbor: {e}");
+            return exit::FAILED;
+        }
         Err(e) => {
             eprintln!("arbor: store: {e}");
             return exit::FAILED;
@@ -909,7 +989,7 @@ pub async fn run(options: RunOptions) -> u8 {
                 left.join(", ")
             );
         }
-        store.remove_files();
+        store.abandon().await;
         let code = match outcome {
             Outcome::Stopped(first) => exit::for_signal(first),
             Outcome::Done(_) => exit::for_signal(signal),

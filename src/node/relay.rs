@@ -123,10 +123,7 @@ async fn serve(
 ) -> Result<(), String> {
     let name = &start.hostname;
     let endpoints = super::seed_endpoints(&options.seeds).map_err(|e| format!("{name}: {e}"))?;
-    let user = start
-        .credential
-        .as_deref()
-        .map(|password| (name.as_str(), password));
+    let user = store_user(start);
     let client = StoreClient::connect_as(&endpoints, user)
         .await
         .map_err(|e| format!("{name}: store: {e:#}"))?;
@@ -358,7 +355,7 @@ async fn misbehave(
         client.get_prefix("/").await.map(|_| ())
     };
     outcome("reading the store without a credential", anonymous.await);
-    let user = start.credential.as_deref().map(|p| (name.as_str(), p));
+    let user = store_user(start);
     let Ok(client) = crate::store::client::StoreClient::connect_as(endpoints, user).await else {
         return;
     };
@@ -387,6 +384,13 @@ async fn misbehave(
         "compacting",
         raw.compact(1, None).await.map(|_| ()).map_err(Into::into),
     );
+}
+
+/// The store user this node authenticates as, with its password, when it was given one: the
+/// user `Start::store_user` names, or else the user named after the host.
+fn store_user(start: &Start) -> Option<(&str, &str)> {
+    let name = start.store_user.as_deref().unwrap_or(&start.hostname);
+    start.credential.as_deref().map(|password| (name, password))
 }
 
 /// The state to report for an engine status: converged, settled with failures, or changed

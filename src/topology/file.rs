@@ -336,6 +336,7 @@ impl Builder<'_> {
                 cconns,
                 children: children.clone(),
                 credential: None,
+                store_user: None,
             })
             .collect())
     }

@@ -136,6 +136,10 @@ pub struct ChildSpec {
     /// channel only, to the relays above the host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential: Option<String>,
+    /// The store user that credential is the password of, when it is not the host's name (an
+    /// etcd given with --seeds: users named per run, `arbor.<run>.<host>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_user: Option<String>,
 }
 
 /// A build of arbor a node can have its parent fetch for it: the hosts of `platform` run it.
@@ -216,10 +220,12 @@ pub struct Start {
     pub known_hosts: String,
     /// The run's settings, for this node and its subtree.
     pub config: NodeConfig,
-    /// This node's store credential (its password, its name being `hostname`), when the
-    /// store checks credentials.
+    /// This node's store credential (its password), when the store checks credentials.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential: Option<String>,
+    /// The store user `credential` belongs to; `None`: the user named `hostname`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_user: Option<String>,
 }
 
 /// Control frames, parent to child.
