@@ -93,6 +93,10 @@ enum TopologySub {
     Check {
         /// The topology file (YAML).
         file: PathBuf,
+        /// Resolve hosts through this ssh_config file only, as `ssh -F` (`none`: no file).
+        /// Default: ~/.ssh/config, then /etc/ssh/ssh_config.
+        #[arg(short = 'F', long = "ssh-config", value_name = "FILE")]
+        ssh_config: Option<PathBuf>,
     },
 }
 
@@ -163,22 +167,33 @@ struct RunArgs {
     /// Start no store here (with --seeds, or on a remote host whose store is tunnelled).
     #[arg(long)]
     no_server: bool,
-    /// An SSH private key to try after the agent and ~/.ssh/id_* (repeatable).
+    /// Resolve hosts through this ssh_config file only, as `ssh -F` (`none`: no file).
+    /// Default: ~/.ssh/config, then /etc/ssh/ssh_config. arbor follows HostName, User, Port,
+    /// IdentityFile, IdentitiesOnly, ConnectTimeout, UserKnownHostsFile, GlobalKnownHostsFile,
+    /// StrictHostKeyChecking, HashKnownHosts and ProxyJump in Host and Match blocks and
+    /// Includes (docs/ssh.md); the command line beats the topology, which beats ssh_config.
+    #[arg(short = 'F', long = "ssh-config", value_name = "FILE")]
+    ssh_config: Option<PathBuf>,
+    /// An SSH private key to try first, before the topology's and ssh_config's keys and
+    /// before any agent key (repeatable).
     #[arg(long = "identity", short = 'i', value_name = "KEY")]
     identities: Vec<PathBuf>,
     /// An extra known_hosts file to trust (repeatable); ~/.ssh/known_hosts is always read.
     #[arg(long = "known-hosts", value_name = "FILE")]
     known_hosts: Vec<PathBuf>,
     /// strict: refuse unknown and changed host keys. accept-new: record unknown keys in
-    /// ~/.ssh/known_hosts, still refuse changed ones.
-    #[arg(long, value_name = "POLICY", default_value = "strict", value_parser = ["strict", "accept-new"])]
-    host_key_policy: String,
+    /// ~/.ssh/known_hosts, still refuse changed ones. Default: ssh_config's
+    /// StrictHostKeyChecking for the host (yes: strict, accept-new; `no` is never honoured:
+    /// strict), else strict.
+    #[arg(long, value_name = "POLICY", value_parser = ["strict", "accept-new"])]
+    host_key_policy: Option<String>,
     /// Ask on the terminal for passphrases and passwords when keys and the agent fail.
     #[arg(long)]
     allow_interactive: bool,
-    /// Seconds to wait for a host's TCP connect and SSH handshake.
-    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
-    connect_timeout: u64,
+    /// Seconds to wait for a host's TCP connect and SSH handshake. Default: ssh_config's
+    /// ConnectTimeout for the host, else 10.
+    #[arg(long, value_name = "SECONDS")]
+    connect_timeout: Option<u64>,
     /// A build of arbor for hosts of another platform, as ARCH=PATH (e.g.
     /// aarch64=./arbor-aarch64 or "Linux aarch64"=PATH). Repeatable.
     #[arg(long = "binary", value_name = "ARCH=PATH")]
@@ -200,8 +215,11 @@ pub enum Command {
     Version,
     Store(crate::store::StoreCommand),
     Run(Box<RunOptions>),
-    /// `arbor topology check FILE`.
-    TopologyCheck(PathBuf),
+    /// `arbor topology check [-F SSH_CONFIG] FILE`.
+    TopologyCheck {
+        file: PathBuf,
+        ssh_config: Option<PathBuf>,
+    },
 }
 
 /// One invocation of arbor: the job and how chatty the log should be (0 = info).
@@ -254,7 +272,9 @@ pub fn parse() -> Result<Invocation, ExitCode> {
                 q => Some(q as u64),
             },
         }),
-        Some(Sub::Topology(TopologySub::Check { file })) => Command::TopologyCheck(file),
+        Some(Sub::Topology(TopologySub::Check { file, ssh_config })) => {
+            Command::TopologyCheck { file, ssh_config }
+        }
         Some(Sub::Run(run)) => {
             let mut binaries = Vec::new();
             for spec in &run.binaries {
@@ -293,11 +313,14 @@ pub fn parse() -> Result<Invocation, ExitCode> {
                 tmp_prefix: run.tmp_prefix,
                 seeds: run.seeds,
                 no_server: run.no_server,
+                ssh_config: run.ssh_config,
                 identities: run.identities,
                 known_hosts: run.known_hosts,
-                accept_new: run.host_key_policy == "accept-new",
+                accept_new: run.host_key_policy.as_deref() == Some("accept-new"),
+                host_key_policy_given: run.host_key_policy.is_some(),
                 allow_interactive: run.allow_interactive,
-                connect_timeout: Duration::from_secs(run.connect_timeout),
+                connect_timeout: Duration::from_secs(run.connect_timeout.unwrap_or(10)),
+                connect_timeout_given: run.connect_timeout.is_some(),
                 binaries,
                 remote_tmp: run.remote_tmp,
                 verbosity: args.verbose,

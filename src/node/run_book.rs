@@ -193,6 +193,7 @@ mod tests {
             cconns: None,
             children,
             credential: None,
+            ..Default::default()
         }
     }
 

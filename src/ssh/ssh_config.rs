@@ -107,7 +107,9 @@ pub fn hash_known_hosts(files: &[PathBuf], host: &str) -> bool {
         })
         .collect::<Vec<_>>();
     let config = SshConfig::read(&sources, &home, false).unwrap_or_default();
-    config.lookup(host, "hashknownhosts").is_some_and(|v| v.eq_ignore_ascii_case("yes"))
+    config
+        .lookup(host, "hashknownhosts")
+        .is_some_and(|v| v.eq_ignore_ascii_case("yes"))
 }
 
 /// Which kind of file: it decides where relative `Include`s start.
@@ -126,7 +128,10 @@ enum Item {
     Match(Vec<String>),
     /// The files an Include named, read.
     Include(Vec<File>),
-    Set { keyword: String, args: Vec<String> },
+    Set {
+        keyword: String,
+        args: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -346,7 +351,11 @@ impl SshConfig {
                     ));
                     Some(false)
                 }
-                _ => return Err(format!("{at}: StrictHostKeyChecking {v}: not one of yes, accept-new, no, off, ask")),
+                _ => {
+                    return Err(format!(
+                        "{at}: StrictHostKeyChecking {v}: not one of yes, accept-new, no, off, ask"
+                    ));
+                }
             },
         };
         let proxy_jump = match &got.proxy {
@@ -439,9 +448,9 @@ impl SshConfig {
                 all &= !negated;
                 continue;
             }
-            let arg = criteria.get(i + 1).ok_or_else(|| {
-                format!("Match {raw} needs an argument")
-            })?;
+            let arg = criteria
+                .get(i + 1)
+                .ok_or_else(|| format!("Match {raw} needs an argument"))?;
             i += 2;
             let subject = match name.as_str() {
                 // As ssh(1): the HostName obtained so far (with %h), else the host as written.
@@ -490,10 +499,8 @@ impl Obtained {
                 Ok(p) if p > 0 => self.port = Some(p),
                 _ => self.errors.push(bad("not a port from 1 to 65535")),
             },
-            "identityfile" => {
-                if self.identity_files.len() < MAX_IDENTITY_FILES {
-                    self.identity_files.push((at.to_string(), first));
-                }
+            "identityfile" if self.identity_files.len() < MAX_IDENTITY_FILES => {
+                self.identity_files.push((at.to_string(), first));
             }
             "identitiesonly" if self.identities_only.is_none() => match yes_no(&first) {
                 Some(v) => self.identities_only = Some(v),
@@ -538,12 +545,15 @@ impl Obtained {
                     self.other.push((at.to_string(), "ProxyCommand".into()));
                 }
             }
-            k if WARNED.contains(&k) && k != "proxycommand" => {
-                // Only the first value counts, as for every keyword; "no"-like values of the
-                // authentication switches change nothing worth a warning.
-                if !self.other.iter().any(|(_, seen)| seen.eq_ignore_ascii_case(k)) {
-                    self.other.push((at.to_string(), display_keyword(k)));
-                }
+            // Only the first value counts, as for every keyword.
+            k if WARNED.contains(&k)
+                && k != "proxycommand"
+                && !self
+                    .other
+                    .iter()
+                    .any(|(_, seen)| seen.eq_ignore_ascii_case(k)) =>
+            {
+                self.other.push((at.to_string(), display_keyword(k)));
             }
             _ => {}
         }

@@ -57,7 +57,10 @@ fn host_blocks_apply_by_pattern_and_negation() {
          Host n?.dc2\n  User two\nHost other\n  HashKnownHosts no\n",
     );
     assert_eq!(resolve(&c, "n1.dc1").user, "ops");
-    assert!(resolve(&c, "N1.DC1").hash_known_hosts, "host names match case-blind");
+    assert!(
+        resolve(&c, "N1.DC1").hash_known_hosts,
+        "host names match case-blind"
+    );
     assert_ne!(resolve(&c, "bad.dc1").user, "ops");
     assert_eq!(resolve(&c, "n7.dc2").user, "two");
     assert_ne!(resolve(&c, "n17.dc2").user, "two");
@@ -77,7 +80,12 @@ fn the_first_value_obtained_wins_and_presets_come_first() {
     let names: Vec<_> = web
         .identity_files
         .iter()
-        .map(|p| p.file_name().unwrap_or_default().to_string_lossy().into_owned())
+        .map(|p| {
+            p.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        })
         .collect();
     assert_eq!(names, ["web", "all"]);
     let preset = Preset {
@@ -124,14 +132,21 @@ fn tokens_expand_in_hostname_and_file_names() {
     );
     let (_h2, bad) = config("IdentityFile ~/.ssh/%C\n");
     let err = bad.resolve("x", &Preset::default()).expect_err("%C");
-    assert!(err.contains("config:1: IdentityFile ~/.ssh/%C: token %C"), "{err}");
+    assert!(
+        err.contains("config:1: IdentityFile ~/.ssh/%C: token %C"),
+        "{err}"
+    );
 }
 
 #[test]
 fn includes_are_read_in_place_with_globs_relative_to_dot_ssh() {
     let home = tempfile::tempdir().expect("tempdir");
     let h = home.path();
-    write(h, ".ssh/conf.d/10-a.conf", "Host a\n  HashKnownHosts yes\n  User from-a\n");
+    write(
+        h,
+        ".ssh/conf.d/10-a.conf",
+        "Host a\n  HashKnownHosts yes\n  User from-a\n",
+    );
     write(h, ".ssh/conf.d/20-b.conf", "HashKnownHosts no\n");
     write(h, ".ssh/conf.d/ignored.txt", "HashKnownHosts yes\n");
     write(h, ".ssh/deep/x/inc.conf", "Host deep\n  User deep-user\n");
@@ -154,7 +169,10 @@ fn includes_are_read_in_place_with_globs_relative_to_dot_ssh() {
     assert_eq!((web.user.as_str(), web.port), ("web-user", 2022));
     let other = resolve(&c, "other");
     assert_ne!(other.user, "web-user");
-    assert_eq!(other.port, 22, "an Include in a block that does not apply adds nothing");
+    assert_eq!(
+        other.port, 22,
+        "an Include in a block that does not apply adds nothing"
+    );
     // A loop is an error naming the file and line.
     let looped = write(h, ".ssh/loop", "Include loop\n");
     let err = SshConfig::load_file(&looped, h).expect_err("loop");
@@ -176,7 +194,9 @@ fn match_host_originalhost_user_and_all() {
     assert!(web.identities_only && web.hash_known_hosts);
     assert_eq!(web.port, 22, "Match exec is not evaluated");
     assert!(
-        web.warnings.iter().any(|w| w.contains("config:9: Match exec is not supported")),
+        web.warnings
+            .iter()
+            .any(|w| w.contains("config:9: Match exec is not supported")),
         "{:?}",
         web.warnings
     );
@@ -226,7 +246,9 @@ fn proxy_jump_and_its_none() {
     let cmd = resolve(&c, "cmd");
     assert!(cmd.proxy_jump.is_empty(), "ProxyCommand came first");
     assert!(
-        cmd.warnings.iter().any(|w| w.contains("ProxyCommand is not supported")),
+        cmd.warnings
+            .iter()
+            .any(|w| w.contains("ProxyCommand is not supported")),
         "{:?}",
         cmd.warnings
     );
