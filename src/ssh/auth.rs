@@ -194,16 +194,22 @@ pub(crate) async fn authenticate(
             {
                 return Ok(());
             }
+            if handle.is_closed() {
+                return Err(err(closed(&attempts)));
+            }
             continue;
         }
         if let Some(key) = public {
             offered.push(key);
         }
-        if try_key_file(handle, label, user, path, options, rsa_hash, &mut attempts)
-            .await
-            .map_err(err)?
-        {
-            return Ok(());
+        match try_key_file(handle, label, user, path, options, rsa_hash, &mut attempts).await {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(_) if handle.is_closed() => return Err(err(closed(&attempts))),
+            Err(cause) => return Err(err(cause)),
+        }
+        if handle.is_closed() {
+            return Err(err(closed(&attempts)));
         }
     }
     for key in &options.named_keys {
@@ -229,6 +235,9 @@ pub(crate) async fn authenticate(
         {
             return Ok(());
         }
+        if handle.is_closed() {
+            return Err(err(closed(&attempts)));
+        }
     }
 
     // 2. Unless IdentitiesOnly: the agent's other keys, then the default files.
@@ -251,6 +260,9 @@ pub(crate) async fn authenticate(
                 {
                     return Ok(());
                 }
+                if handle.is_closed() {
+                    return Err(err(closed(&attempts)));
+                }
             }
         }
         let defaults = options
@@ -263,11 +275,14 @@ pub(crate) async fn authenticate(
             {
                 continue;
             }
-            if try_key_file(handle, label, user, path, options, rsa_hash, &mut attempts)
-                .await
-                .map_err(err)?
-            {
-                return Ok(());
+            match try_key_file(handle, label, user, path, options, rsa_hash, &mut attempts).await {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(_) if handle.is_closed() => return Err(err(closed(&attempts))),
+                Err(cause) => return Err(err(cause)),
+            }
+            if handle.is_closed() {
+                return Err(err(closed(&attempts)));
             }
         }
     }
@@ -303,6 +318,17 @@ pub(crate) async fn authenticate(
         tried,
         allowed: attempts.allowed,
     }))
+}
+
+/// The server hung up during authentication: most likely after too many failed keys.
+fn closed(attempts: &Attempts) -> Cause {
+    Cause::Other(format!(
+        "the server closed the connection during authentication, most likely after too many \
+         failed keys (sshd's MaxAuthTries, 6 by default); tried {}. Name the right key \
+         (--identity, the topology's identity:, or IdentityFile in ssh_config): named keys are \
+         tried first",
+        attempts.tried.join(", ")
+    ))
 }
 
 /// A connected agent and the keys it holds.
