@@ -111,6 +111,9 @@ Examples:
       reach hosts behind relays and jump hosts; run until ^C
   arbor run --topology topology/dc1.yaml --compress --converged-timeout 10
       the same over a thin uplink: copy arbor gzipped, once per relay
+  arbor run -F ./ssh_config --topology site.yaml
+      resolve hosts through that ssh_config only (default: ~/.ssh/config, /etc/ssh/ssh_config):
+      aliases, HostName, User, Port, IdentityFile, ProxyJump... (docs/ssh.md)
 
 Exit codes: 0 converged, 1 some host failed, 2 bad input (nothing contacted),
 130 ^C, 143 SIGTERM, 129 SIGHUP (each tears every host down first; a second signal
