@@ -32,6 +32,10 @@ fn main() -> std::process::ExitCode {
             proxy_jump_reaches_a_leaf_through_a_relay,
         ),
         (
+            "a_relay_follows_the_proxy_jump_the_initiator_resolved",
+            a_relay_follows_the_proxy_jump_the_initiator_resolved,
+        ),
+        (
             "a_named_key_logs_in_past_an_agent_holding_seven_wrong_keys",
             a_named_key_logs_in_past_an_agent_holding_seven_wrong_keys,
         ),
@@ -240,6 +244,31 @@ fn proxy_jump_reaches_a_leaf_through_a_relay(lab: &Lab) -> TestResult {
     .map_err(fail)?;
     let log = exited(&out, 1)?;
     check!(log.contains("leaf"), "{log}");
+    Ok(())
+}
+
+/// At depth 2: the relay reaches its child through the hop the initiator resolved (here the
+/// relay itself on port 2222), signing with the initiator's IdentityFile key through the
+/// forwarded agent. The relay has no ssh_config of its own.
+fn a_relay_follows_the_proxy_jump_the_initiator_resolved(lab: &Lab) -> TestResult {
+    let (r1, leaf) = (lab.addr("r1"), lab.addr("l1-1"));
+    let home = home(
+        lab,
+        &format!(
+            "Host relay\n  HostName {r1}\n  Port {PORT}\nHost leaf\n  HostName {leaf}\n  \
+             ProxyJump relay\nHost *\n  User root\n  IdentityFile {{key}}\n"
+        ),
+    )?;
+    let topo = topology(
+        home.path(),
+        "hosts:\n- host: relay\n  children:\n  - host: leaf\n",
+    );
+    let out = run_topology(lab, home.path(), None, &topo)?;
+    let log = exited(&out, 0)?;
+    check!(
+        log.contains("relay/leaf: running"),
+        "the leaf never ran under the relay\n{log}"
+    );
     Ok(())
 }
 
