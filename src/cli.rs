@@ -119,6 +119,10 @@ enum TopologySub {
     Check {
         /// The topology file (YAML).
         file: PathBuf,
+        /// Resolve hosts through this ssh_config file only, as `ssh -F` (`none`: no file).
+        /// Default: ~/.ssh/config, then /etc/ssh/ssh_config.
+        #[arg(short = 'F', long = "ssh-config", value_name = "FILE")]
+        ssh_config: Option<PathBuf>,
     },
 }
 
@@ -133,6 +137,9 @@ Examples:
       reach hosts behind relays and jump hosts; run until ^C
   arbor run --topology topology/dc1.yaml --compress --converged-timeout 10
       the same over a thin uplink: copy arbor gzipped, once per relay
+  arbor run -F ./ssh_config --topology site.yaml
+      resolve hosts through that ssh_config only (default: ~/.ssh/config, /etc/ssh/ssh_config):
+      aliases, HostName, User, Port, IdentityFile, ProxyJump... (docs/ssh.md)
 
 Exit codes: 0 converged, 1 some host failed, 2 bad input (nothing contacted),
 130 ^C, 143 SIGTERM, 129 SIGHUP (each tears every host down first; a second signal
@@ -206,22 +213,33 @@ struct RunArgs {
     /// Start no store here (with --seeds, or on a remote host whose store is tunnelled).
     #[arg(long)]
     no_server: bool,
-    /// An SSH private key to try after the agent and ~/.ssh/id_* (repeatable).
+    /// Resolve hosts through this ssh_config file only, as `ssh -F` (`none`: no file).
+    /// Default: ~/.ssh/config, then /etc/ssh/ssh_config. arbor follows HostName, User, Port,
+    /// IdentityFile, IdentitiesOnly, ConnectTimeout, UserKnownHostsFile, GlobalKnownHostsFile,
+    /// StrictHostKeyChecking, HashKnownHosts and ProxyJump in Host and Match blocks and
+    /// Includes (docs/ssh.md); the command line beats the topology, which beats ssh_config.
+    #[arg(short = 'F', long = "ssh-config", value_name = "FILE")]
+    ssh_config: Option<PathBuf>,
+    /// An SSH private key to try first, before the topology's and ssh_config's keys and
+    /// before any agent key (repeatable).
     #[arg(long = "identity", short = 'i', value_name = "KEY")]
     identities: Vec<PathBuf>,
     /// An extra known_hosts file to trust (repeatable); ~/.ssh/known_hosts is always read.
     #[arg(long = "known-hosts", value_name = "FILE")]
     known_hosts: Vec<PathBuf>,
     /// strict: refuse unknown and changed host keys. accept-new: record unknown keys in
-    /// ~/.ssh/known_hosts, still refuse changed ones.
-    #[arg(long, value_name = "POLICY", default_value = "strict", value_parser = ["strict", "accept-new"])]
-    host_key_policy: String,
+    /// ~/.ssh/known_hosts, still refuse changed ones. Default: ssh_config's
+    /// StrictHostKeyChecking for the host (yes: strict, accept-new; `no` is never honoured:
+    /// strict), else strict.
+    #[arg(long, value_name = "POLICY", value_parser = ["strict", "accept-new"])]
+    host_key_policy: Option<String>,
     /// Ask on the terminal for passphrases and passwords when keys and the agent fail.
     #[arg(long)]
     allow_interactive: bool,
-    /// Seconds to wait for a host's TCP connect and SSH handshake.
-    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
-    connect_timeout: u64,
+    /// Seconds to wait for a host's TCP connect and SSH handshake. Default: ssh_config's
+    /// ConnectTimeout for the host, else 10.
+    #[arg(long, value_name = "SECONDS")]
+    connect_timeout: Option<u64>,
     /// A build of arbor for hosts of another platform, as ARCH=PATH (e.g.
     /// aarch64=./arbor-aarch64 or "Linux aarch64"=PATH). Repeatable.
     #[arg(long = "binary", value_name = "ARCH=PATH")]
@@ -243,8 +261,11 @@ pub enum Command {
     Version,
     Store(crate::store::StoreCommand),
     Run(Box<RunOptions>),
-    /// `arbor topology check FILE`.
-    TopologyCheck(PathBuf),
+    /// `arbor topology check [-F SSH_CONFIG] FILE`.
+    TopologyCheck {
+        file: PathBuf,
+        ssh_config: Option<PathBuf>,
+    },
     /// `arbor completions SHELL`: the script, on stdout.
     Completions(clap_complete::Shell),
 }
@@ -332,7 +353,9 @@ pub fn parse() -> Result<Invocation, ExitCode> {
                 q => Some(q as u64),
             },
         }),
-        Some(Sub::Topology(TopologySub::Check { file })) => Command::TopologyCheck(file),
+        Some(Sub::Topology(TopologySub::Check { file, ssh_config })) => {
+            Command::TopologyCheck { file, ssh_config }
+        }
         Some(Sub::Completions { shell }) => Command::Completions(shell),
         Some(Sub::Run(run)) => {
             let mut binaries = Vec::new();
@@ -375,11 +398,14 @@ pub fn parse() -> Result<Invocation, ExitCode> {
                 seeds_user: run.seeds_user,
                 seeds_password_file: run.seeds_password_file,
                 no_server: run.no_server,
+                ssh_config: run.ssh_config,
                 identities: run.identities,
                 known_hosts: run.known_hosts,
-                accept_new: run.host_key_policy == "accept-new",
+                accept_new: run.host_key_policy.as_deref() == Some("accept-new"),
+                host_key_policy_given: run.host_key_policy.is_some(),
                 allow_interactive: run.allow_interactive,
-                connect_timeout: Duration::from_secs(run.connect_timeout),
+                connect_timeout: Duration::from_secs(run.connect_timeout.unwrap_or(10)),
+                connect_timeout_given: run.connect_timeout.is_some(),
                 binaries,
                 remote_tmp: run.remote_tmp,
                 verbosity: args.verbose,

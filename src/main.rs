@@ -76,7 +76,9 @@ async fn run(
                 }
             }
         }
-        cli::Command::TopologyCheck(path) => ExitCode::from(arbor::topology::check::run(&path)),
+        cli::Command::TopologyCheck { file, ssh_config } => ExitCode::from(
+            arbor::topology::check::run(&file, ssh_config.as_deref(), &arbor::node::home_dir()),
+        ),
         cli::Command::Run(options) => match event_log {
             Some(log) => {
                 ExitCode::from(arbor::node::relay::run(*options, log, set_verbosity).await)

@@ -34,11 +34,18 @@ pub struct RunOptions {
     /// Where that user's password is (else ARBOR_SEEDS_PASSWORD, or the terminal).
     pub seeds_password_file: Option<PathBuf>,
     pub no_server: bool,
+    /// `-F`: the only ssh_config file to read (`none`: no file); `None`: ~/.ssh/config and
+    /// /etc/ssh/ssh_config.
+    pub ssh_config: Option<PathBuf>,
     pub identities: Vec<PathBuf>,
     pub known_hosts: Vec<PathBuf>,
     pub accept_new: bool,
+    /// `--host-key-policy` was given: it beats ssh_config's StrictHostKeyChecking.
+    pub host_key_policy_given: bool,
     pub allow_interactive: bool,
     pub connect_timeout: Duration,
+    /// `--connect-timeout` was given: it beats ssh_config's ConnectTimeout.
+    pub connect_timeout_given: bool,
     /// Builds for other platforms: (platform, path).
     pub binaries: Vec<(String, PathBuf)>,
     pub remote_tmp: String,
@@ -75,11 +82,14 @@ impl Default for RunOptions {
             seeds_user: None,
             seeds_password_file: None,
             no_server: false,
+            ssh_config: None,
             identities: Vec::new(),
             known_hosts: Vec::new(),
             accept_new: false,
+            host_key_policy_given: false,
             allow_interactive: false,
             connect_timeout: Duration::from_secs(node.connect_timeout),
+            connect_timeout_given: false,
             binaries: Vec::new(),
             remote_tmp: node.remote_tmp,
             verbosity: 0,

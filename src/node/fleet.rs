@@ -208,7 +208,10 @@ pub fn subtree_names(children: &[ChildSpec]) -> Vec<String> {
     let mut out = Vec::new();
     let mut stack: Vec<&ChildSpec> = children.iter().collect();
     while let Some(c) = stack.pop() {
-        out.push(ssh::known_hosts::host_key_name(&c.host, c.port));
+        out.extend(
+            c.with_jumps()
+                .map(|h| ssh::known_hosts::host_key_name(&h.host, h.port)),
+        );
         stack.extend(&c.children);
     }
     out
@@ -290,8 +293,10 @@ impl ChildRun {
     }
 }
 
-/// Connect options for one child: this node's, with the child's pinned key, identity and
-/// URL password.
+/// Connect options for one child (or ProxyJump hop): this node's, with what the initiator
+/// resolved for it: pinned key, named keys (this node's `--identity` first, then the topology's
+/// `identity:`, then ssh_config's IdentityFiles, which are files only at the initiator and
+/// agent keys at relays), IdentitiesOnly, connect timeout, host-key policy, URL password.
 fn child_options(ctx: &FleetContext, spec: &ChildSpec) -> Result<ConnectOptions, String> {
     let mut options = ctx.connect.clone();
     options.label = Some(spec.name.clone());
@@ -308,8 +313,99 @@ fn child_options(ctx: &FleetContext, spec: &ChildSpec) -> Result<ConnectOptions,
         };
         options.auth.identities.push(path);
     }
+    if ctx.path.is_root() {
+        // The operator's own files: only the initiator has them.
+        options
+            .auth
+            .identities
+            .extend(spec.identity_files.iter().map(std::path::PathBuf::from));
+        if spec.user_known_hosts.is_some() || spec.global_known_hosts.is_some() {
+            let keys = &mut options.host_keys;
+            let default_user = keys.learn_into.clone();
+            let global: Vec<std::path::PathBuf> = ssh::known_hosts::GLOBAL_FILES
+                .iter()
+                .map(std::path::PathBuf::from)
+                .collect();
+            // --known-hosts files stay.
+            let extra: Vec<std::path::PathBuf> = keys
+                .known_hosts
+                .iter()
+                .filter(|p| Some(*p) != default_user.as_ref() && !global.contains(p))
+                .cloned()
+                .collect();
+            let user = spec
+                .user_known_hosts
+                .clone()
+                .unwrap_or_else(|| default_user.iter().cloned().collect());
+            keys.learn_into = user.first().cloned();
+            keys.known_hosts = user;
+            keys.known_hosts
+                .extend(spec.global_known_hosts.clone().unwrap_or(global));
+            keys.known_hosts.extend(extra);
+        }
+    }
+    options.auth.named_keys = spec
+        .identity_keys
+        .iter()
+        .filter_map(|k| russh::keys::PublicKey::from_openssh(k).ok())
+        .collect();
+    options.auth.identities_only = spec.identities_only;
+    if let Some(seconds) = spec.connect_timeout {
+        options.connect_timeout = Duration::from_secs(seconds.max(1));
+    }
+    if let Some(accept_new) = spec.accept_new {
+        options.host_keys.policy = if accept_new {
+            HostKeyPolicy::AcceptNew
+        } else {
+            HostKeyPolicy::Strict
+        };
+    }
     options.auth.password = spec.password.clone();
     Ok(options)
+}
+
+/// Connects to `spec`: through `via` (a `mode: jump` host) when given, and through its
+/// ProxyJump hops in order, each opened for this host alone and closed with its session.
+async fn connect_child(
+    ctx: &FleetContext,
+    spec: &ChildSpec,
+    via: Option<&Session>,
+) -> Result<Session, String> {
+    let mut hop: Option<Arc<Session>> = None;
+    for jump in &spec.jumps {
+        let options = child_options(ctx, jump)?;
+        let target = Target::new(jump.user.clone(), jump.host.clone(), jump.port);
+        let connected = match (&hop, via) {
+            (Some(prev), _) => ssh::connect_through(prev.clone(), &target, &options).await,
+            (None, Some(v)) => ssh::connect_via(v, &target, &options).await,
+            (None, None) => ssh::connect(&target, &options).await,
+        };
+        match connected {
+            Ok(session) => hop = Some(Arc::new(session)),
+            Err(e) => {
+                if let Some(prev) = &hop {
+                    prev.disconnect().await;
+                }
+                return Err(format!("{}: ProxyJump {e}", spec.name));
+            }
+        }
+    }
+    let options = child_options(ctx, spec)?;
+    let target = Target::new(spec.user.clone(), spec.host.clone(), spec.port);
+    let connected = match (&hop, via) {
+        (Some(prev), _) => ssh::connect_through(prev.clone(), &target, &options).await,
+        (None, Some(v)) => ssh::connect_via(v, &target, &options).await,
+        (None, None) => ssh::connect(&target, &options).await,
+    };
+    match connected {
+        Ok(session) => Ok(session),
+        Err(e) => {
+            if let Some(prev) = &hop {
+                prev.disconnect().await;
+            }
+            Err(e.to_string())
+        }
+    }
 }
 
 fn stopped(name: &str) -> String {
@@ -327,12 +423,8 @@ async fn run_jump(
     let jump = ChildRun::new(&ctx, &spec.name, &HostPath::root());
     jump.step("connect (jump host)").await;
     let connected = async {
-        let options = child_options(&ctx, &spec)?;
         let _permit = limit.acquire().await.map_err(|e| e.to_string())?;
-        let target = Target::new(spec.user.clone(), spec.host.clone(), spec.port);
-        ssh::connect(&target, &options)
-            .await
-            .map_err(|e| e.to_string())
+        connect_child(&ctx, &spec, None).await
     }
     .await;
     let session = match connected {
@@ -412,15 +504,7 @@ async fn stage_child(
         _ = stop.cancelled() => return Err(stopped(&spec.name)),
     };
     run.step("connect").await;
-    let target = Target::new(spec.user.clone(), spec.host.clone(), spec.port);
-    let options = child_options(ctx, spec)?;
-    let connect = async {
-        match &via {
-            Some(jump) => ssh::connect_via(jump, &target, &options).await,
-            None => ssh::connect(&target, &options).await,
-        }
-        .map_err(|e| e.to_string())
-    };
+    let connect = connect_child(ctx, spec, via.as_deref());
     let session = tokio::select! {
         s = connect => Arc::new(s?),
         _ = stop.cancelled() => return Err(stopped(&spec.name)),

@@ -30,6 +30,7 @@ use crate::ssh::{self, Target, TerminalPrompter};
 use crate::store::auth::{Access, Users};
 use crate::store::client::{Endpoints, StoreClient};
 use crate::store::{Store, StoreConfig};
+use crate::topology::resolve::{Given, Overrides, Resolver};
 use crate::ui::{HostReport, Ui};
 use crate::wire::{ChildMode, ChildSpec, Event, EventKind, HostPath, HostState, NodeConfig};
 use futures::StreamExt;
@@ -51,7 +52,7 @@ struct RemoteGraph {
 
 /// Reads every --remote graph: each must parse and name its host with `remote:`; a repeated
 /// file is ignored; two graphs naming one host is an error.
-fn read_remotes(options: &RunOptions) -> Result<Vec<RemoteGraph>, String> {
+fn read_remotes(options: &RunOptions, resolver: &mut Resolver) -> Result<Vec<RemoteGraph>, String> {
     let default_user = ssh::local_user();
     let mut seen_files = BTreeSet::new();
     let mut hosts: HashMap<String, PathBuf> = HashMap::new();
@@ -76,7 +77,25 @@ fn read_remotes(options: &RunOptions) -> Result<Vec<RemoteGraph>, String> {
         let parsed = Target::parse_url(&url, &default_user)
             .map_err(|e| format!("{}: remote: {e}", path.display()))?;
         let target = parsed.target;
-        let address = target.address();
+        // The host as written is its name in the run; ssh_config says where and how to reach
+        // it, the URL's own user and port winning.
+        let name = target.host.clone();
+        let mut spec = ChildSpec {
+            name: name.clone(),
+            host: target.host.clone(),
+            graph: None,
+            mode: ChildMode::Relay,
+            password: parsed.password,
+            ..Default::default()
+        };
+        let given = Given {
+            user: parsed.user_given.then(|| target.user.clone()),
+            port: parsed.port_given.then_some(target.port),
+        };
+        resolver
+            .apply(&mut spec, &given)
+            .map_err(|e| format!("{}: remote: {e}", path.display()))?;
+        let address = Target::new(spec.user.clone(), spec.host.clone(), spec.port).address();
         if let Some(other) = hosts.insert(address.clone(), path.clone()) {
             return Err(format!(
                 "{} and {} both name host {address}; one graph per host",
@@ -84,7 +103,6 @@ fn read_remotes(options: &RunOptions) -> Result<Vec<RemoteGraph>, String> {
                 path.display()
             ));
         }
-        let name = target.host.clone();
         graph::parse(&text, path, &name).map_err(|e| e.to_string())?;
         let key = format!(
             "{}#{}",
@@ -93,25 +111,12 @@ fn read_remotes(options: &RunOptions) -> Result<Vec<RemoteGraph>, String> {
                 .unwrap_or("graph.yaml"),
             remotes.len()
         );
+        spec.graph = Some(key.clone());
         remotes.push(RemoteGraph {
             path: path.clone(),
-            key: key.clone(),
+            key,
             text,
-            spec: ChildSpec {
-                name,
-                host: target.host.clone(),
-                port: target.port,
-                user: target.user.clone(),
-                graph: Some(key),
-                mode: ChildMode::Relay,
-                host_key: None,
-                identity: None,
-                password: parsed.password,
-                cconns: None,
-                children: Vec::new(),
-                credential: None,
-                store_user: None,
-            },
+            spec,
         });
     }
     Ok(remotes)
@@ -380,9 +385,19 @@ impl Plan {
             Some(path) => Some(graph::load(path, &hostname).map_err(|e| e.to_string())?),
             None => None,
         };
-        let remotes = read_remotes(options)?;
+        let mut resolver = Resolver::for_operator(
+            options.ssh_config.as_deref(),
+            &super::home_dir(),
+            Overrides {
+                host_key_policy: options.host_key_policy_given,
+                connect_timeout: options.connect_timeout_given,
+            },
+        )?;
+        let remotes = read_remotes(options, &mut resolver)?;
         let topology = match &options.topology {
-            Some(path) => Some(crate::topology::load(path).map_err(|e| e.to_string())?),
+            Some(path) => {
+                Some(crate::topology::load(path, &mut resolver).map_err(|e| e.to_string())?)
+            }
             None => None,
         };
         let mut children: Vec<ChildSpec> = remotes.iter().map(|r| r.spec.clone()).collect();
@@ -457,12 +472,18 @@ fn fleet_context(
         .known_hosts
         .extend(options.known_hosts.iter().cloned());
     connect.auth.identities = options.identities.clone();
+    // HashKnownHosts comes from the same ssh_config the hosts were resolved with.
+    if let Some(file) = &options.ssh_config {
+        connect.host_keys.ssh_config = if file.as_path() == Path::new("none") {
+            Vec::new()
+        } else {
+            vec![file.clone()]
+        };
+    }
     if options.allow_interactive {
         connect.auth.prompter = Some(Arc::new(TerminalPrompter::default()));
     }
-    let known_hosts = connect
-        .host_keys
-        .known_hosts
+    let known_hosts = known_hosts_files(&connect.host_keys.known_hosts, &plan.children)
         .iter()
         .filter_map(|p| std::fs::read_to_string(p).ok())
         .collect::<Vec<_>>()
@@ -485,17 +506,64 @@ fn fleet_context(
     }
 }
 
+/// `files` and every known_hosts file ssh_config names for a host of the tree: what the lines
+/// sent down to relays, and the keys their agent front accepts, come from.
+fn known_hosts_files(files: &[PathBuf], children: &[ChildSpec]) -> Vec<PathBuf> {
+    let mut out = files.to_vec();
+    let mut stack: Vec<&ChildSpec> = children.iter().collect();
+    while let Some(c) = stack.pop() {
+        stack.extend(&c.children);
+        for h in c.with_jumps() {
+            for f in h
+                .user_known_hosts
+                .iter()
+                .chain(&h.global_known_hosts)
+                .flatten()
+            {
+                if !out.contains(f) {
+                    out.push(f.clone());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Whether any host (or ProxyJump hop) of the tree is checked under accept-new: the run's
+/// policy `accept_new`, or its own from ssh_config.
+pub(crate) fn any_accept_new(children: &[ChildSpec], accept_new: bool) -> bool {
+    children.iter().any(|c| {
+        c.with_jumps().any(|h| h.accept_new.unwrap_or(accept_new))
+            || any_accept_new(&c.children, accept_new)
+    })
+}
+
 /// Relays sign for their children with our keys: through our ssh-agent if there is one,
 /// else through an agent in this process holding the key files we loaded. Either way each
 /// relay reaches it only through a front that signs user authentication to the hosts of that
 /// relay's own subtree, bound to their host keys and sessions (`ssh::agent_front`).
-async fn choose_agent(ctx: &FleetContext, has_relays: bool) -> Option<fleet::AgentFor> {
-    if !has_relays {
+async fn choose_agent(ctx: &FleetContext, children: &[ChildSpec]) -> Option<fleet::AgentFor> {
+    if !children.iter().any(has_grandchildren) {
         return None;
+    }
+    // The in-process agent also holds the IdentityFiles ssh_config names for hosts that
+    // relays log into.
+    let mut auth = ctx.connect.auth.clone();
+    let mut stack: Vec<&ChildSpec> = children.iter().collect();
+    while let Some(c) = stack.pop() {
+        stack.extend(&c.children);
+        for h in c.with_jumps() {
+            for f in &h.identity_files {
+                let f = PathBuf::from(f);
+                if !auth.identities.contains(&f) {
+                    auth.identities.push(f);
+                }
+            }
+        }
     }
     let backend = match ssh::agent_socket() {
         Some(socket) => AgentBackend::Socket(socket),
-        None => match ssh::agent::from_key_files(&ctx.connect.auth).await {
+        None => match ssh::agent::from_key_files(&auth).await {
             Ok((backend, keys)) => {
                 tracing::debug!("in-process agent with {keys} keys for the relays");
                 backend
@@ -507,7 +575,11 @@ async fn choose_agent(ctx: &FleetContext, has_relays: bool) -> Option<fleet::Age
         },
     };
     let known = Arc::new(
-        KnownHosts::load(&ctx.connect.host_keys.known_hosts).unwrap_or_else(|e| {
+        KnownHosts::load(&known_hosts_files(
+            &ctx.connect.host_keys.known_hosts,
+            children,
+        ))
+        .unwrap_or_else(|e| {
             tracing::warn!("known_hosts: {e}");
             KnownHosts::default()
         }),
@@ -534,21 +606,25 @@ fn destinations(known: &Arc<KnownHosts>, children: &[ChildSpec], accept_new: boo
     let mut stack: Vec<&ChildSpec> = children.iter().collect();
     while let Some(c) = stack.pop() {
         stack.extend(&c.children);
-        // Jump hosts included: the relay logs into them too.
-        let name = ssh::known_hosts::host_key_name(&c.host, c.port);
-        let mut found = known.keys_for(&name);
-        if let Some(pinned) = c
-            .host_key
-            .as_deref()
-            .and_then(|k| russh::keys::PublicKey::from_openssh(k).ok())
-        {
-            found.push(pinned);
+        // Jump hosts and ProxyJump hops included: the relay logs into them too.
+        for h in c.with_jumps() {
+            let name = ssh::known_hosts::host_key_name(&h.host, h.port);
+            let mut found = known.keys_for(&name);
+            if let Some(pinned) = h
+                .host_key
+                .as_deref()
+                .and_then(|k| russh::keys::PublicKey::from_openssh(k).ok())
+            {
+                found.push(pinned);
+            }
+            some_unknown |= found.is_empty()
+                && !known.has_authority_for(&name)
+                && h.accept_new.unwrap_or(accept_new);
+            keys.extend(found);
+            hosts.push((name, h.host.clone()));
         }
-        some_unknown |= found.is_empty() && !known.has_authority_for(&name);
-        keys.extend(found);
-        hosts.push((name, c.host.clone()));
     }
-    let first_contact = accept_new && some_unknown;
+    let first_contact = some_unknown;
     let known = known.clone();
     Arc::new(move |shown: &HostKey| {
         let key_data = match shown {
@@ -671,6 +747,8 @@ struct View {
     book: RunBook,
     /// accept-new: where host keys learned by relays are recorded.
     learn_into: Option<PathBuf>,
+    /// The ssh_config files whose HashKnownHosts says how to record them.
+    ssh_config: Vec<PathBuf>,
     /// Which known_hosts names each relay may report keys for: the hosts it connects to.
     learnable: HashMap<HostPath, HashSet<String>>,
     hostname: String,
@@ -761,7 +839,7 @@ impl View {
                     .get(&event.host)
                     .is_some_and(|names| names.contains(name))
             {
-                record_learned_key(file, name, key, &event.host);
+                record_learned_key(file, &self.ssh_config, name, key, &event.host);
             } else {
                 tracing::warn!(
                     "{}: ignored its report of a host key for {:?}: not a host it connects to",
@@ -868,11 +946,11 @@ pub async fn run(options: RunOptions) -> u8 {
     };
     let (events_tx, mut events) = mpsc::channel(super::child_link::CHILD_QUEUE * 4);
     let mut ctx = fleet_context(&options, &plan, &store, events_tx);
-    ctx.agent = choose_agent(&ctx, plan.children.iter().any(has_grandchildren)).await;
-    let learn_into = options
-        .accept_new
+    ctx.agent = choose_agent(&ctx, &plan.children).await;
+    let learn_into = any_accept_new(&plan.children, options.accept_new)
         .then(|| ctx.connect.host_keys.learn_into.clone())
         .flatten();
+    let ssh_config = ctx.connect.host_keys.ssh_config.clone();
     let mut fleet = Fleet::start(Arc::new(ctx), plan.children.clone());
     let stop_following = CancellationToken::new();
     let mut edits = follow_graphs(&options, &plan, engine.as_ref(), &stop_following);
@@ -885,7 +963,8 @@ pub async fn run(options: RunOptions) -> u8 {
             options.converged_timeout,
         ),
         learn_into,
-        learnable: learnable_names(&plan.children),
+        learnable: learnable_names(&plan.children, options.accept_new),
+        ssh_config,
         hostname: hostname.clone(),
         local_reported: None,
         deep: deep_rows(&plan.children),
@@ -1043,22 +1122,29 @@ fn unique_names(children: &[ChildSpec], local: Option<&str>) -> Result<(), Strin
 
 /// For each relay (by path), the known_hosts names of the hosts it connects to: its children,
 /// and the children it reaches through its jump hosts.
-fn learnable_names(children: &[ChildSpec]) -> HashMap<HostPath, HashSet<String>> {
+/// Only hosts (and ProxyJump hops) checked under accept-new count: `accept_new` is the run's
+/// policy, a host's own (from ssh_config) wins.
+fn learnable_names(children: &[ChildSpec], accept_new: bool) -> HashMap<HostPath, HashSet<String>> {
     fn reached(
         at: &HostPath,
         specs: &[ChildSpec],
+        accept_new: bool,
         names: &mut HashSet<String>,
         out: &mut HashMap<HostPath, HashSet<String>>,
     ) {
         for c in specs {
-            names.insert(ssh::known_hosts::host_key_name(&c.host, c.port));
+            for h in c.with_jumps() {
+                if h.accept_new.unwrap_or(accept_new) {
+                    names.insert(ssh::known_hosts::host_key_name(&h.host, h.port));
+                }
+            }
             let path = at.child(&c.name);
             match c.mode {
                 // The node above a jump host connects to the jump host's children itself.
-                ChildMode::Jump => reached(&path, &c.children, names, out),
+                ChildMode::Jump => reached(&path, &c.children, accept_new, names, out),
                 ChildMode::Relay => {
                     let mut own = HashSet::new();
-                    reached(&path, &c.children, &mut own, out);
+                    reached(&path, &c.children, accept_new, &mut own, out);
                     if !own.is_empty() {
                         out.insert(path, own);
                     }
@@ -1067,7 +1153,13 @@ fn learnable_names(children: &[ChildSpec]) -> HashMap<HostPath, HashSet<String>>
         }
     }
     let mut out = HashMap::new();
-    reached(&HostPath::root(), children, &mut HashSet::new(), &mut out);
+    reached(
+        &HostPath::root(),
+        children,
+        accept_new,
+        &mut HashSet::new(),
+        &mut out,
+    );
     out
 }
 
@@ -1079,7 +1171,13 @@ fn has_grandchildren(spec: &ChildSpec) -> bool {
 }
 
 /// Records a host key a relay learned under accept-new in our known_hosts.
-fn record_learned_key(file: &Path, name: &str, key: &str, via: &crate::wire::HostPath) {
+fn record_learned_key(
+    file: &Path,
+    ssh_config: &[PathBuf],
+    name: &str,
+    key: &str,
+    via: &crate::wire::HostPath,
+) {
     let Ok(parsed) = russh::keys::PublicKey::from_openssh(key) else {
         tracing::warn!("{via}: reported an unreadable host key for {name}");
         return;
@@ -1097,8 +1195,7 @@ fn record_learned_key(file: &Path, name: &str, key: &str, via: &crate::wire::Hos
         .strip_prefix('[')
         .and_then(|rest| rest.split_once("]:"))
         .map_or(name, |(host, _)| host);
-    let config = crate::ssh::ssh_config::default_files(&super::home_dir());
-    let append = if crate::ssh::ssh_config::hash_known_hosts(&config, host) {
+    let append = if crate::ssh::ssh_config::hash_known_hosts(ssh_config, host) {
         crate::ssh::known_hosts::append_hashed
     } else {
         crate::ssh::known_hosts::append

@@ -166,7 +166,7 @@ async fn serve(
             .map_err(|e| format!("{name}: {e}"))?;
         let fetcher = fetches.fetcher(up.clone());
         let mut ctx = fleet_context(start, store, events_tx.clone(), fetcher)?;
-        if start.config.accept_new {
+        if super::initiator::any_accept_new(&start.children, start.config.accept_new) {
             // Keys learned here go up to the initiator's known_hosts, not into ours.
             let (learned_tx, mut learned) = mpsc::unbounded_channel::<(String, String)>();
             ctx.connect.host_keys.learn_into = None;

@@ -198,7 +198,7 @@ mod tests {
             cconns: None,
             children,
             credential: None,
-            store_user: None,
+            ..Default::default()
         }
     }
 

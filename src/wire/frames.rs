@@ -110,8 +110,10 @@ pub enum ChildMode {
     Jump,
 }
 
-/// One child in a subtree sent down to a relay.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One child in a subtree sent down to a relay. The initiator resolves every host through the
+/// operator's ssh_config (docs/ssh.md): `host`, `user`, `port` and the fields below are what it
+/// resolved, so relays, which have no ssh_config of the operator's, connect as it would.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChildSpec {
     /// Identity in the run (unique in the whole tree).
     pub name: String,
@@ -140,6 +142,43 @@ pub struct ChildSpec {
     /// etcd given with --seeds: users named per run, `arbor.<run>.<host>`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store_user: Option<String>,
+    /// ssh_config `IdentityFile`s: key paths on the initiator, tried there before any agent key.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identity_files: Vec<String>,
+    /// The public keys ("type base64") of `identity` and `identity_files` that the initiator
+    /// could read: a relay signs with these agent keys first (and only these with
+    /// `identities_only`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identity_keys: Vec<String>,
+    /// ssh_config `IdentitiesOnly yes`: no agent key but the named ones.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub identities_only: bool,
+    /// Seconds for the TCP connect and SSH handshake, when not the run's (ssh_config
+    /// `ConnectTimeout`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<u64>,
+    /// This host's host-key policy, when not the run's (ssh_config `StrictHostKeyChecking`):
+    /// true for accept-new, false for strict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accept_new: Option<bool>,
+    /// ssh_config `ProxyJump`: the hops, first hop first, through which the connecting node
+    /// reaches this host (each hop a host of its own, with no graph and no children).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub jumps: Vec<ChildSpec>,
+    /// ssh_config `UserKnownHostsFile` for this host, on the initiator (`None`: the default
+    /// ~/.ssh/known_hosts). Never sent: relays check keys against the lines they receive.
+    #[serde(skip)]
+    pub user_known_hosts: Option<Vec<std::path::PathBuf>>,
+    /// ssh_config `GlobalKnownHostsFile`, likewise (`None`: /etc/ssh/ssh_known_hosts{,2}).
+    #[serde(skip)]
+    pub global_known_hosts: Option<Vec<std::path::PathBuf>>,
+}
+
+impl ChildSpec {
+    /// This host and the ProxyJump hops used to reach it.
+    pub fn with_jumps(&self) -> impl Iterator<Item = &ChildSpec> {
+        std::iter::once(self).chain(self.jumps.iter())
+    }
 }
 
 /// A build of arbor a node can have its parent fetch for it: the hosts of `platform` run it.
