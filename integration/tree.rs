@@ -109,6 +109,10 @@ fn main() -> std::process::ExitCode {
             quiet_reaches_hosts_at_depth_2,
         ),
         (
+            "a_link_cut_without_a_fin_fails_the_relay_and_its_subtree_cleans_up",
+            a_link_cut_without_a_fin_fails_the_relay_and_its_subtree_cleans_up,
+        ),
+        (
             "compress_sends_the_binary_gzipped_once_per_relay",
             compress_sends_the_binary_gzipped_once_per_relay,
         ),
@@ -1514,4 +1518,78 @@ fn quiet_reaches_hosts_at_depth_2(lab: &Lab) -> TestResult {
         );
     }
     Ok(())
+}
+
+fn a_link_cut_without_a_fin_fails_the_relay_and_its_subtree_cleans_up(lab: &Lab) -> TestResult {
+    clean(lab, false);
+    let topo = topology(TWO_RELAYS);
+    let (mut running, rx) = start(lab, &topo, &["--link-timeout", "6"]);
+    let converged: Vec<String> = [
+        "r1/l1-1", "r1/l1-2", "r1/l1-3", "r2/l2-1", "r2/l2-2", "r2/l2-3",
+    ]
+    .iter()
+    .map(|p| format!("{p}: converged"))
+    .collect();
+    wait_lines(&rx, &converged, Duration::from_secs(90))?;
+    // Cut r1 off from the initiator: every packet dropped both ways, so no FIN and no RST
+    // ever arrives, as when a cable or a VPN goes away.
+    let init = lab.get("LAB_INIT_ADDR").to_string();
+    let cut = lab.exec(
+        "r1",
+        &format!(
+            "nft add table inet arbor_cut && \
+             nft 'add chain inet arbor_cut in {{ type filter hook input priority 0; }}' && \
+             nft 'add chain inet arbor_cut out {{ type filter hook output priority 0; }}' && \
+             nft add rule inet arbor_cut in ip saddr {init} drop && \
+             nft add rule inet arbor_cut out ip daddr {init} drop"
+        ),
+    );
+    let _mend = Undo {
+        lab,
+        host: "r1",
+        shell: "nft delete table inet arbor_cut".into(),
+    };
+    check!(
+        cut.status.success(),
+        "nft: {}",
+        String::from_utf8_lossy(&cut.stderr)
+    );
+    let cut_at = Instant::now();
+    // The initiator hears nothing from r1 for 6 s and fails it, saying why.
+    wait_lines(
+        &rx,
+        &["r1: FAILED: r1: link down: nothing from it for 6s".to_string()],
+        Duration::from_secs(30),
+    )?;
+    let noticed = cut_at.elapsed();
+    check!(
+        noticed >= Duration::from_secs(5),
+        "failed r1 after {noticed:?}, before the link timeout"
+    );
+    // r1 hears nothing from its parent either: it tears its leaves down and removes every
+    // working dir on its own, with no one to tell it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for h in ["r1", "l1-1", "l1-2", "l1-3"] {
+        loop {
+            let left = leftovers(lab, h);
+            if left.trim().is_empty() {
+                break;
+            }
+            check!(
+                Instant::now() < deadline,
+                "{h} still has, {:?} after the cut: {left}",
+                cut_at.elapsed()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    // r2's subtree ran on; ^C ends the run, which failed (exit 1 is for a finished run; a
+    // stopped one exits 130).
+    for h in ["r2", "l2-1"] {
+        let n = lab.sh(h, "pgrep -x -c arbor || true");
+        check!(n.trim() != "0", "{h}: no arbor running after r1's cut");
+    }
+    let (code, _) = running.interrupt()?;
+    check!(code == Some(130), "exit {code:?} after ^C");
+    check_no_leftovers(lab, &["r2", "l2-1", "l2-2", "l2-3"])
 }

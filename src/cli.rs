@@ -166,6 +166,11 @@ struct RunArgs {
     /// Check and report what would change; change nothing.
     #[arg(long)]
     noop: bool,
+    /// Seconds without a word on a link (every link sends heartbeats, four or more per timeout) before it
+    /// counts as down: the parent fails that host, and the host, cut off, tears its own
+    /// subtree down and removes its working dir. Covers links that die without a FIN.
+    #[arg(long, value_name = "SECONDS", default_value_t = crate::wire::LINK_TIMEOUT)]
+    link_timeout: u64,
     /// The host name to run as (publishes under it; `{{hostname}}` in graphs). Default: this
     /// machine's host name.
     #[arg(long, value_name = "NAME")]
@@ -386,6 +391,7 @@ pub fn parse() -> Result<Invocation, ExitCode> {
                 remotes: run.remotes,
                 topology: run.topology,
                 converged_timeout: run.converged_timeout.map(Duration::from_secs),
+                link_timeout: run.link_timeout,
                 noop: run.noop,
                 hostname: run.hostname,
                 live_edits: !run.no_watch,

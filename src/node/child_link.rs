@@ -20,6 +20,8 @@ pub enum FromChild {
     Fetch {
         sha256: String,
     },
+    /// A heartbeat: the child is still there.
+    Alive,
     /// The child's arbor ended (or the link broke). `error`: the last lines of its stderr.
     Exited {
         status: ExitStatus,
@@ -205,6 +207,11 @@ pub async fn launch(
                 }
                 Ok(Some(Up::Fetch { sha256 })) => {
                     if events_tx.send(FromChild::Fetch { sha256 }).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(Some(Up::Heartbeat)) => {
+                    if events_tx.send(FromChild::Alive).await.is_err() {
                         break;
                     }
                 }

@@ -53,6 +53,8 @@ pub struct RunOptions {
     pub verbosity: u8,
     /// `--output json`: events and the summary as JSON lines on stdout.
     pub json: bool,
+    /// Seconds without a frame after which a link counts as down (`--link-timeout`).
+    pub link_timeout: u64,
     /// `-q`: the view shows warnings, errors, failures and the summary only.
     pub quiet: bool,
     /// `--log-file`: every event is also written there, with a timestamp.
@@ -96,6 +98,7 @@ impl Default for RunOptions {
             json: false,
             quiet: false,
             log_file: None,
+            link_timeout: node.link_timeout,
             depth: 0,
             workdir: None,
         }
@@ -124,6 +127,7 @@ impl RunOptions {
             accept_new: self.accept_new,
             cconns,
             converged_timeout: self.converged_timeout.map(|d| d.as_secs()),
+            link_timeout: self.link_timeout.max(1),
             noop: self.noop,
             builds,
         }
@@ -169,6 +173,7 @@ mod tests {
                 cconns: 7,
                 converged_timeout: Some(5),
                 noop: true,
+                link_timeout: crate::wire::LINK_TIMEOUT,
                 builds,
             }
         );

@@ -640,10 +640,18 @@ async fn supervise(
     let mut fetches: JoinSet<(String, FetchResult)> = JoinSet::new();
     let mut stopping = false;
     let mut deadline: Option<tokio::time::Instant> = None;
+    // Heartbeats down; anything from the child (heartbeats included) shows the link is up.
+    let link_timeout = Duration::from_secs(ctx.config.link_timeout.max(1));
+    let mut heard = tokio::time::Instant::now();
+    let mut beat = tokio::time::interval(crate::wire::heartbeat_every(ctx.config.link_timeout));
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut link_down = false;
     let (status, stderr) = loop {
         tokio::select! {
             item = events.recv() => match item {
+                Some(FromChild::Alive) => heard = tokio::time::Instant::now(),
                 Some(FromChild::Event(event)) => {
+                    heard = tokio::time::Instant::now();
                     let _ = ctx.events.send(event).await;
                 }
                 Some(FromChild::Fetch { sha256 }) => {
@@ -694,6 +702,20 @@ async fn supervise(
                     tracing::debug!("{}: control link: {e}", spec.name);
                 }
             }
+            _ = beat.tick() => {
+                if let Err(e) = link.send(&Down::Heartbeat).await {
+                    tracing::debug!("{}: control link: {e}", spec.name);
+                }
+            }
+            _ = tokio::time::sleep_until(heard + link_timeout) => {
+                // A link that died without a FIN: nothing reaches the child either, and it
+                // gives up on its own after the same timeout (removing its working dir).
+                link_down = true;
+                break (
+                    ExitStatus::Unknown,
+                    Some(format!("link down: nothing from it for {}s", link_timeout.as_secs())),
+                );
+            }
             _ = super::sleep_until(deadline) => {
                 // Past the grace period: closing stdin is the child's last word to exit.
                 tracing::warn!("{}: did not exit within {SHUTDOWN_GRACE:?} of shutdown; closing its link", spec.name);
@@ -704,14 +726,25 @@ async fn supervise(
     };
     fetches.abort_all();
     let ok = stopping && status.success();
-    let why = if ok {
+    let why = if link_down {
+        // The host cannot be asked anything: say so, and leave its cleanup to it.
+        stderr.unwrap_or_default()
+    } else if ok {
         String::new()
     } else {
         child_link::why_ended(&session, &staged.workdir, &status, stderr.as_deref()).await
     };
-    let _ = stage::remove_workdir(&session, &staged.workdir).await;
-    session.disconnect().await;
-    if ok {
+    if !link_down {
+        let _ = stage::remove_workdir(&session, &staged.workdir).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), session.disconnect()).await;
+    if link_down {
+        run.failed(format!(
+            "{}: {why}; cut off, it tears its own subtree down",
+            spec.name
+        ))
+        .await
+    } else if ok {
         run.exited().await
     } else if stopping {
         run.failed(format!(

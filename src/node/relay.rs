@@ -212,7 +212,7 @@ async fn serve(
                     tracing::debug!("{name}: shutting down: {reason}");
                     break Ok(());
                 }
-                Some(Down::Hello(_) | Down::Start(_)) => {}
+                Some(Down::Hello(_) | Down::Start(_) | Down::Heartbeat) => {}
                 None => {
                     tracing::warn!("{name}: parent link closed; shutting down");
                     break Ok(());

@@ -218,9 +218,26 @@ pub struct NodeConfig {
     pub cconns: usize,
     pub converged_timeout: Option<u64>,
     pub noop: bool,
+    /// Seconds without any frame from the other end after which a link counts as down: the
+    /// parent fails the child, the child tears its subtree down (`--link-timeout`).
+    #[serde(default = "default_link_timeout")]
+    pub link_timeout: u64,
     /// Every build of arbor the run has, for children of other platforms: a node that lacks
     /// one asks its parent for it (`Up::Fetch`).
     pub builds: Vec<BuildRef>,
+}
+
+/// [`NodeConfig::link_timeout`] unless told otherwise.
+pub const LINK_TIMEOUT: u64 = 60;
+
+/// How often each end of a link sends a heartbeat: every 5 s, or more often for a short link
+/// timeout, so that at least four beats fit in one.
+pub fn heartbeat_every(link_timeout: u64) -> std::time::Duration {
+    std::time::Duration::from_millis((link_timeout * 1000 / 4).clamp(250, 5000))
+}
+
+fn default_link_timeout() -> u64 {
+    LINK_TIMEOUT
 }
 
 impl Default for NodeConfig {
@@ -238,6 +255,7 @@ impl Default for NodeConfig {
             cconns: 64,
             converged_timeout: None,
             noop: false,
+            link_timeout: LINK_TIMEOUT,
             builds: Vec::new(),
         }
     }
@@ -287,6 +305,8 @@ pub enum Down {
         sha256: String,
         result: Result<String, String>,
     },
+    /// The parent is still there ([`heartbeat_every`]).
+    Heartbeat,
 }
 
 /// A host's state, as the operator sees it.
@@ -367,6 +387,8 @@ pub enum Up {
     Fetch {
         sha256: String,
     },
+    /// The child is still there ([`heartbeat_every`]).
+    Heartbeat,
 }
 
 impl Up {
