@@ -60,6 +60,18 @@ fn every_bad_graph_exits_2_naming_file_line_and_column() {
             ":7:9: ",
             "cycle: noop[a] -> noop[b] -> noop[a]",
         ),
+        (
+            "refused-field.yaml",
+            "graph: g\nresources:\n  exec:\n  - name: e\n    cmd: \"true\"\n    mtimes: [/etc/passwd]\n",
+            ":6:13: ",
+            "not supported: exec mtimes",
+        ),
+        (
+            "refused-meta.yaml",
+            "graph: g\nresources:\n  file:\n  - name: f\n    path: /tmp/f\n    meta:\n      realize: true\n",
+            ":7:16: ",
+            "not supported: meta.realize: true",
+        ),
     ];
     for (name, text, at, needle) in cases {
         let path = write(dir.path(), name, text);

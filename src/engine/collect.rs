@@ -96,6 +96,7 @@ mod tests {
                 content: Some("x".into()),
                 state: FileState::Exists,
                 mode: None,
+                ..FileSpec::default()
             }),
         }
     }
@@ -179,10 +180,7 @@ mod tests {
             spec: ResourceSpec::Exec(crate::engine::resources::ExecSpec {
                 name: "x".into(),
                 cmd: "touch /tmp/owned".into(),
-                shell: None,
-                timeout: None,
-                ifcmd: None,
-                watchcmd: None,
+                ..Default::default()
             }),
         };
         let c = Collect {

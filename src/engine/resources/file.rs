@@ -5,6 +5,7 @@
 //! that is already right is not written at all: its mtime is how tests, and users, see that
 //! nothing happened.
 
+use super::meta::Meta;
 use super::{ApplyContext, Kind, Outcome, Poke, Resource, ResourceId};
 use crate::engine::fs_events::FsEvents;
 use anyhow::Context as _;
@@ -28,7 +29,7 @@ pub enum FileState {
     Absent,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileSpec {
     pub name: String,
     /// Absolute (checked when the graph is parsed).
@@ -41,6 +42,8 @@ pub struct FileSpec {
     /// Permission bits; `None` leaves an existing file's mode alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<u32>,
+    #[serde(default, skip_serializing_if = "Meta::is_default")]
+    pub meta: Meta,
 }
 
 pub struct FileResource {
@@ -74,38 +77,49 @@ impl Resource for FileResource {
     }
 
     fn watch(&self, poke: Poke, cancel: CancellationToken) -> BoxFuture<'_, anyhow::Result<()>> {
-        Box::pin(async move {
-            let path = &self.spec.path;
-            loop {
-                match self.fs.subscribe(path) {
-                    Ok(sub) => loop {
-                        tokio::select! {
-                            _ = cancel.cancelled() => return Ok(()),
-                            _ = sub.changed() => poke.poke(),
-                        }
-                        // The directory itself went away: its watch went with it.
-                        if !path.parent().is_some_and(Path::is_dir) {
-                            break;
-                        }
-                    },
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                        // No directory yet (an exec may create it): wait for the first missing
-                        // ancestor to appear, then try again.
-                        let missing = first_missing_ancestor(path)
-                            .with_context(|| format!("watch {}", path.display()))?;
-                        let sub = self.fs.subscribe(&missing)?;
-                        if missing.exists() {
-                            continue;
-                        }
-                        tokio::select! {
-                            _ = cancel.cancelled() => return Ok(()),
-                            _ = sub.changed() => poke.poke(),
-                        }
-                    }
-                    Err(e) => return Err(e).with_context(|| format!("watch {}", path.display())),
+        Box::pin(
+            async move { watch_path(&self.fs, &self.spec.path, &cancel, || poke.poke()).await },
+        )
+    }
+}
+
+/// Calls `on_event` for every change to `path` (through its parent directory, so edits,
+/// deletes and renames over it are seen), following the nearest existing ancestor while the
+/// directory does not exist, until `cancel`.
+pub(super) async fn watch_path(
+    fs: &FsEvents,
+    path: &Path,
+    cancel: &CancellationToken,
+    on_event: impl Fn(),
+) -> anyhow::Result<()> {
+    loop {
+        match fs.subscribe(path) {
+            Ok(sub) => loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    _ = sub.changed() => on_event(),
+                }
+                // The directory itself went away: its watch went with it.
+                if !path.parent().is_some_and(Path::is_dir) {
+                    break;
+                }
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // No directory yet (an exec may create it): wait for the first missing
+                // ancestor to appear, then try again.
+                let missing = first_missing_ancestor(path)
+                    .with_context(|| format!("watch {}", path.display()))?;
+                let sub = fs.subscribe(&missing)?;
+                if missing.exists() {
+                    continue;
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    _ = sub.changed() => on_event(),
                 }
             }
-        })
+            Err(e) => return Err(e).with_context(|| format!("watch {}", path.display())),
+        }
     }
 }
 
@@ -234,6 +248,7 @@ mod tests {
             content: Some(content.into()),
             state: FileState::Exists,
             mode: None,
+            ..FileSpec::default()
         }
     }
 

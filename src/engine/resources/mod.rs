@@ -7,6 +7,7 @@
 
 pub mod exec;
 pub mod file;
+pub mod meta;
 pub mod noop;
 
 use crate::engine::fs_events::FsEvents;
@@ -18,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use exec::ExecSpec;
 pub use file::{FileSpec, FileState};
+pub use meta::Meta;
 pub use noop::NoopSpec;
 
 /// The kinds of resource a graph may declare, as spelled in YAML.
@@ -117,6 +119,14 @@ impl ResourceSpec {
     pub fn id(&self) -> ResourceId {
         ResourceId::new(self.kind(), self.name())
     }
+
+    pub fn meta(&self) -> &Meta {
+        match self {
+            ResourceSpec::File(s) => &s.meta,
+            ResourceSpec::Exec(s) => &s.meta,
+            ResourceSpec::Noop(s) => &s.meta,
+        }
+    }
 }
 
 /// What one `check_apply` found.
@@ -206,7 +216,9 @@ pub struct Services {
 pub fn build(spec: &ResourceSpec, services: &Services) -> Arc<dyn Resource> {
     match spec {
         ResourceSpec::File(s) => Arc::new(file::FileResource::new(s.clone(), services.fs.clone())),
-        ResourceSpec::Exec(s) => Arc::new(exec::ExecResource::new(s.clone())),
+        ResourceSpec::Exec(s) => {
+            Arc::new(exec::ExecResource::with_fs(s.clone(), services.fs.clone()))
+        }
         ResourceSpec::Noop(s) => Arc::new(noop::NoopResource::new(s.clone())),
     }
 }
