@@ -177,11 +177,11 @@ mod tests {
     fn exec_resources_are_collected_only_with_allow_commands() {
         let e = ExportedResource {
             host: "b".into(),
-            spec: ResourceSpec::Exec(crate::engine::resources::ExecSpec {
+            spec: ResourceSpec::Exec(Box::new(crate::engine::resources::ExecSpec {
                 name: "x".into(),
                 cmd: "touch /tmp/owned".into(),
                 ..Default::default()
-            }),
+            })),
         };
         let c = Collect {
             kind: Kind::Exec,

@@ -600,7 +600,7 @@ fn declare_exec(e: &Spanned<RawExec>, host: &str) -> Result<Declared, Located> {
             cwd: dir,
         })
     };
-    let spec = ResourceSpec::Exec(ExecSpec {
+    let spec = ResourceSpec::Exec(Box::new(ExecSpec {
         name: x(&raw.name.value),
         cmd,
         args,
@@ -621,7 +621,7 @@ fn declare_exec(e: &Spanned<RawExec>, host: &str) -> Result<Declared, Located> {
             cwd(&raw.watchcwd, "watchcwd")?,
         ),
         meta: meta(raw.meta.as_ref(), Kind::Exec)?,
-    });
+    }));
     declare(spec, &raw.name)
 }
 

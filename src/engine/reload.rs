@@ -145,11 +145,11 @@ mod tests {
     }
 
     fn exec(name: &str, cmd: &str) -> ResourceSpec {
-        ResourceSpec::Exec(crate::engine::resources::ExecSpec {
+        ResourceSpec::Exec(Box::new(crate::engine::resources::ExecSpec {
             name: name.into(),
             cmd: cmd.into(),
             ..Default::default()
-        })
+        }))
     }
 
     #[test]

@@ -87,7 +87,8 @@ impl fmt::Display for ResourceId {
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum ResourceSpec {
     File(FileSpec),
-    Exec(ExecSpec),
+    /// Boxed: an exec spec is several times the size of the others.
+    Exec(Box<ExecSpec>),
     Noop(NoopSpec),
 }
 
@@ -216,9 +217,10 @@ pub struct Services {
 pub fn build(spec: &ResourceSpec, services: &Services) -> Arc<dyn Resource> {
     match spec {
         ResourceSpec::File(s) => Arc::new(file::FileResource::new(s.clone(), services.fs.clone())),
-        ResourceSpec::Exec(s) => {
-            Arc::new(exec::ExecResource::with_fs(s.clone(), services.fs.clone()))
-        }
+        ResourceSpec::Exec(s) => Arc::new(exec::ExecResource::with_fs(
+            (**s).clone(),
+            services.fs.clone(),
+        )),
         ResourceSpec::Noop(s) => Arc::new(noop::NoopResource::new(s.clone())),
     }
 }
