@@ -263,9 +263,10 @@ impl Scheduler {
         };
         let cancel = token.clone();
         let poll = meta.poll;
+        let (retries, delay) = (meta.retries_left(0), meta.delay());
         tokio::spawn(async move {
             let result = match poll {
-                0 => resource.watch(poke, cancel.clone()).await,
+                0 => watch_with_retries(&*resource, poke, &cancel, retries, delay).await,
                 // Checked on load and when a dependency changes, never on its own.
                 p if p < 0 => Ok(()),
                 secs => {
@@ -556,6 +557,37 @@ async fn check_with_meta(
                 );
                 tokio::time::sleep(meta.delay()).await;
             }
+        }
+    }
+}
+
+/// A resource's watch, started again (`delay` apart) after each error while `meta.retry`
+/// allows (`None`: without end), as mgmt does; the watch keeps its own count.
+async fn watch_with_retries(
+    resource: &dyn Resource,
+    poke: Poke,
+    cancel: &CancellationToken,
+    mut retries_left: Option<u32>,
+    delay: Duration,
+) -> anyhow::Result<()> {
+    loop {
+        let result = resource.watch(poke.clone(), cancel.clone()).await;
+        match (result, retries_left) {
+            (Err(e), left) if left != Some(0) && !cancel.is_cancelled() => {
+                retries_left = left.map(|n| n - 1);
+                tracing::warn!(
+                    "{}: watch: {e:#}; watching again in {} ms (meta.retry)",
+                    resource.id(),
+                    delay.as_millis()
+                );
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                // Whatever happened while nothing watched: look again.
+                poke.poke();
+            }
+            (result, _) => return result,
         }
     }
 }

@@ -759,3 +759,28 @@ resources:
     assert!(status.failures.is_empty(), "{status:?}");
     e.stop().await;
 }
+
+#[tokio::test]
+async fn meta_retry_starts_a_failed_watch_again() {
+    let dir = tempfile::tempdir().expect("dir");
+    let d = dir.path().display();
+    let src = format!(
+        "graph: g
+resources:
+  exec:
+  - name: watched
+    cmd: \"true\"
+    watchcmd: \"echo x >> {d}/starts; exit 1\"
+    meta: {{retry: 2, delay: 50}}
+"
+    );
+    let ex = new_exchange().await;
+    let e = start(&src, "h", &ex).await;
+    let (status, held) = e
+        .wait_for(WAIT, |s| s.settled && !s.failures.is_empty())
+        .await;
+    assert!(held, "{status:?}");
+    // The first start and two more, then the watch counts as broken.
+    assert_eq!(lines(&dir.path().join("starts")), 3);
+    e.stop().await;
+}

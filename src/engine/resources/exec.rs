@@ -232,6 +232,10 @@ impl ExecResource {
     }
 
     async fn watch_inner(&self, poke: Poke, cancel: CancellationToken) -> anyhow::Result<()> {
+        let watches_creates = self.spec.creates.is_some() && self.fs.is_some();
+        if self.spec.watchcmd.is_none() && !watches_creates {
+            return Ok(());
+        }
         let creates = async {
             match (&self.spec.creates, &self.fs) {
                 (Some(path), Some(fs)) => {
