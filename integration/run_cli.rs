@@ -113,6 +113,33 @@ fn the_articles_graph_converges_and_exits_0_with_its_files() {
 }
 
 #[test]
+fn the_metaparams_example_converges_and_exits_0() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/meta.yaml"))
+            .expect("example")
+            .replace("/tmp/arbor-meta", &dir.path().display().to_string());
+    let path = write(dir.path(), "meta.yaml", &text);
+    let out = arbor(&["run", "--file", &path, "--converged-timeout", "1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let read = |n: &str| std::fs::read_to_string(dir.path().join(n)).expect(n);
+    assert_eq!(
+        read("tries").lines().count(),
+        3,
+        "two retries, then success"
+    );
+    assert!(dir.path().join("built").exists());
+    let log = read("log");
+    assert_eq!(log.matches("built").count(), 1, "{log}");
+    assert!(log.contains("job1") && log.contains("job2"), "{log}");
+    assert!(
+        !dir.path().join("report").exists(),
+        "a noop resource was written"
+    );
+}
+
+#[test]
 fn a_failing_resource_exits_1_naming_command_and_code() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = write(

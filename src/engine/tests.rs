@@ -524,6 +524,7 @@ fn every_example_graph_is_valid() {
         "examples/remote2a.yaml",
         "examples/remote2b.yaml",
         "examples/local.yaml",
+        "examples/meta.yaml",
     ] {
         graph::load(&example(name), "h").unwrap_or_else(|e| panic!("{e}"));
     }

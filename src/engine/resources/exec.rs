@@ -336,14 +336,25 @@ fn lookup_uid(user: &str) -> anyhow::Result<u32> {
         return Ok(n);
     }
     let name = std::ffi::CString::new(user).context("user name")?;
-    // SAFETY: getpwnam returns NULL or a pointer to a static record, read at once; the engine
-    // calls no other passwd functions concurrently that could overwrite it mid-read.
-    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
-    if pw.is_null() {
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: all-zero bytes are a valid passwd (null pointers, zero ids).
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: getpwnam_r (reentrant: checks run concurrently) writes only into `pw` and `buf`,
+    // both valid for the sizes given, and sets `found` to `&pw` or null.
+    let rc = unsafe {
+        libc::getpwnam_r(
+            name.as_ptr(),
+            &mut pw,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    if rc != 0 || found.is_null() {
         bail!("no user `{user}`");
     }
-    // SAFETY: pw is non-null and points at a valid passwd record.
-    Ok(unsafe { (*pw).pw_uid })
+    Ok(pw.pw_uid)
 }
 
 /// A group name or number → gid.
@@ -352,13 +363,24 @@ fn lookup_gid(group: &str) -> anyhow::Result<u32> {
         return Ok(n);
     }
     let name = std::ffi::CString::new(group).context("group name")?;
+    let mut buf = vec![0 as libc::c_char; 64 * 1024];
+    // SAFETY: all-zero bytes are a valid group (null pointers, zero id).
+    let mut gr: libc::group = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::group = std::ptr::null_mut();
     // SAFETY: as in lookup_uid, for the group database.
-    let gr = unsafe { libc::getgrnam(name.as_ptr()) };
-    if gr.is_null() {
+    let rc = unsafe {
+        libc::getgrnam_r(
+            name.as_ptr(),
+            &mut gr,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    if rc != 0 || found.is_null() {
         bail!("no group `{group}`");
     }
-    // SAFETY: gr is non-null and points at a valid group record.
-    Ok(unsafe { (*gr).gr_gid })
+    Ok(gr.gr_gid)
 }
 
 impl Resource for ExecResource {
@@ -591,6 +613,14 @@ mod tests {
                 .into_owned()
         };
         spec.user = Some(me);
+        // SAFETY: getgid cannot fail; getgrgid's record is read at once.
+        let my_group = unsafe {
+            let gr = libc::getgrgid(libc::getgid());
+            std::ffi::CStr::from_ptr((*gr).gr_name)
+                .to_string_lossy()
+                .into_owned()
+        };
+        spec.group = Some(my_group);
         ExecResource::new(spec)
             .check_apply(run())
             .await
