@@ -161,8 +161,8 @@ struct RawFile {
     purge: Option<Spanned<bool>>,
     symlink: Option<Spanned<bool>>,
     fragments: Refused,
-    owner: Refused,
-    group: Refused,
+    owner: Option<String>,
+    group: Option<String>,
     selinux: Refused,
     meta: Option<Spanned<RawMeta>>,
 }
@@ -455,8 +455,6 @@ fn declare_file(f: &Spanned<RawFile>, host: &str) -> Result<Declared, Located> {
         "file fragments",
         "content from fragment files is not implemented; use `content`",
     )?;
-    refuse(&raw.owner, "file owner", "ownership is not managed yet")?;
-    refuse(&raw.group, "file group", "ownership is not managed yet")?;
     refuse(
         &raw.selinux,
         "file selinux",
@@ -537,6 +535,8 @@ fn declare_file(f: &Spanned<RawFile>, host: &str) -> Result<Declared, Located> {
         content: raw.content.as_deref().map(x),
         state,
         mode,
+        owner: raw.owner.as_deref().map(x),
+        group: raw.group.as_deref().map(x),
         meta: meta(raw.meta.as_ref(), Kind::File)?,
     });
     declare(spec, &raw.name)

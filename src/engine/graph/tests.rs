@@ -295,6 +295,8 @@ resources:
     content: "x\n"
     state: exists
     mode: "0640"
+    owner: root
+    group: "0"
     force: false
     recurse: false
     purge: false
@@ -359,6 +361,10 @@ fn every_supported_mgmt_field_parses_with_its_meaning() {
     let f = file("f");
     assert_eq!(f.path, Path::new("/etc/app/app.conf"));
     assert_eq!(f.mode, Some(0o640));
+    assert_eq!(
+        (f.owner.as_deref(), f.group.as_deref()),
+        (Some("root"), Some("0"))
+    );
     let m = &f.meta;
     assert!(m.noop && m.retry_reset && m.rewatch && m.reset);
     assert_eq!((m.retry, m.delay, m.timeout, m.poll), (-1, 250, 5000, 30));
@@ -414,8 +420,6 @@ fn fields_arbor_cannot_honour_are_refused_by_name_and_place() {
         ("purge: true", "not supported: file purge: true"),
         ("symlink: true", "not supported: file symlink: true"),
         ("fragments: [/a]", "not supported: file fragments"),
-        ("owner: root", "not supported: file owner"),
-        ("group: root", "not supported: file group"),
         ("selinux: x", "not supported: file selinux"),
         ("meta: {realize: true}", "not supported: meta.realize: true"),
         ("meta: {hidden: true}", "not supported: meta.hidden: true"),

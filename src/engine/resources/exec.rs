@@ -43,7 +43,7 @@ pub struct ExecSpec {
     pub user: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
-    /// Seconds; applies to `cmd` and to `ifcmd` each. `None`: no limit.
+    /// Seconds; applies to each command (`cmd`, the guards, `donecmd`). `None`: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<u64>,
     /// `cmd` runs only if this exits 0.
@@ -202,7 +202,8 @@ impl ExecResource {
             self.spec
                 .creates
                 .as_ref()
-                .is_some_and(|p| std::fs::symlink_metadata(p).is_ok())
+                // As mgmt, a stat that succeeds: a dangling symlink does not count.
+                .is_some_and(|p| std::fs::metadata(p).is_ok())
         };
         if skip {
             self.state_ok.store(true, Ordering::SeqCst);
@@ -331,7 +332,7 @@ fn exited_ok(cmd: &str, status: ExitStatus) -> anyhow::Result<()> {
 }
 
 /// A user name or number → uid.
-fn lookup_uid(user: &str) -> anyhow::Result<u32> {
+pub(super) fn lookup_uid(user: &str) -> anyhow::Result<u32> {
     if let Ok(n) = user.parse() {
         return Ok(n);
     }
@@ -358,7 +359,7 @@ fn lookup_uid(user: &str) -> anyhow::Result<u32> {
 }
 
 /// A group name or number → gid.
-fn lookup_gid(group: &str) -> anyhow::Result<u32> {
+pub(super) fn lookup_gid(group: &str) -> anyhow::Result<u32> {
     if let Ok(n) = group.parse() {
         return Ok(n);
     }
