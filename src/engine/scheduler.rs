@@ -276,7 +276,10 @@ impl Scheduler {
                     loop {
                         tokio::select! {
                             _ = cancel.cancelled() => break Ok(()),
-                            _ = timer.tick() => poke.poke(),
+                            _ = timer.tick() => {
+                                resource.polled();
+                                poke.poke();
+                            }
                         }
                     }
                 }

@@ -785,3 +785,29 @@ resources:
     assert_eq!(lines(&dir.path().join("starts")), 3);
     e.stop().await;
 }
+
+#[tokio::test]
+async fn a_polled_exec_runs_on_every_tick() {
+    let dir = tempfile::tempdir().expect("dir");
+    let d = dir.path().display();
+    let src = format!(
+        "graph: g
+resources:
+  exec:
+  - name: ticking
+    cmd: \"echo x >> {d}/runs\"
+    meta: {{poll: 1}}
+"
+    );
+    let ex = new_exchange().await;
+    let e = start(&src, "h", &ex).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while lines(&dir.path().join("runs")) < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not run on each tick"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    e.stop().await;
+}

@@ -396,6 +396,11 @@ impl Resource for ExecResource {
     fn watch(&self, poke: Poke, cancel: CancellationToken) -> BoxFuture<'_, anyhow::Result<()>> {
         Box::pin(self.watch_inner(poke, cancel))
     }
+
+    /// As mgmt, a polled exec runs (guards permitting) on every tick.
+    fn polled(&self) {
+        self.state_ok.store(false, Ordering::SeqCst);
+    }
 }
 
 /// How long output may keep flowing after the shell exits (from something it left running

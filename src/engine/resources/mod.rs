@@ -184,6 +184,10 @@ pub trait Resource: Send + Sync + 'static {
     /// Blocks on the events that may mean drift and calls `poke` for each, until `cancel`.
     /// Returns at once for kinds that have nothing to watch.
     fn watch(&self, poke: Poke, cancel: CancellationToken) -> BoxFuture<'_, anyhow::Result<()>>;
+
+    /// A `meta.poll` tick, just before the check it causes. Kinds whose check looks at the
+    /// world need nothing; an exec treats the tick as an event that makes it run again.
+    fn polled(&self) {}
 }
 
 /// For tests: runs `res.watch` in a task whose pokes arrive on the returned channel, until
