@@ -60,6 +60,18 @@ fn every_bad_graph_exits_2_naming_file_line_and_column() {
             ":7:9: ",
             "cycle: noop[a] -> noop[b] -> noop[a]",
         ),
+        (
+            "refused-field.yaml",
+            "graph: g\nresources:\n  exec:\n  - name: e\n    cmd: \"true\"\n    mtimes: [/etc/passwd]\n",
+            ":6:13: ",
+            "not supported: exec mtimes",
+        ),
+        (
+            "refused-meta.yaml",
+            "graph: g\nresources:\n  file:\n  - name: f\n    path: /tmp/f\n    meta:\n      realize: true\n",
+            ":7:16: ",
+            "not supported: meta.realize: true",
+        ),
     ];
     for (name, text, at, needle) in cases {
         let path = write(dir.path(), name, text);
@@ -98,6 +110,33 @@ fn the_articles_graph_converges_and_exits_0_with_its_files() {
     assert_eq!(read("file1a"), "i am file1a\n");
     // Its own export, collected back through the exchange.
     assert_eq!(read("file2a"), "i am file2a, exported from host a\n");
+}
+
+#[test]
+fn the_metaparams_example_converges_and_exits_0() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/meta.yaml"))
+            .expect("example")
+            .replace("/tmp/arbor-meta", &dir.path().display().to_string());
+    let path = write(dir.path(), "meta.yaml", &text);
+    let out = arbor(&["run", "--file", &path, "--converged-timeout", "1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let read = |n: &str| std::fs::read_to_string(dir.path().join(n)).expect(n);
+    assert_eq!(
+        read("tries").lines().count(),
+        3,
+        "two retries, then success"
+    );
+    assert!(dir.path().join("built").exists());
+    let log = read("log");
+    assert_eq!(log.matches("built").count(), 1, "{log}");
+    assert!(log.contains("job1") && log.contains("job2"), "{log}");
+    assert!(
+        !dir.path().join("report").exists(),
+        "a noop resource was written"
+    );
 }
 
 #[test]

@@ -321,6 +321,7 @@ async fn misbehave(
             content: Some("forged\n".into()),
             state,
             mode,
+            ..FileSpec::default()
         })
     };
     let exports = vec![
