@@ -17,9 +17,23 @@ pub use crate::node::config::{ExecOptions, RunOptions};
 #[derive(Parser, Debug)]
 #[command(name = "arbor", version, about, long_about, propagate_version = true)]
 struct Args {
-    /// More log output: -v for debug, -vv for trace (ARBOR_LOG overrides).
+    /// More log output: -v for debug, -vv for trace (ARBOR_LOG overrides). Reaches every
+    /// host of a run.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// Less output: warnings, errors, failures and the summary only. Reaches every host of a
+    /// run (unless --log-file keeps everything).
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    /// Also write everything to this file, with timestamps, whatever -q or --output show:
+    /// arbor's log at the -v level, and every host's events.
+    #[arg(long, value_name = "PATH", global = true)]
+    log_file: Option<PathBuf>,
+    /// Colours in arbor's log on stderr: auto (when stderr is a terminal and NO_COLOR is not
+    /// set), always, never.
+    #[arg(long, value_name = "WHEN", global = true, default_value = "auto",
+          value_parser = ["auto", "always", "never"])]
+    color: String,
 
     #[command(subcommand)]
     command: Option<Sub>,
@@ -69,7 +83,19 @@ enum Sub {
     /// Work with topology files (docs/topology.md).
     #[command(subcommand)]
     Topology(TopologySub),
+    /// Print a shell completion script for arbor.
+    #[command(after_help = COMPLETIONS_EXAMPLES)]
+    Completions {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
+    },
 }
+
+const COMPLETIONS_EXAMPLES: &str = "\
+Examples:
+  arbor completions bash > /etc/bash_completion.d/arbor
+  arbor completions zsh > \"${fpath[1]}/_arbor\"
+  arbor completions fish > ~/.config/fish/completions/arbor.fish";
 
 #[derive(Subcommand, Debug)]
 enum StoreSub {
@@ -98,6 +124,10 @@ enum TopologySub {
     Check {
         /// The topology file (YAML).
         file: PathBuf,
+        /// Resolve hosts through this ssh_config file only, as `ssh -F` (`none`: no file).
+        /// Default: ~/.ssh/config, then /etc/ssh/ssh_config.
+        #[arg(short = 'F', long = "ssh-config", value_name = "FILE")]
+        ssh_config: Option<PathBuf>,
     },
 }
 
@@ -116,6 +146,9 @@ Examples:
       only those hosts (and the relays on their way, which run no graph of their own)
   arbor run --topology topology/dc1.yaml --limit @failed --converged-timeout 10
       only the hosts that failed in the last run of this topology
+  arbor run -F ./ssh_config --topology site.yaml
+      resolve hosts through that ssh_config only (default: ~/.ssh/config, /etc/ssh/ssh_config):
+      aliases, HostName, User, Port, IdentityFile, ProxyJump... (docs/ssh.md)
 
 Exit codes: 0 converged, 1 some host failed, 2 bad input (nothing contacted),
 130 ^C, 143 SIGTERM, 129 SIGHUP (each tears every host down first; a second signal
@@ -124,13 +157,15 @@ exits at once and names the hosts that may still hold state).";
 const EXEC_EXAMPLES: &str = "\
 Examples:
   arbor exec -w 'n[01-40]' -- uptime
-      run uptime on n01 … n40 over SSH, as the local user (-l USER to change it)
+      run uptime on n01 … n40 over SSH (as ssh_config says, else the local user; -l USER)
   arbor exec -w 10.199.0.[11-12] -b -- uname -r
       gather identical outputs at the end under one folded nodeset, as clush -b
   arbor exec --topology topology/lab.yaml -w 'l[1-2]-[1-3]' -x l2-3 -- df -h /
       run on five leaves through their relays; no other host is contacted
   arbor exec --topology topology/dc1.yaml -w rack1-n07 -- 'journalctl -n 20 | grep -i err'
       one host behind a relay; the command is one shell line, run by the login shell
+  arbor exec --topology topology/dc1.yaml -w @failed -- uptime
+      only the hosts whose command failed in the last arbor exec over this topology
 
 The hosts' login shell runs COMMAND (its words joined by spaces, as ssh does), with stdin from
 /dev/null, in a process group of its own: ^C (or a lost connection) kills that group on every
@@ -140,9 +175,14 @@ Exit codes: the largest exit code of COMMAND across hosts; 255 when a host could
 reached (or its connection, staging or relay failed); 2 for bad input (a bad nodeset, an empty
 command, a host not in the topology; nothing contacted); 130 on ^C (143 SIGTERM, 129 SIGHUP).";
 
-/// The SSH and staging flags `arbor run` and `arbor exec` share.
+/// The SSH, link and staging flags `arbor run` and `arbor exec` share.
 #[derive(clap::Args, Debug)]
 struct SshArgs {
+    /// Seconds without a word on a link (every link sends heartbeats, four or more per timeout) before it
+    /// counts as down: the parent fails that host, and the host, cut off, tears its own
+    /// subtree down and removes its working dir. Covers links that die without a FIN.
+    #[arg(long, value_name = "SECONDS", default_value_t = crate::wire::LINK_TIMEOUT)]
+    link_timeout: u64,
     /// At most this many SSH connections being set up at once (0: no limit).
     #[arg(long, value_name = "N", default_value_t = 64)]
     cconns: usize,
@@ -155,22 +195,33 @@ struct SshArgs {
     /// saves, as with ssh -C.
     #[arg(long)]
     compress: bool,
-    /// An SSH private key to try after the agent and ~/.ssh/id_* (repeatable).
+    /// Resolve hosts through this ssh_config file only, as `ssh -F` (`none`: no file).
+    /// Default: ~/.ssh/config, then /etc/ssh/ssh_config. arbor follows HostName, User, Port,
+    /// IdentityFile, IdentitiesOnly, ConnectTimeout, UserKnownHostsFile, GlobalKnownHostsFile,
+    /// StrictHostKeyChecking, HashKnownHosts and ProxyJump in Host and Match blocks and
+    /// Includes (docs/ssh.md); the command line beats the topology, which beats ssh_config.
+    #[arg(short = 'F', long = "ssh-config", value_name = "FILE")]
+    ssh_config: Option<PathBuf>,
+    /// An SSH private key to try first, before the topology's and ssh_config's keys and
+    /// before any agent key (repeatable).
     #[arg(long = "identity", short = 'i', value_name = "KEY")]
     identities: Vec<PathBuf>,
     /// An extra known_hosts file to trust (repeatable); ~/.ssh/known_hosts is always read.
     #[arg(long = "known-hosts", value_name = "FILE")]
     known_hosts: Vec<PathBuf>,
     /// strict: refuse unknown and changed host keys. accept-new: record unknown keys in
-    /// ~/.ssh/known_hosts, still refuse changed ones.
-    #[arg(long, value_name = "POLICY", default_value = "strict", value_parser = ["strict", "accept-new"])]
-    host_key_policy: String,
+    /// ~/.ssh/known_hosts, still refuse changed ones. Default: ssh_config's
+    /// StrictHostKeyChecking for the host (yes: strict, accept-new; `no` is never honoured:
+    /// strict), else strict.
+    #[arg(long, value_name = "POLICY", value_parser = ["strict", "accept-new"])]
+    host_key_policy: Option<String>,
     /// Ask on the terminal for passphrases and passwords when keys and the agent fail.
     #[arg(long)]
     allow_interactive: bool,
-    /// Seconds to wait for a host's TCP connect and SSH handshake.
-    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
-    connect_timeout: u64,
+    /// Seconds to wait for a host's TCP connect and SSH handshake. Default: ssh_config's
+    /// ConnectTimeout for the host, else 10.
+    #[arg(long, value_name = "SECONDS")]
+    connect_timeout: Option<u64>,
     /// A build of arbor for hosts of another platform, as ARCH=PATH (e.g.
     /// aarch64=./arbor-aarch64 or "Linux aarch64"=PATH). Repeatable.
     #[arg(long = "binary", value_name = "ARCH=PATH")]
@@ -195,14 +246,18 @@ impl SshArgs {
                 }
             }
         }
+        options.link_timeout = self.link_timeout;
         options.cconns = self.cconns;
         options.no_caching = self.no_caching;
         options.compress = self.compress;
+        options.ssh_config = self.ssh_config;
         options.identities = self.identities;
         options.known_hosts = self.known_hosts;
-        options.accept_new = self.host_key_policy == "accept-new";
+        options.accept_new = self.host_key_policy.as_deref() == Some("accept-new");
+        options.host_key_policy_given = self.host_key_policy.is_some();
         options.allow_interactive = self.allow_interactive;
-        options.connect_timeout = Duration::from_secs(self.connect_timeout);
+        options.connect_timeout = Duration::from_secs(self.connect_timeout.unwrap_or(10));
+        options.connect_timeout_given = self.connect_timeout.is_some();
         options.binaries = binaries;
         options.remote_tmp = self.remote_tmp;
         Ok(())
@@ -212,8 +267,10 @@ impl SshArgs {
 /// `arbor exec`'s flags (the help text and examples come from `Sub::Exec`).
 #[derive(clap::Args, Debug)]
 struct ExecArgs {
-    /// The hosts to run on, as a nodeset (`n[01-40]`, `a,b`, `10.0.0.[1-9]`; repeatable).
-    /// Without --topology these are SSH hosts; with it, names of the topology's hosts.
+    /// The hosts to run on, as a nodeset (`n[01-40]`, `a,b`, `10.0.0.[1-9]`; repeatable);
+    /// `@failed` stands for the hosts whose command failed in the last `arbor exec` over the
+    /// same topology (or without one). Without --topology these are SSH hosts, resolved
+    /// through ssh_config; with it, names of the topology's hosts.
     #[arg(short = 'w', long = "nodes", value_name = "NODESET", required = true)]
     nodesets: Vec<String>,
     /// Hosts to leave out, as a nodeset (repeatable).
@@ -228,10 +285,10 @@ struct ExecArgs {
     /// the hosts that gave it (as clush -b); stderr stays live.
     #[arg(short = 'b', long = "gather")]
     gather: bool,
-    /// The SSH user, without --topology (default: the local user, as ssh).
+    /// The SSH user, without --topology (default: ssh_config's User, else the local user).
     #[arg(short = 'l', long, value_name = "USER", conflicts_with = "topology")]
     user: Option<String>,
-    /// The SSH port, without --topology.
+    /// The SSH port, without --topology (default: ssh_config's Port, else 22).
     #[arg(short = 'p', long, value_name = "PORT", conflicts_with = "topology",
           value_parser = clap::value_parser!(u16).range(1..))]
     port: Option<u16>,
@@ -282,14 +339,31 @@ struct RunArgs {
     /// Do not watch graph files for edits (by default an edit is applied on its host live).
     #[arg(long)]
     no_watch: bool,
+    /// What goes to stdout: text (lines for people) or json (one JSON object per event and a
+    /// final summary object, nothing else; schema in docs/events.md). Messages from arbor
+    /// itself go to stderr either way.
+    #[arg(long, value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    output: String,
     /// Keep the embedded store in memory in a fresh temporary state dir, not in
     /// ~/.local/state/arbor.
     #[arg(long)]
     tmp_prefix: bool,
     /// Use an existing etcd cluster (comma-separated http://host:port URLs) instead of the
-    /// embedded store.
+    /// embedded store. If the etcd has authentication enabled, give --seeds-user: arbor then
+    /// makes an etcd user and role per host for the run, limited to that host's own keys, and
+    /// deletes them at the end. With authentication off, hosts are not isolated in the store
+    /// (docs/security.md).
     #[arg(long, value_name = "URLS", value_delimiter = ',')]
     seeds: Vec<String>,
+    /// The etcd user arbor acts as at the --seeds etcd; it needs the root role (it adds and
+    /// deletes the run's users and roles). Its password is read from --seeds-password-file,
+    /// else from the environment variable ARBOR_SEEDS_PASSWORD, else (with
+    /// --allow-interactive) asked on the terminal; never from the command line.
+    #[arg(long, value_name = "NAME", requires = "seeds")]
+    seeds_user: Option<String>,
+    /// A file holding the --seeds-user's password (one line; keep it mode 0600).
+    #[arg(long, value_name = "PATH", requires = "seeds_user")]
+    seeds_password_file: Option<PathBuf>,
     /// Start no store here (with --seeds, or on a remote host whose store is tunnelled).
     #[arg(long)]
     no_server: bool,
@@ -310,15 +384,53 @@ pub enum Command {
     Store(crate::store::StoreCommand),
     Run(Box<RunOptions>),
     Exec(Box<ExecOptions>),
-    /// `arbor topology check FILE`.
-    TopologyCheck(PathBuf),
+    /// `arbor topology check [-F SSH_CONFIG] FILE`.
+    TopologyCheck {
+        file: PathBuf,
+        ssh_config: Option<PathBuf>,
+    },
+    /// `arbor completions SHELL`: the script, on stdout.
+    Completions(clap_complete::Shell),
+}
+
+/// arbor's whole command line as clap sees it: for completions and the man pages
+/// (`cargo run --bin arbor-man`).
+pub fn command() -> clap::Command {
+    use clap::CommandFactory;
+    Args::command()
+}
+
+/// Writes the completion script for `shell` to stdout.
+pub fn print_completions(shell: clap_complete::Shell) {
+    let mut cmd = command();
+    clap_complete::generate(shell, &mut cmd, "arbor", &mut std::io::stdout());
 }
 
 /// One invocation of arbor: the job and how chatty the log should be (0 = info).
 #[derive(Debug)]
 pub struct Invocation {
     pub verbosity: u8,
+    /// `-q`: warnings and errors only.
+    pub quiet: bool,
+    /// `--log-file`: everything, with timestamps.
+    pub log_file: Option<PathBuf>,
+    /// Colours on stderr, from `--color` and NO_COLOR.
+    pub color: bool,
     pub command: Command,
+}
+
+/// Whether arbor's log on stderr is coloured: `--color WHEN`, where auto means stderr is a
+/// terminal and NO_COLOR (https://no-color.org) is unset or empty.
+fn colour(when: &str) -> bool {
+    use std::io::IsTerminal;
+    match when {
+        "always" => true,
+        "never" => false,
+        _ => {
+            std::io::stderr().is_terminal()
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+        }
+    }
 }
 
 /// Parses the process arguments. On `--help`, `--version` or a usage error, clap has already
@@ -364,11 +476,16 @@ pub fn parse() -> Result<Invocation, ExitCode> {
                 q => Some(q as u64),
             },
         }),
-        Some(Sub::Topology(TopologySub::Check { file })) => Command::TopologyCheck(file),
+        Some(Sub::Topology(TopologySub::Check { file, ssh_config })) => {
+            Command::TopologyCheck { file, ssh_config }
+        }
+        Some(Sub::Completions { shell }) => Command::Completions(shell),
         Some(Sub::Exec(exec)) => {
             let exec = *exec;
             let mut run = RunOptions {
                 verbosity: args.verbose,
+                quiet: args.quiet,
+                log_file: args.log_file.clone(),
                 ..RunOptions::default()
             };
             exec.ssh.apply(&mut run)?;
@@ -379,7 +496,7 @@ pub fn parse() -> Result<Invocation, ExitCode> {
                 gather: exec.gather,
                 command: exec.command,
                 user: exec.user,
-                port: exec.port.unwrap_or(22),
+                port: exec.port,
                 run,
             }))
         }
@@ -405,10 +522,15 @@ pub fn parse() -> Result<Invocation, ExitCode> {
                 noop: run.noop,
                 hostname: run.hostname,
                 live_edits: !run.no_watch,
+                json: run.output == "json",
                 tmp_prefix: run.tmp_prefix,
                 seeds: run.seeds,
+                seeds_user: run.seeds_user,
+                seeds_password_file: run.seeds_password_file,
                 no_server: run.no_server,
                 verbosity: args.verbose,
+                quiet: args.quiet,
+                log_file: args.log_file.clone(),
                 depth: run.depth,
                 workdir: run.workdir,
                 ..RunOptions::default()
@@ -424,6 +546,9 @@ pub fn parse() -> Result<Invocation, ExitCode> {
     };
     Ok(Invocation {
         verbosity: args.verbose,
+        quiet: args.quiet,
+        color: colour(&args.color),
+        log_file: args.log_file,
         command,
     })
 }

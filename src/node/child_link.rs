@@ -20,6 +20,8 @@ pub enum FromChild {
     Fetch {
         sha256: String,
     },
+    /// A heartbeat: the child is still there.
+    Alive,
     /// The child's arbor ended (or the link broke). `error`: the last lines of its stderr.
     Exited {
         status: ExitStatus,
@@ -97,10 +99,15 @@ pub async fn launch(
 
     let name = me.name().to_string();
     if let Some(crate::ssh::ForwardEnd::Tcp(port)) = &tunnel {
+        // A host gets no credential only from an etcd without authentication (--seeds).
+        let who = if start.credential.is_some() {
+            "and the store refuses them without the host's credential"
+        } else {
+            "and the store (an etcd with authentication off) lets them do anything"
+        };
         tracing::warn!(
             "{name}: the store tunnel ends on loopback TCP port {port} there (its sshd refused \
-             Unix-socket forwarding): local processes can reach that port, and the store \
-             refuses them without the host's credential"
+             Unix-socket forwarding): local processes can reach that port, {who}"
         );
     }
     let mut line = CommandLine::new(&staged.binary).args([
@@ -215,6 +222,11 @@ pub async fn launch(
                 }
                 Ok(Some(Up::Fetch { sha256 })) => {
                     if events_tx.send(FromChild::Fetch { sha256 }).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(Some(Up::Heartbeat)) => {
+                    if events_tx.send(FromChild::Alive).await.is_err() {
                         break;
                     }
                 }

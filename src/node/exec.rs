@@ -26,8 +26,9 @@ use super::fleet::{self, Fleet, FleetContext};
 use super::last_failed::{LastFailed, expand_limit};
 use super::{StopSignals, signal_name};
 use crate::exit;
-use crate::ssh::{self, CommandLine, ExitStatus, Output, Session, Target};
+use crate::ssh::{self, CommandLine, ExitStatus, Output, Session};
 use crate::topology::nodeset;
+use crate::topology::resolve::{Given, Overrides, Resolver};
 use crate::ui::{HostReport, printable};
 use crate::wire::{ChildMode, ChildSpec, Event, EventKind, ExecJob, HostPath, HostState, MAX_LINE};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -214,15 +215,8 @@ async fn run_command(
         p = limit.acquire() => p.map_err(|e| e.to_string())?,
         _ = stop.cancelled() => return Err(fleet::stopped(name)),
     };
-    let target = Target::new(spec.user.clone(), spec.host.clone(), spec.port);
-    let options = fleet::child_options(ctx, spec)?;
-    let connect = async {
-        match &via {
-            Some(jump) => ssh::connect_via(jump, &target, &options).await,
-            None => ssh::connect(&target, &options).await,
-        }
-        .map_err(|e| e.to_string())
-    };
+    // Through `via` (a `mode: jump` host) and the host's ProxyJump hops, as for staging.
+    let connect = fleet::connect_child(ctx, spec, via.as_deref());
     let session = tokio::select! {
         s = connect => s?,
         _ = stop.cancelled() => return Err(fleet::stopped(name)),
@@ -405,32 +399,44 @@ impl ExecPlan {
         }
         let mut names = selected.names;
         let mut cconns = None;
+        // Hosts are resolved through ssh_config as `arbor run` resolves them.
+        let run = &options.run;
+        let mut resolver = Resolver::for_operator(
+            run.ssh_config.as_deref(),
+            &super::home_dir(),
+            Overrides {
+                host_key_policy: run.host_key_policy_given,
+                connect_timeout: run.connect_timeout_given,
+            },
+        )?;
         let children = match &options.topology {
             None => {
-                let user = options.user.clone().unwrap_or_else(ssh::local_user);
-                if user.is_empty() {
+                if options.user.as_deref() == Some("") {
                     return Err(bad("--user: empty user name"));
                 }
-                names
-                    .iter()
-                    .map(|name| ChildSpec {
+                let given = Given {
+                    user: options.user.clone(),
+                    port: options.port,
+                };
+                let mut specs = Vec::new();
+                for name in &names {
+                    // The host as written is its name; ssh_config says where and how to reach it.
+                    let mut spec = ChildSpec {
                         name: name.clone(),
                         host: name.clone(),
-                        port: options.port,
-                        user: user.clone(),
-                        graph: None,
                         mode: ChildMode::Relay,
-                        host_key: None,
-                        identity: None,
-                        password: None,
-                        cconns: None,
-                        children: Vec::new(),
-                        credential: None,
-                    })
-                    .collect()
+                        ..Default::default()
+                    };
+                    resolver
+                        .apply(&mut spec, &given)
+                        .map_err(|e| bad(format!("{name}: {e}")))?;
+                    specs.push(spec);
+                }
+                specs
             }
             Some(path) => {
-                let topology = crate::topology::load(path).map_err(|e| e.to_string())?;
+                let topology =
+                    crate::topology::load(path, &mut resolver).map_err(|e| e.to_string())?;
                 cconns = topology.cconns;
                 let known = index(&topology.hosts);
                 for set in &options.exclude {
@@ -585,6 +591,8 @@ struct View {
     book: ExecBook,
     gather: Option<BTreeMap<String, Gathered>>,
     learn_into: Option<PathBuf>,
+    /// The ssh_config files whose HashKnownHosts says how to record learned keys.
+    ssh_config: Vec<PathBuf>,
     learnable: HashMap<HostPath, HashSet<String>>,
 }
 
@@ -597,7 +605,12 @@ struct Gathered {
 
 impl View {
     fn event(&mut self, event: &Event) {
-        if !super::initiator::learned_key(event, self.learn_into.as_deref(), &self.learnable) {
+        if !super::initiator::learned_key(
+            event,
+            self.learn_into.as_deref(),
+            &self.ssh_config,
+            &self.learnable,
+        ) {
             return;
         }
         self.book.event(event);
@@ -743,12 +756,13 @@ pub async fn run(options: ExecOptions) -> u8 {
         builds.refs(),
         &crate::engine::exchange::new_run_id(),
     );
-    let (connect, known_hosts) = super::initiator::initiator_connect(&options.run, &config);
-    let learn_into = options
-        .run
-        .accept_new
+    let (connect, known_hosts) =
+        super::initiator::initiator_connect(&options.run, &config, &plan.children);
+    let accept_new = options.run.accept_new;
+    let learn_into = super::initiator::any_accept_new(&plan.children, accept_new)
         .then(|| connect.host_keys.learn_into.clone())
         .flatten();
+    let ssh_config = connect.host_keys.ssh_config.clone();
     let (events_tx, mut events) = mpsc::channel(super::child_link::CHILD_QUEUE * 4);
     let mut ctx = FleetContext {
         path: HostPath::root(),
@@ -765,12 +779,13 @@ pub async fn run(options: ExecOptions) -> u8 {
             targets: plan.targets.clone(),
         })),
     };
-    ctx.agent = super::initiator::choose_agent(&ctx, relays).await;
+    ctx.agent = super::initiator::choose_agent(&ctx, &plan.children).await;
     let mut view = View {
         book: ExecBook::new(&plan.targets, &plan.paths),
         gather: options.gather.then(BTreeMap::new),
         learn_into,
-        learnable: super::initiator::learnable_names(&plan.children),
+        ssh_config,
+        learnable: super::initiator::learnable_names(&plan.children, accept_new),
     };
     let mut fleet = Fleet::start(Arc::new(ctx), plan.children.clone());
     let mut done = fleet.is_empty();
@@ -852,12 +867,9 @@ mod tests {
             user: "root".into(),
             graph: Some("g".into()),
             mode: ChildMode::Relay,
-            host_key: None,
-            identity: None,
-            password: None,
-            cconns: None,
             children,
             credential: Some("secret".into()),
+            ..Default::default()
         }
     }
 

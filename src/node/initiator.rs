@@ -16,6 +16,7 @@ use super::config::RunOptions;
 use super::fleet::{self, Fleet, FleetContext};
 use super::last_failed::{LastFailed, expand_limit};
 use super::run_book::{Next, RunBook};
+use super::seeds;
 use super::{StopSignals, signal_name};
 use crate::engine::exchange::{Exchange, Keys, new_run_id};
 use crate::engine::fs_events::FsEvents;
@@ -30,6 +31,7 @@ use crate::ssh::{self, Target, TerminalPrompter};
 use crate::store::auth::{Access, Users};
 use crate::store::client::{Endpoints, StoreClient};
 use crate::store::{Store, StoreConfig};
+use crate::topology::resolve::{Given, Overrides, Resolver};
 use crate::ui::{HostReport, Ui};
 use crate::wire::{ChildMode, ChildSpec, Event, EventKind, HostPath, HostState, NodeConfig};
 use futures::StreamExt;
@@ -51,7 +53,7 @@ struct RemoteGraph {
 
 /// Reads every --remote graph: each must parse and name its host with `remote:`; a repeated
 /// file is ignored; two graphs naming one host is an error.
-fn read_remotes(options: &RunOptions) -> Result<Vec<RemoteGraph>, String> {
+fn read_remotes(options: &RunOptions, resolver: &mut Resolver) -> Result<Vec<RemoteGraph>, String> {
     let default_user = ssh::local_user();
     let mut seen_files = BTreeSet::new();
     let mut hosts: HashMap<String, PathBuf> = HashMap::new();
@@ -76,7 +78,25 @@ fn read_remotes(options: &RunOptions) -> Result<Vec<RemoteGraph>, String> {
         let parsed = Target::parse_url(&url, &default_user)
             .map_err(|e| format!("{}: remote: {e}", path.display()))?;
         let target = parsed.target;
-        let address = target.address();
+        // The host as written is its name in the run; ssh_config says where and how to reach
+        // it, the URL's own user and port winning.
+        let name = target.host.clone();
+        let mut spec = ChildSpec {
+            name: name.clone(),
+            host: target.host.clone(),
+            graph: None,
+            mode: ChildMode::Relay,
+            password: parsed.password,
+            ..Default::default()
+        };
+        let given = Given {
+            user: parsed.user_given.then(|| target.user.clone()),
+            port: parsed.port_given.then_some(target.port),
+        };
+        resolver
+            .apply(&mut spec, &given)
+            .map_err(|e| format!("{}: remote: {e}", path.display()))?;
+        let address = Target::new(spec.user.clone(), spec.host.clone(), spec.port).address();
         if let Some(other) = hosts.insert(address.clone(), path.clone()) {
             return Err(format!(
                 "{} and {} both name host {address}; one graph per host",
@@ -84,7 +104,6 @@ fn read_remotes(options: &RunOptions) -> Result<Vec<RemoteGraph>, String> {
                 path.display()
             ));
         }
-        let name = target.host.clone();
         graph::parse(&text, path, &name).map_err(|e| e.to_string())?;
         let key = format!(
             "{}#{}",
@@ -93,24 +112,12 @@ fn read_remotes(options: &RunOptions) -> Result<Vec<RemoteGraph>, String> {
                 .unwrap_or("graph.yaml"),
             remotes.len()
         );
+        spec.graph = Some(key.clone());
         remotes.push(RemoteGraph {
             path: path.clone(),
-            key: key.clone(),
+            key,
             text,
-            spec: ChildSpec {
-                name,
-                host: target.host.clone(),
-                port: target.port,
-                user: target.user.clone(),
-                graph: Some(key),
-                mode: ChildMode::Relay,
-                host_key: None,
-                identity: None,
-                password: parsed.password,
-                cconns: None,
-                children: Vec::new(),
-                credential: None,
-            },
+            spec,
         });
     }
     Ok(remotes)
@@ -133,6 +140,8 @@ struct RunStore {
     /// A --tmp-prefix state dir, removed at the end.
     temp_dir: Option<tempfile::TempDir>,
     socket: Option<PathBuf>,
+    /// The etcd users and roles made for the hosts (--seeds with authentication on).
+    run_users: Option<seeds::RunUsers>,
 }
 
 /// The name the initiator's own store client authenticates as (no host name can be it).
@@ -140,62 +149,117 @@ const INITIATOR_USER: &str = "@initiator";
 
 /// Every host's store credential and what it may do: read every export of the run, write its
 /// own exports and its own converged flag, use its own leases. Sets each spec's `credential`
-/// (sent down to the relays above it, never on a command line) and returns the store's users,
-/// with the initiator's own admin credential.
-fn mint_credentials(children: &mut [ChildSpec], run: &str) -> (Users, String) {
-    fn secret() -> String {
-        format!(
-            "{:016x}{:016x}",
-            rand::random::<u64>(),
-            rand::random::<u64>()
-        )
-    }
-    fn walk(specs: &mut [ChildSpec], keys: &Keys, users: &mut Users) {
+/// (sent down to the relays above it, never on a command line) and, where the user is not
+/// named after the host (`user_name`), its `store_user`. The embedded store and an etcd with
+/// authentication on both enforce exactly these.
+fn host_users(
+    children: &mut [ChildSpec],
+    run: &str,
+    user_name: &dyn Fn(&str) -> Option<String>,
+) -> Vec<seeds::HostUser> {
+    fn walk(
+        specs: &mut [ChildSpec],
+        keys: &Keys,
+        user_name: &dyn Fn(&str) -> Option<String>,
+        out: &mut Vec<seeds::HostUser>,
+    ) {
         for c in specs {
             let password = secret();
-            users.add(
-                &c.name,
-                &password,
-                Access::Keys {
+            let store_user = user_name(&c.name);
+            out.push(seeds::HostUser {
+                name: store_user.clone().unwrap_or_else(|| c.name.clone()),
+                password: password.clone(),
+                access: Access::Keys {
                     read: vec![keys.exports().as_bytes().to_vec()],
                     write: vec![keys.host_exports(&c.name).into_bytes()],
                     own: vec![keys.converged(&c.name).into_bytes()],
                 },
-            );
+            });
             c.credential = Some(password);
-            walk(&mut c.children, keys, users);
+            c.store_user = store_user;
+            walk(&mut c.children, keys, user_name, out);
         }
     }
-    let keys = Keys::for_run(run);
+    let mut out = Vec::new();
+    walk(children, &Keys::for_run(run), user_name, &mut out);
+    out
+}
+
+/// A random password.
+fn secret() -> String {
+    format!(
+        "{:016x}{:016x}",
+        rand::random::<u64>(),
+        rand::random::<u64>()
+    )
+}
+
+/// The embedded store's users: every host's ([`host_users`], named after the host), and the
+/// initiator's own admin credential.
+fn mint_credentials(children: &mut [ChildSpec], run: &str) -> (Users, String) {
     let mut users = Users::new();
-    walk(children, &keys, &mut users);
+    for host in host_users(children, run, &|_| None) {
+        users.add(&host.name, &host.password, host.access);
+    }
     let admin = secret();
     users.add(INITIATOR_USER, &admin, Access::Admin);
     (users, admin)
 }
 
-async fn open_store(
+/// The etcd given with --seeds. With authentication on, the initiator acts as --seeds-user and
+/// gives each host an etcd user and role of its own for this run; with it off, hosts connect
+/// as nobody and may do anything (said once, as a warning).
+async fn open_seeds(
     options: &RunOptions,
-    users: Option<(Users, String)>,
+    operator: Option<(String, String)>,
+    children: &mut [ChildSpec],
+    run: &str,
 ) -> Result<RunStore, String> {
-    if !options.seeds.is_empty() {
-        let endpoints =
-            super::seed_endpoints(&options.seeds).map_err(|e| format!("--seeds: {e}"))?;
-        let client = StoreClient::connect(&endpoints)
-            .await
-            .map_err(|e| format!("{e:#}"))?;
-        let connector = super::store_connector(&endpoints)
-            .await
-            .map_err(|e| format!("--seeds: {e}"))?;
-        return Ok(RunStore {
-            client,
-            connector,
-            shutdown: CancellationToken::new(),
-            served: None,
-            temp_dir: None,
-            socket: None,
-        });
-    }
+    let endpoints = super::seed_endpoints(&options.seeds).map_err(|e| format!("--seeds: {e}"))?;
+    let connected = seeds::connect(
+        &endpoints,
+        operator.as_ref().map(|(u, p)| (u.as_str(), p.as_str())),
+    )
+    .await?;
+    let run_users = if connected.auth {
+        let operator = operator.as_ref().map_or("", |(u, _)| u.as_str());
+        let hosts = host_users(children, run, &|host| Some(seeds::user_name(run, host)));
+        Some(seeds::RunUsers::create(&connected.client, operator, hosts).await?)
+    } else {
+        tracing::warn!(
+            "--seeds: the etcd has authentication off: hosts are not isolated in the store \
+             (any host can read and write every key, so forge other hosts' exports and \
+             converged flags); see docs/security.md"
+        );
+        None
+    };
+    let connector = match super::store_connector(&endpoints).await {
+        Ok(c) => c,
+        Err(e) => {
+            if let Some(users) = &run_users {
+                users.remove_within(USERS_TEARDOWN).await;
+            }
+            return Err(format!("--seeds: {e}"));
+        }
+    };
+    Ok(RunStore {
+        client: connected.client,
+        connector,
+        shutdown: CancellationToken::new(),
+        served: None,
+        temp_dir: None,
+        socket: None,
+        run_users,
+    })
+}
+
+/// How long the teardown may take to delete a run's etcd users and roles.
+const USERS_TEARDOWN: Duration = Duration::from_secs(30);
+/// The same, when a second signal asked to exit at once.
+const USERS_TEARDOWN_HURRIED: Duration = Duration::from_secs(3);
+
+/// The embedded store, checking the hosts' credentials in `users`.
+async fn open_store(options: &RunOptions, users: (Users, String)) -> Result<RunStore, String> {
     if options.no_server {
         return Err("--no-server needs --seeds: there is no store to use".into());
     }
@@ -213,10 +277,7 @@ async fn open_store(
         (dir.clone(), None, Some(dir.join("store")))
     };
     let socket = state_dir.join(format!("store-{}.sock", std::process::id()));
-    let (users, admin) = match users {
-        Some((users, admin)) => (Some(Arc::new(users)), Some(admin)),
-        None => (None, None),
-    };
+    let (users, admin) = (Some(Arc::new(users.0)), Some(users.1));
     let store = Store::bind_with(
         &StoreConfig {
             listen: format!("unix:{}", socket.display()),
@@ -261,12 +322,17 @@ async fn open_store(
         served: Some(served),
         temp_dir: temp,
         socket: Some(socket),
+        run_users: None,
     })
 }
 
 impl RunStore {
-    /// Stops the embedded store and removes its socket and temporary state dir.
+    /// Stops the embedded store and removes its socket and temporary state dir, or deletes
+    /// the run's users and roles from the etcd.
     async fn close(self) {
+        if let Some(users) = &self.run_users {
+            users.remove_within(USERS_TEARDOWN).await;
+        }
         self.shutdown.cancel();
         if let Some(served) = self.served {
             let _ = tokio::time::timeout(Duration::from_secs(2), served).await;
@@ -276,8 +342,12 @@ impl RunStore {
         }
     }
 
-    /// On the way out in a hurry: the socket and a temporary state dir go, nothing waits.
-    fn remove_files(self) {
+    /// On the way out in a hurry: the socket and a temporary state dir go, and the run's etcd
+    /// users and roles if that is quick; nothing else waits.
+    async fn abandon(self) {
+        if let Some(users) = &self.run_users {
+            users.remove_within(USERS_TEARDOWN_HURRIED).await;
+        }
         if let Some(socket) = &self.socket {
             let _ = std::fs::remove_file(socket);
         }
@@ -317,9 +387,19 @@ impl Plan {
             Some(path) => Some(graph::load(path, &hostname).map_err(|e| e.to_string())?),
             None => None,
         };
-        let remotes = read_remotes(options)?;
+        let mut resolver = Resolver::for_operator(
+            options.ssh_config.as_deref(),
+            &super::home_dir(),
+            Overrides {
+                host_key_policy: options.host_key_policy_given,
+                connect_timeout: options.connect_timeout_given,
+            },
+        )?;
+        let remotes = read_remotes(options, &mut resolver)?;
         let topology = match &options.topology {
-            Some(path) => Some(crate::topology::load(path).map_err(|e| e.to_string())?),
+            Some(path) => {
+                Some(crate::topology::load(path, &mut resolver).map_err(|e| e.to_string())?)
+            }
             None => None,
         };
         let mut children: Vec<ChildSpec> = remotes.iter().map(|r| r.spec.clone()).collect();
@@ -413,7 +493,7 @@ fn fleet_context(
     store: &RunStore,
     events: mpsc::Sender<Event>,
 ) -> FleetContext {
-    let (connect, known_hosts) = initiator_connect(options, &plan.config);
+    let (connect, known_hosts) = initiator_connect(options, &plan.config, &plan.children);
     FleetContext {
         path: HostPath::root(),
         config: plan.config.clone(),
@@ -434,10 +514,12 @@ fn fleet_context(
 }
 
 /// How the initiator connects: the run's settings plus the operator's key files, known_hosts
-/// files and prompter; and the text of those known_hosts files, for relays.
+/// files, ssh_config and prompter; and the text of the known_hosts files for `children`'s tree,
+/// for relays.
 pub(super) fn initiator_connect(
     options: &RunOptions,
     config: &NodeConfig,
+    children: &[ChildSpec],
 ) -> (ssh::ConnectOptions, String) {
     let mut connect = fleet::connect_options(config);
     connect
@@ -445,12 +527,18 @@ pub(super) fn initiator_connect(
         .known_hosts
         .extend(options.known_hosts.iter().cloned());
     connect.auth.identities = options.identities.clone();
+    // HashKnownHosts comes from the same ssh_config the hosts were resolved with.
+    if let Some(file) = &options.ssh_config {
+        connect.host_keys.ssh_config = if file.as_path() == Path::new("none") {
+            Vec::new()
+        } else {
+            vec![file.clone()]
+        };
+    }
     if options.allow_interactive {
         connect.auth.prompter = Some(Arc::new(TerminalPrompter::default()));
     }
-    let known_hosts = connect
-        .host_keys
-        .known_hosts
+    let known_hosts = known_hosts_files(&connect.host_keys.known_hosts, children)
         .iter()
         .filter_map(|p| std::fs::read_to_string(p).ok())
         .collect::<Vec<_>>()
@@ -458,17 +546,67 @@ pub(super) fn initiator_connect(
     (connect, known_hosts)
 }
 
+/// `files` and every known_hosts file ssh_config names for a host of the tree: what the lines
+/// sent down to relays, and the keys their agent front accepts, come from.
+fn known_hosts_files(files: &[PathBuf], children: &[ChildSpec]) -> Vec<PathBuf> {
+    let mut out = files.to_vec();
+    let mut stack: Vec<&ChildSpec> = children.iter().collect();
+    while let Some(c) = stack.pop() {
+        stack.extend(&c.children);
+        for h in c.with_jumps() {
+            for f in h
+                .user_known_hosts
+                .iter()
+                .chain(&h.global_known_hosts)
+                .flatten()
+            {
+                if !out.contains(f) {
+                    out.push(f.clone());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Whether any host (or ProxyJump hop) of the tree is checked under accept-new: the run's
+/// policy `accept_new`, or its own from ssh_config.
+pub(crate) fn any_accept_new(children: &[ChildSpec], accept_new: bool) -> bool {
+    children.iter().any(|c| {
+        c.with_jumps().any(|h| h.accept_new.unwrap_or(accept_new))
+            || any_accept_new(&c.children, accept_new)
+    })
+}
+
 /// Relays sign for their children with our keys: through our ssh-agent if there is one,
 /// else through an agent in this process holding the key files we loaded. Either way each
 /// relay reaches it only through a front that signs user authentication to the hosts of that
 /// relay's own subtree, bound to their host keys and sessions (`ssh::agent_front`).
-pub(super) async fn choose_agent(ctx: &FleetContext, has_relays: bool) -> Option<fleet::AgentFor> {
-    if !has_relays {
+pub(super) async fn choose_agent(
+    ctx: &FleetContext,
+    children: &[ChildSpec],
+) -> Option<fleet::AgentFor> {
+    if !children.iter().any(has_grandchildren) {
         return None;
+    }
+    // The in-process agent also holds the IdentityFiles ssh_config names for hosts that
+    // relays log into.
+    let mut auth = ctx.connect.auth.clone();
+    let mut stack: Vec<&ChildSpec> = children.iter().collect();
+    while let Some(c) = stack.pop() {
+        stack.extend(&c.children);
+        for h in c.with_jumps() {
+            for f in &h.identity_files {
+                let f = PathBuf::from(f);
+                if !auth.identities.contains(&f) {
+                    auth.identities.push(f);
+                }
+            }
+        }
     }
     let backend = match ssh::agent_socket() {
         Some(socket) => AgentBackend::Socket(socket),
-        None => match ssh::agent::from_key_files(&ctx.connect.auth).await {
+        None => match ssh::agent::from_key_files(&auth).await {
             Ok((backend, keys)) => {
                 tracing::debug!("in-process agent with {keys} keys for the relays");
                 backend
@@ -480,7 +618,11 @@ pub(super) async fn choose_agent(ctx: &FleetContext, has_relays: bool) -> Option
         },
     };
     let known = Arc::new(
-        KnownHosts::load(&ctx.connect.host_keys.known_hosts).unwrap_or_else(|e| {
+        KnownHosts::load(&known_hosts_files(
+            &ctx.connect.host_keys.known_hosts,
+            children,
+        ))
+        .unwrap_or_else(|e| {
             tracing::warn!("known_hosts: {e}");
             KnownHosts::default()
         }),
@@ -507,21 +649,25 @@ fn destinations(known: &Arc<KnownHosts>, children: &[ChildSpec], accept_new: boo
     let mut stack: Vec<&ChildSpec> = children.iter().collect();
     while let Some(c) = stack.pop() {
         stack.extend(&c.children);
-        // Jump hosts included: the relay logs into them too.
-        let name = ssh::known_hosts::host_key_name(&c.host, c.port);
-        let mut found = known.keys_for(&name);
-        if let Some(pinned) = c
-            .host_key
-            .as_deref()
-            .and_then(|k| russh::keys::PublicKey::from_openssh(k).ok())
-        {
-            found.push(pinned);
+        // Jump hosts and ProxyJump hops included: the relay logs into them too.
+        for h in c.with_jumps() {
+            let name = ssh::known_hosts::host_key_name(&h.host, h.port);
+            let mut found = known.keys_for(&name);
+            if let Some(pinned) = h
+                .host_key
+                .as_deref()
+                .and_then(|k| russh::keys::PublicKey::from_openssh(k).ok())
+            {
+                found.push(pinned);
+            }
+            some_unknown |= found.is_empty()
+                && !known.has_authority_for(&name)
+                && h.accept_new.unwrap_or(accept_new);
+            keys.extend(found);
+            hosts.push((name, h.host.clone()));
         }
-        some_unknown |= found.is_empty() && !known.has_authority_for(&name);
-        keys.extend(found);
-        hosts.push((name, c.host.clone()));
     }
-    let first_contact = accept_new && some_unknown;
+    let first_contact = some_unknown;
     let known = known.clone();
     Arc::new(move |shown: &HostKey| {
         let key_data = match shown {
@@ -644,6 +790,8 @@ struct View {
     book: RunBook,
     /// accept-new: where host keys learned by relays are recorded.
     learn_into: Option<PathBuf>,
+    /// The ssh_config files whose HashKnownHosts says how to record them.
+    ssh_config: Vec<PathBuf>,
     /// Which known_hosts names each relay may report keys for: the hosts it connects to.
     learnable: HashMap<HostPath, HashSet<String>>,
     hostname: String,
@@ -726,7 +874,12 @@ impl View {
                 _ => {}
             }
         }
-        if !learned_key(event, self.learn_into.as_deref(), &self.learnable) {
+        if !learned_key(
+            event,
+            self.learn_into.as_deref(),
+            &self.ssh_config,
+            &self.learnable,
+        ) {
             return;
         }
         if let EventKind::State(state) = &event.kind {
@@ -764,6 +917,14 @@ pub async fn run(options: RunOptions) -> u8 {
             return exit::BAD_INPUT;
         }
     };
+    // The operator's etcd password is read (or asked) before anything is contacted.
+    let operator = match seeds::operator(&options) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("arbor: {e}");
+            return exit::BAD_INPUT;
+        }
+    };
     let mut signals = match StopSignals::new() {
         Ok(s) => s,
         Err(e) => {
@@ -771,15 +932,22 @@ pub async fn run(options: RunOptions) -> u8 {
             return exit::FAILED;
         }
     };
-    // The embedded store checks every host's credential; an etcd given with --seeds is used as
-    // it is configured (docs/security.md).
+    // The embedded store checks every host's credential, and so does an etcd given with
+    // --seeds that has authentication on (docs/security.md).
     let mut plan = plan;
-    let users = options
-        .seeds
-        .is_empty()
-        .then(|| mint_credentials(&mut plan.children, &plan.config.run));
-    let store = match open_store(&options, users).await {
+    let run = plan.config.run.clone();
+    let opened = if options.seeds.is_empty() {
+        let users = mint_credentials(&mut plan.children, &run);
+        open_store(&options, users).await
+    } else {
+        open_seeds(&options, operator, &mut plan.children, &run).await
+    };
+    let store = match opened {
         Ok(s) => s,
+        Err(e) if !options.seeds.is_empty() => {
+            eprintln!("arbor: {e}");
+            return exit::FAILED;
+        }
         Err(e) => {
             eprintln!("arbor: store: {e}");
             return exit::FAILED;
@@ -805,26 +973,35 @@ pub async fn run(options: RunOptions) -> u8 {
         None => None,
     };
 
+    let ui = match Ui::for_run(options.json, options.quiet, options.log_file.as_deref()) {
+        Ok(ui) => ui,
+        Err(e) => {
+            eprintln!("arbor: --log-file: {e}");
+            store.close().await;
+            return exit::BAD_INPUT;
+        }
+    };
     let (events_tx, mut events) = mpsc::channel(super::child_link::CHILD_QUEUE * 4);
     let mut ctx = fleet_context(&options, &plan, &store, events_tx);
-    ctx.agent = choose_agent(&ctx, plan.children.iter().any(has_grandchildren)).await;
-    let learn_into = options
-        .accept_new
+    ctx.agent = choose_agent(&ctx, &plan.children).await;
+    let learn_into = any_accept_new(&plan.children, options.accept_new)
         .then(|| ctx.connect.host_keys.learn_into.clone())
         .flatten();
+    let ssh_config = ctx.connect.host_keys.ssh_config.clone();
     let mut fleet = Fleet::start(Arc::new(ctx), plan.children.clone());
     let stop_following = CancellationToken::new();
     let mut edits = follow_graphs(&options, &plan, engine.as_ref(), &stop_following);
 
     let mut view = View {
-        ui: Ui::new(),
+        ui,
         book: RunBook::new(
             &plan.children,
             engine.is_some().then_some(hostname.as_str()),
             options.converged_timeout,
         ),
         learn_into,
-        learnable: learnable_names(&plan.children),
+        learnable: learnable_names(&plan.children, options.accept_new),
+        ssh_config,
         hostname: hostname.clone(),
         local_reported: None,
         deep: deep_rows(&plan.children),
@@ -928,7 +1105,7 @@ pub async fn run(options: RunOptions) -> u8 {
                 left.join(", ")
             );
         }
-        store.remove_files();
+        store.abandon().await;
         let code = match outcome {
             Outcome::Stopped(first) => exit::for_signal(first),
             Outcome::Done(_) => exit::for_signal(signal),
@@ -949,9 +1126,16 @@ pub async fn run(options: RunOptions) -> u8 {
     store.close().await;
 
     reports.extend(view.deep_reports());
+    let any_failed = reports.iter().any(|r| !r.ok) || local_ok == Some(false);
+    let code = match outcome {
+        Outcome::Stopped(signal) => exit::for_signal(signal),
+        Outcome::Done(_) if any_failed => exit::FAILED,
+        Outcome::Done(code) => code,
+    };
     view.ui.summary(
         &reports,
         local_ok.map(|ok| (hostname.as_str(), ok, started.elapsed())),
+        code,
     );
     // The failed list, for `--limit @failed`: hosts that failed or settled with failures.
     let mut failed: BTreeSet<String> = reports
@@ -972,12 +1156,7 @@ pub async fn run(options: RunOptions) -> u8 {
             crate::topology::nodeset::fold(&failed.iter().collect::<Vec<_>>())
         );
     }
-    let any_failed = reports.iter().any(|r| !r.ok) || local_ok == Some(false);
-    match outcome {
-        Outcome::Stopped(signal) => exit::for_signal(signal),
-        Outcome::Done(_) if any_failed => exit::FAILED,
-        Outcome::Done(code) => code,
-    }
+    code
 }
 
 /// Every host a run reaches (jump hosts too) and the local one.
@@ -1084,22 +1263,32 @@ fn unique_names(children: &[ChildSpec], local: Option<&str>) -> Result<(), Strin
 
 /// For each relay (by path), the known_hosts names of the hosts it connects to: its children,
 /// and the children it reaches through its jump hosts.
-pub(super) fn learnable_names(children: &[ChildSpec]) -> HashMap<HostPath, HashSet<String>> {
+/// Only hosts (and ProxyJump hops) checked under accept-new count: `accept_new` is the run's
+/// policy, a host's own (from ssh_config) wins.
+pub(super) fn learnable_names(
+    children: &[ChildSpec],
+    accept_new: bool,
+) -> HashMap<HostPath, HashSet<String>> {
     fn reached(
         at: &HostPath,
         specs: &[ChildSpec],
+        accept_new: bool,
         names: &mut HashSet<String>,
         out: &mut HashMap<HostPath, HashSet<String>>,
     ) {
         for c in specs {
-            names.insert(ssh::known_hosts::host_key_name(&c.host, c.port));
+            for h in c.with_jumps() {
+                if h.accept_new.unwrap_or(accept_new) {
+                    names.insert(ssh::known_hosts::host_key_name(&h.host, h.port));
+                }
+            }
             let path = at.child(&c.name);
             match c.mode {
                 // The node above a jump host connects to the jump host's children itself.
-                ChildMode::Jump => reached(&path, &c.children, names, out),
+                ChildMode::Jump => reached(&path, &c.children, accept_new, names, out),
                 ChildMode::Relay => {
                     let mut own = HashSet::new();
-                    reached(&path, &c.children, &mut own, out);
+                    reached(&path, &c.children, accept_new, &mut own, out);
                     if !own.is_empty() {
                         out.insert(path, own);
                     }
@@ -1108,7 +1297,13 @@ pub(super) fn learnable_names(children: &[ChildSpec]) -> HashMap<HostPath, HashS
         }
     }
     let mut out = HashMap::new();
-    reached(&HostPath::root(), children, &mut HashSet::new(), &mut out);
+    reached(
+        &HostPath::root(),
+        children,
+        accept_new,
+        &mut HashSet::new(),
+        &mut out,
+    );
     out
 }
 
@@ -1126,6 +1321,7 @@ pub(super) fn has_grandchildren(spec: &ChildSpec) -> bool {
 pub(super) fn learned_key(
     event: &Event,
     learn_into: Option<&Path>,
+    ssh_config: &[PathBuf],
     learnable: &HashMap<HostPath, HashSet<String>>,
 ) -> bool {
     let (EventKind::KnownHost { name, key }, Some(file)) = (&event.kind, learn_into) else {
@@ -1137,7 +1333,7 @@ pub(super) fn learned_key(
             .get(&event.host)
             .is_some_and(|names| names.contains(name))
     {
-        record_learned_key(file, name, key, &event.host);
+        record_learned_key(file, ssh_config, name, key, &event.host);
         true
     } else {
         tracing::warn!(
@@ -1150,7 +1346,13 @@ pub(super) fn learned_key(
 }
 
 /// Records a host key a relay learned under accept-new in our known_hosts.
-fn record_learned_key(file: &Path, name: &str, key: &str, via: &crate::wire::HostPath) {
+fn record_learned_key(
+    file: &Path,
+    ssh_config: &[PathBuf],
+    name: &str,
+    key: &str,
+    via: &crate::wire::HostPath,
+) {
     let Ok(parsed) = russh::keys::PublicKey::from_openssh(key) else {
         tracing::warn!("{via}: reported an unreadable host key for {name}");
         return;
@@ -1168,8 +1370,7 @@ fn record_learned_key(file: &Path, name: &str, key: &str, via: &crate::wire::Hos
         .strip_prefix('[')
         .and_then(|rest| rest.split_once("]:"))
         .map_or(name, |(host, _)| host);
-    let config = crate::ssh::ssh_config::default_files(&super::home_dir());
-    let append = if crate::ssh::ssh_config::hash_known_hosts(&config, host) {
+    let append = if crate::ssh::ssh_config::hash_known_hosts(ssh_config, host) {
         crate::ssh::known_hosts::append_hashed
     } else {
         crate::ssh::known_hosts::append

@@ -10,6 +10,7 @@
 //! | initiator | depth 0: inputs, the store, the operator's view, signals, teardown |
 //! | relay | depth > 0: the parent link, its own graph, its own children |
 //! | run_book | the run's bookkeeping: who is converged, failed, running; when it is done |
+//! | seeds | an etcd given with --seeds: the operator's credential, per-host users and roles |
 //! | fleet | a node's children: staging under `cconns`, events up, control down, teardown |
 //! | stage | putting arbor and a graph on one host |
 //! | builds | the builds of arbor a node can copy, and fetching them from the parent |
@@ -28,6 +29,7 @@ pub mod last_failed;
 pub mod parent_link;
 pub mod relay;
 pub mod run_book;
+pub mod seeds;
 pub mod stage;
 
 use std::path::PathBuf;

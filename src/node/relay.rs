@@ -29,8 +29,8 @@ const EXIT_DEADLINE: Duration = Duration::from_secs(4);
 /// queued for it (at most `UP_QUEUE` frames): a slow terminal at the initiator slows every hop.
 const EXEC_FLUSH: Duration = Duration::from_secs(60);
 
-/// Sets the log level once the parent has said which (`NodeConfig::verbosity`).
-pub type SetVerbosity = Box<dyn Fn(u8) + Send + Sync>;
+/// Sets the log level once the parent has said which (`NodeConfig::verbosity`, `quiet`).
+pub type SetVerbosity = Box<dyn Fn(u8, bool) + Send + Sync>;
 
 /// Runs the node; returns the process exit code.
 pub async fn run(options: RunOptions, log: EventLog, set_verbosity: SetVerbosity) -> u8 {
@@ -44,7 +44,7 @@ pub async fn run(options: RunOptions, log: EventLog, set_verbosity: SetVerbosity
             return crate::exit::FAILED;
         }
     };
-    set_verbosity(start.config.verbosity);
+    set_verbosity(start.config.verbosity, start.config.quiet);
     log.attach(up.clone());
     let name = start.hostname.clone();
     tracing::debug!("{name}: node at depth {} starting", start.path.depth());
@@ -143,10 +143,7 @@ async fn serve(
 ) -> Result<(), String> {
     let name = &start.hostname;
     let endpoints = super::seed_endpoints(&options.seeds).map_err(|e| format!("{name}: {e}"))?;
-    let user = start
-        .credential
-        .as_deref()
-        .map(|password| (name.as_str(), password));
+    let user = store_user(start);
     let client = StoreClient::connect_as(&endpoints, user)
         .await
         .map_err(|e| format!("{name}: store: {e:#}"))?;
@@ -219,7 +216,7 @@ async fn serve(
                     tracing::debug!("{name}: shutting down: {reason}");
                     break Ok(());
                 }
-                Some(Down::Hello(_) | Down::Start(_)) => {}
+                Some(Down::Hello(_) | Down::Start(_) | Down::Heartbeat) => {}
                 None => {
                     tracing::warn!("{name}: parent link closed; shutting down");
                     break Ok(());
@@ -328,6 +325,7 @@ async fn misbehave(
             content: Some("forged\n".into()),
             state,
             mode,
+            ..FileSpec::default()
         })
     };
     let exports = vec![
@@ -362,7 +360,7 @@ async fn misbehave(
         client.get_prefix("/").await.map(|_| ())
     };
     outcome("reading the store without a credential", anonymous.await);
-    let user = start.credential.as_deref().map(|p| (name.as_str(), p));
+    let user = store_user(start);
     let Ok(client) = crate::store::client::StoreClient::connect_as(endpoints, user).await else {
         return;
     };
@@ -393,6 +391,13 @@ async fn misbehave(
     );
 }
 
+/// The store user this node authenticates as, with its password, when it was given one: the
+/// user `Start::store_user` names, or else the user named after the host.
+fn store_user(start: &Start) -> Option<(&str, &str)> {
+    let name = start.store_user.as_deref().unwrap_or(&start.hostname);
+    start.credential.as_deref().map(|password| (name, password))
+}
+
 /// The state to report for an engine status: converged, settled with failures, or changed
 /// (only after one of those); `None` while working toward the first.
 pub fn settled_state(status: &Status, reported: Option<&HostState>) -> Option<HostState> {
@@ -419,7 +424,7 @@ fn report_learned_keys(
     start: &Start,
     events: &mpsc::Sender<crate::wire::Event>,
 ) {
-    if !start.config.accept_new {
+    if !super::initiator::any_accept_new(&start.children, start.config.accept_new) {
         return;
     }
     let (learned_tx, mut learned) = mpsc::unbounded_channel::<(String, String)>();

@@ -198,6 +198,7 @@ mod tests {
             cconns: None,
             children,
             credential: None,
+            ..Default::default()
         }
     }
 

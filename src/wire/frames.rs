@@ -117,8 +117,10 @@ pub enum ChildMode {
     Jump,
 }
 
-/// One child in a subtree sent down to a relay.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One child in a subtree sent down to a relay. The initiator resolves every host through the
+/// operator's ssh_config (docs/ssh.md): `host`, `user`, `port` and the fields below are what it
+/// resolved, so relays, which have no ssh_config of the operator's, connect as it would.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChildSpec {
     /// Identity in the run (unique in the whole tree).
     pub name: String,
@@ -143,6 +145,47 @@ pub struct ChildSpec {
     /// channel only, to the relays above the host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential: Option<String>,
+    /// The store user that credential is the password of, when it is not the host's name (an
+    /// etcd given with --seeds: users named per run, `arbor.<run>.<host>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_user: Option<String>,
+    /// ssh_config `IdentityFile`s: key paths on the initiator, tried there before any agent key.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identity_files: Vec<String>,
+    /// The public keys ("type base64") of `identity` and `identity_files` that the initiator
+    /// could read: a relay signs with these agent keys first (and only these with
+    /// `identities_only`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identity_keys: Vec<String>,
+    /// ssh_config `IdentitiesOnly yes`: no agent key but the named ones.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub identities_only: bool,
+    /// Seconds for the TCP connect and SSH handshake, when not the run's (ssh_config
+    /// `ConnectTimeout`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<u64>,
+    /// This host's host-key policy, when not the run's (ssh_config `StrictHostKeyChecking`):
+    /// true for accept-new, false for strict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accept_new: Option<bool>,
+    /// ssh_config `ProxyJump`: the hops, first hop first, through which the connecting node
+    /// reaches this host (each hop a host of its own, with no graph and no children).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub jumps: Vec<ChildSpec>,
+    /// ssh_config `UserKnownHostsFile` for this host, on the initiator (`None`: the default
+    /// ~/.ssh/known_hosts). Never sent: relays check keys against the lines they receive.
+    #[serde(skip)]
+    pub user_known_hosts: Option<Vec<std::path::PathBuf>>,
+    /// ssh_config `GlobalKnownHostsFile`, likewise (`None`: /etc/ssh/ssh_known_hosts{,2}).
+    #[serde(skip)]
+    pub global_known_hosts: Option<Vec<std::path::PathBuf>>,
+}
+
+impl ChildSpec {
+    /// This host and the ProxyJump hops used to reach it.
+    pub fn with_jumps(&self) -> impl Iterator<Item = &ChildSpec> {
+        std::iter::once(self).chain(self.jumps.iter())
+    }
 }
 
 /// A build of arbor a node can have its parent fetch for it: the hosts of `platform` run it.
@@ -167,6 +210,9 @@ pub struct NodeConfig {
     pub hello_timeout: u64,
     /// Log level: 0 info, 1 debug, 2 trace.
     pub verbosity: u8,
+    /// Warnings and errors only (`-q`), whatever `verbosity` says.
+    #[serde(default)]
+    pub quiet: bool,
     /// Where working dirs are created on hosts.
     pub remote_tmp: String,
     /// Copy the binary into each working dir instead of the host's cache.
@@ -179,9 +225,26 @@ pub struct NodeConfig {
     pub cconns: usize,
     pub converged_timeout: Option<u64>,
     pub noop: bool,
+    /// Seconds without any frame from the other end after which a link counts as down: the
+    /// parent fails the child, the child tears its subtree down (`--link-timeout`).
+    #[serde(default = "default_link_timeout")]
+    pub link_timeout: u64,
     /// Every build of arbor the run has, for children of other platforms: a node that lacks
     /// one asks its parent for it (`Up::Fetch`).
     pub builds: Vec<BuildRef>,
+}
+
+/// [`NodeConfig::link_timeout`] unless told otherwise.
+pub const LINK_TIMEOUT: u64 = 60;
+
+/// How often each end of a link sends a heartbeat: every 5 s, or more often for a short link
+/// timeout, so that at least four beats fit in one.
+pub fn heartbeat_every(link_timeout: u64) -> std::time::Duration {
+    std::time::Duration::from_millis((link_timeout * 1000 / 4).clamp(250, 5000))
+}
+
+fn default_link_timeout() -> u64 {
+    LINK_TIMEOUT
 }
 
 impl Default for NodeConfig {
@@ -191,6 +254,7 @@ impl Default for NodeConfig {
             connect_timeout: 10,
             hello_timeout: 20,
             verbosity: 0,
+            quiet: false,
             remote_tmp: "/tmp".into(),
             no_caching: false,
             compress: false,
@@ -198,6 +262,7 @@ impl Default for NodeConfig {
             cconns: 64,
             converged_timeout: None,
             noop: false,
+            link_timeout: LINK_TIMEOUT,
             builds: Vec::new(),
         }
     }
@@ -219,10 +284,12 @@ pub struct Start {
     pub known_hosts: String,
     /// The run's settings, for this node and its subtree.
     pub config: NodeConfig,
-    /// This node's store credential (its password, its name being `hostname`), when the
-    /// store checks credentials.
+    /// This node's store credential (its password), when the store checks credentials.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential: Option<String>,
+    /// The store user `credential` belongs to; `None`: the user named `hostname`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_user: Option<String>,
     /// `arbor exec`: instead of running graphs, run this command on the targeted hosts of the
     /// subtree (`children`, already pruned to the paths that lead to targets). No store, no
     /// engine: the node stages only the children that relay to targets, and exits when every
@@ -261,6 +328,8 @@ pub enum Down {
         sha256: String,
         result: Result<String, String>,
     },
+    /// The parent is still there ([`heartbeat_every`]).
+    Heartbeat,
 }
 
 /// A host's state, as the operator sees it.
@@ -430,6 +499,8 @@ pub enum Up {
     Fetch {
         sha256: String,
     },
+    /// The child is still there ([`heartbeat_every`]).
+    Heartbeat,
 }
 
 impl Up {
