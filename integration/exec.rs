@@ -228,6 +228,25 @@ fn flat_over_a_nodeset_of_addresses_with_stderr_apart_and_escapes_shown(lab: &La
         !out.stdout.contains(&0x1b),
         "an escape reached stdout\n{log}"
     );
+    // Names are resolved through ssh_config, as for `arbor run --remote`: an alias works,
+    // and its name is the prefix.
+    let dir = tempfile::tempdir().map_err(fail)?;
+    let config = dir.path().join("ssh_config");
+    std::fs::write(&config, "Host first\n  HostName 10.199.0.11\n  User root\n").map_err(fail)?;
+    let out = exec(
+        lab,
+        &[
+            "-F",
+            config.to_str().unwrap_or_default(),
+            "-w",
+            "first",
+            "--",
+            "hostname",
+        ],
+    );
+    let log = exited(&out, 0)?;
+    let lines = stdout_lines(&out);
+    check!(lines == ["first | r1"], "stdout lines {lines:?}\n{log}");
     // At depth 1 a plain exec is enough: nothing of arbor was copied or left.
     for r in ["r1", "r2"] {
         let cache = lab.sh(r, "ls -d /root/.cache/arbor 2>/dev/null || true");
