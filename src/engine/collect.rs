@@ -42,6 +42,9 @@ pub fn collected_spec(exported: &ExportedResource, collect: &Collect) -> Option<
                 _ => return refuse("its path has no file name"),
             };
             f.path = dir.join(base);
+            if f.source.is_some() {
+                return refuse("a collected file cannot name a `source` (artifacts are per host)");
+            }
             if f.state == FileState::Absent {
                 return refuse("a collected file cannot be `state: absent`");
             }

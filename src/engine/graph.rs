@@ -35,6 +35,17 @@ pub struct Graph {
     pub exports: Vec<ResourceSpec>,
     pub collect: Vec<Collect>,
     pub edges: Vec<Edge>,
+    /// Every file's `source:` as written (after `{{hostname}}`), with where: the initiator
+    /// reads them (relative to the graph file) and turns them into artifacts.
+    pub sources: Vec<SourceAt>,
+}
+
+/// A file's `source:` and where it is in the graph file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceAt {
+    pub source: String,
+    pub line: u64,
+    pub column: u64,
 }
 
 /// Pull in every host's exports of a kind. What other hosts export is untrusted: a collected
@@ -153,7 +164,9 @@ struct RawFile {
     path: Option<Spanned<String>>,
     dirname: Option<Spanned<String>>,
     basename: Option<Spanned<String>>,
-    content: Option<String>,
+    content: Option<Spanned<String>>,
+    /// A file on the initiator whose bytes are the content (an artifact).
+    source: Option<Spanned<String>>,
     state: Option<Spanned<String>>,
     mode: Option<Spanned<String>>,
     force: Option<Spanned<bool>>,
@@ -280,9 +293,26 @@ fn validate(raw: RawGraph, root: (u64, u64), host: &str) -> Result<Graph, Locate
     };
 
     let mut declared = Vec::new();
+    let mut sources = Vec::new();
     let resources = raw.resources.unwrap_or_default();
     for f in resources.file.unwrap_or_default() {
-        declared.push(declare_file(&f, host)?);
+        let d = declare_file(&f, host)?;
+        if let (ResourceSpec::File(spec), Some(at)) = (&d.spec, &f.value.source) {
+            if d.exported {
+                return Err(not_supported(
+                    loc(at),
+                    "`source` on an exported file",
+                    "artifacts reach the hosts of the run's tree, not collectors",
+                ));
+            }
+            let (line, column) = loc(at);
+            sources.push(SourceAt {
+                source: spec.source.clone().unwrap_or_default(),
+                line,
+                column,
+            });
+        }
+        declared.push(d);
     }
     for e in resources.exec.unwrap_or_default() {
         declared.push(declare_exec(&e, host)?);
@@ -325,6 +355,7 @@ fn validate(raw: RawGraph, root: (u64, u64), host: &str) -> Result<Graph, Locate
         exports: exported.into_iter().map(|d| d.spec).collect(),
         collect,
         edges,
+        sources,
     })
 }
 
@@ -529,10 +560,39 @@ fn declare_file(f: &Spanned<RawFile>, host: &str) -> Result<Declared, Located> {
             )
         })?),
     };
+    let source = match (&raw.source, &raw.content) {
+        (Some(s), Some(_)) => {
+            return Err(fail(
+                s,
+                "`source` and `content` both given; a file takes its content from one".into(),
+            ));
+        }
+        (Some(s), None) if state == FileState::Absent => {
+            return Err(fail(s, "`source` on a file with `state: absent`".into()));
+        }
+        (Some(s), None) => {
+            let v = x(&s.value);
+            if v.trim().is_empty() {
+                return Err(fail(s, "`source` must not be empty".into()));
+            }
+            if v.ends_with('/') {
+                return Err(fail(
+                    s,
+                    format!(
+                        "source `{v}` names a directory: directories are not supported yet \
+                         (a single file only)"
+                    ),
+                ));
+            }
+            Some(v)
+        }
+        (None, _) => None,
+    };
     let spec = ResourceSpec::File(FileSpec {
         name: x(&raw.name.value),
         path: path_buf,
-        content: raw.content.as_deref().map(x),
+        content: raw.content.as_ref().map(|c| x(&c.value)),
+        source,
         state,
         mode,
         owner: raw.owner.as_deref().map(x),

@@ -7,6 +7,7 @@
 //! | graph | the YAML model and its validation (file:line:col errors) |
 //! | template | `{{hostname}}` |
 //! | resources | the `Resource` trait and one file per kind |
+//! | artifacts | `source:` content on this host: blobs by sha256, checked before use |
 //! | fs_events | the shared inotify instance: changes to paths, however they are saved |
 //! | scheduler | order, concurrency, failures, notify |
 //! | exchange | what the engine needs from the store, and the key layout |
@@ -16,6 +17,7 @@
 //! | runner | `Engine`: one host's engine loop |
 //! | store_exchange | the `Exchange` over the store client, and the converged flags |
 
+pub mod artifacts;
 pub mod collect;
 pub mod converge;
 pub mod exchange;

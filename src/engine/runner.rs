@@ -33,6 +33,8 @@ pub struct EngineConfig {
     pub noop: bool,
     /// How long nothing must change before the host is converged.
     pub quiet: Duration,
+    /// The blobs of the graph's `source:` files on this host (engine::artifacts).
+    pub artifacts: crate::engine::artifacts::ArtifactIndex,
 }
 
 impl EngineConfig {
@@ -41,6 +43,7 @@ impl EngineConfig {
             hostname: hostname.into(),
             noop: false,
             quiet: DEFAULT_QUIET,
+            artifacts: Default::default(),
         }
     }
 }
@@ -92,7 +95,10 @@ impl Engine {
         let (events_tx, events) = mpsc::unbounded_channel();
         let (status_tx, status) = watch::channel(Status::default());
         let cancel = CancellationToken::new();
-        let services = Services { fs: fs.clone() };
+        let services = Services {
+            fs: fs.clone(),
+            artifacts: config.artifacts.clone(),
+        };
         let host = HostLoop {
             scheduler: Scheduler::new(services, config.noop, events_tx.clone()),
             convergence: Convergence::new(config.quiet, Instant::now()),

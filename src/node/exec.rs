@@ -769,6 +769,7 @@ pub async fn run(options: ExecOptions) -> u8 {
         config,
         connect,
         builds,
+        artifacts: Default::default(),
         store: None,
         agent: None,
         graphs: Mutex::new(BTreeMap::new()),

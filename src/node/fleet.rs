@@ -3,6 +3,7 @@
 //! them down. The initiator and every relay use this same code, configured by the same
 //! [`NodeConfig`]; only where events go (the operator's view, or the parent link) differs.
 
+use super::artifacts::{self, Served};
 use super::builds::Builds;
 use super::child_link::{self, ChildLink, FromChild};
 use super::stage::{self, StageOptions, Staged};
@@ -31,6 +32,8 @@ pub struct FleetContext {
     /// this node has (the initiator's key files and known_hosts; a relay's received lines).
     pub connect: ConnectOptions,
     pub builds: Builds,
+    /// The artifacts this node copies to its children (`source:` files), by sha256.
+    pub artifacts: Arc<Served>,
     /// Connects each child's store tunnel to this node's own store endpoint (`None` for
     /// `arbor exec`, which has no store).
     pub store: Option<Arc<dyn Connector>>,
@@ -609,6 +612,9 @@ async fn stage_child(
     };
     run.bytes = staged.bytes_copied;
     run.cached = Some(staged.cached);
+    if ctx.exec.is_none() {
+        run.bytes += copy_artifacts(ctx, spec, run, &session, &staged, stop).await?;
+    }
     if staged.cached {
         run.emit(EventKind::Transfer {
             what: "arbor".into(),
@@ -627,6 +633,7 @@ async fn stage_child(
         path: run.me.under(&ctx.path),
         graph: spec.graph.clone(),
         graphs: ctx.graphs_for(spec),
+        artifacts: spec.artifacts.clone(),
         children: spec.children.clone(),
         // Only the lines its subtree needs: a relay learns nothing about other hosts.
         known_hosts: if spec.children.is_empty() {
@@ -687,6 +694,99 @@ async fn stage_child(
     }
 }
 
+/// Puts the artifacts `spec`'s subtree needs into the child's cache (see `artifacts`);
+/// returns the bytes copied. On failure the host is left as staging found it.
+async fn copy_artifacts(
+    ctx: &FleetContext,
+    spec: &ChildSpec,
+    run: &ChildRun,
+    session: &Session,
+    staged: &Staged,
+    stop: &CancellationToken,
+) -> Result<u64, String> {
+    let wanted = artifacts::subtree_artifacts(spec);
+    if wanted.is_empty() {
+        return Ok(0);
+    }
+    run.step("artifacts").await;
+    let mut last_sent = Instant::now();
+    let (events, host) = (ctx.events.clone(), run.me.clone());
+    let copied = artifacts::copy_to_child(
+        session,
+        staged,
+        &wanted,
+        &ctx.artifacts,
+        ctx.config.no_caching,
+        stop,
+        &mut |what, sent, total| {
+            if sent == total || last_sent.elapsed() >= Duration::from_millis(100) {
+                last_sent = Instant::now();
+                let _ = events.try_send(Event {
+                    host: host.clone(),
+                    kind: EventKind::Transfer {
+                        what: what.to_string(),
+                        sent,
+                        total,
+                        cached: false,
+                    },
+                });
+            }
+        },
+    )
+    .await;
+    match copied {
+        Ok(copied) => {
+            for sha in &copied.replaced {
+                tracing::warn!(
+                    "{}: artifact {sha} in its cache was corrupt (sha256 mismatch);                      removed it and copied it again",
+                    spec.name
+                );
+            }
+            tracing::debug!(
+                "{}: {} artifact(s), {} already in its cache, {} bytes copied",
+                spec.name,
+                wanted.len(),
+                copied.cached,
+                copied.bytes
+            );
+            Ok(copied.bytes)
+        }
+        Err(e) => {
+            let _ = stage::remove_workdir(session, &staged.workdir).await;
+            session.disconnect().await;
+            Err(if stop.is_cancelled() {
+                stopped(&spec.name)
+            } else {
+                e
+            })
+        }
+    }
+}
+
+/// Serves a running child's `Fetch` of an artifact: its cache entry again.
+async fn copy_artifact_again(
+    session: &Session,
+    staged: &Staged,
+    artifact: crate::wire::ArtifactRef,
+    served: &Served,
+    no_caching: bool,
+) -> FetchResult {
+    let sha = artifact.sha256.clone();
+    let dir = artifacts::child_dir(staged, no_caching)?;
+    let never = CancellationToken::new();
+    let copied = artifacts::copy_to_child(
+        session,
+        staged,
+        &[artifact].into(),
+        served,
+        no_caching,
+        &never,
+        &mut |_, _, _| {},
+    )
+    .await?;
+    Ok((format!("{dir}/{sha}"), copied.bytes))
+}
+
 /// A build copied for a child: its path there and the bytes sent, or why not.
 type FetchResult = Result<(String, u64), String>;
 
@@ -727,12 +827,25 @@ async fn supervise(
                     let (session, staged) = (session.clone(), staged.clone());
                     let builds = ctx.builds.clone();
                     let no_caching = ctx.config.no_caching;
+                    // An artifact of its subtree, asked again (its cache entry was corrupt).
+                    let artifact = artifacts::subtree_artifacts(spec)
+                        .into_iter()
+                        .find(|a| a.sha256 == sha256)
+                        .filter(|a| ctx.artifacts.holds(&a.sha256));
+                    let served = ctx.artifacts.clone();
                     fetches.spawn(async move {
-                        let copied = match builds.by_sha256(&sha256).await {
-                            Ok(build) => {
-                                stage::copy_build(&session, &staged, &build, no_caching).await
+                        let copied = match artifact {
+                            Some(a) => {
+                                copy_artifact_again(&session, &staged, a, &served, no_caching)
+                                    .await
                             }
-                            Err(e) => Err(e),
+                            None => match builds.by_sha256(&sha256).await {
+                                Ok(build) => {
+                                    stage::copy_build(&session, &staged, &build, no_caching)
+                                        .await
+                                }
+                                Err(e) => Err(e),
+                            },
                         };
                         (sha256, copied)
                     });

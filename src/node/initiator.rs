@@ -11,7 +11,9 @@
 //! 128 + the signal when stopped by SIGINT (130), SIGTERM (143) or SIGHUP (129). A second
 //! signal during teardown exits at once, naming the hosts that may still hold state.
 
+use super::artifacts::Sources;
 use super::builds::{Build, Builds, local_platform};
+use crate::engine::artifacts::ArtifactIndex;
 use super::config::RunOptions;
 use super::fleet::{self, Fleet, FleetContext};
 use super::last_failed::{LastFailed, expand_limit};
@@ -377,6 +379,10 @@ struct Plan {
     /// The settings every node gets.
     config: NodeConfig,
     builds: Builds,
+    /// The `source:` files of every graph, hashed once each.
+    sources: Sources,
+    /// Those of this host's own graph (--file).
+    local_artifacts: ArtifactIndex,
 }
 
 impl Plan {
@@ -440,6 +446,18 @@ impl Plan {
                 ran
             }
         };
+        // Sources are read and hashed before anything is contacted: a bad one is bad input.
+        let mut sources = Sources::default();
+        resolve_artifacts(&mut children, &graphs, &mut sources)?;
+        let local_artifacts = match (&local_graph, &options.file) {
+            (Some(g), Some(path)) => {
+                let own = sources
+                    .resolve_sources(g, path)
+                    .map_err(|e| e.to_string())?;
+                sources.local_index(&own)
+            }
+            _ => ArtifactIndex::default(),
+        };
         let builds = builds(options)?;
         let config = options.node_config(cconns, builds.refs(), &new_run_id());
         Ok(Some(Plan {
@@ -451,6 +469,8 @@ impl Plan {
             graphs,
             config,
             builds,
+            sources,
+            local_artifacts,
         }))
     }
 
@@ -466,6 +486,50 @@ impl Plan {
         }
         users
     }
+}
+
+/// Gives every host of `children` the artifacts its own graph names (`ChildSpec::artifacts`),
+/// reading and hashing the sources (once each) into `sources`.
+fn resolve_artifacts(
+    children: &mut [ChildSpec],
+    graphs: &BTreeMap<String, (PathBuf, String)>,
+    sources: &mut Sources,
+) -> Result<(), String> {
+    for c in children {
+        if let Some((path, text)) = c.graph.as_ref().and_then(|key| graphs.get(key))
+            // Most graphs name no source: no second parse for them.
+            && text.contains("source")
+        {
+            let g = graph::parse(text, path, &c.name).map_err(|e| e.to_string())?;
+            c.artifacts = sources
+                .resolve_sources(&g, path)
+                .map_err(|e| e.to_string())?;
+        }
+        resolve_artifacts(&mut c.children, graphs, sources)?;
+    }
+    Ok(())
+}
+
+/// The first source of `graph` (parsed for a host) that the host was not given an artifact
+/// for when the run started, as an error at its place.
+fn new_source(
+    graph: &Graph,
+    path: &Path,
+    host: &str,
+    known: Option<&BTreeMap<String, crate::wire::ArtifactRef>>,
+) -> Option<String> {
+    let at = graph
+        .sources
+        .iter()
+        .find(|s| !known.is_some_and(|k| k.contains_key(&s.source)))?;
+    Some(format!(
+        "{}:{}:{}: source `{}` is new to {host}: artifacts are copied when the run starts, \
+         so adding a source needs a restart of the run",
+        path.display(),
+        at.line,
+        at.column,
+        at.source
+    ))
 }
 
 pub(super) fn builds(options: &RunOptions) -> Result<Builds, String> {
@@ -499,6 +563,7 @@ fn fleet_context(
         config: plan.config.clone(),
         agent: None,
         builds: plan.builds.clone(),
+        artifacts: Arc::new(plan.sources.served()),
         store: Some(store.connector.clone()),
         graphs: Mutex::new(
             plan.graphs
@@ -737,6 +802,11 @@ fn follow_graphs(
         }
     };
     let users = plan.graph_users();
+    let artifacts: Arc<HashMap<String, BTreeMap<String, crate::wire::ArtifactRef>>> = Arc::new(
+        fleet::subtree_specs(&plan.children)
+            .map(|c| (c.name.clone(), c.artifacts.clone()))
+            .collect(),
+    );
     for (key, (path, text)) in &plan.graphs {
         let mut file = match GraphFile::follow(&fs, path, text.clone()) {
             Ok(f) => f,
@@ -752,6 +822,7 @@ fn follow_graphs(
             stop.clone(),
         );
         let fs = fs.clone();
+        let artifacts = artifacts.clone();
         tokio::spawn(async move {
             let _fs = fs; // the inotify instance lives as long as a follower does
             loop {
@@ -759,9 +830,12 @@ fn follow_graphs(
                     _ = stop.cancelled() => return,
                     text = file.next_version() => text,
                 };
-                let invalid = hosts
-                    .iter()
-                    .find_map(|h| graph::parse(&text, file.path(), h).err());
+                let invalid = hosts.iter().find_map(|h| {
+                    match graph::parse(&text, file.path(), h) {
+                        Err(e) => Some(e.to_string()),
+                        Ok(g) => new_source(&g, file.path(), h, artifacts.get(h)),
+                    }
+                });
                 match invalid {
                     Some(e) => tracing::error!("{e} (hosts keep their running graph)"),
                     None => {
@@ -978,6 +1052,7 @@ pub async fn run(options: RunOptions) -> u8 {
         Some(g) => {
             let mut c = EngineConfig::new(hostname.clone());
             c.noop = options.noop;
+            c.artifacts = plan.local_artifacts.clone();
             match Engine::start(g.clone(), c, exchange.clone()) {
                 Ok(e) => Some(e),
                 Err(e) => {

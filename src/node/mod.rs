@@ -14,11 +14,13 @@
 //! | fleet | a node's children: staging under `cconns`, events up, control down, teardown |
 //! | stage | putting arbor and a graph on one host |
 //! | builds | the builds of arbor a node can copy, and fetching them from the parent |
+//! | artifacts | `source:` files as content-addressed blobs: hashed once, cached per node, checked |
 //! | child_link | the parent's end of the link to one child (tunnel, exec, frames) |
 //! | last_failed | the hosts that failed in the last run, for `--limit @failed` |
 //! | exec | `arbor exec`: an ad-hoc command on targeted hosts, through relays; output and exit codes |
 //! | parent_link | a child's end of the link to its parent (stdin/stdout frames, log) |
 
+pub mod artifacts;
 pub mod builds;
 pub mod child_link;
 pub mod config;

@@ -151,7 +151,9 @@ async fn serve(
     let exchange: Arc<dyn Exchange> = Arc::new(StoreExchange::new(client, keys));
     let mut signals = super::StopSignals::new().map_err(|e| format!("{name}: signals: {e}"))?;
 
-    // Our own graph.
+    // Our own graph; its artifacts (and our subtree's) are where our parent put them.
+    let artifacts_dir =
+        super::artifacts::node_dir(start.config.no_caching, options.workdir.as_deref());
     let mut engine = None;
     let mut status: Option<watch::Receiver<Status>> = None;
     if let Some(graph_name) = &start.graph {
@@ -166,6 +168,7 @@ async fn serve(
         let graph = graph::parse(text, &path, name).map_err(|e| e.to_string())?;
         let mut engine_config = EngineConfig::new(name.clone());
         engine_config.noop = start.config.noop;
+        engine_config.artifacts = super::artifacts::node_index(&artifacts_dir, &start.artifacts);
         let e = Engine::start(graph, engine_config, exchange.clone())
             .map_err(|e| format!("{name}: engine: {e:#}"))?;
         status = Some(e.status());
@@ -185,7 +188,12 @@ async fn serve(
             .await
             .map_err(|e| format!("{name}: {e}"))?;
         let fetcher = fetches.fetcher(up.clone());
-        let mut ctx = fleet_context(start, Some(store), events_tx.clone(), fetcher)?;
+        let mut ctx = fleet_context(start, Some(store), events_tx.clone(), fetcher.clone())?;
+        ctx.artifacts = Arc::new(super::artifacts::Served::from_cache(
+            &artifacts_dir,
+            &start.children,
+            fetcher,
+        ));
         report_learned_keys(&mut ctx, start, &events_tx);
         Some(Fleet::start(Arc::new(ctx), start.children.clone()))
     };
@@ -549,6 +557,7 @@ fn fleet_context(
         config: config.clone(),
         connect,
         builds,
+        artifacts: Default::default(),
         store,
         agent,
         graphs: Mutex::new(start.graphs.clone()),

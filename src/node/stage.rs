@@ -322,7 +322,7 @@ async fn copy_in(
     })
 }
 
-enum UploadError {
+pub(super) enum UploadError {
     Ssh(SshError),
     Other(String),
 }
@@ -341,22 +341,49 @@ async fn upload_build(
     cancel: &CancellationToken,
     progress: &mut (dyn FnMut(u64, u64) + Send),
 ) -> Result<u64, UploadError> {
-    let mut file = tokio::fs::File::open(&build.path)
+    let blob = Blob {
+        what: "arbor",
+        local: &build.path,
+        size: build.size,
+        mode: 0o755,
+    };
+    upload_blob(sftp, &blob, binary, cancel, progress).await
+}
+
+/// A local file to put into a content-addressed cache on a child: a build or an artifact.
+pub(super) struct Blob<'a> {
+    /// For messages: "arbor", "artifact 1a2b…".
+    pub what: &'a str,
+    pub local: &'a std::path::Path,
+    pub size: u64,
+    pub mode: u32,
+}
+
+/// Uploads `blob` to `remote` atomically (temp name, rename when complete) and checks its
+/// size there; returns the bytes copied.
+pub(super) async fn upload_blob(
+    sftp: &crate::ssh::Sftp,
+    blob: &Blob<'_>,
+    remote: &str,
+    cancel: &CancellationToken,
+    progress: &mut (dyn FnMut(u64, u64) + Send),
+) -> Result<u64, UploadError> {
+    let mut file = tokio::fs::File::open(blob.local)
         .await
-        .map_err(|e| UploadError::Other(format!("opening {}: {e}", build.path.display())))?;
+        .map_err(|e| UploadError::Other(format!("opening {}: {e}", blob.local.display())))?;
     let uploaded = sftp
-        .upload_until(cancel, &mut file, build.size, binary, 0o755, progress)
+        .upload_until(cancel, &mut file, blob.size, remote, blob.mode, progress)
         .await?;
     // The bytes crossed an authenticated channel and were renamed into place only when
     // complete; the size is checked here, and the sha256 by every later probe (and by a node
-    // that fetched a build) before the entry is trusted again.
-    match sftp.stat(binary).await? {
-        Some((size, _)) if size == build.size => Ok(uploaded.bytes),
+    // that fetched a build, or uses an artifact) before the entry is trusted again.
+    match sftp.stat(remote).await? {
+        Some((size, _)) if size == blob.size => Ok(uploaded.bytes),
         found => {
-            let _ = sftp.remove(binary).await;
+            let _ = sftp.remove(remote).await;
             Err(UploadError::Other(format!(
-                "copy of arbor to {binary} has the wrong size ({found:?}, want {}); removed it",
-                build.size
+                "copy of {} to {remote} has the wrong size ({found:?}, want {}); removed it",
+                blob.what, blob.size
             )))
         }
     }

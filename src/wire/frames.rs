@@ -179,6 +179,19 @@ pub struct ChildSpec {
     /// ssh_config `GlobalKnownHostsFile`, likewise (`None`: /etc/ssh/ssh_known_hosts{,2}).
     #[serde(skip)]
     pub global_known_hosts: Option<Vec<std::path::PathBuf>>,
+    /// The artifacts this host's own graph names with `source:`, by the source as written
+    /// (after `{{hostname}}`): what its parent puts in its cache before starting it, and what
+    /// its file resources read. Every relay above it receives them too, once each.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub artifacts: BTreeMap<String, ArtifactRef>,
+}
+
+/// A file's content as a content-addressed blob (`source:` in a graph): kept in every node's
+/// cache as `~/.cache/arbor/artifacts/<sha256>`, checked by its sha256 before any use.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ArtifactRef {
+    pub sha256: String,
+    pub size: u64,
 }
 
 impl ChildSpec {
@@ -282,6 +295,10 @@ pub struct Start {
     pub children: Vec<ChildSpec>,
     /// known_hosts lines for this node's subtree.
     pub known_hosts: String,
+    /// The artifacts this node's own graph names (its `ChildSpec::artifacts`), already in its
+    /// cache (or its working dir with --no-caching) when it starts.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub artifacts: BTreeMap<String, ArtifactRef>,
     /// The run's settings, for this node and its subtree.
     pub config: NodeConfig,
     /// This node's store credential (its password), when the store checks credentials.

@@ -7,6 +7,7 @@
 
 use super::meta::Meta;
 use super::{ApplyContext, Kind, Outcome, Poke, Resource, ResourceId};
+use crate::engine::artifacts::{ArtifactFile, Desired};
 use crate::engine::fs_events::FsEvents;
 use anyhow::Context as _;
 use futures::future::BoxFuture;
@@ -37,6 +38,10 @@ pub struct FileSpec {
     /// `None`: the file must exist, whatever it holds (created empty if missing).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// `source:` (instead of `content`): a file on the initiator, as written in the graph; its
+    /// bytes come from the artifact this host was given for it (engine::artifacts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
     #[serde(default)]
     pub state: FileState,
     /// Permission bits; `None` leaves an existing file's mode alone.
@@ -55,6 +60,8 @@ pub struct FileResource {
     id: ResourceId,
     spec: FileSpec,
     fs: FsEvents,
+    /// The blob of `spec.source` on this host, if it was given one.
+    artifact: Option<ArtifactFile>,
 }
 
 impl FileResource {
@@ -63,7 +70,14 @@ impl FileResource {
             id: ResourceId::new(Kind::File, spec.name.clone()),
             spec,
             fs,
+            artifact: None,
         }
+    }
+
+    /// The content comes from this artifact (`source:`).
+    pub fn with_artifact(mut self, artifact: Option<ArtifactFile>) -> Self {
+        self.artifact = artifact;
+        self
     }
 }
 
@@ -73,9 +87,9 @@ impl Resource for FileResource {
     }
 
     fn check_apply(&self, ctx: ApplyContext) -> BoxFuture<'_, anyhow::Result<Outcome>> {
-        let spec = self.spec.clone();
+        let (spec, artifact) = (self.spec.clone(), self.artifact.clone());
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || check_apply(&spec, ctx.noop))
+            tokio::task::spawn_blocking(move || check_apply_with(&spec, artifact.as_ref(), ctx.noop))
                 .await
                 .context("file check task died")?
         })
@@ -139,7 +153,16 @@ fn first_missing_ancestor(path: &Path) -> anyhow::Result<PathBuf> {
         .context("its directory exists but cannot be watched")
 }
 
+#[cfg(test)]
 fn check_apply(spec: &FileSpec, noop: bool) -> anyhow::Result<Outcome> {
+    check_apply_with(spec, None, noop)
+}
+
+fn check_apply_with(
+    spec: &FileSpec,
+    artifact: Option<&ArtifactFile>,
+    noop: bool,
+) -> anyhow::Result<Outcome> {
     let path = &spec.path;
     let shown = path.display();
     match spec.state {
@@ -169,10 +192,10 @@ fn check_apply(spec: &FileSpec, noop: bool) -> anyhow::Result<Outcome> {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => None,
                 Err(e) => return Err(e).with_context(|| format!("read {shown}")),
             };
-            let content_right = match (&current, &spec.content) {
-                (None, _) => false,
-                (Some(_), None) => true,
-                (Some(have), Some(want)) => have == want.as_bytes(),
+            let desired = Desired::of(spec.content.as_deref(), spec.source.as_deref(), artifact)?;
+            let content_right = match &current {
+                None => false,
+                Some(have) => desired.is_met_by(have),
             };
             if !content_right {
                 let (what, done) = if current.is_some() {
@@ -183,8 +206,8 @@ fn check_apply(spec: &FileSpec, noop: bool) -> anyhow::Result<Outcome> {
                 if noop {
                     return Ok(Outcome::WouldChange(format!("would {what} {shown}")));
                 }
-                let content = spec.content.as_deref().unwrap_or("");
-                write_atomic(path, content.as_bytes(), spec.mode, (uid, gid))
+                let content = desired.bytes()?;
+                write_atomic(path, &content, spec.mode, (uid, gid))
                     .with_context(|| format!("write {shown}"))?;
                 return Ok(Outcome::Changed(format!("{done} {shown}")));
             }

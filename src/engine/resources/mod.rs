@@ -215,12 +215,17 @@ pub(crate) fn spawn_watch<R: Resource>(
 pub struct Services {
     /// One inotify instance for the whole engine: the per-user limit on instances is small.
     pub fs: FsEvents,
+    /// The blobs of this host's `source:` files, by the source as written.
+    pub artifacts: crate::engine::artifacts::ArtifactIndex,
 }
 
 /// Builds the running resource for a spec.
 pub fn build(spec: &ResourceSpec, services: &Services) -> Arc<dyn Resource> {
     match spec {
-        ResourceSpec::File(s) => Arc::new(file::FileResource::new(s.clone(), services.fs.clone())),
+        ResourceSpec::File(s) => {
+            let artifact = s.source.as_ref().and_then(|a| services.artifacts.get(a)).cloned();
+            Arc::new(file::FileResource::new(s.clone(), services.fs.clone()).with_artifact(artifact))
+        }
         ResourceSpec::Exec(s) => Arc::new(exec::ExecResource::with_fs(
             (**s).clone(),
             services.fs.clone(),

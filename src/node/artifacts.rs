@@ -1,0 +1,494 @@
+//! Artifacts through the tree: files a graph names with `source:`, sent down as
+//! content-addressed blobs, each byte across each link once.
+//!
+//! - The initiator reads every source before any host is contacted (a missing, unreadable or
+//!   directory source is bad input, exit 2, named by graph file:line:col), hashes each file
+//!   once, and gives each host's `ChildSpec` the map of its own graph's sources (as written)
+//!   to `{sha256, size}` ([`resolve_sources`]).
+//! - A parent puts into a child's cache (`~/.cache/arbor/artifacts/<sha256>`, XDG_CACHE_HOME
+//!   respected; the working dir's `artifacts/` with --no-caching) every artifact the child's
+//!   subtree needs, and only those ([`subtree_artifacts`]), before starting it: one exec that
+//!   checks the entries already there (size and sha256; a corrupt one is removed and reported),
+//!   then one sftp session for what is missing, with the binary's upload (atomic, size
+//!   checked). So a relay receives each artifact once, however many of its children need it.
+//! - A node serves its children from where it holds the blobs ([`Served`]): the initiator from
+//!   the source files it hashed, a relay from its cache, after checking each entry's sha256
+//!   once; a corrupt entry there is reported and fetched again from the parent (`Up::Fetch`).
+//! - The host's file resources read the blob through `engine::artifacts`, which checks the
+//!   sha256 again before writing a byte.
+
+use super::builds::FetchFromParent;
+use super::stage::{self, Blob, Staged, UploadError};
+use crate::engine::artifacts::{ArtifactFile, ArtifactIndex, sha256_file, short};
+use crate::engine::graph::{Graph, GraphError};
+use crate::ssh::{Session, shell_quote};
+use crate::wire::{ArtifactRef, ChildSpec};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// Mode of blobs in a cache: private; a file resource sets its own file's mode.
+const BLOB_MODE: u32 = 0o600;
+
+/// The initiator's sources, hashed once each, by the file they were read from.
+#[derive(Default)]
+pub struct Sources {
+    by_path: HashMap<PathBuf, ArtifactRef>,
+    /// What the initiator serves: each sha256's file here.
+    files: BTreeMap<String, PathBuf>,
+}
+
+impl Sources {
+    /// Turns `graph`'s sources (as parsed for one host from the file at `graph_path`) into
+    /// that host's artifacts: each read relative to the graph file's directory (absolute
+    /// paths as they are), hashed the first time it is met. A source that is missing,
+    /// unreadable or not a regular file is an error at its `file:line:col`.
+    pub fn resolve_sources(
+        &mut self,
+        graph: &Graph,
+        graph_path: &Path,
+    ) -> Result<BTreeMap<String, ArtifactRef>, GraphError> {
+        let mut out = BTreeMap::new();
+        for at in &graph.sources {
+            let error = |message: String| GraphError::Invalid {
+                path: graph_path.to_path_buf(),
+                line: at.line,
+                column: at.column,
+                message,
+            };
+            let file = source_path(graph_path, &at.source);
+            let shown = file.display();
+            let meta = std::fs::metadata(&file)
+                .map_err(|e| error(format!("source `{}`: {shown}: {e}", at.source)))?;
+            if meta.is_dir() {
+                return Err(error(format!(
+                    "source `{}`: {shown} is a directory: directories are not supported yet \
+                     (a single file only)",
+                    at.source
+                )));
+            }
+            if !meta.is_file() {
+                return Err(error(format!(
+                    "source `{}`: {shown} is not a regular file",
+                    at.source
+                )));
+            }
+            let artifact = match self.by_path.get(&file) {
+                Some(a) => a.clone(),
+                None => {
+                    let (sha256, size) = sha256_file(&file)
+                        .map_err(|e| error(format!("source `{}`: {shown}: {e}", at.source)))?;
+                    let a = ArtifactRef { sha256, size };
+                    self.by_path.insert(file.clone(), a.clone());
+                    self.files.insert(a.sha256.clone(), file.clone());
+                    a
+                }
+            };
+            out.insert(at.source.clone(), artifact);
+        }
+        Ok(out)
+    }
+
+    /// The initiator's own graph reads its sources where they are (checked by sha256 like
+    /// any cache entry).
+    pub fn local_index(&self, artifacts: &BTreeMap<String, ArtifactRef>) -> ArtifactIndex {
+        Arc::new(
+            artifacts
+                .iter()
+                .filter_map(|(source, a)| {
+                    let path = self.files.get(&a.sha256)?.clone();
+                    Some((
+                        source.clone(),
+                        ArtifactFile {
+                            path,
+                            sha256: a.sha256.clone(),
+                            size: a.size,
+                        },
+                    ))
+                })
+                .collect(),
+        )
+    }
+
+    /// What the initiator copies to its children from.
+    pub fn served(&self) -> Served {
+        Served {
+            entries: self
+                .by_path
+                .iter()
+                .map(|(path, a)| {
+                    (
+                        a.sha256.clone(),
+                        Arc::new(Entry {
+                            path: path.clone(),
+                            size: a.size,
+                            checked: None,
+                        }),
+                    )
+                })
+                .collect(),
+            fetch: None,
+        }
+    }
+}
+
+/// A source as written, relative to the graph file's directory unless absolute.
+fn source_path(graph_path: &Path, source: &str) -> PathBuf {
+    let source = Path::new(source);
+    if source.is_absolute() {
+        return source.to_path_buf();
+    }
+    match graph_path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.join(source),
+        _ => source.to_path_buf(),
+    }
+}
+
+/// Every artifact a child's subtree needs (its own graph's and its descendants').
+pub fn subtree_artifacts(spec: &ChildSpec) -> BTreeSet<ArtifactRef> {
+    let mut out: BTreeSet<ArtifactRef> = spec.artifacts.values().cloned().collect();
+    for c in &spec.children {
+        out.extend(subtree_artifacts(c));
+    }
+    out
+}
+
+/// Where this node keeps the artifacts its parent put there: its cache
+/// (`$XDG_CACHE_HOME/arbor/artifacts`, else `~/.cache/arbor/artifacts`, as the parent's shell
+/// computed it), or `artifacts/` in its working dir with --no-caching.
+pub fn node_dir(no_caching: bool, workdir: Option<&Path>) -> PathBuf {
+    match (no_caching, workdir) {
+        (true, Some(w)) => w.join("artifacts"),
+        _ => std::env::var_os("XDG_CACHE_HOME")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| super::home_dir().join(".cache"))
+            .join("arbor/artifacts"),
+    }
+}
+
+/// This node's own graph's artifacts, in `dir`.
+pub fn node_index(dir: &Path, artifacts: &BTreeMap<String, ArtifactRef>) -> ArtifactIndex {
+    Arc::new(
+        artifacts
+            .iter()
+            .map(|(source, a)| {
+                (
+                    source.clone(),
+                    ArtifactFile {
+                        path: dir.join(&a.sha256),
+                        sha256: a.sha256.clone(),
+                        size: a.size,
+                    },
+                )
+            })
+            .collect(),
+    )
+}
+
+/// One blob a node can copy to its children.
+struct Entry {
+    path: PathBuf,
+    size: u64,
+    /// A cache entry is checked (sha256) once, before it is first served; `None`: the
+    /// initiator's source files, hashed when the run started.
+    checked: Option<tokio::sync::OnceCell<Result<PathBuf, String>>>,
+}
+
+/// The blobs a node copies to its children, by sha256.
+#[derive(Default)]
+pub struct Served {
+    entries: HashMap<String, Arc<Entry>>,
+    /// Asks the parent for a blob again (a relay whose cache entry turned out corrupt).
+    fetch: Option<FetchFromParent>,
+}
+
+impl Served {
+    /// A relay's: the artifacts of its subtree (`children`), in its cache `dir`.
+    pub fn from_cache(dir: &Path, children: &[ChildSpec], fetch: FetchFromParent) -> Served {
+        let mut entries = HashMap::new();
+        for c in children {
+            for a in subtree_artifacts(c) {
+                entries.entry(a.sha256.clone()).or_insert_with(|| {
+                    Arc::new(Entry {
+                        path: dir.join(&a.sha256),
+                        size: a.size,
+                        checked: Some(tokio::sync::OnceCell::new()),
+                    })
+                });
+            }
+        }
+        Served {
+            entries,
+            fetch: Some(fetch),
+        }
+    }
+
+    pub fn holds(&self, sha256: &str) -> bool {
+        self.entries.contains_key(sha256)
+    }
+
+    /// The blob with `sha256` here, intact: a relay's cache entry is checked the first time;
+    /// a corrupt one is reported (`host` names this node) and fetched again from the parent.
+    pub async fn path(&self, host: &str, sha256: &str) -> Result<PathBuf, String> {
+        let entry = self
+            .entries
+            .get(sha256)
+            .ok_or_else(|| format!("{host}: artifact {sha256} is not one of this subtree's"))?;
+        let Some(checked) = &entry.checked else {
+            return Ok(entry.path.clone());
+        };
+        checked
+            .get_or_init(|| async {
+                let found = check_blob(&entry.path, sha256, entry.size).await;
+                if found.is_ok() {
+                    return Ok(entry.path.clone());
+                }
+                let why = found.err().unwrap_or_default();
+                tracing::warn!(
+                    "{host}: artifact {sha256} in this node's cache is corrupt ({why}); \
+                     not used: fetching it again from the parent"
+                );
+                let fetch = self.fetch.as_ref().ok_or("no parent to fetch it from")?;
+                let path = fetch(sha256.to_string()).await?;
+                check_blob(&path, sha256, entry.size)
+                    .await
+                    .map_err(|why| format!("{host}: artifact {sha256} fetched again: {why}"))?;
+                Ok(path)
+            })
+            .await
+            .clone()
+    }
+
+    fn size(&self, sha256: &str) -> Option<u64> {
+        self.entries.get(sha256).map(|e| e.size)
+    }
+}
+
+/// Whether the file at `path` has `size` bytes and the sha256 `sha256`; why not, if not.
+async fn check_blob(path: &Path, sha256: &str, size: u64) -> Result<(), String> {
+    let p = path.to_path_buf();
+    let hashed = tokio::task::spawn_blocking(move || sha256_file(&p))
+        .await
+        .map_err(|e| e.to_string())?;
+    match hashed {
+        Ok((sha, n)) if sha == sha256 && n == size => Ok(()),
+        Ok((sha, n)) => Err(format!("{n} bytes with sha256 {sha}")),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+/// What copying a child's artifacts did.
+#[derive(Debug, Default)]
+pub struct Copied {
+    pub bytes: u64,
+    /// Entries that were in the child's cache but corrupt: removed, and copied again.
+    pub replaced: Vec<String>,
+    /// How many were there already, intact.
+    pub cached: usize,
+}
+
+/// The child's artifacts dir: beside its binary cache (`…/arbor/bin` → `…/arbor/artifacts`),
+/// or in its working dir with --no-caching.
+pub fn child_dir(staged: &Staged, no_caching: bool) -> Result<String, String> {
+    if no_caching {
+        return Ok(format!("{}/artifacts", staged.workdir));
+    }
+    staged
+        .cache
+        .strip_suffix("/bin")
+        .map(|arbor| format!("{arbor}/artifacts"))
+        .ok_or_else(|| format!("unexpected cache dir {}", staged.cache))
+}
+
+/// Puts `wanted` into the child's artifacts dir unless intact copies are there (see the
+/// module docs); stops early, removing a partial upload, when `cancel` fires.
+pub async fn copy_to_child(
+    session: &Session,
+    staged: &Staged,
+    wanted: &BTreeSet<ArtifactRef>,
+    served: &Served,
+    no_caching: bool,
+    cancel: &CancellationToken,
+    progress: &mut (dyn FnMut(&str, u64, u64) + Send),
+) -> Result<Copied, String> {
+    let host = session.label().to_string();
+    let dir = child_dir(staged, no_caching).map_err(|e| format!("{host}: artifacts: {e}"))?;
+    let mut copied = Copied::default();
+    if wanted.is_empty() {
+        return Ok(copied);
+    }
+    // One exec: which entries are there, intact (size and sha256); corrupt ones are removed.
+    let list: Vec<String> = wanted
+        .iter()
+        .map(|a| format!("{}:{}", a.sha256, a.size))
+        .collect();
+    let check = format!(
+        "set -e; umask 077; mkdir -p -m 700 {dir}; cd {dir}; \
+         for e in {list}; do h=${{e%%:*}}; n=${{e#*:}}; \
+         if [ -f \"$h\" ] && [ \"$(wc -c < \"$h\")\" -eq \"$n\" ] && \
+            sha256sum \"$h\" | grep -q \"^$h \"; then echo \"cached $h\"; \
+         elif [ -e \"$h\" ]; then rm -f -- \"$h\"; echo \"corrupt $h\"; \
+         else echo \"missing $h\"; fi; done",
+        dir = shell_quote(&dir),
+        list = list.join(" "),
+    );
+    let out = session
+        .run_checked(&check)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut to_copy = Vec::new();
+    for line in String::from_utf8_lossy(&out).lines() {
+        match line.split_once(' ') {
+            Some(("cached", _)) => copied.cached += 1,
+            Some(("corrupt", sha)) => {
+                copied.replaced.push(sha.to_string());
+                to_copy.push(sha.to_string());
+            }
+            Some(("missing", sha)) => to_copy.push(sha.to_string()),
+            _ => return Err(format!("{host}: artifacts: unexpected check output {line:?}")),
+        }
+    }
+    if to_copy.is_empty() {
+        return Ok(copied);
+    }
+    let sftp = session.sftp().await.map_err(|e| e.to_string())?;
+    let uploads = async {
+        for sha in &to_copy {
+            let size = served
+                .size(sha)
+                .ok_or_else(|| format!("{host}: artifact {sha} is not one this node serves"))?;
+            let local = served.path(&host, sha).await?;
+            let what = format!("artifact {}", short(sha));
+            let blob = Blob {
+                what: &what,
+                local: &local,
+                size,
+                mode: BLOB_MODE,
+            };
+            let remote = format!("{dir}/{sha}");
+            copied.bytes +=
+                stage::upload_blob(&sftp, &blob, &remote, cancel, &mut |sent, total| {
+                    progress(&what, sent, total)
+                })
+                .await
+                .map_err(|e| match e {
+                    UploadError::Ssh(e) => e.to_string(),
+                    UploadError::Other(why) => format!("{host}: {why}"),
+                })?;
+        }
+        Ok::<_, String>(())
+    }
+    .await;
+    // As after staging: the sftp channel is gone before anything else starts here.
+    if let Err(e) = sftp.close().await {
+        tracing::warn!("{e}");
+    }
+    uploads.map(|()| copied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::graph;
+
+    #[test]
+    fn sources_are_read_relative_to_the_graph_and_hashed_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("a.bin"), b"abc").expect("write");
+        let graph_path = dir.path().join("g.yaml");
+        let text = format!(
+            "graph: g\nresources:\n  file:\n  - name: /x\n    source: a.bin\n  \
+             - name: /y\n    source: {}\n",
+            dir.path().join("a.bin").display()
+        );
+        let g = graph::parse(&text, &graph_path, "h").expect("parse");
+        let mut sources = Sources::default();
+        let got = sources.resolve_sources(&g, &graph_path).expect("resolve");
+        assert_eq!(got.len(), 2);
+        let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        assert!(got.values().all(|a| a.sha256 == abc && a.size == 3));
+        assert_eq!(sources.files.len(), 1);
+    }
+
+    #[test]
+    fn a_missing_or_directory_source_is_an_error_at_its_place() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("d")).expect("mkdir");
+        let graph_path = dir.path().join("g.yaml");
+        for (source, needle) in [
+            ("nope.bin", "No such file"),
+            ("d", "directories are not supported yet"),
+        ] {
+            let text = format!("graph: g\nresources:\n  file:\n  - name: /x\n    source: {source}\n");
+            let g = graph::parse(&text, &graph_path, "h").expect("parse");
+            let err = Sources::default()
+                .resolve_sources(&g, &graph_path)
+                .expect_err("bad source")
+                .to_string();
+            let want = format!("{}:5:13: source `{source}`: ", graph_path.display());
+            assert!(err.starts_with(&want), "{err}");
+            assert!(err.contains(needle), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_subtree_needs_its_hosts_artifacts_once_each() {
+        let a = |s: &str| ArtifactRef {
+            sha256: s.into(),
+            size: 1,
+        };
+        let leaf = |name: &str, arts: &[&str]| ChildSpec {
+            name: name.into(),
+            artifacts: arts.iter().map(|s| (format!("src-{s}"), a(s))).collect(),
+            ..Default::default()
+        };
+        let relay = ChildSpec {
+            name: "r".into(),
+            children: vec![leaf("l1", &["x", "y"]), leaf("l2", &["x"]), leaf("l3", &[])],
+            ..Default::default()
+        };
+        let got: Vec<String> = subtree_artifacts(&relay)
+            .into_iter()
+            .map(|a| a.sha256)
+            .collect();
+        assert_eq!(got, vec!["x", "y"]);
+        assert!(subtree_artifacts(&leaf("l3", &[])).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_cache_entry_is_fetched_again_from_the_parent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let right = b"right bytes";
+        let sha = crate::engine::artifacts::sha256_hex(right);
+        std::fs::write(dir.path().join(&sha), b"wrong bytes").expect("write");
+        let good = dir.path().join("fetched");
+        std::fs::write(&good, right).expect("write");
+        let child = ChildSpec {
+            name: "l".into(),
+            artifacts: [(
+                "s".to_string(),
+                ArtifactRef {
+                    sha256: sha.clone(),
+                    size: right.len() as u64,
+                },
+            )]
+            .into(),
+            ..Default::default()
+        };
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = calls.clone();
+        let fetch: FetchFromParent = Arc::new(move |_| {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let good = good.clone();
+            Box::pin(async move { Ok(good) })
+        });
+        let served = Served::from_cache(dir.path(), &[child], fetch);
+        let (a, b) = tokio::join!(served.path("r", &sha), served.path("r", &sha));
+        assert_eq!(a.expect("fetched"), dir.path().join("fetched"));
+        assert!(b.is_ok());
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(served.path("r", "0000").await.is_err());
+    }
+}
