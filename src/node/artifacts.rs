@@ -347,7 +347,11 @@ pub async fn copy_to_child(
                 to_copy.push(sha.to_string());
             }
             Some(("missing", sha)) => to_copy.push(sha.to_string()),
-            _ => return Err(format!("{host}: artifacts: unexpected check output {line:?}")),
+            _ => {
+                return Err(format!(
+                    "{host}: artifacts: unexpected check output {line:?}"
+                ));
+            }
         }
     }
     if to_copy.is_empty() {
@@ -421,7 +425,8 @@ mod tests {
             ("nope.bin", "No such file"),
             ("d", "directories are not supported yet"),
         ] {
-            let text = format!("graph: g\nresources:\n  file:\n  - name: /x\n    source: {source}\n");
+            let text =
+                format!("graph: g\nresources:\n  file:\n  - name: /x\n    source: {source}\n");
             let g = graph::parse(&text, &graph_path, "h").expect("parse");
             let err = Sources::default()
                 .resolve_sources(&g, &graph_path)

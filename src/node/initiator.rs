@@ -13,13 +13,13 @@
 
 use super::artifacts::Sources;
 use super::builds::{Build, Builds, local_platform};
-use crate::engine::artifacts::ArtifactIndex;
 use super::config::RunOptions;
 use super::fleet::{self, Fleet, FleetContext};
 use super::last_failed::{LastFailed, expand_limit};
 use super::run_book::{Next, RunBook};
 use super::seeds;
 use super::{StopSignals, signal_name};
+use crate::engine::artifacts::ArtifactIndex;
 use crate::engine::exchange::{Exchange, Keys, new_run_id};
 use crate::engine::fs_events::FsEvents;
 use crate::engine::graph::{self, Graph};
@@ -830,12 +830,13 @@ fn follow_graphs(
                     _ = stop.cancelled() => return,
                     text = file.next_version() => text,
                 };
-                let invalid = hosts.iter().find_map(|h| {
-                    match graph::parse(&text, file.path(), h) {
-                        Err(e) => Some(e.to_string()),
-                        Ok(g) => new_source(&g, file.path(), h, artifacts.get(h)),
-                    }
-                });
+                let invalid =
+                    hosts
+                        .iter()
+                        .find_map(|h| match graph::parse(&text, file.path(), h) {
+                            Err(e) => Some(e.to_string()),
+                            Ok(g) => new_source(&g, file.path(), h, artifacts.get(h)),
+                        });
                 match invalid {
                     Some(e) => tracing::error!("{e} (hosts keep their running graph)"),
                     None => {

@@ -492,3 +492,65 @@ fn bad_metaparam_and_exec_values_are_errors() {
         "dirname `/a` must be an absolute directory",
     );
 }
+
+#[test]
+fn a_file_source_is_kept_as_written_with_its_place() {
+    let g = ok(
+        "graph: g\nresources:\n  file:\n  - name: /etc/big\n    source: files/{{hostname}}.bin\n    mode: \"0640\"\n",
+    );
+    let ResourceSpec::File(f) = &g.resources[0] else {
+        panic!("not a file: {:?}", g.resources[0]);
+    };
+    assert_eq!(f.source.as_deref(), Some("files/h1.bin"));
+    assert_eq!(f.content, None);
+    assert_eq!(
+        g.sources,
+        vec![SourceAt {
+            source: "files/h1.bin".into(),
+            line: 5,
+            column: 13,
+        }]
+    );
+    // No source, no entry.
+    assert!(
+        ok("graph: g\nresources:\n  file:\n  - name: /a\n    content: x\n")
+            .sources
+            .is_empty()
+    );
+}
+
+#[test]
+fn bad_sources_are_errors_at_the_source() {
+    let file = |fields: &str| format!("graph: g\nresources:\n  file:\n  - name: /f\n{fields}");
+    err_at(
+        &file("    content: x\n    source: a.bin\n"),
+        6,
+        13,
+        "`source` and `content` both given",
+    );
+    err_at(
+        &file("    source: a.bin\n    content: x\n"),
+        5,
+        13,
+        "`source` and `content` both given",
+    );
+    err_at(
+        &file("    source: dir/\n"),
+        5,
+        13,
+        "directories are not supported yet",
+    );
+    err_at(&file("    source: \"\"\n"), 5, 13, "must not be empty");
+    err_at(
+        &file("    state: absent\n    source: a.bin\n"),
+        6,
+        13,
+        "`state: absent`",
+    );
+    err_at(
+        "graph: g\nresources:\n  file:\n  - name: \"@@f\"\n    path: /f\n    source: a.bin\n",
+        6,
+        13,
+        "not supported: `source` on an exported file",
+    );
+}

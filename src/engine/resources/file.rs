@@ -89,9 +89,11 @@ impl Resource for FileResource {
     fn check_apply(&self, ctx: ApplyContext) -> BoxFuture<'_, anyhow::Result<Outcome>> {
         let (spec, artifact) = (self.spec.clone(), self.artifact.clone());
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || check_apply_with(&spec, artifact.as_ref(), ctx.noop))
-                .await
-                .context("file check task died")?
+            tokio::task::spawn_blocking(move || {
+                check_apply_with(&spec, artifact.as_ref(), ctx.noop)
+            })
+            .await
+            .context("file check task died")?
         })
     }
 
@@ -328,6 +330,44 @@ mod tests {
         fs::metadata(path)
             .and_then(|m| m.modified())
             .expect("mtime")
+    }
+
+    #[test]
+    fn a_source_file_gets_the_artifacts_bytes_only_when_they_are_intact() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let blob = dir.path().join("blob");
+        fs::write(&blob, b"artifact bytes").expect("write");
+        let artifact = ArtifactFile {
+            path: blob.clone(),
+            sha256: crate::engine::artifacts::sha256_hex(b"artifact bytes"),
+            size: 14,
+        };
+        let path = dir.path().join("f");
+        let s = FileSpec {
+            name: "f".into(),
+            path: path.clone(),
+            source: Some("a.bin".into()),
+            mode: Some(0o640),
+            ..FileSpec::default()
+        };
+        let first = check_apply_with(&s, Some(&artifact), false).expect("create");
+        assert!(matches!(first, Outcome::Changed(_)), "{first:?}");
+        assert_eq!(fs::read(&path).expect("read"), b"artifact bytes");
+        let mode = fs::metadata(&path).expect("stat").permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o640);
+        assert_eq!(
+            check_apply_with(&s, Some(&artifact), false).expect("again"),
+            Outcome::Unchanged
+        );
+        // A drifted file with a corrupt blob: an error, and the blob's bytes are not written.
+        fs::write(&path, b"drifted").expect("write");
+        fs::write(&blob, b"corrupt bytes!").expect("write");
+        let err = check_apply_with(&s, Some(&artifact), false).expect_err("corrupt");
+        assert!(format!("{err:#}").contains("corrupt"), "{err:#}");
+        assert_eq!(fs::read(&path).expect("read"), b"drifted");
+        // No artifact for the source: an error asking for a restart.
+        let err = check_apply_with(&s, None, false).expect_err("none");
+        assert!(format!("{err:#}").contains("restart"), "{err:#}");
     }
 
     #[test]

@@ -223,8 +223,14 @@ pub struct Services {
 pub fn build(spec: &ResourceSpec, services: &Services) -> Arc<dyn Resource> {
     match spec {
         ResourceSpec::File(s) => {
-            let artifact = s.source.as_ref().and_then(|a| services.artifacts.get(a)).cloned();
-            Arc::new(file::FileResource::new(s.clone(), services.fs.clone()).with_artifact(artifact))
+            let artifact = s
+                .source
+                .as_ref()
+                .and_then(|a| services.artifacts.get(a))
+                .cloned();
+            Arc::new(
+                file::FileResource::new(s.clone(), services.fs.clone()).with_artifact(artifact),
+            )
         }
         ResourceSpec::Exec(s) => Arc::new(exec::ExecResource::with_fs(
             (**s).clone(),
