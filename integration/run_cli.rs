@@ -379,3 +379,104 @@ fn quiet_log_file_and_colour_do_what_they_say() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("/nonexistent/dir/x.log"));
 }
+
+/// A source that is missing, a directory, or given with `content` is bad input: exit 2 with
+/// the graph's file:line:col and the path, before any host is contacted (the host here is a
+/// listener of the test's that must see no connection).
+#[test]
+fn a_bad_source_exits_2_naming_the_graph_place_and_the_path_before_connecting() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("adir")).expect("mkdir");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let port = listener.local_addr().expect("addr").port();
+    let graph = |source: &str, extra: &str| {
+        format!(
+            "graph: g\nremote: ssh://root@127.0.0.1:{port}\nresources:\n  file:\n  \
+             - name: /tmp/arbor-test-source\n{extra}    source: {source}\n"
+        )
+    };
+    let missing = dir.path().join("missing.bin");
+    let cases = [
+        (
+            "missing.yaml",
+            graph("missing.bin", ""),
+            ":6:13: ",
+            format!("source `missing.bin`: {}: No such file", missing.display()),
+        ),
+        (
+            "absolute.yaml",
+            graph(&missing.display().to_string(), ""),
+            ":6:13: ",
+            format!("{}: No such file", missing.display()),
+        ),
+        (
+            "directory.yaml",
+            graph("adir", ""),
+            ":6:13: ",
+            "directories are not supported yet".to_string(),
+        ),
+        (
+            "both.yaml",
+            graph("adir", "    content: x\n"),
+            ":7:13: ",
+            "`source` and `content` both given".to_string(),
+        ),
+    ];
+    for (name, text, at, needle) in cases {
+        let path = write(dir.path(), name, &text);
+        let started = std::time::Instant::now();
+        let out = arbor(&["run", "--remote", &path, "--converged-timeout", "1"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{path}{at}")),
+            "{name}: want {path}{at} in {stderr}"
+        );
+        assert!(
+            stderr.contains(&needle),
+            "{name}: want {needle:?} in {stderr}"
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{name}: took {:?}",
+            started.elapsed()
+        );
+        match listener.accept() {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            other => panic!("{name}: the host was contacted: {other:?}"),
+        }
+    }
+}
+
+/// The initiator's own graph (--file) reads its source where it is.
+#[test]
+fn a_local_file_with_a_source_gets_its_bytes_and_mode() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bytes: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(dir.path().join("data.bin"), &bytes).expect("write");
+    let target = dir.path().join("out/copy.bin");
+    std::fs::create_dir(dir.path().join("out")).expect("mkdir");
+    let path = write(
+        dir.path(),
+        "g.yaml",
+        &format!(
+            "graph: g\nresources:\n  file:\n  - name: {}\n    source: data.bin\n    mode: \"0604\"\n",
+            target.display()
+        ),
+    );
+    let out = arbor(&["run", "--file", &path, "--converged-timeout", "1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        std::fs::read(&target).expect("read") == bytes,
+        "wrong bytes"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&target)
+        .expect("stat")
+        .permissions()
+        .mode()
+        & 0o7777;
+    assert_eq!(mode, 0o604);
+}
