@@ -121,6 +121,14 @@ fn main() -> std::process::ExitCode {
             a_topology_without_graphs_ends_once_every_host_runs,
         ),
         (
+            "a_source_file_reaches_every_leaf_through_its_relay_once_per_relay_on_the_link",
+            a_source_file_reaches_every_leaf_through_its_relay_once_per_relay_on_the_link,
+        ),
+        (
+            "a_corrupt_artifact_in_a_cache_is_detected_replaced_and_reported",
+            a_corrupt_artifact_in_a_cache_is_detected_replaced_and_reported,
+        ),
+        (
             "on_a_terminal_a_live_view_shows_the_bar_host_stages_folded_hosts_and_the_summary",
             on_a_terminal_a_live_view_shows_the_bar_host_stages_folded_hosts_and_the_summary,
         ),
@@ -1731,5 +1739,181 @@ fn on_a_terminal_a_live_view_shows_the_bar_host_stages_folded_hosts_and_the_summ
             check!(!torn, "a torn line: {l:?} in\n{screen}");
         }
     }
+    check_no_leftovers(lab, &HOSTS)
+}
+
+/// A graph whose one file takes its content from `data.bin` beside it (a few MB of random
+/// bytes, written here): the graph's path, and the data's sha256 and size.
+struct ArtifactGraph {
+    _dir: tempfile::TempDir,
+    graph: PathBuf,
+    sha256: String,
+    size: u64,
+}
+
+/// Where the leaves write the artifact, and the mode they give it.
+const ARTIFACT_TARGET: &str = "/tmp/from-artifact.bin";
+
+fn artifact_graph(megabytes: usize) -> Result<ArtifactGraph, libtest_mimic::Failed> {
+    let dir = tempfile::tempdir().map_err(fail)?;
+    let mut data = vec![0u8; megabytes << 20];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut data))
+        .map_err(fail)?;
+    let data_path = dir.path().join("data.bin");
+    std::fs::write(&data_path, &data).map_err(fail)?;
+    let graph = dir.path().join("artifact.yaml");
+    std::fs::write(
+        &graph,
+        format!(
+            "graph: artifact\nresources:\n  file:\n  - name: {ARTIFACT_TARGET}\n    \
+             source: data.bin\n    mode: \"0640\"\n"
+        ),
+    )
+    .map_err(fail)?;
+    let sha256 = sha256_of(&data_path)?;
+    Ok(ArtifactGraph {
+        _dir: dir,
+        graph,
+        sha256,
+        size: data.len() as u64,
+    })
+}
+
+/// Every leaf in `leaves` holds the artifact: its sha256 and mode 0640.
+fn check_artifact_on(lab: &Lab, leaves: &[&str], art: &ArtifactGraph, log: &str) -> TestResult {
+    for leaf in leaves {
+        let got = lab.sh(
+            leaf,
+            &format!("sha256sum {ARTIFACT_TARGET} | cut -d' ' -f1; stat -c %a {ARTIFACT_TARGET}"),
+        );
+        let want = format!("{}\n640\n", art.sha256);
+        check!(got == want, "{leaf}: got {got:?}, want {want:?}\n{log}");
+    }
+    Ok(())
+}
+
+/// The artifacts in a host's cache, by name.
+fn cached_artifacts(lab: &Lab, host: &str) -> String {
+    lab.sh(host, "ls /root/.cache/arbor/artifacts 2>/dev/null || true")
+}
+
+fn a_source_file_reaches_every_leaf_through_its_relay_once_per_relay_on_the_link(
+    lab: &Lab,
+) -> TestResult {
+    clean(lab, true);
+    // First only r1's leaves run a graph with a source: nothing of it goes to r2's subtree.
+    // (This run also puts the binary in every cache, so the next run's link carries only
+    // artifacts and the run's own traffic.)
+    let first = artifact_graph(1)?;
+    let mixed = TWO_RELAYS.replacen("{leaf}", &first.graph.to_string_lossy(), 1);
+    let out = run(lab, &topology(&mixed), &["--converged-timeout", "2"]);
+    let log = exited(&out, 0)?;
+    check_artifact_on(lab, &["l1-1", "l1-2", "l1-3"], &first, &log)?;
+    for host in ["r1", "l1-1", "l1-2", "l1-3"] {
+        let cached = cached_artifacts(lab, host);
+        check!(
+            cached.trim() == first.sha256,
+            "{host}'s artifacts cache holds {cached:?}, want {}",
+            first.sha256
+        );
+    }
+    for host in ["r2", "l2-1", "l2-2", "l2-3"] {
+        let cached = cached_artifacts(lab, host);
+        check!(
+            cached.trim().is_empty(),
+            "{host} needs no artifact but holds {cached:?}"
+        );
+        let file = lab.sh(host, &format!("ls {ARTIFACT_TARGET} 2>/dev/null || true"));
+        check!(file.trim().is_empty(), "{host} has {file}");
+    }
+
+    // Then every leaf: a new 4 MiB artifact crosses the initiator's link once per relay.
+    clean(lab, false);
+    let art = artifact_graph(4)?;
+    let topo = topology(&TWO_RELAYS.replace("{leaf}", &art.graph.to_string_lossy()));
+    let (tx0, rx0) = lab.init_link_bytes();
+    let out = run(lab, &topo, &["--converged-timeout", "2"]);
+    let (tx1, rx1) = lab.init_link_bytes();
+    let log = exited(&out, 0)?;
+    check_artifact_on(lab, &LEAVES, &art, &log)?;
+    for relay in ["r1", "r2"] {
+        let file = lab.sh(relay, &format!("ls {ARTIFACT_TARGET} 2>/dev/null || true"));
+        check!(
+            file.trim().is_empty(),
+            "{relay} runs no graph but has {file}"
+        );
+        let entry = lab.sh(
+            relay,
+            &format!(
+                "sha256sum /root/.cache/arbor/artifacts/{} | cut -d' ' -f1",
+                art.sha256
+            ),
+        );
+        check!(entry.trim() == art.sha256, "{relay}'s cache entry: {entry}");
+    }
+    let sent = tx1 - tx0;
+    eprintln!(
+        "artifact of {} bytes, 2 relays x 3 leaves: the initiator's link carried {sent} bytes \
+         out, {} in",
+        art.size,
+        rx1 - rx0
+    );
+    // Two copies and the run's own traffic; a third copy would be 4 MiB more.
+    check!(
+        sent >= 2 * art.size && sent < 2 * art.size + art.size / 2,
+        "the initiator's link carried {sent} bytes out for a {}-byte artifact; want two \
+         copies (one per relay), not six (one per leaf)\n{log}",
+        art.size
+    );
+    check_no_leftovers(lab, &HOSTS)
+}
+
+fn a_corrupt_artifact_in_a_cache_is_detected_replaced_and_reported(lab: &Lab) -> TestResult {
+    clean(lab, true);
+    let art = artifact_graph(2)?;
+    let topo = topology(&TWO_RELAYS.replace("{leaf}", &art.graph.to_string_lossy()));
+    let out = run(lab, &topo, &["--converged-timeout", "2"]);
+    let log = exited(&out, 0)?;
+    check_artifact_on(lab, &LEAVES, &art, &log)?;
+
+    // Between two runs, caches kept: r1's entry and l1-1's get other bytes of the same size
+    // (only the sha256 tells), and the leaves' files go.
+    clean(lab, false);
+    let entry = format!("/root/.cache/arbor/artifacts/{}", art.sha256);
+    for host in ["r1", "l1-1"] {
+        lab.sh(
+            host,
+            &format!(
+                "head -c {} /dev/urandom > {entry}.x && mv {entry}.x {entry}",
+                art.size
+            ),
+        );
+        let size = lab.sh(host, &format!("stat -c %s {entry}"));
+        check!(size.trim() == art.size.to_string(), "{host}: {size}");
+    }
+    let out = run(lab, &topo, &["--converged-timeout", "2"]);
+    let log = exited(&out, 0)?;
+    check_artifact_on(lab, &LEAVES, &art, &log)?;
+    // Reported: by the initiator for r1, by r1 (its log, tagged r1) for l1-1.
+    for host in ["r1", "l1-1"] {
+        let report = format!("{host}: artifact {} in its cache was corrupt", art.sha256);
+        check!(log.contains(&report), "no {report:?} in the log\n{log}");
+        let fixed = lab.sh(host, &format!("sha256sum {entry} | cut -d' ' -f1"));
+        check!(
+            fixed.trim() == art.sha256,
+            "{host}'s cache entry was not replaced: {fixed}"
+        );
+    }
+    check!(
+        log.lines()
+            .any(|l| l.contains("r1 | ") && l.contains("l1-1: artifact")),
+        "l1-1's corrupt entry was not reported through r1\n{log}"
+    );
+    // Nothing else was reported corrupt.
+    check!(
+        log.matches("was corrupt").count() == 2,
+        "more than two corrupt entries reported\n{log}"
+    );
     check_no_leftovers(lab, &HOSTS)
 }
