@@ -129,6 +129,10 @@ fn main() -> std::process::ExitCode {
             a_corrupt_artifact_in_a_cache_is_detected_replaced_and_reported,
         ),
         (
+            "under_no_caching_artifacts_go_into_working_dirs_and_leave_with_them",
+            under_no_caching_artifacts_go_into_working_dirs_and_leave_with_them,
+        ),
+        (
             "on_a_terminal_a_live_view_shows_the_bar_host_stages_folded_hosts_and_the_summary",
             on_a_terminal_a_live_view_shows_the_bar_host_stages_folded_hosts_and_the_summary,
         ),
@@ -1915,5 +1919,23 @@ fn a_corrupt_artifact_in_a_cache_is_detected_replaced_and_reported(lab: &Lab) ->
         log.matches("was corrupt").count() == 2,
         "more than two corrupt entries reported\n{log}"
     );
+    check_no_leftovers(lab, &HOSTS)
+}
+
+fn under_no_caching_artifacts_go_into_working_dirs_and_leave_with_them(lab: &Lab) -> TestResult {
+    clean(lab, true);
+    let art = artifact_graph(1)?;
+    let topo = topology(&TWO_RELAYS.replace("{leaf}", &art.graph.to_string_lossy()));
+    let out = run(lab, &topo, &["--converged-timeout", "1", "--no-caching"]);
+    let log = exited(&out, 0)?;
+    check_artifact_on(lab, &LEAVES, &art, &log)?;
+    for h in HOSTS {
+        let cached = lab.sh(h, "ls -A /root/.cache/arbor 2>/dev/null || true");
+        check!(
+            cached.trim().is_empty(),
+            "{h} kept {cached:?} in its cache under --no-caching\n{log}"
+        );
+    }
+    // The working dirs, and the artifacts in them, are gone.
     check_no_leftovers(lab, &HOSTS)
 }
