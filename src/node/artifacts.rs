@@ -133,6 +133,29 @@ impl Sources {
     }
 }
 
+/// A live edit may use only the sources each host was given artifacts for when the run
+/// started: the first source of `graph` (parsed for `host`) that is new, as an error at its
+/// place saying a restart is needed.
+pub fn new_source(
+    graph: &Graph,
+    path: &Path,
+    host: &str,
+    known: Option<&BTreeMap<String, ArtifactRef>>,
+) -> Option<String> {
+    let at = graph
+        .sources
+        .iter()
+        .find(|s| !known.is_some_and(|k| k.contains_key(&s.source)))?;
+    Some(format!(
+        "{}:{}:{}: source `{}` is new to {host}: artifacts are copied when the run starts, \
+         so adding a source needs a restart of the run",
+        path.display(),
+        at.line,
+        at.column,
+        at.source
+    ))
+}
+
 /// A source as written, relative to the graph file's directory unless absolute.
 fn source_path(graph_path: &Path, source: &str) -> PathBuf {
     let source = Path::new(source);
@@ -436,6 +459,40 @@ mod tests {
             assert!(err.starts_with(&want), "{err}");
             assert!(err.contains(needle), "{err}");
         }
+    }
+
+    #[test]
+    fn a_live_edit_adding_a_source_is_refused_asking_for_a_restart() {
+        let path = Path::new("/g/leaf.yaml");
+        let text = |sources: &[&str]| {
+            let mut t = "graph: g\nresources:\n  file:\n".to_string();
+            for (i, s) in sources.iter().enumerate() {
+                t.push_str(&format!("  - name: /f{i}\n    source: {s}\n"));
+            }
+            t
+        };
+        let given: BTreeMap<String, ArtifactRef> = [(
+            "a.bin".to_string(),
+            ArtifactRef {
+                sha256: "x".into(),
+                size: 1,
+            },
+        )]
+        .into();
+        let parse = |t: &str| graph::parse(t, path, "l1").expect("parse");
+        assert_eq!(
+            new_source(&parse(&text(&["a.bin"])), path, "l1", Some(&given)),
+            None
+        );
+        assert_eq!(new_source(&parse(&text(&[])), path, "l1", None), None);
+        let err = new_source(&parse(&text(&["a.bin", "b.bin"])), path, "l1", Some(&given))
+            .expect("b.bin is new");
+        assert!(
+            err.starts_with("/g/leaf.yaml:7:13: source `b.bin` is new to l1"),
+            "{err}"
+        );
+        assert!(err.contains("needs a restart"), "{err}");
+        assert!(new_source(&parse(&text(&["a.bin"])), path, "l1", None).is_some());
     }
 
     #[test]

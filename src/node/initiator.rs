@@ -510,28 +510,6 @@ fn resolve_artifacts(
     Ok(())
 }
 
-/// The first source of `graph` (parsed for a host) that the host was not given an artifact
-/// for when the run started, as an error at its place.
-fn new_source(
-    graph: &Graph,
-    path: &Path,
-    host: &str,
-    known: Option<&BTreeMap<String, crate::wire::ArtifactRef>>,
-) -> Option<String> {
-    let at = graph
-        .sources
-        .iter()
-        .find(|s| !known.is_some_and(|k| k.contains_key(&s.source)))?;
-    Some(format!(
-        "{}:{}:{}: source `{}` is new to {host}: artifacts are copied when the run starts, \
-         so adding a source needs a restart of the run",
-        path.display(),
-        at.line,
-        at.column,
-        at.source
-    ))
-}
-
 pub(super) fn builds(options: &RunOptions) -> Result<Builds, String> {
     let mut all = vec![Build::current().map_err(|e| format!("reading arbor's own binary: {e}"))?];
     for (arch, path) in &options.binaries {
@@ -835,7 +813,9 @@ fn follow_graphs(
                         .iter()
                         .find_map(|h| match graph::parse(&text, file.path(), h) {
                             Err(e) => Some(e.to_string()),
-                            Ok(g) => new_source(&g, file.path(), h, artifacts.get(h)),
+                            Ok(g) => {
+                                super::artifacts::new_source(&g, file.path(), h, artifacts.get(h))
+                            }
                         });
                 match invalid {
                     Some(e) => tracing::error!("{e} (hosts keep their running graph)"),
