@@ -129,6 +129,10 @@ fn main() -> std::process::ExitCode {
             a_corrupt_artifact_in_a_cache_is_detected_replaced_and_reported,
         ),
         (
+            "a_relay_that_finds_its_artifact_corrupt_when_serving_fetches_it_again",
+            a_relay_that_finds_its_artifact_corrupt_when_serving_fetches_it_again,
+        ),
+        (
             "under_no_caching_artifacts_go_into_working_dirs_and_leave_with_them",
             under_no_caching_artifacts_go_into_working_dirs_and_leave_with_them,
         ),
@@ -1937,5 +1941,59 @@ fn under_no_caching_artifacts_go_into_working_dirs_and_leave_with_them(lab: &Lab
         );
     }
     // The working dirs, and the artifacts in them, are gone.
+    check_no_leftovers(lab, &HOSTS)
+}
+
+fn a_relay_that_finds_its_artifact_corrupt_when_serving_fetches_it_again(lab: &Lab) -> TestResult {
+    clean(lab, true);
+    // r1 runs a test build that zeroes the artifacts in its cache once its parent put them
+    // there, before serving them (ARBOR_TEST_MISBEHAVE, honoured by debug builds only).
+    lab.sh(
+        "r1",
+        "mkdir -p /root/.ssh && echo ARBOR_TEST_MISBEHAVE=corrupt-artifacts > /root/.ssh/environment",
+    );
+    let _undo = Undo {
+        lab,
+        host: "r1",
+        shell: "rm -f /root/.ssh/environment".into(),
+    };
+    let art = artifact_graph(2)?;
+    let topo = topology(&TWO_RELAYS.replace("{leaf}", &art.graph.to_string_lossy()));
+    let (tx0, _) = lab.init_link_bytes();
+    let out = run(lab, &topo, &["--converged-timeout", "2"]);
+    let (tx1, _) = lab.init_link_bytes();
+    let log = exited(&out, 0)?;
+    check!(
+        log.contains(&format!("misbehaving: corrupted artifact {}", art.sha256)),
+        "r1 did not corrupt its entry\n{log}"
+    );
+    let report = format!(
+        "r1: artifact {} in this node's cache is corrupt ({} bytes with sha256 ",
+        art.sha256, art.size
+    );
+    check!(
+        log.contains(&report) && log.contains("fetching it again from the parent"),
+        "no {report:?} in the log\n{log}"
+    );
+    check_artifact_on(lab, &LEAVES, &art, &log)?;
+    let entry = lab.sh(
+        "r1",
+        &format!(
+            "sha256sum /root/.cache/arbor/artifacts/{} | cut -d' ' -f1",
+            art.sha256
+        ),
+    );
+    check!(entry.trim() == art.sha256, "r1's cache entry: {entry}");
+    // r1 received it twice (staging, then the fetch), r2 once; the binaries were copied too.
+    let binary = std::fs::metadata(ARBOR).map_err(fail)?.len();
+    let sent = tx1 - tx0;
+    eprintln!(
+        "with r1's entry corrupted: {sent} bytes out, {binary}-byte binary, {}-byte artifact",
+        art.size
+    );
+    check!(
+        sent >= 2 * binary + 3 * art.size,
+        "{sent} bytes out: fewer than 2 binaries and 3 copies of the artifact"
+    );
     check_no_leftovers(lab, &HOSTS)
 }

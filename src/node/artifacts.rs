@@ -129,6 +129,7 @@ impl Sources {
                 })
                 .collect(),
             fetch: None,
+            node: String::new(),
         }
     }
 }
@@ -225,11 +226,18 @@ pub struct Served {
     entries: HashMap<String, Arc<Entry>>,
     /// Asks the parent for a blob again (a relay whose cache entry turned out corrupt).
     fetch: Option<FetchFromParent>,
+    /// This node's name, for messages about its cache.
+    node: String,
 }
 
 impl Served {
-    /// A relay's: the artifacts of its subtree (`children`), in its cache `dir`.
-    pub fn from_cache(dir: &Path, children: &[ChildSpec], fetch: FetchFromParent) -> Served {
+    /// The relay `node`'s: the artifacts of its subtree (`children`), in its cache `dir`.
+    pub fn from_cache(
+        node: &str,
+        dir: &Path,
+        children: &[ChildSpec],
+        fetch: FetchFromParent,
+    ) -> Served {
         let mut entries = HashMap::new();
         for c in children {
             for a in subtree_artifacts(c) {
@@ -245,6 +253,7 @@ impl Served {
         Served {
             entries,
             fetch: Some(fetch),
+            node: node.to_string(),
         }
     }
 
@@ -253,8 +262,9 @@ impl Served {
     }
 
     /// The blob with `sha256` here, intact: a relay's cache entry is checked the first time;
-    /// a corrupt one is reported (`host` names this node) and fetched again from the parent.
-    pub async fn path(&self, host: &str, sha256: &str) -> Result<PathBuf, String> {
+    /// a corrupt one is reported and fetched again from the parent.
+    pub async fn path(&self, sha256: &str) -> Result<PathBuf, String> {
+        let host = &self.node;
         let entry = self
             .entries
             .get(sha256)
@@ -386,7 +396,7 @@ pub async fn copy_to_child(
             let size = served
                 .size(sha)
                 .ok_or_else(|| format!("{host}: artifact {sha} is not one this node serves"))?;
-            let local = served.path(&host, sha).await?;
+            let local = served.path(sha).await?;
             let what = format!("artifact {}", short(sha));
             let blob = Blob {
                 what: &what,
@@ -546,11 +556,11 @@ mod tests {
             let good = good.clone();
             Box::pin(async move { Ok(good) })
         });
-        let served = Served::from_cache(dir.path(), &[child], fetch);
-        let (a, b) = tokio::join!(served.path("r", &sha), served.path("r", &sha));
+        let served = Served::from_cache("r", dir.path(), &[child], fetch);
+        let (a, b) = tokio::join!(served.path(&sha), served.path(&sha));
         assert_eq!(a.expect("fetched"), dir.path().join("fetched"));
         assert!(b.is_ok());
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
-        assert!(served.path("r", "0000").await.is_err());
+        assert!(served.path("0000").await.is_err());
     }
 }

@@ -188,8 +188,11 @@ async fn serve(
             .await
             .map_err(|e| format!("{name}: {e}"))?;
         let fetcher = fetches.fetcher(up.clone());
+        #[cfg(debug_assertions)]
+        corrupt_own_artifacts(&artifacts_dir, start);
         let mut ctx = fleet_context(start, Some(store), events_tx.clone(), fetcher.clone())?;
         ctx.artifacts = Arc::new(super::artifacts::Served::from_cache(
+            name,
             &artifacts_dir,
             &start.children,
             fetcher,
@@ -397,6 +400,30 @@ async fn misbehave(
         "compacting",
         raw.compact(1, None).await.map(|_| ()).map_err(Into::into),
     );
+}
+
+/// Test builds only: with `ARBOR_TEST_MISBEHAVE=corrupt-artifacts`, a relay overwrites the
+/// artifacts its parent just put in its cache with other bytes of the same size before it
+/// serves its children, so the end-to-end tests can check a corrupt entry found while serving
+/// is reported, fetched again from the parent, and never passed on.
+#[cfg(debug_assertions)]
+fn corrupt_own_artifacts(dir: &Path, start: &Start) {
+    if std::env::var("ARBOR_TEST_MISBEHAVE").as_deref() != Ok("corrupt-artifacts") {
+        return;
+    }
+    let all: std::collections::BTreeSet<_> = start
+        .children
+        .iter()
+        .flat_map(super::artifacts::subtree_artifacts)
+        .collect();
+    for a in all {
+        let path = dir.join(&a.sha256);
+        let zeros = vec![0u8; usize::try_from(a.size).unwrap_or(0)];
+        match std::fs::write(&path, zeros) {
+            Ok(()) => tracing::warn!("misbehaving: corrupted artifact {}", a.sha256),
+            Err(e) => tracing::warn!("misbehaving: {}: {e}", path.display()),
+        }
+    }
 }
 
 /// The store user this node authenticates as, with its password, when it was given one: the
