@@ -215,9 +215,10 @@ pub fn node_index(dir: &Path, artifacts: &BTreeMap<String, ArtifactRef>) -> Arti
 struct Entry {
     path: PathBuf,
     size: u64,
-    /// A cache entry is checked (sha256) once, before it is first served; `None`: the
-    /// initiator's source files, hashed when the run started.
-    checked: Option<tokio::sync::OnceCell<Result<PathBuf, String>>>,
+    /// A cache entry is checked (sha256) before it is first served, and again if a copy of
+    /// it turns out not to be the artifact; `None`: the initiator's source files, hashed when
+    /// the run started (every copy is hashed as it is sent, so a change is caught there).
+    checked: Option<tokio::sync::Mutex<Option<Result<PathBuf, String>>>>,
 }
 
 /// The blobs a node copies to its children, by sha256.
@@ -245,7 +246,7 @@ impl Served {
                     Arc::new(Entry {
                         path: dir.join(&a.sha256),
                         size: a.size,
-                        checked: Some(tokio::sync::OnceCell::new()),
+                        checked: Some(tokio::sync::Mutex::new(None)),
                     })
                 });
             }
@@ -272,26 +273,43 @@ impl Served {
         let Some(checked) = &entry.checked else {
             return Ok(entry.path.clone());
         };
-        checked
-            .get_or_init(|| async {
-                let found = check_blob(&entry.path, sha256, entry.size).await;
-                if found.is_ok() {
-                    return Ok(entry.path.clone());
-                }
-                let why = found.err().unwrap_or_default();
-                tracing::warn!(
-                    "{host}: artifact {sha256} in this node's cache is corrupt ({why}); \
-                     not used: fetching it again from the parent"
-                );
-                let fetch = self.fetch.as_ref().ok_or("no parent to fetch it from")?;
-                let path = fetch(sha256.to_string()).await?;
-                check_blob(&path, sha256, entry.size)
-                    .await
-                    .map_err(|why| format!("{host}: artifact {sha256} fetched again: {why}"))?;
-                Ok(path)
-            })
-            .await
-            .clone()
+        // Held while checking and fetching: every child that needs it waits for one answer.
+        let mut state = checked.lock().await;
+        if let Some(done) = &*state {
+            return done.clone();
+        }
+        let result = async {
+            let found = check_blob(&entry.path, sha256, entry.size).await;
+            if found.is_ok() {
+                return Ok(entry.path.clone());
+            }
+            let why = found.err().unwrap_or_default();
+            tracing::warn!(
+                "{host}: artifact {sha256} in this node's cache is corrupt ({why}); \
+                 not used: fetching it again from the parent"
+            );
+            let fetch = self.fetch.as_ref().ok_or("no parent to fetch it from")?;
+            let path = fetch(sha256.to_string()).await?;
+            check_blob(&path, sha256, entry.size)
+                .await
+                .map_err(|why| format!("{host}: artifact {sha256} fetched again: {why}"))?;
+            Ok(path)
+        }
+        .await;
+        *state = Some(result.clone());
+        result
+    }
+
+    /// Forgets that the entry was checked: a copy of it was not the artifact. Returns whether
+    /// it can be checked again (a cache entry; the initiator's sources cannot).
+    async fn recheck(&self, sha256: &str) -> bool {
+        match self.entries.get(sha256).and_then(|e| e.checked.as_ref()) {
+            Some(checked) => {
+                *checked.lock().await = None;
+                true
+            }
+            None => false,
+        }
     }
 
     fn size(&self, sha256: &str) -> Option<u64> {
@@ -396,24 +414,38 @@ pub async fn copy_to_child(
             let size = served
                 .size(sha)
                 .ok_or_else(|| format!("{host}: artifact {sha} is not one this node serves"))?;
-            let local = served.path(sha).await?;
             let what = format!("artifact {}", short(sha));
-            let blob = Blob {
-                what: &what,
-                local: &local,
-                size,
-                mode: BLOB_MODE,
-            };
             let remote = format!("{dir}/{sha}");
-            copied.bytes +=
-                stage::upload_blob(&sftp, &blob, &remote, cancel, &mut |sent, total| {
-                    progress(&what, sent, total)
-                })
-                .await
-                .map_err(|e| match e {
-                    UploadError::Ssh(e) => e.to_string(),
-                    UploadError::Other(why) => format!("{host}: {why}"),
-                })?;
+            let mut again = false;
+            loop {
+                let local = served.path(sha).await?;
+                let blob = Blob {
+                    what: &what,
+                    local: &local,
+                    size,
+                    mode: BLOB_MODE,
+                    sha256: Some(sha),
+                };
+                let uploaded =
+                    stage::upload_blob(&sftp, &blob, &remote, cancel, &mut |sent, total| {
+                        progress(&what, sent, total)
+                    })
+                    .await;
+                match uploaded {
+                    Ok(bytes) => {
+                        copied.bytes += bytes;
+                        break;
+                    }
+                    Err(UploadError::Ssh(e)) => return Err(e.to_string()),
+                    // The entry here changed since it was checked: check it again (and fetch
+                    // it again from the parent if it is corrupt), once.
+                    Err(UploadError::Other(why)) if !again && served.recheck(sha).await => {
+                        tracing::warn!("{host}: {why}; checking this node's copy again");
+                        again = true;
+                    }
+                    Err(UploadError::Other(why)) => return Err(format!("{host}: {why}")),
+                }
+            }
         }
         Ok::<_, String>(())
     }
@@ -561,6 +593,15 @@ mod tests {
         assert_eq!(a.expect("fetched"), dir.path().join("fetched"));
         assert!(b.is_ok());
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // Checked once: later children do not cost a hash or a fetch.
+        assert!(served.path(&sha).await.is_ok());
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // A copy that was not the artifact: checked again, and (still corrupt) fetched again.
+        assert!(served.recheck(&sha).await);
+        assert!(served.path(&sha).await.is_ok());
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
         assert!(served.path("0000").await.is_err());
+        // The initiator's sources are never checked again: they are hashed as they are sent.
+        assert!(!Sources::default().served().recheck(&sha).await);
     }
 }

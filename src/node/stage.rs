@@ -346,6 +346,7 @@ async fn upload_build(
         local: &build.path,
         size: build.size,
         mode: 0o755,
+        sha256: None,
     };
     upload_blob(sftp, &blob, binary, cancel, progress).await
 }
@@ -357,6 +358,31 @@ pub(super) struct Blob<'a> {
     pub local: &'a std::path::Path,
     pub size: u64,
     pub mode: u32,
+    /// Hash the bytes as they are sent and keep the copy only if they have this sha256: the
+    /// local file may have changed since it was checked (an artifact in a relay's cache).
+    pub sha256: Option<&'a str>,
+}
+
+/// Hashes what is read through it.
+struct HashingReader<R> {
+    inner: R,
+    hasher: sha2::Sha256,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for HashingReader<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let polled = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = &polled {
+            sha2::Digest::update(&mut this.hasher, &buf.filled()[before..]);
+        }
+        polled
+    }
 }
 
 /// Uploads `blob` to `remote` atomically (temp name, rename when complete) and checks its
@@ -368,12 +394,28 @@ pub(super) async fn upload_blob(
     cancel: &CancellationToken,
     progress: &mut (dyn FnMut(u64, u64) + Send),
 ) -> Result<u64, UploadError> {
-    let mut file = tokio::fs::File::open(blob.local)
+    let file = tokio::fs::File::open(blob.local)
         .await
         .map_err(|e| UploadError::Other(format!("opening {}: {e}", blob.local.display())))?;
+    let mut reader = HashingReader {
+        inner: file,
+        hasher: sha2::Sha256::default(),
+    };
     let uploaded = sftp
-        .upload_until(cancel, &mut file, blob.size, remote, blob.mode, progress)
+        .upload_until(cancel, &mut reader, blob.size, remote, blob.mode, progress)
         .await?;
+    if let Some(want) = blob.sha256 {
+        let sent = data_encoding::HEXLOWER.encode(&sha2::Digest::finalize(reader.hasher));
+        if sent != want {
+            let _ = sftp.remove(remote).await;
+            return Err(UploadError::Other(format!(
+                "{} changed under {} while it was copied (sent bytes with sha256 {sent}, \
+                 want {want}); removed the copy",
+                blob.what,
+                blob.local.display()
+            )));
+        }
+    }
     // The bytes crossed an authenticated channel and were renamed into place only when
     // complete; the size is checked here, and the sha256 by every later probe (and by a node
     // that fetched a build, or uses an artifact) before the entry is trusted again.
@@ -497,4 +539,33 @@ pub async fn stop_and_remove(session: &Session, staged: &Staged) {
     let kill = CommandLine::new("pkill").args(["-KILL", "-f", "--", &pattern]);
     let _ = session.output(kill.as_str()).await;
     let _ = remove_workdir(session, &staged.workdir).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn what_is_read_through_a_hashing_reader_is_hashed() {
+        let body: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+        let mut reader = HashingReader {
+            inner: &body[..],
+            hasher: sha2::Sha256::default(),
+        };
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = reader.read(&mut buf).await.expect("read");
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(out, body);
+        assert_eq!(
+            data_encoding::HEXLOWER.encode(&sha2::Digest::finalize(reader.hasher)),
+            crate::engine::artifacts::sha256_hex(&body)
+        );
+    }
 }
