@@ -738,7 +738,8 @@ async fn copy_artifacts(
         Ok(copied) => {
             for sha in &copied.replaced {
                 tracing::warn!(
-                    "{}: artifact {sha} in its cache was corrupt (sha256 mismatch);                      removed it and copied it again",
+                    "{}: artifact {sha} in its cache was corrupt (sha256 mismatch); \
+                     removed it and copied it again",
                     spec.name
                 );
             }
