@@ -133,6 +133,10 @@ fn main() -> std::process::ExitCode {
             a_relay_that_finds_its_artifact_corrupt_when_serving_fetches_it_again,
         ),
         (
+            "a_live_edit_may_reuse_a_source_but_adding_one_asks_for_a_restart",
+            a_live_edit_may_reuse_a_source_but_adding_one_asks_for_a_restart,
+        ),
+        (
             "under_no_caching_artifacts_go_into_working_dirs_and_leave_with_them",
             under_no_caching_artifacts_go_into_working_dirs_and_leave_with_them,
         ),
@@ -1996,4 +2000,63 @@ fn a_relay_that_finds_its_artifact_corrupt_when_serving_fetches_it_again(lab: &L
         "{sent} bytes out: fewer than 2 binaries and 3 copies of the artifact"
     );
     check_no_leftovers(lab, &HOSTS)
+}
+
+fn a_live_edit_may_reuse_a_source_but_adding_one_asks_for_a_restart(lab: &Lab) -> TestResult {
+    clean(lab, false);
+    let art = artifact_graph(1)?;
+    let dir = art
+        .graph
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    std::fs::write(dir.join("new.bin"), b"not sent at the start\n").map_err(fail)?;
+    let version = |mode: &str, extra: &str| {
+        format!(
+            "graph: artifact\nresources:\n  file:\n  - name: {ARTIFACT_TARGET}\n    \
+             source: data.bin\n    mode: \"{mode}\"\n{extra}"
+        )
+    };
+    let topo = topology(&format!(
+        "defaults:\n  user: root\nhosts:\n- host: 10.199.0.11\n  name: r1\n  children:\n  - host: 10.199.1.11\n    name: l1-1\n    graph: {}\n",
+        art.graph.display()
+    ));
+    let (mut running, rx) = start_logging(lab, &topo, &[]);
+    wait_lines(
+        &rx,
+        &["r1/l1-1: converged".to_string()],
+        Duration::from_secs(60),
+    )?;
+    check_artifact_on(lab, &["l1-1"], &art, "")?;
+    let mode = || lab.sh("l1-1", &format!("stat -c %a {ARTIFACT_TARGET}"));
+    // An edit that keeps the source: applied.
+    std::fs::write(&art.graph, version("0600", "")).map_err(fail)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while mode().trim() != "600" {
+        check!(Instant::now() < deadline, "l1-1's mode stayed {}", mode());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // An edit that adds a source: refused at its place, naming the host and the restart.
+    std::fs::write(
+        &art.graph,
+        version("0644", "  - name: /tmp/from-new.bin\n    source: new.bin\n"),
+    )
+    .map_err(fail)?;
+    let refused = format!(
+        "{}:8:13: source `new.bin` is new to l1-1: artifacts are copied when the run starts, \
+         so adding a source needs a restart of the run",
+        art.graph.display()
+    );
+    wait_lines(&rx, std::slice::from_ref(&refused), Duration::from_secs(10))?;
+    std::thread::sleep(Duration::from_millis(300));
+    check!(
+        mode().trim() == "600",
+        "the refused edit changed l1-1: {}",
+        mode()
+    );
+    let new = lab.sh("l1-1", "ls /tmp/from-new.bin 2>/dev/null; true");
+    check!(new.trim().is_empty(), "l1-1 has {new}");
+    let status = stop_with(&mut running, libc::SIGINT)?;
+    check!(status.code() == Some(130), "exit {:?}", status.code());
+    Ok(())
 }
