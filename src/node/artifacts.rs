@@ -380,7 +380,9 @@ pub async fn copy_to_child(
          for e in {list}; do h=${{e%%:*}}; n=${{e#*:}}; \
          if [ -f \"$h\" ] && [ \"$(wc -c < \"$h\")\" -eq \"$n\" ] && \
             sha256sum \"$h\" | grep -q \"^$h \"; then echo \"cached $h\"; \
-         elif [ -e \"$h\" ]; then rm -f -- \"$h\"; echo \"corrupt $h\"; \
+         elif [ -e \"$h\" ]; then rm -f -- \"$h\"; \
+           if command -v sha256sum >/dev/null 2>&1; then echo \"corrupt $h\"; \
+           else echo \"missing $h\"; fi; \
          else echo \"missing $h\"; fi; done",
         dir = shell_quote(&dir),
         list = list.join(" "),
