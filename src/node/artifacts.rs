@@ -4,7 +4,8 @@
 //! - The initiator reads every source before any host is contacted (a missing, unreadable or
 //!   directory source is bad input, exit 2, named by graph file:line:col), hashes each file
 //!   once, and gives each host's `ChildSpec` the map of its own graph's sources (as written)
-//!   to `{sha256, size}` ([`resolve_sources`]).
+//!   to `{sha256, size}` ([`Sources::resolve_sources`]). A live edit may not add a source
+//!   ([`new_source`]): that needs a restart.
 //! - A parent puts into a child's cache (`~/.cache/arbor/artifacts/<sha256>`, XDG_CACHE_HOME
 //!   respected; the working dir's `artifacts/` with --no-caching) every artifact the child's
 //!   subtree needs, and only those ([`subtree_artifacts`]), before starting it: one exec that
@@ -14,6 +15,8 @@
 //! - A node serves its children from where it holds the blobs ([`Served`]): the initiator from
 //!   the source files it hashed, a relay from its cache, after checking each entry's sha256
 //!   once; a corrupt entry there is reported and fetched again from the parent (`Up::Fetch`).
+//!   Every copy is also hashed as it is sent (`stage::upload_blob`), and kept on the child
+//!   only if it is the artifact.
 //! - The host's file resources read the blob through `engine::artifacts`, which checks the
 //!   sha256 again before writing a byte.
 
