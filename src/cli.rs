@@ -332,6 +332,11 @@ struct RunArgs {
     /// Check and report what would change; change nothing.
     #[arg(long)]
     noop: bool,
+    /// Show what each resource changes (with --noop: would change) as a unified diff, made on
+    /// its host: file content, and a line each for mode, owner and group. Each diff is capped
+    /// at 200 lines and 8 KiB ("… N more lines"); binary content is never shown.
+    #[arg(long)]
+    diff: bool,
     /// The host name to run as (publishes under it; `{{hostname}}` in graphs). Default: this
     /// machine's host name.
     #[arg(long, value_name = "NAME")]
@@ -520,6 +525,7 @@ pub fn parse() -> Result<Invocation, ExitCode> {
                 limit: run.limit,
                 converged_timeout: run.converged_timeout.map(Duration::from_secs),
                 noop: run.noop,
+                diff: run.diff,
                 hostname: run.hostname,
                 live_edits: !run.no_watch,
                 json: run.output == "json",

@@ -75,6 +75,31 @@ pub(crate) async fn next_status(
     }
 }
 
+/// The engine's next diff (`--diff`), if it makes diffs (forever pending otherwise); `None`
+/// once the engine is gone.
+pub(crate) async fn next_diff(
+    diffs: &mut Option<tokio::sync::mpsc::UnboundedReceiver<crate::engine::ResourceDiff>>,
+) -> Option<crate::engine::ResourceDiff> {
+    match diffs {
+        Some(rx) => {
+            let diff = rx.recv().await;
+            if diff.is_none() {
+                *diffs = None;
+            }
+            diff
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// A diff as the event that carries it up.
+pub(crate) fn diff_event(diff: crate::engine::ResourceDiff) -> crate::wire::EventKind {
+    crate::wire::EventKind::Diff {
+        resource: diff.resource.to_string(),
+        lines: diff.lines,
+    }
+}
+
 /// The store named by --seeds: `unix:PATH`, or URLs where a bare `host:port` means
 /// `http://host:port` (how the tunnel end of a TCP forward is written).
 pub(crate) fn seed_endpoints(seeds: &[String]) -> Result<crate::store::client::Endpoints, String> {

@@ -154,6 +154,7 @@ async fn serve(
     // Our own graph.
     let mut engine = None;
     let mut status: Option<watch::Receiver<Status>> = None;
+    let mut diffs = None;
     if let Some(graph_name) = &start.graph {
         let text = start
             .graphs
@@ -166,9 +167,11 @@ async fn serve(
         let graph = graph::parse(text, &path, name).map_err(|e| e.to_string())?;
         let mut engine_config = EngineConfig::new(name.clone());
         engine_config.noop = start.config.noop;
-        let e = Engine::start(graph, engine_config, exchange.clone())
+        engine_config.diff = start.config.diff;
+        let mut e = Engine::start(graph, engine_config, exchange.clone())
             .map_err(|e| format!("{name}: engine: {e:#}"))?;
         status = Some(e.status());
+        diffs = e.take_diffs();
         engine = Some(e);
     }
     up.own(EventKind::State(HostState::Running)).await;
@@ -225,6 +228,11 @@ async fn serve(
             event = events_rx.recv(), if fleet.is_some() => {
                 if let Some(event) = event {
                     up.forward(event).await;
+                }
+            }
+            diff = super::next_diff(&mut diffs) => {
+                if let Some(diff) = diff {
+                    up.own(super::diff_event(diff)).await;
                 }
             }
             changed = super::next_status(&mut status) => {

@@ -215,12 +215,17 @@ pub(crate) fn spawn_watch<R: Resource>(
 pub struct Services {
     /// One inotify instance for the whole engine: the per-user limit on instances is small.
     pub fs: FsEvents,
+    /// `--diff`: where a resource reports what it changes, or would change.
+    pub diffs: Option<crate::engine::diff::DiffSink>,
 }
 
 /// Builds the running resource for a spec.
 pub fn build(spec: &ResourceSpec, services: &Services) -> Arc<dyn Resource> {
     match spec {
-        ResourceSpec::File(s) => Arc::new(file::FileResource::new(s.clone(), services.fs.clone())),
+        ResourceSpec::File(s) => Arc::new(
+            file::FileResource::new(s.clone(), services.fs.clone())
+                .with_diffs(services.diffs.clone()),
+        ),
         ResourceSpec::Exec(s) => Arc::new(exec::ExecResource::with_fs(
             (**s).clone(),
             services.fs.clone(),
