@@ -88,6 +88,10 @@ fn main() -> std::process::ExitCode {
             no_caching_and_noop_apply_at_depth_2,
         ),
         (
+            "noop_diff_shows_a_depth_2_leafs_diff_and_changes_nothing_then_diff_applies_it",
+            noop_diff_shows_a_depth_2_leafs_diff_and_changes_nothing_then_diff_applies_it,
+        ),
+        (
             "live_edits_reach_a_depth_2_leaf_saved_in_place_and_by_rename",
             live_edits_reach_a_depth_2_leaf_saved_in_place_and_by_rename,
         ),
@@ -1145,6 +1149,83 @@ fn no_caching_and_noop_apply_at_depth_2(lab: &Lab) -> TestResult {
     check_no_leftovers(lab, &HOSTS)
 }
 
+fn noop_diff_shows_a_depth_2_leafs_diff_and_changes_nothing_then_diff_applies_it(
+    lab: &Lab,
+) -> TestResult {
+    clean(lab, false);
+    // On l1-1, behind r1: a file whose second line and mode differ from the graph's, with a
+    // terminal escape in the line the diff will show.
+    let seed = "printf 'one\\nTWO\\033[2J\\nthree\\n' > /tmp/diffed && chmod 600 /tmp/diffed";
+    lab.sh("l1-1", seed);
+    let dir = tempfile::tempdir().map_err(fail)?;
+    let graph = dir.path().join("diffed.yaml");
+    std::fs::write(
+        &graph,
+        "graph: diffed\nresources:\n  file:\n  - name: diffed\n    path: /tmp/diffed\n    content: \"one\\ntwo\\nthree\\n\"\n    mode: \"0640\"\nedges: []\n",
+    )
+    .map_err(fail)?;
+    let topo = topology(&format!(
+        "defaults:\n  user: root\nhosts:\n- host: 10.199.0.11\n  name: r1\n  children:\n  - host: 10.199.1.11\n    name: l1-1\n    graph: {}\n",
+        graph.display()
+    ));
+    let on_leaf = || lab.sh("l1-1", "stat -c %a /tmp/diffed; cat /tmp/diffed");
+    let want_lines = [
+        "r1/l1-1 | /tmp/diffed: mode 0600 -> 0640",
+        "r1/l1-1 | --- /tmp/diffed",
+        "r1/l1-1 | +++ /tmp/diffed",
+        "r1/l1-1 | @@ -1,3 +1,3 @@",
+        "r1/l1-1 |  one",
+        "r1/l1-1 | -TWO^[[2J",
+        "r1/l1-1 | +two",
+        "r1/l1-1 |  three",
+    ];
+    let shows_the_diff = |out: &Output, log: &str| -> TestResult {
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let diff: Vec<&str> = stdout
+            .lines()
+            .filter(|l| l.starts_with("r1/l1-1 | ") && !l.contains(" INFO "))
+            .collect();
+        check!(diff == want_lines, "diff lines {diff:#?}\n{log}");
+        check!(
+            !stdout.contains('\x1b'),
+            "a terminal escape from the host reached stdout\n{log}"
+        );
+        Ok(())
+    };
+
+    let out = run(
+        lab,
+        &topo,
+        &["--noop", "--diff", "--converged-timeout", "1"],
+    );
+    let log = exited(&out, 0)?;
+    shows_the_diff(&out, &log)?;
+    let held = on_leaf();
+    check!(
+        held == "600\none\nTWO\x1b[2J\nthree\n",
+        "--noop changed the file: {held:?}\n{log}"
+    );
+
+    let out = run(lab, &topo, &["--diff", "--converged-timeout", "1"]);
+    let log = exited(&out, 0)?;
+    shows_the_diff(&out, &log)?;
+    let held = on_leaf();
+    check!(
+        held == "640\none\ntwo\nthree\n",
+        "--diff did not apply: {held:?}\n{log}"
+    );
+
+    // Now right: nothing to show.
+    let out = run(lab, &topo, &["--diff", "--converged-timeout", "1"]);
+    let log = exited(&out, 0)?;
+    check!(
+        !String::from_utf8_lossy(&out.stdout).contains("r1/l1-1 | ---"),
+        "a diff for a file already right\n{log}"
+    );
+    lab.sh("l1-1", "rm -f /tmp/diffed");
+    check_no_leftovers(lab, &["r1", "l1-1"])
+}
+
 fn live_edits_reach_a_depth_2_leaf_saved_in_place_and_by_rename(lab: &Lab) -> TestResult {
     clean(lab, false);
     lab.sh("l1-1", "rm -f /tmp/edited-*");
@@ -1423,6 +1504,8 @@ fn json_output_is_one_event_per_line_in_order_at_every_depth(lab: &Lab) -> TestR
             "accept-new",
             "--output",
             "json",
+            // Each leaf creates its file: a diff event each.
+            "--diff",
         ],
     )
     .output()
@@ -1430,7 +1513,7 @@ fn json_output_is_one_event_per_line_in_order_at_every_depth(lab: &Lab) -> TestR
     let log = exited(&out, 0)?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let documented = documented_event_types();
-    check!(documented.len() == 6, "docs/events.md lists {documented:?}");
+    check!(documented.len() == 7, "docs/events.md lists {documented:?}");
     let mut seen = std::collections::BTreeSet::new();
     // Per host: the order its events came in, as phases (0 staging, 1 running, 2 exited).
     let mut phase: std::collections::BTreeMap<String, u8> = Default::default();
@@ -1469,6 +1552,15 @@ fn json_output_is_one_event_per_line_in_order_at_every_depth(lab: &Lab) -> TestR
             ("state", Some("running")) => *p = 1,
             ("state", Some("exited")) => *p = 2,
             ("state", Some("failed")) => return Err(fail(format!("failed: {line}"))),
+            ("diff", _) => check!(
+                v["resource"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with("file[@@"))
+                    && v["lines"][1]
+                        .as_str()
+                        .is_some_and(|l| l.starts_with("--- /dev/null")),
+                "{host}: a diff event without its resource or lines: {line}"
+            ),
             _ => {}
         }
     }
