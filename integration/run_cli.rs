@@ -379,3 +379,253 @@ fn quiet_log_file_and_colour_do_what_they_say() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("/nonexistent/dir/x.log"));
 }
+
+/// arbor with `home` as HOME, `xdg` as XDG_CONFIG_HOME (unset when `None`), exactly the
+/// `ARBOR_*` variables of `env` (none inherited), and `/etc` as it is, or, with `system`, with
+/// that text as /etc/arbor/config.toml in a private mount namespace (an overlay over /etc:
+/// the machine's own /etc is never written). `None` when `system` is asked for but cannot be
+/// had (not root, or no overlayfs).
+fn arbor_configured(
+    home: &Path,
+    xdg: Option<&Path>,
+    system: Option<&str>,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> Option<Output> {
+    let mut c = match system {
+        None => Command::new(env!("CARGO_BIN_EXE_arbor")),
+        Some(text) => {
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc::geteuid() } != 0 {
+                return None;
+            }
+            let layer = home.join("etc-overlay");
+            for d in ["upper/arbor", "work"] {
+                std::fs::create_dir_all(layer.join(d)).expect("overlay dirs");
+            }
+            std::fs::write(layer.join("upper/arbor/config.toml"), text).expect("system config");
+            let mut c = Command::new("unshare");
+            c.args(["--mount", "--propagation", "private", "sh", "-c"])
+                .arg(format!(
+                    "mount -t overlay overlay -o lowerdir=/etc,upperdir={0}/upper,workdir={0}/work /etc || exit 99; exec \"$@\"",
+                    layer.display()
+                ))
+                .args(["sh", env!("CARGO_BIN_EXE_arbor")]);
+            c
+        }
+    };
+    c.args(args).env("HOME", home).env_remove("XDG_CONFIG_HOME");
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("ARBOR_") {
+            c.env_remove(k);
+        }
+    }
+    if let Some(xdg) = xdg {
+        c.env("XDG_CONFIG_HOME", xdg);
+    }
+    c.env("ARBOR_LOG", "arbor=warn").envs(env.iter().copied());
+    let out = c.output().expect("run arbor");
+    (out.status.code() != Some(99)).then_some(out)
+}
+
+/// What a finished `arbor run` printed on stdout: "json" when its last line is the JSON
+/// summary, "text" when it is the text summary table.
+fn output_format(out: &Output) -> &'static str {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().unwrap_or_default();
+    if serde_json::from_str::<serde_json::Value>(last).is_ok_and(|v| v["type"] == "summary") {
+        "json"
+    } else if stdout.contains("HOST ") {
+        "text"
+    } else {
+        panic!("neither summary on stdout:\n{stdout}")
+    }
+}
+
+/// The default `arbor run --help` shows for --cconns.
+fn cconns_default(out: &Output) -> String {
+    let help = String::from_utf8_lossy(&out.stdout);
+    let at = help.find("--cconns").expect("--cconns in the help");
+    let rest = &help[at..];
+    let start = rest.find("[default: ").expect("a default") + "[default: ".len();
+    rest[start..]
+        .split(']')
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn config_files_then_arbor_variables_then_the_command_line_set_flags() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("home");
+    let xdg = dir.path().join("xdg");
+    std::fs::create_dir_all(home.join(".config/arbor")).expect("mkdir");
+    std::fs::create_dir_all(xdg.join("arbor")).expect("mkdir");
+    let graph = write(
+        dir.path(),
+        "g.yaml",
+        "graph: g\nresources:\n  noop:\n  - name: n\nedges: []\n",
+    );
+    let run = [
+        "run",
+        "--file",
+        &graph,
+        "--converged-timeout",
+        "1",
+        "--tmp-prefix",
+    ];
+
+    // Nothing configured: text.
+    let out = arbor_configured(&home, None, None, &[], &run).expect("run");
+    assert_eq!(output_format(&out), "text");
+    // ~/.config/arbor/config.toml, without XDG_CONFIG_HOME.
+    std::fs::write(
+        home.join(".config/arbor/config.toml"),
+        "output = \"json\"\ncconns = 5\n",
+    )
+    .expect("user config");
+    let out = arbor_configured(&home, None, None, &[], &run).expect("run");
+    assert_eq!(output_format(&out), "json");
+    let help = arbor_configured(&home, None, None, &[], &["run", "--help"]).expect("help");
+    assert_eq!(cconns_default(&help), "5");
+    // $XDG_CONFIG_HOME/arbor/config.toml instead of ~/.config when it is set.
+    std::fs::write(xdg.join("arbor/config.toml"), "output = \"text\"\n").expect("xdg config");
+    let out = arbor_configured(&home, Some(&xdg), None, &[], &run).expect("run");
+    assert_eq!(output_format(&out), "text");
+    // The environment beats the file; the command line beats the environment.
+    let json = [("ARBOR_OUTPUT", "json"), ("ARBOR_CCONNS", "9")];
+    let out = arbor_configured(&home, Some(&xdg), None, &json, &run).expect("run");
+    assert_eq!(output_format(&out), "json");
+    let help = arbor_configured(&home, None, None, &json, &["run", "--help"]).expect("help");
+    assert_eq!(cconns_default(&help), "9");
+    let on_the_command_line = [&run[..], &["--output", "text"]].concat();
+    let out = arbor_configured(&home, Some(&xdg), None, &json, &on_the_command_line).expect("run");
+    assert_eq!(output_format(&out), "text");
+
+    // /etc/arbor/config.toml: under the user's file, which beats it key by key.
+    let system = "output = \"json\"\ncconns = 3\n";
+    std::fs::remove_file(home.join(".config/arbor/config.toml")).expect("rm");
+    let Some(out) = arbor_configured(&home, None, Some(system), &[], &run) else {
+        eprintln!("skipped /etc/arbor/config.toml: needs root and overlayfs for a private /etc");
+        return;
+    };
+    assert_eq!(output_format(&out), "json");
+    let help = arbor_configured(&home, None, Some(system), &[], &["run", "--help"]).expect("help");
+    assert_eq!(cconns_default(&help), "3");
+    std::fs::write(home.join(".config/arbor/config.toml"), "cconns = 5\n").expect("user config");
+    let help = arbor_configured(&home, None, Some(system), &[], &["run", "--help"]).expect("help");
+    assert_eq!(cconns_default(&help), "5");
+    let out = arbor_configured(&home, None, Some(system), &[], &run).expect("run");
+    assert_eq!(
+        output_format(&out),
+        "json",
+        "the system file's output was lost"
+    );
+    let out = arbor_configured(&home, None, Some(system), &[("ARBOR_OUTPUT", "text")], &run)
+        .expect("run");
+    assert_eq!(output_format(&out), "text");
+}
+
+#[test]
+fn an_unknown_config_key_or_bad_value_exits_2_naming_file_line_and_column() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("home");
+    let config = home.join(".config/arbor/config.toml");
+    std::fs::create_dir_all(config.parent().expect("dir")).expect("mkdir");
+    let made = dir.path().join("made");
+    let graph = write(
+        dir.path(),
+        "g.yaml",
+        &format!(
+            "graph: g\nresources:\n  file:\n  - name: f\n    path: {}\n    content: x\nedges: []\n",
+            made.display()
+        ),
+    );
+    let run = [
+        "run",
+        "--file",
+        &graph,
+        "--converged-timeout",
+        "1",
+        "--tmp-prefix",
+    ];
+    let refused = |text: &str, env: &[(&str, &str)], needle: &str| {
+        std::fs::write(&config, text).expect("config");
+        let out = arbor_configured(&home, None, None, env, &run).expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(2), "{text:?}: {stderr}");
+        assert!(
+            stderr.contains(needle),
+            "{text:?}: want {needle:?} in {stderr}"
+        );
+        assert!(!made.exists(), "{text:?}: the graph ran");
+        stderr
+    };
+    let at = config.display().to_string();
+    refused(
+        "cconns = 5\n\n  outptu = \"json\"\n",
+        &[],
+        &format!("{at}:3:3: unknown key `outptu`"),
+    );
+    refused(
+        "output = \"xml\"\n",
+        &[],
+        &format!("{at}:1:10: output: invalid value: expected one of text, json"),
+    );
+    refused(
+        "compress = 1\n",
+        &[],
+        &format!("{at}:1:12: compress: expected true or false"),
+    );
+    refused("cconns = \n", &[], &format!("{at}:1:"));
+    refused(
+        "",
+        &[("ARBOR_CCONNS", "lots")],
+        "ARBOR_CCONNS: cconns: invalid value",
+    );
+    // A secret in a config file is never printed, in an error or in --help.
+    let secret = "seeds = [\"http://u:hunter2@127.0.0.1:1\"]\n";
+    let stderr = refused(
+        &format!("{secret}bogus = 1\n"),
+        &[],
+        &format!("{at}:2:1: unknown key `bogus`"),
+    );
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+    std::fs::write(&config, secret).expect("config");
+    let help = arbor_configured(&home, None, None, &[], &["run", "--help"]).expect("help");
+    assert_eq!(help.status.code(), Some(0));
+    assert!(!String::from_utf8_lossy(&help.stdout).contains("hunter2"));
+    // The same file, fixed, runs.
+    std::fs::write(&config, "cconns = 5\n").expect("config");
+    let out = arbor_configured(&home, None, None, &[], &run).expect("run");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(made.exists());
+}
+
+#[test]
+fn help_names_the_config_files_and_the_variables() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for args in [&["--help"][..], &["run", "--help"], &["exec", "--help"]] {
+        let out = arbor_configured(dir.path(), None, None, &[], args).expect("help");
+        let help = String::from_utf8_lossy(&out.stdout);
+        for needle in [
+            "/etc/arbor/config.toml",
+            "~/.config/arbor/config.toml",
+            "ARBOR_",
+        ] {
+            assert!(help.contains(needle), "{args:?}: no {needle}:\n{help}");
+        }
+    }
+}

@@ -357,7 +357,8 @@ struct RunArgs {
     noop: bool,
     /// Show what each resource changes (with --noop: would change) as a unified diff, made on
     /// its host: file content, and a line each for mode, owner and group. Each diff is capped
-    /// at 200 lines and 8 KiB ("… N more lines"); binary content is never shown.
+    /// at 200 lines and 8 KiB (a last line counts what was left out); binary content is never
+    /// shown, only its size. Lines print as `host | line` (docs/events.md, `diff`).
     #[arg(long)]
     diff: bool,
     /// The host name to run as (publishes under it; `{{hostname}}` in graphs). Default: this
