@@ -92,6 +92,10 @@ fn main() -> std::process::ExitCode {
             noop_diff_shows_a_depth_2_leafs_diff_and_changes_nothing_then_diff_applies_it,
         ),
         (
+            "staged_hosts_ignore_their_own_config_files_and_arbor_variables",
+            staged_hosts_ignore_their_own_config_files_and_arbor_variables,
+        ),
+        (
             "live_edits_reach_a_depth_2_leaf_saved_in_place_and_by_rename",
             live_edits_reach_a_depth_2_leaf_saved_in_place_and_by_rename,
         ),
@@ -1223,6 +1227,45 @@ fn noop_diff_shows_a_depth_2_leafs_diff_and_changes_nothing_then_diff_applies_it
         "a diff for a file already right\n{log}"
     );
     lab.sh("l1-1", "rm -f /tmp/diffed");
+    check_no_leftovers(lab, &["r1", "l1-1"])
+}
+
+fn staged_hosts_ignore_their_own_config_files_and_arbor_variables(lab: &Lab) -> TestResult {
+    clean(lab, false);
+    // A relay and its leaf each hold a config file and ARBOR_* variables (sshd sets them from
+    // ~/.ssh/environment) that would stop an initiator with exit 2: a staged node takes its
+    // settings from the link only.
+    let mut undo = Vec::new();
+    for h in ["r1", "l1-1"] {
+        lab.sh(
+            h,
+            "mkdir -p /root/.config/arbor /root/.ssh && \
+             printf 'bogus = 1\\noutput = \"xml\"\\n' > /root/.config/arbor/config.toml && \
+             printf 'ARBOR_OUTPUT=json\\nARBOR_CCONNS=lots\\n' > /root/.ssh/environment",
+        );
+        undo.push(Undo {
+            lab,
+            host: h,
+            shell: "rm -rf /root/.config/arbor /root/.ssh/environment".into(),
+        });
+    }
+    let topo = topology(
+        "defaults:\n  user: root\nhosts:\n- host: 10.199.0.11\n  name: r1\n  graph: {leaf}\n  children:\n  - host: 10.199.1.11\n    name: l1-1\n    graph: {leaf}\n",
+    );
+    let out = run(lab, &topo, &["--converged-timeout", "1"]);
+    let log = exited(&out, 0)?;
+    for h in ["r1/l1-1", "r1"] {
+        check!(
+            log.contains(&format!("{h}: converged")),
+            "{h} did not converge\n{log}"
+        );
+    }
+    check!(
+        collected(lab, "l1-1") == expect_collected(&["l1-1", "r1"]),
+        "l1-1 collected {:?}\n{log}",
+        collected(lab, "l1-1")
+    );
+    drop(undo);
     check_no_leftovers(lab, &["r1", "l1-1"])
 }
 
