@@ -602,8 +602,12 @@ fn an_unknown_config_key_or_bad_value_exits_2_naming_file_line_and_column() {
     let help = arbor_configured(&home, None, None, &[], &["run", "--help"]).expect("help");
     assert_eq!(help.status.code(), Some(0));
     assert!(!String::from_utf8_lossy(&help.stdout).contains("hunter2"));
-    // The same file, fixed, runs.
-    std::fs::write(&config, "cconns = 5\n").expect("config");
+    // The same file, fixed, runs; etcd credentials without `seeds` are not used.
+    std::fs::write(
+        &config,
+        "cconns = 5\nseeds-user = \"root\"\nseeds-password-file = \"/nonexistent\"\n",
+    )
+    .expect("config");
     let out = arbor_configured(&home, None, None, &[], &run).expect("run");
     assert_eq!(
         out.status.code(),

@@ -573,7 +573,13 @@ pub fn parse() -> Result<Invocation, ExitCode> {
                 );
                 return Err(ExitCode::from(crate::exit::BAD_INPUT));
             }
-            let run = *run;
+            let mut run = *run;
+            // Only a config file or ARBOR_* variable can get these here without --seeds (the
+            // command line requires it), and they mean nothing without it.
+            if run.seeds.is_empty() {
+                run.seeds_user = None;
+                run.seeds_password_file = None;
+            }
             let mut options = RunOptions {
                 file: run.file,
                 remotes: run.remotes,
