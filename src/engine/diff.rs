@@ -93,7 +93,7 @@ impl Capped {
 }
 
 /// `line` cut at [`MAX_LINE_BYTES`] (at a character boundary), marked when cut.
-fn cut(line: &str) -> String {
+pub fn cut(line: &str) -> String {
     if line.len() <= MAX_LINE_BYTES {
         return line.to_string();
     }
@@ -227,6 +227,26 @@ mod tests {
         assert!(lines.iter().map(String::len).sum::<usize>() <= MAX_BYTES);
         assert!(lines[3].len() <= MAX_LINE_BYTES && lines[3].ends_with('…'));
         assert!(lines.last().is_some_and(|l| l.starts_with("… ")));
+    }
+
+    #[test]
+    fn the_largest_diff_fits_one_frame_to_the_parent_even_escaped() {
+        // Control characters take six bytes each once JSON-escaped.
+        let nasty: String = (0..2000)
+            .map(|_| format!("{}\n", "\u{1}".repeat(3000)))
+            .collect();
+        let mut out = Capped::default();
+        content(&mut out, &"\u{1}".repeat(5000), None, nasty.as_bytes());
+        let diff = ResourceDiff {
+            resource: ResourceId::new(crate::engine::resources::Kind::File, "\u{1}".repeat(9000)),
+            lines: out.finish(),
+        };
+        let event = crate::wire::Up::Event(crate::wire::Event {
+            host: crate::wire::HostPath::parse("a-long-relay-name/another/and-a-leaf"),
+            kind: crate::node::diff_event(diff),
+        });
+        let size = serde_json::to_vec(&event).expect("json").len();
+        assert!(size < crate::wire::MAX_UP_FRAME, "{size} bytes");
     }
 
     #[test]

@@ -92,10 +92,11 @@ pub(crate) async fn next_diff(
     }
 }
 
-/// A diff as the event that carries it up.
+/// A diff as the event that carries it up; the resource's name is cut like a diff line, so
+/// the event always fits a frame.
 pub(crate) fn diff_event(diff: crate::engine::ResourceDiff) -> crate::wire::EventKind {
     crate::wire::EventKind::Diff {
-        resource: diff.resource.to_string(),
+        resource: crate::engine::diff::cut(&diff.resource.to_string()),
         lines: diff.lines,
     }
 }
