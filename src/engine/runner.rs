@@ -98,12 +98,11 @@ impl Engine {
         let (events_tx, events) = mpsc::unbounded_channel();
         let (status_tx, status) = watch::channel(Status::default());
         let cancel = CancellationToken::new();
-        let (diff_sink, diffs) = match config.diff {
-            true => {
-                let (sink, rx) = DiffSink::channel();
-                (Some(sink), Some(rx))
-            }
-            false => (None, None),
+        let (diff_sink, diffs) = if config.diff {
+            let (sink, rx) = DiffSink::channel();
+            (Some(sink), Some(rx))
+        } else {
+            (None, None)
         };
         let services = Services {
             fs: fs.clone(),
