@@ -577,7 +577,7 @@ fn an_unknown_config_key_or_bad_value_exits_2_naming_file_line_and_column() {
     refused(
         "output = \"xml\"\n",
         &[],
-        &format!("{at}:1:10: output: invalid value: expected one of text, json"),
+        &format!("{at}:1:10: output: invalid value: expected one of auto, text, json"),
     );
     refused(
         "compress = 1\n",

@@ -128,6 +128,10 @@ fn main() -> std::process::ExitCode {
             "a_topology_without_graphs_ends_once_every_host_runs",
             a_topology_without_graphs_ends_once_every_host_runs,
         ),
+        (
+            "on_a_terminal_a_live_view_shows_the_bar_host_stages_folded_hosts_and_the_summary",
+            on_a_terminal_a_live_view_shows_the_bar_host_stages_folded_hosts_and_the_summary,
+        ),
     ];
     support::harness::run_with_lab(
         "tree",
@@ -447,6 +451,13 @@ fn a_topology_without_graphs_ends_once_every_host_runs(lab: &Lab) -> TestResult 
     check!(
         log.contains("r2/l2-3: running"),
         "a leaf never reported running\n{log}"
+    );
+    // Not a terminal: plain lines, each one timestamped, until the summary's blank line.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let events: Vec<&str> = stdout.lines().take_while(|l| !l.is_empty()).collect();
+    check!(
+        events.len() >= 8 && events.iter().all(|l| is_timestamped(l)) && !stdout.contains('\x1b'),
+        "stdout is not plain timestamped lines:\n{stdout}"
     );
     check!(
         collected(lab, "l1-1").is_empty(),
@@ -901,7 +912,7 @@ fn remote_tmp_and_verbosity_apply_at_depth_2(lab: &Lab) -> TestResult {
     )?;
     check!(
         seen.iter()
-            .any(|l| l.starts_with("r1/l1-1 | ") && l.contains("node at depth 2 starting")),
+            .any(|l| l.contains(" r1/l1-1 | ") && l.contains("node at depth 2 starting")),
         "no debug line from the leaf under -v:\n{}",
         seen.join("\n")
     );
@@ -1185,8 +1196,10 @@ fn noop_diff_shows_a_depth_2_leafs_diff_and_changes_nothing_then_diff_applies_it
     ];
     let shows_the_diff = |out: &Output, log: &str| -> TestResult {
         let stdout = String::from_utf8_lossy(&out.stdout);
+        // Plain lines start with a timestamp.
         let diff: Vec<&str> = stdout
             .lines()
+            .map(|l| if is_timestamped(l) { &l[25..] } else { l })
             .filter(|l| l.starts_with("r1/l1-1 | ") && !l.contains(" INFO "))
             .collect();
         check!(diff == want_lines, "diff lines {diff:#?}\n{log}");
@@ -1727,4 +1740,133 @@ fn a_link_cut_without_a_fin_fails_the_relay_and_its_subtree_cleans_up(lab: &Lab)
     let (code, _) = running.interrupt()?;
     check!(code == Some(130), "exit {code:?} after ^C");
     check_no_leftovers(lab, &["r2", "l2-1", "l2-2", "l2-3"])
+}
+
+/// `2026-12-02T04:05:06.789Z rest`: a line that begins with arbor's UTC timestamp.
+fn is_timestamped(line: &str) -> bool {
+    let b = line.as_bytes();
+    let digits =
+        |r: std::ops::Range<usize>| b.get(r).is_some_and(|d| d.iter().all(u8::is_ascii_digit));
+    b.len() > 25
+        && digits(0..4)
+        && b[4] == b'-'
+        && b[10] == b'T'
+        && b[19] == b'.'
+        && digits(20..23)
+        && &b[23..25] == b"Z "
+}
+
+/// A rollout on a terminal (a tmux pane of 100 × 30, caches cold): while it runs the screen
+/// shows the overall bar and a line per working host with its stage; at the end the bar
+/// stands at 8/8 hosts, the converged hosts are folded into one nodeset and the summary
+/// follows; no line is ever torn (a bar glued to a log line, or a bar line out of place).
+fn on_a_terminal_a_live_view_shows_the_bar_host_stages_folded_hosts_and_the_summary(
+    lab: &Lab,
+) -> TestResult {
+    clean(lab, true);
+    let topo = topology(TWO_RELAYS);
+    let socket = format!("arbor-live-{}", std::process::id());
+    let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
+    let command = format!(
+        "ip netns exec {} env -u SSH_AUTH_SOCK HOME={} ARBOR_LOG=arbor=info {} run --topology {} \
+         --tmp-prefix --converged-timeout 2; echo ARBOR-EXIT=$?; sleep 600",
+        lab.init_ns(),
+        quote(&lab.home().to_string_lossy()),
+        ARBOR,
+        quote(&topo.path.to_string_lossy()),
+    );
+    let tmux = |args: &[&str]| {
+        Command::new("tmux")
+            .args(["-L", &socket])
+            .args(args)
+            .output()
+            .expect("tmux")
+    };
+    struct Server<F: Fn(&[&str]) -> Output>(F);
+    impl<F: Fn(&[&str]) -> Output> Drop for Server<F> {
+        fn drop(&mut self) {
+            (self.0)(&["kill-server"]);
+        }
+    }
+    let server = Server(tmux);
+    let started = (server.0)(&[
+        "new-session",
+        "-d",
+        "-x",
+        "100",
+        "-y",
+        "30",
+        "-s",
+        "run",
+        &command,
+    ]);
+    check!(started.status.success(), "tmux: {}", text(&started));
+    let mut screens: Vec<String> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let history = loop {
+        let shot = (server.0)(&["capture-pane", "-p", "-t", "run"]);
+        let screen = String::from_utf8_lossy(&shot.stdout).into_owned();
+        if screen.contains("ARBOR-EXIT=") {
+            let all = (server.0)(&["capture-pane", "-p", "-S", "-", "-t", "run"]);
+            screens.push(screen);
+            break String::from_utf8_lossy(&all.stdout).into_owned();
+        }
+        screens.push(screen);
+        if Instant::now() > deadline {
+            return Err(fail(format!(
+                "no exit within 120 s; last screen:\n{}",
+                screens.last().cloned().unwrap_or_default()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let paths = [
+        "r1", "r2", "r1/l1-1", "r1/l1-2", "r1/l1-3", "r2/l2-1", "r2/l2-2", "r2/l2-3",
+    ];
+    let host_line = |l: &str| {
+        l.strip_prefix("  ")
+            .and_then(|rest| rest.split_whitespace().next())
+            .is_some_and(|p| paths.contains(&p))
+            && l.split_whitespace().count() >= 2
+    };
+    check!(
+        screens.iter().any(|s| s
+            .lines()
+            .any(|l| l.starts_with('[') && l.contains("/8 hosts"))
+            && s.lines().any(host_line)),
+        "no screen showed the overall bar and a host's line while it ran; last:\n{history}"
+    );
+    check!(
+        history.contains("ARBOR-EXIT=0"),
+        "the run did not exit 0:\n{history}"
+    );
+    check!(
+        history
+            .lines()
+            .any(|l| l.starts_with('[') && l.contains(" 8/8 hosts")),
+        "the bar never reached 8/8 hosts:\n{history}"
+    );
+    check!(
+        history.lines().any(|l| l.contains("r1/l1-[1-3]")
+            && l.contains("r2/l2-[1-3]")
+            && l.trim_end().ends_with("converged")),
+        "no folded line of converged hosts:\n{history}"
+    );
+    check!(
+        history
+            .lines()
+            .any(|l| l.starts_with("HOST") && l.contains("RESULT"))
+            && paths.iter().all(|p| history
+                .lines()
+                .any(|l| l.starts_with(&format!("{p} ")) && l.contains(" ok "))),
+        "no summary with every host ok:\n{history}"
+    );
+    for screen in screens.iter().chain([&history]) {
+        for l in screen.lines() {
+            let bar_text = l.contains("/8 hosts");
+            let torn = (bar_text && !l.starts_with('[')) || (l.starts_with('[') && !bar_text);
+            check!(!torn, "a torn line: {l:?} in\n{screen}");
+        }
+    }
+    check_no_leftovers(lab, &HOSTS)
 }

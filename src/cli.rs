@@ -368,10 +368,12 @@ struct RunArgs {
     /// Do not watch graph files for edits (by default an edit is applied on its host live).
     #[arg(long)]
     no_watch: bool,
-    /// What goes to stdout: text (lines for people) or json (one JSON object per event and a
-    /// final summary object, nothing else; schema in docs/events.md). Messages from arbor
-    /// itself go to stderr either way.
-    #[arg(long, value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    /// What goes to stdout. auto: on a terminal, a live view (an overall bar, a line per
+    /// working or failing host, converged hosts folded into one nodeset, host output above
+    /// it); elsewhere, as text. text: plain timestamped lines, one per event, no bars. json:
+    /// one JSON object per event and a final summary object, nothing else (schema in
+    /// docs/events.md). Messages from arbor itself go to stderr in every format.
+    #[arg(long, value_name = "FORMAT", default_value = "auto", value_parser = ["auto", "text", "json"])]
     output: String,
     /// Keep the embedded store in memory in a fresh temporary state dir, not in
     /// ~/.local/state/arbor.
@@ -591,6 +593,7 @@ pub fn parse() -> Result<Invocation, ExitCode> {
                 hostname: run.hostname,
                 live_edits: !run.no_watch,
                 json: run.output == "json",
+                plain: run.output == "text",
                 tmp_prefix: run.tmp_prefix,
                 seeds: run.seeds,
                 seeds_user: run.seeds_user,

@@ -175,7 +175,7 @@ fn init_tracing(
             tracing_subscriber::registry()
                 .with(
                     layer
-                        .with_writer(std::io::stderr)
+                        .with_writer(|| arbor::ui::live::Stderr)
                         .with_ansi(invocation.color)
                         .with_filter(filter),
                 )

@@ -430,7 +430,7 @@ mod tests {
         assert!(e.contains("system.toml:1:10: cconns: invalid value"), "{e}");
         let e = err("output = \"xml\"\n", "", &[]);
         assert!(
-            e.contains("system.toml:1:10: output: invalid value: expected one of text, json"),
+            e.contains("system.toml:1:10: output: invalid value: expected one of auto, text, json"),
             "{e}"
         );
         let e = err("compress = \"yes\"\n", "", &[]);

@@ -58,6 +58,8 @@ pub struct RunOptions {
     pub verbosity: u8,
     /// `--output json`: events and the summary as JSON lines on stdout.
     pub json: bool,
+    /// `--output text`: plain timestamped lines, never the live view.
+    pub plain: bool,
     /// Seconds without a frame after which a link counts as down (`--link-timeout`).
     pub link_timeout: u64,
     /// `-q`: the view shows warnings, errors, failures and the summary only.
@@ -103,6 +105,7 @@ impl Default for RunOptions {
             remote_tmp: node.remote_tmp,
             verbosity: 0,
             json: false,
+            plain: false,
             quiet: false,
             log_file: None,
             link_timeout: node.link_timeout,

@@ -812,6 +812,23 @@ struct DeepRow {
 }
 
 /// Every host at depth 2 and more in `children`'s subtrees, by path.
+/// Every host of the run by path (`r1/l1-2`), with whether it only relays (runs no graph),
+/// and this host when it runs a graph of its own: what the live view counts.
+fn view_hosts(children: &[ChildSpec], local: Option<&str>) -> Vec<(String, bool)> {
+    let mut hosts: Vec<(String, bool)> =
+        local.map(|l| (l.to_string(), false)).into_iter().collect();
+    let mut stack: Vec<(HostPath, &ChildSpec)> = children
+        .iter()
+        .map(|c| (HostPath::root().child(&c.name), c))
+        .collect();
+    while let Some((path, c)) = stack.pop() {
+        hosts.push((path.to_string(), c.graph.is_none()));
+        stack.extend(c.children.iter().map(|g| (path.child(&g.name), g)));
+    }
+    hosts.sort();
+    hosts
+}
+
 fn deep_rows(children: &[ChildSpec]) -> BTreeMap<HostPath, DeepRow> {
     let mut rows = BTreeMap::new();
     let mut stack: Vec<(HostPath, &ChildSpec)> = children
@@ -974,7 +991,12 @@ pub async fn run(options: RunOptions) -> u8 {
         None => None,
     };
 
-    let ui = match Ui::for_run(options.json, options.quiet, options.log_file.as_deref()) {
+    let ui = match Ui::for_run(
+        options.json,
+        options.plain,
+        options.quiet,
+        options.log_file.as_deref(),
+    ) {
         Ok(ui) => ui,
         Err(e) => {
             eprintln!("arbor: --log-file: {e}");
@@ -1007,6 +1029,10 @@ pub async fn run(options: RunOptions) -> u8 {
         local_reported: None,
         deep: deep_rows(&plan.children),
     };
+    view.ui.hosts(&view_hosts(
+        &plan.children,
+        engine.is_some().then_some(hostname.as_str()),
+    ));
     let mut local_status = engine.as_ref().map(|e| e.status());
     let mut local_diffs = engine.as_mut().and_then(Engine::take_diffs);
     let mut flags = converged_flags(&store.client, &keys);
@@ -1020,7 +1046,9 @@ pub async fn run(options: RunOptions) -> u8 {
         };
         tokio::select! {
             signal = signals.next() => {
-                eprintln!("arbor: {}; stopping every host", signal_name(signal));
+                crate::ui::live::suspended(|| {
+                    eprintln!("arbor: {}; stopping every host", signal_name(signal))
+                });
                 break Outcome::Stopped(signal);
             }
             event = events.recv() => {
@@ -1031,7 +1059,7 @@ pub async fn run(options: RunOptions) -> u8 {
             flag = flags.next() => match flag {
                 Some(Ok((host, value))) => view.book.converged_flag(&host, value),
                 Some(Err(e)) => {
-                    eprintln!("arbor: store: {e:#}");
+                    crate::ui::live::suspended(|| eprintln!("arbor: store: {e:#}"));
                     break Outcome::Done(exit::FAILED);
                 }
                 None => {}
@@ -1069,6 +1097,8 @@ pub async fn run(options: RunOptions) -> u8 {
             _ = super::sleep_until(deadline) => {}
         }
     };
+    // The live view ends as last drawn; what follows prints below it.
+    view.ui.stopping();
     if let Outcome::Done(exit::OK) = outcome {
         let timeout = options.converged_timeout.unwrap_or_default().as_secs();
         let unhealthy = view.book.unhealthy();
@@ -1086,7 +1116,6 @@ pub async fn run(options: RunOptions) -> u8 {
     // Teardown: children (bottom-up through the tree), then our own engine, then the store.
     // A second signal meanwhile ends the process at once.
     stop_following.cancel();
-    view.ui.stopping();
     let second_signal = {
         let drain = async {
             while let Some(event) = events.recv().await {

@@ -1,6 +1,8 @@
 //! The operator's view: every event from every host, live, one line each, and the summary at
 //! the end. Host output reads like the article's `host | line`, but as it happens.
 
+pub mod live;
+
 use crate::wire::{Event, EventKind, HostState};
 use std::io::Write;
 use std::time::Duration;
@@ -44,6 +46,13 @@ pub struct Ui {
     /// The run is being torn down: hosts still running see the ones already gone withdraw
     /// their exports, and those "changed"/"converged" flips say nothing about the run.
     stopping: bool,
+    /// `--output text`: plain lines even on a terminal.
+    plain: bool,
+    /// The live view, while one is drawn (text output on a terminal, not `-q`).
+    live: Option<live::Live>,
+    /// The live view was drawn and has ended: lines follow it as they would on it, without
+    /// timestamps.
+    live_ended: bool,
 }
 
 impl Ui {
@@ -51,9 +60,11 @@ impl Ui {
         Self::default()
     }
 
-    /// The view a run asks for: JSON or text, `quiet`, and a log file (opened to append).
+    /// The view a run asks for: JSON or text (`plain`: never the live view), `quiet`, and a
+    /// log file (opened to append).
     pub fn for_run(
         json: bool,
+        plain: bool,
         quiet: bool,
         log_file: Option<&std::path::Path>,
     ) -> std::io::Result<Self> {
@@ -68,6 +79,7 @@ impl Ui {
         };
         Ok(Ui {
             json,
+            plain,
             quiet,
             log_file,
             ..Self::default()
@@ -186,8 +198,23 @@ impl Ui {
     }
 
     /// From now on, state flips other than exits and failures are not shown.
+    /// The run's hosts, by path, each with whether it only relays (runs no graph): on a
+    /// terminal, with text output and without `-q`, the live view starts here. Elsewhere
+    /// events print as plain timestamped lines.
+    pub fn hosts(&mut self, hosts: &[(String, bool)]) {
+        if !self.json && !self.plain && !self.quiet && is_terminal() && self.live.is_none() {
+            self.live = Some(live::Live::new(hosts));
+        }
+    }
+
+    /// The run is being torn down: the live view ends (as last drawn) and what follows
+    /// prints as plain lines.
     pub fn stopping(&mut self) {
         self.stopping = true;
+        if let Some(mut live) = self.live.take() {
+            live.finish();
+            self.live_ended = true;
+        }
     }
 
     pub fn event(&mut self, event: &Event) {
@@ -209,15 +236,33 @@ impl Ui {
             self.event_json(event);
             return;
         }
-        let Some(line) = self.text_line(event) else {
+        let line = self.text_line(event);
+        if let Some(live) = self.live.as_mut() {
+            if live.event(event)
+                && let Some(line) = &line
+            {
+                live.println(line);
+            }
+            if let Some(line) = &line {
+                self.record(line);
+            }
+            return;
+        }
+        let Some(line) = line else {
             return;
         };
         self.record(&line);
         if self.quiet && Self::hidden_when_quiet(&event.kind) {
             return;
         }
+        let stamp = match self.live_ended {
+            true => String::new(),
+            false => timestamp(std::time::SystemTime::now()) + " ",
+        };
         let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "{line}");
+        for line in line.split('\n') {
+            let _ = writeln!(out, "{stamp}{line}");
+        }
         let _ = out.flush();
     }
 
@@ -258,15 +303,8 @@ impl Ui {
                     }
                     format!("{host}: copied {what} ({})", bytes(*total))
                 } else {
-                    // Progress lines only where a person watches.
-                    if !is_terminal() {
-                        return None;
-                    }
-                    format!(
-                        "{host}: copying {what} {}% of {}",
-                        sent * 100 / (*total).max(1),
-                        bytes(*total)
-                    )
+                    // Progress shows on the live view's host line, never as lines.
+                    return None;
                 }
             }
             EventKind::KnownHost { name, .. } => {
@@ -292,7 +330,7 @@ impl Ui {
     /// quote remote text: it is shown without control characters. In JSON, one `summary`
     /// object that also carries the run's exit code.
     pub fn summary(
-        &self,
+        &mut self,
         reports: &[HostReport],
         local: Option<(&str, bool, Duration)>,
         exit_code: u8,
@@ -324,6 +362,9 @@ impl Ui {
                 serde_json::json!({ "exit_code": exit_code, "hosts": hosts }),
             );
             return;
+        }
+        if let Some(mut live) = self.live.take() {
+            live.finish();
         }
         use std::fmt::Write as _;
         let mut out = String::from("\n");
