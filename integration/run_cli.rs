@@ -4,12 +4,14 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 /// Runs arbor with its state (the embedded store's data) in a fresh temp dir, so tests running
-/// side by side don't share ~/.local/state/arbor.
+/// side by side don't share ~/.local/state/arbor, and without the tester's own config file
+/// (docs/config.md).
 fn arbor(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_arbor"))
         .args(args)
         .arg("--tmp-prefix")
         .env("ARBOR_LOG", "arbor=warn")
+        .env("XDG_CONFIG_HOME", "/nonexistent/arbor-test-config")
         .output()
         .expect("run arbor")
 }
