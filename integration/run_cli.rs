@@ -182,6 +182,119 @@ fn noop_changes_nothing_and_exits_0() {
     assert!(!dir.path().join("file2a").exists());
 }
 
+/// `--diff` here (the initiator's own graph): a rewritten file, a new one, a removed one and
+/// a binary one each show what changes, in text and as JSON `diff` events; with `--noop`
+/// nothing changes, and once applied there is nothing left to show.
+#[test]
+fn diff_shows_each_change_of_a_local_run_and_noop_keeps_the_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let at = |n: &str| dir.path().join(n);
+    std::fs::write(at("conf"), "a\nb\nc\n").expect("seed");
+    std::fs::write(at("old"), "bye\n").expect("seed");
+    std::fs::write(at("blob"), b"\x7fELF\x00\x01\x02").expect("seed");
+    let graph = write(
+        dir.path(),
+        "g.yaml",
+        &format!(
+            "graph: g\nresources:\n  file:\n  - name: conf\n    path: {0}/conf\n    content: \"a\\nB\\nc\\n\"\n  - name: new\n    path: {0}/new\n    content: \"fresh\\n\"\n    mode: \"0600\"\n  - name: old\n    path: {0}/old\n    state: absent\n  - name: blob\n    path: {0}/blob\n    content: \"text\\n\"\nedges: []\n",
+            dir.path().display()
+        ),
+    );
+    let d = dir.path().display().to_string();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", "--file", &graph, "--converged-timeout", "1"];
+        args.extend_from_slice(&["--hostname", "h1", "--output", "text"]);
+        args.extend_from_slice(extra);
+        let out = arbor(&args);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // The diff lines, without their timestamps.
+        stdout
+            .lines()
+            .filter_map(|l| l.split_once(" h1 | ").map(|(_, line)| line.to_string()))
+            .collect::<Vec<_>>()
+    };
+    let want: Vec<String> = vec![
+        format!("--- {d}/conf"),
+        format!("+++ {d}/conf"),
+        "@@ -1,3 +1,3 @@".into(),
+        " a".into(),
+        "-b".into(),
+        "+B".into(),
+        " c".into(),
+        format!("{d}/new: new file, mode 0600"),
+        "--- /dev/null".into(),
+        format!("+++ {d}/new"),
+        "@@ -0,0 +1 @@".into(),
+        "+fresh".into(),
+        format!("{d}/old: removed (state: absent; it held 4 bytes)"),
+        format!("--- {d}/blob"),
+        format!("+++ {d}/blob"),
+        "Binary files differ (7 bytes on the host, 5 bytes in the graph)".into(),
+    ];
+    let sorted = |mut v: Vec<String>| {
+        // Resources are checked concurrently: diffs come in any order, each whole.
+        v.sort();
+        v
+    };
+    let shown = run(&["--noop", "--diff"]);
+    assert_eq!(sorted(shown), sorted(want.clone()));
+    assert_eq!(
+        std::fs::read_to_string(at("conf")).expect("conf"),
+        "a\nb\nc\n"
+    );
+    assert!(!at("new").exists() && at("old").exists());
+    // JSON: one `diff` event per resource, with its lines.
+    let out = arbor(&[
+        "run",
+        "--file",
+        &graph,
+        "--converged-timeout",
+        "1",
+        "--hostname",
+        "h1",
+        "--noop",
+        "--diff",
+        "--output",
+        "json",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let diffs: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["type"] == "diff")
+        .collect();
+    let mut resources: Vec<&str> = diffs
+        .iter()
+        .filter_map(|v| v["resource"].as_str())
+        .collect();
+    resources.sort();
+    assert_eq!(
+        resources,
+        ["file[blob]", "file[conf]", "file[new]", "file[old]"],
+        "{stdout}"
+    );
+    assert!(
+        diffs
+            .iter()
+            .all(|v| v["host"] == "h1" && v["lines"].is_array()),
+        "{stdout}"
+    );
+    // Applied: the same diffs, the files changed, and then nothing to show.
+    assert_eq!(sorted(run(&["--diff"])), sorted(want));
+    assert_eq!(
+        std::fs::read_to_string(at("conf")).expect("conf"),
+        "a\nB\nc\n"
+    );
+    assert!(at("new").exists() && !at("old").exists());
+    assert_eq!(run(&["--diff"]), Vec::<String>::new());
+}
+
 #[test]
 fn exec_output_reaches_the_log_tagged_with_the_resource() {
     let dir = tempfile::tempdir().expect("tempdir");
