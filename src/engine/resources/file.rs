@@ -287,10 +287,19 @@ fn content_diff(
     let shown = spec.path.display().to_string();
     let mut lines = Capped::default();
     match current {
-        None => lines.push(&format!(
-            "{shown}: new file, mode {:04o}",
-            spec.mode.unwrap_or(DEFAULT_MODE)
-        )),
+        None => {
+            let mut line = format!(
+                "{shown}: new file, mode {:04o}",
+                spec.mode.unwrap_or(DEFAULT_MODE)
+            );
+            if let Some(uid) = uid {
+                line.push_str(&format!(", owner {uid}"));
+            }
+            if let Some(gid) = gid {
+                line.push_str(&format!(", group {gid}"));
+            }
+            lines.push(&line);
+        }
         Some(_) => {
             let meta = fs::metadata(&spec.path).with_context(|| format!("stat {shown}"))?;
             let uid = uid.filter(|u| *u != meta.uid());
@@ -644,6 +653,14 @@ mod tests {
         s.owner = Some("65534".into());
         s.group = Some("65534".into());
         s.mode = Some(0o4750);
+        let (_, diff) = check_apply_diff(&s, true, true).expect("noop diff");
+        assert_eq!(
+            diff.as_ref().and_then(|d| d.first()),
+            Some(&format!(
+                "{}: new file, mode 4750, owner 65534, group 65534",
+                path.display()
+            ))
+        );
         let first = check_apply(&s, false).expect("create");
         assert!(matches!(first, Outcome::Changed(_)), "{first:?}");
         let meta = fs::metadata(&path).expect("stat");
@@ -652,6 +669,17 @@ mod tests {
         assert_eq!(check_apply(&s, false).expect("again"), Outcome::Unchanged);
         // Drifted: repaired without rewriting the content.
         std::os::unix::fs::chown(&path, Some(0), Some(0)).expect("chown");
+        let (_, diff) = check_apply_diff(&s, true, true).expect("noop diff");
+        let shown = path.display();
+        assert_eq!(
+            diff,
+            Some(vec![
+                format!("{shown}: owner 0 -> 65534"),
+                format!("{shown}: group 0 -> 65534"),
+                // The chown cleared setuid.
+                format!("{shown}: mode 0750 -> 4750"),
+            ])
+        );
         let noop = check_apply(&s, true).expect("noop");
         assert!(
             matches!(noop, Outcome::WouldChange(ref m) if m.contains("chown")),
