@@ -624,6 +624,20 @@ fn config_files_then_arbor_variables_then_the_command_line_set_flags() {
     let out = arbor_configured(&home, Some(&xdg), None, &json, &on_the_command_line).expect("run");
     assert_eq!(output_format(&out), "text");
 
+    // `quiet` from a file hides the states; -v on the command line beats it (no conflict).
+    std::fs::write(xdg.join("arbor/config.toml"), "quiet = true\n").expect("xdg config");
+    let states = |extra: &[&str]| {
+        let out = arbor_configured(&home, Some(&xdg), None, &[], &[&run[..], extra].concat())
+            .expect("run");
+        assert_eq!(output_format(&out), "text");
+        String::from_utf8_lossy(&out.stdout).contains(": converged")
+    };
+    assert!(!states(&[]), "quiet from the config file did not apply");
+    assert!(
+        states(&["-v"]),
+        "-v did not beat quiet from the config file"
+    );
+
     // /etc/arbor/config.toml: under the user's file, which beats it key by key.
     let system = "output = \"json\"\ncconns = 3\n";
     std::fs::remove_file(home.join(".config/arbor/config.toml")).expect("rm");
