@@ -811,3 +811,53 @@ resources:
     }
     e.stop().await;
 }
+
+#[tokio::test]
+async fn a_lease_that_expired_under_a_living_host_is_replaced_and_its_keys_written_again() {
+    use crate::engine::resources::{FileSpec, FileState, ResourceSpec};
+    let client = new_store().await;
+    let ex = StoreExchange::new(
+        client.clone(),
+        crate::engine::exchange::Keys::for_run("test"),
+    );
+    let spec = ResourceSpec::File(FileSpec {
+        name: "from-a".into(),
+        path: "/tmp/from-a".into(),
+        content: Some("hello from a\n".into()),
+        state: FileState::Exists,
+        ..FileSpec::default()
+    });
+    ex.publish("a", vec![spec]).await.expect("publish");
+    ex.set_converged("a", true).await.expect("flag");
+    let export = "/arbor/runs/test/exports/a/file/from-a";
+    let flag = "/arbor/runs/test/converged/a";
+    let lease = client
+        .get(export)
+        .await
+        .expect("get export")
+        .map(|kv| kv.lease())
+        .expect("the export is there");
+    // As the store does when a lease runs out while the host cannot reach it.
+    client.lease_revoke(lease).await.expect("revoke");
+    assert!(client.get(export).await.expect("get").is_none());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (e, f) = (
+            client.get(export).await.expect("get export"),
+            client.get(flag).await.expect("get flag"),
+        );
+        if let (Some(e), Some(f)) = (&e, &f) {
+            assert_ne!(e.lease(), lease, "written on the old lease");
+            assert_eq!(e.lease(), f.lease());
+            assert_eq!(f.value(), b"true");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the exports and flag were not written again within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ex.withdraw("a").await.expect("withdraw");
+    assert!(client.get(export).await.expect("get").is_none());
+}

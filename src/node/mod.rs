@@ -15,6 +15,7 @@
 //! | stage | putting arbor and a graph on one host |
 //! | builds | the builds of arbor a node can copy, and fetching them from the parent |
 //! | child_link | the parent's end of the link to one child (tunnel, exec, frames) |
+//! | store_members | where children's store tunnels end over TCP: failover between etcd members |
 //! | last_failed | the hosts that failed in the last run, for `--limit @failed` |
 //! | exec | `arbor exec`: an ad-hoc command on targeted hosts, through relays; output and exit codes |
 //! | parent_link | a child's end of the link to its parent (stdin/stdout frames, log) |
@@ -31,6 +32,7 @@ pub mod relay;
 pub mod run_book;
 pub mod seeds;
 pub mod stage;
+pub mod store_members;
 
 use std::path::PathBuf;
 
@@ -95,25 +97,18 @@ pub(crate) fn seed_endpoints(seeds: &[String]) -> Result<crate::store::client::E
     crate::store::client::Endpoints::parse(&urls.join(",")).map_err(|e| format!("{e:#}"))
 }
 
-/// Connects each child's store tunnel to `endpoints` (its first URL for a cluster).
+/// Connects each child's store tunnel to `endpoints`: the Unix socket, or the first member of
+/// a cluster that accepts the connection, starting from the last one that did
+/// ([`store_members`]).
 pub(crate) async fn store_connector(
     endpoints: &crate::store::client::Endpoints,
 ) -> Result<std::sync::Arc<dyn crate::ssh::Connector>, String> {
     use crate::store::client::Endpoints;
     match endpoints {
         Endpoints::Unix(path) => Ok(crate::ssh::forward::to_unix(path.clone())),
-        Endpoints::Http(urls) => {
-            let first = urls
-                .first()
-                .map(|u| u.trim_start_matches("http://"))
-                .ok_or("no store endpoint")?;
-            let addr = tokio::net::lookup_host(first)
-                .await
-                .map_err(|e| format!("store endpoint {first}: {e}"))?
-                .next()
-                .ok_or_else(|| format!("store endpoint {first}: no address"))?;
-            Ok(crate::ssh::forward::to_tcp(addr))
-        }
+        Endpoints::Http(urls) => Ok(store_members::StoreMembers::resolve(urls)
+            .await?
+            .connector()),
     }
 }
 

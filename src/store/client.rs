@@ -296,48 +296,37 @@ impl StoreClient {
     }
 
     /// Keeps lease `id` alive, renewing it every `ttl / 3` seconds through reconnections,
-    /// until the handle is dropped or the store says the lease is gone.
+    /// until the handle is dropped or the store says the lease is gone. A renewal that fails
+    /// (the connection broke, or nothing answered within `ttl / 3`) is tried again on a new
+    /// stream after [`RENEW_RETRY`], so a client whose tunnel moved to another member renews
+    /// well before the lease runs out.
     pub fn keep_alive(&self, id: i64, ttl: i64) -> KeepAlive {
         let client = self.client.clone();
         let every = Duration::from_secs(u64::try_from(ttl / 3).unwrap_or(0).max(1));
+        let expired = tokio_util::sync::CancellationToken::new();
+        let said = expired.clone();
         let task = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut open: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> =
-                None;
+            let mut open = None;
+            // Opening the stream renews the lease once: do it at once.
+            let mut wait = Duration::ZERO;
             loop {
-                tick.tick().await;
-                let renewed = match open.as_mut() {
-                    // Opening the stream renews the lease once.
-                    None => client.clone().lease_keep_alive(id).await.map(|s| {
-                        open = Some(s);
-                    }),
-                    Some((keeper, stream)) => match keeper.keep_alive().await {
-                        Ok(()) => match stream.message().await {
-                            Ok(Some(_)) => Ok(()),
-                            Ok(None) => Err(etcd_client::Error::WatchError(
-                                "keep-alive stream closed".to_string(),
-                            )),
-                            Err(e) => Err(e),
-                        },
-                        Err(e) => Err(e),
-                    },
-                };
-                match renewed {
-                    Ok(()) => {}
-                    // etcd-client's way of saying the store answered TTL 0.
-                    Err(etcd_client::Error::LeaseKeepAliveError(_)) => {
+                tokio::time::sleep(wait).await;
+                match renew(&client, id, &mut open, every).await {
+                    Renewal::Renewed => wait = every,
+                    Renewal::Expired => {
                         tracing::warn!("store: lease {id:x} expired; no longer renewing it");
+                        said.cancel();
                         return;
                     }
-                    Err(e) => {
+                    Renewal::Broken(e) => {
                         tracing::debug!("store: renewing lease {id:x}: {e}; will retry");
                         open = None;
+                        wait = RENEW_RETRY.min(every);
                     }
                 }
             }
         });
-        KeepAlive { task }
+        KeepAlive { task, expired }
     }
 
     /// Every change under `prefix` from revision `from_rev` on (0: from now), in revision
@@ -366,12 +355,73 @@ impl StoreClient {
 /// Renews a lease while alive; dropping it stops renewing (the lease then expires by itself).
 pub struct KeepAlive {
     task: tokio::task::JoinHandle<()>,
+    expired: tokio_util::sync::CancellationToken,
 }
 
 impl KeepAlive {
     /// False once the lease is known to have expired.
     pub fn is_alive(&self) -> bool {
-        !self.task.is_finished()
+        !self.expired.is_cancelled() && !self.task.is_finished()
+    }
+
+    /// Completes when the store has said the lease is gone (its keys with it); never while
+    /// the store is only out of reach.
+    pub fn expiry(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.expired.clone().cancelled_owned()
+    }
+}
+
+/// How soon a renewal that failed is tried again.
+const RENEW_RETRY: Duration = Duration::from_millis(500);
+
+/// What one renewal of a lease found.
+enum Renewal {
+    Renewed,
+    /// The store answered that the lease is gone.
+    Expired,
+    /// No answer: the connection broke, or nothing came back in time.
+    Broken(String),
+}
+
+type KeepAliveStream = (etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream);
+
+/// Renews lease `id` once, on the stream in `open` (opened first if there is none).
+async fn renew(
+    client: &Client,
+    id: i64,
+    open: &mut Option<KeepAliveStream>,
+    within: Duration,
+) -> Renewal {
+    let attempt = async {
+        match open {
+            None => match client.clone().lease_keep_alive(id).await {
+                Ok(stream) => {
+                    *open = Some(stream);
+                    Renewal::Renewed
+                }
+                // etcd-client's way of saying the store answered TTL 0 to the first renewal.
+                Err(etcd_client::Error::LeaseKeepAliveError(e)) if e == "lease not found" => {
+                    Renewal::Expired
+                }
+                Err(e) => Renewal::Broken(e.to_string()),
+            },
+            Some((keeper, stream)) => {
+                // A failed send means the stream is gone with its connection, not the lease.
+                if let Err(e) = keeper.keep_alive().await {
+                    return Renewal::Broken(e.to_string());
+                }
+                match stream.message().await {
+                    Ok(Some(resp)) if resp.ttl() <= 0 => Renewal::Expired,
+                    Ok(Some(_)) => Renewal::Renewed,
+                    Ok(None) => Renewal::Broken("keep-alive stream closed".into()),
+                    Err(e) => Renewal::Broken(e.to_string()),
+                }
+            }
+        }
+    };
+    match tokio::time::timeout(within, attempt).await {
+        Ok(renewal) => renewal,
+        Err(_) => Renewal::Broken(format!("no answer within {within:?}")),
     }
 }
 
