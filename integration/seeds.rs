@@ -940,7 +940,11 @@ fn when_the_member_in_use_dies_tunnels_fail_over_and_exports_and_edits_live_on(
     );
     check!(code == Some(130), "exit {code:?} after ^C\n{}", log(&seen));
     let users = cluster.root(&["user", "list"])?;
-    check!(users.trim() == "root", "users left:\n{users}");
+    check!(
+        users.trim() == "root",
+        "users left:\n{users}\n{}",
+        log(&seen)
+    );
     check_no_leftovers(lab)?;
     Ok(())
 }

@@ -15,7 +15,6 @@
 //! | stage | putting arbor and a graph on one host |
 //! | builds | the builds of arbor a node can copy, and fetching them from the parent |
 //! | child_link | the parent's end of the link to one child (tunnel, exec, frames) |
-//! | store_members | where children's store tunnels end over TCP: failover between etcd members |
 //! | last_failed | the hosts that failed in the last run, for `--limit @failed` |
 //! | exec | `arbor exec`: an ad-hoc command on targeted hosts, through relays; output and exit codes |
 //! | parent_link | a child's end of the link to its parent (stdin/stdout frames, log) |
@@ -32,7 +31,6 @@ pub mod relay;
 pub mod run_book;
 pub mod seeds;
 pub mod stage;
-pub mod store_members;
 
 use std::path::PathBuf;
 
@@ -97,18 +95,32 @@ pub(crate) fn seed_endpoints(seeds: &[String]) -> Result<crate::store::client::E
     crate::store::client::Endpoints::parse(&urls.join(",")).map_err(|e| format!("{e:#}"))
 }
 
-/// Connects each child's store tunnel to `endpoints`: the Unix socket, or the first member of
-/// a cluster that accepts the connection, starting from the last one that did
-/// ([`store_members`]).
-pub(crate) async fn store_connector(
+/// Connects each child's store tunnel to the store: the Unix socket at `endpoints`, or, for a
+/// cluster (or a tunnel end on a TCP port), the member `client` connects to at the time, so
+/// tunnels and the node's own client fail over together ([`crate::store::members`]).
+pub(crate) fn store_connector(
+    client: &crate::store::client::StoreClient,
     endpoints: &crate::store::client::Endpoints,
 ) -> Result<std::sync::Arc<dyn crate::ssh::Connector>, String> {
     use crate::store::client::Endpoints;
-    match endpoints {
-        Endpoints::Unix(path) => Ok(crate::ssh::forward::to_unix(path.clone())),
-        Endpoints::Http(urls) => Ok(store_members::StoreMembers::resolve(urls)
-            .await?
-            .connector()),
+    match (endpoints, client.members()) {
+        (Endpoints::Unix(path), _) => Ok(crate::ssh::forward::to_unix(path.clone())),
+        (Endpoints::Http(_), Some(members)) => Ok(std::sync::Arc::new(
+            move |mut stream: crate::ssh::forward::ForwardedStream| {
+                let members = members.clone();
+                tokio::spawn(async move {
+                    // A connection no member takes is dropped: the host's client sees it close
+                    // and tries again (the failure is said once, by `members`).
+                    if let Ok(mut member) = members.connect().await {
+                        let _ = tokio::io::copy_bidirectional(&mut stream, &mut member).await;
+                    }
+                });
+            },
+        )),
+        (Endpoints::Http(urls), None) => Err(format!(
+            "store endpoints {}: the client has no members",
+            urls.join(",")
+        )),
     }
 }
 

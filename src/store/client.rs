@@ -13,6 +13,7 @@ use etcd_client::{
     WatchOptions,
 };
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -112,6 +113,8 @@ pub enum WatchLost {
 pub struct StoreClient {
     client: Client,
     target: String,
+    /// A cluster's members, which one connections go to (`None` for a Unix socket).
+    members: Option<Arc<super::members::Members>>,
 }
 
 impl StoreClient {
@@ -135,18 +138,20 @@ impl StoreClient {
         };
         match endpoints {
             Endpoints::Http(urls) => {
-                let options = with_user(
-                    ConnectOptions::new()
-                        .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
-                        .with_keep_alive_while_idle(true)
-                        .with_connect_timeout(CONNECT_TIMEOUT),
-                );
-                let client = Client::connect(urls, Some(options))
+                let target = urls.join(",");
+                let members = super::members::Members::resolve(urls)
                     .await
-                    .with_context(|| format!("connecting to the store at {}", urls.join(",")))?;
+                    .map_err(|e| anyhow::anyhow!(e))
+                    .with_context(|| format!("connecting to the store at {target}"))?;
+                let channel = members_channel(members.clone())?;
+                let options = user.map(|_| with_user(ConnectOptions::new()));
+                let client = Client::from_channel(etcd_client::Channel::Tonic(channel), options)
+                    .await
+                    .with_context(|| format!("connecting to the store at {target}"))?;
                 Ok(StoreClient {
                     client,
-                    target: urls.join(","),
+                    target,
+                    members: Some(members),
                 })
             }
             Endpoints::Unix(path) => {
@@ -160,9 +165,16 @@ impl StoreClient {
                 Ok(StoreClient {
                     client,
                     target: format!("unix:{}", path.display()),
+                    members: None,
                 })
             }
         }
+    }
+
+    /// The members a client of a cluster connects to (`None` for a Unix socket): children's
+    /// store tunnels connect through the same ones, so they fail over together.
+    pub fn members(&self) -> Option<Arc<super::members::Members>> {
+        self.members.clone()
     }
 
     /// The underlying etcd-client, for what the helpers here do not cover.
@@ -573,15 +585,35 @@ impl ResumingWatch {
     }
 }
 
-/// A channel that dials the Unix socket at `path` on demand (and again after a break).
-fn unix_channel(path: PathBuf) -> anyhow::Result<tonic::transport::Channel> {
-    // The URI only fills the HTTP/2 :authority; the connector ignores it.
-    let endpoint = tonic::transport::Endpoint::try_from("http://arbor-store")
+/// The tonic endpoint of a channel whose connector picks where it connects: the URI only
+/// fills the HTTP/2 :authority.
+fn store_endpoint() -> anyhow::Result<tonic::transport::Endpoint> {
+    Ok(tonic::transport::Endpoint::try_from("http://arbor-store")
         .context("building the store endpoint")?
-        .connect_timeout(CONNECT_TIMEOUT)
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true);
+        .keep_alive_while_idle(true))
+}
+
+/// A channel that connects to a cluster's members on demand (and again after a break), one at
+/// a time, failing over from a member that does not answer to the next
+/// ([`super::members::Members`]). Each member gets its own connect timeout there.
+fn members_channel(
+    members: Arc<super::members::Members>,
+) -> anyhow::Result<tonic::transport::Channel> {
+    let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+        let members = members.clone();
+        async move {
+            let stream = members.connect().await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+        }
+    });
+    Ok(store_endpoint()?.connect_with_connector_lazy(connector))
+}
+
+/// A channel that dials the Unix socket at `path` on demand (and again after a break).
+fn unix_channel(path: PathBuf) -> anyhow::Result<tonic::transport::Channel> {
+    let endpoint = store_endpoint()?.connect_timeout(CONNECT_TIMEOUT);
     let connector = tower::service_fn(move |_: tonic::transport::Uri| {
         let path = path.clone();
         async move {

@@ -1,28 +1,27 @@
-//! Where the store tunnels of a node's children end when the store is reached over TCP: the
-//! members of the etcd given with `--seeds` (at the initiator), or a relay's own tunnel end
-//! where its server gave it a loopback port (one endpoint).
+//! The members of an etcd cluster given as several `http://host:port` URLs (`--seeds`), and
+//! failing over between them: every new connection, the client's own and each one a child's
+//! store tunnel forwards, goes to the member that last took one, else to the next that does,
+//! in turn. When the member in use dies, the next connection (clients reconnect by
+//! themselves) lands on a living member, and so do all after it. One URL (a relay's tunnel end
+//! on a loopback port) is a cluster of one.
 //!
-//! Every connection a child's tunnel forwards is piped to one endpoint, tried in turn starting
-//! from the last one that worked: when the member in use dies, the next connection (a host's
-//! etcd client reconnects by itself) lands on a living member, and so do all after it. Nothing
-//! follows a member that hangs while its port still accepts: that connection stays with it
-//! until the host's client gives up on it (its keepalive), and the next one is accepted by the
+//! Not covered: a member that hangs while its port still accepts. Its connections stay with it
+//! until the client's keepalive gives up on them, and the next connection is accepted by the
 //! same port again (docs/remote.md).
 //!
-//! A switch is said once, at warn level, naming the endpoint given up and the new one; so is a
+//! A switch is said once, at warn level, naming the member given up and the new one; so is a
 //! time when none answers, until one does again. Single connections that fail are debug.
 
-use crate::ssh::forward::{Connector, ForwardedStream};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpStream;
 
-/// How long one endpoint may take to accept a connection before the next is tried (a member
+/// How long one member may take to accept a connection before the next is tried (a member
 /// whose machine is gone answers nothing, rather than refusing).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// The endpoints, and which one connections go to first.
-pub(crate) struct StoreMembers {
+/// The members, and which one connections go to first.
+pub struct Members {
     /// `host:port`, as given (resolved again for each connection).
     endpoints: Vec<String>,
     state: Mutex<Preferred>,
@@ -31,14 +30,14 @@ pub(crate) struct StoreMembers {
 struct Preferred {
     /// The endpoint the last successful connection went to.
     index: usize,
-    /// Whether "no endpoint answers" was said since the last success.
+    /// Whether "no member answers" was said since the last success.
     all_down_said: bool,
 }
 
-impl StoreMembers {
-    /// The endpoints `host:port` (or `http://host:port`), each checked to resolve now, so a
+impl Members {
+    /// The members at `host:port` (or `http://host:port`), each checked to resolve now, so a
     /// typo fails the run before any host is contacted.
-    pub(crate) async fn resolve(urls: &[String]) -> Result<Arc<StoreMembers>, String> {
+    pub async fn resolve(urls: &[String]) -> Result<Arc<Members>, String> {
         let mut endpoints = Vec::new();
         for url in urls {
             let endpoint = url.trim_start_matches("http://").to_string();
@@ -52,29 +51,13 @@ impl StoreMembers {
         if endpoints.is_empty() {
             return Err("no store endpoint".into());
         }
-        Ok(Arc::new(StoreMembers {
+        Ok(Arc::new(Members {
             endpoints,
             state: Mutex::new(Preferred {
                 index: 0,
                 all_down_said: false,
             }),
         }))
-    }
-
-    /// A connector that pipes each forwarded connection to the first endpoint that accepts it.
-    pub(crate) fn connector(self: &Arc<Self>) -> Arc<dyn Connector> {
-        let members = self.clone();
-        Arc::new(move |mut stream: ForwardedStream| {
-            let members = members.clone();
-            tokio::spawn(async move {
-                // A connection no endpoint takes is dropped: the host's client sees it close
-                // and tries again.
-                if let Some(mut member) = members.connect().await {
-                    let _ = member.set_nodelay(true);
-                    let _ = tokio::io::copy_bidirectional(&mut stream, &mut member).await;
-                }
-            });
-        })
     }
 
     /// The preferred endpoint now (`host:port`).
@@ -88,8 +71,8 @@ impl StoreMembers {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A connection to the preferred endpoint, else to the next that accepts one.
-    pub(crate) async fn connect(&self) -> Option<TcpStream> {
+    /// A connection to the preferred member, else to the next that accepts one.
+    pub async fn connect(&self) -> std::io::Result<TcpStream> {
         let first = self.lock().index;
         let count = self.endpoints.len();
         let mut failed = Vec::new();
@@ -101,25 +84,28 @@ impl StoreMembers {
                     .await
                 {
                     Ok(Ok(stream)) => {
+                        let _ = stream.set_nodelay(true);
                         self.connected(first, index, &failed);
-                        return Some(stream);
+                        return Ok(stream);
                     }
                     Ok(Err(e)) => e.to_string(),
                     Err(_) => format!("no answer within {CONNECT_TIMEOUT:?}"),
                 };
-            tracing::debug!("store tunnel: connecting to {endpoint}: {cause}");
+            tracing::debug!("store: connecting to {endpoint}: {cause}");
             failed.push(format!("{endpoint} ({cause})"));
         }
+        let failed = failed.join(", ");
         let mut state = self.lock();
         if !state.all_down_said {
             state.all_down_said = true;
             tracing::warn!(
-                "store tunnels: no store endpoint answers: {}; hosts are cut off from the store \
-                 until one does",
-                failed.join(", ")
+                "store: no member answers: {failed}; the store is out of reach until one does"
             );
         }
-        None
+        Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            format!("no store member answers: {failed}"),
+        ))
     }
 
     /// A connection that started at endpoint `first` succeeded at `index`, after `failed`.
@@ -130,13 +116,13 @@ impl StoreMembers {
         if index != first && state.index == first {
             state.index = index;
             tracing::warn!(
-                "store tunnels: {} given up; store tunnels now go to {}",
+                "store: member {} given up; connections to the store now go to {}",
                 failed.join(", "),
                 self.endpoints[index]
             );
         } else if was_down {
             tracing::warn!(
-                "store tunnels: {} answers again; store tunnels go to it",
+                "store: member {} answers again; connections to the store go to it",
                 self.endpoints[index]
             );
         }
@@ -162,7 +148,7 @@ mod tests {
         let b = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let urls =
             [a.local_addr(), b.local_addr()].map(|addr| format!("http://{}", addr.expect("addr")));
-        let members = StoreMembers::resolve(&urls).await.expect("resolve");
+        let members = Members::resolve(&urls).await.expect("resolve");
         for _ in 0..3 {
             let _stream = members.connect().await.expect("connect");
             a.accept().await.expect("a accepts");
@@ -177,7 +163,7 @@ mod tests {
         let c = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let live_b = b.local_addr().expect("addr").to_string();
         let live_c = c.local_addr().expect("addr").to_string();
-        let members = StoreMembers::resolve(&[dead, live_b.clone(), live_c.clone()])
+        let members = Members::resolve(&[dead, live_b.clone(), live_c.clone()])
             .await
             .expect("resolve");
         let _first = members.connect().await.expect("connect");
@@ -195,16 +181,16 @@ mod tests {
 
     #[tokio::test]
     async fn no_endpoint_answering_gives_no_connection() {
-        let members = StoreMembers::resolve(&[closed_port().await, closed_port().await])
+        let members = Members::resolve(&[closed_port().await, closed_port().await])
             .await
             .expect("resolve");
-        assert!(members.connect().await.is_none());
-        assert!(members.connect().await.is_none());
+        assert!(members.connect().await.is_err());
+        assert!(members.connect().await.is_err());
     }
 
     #[tokio::test]
     async fn an_endpoint_that_does_not_resolve_fails_at_once() {
-        let err = StoreMembers::resolve(&["http://no-such-host.invalid:2379".to_string()])
+        let err = Members::resolve(&["http://no-such-host.invalid:2379".to_string()])
             .await
             .err()
             .unwrap_or_default();
