@@ -5,7 +5,8 @@
 //! a host that dies without withdrawing loses its exports and converged flag when the lease
 //! runs out, and collectors see them go. A lease that expires while the host lives (the store
 //! was out of reach for longer than that) is replaced, and the host's exports and flag are
-//! written again on the new one as soon as the store answers.
+//! written again on the new one as soon as the store answers; so are those whose write failed
+//! (the connection broke under it), without waiting for the host's next change.
 
 use super::exchange::{Exchange, ExportedResource, Keys, decode_spec, encode_spec};
 use super::resources::{Kind, ResourceSpec};
@@ -17,7 +18,7 @@ use futures::stream::BoxStream;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Notify};
 
 /// Seconds a host's keys outlive the host.
 pub const LEASE_TTL: i64 = 10;
@@ -38,14 +39,17 @@ struct Shared {
 }
 
 /// What the exchange holds for one host: its lease, and what it last wrote on it, so that it
-/// can write it all again on a new lease should the old one expire (the store was out of
-/// reach longer than [`LEASE_TTL`]: the host's exports and flag went with the lease).
+/// can write it again after a write failed, or on a new lease should the old one expire (the
+/// store was out of reach longer than [`LEASE_TTL`]: the host's exports and flag went with the
+/// lease).
 #[derive(Default)]
 struct HostKeys {
     lease: Option<(i64, KeepAlive)>,
     exports: Option<Vec<ResourceSpec>>,
     converged: Option<bool>,
-    /// Waits for the lease's expiry and writes everything again; stopped with the host.
+    /// Told when a write failed: [`keep_written`] tries it again.
+    unwritten: Arc<Notify>,
+    /// [`keep_written`] for this host; stopped with the host.
     restorer: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -97,12 +101,13 @@ impl Shared {
         Ok(id)
     }
 
-    /// Starts the host's [`restore_on_expiry`] once it has a lease.
-    fn watch_expiry(self: &Arc<Self>, host: &str, keys: &mut HostKeys) {
+    /// Starts the host's [`keep_written`], once.
+    fn keep_written(self: &Arc<Self>, host: &str, keys: &mut HostKeys) {
         if keys.restorer.is_none() {
-            keys.restorer = Some(tokio::spawn(restore_on_expiry(
+            keys.restorer = Some(tokio::spawn(keep_written(
                 Arc::downgrade(self),
                 host.to_string(),
+                keys.unwritten.clone(),
             )));
         }
     }
@@ -114,19 +119,45 @@ impl Shared {
     ) -> anyhow::Result<()> {
         let mut hosts = self.hosts.lock().await;
         let keys = hosts.entry(host.to_string()).or_default();
+        self.keep_written(host, keys);
         keys.exports = Some(exports.clone());
-        let lease = self.lease(host, keys).await?;
-        self.watch_expiry(host, keys);
-        self.write_exports(host, &exports, lease).await
+        let written = async {
+            let lease = self.lease(host, keys).await?;
+            self.write_exports(host, &exports, lease).await
+        }
+        .await;
+        if written.is_err() {
+            keys.unwritten.notify_one();
+        }
+        written
     }
 
     async fn set_converged(self: &Arc<Self>, host: &str, converged: bool) -> anyhow::Result<()> {
         let mut hosts = self.hosts.lock().await;
         let keys = hosts.entry(host.to_string()).or_default();
+        self.keep_written(host, keys);
         keys.converged = Some(converged);
+        let written = async {
+            let lease = self.lease(host, keys).await?;
+            self.write_converged(host, converged, lease).await
+        }
+        .await;
+        if written.is_err() {
+            keys.unwritten.notify_one();
+        }
+        written
+    }
+
+    /// Writes everything the host holds (its exports and flag) on its lease.
+    async fn write_all(&self, host: &str, keys: &mut HostKeys) -> anyhow::Result<()> {
         let lease = self.lease(host, keys).await?;
-        self.watch_expiry(host, keys);
-        self.write_converged(host, converged, lease).await
+        if let Some(exports) = &keys.exports {
+            self.write_exports(host, exports, lease).await?;
+        }
+        if let Some(converged) = keys.converged {
+            self.write_converged(host, converged, lease).await?;
+        }
+        Ok(())
     }
 
     async fn write_converged(&self, host: &str, converged: bool, lease: i64) -> anyhow::Result<()> {
@@ -180,22 +211,33 @@ impl Shared {
     }
 }
 
-/// Writes a host's keys again each time its lease expires, on a new lease, retrying while the
-/// store is out of reach, so exports come back without waiting for the host's next change.
-/// Ends when the exchange is gone; the host's withdrawal aborts it.
-async fn restore_on_expiry(shared: std::sync::Weak<Shared>, host: String) {
+/// Writes a host's keys again whenever they may be missing from the store: after a write
+/// failed (the connection broke under it, say when a member died), and each time its lease
+/// expires (on a new lease). Retries while the store is out of reach, so exports and flags come
+/// back without waiting for the host's next change. Ends when the exchange is gone; the host's
+/// withdrawal aborts it.
+async fn keep_written(shared: std::sync::Weak<Shared>, host: String, unwritten: Arc<Notify>) {
     loop {
         let expiry = {
             let Some(shared) = shared.upgrade() else {
                 return;
             };
             let hosts = shared.hosts.lock().await;
-            match hosts.get(&host).and_then(|k| k.lease.as_ref()) {
-                Some((_, keep)) => keep.expiry(),
-                None => return,
+            let Some(keys) = hosts.get(&host) else {
+                return;
+            };
+            keys.lease.as_ref().map(|(_, keep)| keep.expiry())
+        };
+        let expired = async {
+            match expiry {
+                Some(expiry) => expiry.await,
+                None => std::future::pending().await,
             }
         };
-        expiry.await;
+        tokio::select! {
+            () = expired => {}
+            () = unwritten.notified() => {}
+        }
         loop {
             let Some(shared) = shared.upgrade() else {
                 return;
@@ -204,8 +246,11 @@ async fn restore_on_expiry(shared: std::sync::Weak<Shared>, host: String) {
             let Some(keys) = hosts.get_mut(&host) else {
                 return;
             };
-            match shared.lease(&host, keys).await {
-                Ok(_) => break,
+            match shared.write_all(&host, keys).await {
+                Ok(()) => {
+                    tracing::debug!("store: {host}'s keys written again");
+                    break;
+                }
                 Err(e) => tracing::debug!("store: writing {host}'s keys again: {e:#}; will retry"),
             }
             drop(hosts);

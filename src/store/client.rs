@@ -459,16 +459,38 @@ enum End {
     Stop,
     /// The connection broke: make the watch again.
     Retry,
+    /// The store refused the watch ("permission denied"): with credentials, the token it was
+    /// made with may have expired at the member now answering (etcd 3.4 refuses a watch
+    /// rather than failing the call, so the client does not authenticate again by itself).
+    Denied,
 }
+
+/// How often a refused watch may make the client authenticate again (each costs the etcd a
+/// bcrypt hash).
+const REAUTH_EVERY: Duration = Duration::from_secs(10);
 
 impl ResumingWatch {
     async fn run(mut self) {
         let mut backoff = RETRY_MIN;
+        let mut reauthenticated: Option<tokio::time::Instant> = None;
         loop {
             let delivered_before = self.next;
             match self.watch_once().await {
                 End::Stop => return,
                 End::Retry => {}
+                End::Denied => {
+                    if reauthenticated.is_none_or(|at| at.elapsed() >= REAUTH_EVERY) {
+                        reauthenticated = Some(tokio::time::Instant::now());
+                        match self.client.refresh_token().await {
+                            // Again at once, while the new token is fresh.
+                            Ok(()) => continue,
+                            Err(e) => tracing::debug!(
+                                "store: watch on {:?}: authenticating again: {e}",
+                                self.prefix_str()
+                            ),
+                        }
+                    }
+                }
             }
             if self.next != delivered_before {
                 backoff = RETRY_MIN;
@@ -542,6 +564,14 @@ impl ResumingWatch {
                 return End::Stop;
             }
             if resp.canceled() {
+                tracing::debug!(
+                    "store: watch on {:?} canceled: {}",
+                    self.prefix_str(),
+                    resp.cancel_reason()
+                );
+                if resp.cancel_reason().contains("permission denied") {
+                    return End::Denied;
+                }
                 return End::Retry;
             }
             if resp.created() {
