@@ -459,9 +459,9 @@ enum End {
     Stop,
     /// The connection broke: make the watch again.
     Retry,
-    /// The store refused the watch ("permission denied"): with credentials, the token it was
-    /// made with may have expired at the member now answering (etcd 3.4 refuses a watch
-    /// rather than failing the call, so the client does not authenticate again by itself).
+    /// The store refused the watch's token ("invalid auth token"): it expired, say at the
+    /// member now answering. etcd 3.4 cancels the watch rather than failing the call, so
+    /// etcd-client does not authenticate again by itself.
     Denied,
 }
 
@@ -569,7 +569,7 @@ impl ResumingWatch {
                     self.prefix_str(),
                     resp.cancel_reason()
                 );
-                if resp.cancel_reason().contains("permission denied") {
+                if resp.cancel_reason().contains("invalid auth token") {
                     return End::Denied;
                 }
                 return End::Retry;
