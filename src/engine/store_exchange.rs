@@ -23,7 +23,7 @@ use tokio::sync::{Mutex, Notify};
 /// Seconds a host's keys outlive the host.
 pub const LEASE_TTL: i64 = 10;
 
-/// How soon publishing again after an expiry is retried while the store is out of reach.
+/// How soon writing a host's keys again is retried while the store is out of reach.
 const RESTORE_RETRY: Duration = Duration::from_secs(1);
 
 /// The store as the engine's exchange. Clones share the client and the leases.
@@ -248,7 +248,8 @@ async fn keep_written(shared: std::sync::Weak<Shared>, host: String, unwritten: 
             };
             match shared.write_all(&host, keys).await {
                 Ok(()) => {
-                    tracing::debug!("store: {host}'s keys written again");
+                    // Says that the error a failed write logged is mended.
+                    tracing::info!("store: {host}'s exports and converged flag written again");
                     break;
                 }
                 Err(e) => tracing::debug!("store: writing {host}'s keys again: {e:#}; will retry"),
