@@ -132,6 +132,10 @@ fn main() -> std::process::ExitCode {
             "on_a_terminal_a_live_view_shows_the_bar_host_stages_folded_hosts_and_the_summary",
             on_a_terminal_a_live_view_shows_the_bar_host_stages_folded_hosts_and_the_summary,
         ),
+        (
+            "an_encrypted_keys_passphrase_is_asked_once_per_run",
+            an_encrypted_keys_passphrase_is_asked_once_per_run,
+        ),
     ];
     support::harness::run_with_lab(
         "tree",
@@ -1765,61 +1769,21 @@ fn on_a_terminal_a_live_view_shows_the_bar_host_stages_folded_hosts_and_the_summ
 ) -> TestResult {
     clean(lab, true);
     let topo = topology(TWO_RELAYS);
-    let socket = format!("arbor-live-{}", std::process::id());
-    let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
-    let command = format!(
-        "ip netns exec {} env -u SSH_AUTH_SOCK HOME={} ARBOR_LOG=arbor=info {} run --topology {} \
-         --tmp-prefix --converged-timeout 2; echo ARBOR-EXIT=$?; sleep 600",
-        lab.init_ns(),
-        quote(&lab.home().to_string_lossy()),
-        ARBOR,
-        quote(&topo.path.to_string_lossy()),
-    );
-    let tmux = |args: &[&str]| {
-        Command::new("tmux")
-            .args(["-L", &socket])
-            .args(args)
-            .output()
-            .expect("tmux")
-    };
-    struct Server<F: Fn(&[&str]) -> Output>(F);
-    impl<F: Fn(&[&str]) -> Output> Drop for Server<F> {
-        fn drop(&mut self) {
-            (self.0)(&["kill-server"]);
-        }
-    }
-    let server = Server(tmux);
-    let started = (server.0)(&[
-        "new-session",
-        "-d",
-        "-x",
-        "100",
-        "-y",
-        "30",
-        "-s",
-        "run",
-        &command,
-    ]);
-    check!(started.status.success(), "tmux: {}", text(&started));
+    let term = Terminal::start(
+        lab,
+        &lab.home(),
+        &[
+            "--topology",
+            &topo.path.to_string_lossy(),
+            "--tmp-prefix",
+            "--converged-timeout",
+            "2",
+        ],
+    )?;
     let mut screens: Vec<String> = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let history = loop {
-        let shot = (server.0)(&["capture-pane", "-p", "-t", "run"]);
-        let screen = String::from_utf8_lossy(&shot.stdout).into_owned();
-        if screen.contains("ARBOR-EXIT=") {
-            let all = (server.0)(&["capture-pane", "-p", "-S", "-", "-t", "run"]);
-            screens.push(screen);
-            break String::from_utf8_lossy(&all.stdout).into_owned();
-        }
-        screens.push(screen);
-        if Instant::now() > deadline {
-            return Err(fail(format!(
-                "no exit within 120 s; last screen:\n{}",
-                screens.last().cloned().unwrap_or_default()
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let history = term.until_exit(Duration::from_secs(120), |screen| {
+        screens.push(screen.to_string());
+    })?;
     let paths = [
         "r1", "r2", "r1/l1-1", "r1/l1-2", "r1/l1-3", "r2/l2-1", "r2/l2-2", "r2/l2-3",
     ];
@@ -1867,6 +1831,166 @@ fn on_a_terminal_a_live_view_shows_the_bar_host_stages_folded_hosts_and_the_summ
             let torn = (bar_text && !l.starts_with('[')) || (l.starts_with('[') && !bar_text);
             check!(!torn, "a torn line: {l:?} in\n{screen}");
         }
+    }
+    check_no_leftovers(lab, &HOSTS)
+}
+
+/// `arbor run ARGS` in a tmux pane of its own (100 × 30, a private tmux server), as an
+/// operator runs it on a terminal; the server goes when this does.
+struct Terminal {
+    socket: String,
+}
+
+impl Terminal {
+    fn start(lab: &Lab, home: &Path, args: &[&str]) -> Result<Terminal, libtest_mimic::Failed> {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let term = Terminal {
+            socket: format!(
+                "arbor-test-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ),
+        };
+        let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
+        let args: Vec<String> = args.iter().map(|a| quote(a)).collect();
+        let command = format!(
+            "ip netns exec {} env -u SSH_AUTH_SOCK HOME={} ARBOR_LOG=arbor=info {} run {}; \
+             echo ARBOR-EXIT=$?; sleep 600",
+            lab.init_ns(),
+            quote(&home.to_string_lossy()),
+            ARBOR,
+            args.join(" "),
+        );
+        let started = term.tmux(&[
+            "new-session",
+            "-d",
+            "-x",
+            "100",
+            "-y",
+            "30",
+            "-s",
+            "run",
+            &command,
+        ]);
+        check!(started.status.success(), "tmux: {}", text(&started));
+        Ok(term)
+    }
+
+    fn tmux(&self, args: &[&str]) -> Output {
+        Command::new("tmux")
+            .args(["-L", &self.socket])
+            .args(args)
+            .output()
+            .expect("tmux")
+    }
+
+    /// What the pane shows now.
+    fn screen(&self) -> String {
+        String::from_utf8_lossy(&self.tmux(&["capture-pane", "-p", "-t", "run"]).stdout)
+            .into_owned()
+    }
+
+    /// Types `text` and Enter.
+    fn type_line(&self, text: &str) {
+        self.tmux(&["send-keys", "-t", "run", "-l", text]);
+        self.tmux(&["send-keys", "-t", "run", "Enter"]);
+    }
+
+    /// Shows `each` the screen every 100 ms until arbor has exited; returns the whole pane,
+    /// history included.
+    fn until_exit(
+        &self,
+        within: Duration,
+        mut each: impl FnMut(&str),
+    ) -> Result<String, libtest_mimic::Failed> {
+        let deadline = Instant::now() + within;
+        loop {
+            let screen = self.screen();
+            each(&screen);
+            if screen.contains("ARBOR-EXIT=") {
+                let all = self.tmux(&["capture-pane", "-p", "-S", "-", "-t", "run"]);
+                return Ok(String::from_utf8_lossy(&all.stdout).into_owned());
+            }
+            if Instant::now() > deadline {
+                return Err(fail(format!(
+                    "no exit within {within:?}; last screen:\n{screen}"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        self.tmux(&["kill-server"]);
+    }
+}
+
+/// The operator's only key is encrypted and no agent runs: with --allow-interactive the
+/// passphrase is asked once on the terminal for the whole run (both relays, and the
+/// in-process agent that signs for the leaves at depth 2), then every host converges.
+fn an_encrypted_keys_passphrase_is_asked_once_per_run(lab: &Lab) -> TestResult {
+    clean(lab, false);
+    let topo = topology(TWO_RELAYS);
+    let home = tempfile::tempdir().expect("tempdir");
+    let ssh = home.path().join(".ssh");
+    std::fs::create_dir_all(&ssh).expect("mkdir");
+    std::fs::copy(lab.home().join(".ssh/known_hosts"), ssh.join("known_hosts")).expect("copy");
+    let key = ssh.join("id_ed25519");
+    std::fs::copy(lab.home().join(".ssh/id_ed25519"), &key).expect("copy");
+    support::local(
+        "ssh-keygen",
+        &[
+            "-q",
+            "-p",
+            "-P",
+            "",
+            "-N",
+            "open sesame",
+            "-f",
+            &key.to_string_lossy(),
+        ],
+    );
+    let term = Terminal::start(
+        lab,
+        home.path(),
+        &[
+            "--topology",
+            &topo.path.to_string_lossy(),
+            "--tmp-prefix",
+            "--allow-interactive",
+            "--converged-timeout",
+            "2",
+        ],
+    )?;
+    let mut asked = 0;
+    let history = term.until_exit(Duration::from_secs(120), |screen| {
+        let prompts = screen.matches("Enter passphrase for key").count();
+        if prompts > asked && screen.trim_end().ends_with(':') {
+            asked = prompts;
+            term.type_line("open sesame");
+        }
+    })?;
+    check!(
+        history.contains("ARBOR-EXIT=0"),
+        "the run did not exit 0:\n{history}"
+    );
+    check!(
+        history.matches("Enter passphrase for key").count() == 1,
+        "the passphrase was not asked exactly once:\n{history}"
+    );
+    check!(
+        !history.contains("open sesame"),
+        "the passphrase was echoed:\n{history}"
+    );
+    for leaf in ["r1/l1-1", "r2/l2-3"] {
+        check!(
+            history
+                .lines()
+                .any(|l| l.starts_with(&format!("{leaf} ")) && l.contains(" ok ")),
+            "{leaf} did not converge:\n{history}"
+        );
     }
     check_no_leftovers(lab, &HOSTS)
 }

@@ -233,7 +233,7 @@ async fn open_seeds(
         );
         None
     };
-    let connector = match super::store_connector(&endpoints).await {
+    let connector = match super::store_connector(&connected.client, &endpoints) {
         Ok(c) => c,
         Err(e) => {
             if let Some(users) = &run_users {

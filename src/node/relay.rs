@@ -148,6 +148,7 @@ async fn serve(
         .await
         .map_err(|e| format!("{name}: store: {e:#}"))?;
     let keys = crate::engine::exchange::Keys::for_run(&start.config.run);
+    let tunnel_client = client.clone();
     let exchange: Arc<dyn Exchange> = Arc::new(StoreExchange::new(client, keys));
     let mut signals = super::StopSignals::new().map_err(|e| format!("{name}: signals: {e}"))?;
 
@@ -184,8 +185,7 @@ async fn serve(
     let fleet = if start.children.is_empty() {
         None
     } else {
-        let store = super::store_connector(&endpoints)
-            .await
+        let store = super::store_connector(&tunnel_client, &endpoints)
             .map_err(|e| format!("{name}: {e}"))?;
         let fetcher = fetches.fetcher(up.clone());
         let mut ctx = fleet_context(start, Some(store), events_tx.clone(), fetcher)?;

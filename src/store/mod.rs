@@ -15,6 +15,9 @@
 //! - `wal`: the write-ahead log with group commit, and snapshots (also the format of the
 //!   snapshot files `etcdctl snapshot save` writes and `restore` reads).
 //!
+//! The client side: [`client`] (every request arbor makes), over [`members`] for a cluster
+//! (which member a new connection goes to, and failing over between them).
+//!
 //! docs/store.md has the policies (limits, compaction, durability) and why they are so.
 
 pub mod auth;
@@ -28,6 +31,7 @@ mod kv;
 mod lease;
 mod lessor;
 mod maintenance;
+pub mod members;
 mod metrics;
 mod mvcc;
 mod restore;

@@ -25,6 +25,20 @@ pub fn suspended<R>(f: impl FnOnce() -> R) -> R {
     }
 }
 
+/// Runs `f` (which talks with the person at the terminal, e.g. asks a passphrase) with the
+/// live view, if one is drawn, cleared and not drawn again until `f` returns.
+pub fn paused<R>(f: impl FnOnce() -> R) -> R {
+    let drawn = DRAWN.lock().ok().and_then(|d| d.clone());
+    let Some(multi) = drawn else {
+        return f();
+    };
+    let _ = multi.clear();
+    multi.set_draw_target(ProgressDrawTarget::hidden());
+    let result = f();
+    multi.set_draw_target(ProgressDrawTarget::stdout_with_hz(10));
+    result
+}
+
 /// Lines the view keeps for itself besides host lines: the overall bar, "and N more", the
 /// folded converged hosts, and one so the cursor's line never scrolls the top away.
 const OWN_LINES: usize = 4;
