@@ -15,12 +15,16 @@
 //! - `wal`: the write-ahead log with group commit, and snapshots (also the format of the
 //!   snapshot files `etcdctl snapshot save` writes and `restore` reads).
 //!
+//! [`fuzzing`] is what the fuzz targets in `integration/fuzz` reach the services and restore
+//! through.
+//!
 //! docs/store.md has the policies (limits, compaction, durability) and why they are so.
 
 pub mod auth;
 mod backend;
 pub mod client;
 mod errors;
+pub mod fuzzing;
 mod http;
 mod json;
 mod kv;

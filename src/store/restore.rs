@@ -10,7 +10,7 @@
 //! `WatchLost::StoreReplaced`).
 
 use super::state::{Ids, State};
-use super::wal;
+use super::wal::{self, SnapshotError, SnapshotRecord};
 use anyhow::Context;
 use std::path::Path;
 use std::time::Instant;
@@ -40,12 +40,11 @@ impl std::fmt::Display for Restored {
 pub fn restore(file: &Path, data_dir: &Path) -> anyhow::Result<Restored> {
     let bytes =
         std::fs::read(file).with_context(|| format!("reading snapshot {}", file.display()))?;
-    let mut snap = wal::decode_snapshot(&bytes)
-        .with_context(|| format!("{} cannot be restored", file.display()))?;
+    let (mut snap, state) =
+        restored_state(&bytes).with_context(|| format!("{} cannot be restored", file.display()))?;
     let ids = Ids::random();
     snap.cluster_id = ids.cluster_id;
     snap.member_id = ids.member_id;
-    let state = State::restore(snap.clone(), Instant::now());
     wal::create_from_snapshot(data_dir, &snap)?;
     Ok(Restored {
         revision: state.mvcc.current(),
@@ -55,4 +54,12 @@ pub fn restore(file: &Path, data_dir: &Path) -> anyhow::Result<Restored> {
         cluster_id: ids.cluster_id,
         member_id: ids.member_id,
     })
+}
+
+/// Checks and decodes a snapshot file's bytes, and builds the state a store restored from it
+/// starts with (under the ids the file names).
+pub(super) fn restored_state(bytes: &[u8]) -> Result<(SnapshotRecord, State), SnapshotError> {
+    let snap = wal::decode_snapshot(bytes)?;
+    let state = State::restore(snap.clone(), Instant::now());
+    Ok((snap, state))
 }
