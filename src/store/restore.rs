@@ -90,4 +90,15 @@ mod tests {
             "{err}"
         );
     }
+
+    #[test]
+    fn a_lease_ttl_past_the_ceiling_restores_without_overflowing() {
+        // Revision 1 and lease 1 with a TTL of i64::MAX seconds: the lease's expiry overflowed
+        // `Instant` and the restore panicked.
+        let payload = [
+            32, 1, 66, 12, 8, 1, 16, 255, 255, 255, 255, 255, 255, 255, 255, 127,
+        ];
+        let (_, state) = restored_state(&file(&payload)).expect("restored");
+        assert_eq!(state.lessor.len(), 1);
+    }
 }
