@@ -105,9 +105,18 @@ fn main() -> std::process::ExitCode {
             "host_certificate_with_wrong_principal_or_expired_is_refused",
             host_certificate_with_wrong_principal_or_expired_is_refused,
         ),
+        (
+            "a_run_at_depth_2_trusts_hosts_known_only_by_ecdsa_or_by_a_cert_authority",
+            a_run_at_depth_2_trusts_hosts_known_only_by_ecdsa_or_by_a_cert_authority,
+        ),
+        (
+            "a_leafs_expired_certificate_at_depth_2_fails_that_leaf_naming_it",
+            a_leafs_expired_certificate_at_depth_2_fails_that_leaf_naming_it,
+        ),
     ];
     // Every sshd has Ed25519, ECDSA and RSA host keys, each with a host certificate from the
-    // lab's CA. r3 is reserved for the test that re-signs its certificates.
+    // lab's CA. r3 and its leaf are reserved for the tests that re-sign certificates (they
+    // take RESIGNING in turn).
     support::harness::run_with_lab(
         "ssh",
         &[
@@ -1006,7 +1015,11 @@ fn certificate_from_an_unknown_authority_falls_back_to_the_plain_key(lab: &Lab) 
     })
 }
 
+/// Held by the tests that re-sign r3's or l3-1's certificates and restart their sshd.
+static RESIGNING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn host_certificate_with_wrong_principal_or_expired_is_refused(lab: &Lab) -> TestResult {
+    let _r3 = RESIGNING.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().map_err(fail)?;
     let kh = dir.path().join("known_hosts");
     let text = format!("# the lab CA\n@cert-authority * {}\n", host_ca_text(lab));
@@ -1058,5 +1071,164 @@ fn host_certificate_with_wrong_principal_or_expired_is_refused(lab: &Lab) -> Tes
     })?;
     let after = std::fs::read_to_string(&kh).map_err(fail)?;
     check!(after == text, "known_hosts changed:\n{after}");
+    Ok(())
+}
+
+const ARBOR: &str = env!("CARGO_BIN_EXE_arbor");
+
+/// A private HOME holding the lab's client key and exactly `known_hosts`.
+fn home_with(lab: &Lab, known_hosts: &str) -> Result<tempfile::TempDir, Failed> {
+    let home = tempfile::tempdir().map_err(fail)?;
+    let ssh_dir = home.path().join(".ssh");
+    std::fs::create_dir_all(&ssh_dir).map_err(fail)?;
+    std::fs::copy(
+        lab.home().join(".ssh/id_ed25519"),
+        ssh_dir.join("id_ed25519"),
+    )
+    .map_err(fail)?;
+    std::fs::write(ssh_dir.join("known_hosts"), known_hosts).map_err(fail)?;
+    Ok(home)
+}
+
+/// `arbor run` from the initiator's namespace over `topology` (relay → leaf pairs, every leaf
+/// running examples/leaf.yaml), with `home` as HOME and no agent of the caller's.
+fn arbor_run(
+    lab: &Lab,
+    home: &Path,
+    pairs: &[(&str, &str)],
+    extra: &[&str],
+) -> Result<std::process::Output, Failed> {
+    let leaf = support::repo_root().join("examples/leaf.yaml");
+    let mut topo = String::from("defaults:\n  user: root\nhosts:\n");
+    for (relay, child) in pairs {
+        topo += &format!(
+            "- host: {}\n  name: {relay}\n  children:\n  - host: {}\n    name: {child}\n    graph: {}\n",
+            lab.addr(relay),
+            lab.addr(child),
+            leaf.display()
+        );
+    }
+    let dir = tempfile::tempdir().map_err(fail)?;
+    let path = dir.path().join("topology.yaml");
+    std::fs::write(&path, topo).map_err(fail)?;
+    for (relay, child) in pairs {
+        for h in [relay, child] {
+            lab.sh(h, "rm -rf /tmp/from-*");
+        }
+    }
+    std::process::Command::new("ip")
+        .args(["netns", "exec", lab.init_ns(), ARBOR, "run", "--topology"])
+        .arg(&path)
+        .args([
+            "--tmp-prefix",
+            "--converged-timeout",
+            "2",
+            "--connect-timeout",
+            "5",
+        ])
+        .args(extra)
+        .env("HOME", home)
+        .env_remove("SSH_AUTH_SOCK")
+        .env("ARBOR_LOG", "arbor=info")
+        .output()
+        .map_err(fail)
+}
+
+/// The run exited with `code`; its output text, or a failure that starts with `context`.
+fn exited_as(out: &std::process::Output, code: i32, context: String) -> Result<String, Failed> {
+    support::harness::exited(out, code)
+        .map_err(|e| fail(format!("{context}: {}", e.message().unwrap_or_default())))
+}
+
+/// No arbor process and no working dir is left on `hosts`.
+fn nothing_left(lab: &Lab, hosts: &[&str]) -> TestResult {
+    let deadline = Instant::now() + Duration::from_secs(8);
+    for h in hosts {
+        loop {
+            let left = lab.sh(
+                h,
+                "pgrep -x -a arbor || true; ls -d /tmp/arbor.* 2>/dev/null || true",
+            );
+            if left.trim().is_empty() {
+                break;
+            }
+            check!(Instant::now() < deadline, "{h} has leftovers: {left}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    Ok(())
+}
+
+fn a_run_at_depth_2_trusts_hosts_known_only_by_ecdsa_or_by_a_cert_authority(
+    lab: &Lab,
+) -> TestResult {
+    // Every sshd also has an Ed25519 key, which it would prefer. The leaves are reached by the
+    // relays, with the known_hosts lines the initiator hands down to them.
+    let pairs = [("r1", "l1-1"), ("r2", "l2-1")];
+    let mut ecdsa_only = String::new();
+    for h in ["r1", "r2", "l1-1", "l2-1"] {
+        ecdsa_only += &format!("{} {}\n", lab.addr(h), host_key_text(lab, h, "ecdsa"));
+    }
+    let ca_only = format!("@cert-authority 10.199.* {}\n", host_ca_text(lab));
+    for (what, known) in [("ECDSA keys only", &ecdsa_only), ("the CA only", &ca_only)] {
+        for policy in ["strict", "accept-new"] {
+            let home = home_with(lab, known)?;
+            let out = arbor_run(lab, home.path(), &pairs, &["--host-key-policy", policy])?;
+            let log = exited_as(&out, 0, format!("known_hosts with {what}, {policy}"))?;
+            for leaf in ["l1-1", "l2-1"] {
+                let got = lab.sh(leaf, "cat /tmp/from-l1-1 /tmp/from-l2-1");
+                check!(
+                    got == "hello from l1-1\nhello from l2-1\n",
+                    "{what}, {policy}: {leaf} collected {got:?}\n{log}"
+                );
+            }
+            let after =
+                std::fs::read_to_string(home.path().join(".ssh/known_hosts")).map_err(fail)?;
+            check!(
+                &after == known,
+                "{what}, {policy}: known_hosts changed:\n{after}"
+            );
+        }
+    }
+    nothing_left(lab, &["r1", "r2", "l1-1", "l2-1"])
+}
+
+fn a_leafs_expired_certificate_at_depth_2_fails_that_leaf_naming_it(lab: &Lab) -> TestResult {
+    let _r3 = RESIGNING.lock().unwrap_or_else(|e| e.into_inner());
+    let known = format!("@cert-authority 10.199.* {}\n", host_ca_text(lab));
+    let home = home_with(lab, &known)?;
+    resign(lab, "l3-1", &["-V", "20200101:20200102"])?;
+    let result = (|| {
+        let pairs = [("r3", "l3-1")];
+        for policy in ["strict", "accept-new"] {
+            let out = arbor_run(lab, home.path(), &pairs, &["--host-key-policy", policy])?;
+            let log = exited_as(&out, 1, policy.to_string())?;
+            check!(
+                log.contains("l3-1: host key: host certificate")
+                    && log.contains("is not valid: expired"),
+                "{policy}: no expired-certificate error naming l3-1\n{log}"
+            );
+            // The summary has a row for the leaf, below its relay's.
+            check!(
+                log.lines().any(|l| l.starts_with("r3/l3-1  ")
+                    && l.contains(" failed ")
+                    && l.contains("is not valid: expired")),
+                "{policy}: the summary has no failed row for r3/l3-1\n{log}"
+            );
+            check!(
+                !log.contains("r3: host key"),
+                "{policy}: the relay's own valid certificate was refused\n{log}"
+            );
+            nothing_left(lab, &["r3"])?;
+        }
+        let after = std::fs::read_to_string(home.path().join(".ssh/known_hosts")).map_err(fail)?;
+        check!(after == known, "known_hosts changed:\n{after}");
+        Ok::<(), Failed>(())
+    })();
+    resign(lab, "l3-1", &[])?;
+    result?;
+    // Signed again: the same run converges.
+    let out = arbor_run(lab, home.path(), &[("r3", "l3-1")], &[])?;
+    exited_as(&out, 0, "after re-signing".to_string())?;
     Ok(())
 }

@@ -4,13 +4,21 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-fn check(file: &Path) -> Output {
+/// `arbor topology check FILE` with a HOME of its own (no ~/.ssh/config) and `extra` args.
+fn check_with(file: &Path, extra: &[&str]) -> Output {
+    let home = tempfile::tempdir().expect("tempdir");
     Command::new(env!("CARGO_BIN_EXE_arbor"))
         .args(["topology", "check"])
+        .args(extra)
         .arg(file)
+        .env("HOME", home.path())
         .env("ARBOR_LOG", "arbor=warn")
         .output()
         .expect("run arbor")
+}
+
+fn check(file: &Path) -> Output {
+    check_with(file, &["-F", "none"])
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -264,4 +272,96 @@ fn a_password_is_accepted_with_a_warning_naming_the_line() {
         stderr.contains("pw.yaml:3: a password in a topology file"),
         "{stderr}"
     );
+}
+
+/// Hosts are shown as ssh_config resolves them: HostName, User, Port from the file given with
+/// -F, the topology's own user and port winning, ProxyJump hops after "via".
+#[test]
+fn check_prints_hosts_as_ssh_config_resolves_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("ssh_config");
+    std::fs::write(
+        &config,
+        "Host web\n  HostName 10.9.0.5\n  User deploy\n  Port 2222\n\
+         Host db\n  HostName 10.9.0.6\n  ProxyJump ops@bastion:2200\n\
+         Host bastion\n  HostName 10.9.0.1\n\
+         Host *\n  User fallback\n  StrictHostKeyChecking no\n",
+    )
+    .expect("write");
+    let topo = dir.path().join("t.yaml");
+    std::fs::write(
+        &topo,
+        "hosts:\n- host: web\n- host: db\n  port: 2022\n- host: other\n  user: me\n",
+    )
+    .expect("write");
+    let out = check_with(&topo, &["-F", config.to_str().expect("utf-8")]);
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    let rows: Vec<Vec<&str>> = stdout
+        .lines()
+        .skip(1)
+        .take(3)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows[0][..2], ["web", "deploy@10.9.0.5:2222"], "{stdout}");
+    assert_eq!(
+        rows[1][..4],
+        ["db", "fallback@10.9.0.6:2022", "via", "ops@10.9.0.1:2200"],
+        "{stdout}"
+    );
+    assert_eq!(rows[2][..2], ["other", "me@other:22"], "{stdout}");
+    // StrictHostKeyChecking no is reported, once, and never honoured.
+    assert_eq!(
+        stderr
+            .matches("StrictHostKeyChecking no is not honoured")
+            .count(),
+        1,
+        "{stderr}"
+    );
+}
+
+/// A wrong ssh_config value, or a -F file that does not exist, exits 2 saying where.
+#[test]
+fn a_bad_ssh_config_exits_2_naming_file_and_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("ssh_config");
+    std::fs::write(&config, "Host *\n  Port ssh\n").expect("write");
+    let topo = dir.path().join("t.yaml");
+    std::fs::write(&topo, "hosts:\n- host: x\n").expect("write");
+    let out = check_with(&topo, &["-F", config.to_str().expect("utf-8")]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}:2: port ssh: not a port", config.display())),
+        "{stderr}"
+    );
+    let out = check_with(&example("lab.yaml"), &["-F", "/nonexistent/ssh_config"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("/nonexistent/ssh_config"));
+}
+
+/// Without -F, ~/.ssh/config of the HOME arbor runs with is read.
+#[test]
+fn check_reads_the_users_ssh_config_by_default() {
+    let home = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(home.path().join(".ssh")).expect("mkdir");
+    std::fs::write(home.path().join(".ssh/config"), "Include conf.d/*\n").expect("write");
+    std::fs::create_dir_all(home.path().join(".ssh/conf.d")).expect("mkdir");
+    std::fs::write(
+        home.path().join(".ssh/conf.d/lab"),
+        "Host r1\n  HostName 10.199.0.99\n  Port 2200\n",
+    )
+    .expect("write");
+    let topo = home.path().join("t.yaml");
+    std::fs::write(&topo, "hosts:\n- host: r1\n  user: root\n").expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_arbor"))
+        .args(["topology", "check"])
+        .arg(&topo)
+        .env("HOME", home.path())
+        .output()
+        .expect("run arbor");
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(stdout.contains("root@10.199.0.99:2200"), "{stdout}");
 }

@@ -101,6 +101,18 @@ fn main() -> std::process::ExitCode {
         ),
         ("a_bad_topology_exits_2", a_bad_topology_exits_2),
         (
+            "json_output_is_one_event_per_line_in_order_at_every_depth",
+            json_output_is_one_event_per_line_in_order_at_every_depth,
+        ),
+        (
+            "quiet_reaches_hosts_at_depth_2",
+            quiet_reaches_hosts_at_depth_2,
+        ),
+        (
+            "a_link_cut_without_a_fin_fails_the_relay_and_its_subtree_cleans_up",
+            a_link_cut_without_a_fin_fails_the_relay_and_its_subtree_cleans_up,
+        ),
+        (
             "compress_sends_the_binary_gzipped_once_per_relay",
             compress_sends_the_binary_gzipped_once_per_relay,
         ),
@@ -1231,11 +1243,38 @@ fn a_killed_relay_fails_its_subtree_and_the_rest_converges(lab: &Lab) -> TestRes
         log.contains("r1: FAILED: r1: arbor ended unexpectedly (killed by SIGKILL"),
         "no clear cause for r1\n{log}"
     );
-    let r1_row = log.lines().find(|l| l.starts_with("r1 ")).unwrap_or("");
+    // The summary: r1 failed, its leaves have rows of their own below it, failed with it;
+    // r2's are ok.
+    let summary: Vec<&str> = log
+        .lines()
+        .skip_while(|l| !(l.starts_with("HOST") && l.contains("RESULT")))
+        .collect();
+    let row = |name: &str| {
+        summary
+            .iter()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .copied()
+            .unwrap_or("")
+    };
     check!(
-        r1_row.contains("failed"),
-        "summary row for r1: {r1_row:?}\n{log}"
+        row("r1").contains(" failed "),
+        "summary row for r1: {:?}\n{log}",
+        row("r1")
     );
+    for leaf in ["r1/l1-1", "r1/l1-2", "r1/l1-3"] {
+        check!(
+            row(leaf).contains(" failed ") && row(leaf).contains("relay failed"),
+            "summary row for {leaf}: {:?}\n{log}",
+            row(leaf)
+        );
+    }
+    for leaf in ["r2/l2-1", "r2/l2-2", "r2/l2-3"] {
+        check!(
+            row(leaf).contains(" ok "),
+            "summary row for {leaf}: {:?}\n{log}",
+            row(leaf)
+        );
+    }
     // r2's subtree carried on: each of its leaves has at least its own rack's files.
     for leaf in ["l2-1", "l2-2", "l2-3"] {
         let got = collected(lab, leaf);
@@ -1347,4 +1386,210 @@ fn a_bad_topology_exits_2(lab: &Lab) -> TestResult {
         tx1 - tx0
     );
     Ok(())
+}
+
+/// The event types docs/events.md documents (its `### \`type\`` headings).
+fn documented_event_types() -> Vec<String> {
+    let doc = std::fs::read_to_string(support::repo_root().join("docs/events.md"))
+        .expect("docs/events.md");
+    doc.lines()
+        .filter_map(|l| l.strip_prefix("### `")?.strip_suffix('`'))
+        .map(str::to_string)
+        .collect()
+}
+
+fn json_output_is_one_event_per_line_in_order_at_every_depth(lab: &Lab) -> TestResult {
+    clean(lab, false);
+    // Leaves unknown to known_hosts, learned under accept-new: host_key events too.
+    let home = private_home(lab)?;
+    let known = home.path().join(".ssh/known_hosts");
+    let kh = std::fs::read_to_string(&known).map_err(fail)?;
+    let relays_only: Vec<&str> = kh
+        .lines()
+        .filter(|l| !l.starts_with("10.199.1.1") && !l.starts_with("10.199.2.1"))
+        .collect();
+    std::fs::write(&known, relays_only.join("\n") + "\n").map_err(fail)?;
+    let topo = topology(TWO_RELAYS);
+    let out = arbor_command(
+        lab,
+        home.path(),
+        &[
+            "--topology",
+            topo.path.to_str().unwrap_or_default(),
+            "--tmp-prefix",
+            "--converged-timeout",
+            "2",
+            "--host-key-policy",
+            "accept-new",
+            "--output",
+            "json",
+        ],
+    )
+    .output()
+    .map_err(fail)?;
+    let log = exited(&out, 0)?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let documented = documented_event_types();
+    check!(documented.len() == 6, "docs/events.md lists {documented:?}");
+    let mut seen = std::collections::BTreeSet::new();
+    // Per host: the order its events came in, as phases (0 staging, 1 running, 2 exited).
+    let mut phase: std::collections::BTreeMap<String, u8> = Default::default();
+    let lines: Vec<&str> = stdout.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| fail(format!("line {} is not JSON ({e}): {line}\n{log}", i + 1)))?;
+        check!(v["v"] == 1, "no version: {line}");
+        let ts = v["ts"].as_str().unwrap_or_default();
+        check!(
+            ts.len() == 24 && ts.ends_with('Z') && ts.as_bytes()[10] == b'T',
+            "timestamp {ts:?}: {line}"
+        );
+        let kind = v["type"].as_str().unwrap_or_default().to_string();
+        check!(documented.contains(&kind), "undocumented type: {line}");
+        seen.insert(kind.clone());
+        if kind == "summary" {
+            check!(i == lines.len() - 1, "summary is not the last line: {line}");
+            check!(v["exit_code"] == 0, "{line}");
+            let hosts: Vec<&str> = v["hosts"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|h| h["host"].as_str()).collect())
+                .unwrap_or_default();
+            let want = [
+                "r1", "r1/l1-1", "r1/l1-2", "r1/l1-3", "r2", "r2/l2-1", "r2/l2-2", "r2/l2-3",
+            ];
+            check!(hosts == want, "summary hosts {hosts:?}: {line}");
+            continue;
+        }
+        let host = v["host"].as_str().unwrap_or_default().to_string();
+        check!(!host.is_empty(), "no host: {line}");
+        let p = phase.entry(host.clone()).or_insert(0);
+        check!(*p < 2, "{host}: an event after it exited: {line}");
+        match (kind.as_str(), v["state"].as_str()) {
+            ("stage", _) => check!(*p == 0, "{host}: a stage after running: {line}"),
+            ("state", Some("running")) => *p = 1,
+            ("state", Some("exited")) => *p = 2,
+            ("state", Some("failed")) => return Err(fail(format!("failed: {line}"))),
+            _ => {}
+        }
+    }
+    let all: std::collections::BTreeSet<String> = documented.into_iter().collect();
+    check!(seen == all, "emitted {seen:?}, documented {all:?}");
+    for h in [
+        "r1", "r1/l1-1", "r1/l1-2", "r1/l1-3", "r2", "r2/l2-1", "r2/l2-2", "r2/l2-3",
+    ] {
+        check!(
+            phase.get(h) == Some(&2),
+            "{h} did not end with exited: {:?}",
+            phase.get(h)
+        );
+    }
+    // Nothing but JSON on stdout; arbor's own words went to stderr.
+    check!(
+        !stdout.contains("HOST "),
+        "the text summary reached stdout:\n{stdout}"
+    );
+    Ok(())
+}
+
+fn quiet_reaches_hosts_at_depth_2(lab: &Lab) -> TestResult {
+    clean(lab, false);
+    // JSON shows every event it gets, -q or not: so what comes up is what the hosts sent.
+    let topo = topology(TWO_RELAYS);
+    let out = run(
+        lab,
+        &topo,
+        &["-q", "--output", "json", "--converged-timeout", "2"],
+    );
+    let log = exited(&out, 0)?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let logs: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains("\"type\":\"log\""))
+        .collect();
+    check!(
+        logs.iter().all(|l| !l.contains(" INFO ")),
+        "hosts logged at info under -q:\n{}\n{log}",
+        logs.join("\n")
+    );
+    for leaf in ["r1/l1-1", "r2/l2-3"] {
+        check!(
+            stdout.contains(&format!("\"host\":\"{leaf}\"")),
+            "no events from {leaf}:\n{stdout}"
+        );
+    }
+    Ok(())
+}
+
+fn a_link_cut_without_a_fin_fails_the_relay_and_its_subtree_cleans_up(lab: &Lab) -> TestResult {
+    clean(lab, false);
+    let topo = topology(TWO_RELAYS);
+    let (mut running, rx) = start(lab, &topo, &["--link-timeout", "6"]);
+    let converged: Vec<String> = [
+        "r1/l1-1", "r1/l1-2", "r1/l1-3", "r2/l2-1", "r2/l2-2", "r2/l2-3",
+    ]
+    .iter()
+    .map(|p| format!("{p}: converged"))
+    .collect();
+    wait_lines(&rx, &converged, Duration::from_secs(90))?;
+    // Cut r1 off from the initiator: every packet dropped both ways, so no FIN and no RST
+    // ever arrives, as when a cable or a VPN goes away.
+    let init = lab.get("LAB_INIT_ADDR").to_string();
+    let cut = lab.exec(
+        "r1",
+        &format!(
+            "nft add table inet arbor_cut && \
+             nft 'add chain inet arbor_cut in {{ type filter hook input priority 0; }}' && \
+             nft 'add chain inet arbor_cut out {{ type filter hook output priority 0; }}' && \
+             nft add rule inet arbor_cut in ip saddr {init} drop && \
+             nft add rule inet arbor_cut out ip daddr {init} drop"
+        ),
+    );
+    let _mend = Undo {
+        lab,
+        host: "r1",
+        shell: "nft delete table inet arbor_cut".into(),
+    };
+    check!(
+        cut.status.success(),
+        "nft: {}",
+        String::from_utf8_lossy(&cut.stderr)
+    );
+    let cut_at = Instant::now();
+    // The initiator hears nothing from r1 for 6 s and fails it, saying why.
+    wait_lines(
+        &rx,
+        &["r1: FAILED: r1: link down: nothing from it for 6s".to_string()],
+        Duration::from_secs(30),
+    )?;
+    let noticed = cut_at.elapsed();
+    check!(
+        noticed >= Duration::from_secs(5),
+        "failed r1 after {noticed:?}, before the link timeout"
+    );
+    // r1 hears nothing from its parent either: it tears its leaves down and removes every
+    // working dir on its own, with no one to tell it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for h in ["r1", "l1-1", "l1-2", "l1-3"] {
+        loop {
+            let left = leftovers(lab, h);
+            if left.trim().is_empty() {
+                break;
+            }
+            check!(
+                Instant::now() < deadline,
+                "{h} still has, {:?} after the cut: {left}",
+                cut_at.elapsed()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    // r2's subtree ran on; ^C ends the run, which failed (exit 1 is for a finished run; a
+    // stopped one exits 130).
+    for h in ["r2", "l2-1"] {
+        let n = lab.sh(h, "pgrep -x -c arbor || true");
+        check!(n.trim() != "0", "{h}: no arbor running after r1's cut");
+    }
+    let (code, _) = running.interrupt()?;
+    check!(code == Some(130), "exit {code:?} after ^C");
+    check_no_leftovers(lab, &["r2", "l2-1", "l2-2", "l2-3"])
 }

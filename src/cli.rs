@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-pub use crate::node::config::RunOptions;
+pub use crate::node::config::{ExecOptions, RunOptions};
 
 /// arbor bootstraps and manages fleets of machines over SSH, with nothing installed on them
 /// first. It copies itself to each host, tunnels the host back to a coordination store on the
@@ -17,9 +17,23 @@ pub use crate::node::config::RunOptions;
 #[derive(Parser, Debug)]
 #[command(name = "arbor", version, about, long_about, propagate_version = true)]
 struct Args {
-    /// More log output: -v for debug, -vv for trace (ARBOR_LOG overrides).
+    /// More log output: -v for debug, -vv for trace (ARBOR_LOG overrides). Reaches every
+    /// host of a run.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// Less output: warnings, errors, failures and the summary only. Reaches every host of a
+    /// run (unless --log-file keeps everything).
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    /// Also write everything to this file, with timestamps, whatever -q or --output show:
+    /// arbor's log at the -v level, and every host's events.
+    #[arg(long, value_name = "PATH", global = true)]
+    log_file: Option<PathBuf>,
+    /// Colours in arbor's log on stderr: auto (when stderr is a terminal and NO_COLOR is not
+    /// set), always, never.
+    #[arg(long, value_name = "WHEN", global = true, default_value = "auto",
+          value_parser = ["auto", "always", "never"])]
+    color: String,
 
     #[command(subcommand)]
     command: Option<Sub>,
@@ -61,10 +75,27 @@ enum Sub {
     /// Run graphs here, on hosts over SSH, or through relays, and keep them converged.
     #[command(after_help = RUN_EXAMPLES)]
     Run(Box<RunArgs>),
+    /// Run a command on many hosts at once (ClusterShell's clush, through arbor's relays): on
+    /// the SSH hosts a nodeset names, or on topology hosts by name. Output is live, each line
+    /// prefixed by its host; stderr goes to stderr.
+    #[command(after_help = EXEC_EXAMPLES)]
+    Exec(Box<ExecArgs>),
     /// Work with topology files (docs/topology.md).
     #[command(subcommand)]
     Topology(TopologySub),
+    /// Print a shell completion script for arbor.
+    #[command(after_help = COMPLETIONS_EXAMPLES)]
+    Completions {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
+    },
 }
+
+const COMPLETIONS_EXAMPLES: &str = "\
+Examples:
+  arbor completions bash > /etc/bash_completion.d/arbor
+  arbor completions zsh > \"${fpath[1]}/_arbor\"
+  arbor completions fish > ~/.config/fish/completions/arbor.fish";
 
 #[derive(Subcommand, Debug)]
 enum StoreSub {
@@ -93,6 +124,10 @@ enum TopologySub {
     Check {
         /// The topology file (YAML).
         file: PathBuf,
+        /// Resolve hosts through this ssh_config file only, as `ssh -F` (`none`: no file).
+        /// Default: ~/.ssh/config, then /etc/ssh/ssh_config.
+        #[arg(short = 'F', long = "ssh-config", value_name = "FILE")]
+        ssh_config: Option<PathBuf>,
     },
 }
 
@@ -107,10 +142,168 @@ Examples:
       reach hosts behind relays and jump hosts; run until ^C
   arbor run --topology topology/dc1.yaml --compress --converged-timeout 10
       the same over a thin uplink: copy arbor gzipped, once per relay
+  arbor run --topology topology/dc1.yaml --limit 'rack1-n[01-08]' --converged-timeout 10
+      only those hosts (and the relays on their way, which run no graph of their own)
+  arbor run --topology topology/dc1.yaml --limit @failed --converged-timeout 10
+      only the hosts that failed in the last run of this topology
+  arbor run -F ./ssh_config --topology site.yaml
+      resolve hosts through that ssh_config only (default: ~/.ssh/config, /etc/ssh/ssh_config):
+      aliases, HostName, User, Port, IdentityFile, ProxyJump... (docs/ssh.md)
 
 Exit codes: 0 converged, 1 some host failed, 2 bad input (nothing contacted),
 130 ^C, 143 SIGTERM, 129 SIGHUP (each tears every host down first; a second signal
 exits at once and names the hosts that may still hold state).";
+
+const EXEC_EXAMPLES: &str = "\
+Examples:
+  arbor exec -w 'n[01-40]' -- uptime
+      run uptime on n01 … n40 over SSH (as ssh_config says, else the local user; -l USER)
+  arbor exec -w 10.199.0.[11-12] -b -- uname -r
+      gather identical outputs at the end under one folded nodeset, as clush -b
+  arbor exec --topology topology/lab.yaml -w 'l[1-2]-[1-3]' -x l2-3 -- df -h /
+      run on five leaves through their relays; no other host is contacted
+  arbor exec --topology topology/dc1.yaml -w rack1-n07 -- 'journalctl -n 20 | grep -i err'
+      one host behind a relay; the command is one shell line, run by the login shell
+  arbor exec --topology topology/dc1.yaml -w @failed -- uptime
+      only the hosts whose command failed in the last arbor exec over this topology
+
+The hosts' login shell runs COMMAND (its words joined by spaces, as ssh does), with stdin from
+/dev/null, in a process group of its own: ^C (or a lost connection) kills that group on every
+host, and no arbor process or working dir is left on the relays.
+
+Exit codes: the largest exit code of COMMAND across hosts; 255 when a host could not be
+reached (or its connection, staging or relay failed); 2 for bad input (a bad nodeset, an empty
+command, a host not in the topology; nothing contacted); 130 on ^C (143 SIGTERM, 129 SIGHUP).";
+
+/// The SSH, link and staging flags `arbor run` and `arbor exec` share.
+#[derive(clap::Args, Debug)]
+struct SshArgs {
+    /// Seconds without a word on a link (every link sends heartbeats, four or more per timeout) before it
+    /// counts as down: the parent fails that host, and the host, cut off, tears its own
+    /// subtree down and removes its working dir. Covers links that die without a FIN.
+    #[arg(long, value_name = "SECONDS", default_value_t = crate::wire::LINK_TIMEOUT)]
+    link_timeout: u64,
+    /// At most this many SSH connections being set up at once (0: no limit).
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    cconns: usize,
+    /// Copy arbor into each host's working dir and remove it at the end, instead of keeping it
+    /// in the host's cache (~/.cache/arbor/bin).
+    #[arg(long)]
+    no_caching: bool,
+    /// Copy arbor gzipped (43% of its size) to hosts that have gzip, and have relays pass the
+    /// compressed copy on. Worth it on thin links; on a LAN compressing costs more than it
+    /// saves, as with ssh -C.
+    #[arg(long)]
+    compress: bool,
+    /// Resolve hosts through this ssh_config file only, as `ssh -F` (`none`: no file).
+    /// Default: ~/.ssh/config, then /etc/ssh/ssh_config. arbor follows HostName, User, Port,
+    /// IdentityFile, IdentitiesOnly, ConnectTimeout, UserKnownHostsFile, GlobalKnownHostsFile,
+    /// StrictHostKeyChecking, HashKnownHosts and ProxyJump in Host and Match blocks and
+    /// Includes (docs/ssh.md); the command line beats the topology, which beats ssh_config.
+    #[arg(short = 'F', long = "ssh-config", value_name = "FILE")]
+    ssh_config: Option<PathBuf>,
+    /// An SSH private key to try first, before the topology's and ssh_config's keys and
+    /// before any agent key (repeatable).
+    #[arg(long = "identity", short = 'i', value_name = "KEY")]
+    identities: Vec<PathBuf>,
+    /// An extra known_hosts file to trust (repeatable); ~/.ssh/known_hosts is always read.
+    #[arg(long = "known-hosts", value_name = "FILE")]
+    known_hosts: Vec<PathBuf>,
+    /// strict: refuse unknown and changed host keys. accept-new: record unknown keys in
+    /// ~/.ssh/known_hosts, still refuse changed ones. Default: ssh_config's
+    /// StrictHostKeyChecking for the host (yes: strict, accept-new; `no` is never honoured:
+    /// strict), else strict.
+    #[arg(long, value_name = "POLICY", value_parser = ["strict", "accept-new"])]
+    host_key_policy: Option<String>,
+    /// Ask on the terminal for passphrases and passwords when keys and the agent fail.
+    #[arg(long)]
+    allow_interactive: bool,
+    /// Seconds to wait for a host's TCP connect and SSH handshake. Default: ssh_config's
+    /// ConnectTimeout for the host, else 10.
+    #[arg(long, value_name = "SECONDS")]
+    connect_timeout: Option<u64>,
+    /// A build of arbor for hosts of another platform, as ARCH=PATH (e.g.
+    /// aarch64=./arbor-aarch64 or "Linux aarch64"=PATH). Repeatable.
+    #[arg(long = "binary", value_name = "ARCH=PATH")]
+    binaries: Vec<String>,
+    /// Where working dirs are created on hosts.
+    #[arg(long, value_name = "DIR", default_value = "/tmp")]
+    remote_tmp: String,
+}
+
+impl SshArgs {
+    /// These flags into `options`; `Err` (exit 2, said on stderr) for a bad --binary.
+    fn apply(self, options: &mut RunOptions) -> Result<(), ExitCode> {
+        let mut binaries = Vec::new();
+        for spec in &self.binaries {
+            match spec.split_once('=') {
+                Some((arch, path)) if !arch.is_empty() && !path.is_empty() => {
+                    binaries.push((arch.to_string(), PathBuf::from(path)))
+                }
+                _ => {
+                    eprintln!("arbor: --binary {spec:?}: expected ARCH=PATH");
+                    return Err(ExitCode::from(crate::exit::BAD_INPUT));
+                }
+            }
+        }
+        options.link_timeout = self.link_timeout;
+        options.cconns = self.cconns;
+        options.no_caching = self.no_caching;
+        options.compress = self.compress;
+        options.ssh_config = self.ssh_config;
+        options.identities = self.identities;
+        options.known_hosts = self.known_hosts;
+        options.accept_new = self.host_key_policy.as_deref() == Some("accept-new");
+        options.host_key_policy_given = self.host_key_policy.is_some();
+        options.allow_interactive = self.allow_interactive;
+        options.connect_timeout = Duration::from_secs(self.connect_timeout.unwrap_or(10));
+        options.connect_timeout_given = self.connect_timeout.is_some();
+        options.binaries = binaries;
+        options.remote_tmp = self.remote_tmp;
+        Ok(())
+    }
+}
+
+/// `arbor exec`'s flags (the help text and examples come from `Sub::Exec`).
+#[derive(clap::Args, Debug)]
+struct ExecArgs {
+    /// The hosts to run on, as a nodeset (`n[01-40]`, `a,b`, `10.0.0.[1-9]`; repeatable);
+    /// `@failed` stands for the hosts whose command failed in the last `arbor exec` over the
+    /// same topology (or without one). Without --topology these are SSH hosts, resolved
+    /// through ssh_config; with it, names of the topology's hosts.
+    #[arg(short = 'w', long = "nodes", value_name = "NODESET", required = true)]
+    nodesets: Vec<String>,
+    /// Hosts to leave out, as a nodeset (repeatable).
+    #[arg(short = 'x', long = "exclude", value_name = "NODESET")]
+    exclude: Vec<String>,
+    /// Reach the hosts -w names as this topology file says: through its relays and jump
+    /// hosts, with its users, ports and keys (docs/topology.md). Only the paths to them are
+    /// contacted.
+    #[arg(long, value_name = "FILE")]
+    topology: Option<PathBuf>,
+    /// Gather identical outputs and print each once at the end, under the folded nodeset of
+    /// the hosts that gave it (as clush -b); stderr stays live.
+    #[arg(short = 'b', long = "gather")]
+    gather: bool,
+    /// The SSH user, without --topology (default: ssh_config's User, else the local user).
+    #[arg(short = 'l', long, value_name = "USER", conflicts_with = "topology")]
+    user: Option<String>,
+    /// The SSH port, without --topology (default: ssh_config's Port, else 22).
+    #[arg(short = 'p', long, value_name = "PORT", conflicts_with = "topology",
+          value_parser = clap::value_parser!(u16).range(1..))]
+    port: Option<u16>,
+    #[command(flatten)]
+    ssh: SshArgs,
+    /// The command, after `--`: its words are joined by spaces and run by each host's login
+    /// shell, as ssh runs a command.
+    #[arg(
+        value_name = "COMMAND",
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    command: Vec<String>,
+}
 
 /// `arbor run`'s flags (the help text and examples come from `Sub::Run`).
 #[derive(clap::Args, Debug)]
@@ -126,6 +319,12 @@ struct RunArgs {
     /// each runs (docs/topology.md).
     #[arg(long, value_name = "FILE")]
     topology: Option<PathBuf>,
+    /// Run only on these hosts (a nodeset of host names; relays on their way stage them but
+    /// run no graph). `@failed` (alone or in the list) stands for the hosts that failed in the
+    /// last run of the same --topology/--remote/--file, kept in
+    /// ~/.local/state/arbor/failed/ ($XDG_STATE_HOME respected).
+    #[arg(long, value_name = "NODESET")]
+    limit: Option<String>,
     /// Exit once every host has been converged at the same time for this many seconds.
     /// Without it, run until ^C.
     #[arg(long, value_name = "SECONDS")]
@@ -140,52 +339,36 @@ struct RunArgs {
     /// Do not watch graph files for edits (by default an edit is applied on its host live).
     #[arg(long)]
     no_watch: bool,
-    /// At most this many SSH connections being set up at once (0: no limit).
-    #[arg(long, value_name = "N", default_value_t = 64)]
-    cconns: usize,
-    /// Copy arbor into each host's working dir and remove it at the end, instead of keeping it
-    /// in the host's cache (~/.cache/arbor/bin).
-    #[arg(long)]
-    no_caching: bool,
-    /// Copy arbor gzipped (43% of its size) to hosts that have gzip, and have relays pass the
-    /// compressed copy on. Worth it on thin links; on a LAN compressing costs more than it
-    /// saves, as with ssh -C.
-    #[arg(long)]
-    compress: bool,
+    /// What goes to stdout: text (lines for people) or json (one JSON object per event and a
+    /// final summary object, nothing else; schema in docs/events.md). Messages from arbor
+    /// itself go to stderr either way.
+    #[arg(long, value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    output: String,
     /// Keep the embedded store in memory in a fresh temporary state dir, not in
     /// ~/.local/state/arbor.
     #[arg(long)]
     tmp_prefix: bool,
     /// Use an existing etcd cluster (comma-separated http://host:port URLs) instead of the
-    /// embedded store.
+    /// embedded store. If the etcd has authentication enabled, give --seeds-user: arbor then
+    /// makes an etcd user and role per host for the run, limited to that host's own keys, and
+    /// deletes them at the end. With authentication off, hosts are not isolated in the store
+    /// (docs/security.md).
     #[arg(long, value_name = "URLS", value_delimiter = ',')]
     seeds: Vec<String>,
+    /// The etcd user arbor acts as at the --seeds etcd; it needs the root role (it adds and
+    /// deletes the run's users and roles). Its password is read from --seeds-password-file,
+    /// else from the environment variable ARBOR_SEEDS_PASSWORD, else (with
+    /// --allow-interactive) asked on the terminal; never from the command line.
+    #[arg(long, value_name = "NAME", requires = "seeds")]
+    seeds_user: Option<String>,
+    /// A file holding the --seeds-user's password (one line; keep it mode 0600).
+    #[arg(long, value_name = "PATH", requires = "seeds_user")]
+    seeds_password_file: Option<PathBuf>,
     /// Start no store here (with --seeds, or on a remote host whose store is tunnelled).
     #[arg(long)]
     no_server: bool,
-    /// An SSH private key to try after the agent and ~/.ssh/id_* (repeatable).
-    #[arg(long = "identity", short = 'i', value_name = "KEY")]
-    identities: Vec<PathBuf>,
-    /// An extra known_hosts file to trust (repeatable); ~/.ssh/known_hosts is always read.
-    #[arg(long = "known-hosts", value_name = "FILE")]
-    known_hosts: Vec<PathBuf>,
-    /// strict: refuse unknown and changed host keys. accept-new: record unknown keys in
-    /// ~/.ssh/known_hosts, still refuse changed ones.
-    #[arg(long, value_name = "POLICY", default_value = "strict", value_parser = ["strict", "accept-new"])]
-    host_key_policy: String,
-    /// Ask on the terminal for passphrases and passwords when keys and the agent fail.
-    #[arg(long)]
-    allow_interactive: bool,
-    /// Seconds to wait for a host's TCP connect and SSH handshake.
-    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
-    connect_timeout: u64,
-    /// A build of arbor for hosts of another platform, as ARCH=PATH (e.g.
-    /// aarch64=./arbor-aarch64 or "Linux aarch64"=PATH). Repeatable.
-    #[arg(long = "binary", value_name = "ARCH=PATH")]
-    binaries: Vec<String>,
-    /// Where working dirs are created on hosts.
-    #[arg(long, value_name = "DIR", default_value = "/tmp")]
-    remote_tmp: String,
+    #[command(flatten)]
+    ssh: SshArgs,
     /// (internal) This node's depth in the tree; >0 means a parent staged it.
     #[arg(long, default_value_t = 0, hide = true)]
     depth: usize,
@@ -200,15 +383,54 @@ pub enum Command {
     Version,
     Store(crate::store::StoreCommand),
     Run(Box<RunOptions>),
-    /// `arbor topology check FILE`.
-    TopologyCheck(PathBuf),
+    Exec(Box<ExecOptions>),
+    /// `arbor topology check [-F SSH_CONFIG] FILE`.
+    TopologyCheck {
+        file: PathBuf,
+        ssh_config: Option<PathBuf>,
+    },
+    /// `arbor completions SHELL`: the script, on stdout.
+    Completions(clap_complete::Shell),
+}
+
+/// arbor's whole command line as clap sees it: for completions and the man pages
+/// (`cargo run --bin arbor-man`).
+pub fn command() -> clap::Command {
+    use clap::CommandFactory;
+    Args::command()
+}
+
+/// Writes the completion script for `shell` to stdout.
+pub fn print_completions(shell: clap_complete::Shell) {
+    let mut cmd = command();
+    clap_complete::generate(shell, &mut cmd, "arbor", &mut std::io::stdout());
 }
 
 /// One invocation of arbor: the job and how chatty the log should be (0 = info).
 #[derive(Debug)]
 pub struct Invocation {
     pub verbosity: u8,
+    /// `-q`: warnings and errors only.
+    pub quiet: bool,
+    /// `--log-file`: everything, with timestamps.
+    pub log_file: Option<PathBuf>,
+    /// Colours on stderr, from `--color` and NO_COLOR.
+    pub color: bool,
     pub command: Command,
+}
+
+/// Whether arbor's log on stderr is coloured: `--color WHEN`, where auto means stderr is a
+/// terminal and NO_COLOR (https://no-color.org) is unset or empty.
+fn colour(when: &str) -> bool {
+    use std::io::IsTerminal;
+    match when {
+        "always" => true,
+        "never" => false,
+        _ => {
+            std::io::stderr().is_terminal()
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+        }
+    }
 }
 
 /// Parses the process arguments. On `--help`, `--version` or a usage error, clap has already
@@ -254,20 +476,31 @@ pub fn parse() -> Result<Invocation, ExitCode> {
                 q => Some(q as u64),
             },
         }),
-        Some(Sub::Topology(TopologySub::Check { file })) => Command::TopologyCheck(file),
+        Some(Sub::Topology(TopologySub::Check { file, ssh_config })) => {
+            Command::TopologyCheck { file, ssh_config }
+        }
+        Some(Sub::Completions { shell }) => Command::Completions(shell),
+        Some(Sub::Exec(exec)) => {
+            let exec = *exec;
+            let mut run = RunOptions {
+                verbosity: args.verbose,
+                quiet: args.quiet,
+                log_file: args.log_file.clone(),
+                ..RunOptions::default()
+            };
+            exec.ssh.apply(&mut run)?;
+            Command::Exec(Box::new(ExecOptions {
+                nodesets: exec.nodesets,
+                exclude: exec.exclude,
+                topology: exec.topology,
+                gather: exec.gather,
+                command: exec.command,
+                user: exec.user,
+                port: exec.port,
+                run,
+            }))
+        }
         Some(Sub::Run(run)) => {
-            let mut binaries = Vec::new();
-            for spec in &run.binaries {
-                match spec.split_once('=') {
-                    Some((arch, path)) if !arch.is_empty() && !path.is_empty() => {
-                        binaries.push((arch.to_string(), PathBuf::from(path)))
-                    }
-                    _ => {
-                        eprintln!("arbor: --binary {spec:?}: expected ARCH=PATH");
-                        return Err(ExitCode::from(crate::exit::BAD_INPUT));
-                    }
-                }
-            }
             if run.file.is_none()
                 && run.remotes.is_empty()
                 && run.topology.is_none()
@@ -279,31 +512,31 @@ pub fn parse() -> Result<Invocation, ExitCode> {
                 );
                 return Err(ExitCode::from(crate::exit::BAD_INPUT));
             }
-            Command::Run(Box::new(RunOptions {
+            let run = *run;
+            let mut options = RunOptions {
                 file: run.file,
                 remotes: run.remotes,
                 topology: run.topology,
+                limit: run.limit,
                 converged_timeout: run.converged_timeout.map(Duration::from_secs),
                 noop: run.noop,
                 hostname: run.hostname,
                 live_edits: !run.no_watch,
-                cconns: run.cconns,
-                no_caching: run.no_caching,
-                compress: run.compress,
+                json: run.output == "json",
                 tmp_prefix: run.tmp_prefix,
                 seeds: run.seeds,
+                seeds_user: run.seeds_user,
+                seeds_password_file: run.seeds_password_file,
                 no_server: run.no_server,
-                identities: run.identities,
-                known_hosts: run.known_hosts,
-                accept_new: run.host_key_policy == "accept-new",
-                allow_interactive: run.allow_interactive,
-                connect_timeout: Duration::from_secs(run.connect_timeout),
-                binaries,
-                remote_tmp: run.remote_tmp,
                 verbosity: args.verbose,
+                quiet: args.quiet,
+                log_file: args.log_file.clone(),
                 depth: run.depth,
                 workdir: run.workdir,
-            }))
+                ..RunOptions::default()
+            };
+            run.ssh.apply(&mut options)?;
+            Command::Run(Box::new(options))
         }
         None => {
             use clap::CommandFactory;
@@ -313,6 +546,9 @@ pub fn parse() -> Result<Invocation, ExitCode> {
     };
     Ok(Invocation {
         verbosity: args.verbose,
+        quiet: args.quiet,
+        color: colour(&args.color),
+        log_file: args.log_file,
         command,
     })
 }

@@ -12,6 +12,11 @@ pub const HANGUP: u8 = 129;
 pub const INTERRUPTED: u8 = 130;
 /// Stopped by SIGTERM (128 + 15).
 pub const TERMINATED: u8 = 143;
+/// `arbor exec`: a host gave no exit code (unreachable, refused, its connection or staging or
+/// relay failed), as ssh exits 255 when it cannot run the command. Otherwise `arbor exec`
+/// exits with the largest exit code of the command across hosts, 2 for bad input (nothing
+/// contacted), or 128 + N when signal N stopped it.
+pub const UNREACHABLE: u8 = 255;
 
 /// The conventional exit code for a run stopped by `signal`: 128 + its number.
 pub fn for_signal(signal: i32) -> u8 {

@@ -28,7 +28,13 @@ fn main() -> ExitCode {
         }
         _ => None,
     };
-    let set_verbosity = init_tracing(invocation.verbosity, event_log.clone());
+    let set_verbosity = match init_tracing(&invocation, event_log.clone()) {
+        Ok(set) => set,
+        Err(e) => {
+            eprintln!("arbor: {e}");
+            return ExitCode::from(arbor::exit::BAD_INPUT);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -55,6 +61,10 @@ async fn run(
             println!("arbor {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
+        cli::Command::Completions(shell) => {
+            cli::print_completions(shell);
+            ExitCode::SUCCESS
+        }
         cli::Command::Store(config) => {
             let shutdown = tokio_util::sync::CancellationToken::new();
             tokio::spawn(cancel_on_signal(shutdown.clone()));
@@ -66,7 +76,10 @@ async fn run(
                 }
             }
         }
-        cli::Command::TopologyCheck(path) => ExitCode::from(arbor::topology::check::run(&path)),
+        cli::Command::TopologyCheck { file, ssh_config } => ExitCode::from(
+            arbor::topology::check::run(&file, ssh_config.as_deref(), &arbor::node::home_dir()),
+        ),
+        cli::Command::Exec(options) => ExitCode::from(arbor::node::exec::run(*options).await),
         cli::Command::Run(options) => match event_log {
             Some(log) => {
                 ExitCode::from(arbor::node::relay::run(*options, log, set_verbosity).await)
@@ -93,11 +106,13 @@ async fn cancel_on_signal(token: tokio_util::sync::CancellationToken) {
     token.cancel();
 }
 
-/// The log filter for a verbosity: 0 info, 1 debug, 2 and more trace (and russh's debug).
-fn targets(verbosity: u8) -> tracing_subscriber::filter::Targets {
+/// The log filter for a verbosity: 0 info, 1 debug, 2 and more trace (and russh's debug);
+/// `quiet`: warnings and errors.
+fn targets(verbosity: u8, quiet: bool) -> tracing_subscriber::filter::Targets {
     use tracing_subscriber::filter::{LevelFilter, Targets};
     // Plain target=level lists (no regex engine in the binary that goes to every host).
     match verbosity {
+        _ if quiet => Targets::new().with_target("arbor", LevelFilter::WARN),
         0 => Targets::new().with_target("arbor", LevelFilter::INFO),
         1 => Targets::new().with_target("arbor", LevelFilter::DEBUG),
         _ => Targets::new()
@@ -107,21 +122,27 @@ fn targets(verbosity: u8) -> tracing_subscriber::filter::Targets {
 }
 
 /// Starts logging; returns how to change the level later (a staged node learns its level
-/// from its parent's `Start` frame). ARBOR_LOG, when set, wins over both.
+/// from its parent's `Start` frame). ARBOR_LOG, when set, wins over both. The initiator logs
+/// to stderr (coloured if `color`) and, with `log_file`, to that file as well, with
+/// timestamps, at the -v level whatever -q says.
 fn init_tracing(
-    verbosity: u8,
+    invocation: &cli::Invocation,
     event_log: Option<arbor::node::parent_link::EventLog>,
-) -> arbor::node::relay::SetVerbosity {
+) -> Result<arbor::node::relay::SetVerbosity, String> {
     use tracing_subscriber::filter::Targets;
     use tracing_subscriber::prelude::*;
+    let (verbosity, quiet) = (invocation.verbosity, invocation.quiet);
     let from_env = std::env::var("ARBOR_LOG").ok().and_then(|spec| {
         spec.parse::<Targets>()
             .map_err(|e| eprintln!("arbor: ignoring ARBOR_LOG={spec:?}: {e}"))
             .ok()
     });
     let fixed = from_env.is_some();
-    let (filter, handle) =
-        tracing_subscriber::reload::Layer::new(from_env.unwrap_or_else(|| targets(verbosity)));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(
+        from_env
+            .clone()
+            .unwrap_or_else(|| targets(verbosity, quiet)),
+    );
     let layer = tracing_subscriber::fmt::layer().with_target(false);
     match event_log {
         Some(log) => tracing_subscriber::registry()
@@ -133,13 +154,38 @@ fn init_tracing(
                     .with_filter(filter),
             )
             .init(),
-        None => tracing_subscriber::registry()
-            .with(layer.with_writer(std::io::stderr).with_filter(filter))
-            .init(),
-    }
-    Box::new(move |verbosity| {
-        if !fixed {
-            let _ = handle.reload(targets(verbosity));
+        None => {
+            let file = match &invocation.log_file {
+                Some(path) => Some(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(path)
+                        .map_err(|e| format!("--log-file {}: {e}", path.display()))?,
+                ),
+                None => None,
+            };
+            let file_layer = file.map(|f| {
+                tracing_subscriber::fmt::layer()
+                    .with_target(false)
+                    .with_ansi(false)
+                    .with_writer(std::sync::Mutex::new(f))
+                    .with_filter(from_env.unwrap_or_else(|| targets(verbosity, false)))
+            });
+            tracing_subscriber::registry()
+                .with(
+                    layer
+                        .with_writer(std::io::stderr)
+                        .with_ansi(invocation.color)
+                        .with_filter(filter),
+                )
+                .with(file_layer)
+                .init()
         }
-    })
+    }
+    Ok(Box::new(move |verbosity, quiet| {
+        if !fixed {
+            let _ = handle.reload(targets(verbosity, quiet));
+        }
+    }))
 }

@@ -20,11 +20,27 @@ pub struct HostReport {
     pub store_over_tcp: bool,
 }
 
-/// Prints events as they arrive (stdout), in arrival order.
+/// The version of the JSON event schema (docs/events.md).
+pub const EVENTS_VERSION: u32 = 1;
+
+/// At most one progress event per host and transfer this often in JSON.
+const JSON_PROGRESS_EVERY: Duration = Duration::from_millis(500);
+
+/// Prints events as they arrive (stdout), in arrival order: lines for people, or with
+/// [`Ui::json`] one JSON object per line for programs.
 #[derive(Default)]
 pub struct Ui {
     /// Transfers already reported as finished, so repeated updates print once.
     done_transfers: std::collections::HashSet<(String, String)>,
+    json: bool,
+    /// `-q`: only failures, settling with failures, and warnings or errors from hosts.
+    quiet: bool,
+    /// `--log-file`: every event as a timestamped text line, whatever the view shows.
+    log_file: Option<std::fs::File>,
+    /// JSON: transfers whose final event was written.
+    json_done: std::collections::HashSet<(String, String)>,
+    /// JSON: when each (host, transfer) last had a progress event.
+    progress_at: std::collections::HashMap<(String, String), std::time::Instant>,
     /// The run is being torn down: hosts still running see the ones already gone withdraw
     /// their exports, and those "changed"/"converged" flips say nothing about the run.
     stopping: bool,
@@ -33,6 +49,136 @@ pub struct Ui {
 impl Ui {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The view a run asks for: JSON or text, `quiet`, and a log file (opened to append).
+    pub fn for_run(
+        json: bool,
+        quiet: bool,
+        log_file: Option<&std::path::Path>,
+    ) -> std::io::Result<Self> {
+        let log_file = match log_file {
+            Some(path) => Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?,
+            ),
+            None => None,
+        };
+        Ok(Ui {
+            json,
+            quiet,
+            log_file,
+            ..Self::default()
+        })
+    }
+
+    /// Appends `line` to the log file, if any, after a timestamp.
+    fn record(&self, line: &str) {
+        if let Some(mut f) = self.log_file.as_ref() {
+            let _ = writeln!(f, "{} {line}", timestamp(std::time::SystemTime::now()));
+        }
+    }
+
+    /// Whether `-q` hides this event: everything but failures, settling with failures, and
+    /// host log lines at warn or error level.
+    fn hidden_when_quiet(kind: &EventKind) -> bool {
+        match kind {
+            EventKind::State(HostState::Failed { .. } | HostState::Unhealthy { .. }) => false,
+            EventKind::Log { line, .. } => {
+                let level = line.split_whitespace().next().unwrap_or_default();
+                !matches!(level, "WARN" | "ERROR")
+            }
+            _ => true,
+        }
+    }
+
+    /// Writes one JSON object, with the schema version, the type and a timestamp, as a line.
+    fn emit(&self, kind: &str, host: Option<&str>, mut fields: serde_json::Value) {
+        let mut object = serde_json::json!({
+            "v": EVENTS_VERSION,
+            "ts": timestamp(std::time::SystemTime::now()),
+            "type": kind,
+        });
+        if let Some(host) = host {
+            object["host"] = host.into();
+        }
+        if let (Some(object), Some(fields)) = (object.as_object_mut(), fields.as_object_mut()) {
+            object.append(fields);
+        }
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{object}");
+        let _ = out.flush();
+    }
+
+    fn event_json(&mut self, event: &Event) {
+        use serde_json::json;
+        let host = event.host.to_string();
+        let (kind, fields) = match &event.kind {
+            EventKind::Log { line, stderr } => (
+                "log",
+                json!({ "stream": if *stderr { "stderr" } else { "stdout" }, "line": line }),
+            ),
+            EventKind::State(HostState::Staging { step }) => ("stage", json!({ "step": step })),
+            EventKind::State(state) => {
+                let (name, extra) = match state {
+                    HostState::Staging { .. } | HostState::Running => ("running", json!({})),
+                    HostState::Converged => ("converged", json!({})),
+                    HostState::Changed => ("changed", json!({})),
+                    HostState::Unhealthy { failures } => {
+                        ("unhealthy", json!({ "failures": failures }))
+                    }
+                    HostState::Failed { cause } => ("failed", json!({ "cause": cause })),
+                    HostState::Exited => ("exited", json!({})),
+                };
+                let mut fields = json!({ "state": name });
+                if let (Some(f), Some(extra)) = (fields.as_object_mut(), extra.as_object()) {
+                    f.extend(extra.clone());
+                }
+                ("state", fields)
+            }
+            EventKind::Transfer {
+                what,
+                sent,
+                total,
+                cached,
+            } => {
+                let key = (host.clone(), what.clone());
+                let done = *cached || sent == total;
+                let now = std::time::Instant::now();
+                if done {
+                    if !self.json_done.insert(key) {
+                        return;
+                    }
+                } else if self
+                    .progress_at
+                    .get(&key)
+                    .is_some_and(|at| now.duration_since(*at) < JSON_PROGRESS_EVERY)
+                {
+                    return;
+                } else {
+                    self.progress_at.insert(key, now);
+                }
+                (
+                    "transfer",
+                    json!({ "what": what, "sent": sent, "total": total, "cached": cached }),
+                )
+            }
+            EventKind::KnownHost { name, .. } => ("host_key", json!({ "name": name })),
+            // Only `arbor exec` asks for these (node::exec prints them itself).
+            EventKind::Output { lines, stderr } => (
+                "output",
+                json!({
+                    "stream": if *stderr { "stderr" } else { "stdout" },
+                    "lines": lines.split('\n').collect::<Vec<_>>(),
+                }),
+            ),
+            EventKind::Ended { code, signal } => {
+                ("ended", json!({ "code": code, "signal": signal }))
+            }
+        };
+        self.emit(kind, Some(&host), fields);
     }
 
     /// From now on, state flips other than exits and failures are not shown.
@@ -50,6 +196,30 @@ impl Ui {
         {
             return;
         }
+        if self.json {
+            if self.log_file.is_some()
+                && let Some(line) = self.text_line(event)
+            {
+                self.record(&line);
+            }
+            self.event_json(event);
+            return;
+        }
+        let Some(line) = self.text_line(event) else {
+            return;
+        };
+        self.record(&line);
+        if self.quiet && Self::hidden_when_quiet(&event.kind) {
+            return;
+        }
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    }
+
+    /// The text line for `event`, or `None` for a transfer update not worth a line (a
+    /// repeated "copied", progress where no terminal shows it).
+    fn text_line(&mut self, event: &Event) -> Option<String> {
         let host = printable(&event.host.to_string()).into_owned();
         let line = match &event.kind {
             EventKind::Log { line, stderr } => {
@@ -80,13 +250,13 @@ impl Ui {
                     format!("{host}: {what} already in the host's cache")
                 } else if sent == total {
                     if !self.done_transfers.insert((host.clone(), what.clone())) {
-                        return;
+                        return None;
                     }
                     format!("{host}: copied {what} ({})", bytes(*total))
                 } else {
                     // Progress lines only where a person watches.
                     if !is_terminal() {
-                        return;
+                        return None;
                     }
                     format!(
                         "{host}: copying {what} {}% of {}",
@@ -98,17 +268,56 @@ impl Ui {
             EventKind::KnownHost { name, .. } => {
                 format!("{host}: learned the host key of {name}")
             }
+            // Only `arbor exec` asks for these; its own view prints them (node::exec).
+            EventKind::Output { lines, stderr } => lines
+                .split('\n')
+                .map(|line| format!("{host} {} {line}", if *stderr { '!' } else { '|' }))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            EventKind::Ended { code, .. } => format!("{host}: command ended with exit code {code}"),
         };
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "{line}");
-        let _ = out.flush();
+        Some(line)
     }
 
     /// The table at the end: host, result, time, bytes sent, binary from cache. Causes may
-    /// quote remote text: it is shown without control characters.
-    pub fn summary(&self, reports: &[HostReport], local: Option<(&str, bool, Duration)>) {
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out);
+    /// quote remote text: it is shown without control characters. In JSON, one `summary`
+    /// object that also carries the run's exit code.
+    pub fn summary(
+        &self,
+        reports: &[HostReport],
+        local: Option<(&str, bool, Duration)>,
+        exit_code: u8,
+    ) {
+        if self.json {
+            let mut hosts: Vec<serde_json::Value> = Vec::new();
+            if let Some((name, ok, elapsed)) = local {
+                hosts.push(serde_json::json!({
+                    "host": name, "local": true, "result": if ok { "ok" } else { "failed" },
+                    "seconds": elapsed.as_secs_f64(),
+                }));
+            }
+            let mut sorted: Vec<&HostReport> = reports.iter().collect();
+            sorted.sort_by(|a, b| a.name.cmp(&b.name));
+            for r in sorted {
+                hosts.push(serde_json::json!({
+                    "host": r.name,
+                    "result": if r.ok { "ok" } else { "failed" },
+                    "seconds": r.elapsed.as_secs_f64(),
+                    "bytes_sent": r.bytes,
+                    "cached": r.cached,
+                    "cause": r.cause.as_deref().map(|c| printable(c).into_owned()),
+                    "store_over_tcp": r.store_over_tcp,
+                }));
+            }
+            self.emit(
+                "summary",
+                None,
+                serde_json::json!({ "exit_code": exit_code, "hosts": hosts }),
+            );
+            return;
+        }
+        use std::fmt::Write as _;
+        let mut out = String::from("\n");
         let _ = writeln!(
             out,
             "{:<24} {:<8} {:>8} {:>10} {:<6}  CAUSE",
@@ -155,7 +364,10 @@ impl Ui {
                 tcp.join(", ")
             );
         }
-        let _ = out.flush();
+        self.record(&out);
+        let mut stdout = std::io::stdout().lock();
+        let _ = stdout.write_all(out.as_bytes());
+        let _ = stdout.flush();
     }
 }
 
@@ -187,7 +399,7 @@ pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// An event with every text a remote host chose made printable.
-fn sanitized(event: &Event) -> Event {
+pub fn sanitized(event: &Event) -> Event {
     let p = |s: &str| printable(s).into_owned();
     let kind = match &event.kind {
         EventKind::Log { line, stderr } => EventKind::Log {
@@ -217,6 +429,15 @@ fn sanitized(event: &Event) -> Event {
             name: p(name),
             key: p(key),
         },
+        // Line by line: the newlines that separate them stay.
+        EventKind::Output { lines, stderr } => EventKind::Output {
+            lines: lines.split('\n').map(p).collect::<Vec<_>>().join("\n"),
+            stderr: *stderr,
+        },
+        EventKind::Ended { code, signal } => EventKind::Ended {
+            code: *code,
+            signal: signal.as_deref().map(p),
+        },
     };
     Event {
         host: event.host.clone(),
@@ -227,6 +448,33 @@ fn sanitized(event: &Event) -> Event {
 fn is_terminal() -> bool {
     use std::io::IsTerminal;
     std::io::stdout().is_terminal()
+}
+
+/// Seconds since the epoch as UTC (year, month, day, hour, minute, second).
+pub fn civil(secs: u64) -> (i64, i64, i64, u64, u64, u64) {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's days-to-civil.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day, rem / 3600, rem / 60 % 60, rem % 60)
+}
+
+/// `t` in RFC 3339, UTC, with milliseconds: `2026-12-02T01:55:00.123Z`.
+pub fn timestamp(t: std::time::SystemTime) -> String {
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let (year, month, day, h, m, s) = civil(d.as_secs());
+    format!(
+        "{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{:03}Z",
+        d.subsec_millis()
+    )
 }
 
 /// 1234567 → "1.2 MB".
@@ -241,6 +489,15 @@ pub fn bytes(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        let t = std::time::UNIX_EPOCH + Duration::from_millis(1_796_176_500_123);
+        assert_eq!(timestamp(t), "2026-12-02T01:55:00.123Z");
+        assert_eq!(timestamp(std::time::UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        // 2024-02-29, a leap day.
+        assert_eq!(civil(1_709_164_800), (2024, 2, 29, 0, 0, 0));
+    }
 
     #[test]
     fn remote_text_reaches_the_terminal_without_control_characters() {

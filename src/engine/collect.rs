@@ -14,7 +14,7 @@ use std::collections::HashMap;
 /// allowed here. Another host's export is untrusted input, whatever its own graph said: a
 /// collected file lands in the collect pattern's directory under its exported basename (so
 /// no path it carries can escape the pattern), loses setuid and setgid bits unless the
-/// collect entry has `allow_setid`, and is never `state: absent` (a collector creates and
+/// collect entry has `allow_setid`, keeps no owner or group, and is never `state: absent` (a collector creates and
 /// updates; it does not delete on another host's word); an exec resource is collected only
 /// with `allow_commands`.
 pub fn collected_spec(exported: &ExportedResource, collect: &Collect) -> Option<ResourceSpec> {
@@ -44,6 +44,16 @@ pub fn collected_spec(exported: &ExportedResource, collect: &Collect) -> Option<
             f.path = dir.join(base);
             if f.state == FileState::Absent {
                 return refuse("a collected file cannot be `state: absent`");
+            }
+            if f.owner.is_some() || f.group.is_some() {
+                tracing::warn!(
+                    "{} exported by {}: dropping its owner/group (a collected file belongs \
+                     to the collector)",
+                    exported.spec.id(),
+                    exported.host
+                );
+                f.owner = None;
+                f.group = None;
             }
             if let Some(mode) = &mut f.mode
                 && !collect.allow_setid
@@ -96,6 +106,7 @@ mod tests {
                 content: Some("x".into()),
                 state: FileState::Exists,
                 mode: None,
+                ..FileSpec::default()
             }),
         }
     }
@@ -173,17 +184,27 @@ mod tests {
     }
 
     #[test]
+    fn a_collected_file_keeps_no_owner_or_group_from_its_exporter() {
+        let mut e = exported("b", "/tmp/f");
+        if let ResourceSpec::File(f) = &mut e.spec {
+            f.owner = Some("attacker".into());
+            f.group = Some("wheel".into());
+        }
+        match collected_spec(&e, &pattern("/srv/")) {
+            Some(ResourceSpec::File(f)) => assert_eq!((f.owner, f.group), (None, None)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
     fn exec_resources_are_collected_only_with_allow_commands() {
         let e = ExportedResource {
             host: "b".into(),
-            spec: ResourceSpec::Exec(crate::engine::resources::ExecSpec {
+            spec: ResourceSpec::Exec(Box::new(crate::engine::resources::ExecSpec {
                 name: "x".into(),
                 cmd: "touch /tmp/owned".into(),
-                shell: None,
-                timeout: None,
-                ifcmd: None,
-                watchcmd: None,
-            }),
+                ..Default::default()
+            })),
         };
         let c = Collect {
             kind: Kind::Exec,

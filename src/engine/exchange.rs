@@ -295,12 +295,19 @@ mod tests {
             content: Some(format!("i am {name}\n")),
             state: FileState::Exists,
             mode: Some(0o644),
+            ..FileSpec::default()
         })
     }
 
     #[test]
     fn specs_round_trip_through_the_stored_encoding() {
-        for spec in [file("f"), ResourceSpec::Noop(NoopSpec { name: "n".into() })] {
+        for spec in [
+            file("f"),
+            ResourceSpec::Noop(NoopSpec {
+                name: "n".into(),
+                ..NoopSpec::default()
+            }),
+        ] {
             let text = encode_spec(&spec).expect("encode");
             assert_eq!(decode_spec(&text).expect("decode"), spec, "{text}");
         }
@@ -324,7 +331,10 @@ mod tests {
 
     #[test]
     fn published_pairs_decode_back_into_the_kinds_set() {
-        let noop = ResourceSpec::Noop(NoopSpec { name: "n".into() });
+        let noop = ResourceSpec::Noop(NoopSpec {
+            name: "n".into(),
+            ..NoopSpec::default()
+        });
         let keys = Keys::for_run("r");
         let pairs = encode_exports(&keys, "h1", &[file("f"), noop]).expect("encode");
         assert_eq!(pairs[0].0, "/arbor/runs/r/exports/h1/file/f");
@@ -365,7 +375,10 @@ mod tests {
             "b",
             vec![
                 file("fb"),
-                ResourceSpec::Noop(NoopSpec { name: "n".into() }),
+                ResourceSpec::Noop(NoopSpec {
+                    name: "n".into(),
+                    ..NoopSpec::default()
+                }),
             ],
         )
         .await

@@ -6,8 +6,10 @@
 //! source locations ([`Spanned`]) and reject unknown keys; [`validate`] then checks what the
 //! YAML shape cannot say (names, paths, edges, cycles) and builds the plain [`Graph`].
 
+use crate::engine::resources::exec::Aux;
+use crate::engine::resources::meta::Rate;
 use crate::engine::resources::{
-    ExecSpec, FileSpec, FileState, Kind, NoopSpec, ResourceId, ResourceSpec,
+    ExecSpec, FileSpec, FileState, Kind, Meta, NoopSpec, ResourceId, ResourceSpec,
 };
 use crate::engine::template::expand;
 use serde::Deserialize;
@@ -140,31 +142,99 @@ struct RawResources {
     noop: Option<Vec<Spanned<RawNoop>>>,
 }
 
+/// A field mgmt knows and arbor refuses: kept only for where it is.
+type Refused = Option<Spanned<serde::de::IgnoredAny>>;
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFile {
     name: Spanned<String>,
-    path: Spanned<String>,
+    /// As in mgmt, the name when missing.
+    path: Option<Spanned<String>>,
+    dirname: Option<Spanned<String>>,
+    basename: Option<Spanned<String>>,
     content: Option<String>,
     state: Option<Spanned<String>>,
     mode: Option<Spanned<String>>,
+    force: Option<Spanned<bool>>,
+    recurse: Option<Spanned<bool>>,
+    purge: Option<Spanned<bool>>,
+    symlink: Option<Spanned<bool>>,
+    fragments: Refused,
+    owner: Option<String>,
+    group: Option<String>,
+    selinux: Refused,
+    meta: Option<Spanned<RawMeta>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawExec {
     name: Spanned<String>,
-    cmd: String,
-    shell: Option<String>,
+    /// As in mgmt, the name when missing.
+    cmd: Option<Spanned<String>>,
+    args: Option<Spanned<Vec<String>>>,
+    cwd: Option<Spanned<String>>,
+    shell: Option<Spanned<String>>,
+    env: Option<Spanned<BTreeMap<String, String>>>,
+    user: Option<String>,
+    group: Option<String>,
     timeout: Option<u64>,
     ifcmd: Option<String>,
+    ifcwd: Option<Spanned<String>>,
+    ifshell: Option<String>,
+    nifcmd: Option<String>,
+    nifcwd: Option<Spanned<String>>,
+    nifshell: Option<String>,
+    creates: Option<Spanned<String>>,
+    donecmd: Option<String>,
+    donecwd: Option<Spanned<String>>,
+    doneshell: Option<String>,
     watchcmd: Option<String>,
+    watchcwd: Option<Spanned<String>>,
+    watchshell: Option<String>,
+    watchfiles: Refused,
+    mtimes: Refused,
+    ifequals: Refused,
+    ifequals_stdout: Refused,
+    sig: Refused,
+    send_output: Refused,
+    send_stdout: Refused,
+    send_stderr: Refused,
+    meta: Option<Spanned<RawMeta>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawNoop {
     name: Spanned<String>,
+    /// mgmt's noop `comment`: text for the reader; it changes nothing.
+    #[allow(dead_code)]
+    comment: Option<String>,
+    meta: Option<Spanned<RawMeta>>,
+}
+
+/// mgmt's metaparams (engine/metaparams.go, and `autoedge`/`autogroup` of its 0.0.x format).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMeta {
+    autoedge: Option<bool>,
+    autogroup: Option<Spanned<bool>>,
+    noop: Option<bool>,
+    retry: Option<Spanned<i16>>,
+    retryreset: Option<bool>,
+    delay: Option<u64>,
+    timeout: Option<u64>,
+    poll: Option<Spanned<i32>>,
+    limit: Option<Spanned<f64>>,
+    burst: Option<Spanned<u32>>,
+    reset: Option<bool>,
+    sema: Option<Vec<Spanned<String>>>,
+    rewatch: Option<bool>,
+    realize: Option<Spanned<bool>>,
+    dollar: Option<bool>,
+    hidden: Option<Spanned<bool>>,
+    export: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -215,20 +285,13 @@ fn validate(raw: RawGraph, root: (u64, u64), host: &str) -> Result<Graph, Locate
         declared.push(declare_file(&f, host)?);
     }
     for e in resources.exec.unwrap_or_default() {
-        let spec = ResourceSpec::Exec(ExecSpec {
-            name: x(&e.value.name.value),
-            cmd: x(&e.value.cmd),
-            shell: e.value.shell.as_deref().map(x),
-            // As in mgmt, 0 means no limit.
-            timeout: e.value.timeout.filter(|t| *t > 0),
-            ifcmd: e.value.ifcmd.as_deref().map(x),
-            watchcmd: e.value.watchcmd.as_deref().map(x),
-        });
-        declared.push(declare(spec, &e.value.name)?);
+        declared.push(declare_exec(&e, host)?);
     }
     for n in resources.noop.unwrap_or_default() {
+        let meta = meta(n.value.meta.as_ref(), Kind::Noop)?;
         let spec = ResourceSpec::Noop(NoopSpec {
             name: x(&n.value.name.value),
+            meta,
         });
         declared.push(declare(spec, &n.value.name)?);
     }
@@ -276,6 +339,17 @@ fn collect_entries(raw: Vec<Spanned<RawCollect>>, host: &str) -> Result<Vec<Coll
             ));
         }
         let pattern = match &c.value.pattern {
+            // mgmt's default: no pattern. Only files use one.
+            Some(p) if p.value.is_empty() && kind != Kind::File => None,
+            Some(p) if p.value.is_empty() => {
+                return Err(fail(
+                    p,
+                    "not supported: an empty collect `pattern` for files (in mgmt each \
+                     collected file keeps the path its exporter chose; here another host never \
+                     chooses a path: give the directory collected files land in)"
+                        .into(),
+                ));
+            }
             None => None,
             Some(p) => Some(absolute(p, &expand(&p.value, host), "collect pattern")?),
         };
@@ -355,14 +429,79 @@ fn edges(
 
 fn declare_file(f: &Spanned<RawFile>, host: &str) -> Result<Declared, Located> {
     let raw = &f.value;
-    let path = absolute(&raw.path, &expand(&raw.path.value, host), "path")?;
-    if raw.path.value.ends_with('/') {
+    let x = |s: &str| expand(s, host);
+    refuse_value(
+        &raw.force,
+        "file force: true",
+        "arbor never replaces a directory or another non-file at a file's path",
+    )?;
+    refuse_value(
+        &raw.recurse,
+        "file recurse: true",
+        "arbor's file resource manages single files, not directories",
+    )?;
+    refuse_value(
+        &raw.purge,
+        "file purge: true",
+        "arbor's file resource manages single files, not directories",
+    )?;
+    refuse_value(
+        &raw.symlink,
+        "file symlink: true",
+        "arbor's file resource does not manage symlinks",
+    )?;
+    refuse(
+        &raw.fragments,
+        "file fragments",
+        "content from fragment files is not implemented; use `content`",
+    )?;
+    refuse(
+        &raw.selinux,
+        "file selinux",
+        "SELinux contexts are not managed",
+    )?;
+    // As in mgmt: the path (or the name), then `dirname` and `basename` replace its parts.
+    let base_at = raw.path.as_ref().unwrap_or(&raw.name);
+    let mut path = x(&base_at.value);
+    if raw.dirname.is_some() || raw.basename.is_some() {
+        let (d, b) = match path.rfind('/') {
+            Some(i) => (path[..=i].to_string(), path[i + 1..].to_string()),
+            None => (String::new(), path.clone()),
+        };
+        let dir = match &raw.dirname {
+            Some(dn) => {
+                let v = x(&dn.value);
+                if !v.starts_with('/') || !v.ends_with('/') {
+                    return Err(fail(
+                        dn,
+                        format!("dirname `{v}` must be an absolute directory ending in `/`"),
+                    ));
+                }
+                v
+            }
+            None => d,
+        };
+        let base = match &raw.basename {
+            Some(bn) => {
+                let v = x(&bn.value);
+                if v.is_empty() || v.contains('/') {
+                    return Err(fail(
+                        bn,
+                        format!("basename `{v}` must be a file name without `/`"),
+                    ));
+                }
+                v
+            }
+            None => b,
+        };
+        path = format!("{dir}{base}");
+    }
+    let at = raw.dirname.as_ref().unwrap_or(base_at);
+    let path_buf = absolute(at, &path, "path")?;
+    if path.ends_with('/') {
         return Err(fail(
-            &raw.path,
-            format!(
-                "path `{}` names a directory; file wants a file",
-                raw.path.value
-            ),
+            at,
+            format!("path `{path}` names a directory; file wants a file"),
         ));
     }
     let state = match &raw.state {
@@ -391,13 +530,229 @@ fn declare_file(f: &Spanned<RawFile>, host: &str) -> Result<Declared, Located> {
         })?),
     };
     let spec = ResourceSpec::File(FileSpec {
-        name: expand(&raw.name.value, host),
-        path,
-        content: raw.content.as_deref().map(|c| expand(c, host)),
+        name: x(&raw.name.value),
+        path: path_buf,
+        content: raw.content.as_deref().map(x),
         state,
         mode,
+        owner: raw.owner.as_deref().map(x),
+        group: raw.group.as_deref().map(x),
+        meta: meta(raw.meta.as_ref(), Kind::File)?,
     });
     declare(spec, &raw.name)
+}
+
+fn declare_exec(e: &Spanned<RawExec>, host: &str) -> Result<Declared, Located> {
+    let raw = &e.value;
+    let x = |s: &str| expand(s, host);
+    for (field, name) in [
+        (&raw.watchfiles, "exec watchfiles"),
+        (&raw.mtimes, "exec mtimes"),
+        (&raw.ifequals, "exec ifequals"),
+        (&raw.ifequals_stdout, "exec ifequals_stdout"),
+        (&raw.sig, "exec sig"),
+    ] {
+        refuse(field, name, "not implemented yet")?;
+    }
+    for (field, name) in [
+        (&raw.send_output, "exec send_output"),
+        (&raw.send_stdout, "exec send_stdout"),
+        (&raw.send_stderr, "exec send_stderr"),
+    ] {
+        refuse(field, name, "arbor has no send/recv between resources")?;
+    }
+    let cmd_at = raw.cmd.as_ref().unwrap_or(&raw.name);
+    let cmd = x(&cmd_at.value);
+    let args = match &raw.args {
+        None => Vec::new(),
+        Some(a) if raw.shell.is_some() => {
+            return Err(fail(a, "`args` cannot be used with a `shell`".into()));
+        }
+        Some(a) if cmd.split_whitespace().count() > 1 => {
+            return Err(fail(
+                a,
+                "`args` cannot be used when `cmd` has arguments of its own".into(),
+            ));
+        }
+        Some(a) => a.value.iter().map(|s| x(s)).collect(),
+    };
+    let env = match &raw.env {
+        None => None,
+        Some(env) => {
+            if let Some(bad) = env.value.keys().find(|k| !valid_env_name(k)) {
+                return Err(fail(
+                    env,
+                    format!("env: `{bad}` is not a valid variable name"),
+                ));
+            }
+            Some(env.value.iter().map(|(k, v)| (k.clone(), x(v))).collect())
+        }
+    };
+    let cwd = |c: &Option<Spanned<String>>, what: &str| -> Result<Option<PathBuf>, Located> {
+        c.as_ref()
+            .map(|c| absolute(c, &x(&c.value), what))
+            .transpose()
+    };
+    let aux = |cmd: &Option<String>, shell: &Option<String>, dir: Option<PathBuf>| {
+        cmd.as_deref().map(|c| Aux {
+            cmd: x(c),
+            shell: shell.as_deref().map(x),
+            cwd: dir,
+        })
+    };
+    let spec = ResourceSpec::Exec(Box::new(ExecSpec {
+        name: x(&raw.name.value),
+        cmd,
+        args,
+        shell: raw.shell.as_ref().map(|s| x(&s.value)),
+        cwd: cwd(&raw.cwd, "cwd")?,
+        env,
+        user: raw.user.as_deref().map(x),
+        group: raw.group.as_deref().map(x),
+        // As in mgmt, 0 means no limit.
+        timeout: raw.timeout.filter(|t| *t > 0),
+        ifcmd: aux(&raw.ifcmd, &raw.ifshell, cwd(&raw.ifcwd, "ifcwd")?),
+        nifcmd: aux(&raw.nifcmd, &raw.nifshell, cwd(&raw.nifcwd, "nifcwd")?),
+        creates: cwd(&raw.creates, "creates")?,
+        donecmd: aux(&raw.donecmd, &raw.doneshell, cwd(&raw.donecwd, "donecwd")?),
+        watchcmd: aux(
+            &raw.watchcmd,
+            &raw.watchshell,
+            cwd(&raw.watchcwd, "watchcwd")?,
+        ),
+        meta: meta(raw.meta.as_ref(), Kind::Exec)?,
+    }));
+    declare(spec, &raw.name)
+}
+
+/// As mgmt: letters, digits and `_`, not starting with a digit.
+fn valid_env_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.chars().all(|c| c == '_' || c.is_ascii_alphanumeric())
+}
+
+fn not_supported(at: (u64, u64), field: &str, why: &str) -> Located {
+    (at.0, at.1, format!("not supported: {field} ({why})"))
+}
+
+/// A field arbor refuses in any form.
+fn refuse<T>(field: &Option<Spanned<T>>, name: &str, why: &str) -> Result<(), Located> {
+    match field {
+        Some(f) => Err(not_supported(loc(f), name, why)),
+        None => Ok(()),
+    }
+}
+
+/// A flag arbor accepts only as `false` (its behaviour); `true` would need what it lacks.
+fn refuse_value(field: &Option<Spanned<bool>>, name: &str, why: &str) -> Result<(), Located> {
+    match field {
+        Some(f) if f.value => Err(not_supported(loc(f), name, why)),
+        _ => Ok(()),
+    }
+}
+
+/// The metaparams of one resource, refusing what would need behaviour arbor lacks.
+fn meta(raw: Option<&Spanned<RawMeta>>, kind: Kind) -> Result<Meta, Located> {
+    let Some(raw) = raw else {
+        return Ok(Meta::default());
+    };
+    let m = &raw.value;
+    // `autoedge`: mgmt's automatic edges for these kinds run from a file to the file
+    // resources managing its parent directories and from an exec to the packages owning its
+    // command; arbor has neither directory nor package resources, so there is nothing to add.
+    let _ = m.autoedge;
+    // `autogroup`: of these kinds mgmt groups only noops, which merges their edges.
+    if kind == Kind::Noop {
+        refuse_value(
+            &m.autogroup,
+            "meta.autogroup: true on a noop",
+            "arbor never merges resources into one; leave it out or set it false",
+        )?;
+    }
+    refuse_value(
+        &m.realize,
+        "meta.realize: true",
+        "arbor may replace a resource on reload before its first apply",
+    )?;
+    refuse_value(
+        &m.hidden,
+        "meta.hidden: true",
+        "export with a `@@` name prefix instead",
+    )?;
+    if let Some(e) = &m.export
+        && !e.value.is_empty()
+    {
+        return Err(not_supported(
+            loc(e),
+            "meta.export",
+            "export with a `@@` name prefix instead",
+        ));
+    }
+    // `dollar` lifts a check of mgmt's language; arbor never refuses names starting with `$`.
+    let _ = m.dollar;
+    let retry = match &m.retry {
+        Some(r) if r.value < -1 => {
+            return Err(fail(
+                r,
+                format!("meta.retry {} must be -1 (forever) or more", r.value),
+            ));
+        }
+        Some(r) => r.value,
+        None => 0,
+    };
+    let poll = match &m.poll {
+        Some(p) if p.value < -1 => {
+            return Err(fail(
+                p,
+                format!("meta.poll {} must be -1, 0 or seconds", p.value),
+            ));
+        }
+        Some(p) => p.value,
+        None => 0,
+    };
+    let burst = m.burst.as_ref().map(|b| b.value).unwrap_or(0);
+    let limit = match &m.limit {
+        Some(l) if l.value == f64::INFINITY => None,
+        Some(l) if !(l.value > 0.0 && l.value.is_finite()) => {
+            return Err(not_supported(
+                loc(l),
+                "meta.limit",
+                "the rate must be a positive number of events a second, or .inf",
+            ));
+        }
+        Some(l) if burst == 0 => {
+            return Err(fail(
+                l,
+                "meta.limit needs a `burst` of 1 or more (with none, no event ever passes)".into(),
+            ));
+        }
+        Some(l) => Some(Rate(l.value)),
+        None => None,
+    };
+    let mut sema = Vec::new();
+    for s in m.sema.iter().flatten() {
+        if s.value.is_empty() || s.value.parse::<i64>().is_ok() {
+            return Err(fail(
+                s,
+                format!("meta.sema `{}` is not `id` or `id:count`", s.value),
+            ));
+        }
+        sema.push(s.value.clone());
+    }
+    Ok(Meta {
+        noop: m.noop.unwrap_or(false),
+        retry,
+        retry_reset: m.retryreset.unwrap_or(false),
+        delay: m.delay.unwrap_or(0),
+        timeout: m.timeout.unwrap_or(0),
+        poll,
+        limit,
+        burst,
+        sema,
+        rewatch: m.rewatch.unwrap_or(false),
+        reset: m.reset.unwrap_or(false),
+    })
 }
 
 /// Splits off `@@` and checks the name is usable.

@@ -138,18 +138,18 @@ mod tests {
     use std::collections::BTreeMap;
 
     fn noop(name: &str) -> ResourceSpec {
-        ResourceSpec::Noop(NoopSpec { name: name.into() })
+        ResourceSpec::Noop(NoopSpec {
+            name: name.into(),
+            ..NoopSpec::default()
+        })
     }
 
     fn exec(name: &str, cmd: &str) -> ResourceSpec {
-        ResourceSpec::Exec(crate::engine::resources::ExecSpec {
+        ResourceSpec::Exec(Box::new(crate::engine::resources::ExecSpec {
             name: name.into(),
             cmd: cmd.into(),
-            shell: None,
-            timeout: None,
-            ifcmd: None,
-            watchcmd: None,
-        })
+            ..Default::default()
+        }))
     }
 
     #[test]

@@ -11,14 +11,16 @@ use crate::engine::converge::Load;
 use crate::engine::exchange::ExportedResource;
 use crate::engine::graph::Edge;
 use crate::engine::reload::Diff;
+use crate::engine::resources::meta::sema_count;
 use crate::engine::resources::{
-    self, ApplyContext, Kind, Outcome, Poke, Resource, ResourceId, ResourceSpec, Services,
+    self, ApplyContext, Kind, Meta, Outcome, Poke, Resource, ResourceId, ResourceSpec, Services,
 };
 use futures::FutureExt;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use tokio::sync::mpsc;
+use std::time::Duration;
+use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -49,6 +51,8 @@ pub struct CheckDone {
     id: ResourceId,
     generation: u64,
     result: anyhow::Result<Outcome>,
+    /// Retries (`meta.retry`) this check spent.
+    retries: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -70,6 +74,8 @@ struct Vertex {
     refresh: bool,
     watch: CancellationToken,
     watch_error: Option<String>,
+    /// Retries spent so far (`meta.retry`), given back by `meta.retryreset` on success.
+    retries_used: u32,
 }
 
 pub struct Scheduler {
@@ -99,6 +105,8 @@ pub struct Scheduler {
     next_generation: u64,
     /// Parent of every vertex's watch token.
     watches: CancellationToken,
+    /// `meta.sema`: one semaphore per id, shared by every resource naming it.
+    semas: HashMap<String, Arc<Semaphore>>,
 }
 
 impl Scheduler {
@@ -118,6 +126,7 @@ impl Scheduler {
             noop,
             next_generation: 0,
             watches: CancellationToken::new(),
+            semas: HashMap::new(),
         }
     }
 
@@ -133,6 +142,12 @@ impl Scheduler {
     /// Applies a diff and replaces the edge set. Unchanged vertices keep their state, their
     /// watch and any check in flight.
     pub fn apply(&mut self, diff: Diff, edges: &[Edge]) {
+        let replaced: HashSet<ResourceId> = diff
+            .changed
+            .iter()
+            .chain(&diff.added)
+            .map(ResourceSpec::id)
+            .collect();
         for id in diff.removed {
             if let Some(v) = self.vertices.remove(&id) {
                 v.watch.cancel();
@@ -145,13 +160,18 @@ impl Scheduler {
         }
         for spec in diff.changed.into_iter().chain(diff.added) {
             let id = spec.id();
+            let mut retries_used = 0;
             if let Some(old) = self.vertices.remove(&id) {
                 old.watch.cancel();
+                // As mgmt: retries spent survive a change of the resource unless `meta.reset`.
+                if !spec.meta().reset {
+                    retries_used = old.retries_used;
+                }
             }
             let generation = self.next_generation;
             self.next_generation += 1;
             let resource = resources::build(&spec, &self.services);
-            let watch = self.start_watch(id.clone(), generation, resource.clone());
+            let watch = self.start_watch(id.clone(), generation, resource.clone(), spec.meta());
             self.vertices.insert(
                 id.clone(),
                 Vertex {
@@ -162,10 +182,36 @@ impl Scheduler {
                     refresh: false,
                     watch,
                     watch_error: None,
+                    retries_used,
                 },
             );
             if self.failures.remove(&id).is_some() {
                 self.failures_version += 1;
+            }
+            self.pending.insert(id);
+        }
+        // `meta.rewatch`: a kept resource whose watch broke gets a new one.
+        let rewatch: Vec<ResourceId> = self
+            .vertices
+            .iter()
+            .filter(|(id, v)| {
+                !replaced.contains(*id) && v.watch_error.is_some() && v.spec.meta().rewatch
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in rewatch {
+            let Some(v) = self.vertices.get(&id) else {
+                continue;
+            };
+            let (resource, generation, meta) =
+                (v.resource.clone(), v.generation, v.spec.meta().clone());
+            tracing::info!("{id}: watching again (meta.rewatch)");
+            let watch = self.start_watch(id.clone(), generation, resource, &meta);
+            if let Some(v) = self.vertices.get_mut(&id) {
+                v.watch.cancel();
+                v.watch = watch;
+                v.watch_error = None;
+                record(&mut self.failures, &mut self.failures_version, &id, v);
             }
             self.pending.insert(id);
         }
@@ -185,26 +231,59 @@ impl Scheduler {
         self.candidates.extend(self.pending.iter().cloned());
     }
 
+    /// Starts what pokes a resource: its own watch, or with `meta.poll` a timer (or nothing
+    /// for -1); with `meta.limit`, pokes pass through a rate limiter.
     fn start_watch(
         &self,
         id: ResourceId,
         generation: u64,
         resource: Arc<dyn Resource>,
+        meta: &Meta,
     ) -> CancellationToken {
         let token = self.watches.child_token();
         let events = self.events.clone();
-        let poke = {
+        let send = {
             let (events, id) = (events.clone(), id.clone());
-            Poke::new(move || {
+            move || {
                 let _ = events.send(Event::Poke {
                     id: id.clone(),
                     generation,
                 });
-            })
+            }
+        };
+        let poke = match meta.limit {
+            None => Poke::new(send),
+            Some(rate) => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                tokio::spawn(rate_limit(rx, rate.0, meta.burst, token.clone(), send));
+                Poke::new(move || {
+                    let _ = tx.send(());
+                })
+            }
         };
         let cancel = token.clone();
+        let poll = meta.poll;
+        let (retries, delay) = (meta.retries_left(0), meta.delay());
         tokio::spawn(async move {
-            let result = resource.watch(poke, cancel.clone()).await;
+            let result = match poll {
+                0 => watch_with_retries(&*resource, poke, &cancel, retries, delay).await,
+                // Checked on load and when a dependency changes, never on its own.
+                p if p < 0 => Ok(()),
+                secs => {
+                    let period = Duration::from_secs(secs.unsigned_abs().into());
+                    let mut timer =
+                        tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+                    loop {
+                        tokio::select! {
+                            _ = cancel.cancelled() => break Ok(()),
+                            _ = timer.tick() => {
+                                resource.polled();
+                                poke.poke();
+                            }
+                        }
+                    }
+                }
+            };
             if !cancel.is_cancelled() {
                 let _ = events.send(Event::WatchEnded {
                     id,
@@ -279,20 +358,35 @@ impl Scheduler {
             }
             self.pending.remove(&id);
             self.in_flight.insert(id.clone());
+            let meta = v.spec.meta().clone();
             let ctx = ApplyContext {
-                noop: self.noop,
+                noop: self.noop || meta.noop,
                 refresh: std::mem::take(&mut v.refresh),
             };
             let (resource, generation) = (v.resource.clone(), v.generation);
+            let retries_left = meta.retries_left(v.retries_used);
+            let mut semas: Vec<(&String, u32)> =
+                meta.sema.iter().map(|s| (s, sema_count(s))).collect();
+            // One order for every resource, so two never wait on each other's semaphores.
+            semas.sort();
+            semas.dedup();
+            let semas: Vec<Arc<Semaphore>> = semas
+                .into_iter()
+                .map(|(name, count)| {
+                    self.semas
+                        .entry(name.clone())
+                        .or_insert_with(|| Arc::new(Semaphore::new(count as usize)))
+                        .clone()
+                })
+                .collect();
             self.checks.spawn(async move {
-                let result = AssertUnwindSafe(resource.check_apply(ctx))
-                    .catch_unwind()
-                    .await
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("check panicked")));
+                let (result, retries) =
+                    check_with_meta(&id, resource, ctx, &meta, retries_left, &semas).await;
                 CheckDone {
                     id,
                     generation,
                     result,
+                    retries,
                 }
             });
         }
@@ -334,6 +428,7 @@ impl Scheduler {
             id,
             generation,
             result,
+            retries,
         } = done;
         self.in_flight.remove(&id);
         // Poked while running (or replaced by a new version): look at it again.
@@ -343,6 +438,10 @@ impl Scheduler {
         let Some(v) = current(&mut self.vertices, &id, generation) else {
             return false;
         };
+        v.retries_used = v.retries_used.saturating_add(retries);
+        if result.is_ok() && v.spec.meta().retry_reset {
+            v.retries_used = 0;
+        }
         let changed = match result {
             Ok(Outcome::Unchanged) => {
                 // Recovering from a failure is news; a first check that finds all well is not.
@@ -415,6 +514,124 @@ impl Drop for Scheduler {
     }
 }
 
+/// One check under its metaparams: `sema` held while applying, `timeout` on each attempt, and
+/// up to `retries_left` retries (`None`: without end) `delay` apart. Returns the result and
+/// the retries spent.
+async fn check_with_meta(
+    id: &ResourceId,
+    resource: Arc<dyn Resource>,
+    ctx: ApplyContext,
+    meta: &Meta,
+    mut retries_left: Option<u32>,
+    semas: &[Arc<Semaphore>],
+) -> (anyhow::Result<Outcome>, u32) {
+    let mut spent = 0;
+    loop {
+        let mut permits = Vec::with_capacity(semas.len());
+        for sema in semas {
+            match sema.clone().acquire_owned().await {
+                Ok(p) => permits.push(p),
+                Err(_) => return (Err(anyhow::anyhow!("semaphore closed")), spent),
+            }
+        }
+        let attempt = AssertUnwindSafe(resource.check_apply(ctx)).catch_unwind();
+        let result = match meta.timeout() {
+            Some(limit) => match tokio::time::timeout(limit, attempt).await {
+                Ok(r) => r,
+                Err(_) => Ok(Err(anyhow::anyhow!(
+                    "apply timed out after {} ms (meta.timeout)",
+                    limit.as_millis()
+                ))),
+            },
+            None => attempt.await,
+        }
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("check panicked")));
+        drop(permits);
+        match (result, retries_left) {
+            (Ok(outcome), _) => return (Ok(outcome), spent),
+            (Err(e), Some(0)) => return (Err(e), spent),
+            (Err(e), left) => {
+                spent += 1;
+                retries_left = left.map(|n| n - 1);
+                let left = left.map_or("forever".to_string(), |n| format!("{} left", n - 1));
+                tracing::warn!(
+                    "{id}: {e:#}; retrying in {} ms (meta.retry, {left})",
+                    meta.delay
+                );
+                tokio::time::sleep(meta.delay()).await;
+            }
+        }
+    }
+}
+
+/// A resource's watch, started again (`delay` apart) after each error while `meta.retry`
+/// allows (`None`: without end), as mgmt does; the watch keeps its own count.
+async fn watch_with_retries(
+    resource: &dyn Resource,
+    poke: Poke,
+    cancel: &CancellationToken,
+    mut retries_left: Option<u32>,
+    delay: Duration,
+) -> anyhow::Result<()> {
+    loop {
+        let result = resource.watch(poke.clone(), cancel.clone()).await;
+        match (result, retries_left) {
+            (Err(e), left) if left != Some(0) && !cancel.is_cancelled() => {
+                retries_left = left.map(|n| n - 1);
+                tracing::warn!(
+                    "{}: watch: {e:#}; watching again in {} ms (meta.retry)",
+                    resource.id(),
+                    delay.as_millis()
+                );
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                // Whatever happened while nothing watched: look again.
+                poke.poke();
+            }
+            (result, _) => return result,
+        }
+    }
+}
+
+/// `meta.limit` / `meta.burst`: a token bucket between a resource's pokes and the engine.
+/// Pokes beyond the rate wait for a token; pokes that arrive while waiting are merged into
+/// the one that passes next (a check covers them all).
+async fn rate_limit(
+    mut pokes: mpsc::UnboundedReceiver<()>,
+    rate: f64,
+    burst: u32,
+    cancel: CancellationToken,
+    send: impl Fn(),
+) {
+    let capacity = f64::from(burst.max(1));
+    let mut tokens = capacity;
+    let mut last = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            poke = pokes.recv() => if poke.is_none() { return },
+        }
+        let now = tokio::time::Instant::now();
+        tokens = (tokens + now.duration_since(last).as_secs_f64() * rate).min(capacity);
+        last = now;
+        if tokens < 1.0 {
+            let wait = Duration::from_secs_f64((1.0 - tokens) / rate);
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            let now = tokio::time::Instant::now();
+            tokens = (tokens + now.duration_since(last).as_secs_f64() * rate).min(capacity);
+            last = now;
+            while pokes.try_recv().is_ok() {}
+        }
+        tokens -= 1.0;
+        send();
+    }
+}
+
 /// The vertex `id` if it is still the version `generation` (not replaced or removed since).
 fn current<'a>(
     vertices: &'a mut BTreeMap<ResourceId, Vertex>,
@@ -454,4 +671,30 @@ enum Readiness {
     Ready,
     Waiting,
     Blocked(ResourceId),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test]
+    async fn the_rate_limit_lets_a_burst_through_and_merges_the_rest() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let sent = Arc::new(AtomicUsize::new(0));
+        let cancel = CancellationToken::new();
+        let counter = sent.clone();
+        tokio::spawn(rate_limit(rx, 2.0, 2, cancel.clone(), move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }));
+        for _ in 0..10 {
+            tx.send(()).expect("send");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(sent.load(Ordering::SeqCst), 2, "the burst passes at once");
+        // The third waits for a token (half a second at 2/s) and stands for the other eight.
+        tokio::time::sleep(Duration::from_millis(1400)).await;
+        assert_eq!(sent.load(Ordering::SeqCst), 3);
+        cancel.cancel();
+    }
 }

@@ -524,6 +524,7 @@ fn every_example_graph_is_valid() {
         "examples/remote2a.yaml",
         "examples/remote2b.yaml",
         "examples/local.yaml",
+        "examples/meta.yaml",
     ] {
         graph::load(&example(name), "h").unwrap_or_else(|e| panic!("{e}"));
     }
@@ -576,5 +577,237 @@ async fn a_long_chain_is_applied_in_order() {
     converged(&e).await;
     let want: String = (0..n).map(|i| format!("{i}\n")).collect();
     assert_eq!(read(&log), want);
+    e.stop().await;
+}
+
+// Metaparams (`meta:`), as the scheduler applies them.
+
+#[tokio::test]
+async fn meta_retry_tries_a_failed_apply_again_delay_apart() {
+    let dir = tempfile::tempdir().expect("dir");
+    let d = dir.path().display();
+    // Fails twice, then succeeds.
+    let src = format!(
+        "graph: g
+resources:
+  exec:
+  - name: flaky
+    cmd: \"echo x >> {d}/tries; test $(wc -l < {d}/tries) -ge 3\"
+    meta:
+      retry: 3
+      delay: 150
+  - name: hopeless
+    cmd: \"echo x >> {d}/hopeless; exit 1\"
+    meta:
+      retry: 1
+"
+    );
+    let start_at = std::time::Instant::now();
+    let ex = new_exchange().await;
+    let e = start(&src, "h", &ex).await;
+    let (status, held) = e
+        .wait_for(WAIT, |s| s.settled && s.failures.len() == 1)
+        .await;
+    assert!(held, "{status:?}");
+    assert_eq!(lines(&dir.path().join("tries")), 3);
+    assert!(start_at.elapsed() >= Duration::from_millis(300));
+    // One try and one retry, then it counts as failed.
+    assert_eq!(lines(&dir.path().join("hopeless")), 2);
+    assert!(
+        status
+            .failures
+            .contains_key(&ResourceId::new(Kind::Exec, "hopeless"))
+    );
+    e.stop().await;
+}
+
+#[tokio::test]
+async fn meta_noop_leaves_one_resource_alone() {
+    let dir = tempfile::tempdir().expect("dir");
+    let d = dir.path().display();
+    let src = format!(
+        "graph: g
+resources:
+  file:
+  - name: kept
+    path: {d}/kept
+    content: \"k\\n\"
+    meta:
+      noop: true
+  - name: written
+    path: {d}/written
+    content: \"w\\n\"
+    meta: {{noop: false, autoedge: true, autogroup: true}}
+"
+    );
+    let ex = new_exchange().await;
+    let e = start(&src, "h", &ex).await;
+    converged(&e).await;
+    assert_eq!(read(&dir.path().join("written")), "w\n");
+    assert!(
+        !dir.path().join("kept").exists(),
+        "a noop resource was applied"
+    );
+    e.stop().await;
+}
+
+#[tokio::test]
+async fn meta_poll_checks_on_a_timer_instead_of_watching() {
+    let dir = tempfile::tempdir().expect("dir");
+    let d = dir.path().display();
+    let src = format!(
+        "graph: g
+resources:
+  file:
+  - name: polled
+    path: {d}/polled
+    content: \"p\\n\"
+    meta: {{poll: 1}}
+  - name: rarely
+    path: {d}/rarely
+    content: \"r\\n\"
+    meta: {{poll: 3600}}
+"
+    );
+    let ex = new_exchange().await;
+    let e = start(&src, "h", &ex).await;
+    converged(&e).await;
+    fs::remove_file(dir.path().join("polled")).expect("rm");
+    fs::remove_file(dir.path().join("rarely")).expect("rm");
+    wait_file(&dir.path().join("polled"), "p\n").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !dir.path().join("rarely").exists(),
+        "a polled resource reacted to inotify"
+    );
+    e.stop().await;
+}
+
+#[tokio::test]
+async fn meta_sema_keeps_holders_of_one_semaphore_apart() {
+    let dir = tempfile::tempdir().expect("dir");
+    let d = dir.path().display();
+    // Each holds a lock directory for a while: two at once would fail the second mkdir.
+    let exec = |name: &str| {
+        format!(
+            "  - name: {name}
+    cmd: \"mkdir {d}/lock && sleep 0.3 && rmdir {d}/lock && touch {d}/{name}\"
+    meta:
+      sema: [\"lock\"]
+"
+        )
+    };
+    let src = format!(
+        "graph: g\nresources:\n  exec:\n{}{}{}",
+        exec("one"),
+        exec("two"),
+        exec("three")
+    );
+    let ex = new_exchange().await;
+    let e = start(&src, "h", &ex).await;
+    let status = converged(&e).await;
+    assert!(status.failures.is_empty(), "{status:?}");
+    for name in ["one", "two", "three"] {
+        assert!(dir.path().join(name).exists(), "{name}");
+    }
+    e.stop().await;
+}
+
+#[tokio::test]
+async fn meta_timeout_fails_an_apply_that_takes_too_long() {
+    let src = "graph: g
+resources:
+  exec:
+  - name: slow
+    cmd: \"sleep 10\"
+    meta: {timeout: 200}
+";
+    let ex = new_exchange().await;
+    let e = start(src, "h", &ex).await;
+    let (status, held) = e
+        .wait_for(WAIT, |s| s.settled && !s.failures.is_empty())
+        .await;
+    assert!(held, "{status:?}");
+    let why = &status.failures[&ResourceId::new(Kind::Exec, "slow")];
+    assert!(why.contains("meta.timeout"), "{why}");
+    e.stop().await;
+}
+
+#[tokio::test]
+async fn meta_rewatch_restarts_a_broken_watch_on_reload() {
+    let dir = tempfile::tempdir().expect("dir");
+    let d = dir.path().display();
+    let src = format!(
+        "graph: g
+resources:
+  exec:
+  - name: watched
+    cmd: \"true\"
+    watchcmd: \"test -e {d}/ok && sleep 30\"
+    meta: {{rewatch: true}}
+"
+    );
+    let ex = new_exchange().await;
+    let e = start(&src, "h", &ex).await;
+    let (status, held) = e
+        .wait_for(WAIT, |s| s.settled && !s.failures.is_empty())
+        .await;
+    assert!(held, "{status:?}");
+    fs::write(dir.path().join("ok"), "").expect("ok");
+    // A new graph where this resource is unchanged: only its watch starts over.
+    e.load_graph(parse(&format!("{src}  noop:\n  - name: n\n"), "h"));
+    let status = converged(&e).await;
+    assert!(status.failures.is_empty(), "{status:?}");
+    e.stop().await;
+}
+
+#[tokio::test]
+async fn meta_retry_starts_a_failed_watch_again() {
+    let dir = tempfile::tempdir().expect("dir");
+    let d = dir.path().display();
+    let src = format!(
+        "graph: g
+resources:
+  exec:
+  - name: watched
+    cmd: \"true\"
+    watchcmd: \"echo x >> {d}/starts; exit 1\"
+    meta: {{retry: 2, delay: 50}}
+"
+    );
+    let ex = new_exchange().await;
+    let e = start(&src, "h", &ex).await;
+    let (status, held) = e
+        .wait_for(WAIT, |s| s.settled && !s.failures.is_empty())
+        .await;
+    assert!(held, "{status:?}");
+    // The first start and two more, then the watch counts as broken.
+    assert_eq!(lines(&dir.path().join("starts")), 3);
+    e.stop().await;
+}
+
+#[tokio::test]
+async fn a_polled_exec_runs_on_every_tick() {
+    let dir = tempfile::tempdir().expect("dir");
+    let d = dir.path().display();
+    let src = format!(
+        "graph: g
+resources:
+  exec:
+  - name: ticking
+    cmd: \"echo x >> {d}/runs\"
+    meta: {{poll: 1}}
+"
+    );
+    let ex = new_exchange().await;
+    let e = start(&src, "h", &ex).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while lines(&dir.path().join("runs")) < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not run on each tick"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     e.stop().await;
 }

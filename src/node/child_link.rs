@@ -20,6 +20,8 @@ pub enum FromChild {
     Fetch {
         sha256: String,
     },
+    /// A heartbeat: the child is still there.
+    Alive,
     /// The child's arbor ended (or the link broke). `error`: the last lines of its stderr.
     Exited {
         status: ExitStatus,
@@ -30,7 +32,8 @@ pub enum FromChild {
 /// The parent's handle on a running child: send control frames, and know its tunnel end.
 pub struct ChildLink {
     writer: FrameWriter<Box<dyn tokio::io::AsyncWrite + Send + Unpin>>,
-    pub tunnel: ForwardEnd,
+    /// The store tunnel's end on the child (none for `arbor exec`, which has no store).
+    pub tunnel: Option<ForwardEnd>,
 }
 
 impl ChildLink {
@@ -66,7 +69,8 @@ pub fn subtree_paths(children: &[crate::wire::ChildSpec]) -> HashSet<HostPath> {
     out
 }
 
-/// Opens the store tunnel, starts arbor on the child, exchanges hellos and sends `start`.
+/// Opens the store tunnel (when there is a `store`), starts arbor on the child, exchanges
+/// hellos and sends `start`.
 /// Errors are whole sentences naming the host and the step (`l1-3: forward: …`).
 /// Events from the child arrive on the returned receiver, tagged with the child's path
 /// relative to this node (its name first), until a final [`FromChild::Exited`]; events about
@@ -75,23 +79,35 @@ pub async fn launch(
     session: &Session,
     me: HostPath,
     staged: &Staged,
-    store: Arc<dyn Connector>,
+    store: Option<Arc<dyn Connector>>,
     start: Start,
     forward_agent: bool,
     hello_timeout: std::time::Duration,
 ) -> Result<(ChildLink, mpsc::Receiver<FromChild>), String> {
-    let socket = format!("{}/store.sock", staged.workdir);
-    let tunnel = session
-        .forward_unix_or_tcp(&socket, store)
-        .await
-        .map_err(|e| e.to_string())?;
+    let tunnel = match store {
+        Some(store) => {
+            let socket = format!("{}/store.sock", staged.workdir);
+            Some(
+                session
+                    .forward_unix_or_tcp(&socket, store)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            )
+        }
+        None => None,
+    };
 
     let name = me.name().to_string();
-    if let crate::ssh::ForwardEnd::Tcp(port) = &tunnel {
+    if let Some(crate::ssh::ForwardEnd::Tcp(port)) = &tunnel {
+        // A host gets no credential only from an etcd without authentication (--seeds).
+        let who = if start.credential.is_some() {
+            "and the store refuses them without the host's credential"
+        } else {
+            "and the store (an etcd with authentication off) lets them do anything"
+        };
         tracing::warn!(
             "{name}: the store tunnel ends on loopback TCP port {port} there (its sshd refused \
-             Unix-socket forwarding): local processes can reach that port, and the store \
-             refuses them without the host's credential"
+             Unix-socket forwarding): local processes can reach that port, {who}"
         );
     }
     let mut line = CommandLine::new(&staged.binary).args([
@@ -99,13 +115,14 @@ pub async fn launch(
         "--hostname",
         &name,
         "--no-server",
-        "--seeds",
-        &tunnel.to_string(),
         "--workdir",
         &staged.workdir,
         "--depth",
         &start.path.depth().to_string(),
     ]);
+    if let Some(tunnel) = &tunnel {
+        line = line.args(["--seeds", &tunnel.to_string()]);
+    }
     if let Some(graph) = &staged.graph {
         line = line.args(["--file", graph]);
     }
@@ -124,9 +141,11 @@ pub async fn launch(
     };
 
     // Pump the exec channel: stdout bytes into the frame reader, stderr lines up as logs,
-    // and the exit status last.
+    // and the exit status last, once the reader has passed on every frame the child sent (the
+    // parent stops reading at the exit: events still being parsed would be lost).
     let pump_tx = events_tx.clone();
     let pump_me = me.clone();
+    let (reader_done, reader_finished) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         let mut frames_in = frames_in;
         let mut stderr_buf = Vec::new();
@@ -160,6 +179,7 @@ pub async fn launch(
             send_stderr(&pump_tx, &pump_me, &stderr_buf).await;
         }
         drop(frames_in);
+        let _ = reader_finished.await;
         let _ = pump_tx
             .send(FromChild::Exited {
                 status,
@@ -171,6 +191,8 @@ pub async fn launch(
     // Read frames: the child's hello first, then events, re-tagged under this child's path.
     let (hello_tx, hello_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
+        // Dropped when this task ends: the pump then reports the exit.
+        let _done = reader_done;
         let mut reader = FrameReader::with_limit(frames_out, MAX_UP_FRAME);
         let mut refused = 0u64;
         let mut hello_tx = Some(hello_tx);
@@ -200,6 +222,11 @@ pub async fn launch(
                 }
                 Ok(Some(Up::Fetch { sha256 })) => {
                     if events_tx.send(FromChild::Fetch { sha256 }).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(Some(Up::Heartbeat)) => {
+                    if events_tx.send(FromChild::Alive).await.is_err() {
                         break;
                     }
                 }
@@ -238,17 +265,20 @@ pub async fn launch(
     }
 }
 
-/// One line of the child's raw stderr, sent up as its log.
+/// One line of the child's raw stderr, sent up as its log (in pieces that fit a frame).
 async fn send_stderr(tx: &mpsc::Sender<FromChild>, host: &HostPath, line: &[u8]) {
-    let _ = tx
-        .send(FromChild::Event(Event {
-            host: host.clone(),
-            kind: EventKind::Log {
-                line: String::from_utf8_lossy(line).into_owned(),
-                stderr: true,
-            },
-        }))
-        .await;
+    let text = String::from_utf8_lossy(line);
+    for piece in crate::wire::line_pieces(&text) {
+        let _ = tx
+            .send(FromChild::Event(Event {
+                host: host.clone(),
+                kind: EventKind::Log {
+                    line: piece.to_string(),
+                    stderr: true,
+                },
+            }))
+            .await;
+    }
 }
 
 /// Lines kept of a child's stderr, and of its log file, to say why it ended.

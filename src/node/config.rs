@@ -16,6 +16,9 @@ pub struct RunOptions {
     pub remotes: Vec<PathBuf>,
     /// A topology file naming the hosts to reach and their graphs.
     pub topology: Option<PathBuf>,
+    /// `--limit`: only these hosts (a nodeset, `@failed` for the last run's failures), with
+    /// the relays on their way as relays only.
+    pub limit: Option<String>,
     /// Exit after being converged this long.
     pub converged_timeout: Option<Duration>,
     pub noop: bool,
@@ -29,17 +32,36 @@ pub struct RunOptions {
     pub compress: bool,
     pub tmp_prefix: bool,
     pub seeds: Vec<String>,
+    /// The etcd user the initiator acts as at the --seeds etcd.
+    pub seeds_user: Option<String>,
+    /// Where that user's password is (else ARBOR_SEEDS_PASSWORD, or the terminal).
+    pub seeds_password_file: Option<PathBuf>,
     pub no_server: bool,
+    /// `-F`: the only ssh_config file to read (`none`: no file); `None`: ~/.ssh/config and
+    /// /etc/ssh/ssh_config.
+    pub ssh_config: Option<PathBuf>,
     pub identities: Vec<PathBuf>,
     pub known_hosts: Vec<PathBuf>,
     pub accept_new: bool,
+    /// `--host-key-policy` was given: it beats ssh_config's StrictHostKeyChecking.
+    pub host_key_policy_given: bool,
     pub allow_interactive: bool,
     pub connect_timeout: Duration,
+    /// `--connect-timeout` was given: it beats ssh_config's ConnectTimeout.
+    pub connect_timeout_given: bool,
     /// Builds for other platforms: (platform, path).
     pub binaries: Vec<(String, PathBuf)>,
     pub remote_tmp: String,
     /// Log level: 0 info, 1 debug, 2 trace.
     pub verbosity: u8,
+    /// `--output json`: events and the summary as JSON lines on stdout.
+    pub json: bool,
+    /// Seconds without a frame after which a link counts as down (`--link-timeout`).
+    pub link_timeout: u64,
+    /// `-q`: the view shows warnings, errors, failures and the summary only.
+    pub quiet: bool,
+    /// `--log-file`: every event is also written there, with a timestamp.
+    pub log_file: Option<PathBuf>,
     /// 0 for the initiator.
     pub depth: usize,
     /// A staged node's working dir on its host.
@@ -53,6 +75,7 @@ impl Default for RunOptions {
             file: None,
             remotes: Vec::new(),
             topology: None,
+            limit: None,
             converged_timeout: None,
             noop: false,
             hostname: None,
@@ -62,19 +85,50 @@ impl Default for RunOptions {
             compress: false,
             tmp_prefix: false,
             seeds: Vec::new(),
+            seeds_user: None,
+            seeds_password_file: None,
             no_server: false,
+            ssh_config: None,
             identities: Vec::new(),
             known_hosts: Vec::new(),
             accept_new: false,
+            host_key_policy_given: false,
             allow_interactive: false,
             connect_timeout: Duration::from_secs(node.connect_timeout),
+            connect_timeout_given: false,
             binaries: Vec::new(),
             remote_tmp: node.remote_tmp,
             verbosity: 0,
+            json: false,
+            quiet: false,
+            log_file: None,
+            link_timeout: node.link_timeout,
             depth: 0,
             workdir: None,
         }
     }
+}
+
+/// `arbor exec`, as plain data.
+#[derive(Debug, Clone)]
+pub struct ExecOptions {
+    /// `-w`: the nodesets of the hosts to run on (joined).
+    pub nodesets: Vec<String>,
+    /// `-x`: nodesets of hosts to leave out.
+    pub exclude: Vec<String>,
+    /// With a topology, `-w` names its hosts, reached through its relays.
+    pub topology: Option<PathBuf>,
+    /// `-b`: gather identical outputs at the end.
+    pub gather: bool,
+    /// The command's words, joined with spaces for the remote shell (as ssh does).
+    pub command: Vec<String>,
+    /// Without a topology: the SSH user and port given on the command line (they beat
+    /// ssh_config's User and Port; default: the local user, 22).
+    pub user: Option<String>,
+    pub port: Option<u16>,
+    /// The settings shared with `arbor run`: cconns, keys, known_hosts, host-key policy,
+    /// timeouts, builds, remote tmp, caching, compression, verbosity.
+    pub run: RunOptions,
 }
 
 /// The shortest wait for a started child's hello: a loaded host can take a few seconds to
@@ -91,12 +145,15 @@ impl RunOptions {
             connect_timeout,
             hello_timeout: (2 * connect_timeout).max(MIN_HELLO_TIMEOUT),
             verbosity: self.verbosity,
+            // With a log file, hosts still send everything for it to keep.
+            quiet: self.quiet && self.log_file.is_none(),
             remote_tmp: self.remote_tmp.clone(),
             no_caching: self.no_caching,
             compress: self.compress,
             accept_new: self.accept_new,
             cconns,
             converged_timeout: self.converged_timeout.map(|d| d.as_secs()),
+            link_timeout: self.link_timeout.max(1),
             noop: self.noop,
             builds,
         }
@@ -118,6 +175,7 @@ mod tests {
             accept_new: true,
             converged_timeout: Some(Duration::from_secs(5)),
             noop: true,
+            quiet: true,
             ..RunOptions::default()
         };
         let builds = vec![BuildRef {
@@ -133,6 +191,7 @@ mod tests {
                 connect_timeout: 2,
                 hello_timeout: MIN_HELLO_TIMEOUT,
                 verbosity: 1,
+                quiet: true,
                 remote_tmp: "/var/tmp".into(),
                 no_caching: true,
                 compress: true,
@@ -140,9 +199,16 @@ mod tests {
                 cconns: 7,
                 converged_timeout: Some(5),
                 noop: true,
+                link_timeout: crate::wire::LINK_TIMEOUT,
                 builds,
             }
         );
+        // With a log file to fill, hosts still send everything.
+        let logged = RunOptions {
+            log_file: Some("run.log".into()),
+            ..options.clone()
+        };
+        assert!(!logged.node_config(7, Vec::new(), "r").quiet);
         // It survives the trip down the link unchanged.
         let json = serde_json::to_string(&node).expect("json");
         assert_eq!(

@@ -9,7 +9,7 @@ use super::stage::{self, StageOptions, Staged};
 use crate::ssh::{self, ConnectOptions, Connector, ExitStatus, HostKeyPolicy, Session, Target};
 use crate::ui::HostReport;
 use crate::wire::{
-    ChildMode, ChildSpec, Down, Event, EventKind, HostPath, HostState, NodeConfig, Start,
+    ChildMode, ChildSpec, Down, Event, EventKind, ExecJob, HostPath, HostState, NodeConfig, Start,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -31,8 +31,9 @@ pub struct FleetContext {
     /// this node has (the initiator's key files and known_hosts; a relay's received lines).
     pub connect: ConnectOptions,
     pub builds: Builds,
-    /// Connects each child's store tunnel to this node's own store endpoint.
-    pub store: Arc<dyn Connector>,
+    /// Connects each child's store tunnel to this node's own store endpoint (`None` for
+    /// `arbor exec`, which has no store).
+    pub store: Option<Arc<dyn Connector>>,
     /// Serves agent channels from children whose own children need signatures: for each such
     /// child, a connector (at the initiator, a front that signs only for that child's
     /// subtree; at a relay, its own forwarded agent, which that front stands behind).
@@ -43,6 +44,10 @@ pub struct FleetContext {
     pub known_hosts: String,
     /// Where events go: tagged relative to this node.
     pub events: mpsc::Sender<Event>,
+    /// `arbor exec`: the command and its targets in this node's subtree. Targeted children
+    /// run it over a connection of their own; children with children of their own (the
+    /// subtree is pruned to the paths that lead to targets) are staged as relays for it.
+    pub exec: Option<Arc<ExecJob>>,
 }
 
 impl FleetContext {
@@ -203,15 +208,24 @@ impl Fleet {
     }
 }
 
-/// The known_hosts names of every host in a subtree.
+/// The known_hosts names of every host in a subtree, ProxyJump hops included.
 pub fn subtree_names(children: &[ChildSpec]) -> Vec<String> {
-    let mut out = Vec::new();
+    subtree_specs(children)
+        .flat_map(|c| {
+            c.with_jumps()
+                .map(|h| ssh::known_hosts::host_key_name(&h.host, h.port))
+        })
+        .collect()
+}
+
+/// Every host of a subtree, depth first.
+pub fn subtree_specs(children: &[ChildSpec]) -> impl Iterator<Item = &ChildSpec> {
     let mut stack: Vec<&ChildSpec> = children.iter().collect();
-    while let Some(c) = stack.pop() {
-        out.push(ssh::known_hosts::host_key_name(&c.host, c.port));
+    std::iter::from_fn(move || {
+        let c = stack.pop()?;
         stack.extend(&c.children);
-    }
-    out
+        Some(c)
+    })
 }
 
 fn graphs_used(spec: &ChildSpec) -> Vec<String> {
@@ -290,9 +304,14 @@ impl ChildRun {
     }
 }
 
-/// Connect options for one child: this node's, with the child's pinned key, identity and
-/// URL password.
-fn child_options(ctx: &FleetContext, spec: &ChildSpec) -> Result<ConnectOptions, String> {
+/// Connect options for one child (or ProxyJump hop): this node's, with what the initiator
+/// resolved for it: pinned key, named keys (this node's `--identity` first, then the topology's
+/// `identity:`, then ssh_config's IdentityFiles, which are files only at the initiator and
+/// agent keys at relays), IdentitiesOnly, connect timeout, host-key policy, URL password.
+pub(super) fn child_options(
+    ctx: &FleetContext,
+    spec: &ChildSpec,
+) -> Result<ConnectOptions, String> {
     let mut options = ctx.connect.clone();
     options.label = Some(spec.name.clone());
     if let Some(key) = &spec.host_key {
@@ -308,11 +327,102 @@ fn child_options(ctx: &FleetContext, spec: &ChildSpec) -> Result<ConnectOptions,
         };
         options.auth.identities.push(path);
     }
+    if ctx.path.is_root() {
+        // The operator's own files: only the initiator has them.
+        options
+            .auth
+            .identities
+            .extend(spec.identity_files.iter().map(std::path::PathBuf::from));
+        if spec.user_known_hosts.is_some() || spec.global_known_hosts.is_some() {
+            let keys = &mut options.host_keys;
+            let default_user = keys.learn_into.clone();
+            let global: Vec<std::path::PathBuf> = ssh::known_hosts::GLOBAL_FILES
+                .iter()
+                .map(std::path::PathBuf::from)
+                .collect();
+            // --known-hosts files stay.
+            let extra: Vec<std::path::PathBuf> = keys
+                .known_hosts
+                .iter()
+                .filter(|p| Some(*p) != default_user.as_ref() && !global.contains(p))
+                .cloned()
+                .collect();
+            let user = spec
+                .user_known_hosts
+                .clone()
+                .unwrap_or_else(|| default_user.iter().cloned().collect());
+            keys.learn_into = user.first().cloned();
+            keys.known_hosts = user;
+            keys.known_hosts
+                .extend(spec.global_known_hosts.clone().unwrap_or(global));
+            keys.known_hosts.extend(extra);
+        }
+    }
+    options.auth.named_keys = spec
+        .identity_keys
+        .iter()
+        .filter_map(|k| russh::keys::PublicKey::from_openssh(k).ok())
+        .collect();
+    options.auth.identities_only = spec.identities_only;
+    if let Some(seconds) = spec.connect_timeout {
+        options.connect_timeout = Duration::from_secs(seconds.max(1));
+    }
+    if let Some(accept_new) = spec.accept_new {
+        options.host_keys.policy = if accept_new {
+            HostKeyPolicy::AcceptNew
+        } else {
+            HostKeyPolicy::Strict
+        };
+    }
     options.auth.password = spec.password.clone();
     Ok(options)
 }
 
-fn stopped(name: &str) -> String {
+/// Connects to `spec`: through `via` (a `mode: jump` host) when given, and through its
+/// ProxyJump hops in order, each opened for this host alone and closed with its session.
+pub(super) async fn connect_child(
+    ctx: &FleetContext,
+    spec: &ChildSpec,
+    via: Option<&Session>,
+) -> Result<Session, String> {
+    let mut hop: Option<Arc<Session>> = None;
+    for jump in &spec.jumps {
+        let options = child_options(ctx, jump)?;
+        let target = Target::new(jump.user.clone(), jump.host.clone(), jump.port);
+        let connected = match (&hop, via) {
+            (Some(prev), _) => ssh::connect_through(prev.clone(), &target, &options).await,
+            (None, Some(v)) => ssh::connect_via(v, &target, &options).await,
+            (None, None) => ssh::connect(&target, &options).await,
+        };
+        match connected {
+            Ok(session) => hop = Some(Arc::new(session)),
+            Err(e) => {
+                if let Some(prev) = &hop {
+                    prev.disconnect().await;
+                }
+                return Err(format!("{}: ProxyJump {e}", spec.name));
+            }
+        }
+    }
+    let options = child_options(ctx, spec)?;
+    let target = Target::new(spec.user.clone(), spec.host.clone(), spec.port);
+    let connected = match (&hop, via) {
+        (Some(prev), _) => ssh::connect_through(prev.clone(), &target, &options).await,
+        (None, Some(v)) => ssh::connect_via(v, &target, &options).await,
+        (None, None) => ssh::connect(&target, &options).await,
+    };
+    match connected {
+        Ok(session) => Ok(session),
+        Err(e) => {
+            if let Some(prev) = &hop {
+                prev.disconnect().await;
+            }
+            Err(e.to_string())
+        }
+    }
+}
+
+pub(super) fn stopped(name: &str) -> String {
     format!("{name}: not started: the run was stopped")
 }
 
@@ -327,12 +437,8 @@ async fn run_jump(
     let jump = ChildRun::new(&ctx, &spec.name, &HostPath::root());
     jump.step("connect (jump host)").await;
     let connected = async {
-        let options = child_options(&ctx, &spec)?;
         let _permit = limit.acquire().await.map_err(|e| e.to_string())?;
-        let target = Target::new(spec.user.clone(), spec.host.clone(), spec.port);
-        ssh::connect(&target, &options)
-            .await
-            .map_err(|e| e.to_string())
+        connect_child(&ctx, &spec, None).await
     }
     .await;
     let session = match connected {
@@ -391,9 +497,48 @@ async fn run_child(
     via: Option<Arc<Session>>,
 ) -> HostReport {
     let mut run = ChildRun::new(&ctx, &spec.name, &prefix);
-    match stage_child(&ctx, &limit, &spec, &mut run, via, &inbox.stop).await {
-        Ok(launched) => supervise(&ctx, &spec, &mut run, launched, inbox).await,
-        Err(cause) => run.failed(cause).await,
+    let Some(job) = ctx.exec.clone() else {
+        return match stage_child(&ctx, &limit, &spec, &mut run, via, &inbox.stop).await {
+            Ok(launched) => supervise(&ctx, &spec, &mut run, launched, inbox).await,
+            Err(cause) => run.failed(cause).await,
+        };
+    };
+    // `arbor exec`: the command over a connection of its own (so a relay's staging never
+    // shares a connection with it), and arbor as a relay for the targets below.
+    let command = job.targets.contains(&spec.name).then(|| {
+        super::exec::run_on_host(
+            ctx.clone(),
+            limit.clone(),
+            spec.clone(),
+            run.me.clone(),
+            via.clone(),
+            job.command.clone(),
+            inbox.stop.clone(),
+        )
+    });
+    let relay = async {
+        if spec.children.is_empty() {
+            return None;
+        }
+        Some(
+            match stage_child(&ctx, &limit, &spec, &mut run, via.clone(), &inbox.stop).await {
+                Ok(launched) => supervise(&ctx, &spec, &mut run, launched, inbox).await,
+                Err(cause) => run.failed(cause).await,
+            },
+        )
+    };
+    match command {
+        Some(command) => {
+            let (ran, relayed) = tokio::join!(command, relay);
+            match relayed {
+                Some(r) if !r.ok => r,
+                _ => ran,
+            }
+        }
+        None => match relay.await {
+            Some(r) => r,
+            None => run.report(None),
+        },
     }
 }
 
@@ -412,15 +557,7 @@ async fn stage_child(
         _ = stop.cancelled() => return Err(stopped(&spec.name)),
     };
     run.step("connect").await;
-    let target = Target::new(spec.user.clone(), spec.host.clone(), spec.port);
-    let options = child_options(ctx, spec)?;
-    let connect = async {
-        match &via {
-            Some(jump) => ssh::connect_via(jump, &target, &options).await,
-            None => ssh::connect(&target, &options).await,
-        }
-        .map_err(|e| e.to_string())
-    };
+    let connect = connect_child(ctx, spec, via.as_deref());
     let session = tokio::select! {
         s = connect => Arc::new(s?),
         _ = stop.cancelled() => return Err(stopped(&spec.name)),
@@ -430,6 +567,7 @@ async fn stage_child(
     let graph = spec
         .graph
         .as_ref()
+        .filter(|_| ctx.exec.is_none())
         .and_then(|g| ctx.graph(g).map(|t| (g.clone(), t)));
     let mut last_sent = Instant::now();
     let (events, progress_host) = (ctx.events.clone(), run.me.clone());
@@ -500,6 +638,22 @@ async fn stage_child(
         },
         config,
         credential: spec.credential.clone(),
+        store_user: spec.store_user.clone(),
+        // Only the targets of its own subtree: a relay learns nothing about other hosts.
+        exec: ctx.exec.as_ref().map(|job| {
+            let below: std::collections::HashSet<String> = subtree_specs(&spec.children)
+                .map(|c| c.name.clone())
+                .collect();
+            ExecJob {
+                command: job.command.clone(),
+                targets: job
+                    .targets
+                    .iter()
+                    .filter(|t| below.contains(*t))
+                    .cloned()
+                    .collect(),
+            }
+        }),
     };
     let forward_agent = !spec.children.is_empty() && ctx.agent.is_some();
     if let (true, Some(agent_for)) = (forward_agent, &ctx.agent) {
@@ -551,14 +705,22 @@ async fn supervise(
         mut link,
         mut events,
     } = launched;
-    run.store_over_tcp = matches!(link.tunnel, ssh::ForwardEnd::Tcp(_));
+    run.store_over_tcp = matches!(link.tunnel, Some(ssh::ForwardEnd::Tcp(_)));
     let mut fetches: JoinSet<(String, FetchResult)> = JoinSet::new();
     let mut stopping = false;
     let mut deadline: Option<tokio::time::Instant> = None;
+    // Heartbeats down; anything from the child (heartbeats included) shows the link is up.
+    let link_timeout = Duration::from_secs(ctx.config.link_timeout.max(1));
+    let mut heard = tokio::time::Instant::now();
+    let mut beat = tokio::time::interval(crate::wire::heartbeat_every(ctx.config.link_timeout));
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut link_down = false;
     let (status, stderr) = loop {
         tokio::select! {
             item = events.recv() => match item {
+                Some(FromChild::Alive) => heard = tokio::time::Instant::now(),
                 Some(FromChild::Event(event)) => {
+                    heard = tokio::time::Instant::now();
                     let _ = ctx.events.send(event).await;
                 }
                 Some(FromChild::Fetch { sha256 }) => {
@@ -609,6 +771,20 @@ async fn supervise(
                     tracing::debug!("{}: control link: {e}", spec.name);
                 }
             }
+            _ = beat.tick() => {
+                if let Err(e) = link.send(&Down::Heartbeat).await {
+                    tracing::debug!("{}: control link: {e}", spec.name);
+                }
+            }
+            _ = tokio::time::sleep_until(heard + link_timeout) => {
+                // A link that died without a FIN: nothing reaches the child either, and it
+                // gives up on its own after the same timeout (removing its working dir).
+                link_down = true;
+                break (
+                    ExitStatus::Unknown,
+                    Some(format!("link down: nothing from it for {}s", link_timeout.as_secs())),
+                );
+            }
             _ = super::sleep_until(deadline) => {
                 // Past the grace period: closing stdin is the child's last word to exit.
                 tracing::warn!("{}: did not exit within {SHUTDOWN_GRACE:?} of shutdown; closing its link", spec.name);
@@ -618,15 +794,27 @@ async fn supervise(
         }
     };
     fetches.abort_all();
-    let ok = stopping && status.success();
-    let why = if ok {
+    // A relay for `arbor exec` ends on its own once its subtree is done.
+    let ok = (stopping || ctx.exec.is_some()) && status.success();
+    let why = if link_down {
+        // The host cannot be asked anything: say so, and leave its cleanup to it.
+        stderr.unwrap_or_default()
+    } else if ok {
         String::new()
     } else {
         child_link::why_ended(&session, &staged.workdir, &status, stderr.as_deref()).await
     };
-    let _ = stage::remove_workdir(&session, &staged.workdir).await;
-    session.disconnect().await;
-    if ok {
+    if !link_down {
+        let _ = stage::remove_workdir(&session, &staged.workdir).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), session.disconnect()).await;
+    if link_down {
+        run.failed(format!(
+            "{}: {why}; cut off, it tears its own subtree down",
+            spec.name
+        ))
+        .await
+    } else if ok {
         run.exited().await
     } else if stopping {
         run.failed(format!(

@@ -14,7 +14,9 @@
 use super::builds::{Build, Builds, local_platform};
 use super::config::RunOptions;
 use super::fleet::{self, Fleet, FleetContext};
+use super::last_failed::{LastFailed, expand_limit};
 use super::run_book::{Next, RunBook};
+use super::seeds;
 use super::{StopSignals, signal_name};
 use crate::engine::exchange::{Exchange, Keys, new_run_id};
 use crate::engine::fs_events::FsEvents;
@@ -23,12 +25,13 @@ use crate::engine::reload::{GraphFile, follow_graph_file};
 use crate::engine::runner::{Engine, EngineConfig};
 use crate::engine::store_exchange::{StoreExchange, converged_flags};
 use crate::exit;
-use crate::ssh::agent_front::{AgentBackend, Destinations};
+use crate::ssh::agent_front::{AgentBackend, Destinations, HostKey};
 use crate::ssh::known_hosts::KnownHosts;
 use crate::ssh::{self, Target, TerminalPrompter};
 use crate::store::auth::{Access, Users};
 use crate::store::client::{Endpoints, StoreClient};
 use crate::store::{Store, StoreConfig};
+use crate::topology::resolve::{Given, Overrides, Resolver};
 use crate::ui::{HostReport, Ui};
 use crate::wire::{ChildMode, ChildSpec, Event, EventKind, HostPath, HostState, NodeConfig};
 use futures::StreamExt;
@@ -50,7 +53,7 @@ struct RemoteGraph {
 
 /// Reads every --remote graph: each must parse and name its host with `remote:`; a repeated
 /// file is ignored; two graphs naming one host is an error.
-fn read_remotes(options: &RunOptions) -> Result<Vec<RemoteGraph>, String> {
+fn read_remotes(options: &RunOptions, resolver: &mut Resolver) -> Result<Vec<RemoteGraph>, String> {
     let default_user = ssh::local_user();
     let mut seen_files = BTreeSet::new();
     let mut hosts: HashMap<String, PathBuf> = HashMap::new();
@@ -75,7 +78,25 @@ fn read_remotes(options: &RunOptions) -> Result<Vec<RemoteGraph>, String> {
         let parsed = Target::parse_url(&url, &default_user)
             .map_err(|e| format!("{}: remote: {e}", path.display()))?;
         let target = parsed.target;
-        let address = target.address();
+        // The host as written is its name in the run; ssh_config says where and how to reach
+        // it, the URL's own user and port winning.
+        let name = target.host.clone();
+        let mut spec = ChildSpec {
+            name: name.clone(),
+            host: target.host.clone(),
+            graph: None,
+            mode: ChildMode::Relay,
+            password: parsed.password,
+            ..Default::default()
+        };
+        let given = Given {
+            user: parsed.user_given.then(|| target.user.clone()),
+            port: parsed.port_given.then_some(target.port),
+        };
+        resolver
+            .apply(&mut spec, &given)
+            .map_err(|e| format!("{}: remote: {e}", path.display()))?;
+        let address = Target::new(spec.user.clone(), spec.host.clone(), spec.port).address();
         if let Some(other) = hosts.insert(address.clone(), path.clone()) {
             return Err(format!(
                 "{} and {} both name host {address}; one graph per host",
@@ -83,7 +104,6 @@ fn read_remotes(options: &RunOptions) -> Result<Vec<RemoteGraph>, String> {
                 path.display()
             ));
         }
-        let name = target.host.clone();
         graph::parse(&text, path, &name).map_err(|e| e.to_string())?;
         let key = format!(
             "{}#{}",
@@ -92,24 +112,12 @@ fn read_remotes(options: &RunOptions) -> Result<Vec<RemoteGraph>, String> {
                 .unwrap_or("graph.yaml"),
             remotes.len()
         );
+        spec.graph = Some(key.clone());
         remotes.push(RemoteGraph {
             path: path.clone(),
-            key: key.clone(),
+            key,
             text,
-            spec: ChildSpec {
-                name,
-                host: target.host.clone(),
-                port: target.port,
-                user: target.user.clone(),
-                graph: Some(key),
-                mode: ChildMode::Relay,
-                host_key: None,
-                identity: None,
-                password: parsed.password,
-                cconns: None,
-                children: Vec::new(),
-                credential: None,
-            },
+            spec,
         });
     }
     Ok(remotes)
@@ -132,6 +140,8 @@ struct RunStore {
     /// A --tmp-prefix state dir, removed at the end.
     temp_dir: Option<tempfile::TempDir>,
     socket: Option<PathBuf>,
+    /// The etcd users and roles made for the hosts (--seeds with authentication on).
+    run_users: Option<seeds::RunUsers>,
 }
 
 /// The name the initiator's own store client authenticates as (no host name can be it).
@@ -139,62 +149,117 @@ const INITIATOR_USER: &str = "@initiator";
 
 /// Every host's store credential and what it may do: read every export of the run, write its
 /// own exports and its own converged flag, use its own leases. Sets each spec's `credential`
-/// (sent down to the relays above it, never on a command line) and returns the store's users,
-/// with the initiator's own admin credential.
-fn mint_credentials(children: &mut [ChildSpec], run: &str) -> (Users, String) {
-    fn secret() -> String {
-        format!(
-            "{:016x}{:016x}",
-            rand::random::<u64>(),
-            rand::random::<u64>()
-        )
-    }
-    fn walk(specs: &mut [ChildSpec], keys: &Keys, users: &mut Users) {
+/// (sent down to the relays above it, never on a command line) and, where the user is not
+/// named after the host (`user_name`), its `store_user`. The embedded store and an etcd with
+/// authentication on both enforce exactly these.
+fn host_users(
+    children: &mut [ChildSpec],
+    run: &str,
+    user_name: &dyn Fn(&str) -> Option<String>,
+) -> Vec<seeds::HostUser> {
+    fn walk(
+        specs: &mut [ChildSpec],
+        keys: &Keys,
+        user_name: &dyn Fn(&str) -> Option<String>,
+        out: &mut Vec<seeds::HostUser>,
+    ) {
         for c in specs {
             let password = secret();
-            users.add(
-                &c.name,
-                &password,
-                Access::Keys {
+            let store_user = user_name(&c.name);
+            out.push(seeds::HostUser {
+                name: store_user.clone().unwrap_or_else(|| c.name.clone()),
+                password: password.clone(),
+                access: Access::Keys {
                     read: vec![keys.exports().as_bytes().to_vec()],
                     write: vec![keys.host_exports(&c.name).into_bytes()],
                     own: vec![keys.converged(&c.name).into_bytes()],
                 },
-            );
+            });
             c.credential = Some(password);
-            walk(&mut c.children, keys, users);
+            c.store_user = store_user;
+            walk(&mut c.children, keys, user_name, out);
         }
     }
-    let keys = Keys::for_run(run);
+    let mut out = Vec::new();
+    walk(children, &Keys::for_run(run), user_name, &mut out);
+    out
+}
+
+/// A random password.
+fn secret() -> String {
+    format!(
+        "{:016x}{:016x}",
+        rand::random::<u64>(),
+        rand::random::<u64>()
+    )
+}
+
+/// The embedded store's users: every host's ([`host_users`], named after the host), and the
+/// initiator's own admin credential.
+fn mint_credentials(children: &mut [ChildSpec], run: &str) -> (Users, String) {
     let mut users = Users::new();
-    walk(children, &keys, &mut users);
+    for host in host_users(children, run, &|_| None) {
+        users.add(&host.name, &host.password, host.access);
+    }
     let admin = secret();
     users.add(INITIATOR_USER, &admin, Access::Admin);
     (users, admin)
 }
 
-async fn open_store(
+/// The etcd given with --seeds. With authentication on, the initiator acts as --seeds-user and
+/// gives each host an etcd user and role of its own for this run; with it off, hosts connect
+/// as nobody and may do anything (said once, as a warning).
+async fn open_seeds(
     options: &RunOptions,
-    users: Option<(Users, String)>,
+    operator: Option<(String, String)>,
+    children: &mut [ChildSpec],
+    run: &str,
 ) -> Result<RunStore, String> {
-    if !options.seeds.is_empty() {
-        let endpoints =
-            super::seed_endpoints(&options.seeds).map_err(|e| format!("--seeds: {e}"))?;
-        let client = StoreClient::connect(&endpoints)
-            .await
-            .map_err(|e| format!("{e:#}"))?;
-        let connector = super::store_connector(&endpoints)
-            .await
-            .map_err(|e| format!("--seeds: {e}"))?;
-        return Ok(RunStore {
-            client,
-            connector,
-            shutdown: CancellationToken::new(),
-            served: None,
-            temp_dir: None,
-            socket: None,
-        });
-    }
+    let endpoints = super::seed_endpoints(&options.seeds).map_err(|e| format!("--seeds: {e}"))?;
+    let connected = seeds::connect(
+        &endpoints,
+        operator.as_ref().map(|(u, p)| (u.as_str(), p.as_str())),
+    )
+    .await?;
+    let run_users = if connected.auth {
+        let operator = operator.as_ref().map_or("", |(u, _)| u.as_str());
+        let hosts = host_users(children, run, &|host| Some(seeds::user_name(run, host)));
+        Some(seeds::RunUsers::create(&connected.client, operator, hosts).await?)
+    } else {
+        tracing::warn!(
+            "--seeds: the etcd has authentication off: hosts are not isolated in the store \
+             (any host can read and write every key, so forge other hosts' exports and \
+             converged flags); see docs/security.md"
+        );
+        None
+    };
+    let connector = match super::store_connector(&endpoints).await {
+        Ok(c) => c,
+        Err(e) => {
+            if let Some(users) = &run_users {
+                users.remove_within(USERS_TEARDOWN).await;
+            }
+            return Err(format!("--seeds: {e}"));
+        }
+    };
+    Ok(RunStore {
+        client: connected.client,
+        connector,
+        shutdown: CancellationToken::new(),
+        served: None,
+        temp_dir: None,
+        socket: None,
+        run_users,
+    })
+}
+
+/// How long the teardown may take to delete a run's etcd users and roles.
+const USERS_TEARDOWN: Duration = Duration::from_secs(30);
+/// The same, when a second signal asked to exit at once.
+const USERS_TEARDOWN_HURRIED: Duration = Duration::from_secs(3);
+
+/// The embedded store, checking the hosts' credentials in `users`.
+async fn open_store(options: &RunOptions, users: (Users, String)) -> Result<RunStore, String> {
     if options.no_server {
         return Err("--no-server needs --seeds: there is no store to use".into());
     }
@@ -207,18 +272,12 @@ async fn open_store(
             .map_err(|e| format!("creating a temporary state dir: {e}"))?;
         (t.path().to_path_buf(), Some(t), None)
     } else {
-        let dir = std::env::var_os("XDG_STATE_HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| super::home_dir().join(".local/state"))
-            .join("arbor");
+        let dir = super::state_dir();
         create_private_dir(&dir)?;
         (dir.clone(), None, Some(dir.join("store")))
     };
     let socket = state_dir.join(format!("store-{}.sock", std::process::id()));
-    let (users, admin) = match users {
-        Some((users, admin)) => (Some(Arc::new(users)), Some(admin)),
-        None => (None, None),
-    };
+    let (users, admin) = (Some(Arc::new(users.0)), Some(users.1));
     let store = Store::bind_with(
         &StoreConfig {
             listen: format!("unix:{}", socket.display()),
@@ -263,12 +322,17 @@ async fn open_store(
         served: Some(served),
         temp_dir: temp,
         socket: Some(socket),
+        run_users: None,
     })
 }
 
 impl RunStore {
-    /// Stops the embedded store and removes its socket and temporary state dir.
+    /// Stops the embedded store and removes its socket and temporary state dir, or deletes
+    /// the run's users and roles from the etcd.
     async fn close(self) {
+        if let Some(users) = &self.run_users {
+            users.remove_within(USERS_TEARDOWN).await;
+        }
         self.shutdown.cancel();
         if let Some(served) = self.served {
             let _ = tokio::time::timeout(Duration::from_secs(2), served).await;
@@ -278,8 +342,12 @@ impl RunStore {
         }
     }
 
-    /// On the way out in a hurry: the socket and a temporary state dir go, nothing waits.
-    fn remove_files(self) {
+    /// On the way out in a hurry: the socket and a temporary state dir go, and the run's etcd
+    /// users and roles if that is quick; nothing else waits.
+    async fn abandon(self) {
+        if let Some(users) = &self.run_users {
+            users.remove_within(USERS_TEARDOWN_HURRIED).await;
+        }
         if let Some(socket) = &self.socket {
             let _ = std::fs::remove_file(socket);
         }
@@ -296,6 +364,9 @@ fn create_private_dir(dir: &Path) -> Result<(), String> {
 
 /// Everything a run needs from its inputs, read and checked before anything is contacted.
 struct Plan {
+    /// The hosts this run is for (`--limit`'s, or all), whose results go into the failed list.
+    ran: BTreeSet<String>,
+    last_failed: LastFailed,
     /// This host's name in the run.
     hostname: String,
     local_graph: Option<Graph>,
@@ -309,15 +380,26 @@ struct Plan {
 }
 
 impl Plan {
-    fn read(options: &RunOptions) -> Result<Plan, String> {
+    /// `Ok(None)`: `--limit @failed` and nothing failed last time, so nothing to do.
+    fn read(options: &RunOptions) -> Result<Option<Plan>, String> {
         let hostname = options.hostname.clone().unwrap_or_else(system_hostname);
-        let local_graph = match &options.file {
+        let mut local_graph = match &options.file {
             Some(path) => Some(graph::load(path, &hostname).map_err(|e| e.to_string())?),
             None => None,
         };
-        let remotes = read_remotes(options)?;
+        let mut resolver = Resolver::for_operator(
+            options.ssh_config.as_deref(),
+            &super::home_dir(),
+            Overrides {
+                host_key_policy: options.host_key_policy_given,
+                connect_timeout: options.connect_timeout_given,
+            },
+        )?;
+        let remotes = read_remotes(options, &mut resolver)?;
         let topology = match &options.topology {
-            Some(path) => Some(crate::topology::load(path).map_err(|e| e.to_string())?),
+            Some(path) => {
+                Some(crate::topology::load(path, &mut resolver).map_err(|e| e.to_string())?)
+            }
             None => None,
         };
         let mut children: Vec<ChildSpec> = remotes.iter().map(|r| r.spec.clone()).collect();
@@ -335,16 +417,41 @@ impl Plan {
             &children,
             options.file.is_some().then_some(hostname.as_str()),
         )?;
+        let last_failed = LastFailed::for_inputs(
+            &super::state_dir(),
+            "run",
+            options.topology.as_deref(),
+            &options.remotes,
+            options.file.as_deref(),
+        );
+        let local = local_graph.is_some().then_some(hostname.as_str());
+        let ran = match &options.limit {
+            None => all_names(&children, local),
+            Some(value) => {
+                let Some(ran) = limit_names(value, &children, local, &last_failed)? else {
+                    return Ok(None);
+                };
+                children = limited(&children, &ran);
+                if !ran.contains(&hostname) {
+                    local_graph = None;
+                }
+                let used: BTreeSet<String> = graph_keys_used(&children);
+                graphs.retain(|key, _| used.contains(key));
+                ran
+            }
+        };
         let builds = builds(options)?;
         let config = options.node_config(cconns, builds.refs(), &new_run_id());
-        Ok(Plan {
+        Ok(Some(Plan {
+            ran,
+            last_failed,
             hostname,
             local_graph,
             children,
             graphs,
             config,
             builds,
-        })
+        }))
     }
 
     /// Which hosts run each graph: who an edit goes to, and whose name it is checked with.
@@ -361,7 +468,7 @@ impl Plan {
     }
 }
 
-fn builds(options: &RunOptions) -> Result<Builds, String> {
+pub(super) fn builds(options: &RunOptions) -> Result<Builds, String> {
     let mut all = vec![Build::current().map_err(|e| format!("reading arbor's own binary: {e}"))?];
     for (arch, path) in &options.binaries {
         let platform = if arch.contains(' ') || arch.contains('-') {
@@ -386,28 +493,13 @@ fn fleet_context(
     store: &RunStore,
     events: mpsc::Sender<Event>,
 ) -> FleetContext {
-    let mut connect = fleet::connect_options(&plan.config);
-    connect
-        .host_keys
-        .known_hosts
-        .extend(options.known_hosts.iter().cloned());
-    connect.auth.identities = options.identities.clone();
-    if options.allow_interactive {
-        connect.auth.prompter = Some(Arc::new(TerminalPrompter::default()));
-    }
-    let known_hosts = connect
-        .host_keys
-        .known_hosts
-        .iter()
-        .filter_map(|p| std::fs::read_to_string(p).ok())
-        .collect::<Vec<_>>()
-        .join("\n");
+    let (connect, known_hosts) = initiator_connect(options, &plan.config, &plan.children);
     FleetContext {
         path: HostPath::root(),
         config: plan.config.clone(),
         agent: None,
         builds: plan.builds.clone(),
-        store: store.connector.clone(),
+        store: Some(store.connector.clone()),
         graphs: Mutex::new(
             plan.graphs
                 .iter()
@@ -417,20 +509,104 @@ fn fleet_context(
         known_hosts,
         connect,
         events,
+        exec: None,
     }
+}
+
+/// How the initiator connects: the run's settings plus the operator's key files, known_hosts
+/// files, ssh_config and prompter; and the text of the known_hosts files for `children`'s tree,
+/// for relays.
+pub(super) fn initiator_connect(
+    options: &RunOptions,
+    config: &NodeConfig,
+    children: &[ChildSpec],
+) -> (ssh::ConnectOptions, String) {
+    let mut connect = fleet::connect_options(config);
+    connect
+        .host_keys
+        .known_hosts
+        .extend(options.known_hosts.iter().cloned());
+    connect.auth.identities = options.identities.clone();
+    // HashKnownHosts comes from the same ssh_config the hosts were resolved with.
+    if let Some(file) = &options.ssh_config {
+        connect.host_keys.ssh_config = if file.as_path() == Path::new("none") {
+            Vec::new()
+        } else {
+            vec![file.clone()]
+        };
+    }
+    if options.allow_interactive {
+        connect.auth.prompter = Some(Arc::new(TerminalPrompter::default()));
+    }
+    let known_hosts = known_hosts_files(&connect.host_keys.known_hosts, children)
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .collect::<Vec<_>>()
+        .join("\n");
+    (connect, known_hosts)
+}
+
+/// `files` and every known_hosts file ssh_config names for a host of the tree: what the lines
+/// sent down to relays, and the keys their agent front accepts, come from.
+fn known_hosts_files(files: &[PathBuf], children: &[ChildSpec]) -> Vec<PathBuf> {
+    let mut out = files.to_vec();
+    let mut stack: Vec<&ChildSpec> = children.iter().collect();
+    while let Some(c) = stack.pop() {
+        stack.extend(&c.children);
+        for h in c.with_jumps() {
+            for f in h
+                .user_known_hosts
+                .iter()
+                .chain(&h.global_known_hosts)
+                .flatten()
+            {
+                if !out.contains(f) {
+                    out.push(f.clone());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Whether any host (or ProxyJump hop) of the tree is checked under accept-new: the run's
+/// policy `accept_new`, or its own from ssh_config.
+pub(crate) fn any_accept_new(children: &[ChildSpec], accept_new: bool) -> bool {
+    children.iter().any(|c| {
+        c.with_jumps().any(|h| h.accept_new.unwrap_or(accept_new))
+            || any_accept_new(&c.children, accept_new)
+    })
 }
 
 /// Relays sign for their children with our keys: through our ssh-agent if there is one,
 /// else through an agent in this process holding the key files we loaded. Either way each
 /// relay reaches it only through a front that signs user authentication to the hosts of that
 /// relay's own subtree, bound to their host keys and sessions (`ssh::agent_front`).
-async fn choose_agent(ctx: &FleetContext, has_relays: bool) -> Option<fleet::AgentFor> {
-    if !has_relays {
+pub(super) async fn choose_agent(
+    ctx: &FleetContext,
+    children: &[ChildSpec],
+) -> Option<fleet::AgentFor> {
+    if !children.iter().any(has_grandchildren) {
         return None;
+    }
+    // The in-process agent also holds the IdentityFiles ssh_config names for hosts that
+    // relays log into.
+    let mut auth = ctx.connect.auth.clone();
+    let mut stack: Vec<&ChildSpec> = children.iter().collect();
+    while let Some(c) = stack.pop() {
+        stack.extend(&c.children);
+        for h in c.with_jumps() {
+            for f in &h.identity_files {
+                let f = PathBuf::from(f);
+                if !auth.identities.contains(&f) {
+                    auth.identities.push(f);
+                }
+            }
+        }
     }
     let backend = match ssh::agent_socket() {
         Some(socket) => AgentBackend::Socket(socket),
-        None => match ssh::agent::from_key_files(&ctx.connect.auth).await {
+        None => match ssh::agent::from_key_files(&auth).await {
             Ok((backend, keys)) => {
                 tracing::debug!("in-process agent with {keys} keys for the relays");
                 backend
@@ -442,7 +618,11 @@ async fn choose_agent(ctx: &FleetContext, has_relays: bool) -> Option<fleet::Age
         },
     };
     let known = Arc::new(
-        KnownHosts::load(&ctx.connect.host_keys.known_hosts).unwrap_or_else(|e| {
+        KnownHosts::load(&known_hosts_files(
+            &ctx.connect.host_keys.known_hosts,
+            children,
+        ))
+        .unwrap_or_else(|e| {
             tracing::warn!("known_hosts: {e}");
             KnownHosts::default()
         }),
@@ -455,34 +635,63 @@ async fn choose_agent(ctx: &FleetContext, has_relays: bool) -> Option<fleet::Age
 }
 
 /// The host keys a relay whose children are `children` may bind agent sessions to: the keys
-/// known_hosts and the topology's pinned keys give for the hosts of its subtree. Under
-/// accept-new, where some of those hosts have no known key yet, also any key that known_hosts
-/// holds for no host at all: at first contact the relay is trusted to say which key such a
-/// host has (docs/security.md), but never to claim a key arbor knows as another host's.
+/// known_hosts and the topology's pinned keys give for the hosts of its subtree, and host
+/// certificates that known_hosts' `@cert-authority` lines accept for one of those hosts (by
+/// name and principal, as the relay's own check does). Under accept-new, where some of those
+/// hosts have no known key yet, also any key that known_hosts holds for no host at all: at
+/// first contact the relay is trusted to say which key such a host has (docs/security.md),
+/// but never to claim a key arbor knows as another host's.
 fn destinations(known: &Arc<KnownHosts>, children: &[ChildSpec], accept_new: bool) -> Destinations {
     let mut keys: Vec<russh::keys::PublicKey> = Vec::new();
+    // (known_hosts name, principal) of every host of the subtree.
+    let mut hosts: Vec<(String, String)> = Vec::new();
     let mut some_unknown = false;
     let mut stack: Vec<&ChildSpec> = children.iter().collect();
     while let Some(c) = stack.pop() {
         stack.extend(&c.children);
-        // Jump hosts included: the relay logs into them too.
-        let name = ssh::known_hosts::host_key_name(&c.host, c.port);
-        let mut found = known.keys_for(&name);
-        if let Some(pinned) = c
-            .host_key
-            .as_deref()
-            .and_then(|k| russh::keys::PublicKey::from_openssh(k).ok())
-        {
-            found.push(pinned);
+        // Jump hosts and ProxyJump hops included: the relay logs into them too.
+        for h in c.with_jumps() {
+            let name = ssh::known_hosts::host_key_name(&h.host, h.port);
+            let mut found = known.keys_for(&name);
+            if let Some(pinned) = h
+                .host_key
+                .as_deref()
+                .and_then(|k| russh::keys::PublicKey::from_openssh(k).ok())
+            {
+                found.push(pinned);
+            }
+            some_unknown |= found.is_empty()
+                && !known.has_authority_for(&name)
+                && h.accept_new.unwrap_or(accept_new);
+            keys.extend(found);
+            hosts.push((name, h.host.clone()));
         }
-        some_unknown |= found.is_empty();
-        keys.extend(found);
     }
-    let first_contact = accept_new && some_unknown;
+    let first_contact = some_unknown;
     let known = known.clone();
-    Arc::new(move |key: &russh::keys::PublicKey| {
-        keys.iter().any(|k| k.key_data() == key.key_data())
-            || (first_contact && !known.knows_key(key))
+    Arc::new(move |shown: &HostKey| {
+        let key_data = match shown {
+            HostKey::Plain(k) => k.key_data(),
+            HostKey::Certificate(cert) => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let certified = hosts.iter().any(|(name, principal)| {
+                    matches!(
+                        known.verify_certificate(name, principal, cert, now),
+                        ssh::known_hosts::CertVerdict::Trusted(_)
+                    )
+                });
+                if certified {
+                    return true;
+                }
+                // As a relay does when no authority vouches: judge the certified key itself.
+                cert.public_key()
+            }
+        };
+        keys.iter().any(|k| k.key_data() == key_data)
+            || (first_contact
+                && !known.knows_key(&russh::keys::PublicKey::new(key_data.clone(), "")))
     })
 }
 
@@ -581,31 +790,97 @@ struct View {
     book: RunBook,
     /// accept-new: where host keys learned by relays are recorded.
     learn_into: Option<PathBuf>,
+    /// The ssh_config files whose HashKnownHosts says how to record them.
+    ssh_config: Vec<PathBuf>,
     /// Which known_hosts names each relay may report keys for: the hosts it connects to.
     learnable: HashMap<HostPath, HashSet<String>>,
     hostname: String,
     local_reported: Option<HostState>,
+    /// Hosts below the relays (depth 2 and more), for their rows in the summary: the
+    /// initiator's own children report themselves when their task ends.
+    deep: BTreeMap<HostPath, DeepRow>,
+}
+
+/// What the initiator heard of a host below a relay.
+#[derive(Default)]
+struct DeepRow {
+    first: Option<Instant>,
+    last: Option<Instant>,
+    bytes: u64,
+    cached: Option<bool>,
+    cause: Option<String>,
+}
+
+/// Every host at depth 2 and more in `children`'s subtrees, by path.
+fn deep_rows(children: &[ChildSpec]) -> BTreeMap<HostPath, DeepRow> {
+    let mut rows = BTreeMap::new();
+    let mut stack: Vec<(HostPath, &ChildSpec)> = children
+        .iter()
+        .map(|c| (HostPath::root().child(&c.name), c))
+        .collect();
+    while let Some((path, c)) = stack.pop() {
+        for grandchild in &c.children {
+            let p = path.child(&grandchild.name);
+            rows.insert(p.clone(), DeepRow::default());
+            stack.push((p, grandchild));
+        }
+    }
+    rows
 }
 
 impl View {
+    /// Summary rows for the hosts below the relays, named by path (`r1/l1-2`).
+    fn deep_reports(&self) -> Vec<HostReport> {
+        self.deep
+            .iter()
+            .map(|(path, row)| {
+                let failed = self.book.has_failed(path.name());
+                let cause = match (&row.cause, row.first) {
+                    (Some(c), _) => Some(c.clone()),
+                    (None, None) if failed => Some("not reached: a host above it failed".into()),
+                    (None, _) if failed => Some("its relay failed".into()),
+                    (None, _) => None,
+                };
+                HostReport {
+                    name: path.to_string(),
+                    ok: !failed && row.cause.is_none(),
+                    cause,
+                    elapsed: match (row.first, row.last) {
+                        (Some(a), Some(b)) => b.duration_since(a),
+                        _ => Duration::ZERO,
+                    },
+                    bytes: row.bytes,
+                    cached: row.cached,
+                    store_over_tcp: false,
+                }
+            })
+            .collect()
+    }
+
     fn event(&mut self, event: &Event) {
-        if let (EventKind::KnownHost { name, key }, Some(file)) = (&event.kind, &self.learn_into) {
-            // Only the relay that connects to a host may report its key.
-            if ssh::known_hosts::valid_reported_name(name)
-                && self
-                    .learnable
-                    .get(&event.host)
-                    .is_some_and(|names| names.contains(name))
-            {
-                record_learned_key(file, name, key, &event.host);
-            } else {
-                tracing::warn!(
-                    "{}: ignored its report of a host key for {:?}: not a host it connects to",
-                    event.host,
-                    crate::ui::printable(name)
-                );
-                return;
+        if let Some(row) = self.deep.get_mut(&event.host) {
+            let now = Instant::now();
+            row.first.get_or_insert(now);
+            row.last = Some(now);
+            match &event.kind {
+                EventKind::State(HostState::Failed { cause }) => {
+                    row.cause.get_or_insert_with(|| cause.clone());
+                }
+                EventKind::Transfer { cached: true, .. } => row.cached = Some(true),
+                EventKind::Transfer { sent, total, .. } if sent == total => {
+                    row.bytes += total;
+                    row.cached.get_or_insert(false);
+                }
+                _ => {}
             }
+        }
+        if !learned_key(
+            event,
+            self.learn_into.as_deref(),
+            &self.ssh_config,
+            &self.learnable,
+        ) {
+            return;
         }
         if let EventKind::State(state) = &event.kind {
             self.book.state(event.host.name(), state);
@@ -632,7 +907,19 @@ impl View {
 pub async fn run(options: RunOptions) -> u8 {
     let started = Instant::now();
     let plan = match Plan::read(&options) {
-        Ok(plan) => plan,
+        Ok(Some(plan)) => plan,
+        Ok(None) => {
+            eprintln!("arbor: no host failed in the last run of these inputs; nothing to do");
+            return exit::OK;
+        }
+        Err(e) => {
+            eprintln!("arbor: {e}");
+            return exit::BAD_INPUT;
+        }
+    };
+    // The operator's etcd password is read (or asked) before anything is contacted.
+    let operator = match seeds::operator(&options) {
+        Ok(o) => o,
         Err(e) => {
             eprintln!("arbor: {e}");
             return exit::BAD_INPUT;
@@ -645,15 +932,22 @@ pub async fn run(options: RunOptions) -> u8 {
             return exit::FAILED;
         }
     };
-    // The embedded store checks every host's credential; an etcd given with --seeds is used as
-    // it is configured (docs/security.md).
+    // The embedded store checks every host's credential, and so does an etcd given with
+    // --seeds that has authentication on (docs/security.md).
     let mut plan = plan;
-    let users = options
-        .seeds
-        .is_empty()
-        .then(|| mint_credentials(&mut plan.children, &plan.config.run));
-    let store = match open_store(&options, users).await {
+    let run = plan.config.run.clone();
+    let opened = if options.seeds.is_empty() {
+        let users = mint_credentials(&mut plan.children, &run);
+        open_store(&options, users).await
+    } else {
+        open_seeds(&options, operator, &mut plan.children, &run).await
+    };
+    let store = match opened {
         Ok(s) => s,
+        Err(e) if !options.seeds.is_empty() => {
+            eprintln!("arbor: {e}");
+            return exit::FAILED;
+        }
         Err(e) => {
             eprintln!("arbor: store: {e}");
             return exit::FAILED;
@@ -679,28 +973,38 @@ pub async fn run(options: RunOptions) -> u8 {
         None => None,
     };
 
+    let ui = match Ui::for_run(options.json, options.quiet, options.log_file.as_deref()) {
+        Ok(ui) => ui,
+        Err(e) => {
+            eprintln!("arbor: --log-file: {e}");
+            store.close().await;
+            return exit::BAD_INPUT;
+        }
+    };
     let (events_tx, mut events) = mpsc::channel(super::child_link::CHILD_QUEUE * 4);
     let mut ctx = fleet_context(&options, &plan, &store, events_tx);
-    ctx.agent = choose_agent(&ctx, plan.children.iter().any(has_grandchildren)).await;
-    let learn_into = options
-        .accept_new
+    ctx.agent = choose_agent(&ctx, &plan.children).await;
+    let learn_into = any_accept_new(&plan.children, options.accept_new)
         .then(|| ctx.connect.host_keys.learn_into.clone())
         .flatten();
+    let ssh_config = ctx.connect.host_keys.ssh_config.clone();
     let mut fleet = Fleet::start(Arc::new(ctx), plan.children.clone());
     let stop_following = CancellationToken::new();
     let mut edits = follow_graphs(&options, &plan, engine.as_ref(), &stop_following);
 
     let mut view = View {
-        ui: Ui::new(),
+        ui,
         book: RunBook::new(
             &plan.children,
             engine.is_some().then_some(hostname.as_str()),
             options.converged_timeout,
         ),
         learn_into,
-        learnable: learnable_names(&plan.children),
+        learnable: learnable_names(&plan.children, options.accept_new),
+        ssh_config,
         hostname: hostname.clone(),
         local_reported: None,
+        deep: deep_rows(&plan.children),
     };
     let mut local_status = engine.as_ref().map(|e| e.status());
     let mut flags = converged_flags(&store.client, &keys);
@@ -801,7 +1105,7 @@ pub async fn run(options: RunOptions) -> u8 {
                 left.join(", ")
             );
         }
-        store.remove_files();
+        store.abandon().await;
         let code = match outcome {
             Outcome::Stopped(first) => exit::for_signal(first),
             Outcome::Done(_) => exit::for_signal(signal),
@@ -821,16 +1125,123 @@ pub async fn run(options: RunOptions) -> u8 {
     };
     store.close().await;
 
-    view.ui.summary(
-        &reports,
-        local_ok.map(|ok| (hostname.as_str(), ok, started.elapsed())),
-    );
+    reports.extend(view.deep_reports());
     let any_failed = reports.iter().any(|r| !r.ok) || local_ok == Some(false);
-    match outcome {
+    let code = match outcome {
         Outcome::Stopped(signal) => exit::for_signal(signal),
         Outcome::Done(_) if any_failed => exit::FAILED,
         Outcome::Done(code) => code,
+    };
+    view.ui.summary(
+        &reports,
+        local_ok.map(|ok| (hostname.as_str(), ok, started.elapsed())),
+        code,
+    );
+    // The failed list, for `--limit @failed`: hosts that failed or settled with failures.
+    let mut failed: BTreeSet<String> = reports
+        .iter()
+        .filter(|r| !r.ok)
+        .map(|r| HostPath::parse(&r.name).name().to_string())
+        .chain(view.book.unhealthy().keys().cloned())
+        .collect();
+    if local_ok == Some(false) {
+        failed.insert(hostname.clone());
     }
+    failed.retain(|h| plan.ran.contains(h));
+    if let Err(e) = plan.last_failed.update(&plan.ran, &failed) {
+        eprintln!("arbor: keeping the list of failed hosts: {e}");
+    } else if !failed.is_empty() {
+        eprintln!(
+            "arbor: failed: {}; rerun them alone with --limit @failed",
+            crate::topology::nodeset::fold(&failed.iter().collect::<Vec<_>>())
+        );
+    }
+    code
+}
+
+/// Every host a run reaches (jump hosts too) and the local one.
+fn all_names(children: &[ChildSpec], local: Option<&str>) -> BTreeSet<String> {
+    fleet::subtree_specs(children)
+        .map(|c| c.name.clone())
+        .chain(local.map(str::to_string))
+        .collect()
+}
+
+/// The hosts a `--limit` names, checked against the run's: a name given in the nodeset must
+/// be one of them (a jump host runs nothing, so it cannot be); names from the failed list
+/// that the run no longer has are dropped with a warning. `Ok(None)` when the limit is only
+/// `@failed` and the list is empty.
+fn limit_names(
+    value: &str,
+    children: &[ChildSpec],
+    local: Option<&str>,
+    last_failed: &LastFailed,
+) -> Result<Option<BTreeSet<String>>, String> {
+    let limit = expand_limit(value, || last_failed.read()).map_err(|e| format!("--limit {e}"))?;
+    let mut modes: HashMap<&str, ChildMode> = fleet::subtree_specs(children)
+        .map(|c| (c.name.as_str(), c.mode))
+        .collect();
+    if let Some(local) = local {
+        modes.insert(local, ChildMode::Relay);
+    }
+    let mut out = BTreeSet::new();
+    for name in &limit.named {
+        match modes.get(name.as_str()) {
+            None => {
+                return Err(format!(
+                    "--limit {value:?}: {name} is not a host of this run"
+                ));
+            }
+            Some(ChildMode::Jump) => {
+                return Err(format!(
+                    "--limit {value:?}: {name} is a jump host (`mode: jump`): it runs nothing; \
+                     name the hosts behind it"
+                ));
+            }
+            Some(ChildMode::Relay) => {
+                out.insert(name.clone());
+            }
+        }
+    }
+    for name in limit.failed.iter().flatten() {
+        match modes.get(name.as_str()) {
+            Some(ChildMode::Relay) => {
+                out.insert(name.clone());
+            }
+            Some(ChildMode::Jump) => {}
+            None => tracing::warn!(
+                "--limit @failed: {name} failed last time but is no longer a host of this run"
+            ),
+        }
+    }
+    if out.is_empty() && limit.named.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(out))
+}
+
+/// The run's tree cut down to the `limit`ed hosts and the relays (and jump hosts) on their
+/// way: a relay that is not in the limit stages its children and runs no graph.
+fn limited(specs: &[ChildSpec], limit: &BTreeSet<String>) -> Vec<ChildSpec> {
+    specs
+        .iter()
+        .filter_map(|s| {
+            let children = limited(&s.children, limit);
+            let wanted = limit.contains(&s.name);
+            (wanted || !children.is_empty()).then(|| ChildSpec {
+                children,
+                graph: if wanted { s.graph.clone() } else { None },
+                ..s.clone()
+            })
+        })
+        .collect()
+}
+
+/// The graph keys a tree uses.
+fn graph_keys_used(children: &[ChildSpec]) -> BTreeSet<String> {
+    fleet::subtree_specs(children)
+        .filter_map(|c| c.graph.clone())
+        .collect()
 }
 
 /// Names must be unique in the whole run (they key the store); the topology checks its own
@@ -852,22 +1263,32 @@ fn unique_names(children: &[ChildSpec], local: Option<&str>) -> Result<(), Strin
 
 /// For each relay (by path), the known_hosts names of the hosts it connects to: its children,
 /// and the children it reaches through its jump hosts.
-fn learnable_names(children: &[ChildSpec]) -> HashMap<HostPath, HashSet<String>> {
+/// Only hosts (and ProxyJump hops) checked under accept-new count: `accept_new` is the run's
+/// policy, a host's own (from ssh_config) wins.
+pub(super) fn learnable_names(
+    children: &[ChildSpec],
+    accept_new: bool,
+) -> HashMap<HostPath, HashSet<String>> {
     fn reached(
         at: &HostPath,
         specs: &[ChildSpec],
+        accept_new: bool,
         names: &mut HashSet<String>,
         out: &mut HashMap<HostPath, HashSet<String>>,
     ) {
         for c in specs {
-            names.insert(ssh::known_hosts::host_key_name(&c.host, c.port));
+            for h in c.with_jumps() {
+                if h.accept_new.unwrap_or(accept_new) {
+                    names.insert(ssh::known_hosts::host_key_name(&h.host, h.port));
+                }
+            }
             let path = at.child(&c.name);
             match c.mode {
                 // The node above a jump host connects to the jump host's children itself.
-                ChildMode::Jump => reached(&path, &c.children, names, out),
+                ChildMode::Jump => reached(&path, &c.children, accept_new, names, out),
                 ChildMode::Relay => {
                     let mut own = HashSet::new();
-                    reached(&path, &c.children, &mut own, out);
+                    reached(&path, &c.children, accept_new, &mut own, out);
                     if !own.is_empty() {
                         out.insert(path, own);
                     }
@@ -876,19 +1297,62 @@ fn learnable_names(children: &[ChildSpec]) -> HashMap<HostPath, HashSet<String>>
         }
     }
     let mut out = HashMap::new();
-    reached(&HostPath::root(), children, &mut HashSet::new(), &mut out);
+    reached(
+        &HostPath::root(),
+        children,
+        accept_new,
+        &mut HashSet::new(),
+        &mut out,
+    );
     out
 }
 
-fn has_grandchildren(spec: &ChildSpec) -> bool {
+pub(super) fn has_grandchildren(spec: &ChildSpec) -> bool {
     match spec.mode {
         ChildMode::Jump => spec.children.iter().any(has_grandchildren),
         ChildMode::Relay => !spec.children.is_empty(),
     }
 }
 
+/// A relay's report of a host key it learned under accept-new (`event`, if it is one):
+/// recorded in `learn_into` when it comes from the relay that connects to that host (by
+/// `learnable`, from [`learnable_names`]), refused with a warning otherwise. Returns false
+/// for a refused report, which is not shown.
+pub(super) fn learned_key(
+    event: &Event,
+    learn_into: Option<&Path>,
+    ssh_config: &[PathBuf],
+    learnable: &HashMap<HostPath, HashSet<String>>,
+) -> bool {
+    let (EventKind::KnownHost { name, key }, Some(file)) = (&event.kind, learn_into) else {
+        return true;
+    };
+    // Only the relay that connects to a host may report its key.
+    if ssh::known_hosts::valid_reported_name(name)
+        && learnable
+            .get(&event.host)
+            .is_some_and(|names| names.contains(name))
+    {
+        record_learned_key(file, ssh_config, name, key, &event.host);
+        true
+    } else {
+        tracing::warn!(
+            "{}: ignored its report of a host key for {:?}: not a host it connects to",
+            event.host,
+            crate::ui::printable(name)
+        );
+        false
+    }
+}
+
 /// Records a host key a relay learned under accept-new in our known_hosts.
-fn record_learned_key(file: &Path, name: &str, key: &str, via: &crate::wire::HostPath) {
+fn record_learned_key(
+    file: &Path,
+    ssh_config: &[PathBuf],
+    name: &str,
+    key: &str,
+    via: &crate::wire::HostPath,
+) {
     let Ok(parsed) = russh::keys::PublicKey::from_openssh(key) else {
         tracing::warn!("{via}: reported an unreadable host key for {name}");
         return;
@@ -906,8 +1370,7 @@ fn record_learned_key(file: &Path, name: &str, key: &str, via: &crate::wire::Hos
         .strip_prefix('[')
         .and_then(|rest| rest.split_once("]:"))
         .map_or(name, |(host, _)| host);
-    let config = crate::ssh::ssh_config::default_files(&super::home_dir());
-    let append = if crate::ssh::ssh_config::hash_known_hosts(&config, host) {
+    let append = if crate::ssh::ssh_config::hash_known_hosts(ssh_config, host) {
         crate::ssh::known_hosts::append_hashed
     } else {
         crate::ssh::known_hosts::append

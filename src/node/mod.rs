@@ -10,20 +10,26 @@
 //! | initiator | depth 0: inputs, the store, the operator's view, signals, teardown |
 //! | relay | depth > 0: the parent link, its own graph, its own children |
 //! | run_book | the run's bookkeeping: who is converged, failed, running; when it is done |
+//! | seeds | an etcd given with --seeds: the operator's credential, per-host users and roles |
 //! | fleet | a node's children: staging under `cconns`, events up, control down, teardown |
 //! | stage | putting arbor and a graph on one host |
 //! | builds | the builds of arbor a node can copy, and fetching them from the parent |
 //! | child_link | the parent's end of the link to one child (tunnel, exec, frames) |
+//! | last_failed | the hosts that failed in the last run, for `--limit @failed` |
+//! | exec | `arbor exec`: an ad-hoc command on targeted hosts, through relays; output and exit codes |
 //! | parent_link | a child's end of the link to its parent (stdin/stdout frames, log) |
 
 pub mod builds;
 pub mod child_link;
 pub mod config;
+pub mod exec;
 pub mod fleet;
 pub mod initiator;
+pub mod last_failed;
 pub mod parent_link;
 pub mod relay;
 pub mod run_book;
+pub mod seeds;
 pub mod stage;
 
 use std::path::PathBuf;
@@ -33,6 +39,15 @@ pub fn home_dir() -> PathBuf {
     std::env::var_os("HOME")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/root"))
+}
+
+/// Where arbor keeps its state on this machine: `$XDG_STATE_HOME/arbor`, or
+/// `~/.local/state/arbor` (the embedded store, the failed-hosts lists).
+pub fn state_dir() -> PathBuf {
+    std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home_dir().join(".local/state"))
+        .join("arbor")
 }
 
 /// Sleeps until `deadline`, or forever without one (for an optional arm of `select!`).

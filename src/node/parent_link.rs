@@ -84,19 +84,46 @@ impl Upstream {
 
 /// Control frames from the parent.
 pub struct Downstream {
-    reader: FrameReader<tokio::io::Stdin>,
+    rx: mpsc::Receiver<Down>,
 }
 
 impl Downstream {
-    /// The next control frame; `None` when the parent is gone (stdin closed or broken).
+    /// The next control frame other than a heartbeat; `None` when the parent is gone: stdin
+    /// closed or broken, or nothing from it for the link timeout (a link that died without a
+    /// FIN). Cancel-safe.
     pub async fn recv(&mut self) -> Option<Down> {
-        match self.reader.recv::<Down>().await {
-            Ok(frame) => frame,
-            Err(e) => {
-                tracing::warn!("control link: {e}");
-                None
+        self.rx.recv().await
+    }
+
+    /// Reads stdin on a task of its own, so that the link timeout measures the parent's
+    /// silence, not how long this node took to ask for the next frame.
+    fn spawn(mut reader: FrameReader<tokio::io::Stdin>, timeout: std::time::Duration) -> Self {
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                match tokio::time::timeout(timeout, reader.recv::<Down>()).await {
+                    Err(_) => {
+                        tracing::warn!(
+                            "no word from the parent for {}s: the link is down",
+                            timeout.as_secs()
+                        );
+                        break;
+                    }
+                    Ok(Ok(Some(Down::Heartbeat))) => {}
+                    Ok(Ok(Some(frame))) => {
+                        if tx.send(frame).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(Ok(None)) => break,
+                    Ok(Err(e)) => {
+                        tracing::warn!("control link: {e}");
+                        break;
+                    }
+                }
             }
-        }
+        });
+        Downstream { rx }
     }
 }
 
@@ -130,7 +157,23 @@ pub async fn open() -> Result<(Start, Upstream, Downstream, tokio::task::JoinHan
         Some(_) => return Err(WireError::NoHello),
         None => return Err(WireError::Closed),
     };
-    Ok((start, up, Downstream { reader }, writer))
+    // Heartbeats up, while anything else holds the upstream (a weak handle does not keep
+    // the writer alive at exit).
+    let weak = up.tx.downgrade();
+    let every = crate::wire::heartbeat_every(start.config.link_timeout);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            let Some(tx) = weak.upgrade() else { break };
+            // A full queue means frames are flowing anyway.
+            let _ = tx.try_send(Up::Heartbeat);
+        }
+    });
+    let down = Downstream::spawn(
+        reader,
+        std::time::Duration::from_secs(start.config.link_timeout.max(1)),
+    );
+    Ok((start, up, down, writer))
 }
 
 /// A `tracing` writer for a child: each log line goes up as a `Log` event, and into the

@@ -25,8 +25,12 @@ use tokio::sync::{mpsc, oneshot, watch};
 /// After a shutdown or a lost parent, the node is gone within this long, whatever hangs.
 const EXIT_DEADLINE: Duration = Duration::from_secs(4);
 
-/// Sets the log level once the parent has said which (`NodeConfig::verbosity`).
-pub type SetVerbosity = Box<dyn Fn(u8) + Send + Sync>;
+/// At the end of `arbor exec`, how long a node waits for its parent to take the output still
+/// queued for it (at most `UP_QUEUE` frames): a slow terminal at the initiator slows every hop.
+const EXEC_FLUSH: Duration = Duration::from_secs(60);
+
+/// Sets the log level once the parent has said which (`NodeConfig::verbosity`, `quiet`).
+pub type SetVerbosity = Box<dyn Fn(u8, bool) + Send + Sync>;
 
 /// Runs the node; returns the process exit code.
 pub async fn run(options: RunOptions, log: EventLog, set_verbosity: SetVerbosity) -> u8 {
@@ -40,17 +44,24 @@ pub async fn run(options: RunOptions, log: EventLog, set_verbosity: SetVerbosity
             return crate::exit::FAILED;
         }
     };
-    set_verbosity(start.config.verbosity);
+    set_verbosity(start.config.verbosity, start.config.quiet);
     log.attach(up.clone());
     let name = start.hostname.clone();
     tracing::debug!("{name}: node at depth {} starting", start.path.depth());
 
-    let result = serve(&options, &start, &up, &mut down).await;
+    let result = if start.exec.is_some() {
+        serve_exec(&options, &start, &up, &mut down).await
+    } else {
+        serve(&options, &start, &up, &mut down).await
+    };
     if let Some(peak) = peak_rss_kib() {
-        tracing::info!(
-            "{name}: exiting; peak memory {:.1} MB",
-            peak as f64 / 1024.0
-        );
+        let peak = peak as f64 / 1024.0;
+        // `arbor exec` prints its hosts' logs on the operator's stderr: keep it quiet there.
+        if start.exec.is_some() {
+            tracing::debug!("{name}: exiting; peak memory {peak:.1} MB");
+        } else {
+            tracing::info!("{name}: exiting; peak memory {peak:.1} MB");
+        }
     }
     let code = match result {
         // The parent reports our clean exit once the link has closed.
@@ -65,7 +76,16 @@ pub async fn run(options: RunOptions, log: EventLog, set_verbosity: SetVerbosity
     };
     drop(up);
     log.detach();
-    let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+    // `arbor exec`'s output must all reach the parent, which reads until the link closes (a
+    // parent that is gone fails the write at once); a run's last frames are a few events.
+    let flush = if start.exec.is_some() {
+        EXEC_FLUSH
+    } else {
+        Duration::from_secs(1)
+    };
+    if tokio::time::timeout(flush, writer).await.is_err() {
+        eprintln!("arbor: the parent did not take this node's last frames within {flush:?}");
+    }
     if let Some(dir) = &options.workdir {
         remove_own_workdir(dir);
     }
@@ -123,10 +143,7 @@ async fn serve(
 ) -> Result<(), String> {
     let name = &start.hostname;
     let endpoints = super::seed_endpoints(&options.seeds).map_err(|e| format!("{name}: {e}"))?;
-    let user = start
-        .credential
-        .as_deref()
-        .map(|password| (name.as_str(), password));
+    let user = store_user(start);
     let client = StoreClient::connect_as(&endpoints, user)
         .await
         .map_err(|e| format!("{name}: store: {e:#}"))?;
@@ -168,24 +185,8 @@ async fn serve(
             .await
             .map_err(|e| format!("{name}: {e}"))?;
         let fetcher = fetches.fetcher(up.clone());
-        let mut ctx = fleet_context(start, store, events_tx.clone(), fetcher)?;
-        if start.config.accept_new {
-            // Keys learned here go up to the initiator's known_hosts, not into ours.
-            let (learned_tx, mut learned) = mpsc::unbounded_channel::<(String, String)>();
-            ctx.connect.host_keys.learn_into = None;
-            ctx.connect.host_keys.report_learned = Some(learned_tx);
-            let events = events_tx.clone();
-            tokio::spawn(async move {
-                while let Some((name, key)) = learned.recv().await {
-                    let _ = events
-                        .send(crate::wire::Event {
-                            host: crate::wire::HostPath::root(),
-                            kind: EventKind::KnownHost { name, key },
-                        })
-                        .await;
-                }
-            });
-        }
+        let mut ctx = fleet_context(start, Some(store), events_tx.clone(), fetcher)?;
+        report_learned_keys(&mut ctx, start, &events_tx);
         Some(Fleet::start(Arc::new(ctx), start.children.clone()))
     };
     drop(events_tx);
@@ -215,7 +216,7 @@ async fn serve(
                     tracing::debug!("{name}: shutting down: {reason}");
                     break Ok(());
                 }
-                Some(Down::Hello(_) | Down::Start(_)) => {}
+                Some(Down::Hello(_) | Down::Start(_) | Down::Heartbeat) => {}
                 None => {
                     tracing::warn!("{name}: parent link closed; shutting down");
                     break Ok(());
@@ -324,6 +325,7 @@ async fn misbehave(
             content: Some("forged\n".into()),
             state,
             mode,
+            ..FileSpec::default()
         })
     };
     let exports = vec![
@@ -358,7 +360,7 @@ async fn misbehave(
         client.get_prefix("/").await.map(|_| ())
     };
     outcome("reading the store without a credential", anonymous.await);
-    let user = start.credential.as_deref().map(|p| (name.as_str(), p));
+    let user = store_user(start);
     let Ok(client) = crate::store::client::StoreClient::connect_as(endpoints, user).await else {
         return;
     };
@@ -389,6 +391,13 @@ async fn misbehave(
     );
 }
 
+/// The store user this node authenticates as, with its password, when it was given one: the
+/// user `Start::store_user` names, or else the user named after the host.
+fn store_user(start: &Start) -> Option<(&str, &str)> {
+    let name = start.store_user.as_deref().unwrap_or(&start.hostname);
+    start.credential.as_deref().map(|password| (name, password))
+}
+
 /// The state to report for an engine status: converged, settled with failures, or changed
 /// (only after one of those); `None` while working toward the first.
 pub fn settled_state(status: &Status, reported: Option<&HostState>) -> Option<HostState> {
@@ -409,12 +418,113 @@ pub fn settled_state(status: &Status, reported: Option<&HostState>) -> Option<Ho
     }
 }
 
+/// Under accept-new, keys learned here go up to the initiator's known_hosts, not into ours.
+fn report_learned_keys(
+    ctx: &mut FleetContext,
+    start: &Start,
+    events: &mpsc::Sender<crate::wire::Event>,
+) {
+    if !super::initiator::any_accept_new(&start.children, start.config.accept_new) {
+        return;
+    }
+    let (learned_tx, mut learned) = mpsc::unbounded_channel::<(String, String)>();
+    ctx.connect.host_keys.learn_into = None;
+    ctx.connect.host_keys.report_learned = Some(learned_tx);
+    let events = events.clone();
+    tokio::spawn(async move {
+        while let Some((name, key)) = learned.recv().await {
+            let _ = events
+                .send(crate::wire::Event {
+                    host: crate::wire::HostPath::root(),
+                    kind: EventKind::KnownHost { name, key },
+                })
+                .await;
+        }
+    });
+}
+
+/// `arbor exec` at depth > 0: no store and no graph. The children (pruned by the initiator to
+/// the paths that lead to targets) are run by the same fleet code: targeted ones run the
+/// command over a connection of their own, those with children below are staged as relays.
+/// Their output goes up as events. The node exits once every child is done, or at once
+/// (stopping every command below) when its parent says so, is gone, or a signal comes.
+async fn serve_exec(
+    options: &RunOptions,
+    start: &Start,
+    up: &Upstream,
+    down: &mut parent_link::Downstream,
+) -> Result<(), String> {
+    let name = &start.hostname;
+    let mut signals = super::StopSignals::new().map_err(|e| format!("{name}: signals: {e}"))?;
+    let fetches = Fetches::default();
+    let (events_tx, mut events_rx) = mpsc::channel(1024);
+    let mut ctx = fleet_context(start, None, events_tx.clone(), fetches.fetcher(up.clone()))?;
+    ctx.exec = start.exec.clone().map(Arc::new);
+    report_learned_keys(&mut ctx, start, &events_tx);
+    drop(events_tx);
+    let mut fleet = Fleet::start(Arc::new(ctx), start.children.clone());
+    let mut done = fleet.is_empty();
+    let stopped = loop {
+        if done {
+            break false;
+        }
+        tokio::select! {
+            frame = down.recv() => match frame {
+                Some(Down::Fetched { sha256, result }) => fetches.answer(&sha256, result),
+                Some(Down::Shutdown { reason }) => {
+                    tracing::debug!("{name}: stopping the command: {reason}");
+                    break true;
+                }
+                Some(_) => {}
+                None => {
+                    tracing::warn!("{name}: parent link closed; stopping the command below");
+                    break true;
+                }
+            },
+            event = events_rx.recv() => {
+                if let Some(event) = event {
+                    up.forward(event).await;
+                }
+            }
+            report = fleet.next_finished() => {
+                if report.is_none() {
+                    done = true;
+                }
+            }
+            signal = signals.next() => {
+                tracing::warn!("{name}: {}; stopping the command below", super::signal_name(signal));
+                break true;
+            }
+        }
+    };
+    if stopped {
+        let workdir = options.workdir.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(EXIT_DEADLINE);
+            eprintln!("arbor: stopping took longer than {EXIT_DEADLINE:?}; exiting");
+            if let Some(dir) = &workdir {
+                remove_own_workdir(dir);
+            }
+            std::process::exit(crate::exit::FAILED.into());
+        });
+    }
+    fetches.answer_all_closed();
+    // Every child's last events (its command's end) go up before this node exits.
+    let forward = async {
+        while let Some(event) = events_rx.recv().await {
+            up.forward(event).await;
+        }
+    };
+    tokio::join!(fleet.shutdown(), forward);
+    Ok(())
+}
+
 /// What this relay's children share: the run's settings from `start`, this relay's own build
 /// (and the run's others, fetched from the parent on demand), and the known_hosts lines the
 /// parent sent down.
 fn fleet_context(
     start: &Start,
-    store: Arc<dyn ssh::Connector>,
+    store: Option<Arc<dyn ssh::Connector>>,
     events: mpsc::Sender<crate::wire::Event>,
     fetcher: FetchFromParent,
 ) -> Result<FleetContext, String> {
@@ -444,6 +554,7 @@ fn fleet_context(
         graphs: Mutex::new(start.graphs.clone()),
         known_hosts: start.known_hosts.clone(),
         events,
+        exec: None,
     })
 }
 

@@ -156,6 +156,11 @@ impl RunBook {
         }
     }
 
+    /// Whether `host` failed, itself or with a relay above it.
+    pub fn has_failed(&self, host: &str) -> bool {
+        self.failed.contains(host)
+    }
+
     /// Hosts settled with failed resources, and what failed.
     pub fn unhealthy(&self) -> &BTreeMap<String, Vec<String>> {
         &self.unhealthy
@@ -193,6 +198,7 @@ mod tests {
             cconns: None,
             children,
             credential: None,
+            ..Default::default()
         }
     }
 

@@ -8,8 +8,10 @@
 //! - `REQUEST_IDENTITIES`: answered (public keys only).
 //! - `session-bind@openssh.com`: the client proves which server it is talking to. The server's
 //!   host-key signature over the session id must verify, and the host key must be one the
-//!   caller's [`Destinations`] allows (a host of the relay's own subtree). The binding holds
-//!   for the rest of this agent connection.
+//!   caller's [`Destinations`] allows (a host of the relay's own subtree). A host that offers
+//!   a host certificate binds with the certificate: the signature is checked against the key
+//!   it certifies, and the caller judges the certificate (its authority, principals and
+//!   validity). The binding holds for the rest of this agent connection.
 //! - `SIGN_REQUEST`: signed only if the data is an SSH user-authentication request
 //!   (`publickey`, or `publickey-hostbound-v00@openssh.com` naming the bound host key) for the
 //!   session this connection was bound to, and for the key asked about. A signature is thus
@@ -21,6 +23,7 @@
 
 use super::forward::{Connector, ForwardedStream};
 use russh::keys::PublicKey;
+use russh::keys::ssh_key::Certificate;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -77,8 +80,14 @@ impl AgentBackend {
     }
 }
 
-/// Which server host keys a relay may bind its agent connections to.
-pub type Destinations = Arc<dyn Fn(&PublicKey) -> bool + Send + Sync>;
+/// What a server showed a relay as its identity in a session-bind.
+pub enum HostKey {
+    Plain(PublicKey),
+    Certificate(Box<Certificate>),
+}
+
+/// Which server host keys (or host certificates) a relay may bind its agent connections to.
+pub type Destinations = Arc<dyn Fn(&HostKey) -> bool + Send + Sync>;
 
 /// Serves each forwarded agent channel through the front: see the module docs. `label` names
 /// the relay in refusals.
@@ -178,14 +187,33 @@ fn bind(body: &[u8], allowed: &Destinations) -> Result<Binding, String> {
     if forwarding != 0 {
         return Err("a relay may not forward the agent further on its own".into());
     }
-    let key = PublicKey::from_bytes(host_key).map_err(|e| format!("session-bind host key: {e}"))?;
+    // A certificate's blob starts like a plain key of its algorithm but is not one: tell
+    // them apart by the algorithm name before decoding.
+    let is_certificate = Reader(host_key)
+        .string()
+        .is_some_and(|alg| alg.ends_with(b"-cert-v01@openssh.com"));
+    let (key, shown) = if is_certificate {
+        let cert = Certificate::from_bytes(host_key)
+            .map_err(|e| format!("session-bind host certificate: {e}"))?;
+        let key = PublicKey::new(cert.public_key().clone(), "");
+        (key, HostKey::Certificate(Box::new(cert)))
+    } else {
+        let key =
+            PublicKey::from_bytes(host_key).map_err(|e| format!("session-bind host key: {e}"))?;
+        (key.clone(), HostKey::Plain(key))
+    };
     let signature = russh::keys::ssh_key::Signature::try_from(signature)
         .map_err(|e| format!("session-bind signature: {e}"))?;
     russh::keys::signature::Verifier::verify(&key, session_id, &signature)
         .map_err(|_| "session-bind: the host's signature over the session id does not verify")?;
-    if !allowed(&key) {
+    if !allowed(&shown) {
+        let what = if is_certificate {
+            "a host certificate for key"
+        } else {
+            "host key"
+        };
         return Err(format!(
-            "session-bind to host key {}, which is not a host this relay may log into",
+            "session-bind to {what} {}, which is not a host this relay may log into",
             super::known_hosts::fingerprint(&key)
         ));
     }
@@ -312,10 +340,20 @@ mod tests {
 
     /// A session-bind extension body as a client sends it, signed by `host`.
     fn session_bind(host: &PrivateKey, session_id: &[u8], forwarding: u8) -> Vec<u8> {
+        session_bind_as(host, &blob(host.public_key()), session_id, forwarding)
+    }
+
+    /// The same, with `shown` as the host key blob (a certificate of `host`'s key, say).
+    fn session_bind_as(
+        host: &PrivateKey,
+        shown: &[u8],
+        session_id: &[u8],
+        forwarding: u8,
+    ) -> Vec<u8> {
         let signature: russh::keys::ssh_key::Signature = host.try_sign(session_id).expect("sign");
         let mut body = Vec::new();
         string(&mut body, b"session-bind@openssh.com");
-        string(&mut body, &blob(host.public_key()));
+        string(&mut body, shown);
         string(&mut body, session_id);
         let sig_blob = signature.encode_vec().expect("signature blob");
         string(&mut body, &sig_blob);
@@ -352,7 +390,8 @@ mod tests {
     fn only_a_bound_user_authentication_to_an_allowed_host_is_signed() {
         let (leaf, outsider, user) = (key(1), key(2), key(3));
         let leaf_public = leaf.public_key().clone();
-        let allowed: Destinations = Arc::new(move |k| k == &leaf_public);
+        let allowed: Destinations =
+            Arc::new(move |k| matches!(k, HostKey::Plain(k) if k == &leaf_public));
         let session = b"session id of the relay's session with the leaf";
         let user_blob = blob(user.public_key());
 
@@ -415,6 +454,46 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn a_host_certificate_binds_by_the_key_it_certifies() {
+        use russh::keys::ssh_key::certificate::{Builder, CertType};
+        let (host, ca, impostor) = (key(4), key(5), key(6));
+        let mut b = Builder::new(
+            [7u8; 16].to_vec(),
+            host.public_key().key_data().clone(),
+            0,
+            u64::MAX,
+        )
+        .expect("builder");
+        b.cert_type(CertType::Host).expect("type");
+        b.key_id("leaf").expect("id");
+        b.valid_principal("leaf").expect("principal");
+        let cert = b.sign(&ca).expect("sign");
+        let cert_blob = cert.to_bytes().expect("blob");
+        let ca_key = ca.public_key().key_data().clone();
+        // As the initiator judges it: a certificate signed by the known CA.
+        let allowed: Destinations =
+            Arc::new(move |k| matches!(k, HostKey::Certificate(c) if c.signature_key() == &ca_key));
+        let session = b"session id";
+        let binding = bind(&session_bind_as(&host, &cert_blob, session, 0), &allowed)
+            .expect("certificate binds");
+        assert_eq!(binding.host_key, cert_blob);
+        // Signed by another key than the certified one: refused.
+        let err = bind(
+            &session_bind_as(&impostor, &cert_blob, session, 0),
+            &allowed,
+        )
+        .err()
+        .expect("an impostor's signature binds nothing");
+        assert!(err.contains("does not verify"), "{err}");
+        // A certificate the caller does not accept: refused, saying so.
+        let none: Destinations = Arc::new(|_| false);
+        let err = bind(&session_bind_as(&host, &cert_blob, session, 0), &none)
+            .err()
+            .expect("refused");
+        assert!(err.contains("a host certificate for key"), "{err}");
     }
 
     #[tokio::test]

@@ -1,5 +1,11 @@
-//! Authentication, in the order OpenSSH users expect: agent keys, key files, a password from
-//! the target URL, then prompts (only when the user allowed interactive prompts).
+//! Authentication: the keys named for the host first (`--identity`, the topology's `identity:`,
+//! ssh_config's `IdentityFile`s: from the agent when it holds them, else from the file), then
+//! the agent's other keys and the default key files (not with `IdentitiesOnly`), then a
+//! password from the target URL, then prompts (only when the user allowed interactive prompts).
+//!
+//! Named keys come before the agent's other keys, unlike OpenSSH (which tries agent keys
+//! first, then files not in the agent): an agent holding more keys than the server's
+//! `MaxAuthTries` (6 by default) would otherwise lock the right key out.
 //!
 //! RSA keys always sign with rsa-sha2-256/512; a server that only takes SHA-1 signatures is
 //! refused rather than downgraded.
@@ -8,7 +14,7 @@ use super::error::{Cause, Result, SshError, Step};
 use super::session::ClientHandler;
 use russh::client::{AuthResult, Handle, KeyboardInteractiveAuthResponse};
 use russh::keys::agent::client::AgentClient;
-use russh::keys::{Algorithm, HashAlg, PrivateKey, PrivateKeyWithHashAlg};
+use russh::keys::{Algorithm, HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKey};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -68,10 +74,18 @@ pub enum AgentSource {
 #[derive(Clone)]
 pub struct AuthOptions {
     pub agent: AgentSource,
-    /// Default key files tried after the agent (~/.ssh/id_ed25519, id_ecdsa, id_rsa).
+    /// Default key files (~/.ssh/id_ed25519, id_ecdsa, id_rsa), tried after the agent's keys;
+    /// with `identities_only`, only when no key is named.
     pub default_identities: Vec<PathBuf>,
-    /// Key files given explicitly (--identity), tried after the defaults.
+    /// Key files named for this host (--identity, the topology's, ssh_config's), tried first,
+    /// in order: through the agent when it holds the key, else from the file.
     pub identities: Vec<PathBuf>,
+    /// Public keys named for this host without a file here (a relay gets the initiator's
+    /// IdentityFile keys this way): tried from the agent after `identities`.
+    pub named_keys: Vec<PublicKey>,
+    /// ssh_config `IdentitiesOnly yes`: no agent key but the named ones, no default files
+    /// when keys are named.
+    pub identities_only: bool,
     /// A password from the target URL (insecure: a warning is printed when it is used).
     pub password: Option<String>,
     /// Set only with --allow-interactive.
@@ -88,10 +102,28 @@ impl AuthOptions {
                 .map(|n| ssh.join(n))
                 .collect(),
             identities: Vec::new(),
+            named_keys: Vec::new(),
+            identities_only: false,
             password: None,
             prompter: None,
         }
     }
+}
+
+/// The public key of a key file: from `FILE.pub`, else from the private key file (an OpenSSH
+/// key keeps its public half readable even when encrypted). `None` when neither is readable.
+pub fn file_public_key(path: &Path) -> Option<PublicKey> {
+    let mut pub_path = path.as_os_str().to_owned();
+    pub_path.push(".pub");
+    std::fs::read_to_string(PathBuf::from(pub_path))
+        .ok()
+        .and_then(|t| PublicKey::from_openssh(t.trim()).ok())
+        .or_else(|| {
+            let text = std::fs::read_to_string(path).ok()?;
+            PrivateKey::from_openssh(&text)
+                .ok()
+                .map(|k| k.public_key().clone())
+        })
 }
 
 struct Attempts {
@@ -130,20 +162,128 @@ pub(crate) async fn authenticate(
         .map_err(|e| err(Cause::Protocol(e)))?
         .flatten();
 
-    if try_agent(handle, user, options, rsa_hash, &mut attempts).await {
-        return Ok(());
+    let mut agent = open_agent(handle, options, &mut attempts).await;
+    // Keys already offered (by their public half), so none is offered twice.
+    let mut offered: Vec<PublicKey> = Vec::new();
+    let named = !options.identities.is_empty() || !options.named_keys.is_empty();
+    // With IdentitiesOnly and nothing named, the default files are the named keys (as ssh).
+    let defaults_named = !named && options.identities_only;
+    let named_files: Vec<&PathBuf> = if defaults_named {
+        options
+            .default_identities
+            .iter()
+            .filter(|p| p.exists())
+            .collect()
+    } else {
+        options.identities.iter().collect()
+    };
+
+    // 1. The named keys: through the agent when it holds them, else from their files.
+    for path in named_files {
+        let public = file_public_key(path);
+        if let (Some(key), Some(agent)) = (&public, agent.as_mut())
+            && agent.holds(key)
+        {
+            offered.push(key.clone());
+            attempts
+                .tried
+                .push(format!("agent key of {}", path.display()));
+            if agent
+                .try_key(handle, user, key, rsa_hash, &mut attempts)
+                .await
+            {
+                return Ok(());
+            }
+            if handle.is_closed() {
+                return Err(err(closed(&attempts)));
+            }
+            continue;
+        }
+        if let Some(key) = public {
+            offered.push(key);
+        }
+        match try_key_file(handle, label, user, path, options, rsa_hash, &mut attempts).await {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(_) if handle.is_closed() => return Err(err(closed(&attempts))),
+            Err(cause) => return Err(err(cause)),
+        }
+        if handle.is_closed() {
+            return Err(err(closed(&attempts)));
+        }
     }
-    let files = options
-        .default_identities
-        .iter()
-        .filter(|p| p.exists())
-        .chain(options.identities.iter());
-    for path in files {
-        if try_key_file(handle, label, user, path, options, rsa_hash, &mut attempts)
+    for key in &options.named_keys {
+        if offered.iter().any(|k| k.key_data() == key.key_data()) {
+            continue;
+        }
+        offered.push(key.clone());
+        let Some(agent) = agent.as_mut() else { break };
+        if !agent.holds(key) {
+            attempts.tried.push(format!(
+                "named key {} (not in the agent)",
+                super::known_hosts::fingerprint(key)
+            ));
+            continue;
+        }
+        attempts.tried.push(format!(
+            "agent key {}",
+            super::known_hosts::fingerprint(key)
+        ));
+        if agent
+            .try_key(handle, user, key, rsa_hash, &mut attempts)
             .await
-            .map_err(err)?
         {
             return Ok(());
+        }
+        if handle.is_closed() {
+            return Err(err(closed(&attempts)));
+        }
+    }
+
+    // 2. Unless IdentitiesOnly: the agent's other keys, then the default files.
+    if !options.identities_only {
+        if let Some(agent) = agent.as_mut() {
+            let others: Vec<PublicKey> = agent
+                .keys
+                .iter()
+                .filter(|k| !offered.iter().any(|o| o.key_data() == k.key_data()))
+                .cloned()
+                .collect();
+            attempts
+                .tried
+                .push(format!("agent ({} keys)", others.len()));
+            for key in others {
+                offered.push(key.clone());
+                if agent
+                    .try_key(handle, user, &key, rsa_hash, &mut attempts)
+                    .await
+                {
+                    return Ok(());
+                }
+                if handle.is_closed() {
+                    return Err(err(closed(&attempts)));
+                }
+            }
+        }
+        let defaults = options
+            .default_identities
+            .iter()
+            .filter(|p| p.exists() && !options.identities.contains(p));
+        for path in defaults {
+            if file_public_key(path)
+                .is_some_and(|k| offered.iter().any(|o| o.key_data() == k.key_data()))
+            {
+                continue;
+            }
+            match try_key_file(handle, label, user, path, options, rsa_hash, &mut attempts).await {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(_) if handle.is_closed() => return Err(err(closed(&attempts))),
+                Err(cause) => return Err(err(cause)),
+            }
+            if handle.is_closed() {
+                return Err(err(closed(&attempts)));
+            }
         }
     }
     if let Some(password) = &options.password {
@@ -180,20 +320,71 @@ pub(crate) async fn authenticate(
     }))
 }
 
-async fn try_agent(
-    handle: &mut Handle<ClientHandler>,
-    user: &str,
+/// The server hung up during authentication: most likely after too many failed keys.
+fn closed(attempts: &Attempts) -> Cause {
+    Cause::Other(format!(
+        "the server closed the connection during authentication, most likely after too many \
+         failed keys (sshd's MaxAuthTries, 6 by default); tried {}. Name the right key \
+         (--identity, the topology's identity:, or IdentityFile in ssh_config): named keys are \
+         tried first",
+        attempts.tried.join(", ")
+    ))
+}
+
+/// A connected agent and the keys it holds.
+struct Agent {
+    client: AgentClient<tokio::net::UnixStream>,
+    keys: Vec<PublicKey>,
+}
+
+impl Agent {
+    fn holds(&self, key: &PublicKey) -> bool {
+        self.keys.iter().any(|k| k.key_data() == key.key_data())
+    }
+
+    /// Offers `key` and signs with the agent; true when the server accepted it.
+    async fn try_key(
+        &mut self,
+        handle: &mut Handle<ClientHandler>,
+        user: &str,
+        key: &PublicKey,
+        rsa_hash: Option<HashAlg>,
+        attempts: &mut Attempts,
+    ) -> bool {
+        let hash = match key.algorithm() {
+            Algorithm::Rsa { .. } => match rsa_hash {
+                Some(h) => Some(h),
+                None => return false, // never SHA-1
+            },
+            _ => None,
+        };
+        match handle
+            .authenticate_publickey_with(user, key.clone(), hash, &mut self.client)
+            .await
+        {
+            Ok(result) if result.success() => true,
+            Ok(result) => {
+                attempts.note_failure(&result);
+                false
+            }
+            Err(e) => {
+                tracing::debug!("agent signing failed: {e:?}");
+                false
+            }
+        }
+    }
+}
+
+/// Connects to the agent `options` names, binds it to this session and lists its keys.
+async fn open_agent(
+    handle: &Handle<ClientHandler>,
     options: &AuthOptions,
-    rsa_hash: Option<HashAlg>,
     attempts: &mut Attempts,
-) -> bool {
+) -> Option<Agent> {
     let socket = match &options.agent {
-        AgentSource::None => return false,
+        AgentSource::None => return None,
         AgentSource::Socket(path) => path.clone(),
-        AgentSource::Env => match agent_socket() {
-            Some(path) => path,
-            None => return false,
-        },
+        AgentSource::Env => agent_socket()?,
     };
     let mut agent = match AgentClient::connect_uds(&socket).await {
         Ok(agent) => agent,
@@ -202,7 +393,7 @@ async fn try_agent(
             attempts
                 .tried
                 .push(format!("agent ({}: unreachable)", socket.display()));
-            return false;
+            return None;
         }
     };
     // Tell the agent which server this is (OpenSSH's session-bind@openssh.com): an agent with
@@ -213,35 +404,19 @@ async fn try_agent(
     {
         tracing::debug!("agent at {}: session-bind: {e:?}", socket.display());
     }
-    let identities = match agent.request_identities().await {
-        Ok(ids) => ids,
+    match agent.request_identities().await {
+        Ok(ids) => Some(Agent {
+            client: agent,
+            keys: ids
+                .into_iter()
+                .map(|id| id.public_key().into_owned())
+                .collect(),
+        }),
         Err(e) => {
             attempts.tried.push(format!("agent ({e})"));
-            return false;
-        }
-    };
-    attempts
-        .tried
-        .push(format!("agent ({} keys)", identities.len()));
-    for identity in identities {
-        let key = identity.public_key().into_owned();
-        let hash = match key.algorithm() {
-            Algorithm::Rsa { .. } => match rsa_hash {
-                Some(h) => Some(h),
-                None => continue, // never SHA-1
-            },
-            _ => None,
-        };
-        match handle
-            .authenticate_publickey_with(user, key, hash, &mut agent)
-            .await
-        {
-            Ok(result) if result.success() => return true,
-            Ok(result) => attempts.note_failure(&result),
-            Err(e) => tracing::debug!("agent signing failed: {e:?}"),
+            None
         }
     }
-    false
 }
 
 async fn try_key_file(

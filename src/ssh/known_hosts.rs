@@ -355,24 +355,8 @@ fn utc(secs: u64) -> String {
     if secs >= 253_402_300_800 {
         return "forever".into();
     }
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Howard Hinnant's days-to-civil.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
+    let (year, month, day, h, m, sec) = crate::ui::civil(secs);
+    format!("{year:04}-{month:02}-{day:02} {h:02}:{m:02}:{sec:02} UTC")
 }
 
 fn parse_line(raw: &str, file: &Path, line: usize) -> Option<Entry> {
@@ -488,6 +472,13 @@ impl KnownHosts {
             .filter(|e| matches!(e.marker, Marker::None) && patterns_match(&e.patterns, name))
             .map(|e| e.key.clone())
             .collect()
+    }
+
+    /// Whether an `@cert-authority` line applies to the host known as `name`.
+    pub fn has_authority_for(&self, name: &str) -> bool {
+        self.entries
+            .iter()
+            .any(|e| e.marker == Marker::CertAuthority && patterns_match(&e.patterns, name))
     }
 
     /// Whether any entry, for any host, holds `key`.

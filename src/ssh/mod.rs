@@ -31,6 +31,6 @@ pub use forward::{Connector, ForwardEnd, ForwardedStream};
 pub use prompt::TerminalPrompter;
 pub use session::{
     ConnectOptions, HostKeyOptions, HostKeyPolicy, Session, Target, TargetUrl, connect,
-    connect_via, local_user,
+    connect_through, connect_via, local_user,
 };
 pub use sftp::{Sftp, Uploaded};

@@ -13,6 +13,12 @@ pub struct TerminalPrompter {
 }
 
 impl TerminalPrompter {
+    /// Asks `question` on the terminal and reads the answer with echo off; `None` without a
+    /// terminal.
+    pub fn secret(&self, question: &str) -> Option<String> {
+        self.ask(question, false)
+    }
+
     fn ask(&self, question: &str, echo: bool) -> Option<String> {
         let _one_at_a_time = self.lock.lock().ok()?;
         let tty = std::fs::OpenOptions::new()

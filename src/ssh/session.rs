@@ -123,6 +123,9 @@ pub struct Session {
     handle: client::Handle<ClientHandler>,
     routes: Arc<Routes>,
     peer: SocketAddr,
+    /// The ProxyJump hop this session runs through, kept open as long as this session and
+    /// closed with it ([`connect_through`]).
+    via: Option<Arc<Session>>,
 }
 
 impl Session {
@@ -167,12 +170,20 @@ impl Session {
         self.handle.is_closed()
     }
 
-    /// Ends the connection politely.
+    /// Ends the connection politely, then the ProxyJump hops it ran through.
     pub async fn disconnect(&self) {
         let _ = self
             .handle
             .disconnect(russh::Disconnect::ByApplication, "arbor done", "en")
             .await;
+        let mut next = self.via.clone();
+        while let Some(hop) = next {
+            let _ = hop
+                .handle
+                .disconnect(russh::Disconnect::ByApplication, "arbor done", "en")
+                .await;
+            next = hop.via.clone();
+        }
     }
 }
 
@@ -190,6 +201,18 @@ pub async fn connect_via(
     options: &ConnectOptions,
 ) -> Result<Session> {
     connect_with(target, options, Some(jump)).await
+}
+
+/// Like [`connect_via`], but the new session owns `hop` (a ProxyJump hop opened for it alone):
+/// the hop stays open as long as the session and is closed by its [`Session::disconnect`].
+pub async fn connect_through(
+    hop: Arc<Session>,
+    target: &Target,
+    options: &ConnectOptions,
+) -> Result<Session> {
+    let mut session = connect_with(target, options, Some(&hop)).await?;
+    session.via = Some(hop);
+    Ok(session)
 }
 
 async fn connect_with(
@@ -280,6 +303,7 @@ async fn connect_with(
         handle,
         routes,
         peer,
+        via: None,
     })
 }
 
@@ -572,6 +596,10 @@ impl client::Handler for ClientHandler {
 pub struct TargetUrl {
     pub target: Target,
     pub password: Option<String>,
+    /// The URL named the user (else `target.user` is the default).
+    pub user_given: bool,
+    /// The URL named the port (else `target.port` is 22).
+    pub port_given: bool,
 }
 
 impl Target {
@@ -586,6 +614,7 @@ impl Target {
             Some((u, h)) => (Some(u), h),
             None => (None, rest),
         };
+        let user_given = userinfo.is_some();
         let (user, password) = match userinfo {
             Some(u) => match u.split_once(':') {
                 Some((user, pass)) => (user.to_string(), Some(pass.to_string())),
@@ -620,6 +649,7 @@ impl Target {
         if host.is_empty() {
             return Err(format!("{url:?}: no host"));
         }
+        let port_given = port.is_some();
         let port = match port {
             Some(p) => p
                 .parse::<u16>()
@@ -631,6 +661,8 @@ impl Target {
         Ok(TargetUrl {
             target: Target::new(user, host, port),
             password,
+            user_given,
+            port_given,
         })
     }
 }

@@ -202,7 +202,7 @@ fn covers(prefix: &[u8], key: &[u8], range_end: &[u8]) -> bool {
 
 /// The smallest key greater than every key starting with `prefix`; `None` when there is none
 /// (the prefix is empty or all `0xff`).
-fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {
         if last < 0xff {

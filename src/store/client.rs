@@ -125,8 +125,12 @@ impl StoreClient {
         endpoints: &Endpoints,
         user: Option<(&str, &str)>,
     ) -> anyhow::Result<StoreClient> {
+        // A real etcd's tokens expire (after 5 minutes unused, by default): the client then
+        // authenticates again and retries.
         let with_user = |options: ConnectOptions| match user {
-            Some((name, password)) => options.with_user(name, password),
+            Some((name, password)) => options
+                .with_user(name, password)
+                .with_auto_token_refresh(true),
             None => options,
         };
         match endpoints {

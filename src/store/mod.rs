@@ -21,6 +21,7 @@
 //! docs/store.md has the policies (limits, compaction, durability) and why they are so.
 
 pub mod auth;
+mod authority;
 mod backend;
 pub mod client;
 mod errors;

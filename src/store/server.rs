@@ -4,6 +4,7 @@
 //! machine can reach it: a loopback address, or a Unix socket (created 0600). Any other address
 //! needs `allow_non_loopback`.
 
+use super::authority::FixAuthority;
 use super::backend::{Backend, Options};
 use super::http::{Front, FrontLayer};
 use super::kv::{GRPC_OVERHEAD_BYTES, KvService, MAX_REQUEST_BYTES};
@@ -150,16 +151,19 @@ impl Store {
                 Listener::Tcp(l) => {
                     // Small requests must not wait for Nagle's algorithm.
                     let incoming = TcpListenerStream::new(l).map(|s| {
-                        if let Ok(s) = &s {
+                        s.map(|s| {
                             let _ = s.set_nodelay(true);
-                        }
-                        s
+                            FixAuthority::new(s)
+                        })
                     });
                     router.serve_with_incoming_shutdown(incoming, signal).await
                 }
                 Listener::Unix(l, ref path) => {
                     let r = router
-                        .serve_with_incoming_shutdown(UnixListenerStream::new(l), signal)
+                        .serve_with_incoming_shutdown(
+                            UnixListenerStream::new(l).map(|s| s.map(FixAuthority::new)),
+                            signal,
+                        )
                         .await;
                     let _ = std::fs::remove_file(path);
                     r

@@ -4,10 +4,23 @@ use super::Topology;
 use crate::wire::{ChildMode, ChildSpec};
 use std::path::{Component, Path, PathBuf};
 
-/// Validates the topology at `path` and prints its tree on stdout. Returns the exit code:
-/// 0 when valid, 2 when not (the error, `file:line:column: message`, goes to stderr).
-pub fn run(path: &Path) -> u8 {
-    match super::load(path) {
+/// Validates the topology at `path` and prints its tree on stdout, every host resolved through
+/// the operator's ssh_config (`ssh_config`: `-F FILE`, else ~/.ssh/config and
+/// /etc/ssh/ssh_config). Returns the exit code: 0 when valid, 2 when not (the error,
+/// `file:line:column: message`, goes to stderr).
+pub fn run(path: &Path, ssh_config: Option<&Path>, home: &Path) -> u8 {
+    let mut resolver = match super::resolve::Resolver::for_operator(
+        ssh_config,
+        home,
+        super::resolve::Overrides::default(),
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("arbor: {e}");
+            return crate::exit::BAD_INPUT;
+        }
+    };
+    match super::load(path, &mut resolver) {
         Ok(topology) => {
             print!("{}", render(&topology, path));
             crate::exit::OK
@@ -130,14 +143,9 @@ fn add_rows(
                 .map(|(path, _)| relative(path, base).display().to_string())
                 .unwrap_or_else(|| key.clone()),
         };
-        let host = if spec.host.contains(':') {
-            format!("[{}]", spec.host)
-        } else {
-            spec.host.clone()
-        };
         rows.push(Row {
             tree: format!("{indent}{branch}{}", spec.name),
-            address: format!("{}@{host}:{}", spec.user, spec.port),
+            address: super::resolve::address(spec),
             depth,
             mode: match spec.mode {
                 ChildMode::Jump => "jump",

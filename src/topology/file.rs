@@ -2,6 +2,7 @@
 //! reject unknown keys, then [`Builder`] checks what the YAML shape cannot say (nodesets,
 //! names, depth, modes, graph files) and builds the [`ChildSpec`] tree.
 
+use super::resolve::{Given, Resolver};
 use super::{MAX_DEPTH, Topology, TopologyError, nodeset};
 use crate::wire::{ChildMode, ChildSpec};
 use serde::Deserialize;
@@ -9,20 +10,28 @@ use serde_saphyr::Spanned;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Component, Path, PathBuf};
 
-const DEFAULT_PORT: u16 = 22;
-
-/// Reads and validates the topology file at `path`, and every graph file it names.
-pub fn load(path: &Path) -> Result<Topology, TopologyError> {
+/// Reads and validates the topology file at `path`, and every graph file it names; hosts are
+/// resolved through `resolver` (the operator's ssh_config).
+pub fn load(path: &Path, resolver: &mut Resolver) -> Result<Topology, TopologyError> {
     let source = std::fs::read_to_string(path).map_err(|source| TopologyError::Read {
         path: path.to_path_buf(),
         source,
     })?;
-    parse(&source, path)
+    parse_with(&source, path, resolver)
 }
 
-/// Parses and validates topology text. `path` names the file in errors, and graph paths are
-/// relative to its directory; the graph files are read and checked.
+/// Parses and validates topology text, with no ssh_config. `path` names the file in errors,
+/// and graph paths are relative to its directory; the graph files are read and checked.
 pub fn parse(source: &str, path: &Path) -> Result<Topology, TopologyError> {
+    parse_with(source, path, &mut Resolver::none())
+}
+
+/// [`parse`], resolving every host through `resolver`.
+pub fn parse_with(
+    source: &str,
+    path: &Path,
+    resolver: &mut Resolver,
+) -> Result<Topology, TopologyError> {
     let invalid = |line: u64, column: u64, message: String| TopologyError::Invalid {
         path: path.to_path_buf(),
         line: line.max(1),
@@ -49,6 +58,7 @@ pub fn parse(source: &str, path: &Path) -> Result<Topology, TopologyError> {
         defaults: raw.defaults.unwrap_or_default(),
         graphs: BTreeMap::new(),
         names: HashMap::new(),
+        resolver,
     };
     let cconns = builder.cconns(raw.cconns.as_ref())?;
     let hosts = match &raw.hosts {
@@ -117,6 +127,7 @@ struct Builder<'a> {
     graphs: BTreeMap<String, (PathBuf, String)>,
     /// Every name so far, and where it was given.
     names: HashMap<String, (u64, u64)>,
+    resolver: &'a mut Resolver,
 }
 
 impl Builder<'_> {
@@ -261,12 +272,12 @@ impl Builder<'_> {
             Some(u) if u.value.is_empty() => {
                 return Err(self.error(loc(u), "`user` is empty".into()));
             }
-            Some(u) => u.value.clone(),
-            None => crate::ssh::local_user(),
+            Some(u) => Some(u.value.clone()),
+            None => None,
         };
         let port = match e.port.as_ref().or(self.defaults.port.as_ref()) {
             Some(p) => match p.value.parse::<u16>() {
-                Ok(port) if port > 0 => port,
+                Ok(port) if port > 0 => Some(port),
                 _ => {
                     return Err(self.error(
                         loc(p),
@@ -274,7 +285,7 @@ impl Builder<'_> {
                     ));
                 }
             },
-            None => DEFAULT_PORT,
+            None => None,
         };
         let password = e.password.as_ref().or(self.defaults.password.as_ref());
         if let Some(p) = password {
@@ -320,14 +331,12 @@ impl Builder<'_> {
             .or(self.defaults.identity.as_ref())
             .map(|i| i.value.clone());
         let cconns = self.cconns(e.cconns.as_ref().or(self.defaults.cconns.as_ref()))?;
-        Ok(hosts
-            .into_iter()
-            .zip(names)
-            .map(|(host, name)| ChildSpec {
+        let given = Given { user, port };
+        let mut specs = Vec::new();
+        for (host, name) in hosts.into_iter().zip(names) {
+            let mut spec = ChildSpec {
                 name,
                 host,
-                port,
-                user: user.clone(),
                 graph: graph.clone(),
                 mode,
                 host_key: e.host_key.as_ref().map(|k| k.value.clone()),
@@ -336,8 +345,15 @@ impl Builder<'_> {
                 cconns,
                 children: children.clone(),
                 credential: None,
-            })
-            .collect())
+                ..Default::default()
+            };
+            let at = e.host.as_ref().map(loc).unwrap_or_default();
+            self.resolver
+                .apply(&mut spec, &given)
+                .map_err(|m| self.error(at, m))?;
+            specs.push(spec);
+        }
+        Ok(specs)
     }
 
     fn cconns(&self, raw: Option<&Spanned<String>>) -> Result<Option<usize>, TopologyError> {

@@ -9,6 +9,7 @@
 pub mod check;
 mod file;
 pub mod nodeset;
+pub mod resolve;
 
 use crate::engine::graph::GraphError;
 use crate::wire::ChildSpec;
@@ -16,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::PathBuf;
 
-pub use file::{load, parse};
+pub use file::{load, parse, parse_with};
 
 /// The deepest a host may sit below the initiator (top-level hosts are depth 1). Jump hosts
 /// count: each is a hop.

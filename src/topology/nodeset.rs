@@ -11,6 +11,11 @@
 //! duplicate check reports repeats where the user wrote them. A string containing `:` is an
 //! IPv6 address and is taken literally (`[` and `]` are refused there, see [`expand`]).
 //!
+//! [`fold`] goes the other way, as ClusterShell's `nodeset -f` does: a set of names becomes the
+//! shortest nodeset this module writes (`n1 n2 n3 n7` → `n[1-3,7]`), folding every numeric
+//! position (`l1-1 l1-2 l2-1 l2-2` → `l[1-2]-[1-2]`), keeping zero padding apart (`n9 n09`
+//! stay two items), and expanding back to exactly the names it was given.
+//!
 //! The `nodeset` crate (nodeset-rs) implements the full ClusterShell library, but as a set
 //! (sorted, folded), without letter ranges and with a CLI's dependencies (clap, env_logger,
 //! serde_yaml) in its library; this is the small part arbor needs.
@@ -33,18 +38,28 @@ fn error<T>(at: usize, message: impl Into<String>) -> Result<T, NodesetError> {
     })
 }
 
-/// Expands `set` into the names it stands for, in order.
+/// Expands `set` into the names it stands for, in order. An item of the comma list that
+/// holds a `:` is an IPv6 address, taken as it is.
 pub fn expand(set: &str) -> Result<Vec<String>, NodesetError> {
-    if set.contains(':') {
-        if let Some(at) = set.find(['[', ']']) {
+    let chars: Vec<char> = set.chars().collect();
+    if set.contains(':')
+        && let Some(at) = chars.iter().position(|c| matches!(c, '[' | ']'))
+    {
+        let part_start = chars[..at]
+            .iter()
+            .rposition(|c| *c == ',')
+            .map_or(0, |i| i + 1);
+        let part_end = chars[at..]
+            .iter()
+            .position(|c| *c == ',')
+            .map_or(chars.len(), |i| at + i);
+        if chars[part_start..part_end].contains(&':') {
             return error(
-                set[..at].chars().count(),
+                at,
                 "an IPv6 address is written without brackets and cannot be a nodeset",
             );
         }
-        return Ok(vec![set.to_string()]);
     }
-    let chars: Vec<char> = set.chars().collect();
     let mut names = Vec::new();
     for (from, to) in split_outside_brackets(&chars)? {
         if from == to {
@@ -53,7 +68,16 @@ pub fn expand(set: &str) -> Result<Vec<String>, NodesetError> {
                 "empty name in the list (two commas, or one at an end)",
             );
         }
-        names.extend(expand_pattern(&chars[from..to], from, names.len())?);
+        let part = &chars[from..to];
+        if part.contains(&':') {
+            // An IPv6 address: taken as it is.
+            names.push(part.iter().collect());
+            if names.len() > MAX_NAMES {
+                return error(from, format!("expands to more than {MAX_NAMES} names"));
+            }
+            continue;
+        }
+        names.extend(expand_pattern(part, from, names.len())?);
     }
     Ok(names)
 }
@@ -254,6 +278,177 @@ fn number(s: &str, at: usize) -> Result<u64, NodesetError> {
     })
 }
 
+/// One part of a name while folding: literal text, a number as written, or the numbers
+/// (value, as written) already folded into this position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Text(String),
+    Number(u64, String),
+    Set(Vec<(u64, String)>),
+}
+
+/// Digit runs longer than this are taken as text (expansion refuses such numbers).
+const MAX_DIGITS: usize = 18;
+
+fn parts_of(name: &str) -> Vec<Part> {
+    let mut parts: Vec<Part> = Vec::new();
+    let mut text = String::new();
+    let mut chars = name.char_indices().peekable();
+    while let Some((at, c)) = chars.next() {
+        if !c.is_ascii_digit() {
+            text.push(c);
+            continue;
+        }
+        let mut end = at + 1;
+        while let Some((i, d)) = chars.peek().copied() {
+            if !d.is_ascii_digit() {
+                break;
+            }
+            end = i + 1;
+            chars.next();
+        }
+        let digits = &name[at..end];
+        match digits.parse::<u64>() {
+            Ok(value) if digits.len() <= MAX_DIGITS => {
+                if !text.is_empty() {
+                    parts.push(Part::Text(std::mem::take(&mut text)));
+                }
+                parts.push(Part::Number(value, digits.to_string()));
+            }
+            _ => text.push_str(digits),
+        }
+    }
+    if !text.is_empty() {
+        parts.push(Part::Text(text));
+    }
+    parts
+}
+
+/// A folded set of numbers (sorted) as a bracket group's inside: runs of consecutive values
+/// spelled as the run's lower bound's width spells them (`08-11`, `8-11`), joined by commas.
+/// Two spellings of one value (`9`, `09`) go to different runs.
+fn render_set(set: &[(u64, String)]) -> String {
+    use std::collections::BTreeSet;
+    let mut left: BTreeSet<(u64, String)> = set.iter().cloned().collect();
+    let mut items: Vec<String> = Vec::new();
+    while let Some((first, lo)) = left.pop_first() {
+        let width = lo.len();
+        let mut last = (first, lo.clone());
+        while let Some(next) = last.0.checked_add(1) {
+            let candidate = (next, format!("{next:0width$}"));
+            if !left.remove(&candidate) {
+                break;
+            }
+            last = candidate;
+        }
+        items.push(if last.0 == first {
+            lo
+        } else {
+            format!("{lo}-{}", last.1)
+        });
+    }
+    items.join(",")
+}
+
+fn render(parts: &[Part]) -> String {
+    parts
+        .iter()
+        .map(|p| match p {
+            Part::Text(t) => t.clone(),
+            Part::Number(_, spelled) => spelled.clone(),
+            Part::Set(set) => format!("[{}]", render_set(set)),
+        })
+        .collect()
+}
+
+/// Folds `names` into one nodeset that [`expand`] turns back into exactly those names (each
+/// once, in sorted order). Every numeric position is folded, the last first, then each
+/// earlier one among names that agree on everything else. IPv6 addresses and names that a
+/// nodeset cannot hold (brackets, commas) are listed as they are.
+pub fn fold<S: AsRef<str>>(names: &[S]) -> String {
+    use std::collections::{BTreeMap, BTreeSet};
+    let unique: BTreeSet<&str> = names.iter().map(AsRef::as_ref).collect();
+    let mut literal: Vec<String> = Vec::new();
+    let mut items: Vec<Vec<Part>> = Vec::new();
+    for name in unique {
+        if name.contains([':', '[', ']', ',']) || name.is_empty() {
+            literal.push(name.to_string());
+        } else {
+            items.push(parts_of(name));
+        }
+    }
+    let dimensions = items
+        .iter()
+        .map(|p| p.iter().filter(|p| !matches!(p, Part::Text(_))).count())
+        .max()
+        .unwrap_or(0);
+    for d in (0..dimensions).rev() {
+        // Items that agree on everything but their d-th number fold together.
+        let mut groups: BTreeMap<(String, usize), Vec<Vec<Part>>> = BTreeMap::new();
+        let mut kept = Vec::new();
+        for parts in items {
+            let at = parts
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| !matches!(p, Part::Text(_)))
+                .nth(d)
+                .map(|(i, _)| i);
+            match at {
+                Some(at) if matches!(parts[at], Part::Number(..)) => {
+                    let key = (
+                        render(&parts[..at]) + "\u{0}" + &render(&parts[at + 1..]),
+                        at,
+                    );
+                    groups.entry(key).or_default().push(parts);
+                }
+                _ => kept.push(parts),
+            }
+        }
+        for ((_, at), group) in groups {
+            if group.len() == 1 {
+                kept.extend(group);
+                continue;
+            }
+            let mut set: Vec<(u64, String)> = group
+                .iter()
+                .filter_map(|p| match &p[at] {
+                    Part::Number(v, s) => Some((*v, s.clone())),
+                    _ => None,
+                })
+                .collect();
+            set.sort();
+            let mut parts = group.into_iter().next().unwrap_or_default();
+            parts[at] = Part::Set(set);
+            kept.push(parts);
+        }
+        items = kept;
+    }
+    let mut out: Vec<(Vec<Part>, String)> = items
+        .into_iter()
+        .map(|p| {
+            let text = render(&p);
+            (p, text)
+        })
+        .collect();
+    // Natural order: by each item's first name, numbers compared as numbers.
+    out.sort_by(|a, b| order_key(&a.0).cmp(&order_key(&b.0)).then(a.1.cmp(&b.1)));
+    let mut all: Vec<String> = out.into_iter().map(|(_, text)| text).collect();
+    all.extend(literal);
+    all.join(",")
+}
+
+/// Sorts folded items by their first name, numbers as numbers.
+fn order_key(parts: &[Part]) -> Vec<(String, u64)> {
+    parts
+        .iter()
+        .map(|p| match p {
+            Part::Text(t) => (t.clone(), 0),
+            Part::Number(v, _) => (String::new(), *v),
+            Part::Set(set) => (String::new(), set.first().map_or(0, |(v, _)| *v)),
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -332,6 +527,7 @@ mod tests {
     fn an_ipv6_address_is_taken_literally() {
         assert_eq!(names("fd00:199::11"), ["fd00:199::11"]);
         assert_eq!(names("::1"), ["::1"]);
+        assert_eq!(names("n[1-2],fd00::1"), ["n1", "n2", "fd00::1"]);
     }
 
     #[test]
@@ -343,6 +539,71 @@ mod tests {
     fn letter_ranges_are_single_letters_of_one_case() {
         assert_eq!(names("x[a-c]"), ["xa", "xb", "xc"]);
         assert_eq!(names("x[A-B,z]"), ["xA", "xB", "xz"]);
+    }
+
+    /// `fold` of `names` is `want`, and expands back to the same set.
+    fn folds(list: &[&str], want: &str) {
+        let folded = fold(list);
+        assert_eq!(folded, want, "fold of {list:?}");
+        let mut back = names(&folded);
+        back.sort();
+        let mut given: Vec<String> = list.iter().map(|s| s.to_string()).collect();
+        given.sort();
+        given.dedup();
+        assert_eq!(back, given, "{folded} expands to something else");
+    }
+
+    #[test]
+    fn folding_writes_ranges_and_lists() {
+        folds(&["n1", "n2", "n3", "n7"], "n[1-3,7]");
+        folds(&["n3", "n1", "n2", "n2"], "n[1-3]");
+        folds(&["alpha"], "alpha");
+        folds(&["n9", "n10", "n11"], "n[9-11]");
+        folds(&["n08", "n09", "n10"], "n[08-10]");
+        folds(&["n9", "n09"], "n[09,9]");
+        folds(&["n1", "n01", "n02"], "n[01-02,1]");
+        folds(&["10.199.0.11", "10.199.0.12"], "10.199.0.[11-12]");
+        folds(&["a", "b", "n1"], "a,b,n1");
+        folds(&["fd00:199::11", "n1"], "n1,fd00:199::11");
+        assert_eq!(fold::<&str>(&[]), "");
+    }
+
+    #[test]
+    fn folding_folds_every_numeric_position() {
+        folds(&["l1-1", "l1-2", "l2-1", "l2-2"], "l[1-2]-[1-2]");
+        folds(&["l1-1", "l1-2", "l2-1"], "l1-[1-2],l2-1");
+        folds(&["r1/l1-1", "r1/l1-2", "r2/l2-1"], "r1/l1-[1-2],r2/l2-1");
+        folds(
+            &["rack1-n01", "rack1-n02", "rack2-n01", "rack2-n02", "x"],
+            "rack[1-2]-n[01-02],x",
+        );
+    }
+
+    #[test]
+    fn folding_round_trips_many_shapes() {
+        let sets = [
+            "n[1-100/3]",
+            "n[001-120,500-520]",
+            "r[1-3]-n[1-5],r4-n[2-3],gw",
+            "10.1.[0-2].[1-40]",
+            "a[1-2]b[3-4]c[5-6]",
+            "n[98-102]",
+            "x0,x00,x000,x1,x01",
+        ];
+        for set in sets {
+            let list = names(set);
+            let folded = fold(&list);
+            let mut back = names(&folded);
+            back.sort();
+            let mut want = list.clone();
+            want.sort();
+            want.dedup();
+            assert_eq!(back, want, "{set} folded to {folded}");
+            assert!(
+                folded.len() <= set.len().max(want.join(",").len()),
+                "{set} → {folded}"
+            );
+        }
     }
 
     #[test]

@@ -169,13 +169,21 @@ fn nested(depth: usize) -> String {
 #[test]
 fn the_examples_in_topology_are_valid() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let lab = load(&root.join("topology/lab.yaml")).expect("lab.yaml is valid");
+    let lab = load(
+        &root.join("topology/lab.yaml"),
+        &mut super::resolve::Resolver::none(),
+    )
+    .expect("lab.yaml is valid");
     assert_eq!(lab.host_count(), 8);
     assert_eq!(names(&lab.hosts), ["r1", "r2"]);
     assert_eq!(names(&lab.hosts[1].children), ["l2-1", "l2-2", "l2-3"]);
     assert_eq!(lab.hosts[1].children[2].host, "10.199.2.13");
     assert_eq!(lab.graphs.len(), 1);
-    let dc1 = load(&root.join("topology/dc1.yaml")).expect("dc1.yaml is valid");
+    let dc1 = load(
+        &root.join("topology/dc1.yaml"),
+        &mut super::resolve::Resolver::none(),
+    )
+    .expect("dc1.yaml is valid");
     assert_eq!(dc1.host_count(), 44);
     assert_eq!(dc1.graphs.len(), 2);
 }

@@ -38,6 +38,13 @@ impl HostPath {
         self.0.len()
     }
 
+    /// The path of the host above this one (the root for a top-level host and the root).
+    pub fn parent(&self) -> HostPath {
+        let mut v = self.0.clone();
+        v.pop();
+        HostPath(v)
+    }
+
     /// The host's own name (the last segment).
     pub fn name(&self) -> &str {
         self.0.last().map_or("", String::as_str)
@@ -110,8 +117,10 @@ pub enum ChildMode {
     Jump,
 }
 
-/// One child in a subtree sent down to a relay.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One child in a subtree sent down to a relay. The initiator resolves every host through the
+/// operator's ssh_config (docs/ssh.md): `host`, `user`, `port` and the fields below are what it
+/// resolved, so relays, which have no ssh_config of the operator's, connect as it would.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChildSpec {
     /// Identity in the run (unique in the whole tree).
     pub name: String,
@@ -136,6 +145,47 @@ pub struct ChildSpec {
     /// channel only, to the relays above the host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential: Option<String>,
+    /// The store user that credential is the password of, when it is not the host's name (an
+    /// etcd given with --seeds: users named per run, `arbor.<run>.<host>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_user: Option<String>,
+    /// ssh_config `IdentityFile`s: key paths on the initiator, tried there before any agent key.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identity_files: Vec<String>,
+    /// The public keys ("type base64") of `identity` and `identity_files` that the initiator
+    /// could read: a relay signs with these agent keys first (and only these with
+    /// `identities_only`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identity_keys: Vec<String>,
+    /// ssh_config `IdentitiesOnly yes`: no agent key but the named ones.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub identities_only: bool,
+    /// Seconds for the TCP connect and SSH handshake, when not the run's (ssh_config
+    /// `ConnectTimeout`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<u64>,
+    /// This host's host-key policy, when not the run's (ssh_config `StrictHostKeyChecking`):
+    /// true for accept-new, false for strict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accept_new: Option<bool>,
+    /// ssh_config `ProxyJump`: the hops, first hop first, through which the connecting node
+    /// reaches this host (each hop a host of its own, with no graph and no children).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub jumps: Vec<ChildSpec>,
+    /// ssh_config `UserKnownHostsFile` for this host, on the initiator (`None`: the default
+    /// ~/.ssh/known_hosts). Never sent: relays check keys against the lines they receive.
+    #[serde(skip)]
+    pub user_known_hosts: Option<Vec<std::path::PathBuf>>,
+    /// ssh_config `GlobalKnownHostsFile`, likewise (`None`: /etc/ssh/ssh_known_hosts{,2}).
+    #[serde(skip)]
+    pub global_known_hosts: Option<Vec<std::path::PathBuf>>,
+}
+
+impl ChildSpec {
+    /// This host and the ProxyJump hops used to reach it.
+    pub fn with_jumps(&self) -> impl Iterator<Item = &ChildSpec> {
+        std::iter::once(self).chain(self.jumps.iter())
+    }
 }
 
 /// A build of arbor a node can have its parent fetch for it: the hosts of `platform` run it.
@@ -160,6 +210,9 @@ pub struct NodeConfig {
     pub hello_timeout: u64,
     /// Log level: 0 info, 1 debug, 2 trace.
     pub verbosity: u8,
+    /// Warnings and errors only (`-q`), whatever `verbosity` says.
+    #[serde(default)]
+    pub quiet: bool,
     /// Where working dirs are created on hosts.
     pub remote_tmp: String,
     /// Copy the binary into each working dir instead of the host's cache.
@@ -172,9 +225,26 @@ pub struct NodeConfig {
     pub cconns: usize,
     pub converged_timeout: Option<u64>,
     pub noop: bool,
+    /// Seconds without any frame from the other end after which a link counts as down: the
+    /// parent fails the child, the child tears its subtree down (`--link-timeout`).
+    #[serde(default = "default_link_timeout")]
+    pub link_timeout: u64,
     /// Every build of arbor the run has, for children of other platforms: a node that lacks
     /// one asks its parent for it (`Up::Fetch`).
     pub builds: Vec<BuildRef>,
+}
+
+/// [`NodeConfig::link_timeout`] unless told otherwise.
+pub const LINK_TIMEOUT: u64 = 60;
+
+/// How often each end of a link sends a heartbeat: every 5 s, or more often for a short link
+/// timeout, so that at least four beats fit in one.
+pub fn heartbeat_every(link_timeout: u64) -> std::time::Duration {
+    std::time::Duration::from_millis((link_timeout * 1000 / 4).clamp(250, 5000))
+}
+
+fn default_link_timeout() -> u64 {
+    LINK_TIMEOUT
 }
 
 impl Default for NodeConfig {
@@ -184,6 +254,7 @@ impl Default for NodeConfig {
             connect_timeout: 10,
             hello_timeout: 20,
             verbosity: 0,
+            quiet: false,
             remote_tmp: "/tmp".into(),
             no_caching: false,
             compress: false,
@@ -191,6 +262,7 @@ impl Default for NodeConfig {
             cconns: 64,
             converged_timeout: None,
             noop: false,
+            link_timeout: LINK_TIMEOUT,
             builds: Vec::new(),
         }
     }
@@ -212,10 +284,28 @@ pub struct Start {
     pub known_hosts: String,
     /// The run's settings, for this node and its subtree.
     pub config: NodeConfig,
-    /// This node's store credential (its password, its name being `hostname`), when the
-    /// store checks credentials.
+    /// This node's store credential (its password), when the store checks credentials.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential: Option<String>,
+    /// The store user `credential` belongs to; `None`: the user named `hostname`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_user: Option<String>,
+    /// `arbor exec`: instead of running graphs, run this command on the targeted hosts of the
+    /// subtree (`children`, already pruned to the paths that lead to targets). No store, no
+    /// engine: the node stages only the children that relay to targets, and exits when every
+    /// child is done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec: Option<ExecJob>,
+}
+
+/// An ad-hoc command (`arbor exec`) for a subtree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecJob {
+    /// The command line, run by each target's login shell as ssh would run it.
+    pub command: String,
+    /// The names of the hosts, in the receiving node's subtree only, that run it. The others
+    /// in the subtree only relay to them.
+    pub targets: Vec<String>,
 }
 
 /// Control frames, parent to child.
@@ -238,6 +328,8 @@ pub enum Down {
         sha256: String,
         result: Result<String, String>,
     },
+    /// The parent is still there ([`heartbeat_every`]).
+    Heartbeat,
 }
 
 /// A host's state, as the operator sees it.
@@ -284,19 +376,108 @@ pub enum EventKind {
         name: String,
         key: String,
     },
+    /// Lines of an ad-hoc command's output (`arbor exec`), joined by `\n`, without the last
+    /// newline: as many whole lines as fit in [`MAX_LINE`](super::MAX_LINE) bytes once
+    /// JSON-escaped ([`pack_lines`]); a longer line comes in pieces, each a line of its own.
+    Output {
+        lines: String,
+        #[serde(default)]
+        stderr: bool,
+    },
+    /// The ad-hoc command ended on the host: its exit code (128 + N when signal N killed it),
+    /// and the signal's name when the server reported one.
+    Ended {
+        code: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signal: Option<String>,
+    },
 }
 
-/// `line` cut to at most [`MAX_LINE`](super::MAX_LINE) bytes (at a character boundary),
-/// marked when cut.
+/// How many bytes `c` takes inside a JSON string: a frame carries the escaped form, so a line
+/// of control characters is up to six times its own size on the link.
+fn json_len(c: char) -> usize {
+    match c {
+        '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+        c if (c as u32) < 0x20 => 6,
+        c => c.len_utf8(),
+    }
+}
+
+/// How many bytes `text` takes inside a JSON string.
+fn json_size(text: &str) -> usize {
+    text.chars().map(json_len).sum()
+}
+
+/// `lines` packed for `Output` events: each text is whole lines joined by `\n` and takes at
+/// most [`MAX_LINE`](super::MAX_LINE) bytes once JSON-escaped; a line too long for one is cut
+/// into pieces ([`line_pieces`]), each a line of its own. Nothing for no lines.
+pub fn pack_lines<S: AsRef<str>>(lines: &[S]) -> Vec<String> {
+    let mut packed = Vec::new();
+    let mut current = String::new();
+    let mut size = 0;
+    let mut any = false;
+    for line in lines {
+        for piece in line_pieces(line.as_ref()) {
+            let piece_size = json_size(piece);
+            // A separator `\n` is two bytes escaped.
+            if any && size + 2 + piece_size > super::MAX_LINE {
+                packed.push(std::mem::take(&mut current));
+                size = 0;
+                any = false;
+            }
+            if any {
+                current.push('\n');
+                size += 2;
+            }
+            current.push_str(piece);
+            size += piece_size;
+            any = true;
+        }
+    }
+    if any {
+        packed.push(current);
+    }
+    packed
+}
+
+/// The length of the longest prefix of `text` (at a character boundary) whose JSON form is at
+/// most [`MAX_LINE`](super::MAX_LINE) bytes.
+fn fitting_prefix(text: &str) -> usize {
+    let mut size = 0;
+    for (at, c) in text.char_indices() {
+        size += json_len(c);
+        if size > super::MAX_LINE {
+            return at;
+        }
+    }
+    text.len()
+}
+
+/// `line` cut so that it takes at most [`MAX_LINE`](super::MAX_LINE) bytes in a frame (at a
+/// character boundary), marked when cut.
 pub fn cut_line(line: &str) -> String {
-    if line.len() <= super::MAX_LINE {
+    let end = fitting_prefix(line);
+    if end == line.len() {
         return line.to_string();
     }
-    let mut end = super::MAX_LINE;
-    while !line.is_char_boundary(end) {
-        end -= 1;
-    }
     format!("{}… (cut at {} bytes)", &line[..end], super::MAX_LINE)
+}
+
+/// `line` in pieces that each take at most [`MAX_LINE`](super::MAX_LINE) bytes in a frame, so
+/// that an event carrying one always fits in [`MAX_UP_FRAME`](super::MAX_UP_FRAME) whatever
+/// the text (control characters are escaped six times their size). An empty line is one
+/// empty piece.
+pub fn line_pieces(line: &str) -> Vec<&str> {
+    let mut pieces = Vec::new();
+    let mut rest = line;
+    loop {
+        let end = fitting_prefix(rest);
+        pieces.push(&rest[..end]);
+        rest = &rest[end..];
+        if rest.is_empty() {
+            return pieces;
+        }
+    }
 }
 
 /// An event tagged with the host it is about.
@@ -318,6 +499,8 @@ pub enum Up {
     Fetch {
         sha256: String,
     },
+    /// The child is still there ([`heartbeat_every`]).
+    Heartbeat,
 }
 
 impl Up {
@@ -363,6 +546,61 @@ mod tests {
                 PROTOCOL_VERSION + 1
             )
         );
+    }
+
+    #[test]
+    fn a_line_of_control_characters_fits_in_a_frame_once_escaped() {
+        use crate::wire::{MAX_LINE, MAX_UP_FRAME};
+        let nasty = "\u{1}".repeat(MAX_LINE);
+        let pieces = line_pieces(&nasty);
+        assert!(pieces.len() >= 6, "{} pieces", pieces.len());
+        assert_eq!(pieces.concat(), nasty);
+        for piece in &pieces {
+            let frame = serde_json::to_vec(&Up::Event(Event {
+                host: HostPath::parse("r1/l1-2"),
+                kind: EventKind::Output {
+                    lines: piece.to_string(),
+                    stderr: false,
+                },
+            }))
+            .expect("json");
+            assert!(frame.len() <= MAX_LINE + 200, "{} bytes", frame.len());
+            assert!(frame.len() < MAX_UP_FRAME);
+        }
+        assert_eq!(line_pieces(""), [""]);
+        assert_eq!(line_pieces("plain"), ["plain"]);
+        let cut = cut_line(&nasty);
+        assert!(cut.ends_with(&format!("(cut at {MAX_LINE} bytes)")));
+        assert!(serde_json::to_vec(&cut).expect("json").len() <= MAX_LINE + 64);
+        let long = "é".repeat(MAX_LINE);
+        let pieces = line_pieces(&long);
+        assert_eq!(pieces.len(), 2);
+        assert_eq!(pieces[0].len(), MAX_LINE);
+    }
+
+    #[test]
+    fn lines_are_packed_whole_into_texts_that_fit_a_frame() {
+        use crate::wire::MAX_LINE;
+        assert!(pack_lines::<&str>(&[]).is_empty());
+        assert_eq!(pack_lines(&["a", "", "b"]), ["a\n\nb"]);
+        let many: Vec<String> = (0..10_000).map(|i| format!("line {i}")).collect();
+        let packed = pack_lines(&many);
+        assert!(
+            packed.len() > 1 && packed.len() < 10,
+            "{} texts",
+            packed.len()
+        );
+        let back: Vec<&str> = packed.iter().flat_map(|t| t.split('\n')).collect();
+        assert_eq!(back, many);
+        for text in &packed {
+            assert!(serde_json::to_vec(text).expect("json").len() <= MAX_LINE + 2);
+        }
+        let nasty = "\u{1}".repeat(MAX_LINE);
+        let packed = pack_lines(&["x", nasty.as_str(), "y"]);
+        assert_eq!(packed.concat().replace('\n', ""), format!("x{nasty}y"));
+        for text in &packed {
+            assert!(serde_json::to_vec(text).expect("json").len() <= MAX_LINE + 2);
+        }
     }
 
     #[test]

@@ -100,10 +100,10 @@ fn an_unknown_top_level_key_is_an_error_at_the_key() {
 #[test]
 fn an_unknown_resource_key_is_an_error_at_the_key() {
     err_at(
-        "graph: g\nresources:\n  file:\n  - name: a\n    path: /tmp/a\n    owner: root\n",
+        "graph: g\nresources:\n  file:\n  - name: a\n    path: /tmp/a\n    ownr: root\n",
         6,
         5,
-        "owner",
+        "ownr",
     );
 }
 
@@ -277,4 +277,218 @@ fn collecting_exec_needs_an_explicit_opt_in() {
     );
     let g = ok("graph: g\ncollect:\n- kind: exec\n  allow_commands: true\n");
     assert!(g.collect[0].allow_commands);
+}
+
+/// Every field arbor supports from mgmt's format, in one graph.
+const EVERY_SUPPORTED_FIELD: &str = r#"graph: parity
+comment: every supported field
+resources:
+  noop:
+  - name: n
+    comment: a join point
+    meta: {autoedge: true, autogroup: false, dollar: false, realize: false, hidden: false, export: []}
+  file:
+  - name: f
+    path: /srv/old/f.conf
+    dirname: /etc/app/
+    basename: app.conf
+    content: "x\n"
+    state: exists
+    mode: "0640"
+    owner: root
+    group: "0"
+    force: false
+    recurse: false
+    purge: false
+    symlink: false
+    meta:
+      noop: true
+      retry: -1
+      retryreset: true
+      delay: 250
+      timeout: 5000
+      poll: 30
+      limit: 2.5
+      burst: 3
+      reset: true
+      sema: ["disk", "net:2"]
+      rewatch: true
+      autoedge: false
+      autogroup: true
+  - name: /srv/by-name
+  exec:
+  - name: e
+    cmd: /usr/bin/install
+    args: ["-d", "/srv/x"]
+    cwd: /srv
+    env: {LANG: C, PATH_X: "/bin"}
+    user: daemon
+    group: daemon
+    timeout: 9
+    ifcmd: "test -d /srv"
+    ifcwd: /
+    ifshell: /bin/bash
+    nifcmd: "test -d /srv/x"
+    nifcwd: /
+    nifshell: /bin/sh
+    creates: /srv/x/.done
+    donecmd: "touch /srv/x/.done"
+    donecwd: /srv
+    doneshell: /bin/sh
+    watchcmd: "inotifywait -m /srv"
+    watchcwd: /
+    watchshell: /bin/sh
+    meta: {retry: 2, delay: 100, limit: .inf}
+  - name: "echo named"
+collect:
+- kind: noop
+  pattern: ""
+"#;
+
+#[test]
+fn every_supported_mgmt_field_parses_with_its_meaning() {
+    use crate::engine::resources::exec::Aux;
+    use crate::engine::resources::meta::Rate;
+    let g = ok(EVERY_SUPPORTED_FIELD);
+    let file = |name: &str| match g.resources.iter().find(|r| r.name() == name) {
+        Some(ResourceSpec::File(f)) => f.clone(),
+        other => panic!("{other:?}"),
+    };
+    let exec = |name: &str| match g.resources.iter().find(|r| r.name() == name) {
+        Some(ResourceSpec::Exec(e)) => e.clone(),
+        other => panic!("{other:?}"),
+    };
+    let f = file("f");
+    assert_eq!(f.path, Path::new("/etc/app/app.conf"));
+    assert_eq!(f.mode, Some(0o640));
+    assert_eq!(
+        (f.owner.as_deref(), f.group.as_deref()),
+        (Some("root"), Some("0"))
+    );
+    let m = &f.meta;
+    assert!(m.noop && m.retry_reset && m.rewatch && m.reset);
+    assert_eq!((m.retry, m.delay, m.timeout, m.poll), (-1, 250, 5000, 30));
+    assert_eq!((m.limit, m.burst), (Some(Rate(2.5)), 3));
+    assert_eq!(m.sema, vec!["disk".to_string(), "net:2".to_string()]);
+    // A missing path is the name, as in mgmt.
+    assert_eq!(file("/srv/by-name").path, Path::new("/srv/by-name"));
+
+    let e = exec("e");
+    assert_eq!(e.cmd, "/usr/bin/install");
+    assert_eq!(e.args, vec!["-d".to_string(), "/srv/x".to_string()]);
+    assert_eq!(e.cwd.as_deref(), Some(Path::new("/srv")));
+    assert_eq!(e.env.as_ref().map(|v| v["LANG"].as_str()), Some("C"));
+    assert_eq!(
+        (e.user.as_deref(), e.group.as_deref()),
+        (Some("daemon"), Some("daemon"))
+    );
+    assert_eq!(
+        e.ifcmd,
+        Some(Aux {
+            cmd: "test -d /srv".into(),
+            shell: Some("/bin/bash".into()),
+            cwd: Some("/".into()),
+        })
+    );
+    assert_eq!(
+        e.nifcmd.as_ref().map(|a| a.cmd.as_str()),
+        Some("test -d /srv/x")
+    );
+    assert_eq!(e.creates.as_deref(), Some(Path::new("/srv/x/.done")));
+    assert_eq!(
+        e.donecmd.as_ref().and_then(|a| a.cwd.as_deref()),
+        Some(Path::new("/srv"))
+    );
+    assert_eq!(
+        e.watchcmd.as_ref().and_then(|a| a.shell.as_deref()),
+        Some("/bin/sh")
+    );
+    assert_eq!((e.meta.retry, e.meta.limit), (2, None));
+    // A missing cmd is the name, as in mgmt.
+    assert_eq!(exec("echo named").cmd, "echo named");
+    assert_eq!(g.collect[0].pattern, None);
+}
+
+#[test]
+fn fields_arbor_cannot_honour_are_refused_by_name_and_place() {
+    let file = |field: &str| {
+        format!("graph: g\nresources:\n  file:\n  - name: f\n    path: /f\n    {field}\n")
+    };
+    for (field, needle) in [
+        ("force: true", "not supported: file force: true"),
+        ("recurse: true", "not supported: file recurse: true"),
+        ("purge: true", "not supported: file purge: true"),
+        ("symlink: true", "not supported: file symlink: true"),
+        ("fragments: [/a]", "not supported: file fragments"),
+        ("selinux: x", "not supported: file selinux"),
+        ("meta: {realize: true}", "not supported: meta.realize: true"),
+        ("meta: {hidden: true}", "not supported: meta.hidden: true"),
+        ("meta: {export: [\"*\"]}", "not supported: meta.export"),
+        ("meta: {limit: 0, burst: 1}", "not supported: meta.limit"),
+    ] {
+        let column = 5 + field.find(':').map_or(0, |i| i as u64 + 2);
+        let column = if field.starts_with("meta") {
+            column + field[field.find('{').unwrap() + 1..].find(':').unwrap() as u64 + 3
+        } else {
+            column
+        };
+        err_at(&file(field), 6, column, needle);
+    }
+    let exec = |field: &str| {
+        format!("graph: g\nresources:\n  exec:\n  - name: e\n    cmd: x\n    {field}\n")
+    };
+    for (field, needle) in [
+        ("watchfiles: [/a]", "not supported: exec watchfiles"),
+        ("mtimes: [/a]", "not supported: exec mtimes"),
+        ("ifequals: x", "not supported: exec ifequals"),
+        ("ifequals_stdout: x", "not supported: exec ifequals_stdout"),
+        ("sig: SIGINT", "not supported: exec sig"),
+        ("send_output: x", "not supported: exec send_output"),
+    ] {
+        let column = 5 + field.find(':').unwrap() as u64 + 2;
+        err_at(&exec(field), 6, column, needle);
+    }
+    err_at(
+        "graph: g\nresources:\n  noop:\n  - name: n\n    meta: {autogroup: true}\n",
+        5,
+        23,
+        "not supported: meta.autogroup: true on a noop",
+    );
+    err_at(
+        "graph: g\ncollect:\n- kind: file\n  pattern: \"\"\n",
+        4,
+        12,
+        "not supported: an empty collect `pattern` for files",
+    );
+}
+
+#[test]
+fn bad_metaparam_and_exec_values_are_errors() {
+    let exec = |extra: &str| {
+        format!("graph: g\nresources:\n  exec:\n  - name: e\n    cmd: x\n    {extra}\n")
+    };
+    err_at(&exec("meta: {retry: -2}"), 6, 19, "meta.retry");
+    err_at(&exec("meta: {poll: -5}"), 6, 18, "meta.poll");
+    err_at(&exec("meta: {limit: 3}"), 6, 19, "burst");
+    err_at(&exec("meta: {sema: [\"4\"]}"), 6, 19, "meta.sema");
+    err_at(&exec("meta: {colour: red}"), 6, 12, "colour");
+    err_at(
+        &exec("args: [a]\n    shell: /bin/sh"),
+        6,
+        11,
+        "`args` cannot be used with a `shell`",
+    );
+    err_at(
+        &exec("env: {\"1X\": a}"),
+        6,
+        10,
+        "not a valid variable name",
+    );
+    err_at(&exec("cwd: rel"), 6, 10, "relative");
+    err_at(
+        "graph: g\nresources:\n  file:\n  - name: f\n    path: /a/f\n    dirname: /a\n",
+        6,
+        14,
+        "dirname `/a` must be an absolute directory",
+    );
 }

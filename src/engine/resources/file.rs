@@ -5,6 +5,7 @@
 //! that is already right is not written at all: its mtime is how tests, and users, see that
 //! nothing happened.
 
+use super::meta::Meta;
 use super::{ApplyContext, Kind, Outcome, Poke, Resource, ResourceId};
 use crate::engine::fs_events::FsEvents;
 use anyhow::Context as _;
@@ -12,7 +13,7 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use std::fs;
 use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio_util::sync::CancellationToken;
@@ -28,7 +29,7 @@ pub enum FileState {
     Absent,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileSpec {
     pub name: String,
     /// Absolute (checked when the graph is parsed).
@@ -41,6 +42,13 @@ pub struct FileSpec {
     /// Permission bits; `None` leaves an existing file's mode alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<u32>,
+    /// Owner and group, names or numbers (`None`: left alone on an existing file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default, skip_serializing_if = "Meta::is_default")]
+    pub meta: Meta,
 }
 
 pub struct FileResource {
@@ -74,38 +82,49 @@ impl Resource for FileResource {
     }
 
     fn watch(&self, poke: Poke, cancel: CancellationToken) -> BoxFuture<'_, anyhow::Result<()>> {
-        Box::pin(async move {
-            let path = &self.spec.path;
-            loop {
-                match self.fs.subscribe(path) {
-                    Ok(sub) => loop {
-                        tokio::select! {
-                            _ = cancel.cancelled() => return Ok(()),
-                            _ = sub.changed() => poke.poke(),
-                        }
-                        // The directory itself went away: its watch went with it.
-                        if !path.parent().is_some_and(Path::is_dir) {
-                            break;
-                        }
-                    },
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                        // No directory yet (an exec may create it): wait for the first missing
-                        // ancestor to appear, then try again.
-                        let missing = first_missing_ancestor(path)
-                            .with_context(|| format!("watch {}", path.display()))?;
-                        let sub = self.fs.subscribe(&missing)?;
-                        if missing.exists() {
-                            continue;
-                        }
-                        tokio::select! {
-                            _ = cancel.cancelled() => return Ok(()),
-                            _ = sub.changed() => poke.poke(),
-                        }
-                    }
-                    Err(e) => return Err(e).with_context(|| format!("watch {}", path.display())),
+        Box::pin(
+            async move { watch_path(&self.fs, &self.spec.path, &cancel, || poke.poke()).await },
+        )
+    }
+}
+
+/// Calls `on_event` for every change to `path` (through its parent directory, so edits,
+/// deletes and renames over it are seen), following the nearest existing ancestor while the
+/// directory does not exist, until `cancel`.
+pub(super) async fn watch_path(
+    fs: &FsEvents,
+    path: &Path,
+    cancel: &CancellationToken,
+    on_event: impl Fn(),
+) -> anyhow::Result<()> {
+    loop {
+        match fs.subscribe(path) {
+            Ok(sub) => loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    _ = sub.changed() => on_event(),
+                }
+                // The directory itself went away: its watch went with it.
+                if !path.parent().is_some_and(Path::is_dir) {
+                    break;
+                }
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // No directory yet (an exec may create it): wait for the first missing
+                // ancestor to appear, then try again.
+                let missing = first_missing_ancestor(path)
+                    .with_context(|| format!("watch {}", path.display()))?;
+                let sub = fs.subscribe(&missing)?;
+                if missing.exists() {
+                    continue;
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    _ = sub.changed() => on_event(),
                 }
             }
-        })
+            Err(e) => return Err(e).with_context(|| format!("watch {}", path.display())),
+        }
     }
 }
 
@@ -135,6 +154,16 @@ fn check_apply(spec: &FileSpec, noop: bool) -> anyhow::Result<Outcome> {
             }
         },
         FileState::Exists => {
+            let uid = spec
+                .owner
+                .as_deref()
+                .map(super::exec::lookup_uid)
+                .transpose()?;
+            let gid = spec
+                .group
+                .as_deref()
+                .map(super::exec::lookup_gid)
+                .transpose()?;
             let current = match fs::read(path) {
                 Ok(bytes) => Some(bytes),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => None,
@@ -155,9 +184,28 @@ fn check_apply(spec: &FileSpec, noop: bool) -> anyhow::Result<Outcome> {
                     return Ok(Outcome::WouldChange(format!("would {what} {shown}")));
                 }
                 let content = spec.content.as_deref().unwrap_or("");
-                write_atomic(path, content.as_bytes(), spec.mode)
+                write_atomic(path, content.as_bytes(), spec.mode, (uid, gid))
                     .with_context(|| format!("write {shown}"))?;
                 return Ok(Outcome::Changed(format!("{done} {shown}")));
+            }
+            let meta = fs::metadata(path).with_context(|| format!("stat {shown}"))?;
+            let (mut done, mut would) = (Vec::new(), Vec::new());
+            // Owner first: a chown clears setuid/setgid bits, which the mode then puts back.
+            let uid = uid.filter(|u| *u != meta.uid());
+            let gid = gid.filter(|g| *g != meta.gid());
+            if uid.is_some() || gid.is_some() {
+                let to = format!(
+                    "{}:{}",
+                    uid.map_or(String::new(), |u| u.to_string()),
+                    gid.map_or(String::new(), |g| g.to_string())
+                );
+                if noop {
+                    would.push(format!("would chown {shown} to {to}"));
+                } else {
+                    std::os::unix::fs::chown(path, uid, gid)
+                        .with_context(|| format!("chown {shown}"))?;
+                    done.push(format!("chown {shown} to {to}"));
+                }
             }
             if let Some(mode) = spec.mode {
                 let have = fs::metadata(path)
@@ -167,23 +215,33 @@ fn check_apply(spec: &FileSpec, noop: bool) -> anyhow::Result<Outcome> {
                     & 0o7777;
                 if have != mode {
                     if noop {
-                        return Ok(Outcome::WouldChange(format!(
-                            "would chmod {shown} from {have:04o} to {mode:04o}"
-                        )));
+                        would.push(format!("would chmod {shown} from {have:04o} to {mode:04o}"));
+                    } else {
+                        fs::set_permissions(path, fs::Permissions::from_mode(mode))
+                            .with_context(|| format!("chmod {shown}"))?;
+                        done.push(format!("chmod {shown} to {mode:04o}"));
                     }
-                    fs::set_permissions(path, fs::Permissions::from_mode(mode))
-                        .with_context(|| format!("chmod {shown}"))?;
-                    return Ok(Outcome::Changed(format!("chmod {shown} to {mode:04o}")));
                 }
             }
-            Ok(Outcome::Unchanged)
+            Ok(if !would.is_empty() {
+                Outcome::WouldChange(would.join(", "))
+            } else if !done.is_empty() {
+                Outcome::Changed(done.join(", "))
+            } else {
+                Outcome::Unchanged
+            })
         }
     }
 }
 
 /// Temp file beside the target (so the rename stays in one filesystem), fsync, mode, rename,
 /// fsync of the directory so the rename itself survives a crash.
-fn write_atomic(path: &Path, content: &[u8], mode: Option<u32>) -> io::Result<()> {
+fn write_atomic(
+    path: &Path,
+    content: &[u8],
+    mode: Option<u32>,
+    (uid, gid): (Option<u32>, Option<u32>),
+) -> io::Result<()> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let (dir, name) = match (path.parent(), path.file_name()) {
         (Some(d), Some(n)) => (d, n),
@@ -211,6 +269,11 @@ fn write_atomic(path: &Path, content: &[u8], mode: Option<u32>) -> io::Result<()
         f.write_all(content)?;
         // The umask applied at open; the spec's mode is what was asked for.
         f.set_permissions(fs::Permissions::from_mode(mode))?;
+        if uid.is_some() || gid.is_some() {
+            std::os::unix::fs::fchown(&f, uid, gid)?;
+            // chown clears setuid/setgid bits: set the mode again.
+            f.set_permissions(fs::Permissions::from_mode(mode))?;
+        }
         f.sync_all()?;
         fs::rename(&tmp, path)?;
         fs::File::open(dir)?.sync_all()
@@ -234,6 +297,7 @@ mod tests {
             content: Some(content.into()),
             state: FileState::Exists,
             mode: None,
+            ..FileSpec::default()
         }
     }
 
@@ -432,5 +496,49 @@ mod tests {
         let p = path.clone();
         let took = repaired_within(&path, move || fs::remove_file(&p).expect("rm"), "ok\n").await;
         assert!(took < Duration::from_millis(100), "took {took:?}");
+    }
+
+    #[test]
+    fn owner_and_group_are_applied_and_then_left_alone() {
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: changing owners needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("owned");
+        let mut s = spec(&path, "x\n");
+        s.owner = Some("65534".into());
+        s.group = Some("65534".into());
+        s.mode = Some(0o4750);
+        let first = check_apply(&s, false).expect("create");
+        assert!(matches!(first, Outcome::Changed(_)), "{first:?}");
+        let meta = fs::metadata(&path).expect("stat");
+        assert_eq!((meta.uid(), meta.gid()), (65534, 65534));
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o4750);
+        assert_eq!(check_apply(&s, false).expect("again"), Outcome::Unchanged);
+        // Drifted: repaired without rewriting the content.
+        std::os::unix::fs::chown(&path, Some(0), Some(0)).expect("chown");
+        let noop = check_apply(&s, true).expect("noop");
+        assert!(
+            matches!(noop, Outcome::WouldChange(ref m) if m.contains("chown")),
+            "{noop:?}"
+        );
+        let fixed = check_apply(&s, false).expect("fix");
+        assert!(
+            matches!(fixed, Outcome::Changed(ref m) if m.contains("chown")),
+            "{fixed:?}"
+        );
+        let meta = fs::metadata(&path).expect("stat");
+        assert_eq!(meta.uid(), 65534);
+        assert_eq!(
+            meta.permissions().mode() & 0o7777,
+            0o4750,
+            "the chown kept setuid"
+        );
+        assert_eq!(check_apply(&s, false).expect("again"), Outcome::Unchanged);
+        s.owner = Some("no-such-user-arbor".into());
+        let err = check_apply(&s, false).expect_err("unknown user");
+        assert!(format!("{err:#}").contains("no user"), "{err:#}");
     }
 }

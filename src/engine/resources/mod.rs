@@ -7,6 +7,7 @@
 
 pub mod exec;
 pub mod file;
+pub mod meta;
 pub mod noop;
 
 use crate::engine::fs_events::FsEvents;
@@ -18,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use exec::ExecSpec;
 pub use file::{FileSpec, FileState};
+pub use meta::Meta;
 pub use noop::NoopSpec;
 
 /// The kinds of resource a graph may declare, as spelled in YAML.
@@ -85,7 +87,8 @@ impl fmt::Display for ResourceId {
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum ResourceSpec {
     File(FileSpec),
-    Exec(ExecSpec),
+    /// Boxed: an exec spec is several times the size of the others.
+    Exec(Box<ExecSpec>),
     Noop(NoopSpec),
 }
 
@@ -116,6 +119,14 @@ impl ResourceSpec {
 
     pub fn id(&self) -> ResourceId {
         ResourceId::new(self.kind(), self.name())
+    }
+
+    pub fn meta(&self) -> &Meta {
+        match self {
+            ResourceSpec::File(s) => &s.meta,
+            ResourceSpec::Exec(s) => &s.meta,
+            ResourceSpec::Noop(s) => &s.meta,
+        }
     }
 }
 
@@ -173,6 +184,10 @@ pub trait Resource: Send + Sync + 'static {
     /// Blocks on the events that may mean drift and calls `poke` for each, until `cancel`.
     /// Returns at once for kinds that have nothing to watch.
     fn watch(&self, poke: Poke, cancel: CancellationToken) -> BoxFuture<'_, anyhow::Result<()>>;
+
+    /// A `meta.poll` tick, just before the check it causes. Kinds whose check looks at the
+    /// world need nothing; an exec treats the tick as an event that makes it run again.
+    fn polled(&self) {}
 }
 
 /// For tests: runs `res.watch` in a task whose pokes arrive on the returned channel, until
@@ -206,7 +221,10 @@ pub struct Services {
 pub fn build(spec: &ResourceSpec, services: &Services) -> Arc<dyn Resource> {
     match spec {
         ResourceSpec::File(s) => Arc::new(file::FileResource::new(s.clone(), services.fs.clone())),
-        ResourceSpec::Exec(s) => Arc::new(exec::ExecResource::new(s.clone())),
+        ResourceSpec::Exec(s) => Arc::new(exec::ExecResource::with_fs(
+            (**s).clone(),
+            services.fs.clone(),
+        )),
         ResourceSpec::Noop(s) => Arc::new(noop::NoopResource::new(s.clone())),
     }
 }

@@ -1,13 +1,16 @@
 //! `noop`: a resource that is always in its desired state; a join point for edges.
 
+use super::meta::Meta;
 use super::{ApplyContext, Kind, Outcome, Poke, Resource, ResourceId};
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NoopSpec {
     pub name: String,
+    #[serde(default, skip_serializing_if = "Meta::is_default")]
+    pub meta: Meta,
 }
 
 pub struct NoopResource {
@@ -42,7 +45,10 @@ mod tests {
 
     #[tokio::test]
     async fn noop_is_always_in_its_desired_state() {
-        let res = NoopResource::new(NoopSpec { name: "n1".into() });
+        let res = NoopResource::new(NoopSpec {
+            name: "n1".into(),
+            ..NoopSpec::default()
+        });
         let outcome = res
             .check_apply(ApplyContext {
                 noop: false,
