@@ -18,6 +18,9 @@
 //! The client side: [`client`] (every request arbor makes), over [`members`] for a cluster
 //! (which member a new connection goes to, and failing over between them).
 //!
+//! [`fuzzing`] is what the fuzz targets in `integration/fuzz` reach the services and restore
+//! through.
+//!
 //! docs/store.md has the policies (limits, compaction, durability) and why they are so.
 
 pub mod auth;
@@ -25,6 +28,7 @@ mod authority;
 mod backend;
 pub mod client;
 mod errors;
+pub mod fuzzing;
 mod http;
 mod json;
 mod kv;
