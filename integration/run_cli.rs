@@ -4,12 +4,14 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 /// Runs arbor with its state (the embedded store's data) in a fresh temp dir, so tests running
-/// side by side don't share ~/.local/state/arbor.
+/// side by side don't share ~/.local/state/arbor, and without the tester's own config file
+/// (docs/config.md).
 fn arbor(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_arbor"))
         .args(args)
         .arg("--tmp-prefix")
         .env("ARBOR_LOG", "arbor=warn")
+        .env("XDG_CONFIG_HOME", "/nonexistent/arbor-test-config")
         .output()
         .expect("run arbor")
 }
@@ -178,6 +180,119 @@ fn noop_changes_nothing_and_exits_0() {
     );
     assert!(!dir.path().join("file1a").exists());
     assert!(!dir.path().join("file2a").exists());
+}
+
+/// `--diff` here (the initiator's own graph): a rewritten file, a new one, a removed one and
+/// a binary one each show what changes, in text and as JSON `diff` events; with `--noop`
+/// nothing changes, and once applied there is nothing left to show.
+#[test]
+fn diff_shows_each_change_of_a_local_run_and_noop_keeps_the_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let at = |n: &str| dir.path().join(n);
+    std::fs::write(at("conf"), "a\nb\nc\n").expect("seed");
+    std::fs::write(at("old"), "bye\n").expect("seed");
+    std::fs::write(at("blob"), b"\x7fELF\x00\x01\x02").expect("seed");
+    let graph = write(
+        dir.path(),
+        "g.yaml",
+        &format!(
+            "graph: g\nresources:\n  file:\n  - name: conf\n    path: {0}/conf\n    content: \"a\\nB\\nc\\n\"\n  - name: new\n    path: {0}/new\n    content: \"fresh\\n\"\n    mode: \"0600\"\n  - name: old\n    path: {0}/old\n    state: absent\n  - name: blob\n    path: {0}/blob\n    content: \"text\\n\"\nedges: []\n",
+            dir.path().display()
+        ),
+    );
+    let d = dir.path().display().to_string();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", "--file", &graph, "--converged-timeout", "1"];
+        args.extend_from_slice(&["--hostname", "h1", "--output", "text"]);
+        args.extend_from_slice(extra);
+        let out = arbor(&args);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // The diff lines, without their timestamps.
+        stdout
+            .lines()
+            .filter_map(|l| l.split_once(" h1 | ").map(|(_, line)| line.to_string()))
+            .collect::<Vec<_>>()
+    };
+    let want: Vec<String> = vec![
+        format!("--- {d}/conf"),
+        format!("+++ {d}/conf"),
+        "@@ -1,3 +1,3 @@".into(),
+        " a".into(),
+        "-b".into(),
+        "+B".into(),
+        " c".into(),
+        format!("{d}/new: new file, mode 0600"),
+        "--- /dev/null".into(),
+        format!("+++ {d}/new"),
+        "@@ -0,0 +1 @@".into(),
+        "+fresh".into(),
+        format!("{d}/old: removed (state: absent; it held 4 bytes)"),
+        format!("--- {d}/blob"),
+        format!("+++ {d}/blob"),
+        "Binary files differ (7 bytes on the host, 5 bytes in the graph)".into(),
+    ];
+    let sorted = |mut v: Vec<String>| {
+        // Resources are checked concurrently: diffs come in any order, each whole.
+        v.sort();
+        v
+    };
+    let shown = run(&["--noop", "--diff"]);
+    assert_eq!(sorted(shown), sorted(want.clone()));
+    assert_eq!(
+        std::fs::read_to_string(at("conf")).expect("conf"),
+        "a\nb\nc\n"
+    );
+    assert!(!at("new").exists() && at("old").exists());
+    // JSON: one `diff` event per resource, with its lines.
+    let out = arbor(&[
+        "run",
+        "--file",
+        &graph,
+        "--converged-timeout",
+        "1",
+        "--hostname",
+        "h1",
+        "--noop",
+        "--diff",
+        "--output",
+        "json",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let diffs: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["type"] == "diff")
+        .collect();
+    let mut resources: Vec<&str> = diffs
+        .iter()
+        .filter_map(|v| v["resource"].as_str())
+        .collect();
+    resources.sort();
+    assert_eq!(
+        resources,
+        ["file[blob]", "file[conf]", "file[new]", "file[old]"],
+        "{stdout}"
+    );
+    assert!(
+        diffs
+            .iter()
+            .all(|v| v["host"] == "h1" && v["lines"].is_array()),
+        "{stdout}"
+    );
+    // Applied: the same diffs, the files changed, and then nothing to show.
+    assert_eq!(sorted(run(&["--diff"])), sorted(want));
+    assert_eq!(
+        std::fs::read_to_string(at("conf")).expect("conf"),
+        "a\nB\nc\n"
+    );
+    assert!(at("new").exists() && !at("old").exists());
+    assert_eq!(run(&["--diff"]), Vec::<String>::new());
 }
 
 #[test]
@@ -479,4 +594,272 @@ fn a_local_file_with_a_source_gets_its_bytes_and_mode() {
         .mode()
         & 0o7777;
     assert_eq!(mode, 0o604);
+}
+
+/// arbor with `home` as HOME, `xdg` as XDG_CONFIG_HOME (unset when `None`), exactly the
+/// `ARBOR_*` variables of `env` (none inherited), and `/etc` as it is, or, with `system`, with
+/// that text as /etc/arbor/config.toml in a private mount namespace (an overlay over /etc:
+/// the machine's own /etc is never written). `None` when `system` is asked for but cannot be
+/// had (not root, or no overlayfs).
+fn arbor_configured(
+    home: &Path,
+    xdg: Option<&Path>,
+    system: Option<&str>,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> Option<Output> {
+    let mut c = match system {
+        None => Command::new(env!("CARGO_BIN_EXE_arbor")),
+        Some(text) => {
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc::geteuid() } != 0 {
+                return None;
+            }
+            let layer = home.join("etc-overlay");
+            for d in ["upper/arbor", "work"] {
+                std::fs::create_dir_all(layer.join(d)).expect("overlay dirs");
+            }
+            std::fs::write(layer.join("upper/arbor/config.toml"), text).expect("system config");
+            let mut c = Command::new("unshare");
+            c.args(["--mount", "--propagation", "private", "sh", "-c"])
+                .arg(format!(
+                    "mount -t overlay overlay -o lowerdir=/etc,upperdir={0}/upper,workdir={0}/work /etc || exit 99; exec \"$@\"",
+                    layer.display()
+                ))
+                .args(["sh", env!("CARGO_BIN_EXE_arbor")]);
+            c
+        }
+    };
+    c.args(args).env("HOME", home).env_remove("XDG_CONFIG_HOME");
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("ARBOR_") {
+            c.env_remove(k);
+        }
+    }
+    if let Some(xdg) = xdg {
+        c.env("XDG_CONFIG_HOME", xdg);
+    }
+    c.env("ARBOR_LOG", "arbor=warn").envs(env.iter().copied());
+    let out = c.output().expect("run arbor");
+    (out.status.code() != Some(99)).then_some(out)
+}
+
+/// What a finished `arbor run` printed on stdout: "json" when its last line is the JSON
+/// summary, "text" when it is the text summary table.
+fn output_format(out: &Output) -> &'static str {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().unwrap_or_default();
+    if serde_json::from_str::<serde_json::Value>(last).is_ok_and(|v| v["type"] == "summary") {
+        "json"
+    } else if stdout.contains("HOST ") {
+        "text"
+    } else {
+        panic!("neither summary on stdout:\n{stdout}")
+    }
+}
+
+/// The default `arbor run --help` shows for --cconns.
+fn cconns_default(out: &Output) -> String {
+    let help = String::from_utf8_lossy(&out.stdout);
+    let at = help.find("--cconns").expect("--cconns in the help");
+    let rest = &help[at..];
+    let start = rest.find("[default: ").expect("a default") + "[default: ".len();
+    rest[start..]
+        .split(']')
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn config_files_then_arbor_variables_then_the_command_line_set_flags() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("home");
+    let xdg = dir.path().join("xdg");
+    std::fs::create_dir_all(home.join(".config/arbor")).expect("mkdir");
+    std::fs::create_dir_all(xdg.join("arbor")).expect("mkdir");
+    let graph = write(
+        dir.path(),
+        "g.yaml",
+        "graph: g\nresources:\n  noop:\n  - name: n\nedges: []\n",
+    );
+    let run = [
+        "run",
+        "--file",
+        &graph,
+        "--converged-timeout",
+        "1",
+        "--tmp-prefix",
+    ];
+
+    // Nothing configured: text.
+    let out = arbor_configured(&home, None, None, &[], &run).expect("run");
+    assert_eq!(output_format(&out), "text");
+    // ~/.config/arbor/config.toml, without XDG_CONFIG_HOME.
+    std::fs::write(
+        home.join(".config/arbor/config.toml"),
+        "output = \"json\"\ncconns = 5\n",
+    )
+    .expect("user config");
+    let out = arbor_configured(&home, None, None, &[], &run).expect("run");
+    assert_eq!(output_format(&out), "json");
+    let help = arbor_configured(&home, None, None, &[], &["run", "--help"]).expect("help");
+    assert_eq!(cconns_default(&help), "5");
+    // $XDG_CONFIG_HOME/arbor/config.toml instead of ~/.config when it is set.
+    std::fs::write(xdg.join("arbor/config.toml"), "output = \"text\"\n").expect("xdg config");
+    let out = arbor_configured(&home, Some(&xdg), None, &[], &run).expect("run");
+    assert_eq!(output_format(&out), "text");
+    // The environment beats the file; the command line beats the environment.
+    let json = [("ARBOR_OUTPUT", "json"), ("ARBOR_CCONNS", "9")];
+    let out = arbor_configured(&home, Some(&xdg), None, &json, &run).expect("run");
+    assert_eq!(output_format(&out), "json");
+    let help = arbor_configured(&home, None, None, &json, &["run", "--help"]).expect("help");
+    assert_eq!(cconns_default(&help), "9");
+    let on_the_command_line = [&run[..], &["--output", "text"]].concat();
+    let out = arbor_configured(&home, Some(&xdg), None, &json, &on_the_command_line).expect("run");
+    assert_eq!(output_format(&out), "text");
+
+    // `quiet` from a file hides the states; -v on the command line beats it (no conflict).
+    std::fs::write(xdg.join("arbor/config.toml"), "quiet = true\n").expect("xdg config");
+    let states = |extra: &[&str]| {
+        let out = arbor_configured(&home, Some(&xdg), None, &[], &[&run[..], extra].concat())
+            .expect("run");
+        assert_eq!(output_format(&out), "text");
+        String::from_utf8_lossy(&out.stdout).contains(": converged")
+    };
+    assert!(!states(&[]), "quiet from the config file did not apply");
+    assert!(
+        states(&["-v"]),
+        "-v did not beat quiet from the config file"
+    );
+
+    // /etc/arbor/config.toml: under the user's file, which beats it key by key.
+    let system = "output = \"json\"\ncconns = 3\n";
+    std::fs::remove_file(home.join(".config/arbor/config.toml")).expect("rm");
+    let Some(out) = arbor_configured(&home, None, Some(system), &[], &run) else {
+        eprintln!("skipped /etc/arbor/config.toml: needs root and overlayfs for a private /etc");
+        return;
+    };
+    assert_eq!(output_format(&out), "json");
+    let help = arbor_configured(&home, None, Some(system), &[], &["run", "--help"]).expect("help");
+    assert_eq!(cconns_default(&help), "3");
+    std::fs::write(home.join(".config/arbor/config.toml"), "cconns = 5\n").expect("user config");
+    let help = arbor_configured(&home, None, Some(system), &[], &["run", "--help"]).expect("help");
+    assert_eq!(cconns_default(&help), "5");
+    let out = arbor_configured(&home, None, Some(system), &[], &run).expect("run");
+    assert_eq!(
+        output_format(&out),
+        "json",
+        "the system file's output was lost"
+    );
+    let out = arbor_configured(&home, None, Some(system), &[("ARBOR_OUTPUT", "text")], &run)
+        .expect("run");
+    assert_eq!(output_format(&out), "text");
+}
+
+#[test]
+fn an_unknown_config_key_or_bad_value_exits_2_naming_file_line_and_column() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("home");
+    let config = home.join(".config/arbor/config.toml");
+    std::fs::create_dir_all(config.parent().expect("dir")).expect("mkdir");
+    let made = dir.path().join("made");
+    let graph = write(
+        dir.path(),
+        "g.yaml",
+        &format!(
+            "graph: g\nresources:\n  file:\n  - name: f\n    path: {}\n    content: x\nedges: []\n",
+            made.display()
+        ),
+    );
+    let run = [
+        "run",
+        "--file",
+        &graph,
+        "--converged-timeout",
+        "1",
+        "--tmp-prefix",
+    ];
+    let refused = |text: &str, env: &[(&str, &str)], needle: &str| {
+        std::fs::write(&config, text).expect("config");
+        let out = arbor_configured(&home, None, None, env, &run).expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(2), "{text:?}: {stderr}");
+        assert!(
+            stderr.contains(needle),
+            "{text:?}: want {needle:?} in {stderr}"
+        );
+        assert!(!made.exists(), "{text:?}: the graph ran");
+        stderr
+    };
+    let at = config.display().to_string();
+    refused(
+        "cconns = 5\n\n  outptu = \"json\"\n",
+        &[],
+        &format!("{at}:3:3: unknown key `outptu`"),
+    );
+    refused(
+        "output = \"xml\"\n",
+        &[],
+        &format!("{at}:1:10: output: invalid value: expected one of auto, text, json"),
+    );
+    refused(
+        "compress = 1\n",
+        &[],
+        &format!("{at}:1:12: compress: expected true or false"),
+    );
+    refused("cconns = \n", &[], &format!("{at}:1:"));
+    refused(
+        "",
+        &[("ARBOR_CCONNS", "lots")],
+        "ARBOR_CCONNS: cconns: invalid value",
+    );
+    // A secret in a config file is never printed, in an error or in --help.
+    let secret = "seeds = [\"http://u:hunter2@127.0.0.1:1\"]\n";
+    let stderr = refused(
+        &format!("{secret}bogus = 1\n"),
+        &[],
+        &format!("{at}:2:1: unknown key `bogus`"),
+    );
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+    std::fs::write(&config, secret).expect("config");
+    let help = arbor_configured(&home, None, None, &[], &["run", "--help"]).expect("help");
+    assert_eq!(help.status.code(), Some(0));
+    assert!(!String::from_utf8_lossy(&help.stdout).contains("hunter2"));
+    // The same file, fixed, runs; etcd credentials without `seeds` are not used.
+    std::fs::write(
+        &config,
+        "cconns = 5\nseeds-user = \"root\"\nseeds-password-file = \"/nonexistent\"\n",
+    )
+    .expect("config");
+    let out = arbor_configured(&home, None, None, &[], &run).expect("run");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(made.exists());
+}
+
+#[test]
+fn help_names_the_config_files_and_the_variables() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for args in [&["--help"][..], &["run", "--help"], &["exec", "--help"]] {
+        let out = arbor_configured(dir.path(), None, None, &[], args).expect("help");
+        let help = String::from_utf8_lossy(&out.stdout);
+        for needle in [
+            "/etc/arbor/config.toml",
+            "~/.config/arbor/config.toml",
+            "ARBOR_",
+        ] {
+            assert!(help.contains(needle), "{args:?}: no {needle}:\n{help}");
+        }
+    }
 }

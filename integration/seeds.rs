@@ -6,6 +6,9 @@
 //! limited to its own keys (checked two ways: the roles' key ranges as root reads them, and a
 //! misbehaving r1 whose attempts with the very credential arbor gave it are refused by etcd),
 //! and none may remain once the run is over, however it ends.
+//!
+//! Against a cluster of three members, a run must outlive the death of the member its tunnels
+//! use: every tunnel fails over to a living one, at depth 1 (r2) and through a relay (l1-1).
 
 #[macro_use]
 mod support;
@@ -48,6 +51,10 @@ fn main() -> std::process::ExitCode {
         (
             "with_authentication_off_the_run_warns_once_that_hosts_are_not_isolated",
             with_authentication_off_the_run_warns_once_that_hosts_are_not_isolated,
+        ),
+        (
+            "when_the_member_in_use_dies_tunnels_fail_over_and_exports_and_edits_live_on",
+            when_the_member_in_use_dies_tunnels_fail_over_and_exports_and_edits_live_on,
         ),
     ];
     support::harness::run_with_lab("seeds", &["--relays", "2", "--leaves", "1"], true, tests)
@@ -624,6 +631,320 @@ fn with_authentication_off_the_run_warns_once_that_hosts_are_not_isolated(lab: &
     // No users were made: the etcd has none at all.
     let users = etcd.ok(None, &["user", "list"])?;
     check!(users.trim().is_empty(), "users:\n{users}");
+    check_no_leftovers(lab)?;
+    Ok(())
+}
+
+/// A cluster of three etcd members on loopback in the initiator's namespace, each with its own
+/// ports and data dir; every member still running is killed however the test ends.
+struct Cluster {
+    members: Vec<Option<Child>>,
+    ns: String,
+    dir: tempfile::TempDir,
+}
+
+/// The cluster's client URLs, in the order `--seeds` lists them.
+const MEMBER_URLS: [&str; 3] = [
+    "http://127.0.0.1:23811",
+    "http://127.0.0.1:23812",
+    "http://127.0.0.1:23813",
+];
+const MEMBER_PEERS: [&str; 3] = [
+    "http://127.0.0.1:23821",
+    "http://127.0.0.1:23822",
+    "http://127.0.0.1:23823",
+];
+
+impl Cluster {
+    /// Starts the three members, waits for the cluster to be healthy, adds root and turns
+    /// authentication on (tokens expire after a second unused, as in [`Etcd::start`]).
+    fn start(lab: &Lab) -> Result<Cluster, libtest_mimic::Failed> {
+        let dir = tempfile::tempdir().map_err(fail)?;
+        let initial: Vec<String> = MEMBER_PEERS
+            .iter()
+            .enumerate()
+            .map(|(i, peer)| format!("m{}={peer}", i + 1))
+            .collect();
+        let initial = initial.join(",");
+        let mut cluster = Cluster {
+            members: Vec::new(),
+            ns: lab.init_ns().to_string(),
+            dir,
+        };
+        for (i, (client, peer)) in MEMBER_URLS.iter().zip(MEMBER_PEERS).enumerate() {
+            let name = format!("m{}", i + 1);
+            let log = std::fs::File::create(cluster.dir.path().join(format!("{name}.log")))
+                .map_err(fail)?;
+            let child = Command::new("ip")
+                .args(["netns", "exec", lab.init_ns(), "/usr/bin/etcd"])
+                .args(["--name", &name])
+                .arg("--data-dir")
+                .arg(cluster.dir.path().join(&name))
+                .args(["--listen-client-urls", client])
+                .args(["--advertise-client-urls", client])
+                .args(["--listen-peer-urls", peer])
+                .args(["--initial-advertise-peer-urls", peer])
+                .args(["--initial-cluster", &initial])
+                .args(["--initial-cluster-state", "new"])
+                .args(["--initial-cluster-token", "arbor-failover-test"])
+                .args(["--auth-token-ttl", "1"])
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .map_err(fail)?;
+            cluster.members.push(Some(child));
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !cluster
+            .ctl(&MEMBER_URLS, None, &["endpoint", "health"])
+            .status
+            .success()
+        {
+            check!(
+                Instant::now() < deadline,
+                "the etcd cluster did not come up\n{}",
+                cluster.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        for args in [
+            &["user", "add", &format!("root:{ROOT_PASSWORD}")][..],
+            &["user", "grant-role", "root", "root"],
+            &["auth", "enable"],
+        ] {
+            let out = cluster.ctl(&MEMBER_URLS, None, args);
+            check!(out.status.success(), "etcdctl {args:?}\n{}", text(&out));
+        }
+        Ok(cluster)
+    }
+
+    /// etcdctl against `endpoints`, as `user` ("name:password", in the environment).
+    fn ctl(&self, endpoints: &[&str], user: Option<&str>, args: &[&str]) -> Output {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns, "etcdctl", "--endpoints"])
+            .arg(endpoints.join(","))
+            .args(["--dial-timeout", "2s", "--command-timeout", "5s"])
+            .args(args)
+            .env("ETCDCTL_API", "3")
+            .env_remove("ETCDCTL_USER");
+        if let Some(user) = user {
+            c.env("ETCDCTL_USER", user);
+        }
+        c.output().expect("run etcdctl")
+    }
+
+    /// etcdctl as root against the members still alive; its stdout.
+    fn root(&self, args: &[&str]) -> Result<String, libtest_mimic::Failed> {
+        let alive: Vec<&str> = MEMBER_URLS
+            .iter()
+            .zip(&self.members)
+            .filter(|(_, m)| m.is_some())
+            .map(|(url, _)| *url)
+            .collect();
+        let out = self.ctl(&alive, Some(&format!("root:{ROOT_PASSWORD}")), args);
+        check!(out.status.success(), "etcdctl {args:?}\n{}", text(&out));
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Kills member `i` (0-based) with SIGKILL, as a crash would, and waits for it to be gone.
+    fn kill(&mut self, i: usize) -> TestResult {
+        if let Some(mut child) = self.members.get_mut(i).and_then(Option::take) {
+            child.kill().map_err(fail)?;
+            child.wait().map_err(fail)?;
+        }
+        Ok(())
+    }
+
+    /// Every member's log, for failure messages.
+    fn logs(&self) -> String {
+        (1..=3)
+            .map(|i| {
+                let path = self.dir.path().join(format!("m{i}.log"));
+                let log = std::fs::read_to_string(&path).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                format!("--- m{i}.log (last lines)\n{}\n", tail.join("\n"))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for child in self.members.iter_mut().flatten() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The leaf graph (each host exports /tmp/from-<name> saying `greeting`, and collects every
+/// host's), written where the test can edit it: (dir, graph path, topology path).
+fn editable_topology(lab: &Lab, greeting: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let graph = dir.path().join("leaf.yaml");
+    write_leaf_graph(&graph, greeting);
+    let body = format!(
+        "defaults:\n  user: root\nhosts:\n\
+         - host: {r1}\n  name: r1\n  children:\n  - host: {l11}\n    name: l1-1\n    graph: {leaf}\n\
+         - host: {r2}\n  name: r2\n  graph: {leaf}\n",
+        r1 = lab.addr("r1"),
+        l11 = lab.addr("l1-1"),
+        r2 = lab.addr("r2"),
+        leaf = graph.display(),
+    );
+    let topology = dir.path().join("topology.yaml");
+    std::fs::write(&topology, body).expect("write topology");
+    (dir, graph, topology)
+}
+
+/// Writes the leaf graph with `greeting`, saved by rename as editors do.
+fn write_leaf_graph(path: &std::path::Path, greeting: &str) {
+    let text = format!(
+        "graph: leaf\nresources:\n  file:\n  - name: \"@@from-{{{{hostname}}}}\"\n    \
+         path: \"/tmp/from-{{{{hostname}}}}\"\n    content: |\n      {greeting} from {{{{hostname}}}}\n    \
+         state: exists\ncollect:\n- kind: file\n  pattern: \"/tmp/\"\nedges: []\n"
+    );
+    let tmp = path.with_extension("yaml.new");
+    std::fs::write(&tmp, text).expect("write graph");
+    std::fs::rename(&tmp, path).expect("rename graph");
+}
+
+/// What each leaf holds of the collected files: `from-<host>: <content>` lines, sorted.
+fn collected(lab: &Lab, leaf: &str) -> String {
+    lab.sh(
+        leaf,
+        "for f in /tmp/from-*; do [ -f \"$f\" ] && printf '%s: %s' \"$(basename $f)\" \"$(cat $f)\" && echo; done | sort",
+    )
+}
+
+fn when_the_member_in_use_dies_tunnels_fail_over_and_exports_and_edits_live_on(
+    lab: &Lab,
+) -> TestResult {
+    clean(lab);
+    let mut cluster = Cluster::start(lab)?;
+    let (_dir, graph, topology) = editable_topology(lab, "hello");
+    let seeds = MEMBER_URLS.join(",");
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", lab.init_ns(), ARBOR, "run"])
+        .arg("--topology")
+        .arg(&topology)
+        .args(["--tmp-prefix", "--seeds", &seeds, "--seeds-user", "root"])
+        .env("HOME", lab.home())
+        .env_remove("SSH_AUTH_SOCK")
+        .env("ARBOR_SEEDS_PASSWORD", ROOT_PASSWORD)
+        .env("ARBOR_LOG", "arbor=info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(fail)?;
+    let out = lines_of(child.stdout.take().expect("stdout"));
+    let err = child.stderr.take().expect("stderr");
+    let mut running = Running(child);
+    let (tx, rx) = mpsc::channel();
+    let tx2 = tx.clone();
+    std::thread::spawn(move || {
+        for line in out {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+            if tx2.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let converged = ["r1/l1-1: converged", "r2: converged"].map(String::from);
+    let mut seen = wait_lines(&rx, &converged, Duration::from_secs(90))?;
+    check_exchanged(lab, &seen.join("\n"))?;
+
+    // The tunnels connect to the first member listed: kill it, as a crash would.
+    cluster.kill(0)?;
+    let killed = Instant::now();
+    // Longer than a lease's lifetime (10 s): exports held only by a lease nobody can renew
+    // would be gone by now.
+    while killed.elapsed() < Duration::from_secs(15) {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            seen.push(line);
+        }
+    }
+    let log = |seen: &[String]| format!("{}\n{}", seen.join("\n"), cluster.logs());
+    check!(
+        running.0.try_wait().map_err(fail)?.is_none(),
+        "the run ended after the member died\n{}",
+        log(&seen)
+    );
+    let exports = cluster.root(&["get", "--prefix", "/arbor/runs/", "--keys-only"])?;
+    for leaf in LEAVES {
+        check!(
+            exports.contains(&format!("/exports/{leaf}/file/from-{leaf}")),
+            "{leaf}'s export is gone from the etcd {:?} after the member died:\n{exports}\n{}",
+            killed.elapsed(),
+            log(&seen)
+        );
+    }
+
+    // An edit made after the death still flows: published through the new member, collected
+    // by both leaves.
+    write_leaf_graph(&graph, "hello again");
+    let want = "from-l1-1: hello again from l1-1\nfrom-r2: hello again from r2\n";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for leaf in LEAVES {
+        loop {
+            while let Ok(line) = rx.try_recv() {
+                seen.push(line);
+            }
+            let got = collected(lab, leaf);
+            if got == want {
+                break;
+            }
+            check!(
+                Instant::now() < deadline,
+                "{leaf} collected, 30 s after the edit:\n{got}\nwant:\n{want}\n{}",
+                log(&seen)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let values = cluster.root(&["get", "--prefix", "/arbor/runs/", "--print-value-only"])?;
+    for leaf in LEAVES {
+        check!(
+            values.contains(&format!("hello again from {leaf}")),
+            "the etcd does not hold {leaf}'s edited export:\n{values}"
+        );
+    }
+
+    // The failover was reported once, naming the dead member and the new one.
+    let (code, _) = running.interrupt()?;
+    seen.extend(rx.try_iter());
+    let failovers: Vec<&String> = seen
+        .iter()
+        .filter(|l| l.contains("WARN") && l.contains("127.0.0.1:23811") && l.contains("now"))
+        .collect();
+    check!(
+        failovers.len() == 1
+            && (failovers[0].contains("127.0.0.1:23812")
+                || failovers[0].contains("127.0.0.1:23813")),
+        "want one warning of the failover from 127.0.0.1:23811 to another member, got {failovers:?}\n{}",
+        log(&seen)
+    );
+    check!(
+        !seen.iter().any(|l| l.contains("FAILED")),
+        "a host failed\n{}",
+        log(&seen)
+    );
+    check!(code == Some(130), "exit {code:?} after ^C\n{}", log(&seen));
+    let users = cluster.root(&["user", "list"])?;
+    check!(
+        users.trim() == "root",
+        "users left:\n{users}\n{}",
+        log(&seen)
+    );
     check_no_leftovers(lab)?;
     Ok(())
 }

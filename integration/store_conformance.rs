@@ -1599,3 +1599,36 @@ mod checks {
         }
     }
 }
+
+/// etcd 3.4 refuses a watch made with a token that has expired (`invalid auth token` in a
+/// canceled response, not an error of the call), so nothing makes etcd-client authenticate
+/// again: the client's watch must, or it stays refused for good. That is what a host's watch
+/// meets after its tunnel fails over to a member where its token has expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_client_watch_made_with_an_expired_token_authenticates_again() {
+    use arbor::store::client::{Endpoints, EventKind, StoreClient};
+    use tokio_stream::StreamExt;
+    let store = support::etcd_with(&["--auth-token-ttl=1"]).await;
+    let mut admin = store.client().await;
+    admin.user_add("root", "root-secret", None).await.unwrap();
+    admin.user_grant_role("root", "root").await.unwrap();
+    admin.auth_enable().await.unwrap();
+    let endpoints = Endpoints::parse(&store.endpoint).unwrap();
+    let writer = StoreClient::connect_as(&endpoints, Some(("root", "root-secret")))
+        .await
+        .unwrap();
+    let watcher = StoreClient::connect_as(&endpoints, Some(("root", "root-secret")))
+        .await
+        .unwrap();
+    // The watcher's token expires unused.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (_, rev) = writer.get_prefix("tok/").await.unwrap();
+    let mut events = watcher.watch_prefix("tok/", rev + 1);
+    writer.put("tok/a", "1").await.unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(10), events.next())
+        .await
+        .expect("no event within 10 s: the watch stayed refused")
+        .expect("the watch ended")
+        .expect("the watch was lost");
+    assert_eq!((event.kind, event.key), (EventKind::Put, b"tok/a".to_vec()));
+}

@@ -88,6 +88,14 @@ fn main() -> std::process::ExitCode {
             no_caching_and_noop_apply_at_depth_2,
         ),
         (
+            "noop_diff_shows_a_depth_2_leafs_diff_and_changes_nothing_then_diff_applies_it",
+            noop_diff_shows_a_depth_2_leafs_diff_and_changes_nothing_then_diff_applies_it,
+        ),
+        (
+            "staged_hosts_ignore_their_own_config_files_and_arbor_variables",
+            staged_hosts_ignore_their_own_config_files_and_arbor_variables,
+        ),
+        (
             "live_edits_reach_a_depth_2_leaf_saved_in_place_and_by_rename",
             live_edits_reach_a_depth_2_leaf_saved_in_place_and_by_rename,
         ),
@@ -143,6 +151,10 @@ fn main() -> std::process::ExitCode {
         (
             "on_a_terminal_a_live_view_shows_the_bar_host_stages_folded_hosts_and_the_summary",
             on_a_terminal_a_live_view_shows_the_bar_host_stages_folded_hosts_and_the_summary,
+        ),
+        (
+            "an_encrypted_keys_passphrase_is_asked_once_per_run",
+            an_encrypted_keys_passphrase_is_asked_once_per_run,
         ),
     ];
     support::harness::run_with_lab(
@@ -1176,6 +1188,124 @@ fn no_caching_and_noop_apply_at_depth_2(lab: &Lab) -> TestResult {
     check_no_leftovers(lab, &HOSTS)
 }
 
+fn noop_diff_shows_a_depth_2_leafs_diff_and_changes_nothing_then_diff_applies_it(
+    lab: &Lab,
+) -> TestResult {
+    clean(lab, false);
+    // On l1-1, behind r1: a file whose second line and mode differ from the graph's, with a
+    // terminal escape in the line the diff will show.
+    let seed = "printf 'one\\nTWO\\033[2J\\nthree\\n' > /tmp/diffed && chmod 600 /tmp/diffed";
+    lab.sh("l1-1", seed);
+    let dir = tempfile::tempdir().map_err(fail)?;
+    let graph = dir.path().join("diffed.yaml");
+    std::fs::write(
+        &graph,
+        "graph: diffed\nresources:\n  file:\n  - name: diffed\n    path: /tmp/diffed\n    content: \"one\\ntwo\\nthree\\n\"\n    mode: \"0640\"\nedges: []\n",
+    )
+    .map_err(fail)?;
+    let topo = topology(&format!(
+        "defaults:\n  user: root\nhosts:\n- host: 10.199.0.11\n  name: r1\n  children:\n  - host: 10.199.1.11\n    name: l1-1\n    graph: {}\n",
+        graph.display()
+    ));
+    let on_leaf = || lab.sh("l1-1", "stat -c %a /tmp/diffed; cat /tmp/diffed");
+    let want_lines = [
+        "r1/l1-1 | /tmp/diffed: mode 0600 -> 0640",
+        "r1/l1-1 | --- /tmp/diffed",
+        "r1/l1-1 | +++ /tmp/diffed",
+        "r1/l1-1 | @@ -1,3 +1,3 @@",
+        "r1/l1-1 |  one",
+        "r1/l1-1 | -TWO^[[2J",
+        "r1/l1-1 | +two",
+        "r1/l1-1 |  three",
+    ];
+    let shows_the_diff = |out: &Output, log: &str| -> TestResult {
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        // Plain lines start with a timestamp.
+        let diff: Vec<&str> = stdout
+            .lines()
+            .map(|l| if is_timestamped(l) { &l[25..] } else { l })
+            .filter(|l| l.starts_with("r1/l1-1 | ") && !l.contains(" INFO "))
+            .collect();
+        check!(diff == want_lines, "diff lines {diff:#?}\n{log}");
+        check!(
+            !stdout.contains('\x1b'),
+            "a terminal escape from the host reached stdout\n{log}"
+        );
+        Ok(())
+    };
+
+    let out = run(
+        lab,
+        &topo,
+        &["--noop", "--diff", "--converged-timeout", "1"],
+    );
+    let log = exited(&out, 0)?;
+    shows_the_diff(&out, &log)?;
+    let held = on_leaf();
+    check!(
+        held == "600\none\nTWO\x1b[2J\nthree\n",
+        "--noop changed the file: {held:?}\n{log}"
+    );
+
+    let out = run(lab, &topo, &["--diff", "--converged-timeout", "1"]);
+    let log = exited(&out, 0)?;
+    shows_the_diff(&out, &log)?;
+    let held = on_leaf();
+    check!(
+        held == "640\none\ntwo\nthree\n",
+        "--diff did not apply: {held:?}\n{log}"
+    );
+
+    // Now right: nothing to show.
+    let out = run(lab, &topo, &["--diff", "--converged-timeout", "1"]);
+    let log = exited(&out, 0)?;
+    check!(
+        !String::from_utf8_lossy(&out.stdout).contains("r1/l1-1 | ---"),
+        "a diff for a file already right\n{log}"
+    );
+    lab.sh("l1-1", "rm -f /tmp/diffed");
+    check_no_leftovers(lab, &["r1", "l1-1"])
+}
+
+fn staged_hosts_ignore_their_own_config_files_and_arbor_variables(lab: &Lab) -> TestResult {
+    clean(lab, false);
+    // A relay and its leaf each hold a config file and ARBOR_* variables (sshd sets them from
+    // ~/.ssh/environment) that would stop an initiator with exit 2: a staged node takes its
+    // settings from the link only.
+    let mut undo = Vec::new();
+    for h in ["r1", "l1-1"] {
+        lab.sh(
+            h,
+            "mkdir -p /root/.config/arbor /root/.ssh && \
+             printf 'bogus = 1\\noutput = \"xml\"\\n' > /root/.config/arbor/config.toml && \
+             printf 'ARBOR_OUTPUT=json\\nARBOR_CCONNS=lots\\n' > /root/.ssh/environment",
+        );
+        undo.push(Undo {
+            lab,
+            host: h,
+            shell: "rm -rf /root/.config/arbor /root/.ssh/environment".into(),
+        });
+    }
+    let topo = topology(
+        "defaults:\n  user: root\nhosts:\n- host: 10.199.0.11\n  name: r1\n  graph: {leaf}\n  children:\n  - host: 10.199.1.11\n    name: l1-1\n    graph: {leaf}\n",
+    );
+    let out = run(lab, &topo, &["--converged-timeout", "1"]);
+    let log = exited(&out, 0)?;
+    for h in ["r1/l1-1", "r1"] {
+        check!(
+            log.contains(&format!("{h}: converged")),
+            "{h} did not converge\n{log}"
+        );
+    }
+    check!(
+        collected(lab, "l1-1") == expect_collected(&["l1-1", "r1"]),
+        "l1-1 collected {:?}\n{log}",
+        collected(lab, "l1-1")
+    );
+    drop(undo);
+    check_no_leftovers(lab, &["r1", "l1-1"])
+}
+
 fn live_edits_reach_a_depth_2_leaf_saved_in_place_and_by_rename(lab: &Lab) -> TestResult {
     clean(lab, false);
     lab.sh("l1-1", "rm -f /tmp/edited-*");
@@ -1454,6 +1584,8 @@ fn json_output_is_one_event_per_line_in_order_at_every_depth(lab: &Lab) -> TestR
             "accept-new",
             "--output",
             "json",
+            // Each leaf creates its file: a diff event each.
+            "--diff",
         ],
     )
     .output()
@@ -1461,7 +1593,7 @@ fn json_output_is_one_event_per_line_in_order_at_every_depth(lab: &Lab) -> TestR
     let log = exited(&out, 0)?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let documented = documented_event_types();
-    check!(documented.len() == 6, "docs/events.md lists {documented:?}");
+    check!(documented.len() == 7, "docs/events.md lists {documented:?}");
     let mut seen = std::collections::BTreeSet::new();
     // Per host: the order its events came in, as phases (0 staging, 1 running, 2 exited).
     let mut phase: std::collections::BTreeMap<String, u8> = Default::default();
@@ -1500,6 +1632,15 @@ fn json_output_is_one_event_per_line_in_order_at_every_depth(lab: &Lab) -> TestR
             ("state", Some("running")) => *p = 1,
             ("state", Some("exited")) => *p = 2,
             ("state", Some("failed")) => return Err(fail(format!("failed: {line}"))),
+            ("diff", _) => check!(
+                v["resource"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with("file[@@"))
+                    && v["lines"][1]
+                        .as_str()
+                        .is_some_and(|l| l.starts_with("--- /dev/null")),
+                "{host}: a diff event without its resource or lines: {line}"
+            ),
             _ => {}
         }
     }
@@ -1648,61 +1789,21 @@ fn on_a_terminal_a_live_view_shows_the_bar_host_stages_folded_hosts_and_the_summ
 ) -> TestResult {
     clean(lab, true);
     let topo = topology(TWO_RELAYS);
-    let socket = format!("arbor-live-{}", std::process::id());
-    let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
-    let command = format!(
-        "ip netns exec {} env -u SSH_AUTH_SOCK HOME={} ARBOR_LOG=arbor=info {} run --topology {} \
-         --tmp-prefix --converged-timeout 2; echo ARBOR-EXIT=$?; sleep 600",
-        lab.init_ns(),
-        quote(&lab.home().to_string_lossy()),
-        ARBOR,
-        quote(&topo.path.to_string_lossy()),
-    );
-    let tmux = |args: &[&str]| {
-        Command::new("tmux")
-            .args(["-L", &socket])
-            .args(args)
-            .output()
-            .expect("tmux")
-    };
-    struct Server<F: Fn(&[&str]) -> Output>(F);
-    impl<F: Fn(&[&str]) -> Output> Drop for Server<F> {
-        fn drop(&mut self) {
-            (self.0)(&["kill-server"]);
-        }
-    }
-    let server = Server(tmux);
-    let started = (server.0)(&[
-        "new-session",
-        "-d",
-        "-x",
-        "100",
-        "-y",
-        "30",
-        "-s",
-        "run",
-        &command,
-    ]);
-    check!(started.status.success(), "tmux: {}", text(&started));
+    let term = Terminal::start(
+        lab,
+        &lab.home(),
+        &[
+            "--topology",
+            &topo.path.to_string_lossy(),
+            "--tmp-prefix",
+            "--converged-timeout",
+            "2",
+        ],
+    )?;
     let mut screens: Vec<String> = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let history = loop {
-        let shot = (server.0)(&["capture-pane", "-p", "-t", "run"]);
-        let screen = String::from_utf8_lossy(&shot.stdout).into_owned();
-        if screen.contains("ARBOR-EXIT=") {
-            let all = (server.0)(&["capture-pane", "-p", "-S", "-", "-t", "run"]);
-            screens.push(screen);
-            break String::from_utf8_lossy(&all.stdout).into_owned();
-        }
-        screens.push(screen);
-        if Instant::now() > deadline {
-            return Err(fail(format!(
-                "no exit within 120 s; last screen:\n{}",
-                screens.last().cloned().unwrap_or_default()
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let history = term.until_exit(Duration::from_secs(120), |screen| {
+        screens.push(screen.to_string());
+    })?;
     let paths = [
         "r1", "r2", "r1/l1-1", "r1/l1-2", "r1/l1-3", "r2/l2-1", "r2/l2-2", "r2/l2-3",
     ];
@@ -2059,4 +2160,164 @@ fn a_live_edit_may_reuse_a_source_but_adding_one_asks_for_a_restart(lab: &Lab) -
     let status = stop_with(&mut running, libc::SIGINT)?;
     check!(status.code() == Some(130), "exit {:?}", status.code());
     Ok(())
+}
+
+/// `arbor run ARGS` in a tmux pane of its own (100 × 30, a private tmux server), as an
+/// operator runs it on a terminal; the server goes when this does.
+struct Terminal {
+    socket: String,
+}
+
+impl Terminal {
+    fn start(lab: &Lab, home: &Path, args: &[&str]) -> Result<Terminal, libtest_mimic::Failed> {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let term = Terminal {
+            socket: format!(
+                "arbor-test-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ),
+        };
+        let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
+        let args: Vec<String> = args.iter().map(|a| quote(a)).collect();
+        let command = format!(
+            "ip netns exec {} env -u SSH_AUTH_SOCK HOME={} ARBOR_LOG=arbor=info {} run {}; \
+             echo ARBOR-EXIT=$?; sleep 600",
+            lab.init_ns(),
+            quote(&home.to_string_lossy()),
+            ARBOR,
+            args.join(" "),
+        );
+        let started = term.tmux(&[
+            "new-session",
+            "-d",
+            "-x",
+            "100",
+            "-y",
+            "30",
+            "-s",
+            "run",
+            &command,
+        ]);
+        check!(started.status.success(), "tmux: {}", text(&started));
+        Ok(term)
+    }
+
+    fn tmux(&self, args: &[&str]) -> Output {
+        Command::new("tmux")
+            .args(["-L", &self.socket])
+            .args(args)
+            .output()
+            .expect("tmux")
+    }
+
+    /// What the pane shows now.
+    fn screen(&self) -> String {
+        String::from_utf8_lossy(&self.tmux(&["capture-pane", "-p", "-t", "run"]).stdout)
+            .into_owned()
+    }
+
+    /// Types `text` and Enter.
+    fn type_line(&self, text: &str) {
+        self.tmux(&["send-keys", "-t", "run", "-l", text]);
+        self.tmux(&["send-keys", "-t", "run", "Enter"]);
+    }
+
+    /// Shows `each` the screen every 100 ms until arbor has exited; returns the whole pane,
+    /// history included.
+    fn until_exit(
+        &self,
+        within: Duration,
+        mut each: impl FnMut(&str),
+    ) -> Result<String, libtest_mimic::Failed> {
+        let deadline = Instant::now() + within;
+        loop {
+            let screen = self.screen();
+            each(&screen);
+            if screen.contains("ARBOR-EXIT=") {
+                let all = self.tmux(&["capture-pane", "-p", "-S", "-", "-t", "run"]);
+                return Ok(String::from_utf8_lossy(&all.stdout).into_owned());
+            }
+            if Instant::now() > deadline {
+                return Err(fail(format!(
+                    "no exit within {within:?}; last screen:\n{screen}"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        self.tmux(&["kill-server"]);
+    }
+}
+
+/// The operator's only key is encrypted and no agent runs: with --allow-interactive the
+/// passphrase is asked once on the terminal for the whole run (both relays, and the
+/// in-process agent that signs for the leaves at depth 2), then every host converges.
+fn an_encrypted_keys_passphrase_is_asked_once_per_run(lab: &Lab) -> TestResult {
+    clean(lab, false);
+    let topo = topology(TWO_RELAYS);
+    let home = tempfile::tempdir().expect("tempdir");
+    let ssh = home.path().join(".ssh");
+    std::fs::create_dir_all(&ssh).expect("mkdir");
+    std::fs::copy(lab.home().join(".ssh/known_hosts"), ssh.join("known_hosts")).expect("copy");
+    let key = ssh.join("id_ed25519");
+    std::fs::copy(lab.home().join(".ssh/id_ed25519"), &key).expect("copy");
+    support::local(
+        "ssh-keygen",
+        &[
+            "-q",
+            "-p",
+            "-P",
+            "",
+            "-N",
+            "open sesame",
+            "-f",
+            &key.to_string_lossy(),
+        ],
+    );
+    let term = Terminal::start(
+        lab,
+        home.path(),
+        &[
+            "--topology",
+            &topo.path.to_string_lossy(),
+            "--tmp-prefix",
+            "--allow-interactive",
+            "--converged-timeout",
+            "2",
+        ],
+    )?;
+    let mut asked = 0;
+    let history = term.until_exit(Duration::from_secs(120), |screen| {
+        let prompts = screen.matches("Enter passphrase for key").count();
+        if prompts > asked && screen.trim_end().ends_with(':') {
+            asked = prompts;
+            term.type_line("open sesame");
+        }
+    })?;
+    check!(
+        history.contains("ARBOR-EXIT=0"),
+        "the run did not exit 0:\n{history}"
+    );
+    check!(
+        history.matches("Enter passphrase for key").count() == 1,
+        "the passphrase was not asked exactly once:\n{history}"
+    );
+    check!(
+        !history.contains("open sesame"),
+        "the passphrase was echoed:\n{history}"
+    );
+    for leaf in ["r1/l1-1", "r2/l2-3"] {
+        check!(
+            history
+                .lines()
+                .any(|l| l.starts_with(&format!("{leaf} ")) && l.contains(" ok ")),
+            "{leaf} did not converge:\n{history}"
+        );
+    }
+    check_no_leftovers(lab, &HOSTS)
 }

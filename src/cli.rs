@@ -3,7 +3,10 @@
 //! The rest of arbor sees only [`Command`] and the config structs it carries, never clap,
 //! so every job can be driven from tests without building argument vectors.
 
-use clap::{Parser, Subcommand};
+mod defaults;
+
+use clap::{FromArgMatches, Parser, Subcommand};
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -15,7 +18,14 @@ pub use crate::node::config::{ExecOptions, RunOptions};
 /// initiator, and runs a graph of resources there. Hosts behind jump hosts are reached through
 /// relays: a host with children re-launches itself as a relay and stages its own children.
 #[derive(Parser, Debug)]
-#[command(name = "arbor", version, about, long_about, propagate_version = true)]
+#[command(
+    name = "arbor",
+    version,
+    about,
+    long_about,
+    propagate_version = true,
+    after_help = CONFIG_HELP
+)]
 struct Args {
     /// More log output: -v for debug, -vv for trace (ARBOR_LOG overrides). Reaches every
     /// host of a run.
@@ -91,6 +101,13 @@ enum Sub {
     },
 }
 
+const CONFIG_HELP: &str = "\
+Configuration: flag defaults come from /etc/arbor/config.toml, then
+$XDG_CONFIG_HOME/arbor/config.toml (default ~/.config/arbor/config.toml), then ARBOR_*
+environment variables (ARBOR_CCONNS=32, ARBOR_OUTPUT=json, ARBOR_LINK_TIMEOUT=30); each beats
+the one before, and the command line beats them all. Keys are the long flags' names
+(`cconns = 32`); an unknown key is an error (exit 2). The keys: docs/config.md.";
+
 const COMPLETIONS_EXAMPLES: &str = "\
 Examples:
   arbor completions bash > /etc/bash_completion.d/arbor
@@ -150,6 +167,9 @@ Examples:
       resolve hosts through that ssh_config only (default: ~/.ssh/config, /etc/ssh/ssh_config):
       aliases, HostName, User, Port, IdentityFile, ProxyJump... (docs/ssh.md)
 
+Defaults for these flags can be set in /etc/arbor/config.toml, ~/.config/arbor/config.toml
+($XDG_CONFIG_HOME respected) and ARBOR_* variables (ARBOR_OUTPUT=json); see `arbor --help`.
+
 Exit codes: 0 converged, 1 some host failed, 2 bad input (nothing contacted),
 130 ^C, 143 SIGTERM, 129 SIGHUP (each tears every host down first; a second signal
 exits at once and names the hosts that may still hold state).";
@@ -170,6 +190,9 @@ Examples:
 The hosts' login shell runs COMMAND (its words joined by spaces, as ssh does), with stdin from
 /dev/null, in a process group of its own: ^C (or a lost connection) kills that group on every
 host, and no arbor process or working dir is left on the relays.
+
+Defaults for the SSH flags can be set in /etc/arbor/config.toml, ~/.config/arbor/config.toml
+($XDG_CONFIG_HOME respected) and ARBOR_* variables (ARBOR_CCONNS=32); see `arbor --help`.
 
 Exit codes: the largest exit code of COMMAND across hosts; 255 when a host could not be
 reached (or its connection, staging or relay failed); 2 for bad input (a bad nodeset, an empty
@@ -332,6 +355,12 @@ struct RunArgs {
     /// Check and report what would change; change nothing.
     #[arg(long)]
     noop: bool,
+    /// Show what each resource changes (with --noop: would change) as a unified diff, made on
+    /// its host: file content, and a line each for mode, owner and group. Each diff is capped
+    /// at 200 lines and 8 KiB (a last line counts what was left out); binary content is never
+    /// shown, only its size. Lines print as `host | line` (docs/events.md, `diff`).
+    #[arg(long)]
+    diff: bool,
     /// The host name to run as (publishes under it; `{{hostname}}` in graphs). Default: this
     /// machine's host name.
     #[arg(long, value_name = "NAME")]
@@ -421,6 +450,18 @@ pub struct Invocation {
     pub command: Command,
 }
 
+/// Whether the global flag `id` was on the command line (before or after the subcommand).
+fn given_on_command_line(matches: &clap::ArgMatches, id: &str) -> bool {
+    let mut level = Some(matches);
+    while let Some(m) = level {
+        if m.value_source(id) == Some(clap::parser::ValueSource::CommandLine) {
+            return true;
+        }
+        level = m.subcommand().map(|(_, sub)| sub);
+    }
+    false
+}
+
 /// Whether arbor's log on stderr is coloured: `--color WHEN`, where auto means stderr is a
 /// terminal and NO_COLOR (https://no-color.org) is unset or empty.
 fn colour(when: &str) -> bool {
@@ -435,21 +476,41 @@ fn colour(when: &str) -> bool {
     }
 }
 
-/// Parses the process arguments. On `--help`, `--version` or a usage error, clap has already
-/// printed what it has to say and the returned exit code ends the process (2 for bad usage).
+/// Parses the process arguments, with the defaults config files and `ARBOR_*` variables set
+/// (`defaults`). On `--help`, `--version` or a usage error, clap has already printed what it
+/// has to say and the returned exit code ends the process (2 for bad usage, or for a bad
+/// config file or variable).
 pub fn parse() -> Result<Invocation, ExitCode> {
-    let args = match Args::try_parse() {
-        Ok(args) => args,
-        Err(e) => {
-            let code = if e.use_stderr() {
-                crate::exit::BAD_INPUT
-            } else {
-                crate::exit::OK
-            };
-            let _ = e.print();
-            return Err(ExitCode::from(code));
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    // A node staged by a parent takes its settings from the link only.
+    let staged = Args::try_parse_from(&argv)
+        .is_ok_and(|a| matches!(&a.command, Some(Sub::Run(run)) if run.depth > 0));
+    let cmd = if staged {
+        command()
+    } else {
+        match defaults::apply(command(), &defaults::Sources::of_process()) {
+            Ok(cmd) => cmd,
+            Err(e) => {
+                eprintln!("arbor: {e}");
+                return Err(ExitCode::from(crate::exit::BAD_INPUT));
+            }
         }
     };
+    let usage = |e: clap::Error| {
+        let code = if e.use_stderr() {
+            crate::exit::BAD_INPUT
+        } else {
+            crate::exit::OK
+        };
+        let _ = e.print();
+        ExitCode::from(code)
+    };
+    let matches = cmd.try_get_matches_from(argv).map_err(usage)?;
+    let mut args = Args::from_arg_matches(&matches).map_err(usage)?;
+    // -v on the command line beats `quiet` from a config file or the environment.
+    if args.verbose > 0 && !given_on_command_line(&matches, "quiet") {
+        args.quiet = false;
+    }
     let command = match args.command {
         Some(Sub::Version) => Command::Version,
         Some(Sub::Store {
@@ -514,7 +575,13 @@ pub fn parse() -> Result<Invocation, ExitCode> {
                 );
                 return Err(ExitCode::from(crate::exit::BAD_INPUT));
             }
-            let run = *run;
+            let mut run = *run;
+            // Only a config file or ARBOR_* variable can get these here without --seeds (the
+            // command line requires it), and they mean nothing without it.
+            if run.seeds.is_empty() {
+                run.seeds_user = None;
+                run.seeds_password_file = None;
+            }
             let mut options = RunOptions {
                 file: run.file,
                 remotes: run.remotes,
@@ -522,6 +589,7 @@ pub fn parse() -> Result<Invocation, ExitCode> {
                 limit: run.limit,
                 converged_timeout: run.converged_timeout.map(Duration::from_secs),
                 noop: run.noop,
+                diff: run.diff,
                 hostname: run.hostname,
                 live_edits: !run.no_watch,
                 json: run.output == "json",

@@ -14,12 +14,14 @@
 //! | collect | exported resources as collected on this host |
 //! | reload | hot reload: following a graph file's saved versions, and the diff |
 //! | converge | the converged flag and its quiet period |
+//! | diff | `--diff`: capped unified diffs of what resources change, and where they go |
 //! | runner | `Engine`: one host's engine loop |
 //! | store_exchange | the `Exchange` over the store client, and the converged flags |
 
 pub mod artifacts;
 pub mod collect;
 pub mod converge;
+pub mod diff;
 pub mod exchange;
 pub mod fs_events;
 pub mod graph;
@@ -30,6 +32,7 @@ pub mod scheduler;
 pub mod store_exchange;
 pub mod template;
 
+pub use diff::{DiffSink, ResourceDiff};
 pub use exchange::{Exchange, ExportedResource, MemoryExchange};
 pub use graph::{Graph, GraphError};
 pub use runner::{Engine, EngineConfig, Status};

@@ -7,6 +7,7 @@
 
 use crate::engine::collect;
 use crate::engine::converge::{Convergence, DEFAULT_QUIET, Load};
+use crate::engine::diff::{DiffSink, ResourceDiff};
 use crate::engine::exchange::{Exchange, ExportedResource};
 use crate::engine::fs_events::FsEvents;
 use crate::engine::graph::Graph;
@@ -31,6 +32,9 @@ pub struct EngineConfig {
     pub hostname: String,
     /// Check and report; change nothing, publish no exports.
     pub noop: bool,
+    /// `--diff`: resources report what they change (or would change) as diffs, read from
+    /// [`Engine::take_diffs`].
+    pub diff: bool,
     /// How long nothing must change before the host is converged.
     pub quiet: Duration,
     /// The blobs of the graph's `source:` files on this host (engine::artifacts).
@@ -42,6 +46,7 @@ impl EngineConfig {
         EngineConfig {
             hostname: hostname.into(),
             noop: false,
+            diff: false,
             quiet: DEFAULT_QUIET,
             artifacts: Default::default(),
         }
@@ -81,6 +86,7 @@ pub struct Engine {
     cancel: CancellationToken,
     task: Option<JoinHandle<()>>,
     fs: FsEvents,
+    diffs: Option<mpsc::UnboundedReceiver<ResourceDiff>>,
 }
 
 impl Engine {
@@ -95,8 +101,15 @@ impl Engine {
         let (events_tx, events) = mpsc::unbounded_channel();
         let (status_tx, status) = watch::channel(Status::default());
         let cancel = CancellationToken::new();
+        let (diff_sink, diffs) = if config.diff {
+            let (sink, rx) = DiffSink::channel();
+            (Some(sink), Some(rx))
+        } else {
+            (None, None)
+        };
         let services = Services {
             fs: fs.clone(),
+            diffs: diff_sink,
             artifacts: config.artifacts.clone(),
         };
         let host = HostLoop {
@@ -123,7 +136,14 @@ impl Engine {
             cancel,
             task: Some(task),
             fs,
+            diffs,
         })
+    }
+
+    /// With [`EngineConfig::diff`], the resources' diffs, in the order they were made (once:
+    /// later calls return `None`).
+    pub fn take_diffs(&mut self) -> Option<mpsc::UnboundedReceiver<ResourceDiff>> {
+        self.diffs.take()
     }
 
     /// Hot reload: the engine diffs `graph` against what runs and applies the difference.

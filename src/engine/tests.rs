@@ -811,3 +811,108 @@ resources:
     }
     e.stop().await;
 }
+
+#[tokio::test]
+async fn a_lease_that_expired_under_a_living_host_is_replaced_and_its_keys_written_again() {
+    use crate::engine::resources::{FileSpec, FileState, ResourceSpec};
+    let client = new_store().await;
+    let ex = StoreExchange::new(
+        client.clone(),
+        crate::engine::exchange::Keys::for_run("test"),
+    );
+    let spec = ResourceSpec::File(FileSpec {
+        name: "from-a".into(),
+        path: "/tmp/from-a".into(),
+        content: Some("hello from a\n".into()),
+        state: FileState::Exists,
+        ..FileSpec::default()
+    });
+    ex.publish("a", vec![spec]).await.expect("publish");
+    ex.set_converged("a", true).await.expect("flag");
+    let export = "/arbor/runs/test/exports/a/file/from-a";
+    let flag = "/arbor/runs/test/converged/a";
+    let lease = client
+        .get(export)
+        .await
+        .expect("get export")
+        .map(|kv| kv.lease())
+        .expect("the export is there");
+    // As the store does when a lease runs out while the host cannot reach it.
+    client.lease_revoke(lease).await.expect("revoke");
+    assert!(client.get(export).await.expect("get").is_none());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (e, f) = (
+            client.get(export).await.expect("get export"),
+            client.get(flag).await.expect("get flag"),
+        );
+        if let (Some(e), Some(f)) = (&e, &f) {
+            assert_ne!(e.lease(), lease, "written on the old lease");
+            assert_eq!(e.lease(), f.lease());
+            assert_eq!(f.value(), b"true");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the exports and flag were not written again within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ex.withdraw("a").await.expect("withdraw");
+    assert!(client.get(export).await.expect("get").is_none());
+}
+
+#[tokio::test]
+async fn exports_published_while_the_store_is_out_of_reach_land_once_it_answers() {
+    use crate::engine::resources::{FileSpec, FileState, ResourceSpec};
+    // A port where no store listens yet.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let client = StoreClient::connect(&Endpoints::parse(&endpoint).expect("endpoint"))
+        .await
+        .expect("a client connects lazily");
+    let ex = StoreExchange::new(client, crate::engine::exchange::Keys::for_run("test"));
+    let spec = ResourceSpec::File(FileSpec {
+        name: "from-a".into(),
+        path: "/tmp/from-a".into(),
+        content: Some("hello from a\n".into()),
+        state: FileState::Exists,
+        ..FileSpec::default()
+    });
+    assert!(ex.publish("a", vec![spec]).await.is_err());
+    assert!(ex.set_converged("a", true).await.is_err());
+    let config = StoreConfig {
+        listen: format!("127.0.0.1:{port}"),
+        data_dir: None,
+        allow_non_loopback: false,
+    };
+    let store = Store::bind(&config).await.expect("embedded store binds");
+    tokio::spawn(store.serve(tokio_util::sync::CancellationToken::new()));
+    let reader = StoreClient::connect(&Endpoints::parse(&endpoint).expect("endpoint"))
+        .await
+        .expect("connect");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let export = reader
+            .get("/arbor/runs/test/exports/a/file/from-a")
+            .await
+            .expect("get export");
+        let flag = reader
+            .get("/arbor/runs/test/converged/a")
+            .await
+            .expect("get flag");
+        if let (Some(_), Some(flag)) = (export, flag) {
+            assert_eq!(flag.value(), b"true");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the failed writes were not made again within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ex.withdraw("a").await.expect("withdraw");
+}

@@ -22,6 +22,8 @@ pub struct RunOptions {
     /// Exit after being converged this long.
     pub converged_timeout: Option<Duration>,
     pub noop: bool,
+    /// `--diff`: show what resources change (or, with `noop`, would change) as diffs.
+    pub diff: bool,
     /// `None`: this machine's host name.
     pub hostname: Option<String>,
     /// Send graph files to their hosts again when they are edited.
@@ -80,6 +82,7 @@ impl Default for RunOptions {
             limit: None,
             converged_timeout: None,
             noop: false,
+            diff: false,
             hostname: None,
             live_edits: true,
             cconns: node.cconns,
@@ -158,6 +161,7 @@ impl RunOptions {
             converged_timeout: self.converged_timeout.map(|d| d.as_secs()),
             link_timeout: self.link_timeout.max(1),
             noop: self.noop,
+            diff: self.diff,
             builds,
         }
     }
@@ -178,6 +182,7 @@ mod tests {
             accept_new: true,
             converged_timeout: Some(Duration::from_secs(5)),
             noop: true,
+            diff: true,
             quiet: true,
             ..RunOptions::default()
         };
@@ -202,6 +207,7 @@ mod tests {
                 cconns: 7,
                 converged_timeout: Some(5),
                 noop: true,
+                diff: true,
                 link_timeout: crate::wire::LINK_TIMEOUT,
                 builds,
             }

@@ -235,7 +235,7 @@ async fn open_seeds(
         );
         None
     };
-    let connector = match super::store_connector(&endpoints).await {
+    let connector = match super::store_connector(&connected.client, &endpoints) {
         Ok(c) => c,
         Err(e) => {
             if let Some(users) = &run_users {
@@ -1029,11 +1029,12 @@ pub async fn run(options: RunOptions) -> u8 {
     let exchange: Arc<dyn Exchange> =
         Arc::new(StoreExchange::new(store.client.clone(), keys.clone()));
     let hostname = plan.hostname.clone();
-    let engine = match &plan.local_graph {
+    let mut engine = match &plan.local_graph {
         Some(g) => {
             let mut c = EngineConfig::new(hostname.clone());
             c.noop = options.noop;
             c.artifacts = plan.local_artifacts.clone();
+            c.diff = options.diff;
             match Engine::start(g.clone(), c, exchange.clone()) {
                 Ok(e) => Some(e),
                 Err(e) => {
@@ -1089,6 +1090,7 @@ pub async fn run(options: RunOptions) -> u8 {
         engine.is_some().then_some(hostname.as_str()),
     ));
     let mut local_status = engine.as_ref().map(|e| e.status());
+    let mut local_diffs = engine.as_mut().and_then(Engine::take_diffs);
     let mut flags = converged_flags(&store.client, &keys);
     let mut reports: Vec<HostReport> = Vec::new();
     let mut fleet_done = fleet.is_empty();
@@ -1125,6 +1127,14 @@ pub async fn run(options: RunOptions) -> u8 {
                 }
                 None => fleet_done = true,
             },
+            diff = super::next_diff(&mut local_diffs) => {
+                if let Some(diff) = diff {
+                    view.event(&Event {
+                        host: HostPath::root().child(&hostname),
+                        kind: super::diff_event(diff),
+                    });
+                }
+            }
             status = super::next_status(&mut local_status) => {
                 if let Some(status) = status {
                     view.local_status(&status);

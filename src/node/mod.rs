@@ -77,6 +77,32 @@ pub(crate) async fn next_status(
     }
 }
 
+/// The engine's next diff (`--diff`), if it makes diffs (forever pending otherwise); `None`
+/// once the engine is gone.
+pub(crate) async fn next_diff(
+    diffs: &mut Option<tokio::sync::mpsc::UnboundedReceiver<crate::engine::ResourceDiff>>,
+) -> Option<crate::engine::ResourceDiff> {
+    match diffs {
+        Some(rx) => {
+            let diff = rx.recv().await;
+            if diff.is_none() {
+                *diffs = None;
+            }
+            diff
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// A diff as the event that carries it up; the resource's name is cut like a diff line, so
+/// the event always fits a frame.
+pub(crate) fn diff_event(diff: crate::engine::ResourceDiff) -> crate::wire::EventKind {
+    crate::wire::EventKind::Diff {
+        resource: crate::engine::diff::cut(&diff.resource.to_string()),
+        lines: diff.lines,
+    }
+}
+
 /// The store named by --seeds: `unix:PATH`, or URLs where a bare `host:port` means
 /// `http://host:port` (how the tunnel end of a TCP forward is written).
 pub(crate) fn seed_endpoints(seeds: &[String]) -> Result<crate::store::client::Endpoints, String> {
@@ -97,25 +123,32 @@ pub(crate) fn seed_endpoints(seeds: &[String]) -> Result<crate::store::client::E
     crate::store::client::Endpoints::parse(&urls.join(",")).map_err(|e| format!("{e:#}"))
 }
 
-/// Connects each child's store tunnel to `endpoints` (its first URL for a cluster).
-pub(crate) async fn store_connector(
+/// Connects each child's store tunnel to the store: the Unix socket at `endpoints`, or, for a
+/// cluster (or a tunnel end on a TCP port), the member `client` connects to at the time, so
+/// tunnels and the node's own client fail over together ([`crate::store::members`]).
+pub(crate) fn store_connector(
+    client: &crate::store::client::StoreClient,
     endpoints: &crate::store::client::Endpoints,
 ) -> Result<std::sync::Arc<dyn crate::ssh::Connector>, String> {
     use crate::store::client::Endpoints;
-    match endpoints {
-        Endpoints::Unix(path) => Ok(crate::ssh::forward::to_unix(path.clone())),
-        Endpoints::Http(urls) => {
-            let first = urls
-                .first()
-                .map(|u| u.trim_start_matches("http://"))
-                .ok_or("no store endpoint")?;
-            let addr = tokio::net::lookup_host(first)
-                .await
-                .map_err(|e| format!("store endpoint {first}: {e}"))?
-                .next()
-                .ok_or_else(|| format!("store endpoint {first}: no address"))?;
-            Ok(crate::ssh::forward::to_tcp(addr))
-        }
+    match (endpoints, client.members()) {
+        (Endpoints::Unix(path), _) => Ok(crate::ssh::forward::to_unix(path.clone())),
+        (Endpoints::Http(_), Some(members)) => Ok(std::sync::Arc::new(
+            move |mut stream: crate::ssh::forward::ForwardedStream| {
+                let members = members.clone();
+                tokio::spawn(async move {
+                    // A connection no member takes is dropped: the host's client sees it close
+                    // and tries again (the failure is said once, by `members`).
+                    if let Ok(mut member) = members.connect().await {
+                        let _ = tokio::io::copy_bidirectional(&mut stream, &mut member).await;
+                    }
+                });
+            },
+        )),
+        (Endpoints::Http(urls), None) => Err(format!(
+            "store endpoints {}: the client has no members",
+            urls.join(",")
+        )),
     }
 }
 

@@ -148,6 +148,7 @@ async fn serve(
         .await
         .map_err(|e| format!("{name}: store: {e:#}"))?;
     let keys = crate::engine::exchange::Keys::for_run(&start.config.run);
+    let tunnel_client = client.clone();
     let exchange: Arc<dyn Exchange> = Arc::new(StoreExchange::new(client, keys));
     let mut signals = super::StopSignals::new().map_err(|e| format!("{name}: signals: {e}"))?;
 
@@ -156,6 +157,7 @@ async fn serve(
         super::artifacts::node_dir(start.config.no_caching, options.workdir.as_deref());
     let mut engine = None;
     let mut status: Option<watch::Receiver<Status>> = None;
+    let mut diffs = None;
     if let Some(graph_name) = &start.graph {
         let text = start
             .graphs
@@ -169,9 +171,11 @@ async fn serve(
         let mut engine_config = EngineConfig::new(name.clone());
         engine_config.noop = start.config.noop;
         engine_config.artifacts = super::artifacts::node_index(&artifacts_dir, &start.artifacts);
-        let e = Engine::start(graph, engine_config, exchange.clone())
+        engine_config.diff = start.config.diff;
+        let mut e = Engine::start(graph, engine_config, exchange.clone())
             .map_err(|e| format!("{name}: engine: {e:#}"))?;
         status = Some(e.status());
+        diffs = e.take_diffs();
         engine = Some(e);
     }
     up.own(EventKind::State(HostState::Running)).await;
@@ -184,8 +188,7 @@ async fn serve(
     let fleet = if start.children.is_empty() {
         None
     } else {
-        let store = super::store_connector(&endpoints)
-            .await
+        let store = super::store_connector(&tunnel_client, &endpoints)
             .map_err(|e| format!("{name}: {e}"))?;
         let fetcher = fetches.fetcher(up.clone());
         #[cfg(debug_assertions)]
@@ -236,6 +239,11 @@ async fn serve(
             event = events_rx.recv(), if fleet.is_some() => {
                 if let Some(event) = event {
                     up.forward(event).await;
+                }
+            }
+            diff = super::next_diff(&mut diffs) => {
+                if let Some(diff) = diff {
+                    up.own(super::diff_event(diff)).await;
                 }
             }
             changed = super::next_status(&mut status) => {

@@ -106,6 +106,18 @@ pub fn constrained(
     })
 }
 
+/// Serves one agent connection through the front, as [`constrained`] does for each forwarded
+/// channel, until the client closes it. The fuzzing entry point (`integration/fuzz`, target
+/// `agent_front`): arbor itself goes through [`constrained`].
+pub async fn serve_connection(
+    channel: impl AsyncRead + AsyncWrite + Unpin,
+    backend: &AgentBackend,
+    allowed: &Destinations,
+    label: &str,
+) -> std::io::Result<()> {
+    serve(channel, backend, allowed, label).await
+}
+
 /// A session this agent connection was bound to.
 struct Binding {
     host_key: Vec<u8>,

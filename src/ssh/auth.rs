@@ -487,6 +487,15 @@ pub(crate) async fn load_key(
     let Some(prompter) = prompter else {
         return Ok(None);
     };
+    // One question per key and run, however many hosts (and the agent for the relays) use
+    // it: hosts that connect meanwhile wait for the answer instead of asking again.
+    let mut decrypted = DECRYPTED.lock().await;
+    let id = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    if let Some(known) = decrypted.get(&id)
+        && known.public_key().key_data() == key.public_key().key_data()
+    {
+        return Ok(Some(known.clone()));
+    }
     let asked = path.to_path_buf();
     let passphrase = tokio::task::spawn_blocking(move || prompter.passphrase(&asked))
         .await
@@ -494,10 +503,18 @@ pub(crate) async fn load_key(
     let Some(passphrase) = passphrase else {
         return Ok(None);
     };
-    key.decrypt(passphrase.as_bytes())
-        .map(Some)
-        .map_err(|_| "wrong passphrase".to_string())
+    let key = key
+        .decrypt(passphrase.as_bytes())
+        .map_err(|_| "wrong passphrase".to_string())?;
+    decrypted.insert(id, key.clone());
+    Ok(Some(key))
 }
+
+/// Keys decrypted in this process, by canonical path: a passphrase is asked once per run.
+/// They stay in this process's memory only, as in an agent's.
+static DECRYPTED: std::sync::LazyLock<
+    tokio::sync::Mutex<std::collections::HashMap<std::path::PathBuf, PrivateKey>>,
+> = std::sync::LazyLock::new(Default::default);
 
 async fn try_prompts(
     handle: &mut Handle<ClientHandler>,

@@ -21,6 +21,11 @@ impl TerminalPrompter {
 
     fn ask(&self, question: &str, echo: bool) -> Option<String> {
         let _one_at_a_time = self.lock.lock().ok()?;
+        // The live view steps aside while the question is on the terminal.
+        crate::ui::live::paused(|| self.ask_tty(question, echo))
+    }
+
+    fn ask_tty(&self, question: &str, echo: bool) -> Option<String> {
         let tty = std::fs::OpenOptions::new()
             .read(true)
             .write(true)

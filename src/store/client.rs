@@ -13,6 +13,7 @@ use etcd_client::{
     WatchOptions,
 };
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -112,6 +113,8 @@ pub enum WatchLost {
 pub struct StoreClient {
     client: Client,
     target: String,
+    /// A cluster's members, which one connections go to (`None` for a Unix socket).
+    members: Option<Arc<super::members::Members>>,
 }
 
 impl StoreClient {
@@ -135,18 +138,20 @@ impl StoreClient {
         };
         match endpoints {
             Endpoints::Http(urls) => {
-                let options = with_user(
-                    ConnectOptions::new()
-                        .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
-                        .with_keep_alive_while_idle(true)
-                        .with_connect_timeout(CONNECT_TIMEOUT),
-                );
-                let client = Client::connect(urls, Some(options))
+                let target = urls.join(",");
+                let members = super::members::Members::resolve(urls)
                     .await
-                    .with_context(|| format!("connecting to the store at {}", urls.join(",")))?;
+                    .map_err(|e| anyhow::anyhow!(e))
+                    .with_context(|| format!("connecting to the store at {target}"))?;
+                let channel = members_channel(members.clone())?;
+                let options = user.map(|_| with_user(ConnectOptions::new()));
+                let client = Client::from_channel(etcd_client::Channel::Tonic(channel), options)
+                    .await
+                    .with_context(|| format!("connecting to the store at {target}"))?;
                 Ok(StoreClient {
                     client,
-                    target: urls.join(","),
+                    target,
+                    members: Some(members),
                 })
             }
             Endpoints::Unix(path) => {
@@ -160,9 +165,16 @@ impl StoreClient {
                 Ok(StoreClient {
                     client,
                     target: format!("unix:{}", path.display()),
+                    members: None,
                 })
             }
         }
+    }
+
+    /// The members a client of a cluster connects to (`None` for a Unix socket): children's
+    /// store tunnels connect through the same ones, so they fail over together.
+    pub fn members(&self) -> Option<Arc<super::members::Members>> {
+        self.members.clone()
     }
 
     /// The underlying etcd-client, for what the helpers here do not cover.
@@ -296,48 +308,37 @@ impl StoreClient {
     }
 
     /// Keeps lease `id` alive, renewing it every `ttl / 3` seconds through reconnections,
-    /// until the handle is dropped or the store says the lease is gone.
+    /// until the handle is dropped or the store says the lease is gone. A renewal that fails
+    /// (the connection broke, or nothing answered within `ttl / 3`) is tried again on a new
+    /// stream after [`RENEW_RETRY`], so a client whose tunnel moved to another member renews
+    /// well before the lease runs out.
     pub fn keep_alive(&self, id: i64, ttl: i64) -> KeepAlive {
         let client = self.client.clone();
         let every = Duration::from_secs(u64::try_from(ttl / 3).unwrap_or(0).max(1));
+        let expired = tokio_util::sync::CancellationToken::new();
+        let said = expired.clone();
         let task = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut open: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> =
-                None;
+            let mut open = None;
+            // Opening the stream renews the lease once: do it at once.
+            let mut wait = Duration::ZERO;
             loop {
-                tick.tick().await;
-                let renewed = match open.as_mut() {
-                    // Opening the stream renews the lease once.
-                    None => client.clone().lease_keep_alive(id).await.map(|s| {
-                        open = Some(s);
-                    }),
-                    Some((keeper, stream)) => match keeper.keep_alive().await {
-                        Ok(()) => match stream.message().await {
-                            Ok(Some(_)) => Ok(()),
-                            Ok(None) => Err(etcd_client::Error::WatchError(
-                                "keep-alive stream closed".to_string(),
-                            )),
-                            Err(e) => Err(e),
-                        },
-                        Err(e) => Err(e),
-                    },
-                };
-                match renewed {
-                    Ok(()) => {}
-                    // etcd-client's way of saying the store answered TTL 0.
-                    Err(etcd_client::Error::LeaseKeepAliveError(_)) => {
+                tokio::time::sleep(wait).await;
+                match renew(&client, id, &mut open, every).await {
+                    Renewal::Renewed => wait = every,
+                    Renewal::Expired => {
                         tracing::warn!("store: lease {id:x} expired; no longer renewing it");
+                        said.cancel();
                         return;
                     }
-                    Err(e) => {
+                    Renewal::Broken(e) => {
                         tracing::debug!("store: renewing lease {id:x}: {e}; will retry");
                         open = None;
+                        wait = RENEW_RETRY.min(every);
                     }
                 }
             }
         });
-        KeepAlive { task }
+        KeepAlive { task, expired }
     }
 
     /// Every change under `prefix` from revision `from_rev` on (0: from now), in revision
@@ -366,12 +367,73 @@ impl StoreClient {
 /// Renews a lease while alive; dropping it stops renewing (the lease then expires by itself).
 pub struct KeepAlive {
     task: tokio::task::JoinHandle<()>,
+    expired: tokio_util::sync::CancellationToken,
 }
 
 impl KeepAlive {
     /// False once the lease is known to have expired.
     pub fn is_alive(&self) -> bool {
-        !self.task.is_finished()
+        !self.expired.is_cancelled() && !self.task.is_finished()
+    }
+
+    /// Completes when the store has said the lease is gone (its keys with it); never while
+    /// the store is only out of reach.
+    pub fn expiry(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.expired.clone().cancelled_owned()
+    }
+}
+
+/// How soon a renewal that failed is tried again.
+const RENEW_RETRY: Duration = Duration::from_millis(500);
+
+/// What one renewal of a lease found.
+enum Renewal {
+    Renewed,
+    /// The store answered that the lease is gone.
+    Expired,
+    /// No answer: the connection broke, or nothing came back in time.
+    Broken(String),
+}
+
+type KeepAliveStream = (etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream);
+
+/// Renews lease `id` once, on the stream in `open` (opened first if there is none).
+async fn renew(
+    client: &Client,
+    id: i64,
+    open: &mut Option<KeepAliveStream>,
+    within: Duration,
+) -> Renewal {
+    let attempt = async {
+        match open {
+            None => match client.clone().lease_keep_alive(id).await {
+                Ok(stream) => {
+                    *open = Some(stream);
+                    Renewal::Renewed
+                }
+                // etcd-client's way of saying the store answered TTL 0 to the first renewal.
+                Err(etcd_client::Error::LeaseKeepAliveError(e)) if e == "lease not found" => {
+                    Renewal::Expired
+                }
+                Err(e) => Renewal::Broken(e.to_string()),
+            },
+            Some((keeper, stream)) => {
+                // A failed send means the stream is gone with its connection, not the lease.
+                if let Err(e) = keeper.keep_alive().await {
+                    return Renewal::Broken(e.to_string());
+                }
+                match stream.message().await {
+                    Ok(Some(resp)) if resp.ttl() <= 0 => Renewal::Expired,
+                    Ok(Some(_)) => Renewal::Renewed,
+                    Ok(None) => Renewal::Broken("keep-alive stream closed".into()),
+                    Err(e) => Renewal::Broken(e.to_string()),
+                }
+            }
+        }
+    };
+    match tokio::time::timeout(within, attempt).await {
+        Ok(renewal) => renewal,
+        Err(_) => Renewal::Broken(format!("no answer within {within:?}")),
     }
 }
 
@@ -397,16 +459,38 @@ enum End {
     Stop,
     /// The connection broke: make the watch again.
     Retry,
+    /// The store refused the watch's token ("invalid auth token"): it expired, say at the
+    /// member now answering. etcd 3.4 cancels the watch rather than failing the call, so
+    /// etcd-client does not authenticate again by itself.
+    Denied,
 }
+
+/// How often a refused watch may make the client authenticate again (each costs the etcd a
+/// bcrypt hash).
+const REAUTH_EVERY: Duration = Duration::from_secs(10);
 
 impl ResumingWatch {
     async fn run(mut self) {
         let mut backoff = RETRY_MIN;
+        let mut reauthenticated: Option<tokio::time::Instant> = None;
         loop {
             let delivered_before = self.next;
             match self.watch_once().await {
                 End::Stop => return,
                 End::Retry => {}
+                End::Denied => {
+                    if reauthenticated.is_none_or(|at| at.elapsed() >= REAUTH_EVERY) {
+                        reauthenticated = Some(tokio::time::Instant::now());
+                        match self.client.refresh_token().await {
+                            // Again at once, while the new token is fresh.
+                            Ok(()) => continue,
+                            Err(e) => tracing::debug!(
+                                "store: watch on {:?}: authenticating again: {e}",
+                                self.prefix_str()
+                            ),
+                        }
+                    }
+                }
             }
             if self.next != delivered_before {
                 backoff = RETRY_MIN;
@@ -480,6 +564,14 @@ impl ResumingWatch {
                 return End::Stop;
             }
             if resp.canceled() {
+                tracing::debug!(
+                    "store: watch on {:?} canceled: {}",
+                    self.prefix_str(),
+                    resp.cancel_reason()
+                );
+                if resp.cancel_reason().contains("invalid auth token") {
+                    return End::Denied;
+                }
                 return End::Retry;
             }
             if resp.created() {
@@ -523,15 +615,35 @@ impl ResumingWatch {
     }
 }
 
-/// A channel that dials the Unix socket at `path` on demand (and again after a break).
-fn unix_channel(path: PathBuf) -> anyhow::Result<tonic::transport::Channel> {
-    // The URI only fills the HTTP/2 :authority; the connector ignores it.
-    let endpoint = tonic::transport::Endpoint::try_from("http://arbor-store")
+/// The tonic endpoint of a channel whose connector picks where it connects: the URI only
+/// fills the HTTP/2 :authority.
+fn store_endpoint() -> anyhow::Result<tonic::transport::Endpoint> {
+    Ok(tonic::transport::Endpoint::try_from("http://arbor-store")
         .context("building the store endpoint")?
-        .connect_timeout(CONNECT_TIMEOUT)
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true);
+        .keep_alive_while_idle(true))
+}
+
+/// A channel that connects to a cluster's members on demand (and again after a break), one at
+/// a time, failing over from a member that does not answer to the next
+/// ([`super::members::Members`]). Each member gets its own connect timeout there.
+fn members_channel(
+    members: Arc<super::members::Members>,
+) -> anyhow::Result<tonic::transport::Channel> {
+    let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+        let members = members.clone();
+        async move {
+            let stream = members.connect().await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+        }
+    });
+    Ok(store_endpoint()?.connect_with_connector_lazy(connector))
+}
+
+/// A channel that dials the Unix socket at `path` on demand (and again after a break).
+fn unix_channel(path: PathBuf) -> anyhow::Result<tonic::transport::Channel> {
+    let endpoint = store_endpoint()?.connect_timeout(CONNECT_TIMEOUT);
     let connector = tower::service_fn(move |_: tonic::transport::Uri| {
         let path = path.clone();
         async move {

@@ -344,7 +344,7 @@ fn method_not_allowed(allow_get: bool) -> HttpResponse {
 }
 
 impl Front {
-    async fn serve_http(self: Arc<Self>, req: HttpRequest) -> HttpResponse {
+    pub(super) async fn serve_http(self: Arc<Self>, req: HttpRequest) -> HttpResponse {
         let path = req.uri().path();
         match path {
             "/health" | "/version" | "/metrics" if req.method() != Method::GET => {

@@ -99,8 +99,10 @@ impl Lessor {
     }
 }
 
+/// A TTL as a duration, within `0..=MAX_TTL`: a lease read back from a damaged snapshot or log
+/// may hold any value, and an expiry past what `Instant` holds would panic.
 fn secs(ttl: i64) -> Duration {
-    Duration::from_secs(u64::try_from(ttl).unwrap_or(0))
+    Duration::from_secs(u64::try_from(ttl.clamp(0, MAX_TTL)).unwrap_or(0))
 }
 
 #[cfg(test)]
@@ -121,5 +123,16 @@ mod tests {
         let lease = l.revoke(7).expect("granted");
         assert_eq!(lease.keys.into_iter().collect::<Vec<_>>(), [b"b".to_vec()]);
         assert_eq!(l.renew(7, t0), None);
+    }
+
+    #[test]
+    fn a_ttl_past_the_ceiling_expires_at_the_ceiling() {
+        let t0 = Instant::now();
+        let mut l = Lessor::default();
+        l.grant(1, i64::MAX, t0);
+        l.grant(2, -1, t0);
+        assert_eq!(l.renew(1, t0), Some(i64::MAX));
+        assert_eq!(l.expired(t0 + secs(MAX_TTL)), [2, 1]);
+        assert_eq!(l.expired(t0), [2]);
     }
 }

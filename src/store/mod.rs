@@ -15,6 +15,12 @@
 //! - `wal`: the write-ahead log with group commit, and snapshots (also the format of the
 //!   snapshot files `etcdctl snapshot save` writes and `restore` reads).
 //!
+//! The client side: [`client`] (every request arbor makes), over [`members`] for a cluster
+//! (which member a new connection goes to, and failing over between them).
+//!
+//! [`fuzzing`] is what the fuzz targets in `integration/fuzz` reach the services and restore
+//! through.
+//!
 //! docs/store.md has the policies (limits, compaction, durability) and why they are so.
 
 pub mod auth;
@@ -22,12 +28,14 @@ mod authority;
 mod backend;
 pub mod client;
 mod errors;
+pub mod fuzzing;
 mod http;
 mod json;
 mod kv;
 mod lease;
 mod lessor;
 mod maintenance;
+pub mod members;
 mod metrics;
 mod mvcc;
 mod restore;

@@ -986,6 +986,14 @@ fn check_snapshot(snap: &SnapshotRecord) -> Result<(), String> {
     }
     let mut last = 0;
     for kv in snap.revisions.iter().flat_map(|r| &r.changes) {
+        // The history starts at the compaction: what is older is `base`'s (restored, a version
+        // in both would be written to `base` by every snapshot after, once more each time).
+        if kv.mod_revision < snap.compacted {
+            return Err(format!(
+                "the history holds revision {}, from before the compaction at {}",
+                kv.mod_revision, snap.compacted
+            ));
+        }
         if kv.key.is_empty() || kv.mod_revision < last || kv.mod_revision > snap.current {
             return Err(format!(
                 "the history is out of order at revision {} (store revision {})",

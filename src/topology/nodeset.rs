@@ -23,6 +23,10 @@
 /// The most names one nodeset may expand to, so a typo like `[1-10000000]` fails fast.
 pub const MAX_NAMES: usize = 65_536;
 
+/// The most bytes of names one pattern may expand to (names × their length), so that a few
+/// long names times many groups cannot take seconds and gigabytes either.
+pub const MAX_BYTES: usize = 8 << 20;
+
 /// What is wrong with a nodeset, and where: `at` counts characters from the start (0-based).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
@@ -109,13 +113,16 @@ fn split_outside_brackets(chars: &[char]) -> Result<Vec<(usize, usize)>, Nodeset
 }
 
 /// One comma-free pattern: literal text and bracket groups. `offset` places errors in the
-/// whole string; `already` is how many names came before, for the size limit.
+/// whole string; `already` is how many names came before, for the size limit. The groups are
+/// expanded first and the limits checked (names, and bytes, so long names cannot make a
+/// small count huge); then each name is built once.
 fn expand_pattern(
     chars: &[char],
     offset: usize,
     already: usize,
 ) -> Result<Vec<String>, NodesetError> {
-    let mut names = vec![String::new()];
+    let mut segments: Vec<Vec<String>> = Vec::new();
+    let (mut count, mut longest) = (1usize, 0usize);
     let mut i = 0;
     while i < chars.len() {
         if chars[i] == '[' {
@@ -128,16 +135,21 @@ fn expand_pattern(
                     message: "unclosed `[`".into(),
                 })?;
             let group = expand_group(&chars[i + 1..close], offset + i + 1)?;
-            if already + names.len() * group.len() > MAX_NAMES {
+            count = count.saturating_mul(group.len());
+            longest += group.iter().map(String::len).max().unwrap_or(0);
+            if already.saturating_add(count) > MAX_NAMES {
                 return error(
                     offset + i,
                     format!("expands to more than {MAX_NAMES} names"),
                 );
             }
-            names = names
-                .iter()
-                .flat_map(|prefix| group.iter().map(move |g| format!("{prefix}{g}")))
-                .collect();
+            if count.saturating_mul(longest) > MAX_BYTES {
+                return error(
+                    offset + i,
+                    format!("expands to more than {} MiB of names", MAX_BYTES >> 20),
+                );
+            }
+            segments.push(group);
             i = close + 1;
         } else {
             let end = chars[i..]
@@ -145,13 +157,39 @@ fn expand_pattern(
                 .position(|&c| c == '[')
                 .map_or(chars.len(), |p| i + p);
             let text: String = chars[i..end].iter().collect();
-            for name in &mut names {
-                name.push_str(&text);
+            longest += text.len();
+            if count.saturating_mul(longest) > MAX_BYTES {
+                return error(
+                    offset + i,
+                    format!("expands to more than {} MiB of names", MAX_BYTES >> 20),
+                );
             }
+            segments.push(vec![text]);
             i = end;
         }
     }
-    Ok(names)
+    // An odometer over the segments, the last one turning fastest.
+    let mut names = Vec::with_capacity(count);
+    let mut at = vec![0usize; segments.len()];
+    loop {
+        let mut name = String::new();
+        for (segment, &k) in segments.iter().zip(&at) {
+            name.push_str(&segment[k]);
+        }
+        names.push(name);
+        let mut d = segments.len();
+        loop {
+            if d == 0 {
+                return Ok(names);
+            }
+            d -= 1;
+            at[d] += 1;
+            if at[d] < segments[d].len() {
+                break;
+            }
+            at[d] = 0;
+        }
+    }
 }
 
 /// The inside of one bracket group: `01-03,07`, `a-c`, `1-9/2`.
@@ -650,6 +688,12 @@ mod tests {
         );
         fails("n[1-1000000]", 2, "expands to more than 65536 names");
         fails("n[1-300][1-300]", 8, "expands to more than 65536 names");
+        // Found by the fuzzer (integration/fuzz, nodeset): few names, but long and many
+        // groups, took 7 s and 900 MB when every group rebuilt every name.
+        let slow = "[1-2]\u{0}\u{0}\u{0}[H][1-4]\u{11}\u{11}[H][H][1-2]\u{0}\u{0}\u{0}[1-4]\u{11}\u{11}[H][H][1-2]\u{0}\u{0}\u{0}\u{0}\u{11}[5][H]\u{11}[H]\u{0}\u{0}\u{0}\u{0}\u{11}[5][H]\u{11}\u{0}\u{0}\u{0}\u{11}[5][H]\u{11}[H]\u{0}\u{0}\u{0}\u{0}\u{11}[5]\u{0}\u{0}\u{0}[H][1-4]\u{11}\u{11}[H][H][1-2]\u{0}\u{0}\u{0}[1-4]\u{11}\u{11}[H][H][1-2]\u{0}\u{0}\u{0}\u{0}\u{11}[5][H]\u{11}[H]\u{0}\u{0}\u{0}\u{0}\u{11}[5][H]\u{11}\u{0}\u{0}\u{0}\u{11}[5][H]\u{11}[H]\u{0}\u{0}\u{0}\u{0}\u{11}[5][H]\u{11}\u{0}\u{0}\u{0}\u{11}[H]\u{11}\u{0}\u{0}\u{0}\u{11}[5][H]\u{11}\u{11}[H][H][1-4]\u{11}\u{11}[H][H][1-2]\u{0}\u{0}\u{0}\u{0}\u{11}[5][H]\u{11}[H]\u{0}\u{0}\u{0}\u{0}\u{0}\u{0}\u{11}[5][H]\u{11}[H]\u{0}\u{0}\u{0}\u{0}\u{11}[5][H]\u{11}\u{0}\u{0}\u{0}\u{11}[5][H]\u{11}[H]\u{0}\u{0}\u{0}\u{0}\u{11}[5][H]\u{11}\u{0}\u{0}\u{0}\u{11}[5][H]\u{11}\u{11}[H][H][1-4]\u{11}\u{11}[H][H][1-2]\u{0}\u{0}\u{0}\u{0}\u{11}[5][H]\u{11}[H]\u{0}\u{0}\u{0}\u{11}[5][H][H][H]";
+        let err = expand(slow).expect_err("refused");
+        assert!(err.message.contains("MiB of names"), "{err:?}");
+        assert_eq!(expand("n[1-300][1-200]").map(|n| n.len()), Ok(60_000));
         fails(
             "n[1234567890123456789]",
             2,

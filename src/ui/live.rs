@@ -25,6 +25,20 @@ pub fn suspended<R>(f: impl FnOnce() -> R) -> R {
     }
 }
 
+/// Runs `f` (which talks with the person at the terminal, e.g. asks a passphrase) with the
+/// live view, if one is drawn, cleared and not drawn again until `f` returns.
+pub fn paused<R>(f: impl FnOnce() -> R) -> R {
+    let drawn = DRAWN.lock().ok().and_then(|d| d.clone());
+    let Some(multi) = drawn else {
+        return f();
+    };
+    let _ = multi.clear();
+    multi.set_draw_target(ProgressDrawTarget::hidden());
+    let result = f();
+    multi.set_draw_target(ProgressDrawTarget::stdout_with_hz(10));
+    result
+}
+
 /// Lines the view keeps for itself besides host lines: the overall bar, "and N more", the
 /// folded converged hosts, and one so the cursor's line never scrolls the top away.
 const OWN_LINES: usize = 4;
@@ -123,7 +137,7 @@ impl Live {
     }
 
     /// Takes in an event (already sanitised). Returns whether it should also print above the
-    /// view as a line: host output, failures and learned host keys do; stages do not, as the
+    /// view as a line: host output, failures, learned host keys and diffs do; stages do not, as the
     /// host's own line shows them.
     pub fn event(&mut self, event: &Event) -> bool {
         let path = event.host.to_string();
@@ -188,7 +202,10 @@ impl Live {
                 }
                 false
             }
-            EventKind::Log { .. } | EventKind::KnownHost { .. } | EventKind::Output { .. } => true,
+            EventKind::Log { .. }
+            | EventKind::KnownHost { .. }
+            | EventKind::Output { .. }
+            | EventKind::Diff { .. } => true,
             EventKind::Ended { .. } => true,
         };
         if !print {

@@ -93,11 +93,12 @@ impl Ui {
         }
     }
 
-    /// Whether `-q` hides this event: everything but failures, settling with failures, and
-    /// host log lines at warn or error level.
+    /// Whether `-q` hides this event: everything but failures, settling with failures, host
+    /// log lines at warn or error level, and diffs (asked for with `--diff`).
     fn hidden_when_quiet(kind: &EventKind) -> bool {
         match kind {
             EventKind::State(HostState::Failed { .. } | HostState::Unhealthy { .. }) => false,
+            EventKind::Diff { .. } => false,
             EventKind::Log { line, .. } => {
                 let level = line.split_whitespace().next().unwrap_or_default();
                 !matches!(level, "WARN" | "ERROR")
@@ -178,6 +179,9 @@ impl Ui {
                 )
             }
             EventKind::KnownHost { name, .. } => ("host_key", json!({ "name": name })),
+            EventKind::Diff { resource, lines } => {
+                ("diff", json!({ "resource": resource, "lines": lines }))
+            }
             // Only `arbor exec` asks for these (node::exec prints them itself).
             EventKind::Output { lines, stderr } => (
                 "output",
@@ -306,6 +310,11 @@ impl Ui {
             EventKind::KnownHost { name, .. } => {
                 format!("{host}: learned the host key of {name}")
             }
+            EventKind::Diff { lines, .. } => lines
+                .iter()
+                .map(|line| format!("{host} | {line}"))
+                .collect::<Vec<_>>()
+                .join("\n"),
             // Only `arbor exec` asks for these; its own view prints them (node::exec).
             EventKind::Output { lines, stderr } => lines
                 .split('\n')
@@ -478,6 +487,10 @@ pub fn sanitized(event: &Event) -> Event {
         EventKind::Ended { code, signal } => EventKind::Ended {
             code: *code,
             signal: signal.as_deref().map(p),
+        },
+        EventKind::Diff { resource, lines } => EventKind::Diff {
+            resource: p(resource),
+            lines: lines.iter().map(|l| p(l)).collect(),
         },
     };
     Event {

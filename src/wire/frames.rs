@@ -238,6 +238,9 @@ pub struct NodeConfig {
     pub cconns: usize,
     pub converged_timeout: Option<u64>,
     pub noop: bool,
+    /// `--diff`: each host reports what its resources change (or would) as diffs.
+    #[serde(default)]
+    pub diff: bool,
     /// Seconds without any frame from the other end after which a link counts as down: the
     /// parent fails the child, the child tears its subtree down (`--link-timeout`).
     #[serde(default = "default_link_timeout")]
@@ -275,6 +278,7 @@ impl Default for NodeConfig {
             cconns: 64,
             converged_timeout: None,
             noop: false,
+            diff: false,
             link_timeout: LINK_TIMEOUT,
             builds: Vec::new(),
         }
@@ -400,6 +404,13 @@ pub enum EventKind {
         lines: String,
         #[serde(default)]
         stderr: bool,
+    },
+    /// `--diff`: what `resource` (`file[motd]`) changed on the host, or would change under
+    /// `--noop`, as lines without newlines, capped by the host (`engine::diff`) so that the
+    /// event fits a frame.
+    Diff {
+        resource: String,
+        lines: Vec<String>,
     },
     /// The ad-hoc command ended on the host: its exit code (128 + N when signal N killed it),
     /// and the signal's name when the server reported one.

@@ -8,6 +8,7 @@
 use super::meta::Meta;
 use super::{ApplyContext, Kind, Outcome, Poke, Resource, ResourceId};
 use crate::engine::artifacts::{ArtifactFile, Desired};
+use crate::engine::diff::{self, Capped, DiffSink};
 use crate::engine::fs_events::FsEvents;
 use anyhow::Context as _;
 use futures::future::BoxFuture;
@@ -62,6 +63,7 @@ pub struct FileResource {
     fs: FsEvents,
     /// The blob of `spec.source` on this host, if it was given one.
     artifact: Option<ArtifactFile>,
+    diffs: Option<DiffSink>,
 }
 
 impl FileResource {
@@ -71,12 +73,19 @@ impl FileResource {
             spec,
             fs,
             artifact: None,
+            diffs: None,
         }
     }
 
     /// The content comes from this artifact (`source:`).
     pub fn with_artifact(mut self, artifact: Option<ArtifactFile>) -> Self {
         self.artifact = artifact;
+        self
+    }
+
+    /// Reports what each check changes (or would change) there (`--diff`).
+    pub fn with_diffs(mut self, diffs: Option<DiffSink>) -> Self {
+        self.diffs = diffs;
         self
     }
 }
@@ -88,12 +97,17 @@ impl Resource for FileResource {
 
     fn check_apply(&self, ctx: ApplyContext) -> BoxFuture<'_, anyhow::Result<Outcome>> {
         let (spec, artifact) = (self.spec.clone(), self.artifact.clone());
+        let want_diff = self.diffs.is_some();
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || {
-                check_apply_with(&spec, artifact.as_ref(), ctx.noop)
+            let (outcome, diff) = tokio::task::spawn_blocking(move || {
+                check_apply_diff(&spec, artifact.as_ref(), ctx.noop, want_diff)
             })
             .await
-            .context("file check task died")?
+            .context("file check task died")??;
+            if let (Some(sink), Some(lines)) = (&self.diffs, diff) {
+                sink.send(&self.id, lines);
+            }
+            Ok(outcome)
         })
     }
 
@@ -160,22 +174,43 @@ fn check_apply(spec: &FileSpec, noop: bool) -> anyhow::Result<Outcome> {
     check_apply_with(spec, None, noop)
 }
 
+#[cfg(test)]
 fn check_apply_with(
     spec: &FileSpec,
     artifact: Option<&ArtifactFile>,
     noop: bool,
 ) -> anyhow::Result<Outcome> {
+    check_apply_diff(spec, artifact, noop, false).map(|(outcome, _)| outcome)
+}
+
+/// Checks and (unless `noop`) applies `spec`, its content from `artifact` when it has a
+/// `source`; with `want_diff`, also the lines `--diff` shows for what changed or would change
+/// (`None` when nothing does).
+fn check_apply_diff(
+    spec: &FileSpec,
+    artifact: Option<&ArtifactFile>,
+    noop: bool,
+    want_diff: bool,
+) -> anyhow::Result<(Outcome, Option<Vec<String>>)> {
     let path = &spec.path;
     let shown = path.display();
     match spec.state {
         FileState::Absent => match fs::symlink_metadata(path) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Outcome::Unchanged),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok((Outcome::Unchanged, None)),
             Err(e) => Err(e).with_context(|| format!("stat {shown}")),
             Ok(meta) if meta.is_dir() => anyhow::bail!("{shown} is a directory"),
-            Ok(_) if noop => Ok(Outcome::WouldChange(format!("would remove {shown}"))),
-            Ok(_) => {
+            Ok(meta) => {
+                let diff = want_diff.then(|| {
+                    vec![format!(
+                        "{shown}: removed (state: absent; it held {} bytes)",
+                        meta.len()
+                    )]
+                });
+                if noop {
+                    return Ok((Outcome::WouldChange(format!("would remove {shown}")), diff));
+                }
                 fs::remove_file(path).with_context(|| format!("remove {shown}"))?;
-                Ok(Outcome::Changed(format!("removed {shown}")))
+                Ok((Outcome::Changed(format!("removed {shown}")), diff))
             }
         },
         FileState::Exists => {
@@ -205,16 +240,20 @@ fn check_apply_with(
                 } else {
                     ("create", "created")
                 };
-                if noop {
-                    return Ok(Outcome::WouldChange(format!("would {what} {shown}")));
-                }
                 let content = desired.bytes()?;
+                let diff = want_diff
+                    .then(|| content_diff(spec, current.as_deref(), &content, (uid, gid)))
+                    .transpose()?;
+                if noop {
+                    return Ok((Outcome::WouldChange(format!("would {what} {shown}")), diff));
+                }
                 write_atomic(path, &content, spec.mode, (uid, gid))
                     .with_context(|| format!("write {shown}"))?;
-                return Ok(Outcome::Changed(format!("{done} {shown}")));
+                return Ok((Outcome::Changed(format!("{done} {shown}")), diff));
             }
             let meta = fs::metadata(path).with_context(|| format!("stat {shown}"))?;
             let (mut done, mut would) = (Vec::new(), Vec::new());
+            let mut lines = Capped::default();
             // Owner first: a chown clears setuid/setgid bits, which the mode then puts back.
             let uid = uid.filter(|u| *u != meta.uid());
             let gid = gid.filter(|g| *g != meta.gid());
@@ -224,6 +263,7 @@ fn check_apply_with(
                     uid.map_or(String::new(), |u| u.to_string()),
                     gid.map_or(String::new(), |g| g.to_string())
                 );
+                owner_lines(&mut lines, spec, &meta, (uid, gid));
                 if noop {
                     would.push(format!("would chown {shown} to {to}"));
                 } else {
@@ -239,6 +279,7 @@ fn check_apply_with(
                     .mode()
                     & 0o7777;
                 if have != mode {
+                    lines.push(&format!("{shown}: mode {have:04o} -> {mode:04o}"));
                     if noop {
                         would.push(format!("would chmod {shown} from {have:04o} to {mode:04o}"));
                     } else {
@@ -248,14 +289,71 @@ fn check_apply_with(
                     }
                 }
             }
-            Ok(if !would.is_empty() {
+            let outcome = if !would.is_empty() {
                 Outcome::WouldChange(would.join(", "))
             } else if !done.is_empty() {
                 Outcome::Changed(done.join(", "))
             } else {
                 Outcome::Unchanged
-            })
+            };
+            let diff = (want_diff && outcome.changed()).then(|| lines.finish());
+            Ok((outcome, diff))
         }
+    }
+}
+
+/// `--diff` for a file whose content is to be written: a line each for its mode, owner and
+/// group where they change (or, for a new file, what they will be), then the content diff.
+fn content_diff(
+    spec: &FileSpec,
+    current: Option<&[u8]>,
+    content: &[u8],
+    (uid, gid): (Option<u32>, Option<u32>),
+) -> anyhow::Result<Vec<String>> {
+    let shown = spec.path.display().to_string();
+    let mut lines = Capped::default();
+    match current {
+        None => {
+            let mut line = format!(
+                "{shown}: new file, mode {:04o}",
+                spec.mode.unwrap_or(DEFAULT_MODE)
+            );
+            if let Some(uid) = uid {
+                line.push_str(&format!(", owner {uid}"));
+            }
+            if let Some(gid) = gid {
+                line.push_str(&format!(", group {gid}"));
+            }
+            lines.push(&line);
+        }
+        Some(_) => {
+            let meta = fs::metadata(&spec.path).with_context(|| format!("stat {shown}"))?;
+            let uid = uid.filter(|u| *u != meta.uid());
+            let gid = gid.filter(|g| *g != meta.gid());
+            owner_lines(&mut lines, spec, &meta, (uid, gid));
+            let have = meta.permissions().mode() & 0o7777;
+            if let Some(mode) = spec.mode.filter(|m| *m != have) {
+                lines.push(&format!("{shown}: mode {have:04o} -> {mode:04o}"));
+            }
+        }
+    }
+    diff::content(&mut lines, &shown, current, content);
+    Ok(lines.finish())
+}
+
+/// One line for a changing owner, one for a changing group (numbers, as `ls -n`).
+fn owner_lines(
+    lines: &mut Capped,
+    spec: &FileSpec,
+    meta: &fs::Metadata,
+    (uid, gid): (Option<u32>, Option<u32>),
+) {
+    let shown = spec.path.display();
+    if let Some(uid) = uid {
+        lines.push(&format!("{shown}: owner {} -> {uid}", meta.uid()));
+    }
+    if let Some(gid) = gid {
+        lines.push(&format!("{shown}: group {} -> {gid}", meta.gid()));
     }
 }
 
@@ -464,6 +562,51 @@ mod tests {
     }
 
     #[test]
+    fn diff_shows_content_mode_and_removal_and_nothing_for_a_right_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("f");
+        let shown = path.display().to_string();
+        fs::write(&path, "a\nb\n").expect("seed");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).expect("chmod");
+        let mut s = spec(&path, "a\nc\n");
+        s.mode = Some(0o640);
+        let (outcome, diff) = check_apply_diff(&s, None, true, true).expect("noop diff");
+        assert!(matches!(outcome, Outcome::WouldChange(_)), "{outcome:?}");
+        assert_eq!(
+            diff.expect("a diff"),
+            [
+                format!("{shown}: mode 0600 -> 0640"),
+                format!("--- {shown}"),
+                format!("+++ {shown}"),
+                "@@ -1,2 +1,2 @@".into(),
+                " a".into(),
+                "-b".into(),
+                "+c".into(),
+            ]
+        );
+        assert_eq!(fs::read_to_string(&path).expect("read"), "a\nb\n");
+        // Applied: the same diff, and then nothing to show.
+        let (_, diff) = check_apply_diff(&s, None, false, true).expect("apply");
+        assert_eq!(diff.map(|d| d.len()), Some(7));
+        assert_eq!(
+            check_apply_diff(&s, None, false, true).expect("again"),
+            (Outcome::Unchanged, None)
+        );
+        // Only the mode: one line.
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).expect("chmod");
+        let (_, diff) = check_apply_diff(&s, None, false, true).expect("mode");
+        assert_eq!(diff, Some(vec![format!("{shown}: mode 0644 -> 0640")]));
+        s.state = FileState::Absent;
+        let (_, diff) = check_apply_diff(&s, None, true, true).expect("absent");
+        assert_eq!(
+            diff,
+            Some(vec![format!(
+                "{shown}: removed (state: absent; it held 4 bytes)"
+            )])
+        );
+    }
+
+    #[test]
     fn a_missing_parent_directory_is_an_error_naming_the_path() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("nope/f");
@@ -574,6 +717,14 @@ mod tests {
         s.owner = Some("65534".into());
         s.group = Some("65534".into());
         s.mode = Some(0o4750);
+        let (_, diff) = check_apply_diff(&s, None, true, true).expect("noop diff");
+        assert_eq!(
+            diff.as_ref().and_then(|d| d.first()),
+            Some(&format!(
+                "{}: new file, mode 4750, owner 65534, group 65534",
+                path.display()
+            ))
+        );
         let first = check_apply(&s, false).expect("create");
         assert!(matches!(first, Outcome::Changed(_)), "{first:?}");
         let meta = fs::metadata(&path).expect("stat");
@@ -582,6 +733,17 @@ mod tests {
         assert_eq!(check_apply(&s, false).expect("again"), Outcome::Unchanged);
         // Drifted: repaired without rewriting the content.
         std::os::unix::fs::chown(&path, Some(0), Some(0)).expect("chown");
+        let (_, diff) = check_apply_diff(&s, None, true, true).expect("noop diff");
+        let shown = path.display();
+        assert_eq!(
+            diff,
+            Some(vec![
+                format!("{shown}: owner 0 -> 65534"),
+                format!("{shown}: group 0 -> 65534"),
+                // The chown cleared setuid.
+                format!("{shown}: mode 0750 -> 4750"),
+            ])
+        );
         let noop = check_apply(&s, true).expect("noop");
         assert!(
             matches!(noop, Outcome::WouldChange(ref m) if m.contains("chown")),

@@ -217,6 +217,8 @@ pub struct Services {
     pub fs: FsEvents,
     /// The blobs of this host's `source:` files, by the source as written.
     pub artifacts: crate::engine::artifacts::ArtifactIndex,
+    /// `--diff`: where a resource reports what it changes, or would change.
+    pub diffs: Option<crate::engine::diff::DiffSink>,
 }
 
 /// Builds the running resource for a spec.
@@ -229,7 +231,9 @@ pub fn build(spec: &ResourceSpec, services: &Services) -> Arc<dyn Resource> {
                 .and_then(|a| services.artifacts.get(a))
                 .cloned();
             Arc::new(
-                file::FileResource::new(s.clone(), services.fs.clone()).with_artifact(artifact),
+                file::FileResource::new(s.clone(), services.fs.clone())
+                    .with_artifact(artifact)
+                    .with_diffs(services.diffs.clone()),
             )
         }
         ResourceSpec::Exec(s) => Arc::new(exec::ExecResource::with_fs(
