@@ -156,6 +156,10 @@ fn main() -> std::process::ExitCode {
             "an_encrypted_keys_passphrase_is_asked_once_per_run",
             an_encrypted_keys_passphrase_is_asked_once_per_run,
         ),
+        (
+            "a_second_run_says_every_binary_came_from_the_cache_and_counts_no_copy",
+            a_second_run_says_every_binary_came_from_the_cache_and_counts_no_copy,
+        ),
     ];
     support::harness::run_with_lab(
         "tree",
@@ -2317,6 +2321,38 @@ fn an_encrypted_keys_passphrase_is_asked_once_per_run(lab: &Lab) -> TestResult {
                 .lines()
                 .any(|l| l.starts_with(&format!("{leaf} ")) && l.contains(" ok ")),
             "{leaf} did not converge:\n{history}"
+        );
+    }
+    check_no_leftovers(lab, &HOSTS)
+}
+
+/// Caches cold, then warm: the second run reports every host's binary as found in its cache,
+/// never as copied, and the summary counts no binary's bytes for any host, leaves included.
+fn a_second_run_says_every_binary_came_from_the_cache_and_counts_no_copy(lab: &Lab) -> TestResult {
+    clean(lab, true);
+    let topo = topology(TWO_RELAYS);
+    exited(&run(lab, &topo, &["--converged-timeout", "1"]), 0)?;
+    let out = run(lab, &topo, &["--converged-timeout", "1"]);
+    let log = exited(&out, 0)?;
+    let paths = [
+        "r1", "r2", "r1/l1-1", "r1/l1-2", "r1/l1-3", "r2/l2-1", "r2/l2-2", "r2/l2-3",
+    ];
+    for p in paths {
+        check!(
+            log.contains(&format!(" {p}: arbor already in the host's cache"))
+                && !log.contains(&format!(" {p}: copied arbor")),
+            "{p}: not reported as a cache hit alone\n{log}"
+        );
+        let row = log
+            .lines()
+            .skip_while(|l| !(l.starts_with("HOST") && l.contains("RESULT")))
+            .find(|l| l.starts_with(&format!("{p} ")))
+            .unwrap_or("");
+        // HOST RESULT TIME SENT(number unit) CACHED
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        check!(
+            cols.len() >= 6 && cols[5] == "yes" && matches!(cols[4], "B" | "kB"),
+            "{p}: summary row {row:?} does not say cached with no binary sent\n{log}"
         );
     }
     check_no_leftovers(lab, &HOSTS)

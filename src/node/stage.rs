@@ -269,7 +269,8 @@ async fn copy_in(
             _ => None,
         };
         if cached {
-            progress("arbor", build.size, build.size);
+            // Nothing copied: the parent reports the cache hit itself (it used to report a
+            // finished copy first, which the summary counted as bytes sent).
         } else if let Some(gz) = &gz {
             bytes_copied +=
                 copy_gzipped(session, &sftp, build, gz, &binary, relay, progress, cancel).await?;
