@@ -14,7 +14,7 @@
 //! `ARBOR_FUZZ_VERBOSE=1` tells what each input did.
 #![no_main]
 
-use arbor::ssh::agent_front::{AgentBackend, Destinations, serve_connection};
+use arbor::ssh::agent_front::{AgentBackend, Destinations, HostKey, serve_connection};
 use libfuzzer_sys::fuzz_target;
 use russh::keys::signature::{Signer, Verifier};
 use russh::keys::ssh_key::encoding::Encode;
@@ -208,7 +208,8 @@ fuzz_target!(
             let agent = tokio::spawn(stub_agent(rx, seen.clone()));
             let backend = AgentBackend::InProcess(tx);
             let host = allowed_host().public_key().clone();
-            let destinations: Destinations = Arc::new(move |k| k == &host);
+            let destinations: Destinations =
+                Arc::new(move |k: &HostKey| matches!(k, HostKey::Plain(k) if k == &host));
             let (client, server) = tokio::io::duplex(64 * 1024);
             let (mut from_front, mut to_front) = tokio::io::split(client);
             let front = serve_connection(server, &backend, &destinations, "fuzz");
