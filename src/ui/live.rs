@@ -146,38 +146,20 @@ impl Live {
         let host = self.hosts.entry(path).or_default();
         let print = match &event.kind {
             EventKind::State(state) => {
-                host.converged = false;
-                match state {
-                    HostState::Staging { step } => host.doing = step.clone(),
-                    HostState::Running => {
-                        host.doing = "running".into();
-                        host.converged = host.bare;
-                    }
-                    HostState::Changed => host.doing = "changed".into(),
-                    HostState::Converged => {
-                        host.doing = "converged".into();
-                        host.converged = true;
-                    }
-                    HostState::Unhealthy { failures } => {
-                        host.doing = format!("settled with failures: {}", failures.join("; "));
-                        host.unhealthy = true;
-                    }
-                    HostState::Failed { cause } => {
-                        host.doing = format!("FAILED: {cause}");
-                        host.failed = true;
-                    }
-                    HostState::Exited => host.doing = "exited".into(),
-                }
-                if !matches!(
-                    state,
-                    HostState::Unhealthy { .. } | HostState::Failed { .. }
-                ) {
-                    host.unhealthy = false;
-                }
-                matches!(
+                host.doing = super::state_text(state);
+                host.converged = match state {
+                    HostState::Running => host.bare,
+                    HostState::Converged => true,
+                    _ => false,
+                };
+                let failing = matches!(
                     state,
                     HostState::Failed { .. } | HostState::Unhealthy { .. }
-                )
+                );
+                host.failed |= matches!(state, HostState::Failed { .. });
+                host.unhealthy = matches!(state, HostState::Unhealthy { .. })
+                    || host.unhealthy && matches!(state, HostState::Failed { .. });
+                failing
             }
             EventKind::Transfer {
                 what,
@@ -185,21 +167,11 @@ impl Live {
                 total,
                 cached,
             } => {
-                if *cached {
-                    host.doing = format!("{what} already in the host's cache");
-                } else if sent == total {
-                    // What crossed this host's own links: transfers to its children.
-                    if event.host.depth() == 1 {
-                        self.bytes += total;
-                    }
-                    host.doing = format!("copied {what} ({})", super::bytes(*total));
-                } else {
-                    host.doing = format!(
-                        "copying {what} {}% of {}",
-                        sent * 100 / (*total).max(1),
-                        super::bytes(*total)
-                    );
+                // What crossed this host's own links: transfers to its children.
+                if !cached && sent == total && event.host.depth() == 1 {
+                    self.bytes += total;
                 }
+                host.doing = super::transfer_text(what, *sent, *total, *cached);
                 false
             }
             EventKind::Log { .. }

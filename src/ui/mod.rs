@@ -278,34 +278,20 @@ impl Ui {
                     format!("{host} | {line}")
                 }
             }
-            EventKind::State(state) => match state {
-                HostState::Staging { step } => format!("{host}: {step}"),
-                HostState::Running => format!("{host}: running"),
-                HostState::Converged => format!("{host}: converged"),
-                HostState::Changed => format!("{host}: changed"),
-                HostState::Unhealthy { failures } => {
-                    format!("{host}: settled with failures: {}", failures.join("; "))
-                }
-                HostState::Failed { cause } => format!("{host}: FAILED: {cause}"),
-                HostState::Exited => format!("{host}: exited"),
-            },
+            EventKind::State(state) => format!("{host}: {}", state_text(state)),
             EventKind::Transfer {
                 what,
                 sent,
                 total,
                 cached,
             } => {
-                if *cached {
-                    format!("{host}: {what} already in the host's cache")
-                } else if sent == total {
-                    if !self.done_transfers.insert((host.clone(), what.clone())) {
-                        return None;
-                    }
-                    format!("{host}: copied {what} ({})", bytes(*total))
-                } else {
-                    // Progress shows on the live view's host line, never as lines.
+                // Progress shows on the live view's host line, never as lines.
+                if !cached
+                    && (sent != total || !self.done_transfers.insert((host.clone(), what.clone())))
+                {
                     return None;
                 }
+                format!("{host}: {}", transfer_text(what, *sent, *total, *cached))
             }
             EventKind::KnownHost { name, .. } => {
                 format!("{host}: learned the host key of {name}")
@@ -418,6 +404,36 @@ impl Ui {
         let mut stdout = std::io::stdout().lock();
         let _ = stdout.write_all(out.as_bytes());
         let _ = stdout.flush();
+    }
+}
+
+/// What a host's state says, after its name: on a text line and on the live view's line.
+pub(crate) fn state_text(state: &HostState) -> String {
+    match state {
+        HostState::Staging { step } => step.clone(),
+        HostState::Running => "running".into(),
+        HostState::Converged => "converged".into(),
+        HostState::Changed => "changed".into(),
+        HostState::Unhealthy { failures } => {
+            format!("settled with failures: {}", failures.join("; "))
+        }
+        HostState::Failed { cause } => format!("FAILED: {cause}"),
+        HostState::Exited => "exited".into(),
+    }
+}
+
+/// What a transfer says, after the host's name.
+pub(crate) fn transfer_text(what: &str, sent: u64, total: u64, cached: bool) -> String {
+    if cached {
+        format!("{what} already in the host's cache")
+    } else if sent == total {
+        format!("copied {what} ({})", bytes(total))
+    } else {
+        format!(
+            "copying {what} {}% of {}",
+            sent * 100 / total.max(1),
+            bytes(total)
+        )
     }
 }
 
