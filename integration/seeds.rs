@@ -14,7 +14,7 @@
 mod support;
 
 use support::harness::{
-    Running, Test, TestResult, exited, fail, lines_of, output_text as text, wait_lines,
+    Running, Test, TestResult, exited, fail, lines_of_both, output_text as text, wait_lines,
 };
 
 use std::path::PathBuf;
@@ -266,25 +266,10 @@ fn start(lab: &Lab, topo: &Topo, extra: &[&str]) -> (Running, mpsc::Receiver<Str
         .stderr(Stdio::piped())
         .spawn()
         .expect("start arbor");
-    let out = lines_of(child.stdout.take().expect("stdout"));
-    let err = child.stderr.take().expect("stderr");
-    let (tx, merged) = mpsc::channel();
-    let tx2 = tx.clone();
-    std::thread::spawn(move || {
-        for line in out {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
-            if tx2.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let merged = lines_of_both(
+        child.stdout.take().expect("stdout"),
+        child.stderr.take().expect("stderr"),
+    );
     (Running(child), merged)
 }
 
@@ -839,26 +824,11 @@ fn when_the_member_in_use_dies_tunnels_fail_over_and_exports_and_edits_live_on(
         .stderr(Stdio::piped())
         .spawn()
         .map_err(fail)?;
-    let out = lines_of(child.stdout.take().expect("stdout"));
-    let err = child.stderr.take().expect("stderr");
+    let rx = lines_of_both(
+        child.stdout.take().expect("stdout"),
+        child.stderr.take().expect("stderr"),
+    );
     let mut running = Running(child);
-    let (tx, rx) = mpsc::channel();
-    let tx2 = tx.clone();
-    std::thread::spawn(move || {
-        for line in out {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
-            if tx2.send(line).is_err() {
-                break;
-            }
-        }
-    });
     let converged = ["r1/l1-1: converged", "r2: converged"].map(String::from);
     let mut seen = wait_lines(&rx, &converged, Duration::from_secs(90))?;
     check_exchanged(lab, &seen.join("\n"))?;

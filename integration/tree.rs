@@ -8,7 +8,8 @@
 mod support;
 
 use support::harness::{
-    Running, Test, TestResult, exited, fail, lines_of, output_text as text, wait_lines,
+    Running, Test, TestResult, exited, fail, lines_of, lines_of_both, output_text as text,
+    wait_lines,
 };
 
 use std::path::{Path, PathBuf};
@@ -524,28 +525,12 @@ fn start_with(
         })
         .spawn()
         .expect("start arbor");
-    let rx = lines_of(child.stdout.take().expect("stdout"));
-    let Some(err) = child.stderr.take() else {
-        return (Running(child), rx);
+    let out = child.stdout.take().expect("stdout");
+    let rx = match child.stderr.take() {
+        Some(err) => lines_of_both(out, err),
+        None => lines_of(out),
     };
-    let (tx, merged) = mpsc::channel();
-    let tx2 = tx.clone();
-    std::thread::spawn(move || {
-        for line in rx {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
-            if tx2.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    (Running(child), merged)
+    (Running(child), rx)
 }
 
 fn ctrl_c_tears_down_every_depth(lab: &Lab) -> TestResult {

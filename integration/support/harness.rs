@@ -132,14 +132,31 @@ pub fn wait_lines(
 
 /// Reads a child's stdout lines on a thread, into a channel.
 pub fn lines_of(stdout: std::process::ChildStdout) -> mpsc::Receiver<String> {
-    use std::io::{BufRead, BufReader};
     let (tx, rx) = mpsc::channel();
+    send_lines(stdout, tx);
+    rx
+}
+
+/// Reads a child's stdout and stderr lines, each on a thread, into one channel (in the order
+/// they arrive).
+pub fn lines_of_both(
+    stdout: std::process::ChildStdout,
+    stderr: std::process::ChildStderr,
+) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    send_lines(stdout, tx.clone());
+    send_lines(stderr, tx);
+    rx
+}
+
+/// Sends `from`'s lines on `tx` from a thread of its own, until either ends.
+fn send_lines(from: impl std::io::Read + Send + 'static, tx: mpsc::Sender<String>) {
+    use std::io::{BufRead, BufReader};
     std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        for line in BufReader::new(from).lines().map_while(Result::ok) {
             if tx.send(line).is_err() {
                 break;
             }
         }
     });
-    rx
 }
