@@ -363,18 +363,10 @@ pub fn prune(specs: &[ChildSpec], targets: &HashSet<String>) -> Vec<ChildSpec> {
 
 /// Every host of a tree by name: its path and its mode.
 fn index(specs: &[ChildSpec]) -> BTreeMap<String, (HostPath, ChildMode)> {
-    let mut out = BTreeMap::new();
-    let mut stack: Vec<(HostPath, &ChildSpec)> = specs
-        .iter()
-        .map(|c| (HostPath::root().child(&c.name), c))
-        .collect();
-    while let Some((path, c)) = stack.pop() {
-        for child in &c.children {
-            stack.push((path.child(&child.name), child));
-        }
-        out.insert(c.name.clone(), (path, c.mode));
-    }
-    out
+    super::tree_paths(specs)
+        .into_iter()
+        .map(|(path, c)| (c.name.clone(), (path, c.mode)))
+        .collect()
 }
 
 impl ExecPlan {

@@ -870,34 +870,25 @@ struct DeepRow {
 /// Every host of the run by path (`r1/l1-2`), with whether it only relays (runs no graph),
 /// and this host when it runs a graph of its own: what the live view counts.
 fn view_hosts(children: &[ChildSpec], local: Option<&str>) -> Vec<(String, bool)> {
-    let mut hosts: Vec<(String, bool)> =
-        local.map(|l| (l.to_string(), false)).into_iter().collect();
-    let mut stack: Vec<(HostPath, &ChildSpec)> = children
-        .iter()
-        .map(|c| (HostPath::root().child(&c.name), c))
+    let mut hosts: Vec<(String, bool)> = local
+        .map(|l| (l.to_string(), false))
+        .into_iter()
+        .chain(
+            super::tree_paths(children)
+                .into_iter()
+                .map(|(path, c)| (path.to_string(), c.graph.is_none())),
+        )
         .collect();
-    while let Some((path, c)) = stack.pop() {
-        hosts.push((path.to_string(), c.graph.is_none()));
-        stack.extend(c.children.iter().map(|g| (path.child(&g.name), g)));
-    }
     hosts.sort();
     hosts
 }
 
 fn deep_rows(children: &[ChildSpec]) -> BTreeMap<HostPath, DeepRow> {
-    let mut rows = BTreeMap::new();
-    let mut stack: Vec<(HostPath, &ChildSpec)> = children
-        .iter()
-        .map(|c| (HostPath::root().child(&c.name), c))
-        .collect();
-    while let Some((path, c)) = stack.pop() {
-        for grandchild in &c.children {
-            let p = path.child(&grandchild.name);
-            rows.insert(p.clone(), DeepRow::default());
-            stack.push((p, grandchild));
-        }
-    }
-    rows
+    super::tree_paths(children)
+        .into_iter()
+        .filter(|(path, _)| path.depth() > 1)
+        .map(|(path, _)| (path, DeepRow::default()))
+        .collect()
 }
 
 impl View {

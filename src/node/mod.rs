@@ -105,6 +105,23 @@ pub(crate) fn diff_event(diff: crate::engine::ResourceDiff) -> crate::wire::Even
 
 /// The store named by --seeds: `unix:PATH`, or URLs where a bare `host:port` means
 /// `http://host:port` (how the tunnel end of a TCP forward is written).
+/// Every host of a tree, each with its path (`r1/l1-2`), parents before their children.
+pub(crate) fn tree_paths(
+    specs: &[crate::wire::ChildSpec],
+) -> Vec<(crate::wire::HostPath, &crate::wire::ChildSpec)> {
+    let mut out = Vec::new();
+    let mut stack: Vec<_> = specs
+        .iter()
+        .rev()
+        .map(|c| (crate::wire::HostPath::root().child(&c.name), c))
+        .collect();
+    while let Some((path, c)) = stack.pop() {
+        stack.extend(c.children.iter().rev().map(|g| (path.child(&g.name), g)));
+        out.push((path, c));
+    }
+    out
+}
+
 pub(crate) fn seed_endpoints(seeds: &[String]) -> Result<crate::store::client::Endpoints, String> {
     let first = seeds.first().ok_or("no store endpoint (--seeds)")?;
     if first.starts_with("unix:") {
