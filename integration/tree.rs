@@ -161,6 +161,10 @@ fn main() -> std::process::ExitCode {
             "a_second_run_says_every_binary_came_from_the_cache_and_counts_no_copy",
             a_second_run_says_every_binary_came_from_the_cache_and_counts_no_copy,
         ),
+        (
+            "a_local_process_on_a_tcp_fallback_host_cannot_use_the_store_tunnel",
+            a_local_process_on_a_tcp_fallback_host_cannot_use_the_store_tunnel,
+        ),
     ];
     support::harness::run_with_lab(
         "tree",
@@ -2340,5 +2344,65 @@ fn a_second_run_says_every_binary_came_from_the_cache_and_counts_no_copy(lab: &L
             "{p}: summary row {row:?} does not say cached with no binary sent\n{log}"
         );
     }
+    check_no_leftovers(lab, &HOSTS)
+}
+
+/// r2 runs dropbear, which forwards no Unix sockets, so its store tunnel ends on a loopback
+/// TCP port that any local process can reach. During the run, Debian's etcdctl on r2 reaches
+/// that port and the store itself refuses it everything without the host's credential
+/// (as etcd does: "user name is empty", not a refused connection): reading every key,
+/// writing, deleting.
+fn a_local_process_on_a_tcp_fallback_host_cannot_use_the_store_tunnel(lab: &Lab) -> TestResult {
+    clean(lab, false);
+    let topo = topology(TWO_RELAYS);
+    let (mut running, rx) = start_logging(lab, &topo, &[]);
+    let seen = wait_lines(
+        &rx,
+        &[
+            "r2: the store tunnel ends on loopback TCP port".to_string(),
+            "r2/l2-1: converged".to_string(),
+        ],
+        Duration::from_secs(90),
+    )?;
+    let port: u16 = seen
+        .iter()
+        .find_map(|l| {
+            l.split("r2: the store tunnel ends on loopback TCP port ")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .ok_or_else(|| fail(format!("no port in the warning:\n{}", seen.join("\n"))))?;
+    for (what, args) in [
+        ("reading every key", "get --prefix /"),
+        ("writing", "put /run/exports/evil x"),
+        ("deleting every key", "del --prefix /"),
+    ] {
+        let out = lab.exec(
+            "r2",
+            &format!(
+                "ETCDCTL_API=3 etcdctl --endpoints=127.0.0.1:{port} --command-timeout=5s {args}"
+            ),
+        );
+        let said = text(&out);
+        check!(
+            !out.status.success(),
+            "{what} through r2's tunnel port without a credential worked:\n{said}"
+        );
+        check!(
+            [
+                "user name is empty",
+                "permission denied",
+                "invalid auth token"
+            ]
+            .iter()
+            .any(|m| said.contains(m)),
+            "{what}: no refusal from the store on port {port}:\n{said}"
+        );
+    }
+    let (code, _) = running.interrupt()?;
+    check!(code == Some(130), "exit {code:?} after ^C");
     check_no_leftovers(lab, &HOSTS)
 }
