@@ -241,6 +241,29 @@ struct SshArgs {
     /// Ask on the terminal for passphrases and passwords when keys and the agent fail.
     #[arg(long)]
     allow_interactive: bool,
+    /// Ask once, on the terminal, for an SSH password used for every host (tried after keys;
+    /// relays get it for their own subtree only). Beats a topology's `password:`.
+    #[arg(short = 'k', long)]
+    ask_pass: bool,
+    /// Read the SSH password of -k from this file (its first line; keep it mode 0600)
+    /// instead of asking.
+    #[arg(long, value_name = "PATH", conflicts_with = "ask_pass")]
+    password_file: Option<PathBuf>,
+    /// Become root through `sudo` on every host, after logging in as the host's user (as
+    /// `become: true` on every topology entry): `arbor run` starts arbor there as root, from
+    /// a copy the login user cannot change; `arbor exec` runs the command as root
+    /// (docs/topology.md, "Become").
+    #[arg(long = "become")]
+    escalate: bool,
+    /// Ask once, on the terminal, for the sudo password of the hosts that become root, and
+    /// feed it to `sudo -S` on each (never on a command line; relays get it for their own
+    /// subtree only).
+    #[arg(short = 'K', long)]
+    ask_become_pass: bool,
+    /// Read the sudo password of --ask-become-pass from this file (its first line; keep it
+    /// mode 0600) instead of asking.
+    #[arg(long, value_name = "PATH", conflicts_with = "ask_become_pass")]
+    become_password_file: Option<PathBuf>,
     /// Seconds to wait for a host's TCP connect and SSH handshake. Default: ssh_config's
     /// ConnectTimeout for the host, else 10.
     #[arg(long, value_name = "SECONDS")]
@@ -279,6 +302,11 @@ impl SshArgs {
         options.accept_new = self.host_key_policy.as_deref() == Some("accept-new");
         options.host_key_policy_given = self.host_key_policy.is_some();
         options.allow_interactive = self.allow_interactive;
+        options.ask_pass = self.ask_pass;
+        options.password_file = self.password_file;
+        options.escalate = self.escalate;
+        options.ask_become_pass = self.ask_become_pass;
+        options.become_password_file = self.become_password_file;
         options.connect_timeout = Duration::from_secs(self.connect_timeout.unwrap_or(10));
         options.connect_timeout_given = self.connect_timeout.is_some();
         options.binaries = binaries;

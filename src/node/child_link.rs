@@ -110,26 +110,45 @@ pub async fn launch(
              Unix-socket forwarding): local processes can reach that port, {who}"
         );
     }
-    let mut line = CommandLine::new(&staged.binary).args([
+    let workdir = super::escalate::node_workdir(staged);
+    let mut args: Vec<String> = [
         "run",
         "--hostname",
         &name,
         "--no-server",
         "--workdir",
-        &staged.workdir,
+        &workdir,
         "--depth",
         &start.path.depth().to_string(),
-    ]);
+    ]
+    .map(String::from)
+    .into();
     if let Some(tunnel) = &tunnel {
-        line = line.args(["--seeds", &tunnel.to_string()]);
+        args.extend(["--seeds".to_string(), tunnel.to_string()]);
     }
     if let Some(graph) = &staged.graph {
-        line = line.args(["--file", graph]);
+        let graph = match &staged.escalate {
+            Some(_) => format!("{workdir}/graph.yaml"),
+            None => graph.clone(),
+        };
+        args.extend(["--file".to_string(), graph]);
     }
+    let line = match &staged.escalate {
+        None => CommandLine::new(&staged.binary).args(&args).as_str().to_string(),
+        Some(become_) => super::escalate::start_command(staged, become_, &args),
+    };
     let mut command = session
-        .exec(line.as_str(), &ExecOptions { forward_agent })
+        .exec(&line, &ExecOptions { forward_agent })
         .await
         .map_err(|e| e.to_string())?;
+    // Through sudo: the first bytes of arbor's frames may have come with sudo's go-ahead.
+    let head = match &staged.escalate {
+        Some(become_) => {
+            super::escalate::handshake(&mut command, become_, session.label(), hello_timeout)
+                .await?
+        }
+        None => Vec::new(),
+    };
 
     let (events_tx, events_rx) = mpsc::channel(CHILD_QUEUE);
     let allowed = subtree_paths(&start.children);
@@ -148,6 +167,9 @@ pub async fn launch(
     let (reader_done, reader_finished) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         let mut frames_in = frames_in;
+        if !head.is_empty() {
+            let _ = frames_in.write_all(&head).await;
+        }
         let mut stderr_buf = Vec::new();
         let mut stderr_tail = Tail::default();
         let mut status = ExitStatus::Unknown;
@@ -320,7 +342,7 @@ impl Tail {
 /// to read when it did not get that far: killed, crashed, or never past its start.
 pub async fn why_ended(
     session: &Session,
-    workdir: &str,
+    staged: &Staged,
     status: &ExitStatus,
     stderr: Option<&str>,
 ) -> String {
@@ -328,7 +350,7 @@ pub async fn why_ended(
     if let Some(stderr) = stderr {
         why.push_str(&format!("; stderr: {stderr}"));
     }
-    if let Some(log) = log_tail(session, workdir).await {
+    if let Some(log) = log_tail(session, staged).await {
         why.push_str(&format!("; arbor.log: {log}"));
     }
     why
@@ -336,20 +358,27 @@ pub async fn why_ended(
 
 /// The last lines of `<workdir>/arbor.log` on the child, if it is there (bounded in time: the
 /// host may be gone).
-async fn log_tail(session: &Session, workdir: &str) -> Option<String> {
+async fn log_tail(session: &Session, staged: &Staged) -> Option<String> {
+    let workdir = super::escalate::node_workdir(staged);
     if !workdir.contains("/arbor.") || session.is_closed() {
         return None;
     }
     let log = format!("{workdir}/arbor.log");
     let command = CommandLine::new("tail").args(["-n", &TAIL_LINES.to_string(), "--", &log]);
-    let read = tokio::time::timeout(
-        std::time::Duration::from_secs(3),
-        session.output(command.as_str()),
-    )
-    .await;
-    let out = match read {
-        Ok(Ok(out)) if out.status.success() => out.stdout,
-        _ => return None,
+    let out = match &staged.escalate {
+        // Root's dir: only root reads it.
+        Some(become_) => super::escalate::run(session, become_, command.as_str()).await?,
+        None => {
+            let read = tokio::time::timeout(
+                std::time::Duration::from_secs(3),
+                session.output(command.as_str()),
+            )
+            .await;
+            match read {
+                Ok(Ok(out)) if out.status.success() => out.stdout,
+                _ => return None,
+            }
+        }
     };
     let mut tail = Tail::default();
     for line in out.split(|b| *b == b'\n') {

@@ -48,6 +48,16 @@ pub struct RunOptions {
     /// `--host-key-policy` was given: it beats ssh_config's StrictHostKeyChecking.
     pub host_key_policy_given: bool,
     pub allow_interactive: bool,
+    /// `-k`: ask once for an SSH password used for every host.
+    pub ask_pass: bool,
+    /// `--password-file`: that password, from a file.
+    pub password_file: Option<PathBuf>,
+    /// `--become`: start arbor as root through sudo on every host.
+    pub escalate: bool,
+    /// `-K`: ask once for the sudo password.
+    pub ask_become_pass: bool,
+    /// `--become-password-file`: that password, from a file.
+    pub become_password_file: Option<PathBuf>,
     pub connect_timeout: Duration,
     /// `--connect-timeout` was given: it beats ssh_config's ConnectTimeout.
     pub connect_timeout_given: bool,
@@ -99,6 +109,11 @@ impl Default for RunOptions {
             accept_new: false,
             host_key_policy_given: false,
             allow_interactive: false,
+            ask_pass: false,
+            password_file: None,
+            escalate: false,
+            ask_become_pass: false,
+            become_password_file: None,
             connect_timeout: Duration::from_secs(node.connect_timeout),
             connect_timeout_given: false,
             binaries: Vec::new(),

@@ -222,8 +222,14 @@ async fn run_command(
         _ = stop.cancelled() => return Err(fleet::stopped(name)),
     };
     let line = CommandLine::new("sh").args(["-c", WRAPPER, "arbor-exec", command]);
+    // With become, as root: sudo's password prompt (ours) is answered once, on stdin.
+    let line = match &spec.escalate {
+        Some(become_) => format!("{} {}", super::escalate::sudo(become_), line.as_str()),
+        None => line.as_str().to_string(),
+    };
+    let mut prompts = super::escalate::Prompts::new(spec.escalate.as_ref());
     let mut remote = match session
-        .exec(line.as_str(), &ssh::ExecOptions::default())
+        .exec(&line, &ssh::ExecOptions::default())
         .await
     {
         Ok(remote) => remote,
@@ -243,6 +249,14 @@ async fn run_command(
                     send_lines(&ctx.events, me, &out.push(&data), false).await;
                 }
                 Some(Output::Stderr(data)) => {
+                    let data = match prompts.answer(&data, &remote, name).await {
+                        Ok(data) => data,
+                        Err(e) => {
+                            drop(remote);
+                            session.disconnect().await;
+                            return Err(e);
+                        }
+                    };
                     send_lines(&ctx.events, me, &err.push(&data), true).await;
                 }
                 Some(Output::Exit(status)) => break Some(status),
@@ -474,6 +488,8 @@ impl ExecPlan {
                 "no host left to run on (every host of -w is excluded by -x)",
             ));
         }
+        let mut children = children;
+        super::escalate::apply_operator_choices(&mut children, &options.run)?;
         let paths = index(&children)
             .into_iter()
             .map(|(name, (path, _))| (name, path))

@@ -378,6 +378,7 @@ pub(super) fn child_options(
         };
     }
     options.auth.password = spec.password.clone();
+    options.auth.password_asked = spec.password_asked;
     Ok(options)
 }
 
@@ -600,7 +601,7 @@ async fn stage_child(
         stop,
     )
     .await;
-    let staged = match staged {
+    let mut staged = match staged {
         Ok(staged) => staged,
         Err(e) => {
             session.disconnect().await;
@@ -610,6 +611,7 @@ async fn stage_child(
             });
         }
     };
+    staged.escalate = spec.escalate.clone().filter(|_| ctx.exec.is_none());
     run.bytes = staged.bytes_copied;
     run.cached = Some(staged.cached);
     if ctx.exec.is_none() {
@@ -916,9 +918,10 @@ async fn supervise(
     } else if ok {
         String::new()
     } else {
-        child_link::why_ended(&session, &staged.workdir, &status, stderr.as_deref()).await
+        child_link::why_ended(&session, &staged, &status, stderr.as_deref()).await
     };
     if !link_down {
+        super::escalate::remove_root_dir(&session, &staged).await;
         let _ = stage::remove_workdir(&session, &staged.workdir).await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), session.disconnect()).await;

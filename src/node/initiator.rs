@@ -446,6 +446,7 @@ impl Plan {
                 ran
             }
         };
+        super::escalate::apply_operator_choices(&mut children, options)?;
         // Sources are read and hashed before anything is contacted: a bad one is bad input.
         let mut sources = Sources::default();
         resolve_artifacts(&mut children, &graphs, &mut sources)?;

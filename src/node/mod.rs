@@ -24,6 +24,7 @@ pub mod artifacts;
 pub mod builds;
 pub mod child_link;
 pub mod config;
+pub mod escalate;
 pub mod exec;
 pub mod fleet;
 pub mod initiator;

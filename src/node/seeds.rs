@@ -45,7 +45,7 @@ pub fn operator(options: &RunOptions) -> Result<Option<(String, String)>, String
         return Ok(None);
     };
     if let Some(path) = &options.seeds_password_file {
-        return read_password_file(path).map(|p| Some((user.clone(), p)));
+        return read_password_file("--seeds-password-file", path).map(|p| Some((user.clone(), p)));
     }
     if let Some(password) = std::env::var_os(PASSWORD_ENV) {
         let password = password
@@ -68,15 +68,17 @@ pub fn operator(options: &RunOptions) -> Result<Option<(String, String)>, String
     ))
 }
 
-fn read_password_file(path: &Path) -> Result<String, String> {
+/// The first line of the password file `path`, given with `flag` (a file others can read
+/// earns a warning).
+pub fn read_password_file(flag: &str, path: &Path) -> Result<String, String> {
     use std::os::unix::fs::PermissionsExt;
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("--seeds-password-file {}: {e}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("{flag} {}: {e}", path.display()))?;
     if let Ok(meta) = std::fs::metadata(path)
         && meta.permissions().mode() & 0o077 != 0
     {
         tracing::warn!(
-            "--seeds-password-file {}: readable by other users (mode {:o}); chmod 600 it",
+            "{flag} {}: readable by other users (mode {:o}); chmod 600 it",
             path.display(),
             meta.permissions().mode() & 0o777
         );

@@ -67,6 +67,10 @@ pub struct Staged {
     pub cached: bool,
     /// Bytes of files copied (binary and graph).
     pub bytes_copied: u64,
+    /// The sha256 of the build at `binary`.
+    pub sha256: String,
+    /// arbor starts there through sudo (`become`): see `escalate`.
+    pub escalate: Option<crate::wire::Become>,
 }
 
 /// Why staging failed.
@@ -320,6 +324,8 @@ async fn copy_in(
         platform: probed.platform.clone(),
         cached,
         bytes_copied,
+        sha256: build.sha256.clone(),
+        escalate: None,
     })
 }
 
@@ -536,9 +542,18 @@ pub async fn remove_workdir(session: &Session, workdir: &str) -> Result<(), SshE
 /// Stops whatever arbor was started with `staged`'s working dir (a child that never said
 /// hello), then removes the working dir.
 pub async fn stop_and_remove(session: &Session, staged: &Staged) {
-    let pattern = format!("--workdir {}( |$)", staged.workdir);
+    let workdir = super::escalate::node_workdir(staged);
+    let pattern = format!("--workdir {workdir}( |$)");
     let kill = CommandLine::new("pkill").args(["-KILL", "-f", "--", &pattern]);
-    let _ = session.output(kill.as_str()).await;
+    match &staged.escalate {
+        Some(become_) => {
+            let _ = super::escalate::run(session, become_, kill.as_str()).await;
+            super::escalate::remove_root_dir(session, staged).await;
+        }
+        None => {
+            let _ = session.output(kill.as_str()).await;
+        }
+    }
     let _ = remove_workdir(session, &staged.workdir).await;
 }
 

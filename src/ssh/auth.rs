@@ -86,8 +86,11 @@ pub struct AuthOptions {
     /// ssh_config `IdentitiesOnly yes`: no agent key but the named ones, no default files
     /// when keys are named.
     pub identities_only: bool,
-    /// A password from the target URL (insecure: a warning is printed when it is used).
+    /// A password from the target URL or a topology (insecure: a warning is printed when it
+    /// is used), or the one the operator gave for the run (`asked`).
     pub password: Option<String>,
+    /// `password` was asked of the operator (`-k`) or read from `--password-file`.
+    pub password_asked: bool,
     /// Set only with --allow-interactive.
     pub prompter: Option<Arc<dyn Prompter>>,
 }
@@ -105,6 +108,7 @@ impl AuthOptions {
             named_keys: Vec::new(),
             identities_only: false,
             password: None,
+            password_asked: false,
             prompter: None,
         }
     }
@@ -287,11 +291,15 @@ pub(crate) async fn authenticate(
         }
     }
     if let Some(password) = &options.password {
-        tracing::warn!(
-            "{label}: using a password from the target URL; this is insecure (it may be in \
-             shell history and files): prefer keys"
-        );
-        attempts.tried.push("password from the URL".into());
+        if options.password_asked {
+            attempts.tried.push("password (-k)".into());
+        } else {
+            tracing::warn!(
+                "{label}: using a password from the target URL; this is insecure (it may be in \
+                 shell history and files): prefer keys"
+            );
+            attempts.tried.push("password from the URL".into());
+        }
         let result = handle
             .authenticate_password(user, password)
             .await

@@ -4,7 +4,7 @@
 
 use super::resolve::{Given, Resolver};
 use super::{MAX_DEPTH, Topology, TopologyError, nodeset};
-use crate::wire::{ChildMode, ChildSpec};
+use crate::wire::{Become, ChildMode, ChildSpec};
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 use std::collections::{BTreeMap, HashMap};
@@ -95,6 +95,9 @@ struct RawDefaults {
     identity: Option<Spanned<String>>,
     password: Option<Spanned<String>>,
     cconns: Option<Spanned<String>>,
+    #[serde(rename = "become")]
+    escalate: Option<Spanned<String>>,
+    become_user: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -111,6 +114,9 @@ struct RawEntry {
     host_key: Option<Spanned<String>>,
     cconns: Option<Spanned<String>>,
     mode: Option<Spanned<String>>,
+    #[serde(rename = "become")]
+    escalate: Option<Spanned<String>>,
+    become_user: Option<Spanned<String>>,
 }
 
 fn loc<T>(s: &Spanned<T>) -> (u64, u64) {
@@ -331,6 +337,7 @@ impl Builder<'_> {
             .or(self.defaults.identity.as_ref())
             .map(|i| i.value.clone());
         let cconns = self.cconns(e.cconns.as_ref().or(self.defaults.cconns.as_ref()))?;
+        let escalate = self.escalate(e, mode)?;
         let given = Given { user, port };
         let mut specs = Vec::new();
         for (host, name) in hosts.into_iter().zip(names) {
@@ -345,6 +352,7 @@ impl Builder<'_> {
                 cconns,
                 children: children.clone(),
                 credential: None,
+                escalate: escalate.clone(),
                 ..Default::default()
             };
             let at = e.host.as_ref().map(loc).unwrap_or_default();
@@ -354,6 +362,61 @@ impl Builder<'_> {
             specs.push(spec);
         }
         Ok(specs)
+    }
+
+    /// `become` and `become_user` of an entry (its own, else the defaults').
+    fn escalate(&self, e: &RawEntry, mode: ChildMode) -> Result<Option<Become>, TopologyError> {
+        let on = match e.escalate.as_ref().or(self.defaults.escalate.as_ref()) {
+            None => false,
+            Some(b) => match b.value.as_str() {
+                "true" => true,
+                "false" => false,
+                other => {
+                    return Err(
+                        self.error(loc(b), format!("become `{other}` is not true or false"))
+                    );
+                }
+            },
+        };
+        let user = e.become_user.as_ref().or(self.defaults.become_user.as_ref());
+        if let Some(u) = user {
+            if u.value.is_empty() {
+                return Err(self.error(loc(u), "`become_user` is empty".into()));
+            }
+            if u.value != "root" {
+                return Err(self.error(
+                    loc(u),
+                    format!(
+                        "become_user `{}`: only root is supported (arbor's working dir, store \
+                         socket and forwarded agent are reachable by the login user and root \
+                         only; docs/topology.md)",
+                        u.value
+                    ),
+                ));
+            }
+            if let Some(own) = &e.become_user
+                && !on
+            {
+                return Err(self.error(
+                    loc(own),
+                    "`become_user` without `become: true` would do nothing".into(),
+                ));
+            }
+        }
+        if on && mode == ChildMode::Jump {
+            // From `defaults:` it concerns the hosts that run arbor only.
+            if let Some(own) = &e.escalate {
+                return Err(self.error(
+                    loc(own),
+                    "a `mode: jump` host runs nothing, so it has nothing to `become` for".into(),
+                ));
+            }
+            return Ok(None);
+        }
+        Ok(on.then(|| Become {
+            user: user.map_or_else(|| "root".to_string(), |u| u.value.clone()),
+            password: None,
+        }))
     }
 
     fn cconns(&self, raw: Option<&Spanned<String>>) -> Result<Option<usize>, TopologyError> {

@@ -197,13 +197,14 @@ fn an_unknown_key_is_reported_at_the_key() {
         3,
         3,
         "unknown field `nmae`, expected one of host, name, user, port, graph, children, \
-         identity, password, host_key, cconns, mode",
+         identity, password, host_key, cconns, mode, become, become_user",
     );
     Dir::new().err_at(
         "defaults:\n  mode: jump\nhosts:\n- host: a\n",
         2,
         3,
-        "unknown field `mode`, expected one of user, port, identity, password, cconns",
+        "unknown field `mode`, expected one of user, port, identity, password, cconns, become, \
+         become_user",
     );
 }
 
@@ -399,5 +400,44 @@ fn a_name_with_a_slash_is_refused() {
         3,
         9,
         "name `a/b` contains `/`, which separates names in host paths",
+    );
+}
+
+#[test]
+fn become_is_set_per_host_or_in_defaults_and_checked() {
+    let t = Dir::new().ok(
+        "defaults:\n  become: true\nhosts:\n- host: a\n- host: b\n  become: false\n\
+         - host: j\n  mode: jump\n  children:\n  - host: c\n    become_user: root\n",
+    );
+    let become_of = |s: &crate::wire::ChildSpec| s.escalate.as_ref().map(|b| b.user.clone());
+    assert_eq!(become_of(&t.hosts[0]).as_deref(), Some("root"));
+    assert_eq!(become_of(&t.hosts[1]), None);
+    // A jump host runs nothing: `become` from the defaults passes it by.
+    assert_eq!(become_of(&t.hosts[2]), None);
+    assert_eq!(become_of(&t.hosts[2].children[0]).as_deref(), Some("root"));
+    Dir::new().err_at(
+        "hosts:\n- host: a\n  become: yes\n",
+        3,
+        11,
+        "become `yes` is not true or false",
+    );
+    Dir::new().err_at(
+        "hosts:\n- host: a\n  become_user: root\n",
+        3,
+        16,
+        "`become_user` without `become: true` would do nothing",
+    );
+    Dir::new().err_at(
+        "hosts:\n- host: a\n  become: true\n  become_user: deploy\n",
+        4,
+        16,
+        "become_user `deploy`: only root is supported (arbor's working dir, store socket and \
+         forwarded agent are reachable by the login user and root only; docs/topology.md)",
+    );
+    Dir::new().err_at(
+        "hosts:\n- host: j\n  mode: jump\n  become: true\n  children:\n  - host: c\n",
+        4,
+        11,
+        "a `mode: jump` host runs nothing, so it has nothing to `become` for",
     );
 }

@@ -184,6 +184,36 @@ pub struct ChildSpec {
     /// its file resources read. Every relay above it receives them too, once each.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub artifacts: BTreeMap<String, ArtifactRef>,
+    /// Start arbor there as another user through sudo (`become`), after logging in as `user`.
+    #[serde(
+        rename = "become",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub escalate: Option<Become>,
+    /// `password` was asked of the operator (`-k`) or read from `--password-file`, not taken
+    /// from a URL or topology file (which earns a warning each use).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub password_asked: bool,
+}
+
+/// How arbor is started on a host that forbids root logins: `sudo` to `user` (root), with
+/// `password` fed to `sudo -S` on the exec channel when sudo wants one (never on argv). The
+/// password goes down the control channel only, to the relays above the host.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Become {
+    pub user: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for Become {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Become")
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "…"))
+            .finish()
+    }
 }
 
 /// A file's content as a content-addressed blob (`source:` in a graph): kept in every node's
