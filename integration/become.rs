@@ -188,9 +188,7 @@ fn check_nothing_left(lab: &Lab) -> TestResult {
     Ok(())
 }
 
-fn a_relay_and_its_leaf_become_root_through_passwordless_sudo_at_depth_2(
-    lab: &Lab,
-) -> TestResult {
+fn a_relay_and_its_leaf_become_root_through_passwordless_sudo_at_depth_2(lab: &Lab) -> TestResult {
     clean(lab);
     let topo = topology(&tree("ops", "become: true"));
     let out = run(lab, &topo, &[]);
@@ -210,7 +208,11 @@ fn a_sudo_password_from_a_file_reaches_depth_2_and_never_shows(lab: &Lab) -> Tes
     let out = run(
         lab,
         &topo,
-        &["--become-password-file", file.to_str().unwrap_or_default(), "-v"],
+        &[
+            "--become-password-file",
+            file.to_str().unwrap_or_default(),
+            "-v",
+        ],
     );
     let log = exited(&out, 0)?;
     check_proofs(lab, &["r1", "l1-1", "l1-2"], &log)?;
@@ -228,7 +230,11 @@ fn a_missing_or_wrong_sudo_password_fails_naming_the_host_and_leaves_nothing(
     let topo = topology(&tree("opsp", "become: true"));
     let out = run(lab, &topo, &[]);
     let log = text(&out);
-    check!(out.status.code() == Some(1), "exit {:?}:\n{log}", out.status);
+    check!(
+        out.status.code() == Some(1),
+        "exit {:?}:\n{log}",
+        out.status
+    );
     check!(
         log.contains("r1: become: sudo did not start arbor as root")
             && log.contains("a password is required")
@@ -246,7 +252,11 @@ fn a_missing_or_wrong_sudo_password_fails_naming_the_host_and_leaves_nothing(
         &["--become-password-file", file.to_str().unwrap_or_default()],
     );
     let log = text(&out);
-    check!(out.status.code() == Some(1), "exit {:?}:\n{log}", out.status);
+    check!(
+        out.status.code() == Some(1),
+        "exit {:?}:\n{log}",
+        out.status
+    );
     check!(
         log.contains("r1: become: sudo refused the password for root"),
         "no clear error for a wrong password:\n{log}"
@@ -309,7 +319,11 @@ hosts:
     std::fs::write(&password, "wrong\n").map_err(fail)?;
     let out = arbor(lab, home.path(), &args);
     let log = text(&out);
-    check!(out.status.code() == Some(1), "exit {:?}:\n{log}", out.status);
+    check!(
+        out.status.code() == Some(1),
+        "exit {:?}:\n{log}",
+        out.status
+    );
     check!(
         log.contains("r1") && log.contains("password (-k)"),
         "no clear error:\n{log}"
@@ -347,7 +361,9 @@ fn exec_become_runs_the_command_as_root_at_depth_2(lab: &Lab) -> TestResult {
         );
     }
     check!(
-        !log.contains(OPSP_SUDO_PASSWORD) && !log.contains("PROMPT") && !log.contains("[arbor-become]"),
+        !log.contains(OPSP_SUDO_PASSWORD)
+            && !log.contains("PROMPT")
+            && !log.contains("[arbor-become]"),
         "the password or sudo's prompt shows:\n{log}"
     );
     check_nothing_left(lab)

@@ -83,7 +83,7 @@ pub async fn launch(
     start: Start,
     forward_agent: bool,
     hello_timeout: std::time::Duration,
-) -> Result<(ChildLink, mpsc::Receiver<FromChild>), String> {
+) -> Result<(ChildLink, mpsc::Receiver<FromChild>), LaunchError> {
     let tunnel = match store {
         Some(store) => {
             let socket = format!("{}/store.sock", staged.workdir);
@@ -134,7 +134,10 @@ pub async fn launch(
         args.extend(["--file".to_string(), graph]);
     }
     let line = match &staged.escalate {
-        None => CommandLine::new(&staged.binary).args(&args).as_str().to_string(),
+        None => CommandLine::new(&staged.binary)
+            .args(&args)
+            .as_str()
+            .to_string(),
         Some(become_) => super::escalate::start_command(staged, become_, &args),
     };
     let mut command = session
@@ -144,8 +147,23 @@ pub async fn launch(
     // Through sudo: the first bytes of arbor's frames may have come with sudo's go-ahead.
     let head = match &staged.escalate {
         Some(become_) => {
-            super::escalate::handshake(&mut command, become_, session.label(), hello_timeout)
-                .await?
+            let label = session.label();
+            match super::escalate::handshake(&mut command, become_, label, hello_timeout).await {
+                Ok(head) => head,
+                Err(failed) => {
+                    // sudo may still wait for another try, holding its lock on the user's
+                    // time stamp (a second sudo would wait for it): end it first.
+                    let _ = command.close_stdin().await;
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(3), async {
+                        while command.next().await.is_some() {}
+                    })
+                    .await;
+                    return Err(LaunchError {
+                        message: failed.message,
+                        nothing_as_root: failed.nothing_as_root,
+                    });
+                }
+            }
         }
         None => Vec::new(),
     };
@@ -276,14 +294,34 @@ pub async fn launch(
         .map_err(|e| format!("{label}: start: sending start: {e}"))?;
     match tokio::time::timeout(hello_timeout, hello_rx).await {
         Ok(Ok(Ok(()))) => Ok((control, events_rx)),
-        Ok(Ok(Err(e))) => Err(format!("{label}: start: {e}")),
+        Ok(Ok(Err(e))) => Err(format!("{label}: start: {e}").into()),
         // The child exited before saying hello: its stderr (already queued) says why.
         Ok(Err(_)) => Ok((control, events_rx)),
         Err(_) => Err(format!(
             "{label}: start: arbor was started but did not answer within {}s \
              (a hung host, or not an arbor build); stopped it",
             hello_timeout.as_secs()
-        )),
+        )
+        .into()),
+    }
+}
+
+/// Why a child could not be started.
+#[derive(Debug)]
+pub struct LaunchError {
+    /// A sentence naming the host and the step.
+    pub message: String,
+    /// Through sudo, nothing ran as root (sudo refused the password, or wanted one): the
+    /// cleanup must not ask sudo again.
+    pub nothing_as_root: bool,
+}
+
+impl From<String> for LaunchError {
+    fn from(message: String) -> Self {
+        LaunchError {
+            message,
+            nothing_as_root: false,
+        }
     }
 }
 

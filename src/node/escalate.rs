@@ -9,7 +9,7 @@
 //!    a short script as root. The password is written to the exec channel's stdin when sudo
 //!    prints that prompt, never put on argv; a second prompt means sudo refused it.
 //! 2. The script makes `W.root` (mode 0700, root's; `mkdir` fails if anything is there
-//!    already, so the login user cannot plant it), copies the binary there and checks its
+//!    already, so the login user cannot plant it; the script removes it again if it fails), copies the binary there and checks its
 //!    sha256 against the build the parent staged, copies the graph and a kept `arbor.gz`
 //!    (which arbor checks again before passing it on), prints a marker line and execs the
 //!    copy as `arbor run --workdir W.root`. The store socket stays in W, made by sshd for the
@@ -21,9 +21,9 @@
 //! Cleanup runs through sudo too: the parent removes `W.root` (and, when arbor never said
 //! hello, stops it) as root, W as the login user.
 
+use super::config::RunOptions;
 use super::stage::Staged;
 use crate::ssh::{CommandLine, ExecOptions, Output, RemoteCommand, Session, shell_quote};
-use super::config::RunOptions;
 use crate::wire::{Become, ChildMode, ChildSpec};
 use std::time::Duration;
 
@@ -63,6 +63,7 @@ const START_SCRIPT: &str = r#"set -e; umask 077
 w=$1 bin=$2 sha=$3 agent=$4 cache=$5; shift 5
 r="$w.root"
 mkdir -m 700 -- "$r"
+trap 'rm -rf -- "$r"' EXIT
 cp -- "$bin" "$r/arbor"
 if ! printf '%s  %s\n' "$sha" "$r/arbor" | sha256sum -c --status; then
   echo "become: the staged binary changed before root could copy it (sha256 mismatch); not run" >&2
@@ -73,6 +74,7 @@ if [ -f "${bin%/*}/arbor.gz" ]; then cp -- "${bin%/*}/arbor.gz" "$r/arbor.gz"; f
 if [ -n "$agent" ]; then SSH_AUTH_SOCK=$agent; export SSH_AUTH_SOCK; fi
 XDG_CACHE_HOME=$cache; export XDG_CACHE_HOME
 cd "$r"
+trap - EXIT
 echo arbor-become-ready
 exec "$r/arbor" "$@""#;
 
@@ -101,17 +103,39 @@ pub fn start_command(staged: &Staged, become_: &Become, args: &[String]) -> Stri
     )
 }
 
+/// Why sudo did not start root's script.
+pub struct Refused {
+    /// A sentence naming the host and the step.
+    pub message: String,
+    /// sudo refused the password or wanted one: nothing ran as root.
+    pub nothing_as_root: bool,
+}
+
 /// Waits until sudo has started root's script: answers sudo's password prompt once, and
 /// returns the bytes of stdout that came after the marker (the start of arbor's frames).
-/// Errors are sentences naming the host and the step.
 pub async fn handshake(
+    command: &mut RemoteCommand,
+    become_: &Become,
+    label: &str,
+    timeout: Duration,
+) -> Result<Vec<u8>, Refused> {
+    handshake_inner(command, become_, label, timeout)
+        .await
+        .map_err(|message| Refused {
+            nothing_as_root: message.contains("sudo refused the password")
+                || message.contains("a password is required"),
+            message,
+        })
+}
+
+async fn handshake_inner(
     command: &mut RemoteCommand,
     become_: &Become,
     label: &str,
     timeout: Duration,
 ) -> Result<Vec<u8>, String> {
     let (mut stdout, mut stderr) = (Vec::<u8>::new(), Vec::<u8>::new());
-    let mut answered = false;
+    let mut answered = 0;
     let user = &become_.user;
     let work = async {
         while let Some(item) = command.next().await {
@@ -132,17 +156,19 @@ pub async fn handshake(
                     if stderr.len() < KEEP_STDERR {
                         stderr.extend_from_slice(&data);
                     }
+                    // Anything else sudo says (a warning, "Sorry, try again.") waits for the
+                    // next prompt or its exit.
                     let prompts = count(&stderr, PROMPT.as_bytes());
-                    if prompts == 0 {
+                    if prompts <= answered {
                         continue;
                     }
-                    let Some(password) = become_.password.as_ref().filter(|_| !answered) else {
+                    let Some(password) = become_.password.as_ref().filter(|_| answered == 0) else {
                         return Err(format!(
                             "{label}: become: sudo refused the password for {user} \
                              (it asked again)"
                         ));
                     };
-                    answered = true;
+                    answered = prompts;
                     let mut line = password.clone().into_bytes();
                     line.push(b'\n');
                     command
@@ -169,14 +195,18 @@ pub async fn handshake(
                 }
             }
         }
-        Err(format!("{label}: become: the channel closed before arbor started"))
-    };
-    tokio::time::timeout(timeout, work).await.unwrap_or_else(|_| {
         Err(format!(
-            "{label}: become: sudo did not start arbor within {}s",
-            timeout.as_secs()
+            "{label}: become: the channel closed before arbor started"
         ))
-    })
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "{label}: become: sudo did not start arbor within {}s",
+                timeout.as_secs()
+            ))
+        })
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -297,7 +327,9 @@ pub fn apply_operator_choices(
         });
     }
     let mut becoming = 0;
-    each(children, &mut |spec| becoming += usize::from(spec.escalate.is_some()));
+    each(children, &mut |spec| {
+        becoming += usize::from(spec.escalate.is_some())
+    });
     let become_password = match (&options.become_password_file, options.ask_become_pass) {
         (Some(path), _) => Some(super::seeds::read_password_file(
             "--become-password-file",
@@ -368,7 +400,10 @@ mod tests {
         let line = start_command(&staged, &with_password, &["run".into(), "--x y".into()]);
         assert!(!line.contains("s3cret"), "{line}");
         assert!(line.starts_with("sudo -S -p '[arbor-become] password: ' -u root -- /bin/sh -c "));
-        assert!(line.ends_with(" \"${SSH_AUTH_SOCK:-}\" '/home/o p/.cache' run '--x y'"), "{line}");
+        assert!(
+            line.ends_with(" \"${SSH_AUTH_SOCK:-}\" '/home/o p/.cache' run '--x y'"),
+            "{line}"
+        );
         let without = Become {
             user: "root".into(),
             password: None,
@@ -382,6 +417,10 @@ mod tests {
             .args(["-n", "-c", START_SCRIPT])
             .output()
             .expect("sh");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }

@@ -228,10 +228,7 @@ async fn run_command(
         None => line.as_str().to_string(),
     };
     let mut prompts = super::escalate::Prompts::new(spec.escalate.as_ref());
-    let mut remote = match session
-        .exec(&line, &ssh::ExecOptions::default())
-        .await
-    {
+    let mut remote = match session.exec(&line, &ssh::ExecOptions::default()).await {
         Ok(remote) => remote,
         Err(e) => {
             session.disconnect().await;

@@ -688,10 +688,15 @@ async fn stage_child(
             events,
         }),
         Err(e) => {
-            // Staged but not started (or silent): leave nothing behind on the host.
+            // Staged but not started (or silent): leave nothing behind on the host. A
+            // password sudo refused is not tried again.
+            let mut staged = staged;
+            if e.nothing_as_root {
+                staged.escalate = None;
+            }
             stage::stop_and_remove(&session, &staged).await;
             session.disconnect().await;
-            Err(e)
+            Err(e.message)
         }
     }
 }

@@ -378,7 +378,10 @@ impl Builder<'_> {
                 }
             },
         };
-        let user = e.become_user.as_ref().or(self.defaults.become_user.as_ref());
+        let user = e
+            .become_user
+            .as_ref()
+            .or(self.defaults.become_user.as_ref());
         if let Some(u) = user {
             if u.value.is_empty() {
                 return Err(self.error(loc(u), "`become_user` is empty".into()));

@@ -185,11 +185,7 @@ pub struct ChildSpec {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub artifacts: BTreeMap<String, ArtifactRef>,
     /// Start arbor there as another user through sudo (`become`), after logging in as `user`.
-    #[serde(
-        rename = "become",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "become", default, skip_serializing_if = "Option::is_none")]
     pub escalate: Option<Become>,
     /// `password` was asked of the operator (`-k`) or read from `--password-file`, not taken
     /// from a URL or topology file (which earns a warning each use).
