@@ -145,7 +145,10 @@ fn add_rows(
         };
         rows.push(Row {
             tree: format!("{indent}{branch}{}", spec.name),
-            address: super::resolve::address(spec),
+            address: match &spec.escalate {
+                Some(b) => format!("{} (sudo {})", super::resolve::address(spec), b.user),
+                None => super::resolve::address(spec),
+            },
             depth,
             mode: match spec.mode {
                 ChildMode::Jump => "jump",
