@@ -15,6 +15,7 @@ use support::harness::{Test, TestResult, exited, fail, output_text as text};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use support::Lab;
+use support::terminal::Terminal;
 
 const ARBOR: &str = env!("CARGO_BIN_EXE_arbor");
 const HOSTS: [&str; 3] = ["r1", "l1-1", "l1-2"];
@@ -46,6 +47,10 @@ fn main() -> std::process::ExitCode {
         (
             "become_on_the_command_line_reaches_hosts_without_it_in_the_topology",
             become_on_the_command_line_reaches_hosts_without_it_in_the_topology,
+        ),
+        (
+            "on_a_terminal_the_ssh_and_sudo_passwords_are_each_asked_once_per_run",
+            on_a_terminal_the_ssh_and_sudo_passwords_are_each_asked_once_per_run,
         ),
     ];
     support::harness::run_with_lab(
@@ -375,5 +380,70 @@ fn become_on_the_command_line_reaches_hosts_without_it_in_the_topology(lab: &Lab
     let out = run(lab, &topo, &["--become"]);
     let log = exited(&out, 0)?;
     check_proofs(lab, &["r1", "l1-1", "l1-2"], &log)?;
+    check_nothing_left(lab)
+}
+
+/// `-k -K` on a terminal, no key in the initiator's home: one question for the SSH password
+/// and one for sudo's, whatever the number of hosts (a relay and its leaf, both `opsp`, whose
+/// SSH password is its sudo password), and neither is echoed.
+fn on_a_terminal_the_ssh_and_sudo_passwords_are_each_asked_once_per_run(lab: &Lab) -> TestResult {
+    clean(lab);
+    let home = tempfile::tempdir().map_err(fail)?;
+    std::fs::create_dir(home.path().join(".ssh")).map_err(fail)?;
+    std::fs::copy(
+        lab.home().join(".ssh/known_hosts"),
+        home.path().join(".ssh/known_hosts"),
+    )
+    .map_err(fail)?;
+    let topo = topology(&tree("opsp", "become: true"));
+    // l1-2 takes root only by key: out of this run.
+    let body = std::fs::read_to_string(&topo.path).map_err(fail)?;
+    let cut = body.find("  - host: 10.199.1.12").unwrap_or(body.len());
+    std::fs::write(&topo.path, &body[..cut]).map_err(fail)?;
+    let term = Terminal::start(
+        lab,
+        home.path(),
+        &[
+            "--topology",
+            &topo.path.to_string_lossy(),
+            "--tmp-prefix",
+            "--converged-timeout",
+            "1",
+            "-k",
+            "-K",
+        ],
+    )?;
+    let (mut ssh_asked, mut sudo_asked) = (0, 0);
+    let history = term.until_exit(std::time::Duration::from_secs(120), |screen| {
+        let ssh = screen.matches("SSH password (every host):").count();
+        let sudo = screen
+            .matches("sudo password (2 hosts become root):")
+            .count();
+        if ssh > ssh_asked && screen.trim_end().ends_with(':') {
+            ssh_asked = ssh;
+            term.type_line(OPSP_SUDO_PASSWORD);
+        }
+        if sudo > sudo_asked && screen.trim_end().ends_with(':') {
+            sudo_asked = sudo;
+            term.type_line(OPSP_SUDO_PASSWORD);
+        }
+    })?;
+    check!(
+        history.contains("ARBOR-EXIT=0"),
+        "the run did not exit 0:\n{history}"
+    );
+    check!(
+        history.matches("SSH password (every host):").count() == 1
+            && history
+                .matches("sudo password (2 hosts become root):")
+                .count()
+                == 1,
+        "each password was not asked exactly once:\n{history}"
+    );
+    check!(
+        !history.contains(OPSP_SUDO_PASSWORD),
+        "a password was echoed:\n{history}"
+    );
+    check_proofs(lab, &["r1", "l1-1"], &history)?;
     check_nothing_left(lab)
 }

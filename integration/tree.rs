@@ -17,6 +17,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use support::Lab;
+use support::terminal::Terminal;
 
 const ARBOR: &str = env!("CARGO_BIN_EXE_arbor");
 const HOSTS: [&str; 8] = ["r1", "r2", "l1-1", "l1-2", "l1-3", "l2-1", "l2-2", "l2-3"];
@@ -2153,98 +2154,6 @@ fn a_live_edit_may_reuse_a_source_but_adding_one_asks_for_a_restart(lab: &Lab) -
     let status = stop_with(&mut running, libc::SIGINT)?;
     check!(status.code() == Some(130), "exit {:?}", status.code());
     Ok(())
-}
-
-/// `arbor run ARGS` in a tmux pane of its own (100 × 30, a private tmux server), as an
-/// operator runs it on a terminal; the server goes when this does.
-struct Terminal {
-    socket: String,
-}
-
-impl Terminal {
-    fn start(lab: &Lab, home: &Path, args: &[&str]) -> Result<Terminal, libtest_mimic::Failed> {
-        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let term = Terminal {
-            socket: format!(
-                "arbor-test-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            ),
-        };
-        let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
-        let args: Vec<String> = args.iter().map(|a| quote(a)).collect();
-        let command = format!(
-            "ip netns exec {} env -u SSH_AUTH_SOCK HOME={} ARBOR_LOG=arbor=info {} run {}; \
-             echo ARBOR-EXIT=$?; sleep 600",
-            lab.init_ns(),
-            quote(&home.to_string_lossy()),
-            ARBOR,
-            args.join(" "),
-        );
-        let started = term.tmux(&[
-            "new-session",
-            "-d",
-            "-x",
-            "100",
-            "-y",
-            "30",
-            "-s",
-            "run",
-            &command,
-        ]);
-        check!(started.status.success(), "tmux: {}", text(&started));
-        Ok(term)
-    }
-
-    fn tmux(&self, args: &[&str]) -> Output {
-        Command::new("tmux")
-            .args(["-L", &self.socket])
-            .args(args)
-            .output()
-            .expect("tmux")
-    }
-
-    /// What the pane shows now.
-    fn screen(&self) -> String {
-        String::from_utf8_lossy(&self.tmux(&["capture-pane", "-p", "-t", "run"]).stdout)
-            .into_owned()
-    }
-
-    /// Types `text` and Enter.
-    fn type_line(&self, text: &str) {
-        self.tmux(&["send-keys", "-t", "run", "-l", text]);
-        self.tmux(&["send-keys", "-t", "run", "Enter"]);
-    }
-
-    /// Shows `each` the screen every 100 ms until arbor has exited; returns the whole pane,
-    /// history included.
-    fn until_exit(
-        &self,
-        within: Duration,
-        mut each: impl FnMut(&str),
-    ) -> Result<String, libtest_mimic::Failed> {
-        let deadline = Instant::now() + within;
-        loop {
-            let screen = self.screen();
-            each(&screen);
-            if screen.contains("ARBOR-EXIT=") {
-                let all = self.tmux(&["capture-pane", "-p", "-S", "-", "-t", "run"]);
-                return Ok(String::from_utf8_lossy(&all.stdout).into_owned());
-            }
-            if Instant::now() > deadline {
-                return Err(fail(format!(
-                    "no exit within {within:?}; last screen:\n{screen}"
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Terminal {
-    fn drop(&mut self) {
-        self.tmux(&["kill-server"]);
-    }
 }
 
 /// The operator's only key is encrypted and no agent runs: with --allow-interactive the

@@ -5,6 +5,7 @@
 pub mod harness;
 pub mod http_client;
 mod store;
+pub mod terminal;
 #[allow(unused_imports)]
 pub use store::*;
 
