@@ -131,6 +131,11 @@ pub trait Exchange: Send + Sync + 'static {
     /// The host is leaving: its exports and flag go now, not when the lease times out.
     fn withdraw(&self, host: &str) -> BoxFuture<'_, anyhow::Result<()>>;
 
+    /// Where `host`'s `kv` key `key` is in the store, for messages: [`kv_key`].
+    fn kv_store_key(&self, host: &str, key: &str) -> String {
+        kv_key(host, key)
+    }
+
     /// The value of `host`'s `kv` key `key` ([`kv_key`]), if it exists.
     fn kv_get(&self, host: &str, key: &str) -> BoxFuture<'_, anyhow::Result<Option<String>>>;
 

@@ -15,7 +15,7 @@
 
 use super::meta::Meta;
 use super::{ApplyContext, Kind, Outcome, Poke, Resource, ResourceId};
-use crate::engine::exchange::{Exchange, kv_key};
+use crate::engine::exchange::Exchange;
 use anyhow::{Context as _, bail};
 use futures::StreamExt;
 use futures::future::BoxFuture;
@@ -90,7 +90,9 @@ impl KvResource {
 
     /// The key in the store, for messages.
     fn store_key(&self) -> String {
-        kv_key(&self.store.host, &self.spec.key)
+        self.store
+            .exchange
+            .kv_store_key(&self.store.host, &self.spec.key)
     }
 
     /// Whether `stored` may stay although it is not our value: with `skiplessthan`, and no
