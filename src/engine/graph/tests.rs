@@ -463,10 +463,24 @@ fn mgmts_kv_examples_parse_with_their_meaning() {
     );
     assert_eq!(kv(&g, "kv1").value, None);
     let g = ok(
-        "---\ngraph: mygraph\nresources:\n  kv:\n  - name: kv1\n    key: \"stage\"\n    value: \"1\"\n    skiplessthan: true\n  - name: kv2\n    key: \"stage\"\n    value: \"2\"\n    skiplessthan: true\nedges:\n- name: e1\n  from:\n    kind: kv\n    name: kv1\n  to:\n    kind: kv\n    name: kv2\n",
+        "---\ngraph: mygraph\nresources:\n  kv:\n  - name: kv1\n    key: \"stage\"\n    value: \"3\"\n    skiplessthan: true\nedges: []\n",
     );
-    assert!(kv(&g, "kv2").skiplessthan);
-    assert_eq!(g.edges[0].to, ResourceId::new(Kind::Kv, "kv2"));
+    assert!(kv(&g, "kv1").skiplessthan);
+    let mut kv4 = String::from("---\ngraph: mygraph\nresources:\n  kv:\n");
+    for n in 1..=3 {
+        kv4.push_str(&format!(
+            "  - name: kv{n}\n    key: \"stage\"\n    value: \"{n}\"\n    skiplessthan: true\n"
+        ));
+    }
+    kv4.push_str("edges:\n");
+    for (e, from, to) in [(1, 1, 2), (2, 2, 3)] {
+        kv4.push_str(&format!(
+            "- name: e{e}\n  from:\n    kind: kv\n    name: kv{from}\n  to:\n    kind: kv\n    name: kv{to}\n"
+        ));
+    }
+    let g = ok(&kv4);
+    assert_eq!(kv(&g, "kv3").value.as_deref(), Some("3"));
+    assert_eq!(g.edges[1].to, ResourceId::new(Kind::Kv, "kv3"));
     // Strings compared as strings; a number is its text; the hostname expands; an exported
     // kv's key is its name without `@@`.
     let g = ok(
