@@ -74,6 +74,24 @@ fn every_bad_graph_exits_2_naming_file_line_and_column() {
             ":7:16: ",
             "not supported: meta.realize: true",
         ),
+        (
+            "timer-unknown-field.yaml",
+            "graph: g\nresources:\n  timer:\n  - name: t\n    interval: 1\n    jitter: 2\n",
+            ":6:5: ",
+            "jitter",
+        ),
+        (
+            "kv-unknown-field.yaml",
+            "graph: g\nresources:\n  kv:\n  - name: k\n    value: v\n    ttl: 5\n",
+            ":6:5: ",
+            "ttl",
+        ),
+        (
+            "kv-collected.yaml",
+            "graph: g\ncollect:\n- kind: kv\n",
+            ":3:9: ",
+            "not supported: collecting kv",
+        ),
     ];
     for (name, text, at, needle) in cases {
         let path = write(dir.path(), name, text);

@@ -326,10 +326,13 @@ fn hosts_get_etcd_users_of_their_own_keys_and_none_outlive_a_ctrl_c(lab: &Lab) -
         let base = format!("/arbor/runs/{run}");
         let want = format!(
             "Role {name}\nKV Read:\n\
+             \t[/arbor/kv/, /arbor/kv0) (prefix /arbor/kv/)\n\
+             \t[/arbor/kv/{host}/, /arbor/kv/{host}0) (prefix /arbor/kv/{host}/)\n\
              \t{base}/converged/{host}\n\
              \t[{base}/exports/, {base}/exports0) (prefix {base}/exports/)\n\
              \t[{base}/exports/{host}/, {base}/exports/{host}0) (prefix {base}/exports/{host}/)\n\
              KV Write:\n\
+             \t[/arbor/kv/{host}/, /arbor/kv/{host}0) (prefix /arbor/kv/{host}/)\n\
              \t{base}/converged/{host}\n\
              \t[{base}/exports/{host}/, {base}/exports/{host}0) (prefix {base}/exports/{host}/)\n"
         );

@@ -166,6 +166,14 @@ fn main() -> std::process::ExitCode {
             "a_local_process_on_a_tcp_fallback_host_cannot_use_the_store_tunnel",
             a_local_process_on_a_tcp_fallback_host_cannot_use_the_store_tunnel,
         ),
+        (
+            "a_timer_drives_an_exec_at_depth_2_through_a_relay",
+            a_timer_drives_an_exec_at_depth_2_through_a_relay,
+        ),
+        (
+            "a_kv_written_at_depth_2_is_read_by_another_host_that_cannot_overwrite_it",
+            a_kv_written_at_depth_2_is_read_by_another_host_that_cannot_overwrite_it,
+        ),
     ];
     support::harness::run_with_lab(
         "tree",
@@ -2313,5 +2321,193 @@ fn a_local_process_on_a_tcp_fallback_host_cannot_use_the_store_tunnel(lab: &Lab)
     }
     let (code, _) = running.interrupt()?;
     check!(code == Some(130), "exit {code:?} after ^C");
+    check_no_leftovers(lab, &HOSTS)
+}
+
+/// Runs `command` to its end, as `Command::output`, but stops it (^C, then SIGKILL) and fails
+/// if it has not ended within `limit`.
+fn output_within(mut command: Command, limit: Duration) -> Result<Output, libtest_mimic::Failed> {
+    let files = tempfile::tempdir().map_err(fail)?;
+    let (out, err) = (files.path().join("out"), files.path().join("err"));
+    let child = command
+        .stdout(std::fs::File::create(&out).map_err(fail)?)
+        .stderr(std::fs::File::create(&err).map_err(fail)?)
+        .spawn()
+        .map_err(fail)?;
+    let mut running = Running(child);
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = running.0.try_wait().map_err(fail)? {
+            break status;
+        }
+        if started.elapsed() > limit {
+            drop(running);
+            let so_far = std::fs::read_to_string(&out).unwrap_or_default();
+            return Err(fail(format!("still running after {limit:?}:\n{so_far}")));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Ok(Output {
+        status,
+        stdout: std::fs::read(&out).map_err(fail)?,
+        stderr: std::fs::read(&err).map_err(fail)?,
+    })
+}
+
+/// l1-1, under r1, runs a 1 s timer with a notify edge to an exec that appends the time to a
+/// file. For 5 s after its first run the exec must run about once a second: at least 4 more
+/// times, at most 7, never twice within half a second (a tick refreshes it once).
+fn a_timer_drives_an_exec_at_depth_2_through_a_relay(lab: &Lab) -> TestResult {
+    clean(lab, false);
+    let dir = tempfile::tempdir().map_err(fail)?;
+    let graph = dir.path().join("timer.yaml");
+    std::fs::write(
+        &graph,
+        "graph: ticks\nresources:\n  timer:\n  - name: t\n    interval: 1\n  exec:\n  \
+         - name: stamp\n    cmd: date +%s.%N >> /tmp/from-timer\nedges:\n- name: e\n  \
+         from: {kind: timer, name: t}\n  to: {kind: exec, name: stamp}\n  notify: true\n",
+    )
+    .map_err(fail)?;
+    let topo = topology(&format!(
+        "defaults:\n  user: root\nhosts:\n- host: 10.199.0.11\n  name: r1\n  children:\n  \
+         - host: 10.199.1.11\n    name: l1-1\n    graph: {}\n",
+        graph.display()
+    ));
+    let (mut running, _rx) = start(lab, &topo, &[]);
+    let stamps = || lab.sh("l1-1", "cat /tmp/from-timer 2>/dev/null || true");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stamps().trim().is_empty() {
+        check!(
+            Instant::now() < deadline,
+            "the exec never ran on l1-1 within 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    let seen = stamps();
+    let (code, _) = running.interrupt()?;
+    check!(code == Some(130), "exit {code:?} after ^C");
+    let times: Vec<f64> = seen
+        .lines()
+        .map(|l| l.trim().parse::<f64>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| fail(format!("{e}: {seen}")))?;
+    let runs = times.len();
+    check!(
+        (5..=8).contains(&runs),
+        "the exec ran {runs} times in 5 s after its first run of a 1 s timer:\n{seen}"
+    );
+    let gaps: Vec<f64> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    check!(
+        gaps.iter().all(|g| *g >= 0.5),
+        "runs closer than half a second apart: {gaps:?}"
+    );
+    check_no_leftovers(lab, &["r1", "l1-1"])
+}
+
+/// l1-1 (under r1) sets its kv key `color` to blue. l2-1 (under r2) runs a test build whose kv
+/// resources act on l1-1's keys (`ARBOR_TEST_MISBEHAVE=kv-as:l1-1`, as a compromised host
+/// could), with l2-1's own store credential: it reads l1-1's value, and its attempt to make it
+/// red is refused by the store. The run exits 1 naming that failure, and the store, opened
+/// after the run with `arbor store` and read with Debian's etcdctl, still holds blue under
+/// l1-1's own prefix: kv keys outlive the run, as mgmt's do.
+fn a_kv_written_at_depth_2_is_read_by_another_host_that_cannot_overwrite_it(
+    lab: &Lab,
+) -> TestResult {
+    clean(lab, false);
+    lab.sh(
+        "l2-1",
+        "mkdir -p /root/.ssh && echo ARBOR_TEST_MISBEHAVE=kv-as:l1-1 > /root/.ssh/environment",
+    );
+    let _undo = Undo {
+        lab,
+        host: "l2-1",
+        shell: "rm -f /root/.ssh/environment".into(),
+    };
+    let dir = tempfile::tempdir().map_err(fail)?;
+    let graph = |name: &str, value: &str| -> Result<String, libtest_mimic::Failed> {
+        let path = dir.path().join(format!("{name}.yaml"));
+        std::fs::write(
+            &path,
+            format!("graph: {name}\nresources:\n  kv:\n  - name: color\n    value: {value}\n"),
+        )
+        .map_err(fail)?;
+        Ok(path.display().to_string())
+    };
+    let (blue, red) = (graph("blue", "blue")?, graph("red", "red")?);
+    let topo = topology(&format!(
+        "defaults:\n  user: root\nhosts:\n- host: 10.199.0.11\n  name: r1\n  children:\n  \
+         - host: 10.199.1.11\n    name: l1-1\n    graph: {blue}\n- host: 10.199.0.12\n  \
+         name: r2\n  children:\n  - host: 10.199.2.11\n    name: l2-1\n    graph: {red}\n"
+    ));
+    // The store persists under this HOME (no --tmp-prefix), to be read after the run.
+    let home = private_home(lab)?;
+    let state = home.path().join(".local/state");
+    let mut run = arbor_command(
+        lab,
+        home.path(),
+        &[
+            "--topology",
+            topo.path.to_str().unwrap_or_default(),
+            "--converged-timeout",
+            "2",
+        ],
+    );
+    run.env("XDG_STATE_HOME", &state);
+    // Were the write allowed, the two hosts would set the key back and forth for ever.
+    let out = output_within(run, Duration::from_secs(90))?;
+    let log = exited(&out, 1)?;
+    let refused = log.lines().any(|l| {
+        l.contains("l2-1")
+            && l.contains("kv[color]")
+            && l.contains("set /arbor/kv/l1-1/color to `red` (it is `blue`)")
+            && l.contains("permission denied")
+    });
+    check!(
+        refused,
+        "no refusal of l2-1 overwriting l1-1's blue seen\n{log}"
+    );
+    check!(
+        log.lines()
+            .any(|l| l.starts_with("r1/l1-1 ") && l.contains(" ok ")),
+        "l1-1's own kv did not end ok\n{log}"
+    );
+    // The run is over: open its store and read every kv key.
+    let port = "23795";
+    let store = Command::new("ip")
+        .args(["netns", "exec", lab.init_ns(), ARBOR, "store", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--data-dir")
+        .arg(state.join("arbor/store"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(fail)?;
+    let _store = Running(store);
+    let get = || {
+        Command::new("ip")
+            .args(["netns", "exec", lab.init_ns(), "/usr/bin/etcdctl"])
+            .arg(format!("--endpoints=127.0.0.1:{port}"))
+            .args(["--command-timeout=5s", "get", "--prefix", "/arbor/kv/"])
+            .env("ETCDCTL_API", "3")
+            .output()
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let got = loop {
+        let out = get().map_err(fail)?;
+        if out.status.success() {
+            break String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        check!(
+            Instant::now() < deadline,
+            "etcdctl never read the run's store:\n{}",
+            text(&out)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    check!(
+        got == "/arbor/kv/l1-1/color\nblue\n",
+        "the store's kv keys after the run:\n{got}\n{log}"
+    );
     check_no_leftovers(lab, &HOSTS)
 }

@@ -1,5 +1,6 @@
 //! What the engine needs from the store: publish this host's exports, watch everyone's,
-//! publish this host's converged flag. Nothing else of the store is visible to the engine.
+//! publish this host's converged flag, and read, write and watch this host's `kv` keys.
+//! Nothing else of the store is visible to the engine.
 //!
 //! # Key layout (etcd v3)
 //!
@@ -7,9 +8,12 @@
 //! |---|---|---|
 //! | `/arbor/runs/<run>/exports/<host>/<kind>/<name>` | the resource spec, [`encode_spec`] (JSON) | the host's |
 //! | `/arbor/runs/<run>/converged/<host>` | `true` or `false` | the host's |
+//! | `/arbor/kv/<host>/<key>` | a `kv` resource's value, as written | none |
 //!
-//! Every key is under the run's own prefix ([`Keys`]): a run never takes another run's exports
-//! or converged flags (say, those of a killed run whose leases have not expired) for its own.
+//! Exports and converged flags are under the run's own prefix ([`Keys`]): a run never takes
+//! another run's exports or converged flags (say, those of a killed run whose leases have not
+//! expired) for its own. `kv` keys are the host's, not the run's: as in mgmt they are state
+//! that outlives the run that wrote it ([`kv_key`]).
 //!
 //! - [`Exchange::publish`] is one transaction: delete the host's exports prefix, then put every
 //!   export, all on the host's lease, so watchers never see half a replacement.
@@ -83,6 +87,20 @@ impl Keys {
     }
 }
 
+/// Where every host's `kv` keys are.
+pub const KV_PREFIX: &str = "/arbor/kv/";
+
+/// Where one host's `kv` keys are: the only ones it may write.
+pub fn kv_host_prefix(host: &str) -> String {
+    format!("{KV_PREFIX}{host}/")
+}
+
+/// The store key of `kv` key `key` of `host`. The key is appended as it is: store keys are
+/// flat, so no text in it (`../other/x`, say) leaves the host's prefix.
+pub fn kv_key(host: &str, key: &str) -> String {
+    format!("{}{key}", kv_host_prefix(host))
+}
+
 /// A fresh run id: 16 hex digits from the OS's random source.
 pub fn new_run_id() -> String {
     format!("{:016x}", rand::random::<u64>())
@@ -112,6 +130,28 @@ pub trait Exchange: Send + Sync + 'static {
 
     /// The host is leaving: its exports and flag go now, not when the lease times out.
     fn withdraw(&self, host: &str) -> BoxFuture<'_, anyhow::Result<()>>;
+
+    /// Where `host`'s `kv` key `key` is in the store, for messages: [`kv_key`].
+    fn kv_store_key(&self, host: &str, key: &str) -> String {
+        kv_key(host, key)
+    }
+
+    /// The value of `host`'s `kv` key `key` ([`kv_key`]), if it exists.
+    fn kv_get(&self, host: &str, key: &str) -> BoxFuture<'_, anyhow::Result<Option<String>>>;
+
+    /// Sets `host`'s `kv` key `key` to `value`, or deletes it for `None`. Not leased: the key
+    /// outlives the host's run.
+    fn kv_set(
+        &self,
+        host: &str,
+        key: &str,
+        value: Option<String>,
+    ) -> BoxFuture<'_, anyhow::Result<()>>;
+
+    /// An item each time `host`'s `kv` key `key` may have changed (and when the watch had to
+    /// start over, so a change may have been missed). An `Err` item reports a broken watch; the
+    /// stream may end after it.
+    fn kv_watch(&self, host: &str, key: &str) -> BoxStream<'static, anyhow::Result<()>>;
 }
 
 /// The value stored under an export key: JSON, which every etcd tool shows readably, and
@@ -184,6 +224,8 @@ struct MemoryInner {
 struct MemoryState {
     exports: BTreeMap<String, Vec<ResourceSpec>>,
     converged: BTreeMap<String, bool>,
+    /// By [`kv_key`]; kept when a host withdraws, as the store keeps them.
+    kv: BTreeMap<String, String>,
 }
 
 impl Default for MemoryExchange {
@@ -280,6 +322,51 @@ impl Exchange for MemoryExchange {
         self.remove_host(host);
         Box::pin(async { Ok(()) })
     }
+
+    fn kv_get(&self, host: &str, key: &str) -> BoxFuture<'_, anyhow::Result<Option<String>>> {
+        let value = self.lock().kv.get(&kv_key(host, key)).cloned();
+        Box::pin(async { Ok(value) })
+    }
+
+    fn kv_set(
+        &self,
+        host: &str,
+        key: &str,
+        value: Option<String>,
+    ) -> BoxFuture<'_, anyhow::Result<()>> {
+        let key = kv_key(host, key);
+        let mut s = self.lock();
+        match value {
+            Some(v) => s.kv.insert(key, v),
+            None => s.kv.remove(&key),
+        };
+        drop(s);
+        self.inner.changes.send_modify(|n| *n += 1);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn kv_watch(&self, host: &str, key: &str) -> BoxStream<'static, anyhow::Result<()>> {
+        let key = kv_key(host, key);
+        let me = self.clone();
+        let rx = self.inner.changes.subscribe();
+        let last = me.lock().kv.get(&key).cloned();
+        Box::pin(futures::stream::unfold(
+            (me, rx, last),
+            move |(me, mut rx, last)| {
+                let key = key.clone();
+                async move {
+                    loop {
+                        rx.changed().await.ok()?;
+                        let now = me.lock().kv.get(&key).cloned();
+                        // Only this key's changes are news.
+                        if now != last {
+                            return Some((Ok(()), (me, rx, now)));
+                        }
+                    }
+                }
+            },
+        ))
+    }
 }
 
 #[cfg(test)]
@@ -327,6 +414,19 @@ mod tests {
             Keys::for_run("r2").converged_host(&keys.converged("h1")),
             None
         );
+    }
+
+    #[test]
+    fn kv_keys_stay_under_their_hosts_prefix_whatever_they_say() {
+        assert_eq!(kv_key("h1", "color"), "/arbor/kv/h1/color");
+        for key in ["../h2/color", "/h2/color", "", "a/../../h2"] {
+            assert!(
+                kv_key("h1", key).starts_with(&kv_host_prefix("h1")),
+                "{key:?}"
+            );
+        }
+        // One host's prefix never covers another's whose name it starts.
+        assert!(!kv_key("h10", "x").starts_with(&kv_host_prefix("h1")));
     }
 
     #[test]

@@ -9,7 +9,8 @@
 use crate::engine::resources::exec::Aux;
 use crate::engine::resources::meta::Rate;
 use crate::engine::resources::{
-    ExecSpec, FileSpec, FileState, Kind, Meta, NoopSpec, ResourceId, ResourceSpec,
+    ExecSpec, FileSpec, FileState, Kind, KvSpec, Meta, NoopSpec, ResourceId, ResourceSpec,
+    SkipCmpStyle, TimerSpec,
 };
 use crate::engine::template::expand;
 use serde::Deserialize;
@@ -151,6 +152,8 @@ struct RawResources {
     file: Option<Vec<Spanned<RawFile>>>,
     exec: Option<Vec<Spanned<RawExec>>>,
     noop: Option<Vec<Spanned<RawNoop>>>,
+    timer: Option<Vec<Spanned<RawTimer>>>,
+    kv: Option<Vec<Spanned<RawKv>>>,
 }
 
 /// A field mgmt knows and arbor refuses: kept only for where it is.
@@ -224,6 +227,33 @@ struct RawNoop {
     /// mgmt's noop `comment`: text for the reader; it changes nothing.
     #[allow(dead_code)]
     comment: Option<String>,
+    meta: Option<Spanned<RawMeta>>,
+}
+
+/// mgmt's timer (engine/resources/timer.go).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTimer {
+    name: Spanned<String>,
+    /// Seconds; mgmt's default 0 would make its ticker panic, so it is required here.
+    interval: Option<Spanned<u32>>,
+    meta: Option<Spanned<RawMeta>>,
+}
+
+/// mgmt's kv (engine/resources/kv.go).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKv {
+    name: Spanned<String>,
+    /// As in mgmt, the name when missing.
+    key: Option<Spanned<String>>,
+    /// As in mgmt, none means the key is deleted.
+    value: Option<String>,
+    /// Every key is the host's own here, as mgmt's `mapped: true` keys are: accepted either way.
+    #[allow(dead_code)]
+    mapped: Option<bool>,
+    skiplessthan: Option<bool>,
+    skipcmpstyle: Option<Spanned<i64>>,
     meta: Option<Spanned<RawMeta>>,
 }
 
@@ -325,6 +355,12 @@ fn validate(raw: RawGraph, root: (u64, u64), host: &str) -> Result<Graph, Locate
         });
         declared.push(declare(spec, &n.value.name)?);
     }
+    for t in resources.timer.unwrap_or_default() {
+        declared.push(declare_timer(&t, host)?);
+    }
+    for k in resources.kv.unwrap_or_default() {
+        declared.push(declare_kv(&k, host)?);
+    }
 
     // Duplicate names within a kind, exported or not: `@@a` and `a` would be two different
     // things under one name.
@@ -384,6 +420,14 @@ fn collect_entries(raw: Vec<Spanned<RawCollect>>, host: &str) -> Result<Vec<Coll
             None => None,
             Some(p) => Some(absolute(p, &expand(&p.value, host), "collect pattern")?),
         };
+        if kind == Kind::Kv {
+            return Err(not_supported(
+                loc(&c.value.kind),
+                "collecting kv",
+                "a collected kv would let other hosts choose keys and values in this host's \
+                 own key space",
+            ));
+        }
         if kind == Kind::File && pattern.is_none() {
             return Err(fail(
                 &c.value.kind,
@@ -685,6 +729,87 @@ fn declare_exec(e: &Spanned<RawExec>, host: &str) -> Result<Declared, Located> {
     declare(spec, &raw.name)
 }
 
+fn declare_timer(t: &Spanned<RawTimer>, host: &str) -> Result<Declared, Located> {
+    let raw = &t.value;
+    let interval = match &raw.interval {
+        None => {
+            return Err(fail(
+                &raw.name,
+                "timer needs an `interval`: the seconds between its ticks".into(),
+            ));
+        }
+        Some(i) if i.value == 0 => {
+            return Err(fail(
+                i,
+                "timer interval 0: it must be at least 1 second".into(),
+            ));
+        }
+        Some(i) => i.value,
+    };
+    let spec = ResourceSpec::Timer(TimerSpec {
+        name: expand(&raw.name.value, host),
+        interval,
+        meta: meta(raw.meta.as_ref(), Kind::Timer)?,
+    });
+    declare(spec, &raw.name)
+}
+
+fn declare_kv(k: &Spanned<RawKv>, host: &str) -> Result<Declared, Located> {
+    let raw = &k.value;
+    let x = |s: &str| expand(s, host);
+    // As mgmt, the name when missing (without the `@@` of an exported one).
+    let key = match &raw.key {
+        Some(k) if k.value.is_empty() => {
+            return Err(fail(k, "kv key must not be empty".into()));
+        }
+        Some(k) => x(&k.value),
+        None => {
+            let name = x(&raw.name.value);
+            name.strip_prefix(EXPORT_PREFIX)
+                .unwrap_or(&name)
+                .to_string()
+        }
+    };
+    let value = raw.value.as_deref().map(x);
+    let skiplessthan = raw.skiplessthan.unwrap_or(false);
+    let skipcmpstyle = match &raw.skipcmpstyle {
+        None => SkipCmpStyle::Int,
+        Some(s) => match s.value {
+            0 => SkipCmpStyle::Int,
+            1 => SkipCmpStyle::String,
+            // mgmt checks the style only when it is used.
+            _ if !skiplessthan => SkipCmpStyle::Int,
+            n => {
+                return Err(fail(
+                    s,
+                    format!("kv skipcmpstyle {n} is not 0 (as integers) or 1 (as strings)"),
+                ));
+            }
+        },
+    };
+    if skiplessthan
+        && skipcmpstyle == SkipCmpStyle::Int
+        && let Some(v) = &value
+        && v.trim().parse::<i64>().is_err()
+    {
+        return Err(fail(
+            &raw.name,
+            format!(
+                "kv value `{v}` is not an integer, which skiplessthan compares it as                  (skipcmpstyle 1 compares strings)"
+            ),
+        ));
+    }
+    let spec = ResourceSpec::Kv(KvSpec {
+        name: x(&raw.name.value),
+        key,
+        value,
+        skiplessthan,
+        skipcmpstyle,
+        meta: meta(raw.meta.as_ref(), Kind::Kv)?,
+    });
+    declare(spec, &raw.name)
+}
+
 /// As mgmt: letters, digits and `_`, not starting with a digit.
 fn valid_env_name(name: &str) -> bool {
     !name.is_empty()
@@ -838,11 +963,13 @@ fn declare(mut spec: ResourceSpec, name_at: &Spanned<String>) -> Result<Declared
 
 fn parse_kind(s: &Spanned<String>) -> Result<Kind, Located> {
     Kind::parse(&s.value).ok_or_else(|| {
+        let known: Vec<&str> = Kind::ALL.iter().map(|k| k.as_str()).collect();
         fail(
             s,
             format!(
-                "unknown resource kind `{}` (known: file, exec, noop)",
-                s.value
+                "unknown resource kind `{}` (known: {})",
+                s.value,
+                known.join(", ")
             ),
         )
     })

@@ -12,7 +12,7 @@ use crate::engine::exchange::{Exchange, ExportedResource};
 use crate::engine::fs_events::FsEvents;
 use crate::engine::graph::Graph;
 use crate::engine::reload::diff;
-use crate::engine::resources::{Kind, ResourceId, ResourceSpec, Services};
+use crate::engine::resources::{Kind, KvStore, ResourceId, ResourceSpec, Services};
 use crate::engine::scheduler::{Event, Scheduler};
 use futures::StreamExt;
 use std::collections::{BTreeMap, HashMap};
@@ -111,6 +111,7 @@ impl Engine {
             fs: fs.clone(),
             diffs: diff_sink,
             artifacts: config.artifacts.clone(),
+            kv: KvStore::new(exchange.clone(), config.hostname.clone()),
         };
         let host = HostLoop {
             scheduler: Scheduler::new(services, config.noop, events_tx.clone()),
@@ -526,6 +527,23 @@ mod tests {
 
         fn withdraw(&self, host: &str) -> BoxFuture<'_, anyhow::Result<()>> {
             self.inner.withdraw(host)
+        }
+
+        fn kv_get(&self, host: &str, key: &str) -> BoxFuture<'_, anyhow::Result<Option<String>>> {
+            self.inner.kv_get(host, key)
+        }
+
+        fn kv_set(
+            &self,
+            host: &str,
+            key: &str,
+            value: Option<String>,
+        ) -> BoxFuture<'_, anyhow::Result<()>> {
+            self.inner.kv_set(host, key, value)
+        }
+
+        fn kv_watch(&self, host: &str, key: &str) -> BoxStream<'static, anyhow::Result<()>> {
+            self.inner.kv_watch(host, key)
         }
     }
 

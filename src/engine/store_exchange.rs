@@ -8,7 +8,7 @@
 //! written again on the new one as soon as the store answers; so are those whose write failed
 //! (the connection broke under it), without waiting for the host's next change.
 
-use super::exchange::{Exchange, ExportedResource, Keys, decode_spec, encode_spec};
+use super::exchange::{Exchange, ExportedResource, Keys, decode_spec, encode_spec, kv_key};
 use super::resources::{Kind, ResourceSpec};
 use crate::store::client::{EventKind, KeepAlive, StoreClient, Txn, TxnOp};
 use anyhow::Context;
@@ -372,6 +372,61 @@ impl Exchange for StoreExchange {
                 None => Ok(()),
             }
         })
+    }
+
+    fn kv_get(&self, host: &str, key: &str) -> BoxFuture<'_, anyhow::Result<Option<String>>> {
+        let key = kv_key(host, key);
+        Box::pin(async move {
+            let kv = self.shared.client.get(key.as_bytes()).await?;
+            Ok(kv.map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+        })
+    }
+
+    fn kv_set(
+        &self,
+        host: &str,
+        key: &str,
+        value: Option<String>,
+    ) -> BoxFuture<'_, anyhow::Result<()>> {
+        let key = kv_key(host, key);
+        Box::pin(async move {
+            match value {
+                // No lease: the key outlives the host's run, as mgmt's do.
+                Some(v) => self.shared.client.put(key, v).await.map(|_| ()),
+                None => self.shared.client.delete(key).await.map(|_| ()),
+            }
+        })
+    }
+
+    fn kv_watch(&self, host: &str, key: &str) -> BoxStream<'static, anyhow::Result<()>> {
+        let client = self.shared.client.clone();
+        let key = kv_key(host, key);
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            // The store client's watch resumes across broken connections by itself; only a
+            // lost history makes it end, and then a change may have been missed: say so, and
+            // watch again from now.
+            loop {
+                let mut events = client.watch_prefix(key.as_bytes(), 0);
+                while let Some(event) = events.next().await {
+                    let news = match event {
+                        // A prefix watch: keys that merely start with this one are not news.
+                        Ok(e) => e.key == key.as_bytes(),
+                        Err(lost) => {
+                            tracing::warn!("{lost}; watching {key} again");
+                            true
+                        }
+                    };
+                    if news && tx.send(Ok(())).await.is_err() {
+                        return;
+                    }
+                }
+                if tx.is_closed() {
+                    return;
+                }
+            }
+        });
+        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
     }
 }
 

@@ -916,3 +916,158 @@ async fn exports_published_while_the_store_is_out_of_reach_land_once_it_answers(
     }
     ex.withdraw("a").await.expect("withdraw");
 }
+
+#[tokio::test]
+async fn a_timer_refreshes_an_exec_along_a_notify_edge_on_every_tick() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (notified, plain) = (dir.path().join("notified"), dir.path().join("plain"));
+    let src = format!(
+        "graph: ticks\nresources:\n  timer:\n  - name: t\n    interval: 1\n  exec:\n  \
+         - name: notified\n    cmd: echo run >> {}\n  - name: plain\n    cmd: echo run >> {}\n\
+         edges:\n- name: e1\n  from: {{kind: timer, name: t}}\n  to: {{kind: exec, name: notified}}\n  notify: true\n\
+         - name: e2\n  from: {{kind: timer, name: t}}\n  to: {{kind: exec, name: plain}}\n",
+        notified.display(),
+        plain.display()
+    );
+    let e = start(&src, "h", &new_exchange().await).await;
+    // The first run, then one a second.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let runs = lines(&notified);
+    assert!(
+        (3..=5).contains(&runs),
+        "the notified exec ran {runs} times in 3.5 s of a 1 s timer"
+    );
+    // Without notify a tick only orders: the exec, already run, stays as it is (as in mgmt).
+    assert_eq!(lines(&plain), 1, "a plain edge re-ran the exec");
+    let status = e.status().borrow().clone();
+    assert!(status.failures.is_empty(), "{status:?}");
+    e.stop().await;
+}
+
+/// An embedded store that checks credentials, with a user per host in `hosts` allowed what
+/// a run's host is (`initiator::host_access`); returns its endpoint.
+async fn store_with_hosts(hosts: &[&str]) -> Endpoints {
+    let mut users = crate::store::auth::Users::new();
+    let keys = crate::engine::exchange::Keys::for_run("test");
+    for h in hosts {
+        users.add(
+            h,
+            &format!("pw-{h}"),
+            crate::node::initiator::host_access(&keys, h),
+        );
+    }
+    let store = Store::bind_with(
+        &StoreConfig {
+            listen: "127.0.0.1:0".into(),
+            data_dir: None,
+            allow_non_loopback: false,
+        },
+        crate::store::Options {
+            users: Some(Arc::new(users)),
+            ..crate::store::Options::default()
+        },
+    )
+    .await
+    .expect("embedded store binds");
+    let endpoint = store.endpoint().to_string();
+    tokio::spawn(store.serve(tokio_util::sync::CancellationToken::new()));
+    Endpoints::parse(&endpoint).expect("endpoint")
+}
+
+async fn exchange_as(endpoints: &Endpoints, host: &str) -> Arc<dyn Exchange> {
+    let client = StoreClient::connect_as(endpoints, Some((host, &format!("pw-{host}"))))
+        .await
+        .expect("connects");
+    Arc::new(StoreExchange::new(
+        client,
+        crate::engine::exchange::Keys::for_run("test"),
+    ))
+}
+
+#[tokio::test]
+async fn a_kv_sets_its_hosts_own_key_in_the_store_and_its_watch_repairs_drift() {
+    let client = new_store().await;
+    let ex: Arc<dyn Exchange> = Arc::new(StoreExchange::new(
+        client.clone(),
+        crate::engine::exchange::Keys::for_run("test"),
+    ));
+    let src = "graph: kv\nresources:\n  kv:\n  - name: color\n    value: blue\n  \
+               - name: gone\n    key: stale\n";
+    client.put("/arbor/kv/a/stale", "old").await.expect("put");
+    let e = start(src, "a", &ex).await;
+    converged(&e).await;
+    let get = |key: &'static str| {
+        let client = client.clone();
+        async move {
+            client
+                .get(key)
+                .await
+                .expect("get")
+                .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+        }
+    };
+    assert_eq!(get("/arbor/kv/a/color").await.as_deref(), Some("blue"));
+    assert_eq!(get("/arbor/kv/a/stale").await, None, "no value deletes");
+    // Drift is seen by the store watch: the engine does not poll.
+    client.put("/arbor/kv/a/color", "red").await.expect("drift");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while get("/arbor/kv/a/color").await.as_deref() != Some("blue") {
+        assert!(tokio::time::Instant::now() < deadline, "drift not repaired");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Not leased: the key outlives the host.
+    e.stop().await;
+    assert_eq!(get("/arbor/kv/a/color").await.as_deref(), Some("blue"));
+}
+
+#[tokio::test]
+async fn a_host_reads_another_hosts_kv_key_but_cannot_write_it() {
+    let endpoints = store_with_hosts(&["a", "b"]).await;
+    let (ex_a, ex_b) = (
+        exchange_as(&endpoints, "a").await,
+        exchange_as(&endpoints, "b").await,
+    );
+    let src = "graph: kv\nresources:\n  kv:\n  - name: color\n    value: blue\n";
+    let a = start(src, "a", &ex_a).await;
+    converged(&a).await;
+    // b, with its own credential, reads a's key: hosts may read every kv key.
+    assert_eq!(
+        ex_b.kv_get("a", "color").await.expect("b reads a's key"),
+        Some("blue".into())
+    );
+    // A kv resource on b that targets a's key (what a compromised b would try) is refused
+    // by the store, and the failure says so.
+    let attack = crate::engine::resources::kv::KvResource::new(
+        crate::engine::resources::KvSpec {
+            name: "color".into(),
+            key: "color".into(),
+            value: Some("red".into()),
+            ..Default::default()
+        },
+        crate::engine::resources::KvStore::new(ex_b.clone(), "a"),
+    );
+    use crate::engine::resources::Resource;
+    let err = attack
+        .check_apply(Default::default())
+        .await
+        .expect_err("b may not write a's key");
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("set /arbor/kv/a/color to `red` (it is `blue`)")
+            && err.contains("permission denied"),
+        "{err}"
+    );
+    // b's own key is b's to write; a's stays as a set it.
+    let b = start(src, "b", &ex_b).await;
+    converged(&b).await;
+    assert_eq!(
+        ex_a.kv_get("b", "color").await.expect("a reads"),
+        Some("blue".into())
+    );
+    assert_eq!(
+        ex_b.kv_get("a", "color").await.expect("b reads"),
+        Some("blue".into())
+    );
+    a.stop().await;
+    b.stop().await;
+}

@@ -20,7 +20,7 @@ use super::run_book::{Next, RunBook};
 use super::seeds;
 use super::{StopSignals, signal_name};
 use crate::engine::artifacts::ArtifactIndex;
-use crate::engine::exchange::{Exchange, Keys, new_run_id};
+use crate::engine::exchange::{Exchange, KV_PREFIX, Keys, kv_host_prefix, new_run_id};
 use crate::engine::fs_events::FsEvents;
 use crate::engine::graph::{self, Graph};
 use crate::engine::reload::{GraphFile, follow_graph_file};
@@ -149,8 +149,26 @@ struct RunStore {
 /// The name the initiator's own store client authenticates as (no host name can be it).
 const INITIATOR_USER: &str = "@initiator";
 
-/// Every host's store credential and what it may do: read every export of the run, write its
-/// own exports and its own converged flag, use its own leases. Sets each spec's `credential`
+/// What host `host` may do in the store: read every export of the run and every host's `kv`
+/// keys; write its own exports, its own converged flag and its own `kv` keys. (And use its own
+/// leases, which the store tracks itself.)
+pub(crate) fn host_access(keys: &Keys, host: &str) -> Access {
+    Access::Keys {
+        read: vec![
+            keys.exports().as_bytes().to_vec(),
+            KV_PREFIX.as_bytes().to_vec(),
+        ],
+        write: vec![
+            keys.host_exports(host).into_bytes(),
+            kv_host_prefix(host).into_bytes(),
+        ],
+        own: vec![keys.converged(host).into_bytes()],
+    }
+}
+
+/// Every host's store credential and what it may do ([`host_access`]): read every export of
+/// the run and every host's `kv` keys, write its own exports, its own converged flag and its
+/// own `kv` keys, use its own leases. Sets each spec's `credential`
 /// (sent down to the relays above it, never on a command line) and, where the user is not
 /// named after the host (`user_name`), its `store_user`. The embedded store and an etcd with
 /// authentication on both enforce exactly these.
@@ -171,11 +189,7 @@ fn host_users(
             out.push(seeds::HostUser {
                 name: store_user.clone().unwrap_or_else(|| c.name.clone()),
                 password: password.clone(),
-                access: Access::Keys {
-                    read: vec![keys.exports().as_bytes().to_vec()],
-                    write: vec![keys.host_exports(&c.name).into_bytes()],
-                    own: vec![keys.converged(&c.name).into_bytes()],
-                },
+                access: host_access(keys, &c.name),
             });
             c.credential = Some(password);
             c.store_user = store_user;

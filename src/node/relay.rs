@@ -172,7 +172,11 @@ async fn serve(
         engine_config.noop = start.config.noop;
         engine_config.artifacts = super::artifacts::node_index(&artifacts_dir, &start.artifacts);
         engine_config.diff = start.config.diff;
-        let mut e = Engine::start(graph, engine_config, exchange.clone())
+        #[cfg(debug_assertions)]
+        let engine_exchange = kv_as_another_host(exchange.clone());
+        #[cfg(not(debug_assertions))]
+        let engine_exchange = exchange.clone();
+        let mut e = Engine::start(graph, engine_config, engine_exchange)
             .map_err(|e| format!("{name}: engine: {e:#}"))?;
         status = Some(e.status());
         diffs = e.take_diffs();
@@ -408,6 +412,93 @@ async fn misbehave(
         "compacting",
         raw.compact(1, None).await.map(|_| ()).map_err(Into::into),
     );
+}
+
+/// Test builds only: with `ARBOR_TEST_MISBEHAVE=kv-as:VICTIM`, this node's engine reads,
+/// writes and watches VICTIM's `kv` keys instead of its own, still with this node's own store
+/// credential: what a compromised host's kv resources could try. The end-to-end tests check
+/// the store lets it read them and refuses it writing them.
+#[cfg(debug_assertions)]
+fn kv_as_another_host(exchange: Arc<dyn Exchange>) -> Arc<dyn Exchange> {
+    let Some(victim) = std::env::var("ARBOR_TEST_MISBEHAVE")
+        .ok()
+        .and_then(|v| v.strip_prefix("kv-as:").map(str::to_string))
+    else {
+        return exchange;
+    };
+    tracing::warn!("misbehaving: kv resources act on {victim}'s keys");
+    Arc::new(KvAs {
+        inner: exchange,
+        victim,
+    })
+}
+
+#[cfg(debug_assertions)]
+struct KvAs {
+    inner: Arc<dyn Exchange>,
+    victim: String,
+}
+
+#[cfg(debug_assertions)]
+impl Exchange for KvAs {
+    fn publish(
+        &self,
+        host: &str,
+        exports: Vec<crate::engine::resources::ResourceSpec>,
+    ) -> futures::future::BoxFuture<'_, anyhow::Result<()>> {
+        self.inner.publish(host, exports)
+    }
+
+    fn watch_exports(
+        &self,
+        kind: crate::engine::resources::Kind,
+    ) -> futures::stream::BoxStream<
+        'static,
+        anyhow::Result<Vec<crate::engine::exchange::ExportedResource>>,
+    > {
+        self.inner.watch_exports(kind)
+    }
+
+    fn set_converged(
+        &self,
+        host: &str,
+        converged: bool,
+    ) -> futures::future::BoxFuture<'_, anyhow::Result<()>> {
+        self.inner.set_converged(host, converged)
+    }
+
+    fn withdraw(&self, host: &str) -> futures::future::BoxFuture<'_, anyhow::Result<()>> {
+        self.inner.withdraw(host)
+    }
+
+    fn kv_store_key(&self, _host: &str, key: &str) -> String {
+        self.inner.kv_store_key(&self.victim, key)
+    }
+
+    fn kv_get(
+        &self,
+        _host: &str,
+        key: &str,
+    ) -> futures::future::BoxFuture<'_, anyhow::Result<Option<String>>> {
+        self.inner.kv_get(&self.victim, key)
+    }
+
+    fn kv_set(
+        &self,
+        _host: &str,
+        key: &str,
+        value: Option<String>,
+    ) -> futures::future::BoxFuture<'_, anyhow::Result<()>> {
+        self.inner.kv_set(&self.victim, key, value)
+    }
+
+    fn kv_watch(
+        &self,
+        _host: &str,
+        key: &str,
+    ) -> futures::stream::BoxStream<'static, anyhow::Result<()>> {
+        self.inner.kv_watch(&self.victim, key)
+    }
 }
 
 /// Test builds only: with `ARBOR_TEST_MISBEHAVE=corrupt-artifacts`, a relay overwrites the

@@ -1,5 +1,5 @@
 use super::*;
-use crate::engine::resources::{FileState, Kind, ResourceId, ResourceSpec};
+use crate::engine::resources::{FileState, Kind, ResourceId, ResourceSpec, SkipCmpStyle};
 
 fn ok(src: &str) -> Graph {
     match parse(src, Path::new("g.yaml"), "h1") {
@@ -340,6 +340,19 @@ resources:
     watchshell: /bin/sh
     meta: {retry: 2, delay: 100, limit: .inf}
   - name: "echo named"
+  timer:
+  - name: t
+    interval: 30
+    meta: {limit: .inf}
+  kv:
+  - name: k
+    key: stage
+    value: "3"
+    mapped: true
+    skiplessthan: true
+    skipcmpstyle: 0
+    meta: {retry: 1}
+  - name: gone
 collect:
 - kind: noop
   pattern: ""
@@ -407,6 +420,122 @@ fn every_supported_mgmt_field_parses_with_its_meaning() {
     // A missing cmd is the name, as in mgmt.
     assert_eq!(exec("echo named").cmd, "echo named");
     assert_eq!(g.collect[0].pattern, None);
+
+    let find = |kind: Kind, name: &str| {
+        g.resources
+            .iter()
+            .find(|r| r.id() == ResourceId::new(kind, name))
+            .cloned()
+    };
+    let Some(ResourceSpec::Timer(t)) = find(Kind::Timer, "t") else {
+        panic!("no timer t");
+    };
+    assert_eq!(t.interval, 30);
+    let Some(ResourceSpec::Kv(k)) = find(Kind::Kv, "k") else {
+        panic!("no kv k");
+    };
+    assert_eq!(
+        (k.key.as_str(), k.value.as_deref(), k.skiplessthan),
+        ("stage", Some("3"), true)
+    );
+    assert_eq!(k.skipcmpstyle, SkipCmpStyle::Int);
+    assert_eq!(k.meta.retry, 1);
+    // As in mgmt: a missing key is the name, a missing value deletes the key.
+    let Some(ResourceSpec::Kv(gone)) = find(Kind::Kv, "gone") else {
+        panic!("no kv gone");
+    };
+    assert_eq!((gone.key.as_str(), gone.value), ("gone", None));
+}
+
+#[test]
+fn mgmts_kv_examples_parse_with_their_meaning() {
+    // examples/yaml/kv1.yaml to kv4.yaml in mgmt's repository, as they are there.
+    let kv = |g: &Graph, name: &str| match g.resources.iter().find(|r| r.name() == name) {
+        Some(ResourceSpec::Kv(k)) => k.clone(),
+        other => panic!("{other:?}"),
+    };
+    let g = ok(
+        "---\ngraph: mygraph\nresources:\n  kv:\n  - name: kv1\n    key: \"hello\"\n    value: \"world\"\nedges: []\n",
+    );
+    assert_eq!(kv(&g, "kv1").value.as_deref(), Some("world"));
+    let g = ok(
+        "---\ngraph: mygraph\nresources:\n  kv:\n  - name: kv1\n    key: \"iamdeleted\"\nedges: []\n",
+    );
+    assert_eq!(kv(&g, "kv1").value, None);
+    let g = ok(
+        "---\ngraph: mygraph\nresources:\n  kv:\n  - name: kv1\n    key: \"stage\"\n    value: \"3\"\n    skiplessthan: true\nedges: []\n",
+    );
+    assert!(kv(&g, "kv1").skiplessthan);
+    let mut kv4 = String::from("---\ngraph: mygraph\nresources:\n  kv:\n");
+    for n in 1..=3 {
+        kv4.push_str(&format!(
+            "  - name: kv{n}\n    key: \"stage\"\n    value: \"{n}\"\n    skiplessthan: true\n"
+        ));
+    }
+    kv4.push_str("edges:\n");
+    for (e, from, to) in [(1, 1, 2), (2, 2, 3)] {
+        kv4.push_str(&format!(
+            "- name: e{e}\n  from:\n    kind: kv\n    name: kv{from}\n  to:\n    kind: kv\n    name: kv{to}\n"
+        ));
+    }
+    let g = ok(&kv4);
+    assert_eq!(kv(&g, "kv3").value.as_deref(), Some("3"));
+    assert_eq!(g.edges[1].to, ResourceId::new(Kind::Kv, "kv3"));
+    // Strings compared as strings; a number is its text; the hostname expands; an exported
+    // kv's key is its name without `@@`.
+    let g = ok(
+        "graph: g\nresources:\n  kv:\n  - name: a\n    value: 7\n  - name: \"{{hostname}}-b\"\n    value: \"up on {{hostname}}\"\n    skiplessthan: true\n    skipcmpstyle: 1\n  - name: \"@@shared\"\n    value: x\n",
+    );
+    assert_eq!(kv(&g, "a").value.as_deref(), Some("7"));
+    let b = kv(&g, "h1-b");
+    assert_eq!(
+        (b.key.as_str(), b.value.as_deref(), b.skipcmpstyle),
+        ("h1-b", Some("up on h1"), SkipCmpStyle::String)
+    );
+    match &g.exports[0] {
+        ResourceSpec::Kv(k) => assert_eq!((k.name.as_str(), k.key.as_str()), ("shared", "shared")),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn bad_timer_and_kv_fields_are_errors_at_their_place() {
+    let timer = |fields: &str| format!("graph: g\nresources:\n  timer:\n  - name: t\n{fields}");
+    err_at(&timer("    intervall: 3\n"), 5, 5, "intervall");
+    err_at(&timer(""), 4, 11, "timer needs an `interval`");
+    err_at(&timer("    interval: 0\n"), 5, 15, "at least 1 second");
+    let e = parse(&timer("    interval: -2\n"), Path::new("g.yaml"), "h1")
+        .expect_err("negative")
+        .to_string();
+    assert!(e.starts_with("g.yaml:5:"), "{e}");
+    let kv = |fields: &str| format!("graph: g\nresources:\n  kv:\n  - name: k\n{fields}");
+    err_at(&kv("    vaule: x\n"), 5, 5, "vaule");
+    err_at(&kv("    key: \"\"\n"), 5, 10, "kv key must not be empty");
+    err_at(
+        &kv("    value: x\n    skiplessthan: true\n    skipcmpstyle: 2\n"),
+        7,
+        19,
+        "skipcmpstyle 2 is not 0",
+    );
+    err_at(
+        &kv("    value: three\n    skiplessthan: true\n"),
+        4,
+        11,
+        "kv value `three` is not an integer",
+    );
+    // As mgmt: the style is checked only when it is used, a non-integer only when compared
+    // as one.
+    ok(&kv("    value: three\n    skipcmpstyle: 7\n"));
+    ok(&kv(
+        "    value: three\n    skiplessthan: true\n    skipcmpstyle: 1\n",
+    ));
+    err_at(
+        "graph: g\ncollect:\n- kind: kv\n",
+        3,
+        9,
+        "not supported: collecting kv",
+    );
+    ok("graph: g\ncollect:\n- kind: timer\n");
 }
 
 #[test]

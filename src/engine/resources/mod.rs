@@ -1,14 +1,16 @@
 //! Resource kinds: one file per kind, all behind the one small [`Resource`] trait.
 //!
 //! After mgmt's resource API: `check_apply` compares the world with the spec and (unless in
-//! noop mode) fixes it; `watch` blocks on real events (inotify, child processes) and pokes the
-//! scheduler when the world may have drifted. Nothing polls. Adding a kind means one file here,
-//! one variant in [`ResourceSpec`] and one arm in [`build`].
+//! noop mode) fixes it; `watch` blocks on real events (inotify, child processes, store watches,
+//! a timer's ticker) and pokes the scheduler when the world may have drifted. Nothing polls.
+//! Adding a kind means one file here, one variant in [`ResourceSpec`] and one arm in [`build`].
 
 pub mod exec;
 pub mod file;
+pub mod kv;
 pub mod meta;
 pub mod noop;
+pub mod timer;
 
 use crate::engine::fs_events::FsEvents;
 use futures::future::BoxFuture;
@@ -19,8 +21,10 @@ use tokio_util::sync::CancellationToken;
 
 pub use exec::ExecSpec;
 pub use file::{FileSpec, FileState};
+pub use kv::{KvSpec, KvStore, SkipCmpStyle};
 pub use meta::Meta;
 pub use noop::NoopSpec;
+pub use timer::TimerSpec;
 
 /// The kinds of resource a graph may declare, as spelled in YAML.
 #[derive(
@@ -32,16 +36,20 @@ pub enum Kind {
     File,
     Exec,
     Noop,
+    Timer,
+    Kv,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::File, Kind::Exec, Kind::Noop];
+    pub const ALL: [Kind; 5] = [Kind::File, Kind::Exec, Kind::Noop, Kind::Timer, Kind::Kv];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::File => "file",
             Kind::Exec => "exec",
             Kind::Noop => "noop",
+            Kind::Timer => "timer",
+            Kind::Kv => "kv",
         }
     }
 
@@ -90,6 +98,8 @@ pub enum ResourceSpec {
     /// Boxed: an exec spec is several times the size of the others.
     Exec(Box<ExecSpec>),
     Noop(NoopSpec),
+    Timer(TimerSpec),
+    Kv(KvSpec),
 }
 
 impl ResourceSpec {
@@ -98,6 +108,8 @@ impl ResourceSpec {
             ResourceSpec::File(_) => Kind::File,
             ResourceSpec::Exec(_) => Kind::Exec,
             ResourceSpec::Noop(_) => Kind::Noop,
+            ResourceSpec::Timer(_) => Kind::Timer,
+            ResourceSpec::Kv(_) => Kind::Kv,
         }
     }
 
@@ -106,6 +118,8 @@ impl ResourceSpec {
             ResourceSpec::File(s) => &s.name,
             ResourceSpec::Exec(s) => &s.name,
             ResourceSpec::Noop(s) => &s.name,
+            ResourceSpec::Timer(s) => &s.name,
+            ResourceSpec::Kv(s) => &s.name,
         }
     }
 
@@ -114,6 +128,8 @@ impl ResourceSpec {
             ResourceSpec::File(s) => s.name = name,
             ResourceSpec::Exec(s) => s.name = name,
             ResourceSpec::Noop(s) => s.name = name,
+            ResourceSpec::Timer(s) => s.name = name,
+            ResourceSpec::Kv(s) => s.name = name,
         }
     }
 
@@ -126,6 +142,8 @@ impl ResourceSpec {
             ResourceSpec::File(s) => &s.meta,
             ResourceSpec::Exec(s) => &s.meta,
             ResourceSpec::Noop(s) => &s.meta,
+            ResourceSpec::Timer(s) => &s.meta,
+            ResourceSpec::Kv(s) => &s.meta,
         }
     }
 }
@@ -219,6 +237,8 @@ pub struct Services {
     pub artifacts: crate::engine::artifacts::ArtifactIndex,
     /// `--diff`: where a resource reports what it changes, or would change.
     pub diffs: Option<crate::engine::diff::DiffSink>,
+    /// The store, for `kv` resources: the engine's exchange, as this host.
+    pub kv: KvStore,
 }
 
 /// Builds the running resource for a spec.
@@ -241,5 +261,7 @@ pub fn build(spec: &ResourceSpec, services: &Services) -> Arc<dyn Resource> {
             services.fs.clone(),
         )),
         ResourceSpec::Noop(s) => Arc::new(noop::NoopResource::new(s.clone())),
+        ResourceSpec::Timer(s) => Arc::new(timer::TimerResource::new(s.clone())),
+        ResourceSpec::Kv(s) => Arc::new(kv::KvResource::new(s.clone(), services.kv.clone())),
     }
 }
