@@ -1,5 +1,7 @@
 //! The store conformance suite: every check is written once, against an endpoint, and runs
-//! twice: against the embedded store and against a real etcd 3.4 (Debian's etcd-server).
+//! four times: against the embedded store, against a real etcd 3.4 (Debian's etcd-server),
+//! and against a relay's store front (arbor::store::relay_front, sharing every watch) over
+//! each of them.
 //! The assertions are the same for both; where etcd's behaviour is loose (a TTL that is
 //! counting down), the check states the range etcd promises.
 
@@ -42,6 +44,25 @@ macro_rules! conformance {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     let store = super::support::etcd().await;
+                    super::checks::$name(&store).await;
+                }
+            )*
+        }
+        /// Through a relay's store front, over each store.
+        mod front_embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let store = super::support::front(super::support::embedded().await).await;
+                    super::checks::$name(&store).await;
+                }
+            )*
+        }
+        mod front_etcd {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let store = super::support::front(super::support::etcd().await).await;
                     super::checks::$name(&store).await;
                 }
             )*

@@ -24,6 +24,12 @@ pub enum Kind {
     Etcd {
         child: Child,
     },
+    /// A relay's store front (arbor::store::relay_front) over another store, sharing watches
+    /// on every key.
+    Front {
+        under: Box<TestStore>,
+        shutdown: CancellationToken,
+    },
 }
 
 /// A running store; dropping it stops it.
@@ -36,14 +42,21 @@ pub struct TestStore {
 
 impl TestStore {
     pub fn name(&self) -> &'static str {
-        match self.kind {
+        match &self.kind {
             Kind::Embedded { .. } => "embedded",
             Kind::Etcd { .. } => "etcd",
+            Kind::Front { under, .. } if under.is_etcd() => "front over etcd",
+            Kind::Front { .. } => "front over embedded",
         }
     }
 
+    /// Whether the store that answers is a real etcd (directly or behind a front).
     pub fn is_etcd(&self) -> bool {
-        matches!(self.kind, Kind::Etcd { .. })
+        match &self.kind {
+            Kind::Etcd { .. } => true,
+            Kind::Front { under, .. } => under.is_etcd(),
+            Kind::Embedded { .. } => false,
+        }
     }
 
     pub async fn client(&self) -> etcd_client::Client {
@@ -54,16 +67,55 @@ impl TestStore {
 
     /// Stops an embedded store and waits until it has let go of its data dir.
     pub async fn stop(mut self) {
-        if let Kind::Embedded { shutdown, done } = &mut self.kind {
-            shutdown.cancel();
-            let _ = done.await;
+        match &mut self.kind {
+            Kind::Embedded { shutdown, done } => {
+                shutdown.cancel();
+                let _ = done.await;
+            }
+            Kind::Front { shutdown, under } => {
+                shutdown.cancel();
+                if let Kind::Embedded { shutdown, done } = &mut under.kind {
+                    shutdown.cancel();
+                    let _ = done.await;
+                }
+            }
+            Kind::Etcd { .. } => {}
         }
+    }
+}
+
+/// A relay's store front on a free loopback port over `under`, sharing watches on every key.
+pub async fn front(under: TestStore) -> TestStore {
+    use arbor::store::relay_front::{FrontConfig, FrontListener, serve_on};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the front");
+    let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
+    let upstream = tonic::transport::Endpoint::from_shared(under.endpoint.clone())
+        .expect("endpoint")
+        .connect_lazy();
+    let shutdown = CancellationToken::new();
+    let config = FrontConfig {
+        shared_prefix: Vec::new(),
+        credential: None,
+    };
+    serve_on(FrontListener::Tcp(listener), upstream, config, shutdown.clone())
+        .await
+        .expect("start the front");
+    TestStore {
+        endpoint,
+        kind: Kind::Front {
+            under: Box::new(under),
+            shutdown,
+        },
+        dir: tempfile::tempdir().expect("temp dir"),
     }
 }
 
 impl Drop for TestStore {
     fn drop(&mut self) {
         match &mut self.kind {
+            Kind::Front { shutdown, .. } => shutdown.cancel(),
             Kind::Embedded { shutdown, .. } => shutdown.cancel(),
             Kind::Etcd { child } => {
                 let _ = child.kill();

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
 
 /// After a shutdown or a lost parent, the node is gone within this long, whatever hangs.
 const EXIT_DEADLINE: Duration = Duration::from_secs(4);
@@ -149,6 +150,10 @@ async fn serve(
         .map_err(|e| format!("{name}: store: {e:#}"))?;
     let keys = crate::engine::exchange::Keys::for_run(&start.config.run);
     let tunnel_client = client.clone();
+    // Stops the store front (if we serve one) however this node ends.
+    let front_stop = CancellationToken::new();
+    let _front_stopped = front_stop.clone().drop_guard();
+    let exports_prefix = keys.exports().as_bytes().to_vec();
     let exchange: Arc<dyn Exchange> = Arc::new(StoreExchange::new(client, keys));
     let mut signals = super::StopSignals::new().map_err(|e| format!("{name}: signals: {e}"))?;
 
@@ -192,8 +197,27 @@ async fn serve(
     let fleet = if start.children.is_empty() {
         None
     } else {
-        let store = super::store_connector(&tunnel_client, &endpoints)
-            .map_err(|e| format!("{name}: {e}"))?;
+        let store = match &options.workdir {
+            // Our children's tunnels end at our store front (crate::store::relay_front).
+            Some(workdir) => {
+                let socket = workdir.join("front.sock");
+                let config = crate::store::relay_front::FrontConfig {
+                    shared_prefix: exports_prefix.clone(),
+                    credential: store_user(start).map(|(u, p)| (u.to_string(), p.to_string())),
+                };
+                crate::store::relay_front::serve(
+                    socket.clone(),
+                    tunnel_client.channel(),
+                    config,
+                    front_stop.clone(),
+                )
+                .await
+                .map_err(|e| format!("{name}: store front: {e}"))?;
+                crate::ssh::forward::to_unix(socket)
+            }
+            None => super::store_connector(&tunnel_client, &endpoints)
+                .map_err(|e| format!("{name}: {e}"))?,
+        };
         let fetcher = fetches.fetcher(up.clone());
         #[cfg(debug_assertions)]
         corrupt_own_artifacts(&artifacts_dir, start);

@@ -112,6 +112,8 @@ pub enum WatchLost {
 #[derive(Clone)]
 pub struct StoreClient {
     client: Client,
+    /// The connection under `client`, for calls made as other callers (a relay's front).
+    channel: tonic::transport::Channel,
     target: String,
     /// A cluster's members, which one connections go to (`None` for a Unix socket).
     members: Option<Arc<super::members::Members>>,
@@ -145,11 +147,13 @@ impl StoreClient {
                     .with_context(|| format!("connecting to the store at {target}"))?;
                 let channel = members_channel(members.clone())?;
                 let options = user.map(|_| with_user(ConnectOptions::new()));
-                let client = Client::from_channel(etcd_client::Channel::Tonic(channel), options)
-                    .await
-                    .with_context(|| format!("connecting to the store at {target}"))?;
+                let client =
+                    Client::from_channel(etcd_client::Channel::Tonic(channel.clone()), options)
+                        .await
+                        .with_context(|| format!("connecting to the store at {target}"))?;
                 Ok(StoreClient {
                     client,
+                    channel,
                     target,
                     members: Some(members),
                 })
@@ -157,18 +161,25 @@ impl StoreClient {
             Endpoints::Unix(path) => {
                 let channel = unix_channel(path.clone())?;
                 let options = user.map(|_| with_user(ConnectOptions::new()));
-                let client = Client::from_channel(etcd_client::Channel::Tonic(channel), options)
-                    .await
-                    .with_context(|| {
-                        format!("connecting to the store at unix:{}", path.display())
-                    })?;
+                let client =
+                    Client::from_channel(etcd_client::Channel::Tonic(channel.clone()), options)
+                        .await
+                        .with_context(|| {
+                            format!("connecting to the store at unix:{}", path.display())
+                        })?;
                 Ok(StoreClient {
                     client,
+                    channel,
                     target: format!("unix:{}", path.display()),
                     members: None,
                 })
             }
         }
+    }
+
+    /// The connection to the store, for a relay's front to pass its children's calls through.
+    pub fn channel(&self) -> tonic::transport::Channel {
+        self.channel.clone()
     }
 
     /// The members a client of a cluster connects to (`None` for a Unix socket): children's

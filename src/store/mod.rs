@@ -18,6 +18,9 @@
 //! The client side: [`client`] (every request arbor makes), over [`members`] for a cluster
 //! (which member a new connection goes to, and failing over between them).
 //!
+//! [`relay_front`]: what a relay serves its subtree: every call passed through to the store
+//! above, watches on the run's exports shared (one upstream watch per relay).
+//!
 //! [`fuzzing`] is what the fuzz targets in `integration/fuzz` reach the services and restore
 //! through.
 //!
@@ -38,6 +41,7 @@ mod maintenance;
 pub mod members;
 mod metrics;
 mod mvcc;
+pub mod relay_front;
 mod restore;
 mod server;
 mod state;
