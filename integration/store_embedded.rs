@@ -678,3 +678,135 @@ async fn a_store_with_users_checks_every_request_over_grpc_and_http() {
     let without = request_with(e, "POST", "/v3/kv/range", range, &[]).await;
     assert_eq!(without.status, 401, "{}", without.body);
 }
+
+/// A relay's store front over a store with users: twenty children's watches on the run's
+/// exports share one upstream watch (the store above counts one watcher), every one of them
+/// sees a write made through the front, and each child keeps exactly its own rights: a user
+/// who may not read the exports gets etcd's "permission denied" for its watch, and a write to
+/// another host's keys through the front is refused by the store above.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_front_shares_one_upstream_watch_and_keeps_each_childs_rights() {
+    use arbor::store::auth::{Access, Users};
+    use arbor::store::relay_front::{FrontConfig, FrontListener, serve_on};
+    let host = |name: &str| Access::Keys {
+        read: vec![b"/run/exports/".to_vec()],
+        write: vec![format!("/run/exports/{name}/").into_bytes()],
+        own: vec![],
+    };
+    let mut users = Users::new();
+    for name in ["relay", "h1", "h2"] {
+        users.add(name, &format!("pw-{name}"), host(name));
+    }
+    users.add(
+        "outsider",
+        "pw-outsider",
+        Access::Keys {
+            read: vec![b"/other/".to_vec()],
+            write: vec![],
+            own: vec![],
+        },
+    );
+    let options = Options {
+        users: Some(std::sync::Arc::new(users)),
+        ..test_options(None)
+    };
+    let store = embedded_listening("127.0.0.1:0", options).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let front_url = format!("http://{}", listener.local_addr().unwrap());
+    let upstream = tonic::transport::Endpoint::from_shared(store.endpoint.clone())
+        .unwrap()
+        .connect_lazy();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let _stop = stop.clone().drop_guard();
+    let config = FrontConfig {
+        shared_prefix: b"/run/exports/".to_vec(),
+        credential: Some(("relay".into(), "pw-relay".into())),
+    };
+    serve_on(FrontListener::Tcp(listener), upstream, config, stop.clone())
+        .await
+        .unwrap();
+    let front = Endpoints::parse(&front_url).unwrap();
+    let watchers = || async {
+        let metrics = support::http_client::get(&store.endpoint, "/metrics")
+            .await
+            .body;
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("etcd_debugging_mvcc_watcher_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(-1.0)
+    };
+
+    let mut streams = Vec::new();
+    for i in 0..20 {
+        let name = if i % 2 == 0 { "h1" } else { "h2" };
+        let client = StoreClient::connect_as(&front, Some((name, &format!("pw-{name}"))))
+            .await
+            .expect("connect through the front");
+        let mut stream = client
+            .raw()
+            .watch(
+                "/run/exports/",
+                Some(etcd_client::WatchOptions::new().with_prefix()),
+            )
+            .await
+            .expect("watch");
+        let created = stream.message().await.unwrap().unwrap();
+        assert!(created.created() && !created.canceled(), "{created:?}");
+        streams.push((client, stream));
+    }
+    assert_eq!(
+        watchers().await,
+        1.0,
+        "one upstream watch for twenty children"
+    );
+
+    let h1 = StoreClient::connect_as(&front, Some(("h1", "pw-h1")))
+        .await
+        .unwrap();
+    let mut raw = h1.raw();
+    raw.put("/run/exports/h1/file", "hello", None)
+        .await
+        .expect("h1 writes its own export through the front");
+    for (_, stream) in &mut streams {
+        let resp = tokio::time::timeout(Duration::from_secs(5), stream.message())
+            .await
+            .expect("an event")
+            .unwrap()
+            .unwrap();
+        assert_eq!(resp.events().len(), 1);
+        let kv = resp.events()[0].kv().unwrap();
+        assert_eq!(
+            (kv.key(), kv.value()),
+            (&b"/run/exports/h1/file"[..], &b"hello"[..])
+        );
+    }
+    let e = raw
+        .put("/run/exports/h2/file", "forged", None)
+        .await
+        .expect_err("h1 may not write h2's keys");
+    assert!(e.to_string().contains("permission denied"), "{e}");
+
+    let outsider = StoreClient::connect_as(&front, Some(("outsider", "pw-outsider")))
+        .await
+        .unwrap();
+    let mut stream = outsider
+        .raw()
+        .watch(
+            "/run/exports/",
+            Some(etcd_client::WatchOptions::new().with_prefix()),
+        )
+        .await
+        .expect("the stream opens");
+    let resp = stream.message().await.unwrap().unwrap();
+    assert!(resp.canceled(), "{resp:?}");
+    assert!(
+        resp.cancel_reason().contains("permission denied"),
+        "{resp:?}"
+    );
+    assert_eq!(
+        watchers().await,
+        1.0,
+        "a refused watch costs the store nothing"
+    );
+}

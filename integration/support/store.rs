@@ -99,9 +99,14 @@ pub async fn front(under: TestStore) -> TestStore {
         shared_prefix: Vec::new(),
         credential: None,
     };
-    serve_on(FrontListener::Tcp(listener), upstream, config, shutdown.clone())
-        .await
-        .expect("start the front");
+    serve_on(
+        FrontListener::Tcp(listener),
+        upstream,
+        config,
+        shutdown.clone(),
+    )
+    .await
+    .expect("start the front");
     TestStore {
         endpoint,
         kind: Kind::Front {

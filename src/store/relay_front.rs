@@ -31,10 +31,10 @@ use super::mvcc::KeyRange;
 use etcd_client::proto::{
     PbAuthenticateRequest, PbAuthenticateResponse, PbClusterServer, PbClusterService, PbEvent,
     PbMember, PbMemberAddRequest, PbMemberAddResponse, PbMemberListRequest, PbMemberListResponse,
-    PbMemberPromoteRequest, PbMemberPromoteResponse, PbMemberRemoveRequest,
-    PbMemberRemoveResponse, PbMemberUpdateRequest, PbMemberUpdateResponse, PbRangeRequest,
-    PbRangeResponse, PbResponseHeader, PbWatchRequest, PbWatchRequestUnion, PbWatchResponse,
-    PbWatchServer, PbWatchService,
+    PbMemberPromoteRequest, PbMemberPromoteResponse, PbMemberRemoveRequest, PbMemberRemoveResponse,
+    PbMemberUpdateRequest, PbMemberUpdateResponse, PbRangeRequest, PbRangeResponse,
+    PbResponseHeader, PbWatchRequest, PbWatchRequestUnion, PbWatchResponse, PbWatchServer,
+    PbWatchService,
 };
 use futures::future::BoxFuture;
 use std::collections::{BTreeMap, VecDeque};
@@ -45,8 +45,8 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc};
-use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tokio_stream::Stream;
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tokio_util::sync::CancellationToken;
 use tonic::body::Body;
 use tonic::service::Routes;
@@ -301,7 +301,11 @@ impl FrontCluster {
         R: prost::Message + Default + Send + Sync + 'static,
     {
         let token = token_of(&req);
-        let resp = unary(&self.upstream, path, with_token(req.into_inner(), token.as_deref()));
+        let resp = unary(
+            &self.upstream,
+            path,
+            with_token(req.into_inner(), token.as_deref()),
+        );
         resp.await.map(Response::new)
     }
 
@@ -462,8 +466,12 @@ impl Hub {
                     name: name.clone(),
                     password: password.clone(),
                 };
-                let resp: PbAuthenticateResponse =
-                    unary(upstream, "/etcdserverpb.Auth/Authenticate", Request::new(req)).await?;
+                let resp: PbAuthenticateResponse = unary(
+                    upstream,
+                    "/etcdserverpb.Auth/Authenticate",
+                    Request::new(req),
+                )
+                .await?;
                 Some(resp.token)
             }
             None => None,
@@ -522,7 +530,10 @@ impl Hub {
         let item = Arc::new(item);
         match &*item {
             Item::Events { header, events } => {
-                let last = events.last().and_then(|e| e.kv.as_ref()).map(|kv| kv.mod_revision);
+                let last = events
+                    .last()
+                    .and_then(|e| e.kv.as_ref())
+                    .map(|kv| kv.mod_revision);
                 state.current = state.current.max(last.unwrap_or(0)).max(header.revision);
                 state.header = header.clone();
                 state.buffered += events.len();
@@ -564,7 +575,12 @@ impl Hub {
     async fn subscribe(
         &self,
         start: i64,
-    ) -> Option<(Vec<Arc<Item>>, broadcast::Receiver<Arc<Item>>, i64, PbResponseHeader)> {
+    ) -> Option<(
+        Vec<Arc<Item>>,
+        broadcast::Receiver<Arc<Item>>,
+        i64,
+        PbResponseHeader,
+    )> {
         let mut started = self.started.subscribe();
         // A front that cannot reach the store above yet serves watches upstream directly.
         let waited = tokio::time::timeout(Duration::from_secs(5), started.wait_for(|s| *s)).await;
