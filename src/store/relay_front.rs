@@ -488,7 +488,7 @@ impl Hub {
         let create = create_request(&self.prefix, &end, resume, true, true);
         let (_tx, mut responses) = open_watch(upstream, token.as_deref(), create).await?;
         while let Some(resp) = responses.message().await? {
-            let header = resp.header.clone().unwrap_or_default();
+            let header = resp.header.unwrap_or_default();
             if resp.canceled {
                 if resp.compact_revision > 0 {
                     // Compacted past where the front was: what is between is lost to it.
@@ -535,7 +535,7 @@ impl Hub {
                     .and_then(|e| e.kv.as_ref())
                     .map(|kv| kv.mod_revision);
                 state.current = state.current.max(last.unwrap_or(0)).max(header.revision);
-                state.header = header.clone();
+                state.header = *header;
                 state.buffered += events.len();
                 state.buffer.push_back(item.clone());
                 while state.buffered > BUFFER_EVENTS {
@@ -551,7 +551,7 @@ impl Hub {
             }
             Item::Progress { header } => {
                 state.current = state.current.max(header.revision);
-                state.header = header.clone();
+                state.header = *header;
             }
             Item::Gap => {}
         }
@@ -593,7 +593,7 @@ impl Hub {
         }
         let rx = self.tx.subscribe();
         let replay = state.buffer.iter().cloned().collect();
-        Some((replay, rx, state.current, state.header.clone()))
+        Some((replay, rx, state.current, state.header))
     }
 }
 
@@ -674,7 +674,7 @@ impl Session {
                     self.watches.retain(|_, task| !task.is_finished());
                     if self.watches.contains_key(&id) || id < 0 {
                         let resp = PbWatchResponse {
-                            header: Some(self.hub.lock().header.clone()),
+                            header: Some(self.hub.lock().header),
                             watch_id: -1,
                             created: true,
                             canceled: true,
@@ -714,7 +714,7 @@ impl Session {
                     if let Some(task) = self.watches.remove(&cancel.watch_id) {
                         task.abort();
                         let resp = PbWatchResponse {
-                            header: Some(self.hub.lock().header.clone()),
+                            header: Some(self.hub.lock().header),
                             watch_id: cancel.watch_id,
                             canceled: true,
                             ..Default::default()
@@ -728,7 +728,7 @@ impl Session {
                     // The revision every shared watch here is synced to: what the front has
                     // seen of the shared range. (A watch of its own answers for itself.)
                     let resp = PbWatchResponse {
-                        header: Some(self.hub.lock().header.clone()),
+                        header: Some(self.hub.lock().header),
                         watch_id: -1,
                         ..Default::default()
                     };
@@ -778,26 +778,24 @@ impl ChildWatch {
                 }
             }
         }
-        if shareable {
-            if let Some((replay, rx, current, header)) = self.hub.subscribe(start).await {
-                let resp = PbWatchResponse {
-                    header: Some(header),
-                    watch_id: w.id,
-                    created: true,
-                    ..Default::default()
-                };
-                let sent = self.tx.send(Ok(resp)).await;
-                let _ = created.take().map(|c| c.send(()));
-                if sent.is_err() {
+        if shareable && let Some((replay, rx, current, header)) = self.hub.subscribe(start).await {
+            let resp = PbWatchResponse {
+                header: Some(header),
+                watch_id: w.id,
+                created: true,
+                ..Default::default()
+            };
+            let sent = self.tx.send(Ok(resp)).await;
+            let _ = created.take().map(|c| c.send(()));
+            if sent.is_err() {
+                return;
+            }
+            let next = if start > 0 { start } else { current + 1 };
+            match self.shared(next, replay, rx).await {
+                Shared::Gone => return,
+                Shared::Direct(next) => {
+                    self.direct(next, false, None).await;
                     return;
-                }
-                let next = if start > 0 { start } else { current + 1 };
-                match self.shared(next, replay, rx).await {
-                    Shared::Gone => return,
-                    Shared::Direct(next) => {
-                        self.direct(next, false, None).await;
-                        return;
-                    }
                 }
             }
         }
@@ -830,7 +828,7 @@ impl ChildWatch {
     async fn refuse(&self, status: Status) {
         if status.code() == tonic::Code::PermissionDenied {
             let resp = PbWatchResponse {
-                header: Some(self.hub.lock().header.clone()),
+                header: Some(self.hub.lock().header),
                 watch_id: -1,
                 created: true,
                 canceled: true,
@@ -883,7 +881,7 @@ impl ChildWatch {
                 if w.progress_notify && header.revision >= *next - 1 {
                     *next = header.revision + 1;
                     let resp = PbWatchResponse {
-                        header: Some(header.clone()),
+                        header: Some(*header),
                         watch_id: w.id,
                         ..Default::default()
                     };
@@ -915,7 +913,7 @@ impl ChildWatch {
                 *next = last + 1;
                 if !out.is_empty() {
                     let resp = PbWatchResponse {
-                        header: Some(header.clone()),
+                        header: Some(*header),
                         watch_id: w.id,
                         events: out,
                         ..Default::default()
