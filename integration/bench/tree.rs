@@ -475,12 +475,15 @@ fn exchange_section() {
         );
     }
     let [small, big] = EXCHANGE_LEAVES;
-    let command = if builds.len() > 1 {
-        "`ARBOR_BENCH_ONLY=exchange ARBOR_BENCH_BASELINE=PATH ARBOR_BENCH_BASELINE_LABEL=… \
-         cargo bench --bench tree`"
-    } else {
-        "`ARBOR_BENCH_ONLY=exchange cargo bench --bench tree`"
-    };
+    // The exact command, baseline included.
+    let mut command = String::from("`ARBOR_BENCH_ONLY=exchange ");
+    if let Some((label, path)) = builds.get(1) {
+        command += &format!(
+            "ARBOR_BENCH_BASELINE={} ARBOR_BENCH_BASELINE_LABEL='{label}' ",
+            path.display()
+        );
+    }
+    command += "cargo bench --bench tree`";
     let body = format!(
         "### All-to-all exchange: 2 × {small} and 2 × {big} leaves, warm caches, full link \
          speed\n\n\
