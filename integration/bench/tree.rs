@@ -509,19 +509,21 @@ fn exchange_section() {
     support::write_bench_section("tree-exchange", &body);
 }
 
-/// `git describe` of the tree being measured, for the table.
+/// The commit being measured, for the table: `+` when the code (not the docs) differs from it.
 fn git_describe() -> String {
-    let out = Command::new("git")
-        .args([
-            "-C",
-            env!("CARGO_MANIFEST_DIR"),
-            "describe",
-            "--always",
-            "--dirty",
-        ])
-        .output();
-    out.ok()
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(["-C", env!("CARGO_MANIFEST_DIR")])
+            .args(args)
+            .output()
+            .ok()
+    };
+    let commit = git(&["rev-parse", "--short", "HEAD"])
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "unknown".into())
+        .unwrap_or_else(|| "unknown".into());
+    let code = ["src", "integration", "Cargo.toml", "Cargo.lock"];
+    let clean = git(&[&["diff", "--quiet", "HEAD", "--"][..], &code[..]].concat())
+        .is_some_and(|o| o.status.success());
+    if clean { commit } else { format!("{commit}+") }
 }
