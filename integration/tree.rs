@@ -347,8 +347,9 @@ fn host_logs<'a>(log: &'a str, host: &str) -> Vec<(&'a str, &'a str)> {
 }
 
 /// In the all-to-all exchange of 6 leaves, each leaf collects 6 files. At info level a leaf
-/// logs summaries, not a line per file: no more summaries than times it converged, and
-/// together they account for all 6 files it created. With -v each file's line is there.
+/// logs summaries, not a line per file: no more summaries than times it converged (plus one
+/// as it leaves), and together they account for all 6 files it created. With -v each file's
+/// line is there.
 fn collected_files_are_summarized_per_host_at_info_and_listed_one_by_one_under_v(
     lab: &Lab,
 ) -> TestResult {
@@ -376,8 +377,10 @@ fn collected_files_are_summarized_per_host_at_info_and_listed_one_by_one_under_v
             .lines()
             .filter(|l| l.ends_with(&format!(" {host}: converged")))
             .count();
+        // One when it settles after news (each time it then says converged), and at most one
+        // more as it leaves.
         check!(
-            !summaries.is_empty() && summaries.len() <= converged,
+            !summaries.is_empty() && summaries.len() <= converged + 1,
             "{host}: {} summaries for {converged} convergences: {summaries:#?}\n{log}",
             summaries.len()
         );

@@ -95,6 +95,16 @@ impl CollectSummary {
         }
     }
 
+    /// The host is leaving: what other hosts did as they left too (their exports gone) is
+    /// not news worth a line at the end of every host's run; anything else is kept.
+    pub fn forget_departures(&mut self) {
+        self.tallies
+            .retain(|_, t| t.new + t.updated + t.changed + t.would > 0);
+        if self.tallies.is_empty() {
+            self.since = None;
+        }
+    }
+
     /// When a summary is due even if the host does not settle.
     pub fn due(&self) -> Option<Instant> {
         self.since.map(|t| t + SUMMARY_EVERY)
@@ -383,6 +393,22 @@ mod tests {
             t0,
         );
         assert!(s.take(&managed, []).is_empty());
+        // A host that leaves does not report others leaving, only what else happened.
+        let gone = Diff {
+            removed: vec![specs[0].id()],
+            ..Diff::default()
+        };
+        s.record_diff(&gone, t0);
+        s.forget_departures();
+        assert_eq!(s.due(), None);
+        assert!(s.take(&managed, []).is_empty());
+        s.record_diff(&gone, t0);
+        s.record_change(&specs[1].id(), "updated content of /srv/f", false, t0);
+        s.forget_departures();
+        assert_eq!(
+            s.take(&managed[1..], []),
+            ["collected 1 file resource (1 gone); file[@@b/file2b]: updated content of /srv/f"]
+        );
     }
 
     #[test]

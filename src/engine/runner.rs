@@ -267,7 +267,9 @@ impl HostLoop {
             }
         }
         self.scheduler.shutdown();
-        // What happened since the last summary is not lost with the run.
+        // What happened since the last summary is not lost with the run (but other hosts
+        // leaving as the run ends are no news).
+        self.summary.forget_departures();
         self.log_summary();
         self.collectors.values().for_each(|c| c.stop.cancel());
         if let Err(e) = self.exchange.withdraw(&self.config.hostname).await {
