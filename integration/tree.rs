@@ -30,6 +30,10 @@ fn main() -> std::process::ExitCode {
             leaves_exchange_files_through_relays_with_one_binary_per_relay_on_the_link,
         ),
         (
+            "collected_files_are_summarized_per_host_at_info_and_listed_one_by_one_under_v",
+            collected_files_are_summarized_per_host_at_info_and_listed_one_by_one_under_v,
+        ),
+        (
             "relays_with_keys_of_their_own_still_sign_for_their_leaves",
             relays_with_keys_of_their_own_still_sign_for_their_leaves,
         ),
@@ -329,6 +333,98 @@ fn leaves_exchange_files_through_relays_with_one_binary_per_relay_on_the_link(
         rx1 - rx0
     );
     check_no_leftovers(lab, &HOSTS)
+}
+
+/// The (level, message) of each log line a host sent up, from a run's text output
+/// (`<timestamp> <host> | <LEVEL> <message>`).
+fn host_logs<'a>(log: &'a str, host: &str) -> Vec<(&'a str, &'a str)> {
+    let tag = format!("{host} | ");
+    log.lines()
+        .filter(|l| is_timestamped(l))
+        .filter_map(|l| l[25..].strip_prefix(tag.as_str()))
+        .filter_map(|rest| rest.trim_start().split_once(' '))
+        .collect()
+}
+
+/// In the all-to-all exchange of 6 leaves, each leaf collects 6 files. At info level a leaf
+/// logs summaries, not a line per file: no more summaries than times it converged (plus one
+/// as it leaves), and together they account for all 6 files it created. With -v each file's
+/// line is there.
+fn collected_files_are_summarized_per_host_at_info_and_listed_one_by_one_under_v(
+    lab: &Lab,
+) -> TestResult {
+    let topo = topology(TWO_RELAYS);
+    clean(lab, false);
+    let out = run(lab, &topo, &["--converged-timeout", "2"]);
+    let log = exchanged(lab, &out)?;
+    for (relay, leaf) in LEAVES.iter().map(|l| (&l[1..2], *l)) {
+        let host = format!("r{relay}/{leaf}");
+        let lines = host_logs(&log, &host);
+        let per_file: Vec<_> = lines
+            .iter()
+            .filter(|(_, m)| m.starts_with("file[@@"))
+            .collect();
+        check!(
+            per_file.is_empty(),
+            "{host} logged a line per collected file at info: {per_file:?}\n{log}"
+        );
+        let summaries: Vec<&str> = lines
+            .iter()
+            .filter(|(level, m)| *level == "INFO" && m.starts_with("collected "))
+            .map(|(_, m)| *m)
+            .collect();
+        let converged = log
+            .lines()
+            .filter(|l| l.ends_with(&format!(" {host}: converged")))
+            .count();
+        // One when it settles after news (each time it then says converged), and at most one
+        // more as it leaves.
+        check!(
+            !summaries.is_empty() && summaries.len() <= converged + 1,
+            "{host}: {} summaries for {converged} convergences: {summaries:#?}\n{log}",
+            summaries.len()
+        );
+        check!(
+            summaries
+                .last()
+                .is_some_and(|s| s.starts_with("collected 6 file resources")),
+            "{host}'s last summary: {summaries:#?}"
+        );
+        // Every file it created is in a summary: named (up to 3) or counted.
+        let accounted: usize = summaries
+            .iter()
+            .map(|s| match s.split_once(" changed on this host") {
+                Some((head, _)) => head
+                    .rsplit("; ")
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0),
+                None => s.matches(": created /tmp/from-").count(),
+            })
+            .sum();
+        check!(
+            accounted == 6,
+            "{host}'s summaries account for {accounted} created files, not 6: {summaries:#?}"
+        );
+    }
+
+    clean(lab, false);
+    let out = run(lab, &topo, &["--converged-timeout", "2", "-v"]);
+    let log = exchanged(lab, &out)?;
+    for (relay, leaf) in LEAVES.iter().map(|l| (&l[1..2], *l)) {
+        let host = format!("r{relay}/{leaf}");
+        let lines = host_logs(&log, &host);
+        for from in LEAVES {
+            let want = format!("file[@@{from}/from-{from}]: created /tmp/from-{from}");
+            check!(
+                lines
+                    .iter()
+                    .any(|(level, m)| *level == "DEBUG" && *m == want),
+                "{host} did not log {want:?} under -v\n{log}"
+            );
+        }
+    }
+    Ok(())
 }
 
 fn relays_with_keys_of_their_own_still_sign_for_their_leaves(lab: &Lab) -> TestResult {

@@ -7,12 +7,19 @@
 //!   both modes again with --compress.
 //! - A 4 × 24 lab (100 hosts) at full link speed: time to converged, SSH connections the
 //!   initiator holds, and the peak memory of a relay with 24 children.
+//! - The all-to-all exchange at 2 × 24 and 2 × 48 leaves, warm caches (section
+//!   `tree-exchange`; `ARBOR_BENCH_ONLY=exchange` runs it alone): bytes per leaf on the
+//!   initiator's link, the log lines the hosts send up, and the watches, watch streams and
+//!   leases the initiator's store holds once every leaf is converged, read from the store's
+//!   `/metrics` on its Unix socket. `ARBOR_BENCH_BASELINE=PATH` (with
+//!   `ARBOR_BENCH_BASELINE_LABEL`) measures another arbor build the same way, alternating
+//!   run by run, for a before/after comparison.
 
 #[path = "../support/mod.rs"]
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use support::Lab;
@@ -27,6 +34,14 @@ fn main() {
         eprintln!("benchmark: run it with `cargo bench --bench tree` (as root)");
         return;
     }
+    let only = std::env::var("ARBOR_BENCH_ONLY").unwrap_or_default();
+    if only == "exchange" {
+        return exchange_section();
+    }
+    assert!(
+        only.is_empty(),
+        "ARBOR_BENCH_ONLY={only:?}: only `exchange` is known"
+    );
     let binary = std::fs::metadata(ARBOR).expect("arbor binary").len();
     let mut out = String::new();
     {
@@ -44,6 +59,7 @@ fn main() {
     }
     println!("{out}");
     support::write_bench_section("tree", &out);
+    exchange_section();
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -259,4 +275,255 @@ fn hundred(lab: &Lab) -> String {
         median(cold_mb),
         median(warm_mb)
     )
+}
+
+/// The sizes of the exchange scenario: leaves per relay, 2 relays.
+const EXCHANGE_LEAVES: [usize; 2] = [24, 48];
+
+/// One warm run of the exchange, as seen from the initiator.
+#[derive(Clone, Copy, Debug, Default)]
+struct Exchange {
+    tx: u64,
+    rx: u64,
+    /// Log lines the hosts sent up (`host | …` on stdout).
+    host_lines: usize,
+    /// Of those, lines about collected resources (per file or summaries).
+    collect_lines: usize,
+    /// The store's gauges once every leaf had said converged.
+    watchers: f64,
+    watch_streams: f64,
+    leases: f64,
+}
+
+/// The store's Prometheus text from `/metrics` on its Unix socket (HTTP/1.0: a plain body).
+fn scrape(socket: &Path) -> Option<String> {
+    let mut s = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: store\r\n\r\n")
+        .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.starts_with("HTTP/1").then_some(text)
+}
+
+fn gauge(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{metrics}"))
+}
+
+/// The embedded store's socket of the arbor with pid `pid` (`--tmp-prefix`: in a fresh
+/// `arbor-run.*` dir under the temp dir).
+fn store_socket(pid: u32) -> Option<PathBuf> {
+    let name = format!("store-{pid}.sock");
+    std::fs::read_dir(std::env::temp_dir())
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("arbor-run."))
+        .map(|e| e.path().join(&name))
+        .find(|p| p.exists())
+}
+
+/// One run of `arbor` (the given build) on `topo`; the store is scraped once every one of
+/// `leaves` leaf paths has said converged (with `--converged-timeout 1` the run then stays up
+/// for a second before it tears down).
+fn run_exchange(lab: &Lab, arbor: &Path, topo: &Path, leaves: usize) -> Exchange {
+    let (tx0, rx0) = lab.init_link_bytes();
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", lab.init_ns()])
+        .arg(arbor)
+        .args(["run", "--topology"])
+        .arg(topo)
+        .args([
+            "--tmp-prefix",
+            "--converged-timeout",
+            &TIMEOUT_S.to_string(),
+        ])
+        .env("HOME", lab.home())
+        .env_remove("SSH_AUTH_SOCK")
+        .env_remove("ARBOR_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start arbor");
+    // `ip netns exec` execs arbor: the child's pid is arbor's.
+    let pid = child.id();
+    let stdout = child.stdout.take().expect("stdout");
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let mut state: std::collections::HashMap<String, bool> = Default::default();
+    let mut lines = Vec::new();
+    let mut at_converged = None;
+    for line in lines_rx.iter() {
+        // `<timestamp> r1/l1-2: converged`
+        if let Some((host, what)) = line.get(25..).and_then(|l| l.split_once(": "))
+            && host.contains('/')
+            && !host.contains(' ')
+        {
+            match what {
+                "converged" => {
+                    state.insert(host.to_string(), true);
+                }
+                "changed" => {
+                    state.insert(host.to_string(), false);
+                }
+                _ => {}
+            }
+        }
+        if at_converged.is_none() && state.len() == leaves && state.values().all(|c| *c) {
+            let metrics = store_socket(pid)
+                .and_then(|s| scrape(&s))
+                .expect("scrape the initiator's store while converged");
+            at_converged = Some(metrics);
+        }
+        lines.push(line);
+    }
+    let status = child.wait().expect("wait");
+    reader.join().expect("reader");
+    let (tx1, rx1) = lab.init_link_bytes();
+    assert!(status.success(), "run failed:\n{}", lines.join("\n"));
+    let metrics = at_converged.expect("every leaf converged");
+    let host_lines: Vec<&String> = lines.iter().filter(|l| l.contains(" | ")).collect();
+    Exchange {
+        tx: tx1 - tx0,
+        rx: rx1 - rx0,
+        host_lines: host_lines.len(),
+        collect_lines: host_lines
+            .iter()
+            .filter(|l| l.contains(" file[@@") || l.contains(" collected "))
+            .count(),
+        watchers: gauge(&metrics, "etcd_debugging_mvcc_watcher_total"),
+        watch_streams: gauge(&metrics, "etcd_debugging_mvcc_watch_stream_total"),
+        leases: gauge(&metrics, "arbor_store_leases"),
+    }
+}
+
+/// The exchange scenario, written as its own section of docs/benchmarks.md.
+fn exchange_section() {
+    let this = PathBuf::from(ARBOR);
+    let mut builds = vec![(format!("this build ({})", git_describe()), this.clone())];
+    if let Ok(path) = std::env::var("ARBOR_BENCH_BASELINE") {
+        let label = std::env::var("ARBOR_BENCH_BASELINE_LABEL")
+            .unwrap_or_else(|_| format!("baseline `{path}`"));
+        builds.push((label, PathBuf::from(path)));
+    }
+    let mut table = String::from(
+        "| build | leaves | link bytes per leaf (out + in) | out / in per leaf | log lines from \
+         hosts (of which about collected files) | watchers | watch streams | leases |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let mut per_leaf: Vec<(String, usize, f64)> = Vec::new();
+    for per_relay in EXCHANGE_LEAVES {
+        let leaves = 2 * per_relay;
+        let lab = Lab::up(
+            "bexch",
+            &["--relays", "2", "--leaves", &per_relay.to_string()],
+        );
+        let (_d, topo) = topology(2, per_relay, false);
+        clean(&lab);
+        // Warm every build's cache (and the lab) with one run each, not counted.
+        for (_, arbor) in &builds {
+            run_exchange(&lab, arbor, &topo, leaves);
+        }
+        let mut samples: Vec<Vec<Exchange>> = vec![Vec::new(); builds.len()];
+        for run in 0..RUNS {
+            for (i, (label, arbor)) in builds.iter().enumerate() {
+                // Warm caches, but the collected files are written again on every run.
+                for h in lab.get("LAB_LEAF_HOSTS").split(',') {
+                    lab.sh(h, "rm -rf /tmp/from-* /tmp/arbor.*");
+                }
+                eprintln!("exchange 2 × {per_relay}, {label}: run {}/{RUNS}", run + 1);
+                samples[i].push(run_exchange(&lab, arbor, &topo, leaves));
+            }
+        }
+        for ((label, _), s) in builds.iter().zip(samples) {
+            let m = |f: fn(&Exchange) -> f64| median(s.iter().map(f).collect());
+            let (tx, rx) = (m(|e| e.tx as f64), m(|e| e.rx as f64));
+            let total = m(|e| (e.tx + e.rx) as f64) / leaves as f64;
+            per_leaf.push((label.clone(), per_relay, total));
+            table += &format!(
+                "| {label} | 2 × {per_relay} | {:.1} kB | {:.1} / {:.1} kB | {:.0} ({:.0}) | \
+                 {:.0} | {:.0} | {:.0} |\n",
+                total / 1e3,
+                tx / leaves as f64 / 1e3,
+                rx / leaves as f64 / 1e3,
+                m(|e| e.host_lines as f64),
+                m(|e| e.collect_lines as f64),
+                m(|e| e.watchers),
+                m(|e| e.watch_streams),
+                m(|e| e.leases),
+            );
+        }
+        lab.down();
+    }
+    let mut ratios = String::new();
+    for (label, _) in &builds {
+        let at = |n: usize| {
+            per_leaf
+                .iter()
+                .find(|(l, p, _)| l == label && *p == n)
+                .map_or(f64::NAN, |(_, _, b)| *b)
+        };
+        ratios += &format!(
+            "| {label} | {:.2} | ≤ 1.15 |\n",
+            at(EXCHANGE_LEAVES[1]) / at(EXCHANGE_LEAVES[0])
+        );
+    }
+    let [small, big] = EXCHANGE_LEAVES;
+    // The exact command, baseline included.
+    let mut command = String::from("`ARBOR_BENCH_ONLY=exchange ");
+    if let Some((label, path)) = builds.get(1) {
+        command += &format!(
+            "ARBOR_BENCH_BASELINE={} ARBOR_BENCH_BASELINE_LABEL='{label}' ",
+            path.display()
+        );
+    }
+    command += "cargo bench --bench tree`";
+    let body = format!(
+        "### All-to-all exchange: 2 × {small} and 2 × {big} leaves, warm caches, full link \
+         speed\n\n\
+         {table}\n\
+         | build | link bytes per leaf at 2 × {big} / at 2 × {small} | target (issue 14) |\n\
+         |---|---:|---|\n\
+         {ratios}\n\
+         Every leaf runs examples/leaf.yaml: it exports /tmp/from-<name> and collects every \
+         leaf's. Each size has its own lab (2 relays, unshaped link); one uncounted run per \
+         build fills the caches, then {RUNS} runs per build, alternating, each after removing \
+         the leaves' collected files (so every run writes them all) but not the cache. Figures \
+         are medians. Link bytes are the tx and rx counters of the initiator's veth over the \
+         whole run (staging, store traffic, events, teardown; headers included), divided by \
+         the leaves. Log lines are the `host | …` lines on the initiator's stdout at the \
+         default level; those about collected files are per-file lines (`file[@@…]`) or \
+         summaries (`collected …`). Watchers, watch streams and leases are the gauges \
+         `etcd_debugging_mvcc_watcher_total`, `etcd_debugging_mvcc_watch_stream_total` and \
+         `arbor_store_leases` of the initiator's embedded store, read from its `/metrics` \
+         (on its Unix socket) as soon as every leaf has said converged, before the run ends. \
+         Command: {command} (as root).\n"
+    );
+    println!("{body}");
+    support::write_bench_section("tree-exchange", &body);
+}
+
+/// The commit being measured, for the table: `+` when the code (not the docs) differs from it.
+fn git_describe() -> String {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(["-C", env!("CARGO_MANIFEST_DIR")])
+            .args(args)
+            .output()
+            .ok()
+    };
+    let commit = git(&["rev-parse", "--short", "HEAD"])
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into());
+    let code = ["src", "integration", "Cargo.toml", "Cargo.lock"];
+    let clean = git(&[&["diff", "--quiet", "HEAD", "--"][..], &code[..]].concat())
+        .is_some_and(|o| o.status.success());
+    if clean { commit } else { format!("{commit}+") }
 }

@@ -5,7 +5,7 @@
 //! new set of collected exports from the store, a new graph (hot reload), the end of a quiet
 //! period, or shutdown. The loop owns all state, so nothing here needs a lock.
 
-use crate::engine::collect;
+use crate::engine::collect::{self, CollectSummary};
 use crate::engine::converge::{Convergence, DEFAULT_QUIET, Load};
 use crate::engine::diff::{DiffSink, ResourceDiff};
 use crate::engine::exchange::{Exchange, ExportedResource};
@@ -129,6 +129,7 @@ impl Engine {
             changes: 0,
             managed: Arc::default(),
             reported_failures: 0,
+            summary: CollectSummary::default(),
         };
         let task = tokio::spawn(host.run(graph, cancel.clone()));
         Ok(Engine {
@@ -230,6 +231,8 @@ struct HostLoop {
     managed: Arc<Vec<ResourceId>>,
     /// The scheduler's failures version last copied into the status.
     reported_failures: u64,
+    /// What collected resources did since the last summary line (collect.rs).
+    summary: CollectSummary,
 }
 
 impl HostLoop {
@@ -239,14 +242,23 @@ impl HostLoop {
             self.scheduler.launch_ready();
             let load = self.load_now();
             let now = Instant::now();
+            // The summary first: it tells what the host did before the flag says it is done.
+            self.summarize(load, now);
             self.report(load, now).await;
-            let deadline = self.convergence.deadline(load, now);
+            let deadline = match (self.convergence.deadline(load, now), self.summary.due()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             let busy = self.scheduler.busy();
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 Some(done) = self.scheduler.next_done(), if busy => {
                     if self.scheduler.finish(done) {
                         self.changed();
+                    }
+                    let now = Instant::now();
+                    for c in self.scheduler.take_collected_changes() {
+                        self.summary.record_change(&c.id, &c.what, c.would, now);
                     }
                 }
                 Some(event) = self.events.recv() => self.handle(event),
@@ -255,6 +267,10 @@ impl HostLoop {
             }
         }
         self.scheduler.shutdown();
+        // What happened since the last summary is not lost with the run (but other hosts
+        // leaving as the run ends are no news).
+        self.summary.forget_departures();
+        self.log_summary();
         self.collectors.values().for_each(|c| c.stop.cancel());
         if let Err(e) = self.exchange.withdraw(&self.config.hostname).await {
             tracing::warn!("withdrawing {}'s exports: {e:#}", self.config.hostname);
@@ -420,10 +436,31 @@ impl HostLoop {
                 d.unchanged
             );
         }
+        self.summary.record_diff(&d, Instant::now());
         self.scheduler.apply(d, &self.graph.edges);
         if !empty {
             self.managed = Arc::new(self.scheduler.ids());
             self.convergence.changed(Instant::now());
+        }
+    }
+
+    /// Logs the summary of collected resources when the host has settled after news, or
+    /// when the oldest news is [`collect::SUMMARY_EVERY`] old.
+    fn summarize(&mut self, load: Load, now: Instant) {
+        let Some(due) = self.summary.due() else {
+            return;
+        };
+        if self.convergence.settled(load, now) || now >= due {
+            self.log_summary();
+        }
+    }
+
+    fn log_summary(&mut self) {
+        for line in self
+            .summary
+            .take(&self.managed, self.scheduler.failures().keys())
+        {
+            tracing::info!("{line}");
         }
     }
 

@@ -7,6 +7,7 @@
 //! A change in a vertex makes its dependents check again, and a notify edge also refreshes
 //! them (an exec re-runs).
 
+use crate::engine::collect::is_collected;
 use crate::engine::converge::Load;
 use crate::engine::exchange::ExportedResource;
 use crate::engine::graph::Edge;
@@ -107,6 +108,16 @@ pub struct Scheduler {
     watches: CancellationToken,
     /// `meta.sema`: one semaphore per id, shared by every resource naming it.
     semas: HashMap<String, Arc<Semaphore>>,
+    /// Changes made by collected resources' checks, logged at debug only, until
+    /// [`Scheduler::take_collected_changes`] (the host summarizes them: collect.rs).
+    collected_changes: Vec<CollectedChange>,
+}
+
+/// A collected resource's check changed something, or would have under noop.
+pub struct CollectedChange {
+    pub id: ResourceId,
+    pub what: String,
+    pub would: bool,
 }
 
 impl Scheduler {
@@ -127,7 +138,13 @@ impl Scheduler {
             next_generation: 0,
             watches: CancellationToken::new(),
             semas: HashMap::new(),
+            collected_changes: Vec::new(),
         }
+    }
+
+    /// What collected resources changed since the last call.
+    pub fn take_collected_changes(&mut self) -> Vec<CollectedChange> {
+        std::mem::take(&mut self.collected_changes)
     }
 
     /// The running specs, for diffing against a new desired set.
@@ -151,7 +168,12 @@ impl Scheduler {
         for id in diff.removed {
             if let Some(v) = self.vertices.remove(&id) {
                 v.watch.cancel();
-                tracing::info!("{id}: no longer managed");
+                // Collected ones come and go with their exporters: summarized (collect.rs).
+                if is_collected(&id) {
+                    tracing::debug!("{id}: no longer managed");
+                } else {
+                    tracing::info!("{id}: no longer managed");
+                }
             }
             self.pending.remove(&id);
             if self.failures.remove(&id).is_some() {
@@ -450,10 +472,26 @@ impl Scheduler {
                 recovered
             }
             Ok(outcome) => {
+                // A collected resource's change is logged at debug and summarized per host
+                // (collect.rs): in an all-to-all exchange a line each would be N² lines.
+                let collected = is_collected(&id);
                 match &outcome {
+                    Outcome::Changed(what) if collected => tracing::debug!("{id}: {what}"),
+                    Outcome::WouldChange(what) if collected => {
+                        tracing::debug!("{id}: noop: {what}")
+                    }
                     Outcome::Changed(what) => tracing::info!("{id}: {what}"),
                     Outcome::WouldChange(what) => tracing::info!("{id}: noop: {what}"),
                     Outcome::Unchanged => {}
+                }
+                if let (true, Outcome::Changed(what) | Outcome::WouldChange(what)) =
+                    (collected, &outcome)
+                {
+                    self.collected_changes.push(CollectedChange {
+                        id: id.clone(),
+                        what: what.clone(),
+                        would: matches!(outcome, Outcome::WouldChange(_)),
+                    });
                 }
                 v.state = State::Applied;
                 true
