@@ -804,6 +804,23 @@ async fn a_relay_front_shares_one_upstream_watch_and_keeps_each_childs_rights() 
         resp.cancel_reason().contains("permission denied"),
         "{resp:?}"
     );
+    // Without a token, the shared watch is no way around the store's check either.
+    let anonymous = StoreClient::connect(&front).await.unwrap();
+    let watched = anonymous
+        .raw()
+        .watch(
+            "/run/exports/",
+            Some(etcd_client::WatchOptions::new().with_prefix()),
+        )
+        .await;
+    let refused = match watched {
+        Err(e) => e.to_string(),
+        Ok(mut stream) => match stream.message().await {
+            Err(e) => e.to_string(),
+            Ok(resp) => format!("answered: {resp:?}"),
+        },
+    };
+    assert!(refused.contains("user name is empty"), "{refused}");
     assert_eq!(
         watchers().await,
         1.0,
