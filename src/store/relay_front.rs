@@ -768,7 +768,12 @@ impl ChildWatch {
         let mut created = Some(created);
         let mut shareable = shareable;
         if shareable {
-            match self.may_read(start).await {
+            // Checked at the start revision only when it is one the front has seen: a start
+            // just past the newest revision (a client's "get, then watch from the next") is
+            // the common case, and the store above would call it a future revision.
+            let seen = self.hub.lock().current;
+            let at = if start > 0 && start <= seen { start } else { 0 };
+            match self.may_read(at).await {
                 Ok(()) => {}
                 Err(status) if status.code() == tonic::Code::OutOfRange => shareable = false,
                 Err(status) => {
