@@ -775,7 +775,13 @@ impl ChildWatch {
             let at = if start > 0 && start <= seen { start } else { 0 };
             match self.may_read(at).await {
                 Ok(()) => {}
-                Err(status) if status.code() == tonic::Code::OutOfRange => shareable = false,
+                Err(status) if status.code() == tonic::Code::OutOfRange => {
+                    tracing::debug!(
+                        "store front: watch from {start}: {}; a watch of its own upstream",
+                        status.message()
+                    );
+                    shareable = false;
+                }
                 Err(status) => {
                     let _ = created.take().map(|c| c.send(()));
                     self.refuse(status).await;
@@ -784,6 +790,10 @@ impl ChildWatch {
             }
         }
         if shareable && let Some((replay, rx, current, header)) = self.hub.subscribe(start).await {
+            tracing::debug!(
+                "store front: watch {} from {start} shared (synced to {current})",
+                w.id
+            );
             let resp = PbWatchResponse {
                 header: Some(header),
                 watch_id: w.id,
@@ -804,6 +814,11 @@ impl ChildWatch {
                 }
             }
         }
+        tracing::debug!(
+            "store front: watch {} on {:?} from {start}: a watch of its own upstream",
+            w.id,
+            String::from_utf8_lossy(&w.key)
+        );
         self.direct(start, true, created).await;
     }
 
