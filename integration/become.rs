@@ -145,6 +145,18 @@ fn run(lab: &Lab, topo: &Topo, extra: &[&str]) -> Output {
     arbor(lab, &lab.home(), &args)
 }
 
+/// An initiator home with the lab's known_hosts and no key: only a password can log in.
+fn keyless_home(lab: &Lab) -> Result<tempfile::TempDir, libtest_mimic::Failed> {
+    let home = tempfile::tempdir().map_err(fail)?;
+    std::fs::create_dir(home.path().join(".ssh")).map_err(fail)?;
+    std::fs::copy(
+        lab.home().join(".ssh/known_hosts"),
+        home.path().join(".ssh/known_hosts"),
+    )
+    .map_err(fail)?;
+    Ok(home)
+}
+
 fn clean(lab: &Lab) {
     for h in HOSTS {
         lab.sh(h, "rm -rf /root/become-proof /tmp/arbor.*");
@@ -275,14 +287,7 @@ fn a_missing_or_wrong_sudo_password_fails_naming_the_host_and_leaves_nothing(
 
 fn an_ssh_password_alone_logs_in_at_depth_1_and_2(lab: &Lab) -> TestResult {
     clean(lab);
-    // A home with known_hosts and no key: only the password can log in.
-    let home = tempfile::tempdir().map_err(fail)?;
-    std::fs::create_dir(home.path().join(".ssh")).map_err(fail)?;
-    std::fs::copy(
-        lab.home().join(".ssh/known_hosts"),
-        home.path().join(".ssh/known_hosts"),
-    )
-    .map_err(fail)?;
+    let home = keyless_home(lab)?;
     let body = "\
 hosts:
 - host: 10.199.0.11
@@ -388,13 +393,7 @@ fn become_on_the_command_line_reaches_hosts_without_it_in_the_topology(lab: &Lab
 /// SSH password is its sudo password), and neither is echoed.
 fn on_a_terminal_the_ssh_and_sudo_passwords_are_each_asked_once_per_run(lab: &Lab) -> TestResult {
     clean(lab);
-    let home = tempfile::tempdir().map_err(fail)?;
-    std::fs::create_dir(home.path().join(".ssh")).map_err(fail)?;
-    std::fs::copy(
-        lab.home().join(".ssh/known_hosts"),
-        home.path().join(".ssh/known_hosts"),
-    )
-    .map_err(fail)?;
+    let home = keyless_home(lab)?;
     let topo = topology(&tree("opsp", "become: true"));
     // l1-2 takes root only by key: out of this run.
     let body = std::fs::read_to_string(&topo.path).map_err(fail)?;
