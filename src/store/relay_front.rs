@@ -12,14 +12,14 @@
 //!   started with the front and resumed after a break, feeds every child watch inside it. The
 //!   front keeps the events it saw in a bounded buffer, so a child watch that starts at a past
 //!   revision the buffer covers is replayed from it; one that starts earlier, that asks for
-//!   fragments, that lies outside the shared range, or that falls behind the buffer is served
+//!   fragments or previous values (the shared watch carries none), that lies outside the shared range, or that falls behind the buffer is served
 //!   by a watch of its own upstream, with the caller's token, which keeps etcd's answers
 //!   (compaction errors included) exactly. Before a child's watch is served from the shared
 //!   one, the front asks the store above, with the child's token, whether that child may read
 //!   the range (a count-only Range): the store above stays the one authority.
 //! - per child watch it keeps the API's promises: a `created` response whose header is the
 //!   revision it is synced to, events in revision order with nothing missed or repeated,
-//!   filters and `prev_kv` as asked, progress notifications when asked, cancellation.
+//!   filters as asked, progress notifications when asked, cancellation.
 //!
 //! Unlike etcd's grpc-proxy, whose coalesced watchers could be served from a cache that had
 //! gone stale (etcd issue 14665), a child here is only ever served events the front saw on an
@@ -485,7 +485,9 @@ impl Hub {
             }
         };
         let end = self.prefix_end.clone().unwrap_or_else(|| vec![0]);
-        let create = create_request(&self.prefix, &end, resume, true, true);
+        // Without previous values: arbor's own watches never ask for them, and they would
+        // double what an update costs on the uplink. A child that asks has its own watch.
+        let create = create_request(&self.prefix, &end, resume, false, true);
         let (_tx, mut responses) = open_watch(upstream, token.as_deref(), create).await?;
         while let Some(resp) = responses.message().await? {
             let header = resp.header.unwrap_or_default();
@@ -764,7 +766,7 @@ enum Shared {
 impl ChildWatch {
     async fn run(self, start: i64, created: tokio::sync::oneshot::Sender<()>) {
         let w = &self.want;
-        let shareable = !w.fragment && self.hub.covers(&w.key, &w.range_end);
+        let shareable = !w.fragment && !w.prev_kv && self.hub.covers(&w.key, &w.range_end);
         let mut created = Some(created);
         let mut shareable = shareable;
         if shareable {
@@ -924,11 +926,7 @@ impl ChildWatch {
                     {
                         continue;
                     }
-                    let mut e = e.clone();
-                    if !w.prev_kv {
-                        e.prev_kv = None;
-                    }
-                    out.push(e);
+                    out.push(e.clone());
                 }
                 *next = last + 1;
                 if !out.is_empty() {
