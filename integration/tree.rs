@@ -2568,6 +2568,13 @@ fn a_kv_written_at_depth_2_is_read_by_another_host_that_cannot_overwrite_it(
             .any(|l| l.starts_with("r1/l1-1 ") && l.contains(" ok ")),
         "l1-1's own kv did not end ok\n{log}"
     );
+    // l2-1's arbor ended cleanly, but its kv failed: its summary row says failed, and why.
+    check!(
+        log.lines().any(|l| l.starts_with("r2/l2-1 ")
+            && l.contains(" failed ")
+            && l.contains("settled with failures: kv[color]")),
+        "l2-1's summary row does not say it failed\n{log}"
+    );
     // The run is over: open its store and read every kv key.
     let port = "23795";
     let store = Command::new("ip")

@@ -1227,6 +1227,15 @@ pub async fn run(options: RunOptions) -> u8 {
     store.close().await;
 
     reports.extend(view.deep_reports());
+    // A host whose arbor ended cleanly but whose resources settled with failures failed too:
+    // the summary says so, as the exit code and the failed list do.
+    for r in &mut reports {
+        let name = HostPath::parse(&r.name).name().to_string();
+        if let (true, Some(failures)) = (r.ok, view.book.unhealthy().get(&name)) {
+            r.ok = false;
+            r.cause = Some(format!("settled with failures: {}", failures.join("; ")));
+        }
+    }
     let any_failed = reports.iter().any(|r| !r.ok) || local_ok == Some(false);
     let code = match outcome {
         Outcome::Stopped(signal) => exit::for_signal(signal),
