@@ -119,23 +119,12 @@ pub async fn handshake(
     label: &str,
     timeout: Duration,
 ) -> Result<Vec<u8>, Refused> {
-    handshake_inner(command, become_, label, timeout)
-        .await
-        .map_err(|message| Refused {
-            nothing_as_root: message.contains("sudo refused the password")
-                || message.contains("a password is required"),
-            message,
-        })
-}
-
-async fn handshake_inner(
-    command: &mut RemoteCommand,
-    become_: &Become,
-    label: &str,
-    timeout: Duration,
-) -> Result<Vec<u8>, String> {
+    let failed = |message: String| Refused {
+        message,
+        nothing_as_root: false,
+    };
     let (mut stdout, mut stderr) = (Vec::<u8>::new(), Vec::<u8>::new());
-    let mut answered = 0;
+    let mut prompts = Prompts::new(Some(become_));
     let user = &become_.user;
     let work = async {
         while let Some(item) = command.next().await {
@@ -146,40 +135,25 @@ async fn handshake_inner(
                         return Ok(stdout.split_off(at + READY.len()));
                     }
                     if stdout.len() > KEEP_STDERR {
-                        return Err(format!(
+                        return Err(failed(format!(
                             "{label}: become: unexpected output before arbor started: {:?}",
                             String::from_utf8_lossy(&stdout[..200])
-                        ));
+                        )));
                     }
                 }
                 Output::Stderr(data) => {
+                    // Anything else sudo says (a warning, "Sorry, try again.") is kept for
+                    // the error message.
+                    let said = prompts.answer(&data, command, label).await?;
                     if stderr.len() < KEEP_STDERR {
-                        stderr.extend_from_slice(&data);
+                        stderr.extend_from_slice(&said);
                     }
-                    // Anything else sudo says (a warning, "Sorry, try again.") waits for the
-                    // next prompt or its exit.
-                    let prompts = count(&stderr, PROMPT.as_bytes());
-                    if prompts <= answered {
-                        continue;
-                    }
-                    let Some(password) = become_.password.as_ref().filter(|_| answered == 0) else {
-                        return Err(format!(
-                            "{label}: become: sudo refused the password for {user} \
-                             (it asked again)"
-                        ));
-                    };
-                    answered = prompts;
-                    let mut line = password.clone().into_bytes();
-                    line.push(b'\n');
-                    command
-                        .write_stdin(&line)
-                        .await
-                        .map_err(|e| format!("{label}: become: {e}"))?;
                 }
                 Output::Exit(status) => {
                     let said = String::from_utf8_lossy(&stderr).replace(PROMPT, "");
                     let said = said.trim();
-                    let hint = if said.contains("a password is required") {
+                    let wants_password = said.contains("a password is required");
+                    let hint = if wants_password {
                         " (sudo wants a password: pass --ask-become-pass or \
                          --become-password-file)"
                     } else if said.contains("command not found") || said.contains("sudo: not found")
@@ -188,24 +162,27 @@ async fn handshake_inner(
                     } else {
                         ""
                     };
-                    return Err(format!(
-                        "{label}: become: sudo did not start arbor as {user}: {status}; \
-                         stderr: {said}{hint}"
-                    ));
+                    return Err(Refused {
+                        message: format!(
+                            "{label}: become: sudo did not start arbor as {user}: {status}; \
+                             stderr: {said}{hint}"
+                        ),
+                        nothing_as_root: wants_password,
+                    });
                 }
             }
         }
-        Err(format!(
+        Err(failed(format!(
             "{label}: become: the channel closed before arbor started"
-        ))
+        )))
     };
     tokio::time::timeout(timeout, work)
         .await
         .unwrap_or_else(|_| {
-            Err(format!(
+            Err(failed(format!(
                 "{label}: become: sudo did not start arbor within {}s",
                 timeout.as_secs()
-            ))
+            )))
         })
 }
 
@@ -244,21 +221,37 @@ pub async fn run(session: &Session, become_: &Become, script: &str) -> Option<Ve
         .flatten()
 }
 
-/// Removes root's dir of a staged host (best effort: the host may be gone).
-pub async fn remove_root_dir(session: &Session, staged: &Staged) {
-    if let Some(become_) = &staged.escalate
-        && staged.workdir.contains("/arbor.")
-    {
+/// Removes root's dir of a staged host that became root, after running shell `first` as root
+/// if given, with one sudo (a refused password costs sudo's delay once). Best effort: the host
+/// may be gone.
+pub async fn remove_root_dir(session: &Session, staged: &Staged, first: Option<&str>) {
+    let Some(become_) = &staged.escalate else {
+        return;
+    };
+    let mut script: Vec<String> = first.map(str::to_string).into_iter().collect();
+    // Never anything that is not one of our working dirs.
+    if staged.workdir.contains("/arbor.") {
         let dir = root_dir(&staged.workdir);
-        let script = CommandLine::new("rm").args(["-rf", "--", &dir]);
-        let _ = run(session, become_, script.as_str()).await;
+        script.push(
+            CommandLine::new("rm")
+                .args(["-rf", "--", &dir])
+                .as_str()
+                .to_string(),
+        );
+    }
+    if !script.is_empty() {
+        let _ = run(session, become_, &script.join("; ")).await;
     }
 }
 
-/// Answers sudo's password prompt (ours) in a command's stderr once, for `arbor exec`.
+/// Answers sudo's password prompt (ours) in a command's stderr once: for the start of arbor
+/// ([`handshake`]) and for `arbor exec`.
 pub struct Prompts<'a> {
     become_: Option<&'a Become>,
     answered: bool,
+    /// The end of the stderr seen so far, shorter than the prompt: a prompt split across two
+    /// reads is still seen.
+    tail: Vec<u8>,
 }
 
 impl<'a> Prompts<'a> {
@@ -266,6 +259,7 @@ impl<'a> Prompts<'a> {
         Prompts {
             become_,
             answered: false,
+            tail: Vec::new(),
         }
     }
 
@@ -276,25 +270,35 @@ impl<'a> Prompts<'a> {
         data: &[u8],
         command: &RemoteCommand,
         host: &str,
-    ) -> Result<Vec<u8>, String> {
+    ) -> Result<Vec<u8>, Refused> {
         let Some(become_) = self.become_.filter(|b| b.password.is_some()) else {
             return Ok(data.to_vec());
         };
-        if find(data, PROMPT.as_bytes()).is_none() {
+        let mut seen = std::mem::take(&mut self.tail);
+        seen.extend_from_slice(data);
+        let prompts = count(&seen, PROMPT.as_bytes());
+        self.tail = seen[seen.len().saturating_sub(PROMPT.len() - 1)..].to_vec();
+        if prompts == 0 {
             return Ok(data.to_vec());
         }
         if self.answered {
-            return Err(format!(
-                "{host}: become: sudo refused the password for {} (it asked again)",
-                become_.user
-            ));
+            return Err(Refused {
+                message: format!(
+                    "{host}: become: sudo refused the password for {} (it asked again)",
+                    become_.user
+                ),
+                nothing_as_root: true,
+            });
         }
         self.answered = true;
         let line = format!("{}\n", become_.password.as_deref().unwrap_or_default());
         command
             .write_stdin(line.as_bytes())
             .await
-            .map_err(|e| format!("{host}: become: {e}"))?;
+            .map_err(|e| Refused {
+                message: format!("{host}: become: {e}"),
+                nothing_as_root: false,
+            })?;
         let text = String::from_utf8_lossy(data).replacen(PROMPT, "", 1);
         Ok(text.into_bytes())
     }

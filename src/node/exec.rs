@@ -248,10 +248,10 @@ async fn run_command(
                 Some(Output::Stderr(data)) => {
                     let data = match prompts.answer(&data, &remote, name).await {
                         Ok(data) => data,
-                        Err(e) => {
+                        Err(refused) => {
                             drop(remote);
                             session.disconnect().await;
-                            return Err(e);
+                            return Err(refused.message);
                         }
                     };
                     send_lines(&ctx.events, me, &err.push(&data), true).await;
