@@ -926,7 +926,7 @@ async fn supervise(
         child_link::why_ended(&session, &staged, &status, stderr.as_deref()).await
     };
     if !link_down {
-        super::escalate::remove_root_dir(&session, &staged).await;
+        super::escalate::remove_root_dir(&session, &staged, None).await;
         let _ = stage::remove_workdir(&session, &staged.workdir).await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), session.disconnect()).await;

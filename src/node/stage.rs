@@ -546,13 +546,7 @@ pub async fn stop_and_remove(session: &Session, staged: &Staged) {
     let pattern = format!("--workdir {workdir}( |$)");
     let kill = CommandLine::new("pkill").args(["-KILL", "-f", "--", &pattern]);
     match &staged.escalate {
-        // One sudo for both: a refused password costs sudo's delay once.
-        Some(become_) => {
-            let root = super::escalate::root_dir(&staged.workdir);
-            let remove = CommandLine::new("rm").args(["-rf", "--", &root]);
-            let both = format!("{}; {}", kill.as_str(), remove.as_str());
-            let _ = super::escalate::run(session, become_, &both).await;
-        }
+        Some(_) => super::escalate::remove_root_dir(session, staged, Some(kill.as_str())).await,
         None => {
             let _ = session.output(kill.as_str()).await;
         }
