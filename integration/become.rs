@@ -88,6 +88,15 @@ struct Topo {
     path: PathBuf,
 }
 
+impl Topo {
+    /// A file beside the topology holding `password` on its first line.
+    fn password_file(&self, name: &str, password: &str) -> Result<PathBuf, libtest_mimic::Failed> {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, format!("{password}\n")).map_err(fail)?;
+        Ok(path)
+    }
+}
+
 fn topology(body: &str) -> Topo {
     let dir = tempfile::tempdir().expect("tempdir");
     let graph = dir.path().join("proof.yaml");
@@ -220,8 +229,7 @@ fn a_relay_and_its_leaf_become_root_through_passwordless_sudo_at_depth_2(lab: &L
 fn a_sudo_password_from_a_file_reaches_depth_2_and_never_shows(lab: &Lab) -> TestResult {
     clean(lab);
     let topo = topology(&tree("opsp", "become: true"));
-    let file = topo.dir.path().join("sudo-password");
-    std::fs::write(&file, format!("{OPSP_SUDO_PASSWORD}\n")).map_err(fail)?;
+    let file = topo.password_file("sudo-password", OPSP_SUDO_PASSWORD)?;
     let out = run(
         lab,
         &topo,
@@ -261,8 +269,7 @@ fn a_missing_or_wrong_sudo_password_fails_naming_the_host_and_leaves_nothing(
     check!(proof(lab, "r1").is_empty(), "r1 has a proof:\n{log}");
     check_nothing_left(lab)?;
 
-    let file = topo.dir.path().join("wrong");
-    std::fs::write(&file, "not-the-password\n").map_err(fail)?;
+    let file = topo.password_file("wrong", "not-the-password")?;
     let out = run(
         lab,
         &topo,
@@ -303,8 +310,7 @@ hosts:
     graph: {graph}
 ";
     let topo = topology(body);
-    let password = topo.dir.path().join("ssh-password");
-    std::fs::write(&password, format!("{OPS_SSH_PASSWORD}\n")).map_err(fail)?;
+    let password = topo.password_file("ssh-password", OPS_SSH_PASSWORD)?;
     let topo_path = topo.path.to_str().unwrap_or_default();
     let args = [
         "run",
@@ -326,7 +332,7 @@ hosts:
     check_nothing_left(lab)?;
 
     // A wrong one: refused, naming what was tried.
-    std::fs::write(&password, "wrong\n").map_err(fail)?;
+    topo.password_file("ssh-password", "wrong")?;
     let out = arbor(lab, home.path(), &args);
     let log = text(&out);
     check!(
@@ -344,8 +350,7 @@ hosts:
 fn exec_become_runs_the_command_as_root_at_depth_2(lab: &Lab) -> TestResult {
     clean(lab);
     let topo = topology(&tree("opsp", ""));
-    let file = topo.dir.path().join("sudo-password");
-    std::fs::write(&file, format!("{OPSP_SUDO_PASSWORD}\n")).map_err(fail)?;
+    let file = topo.password_file("sudo-password", OPSP_SUDO_PASSWORD)?;
     let topo_path = topo.path.to_str().unwrap_or_default();
     let out = arbor(
         lab,
