@@ -256,6 +256,9 @@ impl HostLoop {
                     if self.scheduler.finish(done) {
                         self.changed();
                     }
+                    if self.scheduler.take_departed_check_ended() {
+                        self.managed = Arc::new(self.scheduler.ids());
+                    }
                     let now = Instant::now();
                     for c in self.scheduler.take_collected_changes() {
                         self.summary.record_change(&c.id, &c.what, c.would, now);

@@ -111,6 +111,8 @@ pub struct Scheduler {
     /// Changes made by collected resources' checks, logged at debug only, until
     /// [`Scheduler::take_collected_changes`] (the host summarizes them: collect.rs).
     collected_changes: Vec<CollectedChange>,
+    /// A removed vertex's check ended: [`Scheduler::ids`] shrank outside of `apply`.
+    departed_check_ended: bool,
 }
 
 /// A collected resource's check changed something, or would have under noop.
@@ -139,6 +141,7 @@ impl Scheduler {
             watches: CancellationToken::new(),
             semas: HashMap::new(),
             collected_changes: Vec::new(),
+            departed_check_ended: false,
         }
     }
 
@@ -152,8 +155,23 @@ impl Scheduler {
         self.vertices.iter().map(|(id, v)| (id, &v.spec))
     }
 
+    /// What this host manages: the vertices, and removed ones whose check is still running
+    /// (that check may still write; the resource is left alone only once it ends).
     pub fn ids(&self) -> Vec<ResourceId> {
-        self.vertices.keys().cloned().collect()
+        let mut ids: Vec<ResourceId> = self.vertices.keys().cloned().collect();
+        let departed = self
+            .in_flight
+            .iter()
+            .filter(|id| !self.vertices.contains_key(*id));
+        ids.extend(departed.cloned());
+        ids.sort();
+        ids
+    }
+
+    /// Whether a removed vertex's check ended since the last call, so [`Scheduler::ids`]
+    /// changed without a diff.
+    pub fn take_departed_check_ended(&mut self) -> bool {
+        std::mem::take(&mut self.departed_check_ended)
     }
 
     /// Applies a diff and replaces the edge set. Unchanged vertices keep their state, their
@@ -453,6 +471,9 @@ impl Scheduler {
             retries,
         } = done;
         self.in_flight.remove(&id);
+        if !self.vertices.contains_key(&id) {
+            self.departed_check_ended = true;
+        }
         // Poked while running (or replaced by a new version): look at it again.
         if self.pending.contains(&id) {
             self.candidates.push_back(id.clone());

@@ -300,6 +300,42 @@ async fn hot_reload_touches_only_what_changed() {
 }
 
 #[tokio::test]
+async fn a_resource_removed_while_its_check_runs_stays_managed_until_the_check_ends() {
+    let dir = tempfile::tempdir().expect("dir");
+    let d = dir.path();
+    let ex = new_exchange().await;
+    let slow = format!(
+        "graph: g\nresources:\n  file:\n  - name: f1\n    path: {0}/f1\n    content: \"one\\n\"\n  exec:\n  - name: slow\n    cmd: \"touch {0}/started; sleep 1; echo done > {0}/slow\"\n",
+        d.display()
+    );
+    let e = start(&slow, "h", &ex).await;
+    wait_file(&d.join("started"), "").await;
+    e.load_graph(parse(&reload_graph(d, "two", false), "h"));
+    let id = ResourceId::new(Kind::Exec, "slow");
+    let (status, _) = e
+        .wait_for(WAIT, |s| {
+            s.managed.contains(&ResourceId::new(Kind::File, "f2"))
+        })
+        .await;
+    assert!(
+        status.managed.contains(&id),
+        "a removed exec still running is not shown managed: {:?}",
+        status.managed
+    );
+    let (status, held) = e.wait_for(WAIT, |s| !s.managed.contains(&id)).await;
+    assert!(
+        held,
+        "the removed exec stays managed after its check: {status:?}"
+    );
+    assert_eq!(
+        read(&d.join("slow")),
+        "done\n",
+        "shown unmanaged before it ended"
+    );
+    e.stop().await;
+}
+
+#[tokio::test]
 async fn a_graph_file_edit_is_picked_up_by_the_file_watcher() {
     let dir = tempfile::tempdir().expect("dir");
     let d = dir.path();
