@@ -679,13 +679,16 @@ async fn a_store_with_users_checks_every_request_over_grpc_and_http() {
     assert_eq!(without.status, 401, "{}", without.body);
 }
 
-/// A relay's store front over a store with users: twenty children's watches on the run's
-/// exports share one upstream watch (the store above counts one watcher), every one of them
-/// sees a write made through the front, and each child keeps exactly its own rights: a user
-/// who may not read the exports gets etcd's "permission denied" for its watch, and a write to
-/// another host's keys through the front is refused by the store above.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_relay_front_shares_one_upstream_watch_and_keeps_each_childs_rights() {
+/// A store with users (a relay, hosts h1 and h2 that may read the run's exports and write
+/// their own, an outsider who may not read them) and a relay front over it, as the relay,
+/// sharing the exports. Its uplink runs through a proxy that counts the bytes coming down
+/// (the store's answers). The front serves until the guard drops.
+async fn front_with_users() -> (
+    support::TestStore,
+    Endpoints,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+    tokio_util::sync::DropGuard,
+) {
     use arbor::store::auth::{Access, Users};
     use arbor::store::relay_front::{FrontConfig, FrontListener, serve_on};
     let host = |name: &str| Access::Keys {
@@ -711,13 +714,14 @@ async fn a_relay_front_shares_one_upstream_watch_and_keeps_each_childs_rights() 
         ..test_options(None)
     };
     let store = embedded_listening("127.0.0.1:0", options).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let store_addr = store.endpoint.trim_start_matches("http://").to_string();
+    let (uplink, down) = counting_proxy(&store_addr, stop.clone()).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let front_url = format!("http://{}", listener.local_addr().unwrap());
-    let upstream = tonic::transport::Endpoint::from_shared(store.endpoint.clone())
+    let upstream = tonic::transport::Endpoint::from_shared(format!("http://{uplink}"))
         .unwrap()
         .connect_lazy();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let _stop = stop.clone().drop_guard();
     let config = FrontConfig {
         shared_prefix: b"/run/exports/".to_vec(),
         credential: Some(("relay".into(), "pw-relay".into())),
@@ -726,6 +730,159 @@ async fn a_relay_front_shares_one_upstream_watch_and_keeps_each_childs_rights() 
         .await
         .unwrap();
     let front = Endpoints::parse(&front_url).unwrap();
+    (store, front, down, stop.drop_guard())
+}
+
+/// A TCP proxy on loopback to `to`, counting the bytes that come back from it; its address.
+async fn counting_proxy(
+    to: &str,
+    stop: tokio_util::sync::CancellationToken,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let down = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (to, counter) = (to.to_string(), down.clone());
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                () = stop.cancelled() => return,
+            };
+            let Ok((client, _)) = accepted else { return };
+            let Ok(server) = tokio::net::TcpStream::connect(&to).await else {
+                continue;
+            };
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            tokio::spawn(async move { tokio::io::copy(&mut cr, &mut sw).await });
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 << 10];
+                while let Ok(n) = sr.read(&mut buf).await {
+                    if n == 0 || cw.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                    counter.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    (addr, down)
+}
+
+/// What a leaf does first (a serializable read of every export) costs the relay's uplink
+/// almost nothing when a front answers it: twenty children's reads of 100 kB of exports bring
+/// less down the uplink than one linearizable read, which passes through. Each child gets
+/// exactly what the store holds, sees its own writes and deletes at once, and keeps its
+/// rights: an outsider's read is refused by the store above.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_front_answers_serializable_reads_of_the_exports_from_its_copy() {
+    use std::sync::atomic::Ordering;
+    let (store, front, down, _stop) = front_with_users().await;
+    let direct = StoreClient::connect_as(
+        &Endpoints::parse(&store.endpoint).unwrap(),
+        Some(("h1", "pw-h1")),
+    )
+    .await
+    .unwrap();
+    let value = "x".repeat(2000);
+    for i in 0..50 {
+        direct
+            .put(format!("/run/exports/h1/f{i:02}"), value.as_str())
+            .await
+            .unwrap();
+    }
+    let (want, _) = direct.get_prefix("/run/exports/").await.unwrap();
+    assert_eq!(want.len(), 50);
+    let mut children = Vec::new();
+    for i in 0..20 {
+        let name = if i % 2 == 0 { "h1" } else { "h2" };
+        let client = StoreClient::connect_as(&front, Some((name, &format!("pw-{name}"))))
+            .await
+            .expect("connect through the front");
+        children.push(client);
+    }
+    // The first read may wait for the front's copy to take in the fifty puts.
+    let first = children[0]
+        .get_prefix_serializable("/run/exports/")
+        .await
+        .unwrap();
+    assert_eq!(first.0.len(), 50);
+    let before = down.load(Ordering::Relaxed);
+    for child in &children {
+        let (got, _) = child
+            .get_prefix_serializable("/run/exports/")
+            .await
+            .unwrap();
+        let pairs = |kvs: &[etcd_client::KeyValue]| -> Vec<(Vec<u8>, Vec<u8>, i64)> {
+            kvs.iter()
+                .map(|kv| (kv.key().to_vec(), kv.value().to_vec(), kv.mod_revision()))
+                .collect()
+        };
+        assert_eq!(
+            pairs(&got),
+            pairs(&want),
+            "a child's read differs from the store's"
+        );
+    }
+    let cached = down.load(Ordering::Relaxed) - before;
+    let before = down.load(Ordering::Relaxed);
+    children[1].get_prefix("/run/exports/").await.unwrap();
+    let passed = down.load(Ordering::Relaxed) - before;
+    println!("uplink bytes down: 20 serializable reads {cached}, 1 linearizable read {passed}");
+    assert!(
+        passed > 100_000,
+        "the linearizable read passed through: {passed}"
+    );
+    assert!(
+        cached < passed,
+        "twenty reads from the front's copy cost {cached} bytes, one passed through {passed}"
+    );
+
+    // Its own writes and deletes, read back at once through the front.
+    let h1 = &children[0];
+    for i in 0..20 {
+        let key = format!("/run/exports/h1/new{i:02}");
+        h1.put(key.as_str(), "v").await.unwrap();
+        let (got, _) = h1.get_prefix_serializable("/run/exports/").await.unwrap();
+        assert!(
+            got.iter().any(|kv| kv.key() == key.as_bytes()),
+            "{key} not read back"
+        );
+        h1.delete(key.as_str()).await.unwrap();
+        let (got, _) = h1.get_prefix_serializable("/run/exports/").await.unwrap();
+        assert!(
+            !got.iter().any(|kv| kv.key() == key.as_bytes()),
+            "{key} read back after its delete"
+        );
+    }
+
+    let outsider = StoreClient::connect_as(&front, Some(("outsider", "pw-outsider")))
+        .await
+        .unwrap();
+    let refused = outsider
+        .get_prefix_serializable("/run/exports/")
+        .await
+        .expect_err("an outsider may not read the exports");
+    assert!(
+        format!("{refused:#}").contains("permission denied"),
+        "{refused:#}"
+    );
+}
+
+/// A relay's store front over a store with users: twenty children's watches on the run's
+/// exports share one upstream watch (the store above counts one watcher), every one of them
+/// sees a write made through the front, and each child keeps exactly its own rights: a user
+/// who may not read the exports gets etcd's "permission denied" for its watch, and a write to
+/// another host's keys through the front is refused by the store above.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_front_shares_one_upstream_watch_and_keeps_each_childs_rights() {
+    let (store, front, _, _stop) = front_with_users().await;
     let watchers = || async {
         let metrics = support::http_client::get(&store.endpoint, "/metrics")
             .await

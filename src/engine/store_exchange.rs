@@ -294,7 +294,7 @@ impl Exchange for StoreExchange {
             let mut last: Option<Vec<ExportedResource>> = None;
             // Read everything, then follow changes; start over if the history is compacted.
             loop {
-                let (kvs, revision) = match client.get_prefix(keys.exports()).await {
+                let (kvs, revision) = match client.get_prefix_serializable(keys.exports()).await {
                     Ok(r) => r,
                     Err(e) => {
                         let _ = tx.send(Err(e)).await;

@@ -251,12 +251,31 @@ impl StoreClient {
         &self,
         prefix: impl Into<Vec<u8>>,
     ) -> anyhow::Result<(Vec<KeyValue>, i64)> {
-        let prefix = prefix.into();
+        self.read_prefix(prefix.into(), GetOptions::new().with_prefix())
+            .await
+    }
+
+    /// [`StoreClient::get_prefix`], read serializably: a relay's store front answers it from
+    /// its copy of the run's exports instead of sending every key down its uplink again
+    /// (relay_front.rs). It still sees this client's own writes.
+    pub async fn get_prefix_serializable(
+        &self,
+        prefix: impl Into<Vec<u8>>,
+    ) -> anyhow::Result<(Vec<KeyValue>, i64)> {
+        let options = GetOptions::new().with_prefix().with_serializable();
+        self.read_prefix(prefix.into(), options).await
+    }
+
+    async fn read_prefix(
+        &self,
+        prefix: Vec<u8>,
+        options: GetOptions,
+    ) -> anyhow::Result<(Vec<KeyValue>, i64)> {
         let mut resp = self
             .client
             .kv_client()
             .max_decoding_message_size(MAX_RESPONSE_BYTES)
-            .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+            .get(prefix.clone(), Some(options))
             .await
             .with_context(|| {
                 self.context(&format!("get prefix {}", String::from_utf8_lossy(&prefix)))

@@ -31,6 +31,7 @@ mod authority;
 mod backend;
 pub mod client;
 mod errors;
+mod front_cache;
 pub mod fuzzing;
 mod http;
 mod json;

@@ -27,14 +27,17 @@
 //! upstream watch of its own.
 
 use super::auth::prefix_end;
+use super::front_cache::{self, Cache};
 use super::mvcc::KeyRange;
 use etcd_client::proto::{
-    PbAuthenticateRequest, PbAuthenticateResponse, PbClusterServer, PbClusterService, PbEvent,
-    PbMember, PbMemberAddRequest, PbMemberAddResponse, PbMemberListRequest, PbMemberListResponse,
-    PbMemberPromoteRequest, PbMemberPromoteResponse, PbMemberRemoveRequest, PbMemberRemoveResponse,
-    PbMemberUpdateRequest, PbMemberUpdateResponse, PbRangeRequest, PbRangeResponse,
-    PbResponseHeader, PbWatchRequest, PbWatchRequestUnion, PbWatchResponse, PbWatchServer,
-    PbWatchService,
+    PbAuthenticateRequest, PbAuthenticateResponse, PbClusterServer, PbClusterService,
+    PbCompactionRequest, PbCompactionResponse, PbDeleteRequest, PbDeleteResponse, PbEvent,
+    PbKvServer, PbKvService, PbMember, PbMemberAddRequest, PbMemberAddResponse,
+    PbMemberListRequest, PbMemberListResponse, PbMemberPromoteRequest, PbMemberPromoteResponse,
+    PbMemberRemoveRequest, PbMemberRemoveResponse, PbMemberUpdateRequest, PbMemberUpdateResponse,
+    PbPutRequest, PbPutResponse, PbRangeRequest, PbRangeResponse, PbRangeStreamResponse,
+    PbResponseHeader, PbTxnRequest, PbTxnResponse, PbWatchRequest, PbWatchRequestUnion,
+    PbWatchResponse, PbWatchServer, PbWatchService,
 };
 use futures::future::BoxFuture;
 use std::collections::{BTreeMap, VecDeque};
@@ -60,6 +63,8 @@ const EVENT_DELETE: i32 = 1;
 
 /// Events the front keeps for replay (a child watch that starts in the past).
 const BUFFER_EVENTS: usize = 20_000;
+/// The largest answer taken from the store above (as the store client's).
+const MAX_RESPONSE_BYTES: usize = 256 << 20;
 /// Responses a child watch may be behind the shared watch before it is moved to a watch of
 /// its own upstream.
 const LAG: usize = 4096;
@@ -76,7 +81,7 @@ pub struct FrontConfig {
 /// with the front's own address as every member's client URL, as etcd's grpc-proxy does: the
 /// store's own addresses mean nothing below a relay).
 fn answered_here(path: &str) -> bool {
-    path == WATCH_PATH || path.starts_with("/etcdserverpb.Cluster/")
+    path == WATCH_PATH || path == RANGE_PATH || path.starts_with("/etcdserverpb.Cluster/")
 }
 
 /// Where the front listens: a relay's Unix socket, or (in tests) a loopback TCP listener.
@@ -115,6 +120,10 @@ pub async fn serve_on(
         }
     };
     let hub = Hub::start(upstream.clone(), config, shutdown.clone());
+    let kv = PbKvServer::new(FrontKv {
+        hub: hub.clone(),
+        upstream: upstream.clone(),
+    });
     let watch = PbWatchServer::new(FrontWatch {
         hub,
         upstream: upstream.clone(),
@@ -124,6 +133,7 @@ pub async fn serve_on(
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .layer(PassLayer(upstream.clone()))
         .add_service(watch)
+        .add_service(kv)
         .add_service(PbClusterServer::new(FrontCluster {
             upstream,
             advertise,
@@ -178,6 +188,7 @@ struct PassService {
 }
 
 const WATCH_PATH: &str = "/etcdserverpb.Watch/Watch";
+const RANGE_PATH: &str = "/etcdserverpb.KV/Range";
 
 impl tower::Service<http::Request<Body>> for PassService {
     type Response = http::Response<Body>;
@@ -225,7 +236,9 @@ where
     Q: prost::Message + Send + Sync + 'static,
     R: prost::Message + Default + Send + Sync + 'static,
 {
-    let mut grpc = tonic::client::Grpc::new(upstream.clone());
+    // As large as the store client takes (a read of every export can be big).
+    let mut grpc =
+        tonic::client::Grpc::new(upstream.clone()).max_decoding_message_size(MAX_RESPONSE_BYTES);
     grpc.ready()
         .await
         .map_err(|e| Status::unavailable(format!("store front: the store above: {e}")))?;
@@ -280,6 +293,87 @@ fn create_request(
 }
 
 // ---------------------------------------------------------------------------------------------
+// The KV service: serializable reads inside the shared range from the cache, the rest passed
+// through. (Only Range is routed here; the others pass through as bytes, but are written out
+// as passing through should they ever be routed here.)
+
+struct FrontKv {
+    hub: Arc<Hub>,
+    upstream: Channel,
+}
+
+/// Passes a unary call upstream with the caller's token.
+async fn pass<Q, R>(
+    upstream: &Channel,
+    path: &'static str,
+    req: Request<Q>,
+) -> Result<Response<R>, Status>
+where
+    Q: prost::Message + Send + Sync + 'static,
+    R: prost::Message + Default + Send + Sync + 'static,
+{
+    let token = token_of(&req);
+    let resp = unary(
+        upstream,
+        path,
+        with_token(req.into_inner(), token.as_deref()),
+    );
+    resp.await.map(Response::new)
+}
+
+#[tonic::async_trait]
+impl PbKvService for FrontKv {
+    async fn range(
+        &self,
+        req: Request<PbRangeRequest>,
+    ) -> Result<Response<PbRangeResponse>, Status> {
+        let r = req.get_ref();
+        if front_cache::answerable(r) && self.hub.covers(&r.key, &r.range_end) {
+            let token = token_of(&req);
+            if let Some(resp) = self.hub.range(&self.upstream, token.as_deref(), r).await? {
+                return Ok(Response::new(resp));
+            }
+        }
+        pass(&self.upstream, RANGE_PATH, req).await
+    }
+
+    type RangeStreamStream =
+        Pin<Box<dyn Stream<Item = Result<PbRangeStreamResponse, Status>> + Send + 'static>>;
+
+    /// Not routed here (it passes through as bytes, to the store's own answer).
+    async fn range_stream(
+        &self,
+        _req: Request<PbRangeRequest>,
+    ) -> Result<Response<Self::RangeStreamStream>, Status> {
+        Err(Status::unimplemented(
+            "store front: KV.RangeStream is passed through",
+        ))
+    }
+
+    async fn put(&self, req: Request<PbPutRequest>) -> Result<Response<PbPutResponse>, Status> {
+        pass(&self.upstream, "/etcdserverpb.KV/Put", req).await
+    }
+
+    async fn delete_range(
+        &self,
+        req: Request<PbDeleteRequest>,
+    ) -> Result<Response<PbDeleteResponse>, Status> {
+        pass(&self.upstream, "/etcdserverpb.KV/DeleteRange", req).await
+    }
+
+    async fn txn(&self, req: Request<PbTxnRequest>) -> Result<Response<PbTxnResponse>, Status> {
+        pass(&self.upstream, "/etcdserverpb.KV/Txn", req).await
+    }
+
+    async fn compact(
+        &self,
+        req: Request<PbCompactionRequest>,
+    ) -> Result<Response<PbCompactionResponse>, Status> {
+        pass(&self.upstream, "/etcdserverpb.KV/Compact", req).await
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // The Cluster service: passed through, the front's address advertised.
 
 struct FrontCluster {
@@ -300,13 +394,7 @@ impl FrontCluster {
         Q: prost::Message + Send + Sync + 'static,
         R: prost::Message + Default + Send + Sync + 'static,
     {
-        let token = token_of(&req);
-        let resp = unary(
-            &self.upstream,
-            path,
-            with_token(req.into_inner(), token.as_deref()),
-        );
-        resp.await.map(Response::new)
+        pass(&self.upstream, path, req).await
     }
 
     fn advertised(&self, members: &mut [PbMember]) {
@@ -385,6 +473,9 @@ struct HubState {
     header: PbResponseHeader,
     buffer: VecDeque<Arc<Item>>,
     buffered: usize,
+    /// The shared range's keys, for serializable reads (front_cache.rs); `None` until read,
+    /// and after a gap until read again.
+    cache: Option<Cache>,
 }
 
 pub(crate) struct Hub {
@@ -393,6 +484,8 @@ pub(crate) struct Hub {
     state: Mutex<HubState>,
     tx: broadcast::Sender<Arc<Item>>,
     started: tokio::sync::watch::Sender<bool>,
+    /// Bumped whenever the cache moves, for reads waiting for it to catch up.
+    cache_moved: tokio::sync::watch::Sender<u64>,
 }
 
 impl Hub {
@@ -408,9 +501,11 @@ impl Hub {
                 header: PbResponseHeader::default(),
                 buffer: VecDeque::new(),
                 buffered: 0,
+                cache: None,
             }),
             tx: broadcast::channel(LAG).0,
             started: tokio::sync::watch::channel(false).0,
+            cache_moved: tokio::sync::watch::channel(0).0,
         });
         let run = hub.clone().run(upstream, config.credential);
         tokio::spawn(async move {
@@ -476,6 +571,9 @@ impl Hub {
             }
             None => None,
         };
+        if self.lock().cache.is_none() {
+            self.load_cache(upstream, token.as_deref()).await?;
+        }
         let resume = {
             let state = self.lock();
             if state.current > 0 {
@@ -538,6 +636,11 @@ impl Hub {
                     .map(|kv| kv.mod_revision);
                 state.current = state.current.max(last.unwrap_or(0)).max(header.revision);
                 state.header = *header;
+                let current = state.current;
+                if let Some(cache) = &mut state.cache {
+                    cache.apply(events);
+                    cache.advance(current);
+                }
                 state.buffered += events.len();
                 state.buffer.push_back(item.clone());
                 while state.buffered > BUFFER_EVENTS {
@@ -554,10 +657,16 @@ impl Hub {
             Item::Progress { header } => {
                 state.current = state.current.max(header.revision);
                 state.header = *header;
+                let current = state.current;
+                if let Some(cache) = &mut state.cache {
+                    cache.advance(current);
+                }
             }
             Item::Gap => {}
         }
         let _ = self.tx.send(item);
+        drop(state);
+        self.cache_moved.send_modify(|n| *n += 1);
     }
 
     /// The shared watch lost events: nothing buffered can be trusted to be complete.
@@ -567,8 +676,84 @@ impl Hub {
         state.buffered = 0;
         state.current = header.revision;
         state.first = header.revision + 1;
+        state.cache = None;
         drop(state);
         let _ = self.tx.send(Arc::new(Item::Gap));
+    }
+
+    /// Reads the shared range (as the relay) into the cache; the first time, the shared watch
+    /// then starts from the revision after the read, so the cache misses nothing.
+    async fn load_cache(&self, upstream: &Channel, token: Option<&str>) -> Result<(), Status> {
+        // Every key, when the whole keyspace is shared, is etcd's "\0" to "\0" (a Range
+        // with no key is refused).
+        let key = if self.prefix.is_empty() {
+            vec![0]
+        } else {
+            self.prefix.clone()
+        };
+        let req = PbRangeRequest {
+            key,
+            range_end: self.prefix_end.clone().unwrap_or_else(|| vec![0]),
+            serializable: true,
+            ..Default::default()
+        };
+        let resp: PbRangeResponse = unary(upstream, RANGE_PATH, with_token(req, token)).await?;
+        let header = resp.header.unwrap_or_default();
+        let mut state = self.lock();
+        if state.current == 0 {
+            state.current = header.revision;
+            state.first = header.revision + 1;
+            state.header = header;
+        }
+        tracing::debug!(
+            "store front: {} keys of the shared range cached at revision {}",
+            resp.kvs.len(),
+            header.revision
+        );
+        state.cache = Some(Cache::load(resp.kvs, header.revision));
+        Ok(())
+    }
+
+    /// Answers a serializable Range inside the shared range from the cache, once the store
+    /// above, asked as the child, says the child may read it and the cache is current for it
+    /// (front_cache.rs). `None`: the cache cannot answer it in time; pass it through.
+    async fn range(
+        &self,
+        upstream: &Channel,
+        token: Option<&str>,
+        req: &PbRangeRequest,
+    ) -> Result<Option<PbRangeResponse>, Status> {
+        if self.lock().cache.is_none() {
+            return Ok(None);
+        }
+        let mut moved = self.cache_moved.subscribe();
+        let probe: PbRangeResponse = unary(
+            upstream,
+            RANGE_PATH,
+            with_token(front_cache::probe(req), token),
+        )
+        .await?;
+        let upstream_rev = probe.header.as_ref().map_or(0, |h| h.revision);
+        let deadline = tokio::time::Instant::now() + front_cache::CATCH_UP;
+        loop {
+            {
+                let state = self.lock();
+                let Some(cache) = &state.cache else {
+                    return Ok(None);
+                };
+                if cache.current_for(req, &probe) {
+                    let mut resp = cache.answer(req);
+                    let mut header = state.header;
+                    header.revision = cache.rev().max(upstream_rev);
+                    resp.header = Some(header);
+                    return Ok(Some(resp));
+                }
+            }
+            match tokio::time::timeout_at(deadline, moved.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return Ok(None),
+            }
+        }
     }
 
     /// Subscribes a child watch that wants events from `start` (0: from now): the buffered
@@ -839,7 +1024,7 @@ impl ChildWatch {
         };
         let _: PbRangeResponse = unary(
             &self.upstream,
-            "/etcdserverpb.KV/Range",
+            RANGE_PATH,
             with_token(req, self.token.as_deref()),
         )
         .await?;
@@ -1033,9 +1218,11 @@ mod tests {
                 header: PbResponseHeader::default(),
                 buffer: VecDeque::new(),
                 buffered: 0,
+                cache: None,
             }),
             tx: broadcast::channel(4).0,
             started: tokio::sync::watch::channel(false).0,
+            cache_moved: tokio::sync::watch::channel(0).0,
         }
     }
 
