@@ -723,7 +723,7 @@ async fn front_with_users() -> (
         .unwrap()
         .connect_lazy();
     let config = FrontConfig {
-        shared_prefix: b"/run/exports/".to_vec(),
+        shared_prefixes: vec![b"/run/exports/".to_vec()],
         credential: Some(("relay".into(), "pw-relay".into())),
     };
     serve_on(FrontListener::Tcp(listener), upstream, config, stop.clone())

@@ -96,7 +96,7 @@ pub async fn front(under: TestStore) -> TestStore {
         .connect_lazy();
     let shutdown = CancellationToken::new();
     let config = FrontConfig {
-        shared_prefix: Vec::new(),
+        shared_prefixes: vec![Vec::new()],
         credential: None,
     };
     serve_on(

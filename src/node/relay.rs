@@ -202,7 +202,7 @@ async fn serve(
             Some(workdir) => {
                 let socket = workdir.join("front.sock");
                 let config = crate::store::relay_front::FrontConfig {
-                    shared_prefix: exports_prefix.clone(),
+                    shared_prefixes: vec![exports_prefix.clone()],
                     credential: store_user(start).map(|(u, p)| (u.to_string(), p.to_string())),
                 };
                 crate::store::relay_front::serve(

@@ -71,8 +71,9 @@ const LAG: usize = 4096;
 
 /// What the front needs to know.
 pub struct FrontConfig {
-    /// The key prefix whose watches are shared (the run's exports).
-    pub shared_prefix: Vec<u8>,
+    /// The key prefixes whose watches are shared, one upstream watch each (a relay's: the
+    /// run's exports). A child's watch or read inside one of them is served from it.
+    pub shared_prefixes: Vec<Vec<u8>>,
     /// The relay's own store credential (name, password): the shared watch runs as the relay.
     pub credential: Option<(String, String)>,
 }
@@ -119,13 +120,21 @@ pub async fn serve_on(
             (Bound::Tcp(l), url)
         }
     };
-    let hub = Hub::start(upstream.clone(), config, shutdown.clone());
+    let hubs: Vec<Arc<Hub>> = config
+        .shared_prefixes
+        .iter()
+        .map(|prefix| {
+            let credential = config.credential.clone();
+            Hub::start(upstream.clone(), prefix, credential, shutdown.clone())
+        })
+        .collect();
+    let hubs = Arc::new(Hubs(hubs));
     let kv = PbKvServer::new(FrontKv {
-        hub: hub.clone(),
+        hubs: hubs.clone(),
         upstream: upstream.clone(),
     });
     let watch = PbWatchServer::new(FrontWatch {
-        hub,
+        hubs,
         upstream: upstream.clone(),
     });
     let router = tonic::transport::Server::builder()
@@ -298,7 +307,7 @@ fn create_request(
 // as passing through should they ever be routed here.)
 
 struct FrontKv {
-    hub: Arc<Hub>,
+    hubs: Arc<Hubs>,
     upstream: Channel,
 }
 
@@ -328,9 +337,10 @@ impl PbKvService for FrontKv {
         req: Request<PbRangeRequest>,
     ) -> Result<Response<PbRangeResponse>, Status> {
         let r = req.get_ref();
-        if front_cache::answerable(r) && self.hub.covers(&r.key, &r.range_end) {
+        let hub = self.hubs.covering(&r.key, &r.range_end);
+        if let Some(hub) = hub.filter(|_| front_cache::answerable(r)) {
             let token = token_of(&req);
-            if let Some(resp) = self.hub.range(&self.upstream, token.as_deref(), r).await? {
+            if let Some(resp) = hub.range(&self.upstream, token.as_deref(), r).await? {
                 return Ok(Response::new(resp));
             }
         }
@@ -489,8 +499,13 @@ pub(crate) struct Hub {
 }
 
 impl Hub {
-    fn start(upstream: Channel, config: FrontConfig, shutdown: CancellationToken) -> Arc<Hub> {
-        let prefix = config.shared_prefix;
+    fn start(
+        upstream: Channel,
+        prefix: &[u8],
+        credential: Option<(String, String)>,
+        shutdown: CancellationToken,
+    ) -> Arc<Hub> {
+        let prefix = prefix.to_vec();
         let end = prefix_end(&prefix);
         let hub = Arc::new(Hub {
             prefix_end: end,
@@ -507,7 +522,7 @@ impl Hub {
             started: tokio::sync::watch::channel(false).0,
             cache_moved: tokio::sync::watch::channel(0).0,
         });
-        let run = hub.clone().run(upstream, config.credential);
+        let run = hub.clone().run(upstream, credential);
         tokio::spawn(async move {
             tokio::select! {
                 () = run => {}
@@ -784,11 +799,28 @@ impl Hub {
     }
 }
 
+/// The front's shared watches, one per shared prefix.
+struct Hubs(Vec<Arc<Hub>>);
+
+impl Hubs {
+    /// The shared watch whose range holds `[key, range_end)`, if one does.
+    fn covering(&self, key: &[u8], range_end: &[u8]) -> Option<Arc<Hub>> {
+        self.0.iter().find(|h| h.covers(key, range_end)).cloned()
+    }
+
+    /// The header for answers about no single watch (progress replies, cancellations): that
+    /// of the shared watch least far along, as every one of them is synced at least to it.
+    fn header(&self) -> PbResponseHeader {
+        let headers = self.0.iter().map(|h| h.lock().header);
+        headers.min_by_key(|h| h.revision).unwrap_or_default()
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The Watch service children call.
 
 struct FrontWatch {
-    hub: Arc<Hub>,
+    hubs: Arc<Hubs>,
     upstream: Channel,
 }
 
@@ -805,7 +837,7 @@ impl PbWatchService for FrontWatch {
         let token = token_of(&request);
         let (tx, rx) = mpsc::channel(64);
         let session = Session {
-            hub: self.hub.clone(),
+            hubs: self.hubs.clone(),
             upstream: self.upstream.clone(),
             token,
             tx,
@@ -831,7 +863,7 @@ struct Want {
 }
 
 struct Session {
-    hub: Arc<Hub>,
+    hubs: Arc<Hubs>,
     upstream: Channel,
     token: Option<String>,
     tx: mpsc::Sender<Result<PbWatchResponse, Status>>,
@@ -861,7 +893,7 @@ impl Session {
                     self.watches.retain(|_, task| !task.is_finished());
                     if self.watches.contains_key(&id) || id < 0 {
                         let resp = PbWatchResponse {
-                            header: Some(self.hub.lock().header),
+                            header: Some(self.hubs.header()),
                             watch_id: -1,
                             created: true,
                             canceled: true,
@@ -885,7 +917,7 @@ impl Session {
                         fragment: c.fragment,
                     };
                     let child = ChildWatch {
-                        hub: self.hub.clone(),
+                        hubs: self.hubs.clone(),
                         upstream: self.upstream.clone(),
                         token: self.token.clone(),
                         tx: self.tx.clone(),
@@ -901,7 +933,7 @@ impl Session {
                     if let Some(task) = self.watches.remove(&cancel.watch_id) {
                         task.abort();
                         let resp = PbWatchResponse {
-                            header: Some(self.hub.lock().header),
+                            header: Some(self.hubs.header()),
                             watch_id: cancel.watch_id,
                             canceled: true,
                             ..Default::default()
@@ -915,7 +947,7 @@ impl Session {
                     // The revision every shared watch here is synced to: what the front has
                     // seen of the shared range. (A watch of its own answers for itself.)
                     let resp = PbWatchResponse {
-                        header: Some(self.hub.lock().header),
+                        header: Some(self.hubs.header()),
                         watch_id: -1,
                         ..Default::default()
                     };
@@ -933,7 +965,7 @@ impl Session {
 }
 
 struct ChildWatch {
-    hub: Arc<Hub>,
+    hubs: Arc<Hubs>,
     upstream: Channel,
     token: Option<String>,
     tx: mpsc::Sender<Result<PbWatchResponse, Status>>,
@@ -951,14 +983,15 @@ enum Shared {
 impl ChildWatch {
     async fn run(self, start: i64, created: tokio::sync::oneshot::Sender<()>) {
         let w = &self.want;
-        let shareable = !w.fragment && !w.prev_kv && self.hub.covers(&w.key, &w.range_end);
+        let hub = self.hubs.covering(&w.key, &w.range_end);
+        let hub = hub.filter(|_| !w.fragment && !w.prev_kv);
         let mut created = Some(created);
-        let mut shareable = shareable;
-        if shareable {
+        let mut shareable = hub.is_some();
+        if let Some(hub) = &hub {
             // Checked at the start revision only when it is one the front has seen: a start
             // just past the newest revision (a client's "get, then watch from the next") is
             // the common case, and the store above would call it a future revision.
-            let seen = self.hub.lock().current;
+            let seen = hub.lock().current;
             let at = if start > 0 && start <= seen { start } else { 0 };
             match self.may_read(at).await {
                 Ok(()) => {}
@@ -976,7 +1009,11 @@ impl ChildWatch {
                 }
             }
         }
-        if shareable && let Some((replay, rx, current, header)) = self.hub.subscribe(start).await {
+        let subscribed = match &hub {
+            Some(hub) if shareable => hub.subscribe(start).await,
+            _ => None,
+        };
+        if let Some((replay, rx, current, header)) = subscribed {
             tracing::debug!(
                 "store front: watch {} from {start} shared (synced to {current})",
                 w.id
@@ -1035,7 +1072,7 @@ impl ChildWatch {
     async fn refuse(&self, status: Status) {
         if status.code() == tonic::Code::PermissionDenied {
             let resp = PbWatchResponse {
-                header: Some(self.hub.lock().header),
+                header: Some(self.hubs.header()),
                 watch_id: -1,
                 created: true,
                 canceled: true,
