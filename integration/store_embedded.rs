@@ -705,7 +705,7 @@ async fn front_with_users() -> (
         "pw-outsider",
         Access::Keys {
             read: vec![b"/other/".to_vec()],
-            write: vec![],
+            write: vec![b"/other/".to_vec()],
             own: vec![],
         },
     );
@@ -844,8 +844,35 @@ async fn a_relay_front_answers_serializable_reads_of_the_exports_from_its_copy()
         "twenty reads from the front's copy cost {cached} bytes, one passed through {passed}"
     );
 
-    // Its own writes and deletes, read back at once through the front.
+    // Its own writes, updates and deletes, read back at once through the front, and still
+    // from its copy: twenty updates and reads bring less down than one read passed through.
     let h1 = &children[0];
+    let elsewhere = StoreClient::connect_as(
+        &Endpoints::parse(&store.endpoint).unwrap(),
+        Some(("outsider", "pw-outsider")),
+    )
+    .await
+    .unwrap();
+    let before = down.load(Ordering::Relaxed);
+    for i in 0..20 {
+        let value = format!("update {i}");
+        h1.put("/run/exports/h1/f07", value.as_str()).await.unwrap();
+        // The store's newest revision then lies outside the range: the copy is known current
+        // only by its count and newest key there.
+        elsewhere.put("/other/k", value.as_str()).await.unwrap();
+        let (got, _) = h1.get_prefix_serializable("/run/exports/").await.unwrap();
+        let f07 = got.iter().find(|kv| kv.key() == b"/run/exports/h1/f07");
+        assert_eq!(
+            f07.map(|kv| kv.value()),
+            Some(value.as_bytes()),
+            "update {i} not read back"
+        );
+    }
+    let updates = down.load(Ordering::Relaxed) - before;
+    assert!(
+        updates < passed,
+        "twenty updates and reads cost {updates} bytes, one read passed through {passed}"
+    );
     for i in 0..20 {
         let key = format!("/run/exports/h1/new{i:02}");
         h1.put(key.as_str(), "v").await.unwrap();

@@ -24,17 +24,12 @@
 //! revision, sorted other than by key, or filtered by revisions.
 
 use super::mvcc::KeyRange;
+use super::state::{SORT_ASCEND, SORT_DESCEND, SORT_NONE, TARGET_KEY, TARGET_MOD};
 use etcd_client::proto::{PbEvent, PbKeyValue, PbRangeRequest, PbRangeResponse};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 const EVENT_DELETE: i32 = 1;
-// RangeRequest.SortOrder and SortTarget values.
-const SORT_NONE: i32 = 0;
-const SORT_ASCEND: i32 = 1;
-const SORT_DESCEND: i32 = 2;
-const TARGET_KEY: i32 = 0;
-const TARGET_MOD: i32 = 2;
 
 /// How long a read waits for the copy to catch up before it is passed through.
 pub(crate) const CATCH_UP: Duration = Duration::from_secs(1);

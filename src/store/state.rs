@@ -64,13 +64,13 @@ pub struct State {
 }
 
 // sort_order and sort_target values from rpc.proto.
-const SORT_NONE: i32 = 0;
-const SORT_ASCEND: i32 = 1;
-const SORT_DESCEND: i32 = 2;
-const TARGET_KEY: i32 = 0;
+pub(crate) const SORT_NONE: i32 = 0;
+pub(crate) const SORT_ASCEND: i32 = 1;
+pub(crate) const SORT_DESCEND: i32 = 2;
+pub(crate) const TARGET_KEY: i32 = 0;
 const TARGET_VERSION: i32 = 1;
 const TARGET_CREATE: i32 = 2;
-const TARGET_MOD: i32 = 3;
+pub(crate) const TARGET_MOD: i32 = 3;
 const TARGET_VALUE: i32 = 4;
 
 // Compare.result values from rpc.proto.
