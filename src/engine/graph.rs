@@ -1142,9 +1142,10 @@ fn meta(raw: Option<&Spanned<RawMeta>>, kind: Kind) -> Result<Meta, Located> {
         return Ok(Meta::default());
     };
     let m = &raw.value;
-    // `autoedge`: mgmt's automatic edges for these kinds run from a file to the file
-    // resources managing its parent directories and from an exec to the packages owning its
-    // command; arbor has neither directory nor package resources, so there is nothing to add.
+    // `autoedge`: a user's edges from its groups are added by `auto_edges` (read there from
+    // the raw meta). mgmt's other automatic edges run from a file to the file resources
+    // managing its parent directories and from an exec to the packages owning its command;
+    // arbor has neither directory nor package resources, so there is nothing to add.
     let _ = m.autoedge;
     // `autogroup`: of these kinds mgmt groups only noops, which merges their edges.
     if kind == Kind::Noop {
