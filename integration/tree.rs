@@ -187,6 +187,10 @@ fn main() -> std::process::ExitCode {
             the_host_name_is_set_at_depth_2_on_a_systemd_host_and_put_back_when_changed,
         ),
         (
+            "without_systemd_the_host_name_is_written_and_set_by_arbor_at_depth_2",
+            without_systemd_the_host_name_is_written_and_set_by_arbor_at_depth_2,
+        ),
+        (
             "an_unknown_user_field_exits_2_with_its_place",
             an_unknown_user_field_exits_2_with_its_place,
         ),
@@ -2762,6 +2766,47 @@ fn the_host_name_is_set_at_depth_2_on_a_systemd_host_and_put_back_when_changed(
         !machine.contains("arbor-web-1"),
         "the machine's /etc/hostname changed: {machine}"
     );
+    let (code, _) = running.interrupt()?;
+    check!(code == Some(130), "exit {code:?} after ^C");
+    check_no_leftovers(lab, &["r1", "l1-1"])
+}
+
+/// On l1-1 (under r1), with a root of its own but no systemd, arbor sets the names itself:
+/// /etc/hostname, PRETTY_HOSTNAME in /etc/machine-info (other lines kept) and the kernel's
+/// name. Editing /etc/hostname by hand is put back (inotify); the machine's files are not
+/// touched.
+fn without_systemd_the_host_name_is_written_and_set_by_arbor_at_depth_2(_tree: &Lab) -> TestResult {
+    let lab = own_root_lab(&["--own-root", "l1-1"]);
+    let lab = &lab;
+    lab.sh(
+        "l1-1",
+        "test ! -d /run/systemd/system && echo 'ICON_NAME=computer-vm' > /etc/machine-info",
+    );
+    let dir = tempfile::tempdir().map_err(fail)?;
+    let topo = leaf_topology(
+        dir.path(),
+        "graph: names\nresources:\n  hostname:\n  - name: plain-1\n    \
+         pretty_hostname: \"Plain \\\"One\\\"\"\n",
+    )?;
+    let (mut running, _rx) = start(lab, &topo, &[]);
+    wait_for(lab, "l1-1", "hostname", "plain-1", 60)?;
+    wait_for(lab, "l1-1", "cat /etc/hostname", "plain-1", 5)?;
+    wait_for(
+        lab,
+        "l1-1",
+        "cat /etc/machine-info",
+        "ICON_NAME=computer-vm\nPRETTY_HOSTNAME=\"Plain \\\"One\\\"\"",
+        5,
+    )?;
+    lab.sh("l1-1", "echo drifted > /etc/hostname");
+    wait_for(lab, "l1-1", "cat /etc/hostname", "plain-1", 10)?;
+    for file in ["/etc/hostname", "/etc/machine-info"] {
+        let machine = std::fs::read_to_string(file).unwrap_or_default();
+        check!(
+            !machine.contains("plain-1") && !machine.contains("Plain"),
+            "the machine's {file} changed: {machine}"
+        );
+    }
     let (code, _) = running.interrupt()?;
     check!(code == Some(130), "exit {code:?} after ^C");
     check_no_leftovers(lab, &["r1", "l1-1"])
