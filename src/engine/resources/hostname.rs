@@ -18,7 +18,9 @@
 //! notification on `/proc/sys/kernel/hostname` (it wakes `poll` with `POLLPRI` when
 //! `sethostname()` runs, by hostnamed or by hand), so nothing is polled and no D-Bus
 //! connection is needed: hostnamed's PropertiesChanged signals, which mgmt listens to, follow
-//! exactly these three.
+//! exactly these three. The kernel's notification is not per UTS namespace (a container
+//! setting its own name wakes it too); such a wake-up costs one check that reads three small
+//! files and finds nothing to do.
 
 use super::accounts::{ToolRun, find_tool, watch_files};
 use super::meta::Meta;
@@ -321,7 +323,7 @@ impl HostnameResource {
 }
 
 /// Pokes whenever the kernel's host name is set: `/proc/sys/kernel/hostname` wakes `poll`
-/// with `POLLPRI` on each `sethostname()` in this UTS namespace.
+/// with `POLLPRI` on each `sethostname()` (in any UTS namespace: the check sorts it out).
 async fn watch_kernel_hostname(poke: &Poke, cancel: &CancellationToken) -> anyhow::Result<()> {
     let file = std::fs::File::open(KERNEL_HOSTNAME)
         .with_context(|| format!("opening {KERNEL_HOSTNAME}"))?;
