@@ -227,6 +227,14 @@ impl HostnameResource {
         }
     }
 
+    /// For tests: the files elsewhere than /etc (the kernel's name is still the real one).
+    #[cfg(test)]
+    pub fn with_files(mut self, etc_hostname: &Path, machine_info: &Path) -> Self {
+        self.etc_hostname = etc_hostname.to_path_buf();
+        self.machine_info = machine_info.to_path_buf();
+        self
+    }
+
     async fn read(&self) -> anyhow::Result<Names> {
         Ok(Names {
             pretty: parse_pretty(&read_or_empty(&self.machine_info).await?),
@@ -360,6 +368,53 @@ impl Resource for HostnameResource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn noop_reads_the_files_and_the_watch_sees_them_change() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (etc_hostname, machine_info) = (dir.path().join("hostname"), dir.path().join("info"));
+        std::fs::write(&etc_hostname, "old\n").expect("hostname");
+        let spec = HostnameSpec {
+            name: "h".into(),
+            pretty: Some("Pretty".into()),
+            static_name: Some("new".into()),
+            transient: None,
+            ..HostnameSpec::default()
+        };
+        let fs = FsEvents::new().expect("inotify");
+        let res = std::sync::Arc::new(
+            HostnameResource::new(spec, fs).with_files(&etc_hostname, &machine_info),
+        );
+        assert_eq!(res.id().to_string(), "hostname[h]");
+        let noop = ApplyContext {
+            noop: true,
+            refresh: false,
+        };
+        assert_eq!(
+            res.check_apply(noop).await.expect("check"),
+            Outcome::WouldChange(
+                "would set pretty_hostname `` → `Pretty`, static_hostname `old` → `new`".into()
+            )
+        );
+        let cancel = CancellationToken::new();
+        let (watcher, mut rx) = crate::engine::resources::spawn_watch(res.clone(), cancel.clone());
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        while rx.try_recv().is_ok() {}
+        std::fs::write(&machine_info, "PRETTY_HOSTNAME=Pretty\n").expect("info");
+        tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+            .await
+            .expect("machine-info pokes");
+        std::fs::write(&etc_hostname, "new\n").expect("hostname");
+        tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+            .await
+            .expect("/etc/hostname pokes");
+        assert_eq!(
+            res.check_apply(noop).await.expect("check"),
+            Outcome::Unchanged
+        );
+        cancel.cancel();
+        watcher.await.expect("join").expect("clean end");
+    }
 
     #[test]
     fn host_names_are_checked_as_hostnamed_does() {

@@ -205,6 +205,15 @@ impl UserResource {
         }
     }
 
+    /// For tests: account files elsewhere than /etc (the tools still change /etc: tests only
+    /// check in noop mode).
+    #[cfg(test)]
+    pub fn with_files(mut self, passwd: &Path, group: &Path) -> Self {
+        self.passwd = passwd.to_path_buf();
+        self.group = group.to_path_buf();
+        self
+    }
+
     async fn check_apply_inner(&self, ctx: ApplyContext) -> anyhow::Result<Outcome> {
         let accounts = Accounts::read(&self.passwd, &self.group).await?;
         match plan(&self.spec, &accounts)? {
@@ -384,6 +393,52 @@ mod tests {
         };
         let (_, cmd) = run_of(plan(&shared, &accounts()).expect("plan"));
         assert_eq!(cmd, "usermod --non-unique --uid 1002 alice");
+    }
+
+    #[tokio::test]
+    async fn noop_reads_the_files_and_the_watch_sees_them_replaced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (passwd, group) = (dir.path().join("passwd"), dir.path().join("group"));
+        std::fs::write(&passwd, PASSWD).expect("passwd");
+        std::fs::write(&group, GROUP).expect("group");
+        let fs = FsEvents::new().expect("inotify");
+        let res =
+            std::sync::Arc::new(UserResource::new(user("carol"), fs).with_files(&passwd, &group));
+        assert_eq!(res.id().to_string(), "user[carol]");
+        let noop = ApplyContext {
+            noop: true,
+            refresh: false,
+        };
+        assert_eq!(
+            res.check_apply(noop).await.expect("check"),
+            Outcome::WouldChange("would add user carol".into())
+        );
+        let cancel = CancellationToken::new();
+        let (watcher, mut rx) = crate::engine::resources::spawn_watch(res.clone(), cancel.clone());
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        // As useradd does: a new file renamed over the old one.
+        let next = dir.path().join("passwd+");
+        std::fs::write(
+            &next,
+            format!("{PASSWD}carol:x:1600:1600::/home/carol:/bin/sh\n"),
+        )
+        .expect("passwd+");
+        std::fs::rename(&next, &passwd).expect("rename");
+        tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+            .await
+            .expect("the rename pokes");
+        assert_eq!(
+            res.check_apply(noop).await.expect("check"),
+            Outcome::Unchanged
+        );
+        // The group file is watched too.
+        while rx.try_recv().is_ok() {}
+        std::fs::write(&group, format!("{GROUP}carol:x:1600:\n")).expect("group");
+        tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+            .await
+            .expect("a group change pokes");
+        cancel.cancel();
+        watcher.await.expect("join").expect("clean end");
     }
 
     #[test]
