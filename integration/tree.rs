@@ -178,6 +178,22 @@ fn main() -> std::process::ExitCode {
             "a_kv_written_at_depth_2_is_read_by_another_host_that_cannot_overwrite_it",
             a_kv_written_at_depth_2_is_read_by_another_host_that_cannot_overwrite_it,
         ),
+        (
+            "a_user_and_group_made_at_depth_2_on_an_own_root_host_come_back_when_deleted",
+            a_user_and_group_made_at_depth_2_on_an_own_root_host_come_back_when_deleted,
+        ),
+        (
+            "the_host_name_is_set_at_depth_2_on_a_systemd_host_and_put_back_when_changed",
+            the_host_name_is_set_at_depth_2_on_a_systemd_host_and_put_back_when_changed,
+        ),
+        (
+            "without_systemd_the_host_name_is_written_and_set_by_arbor_at_depth_2",
+            without_systemd_the_host_name_is_written_and_set_by_arbor_at_depth_2,
+        ),
+        (
+            "an_unknown_user_field_exits_2_with_its_place",
+            an_unknown_user_field_exits_2_with_its_place,
+        ),
     ];
     support::harness::run_with_lab(
         "tree",
@@ -2613,4 +2629,220 @@ fn a_kv_written_at_depth_2_is_read_by_another_host_that_cannot_overwrite_it(
         "the store's kv keys after the run:\n{got}\n{log}"
     );
     check_no_leftovers(lab, &HOSTS)
+}
+
+/// A lab of its own (`treesys<pid>`): r1 and its leaf l1-1, with `lab_args` (`--own-root
+/// l1-1`, `--init l1-1`). Dropping it tears it down, whether the test passed, failed or
+/// panicked. The tree lab's hosts share the machine's /etc; these tests change a host's.
+fn own_root_lab(lab_args: &[&str]) -> Lab {
+    let mut args = vec!["--relays", "1", "--leaves", "1"];
+    args.extend_from_slice(lab_args);
+    Lab::up("treesys", &args)
+}
+
+/// One graph on l1-1 under r1, as a topology.
+fn leaf_topology(dir: &Path, graph: &str) -> Result<Topo, libtest_mimic::Failed> {
+    let path = dir.join("graph.yaml");
+    std::fs::write(&path, graph).map_err(fail)?;
+    Ok(topology(&format!(
+        "defaults:\n  user: root\nhosts:\n- host: 10.199.0.11\n  name: r1\n  children:\n  \
+         - host: 10.199.1.11\n    name: l1-1\n    graph: {}\n",
+        path.display()
+    )))
+}
+
+/// Runs `shell` on `host` until its output (trimmed) is `want`, for up to `secs` seconds.
+fn wait_for(lab: &Lab, host: &str, shell: &str, want: &str, secs: u64) -> TestResult {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let out = lab.exec(host, shell);
+        let got = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if got == want {
+            return Ok(());
+        }
+        check!(
+            Instant::now() < deadline,
+            "`{shell}` on {host} gave `{got}`, not `{want}`, within {secs} s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// On l1-1 (under r1), a host with a root of its own, a graph makes the group `arbor-g`
+/// (gid 4711) and the user `arbor-u` (uid 4712, primary group `arbor-g` by name: the
+/// automatic edge orders them, shell, home) with the host's useradd and groupadd: `getent`
+/// on l1-1 shows them, the machine's /etc/passwd and /etc/group do not. Deleting the user by
+/// hand (`userdel`) is undone by the running graph within seconds (inotify on /etc/passwd).
+fn a_user_and_group_made_at_depth_2_on_an_own_root_host_come_back_when_deleted(
+    _tree: &Lab,
+) -> TestResult {
+    let lab = own_root_lab(&["--own-root", "l1-1"]);
+    let lab = &lab;
+    let dir = tempfile::tempdir().map_err(fail)?;
+    let topo = leaf_topology(
+        dir.path(),
+        "graph: accounts\nresources:\n  user:\n  - name: arbor-u\n    state: exists\n    \
+         uid: 4712\n    group: arbor-g\n    shell: /bin/bash\n    homedir: /home/arbor-u/\n  \
+         group:\n  - name: arbor-g\n    state: exists\n    gid: 4711\n",
+    )?;
+    let (mut running, rx) = start_logging(lab, &topo, &[]);
+    let want_user = "arbor-u:x:4712:4711::/home/arbor-u:/bin/bash";
+    wait_for(lab, "l1-1", "getent passwd arbor-u", want_user, 60)?;
+    wait_for(lab, "l1-1", "getent group arbor-g", "arbor-g:x:4711:", 5)?;
+    for (file, name) in [("/etc/passwd", "arbor-u:"), ("/etc/group", "arbor-g:")] {
+        let machine = std::fs::read_to_string(file).map_err(fail)?;
+        check!(
+            !machine.lines().any(|l| l.starts_with(name)),
+            "the machine's {file} has {name}: the own root leaked"
+        );
+    }
+    // Drift: the user is deleted by hand; the graph puts it back (so fast that `getent` right
+    // after userdel may already find it again: the log says it was added a second time).
+    lab.sh("l1-1", "userdel arbor-u");
+    let mut log = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while log
+        .iter()
+        .filter(|l: &&String| l.contains("add user arbor-u"))
+        .count()
+        < 2
+    {
+        check!(
+            Instant::now() < deadline,
+            "arbor-u was not added again within 15 s of userdel:\n{}",
+            log.join("\n")
+        );
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            log.push(line);
+        }
+    }
+    wait_for(lab, "l1-1", "getent passwd arbor-u", want_user, 10)?;
+    let (code, _) = running.interrupt()?;
+    check!(code == Some(130), "exit {code:?} after ^C");
+    check_no_leftovers(lab, &["r1", "l1-1"])
+}
+
+/// On l1-1 (under r1), booted with systemd (`--init`), a hostname resource sets the pretty,
+/// static and transient names through hostnamectl: `hostname` on l1-1 says the new name,
+/// `hostnamectl` agrees, /etc/hostname holds it. A name set by hand (`hostname other`,
+/// which only the kernel hears of) is put back within seconds.
+fn the_host_name_is_set_at_depth_2_on_a_systemd_host_and_put_back_when_changed(
+    _tree: &Lab,
+) -> TestResult {
+    let lab = own_root_lab(&["--init", "l1-1"]);
+    let lab = &lab;
+    check!(
+        lab.sh("l1-1", "systemctl is-system-running || true").trim() == "running",
+        "l1-1 is not a running systemd host"
+    );
+    let dir = tempfile::tempdir().map_err(fail)?;
+    let topo = leaf_topology(
+        dir.path(),
+        "graph: names\nresources:\n  hostname:\n  - name: web\n    hostname: arbor-web-1\n    \
+         pretty_hostname: Arbor Web One\n",
+    )?;
+    let (mut running, _rx) = start(lab, &topo, &[]);
+    wait_for(lab, "l1-1", "hostname", "arbor-web-1", 60)?;
+    wait_for(lab, "l1-1", "cat /etc/hostname", "arbor-web-1", 5)?;
+    wait_for(
+        lab,
+        "l1-1",
+        "hostnamectl --pretty hostname",
+        "Arbor Web One",
+        5,
+    )?;
+    wait_for(
+        lab,
+        "l1-1",
+        "hostnamectl --static hostname",
+        "arbor-web-1",
+        5,
+    )?;
+    // Drift the kernel's name only: no file changes, hostnamed is not involved.
+    lab.sh("l1-1", "hostname other-name");
+    wait_for(lab, "l1-1", "hostname", "arbor-web-1", 10)?;
+    let machine = std::fs::read_to_string("/etc/hostname").map_err(fail)?;
+    check!(
+        !machine.contains("arbor-web-1"),
+        "the machine's /etc/hostname changed: {machine}"
+    );
+    let (code, _) = running.interrupt()?;
+    check!(code == Some(130), "exit {code:?} after ^C");
+    check_no_leftovers(lab, &["r1", "l1-1"])
+}
+
+/// On l1-1 (under r1), with a root of its own but no systemd, arbor sets the names itself:
+/// /etc/hostname, PRETTY_HOSTNAME in /etc/machine-info (other lines kept) and the kernel's
+/// name. Editing /etc/hostname by hand is put back (inotify); the machine's files are not
+/// touched.
+fn without_systemd_the_host_name_is_written_and_set_by_arbor_at_depth_2(_tree: &Lab) -> TestResult {
+    let lab = own_root_lab(&["--own-root", "l1-1"]);
+    let lab = &lab;
+    lab.sh(
+        "l1-1",
+        "test ! -d /run/systemd/system && echo 'ICON_NAME=computer-vm' > /etc/machine-info",
+    );
+    let dir = tempfile::tempdir().map_err(fail)?;
+    let topo = leaf_topology(
+        dir.path(),
+        "graph: names\nresources:\n  hostname:\n  - name: plain-1\n    \
+         pretty_hostname: \"Plain \\\"One\\\"\"\n",
+    )?;
+    let (mut running, _rx) = start(lab, &topo, &[]);
+    wait_for(lab, "l1-1", "hostname", "plain-1", 60)?;
+    wait_for(lab, "l1-1", "cat /etc/hostname", "plain-1", 5)?;
+    wait_for(
+        lab,
+        "l1-1",
+        "cat /etc/machine-info",
+        "ICON_NAME=computer-vm\nPRETTY_HOSTNAME=\"Plain \\\"One\\\"\"",
+        5,
+    )?;
+    lab.sh("l1-1", "echo drifted > /etc/hostname");
+    wait_for(lab, "l1-1", "cat /etc/hostname", "plain-1", 10)?;
+    for file in ["/etc/hostname", "/etc/machine-info"] {
+        let machine = std::fs::read_to_string(file).unwrap_or_default();
+        check!(
+            !machine.contains("plain-1") && !machine.contains("Plain"),
+            "the machine's {file} changed: {machine}"
+        );
+    }
+    let (code, _) = running.interrupt()?;
+    check!(code == Some(130), "exit {code:?} after ^C");
+    check_no_leftovers(lab, &["r1", "l1-1"])
+}
+
+/// A user with a field mgmt does not have (`homdir`) is bad input: the run exits 2 naming the
+/// graph file, line and column, before any host is contacted.
+fn an_unknown_user_field_exits_2_with_its_place(lab: &Lab) -> TestResult {
+    let dir = tempfile::tempdir().map_err(fail)?;
+    let topo = leaf_topology(
+        dir.path(),
+        "graph: accounts\nresources:\n  user:\n  - name: arbor-u\n    state: exists\n    \
+         homdir: /home/arbor-u/\n",
+    )?;
+    let out = output_within(
+        {
+            let mut c = arbor_command(
+                lab,
+                &lab.home(),
+                &[
+                    "--topology",
+                    topo.path.to_str().unwrap_or_default(),
+                    "--tmp-prefix",
+                ],
+            );
+            c.stdin(Stdio::null());
+            c
+        },
+        Duration::from_secs(30),
+    )?;
+    let log = exited(&out, 2)?;
+    let place = format!("{}:6:5:", dir.path().join("graph.yaml").display());
+    check!(
+        log.lines()
+            .any(|l| l.contains(&place) && l.contains("homdir")),
+        "no `{place} … homdir` in\n{log}"
+    );
+    Ok(())
 }

@@ -6,11 +6,13 @@
 //! source locations ([`Spanned`]) and reject unknown keys; [`validate`] then checks what the
 //! YAML shape cannot say (names, paths, edges, cycles) and builds the plain [`Graph`].
 
+use crate::engine::resources::accounts::valid_account_name;
 use crate::engine::resources::exec::Aux;
+use crate::engine::resources::hostname::valid_hostname;
 use crate::engine::resources::meta::Rate;
 use crate::engine::resources::{
-    ExecSpec, FileSpec, FileState, Kind, KvSpec, Meta, NoopSpec, ResourceId, ResourceSpec,
-    SkipCmpStyle, TimerSpec,
+    AccountState, ExecSpec, FileSpec, FileState, GroupSpec, HostnameSpec, Kind, KvSpec, Meta,
+    NoopSpec, ResourceId, ResourceSpec, SkipCmpStyle, TimerSpec, UserSpec,
 };
 use crate::engine::template::expand;
 use serde::Deserialize;
@@ -154,6 +156,9 @@ struct RawResources {
     noop: Option<Vec<Spanned<RawNoop>>>,
     timer: Option<Vec<Spanned<RawTimer>>>,
     kv: Option<Vec<Spanned<RawKv>>>,
+    user: Option<Vec<Spanned<RawUser>>>,
+    group: Option<Vec<Spanned<RawGroup>>>,
+    hostname: Option<Vec<Spanned<RawHostname>>>,
 }
 
 /// A field mgmt knows and arbor refuses: kept only for where it is.
@@ -257,6 +262,46 @@ struct RawKv {
     meta: Option<Spanned<RawMeta>>,
 }
 
+/// mgmt's user (engine/resources/user.go): the name is the user's.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUser {
+    name: Spanned<String>,
+    /// Required, as in mgmt: `exists` or `absent`.
+    state: Option<Spanned<String>>,
+    uid: Option<u32>,
+    gid: Option<Spanned<u32>>,
+    group: Option<Spanned<String>>,
+    groups: Option<Spanned<Vec<String>>>,
+    homedir: Option<Spanned<String>>,
+    shell: Option<Spanned<String>>,
+    allowduplicateuid: Option<bool>,
+    meta: Option<Spanned<RawMeta>>,
+}
+
+/// mgmt's group (engine/resources/group.go): the name is the group's.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGroup {
+    name: Spanned<String>,
+    state: Option<Spanned<String>>,
+    gid: Option<u32>,
+    meta: Option<Spanned<RawMeta>>,
+}
+
+/// mgmt's hostname (engine/resources/hostname.go).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHostname {
+    name: Spanned<String>,
+    /// The value of each name not given; the resource's name when missing or empty.
+    hostname: Option<Spanned<String>>,
+    pretty_hostname: Option<String>,
+    static_hostname: Option<Spanned<String>>,
+    transient_hostname: Option<Spanned<String>>,
+    meta: Option<Spanned<RawMeta>>,
+}
+
 /// mgmt's metaparams (engine/metaparams.go, and `autoedge`/`autogroup` of its 0.0.x format).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -310,6 +355,8 @@ struct Declared {
     spec: ResourceSpec,
     exported: bool,
     at: (u64, u64),
+    /// `meta: {autoedge: false}` turns off the automatic edges this resource would get.
+    autoedge: bool,
 }
 
 fn validate(raw: RawGraph, root: (u64, u64), host: &str) -> Result<Graph, Located> {
@@ -360,6 +407,15 @@ fn validate(raw: RawGraph, root: (u64, u64), host: &str) -> Result<Graph, Locate
     }
     for k in resources.kv.unwrap_or_default() {
         declared.push(declare_kv(&k, host)?);
+    }
+    for u in resources.user.unwrap_or_default() {
+        declared.push(declare_user(&u, host)?);
+    }
+    for g in resources.group.unwrap_or_default() {
+        declared.push(declare_group(&g, host)?);
+    }
+    for h in resources.hostname.unwrap_or_default() {
+        declared.push(declare_hostname(&h, host)?);
     }
 
     // Duplicate names within a kind, exported or not: `@@a` and `a` would be two different
@@ -428,6 +484,13 @@ fn collect_entries(raw: Vec<Spanned<RawCollect>>, host: &str) -> Result<Vec<Coll
                  own key space",
             ));
         }
+        if matches!(kind, Kind::User | Kind::Group | Kind::Hostname) {
+            return Err(not_supported(
+                loc(&c.value.kind),
+                &format!("collecting {kind}"),
+                "other hosts would choose this host's accounts or name",
+            ));
+        }
         if kind == Kind::File && pattern.is_none() {
             return Err(fail(
                 &c.value.kind,
@@ -493,6 +556,10 @@ fn edges(
             to,
             notify: e.value.notify.unwrap_or(false),
         });
+    }
+    for (edge, at) in auto_edges(declared) {
+        edges.push(edge);
+        edge_at.push(at);
     }
     if let Some((i, cycle)) = find_cycle(&edges) {
         let names: Vec<String> = cycle.iter().map(ToString::to_string).collect();
@@ -810,6 +877,238 @@ fn declare_kv(k: &Spanned<RawKv>, host: &str) -> Result<Declared, Located> {
     declare(spec, &raw.name)
 }
 
+/// mgmt's automatic edges for the kinds here that have them: a user's groups (`gid`, `group`,
+/// `groups`) that are group resources of this host come before the user when it exists, and
+/// after it when it is absent (members go before their group). Not for exported resources,
+/// and not when the user says `meta: {autoedge: false}`. Each is placed at the user.
+fn auto_edges(declared: &[Declared]) -> Vec<(Edge, (u64, u64))> {
+    let groups: Vec<&GroupSpec> = declared
+        .iter()
+        .filter(|d| !d.exported)
+        .filter_map(|d| match &d.spec {
+            ResourceSpec::Group(g) => Some(g),
+            _ => None,
+        })
+        .collect();
+    let mut out = Vec::new();
+    for d in declared.iter().filter(|d| !d.exported && d.autoedge) {
+        let ResourceSpec::User(u) = &d.spec else {
+            continue;
+        };
+        let named: Vec<&str> = u
+            .group
+            .iter()
+            .chain(u.groups.iter().flatten())
+            .map(String::as_str)
+            .collect();
+        for g in &groups {
+            let by_gid = u.gid.is_some() && u.gid == g.gid;
+            if !by_gid && !named.contains(&g.name.as_str()) {
+                continue;
+            }
+            let (user, group) = (d.spec.id(), ResourceId::new(Kind::Group, g.name.clone()));
+            let (from, to) = match u.state {
+                AccountState::Exists => (group, user),
+                AccountState::Absent => (user, group),
+            };
+            out.push((
+                Edge {
+                    name: format!("autoedge {from} -> {to}"),
+                    from,
+                    to,
+                    notify: false,
+                },
+                d.at,
+            ));
+        }
+    }
+    out
+}
+
+/// `state:` of a user or group: required, as in mgmt (it has no default).
+fn account_state(
+    state: &Option<Spanned<String>>,
+    name_at: &Spanned<String>,
+    kind: Kind,
+) -> Result<AccountState, Located> {
+    match state {
+        None => Err(fail(
+            name_at,
+            format!("{kind} needs a `state`: exists or absent (as in mgmt, there is no default)"),
+        )),
+        Some(s) => match s.value.as_str() {
+            "exists" => Ok(AccountState::Exists),
+            "absent" => Ok(AccountState::Absent),
+            other => Err(fail(
+                s,
+                format!("state `{other}` is not one of: exists, absent"),
+            )),
+        },
+    }
+}
+
+/// The name a user or group resource manages: its name, `{{hostname}}` expanded and `@@`
+/// stripped, checked as mgmt does.
+fn account_name(name_at: &Spanned<String>, host: &str, kind: Kind) -> Result<String, Located> {
+    let full = expand(&name_at.value, host);
+    let bare = full.strip_prefix(EXPORT_PREFIX).unwrap_or(&full);
+    if !valid_account_name(bare) {
+        return Err(fail(
+            name_at,
+            format!(
+                "{kind} name `{bare}` is not a valid {kind} name (a letter or `_`, then up to 30 \
+                 letters, digits, `_` or `-`)"
+            ),
+        ));
+    }
+    Ok(bare.to_string())
+}
+
+fn declare_user(u: &Spanned<RawUser>, host: &str) -> Result<Declared, Located> {
+    let raw = &u.value;
+    let x = |s: &str| expand(s, host);
+    let name = account_name(&raw.name, host, Kind::User)?;
+    let state = account_state(&raw.state, &raw.name, Kind::User)?;
+    if let (Some(gid), Some(_)) = (&raw.gid, &raw.group) {
+        return Err(fail(gid, "user takes `gid` or `group`, not both".into()));
+    }
+    let group = match &raw.group {
+        Some(g) => {
+            let v = x(&g.value);
+            if !valid_account_name(&v) {
+                return Err(fail(g, format!("group `{v}` is not a valid group name")));
+            }
+            Some(v)
+        }
+        None => None,
+    };
+    let groups = match &raw.groups {
+        Some(gs) => {
+            let mut out = Vec::new();
+            for g in &gs.value {
+                let v = x(g);
+                if !valid_account_name(&v) {
+                    return Err(fail(gs, format!("groups: `{v}` is not a valid group name")));
+                }
+                if group.as_deref() == Some(v.as_str()) {
+                    return Err(fail(
+                        gs,
+                        format!("groups: the primary group `{v}` must not be listed"),
+                    ));
+                }
+                if v == name {
+                    return Err(fail(
+                        gs,
+                        format!("groups: the user's own name `{v}` must not be listed"),
+                    ));
+                }
+                out.push(v);
+            }
+            Some(out)
+        }
+        None => None,
+    };
+    let homedir = match &raw.homedir {
+        Some(h) => {
+            let v = x(&h.value);
+            if !v.starts_with('/') || !v.ends_with('/') {
+                return Err(fail(
+                    h,
+                    format!("homedir `{v}` must be an absolute directory ending in `/`"),
+                ));
+            }
+            Some(crate::engine::resources::user::clean_path(&v))
+        }
+        None => None,
+    };
+    let shell = match &raw.shell {
+        Some(s) if s.value.is_empty() || s.value.contains([':', '\n']) => {
+            return Err(fail(s, format!("shell `{}` is not a usable path", s.value)));
+        }
+        Some(s) => Some(x(&s.value)),
+        None => None,
+    };
+    let spec = ResourceSpec::User(UserSpec {
+        name: x(&raw.name.value),
+        state,
+        uid: raw.uid,
+        gid: raw.gid.as_ref().map(|g| g.value),
+        group,
+        groups,
+        homedir,
+        shell,
+        allowduplicateuid: raw.allowduplicateuid.unwrap_or(false),
+        meta: meta(raw.meta.as_ref(), Kind::User)?,
+    });
+    let mut d = declare(spec, &raw.name)?;
+    d.autoedge = autoedge(raw.meta.as_ref());
+    Ok(d)
+}
+
+fn declare_group(g: &Spanned<RawGroup>, host: &str) -> Result<Declared, Located> {
+    let raw = &g.value;
+    account_name(&raw.name, host, Kind::Group)?;
+    let spec = ResourceSpec::Group(GroupSpec {
+        name: expand(&raw.name.value, host),
+        state: account_state(&raw.state, &raw.name, Kind::Group)?,
+        gid: raw.gid,
+        meta: meta(raw.meta.as_ref(), Kind::Group)?,
+    });
+    declare(spec, &raw.name)
+}
+
+fn declare_hostname(h: &Spanned<RawHostname>, host: &str) -> Result<Declared, Located> {
+    let raw = &h.value;
+    let x = |s: &str| expand(s, host);
+    // As mgmt: `hostname`, or the resource's name when it is missing or empty, is the value
+    // of each name not given; a name given as "" is not managed.
+    let full = x(&raw.name.value);
+    let bare = full
+        .strip_prefix(EXPORT_PREFIX)
+        .unwrap_or(&full)
+        .to_string();
+    let (fallback, fallback_at) = match &raw.hostname {
+        Some(hn) if !hn.value.is_empty() => (x(&hn.value), hn),
+        _ => (bare, &raw.name),
+    };
+    let name_of =
+        |given: &Option<Spanned<String>>, field: &str| -> Result<Option<String>, Located> {
+            let (value, at) = match given {
+                Some(g) if g.value.is_empty() => return Ok(None),
+                Some(g) => (x(&g.value), g),
+                None => (fallback.clone(), fallback_at),
+            };
+            if !valid_hostname(&value) {
+                return Err(fail(
+                    at,
+                    format!(
+                        "{field} `{value}` is not a valid host name (1 to 64 letters, digits, `-`, \
+                     `_` and `.`, no empty label)"
+                    ),
+                ));
+            }
+            Ok(Some(value))
+        };
+    let pretty = match &raw.pretty_hostname {
+        Some(p) if p.is_empty() => None,
+        Some(p) => Some(x(p)),
+        None => Some(fallback.clone()),
+    };
+    let spec = ResourceSpec::Hostname(HostnameSpec {
+        name: full.clone(),
+        pretty,
+        static_name: name_of(&raw.static_hostname, "static_hostname")?,
+        transient: name_of(&raw.transient_hostname, "transient_hostname")?,
+        meta: meta(raw.meta.as_ref(), Kind::Hostname)?,
+    });
+    declare(spec, &raw.name)
+}
+
+/// mgmt's `meta.autoedge` (default true).
+fn autoedge(raw: Option<&Spanned<RawMeta>>) -> bool {
+    raw.and_then(|m| m.value.autoedge).unwrap_or(true)
+}
+
 /// As mgmt: letters, digits and `_`, not starting with a digit.
 fn valid_env_name(name: &str) -> bool {
     !name.is_empty()
@@ -843,9 +1142,10 @@ fn meta(raw: Option<&Spanned<RawMeta>>, kind: Kind) -> Result<Meta, Located> {
         return Ok(Meta::default());
     };
     let m = &raw.value;
-    // `autoedge`: mgmt's automatic edges for these kinds run from a file to the file
-    // resources managing its parent directories and from an exec to the packages owning its
-    // command; arbor has neither directory nor package resources, so there is nothing to add.
+    // `autoedge`: a user's edges from its groups are added by `auto_edges` (read there from
+    // the raw meta). mgmt's other automatic edges run from a file to the file resources
+    // managing its parent directories and from an exec to the packages owning its command;
+    // arbor has neither directory nor package resources, so there is nothing to add.
     let _ = m.autoedge;
     // `autogroup`: of these kinds mgmt groups only noops, which merges their edges.
     if kind == Kind::Noop {
@@ -958,6 +1258,7 @@ fn declare(mut spec: ResourceSpec, name_at: &Spanned<String>) -> Result<Declared
         spec,
         exported,
         at: loc(name_at),
+        autoedge: true,
     })
 }
 

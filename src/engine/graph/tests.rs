@@ -1,5 +1,7 @@
 use super::*;
-use crate::engine::resources::{FileState, Kind, ResourceId, ResourceSpec, SkipCmpStyle};
+use crate::engine::resources::{
+    AccountState, FileState, GroupSpec, Kind, Meta, ResourceId, ResourceSpec, SkipCmpStyle,
+};
 
 fn ok(src: &str) -> Graph {
     match parse(src, Path::new("g.yaml"), "h1") {
@@ -682,4 +684,186 @@ fn bad_sources_are_errors_at_the_source() {
         13,
         "not supported: `source` on an exported file",
     );
+}
+
+#[test]
+fn mgmts_user_group_and_hostname_examples_parse_with_their_meaning() {
+    // examples/yaml/user1.yaml, group1.yaml and hostname.yaml in mgmt's repository, as there.
+    let g = ok(
+        "---\ngraph: mygraph\nresources:\n  user:\n  - name: testuser\n    uid: 1002\n    gid: 100\n    state: exists\nedges: []\n",
+    );
+    let Some(ResourceSpec::User(u)) = g.resources.first() else {
+        panic!("no user: {g:?}");
+    };
+    assert_eq!(
+        (u.name.as_str(), u.state, u.uid, u.gid),
+        ("testuser", AccountState::Exists, Some(1002), Some(100))
+    );
+    assert_eq!(
+        (&u.group, &u.groups, &u.homedir, &u.shell),
+        (&None, &None, &None, &None)
+    );
+    let g = ok(
+        "---\ngraph: mygraph\nresources:\n  group:\n  - name: testgroup\n    state: exists\n    gid: 10000\nedges: []\n",
+    );
+    assert_eq!(
+        g.resources,
+        [ResourceSpec::Group(GroupSpec {
+            name: "testgroup".into(),
+            state: AccountState::Exists,
+            gid: Some(10000),
+            meta: Meta::default(),
+        })]
+    );
+    let g = ok(
+        "---\ngraph: mygraph\nresources:\n  hostname:\n    - name: Hostname Watcher @ TestHost\n      hostname: test.hostname.example.com\nedges: []\n",
+    );
+    let Some(ResourceSpec::Hostname(h)) = g.resources.first() else {
+        panic!("no hostname: {g:?}");
+    };
+    let want = Some("test.hostname.example.com".to_string());
+    assert_eq!(
+        (&h.pretty, &h.static_name, &h.transient),
+        (&want, &want, &want)
+    );
+    assert_eq!(
+        g.resources[0].id().to_string(),
+        "hostname[Hostname Watcher @ TestHost]"
+    );
+}
+
+#[test]
+fn every_user_group_and_hostname_field_parses_with_its_meaning() {
+    let g = ok(
+        "graph: g\nresources:\n  user:\n  - name: \"{{hostname}}-svc\"\n    state: exists\n    uid: 4300\n    group: ops\n    groups: [audio, wheel]\n    homedir: /srv//svc/\n    shell: /bin/bash\n    allowduplicateuid: true\n  - name: gone\n    state: absent\n  group:\n  - name: ops\n    state: exists\n  - name: old\n    state: absent\n  hostname:\n  - name: web\n    pretty_hostname: Web One\n    static_hostname: \"{{hostname}}.example.com\"\n    transient_hostname: \"\"\n",
+    );
+    let user = |n: &str| match g
+        .resources
+        .iter()
+        .find(|r| r.id() == ResourceId::new(Kind::User, n))
+    {
+        Some(ResourceSpec::User(u)) => u.clone(),
+        other => panic!("no user {n}: {other:?}"),
+    };
+    let svc = user("h1-svc");
+    assert_eq!(svc.uid, Some(4300));
+    assert_eq!(svc.group.as_deref(), Some("ops"));
+    assert_eq!(
+        svc.groups,
+        Some(vec!["audio".to_string(), "wheel".to_string()])
+    );
+    assert_eq!(svc.homedir.as_deref(), Some("/srv/svc"));
+    assert_eq!(svc.shell.as_deref(), Some("/bin/bash"));
+    assert!(svc.allowduplicateuid);
+    assert_eq!(user("gone").state, AccountState::Absent);
+    let Some(ResourceSpec::Hostname(h)) = g.resources.iter().find(|r| r.kind() == Kind::Hostname)
+    else {
+        panic!("no hostname");
+    };
+    assert_eq!(h.pretty.as_deref(), Some("Web One"));
+    assert_eq!(h.static_name.as_deref(), Some("h1.example.com"));
+    assert_eq!(h.transient, None, "\"\" is not managed");
+    // As mgmt, the user comes after the group it names (an automatic edge), and a user that
+    // is to be absent before it; meta autoedge: false turns that off.
+    assert_eq!(
+        g.edges,
+        [Edge {
+            name: "autoedge group[ops] -> user[h1-svc]".into(),
+            from: ResourceId::new(Kind::Group, "ops"),
+            to: ResourceId::new(Kind::User, "h1-svc"),
+            notify: false,
+        }]
+    );
+    let g = ok(
+        "graph: g\nresources:\n  user:\n  - name: u\n    state: absent\n    gid: 70\n  - name: v\n    state: exists\n    groups: [g]\n    meta: {autoedge: false}\n  group:\n  - name: g\n    state: exists\n    gid: 70\n",
+    );
+    let ends: Vec<(String, String)> = g
+        .edges
+        .iter()
+        .map(|e| (e.from.to_string(), e.to.to_string()))
+        .collect();
+    assert_eq!(ends, [("user[u]".to_string(), "group[g]".to_string())]);
+}
+
+#[test]
+fn bad_user_group_and_hostname_fields_are_errors_at_their_place() {
+    let user = |fields: &str| format!("graph: g\nresources:\n  user:\n  - name: u\n{fields}");
+    err_at(
+        &user("    state: exists\n    homdir: /x/\n"),
+        6,
+        5,
+        "homdir",
+    );
+    err_at(&user(""), 4, 11, "user needs a `state`");
+    err_at(
+        &user("    state: present\n"),
+        5,
+        12,
+        "state `present` is not one of",
+    );
+    err_at(
+        &user("    state: exists\n    gid: 5\n    group: g\n"),
+        6,
+        10,
+        "`gid` or `group`, not both",
+    );
+    err_at(
+        &user("    state: exists\n    group: g\n    groups: [a, g]\n"),
+        7,
+        13,
+        "the primary group `g` must not be listed",
+    );
+    err_at(
+        &user("    state: exists\n    groups: [u]\n"),
+        6,
+        13,
+        "the user's own name",
+    );
+    err_at(
+        &user("    state: exists\n    homedir: /home/u\n"),
+        6,
+        14,
+        "must be an absolute directory ending in `/`",
+    );
+    err_at(
+        "graph: g\nresources:\n  user:\n  - name: \"9 lives\"\n    state: exists\n",
+        4,
+        11,
+        "is not a valid user name",
+    );
+    let group = |fields: &str| format!("graph: g\nresources:\n  group:\n  - name: grp\n{fields}");
+    err_at(
+        &group("    state: exists\n    members: [a]\n"),
+        6,
+        5,
+        "members",
+    );
+    err_at(&group(""), 4, 11, "group needs a `state`");
+    let hostname =
+        |fields: &str| format!("graph: g\nresources:\n  hostname:\n  - name: h\n{fields}");
+    err_at(&hostname("    domain: x\n"), 5, 5, "domain");
+    err_at(
+        &hostname("    static_hostname: not valid\n"),
+        5,
+        22,
+        "static_hostname `not valid` is not a valid host name",
+    );
+    // The name is the fallback, so it must then be a valid host name.
+    err_at(
+        "graph: g\nresources:\n  hostname:\n  - name: My Box\n",
+        4,
+        11,
+        "static_hostname `My Box` is not a valid host name",
+    );
+    ok(
+        "graph: g\nresources:\n  hostname:\n  - name: My Box\n    static_hostname: box\n    transient_hostname: box\n",
+    );
+    for kind in ["user", "group", "hostname"] {
+        err_at(
+            &format!("graph: g\ncollect:\n- kind: {kind}\n"),
+            3,
+            9,
+            &format!("not supported: collecting {kind}"),
+        );
+    }
 }

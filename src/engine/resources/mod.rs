@@ -3,14 +3,18 @@
 //! After mgmt's resource API: `check_apply` compares the world with the spec and (unless in
 //! noop mode) fixes it; `watch` blocks on real events (inotify, child processes, store watches,
 //! a timer's ticker) and pokes the scheduler when the world may have drifted. Nothing polls.
-//! Adding a kind means one file here, one variant in [`ResourceSpec`] and one arm in [`build`].
+//! Adding a kind means one file here (`accounts.rs` is what `user` and `group` share), one variant in [`ResourceSpec`] and one arm in [`build`].
 
+pub mod accounts;
 pub mod exec;
 pub mod file;
+pub mod group;
+pub mod hostname;
 pub mod kv;
 pub mod meta;
 pub mod noop;
 pub mod timer;
+pub mod user;
 
 use crate::engine::fs_events::FsEvents;
 use futures::future::BoxFuture;
@@ -19,12 +23,16 @@ use std::fmt;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
+pub use accounts::AccountState;
 pub use exec::ExecSpec;
 pub use file::{FileSpec, FileState};
+pub use group::GroupSpec;
+pub use hostname::HostnameSpec;
 pub use kv::{KvSpec, KvStore, SkipCmpStyle};
 pub use meta::Meta;
 pub use noop::NoopSpec;
 pub use timer::TimerSpec;
+pub use user::UserSpec;
 
 /// The kinds of resource a graph may declare, as spelled in YAML.
 #[derive(
@@ -38,10 +46,22 @@ pub enum Kind {
     Noop,
     Timer,
     Kv,
+    User,
+    Group,
+    Hostname,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [Kind::File, Kind::Exec, Kind::Noop, Kind::Timer, Kind::Kv];
+    pub const ALL: [Kind; 8] = [
+        Kind::File,
+        Kind::Exec,
+        Kind::Noop,
+        Kind::Timer,
+        Kind::Kv,
+        Kind::User,
+        Kind::Group,
+        Kind::Hostname,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -50,6 +70,9 @@ impl Kind {
             Kind::Noop => "noop",
             Kind::Timer => "timer",
             Kind::Kv => "kv",
+            Kind::User => "user",
+            Kind::Group => "group",
+            Kind::Hostname => "hostname",
         }
     }
 
@@ -100,6 +123,9 @@ pub enum ResourceSpec {
     Noop(NoopSpec),
     Timer(TimerSpec),
     Kv(KvSpec),
+    User(UserSpec),
+    Group(GroupSpec),
+    Hostname(HostnameSpec),
 }
 
 impl ResourceSpec {
@@ -110,6 +136,9 @@ impl ResourceSpec {
             ResourceSpec::Noop(_) => Kind::Noop,
             ResourceSpec::Timer(_) => Kind::Timer,
             ResourceSpec::Kv(_) => Kind::Kv,
+            ResourceSpec::User(_) => Kind::User,
+            ResourceSpec::Group(_) => Kind::Group,
+            ResourceSpec::Hostname(_) => Kind::Hostname,
         }
     }
 
@@ -120,6 +149,9 @@ impl ResourceSpec {
             ResourceSpec::Noop(s) => &s.name,
             ResourceSpec::Timer(s) => &s.name,
             ResourceSpec::Kv(s) => &s.name,
+            ResourceSpec::User(s) => &s.name,
+            ResourceSpec::Group(s) => &s.name,
+            ResourceSpec::Hostname(s) => &s.name,
         }
     }
 
@@ -130,6 +162,9 @@ impl ResourceSpec {
             ResourceSpec::Noop(s) => s.name = name,
             ResourceSpec::Timer(s) => s.name = name,
             ResourceSpec::Kv(s) => s.name = name,
+            ResourceSpec::User(s) => s.name = name,
+            ResourceSpec::Group(s) => s.name = name,
+            ResourceSpec::Hostname(s) => s.name = name,
         }
     }
 
@@ -144,6 +179,9 @@ impl ResourceSpec {
             ResourceSpec::Noop(s) => &s.meta,
             ResourceSpec::Timer(s) => &s.meta,
             ResourceSpec::Kv(s) => &s.meta,
+            ResourceSpec::User(s) => &s.meta,
+            ResourceSpec::Group(s) => &s.meta,
+            ResourceSpec::Hostname(s) => &s.meta,
         }
     }
 }
@@ -263,5 +301,13 @@ pub fn build(spec: &ResourceSpec, services: &Services) -> Arc<dyn Resource> {
         ResourceSpec::Noop(s) => Arc::new(noop::NoopResource::new(s.clone())),
         ResourceSpec::Timer(s) => Arc::new(timer::TimerResource::new(s.clone())),
         ResourceSpec::Kv(s) => Arc::new(kv::KvResource::new(s.clone(), services.kv.clone())),
+        ResourceSpec::User(s) => Arc::new(user::UserResource::new(s.clone(), services.fs.clone())),
+        ResourceSpec::Group(s) => {
+            Arc::new(group::GroupResource::new(s.clone(), services.fs.clone()))
+        }
+        ResourceSpec::Hostname(s) => Arc::new(hostname::HostnameResource::new(
+            s.clone(),
+            services.fs.clone(),
+        )),
     }
 }
