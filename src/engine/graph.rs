@@ -9,8 +9,8 @@
 use crate::engine::resources::exec::Aux;
 use crate::engine::resources::meta::Rate;
 use crate::engine::resources::{
-    ExecSpec, FileSpec, FileState, Kind, KvSpec, Meta, NoopSpec, ResourceId, ResourceSpec,
-    SkipCmpStyle, TimerSpec,
+    ExecSpec, FileSpec, FileState, Kind, KvSpec, Meta, NoopSpec, PkgSpec, PkgState, ResourceId,
+    ResourceSpec, SkipCmpStyle, SvcSpec, SvcStartup, SvcState, TimerSpec,
 };
 use crate::engine::template::expand;
 use serde::Deserialize;
@@ -36,7 +36,7 @@ pub struct Graph {
     pub exports: Vec<ResourceSpec>,
     pub collect: Vec<Collect>,
     pub edges: Vec<Edge>,
-    /// Every file's `source:` as written (after `{{hostname}}`), with where: the initiator
+    /// Every file's and pkg's `source:` as written (after `{{hostname}}`), with where: the initiator
     /// reads them (relative to the graph file) and turns them into artifacts.
     pub sources: Vec<SourceAt>,
 }
@@ -154,6 +154,8 @@ struct RawResources {
     noop: Option<Vec<Spanned<RawNoop>>>,
     timer: Option<Vec<Spanned<RawTimer>>>,
     kv: Option<Vec<Spanned<RawKv>>>,
+    pkg: Option<Vec<Spanned<RawPkg>>>,
+    svc: Option<Vec<Spanned<RawSvc>>>,
 }
 
 /// A field mgmt knows and arbor refuses: kept only for where it is.
@@ -254,6 +256,34 @@ struct RawKv {
     mapped: Option<bool>,
     skiplessthan: Option<bool>,
     skipcmpstyle: Option<Spanned<i64>>,
+    meta: Option<Spanned<RawMeta>>,
+}
+
+/// mgmt's pkg (engine/resources/pkg.go), through dpkg/apt.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPkg {
+    name: Spanned<String>,
+    /// mgmt's default: installed.
+    state: Option<Spanned<String>>,
+    allowdowngrade: Option<bool>,
+    allowuntrusted: Option<bool>,
+    allownonfree: Option<bool>,
+    /// PackageKit's "supported" filter has no dpkg/apt equivalent: only `true` is accepted.
+    allowunsupported: Option<Spanned<bool>>,
+    /// arbor's: a .deb on the initiator (an artifact), installed with no network.
+    source: Option<Spanned<String>>,
+    meta: Option<Spanned<RawMeta>>,
+}
+
+/// mgmt's svc (engine/resources/svc.go), through systemctl.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSvc {
+    name: Spanned<String>,
+    state: Option<Spanned<String>>,
+    startup: Option<Spanned<String>>,
+    session: Option<Spanned<bool>>,
     meta: Option<Spanned<RawMeta>>,
 }
 
@@ -361,6 +391,28 @@ fn validate(raw: RawGraph, root: (u64, u64), host: &str) -> Result<Graph, Locate
     for k in resources.kv.unwrap_or_default() {
         declared.push(declare_kv(&k, host)?);
     }
+    for p in resources.pkg.unwrap_or_default() {
+        let d = declare_pkg(&p, host)?;
+        if let (ResourceSpec::Pkg(spec), Some(at)) = (&d.spec, &p.value.source) {
+            if d.exported {
+                return Err(not_supported(
+                    loc(at),
+                    "`source` on an exported pkg",
+                    "artifacts reach the hosts of the run's tree, not collectors",
+                ));
+            }
+            let (line, column) = loc(at);
+            sources.push(SourceAt {
+                source: spec.source.clone().unwrap_or_default(),
+                line,
+                column,
+            });
+        }
+        declared.push(d);
+    }
+    for v in resources.svc.unwrap_or_default() {
+        declared.push(declare_svc(&v, host)?);
+    }
 
     // Duplicate names within a kind, exported or not: `@@a` and `a` would be two different
     // things under one name.
@@ -426,6 +478,13 @@ fn collect_entries(raw: Vec<Spanned<RawCollect>>, host: &str) -> Result<Vec<Coll
                 "collecting kv",
                 "a collected kv would let other hosts choose keys and values in this host's \
                  own key space",
+            ));
+        }
+        if matches!(kind, Kind::Pkg | Kind::Svc) {
+            return Err(not_supported(
+                loc(&c.value.kind),
+                &format!("collecting {kind}"),
+                "other hosts would choose what this host installs or runs as root",
             ));
         }
         if kind == Kind::File && pattern.is_none() {
@@ -806,6 +865,136 @@ fn declare_kv(k: &Spanned<RawKv>, host: &str) -> Result<Declared, Located> {
         skiplessthan,
         skipcmpstyle,
         meta: meta(raw.meta.as_ref(), Kind::Kv)?,
+    });
+    declare(spec, &raw.name)
+}
+
+fn declare_pkg(p: &Spanned<RawPkg>, host: &str) -> Result<Declared, Located> {
+    let raw = &p.value;
+    let x = |s: &str| expand(s, host);
+    let name = x(&raw.name.value);
+    let bare = name.strip_prefix(EXPORT_PREFIX).unwrap_or(&name);
+    if !crate::engine::resources::pkg::valid_name(bare) {
+        return Err(fail(
+            &raw.name,
+            format!(
+                "pkg name `{bare}` is not a Debian package name (lower-case letters, digits and \
+                 + - ., starting with a letter or digit; optionally :arch)"
+            ),
+        ));
+    }
+    if let Some(u) = &raw.allowunsupported
+        && !u.value
+    {
+        return Err(not_supported(
+            loc(u),
+            "pkg allowunsupported: false",
+            "PackageKit's \"supported\" filter has no dpkg/apt equivalent; arbor installs \
+             whatever apt's sources offer, as with allowunsupported: true",
+        ));
+    }
+    let state = match &raw.state {
+        None => PkgState::Installed,
+        Some(s) => PkgState::parse(&x(&s.value)).map_err(|e| fail(s, e))?,
+    };
+    let source = match &raw.source {
+        None => None,
+        Some(s) => {
+            let v = x(&s.value);
+            if v.trim().is_empty() {
+                return Err(fail(s, "`source` must not be empty".into()));
+            }
+            match state {
+                PkgState::Uninstalled => {
+                    return Err(fail(
+                        s,
+                        "`source` on a pkg with `state: uninstalled`".into(),
+                    ));
+                }
+                PkgState::Newest => {
+                    return Err(fail(
+                        s,
+                        "`source` with `state: newest`: a .deb is one version; say `installed` \
+                         or the version"
+                            .into(),
+                    ));
+                }
+                _ => {}
+            }
+            Some(v)
+        }
+    };
+    let spec = ResourceSpec::Pkg(PkgSpec {
+        name,
+        state,
+        source,
+        allowdowngrade: raw.allowdowngrade.unwrap_or(false),
+        allowuntrusted: raw.allowuntrusted.unwrap_or(false),
+        allownonfree: raw.allownonfree.unwrap_or(false),
+        meta: meta(raw.meta.as_ref(), Kind::Pkg)?,
+    });
+    declare(spec, &raw.name)
+}
+
+fn declare_svc(v: &Spanned<RawSvc>, host: &str) -> Result<Declared, Located> {
+    let raw = &v.value;
+    let x = |s: &str| expand(s, host);
+    refuse_value(
+        &raw.session,
+        "svc session: true",
+        "user services (systemctl --user) are not managed; only the system's",
+    )?;
+    let name = x(&raw.name.value);
+    let bare = name.strip_prefix(EXPORT_PREFIX).unwrap_or(&name);
+    if bare.ends_with(".service") {
+        return Err(fail(
+            &raw.name,
+            format!(
+                "svc name `{bare}`: the name is the unit without `.service` (as in mgmt, which \
+                 adds it)"
+            ),
+        ));
+    }
+    if !crate::engine::resources::svc::valid_name(bare) {
+        return Err(fail(
+            &raw.name,
+            format!("svc name `{bare}` is not a systemd unit name"),
+        ));
+    }
+    let state = match &raw.state {
+        None => None,
+        Some(s) => match x(&s.value).as_str() {
+            // As mgmt: empty is the same as not given.
+            "" => None,
+            "running" => Some(SvcState::Running),
+            "stopped" => Some(SvcState::Stopped),
+            other => {
+                return Err(fail(
+                    s,
+                    format!("svc state `{other}` is not one of: running, stopped"),
+                ));
+            }
+        },
+    };
+    let startup = match &raw.startup {
+        None => None,
+        Some(s) => match x(&s.value).as_str() {
+            "" => None,
+            "enabled" => Some(SvcStartup::Enabled),
+            "disabled" => Some(SvcStartup::Disabled),
+            other => {
+                return Err(fail(
+                    s,
+                    format!("svc startup `{other}` is not one of: enabled, disabled"),
+                ));
+            }
+        },
+    };
+    let spec = ResourceSpec::Svc(SvcSpec {
+        name,
+        state,
+        startup,
+        meta: meta(raw.meta.as_ref(), Kind::Svc)?,
     });
     declare(spec, &raw.name)
 }

@@ -10,6 +10,8 @@ pub mod file;
 pub mod kv;
 pub mod meta;
 pub mod noop;
+pub mod pkg;
+pub mod svc;
 pub mod timer;
 
 use crate::engine::fs_events::FsEvents;
@@ -24,6 +26,8 @@ pub use file::{FileSpec, FileState};
 pub use kv::{KvSpec, KvStore, SkipCmpStyle};
 pub use meta::Meta;
 pub use noop::NoopSpec;
+pub use pkg::{PkgSpec, PkgState};
+pub use svc::{SvcSpec, SvcStartup, SvcState};
 pub use timer::TimerSpec;
 
 /// The kinds of resource a graph may declare, as spelled in YAML.
@@ -38,10 +42,20 @@ pub enum Kind {
     Noop,
     Timer,
     Kv,
+    Pkg,
+    Svc,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [Kind::File, Kind::Exec, Kind::Noop, Kind::Timer, Kind::Kv];
+    pub const ALL: [Kind; 7] = [
+        Kind::File,
+        Kind::Exec,
+        Kind::Noop,
+        Kind::Timer,
+        Kind::Kv,
+        Kind::Pkg,
+        Kind::Svc,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -50,6 +64,8 @@ impl Kind {
             Kind::Noop => "noop",
             Kind::Timer => "timer",
             Kind::Kv => "kv",
+            Kind::Pkg => "pkg",
+            Kind::Svc => "svc",
         }
     }
 
@@ -100,6 +116,8 @@ pub enum ResourceSpec {
     Noop(NoopSpec),
     Timer(TimerSpec),
     Kv(KvSpec),
+    Pkg(PkgSpec),
+    Svc(SvcSpec),
 }
 
 impl ResourceSpec {
@@ -110,6 +128,8 @@ impl ResourceSpec {
             ResourceSpec::Noop(_) => Kind::Noop,
             ResourceSpec::Timer(_) => Kind::Timer,
             ResourceSpec::Kv(_) => Kind::Kv,
+            ResourceSpec::Pkg(_) => Kind::Pkg,
+            ResourceSpec::Svc(_) => Kind::Svc,
         }
     }
 
@@ -120,6 +140,8 @@ impl ResourceSpec {
             ResourceSpec::Noop(s) => &s.name,
             ResourceSpec::Timer(s) => &s.name,
             ResourceSpec::Kv(s) => &s.name,
+            ResourceSpec::Pkg(s) => &s.name,
+            ResourceSpec::Svc(s) => &s.name,
         }
     }
 
@@ -130,6 +152,8 @@ impl ResourceSpec {
             ResourceSpec::Noop(s) => s.name = name,
             ResourceSpec::Timer(s) => s.name = name,
             ResourceSpec::Kv(s) => s.name = name,
+            ResourceSpec::Pkg(s) => s.name = name,
+            ResourceSpec::Svc(s) => s.name = name,
         }
     }
 
@@ -144,6 +168,8 @@ impl ResourceSpec {
             ResourceSpec::Noop(s) => &s.meta,
             ResourceSpec::Timer(s) => &s.meta,
             ResourceSpec::Kv(s) => &s.meta,
+            ResourceSpec::Pkg(s) => &s.meta,
+            ResourceSpec::Svc(s) => &s.meta,
         }
     }
 }
@@ -263,5 +289,18 @@ pub fn build(spec: &ResourceSpec, services: &Services) -> Arc<dyn Resource> {
         ResourceSpec::Noop(s) => Arc::new(noop::NoopResource::new(s.clone())),
         ResourceSpec::Timer(s) => Arc::new(timer::TimerResource::new(s.clone())),
         ResourceSpec::Kv(s) => Arc::new(kv::KvResource::new(s.clone(), services.kv.clone())),
+        ResourceSpec::Pkg(s) => {
+            let artifact = s
+                .source
+                .as_ref()
+                .and_then(|a| services.artifacts.get(a))
+                .cloned();
+            Arc::new(pkg::PkgResource::new(
+                s.clone(),
+                services.fs.clone(),
+                artifact,
+            ))
+        }
+        ResourceSpec::Svc(s) => Arc::new(svc::SvcResource::new(s.clone())),
     }
 }
