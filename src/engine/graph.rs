@@ -340,6 +340,53 @@ struct Declared {
     spec: ResourceSpec,
     exported: bool,
     at: (u64, u64),
+    /// `meta: {autoedge: false}` turns mgmt's automatic edges off for this resource.
+    autoedge: bool,
+}
+
+/// Whether a resource takes part in automatic edges (mgmt's default: yes).
+fn autoedge_of(meta: Option<&Spanned<RawMeta>>) -> bool {
+    meta.and_then(|m| m.value.autoedge).unwrap_or(true)
+}
+
+/// mgmt's automatic edges that arbor makes: from a file resource writing a service's unit
+/// file (`/etc/systemd/system/NAME.service` or `/usr/lib/systemd/system/NAME.service`, mgmt's
+/// two) to that svc, unless either turns them off, an edge between the two is already
+/// written, or it would close a cycle.
+fn auto_edges(declared: &[Declared], edges: &mut Vec<Edge>) {
+    for svc in declared.iter().filter(|d| d.autoedge && !d.exported) {
+        let ResourceSpec::Svc(s) = &svc.spec else {
+            continue;
+        };
+        let unit_files = [
+            format!("/etc/systemd/system/{}.service", s.name),
+            format!("/usr/lib/systemd/system/{}.service", s.name),
+        ];
+        for file in declared.iter().filter(|d| d.autoedge && !d.exported) {
+            let ResourceSpec::File(f) = &file.spec else {
+                continue;
+            };
+            if !unit_files.iter().any(|u| Path::new(u) == f.path) {
+                continue;
+            }
+            let (from, to) = (file.spec.id(), svc.spec.id());
+            if edges
+                .iter()
+                .any(|e| (e.from == from && e.to == to) || (e.from == to && e.to == from))
+            {
+                continue;
+            }
+            edges.push(Edge {
+                name: format!("autoedge {from} -> {to}"),
+                from,
+                to,
+                notify: false,
+            });
+            if find_cycle(edges).is_some() {
+                edges.pop();
+            }
+        }
+    }
 }
 
 fn validate(raw: RawGraph, root: (u64, u64), host: &str) -> Result<Graph, Located> {
@@ -356,7 +403,8 @@ fn validate(raw: RawGraph, root: (u64, u64), host: &str) -> Result<Graph, Locate
     let mut sources = Vec::new();
     let resources = raw.resources.unwrap_or_default();
     for f in resources.file.unwrap_or_default() {
-        let d = declare_file(&f, host)?;
+        let mut d = declare_file(&f, host)?;
+        d.autoedge = autoedge_of(f.value.meta.as_ref());
         if let (ResourceSpec::File(spec), Some(at)) = (&d.spec, &f.value.source) {
             if d.exported {
                 return Err(not_supported(
@@ -411,7 +459,9 @@ fn validate(raw: RawGraph, root: (u64, u64), host: &str) -> Result<Graph, Locate
         declared.push(d);
     }
     for v in resources.svc.unwrap_or_default() {
-        declared.push(declare_svc(&v, host)?);
+        let mut d = declare_svc(&v, host)?;
+        d.autoedge = autoedge_of(v.value.meta.as_ref());
+        declared.push(d);
     }
 
     // Duplicate names within a kind, exported or not: `@@a` and `a` would be two different
@@ -432,7 +482,8 @@ fn validate(raw: RawGraph, root: (u64, u64), host: &str) -> Result<Graph, Locate
     }
 
     let collect = collect_entries(raw.collect.unwrap_or_default(), host)?;
-    let edges = edges(raw.edges.unwrap_or_default(), &declared, host)?;
+    let mut edges = edges(raw.edges.unwrap_or_default(), &declared, host)?;
+    auto_edges(&declared, &mut edges);
 
     let (exported, local): (Vec<_>, Vec<_>) = declared.into_iter().partition(|d| d.exported);
     Ok(Graph {
@@ -1032,9 +1083,8 @@ fn meta(raw: Option<&Spanned<RawMeta>>, kind: Kind) -> Result<Meta, Located> {
         return Ok(Meta::default());
     };
     let m = &raw.value;
-    // `autoedge`: mgmt's automatic edges for these kinds run from a file to the file
-    // resources managing its parent directories and from an exec to the packages owning its
-    // command; arbor has neither directory nor package resources, so there is nothing to add.
+    // `autoedge`: read by `autoedge_of` where arbor makes mgmt's automatic edges (a unit
+    // file to its svc); the others (directories, a pkg's file list) are not made (docs).
     let _ = m.autoedge;
     // `autogroup`: of these kinds mgmt groups only noops, which merges their edges.
     if kind == Kind::Noop {
@@ -1147,6 +1197,7 @@ fn declare(mut spec: ResourceSpec, name_at: &Spanned<String>) -> Result<Declared
         spec,
         exported,
         at: loc(name_at),
+        autoedge: true,
     })
 }
 

@@ -598,6 +598,29 @@ fn pkg_and_svc_parse_with_mgmts_defaults_and_meaning() {
 }
 
 #[test]
+fn a_file_writing_a_services_unit_gets_mgmts_automatic_edge_to_the_svc() {
+    let g = ok(
+        "graph: g\nresources:\n  file:\n  - name: /etc/systemd/system/web.service\n    \
+                content: x\n  - name: /usr/lib/systemd/system/db.service\n    content: x\n    \
+                meta: {autoedge: false}\n  - name: /etc/systemd/system/other.service\n    \
+                content: x\n  svc:\n  - name: web\n  - name: db\n  - name: other\n\
+                edges:\n- name: back\n  from: {kind: svc, name: other}\n  to: {kind: file, \
+                name: /etc/systemd/system/other.service}\n",
+    );
+    let autos: Vec<String> = g
+        .edges
+        .iter()
+        .filter(|e| e.name.starts_with("autoedge"))
+        .map(|e| format!("{} -> {} {}", e.from, e.to, e.notify))
+        .collect();
+    // db turned it off; other has an edge the other way already (another would be a cycle).
+    assert_eq!(
+        autos,
+        ["file[/etc/systemd/system/web.service] -> svc[web] false"]
+    );
+}
+
+#[test]
 fn bad_pkg_and_svc_fields_are_errors_at_their_place() {
     let pkg = |fields: &str| format!("graph: g\nresources:\n  pkg:\n  - name: hello\n{fields}");
     err_at(&pkg("    state: latest\n"), 5, 12, "did you mean `newest`");
