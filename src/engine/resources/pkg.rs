@@ -295,14 +295,22 @@ pub fn plan(
 /// takes one lock.
 static APT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Runs a program to its end (killed if the check is dropped), its output captured.
+/// Runs a program to its end (killed if the check is dropped: on a timeout or shutdown), its
+/// output captured.
 pub(super) async fn output(program: &str, args: &[&str]) -> anyhow::Result<Output> {
+    run(program, args, true).await
+}
+
+/// Runs a program to its end, its output captured; `kill` says whether it dies with the check
+/// (dpkg and apt-get changing packages are left to finish: killed halfway they would leave
+/// packages half-installed).
+async fn run(program: &str, args: &[&str], kill: bool) -> anyhow::Result<Output> {
     tokio::process::Command::new(program)
         .args(args)
         .env("DEBIAN_FRONTEND", "noninteractive")
         .env("LC_ALL", "C")
         .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
+        .kill_on_drop(kill)
         .output()
         .await
         .with_context(|| format!("run {program}"))
@@ -320,8 +328,17 @@ pub(super) fn failed(what: &str, out: &Output) -> anyhow::Error {
     anyhow::anyhow!("`{what}` failed ({}):\n  {tail}", out.status)
 }
 
+/// A query (killed with the check) that must succeed.
 async fn checked(program: &str, args: &[&str]) -> anyhow::Result<Output> {
-    let out = output(program, args).await?;
+    succeeded(program, args, output(program, args).await?)
+}
+
+/// A change to the packages (left to finish if the check is dropped) that must succeed.
+async fn changed(program: &str, args: &[&str]) -> anyhow::Result<Output> {
+    succeeded(program, args, run(program, args, false).await?)
+}
+
+fn succeeded(program: &str, args: &[&str], out: Output) -> anyhow::Result<Output> {
     if !out.status.success() {
         return Err(failed(&format!("{program} {}", args.join(" ")), &out));
     }
@@ -334,6 +351,8 @@ pub struct PkgResource {
     fs: FsEvents,
     /// The blob of `spec.source` on this host, if it was given one.
     artifact: Option<ArtifactFile>,
+    /// dpkg's status file, watched ([`DPKG_STATUS`]; another in tests).
+    status: std::path::PathBuf,
 }
 
 impl PkgResource {
@@ -343,6 +362,7 @@ impl PkgResource {
             spec,
             fs,
             artifact,
+            status: DPKG_STATUS.into(),
         }
     }
 
@@ -486,7 +506,7 @@ impl PkgResource {
                 "{}: apt knows no version that would do: apt-get update",
                 self.id
             );
-            checked("apt-get", &["-q", "update"]).await?;
+            changed("apt-get", &["-q", "update"]).await?;
             let policy = self.policy().await?;
             step = plan(
                 &self.spec,
@@ -514,7 +534,7 @@ impl PkgResource {
         let done = match &step {
             Plan::Nothing | Plan::UpdateLists => return Ok(Outcome::Unchanged),
             Plan::Remove => {
-                checked("dpkg", &["--remove", name]).await?;
+                changed("dpkg", &["--remove", name]).await?;
                 format!("removed {name} ({was})")
             }
             Plan::InstallDeb => {
@@ -525,7 +545,7 @@ impl PkgResource {
                     apt.push("--allow-downgrades");
                 }
                 apt.push(&path);
-                checked("apt-get", &apt).await?;
+                changed("apt-get", &apt).await?;
                 format!(
                     "installed {name} {} from its source .deb ({was})",
                     deb.version
@@ -549,7 +569,7 @@ impl PkgResource {
                     apt.push("--allow-downgrades");
                 }
                 apt.push(&target);
-                checked("apt-get", &apt).await?;
+                changed("apt-get", &apt).await?;
                 format!("installed {target} ({was})")
             }
         };
@@ -597,13 +617,13 @@ impl Resource for PkgResource {
 
     fn watch(&self, poke: Poke, cancel: CancellationToken) -> BoxFuture<'_, anyhow::Result<()>> {
         Box::pin(async move {
-            if !Path::new(DPKG_STATUS).exists() {
+            if !self.status.exists() {
                 // Nothing to watch: the check says why the host is not supported.
                 cancel.cancelled().await;
                 return Ok(());
             }
             // dpkg rewrites it (by rename) several times a run; the scheduler coalesces pokes.
-            super::file::watch_path(&self.fs, Path::new(DPKG_STATUS), &cancel, || poke.poke()).await
+            super::file::watch_path(&self.fs, &self.status, &cancel, || poke.poke()).await
         })
     }
 }
@@ -852,6 +872,30 @@ mod tests {
         s.state = PkgState::Installed;
         let err = p(&s, None, None, Some(&other)).unwrap_err().to_string();
         assert!(err.contains("`world`"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn the_watch_pokes_when_dpkg_rewrites_its_status_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let status = dir.path().join("status");
+        std::fs::write(&status, "Package: hello\n").expect("write");
+        let fs = FsEvents::new().expect("inotify");
+        let mut res = PkgResource::new(spec(PkgState::Installed), fs, None);
+        res.status = status.clone();
+        let res = std::sync::Arc::new(res);
+        let cancel = CancellationToken::new();
+        let (watcher, mut rx) = crate::engine::resources::spawn_watch(res.clone(), cancel.clone());
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        while rx.try_recv().is_ok() {}
+        // As dpkg does: status-new, then renamed over status.
+        let new = dir.path().join("status-new");
+        std::fs::write(&new, "Package: hello\nStatus: deinstall ok config-files\n").expect("write");
+        std::fs::rename(&new, &status).expect("rename");
+        tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+            .await
+            .expect("the rename pokes");
+        cancel.cancel();
+        watcher.await.expect("join").expect("clean end");
     }
 
     #[test]

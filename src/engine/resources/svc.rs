@@ -256,11 +256,16 @@ impl SvcResource {
             return Ok(());
         }
         let path = unit_path(&self.unit);
+        let mut subscribed = false;
         loop {
             let result = tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
-                r = watch_systemd(&self.unit, &path, &poke) => r,
+                r = watch_systemd(&self.unit, &path, &poke, &mut subscribed) => r,
             };
+            // Never subscribed (not root, say): the watch fails, naming why.
+            if !subscribed {
+                return result.context("watching systemd's signals");
+            }
             // systemd re-executed (daemon-reexec) or went away: connect again, and check.
             tracing::debug!(
                 "{}: systemd's signals ended ({result:?}); again in 1 s",
@@ -325,7 +330,13 @@ const MANAGER: &str = "org.freedesktop.systemd1.Manager";
 
 /// Connects to systemd's private socket, subscribes to its signals, and pokes for each that
 /// concerns `unit` (object path `path`). Returns when the connection ends.
-async fn watch_systemd(unit: &str, path: &str, poke: &Poke) -> anyhow::Result<()> {
+/// `subscribed` is set once systemd accepted the subscription.
+async fn watch_systemd(
+    unit: &str,
+    path: &str,
+    poke: &Poke,
+    subscribed: &mut bool,
+) -> anyhow::Result<()> {
     let stream = tokio::net::UnixStream::connect(SYSTEMD_PRIVATE)
         .await
         .with_context(|| format!("connect to {SYSTEMD_PRIVATE}"))?;
@@ -360,7 +371,11 @@ async fn watch_systemd(unit: &str, path: &str, poke: &Poke) -> anyhow::Result<()
     loop {
         let msg = read_message(&mut read).await?;
         match msg.kind {
-            // A method error: Subscribe was refused.
+            // Our only call's reply.
+            2 => {
+                *subscribed = true;
+                continue;
+            }
             3 => bail!(
                 "systemd refused Subscribe: {}",
                 msg.error.unwrap_or_default()
