@@ -2,7 +2,9 @@
 //! teardown at every depth, a killed relay, and host keys learned at depth. The lab is 2 relays
 //! × 3 leaves; the leaves are unreachable from the initiator, and the relays hold no private
 //! key, so every leaf is reached through a relay signing with the initiator's key. Two hosts
-//! run Debian's dropbear instead of OpenSSH: the relay r2 and the leaf l1-2 (under r1).
+//! run Debian's dropbear instead of OpenSSH: the relay r2 and the leaf l1-2 (under r1). The leaf
+//! l2-3 (under r2) has a root of its own with systemd as pid 1 (`lab up --init`), where the pkg
+//! and svc tests install packages and run services.
 
 #[macro_use]
 mod support;
