@@ -2762,7 +2762,8 @@ fn undo_packages(lab: &Lab) -> Undo<'_> {
 /// (`file:`) holding versions 1.0 and 2.0 of a test package, and apt has never read it: the
 /// pkg resource (state `installed`) finds no candidate, runs `apt-get update` once and installs
 /// the newest. Then the package is removed by hand (`dpkg --remove`): the watch on dpkg's
-/// status file sees it and the next check installs it again.
+/// status file sees it and the next check installs it again. Live edits then pin version 1.0
+/// (a downgrade, with `allowdowngrade`) and make it `uninstalled`.
 fn a_package_from_a_local_repository_is_installed_at_depth_2_and_put_back_when_removed_by_hand(
     lab: &Lab,
 ) -> TestResult {
@@ -2828,6 +2829,44 @@ fn a_package_from_a_local_repository_is_installed_at_depth_2_and_put_back_when_r
         !again.iter().any(|l| l.contains("apt-get update")),
         "apt's lists were updated again although they had the package:\n{}",
         again.join("\n")
+    );
+    // A live edit pins the lower version: a downgrade, allowed. Then another removes it.
+    std::fs::write(
+        &graph,
+        format!(
+            "graph: pkg\nresources:\n  pkg:\n  - name: {TEST_PKG}\n    state: \"1.0\"\n    \
+             allowdowngrade: true\n"
+        ),
+    )
+    .map_err(fail)?;
+    wait_lines(
+        &rx,
+        &[format!(
+            "pkg[{TEST_PKG}]: installed {TEST_PKG}=1.0 (2.0 installed)"
+        )],
+        Duration::from_secs(60),
+    )?;
+    check!(
+        installed_version(lab) == "1.0",
+        "{TEST_PKG} {:?} installed, not the pinned 1.0",
+        installed_version(lab)
+    );
+    std::fs::write(
+        &graph,
+        format!("graph: pkg\nresources:\n  pkg:\n  - name: {TEST_PKG}\n    state: uninstalled\n"),
+    )
+    .map_err(fail)?;
+    wait_lines(
+        &rx,
+        &[format!(
+            "pkg[{TEST_PKG}]: removed {TEST_PKG} (1.0 installed)"
+        )],
+        Duration::from_secs(60),
+    )?;
+    check!(
+        installed_version(lab).is_empty(),
+        "{TEST_PKG} {:?} still installed",
+        installed_version(lab)
     );
     let (code, _) = running.interrupt()?;
     check!(code == Some(130), "exit {code:?} after ^C");
@@ -2919,7 +2958,9 @@ const TEST_UNIT: &str = "arbor-lab-sleep";
 /// l2-3 runs systemd. A graph ships a unit file with a file resource and, after it, a svc
 /// `running` and `enabled`: the service runs and is enabled at boot. Stopped by hand
 /// (`systemctl stop`), it runs again within a second: the svc's watch hears systemd's own
-/// signal. A second run with `stopped` and `disabled` stops and disables it.
+/// signal. A live edit of the unit file refreshes the svc through the file's notify edge:
+/// systemd is reloaded (the unit changed on disk) and the service restarted with the new unit.
+/// A second run with `stopped` and `disabled` stops and disables it.
 fn a_service_shipped_as_a_file_runs_enabled_at_depth_2_and_is_restarted_within_a_second_when_stopped_by_hand(
     lab: &Lab,
 ) -> TestResult {
@@ -2935,12 +2976,12 @@ fn a_service_shipped_as_a_file_runs_enabled_at_depth_2_and_is_restarted_within_a
     };
     let dir = tempfile::tempdir().map_err(fail)?;
     let graph = dir.path().join("svc.yaml");
-    let write_graph = |state: &str, startup: &str| {
+    let write_graph_described = |state: &str, startup: &str, description: &str| {
         std::fs::write(
             &graph,
             format!(
                 "graph: svc\nresources:\n  file:\n  - name: {unit_path}\n    content: |\n      \
-                 [Unit]\n      Description=arbor lab test service\n      [Service]\n      \
+                 [Unit]\n      Description={description}\n      [Service]\n      \
                  ExecStart=/bin/sleep infinity\n      [Install]\n      \
                  WantedBy=multi-user.target\n  svc:\n  - name: {TEST_UNIT}\n    state: \
                  {state}\n    startup: {startup}\nedges:\n- name: unit\n  from: {{kind: file, \
@@ -2948,6 +2989,8 @@ fn a_service_shipped_as_a_file_runs_enabled_at_depth_2_and_is_restarted_within_a
             ),
         )
     };
+    let write_graph =
+        |state: &str, startup: &str| write_graph_described(state, startup, "arbor lab test");
     write_graph("running", "enabled").map_err(fail)?;
     let topo = system_host_topology(lab, &graph);
     let state = || {
@@ -2986,6 +3029,36 @@ fn a_service_shipped_as_a_file_runs_enabled_at_depth_2_and_is_restarted_within_a
         ms <= 1000,
         "the service stopped by hand ran again only after {ms} ms ({})",
         state()
+    );
+    // A live edit of the unit file: the file changes, its notify edge refreshes the svc, which
+    // reloads systemd (the unit changed on disk) and restarts the service (it cannot reload).
+    let pid = || {
+        lab.sh(
+            SYSTEM_HOST,
+            &format!("systemctl show -p MainPID --value {TEST_UNIT}"),
+        )
+        .trim()
+        .to_string()
+    };
+    let before = pid();
+    write_graph_described("running", "enabled", "edited").map_err(fail)?;
+    wait_lines(
+        &rx,
+        &[format!(
+            "svc[{TEST_UNIT}]: reloaded or restarted {TEST_UNIT}.service (refreshed)"
+        )],
+        Duration::from_secs(30),
+    )?;
+    let (after, description) = (
+        pid(),
+        lab.sh(
+            SYSTEM_HOST,
+            &format!("systemctl show -p Description --value {TEST_UNIT}"),
+        ),
+    );
+    check!(
+        after != before && after != "0" && description.trim() == "edited",
+        "after the refresh: pid {before} -> {after}, description {description:?}"
     );
     let (code, _) = running.interrupt()?;
     check!(code == Some(130), "exit {code:?} after ^C");
