@@ -456,14 +456,17 @@ impl PkgResource {
         let _apt = APT.lock().await;
         let name = &self.spec.name;
         let installed = self.installed().await?;
-        let deb = self.deb().await?;
-        let needs_policy = !matches!(
-            (&self.spec.state, &installed, &deb),
-            (PkgState::Uninstalled, _, _) | (PkgState::Installed, Some(_), _) | (_, _, Some(_))
-        ) && !matches!(
+        // Already right whatever apt or a source .deb would say: neither is read.
+        let right = matches!(
+            (&self.spec.state, &installed),
+            (PkgState::Uninstalled, None) | (PkgState::Installed, Some(_))
+        ) || matches!(
             (&self.spec.state, &installed),
             (PkgState::Version(v), Some(i)) if *v == i.version
         );
+        let deb = if right { None } else { self.deb().await? };
+        let needs_policy =
+            !right && deb.is_none() && !matches!(self.spec.state, PkgState::Uninstalled);
         let policy = if needs_policy {
             Some(self.policy().await?)
         } else {
