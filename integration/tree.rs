@@ -2877,7 +2877,7 @@ fn a_package_from_a_local_repository_is_installed_at_depth_2_and_put_back_when_r
 /// l2-3 keeps the machine's apt sources, whose mirrors the lab cannot reach (as a host
 /// without a mirror). A pkg with `source:` (a .deb beside the graph on the initiator, sent
 /// down through r2 as an artifact) and `state: "1.0"` installs it without apt reading any
-/// source. A second run asks for the package `installed` with no source: it is there, so the
+/// source (under `--noop` first: it says so and installs nothing). A second run asks for the package `installed` with no source: it is there, so the
 /// run converges without a change and without asking apt anything (no update, which would
 /// wait on the unreachable mirrors).
 fn a_source_deb_is_installed_at_depth_2_with_no_reachable_mirror_and_a_present_package_asks_apt_nothing(
@@ -2897,23 +2897,34 @@ fn a_source_deb_is_installed_at_depth_2_with_no_reachable_mirror_and_a_present_p
     )
     .map_err(fail)?;
     let topo = system_host_topology(lab, &graph);
-    let run = |topo: &Topo| -> Result<String, libtest_mimic::Failed> {
-        let mut cmd = arbor_command(
-            lab,
-            &lab.home(),
-            &[
-                "--topology",
-                topo.path.to_str().unwrap_or_default(),
-                "--tmp-prefix",
-                "--converged-timeout",
-                "2",
-            ],
-        );
+    let run = |topo: &Topo, extra: &[&str]| -> Result<String, libtest_mimic::Failed> {
+        let mut args = vec![
+            "--topology",
+            topo.path.to_str().unwrap_or_default(),
+            "--tmp-prefix",
+            "--converged-timeout",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        let mut cmd = arbor_command(lab, &lab.home(), &args);
         cmd.env("ARBOR_LOG", "arbor=debug");
         let out = output_within(cmd, Duration::from_secs(120))?;
         exited(&out, 0)
     };
-    let log = run(&topo)?;
+    // --noop: says what it would do, installs nothing.
+    let log = run(&topo, &["--noop"])?;
+    check!(
+        log.contains(&format!(
+            "pkg[{TEST_PKG}]: noop: would install {TEST_PKG} 1.0 from its source .deb (not \
+             installed)"
+        )),
+        "--noop did not say it would install the source .deb:\n{log}"
+    );
+    check!(
+        installed_version(lab).is_empty(),
+        "--noop installed {TEST_PKG}"
+    );
+    let log = run(&topo, &[])?;
     check!(
         log.contains(&format!(
             "pkg[{TEST_PKG}]: installed {TEST_PKG} 1.0 from its source .deb (not installed)"
@@ -2935,7 +2946,7 @@ fn a_source_deb_is_installed_at_depth_2_with_no_reachable_mirror_and_a_present_p
     )
     .map_err(fail)?;
     let started = Instant::now();
-    let log = run(&topo)?;
+    let log = run(&topo, &[])?;
     let took = started.elapsed();
     check!(
         !log.contains(&format!("pkg[{TEST_PKG}]: installed")) && !log.contains("apt-get update"),
