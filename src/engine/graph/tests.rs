@@ -621,6 +621,43 @@ fn a_file_writing_a_services_unit_gets_mgmts_automatic_edge_to_the_svc() {
 }
 
 #[test]
+fn mgmts_pkg_and_svc_examples_parse_with_their_meaning_or_are_refused_by_name() {
+    // examples/yaml/pkg1.yaml, pkg2.yaml, svc1.yaml and svc2.yaml in mgmt's repository.
+    for (state, want) in [
+        ("installed", PkgState::Installed),
+        ("uninstalled", PkgState::Uninstalled),
+    ] {
+        let g = ok(&format!(
+            "---\ngraph: mygraph\nresources:\n  pkg:\n  - name: powertop\n    state: \
+             {state}\nedges: []\n"
+        ));
+        assert!(
+            matches!(&g.resources[0], ResourceSpec::Pkg(p) if p.name == "powertop" && p.state == want)
+        );
+    }
+    let g = ok(
+        "---\ngraph: mygraph\nresources:\n  noop:\n  - name: noop1\n  file:\n  - name: \
+                file1\n    path: \"/tmp/mgmt/f1\"\n    content: |\n      i am f1\n    state: \
+                exists\n  svc:\n  - name: purpleidea\n    state: running\n    startup: \
+                enabled\nedges:\n- name: e1\n  from:\n    kind: noop\n    name: noop1\n  to:\n    \
+                kind: file\n    name: file1\n- name: e2\n  from:\n    kind: file\n    name: \
+                file1\n  to:\n    kind: svc\n    name: purpleidea\n",
+    );
+    assert!(g.resources.iter().any(|r| matches!(r, ResourceSpec::Svc(s)
+        if s.name == "purpleidea"
+            && s.state == Some(SvcState::Running)
+            && s.startup == Some(SvcStartup::Enabled))));
+    assert_eq!(g.edges.len(), 2);
+    err_at(
+        "---\ngraph: mygraph\nresources:\n  svc:\n  - name: purpleidea\n    state: running\n    \
+         session: true\nedges: []\n",
+        7,
+        14,
+        "not supported: svc session: true",
+    );
+}
+
+#[test]
 fn bad_pkg_and_svc_fields_are_errors_at_their_place() {
     let pkg = |fields: &str| format!("graph: g\nresources:\n  pkg:\n  - name: hello\n{fields}");
     err_at(&pkg("    state: latest\n"), 5, 12, "did you mean `newest`");
