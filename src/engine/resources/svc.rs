@@ -152,7 +152,20 @@ impl SvcResource {
         }
     }
 
+    /// The unit's status; asked twice, a second apart, if systemd does not answer (it is
+    /// re-executing or reloading: `Transport endpoint is not connected`).
     async fn status(&self) -> anyhow::Result<UnitStatus> {
+        match self.status_once().await {
+            Ok(status) => Ok(status),
+            Err(e) => {
+                tracing::debug!("{}: {e:#}; asking again in 1 s", self.id);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                self.status_once().await
+            }
+        }
+    }
+
+    async fn status_once(&self) -> anyhow::Result<UnitStatus> {
         let out = output(
             "systemctl",
             &[
@@ -267,10 +280,11 @@ impl SvcResource {
                 return result.context("watching systemd's signals");
             }
             // systemd re-executed (daemon-reexec) or went away: connect again, and check.
-            tracing::debug!(
-                "{}: systemd's signals ended ({result:?}); again in 1 s",
-                self.id
-            );
+            let why = match &result {
+                Ok(()) => "ended".to_string(),
+                Err(e) => format!("{e:#}"),
+            };
+            tracing::debug!("{}: systemd's signals ended ({why}); again in 1 s", self.id);
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -368,34 +382,69 @@ async fn watch_systemd(
         .await?;
     // Subscribed from here: what happened before is what the first check sees.
     poke.poke();
-    loop {
-        let msg = read_message(&mut read).await?;
-        match msg.kind {
-            // Our only call's reply.
-            2 => {
-                *subscribed = true;
-                continue;
+    // systemd (sd-bus) may read our call together with BEGIN and then leave it unread until
+    // more bytes come: until a reply, nudge it with a Ping (another call, answered in order
+    // after Subscribe) every half second.
+    let replied = std::sync::atomic::AtomicBool::new(false);
+    let nudge = async {
+        for serial in 2..=20 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if replied.load(std::sync::atomic::Ordering::SeqCst) {
+                break;
             }
-            3 => bail!(
-                "systemd refused Subscribe: {}",
-                msg.error.unwrap_or_default()
-            ),
-            4 => {}
-            _ => continue,
+            tracing::debug!("systemd has not answered Subscribe yet: Ping");
+            write
+                .write_all(&method_call(
+                    serial,
+                    "/org/freedesktop/systemd1",
+                    "org.freedesktop.DBus.Peer",
+                    "Ping",
+                ))
+                .await?;
         }
-        let ours = msg.path.as_deref() == Some(path)
-            || (msg.interface.as_deref() == Some(MANAGER)
-                && match msg.member.as_deref() {
-                    Some("UnitNew" | "UnitRemoved") => msg.first_string.as_deref() == Some(unit),
-                    Some("UnitFilesChanged") => true,
-                    // Reloading(false): a daemon-reload finished.
-                    Some("Reloading") => msg.first_u32 == Some(0),
-                    _ => false,
-                });
-        if ours {
-            tracing::trace!("systemd: {:?} {:?}", msg.member, msg.path);
-            poke.poke();
+        if !replied.load(std::sync::atomic::Ordering::SeqCst) {
+            bail!("systemd never answered Subscribe");
         }
+        std::future::pending::<anyhow::Result<()>>().await
+    };
+    let signals = async {
+        loop {
+            let msg = read_message(&mut read).await?;
+            tracing::trace!("systemd: {msg:?}");
+            match msg.kind {
+                // The reply to Subscribe (or to a Ping, which comes after it).
+                2 => {
+                    *subscribed = true;
+                    replied.store(true, std::sync::atomic::Ordering::SeqCst);
+                    continue;
+                }
+                3 => bail!(
+                    "systemd refused Subscribe: {}",
+                    msg.error.unwrap_or_default()
+                ),
+                4 => {}
+                _ => continue,
+            }
+            let ours = msg.path.as_deref() == Some(path)
+                || (msg.interface.as_deref() == Some(MANAGER)
+                    && match msg.member.as_deref() {
+                        Some("UnitNew" | "UnitRemoved") => {
+                            msg.first_string.as_deref() == Some(unit)
+                        }
+                        Some("UnitFilesChanged") => true,
+                        // Reloading(false): a daemon-reload finished.
+                        Some("Reloading") => msg.first_u32 == Some(0),
+                        _ => false,
+                    });
+            if ours {
+                tracing::trace!("systemd: {:?} {:?}", msg.member, msg.path);
+                poke.poke();
+            }
+        }
+    };
+    tokio::select! {
+        r = nudge => r,
+        r = signals => r,
     }
 }
 
