@@ -269,14 +269,14 @@ impl SvcResource {
             return Ok(());
         }
         let path = unit_path(&self.unit);
-        let mut subscribed = false;
+        let mut admitted = false;
         loop {
             let result = tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
-                r = watch_systemd(&self.unit, &path, &poke, &mut subscribed) => r,
+                r = watch_systemd(&self.unit, &path, &poke, &mut admitted) => r,
             };
-            // Never subscribed (not root, say): the watch fails, naming why.
-            if !subscribed {
+            // Never got in (not root, say): the watch fails, naming why.
+            if !admitted {
                 return result.context("watching systemd's signals");
             }
             // systemd re-executed (daemon-reexec) or went away: connect again, and check.
@@ -344,12 +344,13 @@ const MANAGER: &str = "org.freedesktop.systemd1.Manager";
 
 /// Connects to systemd's private socket, subscribes to its signals, and pokes for each that
 /// concerns `unit` (object path `path`). Returns when the connection ends.
-/// `subscribed` is set once systemd accepted the subscription.
+/// `admitted` is set once systemd accepted the connection (its authentication): from then
+/// on a connection that ends (systemd re-executing) is made again.
 async fn watch_systemd(
     unit: &str,
     path: &str,
     poke: &Poke,
-    subscribed: &mut bool,
+    admitted: &mut bool,
 ) -> anyhow::Result<()> {
     let stream = tokio::net::UnixStream::connect(SYSTEMD_PRIVATE)
         .await
@@ -371,6 +372,7 @@ async fn watch_systemd(
     if !line.starts_with("OK ") {
         bail!("systemd refused the D-Bus authentication: {}", line.trim());
     }
+    *admitted = true;
     write.write_all(b"BEGIN\r\n").await?;
     write
         .write_all(&method_call(
@@ -384,11 +386,12 @@ async fn watch_systemd(
     poke.poke();
     // systemd (sd-bus) may read our call together with BEGIN and then leave it unread until
     // more bytes come: until a reply, nudge it with a Ping (another call, answered in order
-    // after Subscribe) every half second.
+    // after Subscribe), soon and then every quarter second.
     let replied = std::sync::atomic::AtomicBool::new(false);
     let nudge = async {
-        for serial in 2..=20 {
-            tokio::time::sleep(Duration::from_millis(500)).await;
+        for serial in 2..=40 {
+            let wait = if serial == 2 { 50 } else { 250 };
+            tokio::time::sleep(Duration::from_millis(wait)).await;
             if replied.load(std::sync::atomic::Ordering::SeqCst) {
                 break;
             }
@@ -414,7 +417,6 @@ async fn watch_systemd(
             match msg.kind {
                 // The reply to Subscribe (or to a Ping, which comes after it).
                 2 => {
-                    *subscribed = true;
                     replied.store(true, std::sync::atomic::Ordering::SeqCst);
                     continue;
                 }
