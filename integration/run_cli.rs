@@ -92,6 +92,30 @@ fn every_bad_graph_exits_2_naming_file_line_and_column() {
             ":3:9: ",
             "not supported: collecting kv",
         ),
+        (
+            "pkg-refused-field.yaml",
+            "graph: g\nresources:\n  pkg:\n  - name: hello\n    allowunsupported: false\n",
+            ":5:23: ",
+            "not supported: pkg allowunsupported: false",
+        ),
+        (
+            "pkg-latest.yaml",
+            "graph: g\nresources:\n  pkg:\n  - name: hello\n    state: latest\n",
+            ":5:12: ",
+            "did you mean `newest`",
+        ),
+        (
+            "svc-session.yaml",
+            "graph: g\nresources:\n  svc:\n  - name: web\n    session: true\n",
+            ":5:14: ",
+            "not supported: svc session: true",
+        ),
+        (
+            "svc-unknown-field.yaml",
+            "graph: g\nresources:\n  svc:\n  - name: web\n    restart: always\n",
+            ":5:5: ",
+            "restart",
+        ),
     ];
     for (name, text, at, needle) in cases {
         let path = write(dir.path(), name, text);

@@ -2,7 +2,9 @@
 //! teardown at every depth, a killed relay, and host keys learned at depth. The lab is 2 relays
 //! × 3 leaves; the leaves are unreachable from the initiator, and the relays hold no private
 //! key, so every leaf is reached through a relay signing with the initiator's key. Two hosts
-//! run Debian's dropbear instead of OpenSSH: the relay r2 and the leaf l1-2 (under r1).
+//! run Debian's dropbear instead of OpenSSH: the relay r2 and the leaf l1-2 (under r1). The leaf
+//! l2-3 (under r2) has a root of its own with systemd as pid 1 (`lab up --init`), where the pkg
+//! and svc tests install packages and run services.
 
 #[macro_use]
 mod support;
@@ -22,6 +24,8 @@ use support::terminal::Terminal;
 const ARBOR: &str = env!("CARGO_BIN_EXE_arbor");
 const HOSTS: [&str; 8] = ["r1", "r2", "l1-1", "l1-2", "l1-3", "l2-1", "l2-2", "l2-3"];
 const LEAVES: [&str; 6] = ["l1-1", "l1-2", "l1-3", "l2-1", "l2-2", "l2-3"];
+/// The leaf with its own root and systemd as pid 1 (`lab up --init`), under r2.
+const SYSTEM_HOST: &str = "l2-3";
 
 fn main() -> std::process::ExitCode {
     let tests: Vec<Test> = vec![
@@ -194,10 +198,33 @@ fn main() -> std::process::ExitCode {
             "an_unknown_user_field_exits_2_with_its_place",
             an_unknown_user_field_exits_2_with_its_place,
         ),
+        (
+            "a_package_from_a_local_repository_is_installed_at_depth_2_and_put_back_when_removed_by_hand",
+            a_package_from_a_local_repository_is_installed_at_depth_2_and_put_back_when_removed_by_hand,
+        ),
+        (
+            "a_source_deb_is_installed_at_depth_2_with_no_reachable_mirror_and_a_present_package_asks_apt_nothing",
+            a_source_deb_is_installed_at_depth_2_with_no_reachable_mirror_and_a_present_package_asks_apt_nothing,
+        ),
+        (
+            "a_service_shipped_as_a_file_runs_enabled_at_depth_2_and_is_restarted_within_a_second_when_stopped_by_hand",
+            a_service_shipped_as_a_file_runs_enabled_at_depth_2_and_is_restarted_within_a_second_when_stopped_by_hand,
+        ),
     ];
+    // l2-3 (under the dropbear relay r2) boots systemd on a root of its own: the pkg and svc
+    // tests install packages and start services there, never on the machine.
     support::harness::run_with_lab(
         "tree",
-        &["--relays", "2", "--leaves", "3", "--dropbear", "r2,l1-2"],
+        &[
+            "--relays",
+            "2",
+            "--leaves",
+            "3",
+            "--dropbear",
+            "r2,l1-2",
+            "--init",
+            SYSTEM_HOST,
+        ],
         true,
         tests,
     )
@@ -2845,4 +2872,471 @@ fn an_unknown_user_field_exits_2_with_its_place(lab: &Lab) -> TestResult {
         "no `{place} … homdir` in\n{log}"
     );
     Ok(())
+}
+
+/// The test package, never one of the machine's.
+const TEST_PKG: &str = "arbor-lab-hello";
+
+/// Builds `arbor-lab-hello_<v>_all.deb` for each version into `dir` (with `dpkg-deb`), and
+/// with `repo`, a flat repository's `Packages` index beside them (`dpkg-scanpackages`).
+fn build_debs(dir: &Path, versions: &[&str], repo: bool) -> TestResult {
+    for v in versions {
+        let root = dir.join(format!("build-{v}"));
+        std::fs::create_dir_all(root.join("DEBIAN")).map_err(fail)?;
+        std::fs::create_dir_all(root.join("usr/share/arbor-lab-hello")).map_err(fail)?;
+        std::fs::write(
+            root.join("DEBIAN/control"),
+            format!(
+                "Package: {TEST_PKG}\nVersion: {v}\nArchitecture: all\nMaintainer: arbor tests \
+                 <tests@arbor.invalid>\nSection: misc\nPriority: optional\nDescription: a \
+                 package arbor's tests install\n"
+            ),
+        )
+        .map_err(fail)?;
+        std::fs::write(root.join("usr/share/arbor-lab-hello/version"), v).map_err(fail)?;
+        let out = Command::new("dpkg-deb")
+            .args(["--root-owner-group", "--build"])
+            .arg(&root)
+            .arg(dir.join(format!("{TEST_PKG}_{v}_all.deb")))
+            .output()
+            .map_err(fail)?;
+        check!(out.status.success(), "dpkg-deb --build: {}", text(&out));
+        std::fs::remove_dir_all(&root).map_err(fail)?;
+    }
+    if repo {
+        let out = Command::new("dpkg-scanpackages")
+            .args(["--multiversion", ".", "/dev/null"])
+            .current_dir(dir)
+            .output()
+            .map_err(fail)?;
+        check!(out.status.success(), "dpkg-scanpackages: {}", text(&out));
+        std::fs::write(dir.join("Packages"), &out.stdout).map_err(fail)?;
+    }
+    Ok(())
+}
+
+/// Copies every file of `from` into `to` on a lab host (through `lab exec`, as tar).
+fn put_dir(lab: &Lab, host: &str, from: &Path, to: &str) -> TestResult {
+    let tar = Command::new("tar")
+        .arg("-C")
+        .arg(from)
+        .args(["-cf", "-", "."])
+        .output()
+        .map_err(fail)?;
+    check!(tar.status.success(), "tar: {}", text(&tar));
+    let mut child = Command::new(support::repo_root().join("integration/lab"))
+        .args(["exec", "--name", &lab.name, host, "sh", "-c"])
+        .arg(format!("mkdir -p {to} && tar -C {to} -xf -"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(fail)?;
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(&tar.stdout).map_err(fail)?;
+    }
+    let out = child.wait_with_output().map_err(fail)?;
+    check!(out.status.success(), "untar on {host}: {}", text(&out));
+    Ok(())
+}
+
+/// The one-leaf topology: r2, and under it the system host running `graph`.
+fn system_host_topology(lab: &Lab, graph: &Path) -> Topo {
+    topology(&format!(
+        "defaults:\n  user: root\nhosts:\n- host: 10.199.0.12\n  name: r2\n  children:\n  \
+         - host: {}\n    name: {SYSTEM_HOST}\n    graph: {}\n",
+        lab.addr(SYSTEM_HOST),
+        graph.display()
+    ))
+}
+
+/// The test package's version installed on the system host, or "" if it is not installed.
+fn installed_version(lab: &Lab) -> String {
+    lab.sh(
+        SYSTEM_HOST,
+        &format!(
+            "dpkg-query -W -f '${{db:Status-Status}} ${{Version}}' {TEST_PKG} 2>/dev/null \
+             | sed -n 's/^installed //p'"
+        ),
+    )
+    .trim()
+    .to_string()
+}
+
+/// Waits until `f` is true, failing with `what` after `limit`.
+fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> TestResult {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        check!(Instant::now() < deadline, "{what} within {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// Takes the host's package out, and its apt sources back to the machine's, however the test
+/// ends.
+fn undo_packages(lab: &Lab) -> Undo<'_> {
+    Undo {
+        lab,
+        host: SYSTEM_HOST,
+        shell: format!(
+            "dpkg --purge {TEST_PKG} >/dev/null 2>&1; rm -rf /srv/arbor-repo \
+             /etc/apt/sources.list.d/arbor-lab.list /var/lib/apt/lists/_srv_arbor-repo_*; \
+             if [ -e /etc/apt/debian.sources.arbor-test ]; then mv \
+             /etc/apt/debian.sources.arbor-test /etc/apt/sources.list.d/debian.sources; fi"
+        ),
+    }
+}
+
+/// l2-3 (its own root, under r2) has one apt source, a flat repository on its own disk
+/// (`file:`) holding versions 1.0 and 2.0 of a test package, and apt has never read it: the
+/// pkg resource (state `installed`) finds no candidate, runs `apt-get update` once and installs
+/// the newest. Then the package is removed by hand (`dpkg --remove`): the watch on dpkg's
+/// status file sees it and the next check installs it again. Live edits then pin version 1.0
+/// (a downgrade, with `allowdowngrade`) and make it `uninstalled`.
+fn a_package_from_a_local_repository_is_installed_at_depth_2_and_put_back_when_removed_by_hand(
+    lab: &Lab,
+) -> TestResult {
+    clean(lab, false);
+    let _undo = undo_packages(lab);
+    let repo = tempfile::tempdir().map_err(fail)?;
+    build_debs(repo.path(), &["1.0", "2.0"], true)?;
+    put_dir(lab, SYSTEM_HOST, repo.path(), "/srv/arbor-repo")?;
+    // Only the local repository: the machine's mirrors are unreachable from the lab (an
+    // update would wait on DNS for them).
+    lab.sh(
+        SYSTEM_HOST,
+        "mv /etc/apt/sources.list.d/debian.sources /etc/apt/debian.sources.arbor-test \
+         2>/dev/null; echo 'deb [trusted=yes] file:/srv/arbor-repo ./' > \
+         /etc/apt/sources.list.d/arbor-lab.list",
+    );
+    check!(
+        installed_version(lab).is_empty(),
+        "{TEST_PKG} is installed before the test"
+    );
+    let dir = tempfile::tempdir().map_err(fail)?;
+    let graph = dir.path().join("pkg.yaml");
+    std::fs::write(
+        &graph,
+        format!("graph: pkg\nresources:\n  pkg:\n  - name: {TEST_PKG}\n    state: installed\n"),
+    )
+    .map_err(fail)?;
+    let topo = system_host_topology(lab, &graph);
+    let (mut running, rx) = start_logging(lab, &topo, &[]);
+    let first = wait_lines(
+        &rx,
+        &[format!(
+            "pkg[{TEST_PKG}]: installed {TEST_PKG} (not installed)"
+        )],
+        Duration::from_secs(120),
+    )?;
+    check!(
+        first.iter().any(|l| l.contains("apt-get update")),
+        "the first install did not say it updated apt's lists:\n{}",
+        first.join("\n")
+    );
+    let version = installed_version(lab);
+    check!(
+        version == "2.0",
+        "installed {version:?}, not the newest (2.0)"
+    );
+    let removed = Instant::now();
+    lab.sh(SYSTEM_HOST, &format!("dpkg --remove {TEST_PKG} >/dev/null"));
+    let again = wait_lines(
+        &rx,
+        &[format!(
+            "pkg[{TEST_PKG}]: installed {TEST_PKG} (not installed)"
+        )],
+        Duration::from_secs(60),
+    )?;
+    let took = removed.elapsed();
+    check!(
+        installed_version(lab) == "2.0",
+        "not installed again after its removal by hand:\n{}",
+        again.join("\n")
+    );
+    check!(
+        !again.iter().any(|l| l.contains("apt-get update")),
+        "apt's lists were updated again although they had the package:\n{}",
+        again.join("\n")
+    );
+    // A live edit pins the lower version: a downgrade, allowed. Then another removes it.
+    std::fs::write(
+        &graph,
+        format!(
+            "graph: pkg\nresources:\n  pkg:\n  - name: {TEST_PKG}\n    state: \"1.0\"\n    \
+             allowdowngrade: true\n"
+        ),
+    )
+    .map_err(fail)?;
+    wait_lines(
+        &rx,
+        &[format!(
+            "pkg[{TEST_PKG}]: installed {TEST_PKG}=1.0 (2.0 installed)"
+        )],
+        Duration::from_secs(60),
+    )?;
+    check!(
+        installed_version(lab) == "1.0",
+        "{TEST_PKG} {:?} installed, not the pinned 1.0",
+        installed_version(lab)
+    );
+    std::fs::write(
+        &graph,
+        format!("graph: pkg\nresources:\n  pkg:\n  - name: {TEST_PKG}\n    state: uninstalled\n"),
+    )
+    .map_err(fail)?;
+    wait_lines(
+        &rx,
+        &[format!(
+            "pkg[{TEST_PKG}]: removed {TEST_PKG} (1.0 installed)"
+        )],
+        Duration::from_secs(60),
+    )?;
+    check!(
+        installed_version(lab).is_empty(),
+        "{TEST_PKG} {:?} still installed",
+        installed_version(lab)
+    );
+    let (code, _) = running.interrupt()?;
+    check!(code == Some(130), "exit {code:?} after ^C");
+    eprintln!("reinstalled {took:?} after the removal by hand");
+    check_no_leftovers(lab, &["r2", SYSTEM_HOST])
+}
+
+/// l2-3 keeps the machine's apt sources, whose mirrors the lab cannot reach (as a host
+/// without a mirror). A pkg with `source:` (a .deb beside the graph on the initiator, sent
+/// down through r2 as an artifact) and `state: "1.0"` installs it without apt reading any
+/// source (under `--noop` first: it says so and installs nothing). A second run asks for the package `installed` with no source: it is there, so the
+/// run converges without a change and without asking apt anything (no update, which would
+/// wait on the unreachable mirrors).
+fn a_source_deb_is_installed_at_depth_2_with_no_reachable_mirror_and_a_present_package_asks_apt_nothing(
+    lab: &Lab,
+) -> TestResult {
+    clean(lab, true);
+    let _undo = undo_packages(lab);
+    let dir = tempfile::tempdir().map_err(fail)?;
+    build_debs(dir.path(), &["1.0"], false)?;
+    let graph = dir.path().join("deb.yaml");
+    std::fs::write(
+        &graph,
+        format!(
+            "graph: deb\nresources:\n  pkg:\n  - name: {TEST_PKG}\n    state: \"1.0\"\n    \
+             source: {TEST_PKG}_1.0_all.deb\n"
+        ),
+    )
+    .map_err(fail)?;
+    let topo = system_host_topology(lab, &graph);
+    let run = |topo: &Topo, extra: &[&str]| -> Result<String, libtest_mimic::Failed> {
+        let mut args = vec![
+            "--topology",
+            topo.path.to_str().unwrap_or_default(),
+            "--tmp-prefix",
+            "--converged-timeout",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        let mut cmd = arbor_command(lab, &lab.home(), &args);
+        cmd.env("ARBOR_LOG", "arbor=debug");
+        let out = output_within(cmd, Duration::from_secs(120))?;
+        exited(&out, 0)
+    };
+    // --noop: says what it would do, installs nothing.
+    let log = run(&topo, &["--noop"])?;
+    check!(
+        log.contains(&format!(
+            "pkg[{TEST_PKG}]: noop: would install {TEST_PKG} 1.0 from its source .deb (not \
+             installed)"
+        )),
+        "--noop did not say it would install the source .deb:\n{log}"
+    );
+    check!(
+        installed_version(lab).is_empty(),
+        "--noop installed {TEST_PKG}"
+    );
+    let log = run(&topo, &[])?;
+    check!(
+        log.contains(&format!(
+            "pkg[{TEST_PKG}]: installed {TEST_PKG} 1.0 from its source .deb (not installed)"
+        )),
+        "no install from the source .deb:\n{log}"
+    );
+    check!(
+        !log.contains("apt-get update"),
+        "apt's lists were updated for a source .deb:\n{log}"
+    );
+    check!(
+        installed_version(lab) == "1.0",
+        "{TEST_PKG} {:?} installed",
+        installed_version(lab)
+    );
+    std::fs::write(
+        &graph,
+        format!("graph: deb\nresources:\n  pkg:\n  - name: {TEST_PKG}\n"),
+    )
+    .map_err(fail)?;
+    let started = Instant::now();
+    let log = run(&topo, &[])?;
+    let took = started.elapsed();
+    check!(
+        !log.contains(&format!("pkg[{TEST_PKG}]: installed")) && !log.contains("apt-get update"),
+        "an installed package was installed again, or apt asked:\n{log}"
+    );
+    check!(
+        took < Duration::from_secs(30),
+        "a run with nothing to do took {took:?}"
+    );
+    check!(
+        installed_version(lab) == "1.0",
+        "{TEST_PKG} {:?} installed after the second run",
+        installed_version(lab)
+    );
+    check_no_leftovers(lab, &["r2", SYSTEM_HOST])
+}
+
+const TEST_UNIT: &str = "arbor-lab-sleep";
+
+/// l2-3 runs systemd. A graph ships a unit file with a file resource and, after it, a svc
+/// `running` and `enabled`: the service runs and is enabled at boot. Stopped by hand
+/// (`systemctl stop`), it runs again within a second: the svc's watch hears systemd's own
+/// signal; so it is after systemd re-executed itself. A live edit of the unit file refreshes the svc through the file's notify edge:
+/// systemd is reloaded (the unit changed on disk) and the service restarted with the new unit.
+/// A second run with `stopped` and `disabled` stops and disables it.
+fn a_service_shipped_as_a_file_runs_enabled_at_depth_2_and_is_restarted_within_a_second_when_stopped_by_hand(
+    lab: &Lab,
+) -> TestResult {
+    clean(lab, false);
+    let unit_path = format!("/etc/systemd/system/{TEST_UNIT}.service");
+    let _undo = Undo {
+        lab,
+        host: SYSTEM_HOST,
+        shell: format!(
+            "systemctl disable --now {TEST_UNIT} >/dev/null 2>&1; rm -f {unit_path}; \
+             systemctl daemon-reload"
+        ),
+    };
+    let dir = tempfile::tempdir().map_err(fail)?;
+    let graph = dir.path().join("svc.yaml");
+    let write_graph_described = |state: &str, startup: &str, description: &str| {
+        std::fs::write(
+            &graph,
+            format!(
+                "graph: svc\nresources:\n  file:\n  - name: {unit_path}\n    content: |\n      \
+                 [Unit]\n      Description={description}\n      [Service]\n      \
+                 ExecStart=/bin/sleep infinity\n      [Install]\n      \
+                 WantedBy=multi-user.target\n  svc:\n  - name: {TEST_UNIT}\n    state: \
+                 {state}\n    startup: {startup}\nedges:\n- name: unit\n  from: {{kind: file, \
+                 name: {unit_path}}}\n  to: {{kind: svc, name: {TEST_UNIT}}}\n  notify: true\n"
+            ),
+        )
+    };
+    let write_graph =
+        |state: &str, startup: &str| write_graph_described(state, startup, "arbor lab test");
+    write_graph("running", "enabled").map_err(fail)?;
+    let topo = system_host_topology(lab, &graph);
+    let state = || {
+        lab.sh(
+            SYSTEM_HOST,
+            &format!(
+                "echo $(systemctl is-active {TEST_UNIT}) $(systemctl is-enabled {TEST_UNIT} \
+                 2>/dev/null)"
+            ),
+        )
+        .trim()
+        .to_string()
+    };
+    let (mut running, rx) = start_logging(lab, &topo, &["-v"]);
+    let first = wait_lines(
+        &rx,
+        &[format!("svc[{TEST_UNIT}]: enabled {TEST_UNIT}.service")],
+        Duration::from_secs(90),
+    )?;
+    wait_until(
+        "the service never ran enabled",
+        Duration::from_secs(10),
+        || state() == "active enabled",
+    )?;
+    // Stopped by hand: timed on the host itself, from the stop's return to active again.
+    let stop_by_hand = || -> Result<u64, libtest_mimic::Failed> {
+        let ms = lab.sh(
+            SYSTEM_HOST,
+            &format!(
+                "systemctl stop {TEST_UNIT}; t0=$(date +%s%N); while ! systemctl is-active -q \
+                 {TEST_UNIT}; do [ $(( $(date +%s%N) - t0 )) -gt 5000000000 ] && break; sleep \
+                 0.02; done; echo $(( ($(date +%s%N) - t0) / 1000000 ))"
+            ),
+        );
+        let ms: u64 = ms.trim().parse().map_err(fail)?;
+        check!(
+            ms <= 1000,
+            "the service stopped by hand ran again only after {ms} ms ({}); the run said:\n{}\n{}",
+            state(),
+            first.join("\n"),
+            rx.try_iter().collect::<Vec<_>>().join("\n")
+        );
+        Ok(ms)
+    };
+    let ms = stop_by_hand()?;
+    // systemd re-executes itself (as after an upgrade): the watch connects again, and a stop
+    // by hand is still reverted within a second.
+    lab.sh(SYSTEM_HOST, "systemctl daemon-reexec");
+    std::thread::sleep(Duration::from_secs(3));
+    let ms_reexec = stop_by_hand()?;
+    // A live edit of the unit file: the file changes, its notify edge refreshes the svc, which
+    // reloads systemd (the unit changed on disk) and restarts the service (it cannot reload).
+    let pid = || {
+        lab.sh(
+            SYSTEM_HOST,
+            &format!("systemctl show -p MainPID --value {TEST_UNIT}"),
+        )
+        .trim()
+        .to_string()
+    };
+    let before = pid();
+    write_graph_described("running", "enabled", "edited").map_err(fail)?;
+    wait_lines(
+        &rx,
+        &[format!(
+            "svc[{TEST_UNIT}]: reloaded or restarted {TEST_UNIT}.service (refreshed)"
+        )],
+        Duration::from_secs(30),
+    )?;
+    let (after, description) = (
+        pid(),
+        lab.sh(
+            SYSTEM_HOST,
+            &format!("systemctl show -p Description --value {TEST_UNIT}"),
+        ),
+    );
+    check!(
+        after != before && after != "0" && description.trim() == "edited",
+        "after the refresh: pid {before} -> {after}, description {description:?}"
+    );
+    let (code, _) = running.interrupt()?;
+    check!(code == Some(130), "exit {code:?} after ^C");
+    write_graph("stopped", "disabled").map_err(fail)?;
+    let out = output_within(
+        arbor_command(
+            lab,
+            &lab.home(),
+            &[
+                "--topology",
+                topo.path.to_str().unwrap_or_default(),
+                "--tmp-prefix",
+                "--converged-timeout",
+                "2",
+            ],
+        ),
+        Duration::from_secs(90),
+    )?;
+    let log = exited(&out, 0)?;
+    let now = state();
+    check!(
+        now == "inactive disabled",
+        "after the stopped/disabled run the service is {now}:\n{log}"
+    );
+    eprintln!("restarted {ms} ms after a stop by hand, {ms_reexec} ms after a daemon-reexec");
+    check_no_leftovers(lab, &["r2", SYSTEM_HOST])
 }

@@ -406,7 +406,7 @@ mod tests {
         let key = keys.export("h1", Kind::File, "a/b");
         assert_eq!(key, "/arbor/runs/r1/exports/h1/file/a/b");
         assert_eq!(keys.parse_export(&key), Some(("h1", Kind::File, "a/b")));
-        assert_eq!(keys.parse_export("/arbor/runs/r1/exports/h1/pkg/x"), None);
+        assert_eq!(keys.parse_export("/arbor/runs/r1/exports/h1/cron/x"), None);
         // Another run's keys are not this run's.
         assert_eq!(Keys::for_run("r2").parse_export(&key), None);
         assert_eq!(keys.converged_host(&keys.converged("h1")), Some("h1"));

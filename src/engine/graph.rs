@@ -12,7 +12,8 @@ use crate::engine::resources::hostname::valid_hostname;
 use crate::engine::resources::meta::Rate;
 use crate::engine::resources::{
     AccountState, ExecSpec, FileSpec, FileState, GroupSpec, HostnameSpec, Kind, KvSpec, Meta,
-    NoopSpec, ResourceId, ResourceSpec, SkipCmpStyle, TimerSpec, UserSpec,
+    NoopSpec, PkgSpec, PkgState, ResourceId, ResourceSpec, SkipCmpStyle, SvcSpec, SvcStartup,
+    SvcState, TimerSpec, UserSpec,
 };
 use crate::engine::template::expand;
 use serde::Deserialize;
@@ -38,7 +39,7 @@ pub struct Graph {
     pub exports: Vec<ResourceSpec>,
     pub collect: Vec<Collect>,
     pub edges: Vec<Edge>,
-    /// Every file's `source:` as written (after `{{hostname}}`), with where: the initiator
+    /// Every file's and pkg's `source:` as written (after `{{hostname}}`), with where: the initiator
     /// reads them (relative to the graph file) and turns them into artifacts.
     pub sources: Vec<SourceAt>,
 }
@@ -159,6 +160,8 @@ struct RawResources {
     user: Option<Vec<Spanned<RawUser>>>,
     group: Option<Vec<Spanned<RawGroup>>>,
     hostname: Option<Vec<Spanned<RawHostname>>>,
+    pkg: Option<Vec<Spanned<RawPkg>>>,
+    svc: Option<Vec<Spanned<RawSvc>>>,
 }
 
 /// A field mgmt knows and arbor refuses: kept only for where it is.
@@ -302,6 +305,34 @@ struct RawHostname {
     meta: Option<Spanned<RawMeta>>,
 }
 
+/// mgmt's pkg (engine/resources/pkg.go), through dpkg/apt.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPkg {
+    name: Spanned<String>,
+    /// mgmt's default: installed.
+    state: Option<Spanned<String>>,
+    allowdowngrade: Option<bool>,
+    allowuntrusted: Option<bool>,
+    allownonfree: Option<bool>,
+    /// PackageKit's "supported" filter has no dpkg/apt equivalent: only `true` is accepted.
+    allowunsupported: Option<Spanned<bool>>,
+    /// arbor's: a .deb on the initiator (an artifact), installed with no network.
+    source: Option<Spanned<String>>,
+    meta: Option<Spanned<RawMeta>>,
+}
+
+/// mgmt's svc (engine/resources/svc.go), through systemctl.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSvc {
+    name: Spanned<String>,
+    state: Option<Spanned<String>>,
+    startup: Option<Spanned<String>>,
+    session: Option<Spanned<bool>>,
+    meta: Option<Spanned<RawMeta>>,
+}
+
 /// mgmt's metaparams (engine/metaparams.go, and `autoedge`/`autogroup` of its 0.0.x format).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -355,8 +386,48 @@ struct Declared {
     spec: ResourceSpec,
     exported: bool,
     at: (u64, u64),
-    /// `meta: {autoedge: false}` turns off the automatic edges this resource would get.
+    /// `meta: {autoedge: false}` turns mgmt's automatic edges off for this resource.
     autoedge: bool,
+}
+
+/// mgmt's automatic edges that arbor makes: from a file resource writing a service's unit
+/// file (`/etc/systemd/system/NAME.service` or `/usr/lib/systemd/system/NAME.service`, mgmt's
+/// two) to that svc, unless either turns them off, an edge between the two is already
+/// written, or it would close a cycle.
+fn unit_file_edges(declared: &[Declared], edges: &mut Vec<Edge>) {
+    for svc in declared.iter().filter(|d| d.autoedge && !d.exported) {
+        let ResourceSpec::Svc(s) = &svc.spec else {
+            continue;
+        };
+        let unit_files = [
+            format!("/etc/systemd/system/{}.service", s.name),
+            format!("/usr/lib/systemd/system/{}.service", s.name),
+        ];
+        for file in declared.iter().filter(|d| d.autoedge && !d.exported) {
+            let ResourceSpec::File(f) = &file.spec else {
+                continue;
+            };
+            if !unit_files.iter().any(|u| Path::new(u) == f.path) {
+                continue;
+            }
+            let (from, to) = (file.spec.id(), svc.spec.id());
+            if edges
+                .iter()
+                .any(|e| (e.from == from && e.to == to) || (e.from == to && e.to == from))
+            {
+                continue;
+            }
+            edges.push(Edge {
+                name: format!("autoedge {from} -> {to}"),
+                from,
+                to,
+                notify: false,
+            });
+            if find_cycle(edges).is_some() {
+                edges.pop();
+            }
+        }
+    }
 }
 
 fn validate(raw: RawGraph, root: (u64, u64), host: &str) -> Result<Graph, Located> {
@@ -373,7 +444,8 @@ fn validate(raw: RawGraph, root: (u64, u64), host: &str) -> Result<Graph, Locate
     let mut sources = Vec::new();
     let resources = raw.resources.unwrap_or_default();
     for f in resources.file.unwrap_or_default() {
-        let d = declare_file(&f, host)?;
+        let mut d = declare_file(&f, host)?;
+        d.autoedge = autoedge(f.value.meta.as_ref());
         if let (ResourceSpec::File(spec), Some(at)) = (&d.spec, &f.value.source) {
             if d.exported {
                 return Err(not_supported(
@@ -417,6 +489,30 @@ fn validate(raw: RawGraph, root: (u64, u64), host: &str) -> Result<Graph, Locate
     for h in resources.hostname.unwrap_or_default() {
         declared.push(declare_hostname(&h, host)?);
     }
+    for p in resources.pkg.unwrap_or_default() {
+        let d = declare_pkg(&p, host)?;
+        if let (ResourceSpec::Pkg(spec), Some(at)) = (&d.spec, &p.value.source) {
+            if d.exported {
+                return Err(not_supported(
+                    loc(at),
+                    "`source` on an exported pkg",
+                    "artifacts reach the hosts of the run's tree, not collectors",
+                ));
+            }
+            let (line, column) = loc(at);
+            sources.push(SourceAt {
+                source: spec.source.clone().unwrap_or_default(),
+                line,
+                column,
+            });
+        }
+        declared.push(d);
+    }
+    for v in resources.svc.unwrap_or_default() {
+        let mut d = declare_svc(&v, host)?;
+        d.autoedge = autoedge(v.value.meta.as_ref());
+        declared.push(d);
+    }
 
     // Duplicate names within a kind, exported or not: `@@a` and `a` would be two different
     // things under one name.
@@ -436,7 +532,8 @@ fn validate(raw: RawGraph, root: (u64, u64), host: &str) -> Result<Graph, Locate
     }
 
     let collect = collect_entries(raw.collect.unwrap_or_default(), host)?;
-    let edges = edges(raw.edges.unwrap_or_default(), &declared, host)?;
+    let mut edges = edges(raw.edges.unwrap_or_default(), &declared, host)?;
+    unit_file_edges(&declared, &mut edges);
 
     let (exported, local): (Vec<_>, Vec<_>) = declared.into_iter().partition(|d| d.exported);
     Ok(Graph {
@@ -489,6 +586,13 @@ fn collect_entries(raw: Vec<Spanned<RawCollect>>, host: &str) -> Result<Vec<Coll
                 loc(&c.value.kind),
                 &format!("collecting {kind}"),
                 "other hosts would choose this host's accounts or name",
+            ));
+        }
+        if matches!(kind, Kind::Pkg | Kind::Svc) {
+            return Err(not_supported(
+                loc(&c.value.kind),
+                &format!("collecting {kind}"),
+                "other hosts would choose what this host installs or runs as root",
             ));
         }
         if kind == Kind::File && pattern.is_none() {
@@ -1057,6 +1161,73 @@ fn declare_group(g: &Spanned<RawGroup>, host: &str) -> Result<Declared, Located>
     declare(spec, &raw.name)
 }
 
+fn declare_pkg(p: &Spanned<RawPkg>, host: &str) -> Result<Declared, Located> {
+    let raw = &p.value;
+    let x = |s: &str| expand(s, host);
+    let name = x(&raw.name.value);
+    let bare = name.strip_prefix(EXPORT_PREFIX).unwrap_or(&name);
+    if !crate::engine::resources::pkg::valid_name(bare) {
+        return Err(fail(
+            &raw.name,
+            format!(
+                "pkg name `{bare}` is not a Debian package name (lower-case letters, digits and \
+                 + - ., starting with a letter or digit; optionally :arch)"
+            ),
+        ));
+    }
+    if let Some(u) = &raw.allowunsupported
+        && !u.value
+    {
+        return Err(not_supported(
+            loc(u),
+            "pkg allowunsupported: false",
+            "PackageKit's \"supported\" filter has no dpkg/apt equivalent; arbor installs \
+             whatever apt's sources offer, as with allowunsupported: true",
+        ));
+    }
+    let state = match &raw.state {
+        None => PkgState::Installed,
+        Some(s) => PkgState::parse(&x(&s.value)).map_err(|e| fail(s, e))?,
+    };
+    let source = match &raw.source {
+        None => None,
+        Some(s) => {
+            let v = x(&s.value);
+            if v.trim().is_empty() {
+                return Err(fail(s, "`source` must not be empty".into()));
+            }
+            match state {
+                PkgState::Uninstalled => {
+                    return Err(fail(
+                        s,
+                        "`source` on a pkg with `state: uninstalled`".into(),
+                    ));
+                }
+                PkgState::Newest => {
+                    return Err(fail(
+                        s,
+                        "`source` with `state: newest`: a .deb is one version; say `installed` \
+                         or the version"
+                            .into(),
+                    ));
+                }
+                _ => {}
+            }
+            Some(v)
+        }
+    };
+    let spec = ResourceSpec::Pkg(PkgSpec {
+        name,
+        state,
+        source,
+        allowdowngrade: raw.allowdowngrade.unwrap_or(false),
+        allowuntrusted: raw.allowuntrusted.unwrap_or(false),
+        allownonfree: raw.allownonfree.unwrap_or(false),
+        meta: meta(raw.meta.as_ref(), Kind::Pkg)?,
+    });
+    declare(spec, &raw.name)
+}
+
 fn declare_hostname(h: &Spanned<RawHostname>, host: &str) -> Result<Declared, Located> {
     let raw = &h.value;
     let x = |s: &str| expand(s, host);
@@ -1104,6 +1275,69 @@ fn declare_hostname(h: &Spanned<RawHostname>, host: &str) -> Result<Declared, Lo
     declare(spec, &raw.name)
 }
 
+fn declare_svc(v: &Spanned<RawSvc>, host: &str) -> Result<Declared, Located> {
+    let raw = &v.value;
+    let x = |s: &str| expand(s, host);
+    refuse_value(
+        &raw.session,
+        "svc session: true",
+        "user services (systemctl --user) are not managed; only the system's",
+    )?;
+    let name = x(&raw.name.value);
+    let bare = name.strip_prefix(EXPORT_PREFIX).unwrap_or(&name);
+    if bare.ends_with(".service") {
+        return Err(fail(
+            &raw.name,
+            format!(
+                "svc name `{bare}`: the name is the unit without `.service` (as in mgmt, which \
+                 adds it)"
+            ),
+        ));
+    }
+    if !crate::engine::resources::svc::valid_name(bare) {
+        return Err(fail(
+            &raw.name,
+            format!("svc name `{bare}` is not a systemd unit name"),
+        ));
+    }
+    let state = match &raw.state {
+        None => None,
+        Some(s) => match x(&s.value).as_str() {
+            // As mgmt: empty is the same as not given.
+            "" => None,
+            "running" => Some(SvcState::Running),
+            "stopped" => Some(SvcState::Stopped),
+            other => {
+                return Err(fail(
+                    s,
+                    format!("svc state `{other}` is not one of: running, stopped"),
+                ));
+            }
+        },
+    };
+    let startup = match &raw.startup {
+        None => None,
+        Some(s) => match x(&s.value).as_str() {
+            "" => None,
+            "enabled" => Some(SvcStartup::Enabled),
+            "disabled" => Some(SvcStartup::Disabled),
+            other => {
+                return Err(fail(
+                    s,
+                    format!("svc startup `{other}` is not one of: enabled, disabled"),
+                ));
+            }
+        },
+    };
+    let spec = ResourceSpec::Svc(SvcSpec {
+        name,
+        state,
+        startup,
+        meta: meta(raw.meta.as_ref(), Kind::Svc)?,
+    });
+    declare(spec, &raw.name)
+}
+
 /// mgmt's `meta.autoedge` (default true).
 fn autoedge(raw: Option<&Spanned<RawMeta>>) -> bool {
     raw.and_then(|m| m.value.autoedge).unwrap_or(true)
@@ -1142,10 +1376,9 @@ fn meta(raw: Option<&Spanned<RawMeta>>, kind: Kind) -> Result<Meta, Located> {
         return Ok(Meta::default());
     };
     let m = &raw.value;
-    // `autoedge`: a user's edges from its groups are added by `auto_edges` (read there from
-    // the raw meta). mgmt's other automatic edges run from a file to the file resources
-    // managing its parent directories and from an exec to the packages owning its command;
-    // arbor has neither directory nor package resources, so there is nothing to add.
+    // `autoedge`: read by `autoedge` where arbor makes mgmt's automatic edges: a user's groups
+    // before it (`auto_edges`), a file writing a unit file before its svc (`unit_file_edges`).
+    // The others (a file's parent directories, a pkg's file list) are not made (docs).
     let _ = m.autoedge;
     // `autogroup`: of these kinds mgmt groups only noops, which merges their edges.
     if kind == Kind::Noop {

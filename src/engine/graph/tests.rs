@@ -1,6 +1,7 @@
 use super::*;
 use crate::engine::resources::{
-    AccountState, FileState, GroupSpec, Kind, Meta, ResourceId, ResourceSpec, SkipCmpStyle,
+    AccountState, FileState, GroupSpec, Kind, Meta, PkgState, ResourceId, ResourceSpec,
+    SkipCmpStyle, SvcStartup, SvcState,
 };
 
 fn ok(src: &str) -> Graph {
@@ -111,7 +112,7 @@ fn an_unknown_resource_key_is_an_error_at_the_key() {
 
 #[test]
 fn an_unknown_resource_kind_is_an_error() {
-    err_at("graph: g\nresources:\n  pkg: []\n", 3, 3, "pkg");
+    err_at("graph: g\nresources:\n  cron: []\n", 3, 3, "cron");
 }
 
 #[test]
@@ -189,8 +190,8 @@ fn an_edge_naming_an_exported_resource_is_an_error() {
 
 #[test]
 fn an_edge_with_an_unknown_kind_is_an_error_at_the_kind() {
-    let src = "graph: g\nresources:\n  noop:\n  - name: a\nedges:\n- name: e\n  from: {kind: svc, name: a}\n  to: {kind: noop, name: a}\n";
-    err_at(src, 7, 16, "unknown resource kind `svc`");
+    let src = "graph: g\nresources:\n  noop:\n  - name: a\nedges:\n- name: e\n  from: {kind: cron, name: a}\n  to: {kind: noop, name: a}\n";
+    err_at(src, 7, 16, "unknown resource kind `cron`");
 }
 
 #[test]
@@ -538,6 +539,206 @@ fn bad_timer_and_kv_fields_are_errors_at_their_place() {
         "not supported: collecting kv",
     );
     ok("graph: g\ncollect:\n- kind: timer\n");
+}
+
+#[test]
+fn pkg_and_svc_parse_with_mgmts_defaults_and_meaning() {
+    let g = parse(
+        "graph: g\nresources:\n  pkg:\n  - name: hello\n  - name: cowsay\n    state: \
+         uninstalled\n  - name: tree\n    state: newest\n    allownonfree: true\n  - name: \
+         jq\n    state: 1.6-2.1\n    allowdowngrade: true\n    allowuntrusted: true\n    \
+         allowunsupported: true\n  - name: local\n    source: debs/local_1.0_all.deb\n  \
+         svc:\n  - name: web\n    state: running\n    startup: enabled\n  - name: \
+         db\n    state: stopped\n    startup: disabled\n    session: false\n  - name: \
+         other\n    state: \"\"\nedges:\n- name: e\n  from: {kind: pkg, name: hello}\n  \
+         to: {kind: svc, name: web}\n  notify: true\n",
+        Path::new("g.yaml"),
+        "h1",
+    )
+    .expect("valid");
+    let pkg = |name: &str| {
+        g.resources
+            .iter()
+            .find_map(|r| match r {
+                ResourceSpec::Pkg(p) if p.name == name => Some(p.clone()),
+                _ => None,
+            })
+            .expect(name)
+    };
+    assert_eq!(pkg("hello").state, PkgState::Installed);
+    assert_eq!(pkg("cowsay").state, PkgState::Uninstalled);
+    assert!(pkg("tree").state == PkgState::Newest && pkg("tree").allownonfree);
+    let jq = pkg("jq");
+    assert_eq!(jq.state, PkgState::Version("1.6-2.1".into()));
+    assert!(jq.allowdowngrade && jq.allowuntrusted && !jq.allownonfree);
+    assert_eq!(
+        pkg("local").source.as_deref(),
+        Some("debs/local_1.0_all.deb")
+    );
+    assert_eq!(g.sources.len(), 1);
+    assert_eq!(g.sources[0].source, "debs/local_1.0_all.deb");
+    let svc = |name: &str| {
+        g.resources
+            .iter()
+            .find_map(|r| match r {
+                ResourceSpec::Svc(s) if s.name == name => Some(s.clone()),
+                _ => None,
+            })
+            .expect(name)
+    };
+    assert_eq!(
+        (svc("web").state, svc("web").startup),
+        (Some(SvcState::Running), Some(SvcStartup::Enabled))
+    );
+    assert_eq!(
+        (svc("db").state, svc("db").startup),
+        (Some(SvcState::Stopped), Some(SvcStartup::Disabled))
+    );
+    assert_eq!((svc("other").state, svc("other").startup), (None, None));
+    assert!(g.edges[0].notify && g.edges[0].to.kind == Kind::Svc);
+}
+
+#[test]
+fn a_file_writing_a_services_unit_gets_mgmts_automatic_edge_to_the_svc() {
+    let g = ok(
+        "graph: g\nresources:\n  file:\n  - name: /etc/systemd/system/web.service\n    \
+                content: x\n  - name: /usr/lib/systemd/system/db.service\n    content: x\n    \
+                meta: {autoedge: false}\n  - name: /etc/systemd/system/other.service\n    \
+                content: x\n  svc:\n  - name: web\n  - name: db\n  - name: other\n\
+                edges:\n- name: back\n  from: {kind: svc, name: other}\n  to: {kind: file, \
+                name: /etc/systemd/system/other.service}\n",
+    );
+    let autos: Vec<String> = g
+        .edges
+        .iter()
+        .filter(|e| e.name.starts_with("autoedge"))
+        .map(|e| format!("{} -> {} {}", e.from, e.to, e.notify))
+        .collect();
+    // db turned it off; other has an edge the other way already (another would be a cycle).
+    assert_eq!(
+        autos,
+        ["file[/etc/systemd/system/web.service] -> svc[web] false"]
+    );
+}
+
+#[test]
+fn mgmts_pkg_and_svc_examples_parse_with_their_meaning_or_are_refused_by_name() {
+    // examples/yaml/pkg1.yaml, pkg2.yaml, svc1.yaml and svc2.yaml in mgmt's repository.
+    for (state, want) in [
+        ("installed", PkgState::Installed),
+        ("uninstalled", PkgState::Uninstalled),
+    ] {
+        let g = ok(&format!(
+            "---\ngraph: mygraph\nresources:\n  pkg:\n  - name: powertop\n    state: \
+             {state}\nedges: []\n"
+        ));
+        assert!(
+            matches!(&g.resources[0], ResourceSpec::Pkg(p) if p.name == "powertop" && p.state == want)
+        );
+    }
+    let g = ok(
+        "---\ngraph: mygraph\nresources:\n  noop:\n  - name: noop1\n  file:\n  - name: \
+                file1\n    path: \"/tmp/mgmt/f1\"\n    content: |\n      i am f1\n    state: \
+                exists\n  svc:\n  - name: purpleidea\n    state: running\n    startup: \
+                enabled\nedges:\n- name: e1\n  from:\n    kind: noop\n    name: noop1\n  to:\n    \
+                kind: file\n    name: file1\n- name: e2\n  from:\n    kind: file\n    name: \
+                file1\n  to:\n    kind: svc\n    name: purpleidea\n",
+    );
+    assert!(g.resources.iter().any(|r| matches!(r, ResourceSpec::Svc(s)
+        if s.name == "purpleidea"
+            && s.state == Some(SvcState::Running)
+            && s.startup == Some(SvcStartup::Enabled))));
+    assert_eq!(g.edges.len(), 2);
+    err_at(
+        "---\ngraph: mygraph\nresources:\n  svc:\n  - name: purpleidea\n    state: running\n    \
+         session: true\nedges: []\n",
+        7,
+        14,
+        "not supported: svc session: true",
+    );
+}
+
+#[test]
+fn bad_pkg_and_svc_fields_are_errors_at_their_place() {
+    let pkg = |fields: &str| format!("graph: g\nresources:\n  pkg:\n  - name: hello\n{fields}");
+    err_at(&pkg("    state: latest\n"), 5, 12, "did you mean `newest`");
+    err_at(&pkg("    state: \"\"\n"), 5, 12, "must not be empty");
+    err_at(
+        &pkg("    state: present\n"),
+        5,
+        12,
+        "is not installed, uninstalled",
+    );
+    err_at(&pkg("    stat: installed\n"), 5, 5, "stat");
+    err_at(
+        &pkg("    allowunsupported: false\n"),
+        5,
+        23,
+        "not supported: pkg allowunsupported: false",
+    );
+    err_at(
+        &pkg("    state: uninstalled\n    source: a.deb\n"),
+        6,
+        13,
+        "`source` on a pkg with `state: uninstalled`",
+    );
+    err_at(
+        &pkg("    state: newest\n    source: a.deb\n"),
+        6,
+        13,
+        "a .deb is one version",
+    );
+    err_at(
+        "graph: g\nresources:\n  pkg:\n  - name: --purge\n",
+        4,
+        11,
+        "not a Debian package name",
+    );
+    err_at(
+        "graph: g\nresources:\n  pkg:\n  - name: \"@@xy\"\n    source: a.deb\n",
+        5,
+        13,
+        "not supported: `source` on an exported pkg",
+    );
+    let svc = |fields: &str| format!("graph: g\nresources:\n  svc:\n  - name: web\n{fields}");
+    err_at(
+        &svc("    state: started\n"),
+        5,
+        12,
+        "not one of: running, stopped",
+    );
+    err_at(
+        &svc("    startup: boot\n"),
+        5,
+        14,
+        "not one of: enabled, disabled",
+    );
+    err_at(
+        &svc("    session: true\n"),
+        5,
+        14,
+        "not supported: svc session: true",
+    );
+    err_at(
+        "graph: g\nresources:\n  svc:\n  - name: web.service\n",
+        4,
+        11,
+        "the unit without `.service`",
+    );
+    err_at(
+        "graph: g\nresources:\n  svc:\n  - name: a/b\n",
+        4,
+        11,
+        "not a systemd unit name",
+    );
+    for kind in ["pkg", "svc"] {
+        err_at(
+            &format!("graph: g\ncollect:\n- kind: {kind}\n"),
+            3,
+            9,
+            &format!("not supported: collecting {kind}"),
+        );
+    }
 }
 
 #[test]

@@ -13,6 +13,8 @@ pub mod hostname;
 pub mod kv;
 pub mod meta;
 pub mod noop;
+pub mod pkg;
+pub mod svc;
 pub mod timer;
 pub mod user;
 
@@ -31,6 +33,8 @@ pub use hostname::HostnameSpec;
 pub use kv::{KvSpec, KvStore, SkipCmpStyle};
 pub use meta::Meta;
 pub use noop::NoopSpec;
+pub use pkg::{PkgSpec, PkgState};
+pub use svc::{SvcSpec, SvcStartup, SvcState};
 pub use timer::TimerSpec;
 pub use user::UserSpec;
 
@@ -49,10 +53,12 @@ pub enum Kind {
     User,
     Group,
     Hostname,
+    Pkg,
+    Svc,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 10] = [
         Kind::File,
         Kind::Exec,
         Kind::Noop,
@@ -61,6 +67,8 @@ impl Kind {
         Kind::User,
         Kind::Group,
         Kind::Hostname,
+        Kind::Pkg,
+        Kind::Svc,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -73,6 +81,8 @@ impl Kind {
             Kind::User => "user",
             Kind::Group => "group",
             Kind::Hostname => "hostname",
+            Kind::Pkg => "pkg",
+            Kind::Svc => "svc",
         }
     }
 
@@ -126,6 +136,8 @@ pub enum ResourceSpec {
     User(UserSpec),
     Group(GroupSpec),
     Hostname(HostnameSpec),
+    Pkg(PkgSpec),
+    Svc(SvcSpec),
 }
 
 impl ResourceSpec {
@@ -139,6 +151,8 @@ impl ResourceSpec {
             ResourceSpec::User(_) => Kind::User,
             ResourceSpec::Group(_) => Kind::Group,
             ResourceSpec::Hostname(_) => Kind::Hostname,
+            ResourceSpec::Pkg(_) => Kind::Pkg,
+            ResourceSpec::Svc(_) => Kind::Svc,
         }
     }
 
@@ -152,6 +166,8 @@ impl ResourceSpec {
             ResourceSpec::User(s) => &s.name,
             ResourceSpec::Group(s) => &s.name,
             ResourceSpec::Hostname(s) => &s.name,
+            ResourceSpec::Pkg(s) => &s.name,
+            ResourceSpec::Svc(s) => &s.name,
         }
     }
 
@@ -165,6 +181,8 @@ impl ResourceSpec {
             ResourceSpec::User(s) => s.name = name,
             ResourceSpec::Group(s) => s.name = name,
             ResourceSpec::Hostname(s) => s.name = name,
+            ResourceSpec::Pkg(s) => s.name = name,
+            ResourceSpec::Svc(s) => s.name = name,
         }
     }
 
@@ -182,6 +200,8 @@ impl ResourceSpec {
             ResourceSpec::User(s) => &s.meta,
             ResourceSpec::Group(s) => &s.meta,
             ResourceSpec::Hostname(s) => &s.meta,
+            ResourceSpec::Pkg(s) => &s.meta,
+            ResourceSpec::Svc(s) => &s.meta,
         }
     }
 }
@@ -309,5 +329,18 @@ pub fn build(spec: &ResourceSpec, services: &Services) -> Arc<dyn Resource> {
             s.clone(),
             services.fs.clone(),
         )),
+        ResourceSpec::Pkg(s) => {
+            let artifact = s
+                .source
+                .as_ref()
+                .and_then(|a| services.artifacts.get(a))
+                .cloned();
+            Arc::new(pkg::PkgResource::new(
+                s.clone(),
+                services.fs.clone(),
+                artifact,
+            ))
+        }
+        ResourceSpec::Svc(s) => Arc::new(svc::SvcResource::new(s.clone())),
     }
 }
