@@ -716,7 +716,7 @@ async fn front_with_users() -> (
     let store = embedded_listening("127.0.0.1:0", options).await;
     let stop = tokio_util::sync::CancellationToken::new();
     let store_addr = store.endpoint.trim_start_matches("http://").to_string();
-    let (uplink, down) = counting_proxy(&store_addr, stop.clone()).await;
+    let (uplink, down, _) = support::counting_proxy(&store_addr, stop.clone()).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let front_url = format!("http://{}", listener.local_addr().unwrap());
     let upstream = tonic::transport::Endpoint::from_shared(format!("http://{uplink}"))
@@ -731,48 +731,6 @@ async fn front_with_users() -> (
         .unwrap();
     let front = Endpoints::parse(&front_url).unwrap();
     (store, front, down, stop.drop_guard())
-}
-
-/// A TCP proxy on loopback to `to`, counting the bytes that come back from it; its address.
-async fn counting_proxy(
-    to: &str,
-    stop: tokio_util::sync::CancellationToken,
-) -> (
-    std::net::SocketAddr,
-    std::sync::Arc<std::sync::atomic::AtomicU64>,
-) {
-    use std::sync::atomic::Ordering;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let down = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let (to, counter) = (to.to_string(), down.clone());
-    tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                a = listener.accept() => a,
-                () = stop.cancelled() => return,
-            };
-            let Ok((client, _)) = accepted else { return };
-            let Ok(server) = tokio::net::TcpStream::connect(&to).await else {
-                continue;
-            };
-            let (mut cr, mut cw) = client.into_split();
-            let (mut sr, mut sw) = server.into_split();
-            tokio::spawn(async move { tokio::io::copy(&mut cr, &mut sw).await });
-            let counter = counter.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 64 << 10];
-                while let Ok(n) = sr.read(&mut buf).await {
-                    if n == 0 || cw.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                    counter.fetch_add(n as u64, Ordering::Relaxed);
-                }
-            });
-        }
-    });
-    (addr, down)
 }
 
 /// What a leaf does first (a serializable read of every export) costs the relay's uplink

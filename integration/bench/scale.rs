@@ -28,10 +28,8 @@ use arbor::store::relay_front::{FrontConfig, FrontListener, serve_on};
 use etcd_client::{Client, GetOptions, PutOptions, WatchOptions};
 use std::collections::HashSet;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 const ARBOR: &str = env!("CARGO_BIN_EXE_arbor");
@@ -115,55 +113,6 @@ fn usage(pid: &str) -> (u64, f64) {
             .unwrap_or(0.0)
     };
     (peak, (ticks(11) + ticks(12)) / 100.0)
-}
-
-/// A rack's uplink: a TCP proxy on loopback to `to`, counting the bytes both ways.
-async fn uplink(to: &str, stop: CancellationToken) -> (std::net::SocketAddr, Arc<AtomicU64>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let bytes = Arc::new(AtomicU64::new(0));
-    let (to, counter) = (to.to_string(), bytes.clone());
-    tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                a = listener.accept() => a,
-                () = stop.cancelled() => return,
-            };
-            let Ok((client, _)) = accepted else { return };
-            let Ok(server) = tokio::net::TcpStream::connect(&to).await else {
-                continue;
-            };
-            let (cr, cw) = client.into_split();
-            let (sr, sw) = server.into_split();
-            tokio::spawn(pump(cr, sw, counter.clone(), stop.clone()));
-            tokio::spawn(pump(sr, cw, counter.clone(), stop.clone()));
-        }
-    });
-    (addr, bytes)
-}
-
-async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    counter: Arc<AtomicU64>,
-    stop: CancellationToken,
-) {
-    let mut buf = vec![0u8; 64 << 10];
-    loop {
-        let n = tokio::select! {
-            n = from.read(&mut buf) => n,
-            () = stop.cancelled() => return,
-        };
-        match n {
-            Ok(n) if n > 0 => {
-                if to.write_all(&buf[..n]).await.is_err() {
-                    return;
-                }
-                counter.fetch_add(n as u64, Ordering::Relaxed);
-            }
-            _ => return,
-        }
-    }
 }
 
 fn rack_prefix(rack: usize) -> String {
@@ -279,8 +228,8 @@ async fn run(mode: Mode, racks: usize, per_rack: usize) -> Figures {
     let mut clients = Vec::new();
     let mut counters = Vec::new();
     for _ in 0..racks {
-        let (addr, bytes) = uplink(&store.addr, stop.clone()).await;
-        counters.push(bytes);
+        let (addr, down, up) = support::counting_proxy(&store.addr, stop.clone()).await;
+        counters.push((down, up));
         let endpoint = match mode {
             Mode::Direct => format!("http://{addr}"),
             Mode::Fronts => {
@@ -331,7 +280,10 @@ async fn run(mode: Mode, racks: usize, per_rack: usize) -> Figures {
         .body;
     let (rss, store_cpu) = usage(&store_pid);
     let bench_cpu = usage("self").1 - bench_cpu_before;
-    let mut bytes: Vec<u64> = counters.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+    let mut bytes: Vec<u64> = counters
+        .iter()
+        .map(|(d, u)| d.load(Ordering::Relaxed) + u.load(Ordering::Relaxed))
+        .collect();
     bytes.sort();
     stop.cancel();
     let mut errors = 0;

@@ -273,3 +273,63 @@ pub fn status(e: etcd_client::Error) -> tonic::Status {
         other => panic!("expected a gRPC status, got {other:?}"),
     }
 }
+
+/// A TCP proxy on loopback to `to` (host:port), counting the bytes that come back from it
+/// (`down`) and go to it (`up`), until `stop`: a relay's uplink, measured. Its address first.
+pub async fn counting_proxy(
+    to: &str,
+    stop: CancellationToken,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicU64;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (down, up) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (to, d, u) = (to.to_string(), down.clone(), up.clone());
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                () = stop.cancelled() => return,
+            };
+            let Ok((client, _)) = accepted else { return };
+            let Ok(server) = tokio::net::TcpStream::connect(&to).await else {
+                continue;
+            };
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            tokio::spawn(pump(cr, sw, u.clone(), stop.clone()));
+            tokio::spawn(pump(sr, cw, d.clone(), stop.clone()));
+        }
+    });
+    (addr, down, up)
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    counter: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: CancellationToken,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = tokio::select! {
+            n = from.read(&mut buf) => n,
+            () = stop.cancelled() => return,
+        };
+        match n {
+            Ok(n) if n > 0 => {
+                if to.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+                counter.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+            _ => return,
+        }
+    }
+}

@@ -7,11 +7,32 @@
 //! place is seen).
 
 use crate::engine::fs_events::FsEvents;
-use crate::engine::resources::Poke;
+use crate::engine::resources::{Outcome, Poke};
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tokio_util::sync::CancellationToken;
+
+/// What one check of a user or group found: in its state, or a command that puts it there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Plan {
+    Unchanged,
+    Run { what: String, run: ToolRun },
+}
+
+impl Plan {
+    /// Runs the command (or, under noop, says what it would do).
+    pub async fn carry_out(self, noop: bool) -> anyhow::Result<Outcome> {
+        match self {
+            Plan::Unchanged => Ok(Outcome::Unchanged),
+            Plan::Run { what, .. } if noop => Ok(Outcome::WouldChange(format!("would {what}"))),
+            Plan::Run { what, run } => {
+                run.run().await?;
+                Ok(Outcome::Changed(format!("{what}: {}", run.display())))
+            }
+        }
+    }
+}
 
 pub const ETC_PASSWD: &str = "/etc/passwd";
 pub const ETC_GROUP: &str = "/etc/group";

@@ -84,14 +84,7 @@ impl GroupResource {
 
     async fn check_apply_inner(&self, ctx: ApplyContext) -> anyhow::Result<Outcome> {
         let accounts = Accounts::read(&self.passwd, &self.group).await?;
-        match plan(&self.spec, &accounts)? {
-            Plan::Unchanged => Ok(Outcome::Unchanged),
-            Plan::Run { what, .. } if ctx.noop => Ok(Outcome::WouldChange(format!("would {what}"))),
-            Plan::Run { what, run } => {
-                run.run().await?;
-                Ok(Outcome::Changed(format!("{what}: {}", run.display())))
-            }
-        }
+        plan(&self.spec, &accounts)?.carry_out(ctx.noop).await
     }
 }
 

@@ -12,6 +12,7 @@
 //! The check reads `/etc/passwd` and `/etc/group` (see [`super::accounts`]); the watch is
 //! inotify on both, so a user deleted or changed by hand is put back within milliseconds.
 
+pub use super::accounts::Plan;
 use super::accounts::{AccountState, Accounts, ETC_GROUP, ETC_PASSWD, ToolRun, watch_files};
 use super::meta::Meta;
 use super::{ApplyContext, Kind, Outcome, Poke, Resource, ResourceId};
@@ -47,13 +48,6 @@ pub struct UserSpec {
     pub allowduplicateuid: bool,
     #[serde(default, skip_serializing_if = "Meta::is_default")]
     pub meta: Meta,
-}
-
-/// What one check found: in its state, or a command that puts it there.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Plan {
-    Unchanged,
-    Run { what: String, run: ToolRun },
 }
 
 /// `/a//b/./c/` → `/a/b/c`, as Go's `filepath.Clean` for the absolute paths homes are.
@@ -216,14 +210,7 @@ impl UserResource {
 
     async fn check_apply_inner(&self, ctx: ApplyContext) -> anyhow::Result<Outcome> {
         let accounts = Accounts::read(&self.passwd, &self.group).await?;
-        match plan(&self.spec, &accounts)? {
-            Plan::Unchanged => Ok(Outcome::Unchanged),
-            Plan::Run { what, .. } if ctx.noop => Ok(Outcome::WouldChange(format!("would {what}"))),
-            Plan::Run { what, run } => {
-                run.run().await?;
-                Ok(Outcome::Changed(format!("{what}: {}", run.display())))
-            }
-        }
+        plan(&self.spec, &accounts)?.carry_out(ctx.noop).await
     }
 }
 
