@@ -18,6 +18,7 @@ pub fn run_with_lab(
     one_at_a_time: bool,
     tests: Vec<Test>,
 ) -> std::process::ExitCode {
+    isolate_from_the_testers_config();
     let mut args = Arguments::from_args();
     if one_at_a_time {
         args.test_threads = Some(1);
@@ -159,4 +160,24 @@ fn send_lines(from: impl std::io::Read + Send + 'static, tx: mpsc::Sender<String
             }
         }
     });
+}
+
+/// The arbor runs a test starts must not pick up the tester's own defaults: no
+/// `$XDG_CONFIG_HOME/arbor/config.toml` (nor `~/.config`: XDG_CONFIG_HOME points nowhere) and
+/// no `ARBOR_*` variables, but for the lab's own (`ARBOR_LAB_*`).
+fn isolate_from_the_testers_config() {
+    let inherited: Vec<std::ffi::OsString> = std::env::vars_os()
+        .map(|(k, _)| k)
+        .filter(|k| {
+            let k = k.to_string_lossy();
+            k.starts_with("ARBOR_") && !k.starts_with("ARBOR_LAB_")
+        })
+        .collect();
+    // SAFETY: called first thing in main, before any thread of this process exists.
+    unsafe {
+        for k in inherited {
+            std::env::remove_var(k);
+        }
+        std::env::set_var("XDG_CONFIG_HOME", "/nonexistent/arbor-test-config");
+    }
 }
