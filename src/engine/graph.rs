@@ -947,6 +947,39 @@ fn auto_edges(declared: &[Declared]) -> Vec<(Edge, (u64, u64))> {
         })
         .collect();
     let mut out = Vec::new();
+    // As mgmt: a file (or directory) depends on the nearest directory resource above it.
+    let dirs: Vec<(PathBuf, ResourceId)> = declared
+        .iter()
+        .filter(|d| !d.exported)
+        .filter_map(|d| match &d.spec {
+            ResourceSpec::File(f) if f.is_dir() => {
+                Some((crate::engine::resources::file_tree::root_of(f), d.spec.id()))
+            }
+            _ => None,
+        })
+        .collect();
+    for d in declared.iter().filter(|d| !d.exported && d.autoedge) {
+        let ResourceSpec::File(f) = &d.spec else {
+            continue;
+        };
+        let root = crate::engine::resources::file_tree::root_of(f);
+        let nearest = root
+            .ancestors()
+            .skip(1)
+            .find_map(|a| dirs.iter().find(|(p, _)| p == a));
+        if let Some((_, dir)) = nearest {
+            let to = d.spec.id();
+            out.push((
+                Edge {
+                    name: format!("autoedge {dir} -> {to}"),
+                    from: dir.clone(),
+                    to,
+                    notify: false,
+                },
+                d.at,
+            ));
+        }
+    }
     for d in declared.iter().filter(|d| !d.exported && d.autoedge) {
         let ResourceSpec::User(u) = &d.spec else {
             continue;

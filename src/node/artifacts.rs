@@ -75,7 +75,7 @@ impl Sources {
                         at.source
                     )));
                 }
-                let manifest = build_manifest(&file, &mut |p| Ok(self.hash(p)?))
+                let manifest = build_manifest(&file, &mut |p| self.hash(p))
                     .map_err(|e| error(format!("source `{}`: {e}", at.source)))?;
                 trees.insert(
                     at.source.clone(),
@@ -597,8 +597,7 @@ mod tests {
         std::os::unix::fs::symlink("/etc/passwd", tree.join("sub/link")).expect("symlink");
         let err = Sources::default()
             .resolve_sources(&g, &graph_path)
-            .err()
-            .expect("a symlink")
+            .expect_err("a symlink")
             .to_string();
         assert!(
             err.starts_with(&format!("{}:5:13: source `conf/`", graph_path.display())),

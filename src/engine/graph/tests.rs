@@ -703,6 +703,13 @@ fn directories_follow_mgmts_rules() {
     assert!(f.is_dir() && f.recurse && f.purge);
     assert_eq!(f.source.as_deref(), Some("conf/"));
     assert_eq!(f.keep, [PathBuf::from("/d/managed")]);
+    // As mgmt's autoedges: the directory before what is in it.
+    let dir_id = ResourceId::new(Kind::File, "/d/");
+    let edges: Vec<_> = g.edges.iter().map(|e| (&e.from, &e.to)).collect();
+    assert_eq!(
+        edges,
+        [(&dir_id, &ResourceId::new(Kind::File, "/d/managed"))]
+    );
     ok(&dir("    state: absent\n    recurse: true\n"));
     // Refused, each at its place.
     err_at(
