@@ -374,6 +374,16 @@ fn validate(raw: RawGraph, root: (u64, u64), host: &str) -> Result<Graph, Locate
     let resources = raw.resources.unwrap_or_default();
     for f in resources.file.unwrap_or_default() {
         let d = declare_file(&f, host)?;
+        if let ResourceSpec::File(spec) = &d.spec
+            && d.exported
+            && spec.is_dir()
+        {
+            return Err(not_supported(
+                loc(&f.value.name),
+                "an exported directory (a path ending in `/`)",
+                "collectors receive single files",
+            ));
+        }
         if let (ResourceSpec::File(spec), Some(at)) = (&d.spec, &f.value.source) {
             if d.exported {
                 return Err(not_supported(

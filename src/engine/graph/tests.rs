@@ -761,6 +761,12 @@ fn directories_follow_mgmts_rules() {
         "will not purge or remove `/`",
     );
     err_at(
+        "graph: g\nresources:\n  file:\n  - name: \"@@d\"\n    path: /d/\n",
+        4,
+        11,
+        "not supported: an exported directory",
+    );
+    err_at(
         &dir("    force: true\n"),
         5,
         12,

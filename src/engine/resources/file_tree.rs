@@ -170,7 +170,18 @@ pub fn plan(
     }
     if purge && root_exists {
         let wanted: BTreeSet<&str> = tree.iter().map(|i| i.path.as_str()).collect();
-        let kept = |p: &Path| keep.iter().any(|k| k.starts_with(p));
+        // Another resource's path, a directory holding one, or its write in progress (the
+        // temp file beside it that file::write_atomic renames over it).
+        let kept = |p: &Path| {
+            keep.iter().any(|k| {
+                k.starts_with(p)
+                    || (k.parent() == p.parent()
+                        && k.file_name().zip(p.file_name()).is_some_and(|(k, p)| {
+                            p.to_string_lossy()
+                                .starts_with(&format!(".{}.arbor-", k.to_string_lossy()))
+                        }))
+            })
+        };
         let mut stack = vec![(root.to_path_buf(), String::new())];
         while let Some((dir, rel)) = stack.pop() {
             let meta =
@@ -423,17 +434,12 @@ pub async fn watch_dir(
     loop {
         if !root.is_dir() {
             // Until it exists: watched as a path (through its nearest existing ancestor).
+            let seen = tokio::sync::Notify::new();
             let stop = CancellationToken::new();
-            let seen = std::sync::atomic::AtomicBool::new(false);
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
-                r = super::file::watch_path(fs_events, &root, &stop, || seen.store(true, std::sync::atomic::Ordering::Relaxed)) => r?,
-                _ = async {
-                    loop {
-                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                        if seen.load(std::sync::atomic::Ordering::Relaxed) { break; }
-                    }
-                } => on_event(),
+                r = super::file::watch_path(fs_events, &root, &stop, || seen.notify_one()) => r?,
+                _ = seen.notified() => on_event(),
             }
             continue;
         }
@@ -621,6 +627,8 @@ mod tests {
         fs::write(outside.path().join("keep-me"), "x").unwrap();
         std::os::unix::fs::symlink(outside.path(), target.join("a/b/link")).unwrap();
         fs::write(target.join("managed"), "x").unwrap();
+        // Its write in progress too.
+        fs::write(target.join(".managed.arbor-1-2"), "x").unwrap();
         let mut purge = dir_spec(&target, true, true);
         purge.keep = vec![target.join("managed")];
         let steps = plan(&target, &tree, true, &purge.keep).expect("plan");
@@ -657,6 +665,73 @@ mod tests {
             check_apply_dir(&purge, Some(&tree), false, false).expect("again"),
             (Outcome::Unchanged, None)
         );
+    }
+
+    #[tokio::test]
+    async fn a_change_anywhere_in_the_tree_pokes_and_is_repaired() {
+        use crate::engine::resources::{ApplyContext, Resource};
+        let src = tempfile::tempdir().unwrap();
+        source_tree(src.path());
+        let tree = items(src.path());
+        let dst = tempfile::tempdir().unwrap();
+        let target = dst.path().join("t");
+        let res = std::sync::Arc::new(
+            super::super::file::FileResource::new(
+                dir_spec(&target, true, true),
+                FsEvents::new().expect("inotify"),
+            )
+            .with_tree(Some(tree)),
+        );
+        let cancel = CancellationToken::new();
+        let (watcher, mut rx) = crate::engine::resources::spawn_watch(res.clone(), cancel.clone());
+        let settle = |rx: &mut tokio::sync::mpsc::UnboundedReceiver<()>| {
+            while rx.try_recv().is_ok() {}
+        };
+        let poked = async |rx: &mut tokio::sync::mpsc::UnboundedReceiver<()>| {
+            tokio::time::timeout(std::time::Duration::from_secs(2), rx.recv())
+                .await
+                .expect("a poke within 2 s");
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        res.check_apply(ApplyContext::default())
+            .await
+            .expect("build");
+        // The watch follows the tree as it is made.
+        let damages: [&dyn Fn(&Path); 4] = [
+            &|t| fs::remove_file(t.join("a/b/deep.txt")).unwrap(),
+            &|t| fs::write(t.join("a/b/stray"), "x").unwrap(),
+            &|t| fs::write(t.join("top.txt"), "vandal").unwrap(),
+            &|t| fs::remove_dir(t.join("empty")).unwrap(),
+        ];
+        for damage in damages {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                settle(&mut rx);
+                if res
+                    .check_apply(ApplyContext::default())
+                    .await
+                    .expect("check")
+                    == Outcome::Unchanged
+                {
+                    break;
+                }
+            }
+            damage(&target);
+            poked(&mut rx).await;
+            let repaired = res
+                .check_apply(ApplyContext::default())
+                .await
+                .expect("repair");
+            assert!(matches!(repaired, Outcome::Changed(_)), "{repaired:?}");
+        }
+        assert_eq!(
+            fs::read_to_string(target.join("a/b/deep.txt")).unwrap(),
+            "deep\n"
+        );
+        assert!(!target.join("a/b/stray").exists());
+        assert!(target.join("empty").is_dir());
+        cancel.cancel();
+        watcher.await.expect("join").expect("clean end");
     }
 
     #[test]
