@@ -571,7 +571,7 @@ fn a_bad_source_exits_2_naming_the_graph_place_and_the_path_before_connecting() 
             "directory.yaml",
             graph("adir", ""),
             ":6:13: ",
-            "directories are not supported yet".to_string(),
+            "a directory source ends in `/`".to_string(),
         ),
         (
             "both.yaml",
@@ -604,6 +604,123 @@ fn a_bad_source_exits_2_naming_the_graph_place_and_the_path_before_connecting() 
             other => panic!("{name}: the host was contacted: {other:?}"),
         }
     }
+}
+
+/// Source directories too: a missing one, one holding a symlink, a file named as a directory,
+/// a directory source to a path not ending in `/`, or with `content`, or without `recurse`:
+/// exit 2 at the graph's place, naming the path, before any host is contacted.
+#[test]
+fn a_bad_source_directory_exits_2_naming_the_graph_place_and_the_path_before_connecting() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(dir.path().join("linked/sub")).expect("mkdir");
+    std::os::unix::fs::symlink("/etc", dir.path().join("linked/sub/out")).expect("symlink");
+    std::fs::write(dir.path().join("afile"), "x").expect("write");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let port = listener.local_addr().expect("addr").port();
+    let graph = |target: &str, source: &str, extra: &str| {
+        format!(
+            "graph: g\nremote: ssh://root@127.0.0.1:{port}\nresources:\n  file:\n  \
+             - name: {target}\n{extra}    source: {source}\n"
+        )
+    };
+    let d = "/tmp/arbor-test-tree/";
+    let cases = [
+        (
+            "missing.yaml",
+            graph(d, "nodir/", "    recurse: true\n"),
+            ":7:13: ",
+            format!(
+                "source `nodir/`: {}: No such file",
+                dir.path().join("nodir/").display()
+            ),
+        ),
+        (
+            "symlink.yaml",
+            graph(d, "linked/", "    recurse: true\n"),
+            ":7:13: ",
+            format!(
+                "{} is a symlink",
+                dir.path().join("linked/sub/out").display()
+            ),
+        ),
+        (
+            "not-a-dir.yaml",
+            graph(d, "afile/", "    recurse: true\n"),
+            ":7:13: ",
+            "afile/: Not a directory".to_string(),
+        ),
+        (
+            "file-path.yaml",
+            graph("/tmp/arbor-test-tree", "linked/", "    recurse: true\n"),
+            ":7:13: ",
+            "both must be directories (ending in `/`) or both files".to_string(),
+        ),
+        (
+            "no-recurse.yaml",
+            graph(d, "linked/", ""),
+            ":6:13: ",
+            "copying it needs `recurse: true`".to_string(),
+        ),
+        (
+            "content.yaml",
+            graph(d, "linked/", "    recurse: true\n    content: x\n"),
+            ":8:13: ",
+            "`source` and `content` both given".to_string(),
+        ),
+    ];
+    for (name, text, at, needle) in cases {
+        let path = write(dir.path(), name, &text);
+        let out = arbor(&["run", "--remote", &path, "--converged-timeout", "1"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{path}{at}")),
+            "{name}: want {path}{at} in {stderr}"
+        );
+        assert!(
+            stderr.contains(&needle),
+            "{name}: want {needle:?} in {stderr}"
+        );
+        match listener.accept() {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            other => panic!("{name}: the host was contacted: {other:?}"),
+        }
+    }
+}
+
+/// The initiator's own graph (--file) copies a source directory from where it is.
+#[test]
+fn a_local_directory_with_a_source_gets_its_tree_and_modes() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(dir.path().join("conf/sub")).expect("mkdir");
+    std::fs::write(dir.path().join("conf/sub/f"), "deep\n").expect("write");
+    std::fs::set_permissions(
+        dir.path().join("conf/sub/f"),
+        std::fs::Permissions::from_mode(0o604),
+    )
+    .expect("chmod");
+    let target = dir.path().join("out/a/b");
+    let path = write(
+        dir.path(),
+        "g.yaml",
+        &format!(
+            "graph: g\nresources:\n  file:\n  - name: {}/\n    source: conf/\n    recurse: true\n",
+            target.display()
+        ),
+    );
+    let out = arbor(&["run", "--file", &path, "--converged-timeout", "1"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let copy = target.join("sub/f");
+    assert_eq!(std::fs::read_to_string(&copy).expect("copied"), "deep\n");
+    let mode = std::fs::metadata(&copy).expect("stat").permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o604);
 }
 
 /// The initiator's own graph (--file) reads its source where it is.

@@ -210,6 +210,14 @@ fn main() -> std::process::ExitCode {
             "a_service_shipped_as_a_file_runs_enabled_at_depth_2_and_is_restarted_within_a_second_when_stopped_by_hand",
             a_service_shipped_as_a_file_runs_enabled_at_depth_2_and_is_restarted_within_a_second_when_stopped_by_hand,
         ),
+        (
+            "a_source_directory_reaches_a_depth_2_leaf_drift_is_repaired_and_purge_removes_extras",
+            a_source_directory_reaches_a_depth_2_leaf_drift_is_repaired_and_purge_removes_extras,
+        ),
+        (
+            "a_tree_of_identical_files_crosses_the_initiators_link_about_once",
+            a_tree_of_identical_files_crosses_the_initiators_link_about_once,
+        ),
     ];
     // l2-3 (under the dropbear relay r2) boots systemd on a root of its own: the pkg and svc
     // tests install packages and start services there, never on the machine.
@@ -3339,4 +3347,181 @@ fn a_service_shipped_as_a_file_runs_enabled_at_depth_2_and_is_restarted_within_a
     );
     eprintln!("restarted {ms} ms after a stop by hand, {ms_reexec} ms after a daemon-reexec");
     check_no_leftovers(lab, &["r2", SYSTEM_HOST])
+}
+
+/// `conf/` beside a graph copying it to two directories on the leaves, one with `purge`:
+/// `a.txt` (0640), `sub/` (0750) with `b.txt` (0600) and `deeper/c.sh` (0755), `empty/`.
+fn tree_graph(dir: &Path) -> Result<PathBuf, libtest_mimic::Failed> {
+    use std::os::unix::fs::PermissionsExt;
+    let conf = dir.join("conf");
+    std::fs::create_dir_all(conf.join("sub/deeper")).map_err(fail)?;
+    std::fs::create_dir_all(conf.join("empty")).map_err(fail)?;
+    for (path, content, mode) in [
+        ("a.txt", "alpha\n", 0o640),
+        ("sub/b.txt", "beta\n", 0o600),
+        ("sub/deeper/c.sh", "#!/bin/sh\necho gamma\n", 0o755),
+    ] {
+        let p = conf.join(path);
+        std::fs::write(&p, content).map_err(fail)?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).map_err(fail)?;
+    }
+    for (path, mode) in [("sub", 0o750), ("sub/deeper", 0o755), ("empty", 0o755)] {
+        std::fs::set_permissions(conf.join(path), std::fs::Permissions::from_mode(mode))
+            .map_err(fail)?;
+    }
+    let graph = dir.join("tree.yaml");
+    std::fs::write(
+        &graph,
+        "graph: tree\nresources:\n  file:\n  - name: /tmp/from-tree-kept/\n    source: conf/\n    \
+         recurse: true\n  - name: /tmp/from-tree-purged/\n    source: conf/\n    \
+         recurse: true\n    purge: true\n    mode: \"0750\"\n",
+    )
+    .map_err(fail)?;
+    Ok(graph)
+}
+
+/// A tree on a host: each entry's relative path, mode and type, then each file's content.
+fn tree_on(lab: &Lab, host: &str, root: &str) -> String {
+    lab.sh(
+        host,
+        &format!(
+            "cd {root} 2>/dev/null && find . -mindepth 1 -printf '%P %m %y\\n' | sort && \
+             find . -type f | sort | xargs -r cat; true"
+        ),
+    )
+}
+
+const TREE_WANT: &str = "\
+a.txt 640 f
+empty 755 d
+sub 750 d
+sub/b.txt 600 f
+sub/deeper 755 d
+sub/deeper/c.sh 755 f
+alpha
+beta
+#!/bin/sh
+echo gamma
+";
+
+fn a_source_directory_reaches_a_depth_2_leaf_drift_is_repaired_and_purge_removes_extras(
+    lab: &Lab,
+) -> TestResult {
+    clean(lab, false);
+    let dir = tempfile::tempdir().map_err(fail)?;
+    let graph = tree_graph(dir.path())?;
+    // Extras already there: kept without purge, removed with it.
+    lab.sh(
+        "l1-1",
+        "mkdir -p /tmp/from-tree-kept /tmp/from-tree-purged/sub/stray-dir && \
+         echo x > /tmp/from-tree-kept/stray && echo x > /tmp/from-tree-purged/stray && \
+         echo x > /tmp/from-tree-purged/sub/stray-dir/f",
+    );
+    let topo = topology(&format!(
+        "defaults:\n  user: root\nhosts:\n- host: 10.199.0.11\n  name: r1\n  children:\n  - host: 10.199.1.11\n    name: l1-1\n    graph: {}\n",
+        graph.display()
+    ));
+    let (mut running, rx) = start_logging(lab, &topo, &[]);
+    wait_lines(
+        &rx,
+        &["r1/l1-1: converged".to_string()],
+        Duration::from_secs(60),
+    )?;
+    let purged = tree_on(lab, "l1-1", "/tmp/from-tree-purged");
+    check!(purged == TREE_WANT, "the purged copy on l1-1:\n{purged}");
+    let kept = tree_on(lab, "l1-1", "/tmp/from-tree-kept");
+    let want_kept = TREE_WANT.replacen("sub 750 d\n", "stray 644 f\nsub 750 d\n", 1);
+    let want_kept = want_kept.replacen("alpha\n", "alpha\nx\n", 1);
+    check!(kept == want_kept, "the copy without purge on l1-1:\n{kept}");
+    let top = lab.sh("l1-1", "stat -c %a /tmp/from-tree-purged");
+    check!(top.trim() == "750", "the purged directory's mode: {top}");
+    let relay_file = lab.sh("r1", "ls /tmp/from-tree-kept 2>&1 || true");
+    check!(
+        relay_file.contains("No such file"),
+        "r1 runs no graph but has {relay_file}"
+    );
+    // Drift by hand: a deleted file deep in one tree, an edited one and a new stray in the
+    // other; repaired, the stray purged.
+    lab.sh(
+        "l1-1",
+        "rm /tmp/from-tree-purged/sub/deeper/c.sh && echo vandal > /tmp/from-tree-kept/a.txt \
+         && echo y > /tmp/from-tree-purged/sub/new-stray",
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let purged = tree_on(lab, "l1-1", "/tmp/from-tree-purged");
+        let kept = tree_on(lab, "l1-1", "/tmp/from-tree-kept");
+        if purged == TREE_WANT && kept == want_kept {
+            break;
+        }
+        check!(
+            Instant::now() < deadline,
+            "not repaired within 10 s:\n{purged}\n--\n{kept}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = stop_with(&mut running, libc::SIGINT)?;
+    check!(status.code() == Some(130), "exit {:?}", status.code());
+    lab.sh("l1-1", "rm -rf /tmp/from-tree-*");
+    check_no_leftovers(lab, &HOSTS)
+}
+
+fn a_tree_of_identical_files_crosses_the_initiators_link_about_once(lab: &Lab) -> TestResult {
+    clean(lab, false);
+    let one_relay = "defaults:\n  user: root\nhosts:\n- host: 10.199.0.11\n  name: r1\n  \
+                     children:\n  - host: 10.199.1.1[1-3]\n    name: l1-[1-3]\n    graph: {leaf}\n";
+    // First a run without a source, so the binary is in every cache and the measured run's
+    // link carries the tree and the run's own traffic.
+    let out = run(lab, &topology(one_relay), &["--converged-timeout", "2"]);
+    exited(&out, 0)?;
+    let dir = tempfile::tempdir().map_err(fail)?;
+    let conf = dir.path().join("conf");
+    let mut data = vec![0u8; 3 << 20];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut data))
+        .map_err(fail)?;
+    for i in 0..8 {
+        let sub = conf.join(format!("d{}", i % 3));
+        std::fs::create_dir_all(&sub).map_err(fail)?;
+        std::fs::write(sub.join(format!("copy{i}.bin")), &data).map_err(fail)?;
+    }
+    let graph = dir.path().join("tree.yaml");
+    std::fs::write(
+        &graph,
+        "graph: tree\nresources:\n  file:\n  - name: /tmp/from-tree/\n    source: conf/\n    \
+         recurse: true\n",
+    )
+    .map_err(fail)?;
+    let topo = topology(&one_relay.replace("{leaf}", &graph.to_string_lossy()));
+    let (tx0, rx0) = lab.init_link_bytes();
+    let out = run(lab, &topo, &["--converged-timeout", "2"]);
+    let (tx1, rx1) = lab.init_link_bytes();
+    let log = exited(&out, 0)?;
+    let size = data.len() as u64;
+    let want = sha256_of(&conf.join("d0/copy0.bin"))?;
+    for leaf in ["l1-1", "l1-2", "l1-3"] {
+        let got = lab.sh(
+            leaf,
+            "cd /tmp/from-tree && find . -type f | sort | xargs sha256sum | cut -d' ' -f1 | uniq -c",
+        );
+        check!(
+            got.trim() == format!("8 {want}"),
+            "{leaf}'s tree: {got}\n{log}"
+        );
+    }
+    let sent = tx1 - tx0;
+    eprintln!(
+        "a tree of 8 identical {size}-byte files, 1 relay x 3 leaves: the initiator's link \
+         carried {sent} bytes out, {} in",
+        rx1 - rx0
+    );
+    check!(
+        sent >= size && sent < size + size / 2,
+        "the initiator's link carried {sent} bytes out for a tree of 8 copies of a {size}-byte \
+         file; want about one copy\n{log}"
+    );
+    for h in ["l1-1", "l1-2", "l1-3"] {
+        lab.sh(h, "rm -rf /tmp/from-tree");
+    }
+    check_no_leftovers(lab, &HOSTS)
 }

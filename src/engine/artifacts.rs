@@ -102,6 +102,141 @@ impl<'a> Desired<'a> {
     }
 }
 
+/// One entry of a source directory's manifest: what the initiator found under it, carried
+/// with the host's artifacts (`ChildSpec::trees`). Parents come before their children.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TreeEntry {
+    /// Relative to the tree's root, `/`-separated, without a trailing `/`.
+    pub path: String,
+    /// Permission bits, as in the source.
+    pub mode: u32,
+    /// The file's content as an artifact; `None`: a directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<crate::wire::ArtifactRef>,
+}
+
+/// A source directory's manifest, parents first.
+pub type Manifest = Vec<TreeEntry>;
+
+/// One entry of a tree as this host holds it: its file's blob found (`None`: a directory).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TreeItem {
+    pub path: String,
+    pub mode: u32,
+    pub file: Option<ArtifactFile>,
+}
+
+/// The source directories of one host's graph, by the source as written.
+pub type TreeIndex = Arc<BTreeMap<String, Vec<TreeItem>>>;
+
+/// A tree's items with each file's blob in `blob(sha256)`.
+pub fn tree_items(manifest: &Manifest, blob: impl Fn(&str) -> Option<PathBuf>) -> Vec<TreeItem> {
+    manifest
+        .iter()
+        .map(|e| TreeItem {
+            path: e.path.clone(),
+            mode: e.mode,
+            file: e.file.as_ref().and_then(|a| {
+                Some(ArtifactFile {
+                    path: blob(&a.sha256)?,
+                    sha256: a.sha256.clone(),
+                    size: a.size,
+                })
+            }),
+        })
+        .collect()
+}
+
+/// Why a source tree cannot be copied: its first entry that is neither a regular file nor a
+/// directory (symlinks included: they are not followed, nor copied).
+#[derive(Debug)]
+pub enum TreeError {
+    Io(PathBuf, std::io::Error),
+    Unsupported(PathBuf, &'static str),
+}
+
+impl std::fmt::Display for TreeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TreeError::Io(p, e) => write!(f, "{}: {e}", p.display()),
+            TreeError::Unsupported(p, what) => write!(
+                f,
+                "{} is {what}: not supported in a source directory (regular files and \
+                 directories only)",
+                p.display()
+            ),
+        }
+    }
+}
+
+/// Walks the directory `root` (never following a symlink) into its manifest, hashing each
+/// file with `hash` (which may reuse an earlier hash of the same file): entries sorted by
+/// path, parents first. With each entry, the file it was read from.
+pub fn build_manifest(
+    root: &Path,
+    hash: &mut dyn FnMut(&Path) -> std::io::Result<crate::wire::ArtifactRef>,
+) -> Result<Vec<(TreeEntry, PathBuf)>, TreeError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = Vec::new();
+    let mut stack = vec![(root.to_path_buf(), String::new())];
+    while let Some((dir, rel)) = stack.pop() {
+        let mut names: Vec<_> = std::fs::read_dir(&dir)
+            .map_err(|e| TreeError::Io(dir.clone(), e))?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()
+            .map_err(|e| TreeError::Io(dir.clone(), e))?;
+        names.sort();
+        let mut subdirs = Vec::new();
+        for name in names {
+            let path = dir.join(&name);
+            let Some(name) = name.to_str() else {
+                return Err(TreeError::Unsupported(path, "a name that is not UTF-8"));
+            };
+            let rel = if rel.is_empty() {
+                name.to_string()
+            } else {
+                format!("{rel}/{name}")
+            };
+            let meta =
+                std::fs::symlink_metadata(&path).map_err(|e| TreeError::Io(path.clone(), e))?;
+            let mode = meta.permissions().mode() & 0o7777;
+            let ft = meta.file_type();
+            if ft.is_symlink() {
+                return Err(TreeError::Unsupported(path, "a symlink"));
+            } else if ft.is_dir() {
+                out.push((
+                    TreeEntry {
+                        path: rel.clone(),
+                        mode,
+                        file: None,
+                    },
+                    path.clone(),
+                ));
+                subdirs.push((path, rel));
+            } else if ft.is_file() {
+                let a = hash(&path).map_err(|e| TreeError::Io(path.clone(), e))?;
+                out.push((
+                    TreeEntry {
+                        path: rel,
+                        mode,
+                        file: Some(a),
+                    },
+                    path,
+                ));
+            } else {
+                return Err(TreeError::Unsupported(
+                    path,
+                    "not a regular file or directory",
+                ));
+            }
+        }
+        stack.extend(subdirs.into_iter().rev());
+    }
+    // Sorted by path components, so a directory comes before what it holds.
+    out.sort_by(|a, b| a.0.path.split('/').cmp(b.0.path.split('/')));
+    Ok(out)
+}
+
 pub fn sha256_hex(bytes: &[u8]) -> String {
     data_encoding::HEXLOWER.encode(&sha2::Sha256::digest(bytes))
 }

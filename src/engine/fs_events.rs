@@ -119,6 +119,17 @@ impl FsEvents {
     /// silent: the caller subscribes again (see the file resource's watch).
     pub fn subscribe(&self, path: &Path) -> io::Result<Subscription> {
         let (dir, name) = split(path)?;
+        self.subscribe_in(dir, name)
+    }
+
+    /// Starts watching every entry of the directory `dir` (which must exist), and the
+    /// directory itself going away (a directory resource's tree, one directory at a time).
+    pub fn subscribe_all(&self, dir: &Path) -> io::Result<Subscription> {
+        self.subscribe_in(dir.to_path_buf(), OsString::new())
+    }
+
+    /// `name` empty: any entry.
+    fn subscribe_in(&self, dir: PathBuf, name: OsString) -> io::Result<Subscription> {
         let notify = Arc::new(Notify::new());
         let id = self
             .inner
@@ -194,6 +205,11 @@ impl Inner {
             return;
         }
         if let Some(subs) = name.and_then(|n| watched.names.get(n)) {
+            subs.iter().for_each(|(_, n)| n.notify_one());
+        }
+        if name.is_some()
+            && let Some(subs) = watched.names.get(OsStr::new(""))
+        {
             subs.iter().for_each(|(_, n)| n.notify_one());
         }
     }

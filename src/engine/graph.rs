@@ -446,6 +446,16 @@ fn validate(raw: RawGraph, root: (u64, u64), host: &str) -> Result<Graph, Locate
     for f in resources.file.unwrap_or_default() {
         let mut d = declare_file(&f, host)?;
         d.autoedge = autoedge(f.value.meta.as_ref());
+        if let ResourceSpec::File(spec) = &d.spec
+            && d.exported
+            && spec.is_dir()
+        {
+            return Err(not_supported(
+                loc(&f.value.name),
+                "an exported directory (a path ending in `/`)",
+                "collectors receive single files",
+            ));
+        }
         if let (ResourceSpec::File(spec), Some(at)) = (&d.spec, &f.value.source) {
             if d.exported {
                 return Err(not_supported(
@@ -535,6 +545,7 @@ fn validate(raw: RawGraph, root: (u64, u64), host: &str) -> Result<Graph, Locate
     let mut edges = edges(raw.edges.unwrap_or_default(), &declared, host)?;
     unit_file_edges(&declared, &mut edges);
 
+    keep_from_purges(&mut declared);
     let (exported, local): (Vec<_>, Vec<_>) = declared.into_iter().partition(|d| d.exported);
     Ok(Graph {
         name,
@@ -682,16 +693,6 @@ fn declare_file(f: &Spanned<RawFile>, host: &str) -> Result<Declared, Located> {
         "arbor never replaces a directory or another non-file at a file's path",
     )?;
     refuse_value(
-        &raw.recurse,
-        "file recurse: true",
-        "arbor's file resource manages single files, not directories",
-    )?;
-    refuse_value(
-        &raw.purge,
-        "file purge: true",
-        "arbor's file resource manages single files, not directories",
-    )?;
-    refuse_value(
         &raw.symlink,
         "file symlink: true",
         "arbor's file resource does not manage symlinks",
@@ -744,12 +745,10 @@ fn declare_file(f: &Spanned<RawFile>, host: &str) -> Result<Declared, Located> {
     }
     let at = raw.dirname.as_ref().unwrap_or(base_at);
     let path_buf = absolute(at, &path, "path")?;
-    if path.ends_with('/') {
-        return Err(fail(
-            at,
-            format!("path `{path}` names a directory; file wants a file"),
-        ));
-    }
+    // As in mgmt: a path ending in `/` is a directory.
+    let is_dir = path.ends_with('/');
+    let recurse = raw.recurse.as_ref().is_some_and(|r| r.value);
+    let purge = raw.purge.as_ref().is_some_and(|p| p.value);
     let state = match &raw.state {
         None => FileState::Exists,
         Some(s) => match s.value.as_str() {
@@ -790,22 +789,64 @@ fn declare_file(f: &Spanned<RawFile>, host: &str) -> Result<Declared, Located> {
             if v.trim().is_empty() {
                 return Err(fail(s, "`source` must not be empty".into()));
             }
-            if v.ends_with('/') {
+            // mgmt's rules: a directory source goes to a directory, recursively.
+            if v.ends_with('/') != is_dir {
                 return Err(fail(
                     s,
                     format!(
-                        "source `{v}` names a directory: directories are not supported yet \
-                         (a single file only)"
+                        "source `{v}` and path `{path}`: both must be directories (ending in \
+                         `/`) or both files"
                     ),
+                ));
+            }
+            if is_dir && !recurse {
+                return Err(fail(
+                    s,
+                    format!("source `{v}` is a directory: copying it needs `recurse: true`"),
+                ));
+            }
+            if !is_dir && let Some(r) = raw.recurse.as_ref().filter(|r| r.value) {
+                return Err(fail(
+                    r,
+                    "`recurse: true` with a single-file source (recurse copies directories)".into(),
                 ));
             }
             Some(v)
         }
         (None, _) => None,
     };
+    if is_dir && let Some(c) = &raw.content {
+        return Err(fail(
+            c,
+            format!("`content` on the directory `{path}` (a path ending in `/`)"),
+        ));
+    }
+    if let Some(p) = raw.purge.as_ref().filter(|p| p.value) {
+        if !is_dir {
+            return Err(fail(
+                p,
+                format!("`purge: true` on `{path}`, which is not a directory (ending in `/`)"),
+            ));
+        }
+        if !recurse {
+            return Err(fail(p, "`purge: true` needs `recurse: true`".into()));
+        }
+        if state == FileState::Absent {
+            return Err(fail(p, "`purge: true` with `state: absent`".into()));
+        }
+    }
+    if is_dir && path_buf.parent().is_none() && (purge || state == FileState::Absent) {
+        return Err(fail(
+            at,
+            "arbor will not purge or remove `/` (mgmt refuses too)".into(),
+        ));
+    }
     let spec = ResourceSpec::File(FileSpec {
         name: x(&raw.name.value),
         path: path_buf,
+        recurse,
+        purge,
+        keep: Vec::new(),
         content: raw.content.as_ref().map(|c| x(&c.value)),
         source,
         state,
@@ -815,6 +856,31 @@ fn declare_file(f: &Spanned<RawFile>, host: &str) -> Result<Declared, Located> {
         meta: meta(raw.meta.as_ref(), Kind::File)?,
     });
     declare(spec, &raw.name)
+}
+
+/// As mgmt: a purging directory never removes the path of another file resource of the
+/// graph (nor a directory holding one).
+fn keep_from_purges(declared: &mut [Declared]) {
+    let files: Vec<PathBuf> = declared
+        .iter()
+        .filter(|d| !d.exported)
+        .filter_map(|d| match &d.spec {
+            ResourceSpec::File(f) => Some(crate::engine::resources::file_tree::root_of(f)),
+            _ => None,
+        })
+        .collect();
+    for d in declared.iter_mut().filter(|d| !d.exported) {
+        if let ResourceSpec::File(f) = &mut d.spec
+            && f.purge
+        {
+            let root = crate::engine::resources::file_tree::root_of(f);
+            f.keep = files
+                .iter()
+                .filter(|p| p.starts_with(&root) && **p != root)
+                .cloned()
+                .collect();
+        }
+    }
 }
 
 fn declare_exec(e: &Spanned<RawExec>, host: &str) -> Result<Declared, Located> {
@@ -995,6 +1061,39 @@ fn auto_edges(declared: &[Declared]) -> Vec<(Edge, (u64, u64))> {
         })
         .collect();
     let mut out = Vec::new();
+    // As mgmt: a file (or directory) depends on the nearest directory resource above it.
+    let dirs: Vec<(PathBuf, ResourceId)> = declared
+        .iter()
+        .filter(|d| !d.exported)
+        .filter_map(|d| match &d.spec {
+            ResourceSpec::File(f) if f.is_dir() => {
+                Some((crate::engine::resources::file_tree::root_of(f), d.spec.id()))
+            }
+            _ => None,
+        })
+        .collect();
+    for d in declared.iter().filter(|d| !d.exported && d.autoedge) {
+        let ResourceSpec::File(f) = &d.spec else {
+            continue;
+        };
+        let root = crate::engine::resources::file_tree::root_of(f);
+        let nearest = root
+            .ancestors()
+            .skip(1)
+            .find_map(|a| dirs.iter().find(|(p, _)| p == a));
+        if let Some((_, dir)) = nearest {
+            let to = d.spec.id();
+            out.push((
+                Edge {
+                    name: format!("autoedge {dir} -> {to}"),
+                    from: dir.clone(),
+                    to,
+                    notify: false,
+                },
+                d.at,
+            ));
+        }
+    }
     for d in declared.iter().filter(|d| !d.exported && d.autoedge) {
         let ResourceSpec::User(u) = &d.spec else {
             continue;

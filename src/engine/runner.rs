@@ -39,6 +39,8 @@ pub struct EngineConfig {
     pub quiet: Duration,
     /// The blobs of the graph's `source:` files on this host (engine::artifacts).
     pub artifacts: crate::engine::artifacts::ArtifactIndex,
+    /// The trees of the graph's `source:` directories on this host.
+    pub trees: crate::engine::artifacts::TreeIndex,
 }
 
 impl EngineConfig {
@@ -49,6 +51,7 @@ impl EngineConfig {
             diff: false,
             quiet: DEFAULT_QUIET,
             artifacts: Default::default(),
+            trees: Default::default(),
         }
     }
 }
@@ -111,6 +114,7 @@ impl Engine {
             fs: fs.clone(),
             diffs: diff_sink,
             artifacts: config.artifacts.clone(),
+            trees: config.trees.clone(),
             kv: KvStore::new(exchange.clone(), config.hostname.clone()),
         };
         let host = HostLoop {

@@ -22,7 +22,10 @@
 
 use super::builds::FetchFromParent;
 use super::stage::{self, Blob, Staged, UploadError};
-use crate::engine::artifacts::{ArtifactFile, ArtifactIndex, sha256_file, short};
+use crate::engine::artifacts::{
+    ArtifactFile, ArtifactIndex, Manifest, TreeIndex, build_manifest, sha256_file, short,
+    tree_items,
+};
 use crate::engine::graph::{Graph, GraphError};
 use crate::ssh::{Session, shell_quote};
 use crate::wire::{ArtifactRef, ChildSpec};
@@ -51,8 +54,9 @@ impl Sources {
         &mut self,
         graph: &Graph,
         graph_path: &Path,
-    ) -> Result<BTreeMap<String, ArtifactRef>, GraphError> {
+    ) -> Result<Resolved, GraphError> {
         let mut out = BTreeMap::new();
+        let mut trees = BTreeMap::new();
         for at in &graph.sources {
             let error = |message: String| GraphError::Invalid {
                 path: graph_path.to_path_buf(),
@@ -64,10 +68,25 @@ impl Sources {
             let shown = file.display();
             let meta = std::fs::metadata(&file)
                 .map_err(|e| error(format!("source `{}`: {shown}: {e}", at.source)))?;
+            if at.source.ends_with('/') {
+                if !meta.is_dir() {
+                    return Err(error(format!(
+                        "source `{}`: {shown} is not a directory",
+                        at.source
+                    )));
+                }
+                let manifest = build_manifest(&file, &mut |p| self.hash(p))
+                    .map_err(|e| error(format!("source `{}`: {e}", at.source)))?;
+                trees.insert(
+                    at.source.clone(),
+                    manifest.into_iter().map(|(e, _)| e).collect(),
+                );
+                continue;
+            }
             if meta.is_dir() {
                 return Err(error(format!(
-                    "source `{}`: {shown} is a directory: directories are not supported yet \
-                     (a single file only)",
+                    "source `{}`: {shown} is a directory: a directory source ends in `/` (and \
+                     so does its path, with `recurse: true`)",
                     at.source
                 )));
             }
@@ -77,20 +96,42 @@ impl Sources {
                     at.source
                 )));
             }
-            let artifact = match self.by_path.get(&file) {
-                Some(a) => a.clone(),
-                None => {
-                    let (sha256, size) = sha256_file(&file)
-                        .map_err(|e| error(format!("source `{}`: {shown}: {e}", at.source)))?;
-                    let a = ArtifactRef { sha256, size };
-                    self.by_path.insert(file.clone(), a.clone());
-                    self.files.insert(a.sha256.clone(), file.clone());
-                    a
-                }
-            };
+            let artifact = self
+                .hash(&file)
+                .map_err(|e| error(format!("source `{}`: {shown}: {e}", at.source)))?;
             out.insert(at.source.clone(), artifact);
         }
-        Ok(out)
+        Ok(Resolved {
+            artifacts: out,
+            trees,
+        })
+    }
+
+    /// A source file's artifact, hashed the first time it is met.
+    fn hash(&mut self, file: &Path) -> std::io::Result<ArtifactRef> {
+        if let Some(a) = self.by_path.get(file) {
+            return Ok(a.clone());
+        }
+        let (sha256, size) = sha256_file(file)?;
+        let a = ArtifactRef { sha256, size };
+        self.by_path.insert(file.to_path_buf(), a.clone());
+        self.files.insert(a.sha256.clone(), file.to_path_buf());
+        Ok(a)
+    }
+
+    /// The initiator's own graph's source directories, their files read where they are.
+    pub fn local_trees(&self, trees: &BTreeMap<String, Manifest>) -> TreeIndex {
+        Arc::new(
+            trees
+                .iter()
+                .map(|(source, m)| {
+                    (
+                        source.clone(),
+                        tree_items(m, |sha| self.files.get(sha).cloned()),
+                    )
+                })
+                .collect(),
+        )
     }
 
     /// The initiator's own graph reads its sources where they are (checked by sha256 like
@@ -137,6 +178,13 @@ impl Sources {
     }
 }
 
+/// One host's sources: its files' artifacts and its directories' manifests.
+#[derive(Debug, Default)]
+pub struct Resolved {
+    pub artifacts: BTreeMap<String, ArtifactRef>,
+    pub trees: BTreeMap<String, Manifest>,
+}
+
 /// A live edit may use only the sources each host was given artifacts for when the run
 /// started: the first source of `graph` (parsed for `host`) that is new, as an error at its
 /// place saying a restart is needed.
@@ -144,12 +192,12 @@ pub fn new_source(
     graph: &Graph,
     path: &Path,
     host: &str,
-    known: Option<&BTreeMap<String, ArtifactRef>>,
+    known: Option<&BTreeSet<String>>,
 ) -> Option<String> {
     let at = graph
         .sources
         .iter()
-        .find(|s| !known.is_some_and(|k| k.contains_key(&s.source)))?;
+        .find(|s| !known.is_some_and(|k| k.contains(&s.source)))?;
     Some(format!(
         "{}:{}:{}: source `{}` is new to {host}: artifacts are copied when the run starts, \
          so adding a source needs a restart of the run",
@@ -175,6 +223,7 @@ fn source_path(graph_path: &Path, source: &str) -> PathBuf {
 /// Every artifact a child's subtree needs (its own graph's and its descendants').
 pub fn subtree_artifacts(spec: &ChildSpec) -> BTreeSet<ArtifactRef> {
     let mut out: BTreeSet<ArtifactRef> = spec.artifacts.values().cloned().collect();
+    out.extend(spec.trees.values().flatten().filter_map(|e| e.file.clone()));
     for c in &spec.children {
         out.extend(subtree_artifacts(c));
     }
@@ -210,6 +259,16 @@ pub fn node_index(dir: &Path, artifacts: &BTreeMap<String, ArtifactRef>) -> Arti
                     },
                 )
             })
+            .collect(),
+    )
+}
+
+/// This node's own graph's source directories, their files in `dir`.
+pub fn node_trees(dir: &Path, trees: &BTreeMap<String, Manifest>) -> TreeIndex {
+    Arc::new(
+        trees
+            .iter()
+            .map(|(source, m)| (source.clone(), tree_items(m, |sha| Some(dir.join(sha)))))
             .collect(),
     )
 }
@@ -480,10 +539,71 @@ mod tests {
         let g = graph::parse(&text, &graph_path, "h").expect("parse");
         let mut sources = Sources::default();
         let got = sources.resolve_sources(&g, &graph_path).expect("resolve");
-        assert_eq!(got.len(), 2);
+        assert_eq!(got.artifacts.len(), 2);
         let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
-        assert!(got.values().all(|a| a.sha256 == abc && a.size == 3));
+        assert!(
+            got.artifacts
+                .values()
+                .all(|a| a.sha256 == abc && a.size == 3)
+        );
         assert_eq!(sources.files.len(), 1);
+    }
+
+    #[test]
+    fn a_source_directory_becomes_a_manifest_whose_files_are_artifacts_once_each() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tree = dir.path().join("conf");
+        std::fs::create_dir_all(tree.join("sub")).expect("mkdir");
+        for i in 0..5 {
+            std::fs::write(tree.join(format!("sub/same{i}")), b"abc").expect("write");
+        }
+        std::fs::write(tree.join("other"), b"other").expect("write");
+        // A file the graph also names on its own: hashed once for both.
+        let text = "graph: g\nresources:\n  file:\n  - name: /x/\n    source: conf/\n    \
+                    recurse: true\n  - name: /y\n    source: conf/other\n";
+        let graph_path = dir.path().join("g.yaml");
+        let g = graph::parse(text, &graph_path, "h").expect("parse");
+        let mut sources = Sources::default();
+        let got = sources.resolve_sources(&g, &graph_path).expect("resolve");
+        let m = &got.trees["conf/"];
+        let paths: Vec<_> = m.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "other",
+                "sub",
+                "sub/same0",
+                "sub/same1",
+                "sub/same2",
+                "sub/same3",
+                "sub/same4"
+            ]
+        );
+        assert_eq!(sources.files.len(), 2, "two distinct contents");
+        let spec = ChildSpec {
+            trees: got.trees.clone(),
+            artifacts: got.artifacts.clone(),
+            ..ChildSpec::default()
+        };
+        assert_eq!(subtree_artifacts(&spec).len(), 2);
+        let local = sources.local_trees(&got.trees);
+        assert!(
+            local["conf/"]
+                .iter()
+                .filter_map(|i| i.file.as_ref())
+                .all(|f| f.read_verified().is_ok())
+        );
+        // A symlink in the tree: refused at the graph's place, naming it.
+        std::os::unix::fs::symlink("/etc/passwd", tree.join("sub/link")).expect("symlink");
+        let err = Sources::default()
+            .resolve_sources(&g, &graph_path)
+            .expect_err("a symlink")
+            .to_string();
+        assert!(
+            err.starts_with(&format!("{}:5:13: source `conf/`", graph_path.display())),
+            "{err}"
+        );
+        assert!(err.contains("sub/link is a symlink"), "{err}");
     }
 
     #[test]
@@ -493,7 +613,7 @@ mod tests {
         let graph_path = dir.path().join("g.yaml");
         for (source, needle) in [
             ("nope.bin", "No such file"),
-            ("d", "directories are not supported yet"),
+            ("d", "a directory source ends in `/`"),
         ] {
             let text =
                 format!("graph: g\nresources:\n  file:\n  - name: /x\n    source: {source}\n");
@@ -518,14 +638,7 @@ mod tests {
             }
             t
         };
-        let given: BTreeMap<String, ArtifactRef> = [(
-            "a.bin".to_string(),
-            ArtifactRef {
-                sha256: "x".into(),
-                size: 1,
-            },
-        )]
-        .into();
+        let given: BTreeSet<String> = ["a.bin".to_string()].into();
         let parse = |t: &str| graph::parse(t, path, "l1").expect("parse");
         assert_eq!(
             new_source(&parse(&text(&["a.bin"])), path, "l1", Some(&given)),

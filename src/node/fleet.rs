@@ -636,6 +636,7 @@ async fn stage_child(
         graph: spec.graph.clone(),
         graphs: ctx.graphs_for(spec),
         artifacts: spec.artifacts.clone(),
+        trees: spec.trees.clone(),
         children: spec.children.clone(),
         // Only the lines its subtree needs: a relay learns nothing about other hosts.
         known_hosts: if spec.children.is_empty() {

@@ -397,6 +397,7 @@ struct Plan {
     sources: Sources,
     /// Those of this host's own graph (--file).
     local_artifacts: ArtifactIndex,
+    local_trees: crate::engine::artifacts::TreeIndex,
 }
 
 impl Plan {
@@ -464,14 +465,17 @@ impl Plan {
         // Sources are read and hashed before anything is contacted: a bad one is bad input.
         let mut sources = Sources::default();
         resolve_artifacts(&mut children, &graphs, &mut sources)?;
-        let local_artifacts = match (&local_graph, &options.file) {
+        let (local_artifacts, local_trees) = match (&local_graph, &options.file) {
             (Some(g), Some(path)) => {
                 let own = sources
                     .resolve_sources(g, path)
                     .map_err(|e| e.to_string())?;
-                sources.local_index(&own)
+                (
+                    sources.local_index(&own.artifacts),
+                    sources.local_trees(&own.trees),
+                )
             }
-            _ => ArtifactIndex::default(),
+            _ => Default::default(),
         };
         let builds = builds(options)?;
         let config = options.node_config(cconns, builds.refs(), &new_run_id());
@@ -486,6 +490,7 @@ impl Plan {
             builds,
             sources,
             local_artifacts,
+            local_trees,
         }))
     }
 
@@ -516,9 +521,11 @@ fn resolve_artifacts(
             && text.contains("source")
         {
             let g = graph::parse(text, path, &c.name).map_err(|e| e.to_string())?;
-            c.artifacts = sources
+            let resolved = sources
                 .resolve_sources(&g, path)
                 .map_err(|e| e.to_string())?;
+            c.artifacts = resolved.artifacts;
+            c.trees = resolved.trees;
         }
         resolve_artifacts(&mut c.children, graphs, sources)?;
     }
@@ -795,9 +802,12 @@ fn follow_graphs(
         }
     };
     let users = plan.graph_users();
-    let artifacts: Arc<HashMap<String, BTreeMap<String, crate::wire::ArtifactRef>>> = Arc::new(
+    let artifacts: Arc<HashMap<String, std::collections::BTreeSet<String>>> = Arc::new(
         fleet::subtree_specs(&plan.children)
-            .map(|c| (c.name.clone(), c.artifacts.clone()))
+            .map(|c| {
+                let known = c.artifacts.keys().chain(c.trees.keys()).cloned().collect();
+                (c.name.clone(), known)
+            })
             .collect(),
     );
     for (key, (path, text)) in &plan.graphs {
@@ -1040,6 +1050,7 @@ pub async fn run(options: RunOptions) -> u8 {
             let mut c = EngineConfig::new(hostname.clone());
             c.noop = options.noop;
             c.artifacts = plan.local_artifacts.clone();
+            c.trees = plan.local_trees.clone();
             c.diff = options.diff;
             match Engine::start(g.clone(), c, exchange.clone()) {
                 Ok(e) => Some(e),

@@ -176,6 +176,7 @@ async fn serve(
         let mut engine_config = EngineConfig::new(name.clone());
         engine_config.noop = start.config.noop;
         engine_config.artifacts = super::artifacts::node_index(&artifacts_dir, &start.artifacts);
+        engine_config.trees = super::artifacts::node_trees(&artifacts_dir, &start.trees);
         engine_config.diff = start.config.diff;
         #[cfg(debug_assertions)]
         let engine_exchange = kv_as_another_host(exchange.clone());

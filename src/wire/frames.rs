@@ -184,6 +184,10 @@ pub struct ChildSpec {
     /// its file resources read. Every relay above it receives them too, once each.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub artifacts: BTreeMap<String, ArtifactRef>,
+    /// The manifests of the directories this host's own graph names with `source:` (by the
+    /// source as written): each file of them is an artifact, put in its cache like the rest.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub trees: BTreeMap<String, crate::engine::artifacts::Manifest>,
     /// Start arbor there as another user through sudo (`become`), after logging in as `user`.
     #[serde(rename = "become", default, skip_serializing_if = "Option::is_none")]
     pub escalate: Option<Become>,
@@ -329,6 +333,9 @@ pub struct Start {
     /// cache (or its working dir with --no-caching) when it starts.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub artifacts: BTreeMap<String, ArtifactRef>,
+    /// Its own graph's source directories (its `ChildSpec::trees`), their files in its cache.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub trees: BTreeMap<String, crate::engine::artifacts::Manifest>,
     /// The run's settings, for this node and its subtree.
     pub config: NodeConfig,
     /// This node's store credential (its password), when the store checks credentials.

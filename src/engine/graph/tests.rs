@@ -748,8 +748,6 @@ fn fields_arbor_cannot_honour_are_refused_by_name_and_place() {
     };
     for (field, needle) in [
         ("force: true", "not supported: file force: true"),
-        ("recurse: true", "not supported: file recurse: true"),
-        ("purge: true", "not supported: file purge: true"),
         ("symlink: true", "not supported: file symlink: true"),
         ("fragments: [/a]", "not supported: file fragments"),
         ("selinux: x", "not supported: file selinux"),
@@ -870,7 +868,7 @@ fn bad_sources_are_errors_at_the_source() {
         &file("    source: dir/\n"),
         5,
         13,
-        "directories are not supported yet",
+        "both must be directories (ending in `/`) or both files",
     );
     err_at(&file("    source: \"\"\n"), 5, 13, "must not be empty");
     err_at(
@@ -884,6 +882,96 @@ fn bad_sources_are_errors_at_the_source() {
         6,
         13,
         "not supported: `source` on an exported file",
+    );
+}
+
+#[test]
+fn directories_follow_mgmts_rules() {
+    let dir = |fields: &str| format!("graph: g\nresources:\n  file:\n  - name: /d/\n{fields}");
+    // A directory, and a directory copied from a source directory with purge.
+    let g = ok(&dir("    mode: \"0750\"\n"));
+    let Some(ResourceSpec::File(f)) = g.resources.first() else {
+        panic!("no file: {g:?}");
+    };
+    assert!(f.is_dir() && !f.recurse && !f.purge && f.mode == Some(0o750));
+    let g = ok(&format!(
+        "{}  - name: /d/managed\n    content: x\n  - name: /elsewhere\n",
+        dir("    source: conf/\n    recurse: true\n    purge: true\n")
+    ));
+    let Some(ResourceSpec::File(f)) = g.resources.first() else {
+        panic!("no file: {g:?}");
+    };
+    assert!(f.is_dir() && f.recurse && f.purge);
+    assert_eq!(f.source.as_deref(), Some("conf/"));
+    assert_eq!(f.keep, [PathBuf::from("/d/managed")]);
+    // As mgmt's autoedges: the directory before what is in it.
+    let dir_id = ResourceId::new(Kind::File, "/d/");
+    let edges: Vec<_> = g.edges.iter().map(|e| (&e.from, &e.to)).collect();
+    assert_eq!(
+        edges,
+        [(&dir_id, &ResourceId::new(Kind::File, "/d/managed"))]
+    );
+    ok(&dir("    state: absent\n    recurse: true\n"));
+    // Refused, each at its place.
+    err_at(
+        &dir("    source: conf/\n"),
+        5,
+        13,
+        "copying it needs `recurse: true`",
+    );
+    err_at(
+        &dir("    source: conf\n    recurse: true\n"),
+        5,
+        13,
+        "both must be directories",
+    );
+    err_at(
+        &dir("    content: x\n"),
+        5,
+        14,
+        "`content` on the directory `/d/`",
+    );
+    err_at(
+        &dir("    source: conf/\n    content: x\n    recurse: true\n"),
+        5,
+        13,
+        "`source` and `content` both given",
+    );
+    err_at(
+        &dir("    purge: true\n"),
+        5,
+        12,
+        "`purge: true` needs `recurse: true`",
+    );
+    err_at(
+        "graph: g\nresources:\n  file:\n  - name: /f\n    source: a\n    recurse: true\n",
+        6,
+        14,
+        "`recurse: true` with a single-file source",
+    );
+    err_at(
+        "graph: g\nresources:\n  file:\n  - name: /f\n    purge: true\n    recurse: true\n",
+        5,
+        12,
+        "not a directory",
+    );
+    err_at(
+        "graph: g\nresources:\n  file:\n  - name: /\n    state: absent\n    recurse: true\n",
+        4,
+        11,
+        "will not purge or remove `/`",
+    );
+    err_at(
+        "graph: g\nresources:\n  file:\n  - name: \"@@d\"\n    path: /d/\n",
+        4,
+        11,
+        "not supported: an exported directory",
+    );
+    err_at(
+        &dir("    force: true\n"),
+        5,
+        12,
+        "not supported: file force: true",
     );
 }
 

@@ -7,7 +7,7 @@
 
 use super::meta::Meta;
 use super::{ApplyContext, Kind, Outcome, Poke, Resource, ResourceId};
-use crate::engine::artifacts::{ArtifactFile, Desired};
+use crate::engine::artifacts::{ArtifactFile, Desired, TreeItem};
 use crate::engine::diff::{self, Capped, DiffSink};
 use crate::engine::fs_events::FsEvents;
 use anyhow::Context as _;
@@ -53,8 +53,27 @@ pub struct FileSpec {
     pub owner: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    /// A directory (the path ends in `/`): `state: absent` removes it with what it holds.
+    /// Required (as in mgmt) with a source directory and with `purge`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub recurse: bool,
+    /// A directory: remove what its source does not have (all, without a source).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub purge: bool,
+    /// With `purge`: the paths of the graph's other file resources under this directory,
+    /// never purged (mgmt's excludes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keep: Vec<PathBuf>,
     #[serde(default, skip_serializing_if = "Meta::is_default")]
     pub meta: Meta,
+}
+
+impl FileSpec {
+    /// The path names a directory: it ends in `/`, as in mgmt.
+    pub fn is_dir(&self) -> bool {
+        use std::os::unix::ffi::OsStrExt;
+        self.path.as_os_str().as_bytes().ends_with(b"/")
+    }
 }
 
 pub struct FileResource {
@@ -63,6 +82,8 @@ pub struct FileResource {
     fs: FsEvents,
     /// The blob of `spec.source` on this host, if it was given one.
     artifact: Option<ArtifactFile>,
+    /// A source directory's tree on this host, if it was given one.
+    tree: Option<Vec<TreeItem>>,
     diffs: Option<DiffSink>,
 }
 
@@ -73,6 +94,7 @@ impl FileResource {
             spec,
             fs,
             artifact: None,
+            tree: None,
             diffs: None,
         }
     }
@@ -80,6 +102,12 @@ impl FileResource {
     /// The content comes from this artifact (`source:`).
     pub fn with_artifact(mut self, artifact: Option<ArtifactFile>) -> Self {
         self.artifact = artifact;
+        self
+    }
+
+    /// A directory's content comes from this tree (`source:` a directory).
+    pub fn with_tree(mut self, tree: Option<Vec<TreeItem>>) -> Self {
+        self.tree = tree;
         self
     }
 
@@ -97,9 +125,26 @@ impl Resource for FileResource {
 
     fn check_apply(&self, ctx: ApplyContext) -> BoxFuture<'_, anyhow::Result<Outcome>> {
         let (spec, artifact) = (self.spec.clone(), self.artifact.clone());
+        let tree = self.tree.clone();
         let want_diff = self.diffs.is_some();
         Box::pin(async move {
             let (outcome, diff) = tokio::task::spawn_blocking(move || {
+                if spec.is_dir() {
+                    if spec.source.is_some() && tree.is_none() {
+                        anyhow::bail!(
+                            "source `{}`: this host was given no tree for it (sources are \
+                             copied when the run starts: a source added by a live edit needs \
+                             a restart)",
+                            spec.source.as_deref().unwrap_or_default()
+                        );
+                    }
+                    return super::file_tree::check_apply_dir(
+                        &spec,
+                        tree.as_deref(),
+                        ctx.noop,
+                        want_diff,
+                    );
+                }
                 check_apply_diff(&spec, artifact.as_ref(), ctx.noop, want_diff)
             })
             .await
@@ -112,9 +157,13 @@ impl Resource for FileResource {
     }
 
     fn watch(&self, poke: Poke, cancel: CancellationToken) -> BoxFuture<'_, anyhow::Result<()>> {
-        Box::pin(
-            async move { watch_path(&self.fs, &self.spec.path, &cancel, || poke.poke()).await },
-        )
+        Box::pin(async move {
+            if self.spec.is_dir() {
+                return super::file_tree::watch_dir(&self.fs, &self.spec, &cancel, || poke.poke())
+                    .await;
+            }
+            watch_path(&self.fs, &self.spec.path, &cancel, || poke.poke()).await
+        })
     }
 }
 
@@ -359,7 +408,7 @@ fn owner_lines(
 
 /// Temp file beside the target (so the rename stays in one filesystem), fsync, mode, rename,
 /// fsync of the directory so the rename itself survives a crash.
-fn write_atomic(
+pub(super) fn write_atomic(
     path: &Path,
     content: &[u8],
     mode: Option<u32>,

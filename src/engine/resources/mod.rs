@@ -8,6 +8,7 @@
 pub mod accounts;
 pub mod exec;
 pub mod file;
+pub mod file_tree;
 pub mod group;
 pub mod hostname;
 pub mod kv;
@@ -293,6 +294,8 @@ pub struct Services {
     pub fs: FsEvents,
     /// The blobs of this host's `source:` files, by the source as written.
     pub artifacts: crate::engine::artifacts::ArtifactIndex,
+    /// The trees of this host's `source:` directories, by the source as written.
+    pub trees: crate::engine::artifacts::TreeIndex,
     /// `--diff`: where a resource reports what it changes, or would change.
     pub diffs: Option<crate::engine::diff::DiffSink>,
     /// The store, for `kv` resources: the engine's exchange, as this host.
@@ -308,9 +311,16 @@ pub fn build(spec: &ResourceSpec, services: &Services) -> Arc<dyn Resource> {
                 .as_ref()
                 .and_then(|a| services.artifacts.get(a))
                 .cloned();
+            let tree = s
+                .source
+                .as_ref()
+                .filter(|_| s.is_dir())
+                .and_then(|a| services.trees.get(a))
+                .cloned();
             Arc::new(
                 file::FileResource::new(s.clone(), services.fs.clone())
                     .with_artifact(artifact)
+                    .with_tree(tree)
                     .with_diffs(services.diffs.clone()),
             )
         }
