@@ -2250,7 +2250,13 @@ hosts:
         log.contains("cache: evicted"),
         "no eviction reported\n{log}"
     );
-    check_no_leftovers(lab, &["r1", "l1-1"])
+    check_no_leftovers(lab, &["r1", "l1-1"])?;
+    // Each node's lease on what it used went with it.
+    for host in ["r1", "l1-1"] {
+        let leases = lab.sh(host, "ls -A /root/.cache/arbor/leases 2>/dev/null || true");
+        check!(leases.trim().is_empty(), "{host}: leases left {leases:?}");
+    }
+    Ok(())
 }
 
 fn a_relay_that_finds_its_artifact_corrupt_when_serving_fetches_it_again(lab: &Lab) -> TestResult {

@@ -151,10 +151,12 @@ fn scan(root: &Path, now: SystemTime) -> Vec<Entry> {
             let name = item.file_name().to_string_lossy().into_owned();
             if !is_sha256(&name) {
                 // A partial write (an upload's temp file), or something not ours.
-                if name.starts_with('.') && name.contains(".arbor-") && meta.is_file() {
-                    if old(mtime(&meta), now, DEBRIS_AGE) {
-                        let _ = std::fs::remove_file(&path);
-                    }
+                if name.starts_with('.')
+                    && name.contains(".arbor-")
+                    && meta.is_file()
+                    && old(mtime(&meta), now, DEBRIS_AGE)
+                {
+                    let _ = std::fs::remove_file(&path);
                 }
                 continue;
             }
@@ -515,8 +517,7 @@ mod tests {
         artifact(root, 3, 10, now, 7 * HOUR);
         let _lease = Lease::take(root, &[sha(1), sha(2)].into()).expect("lease");
         let later = now + GRACE + Duration::from_secs(60);
-        // Both now more recent than 3: with room for two, 3 goes though it was used later
-        // than they had been before the lease touched them... and the lease keeps them anyway.
+        // Past the grace, only the lease keeps 1 and 2; 3 goes. The lease touched them too.
         let done = evict(root, &BTreeSet::new(), 20, later).expect("evicted");
         assert_eq!(done.removed, vec![sha(3)]);
         let used = std::fs::metadata(root.join("artifacts").join(sha(1)))
