@@ -214,8 +214,9 @@ struct SshArgs {
     /// At most this many SSH connections being set up at once (0: no limit).
     #[arg(long, value_name = "N", default_value_t = 64)]
     cconns: usize,
-    /// Copy arbor into each host's working dir and remove it at the end, instead of keeping it
-    /// in the host's cache (~/.cache/arbor/bin).
+    /// Copy arbor (and the graphs' source: files) into each host's working dir and remove them
+    /// at the end, instead of keeping them in the host's cache (~/.cache/arbor): nothing is
+    /// kept.
     #[arg(long)]
     no_caching: bool,
     /// Copy arbor gzipped (43% of its size) to hosts that have gzip, and have relays pass the

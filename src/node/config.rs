@@ -248,6 +248,22 @@ mod tests {
     }
 
     #[test]
+    fn a_config_without_a_cache_cap_gets_the_default() {
+        let mut json = serde_json::to_value(NodeConfig::default()).expect("json");
+        json.as_object_mut()
+            .expect("object")
+            .remove("cache_max_size");
+        let node: NodeConfig = serde_json::from_value(json).expect("parse");
+        assert_eq!(node.cache_max_size, crate::node::cache::DEFAULT_MAX_SIZE);
+        assert_eq!(
+            RunOptions::default()
+                .node_config(1, Vec::new(), "r")
+                .cache_max_size,
+            "1G"
+        );
+    }
+
+    #[test]
     fn a_long_connect_timeout_lengthens_the_hello_wait() {
         let options = RunOptions {
             connect_timeout: Duration::from_secs(30),
