@@ -147,6 +147,10 @@ fn main() -> std::process::ExitCode {
             a_corrupt_artifact_in_a_cache_is_detected_replaced_and_reported,
         ),
         (
+            "a_small_cache_cap_evicts_the_older_artifact_and_build_at_depth_2",
+            a_small_cache_cap_evicts_the_older_artifact_and_build_at_depth_2,
+        ),
+        (
             "a_relay_that_finds_its_artifact_corrupt_when_serving_fetches_it_again",
             a_relay_that_finds_its_artifact_corrupt_when_serving_fetches_it_again,
         ),
@@ -2196,6 +2200,98 @@ fn under_no_caching_artifacts_go_into_working_dirs_and_leave_with_them(lab: &Lab
     }
     // The working dirs, and the artifacts in them, are gone.
     check_no_leftovers(lab, &HOSTS)
+}
+
+/// The entries in a host's cache dir `sub` (`artifacts` or `bin`), sorted, one per line.
+fn cache_entries(lab: &Lab, host: &str, sub: &str) -> String {
+    lab.sh(
+        host,
+        &format!("ls /root/.cache/arbor/{sub} 2>/dev/null | sort || true"),
+    )
+}
+
+fn a_small_cache_cap_evicts_the_older_artifact_and_build_at_depth_2(lab: &Lab) -> TestResult {
+    clean(lab, true);
+    let one_leaf = "\
+defaults:
+  user: root
+hosts:
+- host: 10.199.0.11
+  name: r1
+  children:
+  - host: 10.199.1.11
+    name: l1-1
+    graph: {leaf}
+";
+    let cap = ["--converged-timeout", "1", "--cache-max-size", "1M"];
+    let first = artifact_graph(1)?;
+    let out = run(
+        lab,
+        &topology(&one_leaf.replace("{leaf}", &first.graph.to_string_lossy())),
+        &cap,
+    );
+    let log = exited(&out, 0)?;
+    check_artifact_on(lab, &["l1-1"], &first, &log)?;
+    // Used moments ago, so kept (a parent may just have checked it for a node yet to start).
+    for host in ["r1", "l1-1"] {
+        let cached = cache_entries(lab, host, "artifacts");
+        check!(
+            cached.trim() == first.sha256,
+            "{host}: after the first run the cache holds {cached:?}\n{log}"
+        );
+    }
+    // Time passes: every entry was last used two hours ago. The leaf also holds an old build
+    // no run uses any more.
+    let old_build = "0".repeat(64);
+    lab.sh(
+        "l1-1",
+        &format!(
+            "mkdir -p /root/.cache/arbor/bin/{old_build} && \
+             head -c 4096 /dev/zero > /root/.cache/arbor/bin/{old_build}/arbor"
+        ),
+    );
+    for host in ["r1", "l1-1"] {
+        lab.sh(
+            host,
+            "find /root/.cache/arbor/artifacts /root/.cache/arbor/bin -mindepth 1 \
+             -exec touch -h -d '2 hours ago' {} +",
+        );
+    }
+    clean(lab, false);
+    let second = artifact_graph(1)?;
+    let out = run(
+        lab,
+        &topology(&one_leaf.replace("{leaf}", &second.graph.to_string_lossy())),
+        &cap,
+    );
+    let log = exited(&out, 0)?;
+    check_artifact_on(lab, &["l1-1"], &second, &log)?;
+    for host in ["r1", "l1-1"] {
+        // Only what the second run used is left: the first artifact went, least recently used.
+        let cached = cache_entries(lab, host, "artifacts");
+        check!(
+            cached.trim() == second.sha256,
+            "{host}: after the second run the cache holds {cached:?}, want only {}\n{log}",
+            second.sha256
+        );
+        // The build that runs there is in use, so kept over the 1M cap; the old one went.
+        let builds = cache_entries(lab, host, "bin");
+        check!(
+            builds.lines().count() == 1 && !builds.contains(&old_build),
+            "{host}: builds left {builds:?}\n{log}"
+        );
+    }
+    check!(
+        log.contains("cache: evicted"),
+        "no eviction reported\n{log}"
+    );
+    check_no_leftovers(lab, &["r1", "l1-1"])?;
+    // Each node's lease on what it used went with it.
+    for host in ["r1", "l1-1"] {
+        let leases = lab.sh(host, "ls -A /root/.cache/arbor/leases 2>/dev/null || true");
+        check!(leases.trim().is_empty(), "{host}: leases left {leases:?}");
+    }
+    Ok(())
 }
 
 fn a_relay_that_finds_its_artifact_corrupt_when_serving_fetches_it_again(lab: &Lab) -> TestResult {

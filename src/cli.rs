@@ -198,6 +198,11 @@ Exit codes: the largest exit code of COMMAND across hosts; 255 when a host could
 reached (or its connection, staging or relay failed); 2 for bad input (a bad nodeset, an empty
 command, a host not in the topology; nothing contacted); 130 on ^C (143 SIGTERM, 129 SIGHUP).";
 
+/// `--cache-max-size`: a size the cache policy understands, kept as written.
+fn parse_cache_max_size(s: &str) -> Result<String, String> {
+    crate::node::cache::MaxSize::parse(s).map(|_| s.trim().to_string())
+}
+
 /// The SSH, link and staging flags `arbor run` and `arbor exec` share.
 #[derive(clap::Args, Debug)]
 struct SshArgs {
@@ -209,8 +214,9 @@ struct SshArgs {
     /// At most this many SSH connections being set up at once (0: no limit).
     #[arg(long, value_name = "N", default_value_t = 64)]
     cconns: usize,
-    /// Copy arbor into each host's working dir and remove it at the end, instead of keeping it
-    /// in the host's cache (~/.cache/arbor/bin).
+    /// Copy arbor (and the graphs' source: files) into each host's working dir and remove them
+    /// at the end, instead of keeping them in the host's cache (~/.cache/arbor): nothing is
+    /// kept.
     #[arg(long)]
     no_caching: bool,
     /// Copy arbor gzipped (43% of its size) to hosts that have gzip, and have relays pass the
@@ -407,6 +413,13 @@ struct RunArgs {
     /// ~/.local/state/arbor.
     #[arg(long)]
     tmp_prefix: bool,
+    /// Bound each host's cache (~/.cache/arbor: builds and artifacts) to SIZE (512M, 2G, or
+    /// N% of the filesystem holding it; 0 keeps only what runs are using). Each staged host,
+    /// at every depth, evicts the least recently used entries past it when its arbor starts,
+    /// never one a run on the host is using (docs/remote.md, "The cache's size").
+    #[arg(long, value_name = "SIZE", default_value = crate::node::cache::DEFAULT_MAX_SIZE,
+          value_parser = parse_cache_max_size)]
+    cache_max_size: String,
     /// Use an existing etcd cluster (comma-separated http://host:port URLs) instead of the
     /// embedded store. If the etcd has authentication enabled, give --seeds-user: arbor then
     /// makes an etcd user and role per host for the run, limited to that host's own keys, and
@@ -623,6 +636,7 @@ pub fn parse() -> Result<Invocation, ExitCode> {
                 json: run.output == "json",
                 plain: run.output == "text",
                 tmp_prefix: run.tmp_prefix,
+                cache_max_size: run.cache_max_size,
                 seeds: run.seeds,
                 seeds_user: run.seeds_user,
                 seeds_password_file: run.seeds_password_file,

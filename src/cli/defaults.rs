@@ -94,6 +94,7 @@ const KEYS: &[Key] = &[
     key("diff", "diff", Shape::Flag, RUN),
     key("converged-timeout", "converged_timeout", Shape::Value, RUN),
     key("tmp-prefix", "tmp_prefix", Shape::Flag, RUN),
+    key("cache-max-size", "cache_max_size", Shape::Value, RUN),
     Key {
         secret: true,
         ..key("seeds", "seeds", Shape::List, RUN)

@@ -441,7 +441,8 @@ pub async fn copy_to_child(
         "set -e; umask 077; mkdir -p -m 700 {dir}; cd {dir}; \
          for e in {list}; do h=${{e%%:*}}; n=${{e#*:}}; \
          if [ -f \"$h\" ] && [ \"$(wc -c < \"$h\")\" -eq \"$n\" ] && \
-            sha256sum \"$h\" | grep -q \"^$h \"; then echo \"cached $h\"; \
+            sha256sum \"$h\" | grep -q \"^$h \"; then touch -c -- \"$h\" || true; \
+           echo \"cached $h\"; \
          elif [ -e \"$h\" ]; then rm -f -- \"$h\"; \
            if command -v sha256sum >/dev/null 2>&1; then echo \"corrupt $h\"; \
            else echo \"missing $h\"; fi; \

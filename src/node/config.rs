@@ -31,6 +31,8 @@ pub struct RunOptions {
     /// Simultaneous SSH connections being set up (0: unlimited).
     pub cconns: usize,
     pub no_caching: bool,
+    /// `--cache-max-size`: the cap on each host's cache, as written (`cache::MaxSize`).
+    pub cache_max_size: String,
     pub compress: bool,
     pub tmp_prefix: bool,
     pub seeds: Vec<String>,
@@ -97,6 +99,7 @@ impl Default for RunOptions {
             live_edits: true,
             cconns: node.cconns,
             no_caching: false,
+            cache_max_size: node.cache_max_size.clone(),
             compress: false,
             tmp_prefix: false,
             seeds: Vec::new(),
@@ -170,6 +173,7 @@ impl RunOptions {
             quiet: self.quiet && self.log_file.is_none(),
             remote_tmp: self.remote_tmp.clone(),
             no_caching: self.no_caching,
+            cache_max_size: self.cache_max_size.clone(),
             compress: self.compress,
             accept_new: self.accept_new,
             cconns,
@@ -193,6 +197,7 @@ mod tests {
             verbosity: 1,
             remote_tmp: "/var/tmp".into(),
             no_caching: true,
+            cache_max_size: "10%".into(),
             compress: true,
             accept_new: true,
             converged_timeout: Some(Duration::from_secs(5)),
@@ -217,6 +222,7 @@ mod tests {
                 quiet: true,
                 remote_tmp: "/var/tmp".into(),
                 no_caching: true,
+                cache_max_size: "10%".into(),
                 compress: true,
                 accept_new: true,
                 cconns: 7,
@@ -238,6 +244,22 @@ mod tests {
         assert_eq!(
             serde_json::from_str::<NodeConfig>(&json).expect("parse"),
             node
+        );
+    }
+
+    #[test]
+    fn a_config_without_a_cache_cap_gets_the_default() {
+        let mut json = serde_json::to_value(NodeConfig::default()).expect("json");
+        json.as_object_mut()
+            .expect("object")
+            .remove("cache_max_size");
+        let node: NodeConfig = serde_json::from_value(json).expect("parse");
+        assert_eq!(node.cache_max_size, crate::node::cache::DEFAULT_MAX_SIZE);
+        assert_eq!(
+            RunOptions::default()
+                .node_config(1, Vec::new(), "r")
+                .cache_max_size,
+            "1G"
         );
     }
 

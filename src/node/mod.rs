@@ -22,6 +22,7 @@
 
 pub mod artifacts;
 pub mod builds;
+pub mod cache;
 pub mod child_link;
 pub mod config;
 pub mod escalate;

@@ -160,6 +160,11 @@ async fn serve(
     // Our own graph; its artifacts (and our subtree's) are where our parent put them.
     let artifacts_dir =
         super::artifacts::node_dir(start.config.no_caching, options.workdir.as_deref());
+    // Our host's cache, bounded: what this run needs here is leased (for as long as we run)
+    // and the least recently used of the rest evicted past the cap (node::cache).
+    let _lease = (!start.config.no_caching && options.workdir.is_some())
+        .then(|| bound_cache(start))
+        .flatten();
     let mut engine = None;
     let mut status: Option<watch::Receiver<Status>> = None;
     let mut diffs = None;
@@ -676,6 +681,41 @@ async fn serve_exec(
     };
     tokio::join!(fleet.shutdown(), forward);
     Ok(())
+}
+
+/// Leases what this node's run needs in its host's cache and evicts past the run's cap:
+/// its own build and the run's others, its own and its subtree's artifacts.
+fn bound_cache(start: &Start) -> Option<super::cache::Lease> {
+    use super::cache;
+    let max = match cache::MaxSize::parse(&start.config.cache_max_size) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!("--cache-max-size {e}; using {}", cache::DEFAULT_MAX_SIZE);
+            cache::MaxSize::parse(cache::DEFAULT_MAX_SIZE).ok()?
+        }
+    };
+    let mut needed: std::collections::BTreeSet<String> = start
+        .config
+        .builds
+        .iter()
+        .map(|b| b.sha256.clone())
+        .collect();
+    // Our own build: `bin/<sha256>/arbor`.
+    if let Some(own) = std::env::current_exe()
+        .ok()
+        .and_then(|p| Some(p.parent()?.file_name()?.to_string_lossy().into_owned()))
+    {
+        needed.insert(own);
+    }
+    needed.extend(start.artifacts.values().map(|a| a.sha256.clone()));
+    for c in &start.children {
+        needed.extend(
+            super::artifacts::subtree_artifacts(c)
+                .into_iter()
+                .map(|a| a.sha256),
+        );
+    }
+    cache::on_start(&cache::root(), &needed, max)
 }
 
 /// What this relay's children share: the run's settings from `start`, this relay's own build

@@ -125,7 +125,8 @@ fn probe_command(build: &Build, remote_tmp: &str, make_dir: bool, undo: &str) ->
          w=$(mktemp -d {tmp}/arbor.XXXXXXXXXX); echo \"$w\"; echo \"$c\"; \
          f=\"$c\"/{sha}/arbor; \
          if [ -f \"$f\" ] && [ \"$(wc -c < \"$f\")\" -eq {size} ] && \
-            sha256sum \"$f\" | grep -q '^{sha} '; then echo cached; \
+            sha256sum \"$f\" | grep -q '^{sha} '; then \
+           touch -c -- \"$c\"/{sha} \"$f\" || true; echo cached; \
          else {mkdir} echo missing; fi; \
          if command -v gzip >/dev/null 2>&1; then echo gzip; else echo no-gzip; fi",
         tmp = shell_quote(remote_tmp.trim_end_matches('/')),
@@ -455,7 +456,8 @@ pub async fn copy_build(
     let binary = format!("{dir}/arbor");
     let check = format!(
         "umask 077; mkdir -p -m 700 {dir} && f={f} && \
-         if [ -f \"$f\" ] && sha256sum \"$f\" | grep -q '^{sha} '; then echo cached; \
+         if [ -f \"$f\" ] && sha256sum \"$f\" | grep -q '^{sha} '; then \
+           touch -c -- {dir} \"$f\" || true; echo cached; \
          else echo missing; fi",
         dir = shell_quote(&dir),
         f = shell_quote(&binary),

@@ -260,6 +260,9 @@ pub struct NodeConfig {
     pub remote_tmp: String,
     /// Copy the binary into each working dir instead of the host's cache.
     pub no_caching: bool,
+    /// The cap on each host's cache (`--cache-max-size`, as written: `node::cache::MaxSize`).
+    #[serde(default = "default_cache_max_size")]
+    pub cache_max_size: String,
     /// Copy the binary gzipped to hosts with gzip.
     pub compress: bool,
     /// Record unknown host keys (reported up to the initiator) instead of refusing them.
@@ -293,6 +296,10 @@ fn default_link_timeout() -> u64 {
     LINK_TIMEOUT
 }
 
+fn default_cache_max_size() -> String {
+    crate::node::cache::DEFAULT_MAX_SIZE.to_string()
+}
+
 impl Default for NodeConfig {
     fn default() -> Self {
         NodeConfig {
@@ -303,6 +310,7 @@ impl Default for NodeConfig {
             quiet: false,
             remote_tmp: "/tmp".into(),
             no_caching: false,
+            cache_max_size: default_cache_max_size(),
             compress: false,
             accept_new: false,
             cconns: 64,
