@@ -490,6 +490,33 @@ fn the_example_works_with_a_real_etcd_as_the_store(lab: &Lab) -> TestResult {
         .spawn()
         .map_err(fail)?;
     let result = (|| {
+        // etcd takes a moment to listen (longer on a busy machine): arbor's --seeds is not
+        // what this test is about when the member is not up yet.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let health = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    lab.init_ns(),
+                    "etcdctl",
+                    "--endpoints",
+                    &url,
+                ])
+                .args(["endpoint", "health"])
+                .env("ETCDCTL_API", "3")
+                .output()
+                .map_err(fail)?;
+            if health.status.success() {
+                break;
+            }
+            check!(
+                Instant::now() < deadline,
+                "etcd at {url} is not healthy after 30 s: {}",
+                String::from_utf8_lossy(&health.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
         let g = article_graphs(lab, &lab.addr("r1"), &lab.addr("r2"));
         let out = arbor(
             lab,

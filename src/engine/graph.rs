@@ -457,19 +457,7 @@ fn validate(raw: RawGraph, root: (u64, u64), host: &str) -> Result<Graph, Locate
             ));
         }
         if let (ResourceSpec::File(spec), Some(at)) = (&d.spec, &f.value.source) {
-            if d.exported {
-                return Err(not_supported(
-                    loc(at),
-                    "`source` on an exported file",
-                    "artifacts reach the hosts of the run's tree, not collectors",
-                ));
-            }
-            let (line, column) = loc(at);
-            sources.push(SourceAt {
-                source: spec.source.clone().unwrap_or_default(),
-                line,
-                column,
-            });
+            sources.push(source_at(&spec.source, at, d.exported, Kind::File)?);
         }
         declared.push(d);
     }
@@ -502,19 +490,7 @@ fn validate(raw: RawGraph, root: (u64, u64), host: &str) -> Result<Graph, Locate
     for p in resources.pkg.unwrap_or_default() {
         let d = declare_pkg(&p, host)?;
         if let (ResourceSpec::Pkg(spec), Some(at)) = (&d.spec, &p.value.source) {
-            if d.exported {
-                return Err(not_supported(
-                    loc(at),
-                    "`source` on an exported pkg",
-                    "artifacts reach the hosts of the run's tree, not collectors",
-                ));
-            }
-            let (line, column) = loc(at);
-            sources.push(SourceAt {
-                source: spec.source.clone().unwrap_or_default(),
-                line,
-                column,
-            });
+            sources.push(source_at(&spec.source, at, d.exported, Kind::Pkg)?);
         }
         declared.push(d);
     }
@@ -1435,6 +1411,29 @@ fn declare_svc(v: &Spanned<RawSvc>, host: &str) -> Result<Declared, Located> {
         meta: meta(raw.meta.as_ref(), Kind::Svc)?,
     });
     declare(spec, &raw.name)
+}
+
+/// A resource's `source:` (as expanded, written at `at`), to be sent down as an artifact;
+/// refused on an exported resource.
+fn source_at(
+    source: &Option<String>,
+    at: &Spanned<String>,
+    exported: bool,
+    kind: Kind,
+) -> Result<SourceAt, Located> {
+    if exported {
+        return Err(not_supported(
+            loc(at),
+            &format!("`source` on an exported {kind}"),
+            "artifacts reach the hosts of the run's tree, not collectors",
+        ));
+    }
+    let (line, column) = loc(at);
+    Ok(SourceAt {
+        source: source.clone().unwrap_or_default(),
+        line,
+        column,
+    })
 }
 
 /// mgmt's `meta.autoedge` (default true).

@@ -263,16 +263,7 @@ fn check_apply_diff(
             }
         },
         FileState::Exists => {
-            let uid = spec
-                .owner
-                .as_deref()
-                .map(super::exec::lookup_uid)
-                .transpose()?;
-            let gid = spec
-                .group
-                .as_deref()
-                .map(super::exec::lookup_gid)
-                .transpose()?;
+            let (uid, gid) = owner_ids(spec)?;
             let current = match fs::read(path) {
                 Ok(bytes) => Some(bytes),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => None,
@@ -454,6 +445,21 @@ pub(super) fn write_atomic(
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// The uid and gid a file's `owner` and `group` name (names or numbers), each if given.
+pub fn owner_ids(spec: &FileSpec) -> anyhow::Result<(Option<u32>, Option<u32>)> {
+    let uid = spec
+        .owner
+        .as_deref()
+        .map(super::exec::lookup_uid)
+        .transpose()?;
+    let gid = spec
+        .group
+        .as_deref()
+        .map(super::exec::lookup_gid)
+        .transpose()?;
+    Ok((uid, gid))
 }
 
 #[cfg(test)]

@@ -302,16 +302,7 @@ pub fn check_apply_dir(
         }
         return Ok((Outcome::Changed(format!("removed {shown}")), diff));
     }
-    let uid = spec
-        .owner
-        .as_deref()
-        .map(super::exec::lookup_uid)
-        .transpose()?;
-    let gid = spec
-        .group
-        .as_deref()
-        .map(super::exec::lookup_gid)
-        .transpose()?;
+    let (uid, gid) = super::file::owner_ids(spec)?;
     let mut lines = Capped::default();
     let (mut done, mut would) = (Vec::new(), Vec::new());
     let mut act = |noop: bool, what: String, f: &mut dyn FnMut() -> anyhow::Result<()>| {
