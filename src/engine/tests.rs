@@ -658,6 +658,39 @@ resources:
 }
 
 #[tokio::test]
+async fn meta_retryreset_gives_the_retries_back_after_a_success() {
+    let dir = tempfile::tempdir().expect("dir");
+    let d = dir.path().display();
+    // Each run appends a line; only the second run succeeds. Polled, so it runs again on
+    // the next tick after succeeding. With one retry: `kept` spent it on run 1, so run 3
+    // fails for good; `reset` got it back with its success, so it retries run 3 as run 4.
+    let exec = |name: &str, reset: bool| {
+        format!(
+            "  - name: {name}\n    cmd: \"echo x >> {d}/{name}; test $(wc -l < {d}/{name}) -eq 2\"\n    \
+             meta: {{poll: 2, retry: 1, retryreset: {reset}}}\n"
+        )
+    };
+    let src = format!(
+        "graph: g\nresources:\n  exec:\n{}{}",
+        exec("kept", false),
+        exec("reset", true)
+    );
+    let ex = new_exchange().await;
+    let e = start(&src, "h", &ex).await;
+    for (name, runs) in [("kept", 3), ("reset", 4)] {
+        let id = ResourceId::new(Kind::Exec, name);
+        let (status, held) = e.wait_for(WAIT, |s| s.failures.contains_key(&id)).await;
+        assert!(held, "{name} never failed for good: {status:?}");
+        assert_eq!(
+            lines(&dir.path().join(name)),
+            runs,
+            "{name}: runs before it failed"
+        );
+    }
+    e.stop().await;
+}
+
+#[tokio::test]
 async fn meta_noop_leaves_one_resource_alone() {
     let dir = tempfile::tempdir().expect("dir");
     let d = dir.path().display();
