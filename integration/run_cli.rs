@@ -537,6 +537,48 @@ fn quiet_log_file_and_colour_do_what_they_say() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("/nonexistent/dir/x.log"));
 }
 
+/// A host that must never be contacted: a listener of the test's (nonblocking), and its port.
+fn silent_host() -> (std::net::TcpListener, u16) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let port = listener.local_addr().expect("addr").port();
+    (listener, port)
+}
+
+/// Each case (file name, graph text, `:line:col: `, what stderr must say) written into `dir`
+/// and run: exit 2, the graph's place and the message on stderr, within 5 s, and `host`
+/// never contacted.
+fn refused_before_contact(
+    dir: &Path,
+    host: &std::net::TcpListener,
+    cases: impl IntoIterator<Item = (&'static str, String, &'static str, String)>,
+) {
+    for (name, text, at, needle) in cases {
+        let path = write(dir, name, &text);
+        let started = std::time::Instant::now();
+        let out = arbor(&["run", "--remote", &path, "--converged-timeout", "1"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{path}{at}")),
+            "{name}: want {path}{at} in {stderr}"
+        );
+        assert!(
+            stderr.contains(&needle),
+            "{name}: want {needle:?} in {stderr}"
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{name}: took {:?}",
+            started.elapsed()
+        );
+        match host.accept() {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            other => panic!("{name}: the host was contacted: {other:?}"),
+        }
+    }
+}
+
 /// A source that is missing, a directory, or given with `content` is bad input: exit 2 with
 /// the graph's file:line:col and the path, before any host is contacted (the host here is a
 /// listener of the test's that must see no connection).
@@ -544,9 +586,7 @@ fn quiet_log_file_and_colour_do_what_they_say() {
 fn a_bad_source_exits_2_naming_the_graph_place_and_the_path_before_connecting() {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::create_dir(dir.path().join("adir")).expect("mkdir");
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
-    listener.set_nonblocking(true).expect("nonblocking");
-    let port = listener.local_addr().expect("addr").port();
+    let (listener, port) = silent_host();
     let graph = |source: &str, extra: &str| {
         format!(
             "graph: g\nremote: ssh://root@127.0.0.1:{port}\nresources:\n  file:\n  \
@@ -580,30 +620,7 @@ fn a_bad_source_exits_2_naming_the_graph_place_and_the_path_before_connecting() 
             "`source` and `content` both given".to_string(),
         ),
     ];
-    for (name, text, at, needle) in cases {
-        let path = write(dir.path(), name, &text);
-        let started = std::time::Instant::now();
-        let out = arbor(&["run", "--remote", &path, "--converged-timeout", "1"]);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
-        assert!(
-            stderr.contains(&format!("{path}{at}")),
-            "{name}: want {path}{at} in {stderr}"
-        );
-        assert!(
-            stderr.contains(&needle),
-            "{name}: want {needle:?} in {stderr}"
-        );
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(5),
-            "{name}: took {:?}",
-            started.elapsed()
-        );
-        match listener.accept() {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            other => panic!("{name}: the host was contacted: {other:?}"),
-        }
-    }
+    refused_before_contact(dir.path(), &listener, cases);
 }
 
 /// Source directories too: a missing one, one holding a symlink, a file named as a directory,
@@ -615,9 +632,7 @@ fn a_bad_source_directory_exits_2_naming_the_graph_place_and_the_path_before_con
     std::fs::create_dir_all(dir.path().join("linked/sub")).expect("mkdir");
     std::os::unix::fs::symlink("/etc", dir.path().join("linked/sub/out")).expect("symlink");
     std::fs::write(dir.path().join("afile"), "x").expect("write");
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
-    listener.set_nonblocking(true).expect("nonblocking");
-    let port = listener.local_addr().expect("addr").port();
+    let (listener, port) = silent_host();
     let graph = |target: &str, source: &str, extra: &str| {
         format!(
             "graph: g\nremote: ssh://root@127.0.0.1:{port}\nresources:\n  file:\n  \
@@ -669,24 +684,7 @@ fn a_bad_source_directory_exits_2_naming_the_graph_place_and_the_path_before_con
             "`source` and `content` both given".to_string(),
         ),
     ];
-    for (name, text, at, needle) in cases {
-        let path = write(dir.path(), name, &text);
-        let out = arbor(&["run", "--remote", &path, "--converged-timeout", "1"]);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
-        assert!(
-            stderr.contains(&format!("{path}{at}")),
-            "{name}: want {path}{at} in {stderr}"
-        );
-        assert!(
-            stderr.contains(&needle),
-            "{name}: want {needle:?} in {stderr}"
-        );
-        match listener.accept() {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            other => panic!("{name}: the host was contacted: {other:?}"),
-        }
-    }
+    refused_before_contact(dir.path(), &listener, cases);
 }
 
 /// The initiator's own graph (--file) copies a source directory from where it is.
