@@ -697,9 +697,20 @@ async fn front_with_users() -> (
         own: vec![],
     };
     let mut users = Users::new();
-    for name in ["relay", "h1", "h2"] {
+    for name in ["h1", "h2"] {
         users.add(name, &format!("pw-{name}"), host(name));
     }
+    // The relay may write its subtree's exports too: its front writes them on its shared
+    // lease (as the initiator grants a relay).
+    let relay = Access::Keys {
+        read: vec![b"/run/exports/".to_vec()],
+        write: ["relay", "h1", "h2"]
+            .map(|n| format!("/run/exports/{n}/").into_bytes())
+            .to_vec(),
+        own: vec![],
+    };
+    users.add("relay", "pw-relay", relay);
+    users.add("admin", "pw-admin", Access::Admin);
     users.add(
         "outsider",
         "pw-outsider",
@@ -725,6 +736,10 @@ async fn front_with_users() -> (
     let config = FrontConfig {
         shared_prefixes: vec![b"/run/exports/".to_vec()],
         credential: Some(("relay".into(), "pw-relay".into())),
+        users: ["h1", "h2"]
+            .map(|n| (n.to_string(), host(n)))
+            .into_iter()
+            .collect(),
     };
     serve_on(FrontListener::Tcp(listener), upstream, config, stop.clone())
         .await
@@ -971,4 +986,170 @@ async fn a_relay_front_shares_one_upstream_watch_and_keeps_each_childs_rights() 
         1.0,
         "a refused watch costs the store nothing"
     );
+}
+
+/// Leases through a relay front are the front's: ten children's leases are one lease at the
+/// store above, kept alive by the front; a child's lease that is not kept alive takes its keys,
+/// and only its keys, with it in one revision; a child can neither write on another's lease
+/// nor write another host's keys on its own (the front writes on the relay's lease, so it
+/// checks); and when the relay's lease is gone above, every lease below is gone with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_front_holds_its_subtrees_leases_on_one_lease_above() {
+    let (store, front, _down, _stop) = front_with_users().await;
+    let admin = StoreClient::connect_as(
+        &Endpoints::parse(&store.endpoint).unwrap(),
+        Some(("admin", "pw-admin")),
+    )
+    .await
+    .unwrap();
+    let mut above = admin.raw();
+    let mut children = Vec::new();
+    for i in 0..10 {
+        let name = if i % 2 == 0 { "h1" } else { "h2" };
+        let client = StoreClient::connect_as(&front, Some((name, &format!("pw-{name}"))))
+            .await
+            .expect("connect through the front");
+        let mut raw = client.raw();
+        let lease = raw.lease_grant(3, None).await.unwrap().id();
+        raw.put(
+            format!("/run/exports/{name}/k{i}"),
+            "v",
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .unwrap();
+        children.push((name, raw, lease));
+    }
+    let at_store = above.leases().await.unwrap();
+    assert_eq!(
+        at_store.leases().len(),
+        1,
+        "the store above holds one lease for the subtree: {:?}",
+        at_store.leases()
+    );
+    let up = at_store.leases()[0].id();
+    let own = children[0].1.get("/run/exports/h1/k0", None).await.unwrap();
+    assert_eq!(
+        own.kvs()[0].lease(),
+        children[0].2,
+        "a child reads its key back on its own lease"
+    );
+
+    // Neither another child's lease nor another host's key.
+    let h1_lease = children[0].2;
+    let err = children[1]
+        .1
+        .put(
+            "/run/exports/h2/x",
+            "v",
+            Some(PutOptions::new().with_lease(h1_lease)),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status(err).code(),
+        Code::PermissionDenied,
+        "h2 on h1's lease"
+    );
+    let err = children[0]
+        .1
+        .put(
+            "/run/exports/h2/x",
+            "v",
+            Some(PutOptions::new().with_lease(h1_lease)),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status(err).code(),
+        Code::PermissionDenied,
+        "h1 on h2's keys"
+    );
+    let (kvs, _) = admin.get_prefix("/run/exports/h2/x").await.unwrap();
+    assert!(kvs.is_empty(), "a refused write landed");
+
+    // Every lease but child 0's kept alive: its key goes, alone.
+    let beating = tokio_util::sync::CancellationToken::new();
+    for (_, raw, lease) in children.iter().skip(1) {
+        let (mut keeper, mut answers) = raw.clone().lease_keep_alive(*lease).await.unwrap();
+        let stop = beating.clone();
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                if keeper.keep_alive().await.is_err() {
+                    return;
+                }
+                let _ = answers.message().await;
+                tokio::time::sleep(Duration::from_millis(700)).await;
+            }
+        });
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (kvs, _) = admin.get_prefix("/run/exports/").await.unwrap();
+        let keys: Vec<String> = kvs
+            .iter()
+            .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+            .collect();
+        if !keys.iter().any(|k| k.ends_with("/k0")) {
+            assert_eq!(keys.len(), 9, "only the expired lease's key went: {keys:?}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "child 0's key outlived its lease: {keys:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let gone = children[0]
+        .1
+        .lease_time_to_live(h1_lease, None)
+        .await
+        .unwrap();
+    assert_eq!(gone.ttl(), -1, "the expired lease is gone below too");
+    assert_eq!(
+        above.leases().await.unwrap().leases().len(),
+        1,
+        "the relay's lease stays while others use it"
+    );
+
+    // The relay's lease gone above: every key of the subtree goes, and every lease below
+    // answers as gone.
+    above.lease_revoke(up).await.unwrap();
+    let (kvs, _) = admin.get_prefix("/run/exports/").await.unwrap();
+    assert!(
+        kvs.is_empty(),
+        "the subtree's keys outlived the relay's lease"
+    );
+    beating.cancel();
+    let lease = children[1].2;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        // etcd-client reports a lease answered as gone (TTL 0) as an error.
+        let ttl = match children[1].1.lease_keep_alive(lease).await {
+            Err(_) => 0,
+            Ok(_) => 1,
+        };
+        if ttl <= 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a lease below outlived the relay's lease above"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // And a new lease works again, on a new lease above.
+    let fresh = children[1].1.lease_grant(3, None).await.unwrap().id();
+    children[1]
+        .1
+        .put(
+            "/run/exports/h2/again",
+            "v",
+            Some(PutOptions::new().with_lease(fresh)),
+        )
+        .await
+        .unwrap();
+    let now = above.leases().await.unwrap();
+    assert_eq!(now.leases().len(), 1);
+    assert_ne!(now.leases()[0].id(), up, "a new lease above");
 }

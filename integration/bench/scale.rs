@@ -242,6 +242,7 @@ async fn run(mode: Mode, racks: usize, per_rack: usize) -> Figures {
                 let config = FrontConfig {
                     shared_prefixes: vec![rack_prefix(rack).into_bytes(), b"/sim/global/".to_vec()],
                     credential: None,
+                    users: Default::default(),
                 };
                 serve_on(FrontListener::Tcp(listener), upstream, config, stop.clone())
                     .await

@@ -98,6 +98,7 @@ pub async fn front(under: TestStore) -> TestStore {
     let config = FrontConfig {
         shared_prefixes: vec![Vec::new()],
         credential: None,
+        users: Default::default(),
     };
     serve_on(
         FrontListener::Tcp(listener),

@@ -1022,7 +1022,7 @@ async fn store_with_hosts(hosts: &[&str]) -> Endpoints {
         users.add(
             h,
             &format!("pw-{h}"),
-            crate::node::initiator::host_access(&keys, h),
+            crate::node::initiator::host_access(&keys, h, &[]),
         );
     }
     let store = Store::bind_with(

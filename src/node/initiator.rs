@@ -151,18 +151,31 @@ const INITIATOR_USER: &str = "@initiator";
 
 /// What host `host` may do in the store: read every export of the run and every host's `kv`
 /// keys; write its own exports, its own converged flag and its own `kv` keys. (And use its own
-/// leases, which the store tracks itself.)
-pub(crate) fn host_access(keys: &Keys, host: &str) -> Access {
+/// leases, which the store tracks itself.) A relay (`children` not empty) may also write the
+/// exports and converged flags of every host below it: its store front writes them on the
+/// relay's shared lease (store/front_leases.rs). That gives it nothing it did not have: it
+/// already holds their credentials to start them.
+pub(crate) fn host_access(keys: &Keys, host: &str, children: &[ChildSpec]) -> Access {
+    fn below(keys: &Keys, specs: &[ChildSpec], write: &mut Vec<Vec<u8>>, own: &mut Vec<Vec<u8>>) {
+        for c in specs {
+            write.push(keys.host_exports(&c.name).into_bytes());
+            own.push(keys.converged(&c.name).into_bytes());
+            below(keys, &c.children, write, own);
+        }
+    }
+    let mut write = vec![
+        keys.host_exports(host).into_bytes(),
+        kv_host_prefix(host).into_bytes(),
+    ];
+    let mut own = vec![keys.converged(host).into_bytes()];
+    below(keys, children, &mut write, &mut own);
     Access::Keys {
         read: vec![
             keys.exports().as_bytes().to_vec(),
             KV_PREFIX.as_bytes().to_vec(),
         ],
-        write: vec![
-            keys.host_exports(host).into_bytes(),
-            kv_host_prefix(host).into_bytes(),
-        ],
-        own: vec![keys.converged(host).into_bytes()],
+        write,
+        own,
     }
 }
 
@@ -189,7 +202,7 @@ fn host_users(
             out.push(seeds::HostUser {
                 name: store_user.clone().unwrap_or_else(|| c.name.clone()),
                 password: password.clone(),
-                access: host_access(keys, &c.name),
+                access: host_access(keys, &c.name, &c.children),
             });
             c.credential = Some(password);
             c.store_user = store_user;

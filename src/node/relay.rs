@@ -210,6 +210,7 @@ async fn serve(
                 let config = crate::store::relay_front::FrontConfig {
                     shared_prefixes: vec![exports_prefix.clone()],
                     credential: store_user(start).map(|(u, p)| (u.to_string(), p.to_string())),
+                    users: subtree_users(start),
                 };
                 crate::store::relay_front::serve(
                     socket.clone(),
@@ -553,6 +554,32 @@ fn corrupt_own_artifacts(dir: &Path, start: &Start) {
             Err(e) => tracing::warn!("misbehaving: {}: {e}", path.display()),
         }
     }
+}
+
+/// What each store user below this relay may do (by user name), as the initiator gave them
+/// ([`host_access`](super::initiator::host_access)): the front checks a child's writes on the
+/// relay's shared leases against it. Empty when the store checks no credentials.
+fn subtree_users(start: &Start) -> std::collections::HashMap<String, crate::store::auth::Access> {
+    fn walk(
+        specs: &[crate::wire::ChildSpec],
+        keys: &crate::engine::exchange::Keys,
+        out: &mut std::collections::HashMap<String, crate::store::auth::Access>,
+    ) {
+        for c in specs {
+            let user = c.store_user.clone().unwrap_or_else(|| c.name.clone());
+            out.insert(
+                user,
+                super::initiator::host_access(keys, &c.name, &c.children),
+            );
+            walk(&c.children, keys, out);
+        }
+    }
+    let mut out = std::collections::HashMap::new();
+    if start.credential.is_some() {
+        let keys = crate::engine::exchange::Keys::for_run(&start.config.run);
+        walk(&start.children, &keys, &mut out);
+    }
+    out
 }
 
 /// The store user this node authenticates as, with its password, when it was given one: the

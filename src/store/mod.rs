@@ -32,6 +32,7 @@ mod backend;
 pub mod client;
 mod errors;
 mod front_cache;
+mod front_leases;
 pub mod fuzzing;
 mod http;
 mod json;

@@ -26,13 +26,15 @@
 //! upstream watch that was unbroken since the child's start revision; any gap sends it to an
 //! upstream watch of its own.
 
+use super::auth::Access;
 use super::auth::prefix_end;
 use super::front_cache::{self, Cache};
+use super::front_leases::{self, Authenticate, FrontLease, Leases};
 use super::mvcc::KeyRange;
 use etcd_client::proto::{
     PbAuthenticateRequest, PbAuthenticateResponse, PbClusterServer, PbClusterService,
     PbCompactionRequest, PbCompactionResponse, PbDeleteRequest, PbDeleteResponse, PbEvent,
-    PbKvServer, PbKvService, PbMember, PbMemberAddRequest, PbMemberAddResponse,
+    PbKvServer, PbKvService, PbLeaseServer, PbMember, PbMemberAddRequest, PbMemberAddResponse,
     PbMemberListRequest, PbMemberListResponse, PbMemberPromoteRequest, PbMemberPromoteResponse,
     PbMemberRemoveRequest, PbMemberRemoveResponse, PbMemberUpdateRequest, PbMemberUpdateResponse,
     PbPutRequest, PbPutResponse, PbRangeRequest, PbRangeResponse, PbRangeStreamResponse,
@@ -40,7 +42,7 @@ use etcd_client::proto::{
     PbWatchResponse, PbWatchServer, PbWatchService,
 };
 use futures::future::BoxFuture;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -74,15 +76,28 @@ pub struct FrontConfig {
     /// The key prefixes whose watches are shared, one upstream watch each (a relay's: the
     /// run's exports). A child's watch or read inside one of them is served from it.
     pub shared_prefixes: Vec<Vec<u8>>,
-    /// The relay's own store credential (name, password): the shared watch runs as the relay.
+    /// The relay's own store credential (name, password): the shared watch runs as the relay,
+    /// and so do writes on the relay's shared leases (front_leases.rs).
     pub credential: Option<(String, String)>,
+    /// What each store user of the subtree may do, by user name: checked here before a write
+    /// goes upstream on the relay's lease (with a credential; empty without).
+    pub users: HashMap<String, Access>,
 }
 
 /// The calls the front answers itself: Watch, and the Cluster service (passed through, but
 /// with the front's own address as every member's client URL, as etcd's grpc-proxy does: the
 /// store's own addresses mean nothing below a relay).
 fn answered_here(path: &str) -> bool {
-    path == WATCH_PATH || path == RANGE_PATH || path.starts_with("/etcdserverpb.Cluster/")
+    [
+        WATCH_PATH,
+        RANGE_PATH,
+        front_leases::PUT,
+        front_leases::TXN,
+        front_leases::DELETE,
+    ]
+    .contains(&path)
+        || path.starts_with("/etcdserverpb.Cluster/")
+        || path.starts_with("/etcdserverpb.Lease/")
 }
 
 /// Where the front listens: a relay's Unix socket, or (in tests) a loopback TCP listener.
@@ -129,20 +144,32 @@ pub async fn serve_on(
         })
         .collect();
     let hubs = Arc::new(Hubs(hubs));
+    let leases = Leases::new(
+        upstream.clone(),
+        config.credential.clone(),
+        config.users,
+        shutdown.clone(),
+    );
     let kv = PbKvServer::new(FrontKv {
         hubs: hubs.clone(),
         upstream: upstream.clone(),
+        leases: leases.clone(),
     });
     let watch = PbWatchServer::new(FrontWatch {
         hubs,
         upstream: upstream.clone(),
+        leases: leases.clone(),
     });
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .layer(PassLayer(upstream.clone()))
+        .layer(PassLayer(upstream.clone(), leases.clone()))
         .add_service(watch)
         .add_service(kv)
+        .add_service(PbLeaseServer::new(FrontLease {
+            leases,
+            upstream: upstream.clone(),
+        }))
         .add_service(PbClusterServer::new(FrontCluster {
             upstream,
             advertise,
@@ -177,7 +204,7 @@ enum Bound {
 // Everything but Watch: passed through.
 
 #[derive(Clone)]
-struct PassLayer(Channel);
+struct PassLayer(Channel, Arc<Leases>);
 
 impl tower::Layer<Routes> for PassLayer {
     type Service = PassService;
@@ -186,6 +213,7 @@ impl tower::Layer<Routes> for PassLayer {
         PassService {
             inner,
             upstream: self.0.clone(),
+            leases: self.1.clone(),
         }
     }
 }
@@ -194,6 +222,7 @@ impl tower::Layer<Routes> for PassLayer {
 struct PassService {
     inner: Routes,
     upstream: Channel,
+    leases: Arc<Leases>,
 }
 
 const WATCH_PATH: &str = "/etcdserverpb.Watch/Watch";
@@ -213,6 +242,14 @@ impl tower::Service<http::Request<Body>> for PassService {
             let call = self.inner.call(req);
             return Box::pin(call);
         }
+        if req.uri().path() == front_leases::AUTHENTICATE {
+            // Passed up, with the token it returns remembered as the user's (front_leases.rs).
+            let svc = Authenticate(self.leases.clone());
+            return Box::pin(async move {
+                let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::default());
+                Ok(grpc.unary(svc, req).await)
+            });
+        }
         let mut upstream = self.upstream.clone();
         Box::pin(async move {
             let ready = tower::ServiceExt::ready(&mut upstream).await;
@@ -230,7 +267,7 @@ impl tower::Service<http::Request<Body>> for PassService {
 // ---------------------------------------------------------------------------------------------
 // Calls the front makes itself.
 
-fn with_token<T>(message: T, token: Option<&str>) -> Request<T> {
+pub(crate) fn with_token<T>(message: T, token: Option<&str>) -> Request<T> {
     let mut req = Request::new(message);
     if let Some(token) = token
         && let Ok(value) = token.parse()
@@ -240,7 +277,11 @@ fn with_token<T>(message: T, token: Option<&str>) -> Request<T> {
     req
 }
 
-async fn unary<Q, R>(upstream: &Channel, path: &'static str, req: Request<Q>) -> Result<R, Status>
+pub(crate) async fn unary<Q, R>(
+    upstream: &Channel,
+    path: &'static str,
+    req: Request<Q>,
+) -> Result<R, Status>
 where
     Q: prost::Message + Send + Sync + 'static,
     R: prost::Message + Default + Send + Sync + 'static,
@@ -309,6 +350,7 @@ fn create_request(
 struct FrontKv {
     hubs: Arc<Hubs>,
     upstream: Channel,
+    leases: Arc<Leases>,
 }
 
 /// Passes a unary call upstream with the caller's token.
@@ -340,11 +382,14 @@ impl PbKvService for FrontKv {
         let hub = self.hubs.covering(&r.key, &r.range_end);
         if let Some(hub) = hub.filter(|_| front_cache::answerable(r)) {
             let token = token_of(&req);
-            if let Some(resp) = hub.range(&self.upstream, token.as_deref(), r).await? {
+            if let Some(mut resp) = hub.range(&self.upstream, token.as_deref(), r).await? {
+                self.leases.localize_kvs(&mut resp.kvs);
                 return Ok(Response::new(resp));
             }
         }
-        pass(&self.upstream, RANGE_PATH, req).await
+        let mut resp: Response<PbRangeResponse> = pass(&self.upstream, RANGE_PATH, req).await?;
+        self.leases.localize_kvs(&mut resp.get_mut().kvs);
+        Ok(resp)
     }
 
     type RangeStreamStream =
@@ -360,19 +405,57 @@ impl PbKvService for FrontKv {
         ))
     }
 
+    /// A put on a lease here goes up on the relay's lease (front_leases.rs); others pass.
     async fn put(&self, req: Request<PbPutRequest>) -> Result<Response<PbPutResponse>, Status> {
-        pass(&self.upstream, "/etcdserverpb.KV/Put", req).await
+        let token = token_of(&req);
+        let put = req.into_inner();
+        if let Some(resp) = self.leases.put(token.as_deref(), &put).await? {
+            return Ok(Response::new(resp));
+        }
+        let mut resp: PbPutResponse = unary(
+            &self.upstream,
+            front_leases::PUT,
+            with_token(put.clone(), token.as_deref()),
+        )
+        .await?;
+        self.leases.record_passed_put(&put, &mut resp);
+        Ok(Response::new(resp))
     }
 
     async fn delete_range(
         &self,
         req: Request<PbDeleteRequest>,
     ) -> Result<Response<PbDeleteResponse>, Status> {
-        pass(&self.upstream, "/etcdserverpb.KV/DeleteRange", req).await
+        let token = token_of(&req);
+        let del = req.into_inner();
+        let mut resp: PbDeleteResponse = unary(
+            &self.upstream,
+            front_leases::DELETE,
+            with_token(del.clone(), token.as_deref()),
+        )
+        .await?;
+        self.leases.record_passed_delete(&del, &mut resp);
+        Ok(Response::new(resp))
     }
 
+    /// A txn putting on a lease here goes up as the relay (front_leases.rs); others pass,
+    /// with compares on leases here made on the relay's.
     async fn txn(&self, req: Request<PbTxnRequest>) -> Result<Response<PbTxnResponse>, Status> {
-        pass(&self.upstream, "/etcdserverpb.KV/Txn", req).await
+        let token = token_of(&req);
+        let txn = req.into_inner();
+        if let Some(resp) = self.leases.txn(token.as_deref(), &txn).await? {
+            return Ok(Response::new(resp));
+        }
+        let mut up = txn.clone();
+        self.leases.rewrite_compares(&mut up);
+        let mut resp: PbTxnResponse = unary(
+            &self.upstream,
+            front_leases::TXN,
+            with_token(up, token.as_deref()),
+        )
+        .await?;
+        self.leases.record_passed_txn(&txn, &mut resp);
+        Ok(Response::new(resp))
     }
 
     async fn compact(
@@ -391,7 +474,7 @@ struct FrontCluster {
     advertise: String,
 }
 
-fn token_of<T>(req: &Request<T>) -> Option<String> {
+pub(crate) fn token_of<T>(req: &Request<T>) -> Option<String> {
     req.metadata()
         .get("token")
         .and_then(|v| v.to_str().ok())
@@ -822,6 +905,7 @@ impl Hubs {
 struct FrontWatch {
     hubs: Arc<Hubs>,
     upstream: Channel,
+    leases: Arc<Leases>,
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<PbWatchResponse, Status>> + Send>>;
@@ -839,6 +923,7 @@ impl PbWatchService for FrontWatch {
         let session = Session {
             hubs: self.hubs.clone(),
             upstream: self.upstream.clone(),
+            leases: self.leases.clone(),
             token,
             tx,
             watches: BTreeMap::new(),
@@ -865,6 +950,7 @@ struct Want {
 struct Session {
     hubs: Arc<Hubs>,
     upstream: Channel,
+    leases: Arc<Leases>,
     token: Option<String>,
     tx: mpsc::Sender<Result<PbWatchResponse, Status>>,
     /// The running child watches, each a task of its own.
@@ -919,6 +1005,7 @@ impl Session {
                     let child = ChildWatch {
                         hubs: self.hubs.clone(),
                         upstream: self.upstream.clone(),
+                        leases: self.leases.clone(),
                         token: self.token.clone(),
                         tx: self.tx.clone(),
                         want,
@@ -967,6 +1054,7 @@ impl Session {
 struct ChildWatch {
     hubs: Arc<Hubs>,
     upstream: Channel,
+    leases: Arc<Leases>,
     token: Option<String>,
     tx: mpsc::Sender<Result<PbWatchResponse, Status>>,
     want: Want,
@@ -1151,6 +1239,7 @@ impl ChildWatch {
                     out.push(e.clone());
                 }
                 *next = last + 1;
+                self.leases.localize_events(&mut out);
                 if !out.is_empty() {
                     let resp = PbWatchResponse {
                         header: Some(*header),
@@ -1220,6 +1309,7 @@ impl ChildWatch {
             if resp.created && !first {
                 continue;
             }
+            self.leases.localize_events(&mut resp.events);
             let created_now = resp.created;
             // A refused create keeps etcd's -1; everything else is about the child's watch.
             if !(resp.created && resp.canceled) {
