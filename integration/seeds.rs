@@ -324,17 +324,36 @@ fn hosts_get_etcd_users_of_their_own_keys_and_none_outlive_a_ctrl_c(lab: &Lab) -
         );
         let role = etcd.root(&["role", "get", &name])?;
         let base = format!("/arbor/runs/{run}");
+        // A relay may also write its subtree's exports and converged flags (its store front
+        // writes them on its shared lease): r1's role names l1-1's too.
+        let subtree: &[&str] = if host == "r1" {
+            &["l1-1", "r1"]
+        } else {
+            &[host]
+        };
+        let converged: String = subtree
+            .iter()
+            .map(|h| format!("\t{base}/converged/{h}\n"))
+            .collect();
+        let exports: String = subtree
+            .iter()
+            .map(|h| {
+                format!(
+                    "\t[{base}/exports/{h}/, {base}/exports/{h}0) (prefix {base}/exports/{h}/)\n"
+                )
+            })
+            .collect();
         let want = format!(
             "Role {name}\nKV Read:\n\
              \t[/arbor/kv/, /arbor/kv0) (prefix /arbor/kv/)\n\
              \t[/arbor/kv/{host}/, /arbor/kv/{host}0) (prefix /arbor/kv/{host}/)\n\
-             \t{base}/converged/{host}\n\
+             {converged}\
              \t[{base}/exports/, {base}/exports0) (prefix {base}/exports/)\n\
-             \t[{base}/exports/{host}/, {base}/exports/{host}0) (prefix {base}/exports/{host}/)\n\
+             {exports}\
              KV Write:\n\
              \t[/arbor/kv/{host}/, /arbor/kv/{host}0) (prefix /arbor/kv/{host}/)\n\
-             \t{base}/converged/{host}\n\
-             \t[{base}/exports/{host}/, {base}/exports/{host}0) (prefix {base}/exports/{host}/)\n"
+             {converged}\
+             {exports}"
         );
         check!(role == want, "role {name}:\n{role}\nwant:\n{want}");
     }

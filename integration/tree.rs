@@ -34,6 +34,10 @@ fn main() -> std::process::ExitCode {
             leaves_exchange_files_through_relays_with_one_binary_per_relay_on_the_link,
         ),
         (
+            "the_initiators_store_holds_a_lease_and_a_watch_per_relay_not_per_leaf",
+            the_initiators_store_holds_a_lease_and_a_watch_per_relay_not_per_leaf,
+        ),
+        (
             "collected_files_are_summarized_per_host_at_info_and_listed_one_by_one_under_v",
             collected_files_are_summarized_per_host_at_info_and_listed_one_by_one_under_v,
         ),
@@ -386,6 +390,39 @@ fn leaves_exchange_files_through_relays_with_one_binary_per_relay_on_the_link(
         "the initiator's link carried {sent} bytes out (and {} in); two relays x {binary}-byte \
          binary + 10% is {limit}",
         rx1 - rx0
+    );
+    check_no_leftovers(lab, &HOSTS)
+}
+
+/// Once the two relays' six leaves have converged, the initiator's store holds leases and
+/// watches by relay, not by leaf: each relay's front holds one shared lease and one shared
+/// watch for its whole subtree (the relays run no graph of their own here): 2 leases, and 3
+/// watches with the initiator's own on the converged flags, where a lease and a watch per
+/// leaf would be 6 and 7.
+fn the_initiators_store_holds_a_lease_and_a_watch_per_relay_not_per_leaf(lab: &Lab) -> TestResult {
+    clean(lab, false);
+    let topo = topology(TWO_RELAYS);
+    let (mut running, rx) = start(lab, &topo, &[]);
+    let converged: Vec<String> = LEAVES
+        .iter()
+        .map(|l| format!("r{}/{l}: converged", &l[1..2]))
+        .collect();
+    wait_lines(&rx, &converged, Duration::from_secs(90))?;
+    let metrics = support::store_socket(running.0.id())
+        .and_then(|s| support::scrape(&s))
+        .ok_or_else(|| fail("could not read the initiator's store /metrics"))?;
+    let leases = support::gauge(&metrics, "arbor_store_leases");
+    let watchers = support::gauge(&metrics, "etcd_debugging_mvcc_watcher_total");
+    stop_with(&mut running, libc::SIGINT)?;
+    check!(
+        leases == 2.0,
+        "the initiator's store holds {leases} leases for 2 relays and 6 leaves; want 2 (one \
+         per relay)"
+    );
+    check!(
+        watchers == 3.0,
+        "the initiator's store holds {watchers} watchers for 2 relays and 6 leaves; want 3 \
+         (one per relay, and the initiator's own)"
     );
     check_no_leftovers(lab, &HOSTS)
 }

@@ -295,36 +295,6 @@ struct Exchange {
     leases: f64,
 }
 
-/// The store's Prometheus text from `/metrics` on its Unix socket (HTTP/1.0: a plain body).
-fn scrape(socket: &Path) -> Option<String> {
-    let mut s = std::os::unix::net::UnixStream::connect(socket).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: store\r\n\r\n")
-        .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    text.starts_with("HTTP/1").then_some(text)
-}
-
-fn gauge(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{metrics}"))
-}
-
-/// The embedded store's socket of the arbor with pid `pid` (`--tmp-prefix`: in a fresh
-/// `arbor-run.*` dir under the temp dir).
-fn store_socket(pid: u32) -> Option<PathBuf> {
-    let name = format!("store-{pid}.sock");
-    std::fs::read_dir(std::env::temp_dir())
-        .ok()?
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("arbor-run."))
-        .map(|e| e.path().join(&name))
-        .find(|p| p.exists())
-}
-
 /// One run of `arbor` (the given build) on `topo`; the store is scraped once every one of
 /// `leaves` leaf paths has said converged (with `--converged-timeout 1` the run then stays up
 /// for a second before it tears down).
@@ -376,8 +346,8 @@ fn run_exchange(lab: &Lab, arbor: &Path, topo: &Path, leaves: usize) -> Exchange
             }
         }
         if at_converged.is_none() && state.len() == leaves && state.values().all(|c| *c) {
-            let metrics = store_socket(pid)
-                .and_then(|s| scrape(&s))
+            let metrics = support::store_socket(pid)
+                .and_then(|s| support::scrape(&s))
                 .expect("scrape the initiator's store while converged");
             at_converged = Some(metrics);
         }
@@ -397,9 +367,9 @@ fn run_exchange(lab: &Lab, arbor: &Path, topo: &Path, leaves: usize) -> Exchange
             .iter()
             .filter(|l| l.contains(" file[@@") || l.contains(" collected "))
             .count(),
-        watchers: gauge(&metrics, "etcd_debugging_mvcc_watcher_total"),
-        watch_streams: gauge(&metrics, "etcd_debugging_mvcc_watch_stream_total"),
-        leases: gauge(&metrics, "arbor_store_leases"),
+        watchers: support::gauge(&metrics, "etcd_debugging_mvcc_watcher_total"),
+        watch_streams: support::gauge(&metrics, "etcd_debugging_mvcc_watch_stream_total"),
+        leases: support::gauge(&metrics, "arbor_store_leases"),
     }
 }
 

@@ -21,8 +21,10 @@ macro_rules! check {
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -262,4 +264,34 @@ pub fn write_bench_section(name: &str, body: &str) {
         _ => format!("{}\n{block}\n", text.trim_end()),
     };
     std::fs::write(&path, new).expect("write docs/benchmarks.md");
+}
+
+/// The store's Prometheus text from `/metrics` on its Unix socket (HTTP/1.0: a plain body).
+pub fn scrape(socket: &Path) -> Option<String> {
+    let mut s = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: store\r\n\r\n")
+        .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.starts_with("HTTP/1").then_some(text)
+}
+
+pub fn gauge(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{metrics}"))
+}
+
+/// The embedded store's socket of the arbor with pid `pid` (`--tmp-prefix`: in a fresh
+/// `arbor-run.*` dir under the temp dir).
+pub fn store_socket(pid: u32) -> Option<PathBuf> {
+    let name = format!("store-{pid}.sock");
+    std::fs::read_dir(std::env::temp_dir())
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("arbor-run."))
+        .map(|e| e.path().join(&name))
+        .find(|p| p.exists())
 }
