@@ -11,7 +11,7 @@
 //! - **ClusterShell** (Debian's `clustershell`), tree mode with the relays as gateways,
 //!   `clush --copy`. It finds the root of its topology.conf by the initiator's short host
 //!   name, so it runs in a UTS namespace of its own named `peers-init`; each relay gets an
-//!   ssh_config naming its leaves.
+//!   ssh_config naming its leaves (at the path of the initiator's, which clush passes on).
 //! - **Ansible** (Debian's `ansible-core`), `copy` with the relays as ProxyJump hosts (the lab's
 //!   ssh_config), forks 24.
 //! - **arbor**, relay mode, cold caches (its own binary included in the bytes and the time),
@@ -181,9 +181,15 @@ impl<'a> Setup<'a> {
             for l in 1..=LEAVES {
                 conf += &format!("Host l{r}-{l}\n    HostName 10.199.{r}.{}\n", 10 + l);
             }
+            // clush hands its ssh options (`-F` the initiator's ssh_config) to the gateways
+            // too: each relay gets its own file at that path, in its own private /tmp.
+            let path = lab.home().join(".ssh/config");
+            let path = path.display();
             lab.sh(
                 &format!("r{r}"),
-                &format!("cat > /root/.ssh/config <<'EOF'\n{conf}EOF\nchmod 600 /root/.ssh/config"),
+                &format!(
+                    "mkdir -p $(dirname {path}) && cat > {path} <<'EOF'\n{conf}EOF\nchmod 600 {path}"
+                ),
             );
         }
         std::fs::write(cfg.join("topology.conf"), routes).expect("topology.conf");
