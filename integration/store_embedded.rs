@@ -688,6 +688,7 @@ async fn front_with_users() -> (
     Endpoints,
     std::sync::Arc<std::sync::atomic::AtomicU64>,
     tokio_util::sync::DropGuard,
+    std::sync::Arc<arbor::store::relay_front::Holds>,
 ) {
     use arbor::store::auth::{Access, Users};
     use arbor::store::relay_front::{FrontConfig, FrontListener, serve_on};
@@ -733,6 +734,7 @@ async fn front_with_users() -> (
     let upstream = tonic::transport::Endpoint::from_shared(format!("http://{uplink}"))
         .unwrap()
         .connect_lazy();
+    let holds = std::sync::Arc::new(arbor::store::relay_front::Holds::default());
     let config = FrontConfig {
         shared_prefixes: vec![b"/run/exports/".to_vec()],
         credential: Some(("relay".into(), "pw-relay".into())),
@@ -740,12 +742,13 @@ async fn front_with_users() -> (
             .map(|n| (n.to_string(), host(n)))
             .into_iter()
             .collect(),
+        holds: holds.clone(),
     };
     serve_on(FrontListener::Tcp(listener), upstream, config, stop.clone())
         .await
         .unwrap();
     let front = Endpoints::parse(&front_url).unwrap();
-    (store, front, down, stop.drop_guard())
+    (store, front, down, stop.drop_guard(), holds)
 }
 
 /// What a leaf does first (a serializable read of every export) costs the relay's uplink
@@ -756,7 +759,7 @@ async fn front_with_users() -> (
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_front_answers_serializable_reads_of_the_exports_from_its_copy() {
     use std::sync::atomic::Ordering;
-    let (store, front, down, _stop) = front_with_users().await;
+    let (store, front, down, _stop, _) = front_with_users().await;
     let direct = StoreClient::connect_as(
         &Endpoints::parse(&store.endpoint).unwrap(),
         Some(("h1", "pw-h1")),
@@ -882,7 +885,7 @@ async fn a_relay_front_answers_serializable_reads_of_the_exports_from_its_copy()
 /// another host's keys through the front is refused by the store above.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_front_shares_one_upstream_watch_and_keeps_each_childs_rights() {
-    let (store, front, _, _stop) = front_with_users().await;
+    let (store, front, _, _stop, _) = front_with_users().await;
     let watchers = || async {
         let metrics = support::http_client::get(&store.endpoint, "/metrics")
             .await
@@ -995,7 +998,7 @@ async fn a_relay_front_shares_one_upstream_watch_and_keeps_each_childs_rights() 
 /// checks); and when the relay's lease is gone above, every lease below is gone with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_front_holds_its_subtrees_leases_on_one_lease_above() {
-    let (store, front, _down, _stop) = front_with_users().await;
+    let (store, front, _down, _stop, _) = front_with_users().await;
     let admin = StoreClient::connect_as(
         &Endpoints::parse(&store.endpoint).unwrap(),
         Some(("admin", "pw-admin")),
@@ -1152,4 +1155,51 @@ async fn a_relay_front_holds_its_subtrees_leases_on_one_lease_above() {
     let now = above.leases().await.unwrap();
     assert_eq!(now.leases().len(), 1);
     assert_ne!(now.leases()[0].id(), up, "a new lease above");
+}
+
+/// A child whose link to its relay is down cannot keep its lease alive: while the relay holds
+/// it, its lease at the front is renewed instead of expiring, and its keys stay; once released,
+/// the lease runs out as any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_childs_lease_at_the_front_outlives_its_ttl_until_released() {
+    let (store, front, _down, _stop, holds) = front_with_users().await;
+    let admin = StoreClient::connect_as(
+        &Endpoints::parse(&store.endpoint).unwrap(),
+        Some(("admin", "pw-admin")),
+    )
+    .await
+    .unwrap();
+    let h1 = StoreClient::connect_as(&front, Some(("h1", "pw-h1")))
+        .await
+        .unwrap();
+    let mut raw = h1.raw();
+    let lease = raw.lease_grant(2, None).await.unwrap().id();
+    raw.put(
+        "/run/exports/h1/held",
+        "v",
+        Some(PutOptions::new().with_lease(lease)),
+    )
+    .await
+    .unwrap();
+    holds.hold(
+        &["h1".to_string()],
+        std::time::Instant::now() + Duration::from_secs(60),
+    );
+    // No keepalive for twice the TTL, and more.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (kvs, _) = admin.get_prefix("/run/exports/h1/held").await.unwrap();
+    assert_eq!(kvs.len(), 1, "a held lease expired");
+    holds.release(&["h1".to_string()]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(6);
+    loop {
+        let (kvs, _) = admin.get_prefix("/run/exports/h1/held").await.unwrap();
+        if kvs.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a released lease did not run out"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -243,6 +243,7 @@ async fn run(mode: Mode, racks: usize, per_rack: usize) -> Figures {
                     shared_prefixes: vec![rack_prefix(rack).into_bytes(), b"/sim/global/".to_vec()],
                     credential: None,
                     users: Default::default(),
+                    holds: Default::default(),
                 };
                 serve_on(FrontListener::Tcp(listener), upstream, config, stop.clone())
                     .await

@@ -99,6 +99,7 @@ pub async fn front(under: TestStore) -> TestStore {
         shared_prefixes: vec![Vec::new()],
         credential: None,
         users: Default::default(),
+        holds: Default::default(),
     };
     serve_on(
         FrontListener::Tcp(listener),

@@ -152,6 +152,8 @@ async fn serve(
     let tunnel_client = client.clone();
     // Stops the store front (if we serve one) however this node ends.
     let front_stop = CancellationToken::new();
+    // Children whose leases our front keeps while their link is down.
+    let front_holds = Arc::new(crate::store::relay_front::Holds::default());
     let _front_stopped = front_stop.clone().drop_guard();
     let exports_prefix = keys.exports().as_bytes().to_vec();
     let exchange: Arc<dyn Exchange> = Arc::new(StoreExchange::new(client, keys));
@@ -211,6 +213,7 @@ async fn serve(
                     shared_prefixes: vec![exports_prefix.clone()],
                     credential: store_user(start).map(|(u, p)| (u.to_string(), p.to_string())),
                     users: subtree_users(start),
+                    holds: front_holds.clone(),
                 };
                 crate::store::relay_front::serve(
                     socket.clone(),

@@ -185,7 +185,36 @@ pub(crate) struct Leases {
     /// Serializes grants of the relay's leases upstream.
     granting: tokio::sync::Mutex<()>,
     keepalive_started: std::sync::Once,
+    holds: Arc<Holds>,
     shutdown: CancellationToken,
+}
+
+/// Users whose leases at the front do not expire for a while: children whose link to the
+/// relay is down (reconnecting), whose keepalives cannot arrive until it is back. The relay
+/// holds and releases them; the front renews their leases instead of expiring them.
+#[derive(Default)]
+pub struct Holds(Mutex<HashMap<String, std::time::Instant>>);
+
+impl Holds {
+    /// Keeps the leases of `names` from expiring until `until` (or [`Holds::release`]).
+    pub fn hold(&self, names: &[String], until: std::time::Instant) {
+        let mut held = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        for name in names {
+            held.insert(name.clone(), until);
+        }
+    }
+
+    pub fn release(&self, names: &[String]) {
+        let mut held = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        for name in names {
+            held.remove(name);
+        }
+    }
+
+    fn held(&self, name: &str, now: std::time::Instant) -> bool {
+        let held = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        held.get(name).is_some_and(|until| now < *until)
+    }
 }
 
 /// Who is calling, as far as this front knows (`None`: no credentials are checked).
@@ -216,6 +245,7 @@ impl Leases {
         upstream: Channel,
         credential: Option<(String, String)>,
         users: HashMap<String, Access>,
+        holds: Arc<Holds>,
         shutdown: CancellationToken,
     ) -> Arc<Leases> {
         let leases = Arc::new(Leases {
@@ -226,6 +256,7 @@ impl Leases {
             state: Mutex::new(State::default()),
             granting: tokio::sync::Mutex::new(()),
             keepalive_started: std::sync::Once::new(),
+            holds,
             shutdown: shutdown.clone(),
         });
         let expiry = leases.clone().expire_loop();
@@ -657,6 +688,15 @@ impl Leases {
             let now = Instant::now();
             let expired: Vec<(i64, i64, Vec<Vec<u8>>)> = {
                 let mut st = self.lock();
+                // A held owner's leases are renewed instead (its link is down).
+                for l in st.local.values_mut() {
+                    if l.deadline <= now
+                        && let Some(owner) = &l.owner
+                        && self.holds.held(owner, now.into_std())
+                    {
+                        l.deadline = now + secs(l.ttl);
+                    }
+                }
                 let ids: Vec<i64> = st
                     .local
                     .iter()

@@ -29,6 +29,7 @@
 use super::auth::Access;
 use super::auth::prefix_end;
 use super::front_cache::{self, Cache};
+pub use super::front_leases::Holds;
 use super::front_leases::{self, Authenticate, FrontLease, Leases};
 use super::mvcc::KeyRange;
 use etcd_client::proto::{
@@ -82,6 +83,8 @@ pub struct FrontConfig {
     /// What each store user of the subtree may do, by user name: checked here before a write
     /// goes upstream on the relay's lease (with a credential; empty without).
     pub users: HashMap<String, Access>,
+    /// Children whose leases the front renews instead of expiring (their link is down).
+    pub holds: Arc<Holds>,
 }
 
 /// The calls the front answers itself: Watch, and the Cluster service (passed through, but
@@ -148,6 +151,7 @@ pub async fn serve_on(
         upstream.clone(),
         config.credential.clone(),
         config.users,
+        config.holds,
         shutdown.clone(),
     );
     let kv = PbKvServer::new(FrontKv {
