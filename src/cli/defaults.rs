@@ -66,6 +66,7 @@ const KEYS: &[Key] = &[
     key("log-file", "log_file", Shape::Value, GLOBAL),
     key("color", "color", Shape::Value, GLOBAL),
     key("link-timeout", "link_timeout", Shape::Value, RUN_EXEC),
+    key("reconnect-grace", "reconnect_grace", Shape::Value, RUN_EXEC),
     key("cconns", "cconns", Shape::Value, RUN_EXEC),
     key("connect-timeout", "connect_timeout", Shape::Value, RUN_EXEC),
     key("host-key-policy", "host_key_policy", Shape::Value, RUN_EXEC),

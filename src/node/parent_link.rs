@@ -89,34 +89,71 @@ pub struct Downstream {
 
 impl Downstream {
     /// The next control frame other than a heartbeat; `None` when the parent is gone: stdin
-    /// closed or broken, or nothing from it for the link timeout (a link that died without a
-    /// FIN). Cancel-safe.
+    /// closed or broken, or nothing from it for the link timeout and then the reconnect grace
+    /// (a link that died without a FIN and did not come back). Cancel-safe.
     pub async fn recv(&mut self) -> Option<Down> {
         self.rx.recv().await
     }
 
     /// Reads stdin on a task of its own, so that the link timeout measures the parent's
-    /// silence, not how long this node took to ask for the next frame.
-    fn spawn(mut reader: FrameReader<tokio::io::Stdin>, timeout: std::time::Duration) -> Self {
+    /// silence, not how long this node took to ask for the next frame. After `timeout` of
+    /// silence the link counts as down, but this node keeps running for `grace` more: if a
+    /// frame comes within it (the same SSH connection, once the network is back), the link
+    /// is up again and nothing was lost (SSH and TCP retransmit what was in flight).
+    fn spawn(
+        mut reader: FrameReader<tokio::io::Stdin>,
+        timeout: std::time::Duration,
+        grace: std::time::Duration,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
+            let mut down_since: Option<std::time::Instant> = None;
             loop {
-                match tokio::time::timeout(timeout, reader.recv::<Down>()).await {
+                let wait = if down_since.is_some() { grace } else { timeout };
+                let frame = match tokio::time::timeout(wait, reader.recv::<Down>()).await {
+                    Err(_) if down_since.is_none() && !grace.is_zero() => {
+                        tracing::warn!(
+                            "no word from the parent for {}s: the link is down; this node and \
+                             its subtree keep running for up to {}s while it comes back",
+                            timeout.as_secs(),
+                            grace.as_secs()
+                        );
+                        down_since = Some(std::time::Instant::now());
+                        continue;
+                    }
                     Err(_) => {
                         tracing::warn!(
-                            "no word from the parent for {}s: the link is down",
-                            timeout.as_secs()
+                            "no word from the parent for {}s: the link is down for good; \
+                             tearing this subtree down",
+                            (timeout
+                                + if down_since.is_some() {
+                                    grace
+                                } else {
+                                    Default::default()
+                                })
+                            .as_secs()
                         );
                         break;
                     }
-                    Ok(Ok(Some(Down::Heartbeat))) => {}
-                    Ok(Ok(Some(frame))) => {
+                    Ok(frame) => frame,
+                };
+                if let Some(since) = down_since.take()
+                    && matches!(frame, Ok(Some(_)))
+                {
+                    tracing::warn!(
+                        "the link to the parent is back after {}s down",
+                        (since.elapsed() + timeout).as_secs()
+                    );
+                }
+                match frame {
+                    Ok(Some(Down::Heartbeat)) => {}
+                    Ok(Some(frame)) => {
                         if tx.send(frame).await.is_err() {
                             break;
                         }
                     }
-                    Ok(Ok(None)) => break,
-                    Ok(Err(e)) => {
+                    Ok(None) => break,
+                    Err(e) => {
                         tracing::warn!("control link: {e}");
                         break;
                     }
@@ -172,6 +209,7 @@ pub async fn open() -> Result<(Start, Upstream, Downstream, tokio::task::JoinHan
     let down = Downstream::spawn(
         reader,
         std::time::Duration::from_secs(start.config.link_timeout.max(1)),
+        std::time::Duration::from_secs(start.config.reconnect_grace),
     );
     Ok((start, up, down, writer))
 }

@@ -96,6 +96,8 @@ impl RunBook {
             HostState::Converged | HostState::Changed => {
                 self.unhealthy.remove(host);
             }
+            // Not failed: the link may come back (a failure follows if it does not).
+            HostState::Reconnecting { .. } => {}
         }
     }
 
