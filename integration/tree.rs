@@ -1982,7 +1982,7 @@ fn a_permanent_cut_keeps_the_subtree_for_the_grace_period_then_tears_it_down(
 
 /// An outage shorter than the grace period, on the link `host` has to `peer` (its parent):
 /// the host shows as reconnecting, then its link comes back (on the same SSH connection),
-/// nothing fails, and an edit made after the outage reaches the leaf l1-1.
+/// nothing fails, no lease expires, and an edit made after the outage reaches the leaf l1-1.
 fn ride_out_an_outage(lab: &Lab, host: &str, peer: &str, path: &str, back: &str) -> TestResult {
     clean(lab, false);
     lab.sh("l1-1", "rm -f /tmp/edited-*");
@@ -2012,14 +2012,15 @@ fn ride_out_an_outage(lab: &Lab, host: &str, peer: &str, path: &str, back: &str)
     check!(content() == "before\n", "l1-1 has {:?}", content());
     {
         let _mend = cut_link(lab, host, peer)?;
+        let cut_at = Instant::now();
         seen.extend(wait_lines(
             &rx,
             &[format!("{path}: reconnecting")],
             Duration::from_secs(15),
         )?);
-        // Down for 8 s in all: past the link timeout, well within the grace period (and
-        // within SSH's own keepalive limit, 45 s).
-        std::thread::sleep(Duration::from_secs(6));
+        // Down for 14 s in all: past the link timeout and the store's lease TTL (10 s),
+        // well within the grace period (and within SSH's own keepalive limit, 45 s).
+        std::thread::sleep(Duration::from_secs(14).saturating_sub(cut_at.elapsed()));
     }
     // Back: the host's state comes back (`back`: running for a relay without a graph,
     // converged for a leaf), and the run goes on.
@@ -2054,16 +2055,23 @@ fn ride_out_an_outage(lab: &Lab, host: &str, peer: &str, path: &str, back: &str)
         "exit {code:?} after ^C:\n{}",
         seen.join("\n")
     );
+    // The leaf's lease (its converged flag and exports) was held at the store while its link
+    // was down: it never expired.
+    check!(
+        !seen.iter().any(|l| l.contains("lease expired")),
+        "a lease expired over an outage within the grace period:\n{}",
+        seen.join("\n")
+    );
     check_no_leftovers(lab, &["r1", "l1-1"])
 }
 
-/// The initiator's link to r1 goes down for 8 s (link timeout 2 s, grace 30 s).
+/// The initiator's link to r1 goes down for 14 s (link timeout 2 s, grace 30 s).
 fn an_outage_of_the_initiators_link_within_the_grace_period_is_ridden_out(lab: &Lab) -> TestResult {
     let init = lab.get("LAB_INIT_ADDR").to_string();
     ride_out_an_outage(lab, "r1", &init, "r1", "running")
 }
 
-/// The same at depth: r1's link to its leaf l1-1 goes down for 8 s.
+/// The same at depth: r1's link to its leaf l1-1 goes down for 14 s.
 fn an_outage_at_depth_within_the_grace_period_is_ridden_out(lab: &Lab) -> TestResult {
     ride_out_an_outage(lab, "l1-1", "10.199.1.1", "r1/l1-1", "converged")
 }

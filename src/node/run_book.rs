@@ -71,6 +71,13 @@ impl RunBook {
         below
     }
 
+    /// `host` and every host below it.
+    pub fn subtree(&self, host: &str) -> Vec<String> {
+        let mut all = vec![host.to_string()];
+        all.extend(self.below.get(host).into_iter().flatten().cloned());
+        all
+    }
+
     /// A host's new state (events carry it; names are unique in a run).
     pub fn state(&mut self, host: &str, state: &HostState) {
         match state {

@@ -51,6 +51,9 @@ pub struct Users {
     users: HashMap<String, User>,
     tokens: Mutex<HashMap<String, Arc<Caller>>>,
     leases: Mutex<HashMap<i64, String>>,
+    /// Users whose leases do not expire until the given time: hosts whose link is down
+    /// (reconnecting), whose keepalives cannot reach the store until it comes back.
+    held: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl std::fmt::Debug for Users {
@@ -114,6 +117,33 @@ impl Users {
     /// Records that `caller` granted lease `id`.
     pub fn lease_granted(&self, caller: &Caller, id: i64) {
         lock(&self.leases).insert(id, caller.name.clone());
+    }
+
+    /// Keeps the leases of `names` from expiring until `until` (or [`Users::release`]):
+    /// their hosts are cut off for a while, and their keepalives wait on the link.
+    pub fn hold(&self, names: &[String], until: std::time::Instant) {
+        let mut held = lock(&self.held);
+        for name in names {
+            held.insert(name.clone(), until);
+        }
+    }
+
+    /// Ends [`Users::hold`] for `names`.
+    pub fn release(&self, names: &[String]) {
+        let mut held = lock(&self.held);
+        for name in names {
+            held.remove(name);
+        }
+    }
+
+    /// Whether lease `id`'s owner is held at `now`: the lease is renewed instead of expiring.
+    pub fn lease_held(&self, id: i64, now: std::time::Instant) -> bool {
+        let Some(owner) = lock(&self.leases).get(&id).cloned() else {
+            return false;
+        };
+        lock(&self.held)
+            .get(&owner)
+            .is_some_and(|until| now < *until)
     }
 
     /// Whether `caller` may use lease `id` (0 is no lease).
