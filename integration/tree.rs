@@ -1998,7 +1998,7 @@ fn ride_out_an_outage(lab: &Lab, host: &str, peer: &str, path: &str, back: &str)
         "defaults:\n  user: root\nhosts:\n- host: 10.199.0.11\n  name: r1\n  children:\n  - host: 10.199.1.11\n    name: l1-1\n    graph: {}\n",
         graph.display()
     ));
-    let (mut running, rx) = start(
+    let (mut running, rx) = start_logging(
         lab,
         &topo,
         &["--link-timeout", "2", "--reconnect-grace", "30"],
@@ -2055,6 +2055,19 @@ fn ride_out_an_outage(lab: &Lab, host: &str, peer: &str, path: &str, back: &str)
         "exit {code:?} after ^C:\n{}",
         seen.join("\n")
     );
+    // Both ends of the link that went down say it is back, and their sequence numbers show
+    // that nothing was lost or repeated either way.
+    for end in [
+        "its link is back after",
+        "the link to the parent is back after",
+    ] {
+        check!(
+            seen.iter()
+                .any(|l| l.contains(end) && l.contains("none lost or repeated")),
+            "no {end:?} line saying nothing was lost or repeated:\n{}",
+            seen.join("\n")
+        );
+    }
     // The leaf's lease (its converged flag and exports) was held at the store while its link
     // was down: it never expired.
     check!(

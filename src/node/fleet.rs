@@ -806,14 +806,16 @@ async fn link_back(
     reconnecting: &mut Option<tokio::time::Instant>,
     last_state: &Option<HostState>,
     link_timeout: Duration,
+    report: Option<String>,
 ) {
     let Some(since) = reconnecting.take() else {
         return;
     };
     tracing::warn!(
-        "{}: its link is back after {}s down",
+        "{}: its link is back after {}s down; {}",
         run.name,
-        (since.elapsed() + link_timeout).as_secs()
+        (since.elapsed() + link_timeout).as_secs(),
+        report.unwrap_or_default()
     );
     run.emit(EventKind::State(
         last_state.clone().unwrap_or(HostState::Running),
@@ -856,11 +858,13 @@ async fn supervise(
             item = events.recv() => match item {
                 Some(FromChild::Alive) => {
                     heard = tokio::time::Instant::now();
-                    link_back(run, &mut reconnecting, &last_state, link_timeout).await;
+                    let report = reconnecting.map(|_| link.sequence_report());
+                    link_back(run, &mut reconnecting, &last_state, link_timeout, report).await;
                 }
                 Some(FromChild::Event(event)) => {
                     heard = tokio::time::Instant::now();
-                    link_back(run, &mut reconnecting, &last_state, link_timeout).await;
+                    let report = reconnecting.map(|_| link.sequence_report());
+                    link_back(run, &mut reconnecting, &last_state, link_timeout, report).await;
                     if event.host == run.me
                         && let EventKind::State(state) = &event.kind
                     {
@@ -945,7 +949,7 @@ async fn supervise(
                 }
             }
             _ = beat.tick() => {
-                if let Err(e) = link.send(&Down::Heartbeat).await {
+                if let Err(e) = link.beat().await {
                     tracing::debug!("{}: control link: {e}", spec.name);
                 }
             }

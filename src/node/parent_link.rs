@@ -4,6 +4,7 @@
 //! `arbor.log` in its working dir); stderr stays free for panics and raw text, which the
 //! parent relays as the child's stderr lines.
 
+use crate::wire::resume::{Accepted, LinkSeqs, Numbered};
 use crate::wire::{
     Down, Event, EventKind, FrameReader, FrameWriter, HostPath, Start, Up, WireError,
 };
@@ -104,13 +105,15 @@ impl Downstream {
         mut reader: FrameReader<tokio::io::Stdin>,
         timeout: std::time::Duration,
         grace: std::time::Duration,
+        seqs: Arc<LinkSeqs<Up>>,
     ) -> Self {
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
             let mut down_since: Option<std::time::Instant> = None;
             loop {
                 let wait = if down_since.is_some() { grace } else { timeout };
-                let frame = match tokio::time::timeout(wait, reader.recv::<Down>()).await {
+                let frame = match tokio::time::timeout(wait, reader.recv::<Numbered<Down>>()).await
+                {
                     Err(_) if down_since.is_none() && !grace.is_zero() => {
                         tracing::warn!(
                             "no word from the parent for {}s: the link is down; this node and \
@@ -141,12 +144,30 @@ impl Downstream {
                     && matches!(frame, Ok(Some(_)))
                 {
                     tracing::warn!(
-                        "the link to the parent is back after {}s down",
-                        (since.elapsed() + timeout).as_secs()
+                        "the link to the parent is back after {}s down; {}",
+                        (since.elapsed() + timeout).as_secs(),
+                        seqs.report("up", "down")
                     );
                 }
+                // A numbered frame is taken once, in order (crate::wire::resume).
+                let frame = match frame {
+                    Ok(Some(Numbered { seq, frame })) if seq > 0 => match seqs.accept(seq) {
+                        Accepted::Duplicate => continue,
+                        Accepted::Gap { lost } => {
+                            tracing::error!(
+                                "control link: {lost} frame(s) from the parent never came \
+                                 (#{seq} after #{})",
+                                seq - lost - 1
+                            );
+                            Ok(Some(frame))
+                        }
+                        Accepted::New => Ok(Some(frame)),
+                    },
+                    other => other.map(|f| f.map(|n| n.frame)),
+                };
                 match frame {
                     Ok(Some(Down::Heartbeat)) => {}
+                    Ok(Some(Down::Ack { acked })) => seqs.acked(acked),
                     Ok(Some(frame)) => {
                         if tx.send(frame).await.is_err() {
                             break;
@@ -170,9 +191,16 @@ impl Downstream {
 pub async fn open() -> Result<(Start, Upstream, Downstream, tokio::task::JoinHandle<()>), WireError>
 {
     let (tx, mut rx) = mpsc::channel::<Up>(UP_QUEUE);
+    let seqs = LinkSeqs::<Up>::new();
+    let numbering = seqs.clone();
     let writer = tokio::spawn(async move {
         let mut out = FrameWriter::new(tokio::io::stdout());
         while let Some(frame) = rx.recv().await {
+            // Events and fetches are numbered; hellos and heartbeats (acks) are not.
+            let frame = match frame {
+                Up::Event(_) | Up::Fetch { .. } => numbering.number(frame),
+                other => Numbered::bare(other),
+            };
             if out.send(&frame).await.is_err() {
                 break;
             }
@@ -198,18 +226,23 @@ pub async fn open() -> Result<(Start, Upstream, Downstream, tokio::task::JoinHan
     // the writer alive at exit).
     let weak = up.tx.downgrade();
     let every = crate::wire::heartbeat_every(start.config.link_timeout);
+    let acks = seqs.clone();
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(every).await;
             let Some(tx) = weak.upgrade() else { break };
-            // A full queue means frames are flowing anyway.
-            let _ = tx.try_send(Up::Heartbeat);
+            // Each heartbeat acknowledges the control frames taken so far. A full queue
+            // means frames are flowing anyway.
+            let _ = tx.try_send(Up::Ack {
+                acked: acks.received(),
+            });
         }
     });
     let down = Downstream::spawn(
         reader,
         std::time::Duration::from_secs(start.config.link_timeout.max(1)),
         std::time::Duration::from_secs(start.config.reconnect_grace),
+        seqs,
     );
     Ok((start, up, down, writer))
 }

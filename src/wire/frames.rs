@@ -405,6 +405,11 @@ pub enum Down {
     },
     /// The parent is still there ([`heartbeat_every`]).
     Heartbeat,
+    /// A heartbeat that also acknowledges every numbered frame up through `acked`
+    /// ([`resume`](super::resume); not `seq`, the numbered envelope's own field).
+    Ack {
+        acked: u64,
+    },
 }
 
 /// A host's state, as the operator sees it.
@@ -588,6 +593,11 @@ pub enum Up {
     },
     /// The child is still there ([`heartbeat_every`]).
     Heartbeat,
+    /// A heartbeat that also acknowledges every numbered frame down through `acked`
+    /// ([`resume`](super::resume); not `seq`, the numbered envelope's own field).
+    Ack {
+        acked: u64,
+    },
 }
 
 impl Up {
