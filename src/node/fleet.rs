@@ -79,6 +79,15 @@ pub type AgentFor = Arc<dyn Fn(&ChildSpec) -> Arc<dyn Connector> + Send + Sync>;
 pub fn connect_options(config: &NodeConfig) -> ConnectOptions {
     let mut o = ConnectOptions::for_home(&super::home_dir());
     o.connect_timeout = Duration::from_secs(config.connect_timeout);
+    // SSH's own keepalives (every 15 s, or every link timeout when that is shorter) must not
+    // give a connection up before the link timeout and the reconnect grace have: an outage
+    // within them is ridden out on the same connection.
+    let every = config.link_timeout.clamp(1, 15);
+    o.keepalive_interval = Duration::from_secs(every);
+    let ride_out = config.link_timeout.saturating_add(config.reconnect_grace);
+    o.keepalive_max = usize::try_from(ride_out / every + 2)
+        .unwrap_or(usize::MAX)
+        .max(3);
     o.host_keys.policy = if config.accept_new {
         HostKeyPolicy::AcceptNew
     } else {
