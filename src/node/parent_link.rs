@@ -24,13 +24,24 @@ pub const UP_QUEUE: usize = 1024;
 pub struct Upstream {
     tx: mpsc::Sender<Up>,
     dropped: Arc<std::sync::atomic::AtomicU64>,
+    /// Cancelled once this node gave up on its parent: nothing waits for room any more.
+    gone: tokio_util::sync::CancellationToken,
 }
 
 impl Upstream {
     /// An event about `host` (relative to this node: the root path is this node itself);
-    /// waits for room in the queue.
+    /// waits for room in the queue (while the link is down too), but not once this node
+    /// gave up on its parent: then the event is dropped, so a node whose queue filled during
+    /// an outage still gets to tear its subtree down.
     pub async fn event(&self, host: HostPath, kind: EventKind) {
-        let _ = self.tx.send(Up::Event(Event { host, kind })).await;
+        self.send(Up::Event(Event { host, kind })).await;
+    }
+
+    async fn send(&self, frame: Up) {
+        tokio::select! {
+            _ = self.tx.send(frame) => {}
+            _ = self.gone.cancelled() => {}
+        }
     }
 
     /// An event about this node itself.
@@ -40,7 +51,7 @@ impl Upstream {
 
     /// Forwards a child's event as it is (already tagged under this node).
     pub async fn forward(&self, event: Event) {
-        let _ = self.tx.send(Up::Event(event)).await;
+        self.send(Up::Event(event)).await;
     }
 
     /// A log line of this node's: sent if there is room, else dropped and counted (the next
@@ -79,7 +90,7 @@ impl Upstream {
     /// Asks the parent to copy the build with this sha256 into this node's cache; the answer
     /// comes down as `Down::Fetched`.
     pub async fn fetch(&self, sha256: String) {
-        let _ = self.tx.send(Up::Fetch { sha256 }).await;
+        self.send(Up::Fetch { sha256 }).await;
     }
 }
 
@@ -106,9 +117,11 @@ impl Downstream {
         timeout: std::time::Duration,
         grace: std::time::Duration,
         seqs: Arc<LinkSeqs<Up>>,
+        gone: tokio_util::sync::CancellationToken,
     ) -> Self {
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
+            let _gone = gone.drop_guard();
             let mut down_since: Option<std::time::Instant> = None;
             loop {
                 let wait = if down_since.is_some() { grace } else { timeout };
@@ -206,9 +219,11 @@ pub async fn open() -> Result<(Start, Upstream, Downstream, tokio::task::JoinHan
             }
         }
     });
+    let gone = tokio_util::sync::CancellationToken::new();
     let up = Upstream {
         tx,
         dropped: Arc::default(),
+        gone: gone.clone(),
     };
     let _ = up.tx.send(Up::hello()).await;
     let mut reader = FrameReader::new(tokio::io::stdin());
@@ -243,6 +258,7 @@ pub async fn open() -> Result<(Start, Upstream, Downstream, tokio::task::JoinHan
         std::time::Duration::from_secs(start.config.link_timeout.max(1)),
         std::time::Duration::from_secs(start.config.reconnect_grace),
         seqs,
+        gone,
     );
     Ok((start, up, down, writer))
 }
