@@ -271,6 +271,24 @@ mod tests {
     }
 
     #[test]
+    fn a_reconnecting_relay_is_not_failed_and_names_its_subtree() {
+        let mut book = RunBook::new(&tree(), None, Some(T));
+        let t0 = Instant::now();
+        book.state("r1", &HostState::Reconnecting { grace: 60 });
+        assert!(!book.has_failed("r1"));
+        assert_eq!(book.exit_code(), 0);
+        let mut subtree = book.subtree("r1");
+        subtree.sort();
+        assert_eq!(subtree, ["l1", "l2", "r1"]);
+        book.converged_flag("r2", Some(true));
+        assert_eq!(
+            book.next(t0),
+            Next::Wait(None),
+            "r1's subtree is not converged yet"
+        );
+    }
+
+    #[test]
     fn when_every_host_failed_the_run_ends_at_once_with_exit_1() {
         let mut book = RunBook::new(&tree(), None, Some(T));
         book.state("r1", &HostState::Failed { cause: "x".into() });

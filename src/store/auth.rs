@@ -296,6 +296,31 @@ mod tests {
     }
 
     #[test]
+    fn a_held_users_leases_are_held_until_released_or_the_hold_ends() {
+        let mut users = Users::new();
+        users.add("h1", "pw", host().access);
+        users.add("h2", "pw", host().access);
+        let h1 = users
+            .caller(&users.authenticate("h1", "pw").expect("token"))
+            .expect("caller");
+        let h2 = users
+            .caller(&users.authenticate("h2", "pw").expect("token"))
+            .expect("caller");
+        users.lease_granted(&h1, 7);
+        users.lease_granted(&h2, 8);
+        let now = std::time::Instant::now();
+        let later = now + std::time::Duration::from_secs(30);
+        assert!(!users.lease_held(7, now));
+        users.hold(&["h1".to_string()], later);
+        assert!(users.lease_held(7, now), "h1's lease is held");
+        assert!(!users.lease_held(8, now), "h2's is not");
+        assert!(!users.lease_held(9, now), "nobody's lease is not");
+        assert!(!users.lease_held(7, later), "the hold ends");
+        users.release(&["h1".to_string()]);
+        assert!(!users.lease_held(7, now), "released");
+    }
+
+    #[test]
     fn leases_belong_to_whoever_granted_them_and_txns_are_checked_op_by_op() {
         let mut users = Users::new();
         users.add("h1", "pw", host().access);
