@@ -139,6 +139,10 @@ fn main() -> std::process::ExitCode {
             an_outage_at_depth_within_the_grace_period_is_ridden_out,
         ),
         (
+            "ctrl_c_during_an_outage_does_not_wait_for_the_grace_period",
+            ctrl_c_during_an_outage_does_not_wait_for_the_grace_period,
+        ),
+        (
             "compress_sends_the_binary_gzipped_once_per_relay",
             compress_sends_the_binary_gzipped_once_per_relay,
         ),
@@ -1977,6 +1981,64 @@ fn a_permanent_cut_keeps_the_subtree_for_the_grace_period_then_tears_it_down(
         "r1's failure does not say the link was down for the link timeout and the grace:\n{}",
         rest.join("\n")
     );
+    Ok(())
+}
+
+/// ^C while r1's link is down: the initiator waits for no one's grace period (30 s here), it
+/// exits 130 at once, naming r1's link as down; r1 tears its subtree down on its own at the
+/// end of its grace (a permanent cut's test checks that part).
+fn ctrl_c_during_an_outage_does_not_wait_for_the_grace_period(lab: &Lab) -> TestResult {
+    clean(lab, false);
+    let topo = topology(
+        "defaults:\n  user: root\nhosts:\n- host: 10.199.0.11\n  name: r1\n  children:\n  - host: 10.199.1.11\n    name: l1-1\n    graph: {leaf}\n",
+    );
+    let (mut running, rx) = start(
+        lab,
+        &topo,
+        &["--link-timeout", "2", "--reconnect-grace", "30"],
+    );
+    wait_lines(
+        &rx,
+        &["r1/l1-1: converged".to_string()],
+        Duration::from_secs(60),
+    )?;
+    let init = lab.get("LAB_INIT_ADDR").to_string();
+    let _mend = cut_link(lab, "r1", &init)?;
+    wait_lines(
+        &rx,
+        &["r1: reconnecting".to_string()],
+        Duration::from_secs(15),
+    )?;
+    let (code, took) = running.interrupt()?;
+    let rest: Vec<String> = rx.try_iter().collect();
+    check!(
+        code == Some(130) && took < Duration::from_secs(8),
+        "exit {code:?} {took:?} after ^C during an outage:\n{}",
+        rest.join("\n")
+    );
+    check!(
+        rest.iter()
+            .any(|l| l.contains("r1: FAILED: r1: link: down") && l.contains("during the shutdown")),
+        "r1's link is not named as down:\n{}",
+        rest.join("\n")
+    );
+    // Mend the link and stop what is left (the subtree would go at the end of its grace).
+    drop(_mend);
+    check_no_leftovers_within(lab, &["r1", "l1-1"], Duration::from_secs(45))
+}
+
+fn check_no_leftovers_within(lab: &Lab, hosts: &[&str], within: Duration) -> TestResult {
+    let deadline = Instant::now() + within;
+    for h in hosts {
+        loop {
+            let left = leftovers(lab, h);
+            if left.trim().is_empty() {
+                break;
+            }
+            check!(Instant::now() < deadline, "{h} has leftovers: {left}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
     Ok(())
 }
 

@@ -394,7 +394,7 @@ mod tests {
         // Keys of different layers combine.
         let s = sources(
             dir.path(),
-            "remote-tmp = \"/var/tmp\"\ncompress = true\n",
+            "remote-tmp = \"/var/tmp\"\ncompress = true\nreconnect-grace = 20\n",
             "identity = [\"/k1\", \"/k2\"]\n",
             &[("ARBOR_LINK_TIMEOUT", "7")],
         );
@@ -405,6 +405,7 @@ mod tests {
         );
         assert_eq!(m.get_one::<bool>("compress"), Some(&true));
         assert_eq!(m.get_one::<u64>("link_timeout"), Some(&7));
+        assert_eq!(m.get_one::<u64>("reconnect_grace"), Some(&20));
         let keys: Vec<&PathBuf> = m.get_many::<PathBuf>("identities").expect("ids").collect();
         assert_eq!(keys, [&PathBuf::from("/k1"), &PathBuf::from("/k2")]);
         // A flag set in a file is turned off for one run from the environment.

@@ -808,6 +808,16 @@ async fn copy_artifact_again(
 /// A build copied for a child: its path there and the bytes sent, or why not.
 type FetchResult = Result<(String, u64), String>;
 
+/// When a parent gives up on a child whose link is down since `reconnecting`: at the end of
+/// the grace period, or at once when it is stopping; never while the link is up.
+fn give_up_at(
+    reconnecting: Option<tokio::time::Instant>,
+    grace: Duration,
+    stopping: bool,
+) -> Option<tokio::time::Instant> {
+    reconnecting.map(|since| if stopping { since } else { since + grace })
+}
+
 /// A frame from a child whose link was down: it is back. Says so, and shows the child's
 /// last state again.
 async fn link_back(
@@ -966,7 +976,9 @@ async fn supervise(
                 // A link that died without a FIN: nothing reaches the child either. Both
                 // ends wait for the grace period: the link may come back (the same SSH
                 // connection, once the network is back), and the child's subtree runs on.
-                if grace.is_zero() {
+                // A parent that is stopping waits for no one: the child gives up on its own
+                // at the end of its grace period.
+                if grace.is_zero() || stopping {
                     link_down = true;
                     break (
                         ExitStatus::Unknown,
@@ -983,19 +995,25 @@ async fn supervise(
                 reconnecting = Some(tokio::time::Instant::now());
                 run.emit(EventKind::State(HostState::Reconnecting { grace: grace.as_secs() })).await;
             }
-            _ = super::sleep_until(reconnecting.map(|since| since + grace)) => {
-                // The grace period is over: the child gives up on its own at the same time
-                // (tearing its subtree down and removing its working dir).
+            _ = super::sleep_until(give_up_at(reconnecting, grace, stopping)) => {
+                // The grace period is over (or this node is stopping and waits for no one):
+                // the child gives up on its own at the end of its grace period (tearing its
+                // subtree down and removing its working dir).
                 link_down = true;
-                break (
-                    ExitStatus::Unknown,
-                    Some(format!(
+                let why = if stopping {
+                    format!(
+                        "link: down (nothing from it for {}s) during the shutdown",
+                        link_timeout.as_secs()
+                    )
+                } else {
+                    format!(
                         "link: down, nothing from it for {}s (the link timeout, then the {}s \
                          reconnect grace)",
                         (link_timeout + grace).as_secs(),
                         grace.as_secs()
-                    )),
-                );
+                    )
+                };
+                break (ExitStatus::Unknown, Some(why));
             }
             _ = super::sleep_until(deadline) => {
                 // Past the grace period: closing stdin is the child's last word to exit.
