@@ -131,8 +131,20 @@ fn main() -> std::process::ExitCode {
             quiet_reaches_hosts_at_depth_2,
         ),
         (
-            "a_link_cut_without_a_fin_fails_the_relay_and_its_subtree_cleans_up",
-            a_link_cut_without_a_fin_fails_the_relay_and_its_subtree_cleans_up,
+            "a_permanent_cut_keeps_the_subtree_for_the_grace_period_then_tears_it_down",
+            a_permanent_cut_keeps_the_subtree_for_the_grace_period_then_tears_it_down,
+        ),
+        (
+            "an_outage_of_the_initiators_link_within_the_grace_period_is_ridden_out",
+            an_outage_of_the_initiators_link_within_the_grace_period_is_ridden_out,
+        ),
+        (
+            "an_outage_at_depth_within_the_grace_period_is_ridden_out",
+            an_outage_at_depth_within_the_grace_period_is_ridden_out,
+        ),
+        (
+            "ctrl_c_during_an_outage_does_not_wait_for_the_grace_period",
+            ctrl_c_during_an_outage_does_not_wait_for_the_grace_period,
         ),
         (
             "compress_sends_the_binary_gzipped_once_per_relay",
@@ -1882,55 +1894,91 @@ fn quiet_reaches_hosts_at_depth_2(lab: &Lab) -> TestResult {
     Ok(())
 }
 
-fn a_link_cut_without_a_fin_fails_the_relay_and_its_subtree_cleans_up(lab: &Lab) -> TestResult {
-    clean(lab, false);
-    let topo = topology(TWO_RELAYS);
-    let (mut running, rx) = start(lab, &topo, &["--link-timeout", "6"]);
-    let converged: Vec<String> = [
-        "r1/l1-1", "r1/l1-2", "r1/l1-3", "r2/l2-1", "r2/l2-2", "r2/l2-3",
-    ]
-    .iter()
-    .map(|p| format!("{p}: converged"))
-    .collect();
-    wait_lines(&rx, &converged, Duration::from_secs(90))?;
-    // Cut r1 off from the initiator: every packet dropped both ways, so no FIN and no RST
-    // ever arrives, as when a cable or a VPN goes away.
-    let init = lab.get("LAB_INIT_ADDR").to_string();
+/// Drops every packet between `host` and `peer` (both ways, in `host`'s namespace), so no FIN
+/// and no RST ever arrives, as when a cable or a VPN goes away; undone when the guard drops.
+fn cut_link<'a>(
+    lab: &'a Lab,
+    host: &'a str,
+    peer: &str,
+) -> Result<Undo<'a>, libtest_mimic::Failed> {
     let cut = lab.exec(
-        "r1",
+        host,
         &format!(
             "nft add table inet arbor_cut && \
              nft 'add chain inet arbor_cut in {{ type filter hook input priority 0; }}' && \
              nft 'add chain inet arbor_cut out {{ type filter hook output priority 0; }}' && \
-             nft add rule inet arbor_cut in ip saddr {init} drop && \
-             nft add rule inet arbor_cut out ip daddr {init} drop"
+             nft add rule inet arbor_cut in ip saddr {peer} drop && \
+             nft add rule inet arbor_cut out ip daddr {peer} drop"
         ),
     );
-    let _mend = Undo {
+    let mend = Undo {
         lab,
-        host: "r1",
-        shell: "nft delete table inet arbor_cut".into(),
+        host,
+        shell: "nft delete table inet arbor_cut 2>/dev/null; true".into(),
     };
     check!(
         cut.status.success(),
         "nft: {}",
         String::from_utf8_lossy(&cut.stderr)
     );
+    Ok(mend)
+}
+
+/// The permanent cut: r1's link to the initiator goes for good (no FIN). Both ends count it
+/// down after the link timeout (3 s): the initiator shows r1 as reconnecting, not failed, and
+/// r1's subtree runs on through the grace period (8 s); then r1 tears its subtree down on its
+/// own (every arbor and working dir on r1 and its leaves gone within the grace period plus
+/// 15 s), and the initiator fails r1 naming the step, and exits 1.
+fn a_permanent_cut_keeps_the_subtree_for_the_grace_period_then_tears_it_down(
+    lab: &Lab,
+) -> TestResult {
+    clean(lab, false);
+    let topo = topology(
+        "defaults:\n  user: root\nhosts:\n- host: 10.199.0.11\n  name: r1\n  children:\n  - host: 10.199.1.1[1-3]\n    name: l1-[1-3]\n    graph: {leaf}\n",
+    );
+    let (mut running, rx) = start(
+        lab,
+        &topo,
+        &["--link-timeout", "3", "--reconnect-grace", "8"],
+    );
+    let converged: Vec<String> = ["r1/l1-1", "r1/l1-2", "r1/l1-3"]
+        .iter()
+        .map(|p| format!("{p}: converged"))
+        .collect();
+    wait_lines(&rx, &converged, Duration::from_secs(90))?;
+    let init = lab.get("LAB_INIT_ADDR").to_string();
+    let _mend = cut_link(lab, "r1", &init)?;
     let cut_at = Instant::now();
-    // The initiator hears nothing from r1 for 6 s and fails it, saying why.
-    wait_lines(
+    // The initiator hears nothing from r1 for 3 s: reconnecting, not failed.
+    let seen = wait_lines(
         &rx,
-        &["r1: FAILED: r1: link down: nothing from it for 6s".to_string()],
-        Duration::from_secs(30),
+        &["r1: reconnecting".to_string()],
+        Duration::from_secs(20),
     )?;
     let noticed = cut_at.elapsed();
     check!(
-        noticed >= Duration::from_secs(5),
-        "failed r1 after {noticed:?}, before the link timeout"
+        noticed >= Duration::from_secs(2),
+        "r1 reconnecting after {noticed:?}, before the link timeout"
     );
-    // r1 hears nothing from its parent either: it tears its leaves down and removes every
-    // working dir on its own, with no one to tell it.
-    let deadline = Instant::now() + Duration::from_secs(30);
+    check!(
+        !seen.iter().any(|l| l.contains("FAILED")),
+        "a host failed before the grace period was over:\n{}",
+        seen.join("\n")
+    );
+    // Well into the grace period (5 s into it, when a node that tore down at the link
+    // timeout would be long gone) the subtree keeps running.
+    std::thread::sleep(Duration::from_secs(8).saturating_sub(cut_at.elapsed()));
+    for h in ["l1-1", "l1-2", "l1-3", "r1"] {
+        let n = lab.sh(h, "pgrep -x -c arbor || true");
+        check!(
+            n.trim() != "0",
+            "{h}: no arbor running {:?} after the cut, within the grace period",
+            cut_at.elapsed()
+        );
+    }
+    // Past it, r1 tears its leaves down and removes every working dir on its own, with no
+    // one to tell it: within the link timeout, the grace period and 15 s.
+    let limit = Duration::from_secs(3 + 8 + 15);
     for h in ["r1", "l1-1", "l1-2", "l1-3"] {
         loop {
             let left = leftovers(lab, h);
@@ -1938,22 +1986,206 @@ fn a_link_cut_without_a_fin_fails_the_relay_and_its_subtree_cleans_up(lab: &Lab)
                 break;
             }
             check!(
-                Instant::now() < deadline,
+                cut_at.elapsed() < limit,
                 "{h} still has, {:?} after the cut: {left}",
                 cut_at.elapsed()
             );
             std::thread::sleep(Duration::from_millis(200));
         }
     }
-    // r2's subtree ran on; ^C ends the run, which failed (exit 1 is for a finished run; a
-    // stopped one exits 130).
-    for h in ["r2", "l2-1"] {
+    // The initiator fails r1 (naming the step, link) and, nothing else left, exits 1.
+    let status = loop {
+        if let Some(status) = running.0.try_wait().map_err(fail)? {
+            break status;
+        }
+        check!(
+            cut_at.elapsed() < limit,
+            "the initiator still runs {:?} after the cut",
+            cut_at.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let rest: Vec<String> = rx.try_iter().collect();
+    check!(
+        status.code() == Some(1),
+        "exit {:?} after the cut, want 1:\n{}",
+        status.code(),
+        rest.join("\n")
+    );
+    check!(
+        rest.iter()
+            .any(|l| l.contains("r1: FAILED: r1: link: down, nothing from it for 11s")),
+        "r1's failure does not say the link was down for the link timeout and the grace:\n{}",
+        rest.join("\n")
+    );
+    Ok(())
+}
+
+/// ^C while r1's link is down: the initiator waits for no one's grace period (30 s here), it
+/// exits 130 at once, naming r1's link as down; r1 tears its subtree down on its own at the
+/// end of its grace (a permanent cut's test checks that part).
+fn ctrl_c_during_an_outage_does_not_wait_for_the_grace_period(lab: &Lab) -> TestResult {
+    clean(lab, false);
+    let topo = topology(
+        "defaults:\n  user: root\nhosts:\n- host: 10.199.0.11\n  name: r1\n  children:\n  - host: 10.199.1.11\n    name: l1-1\n    graph: {leaf}\n",
+    );
+    let (mut running, rx) = start(
+        lab,
+        &topo,
+        &["--link-timeout", "2", "--reconnect-grace", "30"],
+    );
+    wait_lines(
+        &rx,
+        &["r1/l1-1: converged".to_string()],
+        Duration::from_secs(60),
+    )?;
+    let init = lab.get("LAB_INIT_ADDR").to_string();
+    let _mend = cut_link(lab, "r1", &init)?;
+    wait_lines(
+        &rx,
+        &["r1: reconnecting".to_string()],
+        Duration::from_secs(15),
+    )?;
+    let (code, took) = running.interrupt()?;
+    let rest: Vec<String> = rx.try_iter().collect();
+    check!(
+        code == Some(130) && took < Duration::from_secs(8),
+        "exit {code:?} {took:?} after ^C during an outage:\n{}",
+        rest.join("\n")
+    );
+    check!(
+        rest.iter()
+            .any(|l| l.contains("r1: FAILED: r1: link: down") && l.contains("during the shutdown")),
+        "r1's link is not named as down:\n{}",
+        rest.join("\n")
+    );
+    // Mend the link and stop what is left (the subtree would go at the end of its grace).
+    drop(_mend);
+    check_no_leftovers_within(lab, &["r1", "l1-1"], Duration::from_secs(45))
+}
+
+fn check_no_leftovers_within(lab: &Lab, hosts: &[&str], within: Duration) -> TestResult {
+    let deadline = Instant::now() + within;
+    for h in hosts {
+        loop {
+            let left = leftovers(lab, h);
+            if left.trim().is_empty() {
+                break;
+            }
+            check!(Instant::now() < deadline, "{h} has leftovers: {left}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    Ok(())
+}
+
+/// An outage shorter than the grace period, on the link `host` has to `peer` (its parent):
+/// the host shows as reconnecting, then its link comes back (on the same SSH connection),
+/// nothing fails, no lease expires, and an edit made after the outage reaches the leaf l1-1.
+fn ride_out_an_outage(lab: &Lab, host: &str, peer: &str, path: &str, back: &str) -> TestResult {
+    clean(lab, false);
+    lab.sh("l1-1", "rm -f /tmp/edited-*");
+    let dir = tempfile::tempdir().map_err(fail)?;
+    let graph = dir.path().join("edit.yaml");
+    let version = |content: &str| {
+        format!(
+            "graph: edit\nresources:\n  file:\n  - name: edited\n    path: \"/tmp/edited-{{{{hostname}}}}\"\n    content: \"{content}\\n\"\n    state: exists\nedges: []\n"
+        )
+    };
+    std::fs::write(&graph, version("before")).map_err(fail)?;
+    let topo = topology(&format!(
+        "defaults:\n  user: root\nhosts:\n- host: 10.199.0.11\n  name: r1\n  children:\n  - host: 10.199.1.11\n    name: l1-1\n    graph: {}\n",
+        graph.display()
+    ));
+    let (mut running, rx) = start_logging(
+        lab,
+        &topo,
+        &["--link-timeout", "2", "--reconnect-grace", "30"],
+    );
+    let mut seen = wait_lines(
+        &rx,
+        &["r1/l1-1: converged".to_string()],
+        Duration::from_secs(60),
+    )?;
+    let content = || lab.sh("l1-1", "cat /tmp/edited-l1-1 2>/dev/null; true");
+    check!(content() == "before\n", "l1-1 has {:?}", content());
+    {
+        let _mend = cut_link(lab, host, peer)?;
+        let cut_at = Instant::now();
+        seen.extend(wait_lines(
+            &rx,
+            &[format!("{path}: reconnecting")],
+            Duration::from_secs(15),
+        )?);
+        // Down for 14 s in all: past the link timeout and the store's lease TTL (10 s),
+        // well within the grace period (and within SSH's own keepalive limit, 45 s).
+        std::thread::sleep(Duration::from_secs(14).saturating_sub(cut_at.elapsed()));
+    }
+    // Back: the host's state comes back (`back`: running for a relay without a graph,
+    // converged for a leaf), and the run goes on.
+    seen.extend(wait_lines(
+        &rx,
+        &[format!("{path}: {back}")],
+        Duration::from_secs(20),
+    )?);
+    std::fs::write(&graph, version("after")).map_err(fail)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while content() != "after\n" {
+        check!(
+            Instant::now() < deadline,
+            "an edit after the outage never reached l1-1; it has {:?}",
+            content()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for h in ["r1", "l1-1"] {
         let n = lab.sh(h, "pgrep -x -c arbor || true");
-        check!(n.trim() != "0", "{h}: no arbor running after r1's cut");
+        check!(n.trim() != "0", "{h}: no arbor running after the outage");
     }
     let (code, _) = running.interrupt()?;
-    check!(code == Some(130), "exit {code:?} after ^C");
-    check_no_leftovers(lab, &["r2", "l2-1", "l2-2", "l2-3"])
+    seen.extend(rx.try_iter());
+    check!(
+        !seen.iter().any(|l| l.contains("FAILED")),
+        "a host failed over an outage within the grace period:\n{}",
+        seen.join("\n")
+    );
+    check!(
+        code == Some(130),
+        "exit {code:?} after ^C:\n{}",
+        seen.join("\n")
+    );
+    // Both ends of the link that went down say it is back, and their sequence numbers show
+    // that nothing was lost or repeated either way.
+    for end in [
+        "its link is back after",
+        "the link to the parent is back after",
+    ] {
+        check!(
+            seen.iter()
+                .any(|l| l.contains(end) && l.contains("none lost or repeated")),
+            "no {end:?} line saying nothing was lost or repeated:\n{}",
+            seen.join("\n")
+        );
+    }
+    // The leaf's lease (its converged flag and exports) was held at the store while its link
+    // was down: it never expired.
+    check!(
+        !seen.iter().any(|l| l.contains("lease expired")),
+        "a lease expired over an outage within the grace period:\n{}",
+        seen.join("\n")
+    );
+    check_no_leftovers(lab, &["r1", "l1-1"])
+}
+
+/// The initiator's link to r1 goes down for 14 s (link timeout 2 s, grace 30 s).
+fn an_outage_of_the_initiators_link_within_the_grace_period_is_ridden_out(lab: &Lab) -> TestResult {
+    let init = lab.get("LAB_INIT_ADDR").to_string();
+    ride_out_an_outage(lab, "r1", &init, "r1", "running")
+}
+
+/// The same at depth: r1's link to its leaf l1-1 goes down for 14 s.
+fn an_outage_at_depth_within_the_grace_period_is_ridden_out(lab: &Lab) -> TestResult {
+    ride_out_an_outage(lab, "l1-1", "10.199.1.1", "r1/l1-1", "converged")
 }
 
 /// `2026-12-02T04:05:06.789Z rest`: a line that begins with arbor's UTC timestamp.

@@ -207,10 +207,15 @@ fn parse_cache_max_size(s: &str) -> Result<String, String> {
 #[derive(clap::Args, Debug)]
 struct SshArgs {
     /// Seconds without a word on a link (every link sends heartbeats, four or more per timeout) before it
-    /// counts as down: the parent fails that host, and the host, cut off, tears its own
-    /// subtree down and removes its working dir. Covers links that die without a FIN.
+    /// counts as down: the parent shows that host as reconnecting, and the host keeps its
+    /// subtree running for --reconnect-grace. Covers links that die without a FIN.
     #[arg(long, value_name = "SECONDS", default_value_t = crate::wire::LINK_TIMEOUT)]
     link_timeout: u64,
+    /// Seconds a link counted down may take to come back (on the same SSH connection) before
+    /// giving up on it: then the parent fails that host, and the host, cut off, tears its
+    /// own subtree down and removes every working dir, as on ^C. 0: give up at once.
+    #[arg(long, value_name = "SECONDS", default_value_t = crate::wire::RECONNECT_GRACE)]
+    reconnect_grace: u64,
     /// At most this many SSH connections being set up at once (0: no limit).
     #[arg(long, value_name = "N", default_value_t = 64)]
     cconns: usize,
@@ -299,6 +304,7 @@ impl SshArgs {
             }
         }
         options.link_timeout = self.link_timeout;
+        options.reconnect_grace = self.reconnect_grace;
         options.cconns = self.cconns;
         options.no_caching = self.no_caching;
         options.compress = self.compress;

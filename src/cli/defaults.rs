@@ -66,6 +66,7 @@ const KEYS: &[Key] = &[
     key("log-file", "log_file", Shape::Value, GLOBAL),
     key("color", "color", Shape::Value, GLOBAL),
     key("link-timeout", "link_timeout", Shape::Value, RUN_EXEC),
+    key("reconnect-grace", "reconnect_grace", Shape::Value, RUN_EXEC),
     key("cconns", "cconns", Shape::Value, RUN_EXEC),
     key("connect-timeout", "connect_timeout", Shape::Value, RUN_EXEC),
     key("host-key-policy", "host_key_policy", Shape::Value, RUN_EXEC),
@@ -393,7 +394,7 @@ mod tests {
         // Keys of different layers combine.
         let s = sources(
             dir.path(),
-            "remote-tmp = \"/var/tmp\"\ncompress = true\n",
+            "remote-tmp = \"/var/tmp\"\ncompress = true\nreconnect-grace = 20\n",
             "identity = [\"/k1\", \"/k2\"]\n",
             &[("ARBOR_LINK_TIMEOUT", "7")],
         );
@@ -404,6 +405,7 @@ mod tests {
         );
         assert_eq!(m.get_one::<bool>("compress"), Some(&true));
         assert_eq!(m.get_one::<u64>("link_timeout"), Some(&7));
+        assert_eq!(m.get_one::<u64>("reconnect_grace"), Some(&20));
         let keys: Vec<&PathBuf> = m.get_many::<PathBuf>("identities").expect("ids").collect();
         assert_eq!(keys, [&PathBuf::from("/k1"), &PathBuf::from("/k2")]);
         // A flag set in a file is turned off for one run from the environment.

@@ -3,6 +3,7 @@
 
 use super::stage::Staged;
 use crate::ssh::{CommandLine, Connector, ExecOptions, ExitStatus, ForwardEnd, Output, Session};
+use crate::wire::resume::{Accepted, LinkSeqs, Numbered};
 use crate::wire::{
     Down, Event, EventKind, FrameReader, FrameWriter, HostPath, MAX_LINE, MAX_UP_FRAME, Start, Up,
 };
@@ -34,11 +35,34 @@ pub struct ChildLink {
     writer: FrameWriter<Box<dyn tokio::io::AsyncWrite + Send + Unpin>>,
     /// The store tunnel's end on the child (none for `arbor exec`, which has no store).
     pub tunnel: Option<ForwardEnd>,
+    /// The sequence numbers of this link: of the control frames sent down, of the frames
+    /// taken from the child (crate::wire::resume).
+    seqs: Arc<LinkSeqs<Down>>,
 }
 
 impl ChildLink {
+    /// Sends a control frame; graphs, fetch answers and shutdowns go numbered.
     pub async fn send(&mut self, frame: &Down) -> Result<(), crate::wire::WireError> {
-        self.writer.send(frame).await
+        match frame {
+            Down::Hello(_) | Down::Start(_) | Down::Heartbeat | Down::Ack { .. } => {
+                self.writer.send(&Numbered::bare(frame)).await
+            }
+            _ => {
+                let numbered = self.seqs.number(frame.clone());
+                self.writer.send(&numbered).await
+            }
+        }
+    }
+
+    /// A heartbeat, acknowledging the child's frames taken so far.
+    pub async fn beat(&mut self) -> Result<(), crate::wire::WireError> {
+        let seq = self.seqs.received();
+        self.send(&Down::Ack { acked: seq }).await
+    }
+
+    /// What was in flight, and whether anything was lost or repeated (for a link back).
+    pub fn sequence_report(&self) -> String {
+        self.seqs.report("down", "up")
     }
 
     /// Closes the child's stdin: the child takes that as "parent gone" and exits.
@@ -172,9 +196,11 @@ pub async fn launch(
     let allowed = subtree_paths(&start.children);
     let (frames_in, frames_out) = tokio::io::duplex(256 * 1024);
     let writer: Box<dyn tokio::io::AsyncWrite + Send + Unpin> = Box::new(command.stdin_writer());
+    let seqs = LinkSeqs::<Down>::new();
     let mut control = ChildLink {
         writer: FrameWriter::new(writer),
         tunnel,
+        seqs: seqs.clone(),
     };
 
     // Pump the exec channel: stdout bytes into the frame reader, stderr lines up as logs,
@@ -237,7 +263,29 @@ pub async fn launch(
         let mut refused = 0u64;
         let mut hello_tx = Some(hello_tx);
         loop {
-            match reader.recv::<Up>().await {
+            // A numbered frame is taken once, in order (crate::wire::resume); what the child
+            // numbers is untrusted like the rest: a gap or a repeat is reported, not obeyed.
+            let frame = match reader.recv::<Numbered<Up>>().await {
+                Ok(Some(Numbered { seq, frame })) if seq > 0 => match seqs.accept(seq) {
+                    Accepted::Duplicate => continue,
+                    Accepted::Gap { lost } => {
+                        tracing::error!(
+                            "{me}: link: {lost} frame(s) from it never came (#{seq} after #{})",
+                            seq - lost - 1
+                        );
+                        Ok(Some(frame))
+                    }
+                    Accepted::New => Ok(Some(frame)),
+                },
+                other => other.map(|f| f.map(|n| n.frame)),
+            };
+            match frame {
+                Ok(Some(Up::Ack { acked })) => {
+                    seqs.acked(acked);
+                    if events_tx.send(FromChild::Alive).await.is_err() {
+                        break;
+                    }
+                }
                 Ok(Some(Up::Hello(hello))) => {
                     if let Some(tx) = hello_tx.take() {
                         let _ = tx.send(hello.check().map_err(|e| e.to_string()));

@@ -74,6 +74,9 @@ pub struct RunOptions {
     pub plain: bool,
     /// Seconds without a frame after which a link counts as down (`--link-timeout`).
     pub link_timeout: u64,
+    /// Seconds a down link may take to come back before its subtree is torn down
+    /// (`--reconnect-grace`).
+    pub reconnect_grace: u64,
     /// `-q`: the view shows warnings, errors, failures and the summary only.
     pub quiet: bool,
     /// `--log-file`: every event is also written there, with a timestamp.
@@ -127,6 +130,7 @@ impl Default for RunOptions {
             quiet: false,
             log_file: None,
             link_timeout: node.link_timeout,
+            reconnect_grace: node.reconnect_grace,
             depth: 0,
             workdir: None,
         }
@@ -179,6 +183,7 @@ impl RunOptions {
             cconns,
             converged_timeout: self.converged_timeout.map(|d| d.as_secs()),
             link_timeout: self.link_timeout.max(1),
+            reconnect_grace: self.reconnect_grace,
             noop: self.noop,
             diff: self.diff,
             builds,
@@ -230,6 +235,7 @@ mod tests {
                 noop: true,
                 diff: true,
                 link_timeout: crate::wire::LINK_TIMEOUT,
+                reconnect_grace: crate::wire::RECONNECT_GRACE,
                 builds,
             }
         );

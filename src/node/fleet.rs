@@ -79,6 +79,15 @@ pub type AgentFor = Arc<dyn Fn(&ChildSpec) -> Arc<dyn Connector> + Send + Sync>;
 pub fn connect_options(config: &NodeConfig) -> ConnectOptions {
     let mut o = ConnectOptions::for_home(&super::home_dir());
     o.connect_timeout = Duration::from_secs(config.connect_timeout);
+    // SSH's own keepalives (every 15 s, or every link timeout when that is shorter) must not
+    // give a connection up before the link timeout and the reconnect grace have: an outage
+    // within them is ridden out on the same connection.
+    let every = config.link_timeout.clamp(1, 15);
+    o.keepalive_interval = Duration::from_secs(every);
+    let ride_out = config.link_timeout.saturating_add(config.reconnect_grace);
+    o.keepalive_max = usize::try_from(ride_out / every + 2)
+        .unwrap_or(usize::MAX)
+        .max(3);
     o.host_keys.policy = if config.accept_new {
         HostKeyPolicy::AcceptNew
     } else {
@@ -799,6 +808,40 @@ async fn copy_artifact_again(
 /// A build copied for a child: its path there and the bytes sent, or why not.
 type FetchResult = Result<(String, u64), String>;
 
+/// When a parent gives up on a child whose link is down since `reconnecting`: at the end of
+/// the grace period, or at once when it is stopping; never while the link is up.
+fn give_up_at(
+    reconnecting: Option<tokio::time::Instant>,
+    grace: Duration,
+    stopping: bool,
+) -> Option<tokio::time::Instant> {
+    reconnecting.map(|since| if stopping { since } else { since + grace })
+}
+
+/// A frame from a child whose link was down: it is back. Says so, and shows the child's
+/// last state again.
+async fn link_back(
+    run: &ChildRun,
+    reconnecting: &mut Option<tokio::time::Instant>,
+    last_state: &Option<HostState>,
+    link_timeout: Duration,
+    report: Option<String>,
+) {
+    let Some(since) = reconnecting.take() else {
+        return;
+    };
+    tracing::warn!(
+        "{}: its link is back after {}s down; {}",
+        run.name,
+        (since.elapsed() + link_timeout).as_secs(),
+        report.unwrap_or_default()
+    );
+    run.emit(EventKind::State(
+        last_state.clone().unwrap_or(HostState::Running),
+    ))
+    .await;
+}
+
 /// Running: relay events up, control frames down and builds to the child, until its arbor
 /// ends; then remove its working dir.
 async fn supervise(
@@ -824,12 +867,28 @@ async fn supervise(
     let mut beat = tokio::time::interval(crate::wire::heartbeat_every(ctx.config.link_timeout));
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut link_down = false;
+    // Once the link counts as down: until when the child may come back before it fails.
+    let grace = Duration::from_secs(ctx.config.reconnect_grace);
+    let mut reconnecting: Option<tokio::time::Instant> = None;
+    // The child's own last state, shown again when its link comes back.
+    let mut last_state: Option<HostState> = None;
     let (status, stderr) = loop {
         tokio::select! {
             item = events.recv() => match item {
-                Some(FromChild::Alive) => heard = tokio::time::Instant::now(),
+                Some(FromChild::Alive) => {
+                    heard = tokio::time::Instant::now();
+                    let report = reconnecting.map(|_| link.sequence_report());
+                    link_back(run, &mut reconnecting, &last_state, link_timeout, report).await;
+                }
                 Some(FromChild::Event(event)) => {
                     heard = tokio::time::Instant::now();
+                    let report = reconnecting.map(|_| link.sequence_report());
+                    link_back(run, &mut reconnecting, &last_state, link_timeout, report).await;
+                    if event.host == run.me
+                        && let EventKind::State(state) = &event.kind
+                    {
+                        last_state = Some(state.clone());
+                    }
                     let _ = ctx.events.send(event).await;
                 }
                 Some(FromChild::Fetch { sha256 }) => {
@@ -859,7 +918,22 @@ async fn supervise(
                         (sha256, copied)
                     });
                 }
-                Some(FromChild::Exited { status, error }) => break (status, error),
+                Some(FromChild::Exited { status, error }) => {
+                    if let Some(since) = reconnecting {
+                        // The SSH connection itself gave up (its keepalives) while the link
+                        // was down: nothing can come back on it.
+                        link_down = true;
+                        let _ = (status, error);
+                        break (
+                            ExitStatus::Unknown,
+                            Some(format!(
+                                "link: down for {}s, then its SSH connection closed",
+                                (since.elapsed() + link_timeout).as_secs()
+                            )),
+                        );
+                    }
+                    break (status, error);
+                }
                 None => break (ExitStatus::Unknown, None),
             },
             Some(done) = fetches.join_next() => {
@@ -894,18 +968,52 @@ async fn supervise(
                 }
             }
             _ = beat.tick() => {
-                if let Err(e) = link.send(&Down::Heartbeat).await {
+                if let Err(e) = link.beat().await {
                     tracing::debug!("{}: control link: {e}", spec.name);
                 }
             }
-            _ = tokio::time::sleep_until(heard + link_timeout) => {
-                // A link that died without a FIN: nothing reaches the child either, and it
-                // gives up on its own after the same timeout (removing its working dir).
-                link_down = true;
-                break (
-                    ExitStatus::Unknown,
-                    Some(format!("link down: nothing from it for {}s", link_timeout.as_secs())),
+            _ = tokio::time::sleep_until(heard + link_timeout), if reconnecting.is_none() => {
+                // A link that died without a FIN: nothing reaches the child either. Both
+                // ends wait for the grace period: the link may come back (the same SSH
+                // connection, once the network is back), and the child's subtree runs on.
+                // A parent that is stopping waits for no one: the child gives up on its own
+                // at the end of its grace period.
+                if grace.is_zero() || stopping {
+                    link_down = true;
+                    break (
+                        ExitStatus::Unknown,
+                        Some(format!("link: down, nothing from it for {}s", link_timeout.as_secs())),
+                    );
+                }
+                tracing::warn!(
+                    "{}: nothing from it for {}s: its link is down; waiting up to {}s for it \
+                     to come back",
+                    spec.name,
+                    link_timeout.as_secs(),
+                    grace.as_secs()
                 );
+                reconnecting = Some(tokio::time::Instant::now());
+                run.emit(EventKind::State(HostState::Reconnecting { grace: grace.as_secs() })).await;
+            }
+            _ = super::sleep_until(give_up_at(reconnecting, grace, stopping)) => {
+                // The grace period is over (or this node is stopping and waits for no one):
+                // the child gives up on its own at the end of its grace period (tearing its
+                // subtree down and removing its working dir).
+                link_down = true;
+                let why = if stopping {
+                    format!(
+                        "link: down (nothing from it for {}s) during the shutdown",
+                        link_timeout.as_secs()
+                    )
+                } else {
+                    format!(
+                        "link: down, nothing from it for {}s (the link timeout, then the {}s \
+                         reconnect grace)",
+                        (link_timeout + grace).as_secs(),
+                        grace.as_secs()
+                    )
+                };
+                break (ExitStatus::Unknown, Some(why));
             }
             _ = super::sleep_until(deadline) => {
                 // Past the grace period: closing stdin is the child's last word to exit.

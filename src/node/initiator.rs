@@ -144,6 +144,8 @@ struct RunStore {
     socket: Option<PathBuf>,
     /// The etcd users and roles made for the hosts (--seeds with authentication on).
     run_users: Option<seeds::RunUsers>,
+    /// The embedded store's users: holding a reconnecting host's leases goes through them.
+    users: Option<Arc<Users>>,
 }
 
 /// The name the initiator's own store client authenticates as (no host name can be it).
@@ -279,6 +281,7 @@ async fn open_seeds(
         temp_dir: None,
         socket: None,
         run_users,
+        users: None,
     })
 }
 
@@ -307,6 +310,7 @@ async fn open_store(options: &RunOptions, users: (Users, String)) -> Result<RunS
     };
     let socket = state_dir.join(format!("store-{}.sock", std::process::id()));
     let (users, admin) = (Some(Arc::new(users.0)), Some(users.1));
+    let held = users.clone();
     let store = Store::bind_with(
         &StoreConfig {
             listen: format!("unix:{}", socket.display()),
@@ -352,6 +356,7 @@ async fn open_store(options: &RunOptions, users: (Users, String)) -> Result<RunS
         temp_dir: temp,
         socket: Some(socket),
         run_users: None,
+        users: held,
     })
 }
 
@@ -892,6 +897,11 @@ struct View {
     /// Hosts below the relays (depth 2 and more), for their rows in the summary: the
     /// initiator's own children report themselves when their task ends.
     deep: BTreeMap<HostPath, DeepRow>,
+    /// The embedded store's users, to hold the leases of a host whose link is reconnecting
+    /// (and of its subtree) until it is back or fails; none with --seeds.
+    leases: Option<Arc<Users>>,
+    /// The hosts whose leases are held now.
+    holding: HashSet<String>,
 }
 
 /// What the initiator heard of a host below a relay.
@@ -985,8 +995,48 @@ impl View {
         }
         if let EventKind::State(state) = &event.kind {
             self.book.state(event.host.name(), state);
+            self.hold_leases(event.host.name(), state);
         }
         self.ui.event(event);
+    }
+
+    /// While a host's link is down (reconnecting), its subtree's keepalives cannot reach the
+    /// store: their leases are held (renewed instead of expired) until two lease TTLs after
+    /// the link is back, or until the host fails, at most for the grace period and 10 s more,
+    /// so the subtree's exports and converged flags stay while it rides an outage out.
+    fn hold_leases(&mut self, host: &str, state: &HostState) {
+        let Some(users) = &self.leases else { return };
+        match state {
+            HostState::Reconnecting { grace } => {
+                let until = Instant::now() + Duration::from_secs(grace.saturating_add(10));
+                let subtree = self.book.subtree(host);
+                tracing::info!(
+                    "{host}: holding the store leases of {} while its link is down",
+                    subtree.join(", ")
+                );
+                users.hold(&subtree, until);
+                self.holding.insert(host.to_string());
+            }
+            HostState::Failed { .. } => {
+                if self.holding.remove(host) {
+                    users.release(&self.book.subtree(host));
+                }
+            }
+            _ => {
+                // Back: what the host sends up arrives, but what goes down to it may wait on
+                // TCP's retransmission backoff for a while (seconds after a long outage), and
+                // the subtree's keepalives wait for answers: hold for two lease TTLs more.
+                if self.holding.remove(host) {
+                    tracing::info!(
+                        "{host}: its link is back; its subtree's store leases run again shortly"
+                    );
+                    let ttl = Duration::from_secs(
+                        crate::engine::store_exchange::LEASE_TTL.unsigned_abs(),
+                    );
+                    users.hold(&self.book.subtree(host), Instant::now() + 2 * ttl);
+                }
+            }
+        }
     }
 
     /// The local engine's new status.
@@ -1114,6 +1164,8 @@ pub async fn run(options: RunOptions) -> u8 {
         hostname: hostname.clone(),
         local_reported: None,
         deep: deep_rows(&plan.children),
+        leases: store.users.clone(),
+        holding: HashSet::new(),
     };
     view.ui.hosts(&view_hosts(
         &plan.children,

@@ -4,6 +4,7 @@
 //! `arbor.log` in its working dir); stderr stays free for panics and raw text, which the
 //! parent relays as the child's stderr lines.
 
+use crate::wire::resume::{Accepted, LinkSeqs, Numbered};
 use crate::wire::{
     Down, Event, EventKind, FrameReader, FrameWriter, HostPath, Start, Up, WireError,
 };
@@ -23,13 +24,24 @@ pub const UP_QUEUE: usize = 1024;
 pub struct Upstream {
     tx: mpsc::Sender<Up>,
     dropped: Arc<std::sync::atomic::AtomicU64>,
+    /// Cancelled once this node gave up on its parent: nothing waits for room any more.
+    gone: tokio_util::sync::CancellationToken,
 }
 
 impl Upstream {
     /// An event about `host` (relative to this node: the root path is this node itself);
-    /// waits for room in the queue.
+    /// waits for room in the queue (while the link is down too), but not once this node
+    /// gave up on its parent: then the event is dropped, so a node whose queue filled during
+    /// an outage still gets to tear its subtree down.
     pub async fn event(&self, host: HostPath, kind: EventKind) {
-        let _ = self.tx.send(Up::Event(Event { host, kind })).await;
+        self.send(Up::Event(Event { host, kind })).await;
+    }
+
+    async fn send(&self, frame: Up) {
+        tokio::select! {
+            _ = self.tx.send(frame) => {}
+            _ = self.gone.cancelled() => {}
+        }
     }
 
     /// An event about this node itself.
@@ -39,7 +51,7 @@ impl Upstream {
 
     /// Forwards a child's event as it is (already tagged under this node).
     pub async fn forward(&self, event: Event) {
-        let _ = self.tx.send(Up::Event(event)).await;
+        self.send(Up::Event(event)).await;
     }
 
     /// A log line of this node's: sent if there is room, else dropped and counted (the next
@@ -78,7 +90,7 @@ impl Upstream {
     /// Asks the parent to copy the build with this sha256 into this node's cache; the answer
     /// comes down as `Down::Fetched`.
     pub async fn fetch(&self, sha256: String) {
-        let _ = self.tx.send(Up::Fetch { sha256 }).await;
+        self.send(Up::Fetch { sha256 }).await;
     }
 }
 
@@ -89,34 +101,93 @@ pub struct Downstream {
 
 impl Downstream {
     /// The next control frame other than a heartbeat; `None` when the parent is gone: stdin
-    /// closed or broken, or nothing from it for the link timeout (a link that died without a
-    /// FIN). Cancel-safe.
+    /// closed or broken, or nothing from it for the link timeout and then the reconnect grace
+    /// (a link that died without a FIN and did not come back). Cancel-safe.
     pub async fn recv(&mut self) -> Option<Down> {
         self.rx.recv().await
     }
 
     /// Reads stdin on a task of its own, so that the link timeout measures the parent's
-    /// silence, not how long this node took to ask for the next frame.
-    fn spawn(mut reader: FrameReader<tokio::io::Stdin>, timeout: std::time::Duration) -> Self {
+    /// silence, not how long this node took to ask for the next frame. After `timeout` of
+    /// silence the link counts as down, but this node keeps running for `grace` more: if a
+    /// frame comes within it (the same SSH connection, once the network is back), the link
+    /// is up again and nothing was lost (SSH and TCP retransmit what was in flight).
+    fn spawn(
+        mut reader: FrameReader<tokio::io::Stdin>,
+        timeout: std::time::Duration,
+        grace: std::time::Duration,
+        seqs: Arc<LinkSeqs<Up>>,
+        gone: tokio_util::sync::CancellationToken,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
+            let _gone = gone.drop_guard();
+            let mut down_since: Option<std::time::Instant> = None;
             loop {
-                match tokio::time::timeout(timeout, reader.recv::<Down>()).await {
+                let wait = if down_since.is_some() { grace } else { timeout };
+                let frame = match tokio::time::timeout(wait, reader.recv::<Numbered<Down>>()).await
+                {
+                    Err(_) if down_since.is_none() && !grace.is_zero() => {
+                        tracing::warn!(
+                            "no word from the parent for {}s: the link is down; this node and \
+                             its subtree keep running for up to {}s while it comes back",
+                            timeout.as_secs(),
+                            grace.as_secs()
+                        );
+                        down_since = Some(std::time::Instant::now());
+                        continue;
+                    }
                     Err(_) => {
                         tracing::warn!(
-                            "no word from the parent for {}s: the link is down",
-                            timeout.as_secs()
+                            "no word from the parent for {}s: the link is down for good; \
+                             tearing this subtree down",
+                            (timeout
+                                + if down_since.is_some() {
+                                    grace
+                                } else {
+                                    Default::default()
+                                })
+                            .as_secs()
                         );
                         break;
                     }
-                    Ok(Ok(Some(Down::Heartbeat))) => {}
-                    Ok(Ok(Some(frame))) => {
+                    Ok(frame) => frame,
+                };
+                if let Some(since) = down_since.take()
+                    && matches!(frame, Ok(Some(_)))
+                {
+                    tracing::warn!(
+                        "the link to the parent is back after {}s down; {}",
+                        (since.elapsed() + timeout).as_secs(),
+                        seqs.report("up", "down")
+                    );
+                }
+                // A numbered frame is taken once, in order (crate::wire::resume).
+                let frame = match frame {
+                    Ok(Some(Numbered { seq, frame })) if seq > 0 => match seqs.accept(seq) {
+                        Accepted::Duplicate => continue,
+                        Accepted::Gap { lost } => {
+                            tracing::error!(
+                                "control link: {lost} frame(s) from the parent never came \
+                                 (#{seq} after #{})",
+                                seq - lost - 1
+                            );
+                            Ok(Some(frame))
+                        }
+                        Accepted::New => Ok(Some(frame)),
+                    },
+                    other => other.map(|f| f.map(|n| n.frame)),
+                };
+                match frame {
+                    Ok(Some(Down::Heartbeat)) => {}
+                    Ok(Some(Down::Ack { acked })) => seqs.acked(acked),
+                    Ok(Some(frame)) => {
                         if tx.send(frame).await.is_err() {
                             break;
                         }
                     }
-                    Ok(Ok(None)) => break,
-                    Ok(Err(e)) => {
+                    Ok(None) => break,
+                    Err(e) => {
                         tracing::warn!("control link: {e}");
                         break;
                     }
@@ -133,17 +204,26 @@ impl Downstream {
 pub async fn open() -> Result<(Start, Upstream, Downstream, tokio::task::JoinHandle<()>), WireError>
 {
     let (tx, mut rx) = mpsc::channel::<Up>(UP_QUEUE);
+    let seqs = LinkSeqs::<Up>::new();
+    let numbering = seqs.clone();
     let writer = tokio::spawn(async move {
         let mut out = FrameWriter::new(tokio::io::stdout());
         while let Some(frame) = rx.recv().await {
+            // Events and fetches are numbered; hellos and heartbeats (acks) are not.
+            let frame = match frame {
+                Up::Event(_) | Up::Fetch { .. } => numbering.number(frame),
+                other => Numbered::bare(other),
+            };
             if out.send(&frame).await.is_err() {
                 break;
             }
         }
     });
+    let gone = tokio_util::sync::CancellationToken::new();
     let up = Upstream {
         tx,
         dropped: Arc::default(),
+        gone: gone.clone(),
     };
     let _ = up.tx.send(Up::hello()).await;
     let mut reader = FrameReader::new(tokio::io::stdin());
@@ -161,17 +241,24 @@ pub async fn open() -> Result<(Start, Upstream, Downstream, tokio::task::JoinHan
     // the writer alive at exit).
     let weak = up.tx.downgrade();
     let every = crate::wire::heartbeat_every(start.config.link_timeout);
+    let acks = seqs.clone();
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(every).await;
             let Some(tx) = weak.upgrade() else { break };
-            // A full queue means frames are flowing anyway.
-            let _ = tx.try_send(Up::Heartbeat);
+            // Each heartbeat acknowledges the control frames taken so far. A full queue
+            // means frames are flowing anyway.
+            let _ = tx.try_send(Up::Ack {
+                acked: acks.received(),
+            });
         }
     });
     let down = Downstream::spawn(
         reader,
         std::time::Duration::from_secs(start.config.link_timeout.max(1)),
+        std::time::Duration::from_secs(start.config.reconnect_grace),
+        seqs,
+        gone,
     );
     Ok((start, up, down, writer))
 }

@@ -268,7 +268,7 @@ async fn serve(
                     tracing::debug!("{name}: shutting down: {reason}");
                     break Ok(());
                 }
-                Some(Down::Hello(_) | Down::Start(_) | Down::Heartbeat) => {}
+                Some(Down::Hello(_) | Down::Start(_) | Down::Heartbeat | Down::Ack { .. }) => {}
                 None => {
                     tracing::warn!("{name}: parent link closed; shutting down");
                     break Ok(());

@@ -71,6 +71,13 @@ impl RunBook {
         below
     }
 
+    /// `host` and every host below it.
+    pub fn subtree(&self, host: &str) -> Vec<String> {
+        let mut all = vec![host.to_string()];
+        all.extend(self.below.get(host).into_iter().flatten().cloned());
+        all
+    }
+
     /// A host's new state (events carry it; names are unique in a run).
     pub fn state(&mut self, host: &str, state: &HostState) {
         match state {
@@ -96,6 +103,8 @@ impl RunBook {
             HostState::Converged | HostState::Changed => {
                 self.unhealthy.remove(host);
             }
+            // Not failed: the link may come back (a failure follows if it does not).
+            HostState::Reconnecting { .. } => {}
         }
     }
 
@@ -259,6 +268,24 @@ mod tests {
         book.converged_flag("r2", Some(true));
         assert_eq!(book.next(t0), Next::Wait(Some(t0 + T)));
         assert_eq!(book.next(t0 + T), Next::Done(1));
+    }
+
+    #[test]
+    fn a_reconnecting_relay_is_not_failed_and_names_its_subtree() {
+        let mut book = RunBook::new(&tree(), None, Some(T));
+        let t0 = Instant::now();
+        book.state("r1", &HostState::Reconnecting { grace: 60 });
+        assert!(!book.has_failed("r1"));
+        assert_eq!(book.exit_code(), 0);
+        let mut subtree = book.subtree("r1");
+        subtree.sort();
+        assert_eq!(subtree, ["l1", "l2", "r1"]);
+        book.converged_flag("r2", Some(true));
+        assert_eq!(
+            book.next(t0),
+            Next::Wait(None),
+            "r1's subtree is not converged yet"
+        );
     }
 
     #[test]

@@ -87,6 +87,9 @@ pub struct ConnectOptions {
     /// Bound on TCP connect plus the SSH handshake.
     pub connect_timeout: Duration,
     pub keepalive_interval: Duration,
+    /// Unanswered keepalives before the connection is given up (a link that may ride out
+    /// an outage asks for enough to last it).
+    pub keepalive_max: usize,
     pub host_keys: HostKeyOptions,
     pub auth: AuthOptions,
 }
@@ -103,6 +106,7 @@ impl ConnectOptions {
             label: None,
             connect_timeout: Duration::from_secs(10),
             keepalive_interval: Duration::from_secs(15),
+            keepalive_max: 3,
             host_keys: HostKeyOptions {
                 policy: HostKeyPolicy::Strict,
                 known_hosts: files,
@@ -246,7 +250,11 @@ async fn connect_with(
         refusal: verdict.clone(),
         routes: routes.clone(),
     };
-    let config = Arc::new(client_config(options.keepalive_interval, order));
+    let config = Arc::new(client_config(
+        options.keepalive_interval,
+        options.keepalive_max,
+        order,
+    ));
 
     let handshake = async {
         let connected = match jump {
@@ -307,7 +315,7 @@ async fn connect_with(
     })
 }
 
-fn client_config(keepalive: Duration, order: HostKeyOrder) -> client::Config {
+fn client_config(keepalive: Duration, keepalive_max: usize, order: HostKeyOrder) -> client::Config {
     // AES-GCM first: hardware-accelerated almost everywhere, and the fastest for bulk copies.
     let preferred = russh::Preferred {
         key: std::borrow::Cow::Owned(order.keys),
@@ -323,7 +331,7 @@ fn client_config(keepalive: Duration, order: HostKeyOrder) -> client::Config {
     };
     client::Config {
         keepalive_interval: Some(keepalive),
-        keepalive_max: 3,
+        keepalive_max: keepalive_max.max(1),
         nodelay: true,
         // Large windows keep bulk uploads from stalling on window adjustments.
         window_size: 16 * 1024 * 1024,

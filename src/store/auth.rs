@@ -51,6 +51,9 @@ pub struct Users {
     users: HashMap<String, User>,
     tokens: Mutex<HashMap<String, Arc<Caller>>>,
     leases: Mutex<HashMap<i64, String>>,
+    /// Users whose leases do not expire until the given time: hosts whose link is down
+    /// (reconnecting), whose keepalives cannot reach the store until it comes back.
+    held: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl std::fmt::Debug for Users {
@@ -114,6 +117,33 @@ impl Users {
     /// Records that `caller` granted lease `id`.
     pub fn lease_granted(&self, caller: &Caller, id: i64) {
         lock(&self.leases).insert(id, caller.name.clone());
+    }
+
+    /// Keeps the leases of `names` from expiring until `until` (or [`Users::release`]):
+    /// their hosts are cut off for a while, and their keepalives wait on the link.
+    pub fn hold(&self, names: &[String], until: std::time::Instant) {
+        let mut held = lock(&self.held);
+        for name in names {
+            held.insert(name.clone(), until);
+        }
+    }
+
+    /// Ends [`Users::hold`] for `names`.
+    pub fn release(&self, names: &[String]) {
+        let mut held = lock(&self.held);
+        for name in names {
+            held.remove(name);
+        }
+    }
+
+    /// Whether lease `id`'s owner is held at `now`: the lease is renewed instead of expiring.
+    pub fn lease_held(&self, id: i64, now: std::time::Instant) -> bool {
+        let Some(owner) = lock(&self.leases).get(&id).cloned() else {
+            return false;
+        };
+        lock(&self.held)
+            .get(&owner)
+            .is_some_and(|until| now < *until)
     }
 
     /// Whether `caller` may use lease `id` (0 is no lease).
@@ -263,6 +293,31 @@ mod tests {
         assert!(!h.may_write(b"/r/exports/h10/file/x", b""));
         assert!(!h.may_write(b"/r/converged/h10", b""));
         assert!(!h.may_write(b"/r/converged/h1", b"/r/converged/h2"));
+    }
+
+    #[test]
+    fn a_held_users_leases_are_held_until_released_or_the_hold_ends() {
+        let mut users = Users::new();
+        users.add("h1", "pw", host().access);
+        users.add("h2", "pw", host().access);
+        let h1 = users
+            .caller(&users.authenticate("h1", "pw").expect("token"))
+            .expect("caller");
+        let h2 = users
+            .caller(&users.authenticate("h2", "pw").expect("token"))
+            .expect("caller");
+        users.lease_granted(&h1, 7);
+        users.lease_granted(&h2, 8);
+        let now = std::time::Instant::now();
+        let later = now + std::time::Duration::from_secs(30);
+        assert!(!users.lease_held(7, now));
+        users.hold(&["h1".to_string()], later);
+        assert!(users.lease_held(7, now), "h1's lease is held");
+        assert!(!users.lease_held(8, now), "h2's is not");
+        assert!(!users.lease_held(9, now), "nobody's lease is not");
+        assert!(!users.lease_held(7, later), "the hold ends");
+        users.release(&["h1".to_string()]);
+        assert!(!users.lease_held(7, now), "released");
     }
 
     #[test]

@@ -598,7 +598,14 @@ impl Backend {
         if self.durable.borrow().failed.is_some() {
             return;
         }
-        for id in st.lessor.expired(Instant::now()) {
+        let now = Instant::now();
+        for id in st.lessor.expired(now) {
+            // A host cut off for a while (its link reconnecting) keeps its lease: its
+            // keepalives wait on the link.
+            if self.users().is_some_and(|u| u.lease_held(id, now)) {
+                st.lessor.renew(id, now);
+                continue;
+            }
             if let Ok(record) = st.lease_revoke(id) {
                 tracing::debug!("store: lease {id:x} expired");
                 self.metrics.leases_expired.fetch_add(1, Relaxed);

@@ -152,9 +152,12 @@ impl Live {
                     HostState::Converged => true,
                     _ => false,
                 };
+                // A link down is printed too: the operator should see it come and go.
                 let failing = matches!(
                     state,
-                    HostState::Failed { .. } | HostState::Unhealthy { .. }
+                    HostState::Failed { .. }
+                        | HostState::Unhealthy { .. }
+                        | HostState::Reconnecting { .. }
                 );
                 host.failed |= matches!(state, HostState::Failed { .. });
                 host.unhealthy = matches!(state, HostState::Unhealthy { .. })

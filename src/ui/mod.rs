@@ -93,11 +93,15 @@ impl Ui {
         }
     }
 
-    /// Whether `-q` hides this event: everything but failures, settling with failures, host
+    /// Whether `-q` hides this event: everything but failures, links down, settling with failures, host
     /// log lines at warn or error level, and diffs (asked for with `--diff`).
     fn hidden_when_quiet(kind: &EventKind) -> bool {
         match kind {
-            EventKind::State(HostState::Failed { .. } | HostState::Unhealthy { .. }) => false,
+            EventKind::State(
+                HostState::Failed { .. }
+                | HostState::Unhealthy { .. }
+                | HostState::Reconnecting { .. },
+            ) => false,
             EventKind::Diff { .. } => false,
             EventKind::Log { line, .. } => {
                 let level = line.split_whitespace().next().unwrap_or_default();
@@ -143,6 +147,9 @@ impl Ui {
                         ("unhealthy", json!({ "failures": failures }))
                     }
                     HostState::Failed { cause } => ("failed", json!({ "cause": cause })),
+                    HostState::Reconnecting { grace } => {
+                        ("reconnecting", json!({ "grace": grace }))
+                    }
                     HostState::Exited => ("exited", json!({})),
                 };
                 let mut fields = json!({ "state": name });
@@ -418,6 +425,9 @@ pub(crate) fn state_text(state: &HostState) -> String {
             format!("settled with failures: {}", failures.join("; "))
         }
         HostState::Failed { cause } => format!("FAILED: {cause}"),
+        HostState::Reconnecting { grace } => {
+            format!("reconnecting (link down; its subtree runs on for up to {grace}s)")
+        }
         HostState::Exited => "exited".into(),
     }
 }

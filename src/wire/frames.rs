@@ -278,6 +278,11 @@ pub struct NodeConfig {
     /// parent fails the child, the child tears its subtree down (`--link-timeout`).
     #[serde(default = "default_link_timeout")]
     pub link_timeout: u64,
+    /// Seconds a link may stay down, once counted down, before giving up on it: the child
+    /// keeps its subtree running that long, then tears it down; the parent shows the host
+    /// as reconnecting that long, then fails it (`--reconnect-grace`).
+    #[serde(default = "default_reconnect_grace")]
+    pub reconnect_grace: u64,
     /// Every build of arbor the run has, for children of other platforms: a node that lacks
     /// one asks its parent for it (`Up::Fetch`).
     pub builds: Vec<BuildRef>,
@@ -294,6 +299,13 @@ pub fn heartbeat_every(link_timeout: u64) -> std::time::Duration {
 
 fn default_link_timeout() -> u64 {
     LINK_TIMEOUT
+}
+
+/// [`NodeConfig::reconnect_grace`] unless told otherwise.
+pub const RECONNECT_GRACE: u64 = 60;
+
+fn default_reconnect_grace() -> u64 {
+    RECONNECT_GRACE
 }
 
 fn default_cache_max_size() -> String {
@@ -318,6 +330,7 @@ impl Default for NodeConfig {
             noop: false,
             diff: false,
             link_timeout: LINK_TIMEOUT,
+            reconnect_grace: RECONNECT_GRACE,
             builds: Vec::new(),
         }
     }
@@ -392,6 +405,11 @@ pub enum Down {
     },
     /// The parent is still there ([`heartbeat_every`]).
     Heartbeat,
+    /// A heartbeat that also acknowledges every numbered frame up through `acked`
+    /// ([`resume`](super::resume); not `seq`, the numbered envelope's own field).
+    Ack {
+        acked: u64,
+    },
 }
 
 /// A host's state, as the operator sees it.
@@ -412,6 +430,11 @@ pub enum HostState {
     },
     Failed {
         cause: String,
+    },
+    /// Its link is down (nothing from it for the link timeout); its subtree keeps running,
+    /// and the link may come back within `grace` seconds; past them the host fails.
+    Reconnecting {
+        grace: u64,
     },
     /// Ended cleanly.
     Exited,
@@ -570,6 +593,11 @@ pub enum Up {
     },
     /// The child is still there ([`heartbeat_every`]).
     Heartbeat,
+    /// A heartbeat that also acknowledges every numbered frame down through `acked`
+    /// ([`resume`](super::resume); not `seq`, the numbered envelope's own field).
+    Ack {
+        acked: u64,
+    },
 }
 
 impl Up {

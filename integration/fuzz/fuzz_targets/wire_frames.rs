@@ -36,5 +36,8 @@ fuzz_target!(|data: &[u8]| {
     runtime().block_on(async {
         drain::<Up>(data).await;
         drain::<Down>(data).await;
+        // What the links actually read: frames in their sequence-number envelope.
+        drain::<arbor::wire::resume::Numbered<Up>>(data).await;
+        drain::<arbor::wire::resume::Numbered<Down>>(data).await;
     });
 });
