@@ -901,7 +901,7 @@ struct View {
     /// (and of its subtree) until it is back or fails; none with --seeds.
     leases: Option<Arc<Users>>,
     /// The hosts whose leases are held now.
-    holding: HashSet<String>,
+    holding: super::lease_holds::Holding,
 }
 
 /// What the initiator heard of a host below a relay.
@@ -1001,42 +1001,12 @@ impl View {
     }
 
     /// While a host's link is down (reconnecting), its subtree's keepalives cannot reach the
-    /// store: their leases are held (renewed instead of expired) until two lease TTLs after
-    /// the link is back, or until the host fails, at most for the grace period and 10 s more,
-    /// so the subtree's exports and converged flags stay while it rides an outage out.
+    /// store: their leases are held there (node/lease_holds.rs).
     fn hold_leases(&mut self, host: &str, state: &HostState) {
         let Some(users) = &self.leases else { return };
-        match state {
-            HostState::Reconnecting { grace } => {
-                let until = Instant::now() + Duration::from_secs(grace.saturating_add(10));
-                let subtree = self.book.subtree(host);
-                tracing::info!(
-                    "{host}: holding the store leases of {} while its link is down",
-                    subtree.join(", ")
-                );
-                users.hold(&subtree, until);
-                self.holding.insert(host.to_string());
-            }
-            HostState::Failed { .. } => {
-                if self.holding.remove(host) {
-                    users.release(&self.book.subtree(host));
-                }
-            }
-            _ => {
-                // Back: what the host sends up arrives, but what goes down to it may wait on
-                // TCP's retransmission backoff for a while (seconds after a long outage), and
-                // the subtree's keepalives wait for answers: hold for two lease TTLs more.
-                if self.holding.remove(host) {
-                    tracing::info!(
-                        "{host}: its link is back; its subtree's store leases run again shortly"
-                    );
-                    let ttl = Duration::from_secs(
-                        crate::engine::store_exchange::LEASE_TTL.unsigned_abs(),
-                    );
-                    users.hold(&self.book.subtree(host), Instant::now() + 2 * ttl);
-                }
-            }
-        }
+        let subtree = self.book.subtree(host);
+        self.holding
+            .state(host, state, &subtree, users.as_ref(), "store");
     }
 
     /// The local engine's new status.
@@ -1165,7 +1135,7 @@ pub async fn run(options: RunOptions) -> u8 {
         local_reported: None,
         deep: deep_rows(&plan.children),
         leases: store.users.clone(),
-        holding: HashSet::new(),
+        holding: Default::default(),
     };
     view.ui.hosts(&view_hosts(
         &plan.children,

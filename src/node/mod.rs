@@ -30,6 +30,7 @@ pub mod exec;
 pub mod fleet;
 pub mod initiator;
 pub mod last_failed;
+pub mod lease_holds;
 pub mod parent_link;
 pub mod relay;
 pub mod run_book;

@@ -154,6 +154,7 @@ async fn serve(
     let front_stop = CancellationToken::new();
     // Children whose leases our front keeps while their link is down.
     let front_holds = Arc::new(crate::store::relay_front::Holds::default());
+    let mut holding = super::lease_holds::Holding::default();
     let _front_stopped = front_stop.clone().drop_guard();
     let exports_prefix = keys.exports().as_bytes().to_vec();
     let exchange: Arc<dyn Exchange> = Arc::new(StoreExchange::new(client, keys));
@@ -276,6 +277,12 @@ async fn serve(
             },
             event = events_rx.recv(), if fleet.is_some() => {
                 if let Some(event) = event {
+                    // A child whose link is down keeps its leases at our front.
+                    if let EventKind::State(state) = &event.kind
+                        && let Some(users) = subtree_user_names(&start.children, event.host.name())
+                    {
+                        holding.state(event.host.name(), state, &users, front_holds.as_ref(), "store front");
+                    }
                     up.forward(event).await;
                 }
             }
@@ -557,6 +564,27 @@ fn corrupt_own_artifacts(dir: &Path, start: &Start) {
             Err(e) => tracing::warn!("misbehaving: {}: {e}", path.display()),
         }
     }
+}
+
+/// The store user names of host `host` and every host below it, if it is below us.
+fn subtree_user_names(specs: &[crate::wire::ChildSpec], host: &str) -> Option<Vec<String>> {
+    fn all(spec: &crate::wire::ChildSpec, out: &mut Vec<String>) {
+        out.push(spec.store_user.clone().unwrap_or_else(|| spec.name.clone()));
+        for c in &spec.children {
+            all(c, out);
+        }
+    }
+    for spec in specs {
+        if spec.name == host {
+            let mut out = Vec::new();
+            all(spec, &mut out);
+            return Some(out);
+        }
+        if let Some(found) = subtree_user_names(&spec.children, host) {
+            return Some(found);
+        }
+    }
+    None
 }
 
 /// What each store user below this relay may do (by user name), as the initiator gave them
