@@ -542,7 +542,7 @@ pub(super) fn builds(options: &RunOptions) -> Result<Builds, String> {
         };
         all.push(Build::from_file(path, &platform).map_err(|e| format!("--binary {arch}: {e}"))?);
     }
-    if options.compress {
+    if options.compress != crate::wire::Compress::Never {
         all = all.into_iter().map(|b| b.with_gzip(false)).collect();
     }
     tracing::debug!("this arbor is for {}", local_platform());
