@@ -563,7 +563,15 @@ fn fleet_context(
         config: plan.config.clone(),
         agent: None,
         builds: plan.builds.clone(),
-        artifacts: Arc::new(plan.sources.served()),
+        artifacts: Arc::new({
+            let mut served = plan.sources.served();
+            // Keep what is sent in this machine's own cache, to send patches against next
+            // time (`--compress never` and `--no-caching` keep nothing).
+            if options.compress != crate::wire::Compress::Never && !options.no_caching {
+                served.keep_in(super::artifacts::node_dir(false, None));
+            }
+            served
+        }),
         store: Some(store.connector.clone()),
         graphs: Mutex::new(
             plan.graphs

@@ -542,6 +542,7 @@ pub async fn copy_build(
     staged: &Staged,
     build: &Build,
     no_caching: bool,
+    compress: crate::wire::Compress,
 ) -> Result<(String, u64), String> {
     let dir = if no_caching {
         format!("{}/builds/{}", staged.workdir, build.sha256)
@@ -564,6 +565,25 @@ pub async fn copy_build(
         .map_err(|e| e.to_string())?;
     if String::from_utf8_lossy(&out).trim() == "cached" {
         return Ok((binary, 0));
+    }
+    // The child runs arbor: it takes the build zstd-compressed at its link's level.
+    if let Some(level) = transfer::level_for(compress, staged.rate) {
+        let send = transfer::Send {
+            what: "arbor",
+            local: &build.path,
+            size: build.size,
+            sha256: &build.sha256,
+            mode: 0o755,
+            level,
+            base: None,
+            receiver: &staged.binary,
+            remote: &binary,
+        };
+        let never = CancellationToken::new();
+        match transfer::send(session, &send, &never, &mut |_, _| {}).await {
+            Ok(bytes) => return Ok((binary, bytes)),
+            Err(e) => tracing::warn!("{e:?}; copying the build uncompressed instead"),
+        }
     }
     let sftp = session.sftp().await.map_err(|e| e.to_string())?;
     let never = CancellationToken::new();
