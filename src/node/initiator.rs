@@ -544,6 +544,10 @@ pub(super) fn builds(options: &RunOptions) -> Result<Builds, String> {
     }
     if options.compress != crate::wire::Compress::Never {
         all = all.into_iter().map(|b| b.with_gzip(false)).collect();
+        if !options.no_caching {
+            // For the next build's delta upgrades.
+            all.iter().for_each(super::builds::keep_locally);
+        }
     }
     tracing::debug!("this arbor is for {}", local_platform());
     Ok(Builds::new(all))

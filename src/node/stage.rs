@@ -119,6 +119,8 @@ struct Probed {
     has_gzip: bool,
     /// The link's rate, bytes/s (`transfer::PROBE_BYTES` read between two lines).
     rate: Option<f64>,
+    /// The sha256 of the newest other build in the host's cache: a delta upgrade's base.
+    old: Option<String>,
 }
 
 /// The one-round-trip probe: platform, a fresh private working dir, the cache entry of
@@ -140,7 +142,10 @@ fn probe_command(
             sha256sum \"$f\" | grep -q '^{sha} '; then \
            touch -c -- \"$c\"/{sha} \"$f\" || true; echo cached; \
          else {mkdir} echo missing; fi; \
-         if command -v gzip >/dev/null 2>&1; then echo gzip; else echo no-gzip; fi",
+         if command -v gzip >/dev/null 2>&1; then echo gzip; else echo no-gzip; fi; \
+         o=-; for d in $(ls -t \"$c\" 2>/dev/null); do case $d in {sha}) ;; *) \
+           if [ ${{#d}} -eq 64 ] && [ -x \"$c/$d/arbor\" ]; then o=$d; break; fi;; esac; done; \
+         echo \"old $o\"",
         tmp = shell_quote(remote_tmp.trim_end_matches('/')),
         sha = build.sha256,
         size = build.size,
@@ -229,6 +234,64 @@ async fn run_probe(
     Ok((stdout, rate))
 }
 
+/// A delta upgrade: when this node holds the older build `old` the host's cache has, the
+/// host's own copy of it receives a zstd patch against itself and writes `binary`, checked
+/// by sha256 (`transfer`). Returns the bytes sent, or `None` when no patch could be used (the
+/// caller copies the build whole).
+async fn upgrade(
+    session: &Session,
+    build: &Build,
+    probed: &Probed,
+    old: &str,
+    binary: &str,
+    progress: Progress<'_>,
+    cancel: &CancellationToken,
+) -> Result<Option<u64>, StageError> {
+    let local = super::builds::local_bin_cache().join(old).join("arbor");
+    if !local.is_file() {
+        return Ok(None);
+    }
+    let remote_old = format!("{}/{old}/arbor", probed.cache);
+    let send = transfer::Send {
+        what: "arbor",
+        local: &build.path,
+        size: build.size,
+        sha256: &build.sha256,
+        mode: 0o755,
+        level: transfer::level_for(crate::wire::Compress::Always, probed.rate).unwrap_or(1),
+        base: Some((local, remote_old.clone())),
+        receiver: &remote_old,
+        remote: binary,
+    };
+    let sent = transfer::send(session, &send, cancel, &mut |sent, total| {
+        progress("arbor patch", sent, total)
+    })
+    .await;
+    match sent {
+        Ok(bytes) => {
+            tracing::info!(
+                "{}: arbor upgraded by a patch against the build {} in its cache ({bytes} \
+                 bytes for {})",
+                session.label(),
+                crate::engine::artifacts::short(old),
+                build.size
+            );
+            Ok(Some(bytes))
+        }
+        Err(transfer::SendError::Stopped) => Err(StageError::Stopped {
+            host: session.label().to_string(),
+        }),
+        Err(e) => {
+            tracing::warn!(
+                "{}: a patch against the build {old} in its cache failed ({e:?}); copying \
+                 arbor whole",
+                session.label()
+            );
+            Ok(None)
+        }
+    }
+}
+
 /// Runs `undo_probe`'s shell on its own.
 async fn undo(session: &Session, undo: &str) {
     let _ = session
@@ -248,6 +311,11 @@ fn parse_probe(out: &[u8], rate: Option<f64>) -> Option<Probed> {
         cache: lines.next()?.to_string(),
         cached: lines.next()? == "cached",
         has_gzip: lines.next()? == "gzip",
+        old: lines
+            .next()?
+            .strip_prefix("old ")
+            .filter(|o| o.len() == 64 && o.bytes().all(|b| b.is_ascii_hexdigit()))
+            .map(str::to_string),
     })
 }
 
@@ -349,15 +417,23 @@ async fn copy_in(
     let other = other_error(&host);
     let (workdir, cache) = (&probed.workdir, &probed.cache);
     let cached = probed.cached && !options.no_caching;
-    let sftp = session.sftp().await?;
     // Named `arbor` inside a directory named by its hash, so `ps` and `pgrep arbor` show it.
     let binary = if options.no_caching {
         format!("{workdir}/arbor")
     } else {
         format!("{cache}/{}/arbor", build.sha256)
     };
+    // A delta upgrade: an older arbor in the host's cache that this node holds too patches
+    // itself into this build (before the sftp session: nothing may start during one).
+    let patched = match (&probed.old, cached, options.compress) {
+        (Some(old), false, c) if c != crate::wire::Compress::Never => {
+            upgrade(session, build, probed, old, &binary, progress, cancel).await?
+        }
+        _ => None,
+    };
+    let sftp = session.sftp().await?;
     let copied = async {
-        let mut bytes_copied = 0;
+        let mut bytes_copied = patched.unwrap_or(0);
         let thin = match options.compress {
             crate::wire::Compress::Never => false,
             crate::wire::Compress::Always => true,
@@ -367,7 +443,7 @@ async fn copy_in(
             (Some(cell), true) => Some(cell.get().await.map_err(&other)?),
             _ => None,
         };
-        if cached {
+        if cached || patched.is_some() {
             // Nothing copied: the parent reports the cache hit itself (it used to report a
             // finished copy first, which the summary counted as bytes sent).
         } else if let Some(gz) = &gz {
