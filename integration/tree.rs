@@ -3793,7 +3793,7 @@ fn a_one_percent_change_to_a_40_mib_artifact_crosses_the_link_as_a_patch(lab: &L
 
 /// Rolling a second build over the first: the relays' and leaves' caches hold build A, and
 /// the run of build B sends each host a zstd patch against it. Build B is build A with its
-/// version string edited in place (`arbor --version` says 0.1.9): not a rebuild, whose patch
+/// version string edited in place (`arbor version` says 0.1.9): not a rebuild, whose patch
 /// would be larger, but the same mechanism.
 fn a_second_build_rolls_out_over_the_first_as_a_patch(lab: &Lab) -> TestResult {
     clean(lab, true);
@@ -3814,7 +3814,7 @@ fn a_second_build_rolls_out_over_the_first_as_a_patch(lab: &Lab) -> TestResult {
         std::fs::write(path, body).map_err(fail)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).map_err(fail)?;
     }
-    let version = Command::new(&b).arg("--version").output().map_err(fail)?;
+    let version = Command::new(&b).arg("version").output().map_err(fail)?;
     check!(
         text(&version).contains("arbor 0.1.9"),
         "build B says {}",
