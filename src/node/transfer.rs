@@ -38,9 +38,9 @@ pub const LAN_RATE: f64 = 30e6;
 
 /// The zstd level for a link of `rate` bytes/s (`None`: not measured), or `None` for a plain
 /// copy. The level is the highest whose compression speed stays several times above the
-/// link's rate (measured on a loaded 2-core lab machine, for arbor's binary: level 1 166 MB/s,
-/// 3 98 MB/s, 6 26 MB/s, 9 15 MB/s, 15 2.6 MB/s), so compressing, which overlaps the
-/// sending, never becomes the bottleneck.
+/// link's rate (`zstd -b` on a loaded 2-core lab machine, for arbor's release binary: level 1
+/// 166 MB/s, 3 98 MB/s, 6 26 MB/s, 9 18 MB/s, 12 7.7 MB/s), so compressing, which overlaps
+/// the sending, never becomes the bottleneck (docs/remote.md, "Compression").
 pub fn level_for(mode: Compress, rate: Option<f64>) -> Option<i32> {
     let rate = match (mode, rate) {
         (Compress::Never, _) => return None,
@@ -59,7 +59,7 @@ pub fn level_for(mode: Compress, rate: Option<f64>) -> Option<i32> {
     } else if rate >= 0.5e6 {
         9
     } else {
-        15
+        12
     };
     match (mode, level) {
         (Compress::Always, 0) => Some(1),
@@ -382,7 +382,7 @@ mod tests {
         assert_eq!(level_for(Always, Some(1e9)), Some(1));
         assert_eq!(level_for(Auto, Some(20e6)), Some(1));
         assert_eq!(level_for(Auto, Some(2.5e6)), Some(6));
-        assert_eq!(level_for(Auto, Some(1e5)), Some(15));
+        assert_eq!(level_for(Auto, Some(1e5)), Some(12));
         assert_eq!(level_for(Auto, None), Some(3));
         assert_eq!(window_log(1, 0), 20);
         assert_eq!(window_log(40 << 20, 40 << 20), 27);
