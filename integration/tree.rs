@@ -2336,7 +2336,13 @@ fn a_relay_that_finds_its_artifact_corrupt_when_serving_fetches_it_again(lab: &L
     let art = artifact_graph(2)?;
     let topo = topology(&TWO_RELAYS.replace("{leaf}", &art.graph.to_string_lossy()));
     let (tx0, _) = lab.init_link_bytes();
-    let out = run(lab, &topo, &["--converged-timeout", "2"]);
+    // Plain copies, so the bytes on the link count whole binaries and artifacts (the default
+    // may gzip the binary and zstd the artifact, by the link's measured rate).
+    let out = run(
+        lab,
+        &topo,
+        &["--converged-timeout", "2", "--compress", "never"],
+    );
     let (tx1, _) = lab.init_link_bytes();
     let log = exited(&out, 0)?;
     check!(
