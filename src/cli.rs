@@ -237,8 +237,8 @@ struct SshArgs {
     #[arg(long)]
     no_caching: bool,
     /// When copies between nodes are compressed. auto (the default): each link's rate is
-    /// measured when its host is staged (128 KiB on the probe's stdin); copies go plain on a
-    /// LAN (30 MB/s and up) and compressed on slower links, at a higher zstd level the slower
+    /// measured when its host is staged (512 KiB on the probe's stdin); copies go plain on a
+    /// LAN (12 MB/s and up) and compressed on slower links, at a higher zstd level the slower
     /// the link. arbor's first copy to a host (no arbor there yet) goes gzipped if the host
     /// has gzip. Once arbor is on a host, artifacts and builds are streamed to it
     /// zstd-compressed and unpacked by arbor itself there, as a zstd patch against the older

@@ -26,15 +26,19 @@ use std::time::Instant;
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
-/// Bytes the staging probe reads from its stdin to measure the link's rate: 52 ms at 20
-/// Mbit/s, about a millisecond on a LAN.
-pub const PROBE_BYTES: usize = 128 << 10;
+/// Bytes the staging probe reads from its stdin to measure the link's rate: 0.2 s at 20
+/// Mbit/s, a few milliseconds on a LAN. (128 KiB measured busy LAN hosts at 4 MB/s: a few
+/// milliseconds of scheduling delay weigh as much as the transfer.)
+pub const PROBE_BYTES: usize = 512 << 10;
 
 /// The line the probe prints once it has read [`PROBE_BYTES`].
 pub const RATE_MARK: &str = "arbor-rate-mark";
 
-/// At or above this rate (bytes/s, 240 Mbit/s) a link counts as a LAN: `auto` copies plain.
-pub const LAN_RATE: f64 = 30e6;
+/// At or above this rate (bytes/s, about 100 Mbit/s) a link counts as a LAN: `auto` copies
+/// plain. gzip -6 (the binary's first copy) runs at about 23 MB/s and is not overlapped with
+/// the sending, so it pays only below about 13 MB/s; and a relay compresses once per child,
+/// so on a fast link compressing for many children at once costs more CPU than it saves.
+pub const LAN_RATE: f64 = 12e6;
 
 /// The zstd level for a link of `rate` bytes/s (`None`: not measured), or `None` for a plain
 /// copy. The level is the highest whose compression speed stays several times above the
@@ -50,8 +54,6 @@ pub fn level_for(mode: Compress, rate: Option<f64>) -> Option<i32> {
     };
     let level = if rate >= LAN_RATE {
         0
-    } else if rate >= 10e6 {
-        1
     } else if rate >= 4e6 {
         3
     } else if rate >= 1.5e6 {
@@ -380,7 +382,9 @@ mod tests {
         assert_eq!(level_for(Never, Some(1e3)), None);
         assert_eq!(level_for(Auto, Some(1e9)), None);
         assert_eq!(level_for(Always, Some(1e9)), Some(1));
-        assert_eq!(level_for(Auto, Some(20e6)), Some(1));
+        assert_eq!(level_for(Auto, Some(20e6)), None);
+        assert_eq!(level_for(Always, Some(20e6)), Some(1));
+        assert_eq!(level_for(Auto, Some(8e6)), Some(3));
         assert_eq!(level_for(Auto, Some(2.5e6)), Some(6));
         assert_eq!(level_for(Auto, Some(1e5)), Some(12));
         assert_eq!(level_for(Auto, None), Some(3));
