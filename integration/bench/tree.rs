@@ -170,7 +170,7 @@ fn compress_section() {
          2 relays × 12 leaves, cold caches (every host's cache emptied before each run, the \
          initiator's kept), release build. `always` is what `--compress` did before it took a \
          value (the binary gzipped), plus zstd for artifacts; `auto` measures each link when \
-         its host is staged and compresses only below 30 MB/s (docs/remote.md, \
+         its host is staged and compresses only below 12 MB/s (docs/remote.md, \
          \"Compression\"). Median of {RUNS} runs each, the three modes alternating run by \
          run. Bytes are the tx counter of the initiator's veth.\n\n\
          | link | workload | mode | time to converged (minus timeout) | bytes out on the \
