@@ -967,9 +967,15 @@ fn an_unknown_config_key_or_bad_value_exits_2_naming_file_line_and_column() {
         &format!("{at}:1:10: output: invalid value: expected one of auto, text, json"),
     );
     refused(
-        "compress = 1\n",
+        "no-caching = 1\n",
         &[],
-        &format!("{at}:1:12: compress: expected true or false"),
+        &format!("{at}:1:14: no-caching: expected true or false"),
+    );
+    // `compress` was a boolean before it took never|auto|always.
+    refused(
+        "compress = true\n",
+        &[],
+        &format!("{at}:1:12: compress: expected a string or a number"),
     );
     refused("cconns = \n", &[], &format!("{at}:1:"));
     refused(

@@ -155,6 +155,18 @@ fn main() -> std::process::ExitCode {
             a_topology_without_graphs_ends_once_every_host_runs,
         ),
         (
+            "artifacts_go_zstd_compressed_on_a_thin_link_and_plain_with_never",
+            artifacts_go_zstd_compressed_on_a_thin_link_and_plain_with_never,
+        ),
+        (
+            "a_one_percent_change_to_a_40_mib_artifact_crosses_the_link_as_a_patch",
+            a_one_percent_change_to_a_40_mib_artifact_crosses_the_link_as_a_patch,
+        ),
+        (
+            "a_second_build_rolls_out_over_the_first_as_a_patch",
+            a_second_build_rolls_out_over_the_first_as_a_patch,
+        ),
+        (
             "a_source_file_reaches_every_leaf_through_its_relay_once_per_relay_on_the_link",
             a_source_file_reaches_every_leaf_through_its_relay_once_per_relay_on_the_link,
         ),
@@ -2289,12 +2301,20 @@ struct ArtifactGraph {
 /// Where the leaves write the artifact, and the mode they give it.
 const ARTIFACT_TARGET: &str = "/tmp/from-artifact.bin";
 
-fn artifact_graph(megabytes: usize) -> Result<ArtifactGraph, libtest_mimic::Failed> {
-    let dir = tempfile::tempdir().map_err(fail)?;
-    let mut data = vec![0u8; megabytes << 20];
+fn random_bytes(n: usize) -> Result<Vec<u8>, libtest_mimic::Failed> {
+    let mut data = vec![0u8; n];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut data))
         .map_err(fail)?;
+    Ok(data)
+}
+
+fn artifact_graph(megabytes: usize) -> Result<ArtifactGraph, libtest_mimic::Failed> {
+    artifact_graph_of(random_bytes(megabytes << 20)?)
+}
+
+fn artifact_graph_of(data: Vec<u8>) -> Result<ArtifactGraph, libtest_mimic::Failed> {
+    let dir = tempfile::tempdir().map_err(fail)?;
     let data_path = dir.path().join("data.bin");
     std::fs::write(&data_path, &data).map_err(fail)?;
     let graph = dir.path().join("artifact.yaml");
@@ -2313,6 +2333,12 @@ fn artifact_graph(megabytes: usize) -> Result<ArtifactGraph, libtest_mimic::Fail
         sha256,
         size: data.len() as u64,
     })
+}
+
+impl ArtifactGraph {
+    fn data(&self) -> PathBuf {
+        self._dir.path().join("data.bin")
+    }
 }
 
 /// Every leaf in `leaves` holds the artifact: its sha256 and mode 0640.
@@ -2579,7 +2605,13 @@ fn a_relay_that_finds_its_artifact_corrupt_when_serving_fetches_it_again(lab: &L
     let art = artifact_graph(2)?;
     let topo = topology(&TWO_RELAYS.replace("{leaf}", &art.graph.to_string_lossy()));
     let (tx0, _) = lab.init_link_bytes();
-    let out = run(lab, &topo, &["--converged-timeout", "2"]);
+    // Plain copies, so the bytes on the link count whole binaries and artifacts (the default
+    // may gzip the binary and zstd the artifact, by the link's measured rate).
+    let out = run(
+        lab,
+        &topo,
+        &["--converged-timeout", "2", "--compress", "never"],
+    );
     let (tx1, _) = lab.init_link_bytes();
     let log = exited(&out, 0)?;
     check!(
@@ -3888,5 +3920,229 @@ fn a_tree_of_identical_files_crosses_the_initiators_link_about_once(lab: &Lab) -
     for h in ["l1-1", "l1-2", "l1-3"] {
         lab.sh(h, "rm -rf /tmp/from-tree");
     }
+    check_no_leftovers(lab, &HOSTS)
+}
+
+/// A thin link, for as long as the value lives: the initiator's side shaped to 20 Mbit/s.
+fn thin_link(lab: &Lab) -> Undo<'_> {
+    let dev = lab.get("LAB_INIT_IF").to_string();
+    lab.sh(
+        "init",
+        &format!("tc qdisc replace dev {dev} root tbf rate 20mbit burst 25kb latency 500ms"),
+    );
+    Undo {
+        lab,
+        host: "init",
+        shell: format!("tc qdisc del dev {dev} root"),
+    }
+}
+
+/// With the default (`--compress auto`), an 8 MiB compressible artifact crosses a 20 Mbit/s
+/// link zstd-compressed, unpacked by the relays' arbor; `--compress never` copies it plain.
+/// The unshaped link is measured and reported, not asserted: with debug builds on a loaded
+/// lab machine the SSH link itself runs at 4 to 90 MB/s (its crypto is CPU-bound), so auto
+/// may rightly compress there (the release-build figures are in docs/benchmarks.md).
+fn artifacts_go_zstd_compressed_on_a_thin_link_and_plain_with_never(lab: &Lab) -> TestResult {
+    clean(lab, true);
+    // Text: log-like lines, as a config tree or a package's contents compress.
+    let mut data = Vec::new();
+    let mut i = 0u64;
+    while data.len() < 8 << 20 {
+        data.extend_from_slice(
+            format!(
+                "{i:08} host{} GET /api/v1/items/{} 200 {} ms\n",
+                i % 97,
+                i.wrapping_mul(7919) % 100_003,
+                i % 313
+            )
+            .as_bytes(),
+        );
+        i += 1;
+    }
+    let art = artifact_graph_of(data)?;
+    // The binary first, so that the runs measured carry artifacts and the run's own traffic.
+    let out = run(lab, &topology(TWO_RELAYS), &["--converged-timeout", "1"]);
+    exited(&out, 0)?;
+    let topo = topology(&TWO_RELAYS.replace("{leaf}", &art.graph.to_string_lossy()));
+    let drop_artifacts = || {
+        for h in HOSTS {
+            lab.sh(h, "rm -rf /root/.cache/arbor/artifacts /tmp/from-*");
+        }
+    };
+    let mut runs = Vec::new();
+    for (label, thin, extra) in [
+        ("unshaped, auto", false, &[][..]),
+        ("unshaped, never", false, &["--compress", "never"][..]),
+        ("20 Mbit/s, auto", true, &[][..]),
+        ("20 Mbit/s, never", true, &["--compress", "never"][..]),
+    ] {
+        drop_artifacts();
+        let _shaped = thin.then(|| thin_link(lab));
+        let (tx0, _) = lab.init_link_bytes();
+        let started = Instant::now();
+        let out = run(
+            lab,
+            &topo,
+            &["--converged-timeout", "1"]
+                .iter()
+                .chain(extra)
+                .copied()
+                .collect::<Vec<_>>(),
+        );
+        let took = started.elapsed().as_secs_f64();
+        let (tx1, _) = lab.init_link_bytes();
+        let log = exited(&out, 0)?;
+        check_artifact_on(lab, &LEAVES, &art, &log)?;
+        eprintln!(
+            "{label}: {} bytes out for 2 copies of the {}-byte artifact, {took:.1} s",
+            tx1 - tx0,
+            art.size
+        );
+        runs.push((tx1 - tx0, log));
+    }
+    let two = 2 * art.size;
+    check!(
+        runs[1].0 >= two,
+        "with --compress never, {} bytes went out for two copies of {}\n{}",
+        runs[1].0,
+        art.size,
+        runs[1].1
+    );
+    check!(
+        runs[2].0 < two / 3,
+        "on a 20 Mbit/s link {} bytes went out for two copies of {} bytes: want them \
+         zstd-compressed (under 1/3)\n{}",
+        runs[2].0,
+        art.size,
+        runs[2].1
+    );
+    check!(
+        runs[3].0 >= two,
+        "with --compress never, {} bytes went out for two copies of {}\n{}",
+        runs[3].0,
+        art.size,
+        runs[3].1
+    );
+    check_no_leftovers(lab, &HOSTS)
+}
+
+/// A 40 MiB artifact, then the same with 1% of it changed (100 blocks of 4 KiB): the second
+/// run sends each relay a zstd patch against the version in its cache, and each relay its
+/// leaves one against theirs; the initiator's link carries at most 5% of the artifact.
+fn a_one_percent_change_to_a_40_mib_artifact_crosses_the_link_as_a_patch(lab: &Lab) -> TestResult {
+    clean(lab, true);
+    let mut art = artifact_graph(40)?;
+    let topo = topology(&TWO_RELAYS.replace("{leaf}", &art.graph.to_string_lossy()));
+    let out = run(lab, &topo, &["--converged-timeout", "1"]);
+    let log = exited(&out, 0)?;
+    check_artifact_on(lab, &LEAVES, &art, &log)?;
+    // 1%: 100 blocks of 4 KiB, spread over the file, rewritten with new random bytes.
+    let mut data = std::fs::read(art.data()).map_err(fail)?;
+    let blocks = random_bytes(100 * 4096)?;
+    let stride = data.len() / 100;
+    for (k, block) in blocks.chunks(4096).enumerate() {
+        let at = k * stride + (k * 7919) % (stride - 4096);
+        data[at..at + 4096].copy_from_slice(block);
+    }
+    std::fs::write(art.data(), &data).map_err(fail)?;
+    art.sha256 = sha256_of(&art.data())?;
+    let (tx0, _) = lab.init_link_bytes();
+    let out = run(lab, &topo, &["--converged-timeout", "1"]);
+    let (tx1, _) = lab.init_link_bytes();
+    let log = exited(&out, 0)?;
+    check_artifact_on(lab, &LEAVES, &art, &log)?;
+    let sent = tx1 - tx0;
+    eprintln!(
+        "1% of a {}-byte artifact changed: {sent} bytes out on the initiator's link ({:.2}% \
+         of the artifact)",
+        art.size,
+        sent as f64 * 100.0 / art.size as f64
+    );
+    for relay in ["r1", "r2"] {
+        let line = format!("{relay}: 1 artifact(s) sent as patches");
+        check!(log.contains(&line), "no line {line:?}\n{log}");
+    }
+    check!(
+        sent <= art.size / 20,
+        "the initiator's link carried {sent} bytes for a 1% change of a {}-byte artifact; \
+         want at most 5%\n{log}",
+        art.size
+    );
+    check_no_leftovers(lab, &HOSTS)
+}
+
+/// Rolling a second build over the first: the relays' and leaves' caches hold build A, and
+/// the run of build B sends each host a zstd patch against it. Build B is build A with its
+/// version string edited in place (`arbor version` says 0.1.9): not a rebuild, whose patch
+/// would be larger, but the same mechanism.
+fn a_second_build_rolls_out_over_the_first_as_a_patch(lab: &Lab) -> TestResult {
+    clean(lab, true);
+    let dir = tempfile::tempdir().map_err(fail)?;
+    let a = dir.path().join("a/arbor");
+    let b = dir.path().join("b/arbor");
+    let bytes = std::fs::read(ARBOR).map_err(fail)?;
+    let (old, new) = (b"arbor 0.1.0".as_slice(), b"arbor 0.1.9".as_slice());
+    let at = bytes
+        .windows(old.len())
+        .position(|w| w == old)
+        .ok_or_else(|| fail("no version string in the binary"))?;
+    let mut edited = bytes.clone();
+    edited[at..at + new.len()].copy_from_slice(new);
+    use std::os::unix::fs::PermissionsExt;
+    for (path, body) in [(&a, &bytes), (&b, &edited)] {
+        std::fs::create_dir_all(path.parent().unwrap_or(Path::new("/"))).map_err(fail)?;
+        std::fs::write(path, body).map_err(fail)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).map_err(fail)?;
+    }
+    let version = Command::new(&b).arg("version").output().map_err(fail)?;
+    check!(
+        text(&version).contains("arbor 0.1.9"),
+        "build B says {}",
+        text(&version)
+    );
+    let topo = topology(TWO_RELAYS);
+    let home = lab.home();
+    let run_build = |binary: &Path| {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", lab.init_ns()])
+            .arg(binary)
+            .args(["run", "--topology"])
+            .arg(&topo.path)
+            .args(["--tmp-prefix", "--converged-timeout", "1"])
+            .env("HOME", &home)
+            .env_remove("SSH_AUTH_SOCK")
+            .env("ARBOR_LOG", "arbor=info");
+        c.output()
+    };
+    let out = run_build(&a).map_err(fail)?;
+    exited(&out, 0)?;
+    let (tx0, _) = lab.init_link_bytes();
+    let out = run_build(&b).map_err(fail)?;
+    let (tx1, _) = lab.init_link_bytes();
+    let log = exited(&out, 0)?;
+    let sent = tx1 - tx0;
+    let size = edited.len() as u64;
+    eprintln!(
+        "build B over build A ({size} bytes): {sent} bytes out on the initiator's link \
+         ({:.2}% of the binary)",
+        sent as f64 * 100.0 / size as f64
+    );
+    for relay in ["r1", "r2"] {
+        let line = format!("{relay}: arbor upgraded by a patch");
+        check!(log.contains(&line), "no line {line:?}\n{log}");
+    }
+    let want = sha256_of(&b)?;
+    for host in HOSTS {
+        let got = lab.sh(
+            host,
+            &format!("sha256sum /root/.cache/arbor/bin/{want}/arbor | cut -d' ' -f1"),
+        );
+        check!(got.trim() == want, "{host}: build B's cache entry: {got:?}");
+    }
+    check!(
+        sent <= size / 4,
+        "the initiator's link carried {sent} bytes to roll out build B over build A; want at \
+         most 25% of the {size}-byte binary\n{log}"
+    );
     check_no_leftovers(lab, &HOSTS)
 }

@@ -99,6 +99,23 @@ enum Sub {
         /// The shell to complete in.
         shell: clap_complete::Shell,
     },
+    /// (internal) Read a zstd stream on stdin (a patch against --patch-from if given) and
+    /// write it to --dest atomically, only if it has --size bytes and the --sha256: how a
+    /// parent copies to a host that already runs arbor (`node::transfer`).
+    #[command(hide = true)]
+    Receive {
+        #[arg(long, value_name = "PATH")]
+        dest: PathBuf,
+        #[arg(long, value_name = "HEX")]
+        sha256: String,
+        #[arg(long, value_name = "BYTES")]
+        size: u64,
+        /// Octal.
+        #[arg(long, value_name = "MODE", default_value = "600")]
+        mode: String,
+        #[arg(long, value_name = "PATH")]
+        patch_from: Option<PathBuf>,
+    },
 }
 
 const CONFIG_HELP: &str = "\
@@ -157,8 +174,8 @@ Examples:
       there, exchange exports through the store embedded here, exit once all are converged
   arbor run --topology topology/dc1.yaml
       reach hosts behind relays and jump hosts; run until ^C
-  arbor run --topology topology/dc1.yaml --compress --converged-timeout 10
-      the same over a thin uplink: copy arbor gzipped, once per relay
+  arbor run --topology topology/dc1.yaml --compress never --converged-timeout 10
+      the same, every copy plain (the default, auto, compresses by each link's measured rate)
   arbor run --topology topology/dc1.yaml --limit 'rack1-n[01-08]' --converged-timeout 10
       only those hosts (and the relays on their way, which run no graph of their own)
   arbor run --topology topology/dc1.yaml --limit @failed --converged-timeout 10
@@ -224,11 +241,18 @@ struct SshArgs {
     /// kept.
     #[arg(long)]
     no_caching: bool,
-    /// Copy arbor gzipped (43% of its size) to hosts that have gzip, and have relays pass the
-    /// compressed copy on. Worth it on thin links; on a LAN compressing costs more than it
-    /// saves, as with ssh -C.
-    #[arg(long)]
-    compress: bool,
+    /// When copies between nodes are compressed. auto (the default): each link's rate is
+    /// measured when its host is staged (512 KiB on the probe's stdin); copies go plain on a
+    /// LAN (12 MB/s and up) and compressed on slower links, at a higher zstd level the slower
+    /// the link. arbor's first copy to a host (no arbor there yet) goes gzipped if the host
+    /// has gzip. Once arbor is on a host, artifacts and builds are streamed to it
+    /// zstd-compressed and unpacked by arbor itself there, as a zstd patch against the older
+    /// version the host's cache holds when there is one (a delta upgrade). always: compress
+    /// on every link, whatever its rate. never: plain copies, no deltas. `--compress` alone
+    /// means always (docs/remote.md, "Compression").
+    #[arg(long, value_name = "WHEN", default_value = "auto", num_args = 0..=1,
+          default_missing_value = "always", value_parser = ["never", "auto", "always"])]
+    compress: String,
     /// Resolve hosts through this ssh_config file only, as `ssh -F` (`none`: no file).
     /// Default: ~/.ssh/config, then /etc/ssh/ssh_config. arbor follows HostName, User, Port,
     /// IdentityFile, IdentitiesOnly, ConnectTimeout, UserKnownHostsFile, GlobalKnownHostsFile,
@@ -307,7 +331,7 @@ impl SshArgs {
         options.reconnect_grace = self.reconnect_grace;
         options.cconns = self.cconns;
         options.no_caching = self.no_caching;
-        options.compress = self.compress;
+        options.compress = crate::wire::Compress::parse(&self.compress).unwrap_or_default();
         options.ssh_config = self.ssh_config;
         options.identities = self.identities;
         options.known_hosts = self.known_hosts;
@@ -469,6 +493,8 @@ pub enum Command {
     },
     /// `arbor completions SHELL`: the script, on stdout.
     Completions(clap_complete::Shell),
+    /// `arbor receive` (internal): a compressed copy from a parent.
+    Receive(crate::node::transfer::Receive),
 }
 
 /// arbor's whole command line as clap sees it: for completions and the man pages
@@ -530,8 +556,10 @@ fn colour(when: &str) -> bool {
 pub fn parse() -> Result<Invocation, ExitCode> {
     let argv: Vec<OsString> = std::env::args_os().collect();
     // A node staged by a parent takes its settings from the link only.
-    let staged = Args::try_parse_from(&argv)
-        .is_ok_and(|a| matches!(&a.command, Some(Sub::Run(run)) if run.depth > 0));
+    let staged = Args::try_parse_from(&argv).is_ok_and(|a| {
+        matches!(&a.command, Some(Sub::Run(run)) if run.depth > 0)
+            || matches!(&a.command, Some(Sub::Receive { .. }))
+    });
     let cmd = if staged {
         command()
     } else {
@@ -590,6 +618,25 @@ pub fn parse() -> Result<Invocation, ExitCode> {
             Command::TopologyCheck { file, ssh_config }
         }
         Some(Sub::Completions { shell }) => Command::Completions(shell),
+        Some(Sub::Receive {
+            dest,
+            sha256,
+            size,
+            mode,
+            patch_from,
+        }) => {
+            let Ok(mode) = u32::from_str_radix(&mode, 8) else {
+                eprintln!("arbor: receive: --mode {mode:?}: expected an octal mode");
+                return Err(ExitCode::from(crate::exit::BAD_INPUT));
+            };
+            Command::Receive(crate::node::transfer::Receive {
+                dest,
+                sha256,
+                size,
+                mode,
+                patch_from,
+            })
+        }
         Some(Sub::Exec(exec)) => {
             let exec = *exec;
             let mut run = RunOptions {

@@ -14,6 +14,10 @@ fn main() -> ExitCode {
         Ok(invocation) => invocation,
         Err(code) => return code,
     };
+    // A copy from a parent: no runtime, no log, nothing on stdout.
+    if let cli::Command::Receive(args) = &invocation.command {
+        return arbor::node::transfer::receive_main(args);
+    }
     // A staged node's stdout carries frames: its log goes up the link as events instead.
     let event_log = match &invocation.command {
         cli::Command::Run(options) if options.depth > 0 => {
@@ -79,6 +83,7 @@ async fn run(
         cli::Command::TopologyCheck { file, ssh_config } => ExitCode::from(
             arbor::topology::check::run(&file, ssh_config.as_deref(), &arbor::node::home_dir()),
         ),
+        cli::Command::Receive(args) => arbor::node::transfer::receive_main(&args),
         cli::Command::Exec(options) => ExitCode::from(arbor::node::exec::run(*options).await),
         cli::Command::Run(options) => match event_log {
             Some(log) => {

@@ -11,7 +11,12 @@
 //!   `tree-exchange`; `ARBOR_BENCH_ONLY=exchange` runs it alone): bytes per leaf on the
 //!   initiator's link, the log lines the hosts send up, and the watches, watch streams and
 //!   leases the initiator's store holds once every leaf is converged, read from the store's
-//!   `/metrics` on its Unix socket. `ARBOR_BENCH_BASELINE=PATH` (with
+//!   `/metrics` on its Unix socket.
+//! - `--compress` compared (section `tree-compress`; `ARBOR_BENCH_ONLY=compress` runs it
+//!   alone): on the 2 × 12 lab at 20 Mbit/s and unshaped, cold caches, the default (auto)
+//!   against `--compress always` (the gzip copy the old `--compress` flag made, plus zstd for
+//!   artifacts) and `--compress never`, with the binary alone and with an 8 MiB text artifact
+//!   on every leaf; medians of 3, alternating run by run. `ARBOR_BENCH_BASELINE=PATH` (with
 //!   `ARBOR_BENCH_BASELINE_LABEL`) measures another arbor build the same way, alternating
 //!   run by run, for a before/after comparison.
 
@@ -38,6 +43,9 @@ fn main() {
     if only == "exchange" {
         return exchange_section();
     }
+    if only == "compress" {
+        return compress_section();
+    }
     assert!(
         only.is_empty(),
         "ARBOR_BENCH_ONLY={only:?}: only `exchange` is known"
@@ -60,6 +68,118 @@ fn main() {
     println!("{out}");
     support::write_bench_section("tree", &out);
     exchange_section();
+    compress_section();
+}
+
+/// An 8 MiB text artifact (log-like lines) in a graph for every leaf: its dir and the graph.
+fn text_artifact_graph() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut data = Vec::new();
+    let mut i = 0u64;
+    while data.len() < 8 << 20 {
+        data.extend_from_slice(
+            format!(
+                "{i:08} host{} GET /api/v1/items/{} 200 {} ms\n",
+                i % 97,
+                i.wrapping_mul(7919) % 100_003,
+                i % 313
+            )
+            .as_bytes(),
+        );
+        i += 1;
+    }
+    std::fs::write(dir.path().join("data.bin"), &data).expect("write artifact");
+    let graph = dir.path().join("artifact.yaml");
+    std::fs::write(
+        &graph,
+        "graph: artifact\nresources:\n  file:\n  - name: /tmp/from-artifact.bin\n    \
+         source: data.bin\n",
+    )
+    .expect("write graph");
+    (dir, graph)
+}
+
+/// The same topology as `topology`, every leaf running `graph`.
+fn topology_with(relays: usize, leaves: usize, graph: &Path) -> (tempfile::TempDir, PathBuf) {
+    let (dir, path) = topology(relays, leaves, false);
+    let leaf = support::repo_root().join("examples/leaf.yaml");
+    let text = std::fs::read_to_string(&path)
+        .expect("read topology")
+        .replace(&leaf.display().to_string(), &graph.display().to_string());
+    std::fs::write(&path, text).expect("write topology");
+    (dir, path)
+}
+
+/// `--compress` never / always / auto (the default), on one lab, for two workloads.
+fn compress_runs(lab: &Lab, label: &str) -> String {
+    let (_d1, plain) = topology(2, 12, false);
+    let (_d2, art_graph) = text_artifact_graph();
+    let (_d3, with_art) = topology_with(2, 12, &art_graph);
+    let modes: [(&str, &[&str]); 3] = [
+        ("never", &["--compress", "never"]),
+        ("always", &["--compress", "always"]),
+        ("auto (default)", &[]),
+    ];
+    let mut rows = String::new();
+    for (workload, topo) in [
+        ("binary only", &plain),
+        ("binary + 8 MiB text artifact", &with_art),
+    ] {
+        let mut times = vec![vec![]; modes.len()];
+        let mut bytes = vec![vec![]; modes.len()];
+        for _ in 0..RUNS {
+            for (i, (_, extra)) in modes.iter().enumerate() {
+                clean(lab);
+                let (t, b, _, _) = run(lab, topo, extra);
+                times[i].push(t);
+                bytes[i].push(b as f64);
+            }
+        }
+        let t: Vec<f64> = times.into_iter().map(median).collect();
+        let b: Vec<f64> = bytes.into_iter().map(median).collect();
+        for (i, (mode, _)) in modes.iter().enumerate() {
+            rows += &format!(
+                "| {label} | {workload} | {mode} | {:.1} s | {:.0} | {:.2} | {:.2} |\n",
+                t[i],
+                b[i],
+                t[i] / t[0],
+                t[i] / t[1],
+            );
+        }
+    }
+    rows
+}
+
+fn compress_section() {
+    let mut rows = String::new();
+    {
+        let lab = Lab::up(
+            "bcomp",
+            &["--relays", "2", "--leaves", "12", "--rate", "20mbit"],
+        );
+        rows += &compress_runs(&lab, "20 Mbit/s");
+        lab.down();
+    }
+    {
+        let lab = Lab::up("bcompu", &["--relays", "2", "--leaves", "12"]);
+        rows += &compress_runs(&lab, "unshaped");
+        lab.down();
+    }
+    let out = format!(
+        "### `--compress`: never, always, auto (the default)\n\n\
+         2 relays × 12 leaves, cold caches (every host's cache emptied before each run, the \
+         initiator's kept), release build. `always` is what `--compress` did before it took a \
+         value (the binary gzipped), plus zstd for artifacts; `auto` measures each link when \
+         its host is staged and compresses only below 12 MB/s (docs/remote.md, \
+         \"Compression\"). Median of {RUNS} runs each, the three modes alternating run by \
+         run. Bytes are the tx counter of the initiator's veth.\n\n\
+         | link | workload | mode | time to converged (minus timeout) | bytes out on the \
+         initiator's link | time / never | time / always |\n|---|---|---|---|---|---|---|\n\
+         {rows}\n\
+         Targets: on 20 Mbit/s, auto's time / always ≤ 1; unshaped, auto's time / never ≤ 1.\n\n"
+    );
+    println!("{out}");
+    support::write_bench_section("tree-compress", &out);
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -76,7 +76,7 @@ const KEYS: &[Key] = &[
     key("binary", "binaries", Shape::List, RUN_EXEC),
     key("remote-tmp", "remote_tmp", Shape::Value, RUN_EXEC),
     key("no-caching", "no_caching", Shape::Flag, RUN_EXEC),
-    key("compress", "compress", Shape::Flag, RUN_EXEC),
+    key("compress", "compress", Shape::Value, RUN_EXEC),
     key(
         "allow-interactive",
         "allow_interactive",
@@ -394,7 +394,10 @@ mod tests {
         // Keys of different layers combine.
         let s = sources(
             dir.path(),
-            "remote-tmp = \"/var/tmp\"\ncompress = true\nreconnect-grace = 20\n",
+            "remote-tmp = \"/var/tmp\"
+compress = \"always\"
+reconnect-grace = 20
+",
             "identity = [\"/k1\", \"/k2\"]\n",
             &[("ARBOR_LINK_TIMEOUT", "7")],
         );
@@ -403,22 +406,31 @@ mod tests {
             m.get_one::<String>("remote_tmp").map(String::as_str),
             Some("/var/tmp")
         );
-        assert_eq!(m.get_one::<bool>("compress"), Some(&true));
+        assert_eq!(
+            m.get_one::<String>("compress").map(String::as_str),
+            Some("always")
+        );
         assert_eq!(m.get_one::<u64>("link_timeout"), Some(&7));
         assert_eq!(m.get_one::<u64>("reconnect_grace"), Some(&20));
         let keys: Vec<&PathBuf> = m.get_many::<PathBuf>("identities").expect("ids").collect();
         assert_eq!(keys, [&PathBuf::from("/k1"), &PathBuf::from("/k2")]);
-        // A flag set in a file is turned off for one run from the environment.
+        // A value set in a file is changed for one run from the environment, and on the
+        // command line, where `--compress` alone means always.
         let s = sources(
             dir.path(),
-            "compress = true\n",
+            "compress = \"always\"\n",
             "",
-            &[("ARBOR_COMPRESS", "0")],
+            &[("ARBOR_COMPRESS", "never")],
         );
-        assert_eq!(
-            run_matches(&s, &[]).get_one::<bool>("compress"),
-            Some(&false)
-        );
+        let compress = |args: &[&str]| {
+            run_matches(&s, args)
+                .get_one::<String>("compress")
+                .cloned()
+                .unwrap_or_default()
+        };
+        assert_eq!(compress(&[]), "never");
+        assert_eq!(compress(&["--compress"]), "always");
+        assert_eq!(compress(&["--compress", "auto"]), "auto");
     }
 
     #[test]
@@ -446,7 +458,18 @@ mod tests {
         );
         let e = err("compress = \"yes\"\n", "", &[]);
         assert!(
-            e.contains("system.toml:1:12: compress: expected true or false"),
+            e.contains("compress: invalid value: expected one of never, auto, always"),
+            "{e}"
+        );
+        // The key was a boolean before it took never|auto|always.
+        let e = err("compress = true\n", "", &[]);
+        assert!(
+            e.contains("system.toml:1:12: compress: expected a string"),
+            "{e}"
+        );
+        let e = err("no-caching = \"yes\"\n", "", &[]);
+        assert!(
+            e.contains("system.toml:1:14: no-caching: expected true or false"),
             "{e}"
         );
         let e = err("[run]\ncconns = 1\n", "", &[]);

@@ -22,6 +22,7 @@
 
 use super::builds::FetchFromParent;
 use super::stage::{self, Blob, Staged, UploadError};
+use super::transfer;
 use crate::engine::artifacts::{
     ArtifactFile, ArtifactIndex, Manifest, TreeIndex, build_manifest, sha256_file, short,
     tree_items,
@@ -174,6 +175,9 @@ impl Sources {
                 .collect(),
             fetch: None,
             node: String::new(),
+            bases: None,
+            keep: false,
+            kept: Default::default(),
         }
     }
 }
@@ -228,6 +232,37 @@ pub fn subtree_artifacts(spec: &ChildSpec) -> BTreeSet<ArtifactRef> {
         out.extend(subtree_artifacts(c));
     }
     out
+}
+
+/// The source names each artifact of a child's subtree has there (a directory source's files
+/// as `source` + path): what a host's cache index records, to find an older version of the
+/// same source next time.
+pub fn subtree_sources(spec: &ChildSpec) -> BTreeMap<String, BTreeSet<String>> {
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut add = |sha: &str, name: String| {
+        out.entry(sha.to_string()).or_default().insert(name);
+    };
+    for (source, a) in &spec.artifacts {
+        add(&a.sha256, source.clone());
+    }
+    for (source, entries) in &spec.trees {
+        for e in entries {
+            if let Some(f) = &e.file {
+                add(&f.sha256, format!("{source}{}", e.path));
+            }
+        }
+    }
+    for c in &spec.children {
+        for (sha, names) in subtree_sources(c) {
+            out.entry(sha).or_default().extend(names);
+        }
+    }
+    out
+}
+
+/// The name of a source's entry in a cache's index (`.src/<this>`: the sha256 it had last).
+fn index_key(source: &str) -> String {
+    crate::engine::artifacts::sha256_hex(source.as_bytes())
 }
 
 /// Where this node keeps the artifacts its parent put there: its cache
@@ -291,6 +326,14 @@ pub struct Served {
     fetch: Option<FetchFromParent>,
     /// This node's name, for messages about its cache.
     node: String,
+    /// Where older versions of artifacts are, by sha256, to send patches against: a relay's
+    /// cache, or the initiator's own cache (see `keep`).
+    bases: Option<PathBuf>,
+    /// Keep a copy of each artifact sent in `bases` (the initiator: its sources change in
+    /// place, and the next run patches against the copy).
+    keep: bool,
+    /// The artifacts already kept, this run.
+    kept: tokio::sync::Mutex<BTreeSet<String>>,
 }
 
 impl Served {
@@ -317,6 +360,52 @@ impl Served {
             entries,
             fetch: Some(fetch),
             node: node.to_string(),
+            bases: Some(dir.to_path_buf()),
+            keep: false,
+            kept: Default::default(),
+        }
+    }
+
+    /// Keeps a copy of every artifact sent in `dir`, and sends patches against the copies
+    /// found there (the initiator's own cache).
+    pub fn keep_in(&mut self, dir: PathBuf) {
+        self.bases = Some(dir);
+        self.keep = true;
+    }
+
+    /// The older version `sha256` of an artifact, if this node holds it.
+    fn base(&self, sha256: &str) -> Option<PathBuf> {
+        let path = self.bases.as_ref()?.join(sha256);
+        path.is_file().then_some(path)
+    }
+
+    /// Keeps a copy of the artifact `sha256` (at `local`) in `bases`, once; best effort.
+    async fn keep_copy(&self, sha256: &str, local: &Path) {
+        let Some(dir) = self.bases.clone().filter(|_| self.keep) else {
+            return;
+        };
+        let mut kept = self.kept.lock().await;
+        if !kept.insert(sha256.to_string()) {
+            return;
+        }
+        let (sha, local) = (sha256.to_string(), local.to_path_buf());
+        let copied = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            let target = dir.join(&sha);
+            if target.is_file() {
+                return Ok(());
+            }
+            std::fs::create_dir_all(&dir)?;
+            let temp = dir.join(format!(".keep.{sha}.{}", std::process::id()));
+            std::fs::copy(&local, &temp)?;
+            // Kept only if it is the artifact (the source may change at any time).
+            match sha256_file(&temp) {
+                Ok((got, _)) if got == sha => std::fs::rename(&temp, &target),
+                _ => std::fs::remove_file(&temp),
+            }
+        })
+        .await;
+        if let Ok(Err(e)) = copied {
+            tracing::debug!("keeping a copy of artifact {sha256}: {e}");
         }
     }
 
@@ -400,6 +489,8 @@ pub struct Copied {
     pub replaced: Vec<String>,
     /// How many were there already, intact.
     pub cached: usize,
+    /// How many went as a patch against an older version the host held.
+    pub patched: usize,
 }
 
 /// The child's artifacts dir: beside its binary cache (`…/arbor/bin` → `…/arbor/artifacts`),
@@ -415,38 +506,66 @@ pub fn child_dir(staged: &Staged, no_caching: bool) -> Result<String, String> {
         .ok_or_else(|| format!("unexpected cache dir {}", staged.cache))
 }
 
+/// How `copy_to_child` copies.
+#[derive(Debug, Clone, Copy)]
+pub struct CopyOptions {
+    pub no_caching: bool,
+    pub compress: crate::wire::Compress,
+}
+
 /// Puts `wanted` into the child's artifacts dir unless intact copies are there (see the
-/// module docs); stops early, removing a partial upload, when `cancel` fires.
+/// module docs); `names`: the source names of each (by sha256), for the host's index of
+/// older versions. Stops early, removing a partial upload, when `cancel` fires.
+#[allow(clippy::too_many_arguments)]
 pub async fn copy_to_child(
     session: &Session,
     staged: &Staged,
     wanted: &BTreeSet<ArtifactRef>,
+    names: &BTreeMap<String, BTreeSet<String>>,
     served: &Served,
-    no_caching: bool,
+    options: CopyOptions,
     cancel: &CancellationToken,
     progress: &mut (dyn FnMut(&str, u64, u64) + Send),
 ) -> Result<Copied, String> {
     let host = session.label().to_string();
-    let dir = child_dir(staged, no_caching).map_err(|e| format!("{host}: artifacts: {e}"))?;
+    let dir =
+        child_dir(staged, options.no_caching).map_err(|e| format!("{host}: artifacts: {e}"))?;
     let mut copied = Copied::default();
     if wanted.is_empty() {
         return Ok(copied);
     }
     // One exec: which entries are there, intact (size and sha256); corrupt ones are removed.
+    // The index (`.src/<sha256 of the source name>`: the sha256 it had) is read for an older
+    // version of each missing one that is still there (`base`), and updated.
     let list: Vec<String> = wanted
         .iter()
-        .map(|a| format!("{}:{}", a.sha256, a.size))
+        .map(|a| {
+            let keys: Vec<String> = names
+                .get(&a.sha256)
+                .into_iter()
+                .flatten()
+                .map(|n| index_key(n))
+                .collect();
+            format!("{}:{}:{}", a.sha256, a.size, keys.join(","))
+        })
         .collect();
     let check = format!(
-        "set -e; umask 077; mkdir -p -m 700 {dir}; cd {dir}; \
-         for e in {list}; do h=${{e%%:*}}; n=${{e#*:}}; \
+        "set -e; umask 077; mkdir -p -m 700 {dir}; cd {dir}; mkdir -p .src; \
+         for e in {list}; do h=${{e%%:*}}; r=${{e#*:}}; n=${{r%%:*}}; ks=${{r#*:}}; m=; \
          if [ -f \"$h\" ] && [ \"$(wc -c < \"$h\")\" -eq \"$n\" ] && \
             sha256sum \"$h\" | grep -q \"^$h \"; then touch -c -- \"$h\" || true; \
            echo \"cached $h\"; \
-         elif [ -e \"$h\" ]; then rm -f -- \"$h\"; \
+         elif [ -e \"$h\" ]; then rm -f -- \"$h\"; m=1; \
            if command -v sha256sum >/dev/null 2>&1; then echo \"corrupt $h\"; \
            else echo \"missing $h\"; fi; \
-         else echo \"missing $h\"; fi; done",
+         else m=1; echo \"missing $h\"; fi; \
+         b=; for k in $(echo \"$ks\" | tr , ' '); do \
+           o=$(cat .src/\"$k\" 2>/dev/null || true); \
+           case \"$o\" in *[!0-9a-f]*|'') ;; *) \
+             if [ -n \"$m\" ] && [ -z \"$b\" ] && [ \"$o\" != \"$h\" ] && [ -f \"$o\" ]; \
+             then b=$o; fi;; esac; \
+           echo \"$h\" > .src/\"$k\"; done; \
+         if [ -n \"$b\" ]; then echo \"base $h $b\"; fi; done",
         dir = shell_quote(&dir),
         list = list.join(" "),
     );
@@ -455,14 +574,19 @@ pub async fn copy_to_child(
         .await
         .map_err(|e| e.to_string())?;
     let mut to_copy = Vec::new();
+    let mut bases: HashMap<String, String> = HashMap::new();
     for line in String::from_utf8_lossy(&out).lines() {
-        match line.split_once(' ') {
-            Some(("cached", _)) => copied.cached += 1,
-            Some(("corrupt", sha)) => {
+        let mut words = line.split(' ');
+        match (words.next(), words.next(), words.next()) {
+            (Some("cached"), Some(_), None) => copied.cached += 1,
+            (Some("corrupt"), Some(sha), None) => {
                 copied.replaced.push(sha.to_string());
                 to_copy.push(sha.to_string());
             }
-            Some(("missing", sha)) => to_copy.push(sha.to_string()),
+            (Some("missing"), Some(sha), None) => to_copy.push(sha.to_string()),
+            (Some("base"), Some(sha), Some(old)) => {
+                bases.insert(sha.to_string(), old.to_string());
+            }
             _ => {
                 return Err(format!(
                     "{host}: artifacts: unexpected check output {line:?}"
@@ -473,7 +597,8 @@ pub async fn copy_to_child(
     if to_copy.is_empty() {
         return Ok(copied);
     }
-    let sftp = session.sftp().await.map_err(|e| e.to_string())?;
+    let level = transfer::level_for(options.compress, staged.rate);
+    let mut sftp: Option<crate::ssh::Sftp> = None;
     let uploads = async {
         for sha in &to_copy {
             let size = served
@@ -481,9 +606,71 @@ pub async fn copy_to_child(
                 .ok_or_else(|| format!("{host}: artifact {sha} is not one this node serves"))?;
             let what = format!("artifact {}", short(sha));
             let remote = format!("{dir}/{sha}");
+            // A patch against the older version both ends hold, else the whole file
+            // compressed at the link's level; a failure of either falls back to a plain copy.
+            let base = (options.compress != crate::wire::Compress::Never)
+                .then(|| bases.get(sha))
+                .flatten()
+                .and_then(|old| Some((served.base(old)?, format!("{dir}/{old}"))));
             let mut again = false;
+            let mut zstd = level.is_some() || base.is_some();
             loop {
                 let local = served.path(sha).await?;
+                if zstd {
+                    let send = transfer::Send {
+                        what: &what,
+                        local: &local,
+                        size,
+                        sha256: sha,
+                        mode: BLOB_MODE,
+                        level: level.unwrap_or(1),
+                        base: base.clone(),
+                        receiver: &staged.binary,
+                        remote: &remote,
+                    };
+                    let sent = transfer::send(session, &send, cancel, &mut |sent, total| {
+                        progress(&what, sent, total)
+                    })
+                    .await;
+                    match sent {
+                        Ok(bytes) => {
+                            copied.bytes += bytes;
+                            if base.is_some() {
+                                copied.patched += 1;
+                            }
+                            tracing::debug!(
+                                "{host}: {what}: {bytes} bytes sent for {size}{}",
+                                if base.is_some() { " (a patch)" } else { "" }
+                            );
+                            served.keep_copy(sha, &local).await;
+                            break;
+                        }
+                        Err(transfer::SendError::Stopped) => {
+                            return Err(format!("{host}: stopped"));
+                        }
+                        Err(transfer::SendError::Changed(why))
+                            if !again && served.recheck(sha).await =>
+                        {
+                            tracing::warn!("{host}: {why}; checking this node's copy again");
+                            again = true;
+                            continue;
+                        }
+                        Err(transfer::SendError::Changed(why)) => {
+                            return Err(format!("{host}: {why}"));
+                        }
+                        Err(transfer::SendError::Failed(why)) => {
+                            tracing::warn!(
+                                "{why}; copying {what} to {host} whole and uncompressed instead"
+                            );
+                            zstd = false;
+                            continue;
+                        }
+                    }
+                }
+                if sftp.is_none() {
+                    sftp = Some(session.sftp().await.map_err(|e| e.to_string())?);
+                }
+                let Some(channel) = &sftp else { continue };
                 let blob = Blob {
                     what: &what,
                     local: &local,
@@ -492,13 +679,14 @@ pub async fn copy_to_child(
                     sha256: Some(sha),
                 };
                 let uploaded =
-                    stage::upload_blob(&sftp, &blob, &remote, cancel, &mut |sent, total| {
+                    stage::upload_blob(channel, &blob, &remote, cancel, &mut |sent, total| {
                         progress(&what, sent, total)
                     })
                     .await;
                 match uploaded {
                     Ok(bytes) => {
                         copied.bytes += bytes;
+                        served.keep_copy(sha, &local).await;
                         break;
                     }
                     Err(UploadError::Ssh(e)) => return Err(e.to_string()),
@@ -516,7 +704,9 @@ pub async fn copy_to_child(
     }
     .await;
     // As after staging: the sftp channel is gone before anything else starts here.
-    if let Err(e) = sftp.close().await {
+    if let Some(sftp) = sftp
+        && let Err(e) = sftp.close().await
+    {
         tracing::warn!("{e}");
     }
     uploads.map(|()| copied)

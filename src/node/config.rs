@@ -33,7 +33,8 @@ pub struct RunOptions {
     pub no_caching: bool,
     /// `--cache-max-size`: the cap on each host's cache, as written (`cache::MaxSize`).
     pub cache_max_size: String,
-    pub compress: bool,
+    /// `--compress never|auto|always`.
+    pub compress: crate::wire::Compress,
     pub tmp_prefix: bool,
     pub seeds: Vec<String>,
     /// The etcd user the initiator acts as at the --seeds etcd.
@@ -103,7 +104,7 @@ impl Default for RunOptions {
             cconns: node.cconns,
             no_caching: false,
             cache_max_size: node.cache_max_size.clone(),
-            compress: false,
+            compress: crate::wire::Compress::Auto,
             tmp_prefix: false,
             seeds: Vec::new(),
             seeds_user: None,
@@ -203,7 +204,7 @@ mod tests {
             remote_tmp: "/var/tmp".into(),
             no_caching: true,
             cache_max_size: "10%".into(),
-            compress: true,
+            compress: crate::wire::Compress::Always,
             accept_new: true,
             converged_timeout: Some(Duration::from_secs(5)),
             noop: true,
@@ -228,7 +229,7 @@ mod tests {
                 remote_tmp: "/var/tmp".into(),
                 no_caching: true,
                 cache_max_size: "10%".into(),
-                compress: true,
+                compress: crate::wire::Compress::Always,
                 accept_new: true,
                 cconns: 7,
                 converged_timeout: Some(5),

@@ -396,6 +396,7 @@ mod tests {
             bytes_copied: 0,
             sha256: "ff".into(),
             escalate: None,
+            rate: None,
         };
         let with_password = Become {
             user: "root".into(),

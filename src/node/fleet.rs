@@ -732,8 +732,12 @@ async fn copy_artifacts(
         session,
         staged,
         &wanted,
+        &artifacts::subtree_sources(spec),
         &ctx.artifacts,
-        ctx.config.no_caching,
+        artifacts::CopyOptions {
+            no_caching: ctx.config.no_caching,
+            compress: ctx.config.compress,
+        },
         stop,
         &mut |what, sent, total| {
             if sent == total || last_sent.elapsed() >= Duration::from_millis(100) {
@@ -767,6 +771,15 @@ async fn copy_artifacts(
                 copied.cached,
                 copied.bytes
             );
+            if copied.patched > 0 {
+                tracing::info!(
+                    "{}: {} artifact(s) sent as patches against the older versions in its \
+                     cache ({} bytes in all)",
+                    spec.name,
+                    copied.patched,
+                    copied.bytes
+                );
+            }
             Ok(copied.bytes)
         }
         Err(e) => {
@@ -787,17 +800,18 @@ async fn copy_artifact_again(
     staged: &Staged,
     artifact: crate::wire::ArtifactRef,
     served: &Served,
-    no_caching: bool,
+    options: artifacts::CopyOptions,
 ) -> FetchResult {
     let sha = artifact.sha256.clone();
-    let dir = artifacts::child_dir(staged, no_caching)?;
+    let dir = artifacts::child_dir(staged, options.no_caching)?;
     let never = CancellationToken::new();
     let copied = artifacts::copy_to_child(
         session,
         staged,
         &[artifact].into(),
+        &BTreeMap::new(),
         served,
-        no_caching,
+        options,
         &never,
         &mut |_, _, _| {},
     )
@@ -895,6 +909,11 @@ async fn supervise(
                     let (session, staged) = (session.clone(), staged.clone());
                     let builds = ctx.builds.clone();
                     let no_caching = ctx.config.no_caching;
+                    let compress = ctx.config.compress;
+                    let options = artifacts::CopyOptions {
+                        no_caching,
+                        compress: ctx.config.compress,
+                    };
                     // An artifact of its subtree, asked again (its cache entry was corrupt).
                     let artifact = artifacts::subtree_artifacts(spec)
                         .into_iter()
@@ -904,12 +923,12 @@ async fn supervise(
                     fetches.spawn(async move {
                         let copied = match artifact {
                             Some(a) => {
-                                copy_artifact_again(&session, &staged, a, &served, no_caching)
+                                copy_artifact_again(&session, &staged, a, &served, options)
                                     .await
                             }
                             None => match builds.by_sha256(&sha256).await {
                                 Ok(build) => {
-                                    stage::copy_build(&session, &staged, &build, no_caching)
+                                    stage::copy_build(&session, &staged, &build, no_caching, compress)
                                         .await
                                 }
                                 Err(e) => Err(e),

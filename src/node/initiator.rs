@@ -560,8 +560,12 @@ pub(super) fn builds(options: &RunOptions) -> Result<Builds, String> {
         };
         all.push(Build::from_file(path, &platform).map_err(|e| format!("--binary {arch}: {e}"))?);
     }
-    if options.compress {
+    if options.compress != crate::wire::Compress::Never {
         all = all.into_iter().map(|b| b.with_gzip(false)).collect();
+        if !options.no_caching {
+            // For the next build's delta upgrades.
+            all.iter().for_each(super::builds::keep_locally);
+        }
     }
     tracing::debug!("this arbor is for {}", local_platform());
     Ok(Builds::new(all))
@@ -581,7 +585,15 @@ fn fleet_context(
         config: plan.config.clone(),
         agent: None,
         builds: plan.builds.clone(),
-        artifacts: Arc::new(plan.sources.served()),
+        artifacts: Arc::new({
+            let mut served = plan.sources.served();
+            // Keep what is sent in this machine's own cache, to send patches against next
+            // time (`--compress never` and `--no-caching` keep nothing).
+            if options.compress != crate::wire::Compress::Never && !options.no_caching {
+                served.keep_in(super::artifacts::node_dir(false, None));
+            }
+            served
+        }),
         store: Some(store.connector.clone()),
         graphs: Mutex::new(
             plan.graphs

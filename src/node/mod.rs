@@ -36,6 +36,7 @@ pub mod relay;
 pub mod run_book;
 pub mod seeds;
 pub mod stage;
+pub mod transfer;
 
 use std::path::PathBuf;
 

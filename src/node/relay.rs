@@ -788,10 +788,13 @@ fn fleet_context(
     let name = &start.hostname;
     let config = &start.config;
     let mut own = Build::current().map_err(|e| format!("{name}: reading own binary: {e}"))?;
-    if config.compress {
+    // Armed only: a gzip stream is made (or the one kept beside this binary checked) the
+    // first time a child's copy goes gzipped (`stage`).
+    let gzip = config.compress != crate::wire::Compress::Never;
+    if gzip {
         own = own.with_gzip(true);
     }
-    let builds = Builds::new([own]).with_parent(&config.builds, fetcher, config.compress);
+    let builds = Builds::new([own]).with_parent(&config.builds, fetcher, gzip);
     let mut connect = fleet::connect_options(config);
     connect.host_keys.extra_entries = start.known_hosts.clone();
     // Our own forwarded agent: the initiator's front behind it decides what it signs.

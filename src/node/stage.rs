@@ -23,6 +23,7 @@
 //! platform is served by [`copy_build`], into the same cache.
 
 use super::builds::{Build, Builds, Gzipped, KEPT_GZ};
+use super::transfer;
 use crate::ssh::{CommandLine, Session, SshError, shell_quote};
 use crate::wire::NodeConfig;
 use tokio_util::sync::CancellationToken;
@@ -34,8 +35,8 @@ pub struct StageOptions {
     pub remote_tmp: String,
     /// Copy the binary into the working dir, and remove it at the end (--no-caching).
     pub no_caching: bool,
-    /// Copy the binary gzipped to hosts that have gzip (--compress).
-    pub compress: bool,
+    /// `--compress`: measure the link, and gzip the binary's first copy on a thin one.
+    pub compress: crate::wire::Compress,
 }
 
 impl Default for StageOptions {
@@ -71,6 +72,9 @@ pub struct Staged {
     pub sha256: String,
     /// arbor starts there through sudo (`become`): see `escalate`.
     pub escalate: Option<crate::wire::Become>,
+    /// The link's rate, bytes/s, as the probe measured it (`transfer`); `None` with
+    /// `--compress never`, or if the probe could not tell.
+    pub rate: Option<f64>,
 }
 
 /// Why staging failed.
@@ -113,14 +117,24 @@ struct Probed {
     /// The build probed for is in the cache, intact.
     cached: bool,
     has_gzip: bool,
+    /// The link's rate, bytes/s (`transfer::PROBE_BYTES` read between two lines).
+    rate: Option<f64>,
+    /// The sha256 of the newest other build in the host's cache: a delta upgrade's base.
+    old: Option<String>,
 }
 
 /// The one-round-trip probe: platform, a fresh private working dir, the cache entry of
 /// `build` (made ready for a copy when `make_dir`), and gzip. `undo` runs first, with `$c`
 /// the cache: what an earlier probe made for another build.
-fn probe_command(build: &Build, remote_tmp: &str, make_dir: bool, undo: &str) -> String {
+fn probe_command(
+    build: &Build,
+    remote_tmp: &str,
+    make_dir: bool,
+    undo: &str,
+    measure: bool,
+) -> String {
     format!(
-        "set -e; umask 077; uname -sm; \
+        "set -e; umask 077; uname -sm; {measure} \
          c=\"${{XDG_CACHE_HOME:-$HOME/.cache}}/arbor/bin\"; {undo} \
          w=$(mktemp -d {tmp}/arbor.XXXXXXXXXX); echo \"$w\"; echo \"$c\"; \
          f=\"$c\"/{sha}/arbor; \
@@ -128,10 +142,22 @@ fn probe_command(build: &Build, remote_tmp: &str, make_dir: bool, undo: &str) ->
             sha256sum \"$f\" | grep -q '^{sha} '; then \
            touch -c -- \"$c\"/{sha} \"$f\" || true; echo cached; \
          else {mkdir} echo missing; fi; \
-         if command -v gzip >/dev/null 2>&1; then echo gzip; else echo no-gzip; fi",
+         if command -v gzip >/dev/null 2>&1; then echo gzip; else echo no-gzip; fi; \
+         o=-; for d in $(ls -t \"$c\" 2>/dev/null); do case $d in {sha}) ;; *) \
+           if [ ${{#d}} -eq 64 ] && [ -x \"$c/$d/arbor\" ]; then o=$d; break; fi;; esac; done; \
+         echo \"old $o\"",
         tmp = shell_quote(remote_tmp.trim_end_matches('/')),
         sha = build.sha256,
         size = build.size,
+        measure = if measure {
+            format!(
+                "head -c {} >/dev/null; echo {};",
+                transfer::PROBE_BYTES,
+                transfer::RATE_MARK
+            )
+        } else {
+            String::new()
+        },
         mkdir = if make_dir {
             format!("mkdir -p -m 700 \"$c\"/{};", build.sha256)
         } else {
@@ -150,6 +176,122 @@ fn undo_probe(probed: &Probed, build: &Build) -> String {
     )
 }
 
+/// Runs the probe; with `measure`, writes `transfer::PROBE_BYTES` to its stdin and times
+/// them between the first line of output and `transfer::RATE_MARK`. Returns the output and
+/// the rate, bytes/s.
+async fn run_probe(
+    session: &Session,
+    command: &str,
+    measure: bool,
+) -> Result<(Vec<u8>, Option<f64>), SshError> {
+    use tokio::io::AsyncWriteExt;
+    let mut cmd = session.exec(command, &Default::default()).await?;
+    let mut stdin = cmd.stdin_writer();
+    let feed = tokio::spawn(async move {
+        if measure {
+            let zeros = vec![0u8; transfer::PROBE_BYTES];
+            let _ = stdin.write_all(&zeros).await;
+        }
+        let _ = stdin.shutdown().await;
+    });
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    let (mut first, mut mark) = (None, None);
+    let status = loop {
+        match cmd.next().await {
+            Some(crate::ssh::Output::Stdout(d)) => {
+                let now = std::time::Instant::now();
+                stdout.extend_from_slice(&d);
+                first.get_or_insert(now);
+                if mark.is_none() && measure {
+                    let text = String::from_utf8_lossy(&stdout);
+                    if text.lines().any(|l| l == transfer::RATE_MARK) {
+                        mark = Some(now);
+                    }
+                }
+            }
+            Some(crate::ssh::Output::Stderr(d)) => stderr.extend_from_slice(&d),
+            Some(crate::ssh::Output::Exit(status)) => break status,
+            None => break crate::ssh::ExitStatus::Unknown,
+        }
+    };
+    feed.abort();
+    if !status.success() {
+        return Err(session.error(
+            crate::ssh::Step::Exec,
+            crate::ssh::Cause::Other(format!(
+                "`{command}` failed with {status}: {}",
+                String::from_utf8_lossy(&stderr).trim()
+            )),
+        ));
+    }
+    let rate = match (first, mark) {
+        (Some(first), Some(mark)) => Some(transfer::rate_from(first, mark)),
+        _ => None,
+    };
+    if let Some(r) = rate {
+        tracing::debug!("{}: link measured at {:.1} MB/s", session.label(), r / 1e6);
+    }
+    Ok((stdout, rate))
+}
+
+/// A delta upgrade: when this node holds the older build `old` the host's cache has, the
+/// host's own copy of it receives a zstd patch against itself and writes `binary`, checked
+/// by sha256 (`transfer`). Returns the bytes sent, or `None` when no patch could be used (the
+/// caller copies the build whole).
+async fn upgrade(
+    session: &Session,
+    build: &Build,
+    probed: &Probed,
+    old: &str,
+    binary: &str,
+    progress: Progress<'_>,
+    cancel: &CancellationToken,
+) -> Result<Option<u64>, StageError> {
+    let local = super::builds::local_bin_cache().join(old).join("arbor");
+    if !local.is_file() {
+        return Ok(None);
+    }
+    let remote_old = format!("{}/{old}/arbor", probed.cache);
+    let send = transfer::Send {
+        what: "arbor",
+        local: &build.path,
+        size: build.size,
+        sha256: &build.sha256,
+        mode: 0o755,
+        level: transfer::level_for(crate::wire::Compress::Always, probed.rate).unwrap_or(1),
+        base: Some((local, remote_old.clone())),
+        receiver: &remote_old,
+        remote: binary,
+    };
+    let sent = transfer::send(session, &send, cancel, &mut |sent, total| {
+        progress("arbor patch", sent, total)
+    })
+    .await;
+    match sent {
+        Ok(bytes) => {
+            tracing::info!(
+                "{}: arbor upgraded by a patch against the build {} in its cache ({bytes} \
+                 bytes for {})",
+                session.label(),
+                crate::engine::artifacts::short(old),
+                build.size
+            );
+            Ok(Some(bytes))
+        }
+        Err(transfer::SendError::Stopped) => Err(StageError::Stopped {
+            host: session.label().to_string(),
+        }),
+        Err(e) => {
+            tracing::warn!(
+                "{}: a patch against the build {old} in its cache failed ({e:?}); copying \
+                 arbor whole",
+                session.label()
+            );
+            Ok(None)
+        }
+    }
+}
+
 /// Runs `undo_probe`'s shell on its own.
 async fn undo(session: &Session, undo: &str) {
     let _ = session
@@ -159,15 +301,21 @@ async fn undo(session: &Session, undo: &str) {
         .await;
 }
 
-fn parse_probe(out: &[u8]) -> Option<Probed> {
+fn parse_probe(out: &[u8], rate: Option<f64>) -> Option<Probed> {
     let out = String::from_utf8_lossy(out);
-    let mut lines = out.lines();
+    let mut lines = out.lines().filter(|l| *l != transfer::RATE_MARK);
     Some(Probed {
+        rate,
         platform: lines.next()?.trim().to_string(),
         workdir: lines.next()?.to_string(),
         cache: lines.next()?.to_string(),
         cached: lines.next()? == "cached",
         has_gzip: lines.next()? == "gzip",
+        old: lines
+            .next()?
+            .strip_prefix("old ")
+            .filter(|o| o.len() == 64 && o.bytes().all(|b| b.is_ascii_hexdigit()))
+            .map(str::to_string),
     })
 }
 
@@ -185,10 +333,16 @@ pub async fn stage(
 ) -> Result<Staged, StageError> {
     let host = session.label().to_string();
     let other = other_error(&host);
-    let probe = async |build: &Build, undo: &str| -> Result<Probed, StageError> {
-        let command = probe_command(build, &options.remote_tmp, !options.no_caching, undo);
-        let out = session.run_checked(&command).await?;
-        parse_probe(&out).ok_or_else(|| {
+    let probe = async |build: &Build, undo: &str, measure: bool| -> Result<Probed, StageError> {
+        let command = probe_command(
+            build,
+            &options.remote_tmp,
+            !options.no_caching,
+            undo,
+            measure,
+        );
+        let (out, rate) = run_probe(session, &command, measure).await?;
+        parse_probe(&out, rate).ok_or_else(|| {
             other(format!(
                 "unexpected probe output: {:?}",
                 String::from_utf8_lossy(&out)
@@ -203,7 +357,8 @@ pub async fn stage(
     let expected = builds
         .preferred()
         .ok_or_else(|| other("no build of arbor to copy".into()))?;
-    let mut probed = probe(&expected, "").await?;
+    let measure = options.compress != crate::wire::Compress::Never;
+    let mut probed = probe(&expected, "", measure).await?;
     let made = undo_probe(&probed, &expected);
     let found = match builds.for_platform(&probed.platform).await {
         Ok(found) => found,
@@ -216,7 +371,9 @@ pub async fn stage(
         Some(b) if b.sha256 == expected.sha256 => b,
         Some(b) => {
             // Another platform: the second probe first undoes what the first made.
-            probed = probe(&b, &made).await?;
+            let rate = probed.rate;
+            probed = probe(&b, &made, false).await?;
+            probed.rate = rate;
             b
         }
         None => {
@@ -260,20 +417,33 @@ async fn copy_in(
     let other = other_error(&host);
     let (workdir, cache) = (&probed.workdir, &probed.cache);
     let cached = probed.cached && !options.no_caching;
-    let sftp = session.sftp().await?;
     // Named `arbor` inside a directory named by its hash, so `ps` and `pgrep arbor` show it.
     let binary = if options.no_caching {
         format!("{workdir}/arbor")
     } else {
         format!("{cache}/{}/arbor", build.sha256)
     };
+    // A delta upgrade: an older arbor in the host's cache that this node holds too patches
+    // itself into this build (before the sftp session: nothing may start during one).
+    let patched = match (&probed.old, cached, options.compress) {
+        (Some(old), false, c) if c != crate::wire::Compress::Never => {
+            upgrade(session, build, probed, old, &binary, progress, cancel).await?
+        }
+        _ => None,
+    };
+    let sftp = session.sftp().await?;
     let copied = async {
-        let mut bytes_copied = 0;
-        let gz = match (&build.gz, options.compress && probed.has_gzip && !cached) {
+        let mut bytes_copied = patched.unwrap_or(0);
+        let thin = match options.compress {
+            crate::wire::Compress::Never => false,
+            crate::wire::Compress::Always => true,
+            crate::wire::Compress::Auto => probed.rate.is_none_or(|r| r < transfer::LAN_RATE),
+        };
+        let gz = match (&build.gz, thin && probed.has_gzip && !cached) {
             (Some(cell), true) => Some(cell.get().await.map_err(&other)?),
             _ => None,
         };
-        if cached {
+        if cached || patched.is_some() {
             // Nothing copied: the parent reports the cache hit itself (it used to report a
             // finished copy first, which the summary counted as bytes sent).
         } else if let Some(gz) = &gz {
@@ -327,6 +497,7 @@ async fn copy_in(
         bytes_copied,
         sha256: build.sha256.clone(),
         escalate: None,
+        rate: probed.rate,
     })
 }
 
@@ -447,6 +618,7 @@ pub async fn copy_build(
     staged: &Staged,
     build: &Build,
     no_caching: bool,
+    compress: crate::wire::Compress,
 ) -> Result<(String, u64), String> {
     let dir = if no_caching {
         format!("{}/builds/{}", staged.workdir, build.sha256)
@@ -469,6 +641,25 @@ pub async fn copy_build(
         .map_err(|e| e.to_string())?;
     if String::from_utf8_lossy(&out).trim() == "cached" {
         return Ok((binary, 0));
+    }
+    // The child runs arbor: it takes the build zstd-compressed at its link's level.
+    if let Some(level) = transfer::level_for(compress, staged.rate) {
+        let send = transfer::Send {
+            what: "arbor",
+            local: &build.path,
+            size: build.size,
+            sha256: &build.sha256,
+            mode: 0o755,
+            level,
+            base: None,
+            receiver: &staged.binary,
+            remote: &binary,
+        };
+        let never = CancellationToken::new();
+        match transfer::send(session, &send, &never, &mut |_, _| {}).await {
+            Ok(bytes) => return Ok((binary, bytes)),
+            Err(e) => tracing::warn!("{e:?}; copying the build uncompressed instead"),
+        }
     }
     let sftp = session.sftp().await.map_err(|e| e.to_string())?;
     let never = CancellationToken::new();

@@ -263,8 +263,9 @@ pub struct NodeConfig {
     /// The cap on each host's cache (`--cache-max-size`, as written: `node::cache::MaxSize`).
     #[serde(default = "default_cache_max_size")]
     pub cache_max_size: String,
-    /// Copy the binary gzipped to hosts with gzip.
-    pub compress: bool,
+    /// When copies are compressed (`--compress`): see [`Compress`].
+    #[serde(default)]
+    pub compress: Compress,
     /// Record unknown host keys (reported up to the initiator) instead of refusing them.
     pub accept_new: bool,
     /// At most this many children being set up at once (0: no limit).
@@ -286,6 +287,31 @@ pub struct NodeConfig {
     /// Every build of arbor the run has, for children of other platforms: a node that lacks
     /// one asks its parent for it (`Up::Fetch`).
     pub builds: Vec<BuildRef>,
+}
+
+/// `--compress`: when copies between nodes are compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compress {
+    /// Never: every copy is plain, and no delta is sent.
+    Never,
+    /// At a level chosen from each link's measured rate: none on a LAN, more on thinner links
+    /// (`node::transfer::level_for`).
+    #[default]
+    Auto,
+    /// Always, at the level the link's rate gives, and at least the lowest.
+    Always,
+}
+
+impl Compress {
+    pub fn parse(s: &str) -> Option<Compress> {
+        match s {
+            "never" => Some(Compress::Never),
+            "auto" => Some(Compress::Auto),
+            "always" => Some(Compress::Always),
+            _ => None,
+        }
+    }
 }
 
 /// [`NodeConfig::link_timeout`] unless told otherwise.
@@ -323,7 +349,7 @@ impl Default for NodeConfig {
             remote_tmp: "/tmp".into(),
             no_caching: false,
             cache_max_size: default_cache_max_size(),
-            compress: false,
+            compress: Compress::Auto,
             accept_new: false,
             cconns: 64,
             converged_timeout: None,

@@ -1,0 +1,470 @@
+//! Compressed copies between arbor processes, and deltas.
+//!
+//! - **The link's rate.** When a child is staged (unless `--compress never`), the probe's
+//!   stdin carries [`PROBE_BYTES`] that the probe reads with `head -c` between two lines of
+//!   its output; the time between those lines gives the rate of that link (`Staged::rate`).
+//! - **The level.** [`level_for`] turns the rate into a zstd level, or none (docs/remote.md,
+//!   "Compression", has the table and the reasons).
+//! - **The stream.** Once arbor is on a host, a copy to it is an exec of that arbor's hidden
+//!   `receive` subcommand with the zstd stream on its stdin ([`send`]): compression on a
+//!   blocking thread overlaps the sending. The receiver ([`receive`]) decompresses into a
+//!   temp file beside the target, checks the size and sha256, fsyncs, and renames it into
+//!   place only then.
+//! - **Deltas.** When the host holds an older version (of an artifact, by source name; of
+//!   arbor, in its builds cache) and the sender holds the same older version, the stream is a
+//!   zstd patch: compressed with the old file as its reference prefix (`--patch-from`), with
+//!   long-distance matching and a window covering both. The receiver patches against its own
+//!   copy and checks the sha256 of the result: a base that differed on the two sides gives a
+//!   mismatch, and the caller sends the full file instead.
+
+use crate::ssh::{CommandLine, Session};
+use crate::wire::Compress;
+use sha2::Digest;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tokio::io::AsyncWriteExt;
+use tokio_util::sync::CancellationToken;
+
+/// Bytes the staging probe reads from its stdin to measure the link's rate: 0.2 s at 20
+/// Mbit/s, a few milliseconds on a LAN. (128 KiB measured busy LAN hosts at 4 MB/s: a few
+/// milliseconds of scheduling delay weigh as much as the transfer.)
+pub const PROBE_BYTES: usize = 512 << 10;
+
+/// The line the probe prints once it has read [`PROBE_BYTES`].
+pub const RATE_MARK: &str = "arbor-rate-mark";
+
+/// At or above this rate (bytes/s, about 100 Mbit/s) a link counts as a LAN: `auto` copies
+/// plain. gzip -6 (the binary's first copy) runs at about 23 MB/s and is not overlapped with
+/// the sending, so it pays only below about 13 MB/s; and a relay compresses once per child,
+/// so on a fast link compressing for many children at once costs more CPU than it saves.
+pub const LAN_RATE: f64 = 12e6;
+
+/// The zstd level for a link of `rate` bytes/s (`None`: not measured), or `None` for a plain
+/// copy. The level is the highest whose compression speed stays several times above the
+/// link's rate (`zstd -b` on a loaded 2-core lab machine, for arbor's release binary: level 1
+/// 166 MB/s, 3 98 MB/s, 6 26 MB/s, 9 18 MB/s, 12 7.7 MB/s), so compressing, which overlaps
+/// the sending, never becomes the bottleneck (docs/remote.md, "Compression").
+pub fn level_for(mode: Compress, rate: Option<f64>) -> Option<i32> {
+    let rate = match (mode, rate) {
+        (Compress::Never, _) => return None,
+        // Not measured: a middle level, cheap everywhere.
+        (_, None) => return Some(3),
+        (_, Some(r)) => r,
+    };
+    let level = if rate >= LAN_RATE {
+        0
+    } else if rate >= 4e6 {
+        3
+    } else if rate >= 1.5e6 {
+        6
+    } else if rate >= 0.5e6 {
+        9
+    } else {
+        12
+    };
+    match (mode, level) {
+        (Compress::Always, 0) => Some(1),
+        (_, 0) => None,
+        (_, l) => Some(l),
+    }
+}
+
+/// The window (log2 bytes) a stream of `size` bytes with a reference of `base` bytes needs.
+fn window_log(size: u64, base: u64) -> u32 {
+    let total = (size + base).max(1);
+    (64 - (total - 1).leading_zeros()).clamp(20, 30)
+}
+
+/// Measures a link from the probe: the time between the first line of output (`first`) and
+/// the line [`RATE_MARK`] (`mark`), for [`PROBE_BYTES`].
+pub fn rate_from(first: Instant, mark: Instant) -> f64 {
+    let took = mark.duration_since(first).as_secs_f64().max(1e-4);
+    PROBE_BYTES as f64 / took
+}
+
+/// What to send: a local file, what it must be, where it goes, and how.
+pub struct Send<'a> {
+    pub what: &'a str,
+    pub local: &'a Path,
+    pub size: u64,
+    pub sha256: &'a str,
+    pub mode: u32,
+    pub level: i32,
+    /// A patch: the older version here, and the same one on the host.
+    pub base: Option<(PathBuf, String)>,
+    /// The arbor on the host that receives.
+    pub receiver: &'a str,
+    pub remote: &'a str,
+}
+
+/// Why a compressed copy failed.
+#[derive(Debug)]
+pub enum SendError {
+    /// The run was stopped.
+    Stopped,
+    /// The local file is not the artifact (it changed since it was hashed).
+    Changed(String),
+    /// The copy failed: the caller may send it again otherwise.
+    Failed(String),
+}
+
+/// Streams `send.local` zstd-compressed (or as a patch) to the arbor on the host, which
+/// writes it to `send.remote` if it has the right sha256; returns the bytes sent.
+pub async fn send(
+    session: &Session,
+    send: &Send<'_>,
+    cancel: &CancellationToken,
+    progress: &mut (dyn FnMut(u64, u64) + std::marker::Send),
+) -> Result<u64, SendError> {
+    let mut line = CommandLine::new(send.receiver).args([
+        "receive",
+        "--dest",
+        send.remote,
+        "--sha256",
+        send.sha256,
+        "--size",
+        &send.size.to_string(),
+        "--mode",
+        &format!("{:o}", send.mode),
+    ]);
+    if let Some((_, remote_base)) = &send.base {
+        line = line.args(["--patch-from", remote_base]);
+    }
+    let failed = |e: String| SendError::Failed(format!("{}: {e}", session.label()));
+    let command = session
+        .exec(line.as_str(), &Default::default())
+        .await
+        .map_err(|e| SendError::Failed(e.to_string()))?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+    let (local, size, level) = (send.local.to_path_buf(), send.size, send.level);
+    let base = send.base.as_ref().map(|(b, _)| b.clone());
+    let encoder = tokio::task::spawn_blocking(move || encode(&local, size, level, base, tx));
+    let mut stdin = command.stdin_writer();
+    let mut sent = 0u64;
+    let writing = async {
+        while let Some(chunk) = rx.recv().await {
+            stdin.write_all(&chunk).await?;
+            sent += chunk.len() as u64;
+            progress(sent.min(size), size);
+        }
+        stdin.shutdown().await
+    };
+    let written = tokio::select! {
+        w = writing => w,
+        _ = cancel.cancelled() => return Err(SendError::Stopped),
+    };
+    // A failed write leaves chunks unread: the encoder's next send then fails, and it ends.
+    drop(rx);
+    let encoded = encoder
+        .await
+        .map_err(|e| failed(e.to_string()))?
+        .map_err(&failed)?;
+    if encoded != send.sha256 {
+        return Err(SendError::Changed(format!(
+            "{} changed under {} while it was copied (sent bytes with sha256 {encoded}, want {})",
+            send.what,
+            send.local.display(),
+            send.sha256
+        )));
+    }
+    let out = tokio::select! {
+        o = command.collect() => o.map_err(|e| SendError::Failed(e.to_string()))?,
+        _ = cancel.cancelled() => return Err(SendError::Stopped),
+    };
+    if !out.status.success() {
+        return Err(failed(format!(
+            "arbor receive {} failed with {}: {}",
+            send.what,
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    if let Err(e) = written {
+        return Err(failed(format!("sending {}: {e}", send.what)));
+    }
+    progress(size, size);
+    Ok(sent)
+}
+
+/// Compresses `local` (`size` bytes) at `level`, as a patch against `base` if given, into
+/// chunks on `tx`; returns the sha256 of what it read.
+fn encode(
+    local: &Path,
+    size: u64,
+    level: i32,
+    base: Option<PathBuf>,
+    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+) -> Result<String, String> {
+    let base = match base {
+        Some(b) => std::fs::read(&b).map_err(|e| format!("{}: {e}", b.display()))?,
+        None => Vec::new(),
+    };
+    let mut file = std::fs::File::open(local).map_err(|e| format!("{}: {e}", local.display()))?;
+    let sink = ChunkSink {
+        tx,
+        buf: Vec::with_capacity(CHUNK),
+    };
+    let z = |e: std::io::Error| format!("zstd: {e}");
+    let mut encoder = if base.is_empty() {
+        zstd::stream::write::Encoder::new(sink, level).map_err(z)?
+    } else {
+        let mut e = zstd::stream::write::Encoder::with_ref_prefix(sink, level, &base).map_err(z)?;
+        e.long_distance_matching(true).map_err(z)?;
+        e
+    };
+    encoder
+        .window_log(window_log(size, base.len() as u64))
+        .map_err(z)?;
+    encoder.set_pledged_src_size(Some(size)).map_err(z)?;
+    let mut hasher = sha2::Sha256::default();
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .map_err(|e| format!("{}: {e}", local.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        encoder.write_all(&buf[..n]).map_err(z)?;
+    }
+    let mut sink = encoder.finish().map_err(z)?;
+    sink.flush().map_err(z)?;
+    Ok(data_encoding::HEXLOWER.encode(&hasher.finalize()))
+}
+
+const CHUNK: usize = 256 << 10;
+
+/// Collects compressed bytes into chunks for the async side.
+struct ChunkSink {
+    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+    buf: Vec<u8>,
+}
+
+impl Write for ChunkSink {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHUNK {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+        self.tx
+            .blocking_send(chunk)
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "receiver gone"))
+    }
+}
+
+/// `arbor receive`: what to write, and what it must be.
+#[derive(Debug, Clone)]
+pub struct Receive {
+    pub dest: PathBuf,
+    pub sha256: String,
+    pub size: u64,
+    pub mode: u32,
+    pub patch_from: Option<PathBuf>,
+}
+
+/// Reads a zstd stream (a patch against `patch_from` if given) from `input` and writes it to
+/// `dest` atomically, only if it has `size` bytes and the sha256 `sha256`.
+pub fn receive(args: &Receive, input: impl Read) -> Result<(), String> {
+    let dir = args
+        .dest
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let temp = dir.join(format!(".arbor.receive.{}", std::process::id()));
+    let result = write_checked(args, input, &temp);
+    if result.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    result
+}
+
+fn write_checked(args: &Receive, input: impl Read, temp: &Path) -> Result<(), String> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let base = match &args.patch_from {
+        Some(b) => std::fs::read(b).map_err(|e| format!("{}: {e}", b.display()))?,
+        None => Vec::new(),
+    };
+    let z = |e: std::io::Error| format!("zstd: {e}");
+    let input = std::io::BufReader::new(input);
+    let mut decoder = if base.is_empty() {
+        zstd::stream::read::Decoder::with_buffer(input).map_err(z)?
+    } else {
+        zstd::stream::read::Decoder::with_ref_prefix(input, &base).map_err(z)?
+    };
+    decoder.window_log_max(31).map_err(z)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(temp)
+        .map_err(|e| format!("{}: {e}", temp.display()))?;
+    let mut hasher = sha2::Sha256::default();
+    let mut buf = vec![0u8; CHUNK];
+    let mut n_total = 0u64;
+    loop {
+        let n = decoder.read(&mut buf).map_err(z)?;
+        if n == 0 {
+            break;
+        }
+        n_total += n as u64;
+        if n_total > args.size {
+            return Err(format!("more than the {} bytes expected", args.size));
+        }
+        hasher.update(&buf[..n]);
+        file.write_all(&buf[..n])
+            .map_err(|e| format!("{}: {e}", temp.display()))?;
+    }
+    let sha = data_encoding::HEXLOWER.encode(&hasher.finalize());
+    if n_total != args.size || sha != args.sha256 {
+        return Err(format!(
+            "received {n_total} bytes with sha256 {sha}, want {} bytes with sha256 {}{}",
+            args.size,
+            args.sha256,
+            if args.patch_from.is_some() {
+                " (patched against a base that differs from the sender's)"
+            } else {
+                ""
+            }
+        ));
+    }
+    file.sync_all()
+        .and_then(|()| std::fs::set_permissions(temp, std::fs::Permissions::from_mode(args.mode)))
+        .and_then(|()| std::fs::rename(temp, &args.dest))
+        .map_err(|e| format!("{}: {e}", args.dest.display()))?;
+    Ok(())
+}
+
+/// The hidden `arbor receive` subcommand: exit 0 once the file is in place, 1 (with the
+/// reason on stderr) otherwise, leaving nothing behind.
+pub fn receive_main(args: &Receive) -> std::process::ExitCode {
+    match receive(args, std::io::stdin().lock()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("arbor receive: {}: {e}", args.dest.display());
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sha(b: &[u8]) -> String {
+        crate::engine::artifacts::sha256_hex(b)
+    }
+
+    /// What `send` streams, made here without a session.
+    fn stream(local: &Path, size: u64, level: i32, base: Option<PathBuf>) -> (Vec<u8>, String) {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+        let (local, b) = (local.to_path_buf(), base.clone());
+        let t = std::thread::spawn(move || encode(&local, size, level, b, tx));
+        let mut out = Vec::new();
+        while let Some(c) = rx.blocking_recv() {
+            out.extend(c);
+        }
+        (out, t.join().expect("thread").expect("encode"))
+    }
+
+    #[test]
+    fn the_level_follows_the_links_rate() {
+        use Compress::*;
+        assert_eq!(level_for(Never, Some(1e3)), None);
+        assert_eq!(level_for(Auto, Some(1e9)), None);
+        assert_eq!(level_for(Always, Some(1e9)), Some(1));
+        assert_eq!(level_for(Auto, Some(20e6)), None);
+        assert_eq!(level_for(Always, Some(20e6)), Some(1));
+        assert_eq!(level_for(Auto, Some(8e6)), Some(3));
+        assert_eq!(level_for(Auto, Some(2.5e6)), Some(6));
+        assert_eq!(level_for(Auto, Some(1e5)), Some(12));
+        assert_eq!(level_for(Auto, None), Some(3));
+        assert_eq!(window_log(1, 0), 20);
+        assert_eq!(window_log(40 << 20, 40 << 20), 27);
+    }
+
+    #[test]
+    fn a_stream_and_a_patch_are_received_only_when_the_result_is_right() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Pseudo-random, so that nothing but the base can supply matches.
+        let mut x = 0x9e3779b97f4a7c15u64;
+        let old: Vec<u8> = (0..3_000_000u32)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect();
+        let mut new = old.clone();
+        for i in (0..new.len()).step_by(100_000) {
+            new[i] ^= 0x5a;
+        }
+        new.extend_from_slice(b"version 2");
+        let (old_path, new_path) = (dir.path().join("old"), dir.path().join("new"));
+        std::fs::write(&old_path, &old).expect("write");
+        std::fs::write(&new_path, &new).expect("write");
+        let dest = dir.path().join("out");
+        let args = Receive {
+            dest: dest.clone(),
+            sha256: sha(&new),
+            size: new.len() as u64,
+            mode: 0o640,
+            patch_from: None,
+        };
+        // Whole.
+        let (whole, read) = stream(&new_path, new.len() as u64, 3, None);
+        assert_eq!(read, sha(&new));
+        receive(&args, &whole[..]).expect("receive");
+        assert_eq!(std::fs::read(&dest).expect("read"), new);
+        // A patch is a small fraction of the file.
+        std::fs::remove_file(&dest).expect("rm");
+        let (patch, _) = stream(&new_path, new.len() as u64, 6, Some(old_path.clone()));
+        assert!(
+            patch.len() < new.len() / 50,
+            "patch of {} bytes",
+            patch.len()
+        );
+        let patched = Receive {
+            patch_from: Some(old_path.clone()),
+            ..args.clone()
+        };
+        receive(&patched, &patch[..]).expect("patch");
+        assert_eq!(std::fs::read(&dest).expect("read"), new);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&dest).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o640);
+        // Against another base: refused, nothing written, nothing left.
+        std::fs::remove_file(&dest).expect("rm");
+        let other = dir.path().join("other");
+        let mut o = old.clone();
+        o[500] ^= 1;
+        std::fs::write(&other, &o).expect("write");
+        let wrong = Receive {
+            patch_from: Some(other),
+            ..args.clone()
+        };
+        let err = receive(&wrong, &patch[..]).expect_err("wrong base");
+        assert!(err.contains("want"), "{err}");
+        assert!(!dest.exists());
+        // A cut stream: refused.
+        let err = receive(&args, &whole[..whole.len() / 2]);
+        assert!(err.is_err());
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("ls")
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name())
+            .filter(|n| n.to_string_lossy().starts_with(".arbor.receive"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+}
