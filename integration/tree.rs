@@ -922,9 +922,12 @@ fn ctrl_c_during_staging_leaves_no_working_dir_or_partial_cache_file(lab: &Lab) 
     )?;
     std::thread::sleep(Duration::from_millis(1500));
     for r in ["r1", "r2"] {
+        // The binary in flight: plain (`.arbor.arbor-*`) or, as the default compresses on a
+        // thin link, gzipped (`.arbor.gz.arbor-*`).
         let partial = lab.sh(
             r,
-            "find /root/.cache/arbor -name '.arbor.arbor-*' 2>/dev/null || true",
+            "find /root/.cache/arbor -name '.arbor.arbor-*' -o -name '.arbor.gz.arbor-*' \
+             2>/dev/null || true",
         );
         check!(
             !partial.trim().is_empty(),

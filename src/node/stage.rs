@@ -248,7 +248,10 @@ async fn upgrade(
     cancel: &CancellationToken,
 ) -> Result<Option<u64>, StageError> {
     let local = super::builds::local_bin_cache().join(old).join("arbor");
-    if !local.is_file() {
+    // The old build runs the receive: it must be an arbor for this host's machine, not a
+    // build for another platform that this node also keeps (it could not run here, or, not
+    // being arbor at all, might never end).
+    if !local.is_file() || !same_machine(&local, &build.path) {
         return Ok(None);
     }
     let remote_old = format!("{}/{old}/arbor", probed.cache);
@@ -289,6 +292,20 @@ async fn upgrade(
             );
             Ok(None)
         }
+    }
+}
+
+/// Whether `a` and `b` are ELF executables for the same machine (class, byte order and
+/// `e_machine` alike).
+fn same_machine(a: &std::path::Path, b: &std::path::Path) -> bool {
+    fn head(p: &std::path::Path) -> Option<[u8; 20]> {
+        let mut h = [0u8; 20];
+        std::io::Read::read_exact(&mut std::fs::File::open(p).ok()?, &mut h).ok()?;
+        h.starts_with(b"\x7fELF").then_some(h)
+    }
+    match (head(a), head(b)) {
+        (Some(x), Some(y)) => x[4..6] == y[4..6] && x[18..20] == y[18..20],
+        _ => false,
     }
 }
 
@@ -749,6 +766,21 @@ pub async fn stop_and_remove(session: &Session, staged: &Staged) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_an_elf_build_for_the_same_machine_may_receive_a_patch() {
+        let dir = tempfile::tempdir().unwrap();
+        let me = std::env::current_exe().unwrap();
+        let script = dir.path().join("script");
+        std::fs::write(&script, "#!/bin/sh\nwhile :; do sleep 1; done\n").unwrap();
+        let mut other = std::fs::read(&me).unwrap();
+        other[18] ^= 0xff;
+        let other_path = dir.path().join("other");
+        std::fs::write(&other_path, other).unwrap();
+        assert!(same_machine(&me, &me));
+        assert!(!same_machine(&script, &me), "a script");
+        assert!(!same_machine(&other_path, &me), "another machine");
+    }
+
     use super::*;
     use tokio::io::AsyncReadExt;
 

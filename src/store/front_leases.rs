@@ -42,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::relay_front::{unary, with_token};
+use super::relay_front::{spawn_until, unary, with_token};
 
 /// Compare.target LEASE, and Compare.result EQUAL.
 const TARGET_LEASE: i32 = 4;
@@ -259,13 +259,7 @@ impl Leases {
             holds,
             shutdown: shutdown.clone(),
         });
-        let expiry = leases.clone().expire_loop();
-        tokio::spawn(async move {
-            tokio::select! {
-                () = expiry => {}
-                () = shutdown.cancelled() => {}
-            }
-        });
+        spawn_until(shutdown, leases.clone().expire_loop());
         leases
     }
 
@@ -404,14 +398,7 @@ impl Leases {
         );
         drop(st);
         self.keepalive_started.call_once(|| {
-            let me = self.clone();
-            let stop = self.shutdown.clone();
-            tokio::spawn(async move {
-                tokio::select! {
-                    () = me.keep_up_alive() => {}
-                    () = stop.cancelled() => {}
-                }
-            });
+            spawn_until(self.shutdown.clone(), self.clone().keep_up_alive());
         });
         Ok(PbLeaseGrantResponse {
             header: ttl.header,

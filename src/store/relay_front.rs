@@ -268,6 +268,19 @@ impl tower::Service<http::Request<Body>> for PassService {
     }
 }
 
+/// Runs `task` until it ends or `shutdown` is cancelled.
+pub(crate) fn spawn_until<F>(shutdown: CancellationToken, task: F)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        tokio::select! {
+            () = task => {}
+            () = shutdown.cancelled() => {}
+        }
+    });
+}
+
 // ---------------------------------------------------------------------------------------------
 // Calls the front makes itself.
 
@@ -609,13 +622,7 @@ impl Hub {
             started: tokio::sync::watch::channel(false).0,
             cache_moved: tokio::sync::watch::channel(0).0,
         });
-        let run = hub.clone().run(upstream, credential);
-        tokio::spawn(async move {
-            tokio::select! {
-                () = run => {}
-                () = shutdown.cancelled() => {}
-            }
-        });
+        spawn_until(shutdown, hub.clone().run(upstream, credential));
         hub
     }
 
