@@ -920,19 +920,26 @@ fn ctrl_c_during_staging_leaves_no_working_dir_or_partial_cache_file(lab: &Lab) 
         &["r1: copy".to_string(), "r2: copy".to_string()],
         Duration::from_secs(30),
     )?;
-    std::thread::sleep(Duration::from_millis(1500));
+    // Wait until both relays have a copy in flight: plain (`.arbor.arbor-*`) or, as the
+    // default compresses on a thin link, gzipped (`.arbor.gz.arbor-*`, after the initiator
+    // has gzipped the build).
+    let deadline = Instant::now() + Duration::from_secs(30);
     for r in ["r1", "r2"] {
-        // The binary in flight: plain (`.arbor.arbor-*`) or, as the default compresses on a
-        // thin link, gzipped (`.arbor.gz.arbor-*`).
-        let partial = lab.sh(
-            r,
-            "find /root/.cache/arbor -name '.arbor.arbor-*' -o -name '.arbor.gz.arbor-*' \
-             2>/dev/null || true",
-        );
-        check!(
-            !partial.trim().is_empty(),
-            "{r}: no copy in flight when ^C was sent"
-        );
+        loop {
+            let partial = lab.sh(
+                r,
+                "find /root/.cache/arbor -name '.arbor.arbor-*' -o -name '.arbor.gz.arbor-*' \
+                 2>/dev/null || true",
+            );
+            if !partial.trim().is_empty() {
+                break;
+            }
+            check!(
+                Instant::now() < deadline,
+                "{r}: no copy in flight 30 s after staging began"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
     let status = stop_with(&mut running, libc::SIGINT)?;
     check!(
