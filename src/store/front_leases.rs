@@ -21,7 +21,7 @@
 //!   the lease it was written with here (by the key's revision), in Range, Txn and Put
 //!   answers and in watch events.
 
-use super::auth::Access;
+use super::auth::{Access, Caller};
 use super::errors;
 use etcd_client::proto::{
     PbAuthenticateRequest, PbAuthenticateResponse, PbCompare, PbDeleteRequest, PbEvent, PbKeyValue,
@@ -217,29 +217,6 @@ impl Holds {
     }
 }
 
-/// Who is calling, as far as this front knows (`None`: no credentials are checked).
-pub(crate) struct CallerHere {
-    name: String,
-    access: Access,
-}
-
-impl CallerHere {
-    fn may_read(&self, key: &[u8], range_end: &[u8]) -> bool {
-        as_caller(self).may_read(key, range_end)
-    }
-
-    fn may_write(&self, key: &[u8], range_end: &[u8]) -> bool {
-        as_caller(self).may_write(key, range_end)
-    }
-}
-
-fn as_caller(c: &CallerHere) -> super::auth::Caller {
-    super::auth::Caller {
-        name: c.name.clone(),
-        access: c.access.clone(),
-    }
-}
-
 impl Leases {
     pub(crate) fn new(
         upstream: Channel,
@@ -283,7 +260,7 @@ impl Leases {
     }
 
     /// The caller of a request with `token`; `Ok(None)` when no credentials are checked.
-    fn caller(&self, token: Option<&str>) -> Result<Option<CallerHere>, Status> {
+    fn caller(&self, token: Option<&str>) -> Result<Option<Caller>, Status> {
         if self.credential.is_none() {
             return Ok(None);
         }
@@ -295,7 +272,8 @@ impl Leases {
             .get(&name)
             .cloned()
             .ok_or_else(super::auth::denied)?;
-        Ok(Some(CallerHere { name, access }))
+        // Who is calling, as far as this front knows (`None`: no credentials are checked).
+        Ok(Some(Caller { name, access }))
     }
 
     /// The relay's token upstream (`fresh`: authenticate again, the old one was refused).
@@ -756,7 +734,7 @@ impl Leases {
 
     /// Rewrites leases here to the relay's, checking every op against `caller`'s rights as
     /// the store above would.
-    fn rewrite(&self, txn: &mut PbTxnRequest, caller: Option<&CallerHere>) -> Result<(), Status> {
+    fn rewrite(&self, txn: &mut PbTxnRequest, caller: Option<&Caller>) -> Result<(), Status> {
         rewrite_txn(&self.lock(), txn, caller)
     }
 
@@ -922,11 +900,7 @@ fn rewrite_all_compares(st: &State, txn: &mut PbTxnRequest) {
 }
 
 /// [`Leases::rewrite`], nested Txns included.
-fn rewrite_txn(
-    st: &State,
-    txn: &mut PbTxnRequest,
-    caller: Option<&CallerHere>,
-) -> Result<(), Status> {
+fn rewrite_txn(st: &State, txn: &mut PbTxnRequest, caller: Option<&Caller>) -> Result<(), Status> {
     rewrite_compares(st, &mut txn.compare);
     if let Some(c) = caller
         && !txn
@@ -1021,7 +995,7 @@ fn take(st: &mut State, id: i64) -> (i64, Vec<Vec<u8>>) {
     (l.up, l.keys.into_iter().collect())
 }
 
-fn owns(l: &Local, caller: Option<&CallerHere>) -> bool {
+fn owns(l: &Local, caller: Option<&Caller>) -> bool {
     match (caller, &l.owner) {
         (None, _) => true,
         (Some(c), Some(owner)) => *owner == c.name,
