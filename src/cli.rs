@@ -116,6 +116,36 @@ enum Sub {
         #[arg(long, value_name = "PATH")]
         patch_from: Option<PathBuf>,
     },
+    /// (internal) Sibling seeding: serve the verified cache entry --file once, to the first
+    /// connection showing the capability read from stdin (`node::sibling`).
+    #[command(hide = true)]
+    SeedServe {
+        #[arg(long, value_name = "PATH")]
+        file: PathBuf,
+        #[arg(long, value_name = "HEX")]
+        sha256: String,
+        #[arg(long, value_name = "BYTES")]
+        size: u64,
+        #[arg(long, value_name = "SECONDS", default_value_t = crate::node::sibling::EXPIRE)]
+        expire: u64,
+        #[arg(long, value_name = "ADDR")]
+        bind: Option<String>,
+    },
+    /// (internal) Sibling seeding: fetch an artifact from a sibling's seed-serve under the
+    /// capability read from stdin, keeping it only if it has --size bytes and the --sha256.
+    #[command(hide = true)]
+    SeedFetch {
+        #[arg(long, value_name = "ADDR")]
+        from: String,
+        #[arg(long, value_name = "PATH")]
+        dest: PathBuf,
+        #[arg(long, value_name = "HEX")]
+        sha256: String,
+        #[arg(long, value_name = "BYTES")]
+        size: u64,
+        #[arg(long, value_name = "SECONDS", default_value_t = crate::node::sibling::CONNECT_TIMEOUT)]
+        connect_timeout: u64,
+    },
 }
 
 const CONFIG_HELP: &str = "\
@@ -495,6 +525,10 @@ pub enum Command {
     Completions(clap_complete::Shell),
     /// `arbor receive` (internal): a compressed copy from a parent.
     Receive(crate::node::transfer::Receive),
+    /// `arbor seed-serve` (internal): sibling seeding's serving side.
+    SeedServe(crate::node::sibling::Serve),
+    /// `arbor seed-fetch` (internal): sibling seeding's fetching side.
+    SeedFetch(crate::node::sibling::Fetch),
 }
 
 /// arbor's whole command line as clap sees it: for completions and the man pages
@@ -558,7 +592,10 @@ pub fn parse() -> Result<Invocation, ExitCode> {
     // A node staged by a parent takes its settings from the link only.
     let staged = Args::try_parse_from(&argv).is_ok_and(|a| {
         matches!(&a.command, Some(Sub::Run(run)) if run.depth > 0)
-            || matches!(&a.command, Some(Sub::Receive { .. }))
+            || matches!(
+                &a.command,
+                Some(Sub::Receive { .. } | Sub::SeedServe { .. } | Sub::SeedFetch { .. })
+            )
     });
     let cmd = if staged {
         command()
@@ -637,6 +674,32 @@ pub fn parse() -> Result<Invocation, ExitCode> {
                 patch_from,
             })
         }
+        Some(Sub::SeedServe {
+            file,
+            sha256,
+            size,
+            expire,
+            bind,
+        }) => Command::SeedServe(crate::node::sibling::Serve {
+            file,
+            sha256,
+            size,
+            expire,
+            bind,
+        }),
+        Some(Sub::SeedFetch {
+            from,
+            dest,
+            sha256,
+            size,
+            connect_timeout,
+        }) => Command::SeedFetch(crate::node::sibling::Fetch {
+            from,
+            dest,
+            sha256,
+            size,
+            connect_timeout,
+        }),
         Some(Sub::Exec(exec)) => {
             let exec = *exec;
             let mut run = RunOptions {

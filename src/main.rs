@@ -15,8 +15,11 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     // A copy from a parent: no runtime, no log, nothing on stdout.
-    if let cli::Command::Receive(args) = &invocation.command {
-        return arbor::node::transfer::receive_main(args);
+    match &invocation.command {
+        cli::Command::Receive(args) => return arbor::node::transfer::receive_main(args),
+        cli::Command::SeedServe(args) => return arbor::node::sibling::serve_main(args),
+        cli::Command::SeedFetch(args) => return arbor::node::sibling::fetch_main(args),
+        _ => {}
     }
     // A staged node's stdout carries frames: its log goes up the link as events instead.
     let event_log = match &invocation.command {
@@ -84,6 +87,8 @@ async fn run(
             arbor::topology::check::run(&file, ssh_config.as_deref(), &arbor::node::home_dir()),
         ),
         cli::Command::Receive(args) => arbor::node::transfer::receive_main(&args),
+        cli::Command::SeedServe(args) => arbor::node::sibling::serve_main(&args),
+        cli::Command::SeedFetch(args) => arbor::node::sibling::fetch_main(&args),
         cli::Command::Exec(options) => ExitCode::from(arbor::node::exec::run(*options).await),
         cli::Command::Run(options) => match event_log {
             Some(log) => {

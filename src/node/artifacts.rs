@@ -21,6 +21,7 @@
 //!   sha256 again before writing a byte.
 
 use super::builds::FetchFromParent;
+use super::sibling::{Claim, Publish, SeedError, Seeding};
 use super::stage::{self, Blob, Staged, UploadError};
 use super::transfer;
 use crate::engine::artifacts::{
@@ -491,6 +492,10 @@ pub struct Copied {
     pub cached: usize,
     /// How many went as a patch against an older version the host held.
     pub patched: usize,
+    /// How many the host fetched from a sibling (none of their bytes on this node's link).
+    pub seeded: usize,
+    /// Seedings that failed (the artifact was copied from this node instead), and why.
+    pub seed_failed: Vec<(String, String)>,
 }
 
 /// The child's artifacts dir: beside its binary cache (`…/arbor/bin` → `…/arbor/artifacts`),
@@ -524,6 +529,7 @@ pub async fn copy_to_child(
     names: &BTreeMap<String, BTreeSet<String>>,
     served: &Served,
     options: CopyOptions,
+    seeding: Option<&Seeding>,
     cancel: &CancellationToken,
     progress: &mut (dyn FnMut(&str, u64, u64) + Send),
 ) -> Result<Copied, String> {
@@ -578,7 +584,12 @@ pub async fn copy_to_child(
     for line in String::from_utf8_lossy(&out).lines() {
         let mut words = line.split(' ');
         match (words.next(), words.next(), words.next()) {
-            (Some("cached"), Some(_), None) => copied.cached += 1,
+            (Some("cached"), Some(sha), None) => {
+                copied.cached += 1;
+                if let Some(seed) = seeding {
+                    seed.board.offer(sha, &seed.me);
+                }
+            }
             (Some("corrupt"), Some(sha), None) => {
                 copied.replaced.push(sha.to_string());
                 to_copy.push(sha.to_string());
@@ -599,13 +610,52 @@ pub async fn copy_to_child(
     }
     let level = transfer::level_for(options.compress, staged.rate);
     let mut sftp: Option<crate::ssh::Sftp> = None;
-    let uploads = async {
+    // Seeding: what this child is the first to need goes first (its siblings wait for it);
+    // then what a sibling holds or is receiving, fetched from it once it has it.
+    let mut claimed: HashMap<String, Publish> = HashMap::new();
+    let mut order = to_copy.clone();
+    if let Some(seed) = seeding {
         for sha in &to_copy {
+            if let Some(Claim::Mine(p)) = seed.board.claim(sha, &seed.me.name, false, cancel).await
+            {
+                claimed.insert(sha.clone(), p);
+            }
+        }
+        order.sort_by_key(|s| !claimed.contains_key(s));
+    }
+    let uploads = async {
+        for sha in &order {
             let size = served
                 .size(sha)
                 .ok_or_else(|| format!("{host}: artifact {sha} is not one this node serves"))?;
             let what = format!("artifact {}", short(sha));
             let remote = format!("{dir}/{sha}");
+            let mut publish = claimed.remove(sha);
+            if let (Some(seed), None) = (seeding, &publish) {
+                let claim = seed
+                    .board
+                    .claim(sha, &seed.me.name, true, cancel)
+                    .await
+                    .ok_or_else(|| format!("{host}: stopped"))?;
+                match claim {
+                    Claim::Mine(p) => publish = Some(p),
+                    Claim::From(peer) => match seed.fetch(&peer, sha, size, cancel).await {
+                        Ok(()) => {
+                            tracing::debug!(
+                                "{host}: {what} fetched from its sibling {}",
+                                peer.name
+                            );
+                            copied.seeded += 1;
+                            continue;
+                        }
+                        Err(SeedError::Stopped) => return Err(format!("{host}: stopped")),
+                        Err(e) => copied
+                            .seed_failed
+                            .push((sha.clone(), format!("from {}: {e}", peer.name))),
+                    },
+                    Claim::Alone | Claim::Later => {}
+                }
+            }
             // A patch against the older version both ends hold, else the whole file
             // compressed at the link's level; a failure of either falls back to a plain copy.
             let base = (options.compress != crate::wire::Compress::Never)
@@ -698,6 +748,9 @@ pub async fn copy_to_child(
                     }
                     Err(UploadError::Other(why)) => return Err(format!("{host}: {why}")),
                 }
+            }
+            if let (Some(seed), Some(p)) = (seeding, publish) {
+                p.held(seed.me.clone());
             }
         }
         Ok::<_, String>(())

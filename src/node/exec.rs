@@ -775,6 +775,7 @@ pub async fn run(options: ExecOptions) -> u8 {
         connect,
         builds,
         artifacts: Default::default(),
+        siblings: Default::default(),
         store: None,
         agent: None,
         graphs: Mutex::new(BTreeMap::new()),

@@ -34,6 +34,8 @@ pub struct FleetContext {
     pub builds: Builds,
     /// The artifacts this node copies to its children (`source:` files), by sha256.
     pub artifacts: Arc<Served>,
+    /// Which child holds which artifact, for the children marked `seed_siblings`.
+    pub siblings: Arc<super::sibling::Board>,
     /// Connects each child's store tunnel to this node's own store endpoint (`None` for
     /// `arbor exec`, which has no store).
     pub store: Option<Arc<dyn Connector>>,
@@ -717,7 +719,7 @@ async fn copy_artifacts(
     ctx: &FleetContext,
     spec: &ChildSpec,
     run: &ChildRun,
-    session: &Session,
+    session: &Arc<Session>,
     staged: &Staged,
     stop: &CancellationToken,
 ) -> Result<u64, String> {
@@ -725,6 +727,18 @@ async fn copy_artifacts(
     if wanted.is_empty() {
         return Ok(0);
     }
+    let seeding = match spec.seed_siblings {
+        true => Some(super::sibling::Seeding {
+            board: ctx.siblings.clone(),
+            me: Arc::new(super::sibling::Peer {
+                name: spec.name.clone(),
+                session: session.clone(),
+                binary: staged.binary.clone(),
+                dir: artifacts::child_dir(staged, ctx.config.no_caching)?,
+            }),
+        }),
+        false => None,
+    };
     run.step("artifacts").await;
     let mut last_sent = Instant::now();
     let (events, host) = (ctx.events.clone(), run.me.clone());
@@ -738,6 +752,7 @@ async fn copy_artifacts(
             no_caching: ctx.config.no_caching,
             compress: ctx.config.compress,
         },
+        seeding.as_ref(),
         stop,
         &mut |what, sent, total| {
             if sent == total || last_sent.elapsed() >= Duration::from_millis(100) {
@@ -757,6 +772,22 @@ async fn copy_artifacts(
     .await;
     match copied {
         Ok(copied) => {
+            for (sha, why) in &copied.seed_failed {
+                tracing::warn!(
+                    "{}: seeding artifact {} from a sibling failed ({why}); copied it from \
+                     this node instead",
+                    spec.name,
+                    crate::engine::artifacts::short(sha)
+                );
+            }
+            if copied.seeded > 0 {
+                tracing::info!(
+                    "{}: {} artifact(s) fetched from a sibling (seeded), none of their bytes \
+                     over this node's link",
+                    spec.name,
+                    copied.seeded
+                );
+            }
             for sha in &copied.replaced {
                 tracing::warn!(
                     "{}: artifact {sha} in its cache was corrupt (sha256 mismatch); \
@@ -812,6 +843,7 @@ async fn copy_artifact_again(
         &BTreeMap::new(),
         served,
         options,
+        None,
         &never,
         &mut |_, _, _| {},
     )

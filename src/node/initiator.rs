@@ -594,6 +594,7 @@ fn fleet_context(
             }
             served
         }),
+        siblings: Default::default(),
         store: Some(store.connector.clone()),
         graphs: Mutex::new(
             plan.graphs

@@ -15,6 +15,7 @@
 //! | stage | putting arbor and a graph on one host |
 //! | builds | the builds of arbor a node can copy, and fetching them from the parent |
 //! | artifacts | `source:` files as content-addressed blobs: hashed once, cached per node, checked |
+//! | sibling | sibling seeding: a child that holds an artifact serves its siblings, brokered by the parent |
 //! | child_link | the parent's end of the link to one child (tunnel, exec, frames) |
 //! | last_failed | the hosts that failed in the last run, for `--limit @failed` |
 //! | exec | `arbor exec`: an ad-hoc command on targeted hosts, through relays; output and exit codes |
@@ -35,6 +36,7 @@ pub mod parent_link;
 pub mod relay;
 pub mod run_book;
 pub mod seeds;
+pub mod sibling;
 pub mod stage;
 pub mod transfer;
 

@@ -810,6 +810,7 @@ fn fleet_context(
         connect,
         builds,
         artifacts: Default::default(),
+        siblings: Default::default(),
         store,
         agent,
         graphs: Mutex::new(start.graphs.clone()),

@@ -71,6 +71,12 @@ pub fn parse_with(
         }
         Some(h) => builder.entries(&h.value, 1)?,
     };
+    let mut hosts = hosts;
+    if builder.flag(raw.seed_siblings.as_ref(), "seed_siblings")? {
+        for h in &mut hosts {
+            h.seed_siblings = true;
+        }
+    }
     Ok(Topology {
         cconns,
         hosts,
@@ -83,6 +89,8 @@ pub fn parse_with(
 struct RawTopology {
     defaults: Option<RawDefaults>,
     cconns: Option<Spanned<String>>,
+    /// The initiator's children can reach each other (`node::sibling`).
+    seed_siblings: Option<Spanned<String>>,
     hosts: Option<Spanned<Vec<Spanned<RawEntry>>>>,
 }
 
@@ -117,6 +125,8 @@ struct RawEntry {
     #[serde(rename = "become")]
     escalate: Option<Spanned<String>>,
     become_user: Option<Spanned<String>>,
+    /// This host's children can reach each other (`node::sibling`).
+    seed_siblings: Option<Spanned<String>>,
 }
 
 fn loc<T>(s: &Spanned<T>) -> (u64, u64) {
@@ -331,6 +341,21 @@ impl Builder<'_> {
             }
             _ => Vec::new(),
         };
+        let mut children = children;
+        if self.flag(e.seed_siblings.as_ref(), "seed_siblings")? {
+            if children.is_empty() {
+                let at = e.seed_siblings.as_ref().map(loc).unwrap_or_default();
+                return Err(self.error(
+                    at,
+                    "`seed_siblings` on a host without `children` would do nothing: it says \
+                     that this host's children can reach each other"
+                        .into(),
+                ));
+            }
+            for c in &mut children {
+                c.seed_siblings = true;
+            }
+        }
         let identity = e
             .identity
             .as_ref()
@@ -362,6 +387,18 @@ impl Builder<'_> {
             specs.push(spec);
         }
         Ok(specs)
+    }
+
+    /// A `true`/`false` key (absent: false).
+    fn flag(&self, value: Option<&Spanned<String>>, key: &str) -> Result<bool, TopologyError> {
+        match value {
+            None => Ok(false),
+            Some(v) => match v.value.as_str() {
+                "true" => Ok(true),
+                "false" => Ok(false),
+                other => Err(self.error(loc(v), format!("{key} `{other}` is not true or false"))),
+            },
+        }
     }
 
     /// `become` and `become_user` of an entry (its own, else the defaults').

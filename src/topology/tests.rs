@@ -441,3 +441,29 @@ fn become_is_set_per_host_or_in_defaults_and_checked() {
         "a `mode: jump` host runs nothing, so it has nothing to `become` for",
     );
 }
+
+#[test]
+fn seed_siblings_marks_the_children_of_its_host_or_of_the_initiator() {
+    let t = Dir::new().ok(
+        "seed_siblings: true\nhosts:\n- host: r1\n  seed_siblings: true\n  children:\n  \
+         - host: l[1-2]\n- host: r2\n  children:\n  - host: m1\n",
+    );
+    let seeds = |s: &[ChildSpec]| s.iter().map(|c| c.seed_siblings).collect::<Vec<_>>();
+    assert_eq!(seeds(&t.hosts), [true, true]);
+    assert_eq!(seeds(&t.hosts[0].children), [true, true]);
+    assert_eq!(seeds(&t.hosts[1].children), [false]);
+    assert_eq!(seeds(&Dir::new().ok("hosts:\n- host: a\n").hosts), [false]);
+    Dir::new().err_at(
+        "seed_siblings: yes\nhosts:\n- host: a\n",
+        1,
+        16,
+        "seed_siblings `yes` is not true or false",
+    );
+    Dir::new().err_at(
+        "hosts:\n- host: a\n  seed_siblings: true\n",
+        3,
+        18,
+        "`seed_siblings` on a host without `children` would do nothing: it says that this \
+         host's children can reach each other",
+    );
+}

@@ -195,6 +195,11 @@ pub struct ChildSpec {
     /// from a URL or topology file (which earns a warning each use).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub password_asked: bool,
+    /// Its siblings can reach it and it them (`seed_siblings: true` on its parent's entry,
+    /// or at the top of the topology file): an artifact one of them holds is fetched from it
+    /// rather than copied again by the parent (`node::sibling`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub seed_siblings: bool,
 }
 
 /// How arbor is started on a host that forbids root logins: `sudo` to `user` (root), with

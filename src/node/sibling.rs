@@ -1,0 +1,932 @@
+//! Sibling seeding: the first child of a node that holds an artifact seeds its siblings over
+//! their own network, so that each artifact crosses the parent's link once, not once per child
+//! (docs/remote.md, "Sibling seeding"; the capability model: docs/security.md).
+//!
+//! - **Only where the topology says so.** `seed_siblings: true` on a host with children (or at
+//!   the top of the file, for the initiator's children) marks its children
+//!   (`ChildSpec::seed_siblings`); the others are copied to as before.
+//! - **Who seeds whom** ([`Board`], one per parent): for each artifact, the first child that
+//!   needs it (or already holds it) claims it and receives it from the parent as before; its
+//!   siblings wait for that copy and then fetch from it. A failed claim is claimed again.
+//! - **Brokered by the parent, no new trust.** A relay holds no key to log into its siblings.
+//!   For each fetch the parent draws a capability, 32 random bytes of token and 32 of key, and
+//!   hands it over its own SSH connections (stdin of an exec, never a command line) to both
+//!   sides: the seeder's `arbor seed-serve`, which checks its cache entry's sha256 first,
+//!   listens on the address the parent reached it at, and serves that one file to the first
+//!   connection that shows the token, once, within [`EXPIRE`] seconds; and the fetcher's
+//!   `arbor seed-fetch`, which connects (within [`CONNECT_TIMEOUT`] seconds), shows the token,
+//!   and keeps what it receives only if it has the size and sha256 the parent named.
+//! - **The stream** is sealed with ChaCha20-Poly1305 under the capability's key (which never
+//!   crosses the siblings' network): whoever else connects, or listens, gets nothing readable,
+//!   and a stream that was tampered with, cut short or sent by an impostor is refused. A seeder
+//!   that seals garbage with the right key is caught by the sha256.
+//! - **Falls back.** Any failure (unreachable sibling, refused, corrupt, expired) is reported
+//!   and the parent copies the artifact itself; a sibling that could not be reached is not
+//!   tried again by the same child.
+
+use crate::ssh::{CommandLine, Session};
+use sha2::Digest;
+use std::collections::{HashMap, HashSet};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// Seconds a capability stays valid once its seeder listens.
+pub const EXPIRE: u64 = 30;
+
+/// Seconds a fetcher waits for its sibling to accept the connection before giving up (and the
+/// parent copying it instead).
+pub const CONNECT_TIMEOUT: u64 = 2;
+
+/// Plaintext bytes per sealed frame.
+const FRAME: usize = 256 << 10;
+
+/// The exit code of `arbor seed-fetch` when the sibling could not be reached at all.
+pub const UNREACHABLE: u8 = 3;
+
+/// A child that can seed or fetch: the parent's session to it, its arbor and its artifacts dir.
+pub struct Peer {
+    pub name: String,
+    pub session: Arc<Session>,
+    pub binary: String,
+    pub dir: String,
+}
+
+#[derive(Clone)]
+enum Slot {
+    /// Being copied to its claimant.
+    Pending,
+    Held(Arc<Peer>),
+    /// The claimant's copy failed: the next one to ask claims it.
+    Failed,
+}
+
+/// Who holds which artifact among one node's children.
+#[derive(Default)]
+pub struct Board {
+    slots: Mutex<HashMap<String, Arc<watch::Sender<Slot>>>>,
+    /// (fetcher, seeder) pairs that could not connect: not tried again.
+    unreachable: Mutex<HashSet<(String, String)>>,
+}
+
+/// What a child does about one artifact.
+pub enum Claim {
+    /// Receive it from the parent, then [`Publish::held`] it.
+    Mine(Publish),
+    /// Fetch it from this sibling.
+    From(Arc<Peer>),
+    /// Receive it from the parent, as without seeding.
+    Alone,
+    /// Someone else is copying it: ask again with `wait`.
+    Later,
+}
+
+/// A claim: unless it is published, its siblings are told it failed.
+pub struct Publish {
+    tx: Arc<watch::Sender<Slot>>,
+    done: bool,
+}
+
+impl Publish {
+    pub fn held(mut self, peer: Arc<Peer>) {
+        self.tx.send_replace(Slot::Held(peer));
+        self.done = true;
+    }
+}
+
+impl Drop for Publish {
+    fn drop(&mut self) {
+        if !self.done {
+            self.tx.send_replace(Slot::Failed);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Board {
+    /// What `me` does about `sha256`: with `wait`, waits for a sibling's copy in flight
+    /// (`None` when `cancel` fires); without, answers [`Claim::Later`] instead.
+    pub async fn claim(
+        &self,
+        sha256: &str,
+        me: &str,
+        wait: bool,
+        cancel: &CancellationToken,
+    ) -> Option<Claim> {
+        loop {
+            let mut rx = {
+                let mut slots = lock(&self.slots);
+                let Some(tx) = slots.get(sha256).cloned() else {
+                    let tx = Arc::new(watch::channel(Slot::Pending).0);
+                    slots.insert(sha256.to_string(), tx.clone());
+                    return Some(Claim::Mine(Publish { tx, done: false }));
+                };
+                let slot = tx.borrow().clone();
+                match slot {
+                    Slot::Failed => {
+                        tx.send_replace(Slot::Pending);
+                        return Some(Claim::Mine(Publish { tx, done: false }));
+                    }
+                    Slot::Held(peer) if peer.name == me => return Some(Claim::Alone),
+                    Slot::Held(peer) => {
+                        let cut =
+                            lock(&self.unreachable).contains(&(me.to_string(), peer.name.clone()));
+                        return Some(if cut { Claim::Alone } else { Claim::From(peer) });
+                    }
+                    Slot::Pending if !wait => return Some(Claim::Later),
+                    Slot::Pending => tx.subscribe(),
+                }
+            };
+            tokio::select! {
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        return Some(Claim::Alone);
+                    }
+                }
+                _ = cancel.cancelled() => return None,
+            }
+        }
+    }
+
+    /// `peer` already holds `sha256` (it was in its cache): its siblings may fetch it there,
+    /// unless someone else holds or is copying it.
+    pub fn offer(&self, sha256: &str, peer: &Arc<Peer>) {
+        let mut slots = lock(&self.slots);
+        match slots.get(sha256) {
+            None => {
+                slots.insert(
+                    sha256.to_string(),
+                    Arc::new(watch::channel(Slot::Held(peer.clone())).0),
+                );
+            }
+            Some(tx) => {
+                if matches!(*tx.borrow(), Slot::Failed) {
+                    tx.send_replace(Slot::Held(peer.clone()));
+                }
+            }
+        }
+    }
+
+    fn cut(&self, fetcher: &str, seeder: &str) {
+        lock(&self.unreachable).insert((fetcher.to_string(), seeder.to_string()));
+    }
+}
+
+/// One capability: the token the fetcher shows, and the key the stream is sealed with.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Capability {
+    pub token: [u8; 32],
+    pub key: [u8; 32],
+}
+
+impl Capability {
+    pub fn new() -> Capability {
+        Capability {
+            token: rand::random(),
+            key: rand::random(),
+        }
+    }
+
+    /// The line handed to both sides on stdin.
+    pub fn line(&self) -> String {
+        let hex = &data_encoding::HEXLOWER;
+        format!("{} {}\n", hex.encode(&self.token), hex.encode(&self.key))
+    }
+
+    pub fn parse(line: &str) -> Result<Capability, String> {
+        let mut words = line.split_whitespace();
+        let mut next = || -> Result<[u8; 32], String> {
+            let w = words.next().ok_or("no capability on stdin")?;
+            let bytes = data_encoding::HEXLOWER
+                .decode(w.as_bytes())
+                .map_err(|_| "a malformed capability on stdin")?;
+            bytes
+                .try_into()
+                .map_err(|_| "a malformed capability on stdin".to_string())
+        };
+        Ok(Capability {
+            token: next()?,
+            key: next()?,
+        })
+    }
+
+    fn read_stdin() -> Result<Capability, String> {
+        let mut line = String::new();
+        std::io::stdin()
+            .read_line(&mut line)
+            .map_err(|e| format!("reading the capability: {e}"))?;
+        Capability::parse(&line)
+    }
+}
+
+impl Default for Capability {
+    fn default() -> Self {
+        Capability::new()
+    }
+}
+
+/// Why a seeding failed.
+#[derive(Debug)]
+pub enum SeedError {
+    /// The fetcher could not connect to the seeder.
+    Unreachable(String),
+    Failed(String),
+    Stopped,
+}
+
+impl std::fmt::Display for SeedError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SeedError::Unreachable(w) => write!(f, "unreachable: {w}"),
+            SeedError::Failed(w) => f.write_str(w),
+            SeedError::Stopped => f.write_str("stopped"),
+        }
+    }
+}
+
+/// The parent's side: has `to` fetch the artifact `sha256` (`size` bytes) into `dest` from
+/// `from`, under a fresh capability. Ok once `to` holds it, checked.
+pub async fn fetch(
+    to: &Peer,
+    from: &Peer,
+    sha256: &str,
+    size: u64,
+    dest: &str,
+    cancel: &CancellationToken,
+) -> Result<(), SeedError> {
+    let failed = |who: &str, e: String| SeedError::Failed(format!("{who}: {e}"));
+    let cap = Capability::new();
+    let serve_line = CommandLine::new(&from.binary).args([
+        "seed-serve",
+        "--file",
+        &format!("{}/{sha256}", from.dir),
+        "--sha256",
+        sha256,
+        "--size",
+        &size.to_string(),
+        "--expire",
+        &EXPIRE.to_string(),
+    ]);
+    let mut serve = from
+        .session
+        .exec(serve_line.as_str(), &Default::default())
+        .await
+        .map_err(|e| failed(&from.name, e.to_string()))?;
+    serve
+        .write_stdin(cap.line().as_bytes())
+        .await
+        .map_err(|e| failed(&from.name, e.to_string()))?;
+    let _ = serve.close_stdin().await;
+    // Its first line: where it listens (after checking its cache entry).
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let addr = loop {
+        let item = tokio::select! {
+            i = serve.next() => i,
+            _ = cancel.cancelled() => return Err(SeedError::Stopped),
+            _ = tokio::time::sleep(Duration::from_secs(120)) => None,
+        };
+        match item {
+            Some(crate::ssh::Output::Stdout(d)) => {
+                out.extend_from_slice(&d);
+                if let Some(end) = out.iter().position(|b| *b == b'\n') {
+                    let line = String::from_utf8_lossy(&out[..end]).to_string();
+                    match line.strip_prefix("listening ") {
+                        Some(a) => break a.trim().to_string(),
+                        None => {
+                            return Err(failed(&from.name, format!("seed-serve said {line:?}")));
+                        }
+                    }
+                }
+            }
+            Some(crate::ssh::Output::Stderr(d)) => err.extend_from_slice(&d),
+            Some(crate::ssh::Output::Exit(status)) => {
+                return Err(failed(
+                    &from.name,
+                    format!(
+                        "seed-serve ended with {status}: {}",
+                        String::from_utf8_lossy(&err).trim()
+                    ),
+                ));
+            }
+            None => return Err(failed(&from.name, "seed-serve did not answer".into())),
+        }
+    };
+    let fetch_line = CommandLine::new(&to.binary).args([
+        "seed-fetch",
+        "--from",
+        &addr,
+        "--dest",
+        dest,
+        "--sha256",
+        sha256,
+        "--size",
+        &size.to_string(),
+        "--connect-timeout",
+        &CONNECT_TIMEOUT.to_string(),
+    ]);
+    let fetcher = to
+        .session
+        .exec(fetch_line.as_str(), &Default::default())
+        .await
+        .map_err(|e| failed(&to.name, e.to_string()))?;
+    fetcher
+        .write_stdin(cap.line().as_bytes())
+        .await
+        .map_err(|e| failed(&to.name, e.to_string()))?;
+    let _ = fetcher.close_stdin().await;
+    let got = tokio::select! {
+        g = fetcher.collect() => g.map_err(|e| failed(&to.name, e.to_string()))?,
+        _ = cancel.cancelled() => return Err(SeedError::Stopped),
+    };
+    // The seeder ends by itself (served, or expired); its word is only for the log.
+    let served = tokio::time::timeout(Duration::from_secs(2), serve.collect()).await;
+    if let Ok(Ok(s)) = served {
+        let said = String::from_utf8_lossy(&s.stderr);
+        if !said.trim().is_empty() {
+            tracing::debug!("{}: seed-serve: {}", from.name, said.trim());
+        }
+    }
+    let why = String::from_utf8_lossy(&got.stderr).trim().to_string();
+    match got.status {
+        s if s.success() => Ok(()),
+        crate::ssh::ExitStatus::Code(c) if c == UNREACHABLE as u32 => Err(SeedError::Unreachable(
+            format!("{} from {}: {why}", to.name, from.name),
+        )),
+        s => Err(failed(
+            &to.name,
+            format!("seed-fetch ended with {s}: {why}"),
+        )),
+    }
+}
+
+/// One child's part in its parent's seeding: the board its siblings share, and itself.
+pub struct Seeding {
+    pub board: Arc<Board>,
+    pub me: Arc<Peer>,
+}
+
+impl Seeding {
+    /// Fetches `sha256` from `from`; an unreachable sibling is remembered.
+    pub async fn fetch(
+        &self,
+        from: &Peer,
+        sha256: &str,
+        size: u64,
+        cancel: &CancellationToken,
+    ) -> Result<(), SeedError> {
+        let dest = format!("{}/{sha256}", self.me.dir);
+        let result = fetch(&self.me, from, sha256, size, &dest, cancel).await;
+        if let Err(SeedError::Unreachable(_)) = &result {
+            self.board.cut(&self.me.name, &from.name);
+        }
+        result
+    }
+}
+
+/// Seals and opens the stream's frames: ChaCha20-Poly1305 under the capability's key, each
+/// frame's nonce its number, its additional data the artifact's sha256 and whether it is the
+/// last (so frames cannot be reordered, dropped, cut short or moved to another artifact).
+struct Sealer {
+    key: ring::aead::LessSafeKey,
+    aad: [u8; 33],
+    count: u64,
+}
+
+impl Sealer {
+    fn new(key: &[u8; 32], sha256: &str) -> Result<Sealer, String> {
+        let unbound = ring::aead::UnboundKey::new(&ring::aead::CHACHA20_POLY1305, key)
+            .map_err(|_| "bad key".to_string())?;
+        let raw = data_encoding::HEXLOWER
+            .decode(sha256.as_bytes())
+            .map_err(|_| format!("{sha256}: not a sha256"))?;
+        let mut aad = [0u8; 33];
+        if raw.len() != 32 {
+            return Err(format!("{sha256}: not a sha256"));
+        }
+        aad[..32].copy_from_slice(&raw);
+        Ok(Sealer {
+            key: ring::aead::LessSafeKey::new(unbound),
+            aad,
+            count: 0,
+        })
+    }
+
+    fn nonce(&mut self) -> ring::aead::Nonce {
+        let mut n = [0u8; 12];
+        n[4..].copy_from_slice(&self.count.to_be_bytes());
+        self.count += 1;
+        ring::aead::Nonce::assume_unique_for_key(n)
+    }
+
+    fn seal(&mut self, data: &mut Vec<u8>, last: bool) -> Result<(), String> {
+        self.aad[32] = last as u8;
+        let nonce = self.nonce();
+        self.key
+            .seal_in_place_append_tag(nonce, ring::aead::Aad::from(self.aad), data)
+            .map_err(|_| "sealing failed".to_string())
+    }
+
+    fn open<'a>(&mut self, data: &'a mut [u8], last: bool) -> Result<&'a mut [u8], String> {
+        self.aad[32] = last as u8;
+        let nonce = self.nonce();
+        self.key
+            .open_in_place(nonce, ring::aead::Aad::from(self.aad), data)
+            .map_err(|_| "a frame failed authentication (wrong key, or tampered with)".into())
+    }
+}
+
+/// Sends `file` (from its start) to `out` as sealed frames: each a 4-byte big-endian length,
+/// a flag byte (1 for the last frame) and the sealed bytes. Returns the plaintext bytes sent.
+pub fn send_sealed(
+    mut file: impl Read,
+    out: &mut impl Write,
+    key: &[u8; 32],
+    sha256: &str,
+) -> Result<u64, String> {
+    let mut sealer = Sealer::new(key, sha256)?;
+    let mut buf = vec![0u8; FRAME];
+    let mut sent = 0u64;
+    let mut pending: Option<Vec<u8>> = None;
+    loop {
+        let mut filled = 0;
+        while filled < FRAME {
+            let n = file.read(&mut buf[filled..]).map_err(|e| e.to_string())?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        // One frame behind, so that the last one can be flagged.
+        if let Some(mut data) = pending.take() {
+            let last = filled == 0;
+            sent += data.len() as u64;
+            sealer.seal(&mut data, last)?;
+            write_frame(out, &data, last)?;
+            if last {
+                break;
+            }
+        } else if filled == 0 {
+            let mut empty = Vec::new();
+            sealer.seal(&mut empty, true)?;
+            write_frame(out, &empty, true)?;
+            break;
+        }
+        if filled > 0 {
+            pending = Some(buf[..filled].to_vec());
+        }
+    }
+    out.flush().map_err(|e| e.to_string())?;
+    Ok(sent)
+}
+
+fn write_frame(out: &mut impl Write, data: &[u8], last: bool) -> Result<(), String> {
+    let mut head = [0u8; 5];
+    head[..4].copy_from_slice(&(data.len() as u32).to_be_bytes());
+    head[4] = last as u8;
+    out.write_all(&head)
+        .and_then(|()| out.write_all(data))
+        .map_err(|e| format!("sending: {e}"))
+}
+
+/// Reads sealed frames from `input` into `dest` (atomically: a temp file beside it, renamed
+/// only once it has `size` bytes and the sha256 `sha256`). Nothing stays behind otherwise.
+pub fn receive_sealed(
+    input: &mut impl Read,
+    dest: &Path,
+    key: &[u8; 32],
+    sha256: &str,
+    size: u64,
+) -> Result<(), String> {
+    let dir = dest
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let temp = dir.join(format!(".arbor.seed.{}", std::process::id()));
+    let result = receive_into(input, &temp, dest, key, sha256, size);
+    if result.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    result
+}
+
+fn receive_into(
+    input: &mut impl Read,
+    temp: &Path,
+    dest: &Path,
+    key: &[u8; 32],
+    sha256: &str,
+    size: u64,
+) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut sealer = Sealer::new(key, sha256)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(temp)
+        .map_err(|e| format!("{}: {e}", temp.display()))?;
+    let mut hasher = sha2::Sha256::default();
+    let mut total = 0u64;
+    let tag = ring::aead::CHACHA20_POLY1305.tag_len();
+    loop {
+        let mut head = [0u8; 5];
+        input
+            .read_exact(&mut head)
+            .map_err(|e| format!("the stream ended early: {e}"))?;
+        let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        let last = head[4] == 1;
+        if len < tag || len > FRAME + tag {
+            return Err(format!("a frame of {len} bytes"));
+        }
+        let mut data = vec![0u8; len];
+        input
+            .read_exact(&mut data)
+            .map_err(|e| format!("the stream ended early: {e}"))?;
+        let plain = sealer.open(&mut data, last)?;
+        total += plain.len() as u64;
+        if total > size {
+            return Err(format!("more than the {size} bytes expected"));
+        }
+        hasher.update(&*plain);
+        file.write_all(plain)
+            .map_err(|e| format!("{}: {e}", temp.display()))?;
+        if last {
+            break;
+        }
+    }
+    let got = data_encoding::HEXLOWER.encode(&hasher.finalize());
+    if total != size || got != sha256 {
+        return Err(format!(
+            "received {total} bytes with sha256 {got}, want {size} bytes with sha256 \
+             {sha256}: not kept"
+        ));
+    }
+    file.sync_all()
+        .and_then(|()| std::fs::rename(temp, dest))
+        .map_err(|e| format!("{}: {e}", dest.display()))
+}
+
+/// `arbor seed-serve`: what to serve, and for how long.
+#[derive(Debug, Clone)]
+pub struct Serve {
+    pub file: PathBuf,
+    pub sha256: String,
+    pub size: u64,
+    pub expire: u64,
+    /// Where to listen; default: the address this host was reached at over SSH
+    /// (`SSH_CONNECTION`), else every address.
+    pub bind: Option<String>,
+}
+
+/// `arbor seed-fetch`: from where, what, and where to.
+#[derive(Debug, Clone)]
+pub struct Fetch {
+    pub from: String,
+    pub dest: PathBuf,
+    pub sha256: String,
+    pub size: u64,
+    pub connect_timeout: u64,
+}
+
+/// The address sshd says this session came in on (`SSH_CONNECTION`'s third field).
+fn ssh_server_addr() -> Option<std::net::IpAddr> {
+    let v = std::env::var("SSH_CONNECTION").ok()?;
+    v.split_whitespace().nth(2)?.parse().ok()
+}
+
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Serves `args.file` once to the first connection showing `cap`'s token for `args.sha256`,
+/// after checking the file is that artifact; refuses every other connection; gives up after
+/// `args.expire` seconds. `ready` gets the address it listens on.
+pub fn serve(
+    args: &Serve,
+    cap: &Capability,
+    ready: &mut dyn FnMut(SocketAddr),
+) -> Result<u64, String> {
+    let mut file =
+        std::fs::File::open(&args.file).map_err(|e| format!("{}: {e}", args.file.display()))?;
+    // Only a verified cache entry: hashed from the very handle that is then served.
+    let mut hasher = sha2::Sha256::default();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let got = file
+            .read(&mut buf)
+            .map_err(|e| format!("{}: {e}", args.file.display()))?;
+        if got == 0 {
+            break;
+        }
+        n += got as u64;
+        hasher.update(&buf[..got]);
+    }
+    let sha = data_encoding::HEXLOWER.encode(&hasher.finalize());
+    if sha != args.sha256 || n != args.size {
+        return Err(format!(
+            "{}: {n} bytes with sha256 {sha}, not the artifact {}: not served",
+            args.file.display(),
+            args.sha256
+        ));
+    }
+    let bind: SocketAddr = match &args.bind {
+        Some(b) => b.parse().map_err(|e| format!("--bind {b}: {e}"))?,
+        None => SocketAddr::new(
+            ssh_server_addr().unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
+            0,
+        ),
+    };
+    let listener = TcpListener::bind(bind).map_err(|e| format!("listening on {bind}: {e}"))?;
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    ready(listener.local_addr().map_err(|e| e.to_string())?);
+    let want_sha = data_encoding::HEXLOWER
+        .decode(args.sha256.as_bytes())
+        .map_err(|_| "not a sha256".to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(args.expire);
+    loop {
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "the capability expired after {} s unused",
+                args.expire
+            ));
+        }
+        let (mut conn, peer) = match listener.accept() {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+            Err(e) => return Err(format!("accepting: {e}")),
+        };
+        let _ = conn.set_nonblocking(false);
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = conn.set_write_timeout(Some(Duration::from_secs(30)));
+        let mut asked = [0u8; 64];
+        let shown = conn.read_exact(&mut asked).is_ok();
+        if !(shown && same(&asked[..32], &cap.token) && same(&asked[32..], &want_sha)) {
+            eprintln!(
+                "refused a fetch from {peer}: {}",
+                if !shown {
+                    "no capability"
+                } else if !same(&asked[..32], &cap.token) {
+                    "a wrong capability"
+                } else {
+                    "another artifact than its capability names"
+                }
+            );
+            let _ = conn.write_all(b"N");
+            continue;
+        }
+        // Single use: whatever happens now, this capability is spent.
+        conn.write_all(b"Y").map_err(|e| format!("{peer}: {e}"))?;
+        use std::io::Seek;
+        file.seek(std::io::SeekFrom::Start(0))
+            .map_err(|e| e.to_string())?;
+        let mut out = std::io::BufWriter::with_capacity(FRAME + 64, &mut conn);
+        let sent = send_sealed(&mut file, &mut out, &cap.key, &args.sha256)
+            .map_err(|e| format!("{peer}: {e}"))?;
+        drop(out);
+        let _ = conn.shutdown(std::net::Shutdown::Write);
+        // Until the fetcher closes: it has read everything.
+        let _ = conn.read(&mut [0u8; 1]);
+        return Ok(sent);
+    }
+}
+
+/// Fetches from `args.from` under `cap`; `Err((unreachable, why))`.
+pub fn fetch_from(args: &Fetch, cap: &Capability) -> Result<(), (bool, String)> {
+    use std::net::ToSocketAddrs;
+    let addrs: Vec<SocketAddr> = args
+        .from
+        .to_socket_addrs()
+        .map_err(|e| (true, format!("{}: {e}", args.from)))?
+        .collect();
+    let timeout = Duration::from_secs(args.connect_timeout.max(1));
+    let mut last = format!("{}: no address", args.from);
+    let mut conn = None;
+    for a in addrs {
+        match TcpStream::connect_timeout(&a, timeout) {
+            Ok(c) => {
+                conn = Some(c);
+                break;
+            }
+            Err(e) => last = format!("connecting to {a}: {e}"),
+        }
+    }
+    let mut conn = conn.ok_or((true, last))?;
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+    let sha = data_encoding::HEXLOWER
+        .decode(args.sha256.as_bytes())
+        .map_err(|_| (false, "not a sha256".to_string()))?;
+    let mut ask = cap.token.to_vec();
+    ask.extend_from_slice(&sha);
+    conn.write_all(&ask)
+        .map_err(|e| (false, format!("{}: {e}", args.from)))?;
+    let mut answer = [0u8; 1];
+    match conn.read_exact(&mut answer) {
+        Ok(()) if answer == *b"Y" => {}
+        _ => return Err((false, format!("{} refused the capability", args.from))),
+    }
+    let mut input = std::io::BufReader::with_capacity(FRAME + 64, conn);
+    receive_sealed(&mut input, &args.dest, &cap.key, &args.sha256, args.size)
+        .map_err(|e| (false, format!("from {}: {e}", args.from)))
+}
+
+/// The hidden `arbor seed-serve` subcommand: the capability on stdin; prints `listening ADDR`,
+/// then exits 0 once it has served, 1 otherwise.
+pub fn serve_main(args: &Serve) -> std::process::ExitCode {
+    let run = || -> Result<u64, String> {
+        let cap = Capability::read_stdin()?;
+        serve(args, &cap, &mut |addr| {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "listening {addr}");
+            let _ = out.flush();
+        })
+    };
+    match run() {
+        Ok(n) => {
+            eprintln!("served {n} bytes");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("arbor seed-serve: {e}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
+/// The hidden `arbor seed-fetch` subcommand: the capability on stdin; exits 0 once `--dest`
+/// holds the artifact, [`UNREACHABLE`] when the sibling could not be reached, 1 otherwise,
+/// leaving nothing behind.
+pub fn fetch_main(args: &Fetch) -> std::process::ExitCode {
+    let cap = match Capability::read_stdin() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("arbor seed-fetch: {e}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    match fetch_from(args, &cap) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err((unreachable, e)) => {
+            eprintln!("arbor seed-fetch: {e}");
+            std::process::ExitCode::from(if unreachable { UNREACHABLE } else { 1 })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn artifact(dir: &Path, bytes: &[u8]) -> (PathBuf, String) {
+        let sha = crate::engine::artifacts::sha256_hex(bytes);
+        let path = dir.join(&sha);
+        std::fs::write(&path, bytes).expect("write");
+        (path, sha)
+    }
+
+    /// Starts a server on loopback in a thread; its address and its result.
+    fn start(
+        args: Serve,
+        cap: Capability,
+    ) -> (SocketAddr, std::thread::JoinHandle<Result<u64, String>>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || serve(&args, &cap, &mut |a| tx.send(a).expect("tx")));
+        (rx.recv().expect("listening"), t)
+    }
+
+    fn fetch_args(from: SocketAddr, dest: &Path, sha: &str, size: u64) -> Fetch {
+        Fetch {
+            from: from.to_string(),
+            dest: dest.to_path_buf(),
+            sha256: sha.into(),
+            size,
+            connect_timeout: 1,
+        }
+    }
+
+    #[test]
+    fn a_capability_serves_its_artifact_once_and_nothing_else() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bytes: Vec<u8> = (0..(FRAME * 2 + 17))
+            .map(|i| (i * 31 % 251) as u8)
+            .collect();
+        let (path, sha) = artifact(dir.path(), &bytes);
+        let other = crate::engine::artifacts::sha256_hex(b"other");
+        let cap = Capability::new();
+        let args = Serve {
+            file: path,
+            sha256: sha.clone(),
+            size: bytes.len() as u64,
+            expire: 10,
+            bind: Some("127.0.0.1:0".into()),
+        };
+        let (addr, server) = start(args, cap.clone());
+        let dest = dir.path().join("got");
+        let size = bytes.len() as u64;
+        // A guessed capability: refused, nothing written.
+        let wrong = Capability::new();
+        let e = fetch_from(&fetch_args(addr, &dest, &sha, size), &wrong).expect_err("wrong");
+        assert!(!e.0 && e.1.contains("refused"), "{e:?}");
+        // The right token for another artifact: refused.
+        let e = fetch_from(&fetch_args(addr, &dest, &other, size), &cap).expect_err("other");
+        assert!(e.1.contains("refused"), "{e:?}");
+        assert!(!dest.exists());
+        // The right one: served, checked, kept.
+        fetch_from(&fetch_args(addr, &dest, &sha, size), &cap).expect("fetched");
+        assert_eq!(std::fs::read(&dest).expect("read"), bytes);
+        assert_eq!(server.join().expect("join"), Ok(size));
+        // Used: the seeder is gone.
+        let again = dir.path().join("again");
+        let e = fetch_from(&fetch_args(addr, &again, &sha, size), &cap).expect_err("reused");
+        assert!(e.0, "{e:?}");
+        assert!(!again.exists());
+    }
+
+    #[test]
+    fn a_seeder_serves_only_a_verified_entry_and_expires() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, sha) = artifact(dir.path(), b"right bytes");
+        std::fs::write(&path, b"wrong bytes").expect("corrupt");
+        let args = Serve {
+            file: path.clone(),
+            sha256: sha.clone(),
+            size: 11,
+            expire: 1,
+            bind: Some("127.0.0.1:0".into()),
+        };
+        let e = serve(&args, &Capability::new(), &mut |_| panic!("listened")).expect_err("bad");
+        assert!(e.contains("not served"), "{e}");
+        std::fs::write(&path, b"right bytes").expect("fix");
+        let (_, server) = start(args, Capability::new());
+        let e = server.join().expect("join").expect_err("expired");
+        assert!(e.contains("expired"), "{e}");
+    }
+
+    #[test]
+    fn garbage_from_a_seeder_is_refused_and_leaves_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let right = b"the artifact".to_vec();
+        let sha = crate::engine::artifacts::sha256_hex(&right);
+        let cap = Capability::new();
+        let dest = dir.path().join("got");
+        // A hostile seeder that knows the key seals other bytes: the sha256 catches it.
+        let mut stream = Vec::new();
+        send_sealed(
+            &b"not the artifact".to_vec()[..12],
+            &mut stream,
+            &cap.key,
+            &sha,
+        )
+        .expect("seal");
+        let e = receive_sealed(&mut &stream[..], &dest, &cap.key, &sha, 12).expect_err("garbage");
+        assert!(e.contains("not kept"), "{e}");
+        // An impostor without the key, or a flipped bit: refused by the seal.
+        let mut stream = Vec::new();
+        send_sealed(&right[..], &mut stream, &Capability::new().key, &sha).expect("seal");
+        let e = receive_sealed(&mut &stream[..], &dest, &cap.key, &sha, 12).expect_err("key");
+        assert!(e.contains("authentication"), "{e}");
+        let mut stream = Vec::new();
+        send_sealed(&right[..], &mut stream, &cap.key, &sha).expect("seal");
+        let mut flipped = stream.clone();
+        flipped[7] ^= 1;
+        let e = receive_sealed(&mut &flipped[..], &dest, &cap.key, &sha, 12).expect_err("bit");
+        assert!(e.contains("authentication"), "{e}");
+        // Cut short: refused.
+        let e = receive_sealed(&mut &stream[..stream.len() - 1], &dest, &cap.key, &sha, 12)
+            .expect_err("short");
+        assert!(e.contains("ended early"), "{e}");
+        assert!(std::fs::read_dir(dir.path()).expect("ls").next().is_none());
+        // The real thing.
+        receive_sealed(&mut &stream[..], &dest, &cap.key, &sha, 12).expect("right");
+        assert_eq!(std::fs::read(&dest).expect("read"), right);
+    }
+
+    #[tokio::test]
+    async fn the_first_claimant_seeds_and_a_failed_claim_is_claimed_again() {
+        let board = Board::default();
+        let never = CancellationToken::new();
+        let Some(Claim::Mine(mine)) = board.claim("x", "r1", false, &never).await else {
+            panic!("r1 claims x");
+        };
+        assert!(matches!(
+            board.claim("x", "r2", false, &never).await,
+            Some(Claim::Later)
+        ));
+        drop(mine);
+        let Some(Claim::Mine(_again)) = board.claim("x", "r2", true, &never).await else {
+            panic!("r2 claims x again after r1 failed");
+        };
+        assert!(Capability::parse(&Capability::new().line()).is_ok());
+        assert!(Capability::parse("zz").is_err());
+    }
+}
