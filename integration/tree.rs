@@ -28,7 +28,19 @@ const LEAVES: [&str; 6] = ["l1-1", "l1-2", "l1-3", "l2-1", "l2-2", "l2-3"];
 const SYSTEM_HOST: &str = "l2-3";
 
 fn main() -> std::process::ExitCode {
+    // Re-run inside a relay by the seeding attack test: a hostile seeder.
+    if let Ok(spec) = std::env::var("ARBOR_TREE_HOSTILE_SEEDER") {
+        return hostile_seeder(&spec);
+    }
     let tests: Vec<Test> = vec![
+        (
+            "a_40_mib_artifact_crosses_the_link_once_with_sibling_seeding_and_twice_when_cut",
+            a_40_mib_artifact_crosses_the_link_once_with_sibling_seeding_and_twice_when_cut,
+        ),
+        (
+            "a_sibling_fetch_needs_its_capability_once_and_garbage_from_a_seeder_is_not_kept",
+            a_sibling_fetch_needs_its_capability_once_and_garbage_from_a_seeder_is_not_kept,
+        ),
         (
             "leaves_exchange_files_through_relays_with_one_binary_per_relay_on_the_link",
             leaves_exchange_files_through_relays_with_one_binary_per_relay_on_the_link,
@@ -4155,4 +4167,253 @@ fn a_second_build_rolls_out_over_the_first_as_a_patch(lab: &Lab) -> TestResult {
          most 25% of the {size}-byte binary\n{log}"
     );
     check_no_leftovers(lab, &HOSTS)
+}
+
+/// With `seed_siblings: true`, a 40 MiB incompressible artifact for the 6 leaves of 2 relays
+/// crosses the initiator's link once: the first relay to need it receives it, and the other
+/// fetches it from that relay over the edge network. With the relays cut from each other (a
+/// route in r2's namespace), each fetch fails at once or after the 2 s connect timeout, and
+/// each relay gets its own copy from the initiator: twice the bytes, and the run converges.
+/// The binary is counted apart: a first run stages it (and is reported), and the runs
+/// measured find it in the relays' caches.
+fn a_40_mib_artifact_crosses_the_link_once_with_sibling_seeding_and_twice_when_cut(
+    lab: &Lab,
+) -> TestResult {
+    clean(lab, true);
+    let art = artifact_graph(40)?;
+    let seeded = format!("seed_siblings: true\n{TWO_RELAYS}");
+    let topo = topology(&seeded.replace("{leaf}", &art.graph.to_string_lossy()));
+    let drop_artifacts = || {
+        for h in HOSTS {
+            lab.sh(h, "rm -rf /root/.cache/arbor/artifacts /tmp/from-*");
+        }
+    };
+    let measured = |label: &str| -> Result<(u64, String), libtest_mimic::Failed> {
+        let (tx0, _) = lab.init_link_bytes();
+        let started = Instant::now();
+        let out = run(lab, &topo, &["--converged-timeout", "1"]);
+        let took = started.elapsed().as_secs_f64();
+        let (tx1, _) = lab.init_link_bytes();
+        let log = exited(&out, 0)?;
+        check_artifact_on(lab, &LEAVES, &art, &log)?;
+        eprintln!(
+            "{label}: {} bytes out on the initiator's link for the {}-byte artifact \
+             ({:.2} ×), {took:.1} s",
+            tx1 - tx0,
+            art.size,
+            (tx1 - tx0) as f64 / art.size as f64
+        );
+        Ok((tx1 - tx0, log))
+    };
+    // Cold: the binary too (two copies of it: a host with no arbor yet cannot fetch).
+    measured("cold caches, seeding (binary included)")?;
+    drop_artifacts();
+    let (sent, log) = measured("binary cached, seeding")?;
+    check!(
+        log.contains("1 artifact(s) fetched from a sibling (seeded)"),
+        "no relay says it fetched the artifact from its sibling\n{log}"
+    );
+    check!(
+        sent <= art.size + art.size / 10,
+        "with seeding the initiator's link carried {sent} bytes for a {}-byte artifact and \
+         2 relays: want at most 1.1 ×\n{log}",
+        art.size
+    );
+    drop_artifacts();
+    let cut = Undo {
+        lab,
+        host: "r2",
+        shell: "ip route del unreachable 10.199.0.11/32".into(),
+    };
+    lab.sh("r2", "ip route add unreachable 10.199.0.11/32");
+    let started = Instant::now();
+    let (sent, log) = measured("binary cached, seeding cut")?;
+    drop(cut);
+    check!(
+        log.contains("from a sibling failed") && log.contains("copied it from this node instead"),
+        "no relay reports the failed seeding\n{log}"
+    );
+    check!(
+        sent <= 2 * art.size + art.size / 5 && sent >= 2 * art.size,
+        "with seeding cut the initiator's link carried {sent} bytes for a {}-byte artifact \
+         and 2 relays: want 2 × to 2.2 ×\n{log}",
+        art.size
+    );
+    check!(
+        started.elapsed() < Duration::from_secs(60),
+        "the run with seeding cut took {:?}",
+        started.elapsed()
+    );
+    check_no_leftovers(lab, &HOSTS)
+}
+
+/// The capability, from the inside: a seeder (`arbor seed-serve` on r1) serves its artifact
+/// to r2 only under the capability it was given, for that artifact, once, and not after it
+/// expires; a hostile seeder (this test binary on r1) that seals other bytes under the right
+/// key gets them refused by r2's sha256 check, and nothing is left behind.
+fn a_sibling_fetch_needs_its_capability_once_and_garbage_from_a_seeder_is_not_kept(
+    lab: &Lab,
+) -> TestResult {
+    use arbor::node::sibling::Capability;
+    clean(lab, true);
+    let size = 3_000_000u64;
+    lab.sh(
+        "r1",
+        &format!("head -c {size} /dev/urandom > /root/seed.bin"),
+    );
+    lab.sh("r2", "rm -rf /root/got && mkdir -p /root/got");
+    let sha = lab
+        .sh("r1", "sha256sum /root/seed.bin | cut -d' ' -f1")
+        .trim()
+        .to_string();
+    let other = "0".repeat(64);
+    // Starts a server on r1 (its command line, the capability on stdin), returns its address.
+    let servers = std::sync::Mutex::new(Vec::<std::process::Child>::new());
+    // (Its stdin stays open for `hold` seconds: its end revokes the capability.)
+    let start =
+        |program: &str, cap: &Capability, hold: u64| -> Result<String, libtest_mimic::Failed> {
+            lab.sh("r1", "rm -f /tmp/serve.out /tmp/serve.err");
+            // Spawned, not waited for: it runs in the background on r1.
+            let shell = format!(
+                "{{ printf '%s' '{}'; sleep {hold}; }} | {program} >/tmp/serve.out \
+                 2>/tmp/serve.err",
+                cap.line()
+            );
+            let child = Command::new(support::repo_root().join("integration/lab"))
+                .args(["exec", "--name", &lab.name, "r1", "sh", "-c", &shell])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(fail)?;
+            servers.lock().map_err(fail)?.push(child);
+            let until = Instant::now() + Duration::from_secs(20);
+            loop {
+                let out = lab.sh("r1", "cat /tmp/serve.out 2>/dev/null || true");
+                if let Some(addr) = out.lines().find_map(|l| l.strip_prefix("listening ")) {
+                    return Ok(addr.trim().to_string());
+                }
+                if Instant::now() > until {
+                    return Err(fail(format!(
+                        "the seeder did not listen: {out} {}",
+                        lab.sh("r1", "cat /tmp/serve.err 2>/dev/null || true")
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        };
+    let serve = |expire: u64| {
+        format!(
+            "{ARBOR} seed-serve --file /root/seed.bin --sha256 {sha} --size {size} \
+             --expire {expire} --bind 10.199.0.11:0"
+        )
+    };
+    let fetch = |addr: &str, cap: &Capability, sha: &str, dest: &str| {
+        lab.exec(
+            "r2",
+            &format!(
+                "printf '%s' '{}' | {ARBOR} seed-fetch --from {addr} --dest /root/got/{dest} \
+                 --sha256 {sha} --size {size}",
+                cap.line()
+            ),
+        )
+    };
+    let nothing_kept = || lab.sh("r2", "ls -A /root/got");
+    let cap = Capability::new();
+    let addr = start(&serve(20), &cap, 20)?;
+    // A guessed capability, then the right one for another artifact: refused.
+    let out = fetch(&addr, &Capability::new(), &sha, "a");
+    let t = text(&out);
+    check!(out.status.code() == Some(1) && t.contains("refused"), "{t}");
+    let out = fetch(&addr, &cap, &other, "a");
+    let t = text(&out);
+    check!(out.status.code() == Some(1) && t.contains("refused"), "{t}");
+    check!(nothing_kept().is_empty(), "kept: {}", nothing_kept());
+    // The right one: the artifact, checked.
+    let out = fetch(&addr, &cap, &sha, "a");
+    check!(out.status.success(), "{}", text(&out));
+    let got = lab.sh("r2", "sha256sum /root/got/a | cut -d' ' -f1");
+    check!(got.trim() == sha, "fetched {got}, want {sha}");
+    // Used once: nothing serves it again.
+    let out = fetch(&addr, &cap, &sha, "b");
+    check!(!out.status.success(), "{}", text(&out));
+    let said = lab.sh("r1", "cat /tmp/serve.err");
+    check!(
+        said.contains("refused a fetch from 10.199.0.12")
+            && said.contains("a wrong capability")
+            && said.contains("another artifact than its capability names")
+            && said.contains(&format!("served {size} bytes")),
+        "the seeder said: {said}"
+    );
+    lab.sh("r2", "rm -f /root/got/a");
+    // Expired: refused.
+    let cap = Capability::new();
+    let addr = start(&serve(1), &cap, 5)?;
+    std::thread::sleep(Duration::from_millis(2500));
+    let out = fetch(&addr, &cap, &sha, "c");
+    check!(!out.status.success(), "{}", text(&out));
+    let said = lab.sh("r1", "cat /tmp/serve.err");
+    check!(said.contains("expired"), "the seeder said: {said}");
+    // Revoked: the parent's exec ended (its stdin closed) before any fetch.
+    let cap = Capability::new();
+    let addr = start(&serve(20), &cap, 0)?;
+    std::thread::sleep(Duration::from_millis(500));
+    let out = fetch(&addr, &cap, &sha, "c");
+    check!(!out.status.success(), "{}", text(&out));
+    let said = lab.sh("r1", "cat /tmp/serve.err");
+    check!(said.contains("revoked"), "the seeder said: {said}");
+    // A hostile seeder: other bytes, sealed under the right key.
+    let cap = Capability::new();
+    let me = std::env::current_exe().map_err(fail)?;
+    let hostile = format!(
+        "ARBOR_TREE_HOSTILE_SEEDER='10.199.0.11:0 {sha} {size}' {}",
+        me.display()
+    );
+    let addr = start(&hostile, &cap, 0)?;
+    let out = fetch(&addr, &cap, &sha, "d");
+    let t = text(&out);
+    check!(
+        out.status.code() == Some(1) && t.contains("not kept"),
+        "{t}"
+    );
+    check!(nothing_kept().is_empty(), "kept: {}", nothing_kept());
+    lab.sh("r1", "rm -f /root/seed.bin");
+    for mut c in servers.into_inner().map_err(fail)? {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    check_no_leftovers(lab, &HOSTS)
+}
+
+/// A seeder that knows the capability and seals `size` bytes that are not the artifact.
+fn hostile_seeder(spec: &str) -> std::process::ExitCode {
+    use std::io::{BufRead, Read, Write};
+    let words: Vec<&str> = spec.split_whitespace().collect();
+    let [bind, sha, size] = words[..] else {
+        return std::process::ExitCode::from(2);
+    };
+    let size: usize = size.parse().unwrap_or(0);
+    let mut line = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut line);
+    let Ok(cap) = arbor::node::sibling::Capability::parse(&line) else {
+        return std::process::ExitCode::from(2);
+    };
+    let Ok(listener) = std::net::TcpListener::bind(bind) else {
+        return std::process::ExitCode::from(2);
+    };
+    if let Ok(a) = listener.local_addr() {
+        println!("listening {a}");
+        let _ = std::io::stdout().flush();
+    }
+    let Ok((mut conn, _)) = listener.accept() else {
+        return std::process::ExitCode::from(2);
+    };
+    let mut asked = [0u8; 64];
+    let _ = conn.read_exact(&mut asked);
+    let _ = conn.write_all(b"Y");
+    let garbage = vec![0x5au8; size];
+    let _ = arbor::node::sibling::send_sealed(&garbage[..], &mut conn, &cap.key, sha);
+    let _ = conn.shutdown(std::net::Shutdown::Write);
+    let _ = conn.read(&mut [0u8; 1]);
+    std::process::ExitCode::SUCCESS
 }

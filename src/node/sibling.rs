@@ -283,7 +283,7 @@ pub async fn fetch(
         .write_stdin(cap.line().as_bytes())
         .await
         .map_err(|e| failed(&from.name, e.to_string()))?;
-    let _ = serve.close_stdin().await;
+    // Its stdin stays open while the capability may be used: its end revokes it.
     // Its first line: where it listens (after checking its cache entry).
     let (mut out, mut err) = (Vec::new(), Vec::new());
     let addr = loop {
@@ -331,21 +331,25 @@ pub async fn fetch(
         "--connect-timeout",
         &CONNECT_TIMEOUT.to_string(),
     ]);
-    let fetcher = to
-        .session
-        .exec(fetch_line.as_str(), &Default::default())
-        .await
-        .map_err(|e| failed(&to.name, e.to_string()))?;
-    fetcher
-        .write_stdin(cap.line().as_bytes())
-        .await
-        .map_err(|e| failed(&to.name, e.to_string()))?;
-    let _ = fetcher.close_stdin().await;
-    let got = tokio::select! {
-        g = fetcher.collect() => g.map_err(|e| failed(&to.name, e.to_string()))?,
-        _ = cancel.cancelled() => return Err(SeedError::Stopped),
-    };
-    // The seeder ends by itself (served, or expired); its word is only for the log.
+    let fetched = async {
+        let fetcher = to
+            .session
+            .exec(fetch_line.as_str(), &Default::default())
+            .await
+            .map_err(|e| failed(&to.name, e.to_string()))?;
+        fetcher
+            .write_stdin(cap.line().as_bytes())
+            .await
+            .map_err(|e| failed(&to.name, e.to_string()))?;
+        let _ = fetcher.close_stdin().await;
+        tokio::select! {
+            g = fetcher.collect() => g.map_err(|e| failed(&to.name, e.to_string())),
+            _ = cancel.cancelled() => Err(SeedError::Stopped),
+        }
+    }
+    .await;
+    // Done, whichever way: revoked (if unused), the seeder ends; its word is for the log.
+    let _ = serve.close_stdin().await;
     let served = tokio::time::timeout(Duration::from_secs(2), serve.collect()).await;
     if let Ok(Ok(s)) = served {
         let said = String::from_utf8_lossy(&s.stderr);
@@ -353,6 +357,7 @@ pub async fn fetch(
             tracing::debug!("{}: seed-serve: {}", from.name, said.trim());
         }
     }
+    let got = fetched?;
     let why = String::from_utf8_lossy(&got.stderr).trim().to_string();
     match got.status {
         s if s.success() => Ok(()),
@@ -607,11 +612,13 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 
 /// Serves `args.file` once to the first connection showing `cap`'s token for `args.sha256`,
 /// after checking the file is that artifact; refuses every other connection; gives up after
-/// `args.expire` seconds. `ready` gets the address it listens on.
+/// `args.expire` seconds, or once `revoked` says so before a fetch came. `ready` gets the
+/// address it listens on.
 pub fn serve(
     args: &Serve,
     cap: &Capability,
     ready: &mut dyn FnMut(SocketAddr),
+    revoked: &dyn Fn() -> bool,
 ) -> Result<u64, String> {
     let mut file =
         std::fs::File::open(&args.file).map_err(|e| format!("{}: {e}", args.file.display()))?;
@@ -657,6 +664,9 @@ pub fn serve(
                 "the capability expired after {} s unused",
                 args.expire
             ));
+        }
+        if revoked() {
+            return Err("the parent revoked the capability unused".into());
         }
         let (mut conn, peer) = match listener.accept() {
             Ok(c) => c,
@@ -741,15 +751,27 @@ pub fn fetch_from(args: &Fetch, cap: &Capability) -> Result<(), (bool, String)> 
 }
 
 /// The hidden `arbor seed-serve` subcommand: the capability on stdin; prints `listening ADDR`,
-/// then exits 0 once it has served, 1 otherwise.
+/// then exits 0 once it has served, 1 otherwise. The end of its stdin (the parent is done
+/// with it, or gone) revokes the capability.
 pub fn serve_main(args: &Serve) -> std::process::ExitCode {
     let run = || -> Result<u64, String> {
         let cap = Capability::read_stdin()?;
-        serve(args, &cap, &mut |addr| {
-            let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "listening {addr}");
-            let _ = out.flush();
-        })
+        let revoked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = revoked.clone();
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        serve(
+            args,
+            &cap,
+            &mut |addr| {
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "listening {addr}");
+                let _ = out.flush();
+            },
+            &|| revoked.load(std::sync::atomic::Ordering::SeqCst),
+        )
     };
     match run() {
         Ok(n) => {
@@ -800,7 +822,9 @@ mod tests {
         cap: Capability,
     ) -> (SocketAddr, std::thread::JoinHandle<Result<u64, String>>) {
         let (tx, rx) = std::sync::mpsc::channel();
-        let t = std::thread::spawn(move || serve(&args, &cap, &mut |a| tx.send(a).expect("tx")));
+        let t = std::thread::spawn(move || {
+            serve(&args, &cap, &mut |a| tx.send(a).expect("tx"), &|| false)
+        });
         (rx.recv().expect("listening"), t)
     }
 
@@ -864,7 +888,13 @@ mod tests {
             expire: 1,
             bind: Some("127.0.0.1:0".into()),
         };
-        let e = serve(&args, &Capability::new(), &mut |_| panic!("listened")).expect_err("bad");
+        let e = serve(
+            &args,
+            &Capability::new(),
+            &mut |_| panic!("listened"),
+            &|| false,
+        )
+        .expect_err("bad");
         assert!(e.contains("not served"), "{e}");
         std::fs::write(&path, b"right bytes").expect("fix");
         let (_, server) = start(args, Capability::new());
