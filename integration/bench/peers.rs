@@ -15,7 +15,8 @@
 //! - **Ansible** (Debian's `ansible-core`), `copy` with the relays as ProxyJump hosts (the lab's
 //!   ssh_config), forks 24.
 //! - **arbor**, relay mode, cold caches (its own binary included in the bytes and the time),
-//!   a graph whose file resource has the artifact as `source:`.
+//!   a graph whose file resource has the artifact as `source:`, `seed_siblings: true` (the
+//!   relays share the edge network).
 //!
 //! Then the delta run: 1% of the artifact changed (200 KB in one place), every tool again
 //! (arbor's caches warm from its first run). The floor is the unique bytes that must cross
@@ -228,7 +229,8 @@ impl<'a> Setup<'a> {
             ),
         )
         .expect("graph");
-        let mut topo = String::from("defaults:\n  user: root\nhosts:\n");
+        // The relays share the edge network: they seed each other (docs/remote.md).
+        let mut topo = String::from("seed_siblings: true\ndefaults:\n  user: root\nhosts:\n");
         for r in 1..=RELAYS {
             topo += &format!(
                 "- host: 10.199.0.{}\n  name: r{r}\n  children:\n  - host: 10.199.{r}.[{}-{}]\n    \
