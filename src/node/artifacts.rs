@@ -19,6 +19,9 @@
 //!   only if it is the artifact.
 //! - The host's file resources read the blob through `engine::artifacts`, which checks the
 //!   sha256 again before writing a byte.
+//! - Children marked `seed_siblings` fetch what a sibling already holds from that sibling
+//!   instead, under a capability this node brokers ([`super::sibling`]); any failure there
+//!   falls back to the copy above.
 
 use super::builds::FetchFromParent;
 use super::sibling::{Claim, Publish, SeedError, Seeding};
