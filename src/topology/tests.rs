@@ -197,7 +197,7 @@ fn an_unknown_key_is_reported_at_the_key() {
         3,
         3,
         "unknown field `nmae`, expected one of host, name, user, port, graph, children, \
-         identity, password, host_key, cconns, mode, become, become_user",
+         identity, password, host_key, cconns, mode, become, become_user, seed_siblings",
     );
     Dir::new().err_at(
         "defaults:\n  mode: jump\nhosts:\n- host: a\n",
