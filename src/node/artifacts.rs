@@ -615,10 +615,18 @@ pub async fn copy_to_child(
     let mut sftp: Option<crate::ssh::Sftp> = None;
     // Seeding: what this child is the first to need goes first (its siblings wait for it);
     // then what a sibling holds or is receiving, fetched from it once it has it.
+    // A host that holds an older version gets its own patch, which is smaller than any whole
+    // copy a sibling could give it: seeding skips those artifacts.
+    let patch_base = |sha: &str| {
+        (options.compress != crate::wire::Compress::Never)
+            .then(|| bases.get(sha))
+            .flatten()
+            .and_then(|old| Some((served.base(old)?, format!("{dir}/{old}"))))
+    };
     let mut claimed: HashMap<String, Publish> = HashMap::new();
     let mut order = to_copy.clone();
     if let Some(seed) = seeding {
-        for sha in &to_copy {
+        for sha in to_copy.iter().filter(|s| patch_base(s).is_none()) {
             if let Some(Claim::Mine(p)) = seed.board.claim(sha, &seed.me.name, false, cancel).await
             {
                 claimed.insert(sha.clone(), p);
@@ -634,6 +642,7 @@ pub async fn copy_to_child(
             let what = format!("artifact {}", short(sha));
             let remote = format!("{dir}/{sha}");
             let mut publish = claimed.remove(sha);
+            let seeding = seeding.filter(|_| patch_base(sha).is_none());
             if let (Some(seed), None) = (seeding, &publish) {
                 let claim = seed
                     .board
@@ -661,10 +670,7 @@ pub async fn copy_to_child(
             }
             // A patch against the older version both ends hold, else the whole file
             // compressed at the link's level; a failure of either falls back to a plain copy.
-            let base = (options.compress != crate::wire::Compress::Never)
-                .then(|| bases.get(sha))
-                .flatten()
-                .and_then(|old| Some((served.base(old)?, format!("{dir}/{old}"))));
+            let base = patch_base(sha);
             let mut again = false;
             let mut zstd = level.is_some() || base.is_some();
             loop {
