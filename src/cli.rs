@@ -116,6 +116,14 @@ enum Sub {
         #[arg(long, value_name = "PATH")]
         patch_from: Option<PathBuf>,
     },
+    /// (internal) Connect to the re-attach socket of the node running in working dir --dir
+    /// and splice stdin and stdout to it: how a parent reaches a running child over a fresh
+    /// SSH connection (`node::reattach`).
+    #[command(hide = true)]
+    Reattach {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 const CONFIG_HELP: &str = "\
@@ -495,6 +503,10 @@ pub enum Command {
     Completions(clap_complete::Shell),
     /// `arbor receive` (internal): a compressed copy from a parent.
     Receive(crate::node::transfer::Receive),
+    /// `arbor reattach` (internal): a parent's new stream to a running node.
+    Reattach {
+        dir: PathBuf,
+    },
 }
 
 /// arbor's whole command line as clap sees it: for completions and the man pages
@@ -559,6 +571,7 @@ pub fn parse() -> Result<Invocation, ExitCode> {
     let staged = Args::try_parse_from(&argv).is_ok_and(|a| {
         matches!(&a.command, Some(Sub::Run(run)) if run.depth > 0)
             || matches!(&a.command, Some(Sub::Receive { .. }))
+            || matches!(&a.command, Some(Sub::Reattach { .. }))
     });
     let cmd = if staged {
         command()
@@ -618,6 +631,7 @@ pub fn parse() -> Result<Invocation, ExitCode> {
             Command::TopologyCheck { file, ssh_config }
         }
         Some(Sub::Completions { shell }) => Command::Completions(shell),
+        Some(Sub::Reattach { dir }) => Command::Reattach { dir },
         Some(Sub::Receive {
             dest,
             sha256,

@@ -84,6 +84,9 @@ async fn run(
             arbor::topology::check::run(&file, ssh_config.as_deref(), &arbor::node::home_dir()),
         ),
         cli::Command::Receive(args) => arbor::node::transfer::receive_main(&args),
+        cli::Command::Reattach { dir } => {
+            ExitCode::from(arbor::node::reattach::splice_main(&dir).await)
+        }
         cli::Command::Exec(options) => ExitCode::from(arbor::node::exec::run(*options).await),
         cli::Command::Run(options) => match event_log {
             Some(log) => {

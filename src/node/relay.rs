@@ -35,7 +35,7 @@ pub type SetVerbosity = Box<dyn Fn(u8, bool) + Send + Sync>;
 
 /// Runs the node; returns the process exit code.
 pub async fn run(options: RunOptions, log: EventLog, set_verbosity: SetVerbosity) -> u8 {
-    let (start, up, mut down, writer) = match parent_link::open().await {
+    let (start, up, mut down, writer) = match parent_link::open(options.workdir.clone()).await {
         Ok(parts) => parts,
         Err(e) => {
             eprintln!("arbor: control link: {e}");
@@ -269,7 +269,7 @@ async fn serve(
                     tracing::debug!("{name}: shutting down: {reason}");
                     break Ok(());
                 }
-                Some(Down::Hello(_) | Down::Start(_) | Down::Heartbeat | Down::Ack { .. }) => {}
+                Some(Down::Hello(_) | Down::Start(_) | Down::Heartbeat | Down::Ack { .. } | Down::Reattach { .. }) => {}
                 None => {
                     tracing::warn!("{name}: parent link closed; shutting down");
                     break Ok(());
@@ -797,9 +797,16 @@ fn fleet_context(
     let builds = Builds::new([own]).with_parent(&config.builds, fetcher, gzip);
     let mut connect = fleet::connect_options(config);
     connect.host_keys.extra_entries = start.known_hosts.clone();
-    // Our own forwarded agent: the initiator's front behind it decides what it signs.
-    let agent = ssh::agent_socket().map(|socket| {
-        let connector = ssh::forward::to_unix(socket);
+    // Our own forwarded agent: the initiator's front behind it decides what it signs. Its
+    // socket is looked up at each use: a parent that re-attached over a new SSH connection
+    // brought a new one (crate::node::reattach).
+    let agent = ssh::agent_socket().map(|_| {
+        let connector: Arc<dyn ssh::Connector> =
+            Arc::new(|stream: ssh::forward::ForwardedStream| {
+                if let Some(socket) = ssh::agent_socket() {
+                    ssh::forward::to_unix(socket).connect(stream);
+                }
+            });
         let agent_for: fleet::AgentFor =
             Arc::new(move |_: &crate::wire::ChildSpec| connector.clone());
         agent_for
