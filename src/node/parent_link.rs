@@ -142,7 +142,8 @@ impl Downstream {
                         reader = Some(swapped);
                         match down_since.take() {
                             Some(since) => tracing::warn!(
-                                "the parent re-attached over a new connection after {}s down; {}",
+                                "the link to the parent is back after {}s down: it re-attached \
+                                 over a new connection; {}",
                                 since.elapsed().as_secs(),
                                 seqs.report("up", "down")
                             ),
