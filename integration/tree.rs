@@ -2425,9 +2425,7 @@ fn when_the_ssh_connection_is_killed_the_parent_re_attaches_over_a_new_one(
 /// A connection with a wrong token (through `arbor reattach` itself, as r1's user) is refused
 /// and logged, and does not use the token up: the initiator still re-attaches when its
 /// connection is killed afterwards.
-fn a_wrong_re_attach_token_is_refused_and_the_socket_is_the_users_alone(
-    lab: &Lab,
-) -> TestResult {
+fn a_wrong_re_attach_token_is_refused_and_the_socket_is_the_users_alone(lab: &Lab) -> TestResult {
     clean(lab, false);
     let topo = topology(
         "defaults:\n  user: root\nhosts:\n- host: 10.199.0.11\n  name: r1\n  children:\n  - host: 10.199.1.11\n    name: l1-1\n    graph: {leaf}\n",
@@ -2443,10 +2441,7 @@ fn a_wrong_re_attach_token_is_refused_and_the_socket_is_the_users_alone(
         Duration::from_secs(60),
     )?;
     let dir = lab.sh("r1", "ls -d /tmp/arbor.*").trim().to_string();
-    let modes = lab.sh(
-        "r1",
-        &format!("stat -c '%a %U' {dir} {dir}/reattach.sock"),
-    );
+    let modes = lab.sh("r1", &format!("stat -c '%a %U' {dir} {dir}/reattach.sock"));
     check!(
         modes == "700 root\n600 root\n",
         "r1's working dir and re-attach socket: {modes:?}"
@@ -2482,11 +2477,16 @@ fn a_wrong_re_attach_token_is_refused_and_the_socket_is_the_users_alone(
         "a wrong token was not refused: {answer:?} {}",
         String::from_utf8_lossy(&forged.stderr)
     );
-    seen.extend(wait_lines(
+    let refused = wait_lines(
         &rx,
-        &["r1 | ".to_string() + "re-attach refused: a wrong or already used token"],
+        &["re-attach refused: a wrong or already used token".to_string()],
         Duration::from_secs(10),
-    )?);
+    )?;
+    check!(
+        refused.last().is_some_and(|l| l.contains(" r1 | ")),
+        "the refusal is not r1's: {refused:?}"
+    );
+    seen.extend(refused);
     // The token was not used up: the real parent still re-attaches.
     kill_the_ssh_connection_of(lab, "r1")?;
     seen.extend(wait_lines(
