@@ -2121,10 +2121,16 @@ fn check_no_leftovers_within(lab: &Lab, hosts: &[&str], within: Duration) -> Tes
     Ok(())
 }
 
-/// An outage shorter than the grace period, on the link `host` has to `peer` (its parent):
-/// the host shows as reconnecting, then its link comes back (on the same SSH connection),
-/// nothing fails, no lease expires, and an edit made after the outage reaches the leaf l1-1.
-fn ride_out_an_outage(lab: &Lab, host: &str, peer: &str, path: &str, back: &str) -> TestResult {
+/// An outage of `outage` seconds, shorter than the grace period (`grace`), on the link `host`
+/// has to `peer` (its parent): the host shows as reconnecting, then its link comes back (on
+/// the same SSH connection, or re-attached over a new one, whichever is first), nothing
+/// fails, no lease expires, and an edit made after the outage reaches the leaf l1-1.
+fn ride_out_an_outage(
+    lab: &Lab,
+    (host, peer): (&str, &str),
+    (path, back): (&str, &str),
+    (outage, grace): (u64, &str),
+) -> TestResult {
     clean(lab, false);
     lab.sh("l1-1", "rm -f /tmp/edited-*");
     let dir = tempfile::tempdir().map_err(fail)?;
@@ -2142,7 +2148,7 @@ fn ride_out_an_outage(lab: &Lab, host: &str, peer: &str, path: &str, back: &str)
     let (mut running, rx) = start_logging(
         lab,
         &topo,
-        &["--link-timeout", "2", "--reconnect-grace", "30"],
+        &["--link-timeout", "2", "--reconnect-grace", grace],
     );
     let mut seen = wait_lines(
         &rx,
@@ -2159,9 +2165,10 @@ fn ride_out_an_outage(lab: &Lab, host: &str, peer: &str, path: &str, back: &str)
             &[format!("{path}: reconnecting")],
             Duration::from_secs(15),
         )?);
-        // Down for 14 s in all: past the link timeout and the store's lease TTL (10 s),
-        // well within the grace period (and within SSH's own keepalive limit, 45 s).
-        std::thread::sleep(Duration::from_secs(14).saturating_sub(cut_at.elapsed()));
+        // Down for `outage` s in all: past the link timeout and the store's lease TTL (10 s),
+        // within the grace period (and within SSH's own keepalive limit: the link timeout
+        // and the grace).
+        std::thread::sleep(Duration::from_secs(outage).saturating_sub(cut_at.elapsed()));
     }
     // Back: the host's state comes back (`back`: running for a relay without a graph,
     // converged for a leaf), and the run goes on.
@@ -2219,15 +2226,22 @@ fn ride_out_an_outage(lab: &Lab, host: &str, peer: &str, path: &str, back: &str)
     check_no_leftovers(lab, &["r1", "l1-1"])
 }
 
-/// The initiator's link to r1 goes down for 14 s (link timeout 2 s, grace 30 s).
+/// The initiator's link to r1 goes down for 45 s (link timeout 2 s, grace 60 s): by then
+/// the old connection's TCP retransmissions have backed off to tens of seconds, so the link
+/// usually comes back re-attached over a new SSH connection.
 fn an_outage_of_the_initiators_link_within_the_grace_period_is_ridden_out(lab: &Lab) -> TestResult {
     let init = lab.get("LAB_INIT_ADDR").to_string();
-    ride_out_an_outage(lab, "r1", &init, "r1", "running")
+    ride_out_an_outage(lab, ("r1", &init), ("r1", "running"), (45, "60"))
 }
 
-/// The same at depth: r1's link to its leaf l1-1 goes down for 14 s.
+/// The same at depth: r1's link to its leaf l1-1 goes down for 14 s (grace 30 s).
 fn an_outage_at_depth_within_the_grace_period_is_ridden_out(lab: &Lab) -> TestResult {
-    ride_out_an_outage(lab, "l1-1", "10.199.1.1", "r1/l1-1", "converged")
+    ride_out_an_outage(
+        lab,
+        ("l1-1", "10.199.1.1"),
+        ("r1/l1-1", "converged"),
+        (14, "30"),
+    )
 }
 
 /// What a re-staging or a restart would change on `hosts`: the oldest arbor's pid (the node;

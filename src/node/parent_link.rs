@@ -310,6 +310,8 @@ pub async fn open(
     let (writers_tx, writers_rx) = mpsc::channel::<(BoxWrite, u64)>(1);
     let offer = Offer::new(workdir, seqs.clone(), readers_tx, writers_tx);
     let offered = offer.offered.clone();
+    let gone = tokio_util::sync::CancellationToken::new();
+    let given_up = gone.clone();
     let writer = tokio::spawn(async move {
         let mut swaps = Some(writers_rx);
         let stdout: BoxWrite = Box::new(tokio::io::stdout());
@@ -325,6 +327,8 @@ pub async fn open(
                     Some(frame) => frame,
                     None => break,
                 },
+                // No stream, and the parent was given up on: nothing more goes anywhere.
+                () = given_up.cancelled(), if out.is_none() => break,
             };
             // Events and fetches are numbered; hellos and heartbeats (acks) are not.
             let frame = match frame {
@@ -354,7 +358,6 @@ pub async fn open(
             }
         }
     });
-    let gone = tokio_util::sync::CancellationToken::new();
     let up = Upstream {
         tx,
         dropped: Arc::default(),

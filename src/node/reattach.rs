@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 /// The socket's name in the child's working dir.
@@ -234,7 +235,23 @@ pub async fn splice_main(dir: &Path) -> u8 {
             return crate::exit::FAILED;
         }
     }
-    let mut ends = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
-    let _ = tokio::io::copy_bidirectional(&mut ends, &mut socket).await;
+    // Done when the node's side ends (it exited, or took another re-attach); the end of stdin
+    // (the parent's connection went) only closes the way down, and the node, seeing it,
+    // closes its side in turn.
+    let (mut from_node, mut to_node) = socket.into_split();
+    let up = async {
+        let mut stdout = tokio::io::stdout();
+        let _ = tokio::io::copy(&mut from_node, &mut stdout).await;
+        let _ = stdout.flush().await;
+    };
+    let down = async {
+        let _ = tokio::io::copy(&mut tokio::io::stdin(), &mut to_node).await;
+        let _ = to_node.shutdown().await;
+        std::future::pending::<()>().await;
+    };
+    tokio::select! {
+        () = up => {}
+        () = down => {}
+    }
     crate::exit::OK
 }

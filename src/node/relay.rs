@@ -38,7 +38,7 @@ pub async fn run(options: RunOptions, log: EventLog, set_verbosity: SetVerbosity
     let (start, up, mut down, writer) = match parent_link::open(options.workdir.clone()).await {
         Ok(parts) => parts,
         Err(e) => {
-            eprintln!("arbor: control link: {e}");
+            say(format_args!("arbor: control link: {e}"));
             if let Some(dir) = &options.workdir {
                 remove_own_workdir(dir);
             }
@@ -85,7 +85,9 @@ pub async fn run(options: RunOptions, log: EventLog, set_verbosity: SetVerbosity
         Duration::from_secs(1)
     };
     if tokio::time::timeout(flush, writer).await.is_err() {
-        eprintln!("arbor: the parent did not take this node's last frames within {flush:?}");
+        say(format_args!(
+            "arbor: the parent did not take this node's last frames within {flush:?}"
+        ));
     }
     if let Some(dir) = &options.workdir {
         remove_own_workdir(dir);
@@ -311,7 +313,9 @@ async fn serve(
     let workdir = options.workdir.clone();
     std::thread::spawn(move || {
         std::thread::sleep(EXIT_DEADLINE);
-        eprintln!("arbor: shutdown took longer than {EXIT_DEADLINE:?}; exiting");
+        say(format_args!(
+            "arbor: shutdown took longer than {EXIT_DEADLINE:?}; exiting"
+        ));
         if let Some(dir) = &workdir {
             remove_own_workdir(dir);
         }
@@ -723,7 +727,9 @@ async fn serve_exec(
         let workdir = options.workdir.clone();
         std::thread::spawn(move || {
             std::thread::sleep(EXIT_DEADLINE);
-            eprintln!("arbor: stopping took longer than {EXIT_DEADLINE:?}; exiting");
+            say(format_args!(
+                "arbor: stopping took longer than {EXIT_DEADLINE:?}; exiting"
+            ));
             if let Some(dir) = &workdir {
                 remove_own_workdir(dir);
             }
@@ -831,6 +837,13 @@ pub fn peak_rss_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A line on stderr, if it is still there: a node whose parent's connection went has a
+/// broken stderr, and `eprintln!` would panic on it before the node removed its working dir.
+fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// A node removes its own working dir on the way out, so a lost parent leaves nothing behind.
