@@ -362,7 +362,11 @@ fn check_no_leftovers(lab: &Lab, hosts: &[&str]) -> TestResult {
             if left.trim().is_empty() {
                 break;
             }
-            check!(Instant::now() < deadline, "{h} has leftovers: {left}");
+            check!(
+                Instant::now() < deadline,
+                "{h} has leftovers: {left}\nits logs there:\n{}",
+                lab.sh(h, "tail -n 25 /tmp/arbor.*/arbor.log 2>/dev/null; true")
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }

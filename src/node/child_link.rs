@@ -240,6 +240,9 @@ pub fn subtree_paths(children: &[crate::wire::ChildSpec]) -> HashSet<HostPath> {
 /// Events from the child arrive on the returned receiver, tagged with the child's path
 /// relative to this node (its name first), until a final [`FromChild::Exited`]; events about
 /// hosts outside the child's subtree ([`subtree_paths`] of `start.children`) are dropped.
+/// `offer_reattach`: the child gets a one-time token to be re-attached with
+/// (crate::node::reattach).
+#[allow(clippy::too_many_arguments)]
 pub async fn launch(
     session: &Session,
     me: HostPath,
