@@ -2338,6 +2338,23 @@ fn re_attach_after(
         Duration::from_secs(10),
     )?);
     after(lab)?;
+    // The store tunnel works again, through the new connection: the initiator's store answers
+    // at r1's socket (refusing a client without a credential).
+    let workdir = lab.sh("r1", "ls -d /tmp/arbor.*").trim().to_string();
+    let store = lab.exec(
+        "r1",
+        &format!(
+            "ETCDCTL_API=3 etcdctl --endpoints=unix://{workdir}/store.sock \
+             --command-timeout=5s get /x"
+        ),
+    );
+    let said = text(&store);
+    check!(
+        ["user name is empty", "permission denied", "invalid auth token"]
+            .iter()
+            .any(|m| said.contains(m)),
+        "no answer from the store through r1's tunnel after the re-attach:\n{said}"
+    );
     std::fs::write(&graph, version("after")).map_err(fail)?;
     let deadline = Instant::now() + Duration::from_secs(20);
     while content() != "after\n" {

@@ -47,6 +47,9 @@ pub struct ChildLink {
     allowed: Arc<HashSet<HostPath>>,
     /// Which connection the link is on now (0: the first).
     attachment: u32,
+    /// The number the last re-attach try took (each try its own, so the end of a failed
+    /// try's channel is never taken for the current one's).
+    tries: u32,
     /// Stops the current attachment's reader once the link moved to a new one.
     reading: tokio_util::sync::CancellationToken,
     /// The one-time token the child holds, when it was offered a re-attach.
@@ -142,7 +145,8 @@ impl ChildLink {
             .exec(line.as_str(), &ExecOptions { forward_agent })
             .await
             .map_err(|e| format!("{label}: reattach: {e}"))?;
-        let attachment = self.attachment + 1;
+        self.tries += 1;
+        let attachment = self.tries;
         let reading = tokio_util::sync::CancellationToken::new();
         let (writer, answer) = attach(
             command,
@@ -359,6 +363,7 @@ pub async fn launch(
         me,
         allowed,
         attachment: 0,
+        tries: 0,
         reading,
         token: None,
     };
