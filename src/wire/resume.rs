@@ -9,9 +9,11 @@
 //! [`Inbox`] takes each number once, in order: a number it already took is a duplicate and is
 //! dropped, a number past the next one is a gap (frames lost), which it counts and reports.
 //!
-//! On one SSH connection (the only transport today) TCP never loses or repeats a frame, so the
-//! numbers only confirm it: a link that comes back after an outage reports how many frames
-//! were in flight and that none was lost or repeated.
+//! On one SSH connection TCP never loses or repeats a frame, so there the numbers only confirm
+//! it. When the parent re-attaches over a new SSH connection (crate::node::reattach), each end
+//! sends again what the other says it has not taken ([`LinkSeqs::replay_after`]), and the
+//! inboxes drop what had come both ways. A link that comes back reports how many frames were
+//! in flight and whether any was lost or repeated.
 
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
