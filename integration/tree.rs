@@ -155,6 +155,10 @@ fn main() -> std::process::ExitCode {
             when_the_ssh_connection_is_killed_the_parent_re_attaches_over_a_new_one,
         ),
         (
+            "after_a_re_attach_a_relay_re_attaches_to_its_leaf_through_the_new_agent",
+            after_a_re_attach_a_relay_re_attaches_to_its_leaf_through_the_new_agent,
+        ),
+        (
             "a_wrong_re_attach_token_is_refused_and_the_socket_is_the_users_alone",
             a_wrong_re_attach_token_is_refused_and_the_socket_is_the_users_alone,
         ),
@@ -2295,7 +2299,7 @@ fn kill_the_ssh_connection_of(lab: &Lab, host: &str) -> TestResult {
 fn re_attach_after(
     lab: &Lab,
     disrupt: &dyn Fn(&Lab) -> Result<Option<Undo<'_>>, libtest_mimic::Failed>,
-    after: &dyn Fn(&Lab) -> TestResult,
+    after: &dyn Fn(&Lab, &mpsc::Receiver<String>) -> Result<Vec<String>, libtest_mimic::Failed>,
 ) -> TestResult {
     clean(lab, false);
     lab.sh("l1-1", "rm -f /tmp/edited-*");
@@ -2337,7 +2341,7 @@ fn re_attach_after(
         Duration::from_secs(40),
     )?);
     let took = at.elapsed();
-    after(lab)?;
+    seen.extend(after(lab, &rx)?);
     // The store tunnel works again, through the new connection: the initiator's store answers
     // at r1's socket (refusing a client without a credential, or, as etcdctl names a unix
     // endpoint's authority by its path, refusing the stream at once: either way its HTTP/2
@@ -2437,13 +2441,13 @@ fn when_the_initiators_address_changes_it_re_attaches_over_a_new_ssh_connection(
             );
             Ok(Some(undo))
         },
-        &|lab| {
+        &|lab, _| {
             let peers = lab.sh("r1", "ss -Htn state established '( sport = :22 )'");
             check!(
                 peers.contains("10.199.0.2:"),
                 "r1 has no SSH connection from the initiator's new address:\n{peers}"
             );
-            Ok(())
+            Ok(Vec::new())
         },
     )
 }
@@ -2459,7 +2463,41 @@ fn when_the_ssh_connection_is_killed_the_parent_re_attaches_over_a_new_one(
             kill_the_ssh_connection_of(lab, "r1")?;
             Ok(None)
         },
-        &|_| Ok(()),
+        &|_, _| Ok(Vec::new()),
+    )
+}
+
+/// r1's connection is killed and the initiator re-attaches (r1's forwarded agent is now the
+/// new connection's); then r1's connection to its leaf is killed: r1 re-attaches to l1-1 over
+/// a new connection too, logging in through the agent the re-attach brought.
+fn after_a_re_attach_a_relay_re_attaches_to_its_leaf_through_the_new_agent(
+    lab: &Lab,
+) -> TestResult {
+    re_attach_after(
+        lab,
+        &|lab| {
+            kill_the_ssh_connection_of(lab, "r1")?;
+            Ok(None)
+        },
+        &|lab, rx| {
+            kill_the_ssh_connection_of(lab, "l1-1")?;
+            wait_lines(
+                rx,
+                &["l1-1: its link is back after".to_string()],
+                Duration::from_secs(40),
+            )
+            .and_then(|seen| {
+                check!(
+                    seen.iter().any(|l| l.contains(" r1 | ")
+                        && l.contains("l1-1: its link is back after")
+                        && l.contains("re-attached over a new SSH connection")
+                        && l.contains("none lost or repeated")),
+                    "r1 did not re-attach to l1-1 with nothing lost or repeated:\n{}",
+                    seen.join("\n")
+                );
+                Ok(seen)
+            })
+        },
     )
 }
 
