@@ -2291,6 +2291,10 @@ fn kill_the_ssh_connection_of(lab: &Lab, host: &str) -> TestResult {
     Ok(())
 }
 
+/// What a re-attach test checks once the link is back; returns the lines it read.
+type AfterReattach =
+    dyn Fn(&Lab, &mpsc::Receiver<String>) -> Result<Vec<String>, libtest_mimic::Failed>;
+
 /// A run of r1 and its leaf l1-1 (a graph that writes a file there), whose link to the
 /// initiator's SSH connection `disrupt` takes away for good: the initiator re-attaches to
 /// r1 over a new SSH connection (nothing re-staged: the same arbor processes, working dirs and
@@ -2299,7 +2303,7 @@ fn kill_the_ssh_connection_of(lab: &Lab, host: &str) -> TestResult {
 fn re_attach_after(
     lab: &Lab,
     disrupt: &dyn Fn(&Lab) -> Result<Option<Undo<'_>>, libtest_mimic::Failed>,
-    after: &dyn Fn(&Lab, &mpsc::Receiver<String>) -> Result<Vec<String>, libtest_mimic::Failed>,
+    after: &AfterReattach,
 ) -> TestResult {
     clean(lab, false);
     lab.sh("l1-1", "rm -f /tmp/edited-*");
