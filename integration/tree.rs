@@ -159,6 +159,22 @@ fn main() -> std::process::ExitCode {
             ctrl_c_during_an_outage_does_not_wait_for_the_grace_period,
         ),
         (
+            "when_the_initiators_address_changes_it_re_attaches_over_a_new_ssh_connection",
+            when_the_initiators_address_changes_it_re_attaches_over_a_new_ssh_connection,
+        ),
+        (
+            "when_the_ssh_connection_is_killed_the_parent_re_attaches_over_a_new_one",
+            when_the_ssh_connection_is_killed_the_parent_re_attaches_over_a_new_one,
+        ),
+        (
+            "after_a_re_attach_a_relay_re_attaches_to_its_leaf_through_the_new_agent",
+            after_a_re_attach_a_relay_re_attaches_to_its_leaf_through_the_new_agent,
+        ),
+        (
+            "a_wrong_re_attach_token_is_refused_and_the_socket_is_the_users_alone",
+            a_wrong_re_attach_token_is_refused_and_the_socket_is_the_users_alone,
+        ),
+        (
             "compress_sends_the_binary_gzipped_once_per_relay",
             compress_sends_the_binary_gzipped_once_per_relay,
         ),
@@ -362,7 +378,11 @@ fn check_no_leftovers(lab: &Lab, hosts: &[&str]) -> TestResult {
             if left.trim().is_empty() {
                 break;
             }
-            check!(Instant::now() < deadline, "{h} has leftovers: {left}");
+            check!(
+                Instant::now() < deadline,
+                "{h} has leftovers: {left}\nits logs there:\n{}",
+                lab.sh(h, "tail -n 25 /tmp/arbor.*/arbor.log 2>/dev/null; true")
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -1280,7 +1300,9 @@ fn a_new_run_never_takes_a_killed_runs_converged_flags_for_its_own(lab: &Lab) ->
     // The store persists under this HOME (no --tmp-prefix), as an operator's runs do.
     let home = private_home(lab)?;
     let args = ["--topology", topo.path.to_str().unwrap_or_default()];
-    let mut first = arbor_command(lab, home.path(), &args)
+    // A short grace: the hosts of a killed initiator wait that long for a re-attach.
+    let first_args = [&args[..], &["--reconnect-grace", "2"]].concat();
+    let mut first = arbor_command(lab, home.path(), &first_args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -1295,7 +1317,7 @@ fn a_new_run_never_takes_a_killed_runs_converged_flags_for_its_own(lab: &Lab) ->
     // Killed: its hosts' converged flags stay in the store until their leases expire.
     first.0.kill().map_err(fail)?;
     let _ = first.0.wait();
-    check_no_leftovers(lab, &["r1", "l1-1"])?;
+    check_no_leftovers_within(lab, &["r1", "l1-1"], Duration::from_secs(20))?;
     lab.sh("l1-1", "rm -f /tmp/slow-done");
 
     let mut with_timeout = args.to_vec();
@@ -1607,7 +1629,12 @@ fn live_edits_reach_a_depth_2_leaf_saved_in_place_and_by_rename(lab: &Lab) -> Te
 fn a_killed_relay_fails_its_subtree_and_the_rest_converges(lab: &Lab) -> TestResult {
     clean(lab, false);
     let topo = topology(TWO_RELAYS);
-    let (mut running, rx) = start(lab, &topo, &["--converged-timeout", "3"]);
+    // A short grace: the leaves of a relay that vanished wait that long for a re-attach.
+    let (mut running, rx) = start(
+        lab,
+        &topo,
+        &["--converged-timeout", "3", "--reconnect-grace", "3"],
+    );
     wait_lines(
         &rx,
         &[
@@ -1682,8 +1709,9 @@ fn a_killed_relay_fails_its_subtree_and_the_rest_converges(lab: &Lab) -> TestRes
             );
         }
     }
-    // r1's leaves lost their relay: they exit and clean up on their own.
-    check_no_leftovers(lab, &HOSTS)
+    // r1's leaves lost their relay: at the end of their grace for a re-attach (3 s) they
+    // exit and clean up on their own.
+    check_no_leftovers_within(lab, &HOSTS, Duration::from_secs(20))
 }
 
 fn leaf_host_keys_are_learned_at_depth_only_under_accept_new(lab: &Lab) -> TestResult {
@@ -2113,10 +2141,16 @@ fn check_no_leftovers_within(lab: &Lab, hosts: &[&str], within: Duration) -> Tes
     Ok(())
 }
 
-/// An outage shorter than the grace period, on the link `host` has to `peer` (its parent):
-/// the host shows as reconnecting, then its link comes back (on the same SSH connection),
-/// nothing fails, no lease expires, and an edit made after the outage reaches the leaf l1-1.
-fn ride_out_an_outage(lab: &Lab, host: &str, peer: &str, path: &str, back: &str) -> TestResult {
+/// An outage of `outage` seconds, shorter than the grace period (`grace`), on the link `host`
+/// has to `peer` (its parent): the host shows as reconnecting, then its link comes back (on
+/// the same SSH connection, or re-attached over a new one, whichever is first), nothing
+/// fails, no lease expires, and an edit made after the outage reaches the leaf l1-1.
+fn ride_out_an_outage(
+    lab: &Lab,
+    (host, peer): (&str, &str),
+    (path, back): (&str, &str),
+    (outage, grace): (u64, &str),
+) -> TestResult {
     clean(lab, false);
     lab.sh("l1-1", "rm -f /tmp/edited-*");
     let dir = tempfile::tempdir().map_err(fail)?;
@@ -2134,7 +2168,7 @@ fn ride_out_an_outage(lab: &Lab, host: &str, peer: &str, path: &str, back: &str)
     let (mut running, rx) = start_logging(
         lab,
         &topo,
-        &["--link-timeout", "2", "--reconnect-grace", "30"],
+        &["--link-timeout", "2", "--reconnect-grace", grace],
     );
     let mut seen = wait_lines(
         &rx,
@@ -2151,9 +2185,10 @@ fn ride_out_an_outage(lab: &Lab, host: &str, peer: &str, path: &str, back: &str)
             &[format!("{path}: reconnecting")],
             Duration::from_secs(15),
         )?);
-        // Down for 14 s in all: past the link timeout and the store's lease TTL (10 s),
-        // well within the grace period (and within SSH's own keepalive limit, 45 s).
-        std::thread::sleep(Duration::from_secs(14).saturating_sub(cut_at.elapsed()));
+        // Down for `outage` s in all: past the link timeout and the store's lease TTL (10 s),
+        // within the grace period (and within SSH's own keepalive limit: the link timeout
+        // and the grace).
+        std::thread::sleep(Duration::from_secs(outage).saturating_sub(cut_at.elapsed()));
     }
     // Back: the host's state comes back (`back`: running for a relay without a graph,
     // converged for a leaf), and the run goes on.
@@ -2211,15 +2246,359 @@ fn ride_out_an_outage(lab: &Lab, host: &str, peer: &str, path: &str, back: &str)
     check_no_leftovers(lab, &["r1", "l1-1"])
 }
 
-/// The initiator's link to r1 goes down for 14 s (link timeout 2 s, grace 30 s).
+/// The initiator's link to r1 goes down for 45 s (link timeout 2 s, grace 60 s): by then
+/// the old connection's TCP retransmissions have backed off to tens of seconds, so the link
+/// usually comes back re-attached over a new SSH connection.
 fn an_outage_of_the_initiators_link_within_the_grace_period_is_ridden_out(lab: &Lab) -> TestResult {
     let init = lab.get("LAB_INIT_ADDR").to_string();
-    ride_out_an_outage(lab, "r1", &init, "r1", "running")
+    ride_out_an_outage(lab, ("r1", &init), ("r1", "running"), (45, "60"))
 }
 
-/// The same at depth: r1's link to its leaf l1-1 goes down for 14 s.
+/// The same at depth: r1's link to its leaf l1-1 goes down for 14 s (grace 30 s).
 fn an_outage_at_depth_within_the_grace_period_is_ridden_out(lab: &Lab) -> TestResult {
-    ride_out_an_outage(lab, "l1-1", "10.199.1.1", "r1/l1-1", "converged")
+    ride_out_an_outage(
+        lab,
+        ("l1-1", "10.199.1.1"),
+        ("r1/l1-1", "converged"),
+        (14, "30"),
+    )
+}
+
+/// What a re-staging or a restart would change on `hosts`: the oldest arbor's pid (the node;
+/// a re-attach's splice is younger), the working dirs, and the cached builds with their
+/// mtimes and inodes.
+fn staged_state(lab: &Lab, hosts: &[&str]) -> String {
+    hosts
+        .iter()
+        .map(|h| {
+            format!(
+                "{h}:\n{}",
+                lab.sh(
+                    h,
+                    "pgrep -x -o arbor; ls -d /tmp/arbor.*; \
+                     stat -c '%n %Y %i' /root/.cache/arbor/bin/*/arbor 2>/dev/null; true"
+                )
+            )
+        })
+        .collect()
+}
+
+/// Kills the sshd process that runs `host`'s arbor (the per-connection one, the arbor's
+/// nearest sshd ancestor): the parent's SSH connection is gone, the arbor is not.
+fn kill_the_ssh_connection_of(lab: &Lab, host: &str) -> TestResult {
+    let out = lab.exec(
+        host,
+        "p=$(pgrep -x -o arbor); \
+         while [ -n \"$p\" ] && [ \"$p\" -gt 1 ]; do \
+           case $(cat /proc/$p/comm) in sshd*) kill -9 $p; echo killed $p; exit 0;; esac; \
+           p=$(ps -o ppid= -p $p | tr -d ' '); \
+         done; exit 1",
+    );
+    check!(
+        out.status.success(),
+        "no sshd above {host}'s arbor: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// What a re-attach test checks once the link is back; returns the lines it read.
+type AfterReattach =
+    dyn Fn(&Lab, &mpsc::Receiver<String>) -> Result<Vec<String>, libtest_mimic::Failed>;
+
+/// A run of r1 and its leaf l1-1 (a graph that writes a file there), whose link to the
+/// initiator's SSH connection `disrupt` takes away for good: the initiator re-attaches to
+/// r1 over a new SSH connection (nothing re-staged: the same arbor processes, working dirs and
+/// cached builds), the store works again through it, an edit made afterwards reaches the leaf,
+/// no host fails, and both ends' sequence numbers show nothing lost or repeated.
+fn re_attach_after(
+    lab: &Lab,
+    disrupt: &dyn Fn(&Lab) -> Result<Option<Undo<'_>>, libtest_mimic::Failed>,
+    after: &AfterReattach,
+) -> TestResult {
+    clean(lab, false);
+    lab.sh("l1-1", "rm -f /tmp/edited-*");
+    let dir = tempfile::tempdir().map_err(fail)?;
+    let graph = dir.path().join("edit.yaml");
+    let version = |content: &str| {
+        format!(
+            "graph: edit\nresources:\n  file:\n  - name: edited\n    path: \"/tmp/edited-{{{{hostname}}}}\"\n    content: \"{content}\\n\"\n    state: exists\nedges: []\n"
+        )
+    };
+    std::fs::write(&graph, version("before")).map_err(fail)?;
+    let topo = topology(&format!(
+        "defaults:\n  user: root\nhosts:\n- host: 10.199.0.11\n  name: r1\n  children:\n  - host: 10.199.1.11\n    name: l1-1\n    graph: {}\n",
+        graph.display()
+    ));
+    let (mut running, rx) = start_logging(
+        lab,
+        &topo,
+        &["--link-timeout", "2", "--reconnect-grace", "30"],
+    );
+    let mut seen = wait_lines(
+        &rx,
+        &["r1/l1-1: converged".to_string()],
+        Duration::from_secs(60),
+    )?;
+    let content = || lab.sh("l1-1", "cat /tmp/edited-l1-1 2>/dev/null; true");
+    check!(content() == "before\n", "l1-1 has {:?}", content());
+    let staged = staged_state(lab, &["r1", "l1-1"]);
+    let _undo = disrupt(lab)?;
+    let at = Instant::now();
+    // Back: re-attached, and r1's state shown again (its line and the log's come on two
+    // pipes, in either order).
+    seen.extend(wait_lines(
+        &rx,
+        &[
+            "re-attached over a new SSH connection".to_string(),
+            "r1: running".to_string(),
+        ],
+        Duration::from_secs(40),
+    )?);
+    let took = at.elapsed();
+    seen.extend(after(lab, &rx)?);
+    // The store tunnel works again, through the new connection: the initiator's store answers
+    // at r1's socket (refusing a client without a credential, or, as etcdctl names a unix
+    // endpoint's authority by its path, refusing the stream at once: either way its HTTP/2
+    // server answered; a socket with nothing behind it gives a connection error instead).
+    let workdir = lab.sh("r1", "ls -d /tmp/arbor.*").trim().to_string();
+    let store = lab.exec(
+        "r1",
+        &format!(
+            "ETCDCTL_API=3 etcdctl --endpoints=unix://{workdir}/store.sock \
+             --command-timeout=5s get /x"
+        ),
+    );
+    let said = text(&store);
+    check!(
+        [
+            "user name is empty",
+            "permission denied",
+            "invalid auth token",
+            "RST_STREAM",
+        ]
+        .iter()
+        .any(|m| said.contains(m)),
+        "no answer from the store through r1's tunnel after the re-attach:\n{said}"
+    );
+    std::fs::write(&graph, version("after")).map_err(fail)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while content() != "after\n" {
+        check!(
+            Instant::now() < deadline,
+            "an edit after the re-attach never reached l1-1; it has {:?}",
+            content()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Nothing was staged again: the same nodes, working dirs and cached builds.
+    let now = staged_state(lab, &["r1", "l1-1"]);
+    check!(
+        now == staged,
+        "re-staged or restarted:\nbefore:\n{staged}\nafter:\n{now}"
+    );
+    let (code, _) = running.interrupt()?;
+    seen.extend(rx.try_iter());
+    let all = seen.join("\n");
+    check!(code == Some(130), "exit {code:?} after ^C:\n{all}");
+    check!(
+        !seen.iter().any(|l| l.contains("FAILED")),
+        "a host failed over a re-attach:\n{all}"
+    );
+    // Both ends say the link is back, and their sequence numbers show nothing lost or
+    // repeated either way (each end replayed what the other had not taken).
+    check!(
+        seen.iter().any(|l| l.contains("r1: its link is back after")
+            && l.contains("re-attached over a new SSH connection")
+            && l.contains("none lost or repeated")),
+        "the initiator does not say r1 re-attached with nothing lost or repeated:\n{all}"
+    );
+    check!(
+        seen.iter().any(|l| l.contains("r1 |")
+            && l.contains("the link to the parent is back after")
+            && l.contains("re-attached over a new connection")
+            && l.contains("none lost or repeated")),
+        "r1 does not say its parent re-attached with nothing lost or repeated:\n{all}"
+    );
+    check!(
+        !seen.iter().any(|l| l.contains("lease expired")),
+        "a lease expired over the re-attach:\n{all}"
+    );
+    eprintln!("re-attached {took:?} after the disruption");
+    check_no_leftovers(lab, &["r1", "l1-1"])
+}
+
+/// The initiator's address changes mid-run (a new one added, the old one removed, as a
+/// laptop's on a new network): its SSH connection to r1 is dead without a FIN, so the link
+/// goes down, and the initiator re-attaches from the new address (r1's sshd sees it).
+fn when_the_initiators_address_changes_it_re_attaches_over_a_new_ssh_connection(
+    lab: &Lab,
+) -> TestResult {
+    re_attach_after(
+        lab,
+        &|lab| {
+            let undo = Undo {
+                lab,
+                host: "init",
+                shell: "ip addr add 10.199.0.1/24 dev edge0 2>/dev/null; \
+                        ip addr del 10.199.0.2/24 dev edge0 2>/dev/null; true"
+                    .into(),
+            };
+            let out = lab.exec(
+                "init",
+                "sysctl -qw net.ipv4.conf.edge0.promote_secondaries=1 && \
+                 ip addr add 10.199.0.2/24 dev edge0 && ip addr del 10.199.0.1/24 dev edge0",
+            );
+            check!(
+                out.status.success(),
+                "changing the initiator's address: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(Some(undo))
+        },
+        &|lab, _| {
+            let peers = lab.sh("r1", "ss -Htn state established '( sport = :22 )'");
+            check!(
+                peers.contains("10.199.0.2:"),
+                "r1 has no SSH connection from the initiator's new address:\n{peers}"
+            );
+            Ok(Vec::new())
+        },
+    )
+}
+
+/// The sshd process of the initiator's connection to r1 is killed (r1's arbor is not): the
+/// connection closes at once, and the initiator re-attaches over a new one.
+fn when_the_ssh_connection_is_killed_the_parent_re_attaches_over_a_new_one(
+    lab: &Lab,
+) -> TestResult {
+    re_attach_after(
+        lab,
+        &|lab| {
+            kill_the_ssh_connection_of(lab, "r1")?;
+            Ok(None)
+        },
+        &|_, _| Ok(Vec::new()),
+    )
+}
+
+/// r1's connection is killed and the initiator re-attaches (r1's forwarded agent is now the
+/// new connection's); then r1's connection to its leaf is killed: r1 re-attaches to l1-1 over
+/// a new connection too, logging in through the agent the re-attach brought.
+fn after_a_re_attach_a_relay_re_attaches_to_its_leaf_through_the_new_agent(
+    lab: &Lab,
+) -> TestResult {
+    re_attach_after(
+        lab,
+        &|lab| {
+            kill_the_ssh_connection_of(lab, "r1")?;
+            Ok(None)
+        },
+        &|lab, rx| {
+            kill_the_ssh_connection_of(lab, "l1-1")?;
+            wait_lines(
+                rx,
+                &["l1-1: its link is back after".to_string()],
+                Duration::from_secs(40),
+            )
+            .and_then(|seen| {
+                check!(
+                    seen.iter().any(|l| l.contains(" r1 | ")
+                        && l.contains("l1-1: its link is back after")
+                        && l.contains("re-attached over a new SSH connection")
+                        && l.contains("none lost or repeated")),
+                    "r1 did not re-attach to l1-1 with nothing lost or repeated:\n{}",
+                    seen.join("\n")
+                );
+                Ok(seen)
+            })
+        },
+    )
+}
+
+/// r1's re-attach socket is 0600 in its 0700 working dir: another user cannot connect to it.
+/// A connection with a wrong token (through `arbor reattach` itself, as r1's user) is refused
+/// and logged, and does not use the token up: the initiator still re-attaches when its
+/// connection is killed afterwards.
+fn a_wrong_re_attach_token_is_refused_and_the_socket_is_the_users_alone(lab: &Lab) -> TestResult {
+    clean(lab, false);
+    let topo = topology(
+        "defaults:\n  user: root\nhosts:\n- host: 10.199.0.11\n  name: r1\n  children:\n  - host: 10.199.1.11\n    name: l1-1\n    graph: {leaf}\n",
+    );
+    let (mut running, rx) = start_logging(
+        lab,
+        &topo,
+        &["--link-timeout", "2", "--reconnect-grace", "30"],
+    );
+    let mut seen = wait_lines(
+        &rx,
+        &["r1/l1-1: converged".to_string()],
+        Duration::from_secs(60),
+    )?;
+    let dir = lab.sh("r1", "ls -d /tmp/arbor.*").trim().to_string();
+    let modes = lab.sh("r1", &format!("stat -c '%a %U' {dir} {dir}/reattach.sock"));
+    check!(
+        modes == "700 root\n600 root\n",
+        "r1's working dir and re-attach socket: {modes:?}"
+    );
+    let other = lab.exec(
+        "r1",
+        &format!(
+            "setpriv --reuid=65534 --regid=65534 --clear-groups /usr/bin/python3 -c \
+             'import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])' \
+             {dir}/reattach.sock"
+        ),
+    );
+    check!(
+        !other.status.success()
+            && String::from_utf8_lossy(&other.stderr).contains("Permission denied"),
+        "another user could connect to r1's re-attach socket: {:?} {}",
+        other.status.code(),
+        String::from_utf8_lossy(&other.stderr)
+    );
+    let forged = lab.exec(
+        "r1",
+        &format!(
+            "bin=$(readlink -f /proc/$(pgrep -x -o arbor)/exe); \
+             /usr/bin/python3 -c 'import json, struct, sys; \
+             b = json.dumps({{\"token\": \"0\" * 64, \"acked\": 0}}).encode(); \
+             sys.stdout.buffer.write(struct.pack(\">I\", len(b)) + b)' \
+             | timeout 10 \"$bin\" reattach --dir {dir}"
+        ),
+    );
+    let answer = String::from_utf8_lossy(&forged.stdout);
+    check!(
+        answer.contains("\"type\":\"refused\"") && !answer.contains("resumed"),
+        "a wrong token was not refused: {answer:?} {}",
+        String::from_utf8_lossy(&forged.stderr)
+    );
+    let refused = wait_lines(
+        &rx,
+        &["re-attach refused: a wrong or already used token".to_string()],
+        Duration::from_secs(10),
+    )?;
+    check!(
+        refused.last().is_some_and(|l| l.contains(" r1 | ")),
+        "the refusal is not r1's: {refused:?}"
+    );
+    seen.extend(refused);
+    // The token was not used up: the real parent still re-attaches.
+    kill_the_ssh_connection_of(lab, "r1")?;
+    seen.extend(wait_lines(
+        &rx,
+        &["re-attached over a new SSH connection".to_string()],
+        Duration::from_secs(40),
+    )?);
+    let (code, _) = running.interrupt()?;
+    seen.extend(rx.try_iter());
+    let all = seen.join("\n");
+    check!(code == Some(130), "exit {code:?}:\n{all}");
+    check!(
+        !seen.iter().any(|l| l.contains("FAILED")),
+        "a host failed:\n{all}"
+    );
+    check_no_leftovers(lab, &["r1", "l1-1"])
 }
 
 /// `2026-12-02T04:05:06.789Z rest`: a line that begins with arbor's UTC timestamp.

@@ -146,6 +146,14 @@ enum Sub {
         #[arg(long, value_name = "SECONDS", default_value_t = crate::node::sibling::CONNECT_TIMEOUT)]
         connect_timeout: u64,
     },
+    /// (internal) Connect to the re-attach socket of the node running in working dir --dir
+    /// and splice stdin and stdout to it: how a parent reaches a running child over a fresh
+    /// SSH connection (`node::reattach`).
+    #[command(hide = true)]
+    Reattach {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 const CONFIG_HELP: &str = "\
@@ -529,6 +537,10 @@ pub enum Command {
     SeedServe(crate::node::sibling::Serve),
     /// `arbor seed-fetch` (internal): sibling seeding's fetching side.
     SeedFetch(crate::node::sibling::Fetch),
+    /// `arbor reattach` (internal): a parent's new stream to a running node.
+    Reattach {
+        dir: PathBuf,
+    },
 }
 
 /// arbor's whole command line as clap sees it: for completions and the man pages
@@ -594,7 +606,12 @@ pub fn parse() -> Result<Invocation, ExitCode> {
         matches!(&a.command, Some(Sub::Run(run)) if run.depth > 0)
             || matches!(
                 &a.command,
-                Some(Sub::Receive { .. } | Sub::SeedServe { .. } | Sub::SeedFetch { .. })
+                Some(
+                    Sub::Receive { .. }
+                        | Sub::SeedServe { .. }
+                        | Sub::SeedFetch { .. }
+                        | Sub::Reattach { .. }
+                )
             )
     });
     let cmd = if staged {
@@ -655,6 +672,7 @@ pub fn parse() -> Result<Invocation, ExitCode> {
             Command::TopologyCheck { file, ssh_config }
         }
         Some(Sub::Completions { shell }) => Command::Completions(shell),
+        Some(Sub::Reattach { dir }) => Command::Reattach { dir },
         Some(Sub::Receive {
             dest,
             sha256,

@@ -89,6 +89,9 @@ async fn run(
         cli::Command::Receive(args) => arbor::node::transfer::receive_main(&args),
         cli::Command::SeedServe(args) => arbor::node::sibling::serve_main(&args),
         cli::Command::SeedFetch(args) => arbor::node::sibling::fetch_main(&args),
+        cli::Command::Reattach { dir } => {
+            ExitCode::from(arbor::node::reattach::splice_main(&dir).await)
+        }
         cli::Command::Exec(options) => ExitCode::from(arbor::node::exec::run(*options).await),
         cli::Command::Run(options) => match event_log {
             Some(log) => {

@@ -24,9 +24,12 @@ pub enum FromChild {
     /// A heartbeat: the child is still there.
     Alive,
     /// The child's arbor ended (or the link broke). `error`: the last lines of its stderr.
+    /// `attachment`: which connection's channel ended (0: the first; each re-attach counts
+    /// one more), so the end of a connection the parent re-attached away from is told apart.
     Exited {
         status: ExitStatus,
         error: Option<String>,
+        attachment: u32,
     },
 }
 
@@ -38,6 +41,19 @@ pub struct ChildLink {
     /// The sequence numbers of this link: of the control frames sent down, of the frames
     /// taken from the child (crate::wire::resume).
     seqs: Arc<LinkSeqs<Down>>,
+    /// Where every attachment's reader sends what comes up.
+    events: mpsc::Sender<FromChild>,
+    me: HostPath,
+    allowed: Arc<HashSet<HostPath>>,
+    /// Which connection the link is on now (0: the first).
+    attachment: u32,
+    /// The number the last re-attach try took (each try its own, so the end of a failed
+    /// try's channel is never taken for the current one's).
+    tries: u32,
+    /// Stops the current attachment's reader once the link moved to a new one.
+    reading: tokio_util::sync::CancellationToken,
+    /// The one-time token the child holds, when it was offered a re-attach.
+    token: Option<String>,
 }
 
 impl ChildLink {
@@ -69,6 +85,135 @@ impl ChildLink {
     pub async fn close(&mut self) {
         let _ = self.writer.shutdown().await;
     }
+
+    /// Whether the child was offered a re-attach (it holds a token).
+    pub fn can_reattach(&self) -> bool {
+        self.token.is_some()
+    }
+
+    /// Which connection the link is on now (0: the first).
+    pub fn attachment(&self) -> u32 {
+        self.attachment
+    }
+
+    /// Offers the child a re-attach: a new one-time token, down the link.
+    async fn offer_token(&mut self) -> Result<(), crate::wire::WireError> {
+        let token = crate::wire::resume::new_token();
+        self.token = Some(token.clone());
+        self.send(&Down::Reattach { token }).await
+    }
+
+    /// Moves the link onto `session`, a fresh SSH connection to the child's host: the store
+    /// tunnel again (at the same socket, or the same loopback port), then `arbor reattach`
+    /// there, the token, and the replay of what the child did not take; then a new token for
+    /// the next time. On error the link stays where it was (a later try may work).
+    pub async fn reattach(
+        &mut self,
+        session: &Session,
+        staged: &Staged,
+        store: Option<Arc<dyn Connector>>,
+        forward_agent: bool,
+        timeout: std::time::Duration,
+    ) -> Result<(), String> {
+        let token = self
+            .token
+            .clone()
+            .ok_or_else(|| "no re-attach was offered".to_string())?;
+        let label = session.label().to_string();
+        let tunnel = match (&self.tunnel, store) {
+            (Some(ForwardEnd::Unix(path)), Some(store)) => {
+                // The old connection's sshd may still hold (or have left) the socket there.
+                let rm = CommandLine::new("rm").args(["-f", "--", path]);
+                let _ = session.output(rm.as_str()).await;
+                Some(
+                    session
+                        .forward_unix(path, store)
+                        .await
+                        .map_err(|e| format!("store tunnel: {e}"))?,
+                )
+            }
+            (Some(ForwardEnd::Tcp(port)), Some(store)) => Some(
+                session
+                    .forward_tcp_port(*port, store)
+                    .await
+                    .map_err(|e| format!("store tunnel: {e}"))?,
+            ),
+            (tunnel, _) => tunnel.clone(),
+        };
+        let line = CommandLine::new(&staged.binary).args(["reattach", "--dir", &staged.workdir]);
+        let command = session
+            .exec(line.as_str(), &ExecOptions { forward_agent })
+            .await
+            .map_err(|e| format!("{label}: reattach: {e}"))?;
+        self.tries += 1;
+        let attachment = self.tries;
+        let reading = tokio_util::sync::CancellationToken::new();
+        let (writer, answer) = attach(
+            command,
+            Vec::new(),
+            self.me.clone(),
+            self.allowed.clone(),
+            self.seqs.clone(),
+            self.events.clone(),
+            attachment,
+            reading.clone(),
+        );
+        let mut writer = FrameWriter::new(writer);
+        let resume = crate::wire::resume::Resume {
+            token,
+            acked: self.seqs.received(),
+        };
+        let exchange = async {
+            writer
+                .send(&resume)
+                .await
+                .map_err(|e| format!("sending the token: {e}"))?;
+            match answer.await {
+                Ok(Ok(acked)) => Ok(acked),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err("the re-attach ended before the child answered".to_string()),
+            }
+        };
+        let acked = match tokio::time::timeout(timeout, exchange).await {
+            Ok(Ok(acked)) => acked,
+            Ok(Err(e)) => {
+                reading.cancel();
+                return Err(format!("{label}: reattach: {e}"));
+            }
+            Err(_) => {
+                reading.cancel();
+                return Err(format!(
+                    "{label}: reattach: no answer within {}s",
+                    timeout.as_secs()
+                ));
+            }
+        };
+        // The token is used: the child holds none until the new one comes.
+        self.token = None;
+        let replay = self.seqs.replay_after(acked).map_err(|first| {
+            format!(
+                "{label}: reattach: the frames down from #{first} on were forgotten (past the \
+                 replay budget)"
+            )
+        })?;
+        let count = replay.len();
+        for frame in replay {
+            writer
+                .send(&frame)
+                .await
+                .map_err(|e| format!("{label}: reattach: replaying: {e}"))?;
+        }
+        tracing::debug!("{label}: re-attached; sent again {count} frame(s) down (after #{acked})");
+        self.reading.cancel();
+        self.reading = reading;
+        self.writer = writer;
+        self.attachment = attachment;
+        self.tunnel = tunnel;
+        self.offer_token()
+            .await
+            .map_err(|e| format!("{label}: reattach: sending a new token: {e}"))?;
+        Ok(())
+    }
 }
 
 /// How many items wait in one child's queue at most. Each is a frame of at most
@@ -99,6 +244,9 @@ pub fn subtree_paths(children: &[crate::wire::ChildSpec]) -> HashSet<HostPath> {
 /// Events from the child arrive on the returned receiver, tagged with the child's path
 /// relative to this node (its name first), until a final [`FromChild::Exited`]; events about
 /// hosts outside the child's subtree ([`subtree_paths`] of `start.children`) are dropped.
+/// `offer_reattach`: the child gets a one-time token to be re-attached with
+/// (crate::node::reattach).
+#[allow(clippy::too_many_arguments)]
 pub async fn launch(
     session: &Session,
     me: HostPath,
@@ -107,6 +255,7 @@ pub async fn launch(
     start: Start,
     forward_agent: bool,
     hello_timeout: std::time::Duration,
+    offer_reattach: bool,
 ) -> Result<(ChildLink, mpsc::Receiver<FromChild>), LaunchError> {
     let tunnel = match store {
         Some(store) => {
@@ -193,19 +342,84 @@ pub async fn launch(
     };
 
     let (events_tx, events_rx) = mpsc::channel(CHILD_QUEUE);
-    let allowed = subtree_paths(&start.children);
-    let (frames_in, frames_out) = tokio::io::duplex(256 * 1024);
-    let writer: Box<dyn tokio::io::AsyncWrite + Send + Unpin> = Box::new(command.stdin_writer());
+    let allowed = Arc::new(subtree_paths(&start.children));
     let seqs = LinkSeqs::<Down>::new();
+    let reading = tokio_util::sync::CancellationToken::new();
+    let (writer, hello_rx) = attach(
+        command,
+        head,
+        me.clone(),
+        allowed.clone(),
+        seqs.clone(),
+        events_tx.clone(),
+        0,
+        reading.clone(),
+    );
     let mut control = ChildLink {
         writer: FrameWriter::new(writer),
         tunnel,
-        seqs: seqs.clone(),
+        seqs,
+        events: events_tx,
+        me,
+        allowed,
+        attachment: 0,
+        tries: 0,
+        reading,
+        token: None,
     };
 
-    // Pump the exec channel: stdout bytes into the frame reader, stderr lines up as logs,
-    // and the exit status last, once the reader has passed on every frame the child sent (the
-    // parent stops reading at the exit: events still being parsed would be lost).
+    let label = session.label();
+    control
+        .send(&Down::hello())
+        .await
+        .map_err(|e| format!("{label}: start: sending hello: {e}"))?;
+    control
+        .send(&Down::Start(Box::new(start)))
+        .await
+        .map_err(|e| format!("{label}: start: sending start: {e}"))?;
+    if offer_reattach {
+        control
+            .offer_token()
+            .await
+            .map_err(|e| format!("{label}: start: sending the re-attach token: {e}"))?;
+    }
+    match tokio::time::timeout(hello_timeout, hello_rx).await {
+        Ok(Ok(Ok(_))) => Ok((control, events_rx)),
+        Ok(Ok(Err(e))) => Err(format!("{label}: start: {e}").into()),
+        // The child exited before saying hello: its stderr (already queued) says why.
+        Ok(Err(_)) => Ok((control, events_rx)),
+        Err(_) => Err(format!(
+            "{label}: start: arbor was started but did not answer within {}s \
+             (a hung host, or not an arbor build); stopped it",
+            hello_timeout.as_secs()
+        )
+        .into()),
+    }
+}
+
+/// Pumps one exec channel of the child's (the first, or a re-attach's): stdout bytes into a
+/// frame reader, stderr lines up as logs, and the exit status last, once the reader has
+/// passed on every frame the child sent (the parent stops reading at the exit: events still
+/// being parsed would be lost). Frames are taken once across every attachment (`seqs`), and
+/// events about hosts outside the child's subtree (`allowed`) are dropped. Returns the
+/// channel's stdin, and the answer to the first frame: `Ok(0)` for a hello, `Ok(acked)` for
+/// a re-attach the child took, `Err` for a refusal or a link that broke first.
+#[allow(clippy::too_many_arguments)]
+fn attach(
+    mut command: crate::ssh::RemoteCommand,
+    head: Vec<u8>,
+    me: HostPath,
+    allowed: Arc<HashSet<HostPath>>,
+    seqs: Arc<LinkSeqs<Down>>,
+    events_tx: mpsc::Sender<FromChild>,
+    attachment: u32,
+    stop: tokio_util::sync::CancellationToken,
+) -> (
+    Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+    tokio::sync::oneshot::Receiver<Result<u64, String>>,
+) {
+    let (frames_in, frames_out) = tokio::io::duplex(256 * 1024);
+    let writer: Box<dyn tokio::io::AsyncWrite + Send + Unpin> = Box::new(command.stdin_writer());
     let pump_tx = events_tx.clone();
     let pump_me = me.clone();
     let (reader_done, reader_finished) = tokio::sync::oneshot::channel::<()>();
@@ -250,11 +464,13 @@ pub async fn launch(
             .send(FromChild::Exited {
                 status,
                 error: stderr_tail.joined(),
+                attachment,
             })
             .await;
     });
 
-    // Read frames: the child's hello first, then events, re-tagged under this child's path.
+    // Read frames: the child's hello (or re-attach answer) first, then events, re-tagged
+    // under this child's path.
     let (hello_tx, hello_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
         // Dropped when this task ends: the pump then reports the exit.
@@ -263,9 +479,13 @@ pub async fn launch(
         let mut refused = 0u64;
         let mut hello_tx = Some(hello_tx);
         loop {
+            let got = tokio::select! {
+                got = reader.recv::<Numbered<Up>>() => got,
+                _ = stop.cancelled() => break,
+            };
             // A numbered frame is taken once, in order (crate::wire::resume); what the child
             // numbers is untrusted like the rest: a gap or a repeat is reported, not obeyed.
-            let frame = match reader.recv::<Numbered<Up>>().await {
+            let frame = match got {
                 Ok(Some(Numbered { seq, frame })) if seq > 0 => match seqs.accept(seq) {
                     Accepted::Duplicate => continue,
                     Accepted::Gap { lost } => {
@@ -288,8 +508,19 @@ pub async fn launch(
                 }
                 Ok(Some(Up::Hello(hello))) => {
                     if let Some(tx) = hello_tx.take() {
-                        let _ = tx.send(hello.check().map_err(|e| e.to_string()));
+                        let _ = tx.send(hello.check().map(|()| 0).map_err(|e| e.to_string()));
                     }
+                }
+                Ok(Some(Up::Resumed { acked })) => {
+                    if let Some(tx) = hello_tx.take() {
+                        let _ = tx.send(Ok(acked));
+                    }
+                }
+                Ok(Some(Up::Refused { reason })) => {
+                    if let Some(tx) = hello_tx.take() {
+                        let _ = tx.send(Err(format!("refused: {reason}")));
+                    }
+                    break;
                 }
                 Ok(Some(Up::Event(mut event))) => {
                     if !allowed.contains(&event.host) {
@@ -330,28 +561,7 @@ pub async fn launch(
             }
         }
     });
-
-    let label = session.label();
-    control
-        .send(&Down::hello())
-        .await
-        .map_err(|e| format!("{label}: start: sending hello: {e}"))?;
-    control
-        .send(&Down::Start(Box::new(start)))
-        .await
-        .map_err(|e| format!("{label}: start: sending start: {e}"))?;
-    match tokio::time::timeout(hello_timeout, hello_rx).await {
-        Ok(Ok(Ok(()))) => Ok((control, events_rx)),
-        Ok(Ok(Err(e))) => Err(format!("{label}: start: {e}").into()),
-        // The child exited before saying hello: its stderr (already queued) says why.
-        Ok(Err(_)) => Ok((control, events_rx)),
-        Err(_) => Err(format!(
-            "{label}: start: arbor was started but did not answer within {}s \
-             (a hung host, or not an arbor build); stopped it",
-            hello_timeout.as_secs()
-        )
-        .into()),
-    }
+    (writer, hello_rx)
 }
 
 /// Why a child could not be started.

@@ -498,6 +498,9 @@ async fn run_jump(
 /// A child staged and started: what its supervision needs.
 struct Launched {
     session: Arc<Session>,
+    /// The jump host's session this child was reached through (`mode: jump`), if any: a
+    /// re-attach goes the same way.
+    via: Option<Arc<Session>>,
     staged: Staged,
     link: ChildLink,
     events: mpsc::Receiver<FromChild>,
@@ -573,6 +576,7 @@ async fn stage_child(
     };
     run.step("connect").await;
     let connect = connect_child(ctx, spec, via.as_deref());
+    let jump = via.clone();
     let session = tokio::select! {
         s = connect => Arc::new(s?),
         _ = stop.cancelled() => return Err(stopped(&spec.name)),
@@ -681,6 +685,10 @@ async fn stage_child(
         session.set_agent_connector(agent_for(spec));
     }
     let hello_timeout = Duration::from_secs(ctx.config.hello_timeout);
+    // A child run through sudo has a working dir only root enters, and `arbor exec`'s relays
+    // are short-lived: neither is offered a re-attach.
+    let offer_reattach =
+        staged.escalate.is_none() && ctx.exec.is_none() && ctx.config.reconnect_grace > 0;
     let launched = child_link::launch(
         &session,
         run.me.clone(),
@@ -689,12 +697,14 @@ async fn stage_child(
         start,
         forward_agent,
         hello_timeout,
+        offer_reattach,
     )
     .await;
     match launched {
         // A stop that came meanwhile is seen at once by `supervise`, which shuts it down.
         Ok((link, events)) => Ok(Launched {
             session,
+            via: jump,
             staged,
             link,
             events,
@@ -872,9 +882,9 @@ async fn link_back(
     last_state: &Option<HostState>,
     link_timeout: Duration,
     report: Option<String>,
-) {
+) -> bool {
     let Some(since) = reconnecting.take() else {
-        return;
+        return false;
     };
     tracing::warn!(
         "{}: its link is back after {}s down; {}",
@@ -886,7 +896,12 @@ async fn link_back(
         last_state.clone().unwrap_or(HostState::Running),
     ))
     .await;
+    true
 }
+
+/// The first wait between two re-attach tries; it doubles up to [`REATTACH_MAX_WAIT`].
+const REATTACH_FIRST_WAIT: Duration = Duration::from_secs(1);
+const REATTACH_MAX_WAIT: Duration = Duration::from_secs(5);
 
 /// Running: relay events up, control frames down and builds to the child, until its arbor
 /// ends; then remove its working dir.
@@ -898,11 +913,17 @@ async fn supervise(
     mut inbox: Inbox,
 ) -> HostReport {
     let Launched {
-        session,
+        mut session,
+        via,
         staged,
         mut link,
         mut events,
     } = launched;
+    // Re-attaching over a fresh SSH connection (crate::node::reattach): the connect in
+    // flight, when the next one may start, and the wait between tries.
+    let mut connecting: Option<futures::future::BoxFuture<'_, Result<Session, String>>> = None;
+    let mut next_try: Option<tokio::time::Instant> = None;
+    let mut backoff = REATTACH_FIRST_WAIT;
     run.store_over_tcp = matches!(link.tunnel, Some(ssh::ForwardEnd::Tcp(_)));
     let mut fetches: JoinSet<(String, FetchResult)> = JoinSet::new();
     let mut stopping = false;
@@ -924,12 +945,16 @@ async fn supervise(
                 Some(FromChild::Alive) => {
                     heard = tokio::time::Instant::now();
                     let report = reconnecting.map(|_| link.sequence_report());
-                    link_back(run, &mut reconnecting, &last_state, link_timeout, report).await;
+                    if link_back(run, &mut reconnecting, &last_state, link_timeout, report).await {
+                        (connecting, next_try, backoff) = (None, None, REATTACH_FIRST_WAIT);
+                    }
                 }
                 Some(FromChild::Event(event)) => {
                     heard = tokio::time::Instant::now();
                     let report = reconnecting.map(|_| link.sequence_report());
-                    link_back(run, &mut reconnecting, &last_state, link_timeout, report).await;
+                    if link_back(run, &mut reconnecting, &last_state, link_timeout, report).await {
+                        (connecting, next_try, backoff) = (None, None, REATTACH_FIRST_WAIT);
+                    }
                     if event.host == run.me
                         && let EventKind::State(state) = &event.kind
                     {
@@ -969,7 +994,30 @@ async fn supervise(
                         (sha256, copied)
                     });
                 }
-                Some(FromChild::Exited { status, error }) => {
+                Some(FromChild::Exited { attachment, .. }) if attachment != link.attachment() => {
+                    // The channel of a connection the link moved away from.
+                    tracing::debug!("{}: its old connection ({attachment}) ended", spec.name);
+                }
+                Some(FromChild::Exited { status: ExitStatus::Unknown, .. })
+                    if link.can_reattach() && !stopping =>
+                {
+                    // The SSH connection is gone, not the child (it would have said how it
+                    // ended): re-attach over a new one within the grace period.
+                    if reconnecting.is_none() {
+                        tracing::warn!(
+                            "{}: its SSH connection closed; re-attaching over a new one for up \
+                             to {}s",
+                            spec.name,
+                            grace.as_secs()
+                        );
+                        reconnecting = Some(tokio::time::Instant::now());
+                        run.emit(EventKind::State(HostState::Reconnecting { grace: grace.as_secs() })).await;
+                    }
+                    if connecting.is_none() {
+                        next_try = Some(tokio::time::Instant::now());
+                    }
+                }
+                Some(FromChild::Exited { status, error, .. }) => {
                     if let Some(since) = reconnecting {
                         // The SSH connection itself gave up (its keepalives) while the link
                         // was down: nothing can come back on it.
@@ -1045,6 +1093,68 @@ async fn supervise(
                 );
                 reconnecting = Some(tokio::time::Instant::now());
                 run.emit(EventKind::State(HostState::Reconnecting { grace: grace.as_secs() })).await;
+                // The connection may be gone for good (an address that changed, an sshd
+                // that restarted): try a fresh one too, whichever comes back first.
+                if link.can_reattach() {
+                    next_try = Some(tokio::time::Instant::now());
+                }
+            }
+            _ = super::sleep_until(next_try), if connecting.is_none() && reconnecting.is_some() && !stopping => {
+                next_try = None;
+                let connect_timeout = Duration::from_secs(ctx.config.connect_timeout.max(1));
+                let via = via.clone();
+                connecting = Some(Box::pin(async move {
+                    match tokio::time::timeout(connect_timeout, connect_child(ctx, spec, via.as_deref())).await {
+                        Ok(connected) => connected,
+                        Err(_) => Err(format!("connect: no answer within {}s", connect_timeout.as_secs())),
+                    }
+                }));
+            }
+            connected = async { Some(connecting.as_mut()?.await) }, if connecting.is_some() => {
+                connecting = None;
+                let attached = match connected {
+                    Some(Ok(fresh)) => {
+                        let fresh = Arc::new(fresh);
+                        let forward_agent = !spec.children.is_empty() && ctx.agent.is_some();
+                        if let (true, Some(agent_for)) = (forward_agent, &ctx.agent) {
+                            fresh.set_agent_connector(agent_for(spec));
+                        }
+                        let timeout = Duration::from_secs(ctx.config.hello_timeout.max(1));
+                        match link.reattach(&fresh, &staged, ctx.store.clone(), forward_agent, timeout).await {
+                            Ok(()) => Ok(fresh),
+                            Err(e) => {
+                                let _ = tokio::time::timeout(Duration::from_secs(2), fresh.disconnect()).await;
+                                Err(e)
+                            }
+                        }
+                    }
+                    Some(Err(e)) => Err(e),
+                    None => Err("connect: gone".to_string()),
+                };
+                match attached {
+                    Ok(fresh) => {
+                        let old = std::mem::replace(&mut session, fresh);
+                        tokio::spawn(async move {
+                            let _ = tokio::time::timeout(Duration::from_secs(2), old.disconnect()).await;
+                        });
+                        heard = tokio::time::Instant::now();
+                        let report = format!(
+                            "re-attached over a new SSH connection; {}",
+                            link.sequence_report()
+                        );
+                        link_back(run, &mut reconnecting, &last_state, link_timeout, Some(report)).await;
+                        (next_try, backoff) = (None, REATTACH_FIRST_WAIT);
+                    }
+                    Err(e) => {
+                        tracing::info!(
+                            "{}: re-attach failed ({e}); trying again in {}s",
+                            spec.name,
+                            backoff.as_secs()
+                        );
+                        next_try = Some(tokio::time::Instant::now() + backoff);
+                        backoff = (backoff * 2).min(REATTACH_MAX_WAIT);
+                    }
+                }
             }
             _ = super::sleep_until(give_up_at(reconnecting, grace, stopping)) => {
                 // The grace period is over (or this node is stopping and waits for no one):

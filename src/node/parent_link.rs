@@ -4,6 +4,7 @@
 //! `arbor.log` in its working dir); stderr stays free for panics and raw text, which the
 //! parent relays as the child's stderr lines.
 
+use super::reattach::{BoxRead, BoxWrite, LinkReader, Offer};
 use crate::wire::resume::{Accepted, LinkSeqs, Numbered};
 use crate::wire::{
     Down, Event, EventKind, FrameReader, FrameWriter, HostPath, Start, Up, WireError,
@@ -101,32 +102,61 @@ pub struct Downstream {
 
 impl Downstream {
     /// The next control frame other than a heartbeat; `None` when the parent is gone: stdin
-    /// closed or broken, or nothing from it for the link timeout and then the reconnect grace
-    /// (a link that died without a FIN and did not come back). Cancel-safe.
+    /// closed or broken (and no re-attach within the grace period when one was offered), or
+    /// nothing from it for the link timeout and then the reconnect grace (a link that died
+    /// without a FIN and did not come back). Cancel-safe.
     pub async fn recv(&mut self) -> Option<Down> {
         self.rx.recv().await
     }
 
-    /// Reads stdin on a task of its own, so that the link timeout measures the parent's
+    /// Reads the link on a task of its own, so that the link timeout measures the parent's
     /// silence, not how long this node took to ask for the next frame. After `timeout` of
     /// silence the link counts as down, but this node keeps running for `grace` more: if a
     /// frame comes within it (the same SSH connection, once the network is back), the link
-    /// is up again and nothing was lost (SSH and TCP retransmit what was in flight).
+    /// is up again and nothing was lost (SSH and TCP retransmit what was in flight). When the
+    /// parent offered a re-attach (a token came), a stream that ends or breaks counts as down
+    /// too, and the parent may re-attach over a new one (`swaps`, crate::node::reattach)
+    /// within the grace period.
     fn spawn(
-        mut reader: FrameReader<tokio::io::Stdin>,
+        reader: LinkReader,
         timeout: std::time::Duration,
         grace: std::time::Duration,
         seqs: Arc<LinkSeqs<Up>>,
+        offer: Arc<Offer>,
+        mut swaps: Option<mpsc::Receiver<LinkReader>>,
         gone: tokio_util::sync::CancellationToken,
     ) -> Self {
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
             let _gone = gone.drop_guard();
-            let mut down_since: Option<std::time::Instant> = None;
+            let mut reader = Some(reader);
+            let mut down_since: Option<tokio::time::Instant> = None;
             loop {
-                let wait = if down_since.is_some() { grace } else { timeout };
-                let frame = match tokio::time::timeout(wait, reader.recv::<Numbered<Down>>()).await
-                {
+                let deadline = match down_since {
+                    Some(since) => since + grace,
+                    None => tokio::time::Instant::now() + timeout,
+                };
+                let frame = tokio::select! {
+                    biased;
+                    swapped = next_swap(&mut swaps) => {
+                        reader = Some(swapped);
+                        match down_since.take() {
+                            Some(since) => tracing::warn!(
+                                "the link to the parent is back after {}s down: it re-attached \
+                                 over a new connection; {}",
+                                since.elapsed().as_secs(),
+                                seqs.report("up", "down")
+                            ),
+                            None => tracing::warn!(
+                                "the parent re-attached over a new connection; {}",
+                                seqs.report("up", "down")
+                            ),
+                        }
+                        continue;
+                    }
+                    read = tokio::time::timeout_at(deadline, recv_from(&mut reader)) => read,
+                };
+                let frame = match frame {
                     Err(_) if down_since.is_none() && !grace.is_zero() => {
                         tracing::warn!(
                             "no word from the parent for {}s: the link is down; this node and \
@@ -134,37 +164,57 @@ impl Downstream {
                             timeout.as_secs(),
                             grace.as_secs()
                         );
-                        down_since = Some(std::time::Instant::now());
+                        down_since = Some(tokio::time::Instant::now());
                         continue;
                     }
                     Err(_) => {
                         tracing::warn!(
-                            "no word from the parent for {}s: the link is down for good; \
-                             tearing this subtree down",
-                            (timeout
-                                + if down_since.is_some() {
-                                    grace
-                                } else {
-                                    Default::default()
-                                })
-                            .as_secs()
+                            "the link to the parent is down for good (nothing from it, and no \
+                             re-attach, within the {}s grace); tearing this subtree down",
+                            grace.as_secs()
                         );
                         break;
                     }
                     Ok(frame) => frame,
                 };
-                if let Some(since) = down_since.take()
-                    && matches!(frame, Ok(Some(_)))
-                {
+                // A stream that ended or broke: with a re-attach offered, wait for one.
+                let ended = match &frame {
+                    Ok(None) => Some("closed".to_string()),
+                    Err(e) => Some(e.to_string()),
+                    Ok(Some(_)) => None,
+                };
+                if let Some(why) = ended {
+                    if offer.offered.load(std::sync::atomic::Ordering::SeqCst)
+                        && !grace.is_zero()
+                        && swaps.is_some()
+                    {
+                        tracing::warn!(
+                            "the connection to the parent ended ({why}); this node and its \
+                             subtree keep running for up to {}s for the parent to re-attach",
+                            grace.as_secs()
+                        );
+                        reader = None;
+                        down_since.get_or_insert_with(tokio::time::Instant::now);
+                        continue;
+                    }
+                    if let Err(e) = &frame {
+                        tracing::warn!("control link: {e}");
+                    }
+                    break;
+                }
+                if let Some(since) = down_since.take() {
                     tracing::warn!(
                         "the link to the parent is back after {}s down; {}",
                         (since.elapsed() + timeout).as_secs(),
                         seqs.report("up", "down")
                     );
                 }
+                let Ok(Some(Numbered { seq, frame })) = frame else {
+                    break;
+                };
                 // A numbered frame is taken once, in order (crate::wire::resume).
-                let frame = match frame {
-                    Ok(Some(Numbered { seq, frame })) if seq > 0 => match seqs.accept(seq) {
+                if seq > 0 {
+                    match seqs.accept(seq) {
                         Accepted::Duplicate => continue,
                         Accepted::Gap { lost } => {
                             tracing::error!(
@@ -172,24 +222,18 @@ impl Downstream {
                                  (#{seq} after #{})",
                                 seq - lost - 1
                             );
-                            Ok(Some(frame))
                         }
-                        Accepted::New => Ok(Some(frame)),
-                    },
-                    other => other.map(|f| f.map(|n| n.frame)),
-                };
+                        Accepted::New => {}
+                    }
+                }
                 match frame {
-                    Ok(Some(Down::Heartbeat)) => {}
-                    Ok(Some(Down::Ack { acked })) => seqs.acked(acked),
-                    Ok(Some(frame)) => {
+                    Down::Heartbeat => {}
+                    Down::Ack { acked } => seqs.acked(acked),
+                    Down::Reattach { token } => offer.token(token),
+                    frame => {
                         if tx.send(frame).await.is_err() {
                             break;
                         }
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::warn!("control link: {e}");
-                        break;
                     }
                 }
             }
@@ -198,35 +242,130 @@ impl Downstream {
     }
 }
 
+/// The next frame from the current stream; pending while there is none (it ended, and a
+/// re-attach may bring another).
+async fn recv_from(reader: &mut Option<LinkReader>) -> Result<Option<Numbered<Down>>, WireError> {
+    match reader {
+        Some(r) => r.recv::<Numbered<Down>>().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next stream a re-attach brought; pending forever once no more can come.
+async fn next_swap<T>(swaps: &mut Option<mpsc::Receiver<T>>) -> T {
+    let got = match swaps.as_mut() {
+        Some(rx) => rx.recv().await,
+        None => None,
+    };
+    match got {
+        Some(x) => x,
+        None => {
+            *swaps = None;
+            std::future::pending().await
+        }
+    }
+}
+
+/// Sends up the frames the parent did not take before it re-attached (those after `acked`),
+/// on the new stream; `None` if that stream broke already.
+async fn resume_writer(
+    writer: BoxWrite,
+    acked: u64,
+    seqs: &LinkSeqs<Up>,
+) -> Option<FrameWriter<BoxWrite>> {
+    let mut out = FrameWriter::new(writer);
+    match seqs.replay_after(acked) {
+        Ok(frames) => {
+            let count = frames.len();
+            for frame in frames {
+                if out.send(&frame).await.is_err() {
+                    return None;
+                }
+            }
+            tracing::info!(
+                "re-attached: sent again the {count} frame(s) up the parent had not taken \
+                 (after #{acked})"
+            );
+        }
+        Err(first) => tracing::error!(
+            "re-attached, but the frames up from #{first} on were forgotten (past the replay \
+             budget of {} bytes): they are lost",
+            crate::wire::resume::REPLAY_BUDGET
+        ),
+    }
+    Some(out)
+}
+
 /// Opens the link on stdin/stdout: hello both ways, then the `Start` frame. The returned
 /// [`Upstream`] keeps a writer task alive until every clone is dropped; the join handle
-/// completes when the last queued frame is written.
-pub async fn open() -> Result<(Start, Upstream, Downstream, tokio::task::JoinHandle<()>), WireError>
-{
+/// completes when the last queued frame is written. `workdir`: where the re-attach socket
+/// goes, once the parent offers one (crate::node::reattach).
+pub async fn open(
+    workdir: Option<std::path::PathBuf>,
+) -> Result<(Start, Upstream, Downstream, tokio::task::JoinHandle<()>), WireError> {
     let (tx, mut rx) = mpsc::channel::<Up>(UP_QUEUE);
     let seqs = LinkSeqs::<Up>::new();
     let numbering = seqs.clone();
+    let (readers_tx, readers_rx) = mpsc::channel::<LinkReader>(1);
+    let (writers_tx, writers_rx) = mpsc::channel::<(BoxWrite, u64)>(1);
+    let offer = Offer::new(workdir, seqs.clone(), readers_tx, writers_tx);
+    let offered = offer.offered.clone();
+    let gone = tokio_util::sync::CancellationToken::new();
+    let given_up = gone.clone();
     let writer = tokio::spawn(async move {
-        let mut out = FrameWriter::new(tokio::io::stdout());
-        while let Some(frame) = rx.recv().await {
+        let mut swaps = Some(writers_rx);
+        let stdout: BoxWrite = Box::new(tokio::io::stdout());
+        let mut out = Some(FrameWriter::new(stdout));
+        loop {
+            let frame = tokio::select! {
+                biased;
+                (writer, acked) = next_swap(&mut swaps) => {
+                    out = resume_writer(writer, acked, &numbering).await;
+                    continue;
+                }
+                frame = rx.recv(), if out.is_some() => match frame {
+                    Some(frame) => frame,
+                    None => break,
+                },
+                // No stream, and the parent was given up on: nothing more goes anywhere.
+                () = given_up.cancelled(), if out.is_none() => break,
+            };
             // Events and fetches are numbered; hellos and heartbeats (acks) are not.
             let frame = match frame {
                 Up::Event(_) | Up::Fetch { .. } => numbering.number(frame),
                 other => Numbered::bare(other),
             };
-            if out.send(&frame).await.is_err() {
-                break;
+            let Some(current) = out.as_mut() else {
+                continue;
+            };
+            // A write stuck on a dead connection gives way to a re-attach, which sends this
+            // frame again if it was numbered.
+            let sent = tokio::select! {
+                biased;
+                (writer, acked) = next_swap(&mut swaps) => {
+                    out = resume_writer(writer, acked, &numbering).await;
+                    continue;
+                }
+                sent = current.send(&frame) => sent,
+            };
+            if sent.is_err() {
+                if offered.load(std::sync::atomic::Ordering::SeqCst) {
+                    // Kept numbered: a re-attach sends it again.
+                    out = None;
+                } else {
+                    break;
+                }
             }
         }
     });
-    let gone = tokio_util::sync::CancellationToken::new();
     let up = Upstream {
         tx,
         dropped: Arc::default(),
         gone: gone.clone(),
     };
     let _ = up.tx.send(Up::hello()).await;
-    let mut reader = FrameReader::new(tokio::io::stdin());
+    let stdin: BoxRead = Box::new(tokio::io::stdin());
+    let mut reader = FrameReader::new(stdin);
     match reader.recv::<Down>().await? {
         Some(Down::Hello(hello)) => hello.check()?,
         Some(_) => return Err(WireError::NoHello),
@@ -258,6 +397,8 @@ pub async fn open() -> Result<(Start, Upstream, Downstream, tokio::task::JoinHan
         std::time::Duration::from_secs(start.config.link_timeout.max(1)),
         std::time::Duration::from_secs(start.config.reconnect_grace),
         seqs,
+        offer,
+        Some(readers_rx),
         gone,
     );
     Ok((start, up, down, writer))

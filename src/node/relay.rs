@@ -35,10 +35,10 @@ pub type SetVerbosity = Box<dyn Fn(u8, bool) + Send + Sync>;
 
 /// Runs the node; returns the process exit code.
 pub async fn run(options: RunOptions, log: EventLog, set_verbosity: SetVerbosity) -> u8 {
-    let (start, up, mut down, writer) = match parent_link::open().await {
+    let (start, up, mut down, writer) = match parent_link::open(options.workdir.clone()).await {
         Ok(parts) => parts,
         Err(e) => {
-            eprintln!("arbor: control link: {e}");
+            say(format_args!("arbor: control link: {e}"));
             if let Some(dir) = &options.workdir {
                 remove_own_workdir(dir);
             }
@@ -85,7 +85,9 @@ pub async fn run(options: RunOptions, log: EventLog, set_verbosity: SetVerbosity
         Duration::from_secs(1)
     };
     if tokio::time::timeout(flush, writer).await.is_err() {
-        eprintln!("arbor: the parent did not take this node's last frames within {flush:?}");
+        say(format_args!(
+            "arbor: the parent did not take this node's last frames within {flush:?}"
+        ));
     }
     if let Some(dir) = &options.workdir {
         remove_own_workdir(dir);
@@ -269,7 +271,7 @@ async fn serve(
                     tracing::debug!("{name}: shutting down: {reason}");
                     break Ok(());
                 }
-                Some(Down::Hello(_) | Down::Start(_) | Down::Heartbeat | Down::Ack { .. }) => {}
+                Some(Down::Hello(_) | Down::Start(_) | Down::Heartbeat | Down::Ack { .. } | Down::Reattach { .. }) => {}
                 None => {
                     tracing::warn!("{name}: parent link closed; shutting down");
                     break Ok(());
@@ -311,7 +313,9 @@ async fn serve(
     let workdir = options.workdir.clone();
     std::thread::spawn(move || {
         std::thread::sleep(EXIT_DEADLINE);
-        eprintln!("arbor: shutdown took longer than {EXIT_DEADLINE:?}; exiting");
+        say(format_args!(
+            "arbor: shutdown took longer than {EXIT_DEADLINE:?}; exiting"
+        ));
         if let Some(dir) = &workdir {
             remove_own_workdir(dir);
         }
@@ -723,7 +727,9 @@ async fn serve_exec(
         let workdir = options.workdir.clone();
         std::thread::spawn(move || {
             std::thread::sleep(EXIT_DEADLINE);
-            eprintln!("arbor: stopping took longer than {EXIT_DEADLINE:?}; exiting");
+            say(format_args!(
+                "arbor: stopping took longer than {EXIT_DEADLINE:?}; exiting"
+            ));
             if let Some(dir) = &workdir {
                 remove_own_workdir(dir);
             }
@@ -797,9 +803,16 @@ fn fleet_context(
     let builds = Builds::new([own]).with_parent(&config.builds, fetcher, gzip);
     let mut connect = fleet::connect_options(config);
     connect.host_keys.extra_entries = start.known_hosts.clone();
-    // Our own forwarded agent: the initiator's front behind it decides what it signs.
-    let agent = ssh::agent_socket().map(|socket| {
-        let connector = ssh::forward::to_unix(socket);
+    // Our own forwarded agent: the initiator's front behind it decides what it signs. Its
+    // socket is looked up at each use: a parent that re-attached over a new SSH connection
+    // brought a new one (crate::node::reattach).
+    let agent = ssh::agent_socket().map(|_| {
+        let connector: Arc<dyn ssh::Connector> =
+            Arc::new(|stream: ssh::forward::ForwardedStream| {
+                if let Some(socket) = ssh::agent_socket() {
+                    ssh::forward::to_unix(socket).connect(stream);
+                }
+            });
         let agent_for: fleet::AgentFor =
             Arc::new(move |_: &crate::wire::ChildSpec| connector.clone());
         agent_for
@@ -825,6 +838,13 @@ pub fn peak_rss_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A line on stderr, if it is still there: a node whose parent's connection went has a
+/// broken stderr, and `eprintln!` would panic on it before the node removed its working dir.
+fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// A node removes its own working dir on the way out, so a lost parent leaves nothing behind.

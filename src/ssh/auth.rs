@@ -48,9 +48,28 @@ pub fn take_agent_socket() {
     let _ = AGENT_SOCKET.set(socket);
 }
 
-/// The agent socket this process may use: the one taken at start, or (when nothing was
-/// taken, as in tests) SSH_AUTH_SOCK.
+/// The agent socket of the SSH connection a parent re-attached through
+/// ([`set_agent_socket`]): it replaces the one taken at start, which went with the old
+/// connection.
+static REATTACHED_AGENT: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+
+/// A parent re-attached this node over a new SSH connection whose forwarded agent is at
+/// `socket` (crate::node::reattach): [`agent_socket`] names it from now on.
+pub fn set_agent_socket(socket: PathBuf) {
+    *REATTACHED_AGENT.lock().unwrap_or_else(|e| e.into_inner()) = Some(socket);
+}
+
+/// The agent socket this process may use: the one of the connection a parent re-attached
+/// through, else the one taken at start, or (when nothing was taken, as in tests)
+/// SSH_AUTH_SOCK.
 pub fn agent_socket() -> Option<PathBuf> {
+    if let Some(socket) = REATTACHED_AGENT
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+    {
+        return Some(socket);
+    }
     match AGENT_SOCKET.get() {
         Some(taken) => taken.clone(),
         None => std::env::var_os("SSH_AUTH_SOCK")

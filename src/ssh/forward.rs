@@ -146,6 +146,34 @@ impl Session {
         Ok(ForwardEnd::Tcp(port))
     }
 
+    /// Asks the server to listen on loopback TCP `port` (the port a forward of an earlier
+    /// connection had: a re-attached child's store client knows that one).
+    pub async fn forward_tcp_port(
+        &self,
+        port: u16,
+        connector: Arc<dyn Connector>,
+    ) -> Result<ForwardEnd> {
+        if let Ok(mut routes) = self.routes().tcp.lock() {
+            routes.insert(u32::from(port), connector);
+        }
+        match self
+            .handle()
+            .tcpip_forward("127.0.0.1", u32::from(port))
+            .await
+        {
+            Ok(_) => Ok(ForwardEnd::Tcp(port)),
+            Err(e) => {
+                if let Ok(mut routes) = self.routes().tcp.lock() {
+                    routes.remove(&u32::from(port));
+                }
+                Err(self.error(
+                    Step::Forward,
+                    refused(e, &format!("listening on 127.0.0.1:{port}")),
+                ))
+            }
+        }
+    }
+
     /// A Unix-socket forward at `path`, or a loopback TCP port where the server refuses socket
     /// forwarding (old servers, or `AllowStreamLocalForwarding no`).
     pub async fn forward_unix_or_tcp(

@@ -22,7 +22,9 @@ pub mod session;
 pub mod sftp;
 pub mod ssh_config;
 
-pub use auth::{AgentSource, AuthOptions, Prompter, agent_socket, take_agent_socket};
+pub use auth::{
+    AgentSource, AuthOptions, Prompter, agent_socket, set_agent_socket, take_agent_socket,
+};
 pub use error::{Cause, SshError, Step};
 pub use exec::{
     Collected, CommandLine, ExecOptions, ExitStatus, Output, RemoteCommand, shell_quote,

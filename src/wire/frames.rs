@@ -441,6 +441,11 @@ pub enum Down {
     Ack {
         acked: u64,
     },
+    /// The one-time token that lets the parent re-attach to this node over a fresh SSH
+    /// connection (`arbor reattach`, crate::node::reattach); each replaces the one before.
+    Reattach {
+        token: String,
+    },
 }
 
 /// A host's state, as the operator sees it.
@@ -628,6 +633,15 @@ pub enum Up {
     /// ([`resume`](super::resume); not `seq`, the numbered envelope's own field).
     Ack {
         acked: u64,
+    },
+    /// The answer to a re-attach (crate::node::reattach): the token was good, and this node
+    /// took every numbered frame down through `acked`; it replays what came after.
+    Resumed {
+        acked: u64,
+    },
+    /// The answer to a re-attach with a wrong or used token: nothing else follows.
+    Refused {
+        reason: String,
     },
 }
 

@@ -9,9 +9,11 @@
 //! [`Inbox`] takes each number once, in order: a number it already took is a duplicate and is
 //! dropped, a number past the next one is a gap (frames lost), which it counts and reports.
 //!
-//! On one SSH connection (the only transport today) TCP never loses or repeats a frame, so the
-//! numbers only confirm it: a link that comes back after an outage reports how many frames
-//! were in flight and that none was lost or repeated.
+//! On one SSH connection TCP never loses or repeats a frame, so there the numbers only confirm
+//! it. When the parent re-attaches over a new SSH connection (crate::node::reattach), each end
+//! sends again what the other says it has not taken ([`LinkSeqs::replay_after`]), and the
+//! inboxes drop what had come both ways. A link that comes back reports how many frames were
+//! in flight and whether any was lost or repeated.
 
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
@@ -205,6 +207,14 @@ impl<T: Clone + Serialize> LinkSeqs<T> {
         lock(&self.inbox).last()
     }
 
+    /// Every frame sent after `seq` (what the other end says it took last), to send again on
+    /// a re-attached link; `Err` with the first number no longer kept (budget exceeded).
+    pub fn replay_after(&self, seq: u64) -> Result<Vec<Numbered<T>>, u64> {
+        let mut out = lock(&self.out);
+        out.ack(seq);
+        out.replay_after(seq)
+    }
+
     /// For a link that came back: what was in flight, and whether anything was lost or
     /// repeated (`sent` and `got` name the directions, as "up" and "down").
     pub fn report(&self, sent: &str, got: &str) -> String {
@@ -221,6 +231,48 @@ impl<T: Clone + Serialize> LinkSeqs<T> {
             inbox.last()
         )
     }
+}
+
+/// What `arbor reattach` itself sends first on the re-attach socket, before it splices the
+/// parent's stream to it: the agent socket of its own SSH connection (when the parent
+/// forwards its agent), which replaces the one the node took at start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Splice {
+    #[serde(default)]
+    pub agent: Option<String>,
+}
+
+/// The parent's first frame on a re-attached link: the one-time token, and the last number
+/// it took from the child in order (the child replays what came after).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resume {
+    pub token: String,
+    pub acked: u64,
+}
+
+impl std::fmt::Debug for Resume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resume")
+            .field("token", &"…")
+            .field("acked", &self.acked)
+            .finish()
+    }
+}
+
+/// A new one-time re-attach token: 32 random bytes, in hex.
+pub fn new_token() -> String {
+    let bytes: [u8; 32] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether `given` is `expected`, in time that does not depend on where they differ.
+pub fn same_token(given: &str, expected: &str) -> bool {
+    let (a, b) = (given.as_bytes(), expected.as_bytes());
+    let mut diff = u8::from(a.len() != b.len());
+    for (i, expected) in b.iter().enumerate() {
+        diff |= a.get(i).copied().unwrap_or(0) ^ expected;
+    }
+    diff == 0
 }
 
 #[cfg(test)]
@@ -275,6 +327,30 @@ mod tests {
             "the other end had 2: 3 and 4 are kept"
         );
         assert_eq!(out.last_sent(), 4);
+    }
+
+    #[test]
+    fn tokens_are_fresh_and_compared_whole() {
+        let (a, b) = (new_token(), new_token());
+        assert_eq!(a.len(), 64);
+        assert_ne!(a, b);
+        assert!(same_token(&a, &a.clone()));
+        assert!(!same_token(&b, &a));
+        assert!(!same_token(&a[..63], &a));
+        assert!(!same_token(&format!("{a}0"), &a));
+        assert!(!same_token("", &a));
+    }
+
+    #[test]
+    fn a_link_replays_after_the_peers_ack_and_forgets_what_it_took() {
+        let seqs = LinkSeqs::<String>::new();
+        for i in 0..4 {
+            seqs.number(format!("f{i}"));
+        }
+        let again = seqs.replay_after(2).unwrap_or_default();
+        assert_eq!(again.iter().map(|n| n.seq).collect::<Vec<_>>(), vec![3, 4]);
+        // The ack in the handshake counts: 1 and 2 are no longer kept.
+        assert_eq!(lock(&seqs.out).unacked().0, 2);
     }
 
     #[test]

@@ -1,0 +1,257 @@
+//! Re-attaching a parent to a running child over a fresh SSH connection.
+//!
+//! At launch the parent sends its child a one-time token (`Down::Reattach`, down the
+//! encrypted control channel). The child then listens on `reattach.sock` in its working dir
+//! (the dir is 0700, the socket 0600, both the user's; a peer of another uid is refused).
+//! When the parent's SSH connection is gone (or the link is down and the connection may be),
+//! the parent connects again (the same host-key check and jump path as at first) and runs
+//! the hidden `arbor reattach --dir WORKDIR` there, which connects to that socket, sends
+//! [`Splice`] (its own agent socket), and splices its stdin and stdout to it. Through it the
+//! parent sends [`Resume`]: the token and the last number it took from the child. The child
+//! compares the token in constant time and takes it (single use); a wrong or used one is
+//! refused (`Up::Refused`) and logged. A good one gets `Up::Resumed` with the last number the
+//! child took; both ends then replay what the other had not taken
+//! ([`LinkSeqs::replay_after`](crate::wire::resume::LinkSeqs::replay_after)) and go on over
+//! the new stream, and the parent sends a new token for the next time.
+
+use crate::wire::resume::{LinkSeqs, Numbered, Resume, Splice, same_token};
+use crate::wire::{FrameReader, FrameWriter, Up};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+
+/// The socket's name in the child's working dir.
+pub const SOCKET: &str = "reattach.sock";
+
+/// How long a connection to the socket has to present its token.
+const HANDSHAKE: Duration = Duration::from_secs(10);
+
+/// A byte stream's read half, boxed.
+pub type BoxRead = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
+/// A byte stream's write half, boxed.
+pub type BoxWrite = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
+/// Frames from the parent.
+pub type LinkReader = FrameReader<BoxRead>;
+
+/// The child's side: the token it holds, and where a re-attached stream goes.
+pub struct Offer {
+    dir: Option<PathBuf>,
+    token: Mutex<Option<String>>,
+    listening: AtomicBool,
+    /// A token came: this node waits for a re-attach when its connection ends.
+    pub offered: Arc<AtomicBool>,
+    seqs: Arc<LinkSeqs<Up>>,
+    readers: mpsc::Sender<LinkReader>,
+    writers: mpsc::Sender<(BoxWrite, u64)>,
+}
+
+impl Offer {
+    pub fn new(
+        dir: Option<PathBuf>,
+        seqs: Arc<LinkSeqs<Up>>,
+        readers: mpsc::Sender<LinkReader>,
+        writers: mpsc::Sender<(BoxWrite, u64)>,
+    ) -> Arc<Self> {
+        Arc::new(Offer {
+            dir,
+            token: Mutex::new(None),
+            listening: AtomicBool::new(false),
+            offered: Arc::default(),
+            seqs,
+            readers,
+            writers,
+        })
+    }
+
+    /// A token from the parent: it replaces the one before; the first starts the listener.
+    pub fn token(self: &Arc<Self>, token: String) {
+        let Some(dir) = self.dir.clone() else {
+            return;
+        };
+        *self.token.lock().unwrap_or_else(|e| e.into_inner()) = Some(token);
+        if self.listening.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        match listen(&dir) {
+            Ok(listener) => {
+                self.offered.store(true, Ordering::SeqCst);
+                let offer = self.clone();
+                tokio::spawn(async move { offer.serve(listener).await });
+            }
+            Err(e) => tracing::warn!("re-attach: not listening: {e}"),
+        }
+    }
+
+    /// Takes the token if `given` is it (single use).
+    fn take(&self, given: &str) -> bool {
+        let mut held = self.token.lock().unwrap_or_else(|e| e.into_inner());
+        match held.as_deref() {
+            Some(expected) if same_token(given, expected) => {
+                *held = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    async fn serve(self: Arc<Self>, listener: tokio::net::UnixListener) {
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            };
+            match stream.peer_cred() {
+                Ok(cred) if cred.uid() == me => {}
+                Ok(cred) => {
+                    tracing::warn!(
+                        "re-attach: refused a connection from uid {} (not this node's user)",
+                        cred.uid()
+                    );
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!("re-attach: refused a connection: {e}");
+                    continue;
+                }
+            }
+            let offer = self.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE, offer.handshake(stream)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!("re-attach refused: {e}"),
+                    Err(_) => tracing::warn!(
+                        "re-attach refused: no token within {}s",
+                        HANDSHAKE.as_secs()
+                    ),
+                }
+            });
+        }
+    }
+
+    async fn handshake(&self, stream: tokio::net::UnixStream) -> Result<(), String> {
+        let (read, write) = stream.into_split();
+        let mut reader: LinkReader = FrameReader::new(Box::new(read));
+        let mut writer = FrameWriter::new(Box::new(write) as BoxWrite);
+        let splice = match reader.recv::<Splice>().await {
+            Ok(Some(s)) => s,
+            Ok(None) => return Err("the connection closed before the splice said anything".into()),
+            Err(e) => return Err(format!("splice: {e}")),
+        };
+        let resume = match reader.recv::<Resume>().await {
+            Ok(Some(r)) => r,
+            Ok(None) => return Err("the connection closed before a token came".into()),
+            Err(e) => return Err(format!("resume: {e}")),
+        };
+        if !self.take(&resume.token) {
+            let _ = writer
+                .send(&Numbered::bare(Up::Refused {
+                    reason: "wrong or used re-attach token".into(),
+                }))
+                .await;
+            return Err("a wrong or already used token".into());
+        }
+        if let Some(agent) = splice.agent.filter(|a| !a.is_empty()) {
+            crate::ssh::set_agent_socket(PathBuf::from(agent));
+        }
+        writer
+            .send(&Numbered::bare(Up::Resumed {
+                acked: self.seqs.received(),
+            }))
+            .await
+            .map_err(|e| format!("answering: {e}"))?;
+        let _ = self.readers.send(reader).await;
+        let _ = self.writers.send((writer.into_inner(), resume.acked)).await;
+        Ok(())
+    }
+}
+
+/// Listens on the socket in `dir`, which must be a private dir of this user.
+fn listen(dir: &Path) -> Result<tokio::net::UnixListener, String> {
+    check_private_dir(dir)?;
+    let path = dir.join(SOCKET);
+    let _ = std::fs::remove_file(&path);
+    let listener =
+        tokio::net::UnixListener::bind(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(listener)
+}
+
+/// `dir` is a real dir (not a link) of this user that no one else may enter.
+fn check_private_dir(dir: &Path) -> Result<(), String> {
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if !meta.is_dir() || meta.uid() != me || meta.mode() & 0o077 != 0 {
+        return Err(format!(
+            "{}: not a private dir of this user (mode {:o}, uid {})",
+            dir.display(),
+            meta.mode() & 0o7777,
+            meta.uid()
+        ));
+    }
+    Ok(())
+}
+
+/// `arbor reattach --dir DIR` (hidden; run by a parent over a fresh SSH connection): connects
+/// to the running node's socket in its working dir and splices stdin and stdout to it.
+pub async fn splice_main(dir: &Path) -> u8 {
+    let named_ours = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("arbor."));
+    if !named_ours {
+        eprintln!(
+            "arbor reattach: {}: not an arbor working dir",
+            dir.display()
+        );
+        return crate::exit::BAD_INPUT;
+    }
+    if let Err(e) = check_private_dir(dir) {
+        eprintln!("arbor reattach: {e}");
+        return crate::exit::FAILED;
+    }
+    let path = dir.join(SOCKET);
+    let mut socket = match tokio::net::UnixStream::connect(&path).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("arbor reattach: {}: {e}", path.display());
+            return crate::exit::FAILED;
+        }
+    };
+    let splice = Splice {
+        agent: crate::ssh::agent_socket().map(|p| p.to_string_lossy().into_owned()),
+    };
+    {
+        let mut writer = FrameWriter::new(&mut socket);
+        if let Err(e) = writer.send(&splice).await {
+            eprintln!("arbor reattach: {e}");
+            return crate::exit::FAILED;
+        }
+    }
+    // Done when the node's side ends (it exited, or took another re-attach); the end of stdin
+    // (the parent's connection went) only closes the way down, and the node, seeing it,
+    // closes its side in turn.
+    let (mut from_node, mut to_node) = socket.into_split();
+    let up = async {
+        let mut stdout = tokio::io::stdout();
+        let _ = tokio::io::copy(&mut from_node, &mut stdout).await;
+        let _ = stdout.flush().await;
+    };
+    let down = async {
+        let _ = tokio::io::copy(&mut tokio::io::stdin(), &mut to_node).await;
+        let _ = to_node.shutdown().await;
+        std::future::pending::<()>().await;
+    };
+    tokio::select! {
+        () = up => {}
+        () = down => {}
+    }
+    crate::exit::OK
+}
