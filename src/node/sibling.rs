@@ -251,6 +251,57 @@ impl std::fmt::Display for SeedError {
     }
 }
 
+/// How many times a seed-serve is asked to start when the host's SSH server closes the channel
+/// before answering.
+const SERVE_ATTEMPTS: u64 = 3;
+
+/// Why a seed-serve gave no address.
+enum Served {
+    /// The server closed the channel before answering the exec request: ask again.
+    Again,
+    Failed(SeedError),
+}
+
+/// The address a seed-serve listens on: its first line, once it has checked its cache entry.
+async fn serve_address(
+    serve: &mut crate::ssh::RemoteCommand,
+    from: &str,
+    cancel: &CancellationToken,
+) -> Result<String, Served> {
+    let failed = |e: String| Served::Failed(SeedError::Failed(format!("{from}: {e}")));
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    loop {
+        let item = tokio::select! {
+            i = serve.next() => i,
+            _ = cancel.cancelled() => return Err(Served::Failed(SeedError::Stopped)),
+            _ = tokio::time::sleep(Duration::from_secs(120)) => None,
+        };
+        match item {
+            Some(crate::ssh::Output::Stdout(d)) => {
+                out.extend_from_slice(&d);
+                if let Some(end) = out.iter().position(|b| *b == b'\n') {
+                    let line = String::from_utf8_lossy(&out[..end]).to_string();
+                    return match line.strip_prefix("listening ") {
+                        Some(a) => Ok(a.trim().to_string()),
+                        None => Err(failed(format!("seed-serve said {line:?}"))),
+                    };
+                }
+            }
+            Some(crate::ssh::Output::Stderr(d)) => err.extend_from_slice(&d),
+            Some(crate::ssh::Output::Exit(crate::ssh::ExitStatus::ClosedBeforeReply)) => {
+                return Err(Served::Again);
+            }
+            Some(crate::ssh::Output::Exit(status)) => {
+                return Err(failed(format!(
+                    "seed-serve ended with {status}: {}",
+                    String::from_utf8_lossy(&err).trim()
+                )));
+            }
+            None => return Err(failed("seed-serve did not answer".into())),
+        }
+    }
+}
+
 /// The parent's side: has `to` fetch the artifact `sha256` (`size` bytes) into `dest` from
 /// `from`, under a fresh capability. Ok once `to` holds it, checked.
 pub async fn fetch(
@@ -262,7 +313,6 @@ pub async fn fetch(
     cancel: &CancellationToken,
 ) -> Result<(), SeedError> {
     let failed = |who: &str, e: String| SeedError::Failed(format!("{who}: {e}"));
-    let cap = Capability::new();
     let serve_line = CommandLine::new(&from.binary).args([
         "seed-serve",
         "--file",
@@ -274,48 +324,36 @@ pub async fn fetch(
         "--expire",
         &EXPIRE.to_string(),
     ]);
-    let mut serve = from
-        .session
-        .exec(serve_line.as_str(), &Default::default())
-        .await
-        .map_err(|e| failed(&from.name, e.to_string()))?;
-    serve
-        .write_stdin(cap.line().as_bytes())
-        .await
-        .map_err(|e| failed(&from.name, e.to_string()))?;
-    // Its stdin stays open while the capability may be used: its end revokes it.
-    // Its first line: where it listens (after checking its cache entry).
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    let addr = loop {
-        let item = tokio::select! {
-            i = serve.next() => i,
-            _ = cancel.cancelled() => return Err(SeedError::Stopped),
-            _ = tokio::time::sleep(Duration::from_secs(120)) => None,
-        };
-        match item {
-            Some(crate::ssh::Output::Stdout(d)) => {
-                out.extend_from_slice(&d);
-                if let Some(end) = out.iter().position(|b| *b == b'\n') {
-                    let line = String::from_utf8_lossy(&out[..end]).to_string();
-                    match line.strip_prefix("listening ") {
-                        Some(a) => break a.trim().to_string(),
-                        None => {
-                            return Err(failed(&from.name, format!("seed-serve said {line:?}")));
-                        }
-                    }
-                }
+    // A dropbear that closes a channel before answering its exec request (as older ones do
+    // when a connection is busy) did not run the command there: ask again, a few times.
+    let mut attempt = 0;
+    let (cap, serve, addr) = loop {
+        attempt += 1;
+        let cap = Capability::new();
+        let mut serve = from
+            .session
+            .exec(serve_line.as_str(), &Default::default())
+            .await
+            .map_err(|e| failed(&from.name, e.to_string()))?;
+        serve
+            .write_stdin(cap.line().as_bytes())
+            .await
+            .map_err(|e| failed(&from.name, e.to_string()))?;
+        match serve_address(&mut serve, &from.name, cancel).await {
+            Err(Served::Again) if attempt < SERVE_ATTEMPTS => {
+                tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
             }
-            Some(crate::ssh::Output::Stderr(d)) => err.extend_from_slice(&d),
-            Some(crate::ssh::Output::Exit(status)) => {
+            Err(Served::Again) => {
                 return Err(failed(
                     &from.name,
                     format!(
-                        "seed-serve ended with {status}: {}",
-                        String::from_utf8_lossy(&err).trim()
+                        "seed-serve ended with {} {SERVE_ATTEMPTS} times",
+                        crate::ssh::ExitStatus::ClosedBeforeReply
                     ),
                 ));
             }
-            None => return Err(failed(&from.name, "seed-serve did not answer".into())),
+            Err(Served::Failed(e)) => return Err(e),
+            Ok(addr) => break (cap, serve, addr),
         }
     };
     let fetch_line = CommandLine::new(&to.binary).args([

@@ -701,7 +701,7 @@ impl Hub {
             if resp.canceled {
                 if resp.compact_revision > 0 {
                     // Compacted past where the front was: what is between is lost to it.
-                    self.gap(header);
+                    self.gap();
                 }
                 return Err(Status::aborted(format!(
                     "shared watch canceled: {}",
@@ -778,15 +778,21 @@ impl Hub {
         self.cache_moved.send_modify(|n| *n += 1);
     }
 
-    /// The shared watch lost events: nothing buffered can be trusted to be complete.
-    fn gap(&self, header: PbResponseHeader) {
+    /// The shared watch lost events: nothing buffered can be trusted to be complete. Until
+    /// the shared watch is back (the range read again, the watch started after that read),
+    /// no child watch is served from it: the revision it will resume from is not known yet
+    /// (the store above's cancellation may carry no header), and a child subscribed
+    /// meanwhile would miss what lies between (seen: a child's watch from revision 3 served
+    /// from a shared watch that came back at 5, never told of 3 and 4).
+    fn gap(&self) {
         let mut state = self.lock();
         state.buffer.clear();
         state.buffered = 0;
-        state.current = header.revision;
-        state.first = header.revision + 1;
+        state.current = 0;
+        state.first = i64::MAX;
         state.cache = None;
         drop(state);
+        self.started.send_replace(false);
         let _ = self.tx.send(Arc::new(Item::Gap));
     }
 
