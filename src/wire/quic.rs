@@ -449,8 +449,7 @@ mod tests {
         let _served = serve_echo(listener);
         let err = connect(addr, &parent, kid.fingerprint(), &tuning(), CONNECT_TIMEOUT)
             .await
-            .err()
-            .expect("connected to a certificate it did not pin");
+            .expect_err("connected to a certificate it did not pin");
         assert!(err.to_string().contains("certificate"), "{err}");
     }
 
