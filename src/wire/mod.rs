@@ -9,6 +9,7 @@
 
 mod codec;
 mod frames;
+pub mod quic;
 pub mod resume;
 
 pub use codec::{FrameReader, FrameWriter, MAX_FRAME, MAX_LINE, MAX_UP_FRAME};
