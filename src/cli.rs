@@ -253,6 +253,19 @@ Exit codes: the largest exit code of COMMAND across hosts; 255 when a host could
 reached (or its connection, staging or relay failed); 2 for bad input (a bad nodeset, an empty
 command, a host not in the topology; nothing contacted); 130 on ^C (143 SIGTERM, 129 SIGHUP).";
 
+/// `--quic-ports`: `FIRST-LAST`, both ports, FIRST at most LAST (also a topology's
+/// `quic_ports`).
+pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let bad = || format!("{s:?}: expected FIRST-LAST, two UDP ports (1-65535), FIRST <= LAST");
+    let (first, last) = s.trim().split_once('-').ok_or_else(bad)?;
+    let first: u16 = first.trim().parse().map_err(|_| bad())?;
+    let last: u16 = last.trim().parse().map_err(|_| bad())?;
+    if first == 0 || first > last {
+        return Err(bad());
+    }
+    Ok((first, last))
+}
+
 /// `--cache-max-size`: a size the cache policy understands, kept as written.
 fn parse_cache_max_size(s: &str) -> Result<String, String> {
     crate::node::cache::MaxSize::parse(s).map(|_| s.trim().to_string())
@@ -271,6 +284,21 @@ struct SshArgs {
     /// own subtree down and removes every working dir, as on ^C. 0: give up at once.
     #[arg(long, value_name = "SECONDS", default_value_t = crate::wire::RECONNECT_GRACE)]
     reconnect_grace: u64,
+    /// What each link between a parent and its child runs on once SSH has staged and started
+    /// the child. auto (the default): QUIC when UDP gets through (the child listens on a UDP
+    /// port, the parent connects with both ends' certificates pinned through the SSH channel;
+    /// control frames, events and store traffic then ride its streams, and the link follows
+    /// an address change of the parent), else the SSH channel within a second. ssh: the SSH
+    /// channel only. quic: QUIC, or the host fails. The summary says which each link used
+    /// (docs/remote.md, "QUIC").
+    #[arg(long, value_name = "HOW", default_value = "auto",
+          value_parser = ["ssh", "quic", "auto"])]
+    transport: String,
+    /// The UDP ports children listen on for QUIC, as FIRST-LAST (for a firewall that lets
+    /// only those through); a topology entry's quic_ports sets them for its host. Default:
+    /// any free port.
+    #[arg(long, value_name = "FIRST-LAST", value_parser = parse_port_range)]
+    quic_ports: Option<(u16, u16)>,
     /// At most this many SSH connections being set up at once (0: no limit).
     #[arg(long, value_name = "N", default_value_t = 64)]
     cconns: usize,
@@ -370,6 +398,8 @@ impl SshArgs {
         options.cconns = self.cconns;
         options.no_caching = self.no_caching;
         options.compress = crate::wire::Compress::parse(&self.compress).unwrap_or_default();
+        options.transport = crate::wire::Transport::parse(&self.transport).unwrap_or_default();
+        options.quic_ports = self.quic_ports;
         options.ssh_config = self.ssh_config;
         options.identities = self.identities;
         options.known_hosts = self.known_hosts;

@@ -77,6 +77,8 @@ const KEYS: &[Key] = &[
     key("remote-tmp", "remote_tmp", Shape::Value, RUN_EXEC),
     key("no-caching", "no_caching", Shape::Flag, RUN_EXEC),
     key("compress", "compress", Shape::Value, RUN_EXEC),
+    key("transport", "transport", Shape::Value, RUN_EXEC),
+    key("quic-ports", "quic_ports", Shape::Value, RUN_EXEC),
     key(
         "allow-interactive",
         "allow_interactive",

@@ -23,6 +23,13 @@ pub enum FromChild {
     },
     /// A heartbeat: the child is still there.
     Alive,
+    /// The child listens for this node's QUIC connection (crate::wire::quic): on this UDP
+    /// port, with the certificate of this sha256; or could not (`error`).
+    Quic {
+        port: u16,
+        fingerprint: String,
+        error: Option<String>,
+    },
     /// The child's arbor ended (or the link broke). `error`: the last lines of its stderr.
     /// `attachment`: which connection's channel ended (0: the first; each re-attach counts
     /// one more), so the end of a connection the parent re-attached away from is told apart.
@@ -54,6 +61,24 @@ pub struct ChildLink {
     reading: tokio_util::sync::CancellationToken,
     /// The one-time token the child holds, when it was offered a re-attach.
     token: Option<String>,
+    /// The QUIC connection the link runs on, once it moved there.
+    quic: Option<QuicLink>,
+}
+
+/// A link's QUIC connection, and which attachment it is.
+struct QuicLink {
+    endpoint: quinn::Endpoint,
+    connection: quinn::Connection,
+    attachment: u32,
+}
+
+/// What an attachment's reader needs: where frames go, and what the child may say.
+#[derive(Clone)]
+struct Sink {
+    me: HostPath,
+    allowed: Arc<HashSet<HostPath>>,
+    seqs: Arc<LinkSeqs<Down>>,
+    events: mpsc::Sender<FromChild>,
 }
 
 impl ChildLink {
@@ -115,10 +140,9 @@ impl ChildLink {
         forward_agent: bool,
         timeout: std::time::Duration,
     ) -> Result<(), String> {
-        let token = self
-            .token
-            .clone()
-            .ok_or_else(|| "no re-attach was offered".to_string())?;
+        if self.token.is_none() {
+            return Err("no re-attach was offered".to_string());
+        }
         let label = session.label().to_string();
         let tunnel = match (&self.tunnel, store) {
             (Some(ForwardEnd::Unix(path)), Some(store)) => {
@@ -148,22 +172,149 @@ impl ChildLink {
         self.tries += 1;
         let attachment = self.tries;
         let reading = tokio_util::sync::CancellationToken::new();
-        let (writer, answer) = attach(
-            command,
-            Vec::new(),
-            self.me.clone(),
-            self.allowed.clone(),
-            self.seqs.clone(),
-            self.events.clone(),
-            attachment,
-            reading.clone(),
-        );
+        let (writer, answer) = attach(command, Vec::new(), self.sink(), attachment, reading.clone());
+        self.resume(writer, answer, reading, attachment, timeout, &label, None)
+            .await
+            .map_err(|e| format!("{label}: reattach: {e}"))?;
+        self.tunnel = tunnel;
+        // Back on SSH: a QUIC connection the link ran on before is over.
+        if let Some(quic) = self.quic.take() {
+            quic.connection.close(0u32.into(), b"moved to SSH");
+        }
+        Ok(())
+    }
+
+    /// Moves the link onto QUIC: connects to the child at `addr` with its certificate
+    /// (`fingerprint`, from `Up::Quic`) pinned and this node's own (`me`, whose fingerprint
+    /// went down in `Start::quic`), opens the control stream, and re-attaches over it as over
+    /// a fresh SSH connection (the token, the replay). The streams the child opens afterwards
+    /// are its store connections, each served by `store`. On error the link stays on SSH.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn move_to_quic(
+        &mut self,
+        label: &str,
+        addr: std::net::SocketAddr,
+        fingerprint: &str,
+        me: &crate::wire::quic::Identity,
+        tuning: &crate::wire::quic::Tuning,
+        store: Option<Arc<dyn Connector>>,
+        timeout: std::time::Duration,
+    ) -> Result<(), String> {
+        use crate::wire::quic;
+        let (endpoint, connection) =
+            quic::connect(addr, me, fingerprint, tuning, quic::CONNECT_TIMEOUT)
+                .await
+                .map_err(|e| format!("QUIC to {addr}: {e}"))?;
+        let opened = async {
+            let (send, recv) = connection
+                .open_bi()
+                .await
+                .map_err(|e| format!("QUIC to {addr}: control stream: {e}"))?;
+            self.tries += 1;
+            let attachment = self.tries;
+            let reading = tokio_util::sync::CancellationToken::new();
+            let answer = read_frames(
+                Box::new(recv),
+                self.sink(),
+                reading.clone(),
+                Ended::Stream {
+                    attachment,
+                    connection: connection.clone(),
+                },
+            );
+            self.resume(
+                Box::new(send),
+                answer,
+                reading,
+                attachment,
+                timeout,
+                label,
+                Some(crate::wire::resume::Splice { agent: None }),
+            )
+            .await
+            .map_err(|e| format!("QUIC to {addr}: {e}"))?;
+            Ok::<u32, String>(attachment)
+        };
+        match opened.await {
+            Ok(attachment) => {
+                if let Some(store) = store {
+                    tokio::spawn(serve_store_streams(connection.clone(), store));
+                }
+                self.quic = Some(QuicLink {
+                    endpoint,
+                    connection,
+                    attachment,
+                });
+                Ok(())
+            }
+            Err(e) => {
+                connection.close(0u32.into(), b"");
+                endpoint.close(0u32.into(), b"");
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether the link runs on QUIC now.
+    pub fn on_quic(&self) -> bool {
+        self.quic
+            .as_ref()
+            .is_some_and(|q| q.attachment == self.attachment)
+    }
+
+    /// What the link runs on now, for the operator.
+    pub fn transport(&self) -> &'static str {
+        if self.on_quic() { "quic" } else { "ssh" }
+    }
+
+    /// Ends the QUIC connection (the child ended, or the link is given up).
+    pub fn close_quic(&mut self) {
+        if let Some(quic) = self.quic.take() {
+            quic.connection.close(0u32.into(), b"done");
+            quic.endpoint.close(0u32.into(), b"done");
+        }
+    }
+
+    fn sink(&self) -> Sink {
+        Sink {
+            me: self.me.clone(),
+            allowed: self.allowed.clone(),
+            seqs: self.seqs.clone(),
+            events: self.events.clone(),
+        }
+    }
+
+    /// The re-attach exchange on a new stream (`writer` down, its reader answering on
+    /// `answer`): the splice (over QUIC, where no `arbor reattach` sends one), the token and
+    /// the number taken, the child's answer, the replay of what it had not taken; then the
+    /// link is on the new stream, and a new token goes down for the next time.
+    #[allow(clippy::too_many_arguments)]
+    async fn resume(
+        &mut self,
+        writer: Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+        answer: tokio::sync::oneshot::Receiver<Result<u64, String>>,
+        reading: tokio_util::sync::CancellationToken,
+        attachment: u32,
+        timeout: std::time::Duration,
+        label: &str,
+        splice: Option<crate::wire::resume::Splice>,
+    ) -> Result<(), String> {
+        let token = self
+            .token
+            .clone()
+            .ok_or_else(|| "no re-attach was offered".to_string())?;
         let mut writer = FrameWriter::new(writer);
         let resume = crate::wire::resume::Resume {
             token,
             acked: self.seqs.received(),
         };
         let exchange = async {
+            if let Some(splice) = &splice {
+                writer
+                    .send(splice)
+                    .await
+                    .map_err(|e| format!("sending the splice: {e}"))?;
+            }
             writer
                 .send(&resume)
                 .await
@@ -178,22 +329,18 @@ impl ChildLink {
             Ok(Ok(acked)) => acked,
             Ok(Err(e)) => {
                 reading.cancel();
-                return Err(format!("{label}: reattach: {e}"));
+                return Err(e);
             }
             Err(_) => {
                 reading.cancel();
-                return Err(format!(
-                    "{label}: reattach: no answer within {}s",
-                    timeout.as_secs()
-                ));
+                return Err(format!("no answer within {}s", timeout.as_secs()));
             }
         };
         // The token is used: the child holds none until the new one comes.
         self.token = None;
         let replay = self.seqs.replay_after(acked).map_err(|first| {
             format!(
-                "{label}: reattach: the frames down from #{first} on were forgotten (past the \
-                 replay budget)"
+                "the frames down from #{first} on were forgotten (past the replay budget)"
             )
         })?;
         let count = replay.len();
@@ -201,18 +348,26 @@ impl ChildLink {
             writer
                 .send(&frame)
                 .await
-                .map_err(|e| format!("{label}: reattach: replaying: {e}"))?;
+                .map_err(|e| format!("replaying: {e}"))?;
         }
         tracing::debug!("{label}: re-attached; sent again {count} frame(s) down (after #{acked})");
         self.reading.cancel();
         self.reading = reading;
         self.writer = writer;
         self.attachment = attachment;
-        self.tunnel = tunnel;
         self.offer_token()
             .await
-            .map_err(|e| format!("{label}: reattach: sending a new token: {e}"))?;
+            .map_err(|e| format!("sending a new token: {e}"))?;
         Ok(())
+    }
+}
+
+/// Serves the streams a child opens on its QUIC link: each is one of its store connections
+/// (it listens at its store socket once the link moved, crate::node::parent_link), piped to
+/// the store as a tunnelled one would be. Ends with the connection.
+async fn serve_store_streams(connection: quinn::Connection, store: Arc<dyn Connector>) {
+    while let Ok((send, recv)) = connection.accept_bi().await {
+        store.connect(Box::new(tokio::io::join(recv, send)));
     }
 }
 
@@ -345,16 +500,13 @@ pub async fn launch(
     let allowed = Arc::new(subtree_paths(&start.children));
     let seqs = LinkSeqs::<Down>::new();
     let reading = tokio_util::sync::CancellationToken::new();
-    let (writer, hello_rx) = attach(
-        command,
-        head,
-        me.clone(),
-        allowed.clone(),
-        seqs.clone(),
-        events_tx.clone(),
-        0,
-        reading.clone(),
-    );
+    let sink = Sink {
+        me: me.clone(),
+        allowed: allowed.clone(),
+        seqs: seqs.clone(),
+        events: events_tx.clone(),
+    };
+    let (writer, hello_rx) = attach(command, head, sink, 0, reading.clone());
     let mut control = ChildLink {
         writer: FrameWriter::new(writer),
         tunnel,
@@ -366,6 +518,7 @@ pub async fn launch(
         tries: 0,
         reading,
         token: None,
+        quic: None,
     };
 
     let label = session.label();
@@ -404,14 +557,10 @@ pub async fn launch(
 /// events about hosts outside the child's subtree (`allowed`) are dropped. Returns the
 /// channel's stdin, and the answer to the first frame: `Ok(0)` for a hello, `Ok(acked)` for
 /// a re-attach the child took, `Err` for a refusal or a link that broke first.
-#[allow(clippy::too_many_arguments)]
 fn attach(
     mut command: crate::ssh::RemoteCommand,
     head: Vec<u8>,
-    me: HostPath,
-    allowed: Arc<HashSet<HostPath>>,
-    seqs: Arc<LinkSeqs<Down>>,
-    events_tx: mpsc::Sender<FromChild>,
+    sink: Sink,
     attachment: u32,
     stop: tokio_util::sync::CancellationToken,
 ) -> (
@@ -420,8 +569,8 @@ fn attach(
 ) {
     let (frames_in, frames_out) = tokio::io::duplex(256 * 1024);
     let writer: Box<dyn tokio::io::AsyncWrite + Send + Unpin> = Box::new(command.stdin_writer());
-    let pump_tx = events_tx.clone();
-    let pump_me = me.clone();
+    let pump_tx = sink.events.clone();
+    let pump_me = sink.me.clone();
     let (reader_done, reader_finished) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         let mut frames_in = frames_in;
@@ -469,13 +618,52 @@ fn attach(
             .await;
     });
 
-    // Read frames: the child's hello (or re-attach answer) first, then events, re-tagged
-    // under this child's path.
+    let hello_rx = read_frames(
+        Box::new(frames_out),
+        sink,
+        stop,
+        Ended::Pump(reader_done),
+    );
+    (writer, hello_rx)
+}
+
+/// What happens when an attachment's reader ends.
+enum Ended {
+    /// An exec channel's: its pump, told so, reports the exit (with the channel's status).
+    Pump(tokio::sync::oneshot::Sender<()>),
+    /// A QUIC stream's: the connection is over, and the end is reported here (the child's
+    /// exit status comes on its exec channel, crate::node::fleet).
+    Stream {
+        attachment: u32,
+        connection: quinn::Connection,
+    },
+}
+
+/// Reads one attachment's frames: the child's hello (or re-attach answer) first, then
+/// events, re-tagged under this child's path. Returns the answer to the first frame.
+fn read_frames(
+    source: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+    sink: Sink,
+    stop: tokio_util::sync::CancellationToken,
+    ended: Ended,
+) -> tokio::sync::oneshot::Receiver<Result<u64, String>> {
+    let Sink {
+        me,
+        allowed,
+        seqs,
+        events: events_tx,
+    } = sink;
     let (hello_tx, hello_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
-        // Dropped when this task ends: the pump then reports the exit.
-        let _done = reader_done;
-        let mut reader = FrameReader::with_limit(frames_out, MAX_UP_FRAME);
+        let (_done, stream_end) = match ended {
+            // Dropped when this task ends: the pump then reports the exit.
+            Ended::Pump(done) => (Some(done), None),
+            Ended::Stream {
+                attachment,
+                connection,
+            } => (None, Some((attachment, connection))),
+        };
+        let mut reader = FrameReader::with_limit(source, MAX_UP_FRAME);
         let mut refused = 0u64;
         let mut hello_tx = Some(hello_tx);
         loop {
@@ -549,6 +737,20 @@ fn attach(
                         break;
                     }
                 }
+                Ok(Some(Up::Quic {
+                    port,
+                    fingerprint,
+                    error,
+                })) => {
+                    let said = FromChild::Quic {
+                        port,
+                        fingerprint,
+                        error,
+                    };
+                    if events_tx.send(said).await.is_err() {
+                        break;
+                    }
+                }
                 Ok(None) => break,
                 Err(e) => {
                     if let Some(tx) = hello_tx.take() {
@@ -560,8 +762,21 @@ fn attach(
                 }
             }
         }
+        if let Some((attachment, connection)) = stream_end {
+            connection.close(0u32.into(), b"stream ended");
+            // Not when the link moved on from this stream (the reader was stopped).
+            if !stop.is_cancelled() {
+                let _ = events_tx
+                    .send(FromChild::Exited {
+                        status: ExitStatus::Unknown,
+                        error: None,
+                        attachment,
+                    })
+                    .await;
+            }
+        }
     });
-    (writer, hello_rx)
+    hello_rx
 }
 
 /// Why a child could not be started.

@@ -35,6 +35,10 @@ pub struct RunOptions {
     pub cache_max_size: String,
     /// `--compress never|auto|always`.
     pub compress: crate::wire::Compress,
+    /// `--transport ssh|quic|auto`.
+    pub transport: crate::wire::Transport,
+    /// `--quic-ports FIRST-LAST`.
+    pub quic_ports: Option<(u16, u16)>,
     pub tmp_prefix: bool,
     pub seeds: Vec<String>,
     /// The etcd user the initiator acts as at the --seeds etcd.
@@ -105,6 +109,8 @@ impl Default for RunOptions {
             no_caching: false,
             cache_max_size: node.cache_max_size.clone(),
             compress: crate::wire::Compress::Auto,
+            transport: node.transport,
+            quic_ports: node.quic_ports,
             tmp_prefix: false,
             seeds: Vec::new(),
             seeds_user: None,
@@ -185,6 +191,8 @@ impl RunOptions {
             converged_timeout: self.converged_timeout.map(|d| d.as_secs()),
             link_timeout: self.link_timeout.max(1),
             reconnect_grace: self.reconnect_grace,
+            transport: self.transport,
+            quic_ports: self.quic_ports,
             noop: self.noop,
             diff: self.diff,
             builds,

@@ -184,6 +184,7 @@ pub(super) async fn run_on_host(
         bytes: 0,
         cached: None,
         store_over_tcp: false,
+        transport: None,
     };
     let outcome = run_command(&ctx, &limit, &spec, &me, via, &command, &stop).await;
     match outcome {
@@ -785,6 +786,7 @@ pub async fn run(options: ExecOptions) -> u8 {
             command: plan.command.clone(),
             targets: plan.targets.clone(),
         })),
+        quic: Default::default(),
     };
     ctx.agent = super::initiator::choose_agent(&ctx, &plan.children).await;
     let mut view = View {

@@ -53,6 +53,27 @@ pub struct FleetContext {
     /// run it over a connection of their own; children with children of their own (the
     /// subtree is pruned to the paths that lead to targets) are staged as relays for it.
     pub exec: Option<Arc<ExecJob>>,
+    /// This node's QUIC certificate, made the first time a child's link may move to QUIC.
+    pub quic: QuicSide,
+}
+
+/// A node's certificate for the QUIC links to its children (crate::wire::quic): one per
+/// process, made when first needed.
+#[derive(Default)]
+pub struct QuicSide(std::sync::OnceLock<Option<Arc<crate::wire::quic::Identity>>>);
+
+impl QuicSide {
+    fn identity(&self) -> Option<Arc<crate::wire::quic::Identity>> {
+        self.0
+            .get_or_init(|| match crate::wire::quic::Identity::generate() {
+                Ok(id) => Some(Arc::new(id)),
+                Err(e) => {
+                    tracing::warn!("QUIC: no certificate ({e}); links stay on SSH");
+                    None
+                }
+            })
+            .clone()
+    }
 }
 
 impl FleetContext {
@@ -261,6 +282,7 @@ struct ChildRun {
     bytes: u64,
     cached: Option<bool>,
     store_over_tcp: bool,
+    transport: Option<(String, Option<String>)>,
 }
 
 impl ChildRun {
@@ -273,6 +295,7 @@ impl ChildRun {
             bytes: 0,
             cached: None,
             store_over_tcp: false,
+            transport: None,
         }
     }
 
@@ -300,6 +323,7 @@ impl ChildRun {
             bytes: self.bytes,
             cached: self.cached,
             store_over_tcp: self.store_over_tcp,
+            transport: self.transport.clone(),
         }
     }
 
@@ -643,6 +667,19 @@ async fn stage_child(
     }
 
     run.step("start").await;
+    // A child run through sudo has a working dir only root enters, and `arbor exec`'s relays
+    // are short-lived: neither is offered a re-attach.
+    let offer_reattach =
+        staged.escalate.is_none() && ctx.exec.is_none() && ctx.config.reconnect_grace > 0;
+    // QUIC is a re-attach over a UDP connection to the host itself: not through jump hosts.
+    let quic = match ctx.config.transport {
+        crate::wire::Transport::Ssh => None,
+        _ if !offer_reattach || !spec.jumps.is_empty() || via.is_some() => None,
+        _ => ctx.quic.identity().map(|id| crate::wire::QuicStart {
+            parent: id.fingerprint().to_string(),
+            ports: spec.quic_ports.or(ctx.config.quic_ports),
+        }),
+    };
     let mut config = ctx.config.clone();
     config.cconns = spec.cconns.unwrap_or(config.cconns);
     let start = Start {
@@ -679,16 +716,13 @@ async fn stage_child(
                     .collect(),
             }
         }),
+        quic,
     };
     let forward_agent = !spec.children.is_empty() && ctx.agent.is_some();
     if let (true, Some(agent_for)) = (forward_agent, &ctx.agent) {
         session.set_agent_connector(agent_for(spec));
     }
     let hello_timeout = Duration::from_secs(ctx.config.hello_timeout);
-    // A child run through sudo has a working dir only root enters, and `arbor exec`'s relays
-    // are short-lived: neither is offered a re-attach.
-    let offer_reattach =
-        staged.escalate.is_none() && ctx.exec.is_none() && ctx.config.reconnect_grace > 0;
     let launched = child_link::launch(
         &session,
         run.me.clone(),
@@ -899,6 +933,73 @@ async fn link_back(
     true
 }
 
+/// How long a child's exit status (on its SSH exec channel) and the end of its QUIC stream
+/// (its last frames) wait for each other.
+const EXIT_SETTLE: Duration = Duration::from_secs(3);
+
+/// Moves `link` onto QUIC, where the child listens (`Up::Quic`), and says which transport the
+/// link runs on (an event, and the summary). Errors only when it must be QUIC
+/// (`--transport quic`): why it is not.
+#[allow(clippy::too_many_arguments)]
+async fn to_quic(
+    ctx: &FleetContext,
+    spec: &ChildSpec,
+    run: &mut ChildRun,
+    session: &Session,
+    link: &mut ChildLink,
+    port: u16,
+    fingerprint: &str,
+    error: Option<String>,
+) -> Result<(), String> {
+    let moved = match (error, ctx.quic.identity()) {
+        (Some(e), _) => Err(format!("the host could not listen on UDP: {e}")),
+        (None, None) => Err("no certificate of this node's".to_string()),
+        (None, Some(me)) => {
+            let link_timeout = Duration::from_secs(ctx.config.link_timeout.max(1));
+            let tuning = crate::wire::quic::Tuning {
+                keep_alive: crate::wire::heartbeat_every(ctx.config.link_timeout),
+                idle: link_timeout + Duration::from_secs(ctx.config.reconnect_grace),
+                congestion: Default::default(),
+            };
+            let addr = std::net::SocketAddr::new(session.peer().ip(), port);
+            let timeout = Duration::from_secs(ctx.config.hello_timeout.max(1));
+            link.move_to_quic(
+                &spec.name,
+                addr,
+                fingerprint,
+                &me,
+                &tuning,
+                ctx.store.clone(),
+                timeout,
+            )
+            .await
+        }
+    };
+    let note = match moved {
+        Ok(()) => {
+            tracing::debug!("{}: the link moved onto QUIC", spec.name);
+            None
+        }
+        Err(e) => {
+            tracing::info!("{}: the link stays on SSH: {e}", spec.name);
+            Some(e)
+        }
+    };
+    let transport = if note.is_none() { "quic" } else { "ssh" };
+    run.transport = Some((transport.to_string(), note.clone()));
+    run.emit(EventKind::Link {
+        transport: transport.to_string(),
+        note: note.clone(),
+    })
+    .await;
+    match note {
+        Some(e) if ctx.config.transport == crate::wire::Transport::Quic => {
+            Err(format!("no QUIC link (--transport quic): {e}"))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// The first wait between two re-attach tries; it doubles up to [`REATTACH_MAX_WAIT`].
 const REATTACH_FIRST_WAIT: Duration = Duration::from_secs(1);
 const REATTACH_MAX_WAIT: Duration = Duration::from_secs(5);
@@ -939,9 +1040,64 @@ async fn supervise(
     let mut reconnecting: Option<tokio::time::Instant> = None;
     // The child's own last state, shown again when its link comes back.
     let mut last_state: Option<HostState> = None;
+    // While the link runs on QUIC, the child's exit status still comes on its SSH exec
+    // channel (attachment 0), and its last frames on the QUIC stream: whichever ends first
+    // waits up to EXIT_SETTLE for the other. What the channel said; whether the stream
+    // ended; whether the SSH connection is gone (the link ran on without it).
+    let mut exit_said: Option<(ExitStatus, Option<String>)> = None;
+    let mut quic_ended = false;
+    let mut ssh_gone = false;
+    let mut settle: Option<tokio::time::Instant> = None;
+    // `--transport quic` and QUIC could not be set up: why the host fails.
+    let mut quic_failed: Option<String> = None;
+    if !link.on_quic() {
+        run.transport = Some(("ssh".into(), None));
+    }
     let (status, stderr) = loop {
         tokio::select! {
             item = events.recv() => match item {
+                Some(FromChild::Quic { port, fingerprint, error }) => {
+                    heard = tokio::time::Instant::now();
+                    if let Err(cause) = to_quic(ctx, spec, run, &session, &mut link, port, &fingerprint, error).await
+                        && !stopping
+                    {
+                        quic_failed = Some(cause);
+                        stopping = true;
+                        deadline = Some(tokio::time::Instant::now() + SHUTDOWN_GRACE);
+                        let shutdown = Down::Shutdown { reason: "no QUIC link (--transport quic)".into() };
+                        if let Err(e) = link.send(&shutdown).await {
+                            tracing::debug!("{}: control link: {e}", spec.name);
+                        }
+                    }
+                }
+                Some(FromChild::Exited { attachment: 0, status, error })
+                    if link.on_quic() || quic_ended =>
+                {
+                    if status == ExitStatus::Unknown {
+                        if !ssh_gone {
+                            tracing::info!(
+                                "{}: its SSH connection closed; the link goes on over QUIC",
+                                spec.name
+                            );
+                        }
+                        ssh_gone = true;
+                    } else if quic_ended {
+                        break (status, error);
+                    } else {
+                        exit_said = Some((status, error));
+                        settle = Some(tokio::time::Instant::now() + EXIT_SETTLE);
+                    }
+                }
+                Some(FromChild::Exited { attachment, status: ExitStatus::Unknown, .. })
+                    if link.on_quic() && attachment == link.attachment() =>
+                {
+                    link.close_quic();
+                    quic_ended = true;
+                    if let Some((status, error)) = exit_said.take() {
+                        break (status, error);
+                    }
+                    settle = Some(tokio::time::Instant::now() + if ssh_gone { Duration::ZERO } else { EXIT_SETTLE });
+                }
                 Some(FromChild::Alive) => {
                     heard = tokio::time::Instant::now();
                     let report = reconnecting.map(|_| link.sequence_report());
@@ -1133,6 +1289,9 @@ async fn supervise(
                 };
                 match attached {
                     Ok(fresh) => {
+                        if run.transport.as_ref().is_some_and(|(t, _)| t == "quic") {
+                            run.transport = Some(("ssh".into(), Some("QUIC lost, re-attached over SSH".into())));
+                        }
                         let old = std::mem::replace(&mut session, fresh);
                         tokio::spawn(async move {
                             let _ = tokio::time::timeout(Duration::from_secs(2), old.disconnect()).await;
@@ -1176,6 +1335,33 @@ async fn supervise(
                 };
                 break (ExitStatus::Unknown, Some(why));
             }
+            _ = super::sleep_until(settle) => {
+                settle = None;
+                if let Some((status, error)) = exit_said.take() {
+                    // The child ended, and its QUIC stream did not: what it sent last is lost.
+                    break (status, error);
+                }
+                if quic_ended {
+                    // The QUIC link ended, and no exit: the child runs on without a link.
+                    quic_ended = false;
+                    if stopping || !link.can_reattach() {
+                        link_down = true;
+                        break (ExitStatus::Unknown, Some("link: its QUIC connection closed".into()));
+                    }
+                    tracing::warn!(
+                        "{}: its QUIC connection closed; re-attaching over SSH for up to {}s",
+                        spec.name,
+                        grace.as_secs()
+                    );
+                    if reconnecting.is_none() {
+                        reconnecting = Some(tokio::time::Instant::now());
+                        run.emit(EventKind::State(HostState::Reconnecting { grace: grace.as_secs() })).await;
+                    }
+                    if connecting.is_none() {
+                        next_try = Some(tokio::time::Instant::now());
+                    }
+                }
+            }
             _ = super::sleep_until(deadline) => {
                 // Past the grace period: closing stdin is the child's last word to exit.
                 tracing::warn!("{}: did not exit within {SHUTDOWN_GRACE:?} of shutdown; closing its link", spec.name);
@@ -1185,6 +1371,15 @@ async fn supervise(
         }
     };
     fetches.abort_all();
+    link.close_quic();
+    if let Some(cause) = quic_failed {
+        if !link_down {
+            super::escalate::remove_root_dir(&session, &staged, None).await;
+            let _ = stage::remove_workdir(&session, &staged.workdir).await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), session.disconnect()).await;
+        return run.failed(format!("{}: {cause}", spec.name)).await;
+    }
     // A relay for `arbor exec` ends on its own once its subtree is done.
     let ok = (stopping || ctx.exec.is_some()) && status.success();
     let why = if link_down {

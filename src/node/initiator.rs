@@ -606,6 +606,7 @@ fn fleet_context(
         connect,
         events,
         exec: None,
+        quic: Default::default(),
     }
 }
 
@@ -925,6 +926,8 @@ struct DeepRow {
     bytes: u64,
     cached: Option<bool>,
     cause: Option<String>,
+    /// What its relay's link to it runs on, as the relay says.
+    transport: Option<(String, Option<String>)>,
 }
 
 /// Every host at depth 2 and more in `children`'s subtrees, by path.
@@ -976,6 +979,7 @@ impl View {
                     bytes: row.bytes,
                     cached: row.cached,
                     store_over_tcp: false,
+                    transport: row.transport.clone(),
                 }
             })
             .collect()
@@ -991,6 +995,9 @@ impl View {
                     row.cause.get_or_insert_with(|| cause.clone());
                 }
                 EventKind::Transfer { cached: true, .. } => row.cached = Some(true),
+                EventKind::Link { transport, note } => {
+                    row.transport = Some((transport.clone(), note.clone()));
+                }
                 EventKind::Transfer { sent, total, .. } if sent == total => {
                     row.bytes += total;
                     row.cached.get_or_insert(false);

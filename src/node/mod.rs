@@ -33,6 +33,7 @@ pub mod initiator;
 pub mod last_failed;
 pub mod lease_holds;
 pub mod parent_link;
+pub mod quic_child;
 pub mod reattach;
 pub mod relay;
 pub mod run_book;

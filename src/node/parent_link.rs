@@ -20,6 +20,9 @@ use tokio::sync::mpsc;
 /// queue is full, since the log cannot wait.
 pub const UP_QUEUE: usize = 1024;
 
+/// How long an exiting node waits for its parent to read its last frames on a QUIC link.
+const QUIC_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Sends events up. Cheap to clone; the writer task drains the queue.
 #[derive(Clone)]
 pub struct Upstream {
@@ -310,6 +313,7 @@ pub async fn open(
     let (writers_tx, writers_rx) = mpsc::channel::<(BoxWrite, u64)>(1);
     let offer = Offer::new(workdir, seqs.clone(), readers_tx, writers_tx);
     let offered = offer.offered.clone();
+    let last_quic = offer.clone();
     let gone = tokio_util::sync::CancellationToken::new();
     let given_up = gone.clone();
     let writer = tokio::spawn(async move {
@@ -357,6 +361,19 @@ pub async fn open(
                 }
             }
         }
+        // Over QUIC, frames written are not sent yet: wait for the parent to have read to
+        // the end of the stream (it closes the connection then).
+        let connection = last_quic
+            .connection
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(connection) = connection {
+            if let Some(out) = out.as_mut() {
+                let _ = out.shutdown().await;
+            }
+            let _ = tokio::time::timeout(QUIC_FLUSH, connection.closed()).await;
+        }
     });
     let up = Upstream {
         tx,
@@ -376,6 +393,10 @@ pub async fn open(
         Some(_) => return Err(WireError::NoHello),
         None => return Err(WireError::Closed),
     };
+    if let Some(quic) = &start.quic {
+        let said = super::quic_child::listen(quic, &start.config, offer.clone());
+        let _ = up.tx.send(said).await;
+    }
     // Heartbeats up, while anything else holds the upstream (a weak handle does not keep
     // the writer alive at exit).
     let weak = up.tx.downgrade();

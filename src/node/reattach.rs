@@ -47,6 +47,11 @@ pub struct Offer {
     seqs: Arc<LinkSeqs<Up>>,
     readers: mpsc::Sender<LinkReader>,
     writers: mpsc::Sender<(BoxWrite, u64)>,
+    /// This node listens for its parent's QUIC connection too (crate::node::quic_child).
+    quic: AtomicBool,
+    /// The QUIC connection the link runs on now, if it does: a node that exits waits for its
+    /// parent to have read its last frames there.
+    pub connection: Mutex<Option<quinn::Connection>>,
 }
 
 impl Offer {
@@ -64,15 +69,31 @@ impl Offer {
             seqs,
             readers,
             writers,
+            quic: AtomicBool::new(false),
+            connection: Mutex::new(None),
         })
+    }
+
+    /// This node listens for its parent's QUIC connection: a token from the parent makes
+    /// its link wait for a re-attach when a stream ends, even without the socket.
+    pub fn listening_on_quic(&self) {
+        self.quic.store(true, Ordering::SeqCst);
+    }
+
+    /// The working dir, where the re-attach and store sockets are.
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
     }
 
     /// A token from the parent: it replaces the one before; the first starts the listener.
     pub fn token(self: &Arc<Self>, token: String) {
+        *self.token.lock().unwrap_or_else(|e| e.into_inner()) = Some(token);
+        if self.quic.load(Ordering::SeqCst) {
+            self.offered.store(true, Ordering::SeqCst);
+        }
         let Some(dir) = self.dir.clone() else {
             return;
         };
-        *self.token.lock().unwrap_or_else(|e| e.into_inner()) = Some(token);
         if self.listening.swap(true, Ordering::SeqCst) {
             return;
         }
@@ -84,6 +105,14 @@ impl Offer {
             }
             Err(e) => tracing::warn!("re-attach: not listening: {e}"),
         }
+    }
+
+    /// Whether a token is held (one comes right after the start frame).
+    fn holds_token(&self) -> bool {
+        self.token
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 
     /// Takes the token if `given` is it (single use).
@@ -99,30 +128,20 @@ impl Offer {
     }
 
     async fn serve(self: Arc<Self>, listener: tokio::net::UnixListener) {
-        // SAFETY: geteuid has no preconditions.
-        let me = unsafe { libc::geteuid() };
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             };
-            match stream.peer_cred() {
-                Ok(cred) if cred.uid() == me => {}
-                Ok(cred) => {
-                    tracing::warn!(
-                        "re-attach: refused a connection from uid {} (not this node's user)",
-                        cred.uid()
-                    );
-                    continue;
-                }
-                Err(e) => {
-                    tracing::warn!("re-attach: refused a connection: {e}");
-                    continue;
-                }
+            if let Err(e) = same_user(&stream) {
+                tracing::warn!("re-attach: {e}");
+                continue;
             }
             let offer = self.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE, offer.handshake(stream)).await {
+                let (read, write) = stream.into_split();
+                let handshake = offer.handshake(Box::new(read), Box::new(write), None);
+                match tokio::time::timeout(HANDSHAKE, handshake).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => tracing::warn!("re-attach refused: {e}"),
                     Err(_) => tracing::warn!(
@@ -134,10 +153,16 @@ impl Offer {
         }
     }
 
-    async fn handshake(&self, stream: tokio::net::UnixStream) -> Result<(), String> {
-        let (read, write) = stream.into_split();
-        let mut reader: LinkReader = FrameReader::new(Box::new(read));
-        let mut writer = FrameWriter::new(Box::new(write) as BoxWrite);
+    /// One re-attach: the splice, the token, the answer; then the link is on this stream (of
+    /// the re-attach socket, or of a QUIC `connection`).
+    pub(super) async fn handshake(
+        &self,
+        read: BoxRead,
+        write: BoxWrite,
+        connection: Option<quinn::Connection>,
+    ) -> Result<(), String> {
+        let mut reader: LinkReader = FrameReader::new(read);
+        let mut writer = FrameWriter::new(write);
         let splice = match reader.recv::<Splice>().await {
             Ok(Some(s)) => s,
             Ok(None) => return Err("the connection closed before the splice said anything".into()),
@@ -148,6 +173,12 @@ impl Offer {
             Ok(None) => return Err("the connection closed before a token came".into()),
             Err(e) => return Err(format!("resume: {e}")),
         };
+        // Over QUIC the parent may come as soon as it hears where this node listens, before
+        // the token it sent after the start frame is read here.
+        let wait = tokio::time::Instant::now() + Duration::from_secs(2);
+        while !self.holds_token() && tokio::time::Instant::now() < wait {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         if !self.take(&resume.token) {
             let _ = writer
                 .send(&Numbered::bare(Up::Refused {
@@ -165,6 +196,10 @@ impl Offer {
             }))
             .await
             .map_err(|e| format!("answering: {e}"))?;
+        if let (Some(connection), Some(dir)) = (&connection, &self.dir) {
+            super::quic_child::move_store(dir, connection.clone());
+        }
+        *self.connection.lock().unwrap_or_else(|e| e.into_inner()) = connection;
         let _ = self.readers.send(reader).await;
         let _ = self.writers.send((writer.into_inner(), resume.acked)).await;
         Ok(())
@@ -172,15 +207,34 @@ impl Offer {
 }
 
 /// Listens on the socket in `dir`, which must be a private dir of this user.
-fn listen(dir: &Path) -> Result<tokio::net::UnixListener, String> {
+pub(super) fn listen_private(dir: &Path, name: &str) -> Result<tokio::net::UnixListener, String> {
     check_private_dir(dir)?;
-    let path = dir.join(SOCKET);
+    let path = dir.join(name);
     let _ = std::fs::remove_file(&path);
     let listener =
         tokio::net::UnixListener::bind(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(listener)
+}
+
+/// Listens on the re-attach socket in `dir`, which must be a private dir of this user.
+fn listen(dir: &Path) -> Result<tokio::net::UnixListener, String> {
+    listen_private(dir, SOCKET)
+}
+
+/// Refuses a peer on a private socket that is not this node's user.
+pub(super) fn same_user(stream: &tokio::net::UnixStream) -> Result<(), String> {
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    match stream.peer_cred() {
+        Ok(cred) if cred.uid() == me => Ok(()),
+        Ok(cred) => Err(format!(
+            "refused a connection from uid {} (not this node's user)",
+            cred.uid()
+        )),
+        Err(e) => Err(format!("refused a connection: {e}")),
+    }
 }
 
 /// `dir` is a real dir (not a link) of this user that no one else may enter.

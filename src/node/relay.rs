@@ -82,7 +82,7 @@ pub async fn run(options: RunOptions, log: EventLog, set_verbosity: SetVerbosity
     let flush = if start.exec.is_some() {
         EXEC_FLUSH
     } else {
-        Duration::from_secs(1)
+        Duration::from_secs(3)
     };
     if tokio::time::timeout(flush, writer).await.is_err() {
         say(format_args!(
@@ -830,6 +830,7 @@ fn fleet_context(
         known_hosts: start.known_hosts.clone(),
         events,
         exec: None,
+        quic: Default::default(),
     })
 }
 

@@ -10,8 +10,18 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-/// A channel the server opened toward us, as a byte stream.
-pub type ForwardedStream = ChannelStream<Msg>;
+/// A byte stream both ways.
+pub trait Duplex: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Duplex for T {}
+
+/// A connection to serve: a channel the server opened toward us, or a stream of a QUIC link
+/// (crate::node::child_link), as a byte stream.
+pub type ForwardedStream = Box<dyn Duplex>;
+
+/// A channel the server opened, as a [`ForwardedStream`].
+pub(crate) fn boxed(channel: ChannelStream<Msg>) -> ForwardedStream {
+    Box::new(channel)
+}
 
 /// Takes each connection the server forwards to us. Called on the connection's event loop:
 /// an implementation must not block; it spawns whatever serves the stream.

@@ -557,7 +557,7 @@ impl client::Handler for ClientHandler {
         match self.routes.tcp(connected_address, connected_port) {
             Some(connector) => {
                 reply.accept().await;
-                connector.connect(channel.into_stream());
+                connector.connect(super::forward::boxed(channel.into_stream()));
             }
             None => drop(reply),
         }
@@ -574,7 +574,7 @@ impl client::Handler for ClientHandler {
         match self.routes.unix(socket_path) {
             Some(connector) => {
                 reply.accept().await;
-                connector.connect(channel.into_stream());
+                connector.connect(super::forward::boxed(channel.into_stream()));
             }
             None => drop(reply),
         }
@@ -590,7 +590,7 @@ impl client::Handler for ClientHandler {
         match self.routes.agent() {
             Some(connector) => {
                 reply.accept().await;
-                connector.connect(channel.into_stream());
+                connector.connect(super::forward::boxed(channel.into_stream()));
             }
             None => drop(reply),
         }

@@ -182,6 +182,7 @@ impl Live {
             | EventKind::Output { .. }
             | EventKind::Diff { .. } => true,
             EventKind::Ended { .. } => true,
+            EventKind::Link { .. } => false,
         };
         if !print {
             host.touched = ticks;

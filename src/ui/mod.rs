@@ -20,6 +20,9 @@ pub struct HostReport {
     /// The host's store tunnel ends on a loopback TCP port (its sshd refused Unix-socket
     /// forwarding), where any local process can reach it.
     pub store_over_tcp: bool,
+    /// What the link from its parent ran on last (`quic`, `ssh`), with why not QUIC when
+    /// QUIC was tried; `None` when no link was set up.
+    pub transport: Option<(String, Option<String>)>,
 }
 
 /// The version of the JSON event schema (docs/events.md).
@@ -200,6 +203,9 @@ impl Ui {
             EventKind::Ended { code, signal } => {
                 ("ended", json!({ "code": code, "signal": signal }))
             }
+            EventKind::Link { transport, note } => {
+                ("link", json!({ "transport": transport, "note": note }))
+            }
         };
         self.emit(kind, Some(&host), fields);
     }
@@ -315,6 +321,10 @@ impl Ui {
                 .collect::<Vec<_>>()
                 .join("\n"),
             EventKind::Ended { code, .. } => format!("{host}: command ended with exit code {code}"),
+            EventKind::Link { transport, note } => match note {
+                Some(note) => format!("{host}: link on {} ({note})", transport.to_uppercase()),
+                None => format!("{host}: link on {}", transport.to_uppercase()),
+            },
         };
         Some(line)
     }
@@ -347,6 +357,7 @@ impl Ui {
                     "cached": r.cached,
                     "cause": r.cause.as_deref().map(|c| printable(c).into_owned()),
                     "store_over_tcp": r.store_over_tcp,
+                    "transport": r.transport.as_ref().map(|(t, _)| t),
                 }));
             }
             self.emit(
@@ -406,6 +417,21 @@ impl Ui {
                 "store tunnel on loopback TCP (sshd refused Unix-socket forwarding): {}",
                 tcp.join(", ")
             );
+        }
+        // Which transport each link used, the reasons QUIC was not used grouped.
+        let mut links: std::collections::BTreeMap<String, Vec<&str>> = Default::default();
+        for r in reports {
+            if let Some((transport, note)) = &r.transport {
+                let key = match note {
+                    Some(note) => format!("{} ({})", transport.to_uppercase(), printable(note)),
+                    None => transport.to_uppercase(),
+                };
+                links.entry(key).or_default().push(r.name.as_str());
+            }
+        }
+        for (how, mut names) in links {
+            names.sort();
+            let _ = writeln!(out, "links on {how}: {}", names.join(", "));
         }
         self.record(&out);
         let mut stdout = std::io::stdout().lock();
@@ -517,6 +543,10 @@ pub fn sanitized(event: &Event) -> Event {
         EventKind::Diff { resource, lines } => EventKind::Diff {
             resource: p(resource),
             lines: lines.iter().map(|l| p(l)).collect(),
+        },
+        EventKind::Link { transport, note } => EventKind::Link {
+            transport: p(transport),
+            note: note.as_deref().map(p),
         },
     };
     Event {

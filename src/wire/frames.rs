@@ -200,6 +200,10 @@ pub struct ChildSpec {
     /// rather than copied again by the parent (`node::sibling`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub seed_siblings: bool,
+    /// The UDP ports it listens on for QUIC (its topology entry's `quic_ports`), beating
+    /// `--quic-ports`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quic_ports: Option<(u16, u16)>,
 }
 
 /// How arbor is started on a host that forbids root logins: `sudo` to `user` (root), with
@@ -289,6 +293,12 @@ pub struct NodeConfig {
     /// as reconnecting that long, then fails it (`--reconnect-grace`).
     #[serde(default = "default_reconnect_grace")]
     pub reconnect_grace: u64,
+    /// What links run on once SSH has started a child (`--transport`).
+    #[serde(default)]
+    pub transport: Transport,
+    /// The UDP ports a child listens on for QUIC (`--quic-ports`): `None` for any free port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quic_ports: Option<(u16, u16)>,
     /// Every build of arbor the run has, for children of other platforms: a node that lacks
     /// one asks its parent for it (`Up::Fetch`).
     pub builds: Vec<BuildRef>,
@@ -317,6 +327,41 @@ impl Compress {
             _ => None,
         }
     }
+}
+
+/// `--transport`: what a link between a parent and its child runs on once SSH has staged and
+/// started the child (docs/remote.md, "QUIC").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// The SSH exec channel only.
+    Ssh,
+    /// QUIC, or the child fails when it cannot be set up.
+    Quic,
+    /// QUIC when UDP gets through within a second, the SSH channel otherwise.
+    #[default]
+    Auto,
+}
+
+impl Transport {
+    pub fn parse(s: &str) -> Option<Transport> {
+        match s {
+            "ssh" => Some(Transport::Ssh),
+            "quic" => Some(Transport::Quic),
+            "auto" => Some(Transport::Auto),
+            _ => None,
+        }
+    }
+}
+
+/// The parent's side of a QUIC link, in a child's [`Start`]: the parent will connect over QUIC
+/// presenting the certificate with this sha256 (the only one the child accepts), to a UDP
+/// port of `ports` (`None`: any).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuicStart {
+    pub parent: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<(u16, u16)>,
 }
 
 /// [`NodeConfig::link_timeout`] unless told otherwise.
@@ -362,6 +407,8 @@ impl Default for NodeConfig {
             diff: false,
             link_timeout: LINK_TIMEOUT,
             reconnect_grace: RECONNECT_GRACE,
+            transport: Transport::default(),
+            quic_ports: None,
             builds: Vec::new(),
         }
     }
@@ -402,6 +449,10 @@ pub struct Start {
     /// child is done.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exec: Option<ExecJob>,
+    /// Set when the parent will move the link onto QUIC: the child listens, and says where
+    /// (`Up::Quic`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quic: Option<QuicStart>,
 }
 
 /// An ad-hoc command (`arbor exec`) for a subtree.
@@ -511,6 +562,13 @@ pub enum EventKind {
     Diff {
         resource: String,
         lines: Vec<String>,
+    },
+    /// The link from the host's parent to it runs on `transport` (`quic` or `ssh`) from now
+    /// on; `note` says why it is not on QUIC when QUIC was tried.
+    Link {
+        transport: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        note: Option<String>,
     },
     /// The ad-hoc command ended on the host: its exit code (128 + N when signal N killed it),
     /// and the signal's name when the server reported one.
@@ -642,6 +700,14 @@ pub enum Up {
     /// The answer to a re-attach with a wrong or used token: nothing else follows.
     Refused {
         reason: String,
+    },
+    /// The child listens for its parent's QUIC connection on this UDP port, with the
+    /// certificate of this sha256 (the answer to [`Start::quic`]), or could not (`error`).
+    Quic {
+        port: u16,
+        fingerprint: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
     },
 }
 
