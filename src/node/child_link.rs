@@ -582,10 +582,11 @@ fn attach(
         let mut status = ExitStatus::Unknown;
         while let Some(item) = command.next().await {
             match item {
+                // Once the link moved on from this channel (its reader stopped), what still comes
+                // on stdout is dropped (a re-attach replays whatever the parent had not
+                // taken); the channel is still read, for stderr and the exit status.
                 Output::Stdout(data) => {
-                    if frames_in.write_all(&data).await.is_err() {
-                        break;
-                    }
+                    let _ = frames_in.write_all(&data).await;
                 }
                 Output::Stderr(data) => {
                     stderr_buf.extend_from_slice(&data);

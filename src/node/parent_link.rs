@@ -150,6 +150,11 @@ impl Downstream {
                                 since.elapsed().as_secs(),
                                 seqs.report("up", "down")
                             ),
+                            // The parent moving the link onto QUIC, as it does at start.
+                            None if offer.on_quic() => tracing::debug!(
+                                "the link moved onto QUIC; {}",
+                                seqs.report("up", "down")
+                            ),
                             None => tracing::warn!(
                                 "the parent re-attached over a new connection; {}",
                                 seqs.report("up", "down")
@@ -285,7 +290,7 @@ async fn resume_writer(
                     return None;
                 }
             }
-            tracing::info!(
+            tracing::debug!(
                 "re-attached: sent again the {count} frame(s) up the parent had not taken \
                  (after #{acked})"
             );

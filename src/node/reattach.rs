@@ -80,10 +80,15 @@ impl Offer {
         self.quic.store(true, Ordering::SeqCst);
     }
 
-    /// The working dir, where the re-attach and store sockets are.
-    pub fn dir(&self) -> Option<&Path> {
-        self.dir.as_deref()
+    /// Whether the link runs on a QUIC connection now.
+    pub fn on_quic(&self) -> bool {
+        self.connection
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
+
+
 
     /// A token from the parent: it replaces the one before; the first starts the listener.
     pub fn token(self: &Arc<Self>, token: String) {
