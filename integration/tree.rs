@@ -167,6 +167,18 @@ fn main() -> std::process::ExitCode {
             when_the_ssh_connection_is_killed_the_parent_re_attaches_over_a_new_one,
         ),
         (
+            "when_the_initiators_address_changes_the_quic_link_migrates",
+            when_the_initiators_address_changes_the_quic_link_migrates,
+        ),
+        (
+            "when_the_ssh_connection_is_killed_the_quic_link_goes_on",
+            when_the_ssh_connection_is_killed_the_quic_link_goes_on,
+        ),
+        (
+            "when_udp_is_blocked_the_links_stay_on_ssh_and_converge",
+            when_udp_is_blocked_the_links_stay_on_ssh_and_converge,
+        ),
+        (
             "after_a_re_attach_a_relay_re_attaches_to_its_leaf_through_the_new_agent",
             after_a_re_attach_a_relay_re_attaches_to_its_leaf_through_the_new_agent,
         ),
@@ -2317,6 +2329,27 @@ fn re_attach_after(
     disrupt: &dyn Fn(&Lab) -> Result<Option<Undo<'_>>, libtest_mimic::Failed>,
     after: &AfterReattach,
 ) -> TestResult {
+    link_survives(lab, Transport::Ssh, disrupt, after)
+}
+
+/// Which transport a link test runs its links on (`--transport`).
+#[derive(Clone, Copy, PartialEq)]
+enum Transport {
+    /// SSH alone: a lost connection is re-attached over a new one.
+    Ssh,
+    /// QUIC (the default, auto, with UDP through): the connection rides the disruption.
+    Quic,
+}
+
+/// [`re_attach_after`] on `transport`. Over QUIC nothing is re-attached: the link stays up
+/// through the disruption (no host goes reconnecting), and the summary says the links ran on
+/// QUIC; the store, the edit and the rest are checked as over SSH.
+fn link_survives(
+    lab: &Lab,
+    transport: Transport,
+    disrupt: &dyn Fn(&Lab) -> Result<Option<Undo<'_>>, libtest_mimic::Failed>,
+    after: &AfterReattach,
+) -> TestResult {
     clean(lab, false);
     lab.sh("l1-1", "rm -f /tmp/edited-*");
     let dir = tempfile::tempdir().map_err(fail)?;
@@ -2331,10 +2364,21 @@ fn re_attach_after(
         "defaults:\n  user: root\nhosts:\n- host: 10.199.0.11\n  name: r1\n  children:\n  - host: 10.199.1.11\n    name: l1-1\n    graph: {}\n",
         graph.display()
     ));
+    let how = match transport {
+        Transport::Ssh => "ssh",
+        Transport::Quic => "auto",
+    };
     let (mut running, rx) = start_logging(
         lab,
         &topo,
-        &["--link-timeout", "2", "--reconnect-grace", "30"],
+        &[
+            "--link-timeout",
+            "2",
+            "--reconnect-grace",
+            "30",
+            "--transport",
+            how,
+        ],
     );
     let mut seen = wait_lines(
         &rx,
@@ -2346,16 +2390,30 @@ fn re_attach_after(
     let staged = staged_state(lab, &["r1", "l1-1"]);
     let _undo = disrupt(lab)?;
     let at = Instant::now();
-    // Back: re-attached, and r1's state shown again (its line and the log's come on two
-    // pipes, in either order).
-    seen.extend(wait_lines(
-        &rx,
-        &[
-            "re-attached over a new SSH connection".to_string(),
-            "r1: running".to_string(),
-        ],
-        Duration::from_secs(40),
-    )?);
+    match transport {
+        // Back: re-attached, and r1's state shown again (its line and the log's come on two
+        // pipes, in either order).
+        Transport::Ssh => seen.extend(wait_lines(
+            &rx,
+            &[
+                "re-attached over a new SSH connection".to_string(),
+                "r1: running".to_string(),
+            ],
+            Duration::from_secs(40),
+        )?),
+        // Four link timeouts: a link that did not survive would have gone reconnecting.
+        Transport::Quic => {
+            std::thread::sleep(Duration::from_secs(8));
+            seen.extend(rx.try_iter());
+            check!(
+                !seen
+                    .iter()
+                    .any(|l| l.contains("reconnecting") || l.contains("re-attach")),
+                "the QUIC link did not ride the disruption:\n{}",
+                seen.join("\n")
+            );
+        }
+    }
     let took = at.elapsed();
     seen.extend(after(lab, &rx)?);
     // The store tunnel works again, through the new connection: the initiator's store answers
@@ -2406,6 +2464,18 @@ fn re_attach_after(
         !seen.iter().any(|l| l.contains("FAILED")),
         "a host failed over a re-attach:\n{all}"
     );
+    if transport == Transport::Quic {
+        check!(
+            seen.iter()
+                .any(|l| l.contains("links on QUIC: r1, r1/l1-1")),
+            "the summary does not say both links ran on QUIC:\n{all}"
+        );
+        check!(
+            !seen.iter().any(|l| l.contains("lease expired")),
+            "a lease expired over the disruption:\n{all}"
+        );
+        return check_no_leftovers(lab, &["r1", "l1-1"]);
+    }
     // Both ends say the link is back, and their sequence numbers show nothing lost or
     // repeated either way (each end replayed what the other had not taken).
     check!(
@@ -2435,37 +2505,119 @@ fn re_attach_after(
 fn when_the_initiators_address_changes_it_re_attaches_over_a_new_ssh_connection(
     lab: &Lab,
 ) -> TestResult {
-    re_attach_after(
+    re_attach_after(lab, &change_the_initiators_address, &|lab, _| {
+        let peers = lab.sh("r1", "ss -Htn state established '( sport = :22 )'");
+        check!(
+            peers.contains("10.199.0.2:"),
+            "r1 has no SSH connection from the initiator's new address:\n{peers}"
+        );
+        Ok(Vec::new())
+    })
+}
+
+/// The initiator's address moves from 10.199.0.1 to 10.199.0.2 (put back when the returned
+/// guard drops).
+fn change_the_initiators_address(lab: &Lab) -> Result<Option<Undo<'_>>, libtest_mimic::Failed> {
+    let undo = Undo {
         lab,
-        &|lab| {
-            let undo = Undo {
-                lab,
-                host: "init",
-                shell: "ip addr add 10.199.0.1/24 dev edge0 2>/dev/null; \
-                        ip addr del 10.199.0.2/24 dev edge0 2>/dev/null; true"
-                    .into(),
-            };
-            let out = lab.exec(
-                "init",
-                "sysctl -qw net.ipv4.conf.edge0.promote_secondaries=1 && \
-                 ip addr add 10.199.0.2/24 dev edge0 && ip addr del 10.199.0.1/24 dev edge0",
-            );
-            check!(
-                out.status.success(),
-                "changing the initiator's address: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            Ok(Some(undo))
-        },
-        &|lab, _| {
-            let peers = lab.sh("r1", "ss -Htn state established '( sport = :22 )'");
-            check!(
-                peers.contains("10.199.0.2:"),
-                "r1 has no SSH connection from the initiator's new address:\n{peers}"
-            );
-            Ok(Vec::new())
-        },
+        host: "init",
+        shell: "ip addr add 10.199.0.1/24 dev edge0 2>/dev/null; \
+                ip addr del 10.199.0.2/24 dev edge0 2>/dev/null; true"
+            .into(),
+    };
+    let out = lab.exec(
+        "init",
+        "sysctl -qw net.ipv4.conf.edge0.promote_secondaries=1 && \
+         ip addr add 10.199.0.2/24 dev edge0 && ip addr del 10.199.0.1/24 dev edge0",
+    );
+    check!(
+        out.status.success(),
+        "changing the initiator's address: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(Some(undo))
+}
+
+/// Over QUIC, the initiator's address changes mid-run: the connection migrates (r1 validates
+/// the new path), the link never goes down, and an edit made afterwards reaches the leaf with
+/// nothing re-staged; r1's store connection, whose SSH tunnel died with the old address,
+/// comes back through its socket over QUIC.
+fn when_the_initiators_address_changes_the_quic_link_migrates(lab: &Lab) -> TestResult {
+    link_survives(
+        lab,
+        Transport::Quic,
+        &change_the_initiators_address,
+        &|_, _| Ok(Vec::new()),
     )
+}
+
+/// Over QUIC, the sshd process of the initiator's connection to r1 is killed: the link, on
+/// QUIC, goes on without it, and the store answers at r1's socket through QUIC.
+fn when_the_ssh_connection_is_killed_the_quic_link_goes_on(lab: &Lab) -> TestResult {
+    link_survives(
+        lab,
+        Transport::Quic,
+        &|lab| {
+            kill_the_ssh_connection_of(lab, "r1")?;
+            Ok(None)
+        },
+        &|_, _| Ok(Vec::new()),
+    )
+}
+
+/// UDP is dropped at r1 (nftables in its namespace): every QUIC handshake through it times
+/// out, so r1's link and its leaves' stay on SSH, each within QUIC's 1 s connect timeout,
+/// the run converges, and the summary says which links used SSH and why; r2's links,
+/// untouched, run on QUIC.
+fn when_udp_is_blocked_the_links_stay_on_ssh_and_converge(lab: &Lab) -> TestResult {
+    clean(lab, false);
+    let out = lab.exec(
+        "r1",
+        "nft add table inet arbor_test && \
+         nft add chain inet arbor_test input '{ type filter hook input priority 0; }' && \
+         nft add rule inet arbor_test input meta l4proto udp drop",
+    );
+    check!(
+        out.status.success(),
+        "dropping UDP at r1: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _undo = Undo {
+        lab,
+        host: "r1",
+        shell: "nft delete table inet arbor_test 2>/dev/null; true".into(),
+    };
+    let topo = topology(
+        "defaults:\n  user: root\nhosts:\n- host: 10.199.0.11\n  name: r1\n  children:\n  - host: 10.199.1.11\n    name: l1-1\n    graph: {leaf}\n- host: 10.199.0.12\n  name: r2\n  children:\n  - host: 10.199.2.11\n    name: l2-1\n    graph: {leaf}\n",
+    );
+    let out = run(lab, &topo, &["--converged-timeout", "3"]);
+    let said = text(&out);
+    check!(
+        out.status.code() == Some(0),
+        "exit {:?}:\n{said}",
+        out.status.code()
+    );
+    for name in ["r1", "r1/l1-1"] {
+        let line = said
+            .lines()
+            .find(|l| l.contains(&format!(" {name}: link on SSH")))
+            .unwrap_or_default();
+        check!(
+            line.contains("no QUIC handshake within 1s"),
+            "{name}'s link does not say it stayed on SSH for want of a QUIC handshake:\n{said}"
+        );
+    }
+    check!(
+        said.lines()
+            .any(|l| l.starts_with("links on QUIC: r2, r2/l2-1")),
+        "r2's links did not run on QUIC:\n{said}"
+    );
+    check!(
+        said.lines()
+            .any(|l| l.starts_with("links on SSH (") && l.contains("r1")),
+        "the summary does not say r1's link ran on SSH:\n{said}"
+    );
+    check_no_leftovers(lab, &["r1", "r2", "l1-1", "l2-1"])
 }
 
 /// The sshd process of the initiator's connection to r1 is killed (r1's arbor is not): the

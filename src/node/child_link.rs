@@ -172,7 +172,13 @@ impl ChildLink {
         self.tries += 1;
         let attachment = self.tries;
         let reading = tokio_util::sync::CancellationToken::new();
-        let (writer, answer) = attach(command, Vec::new(), self.sink(), attachment, reading.clone());
+        let (writer, answer) = attach(
+            command,
+            Vec::new(),
+            self.sink(),
+            attachment,
+            reading.clone(),
+        );
         self.resume(writer, answer, reading, attachment, timeout, &label, None)
             .await
             .map_err(|e| format!("{label}: reattach: {e}"))?;
@@ -339,9 +345,7 @@ impl ChildLink {
         // The token is used: the child holds none until the new one comes.
         self.token = None;
         let replay = self.seqs.replay_after(acked).map_err(|first| {
-            format!(
-                "the frames down from #{first} on were forgotten (past the replay budget)"
-            )
+            format!("the frames down from #{first} on were forgotten (past the replay budget)")
         })?;
         let count = replay.len();
         for frame in replay {
@@ -619,12 +623,7 @@ fn attach(
             .await;
     });
 
-    let hello_rx = read_frames(
-        Box::new(frames_out),
-        sink,
-        stop,
-        Ended::Pump(reader_done),
-    );
+    let hello_rx = read_frames(Box::new(frames_out), sink, stop, Ended::Pump(reader_done));
     (writer, hello_rx)
 }
 
@@ -666,6 +665,8 @@ fn read_frames(
         };
         let mut reader = FrameReader::with_limit(source, MAX_UP_FRAME);
         let mut refused = 0u64;
+        // The exit code the child said it ends with (its last frame).
+        let mut bye: Option<u8> = None;
         let mut hello_tx = Some(hello_tx);
         loop {
             let got = tokio::select! {
@@ -738,6 +739,7 @@ fn read_frames(
                         break;
                     }
                 }
+                Ok(Some(Up::Bye { code })) => bye = Some(code),
                 Ok(Some(Up::Quic {
                     port,
                     fingerprint,
@@ -767,9 +769,10 @@ fn read_frames(
             connection.close(0u32.into(), b"stream ended");
             // Not when the link moved on from this stream (the reader was stopped).
             if !stop.is_cancelled() {
+                let status = bye.map_or(ExitStatus::Unknown, |code| ExitStatus::Code(code.into()));
                 let _ = events_tx
                     .send(FromChild::Exited {
-                        status: ExitStatus::Unknown,
+                        status,
                         error: None,
                         attachment,
                     })

@@ -218,6 +218,8 @@ mod tests {
             noop: true,
             diff: true,
             quiet: true,
+            transport: crate::wire::Transport::Quic,
+            quic_ports: Some((60000, 60010)),
             ..RunOptions::default()
         };
         let builds = vec![BuildRef {
@@ -240,6 +242,8 @@ mod tests {
                 compress: crate::wire::Compress::Always,
                 accept_new: true,
                 cconns: 7,
+                transport: crate::wire::Transport::Quic,
+                quic_ports: Some((60000, 60010)),
                 converged_timeout: Some(5),
                 noop: true,
                 diff: true,

@@ -933,6 +933,29 @@ async fn link_back(
     true
 }
 
+/// Removes the child's working dirs when the host can be reached (`reach`; a child removes
+/// its own as it exits, this covers one that could not) and ends the SSH connection, bounded
+/// in time: after a link ran on QUIC, the SSH connection may be dead with nobody knowing yet
+/// (the parent's address changed).
+async fn clean_up(session: &Session, staged: &Staged, reach: bool) {
+    if reach {
+        let remove = async {
+            super::escalate::remove_root_dir(session, staged, None).await;
+            let _ = stage::remove_workdir(session, &staged.workdir).await;
+        };
+        if tokio::time::timeout(CLEANUP, remove).await.is_err() {
+            tracing::debug!(
+                "{}: no answer to the cleanup within {CLEANUP:?}",
+                session.label()
+            );
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), session.disconnect()).await;
+}
+
+/// How long the cleanup of a child's working dirs may take.
+const CLEANUP: Duration = Duration::from_secs(5);
+
 /// How long a child's exit status (on its SSH exec channel) and the end of its QUIC stream
 /// (its last frames) wait for each other.
 const EXIT_SETTLE: Duration = Duration::from_secs(3);
@@ -982,6 +1005,9 @@ async fn to_quic(
         }
         Err(e) => {
             tracing::info!("{}: the link stays on SSH: {e}", spec.name);
+            if let Err(e) = link.send(&Down::NoQuic).await {
+                tracing::debug!("{}: control link: {e}", spec.name);
+            }
             Some(e)
         }
     };
@@ -1373,11 +1399,7 @@ async fn supervise(
     fetches.abort_all();
     link.close_quic();
     if let Some(cause) = quic_failed {
-        if !link_down {
-            super::escalate::remove_root_dir(&session, &staged, None).await;
-            let _ = stage::remove_workdir(&session, &staged.workdir).await;
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(2), session.disconnect()).await;
+        clean_up(&session, &staged, !link_down).await;
         return run.failed(format!("{}: {cause}", spec.name)).await;
     }
     // A relay for `arbor exec` ends on its own once its subtree is done.
@@ -1390,11 +1412,7 @@ async fn supervise(
     } else {
         child_link::why_ended(&session, &staged, &status, stderr.as_deref()).await
     };
-    if !link_down {
-        super::escalate::remove_root_dir(&session, &staged, None).await;
-        let _ = stage::remove_workdir(&session, &staged.workdir).await;
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(2), session.disconnect()).await;
+    clean_up(&session, &staged, !link_down).await;
     if link_down {
         run.failed(format!(
             "{}: {why}; cut off, it tears its own subtree down",

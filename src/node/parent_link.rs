@@ -91,6 +91,11 @@ impl Upstream {
         }
     }
 
+    /// The last frame: this node exits with `code`.
+    pub async fn bye(&self, code: u8) {
+        self.send(Up::Bye { code }).await;
+    }
+
     /// Asks the parent to copy the build with this sha256 into this node's cache; the answer
     /// comes down as `Down::Fetched`.
     pub async fn fetch(&self, sha256: String) {
@@ -238,6 +243,7 @@ impl Downstream {
                     Down::Heartbeat => {}
                     Down::Ack { acked } => seqs.acked(acked),
                     Down::Reattach { token } => offer.token(token),
+                    Down::NoQuic => offer.no_quic(),
                     frame => {
                         if tx.send(frame).await.is_err() {
                             break;

@@ -5,10 +5,11 @@
 //! and says where up the SSH channel (`Up::Quic`). The parent connects with both
 //! certificates pinned, opens the control stream and re-attaches over it exactly as over a
 //! fresh SSH connection (crate::node::reattach: the one-time token, the replay), so the link
-//! moves onto QUIC with nothing lost or repeated. Then the child's store socket in its working
-//! dir moves too: a listener of its own replaces the SSH tunnel's, and each store connection
-//! made there from then on is a stream the child opens on the QUIC connection, which the
-//! parent pipes to its store as it would a tunnelled one.
+//! moves onto QUIC with nothing lost or repeated. The child's store connections follow: from
+//! the start it holds its store socket in its working dir itself (the SSH tunnel's end moved
+//! aside); a connection made there waits for the link to settle (moved, or the parent saying
+//! it stays on SSH), then is a stream the child opens on the QUIC connection, which the
+//! parent pipes to its store as it would a tunnelled one, or goes through the tunnel.
 
 use super::reattach::Offer;
 use crate::wire::quic::{Congestion, Identity, Listener, Tuning};
@@ -111,58 +112,109 @@ async fn serve(listener: Listener, offer: Arc<Offer>) {
     }
 }
 
-/// Moves the store socket in `dir` onto `connection`: a listener of this node's replaces the
-/// SSH tunnel's at the same path (a rename, so the path always answers), and each connection
-/// to it (from this user only, as the socket is 0600 in a 0700 dir) becomes a stream on the
-/// QUIC connection. Connections made before stay on the tunnel while it lasts. A tunnel that
-/// ends on a TCP port (an sshd that refused Unix-socket forwarding) stays where it is.
-pub fn move_store(dir: &Path, connection: quinn::Connection) {
+/// Where the store connections made at this node's store socket go: as streams of the QUIC
+/// connection once the link moved there, else through the SSH tunnel. Until the parent has
+/// moved the link or said it will not (`Down::NoQuic`), for at most [`DECIDE`], a new
+/// connection waits.
+#[derive(Default)]
+pub struct StoreRoute {
+    quic: std::sync::Mutex<Option<quinn::Connection>>,
+    decided: tokio_util::sync::CancellationToken,
+}
+
+/// How long a store connection waits for the link's transport to be settled: past the
+/// parent's QUIC connect timeout, with room for a slow handshake.
+const DECIDE: Duration = Duration::from_secs(3);
+
+impl StoreRoute {
+    /// The store connections go over `connection` from now on.
+    pub fn to_quic(&self, connection: quinn::Connection) {
+        *self.quic.lock().unwrap_or_else(|e| e.into_inner()) = Some(connection);
+        self.decided.cancel();
+    }
+
+    /// The link stays on SSH: the store connections go through the tunnel.
+    pub fn stay_on_ssh(&self) {
+        self.decided.cancel();
+    }
+
+    fn quic(&self) -> Option<quinn::Connection> {
+        let held = self.quic.lock().unwrap_or_else(|e| e.into_inner());
+        held.as_ref()
+            .filter(|c| c.close_reason().is_none())
+            .cloned()
+    }
+}
+
+/// Puts this node's own listener at the store socket in `dir` (the SSH tunnel's end, moved
+/// aside to `store.sock.ssh`), so that its store connections can move onto the QUIC link
+/// when it comes ([`StoreRoute::to_quic`]). Each connection to it (from this user only: the
+/// socket is 0600 in a 0700 dir) is piped through the tunnel until then, and over QUIC
+/// after. A tunnel that ends on a TCP port (an sshd that refused Unix-socket forwarding)
+/// stays as it is: `None`.
+pub fn take_store_socket(dir: &Path) -> Option<Arc<StoreRoute>> {
     use std::os::unix::fs::FileTypeExt;
     let path = dir.join(STORE_SOCKET);
     let is_socket = std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket());
     if !is_socket {
-        return;
+        return None;
     }
     let staging = format!("{STORE_SOCKET}.quic");
-    let listener = match super::reattach::listen_private(dir, &staging) {
+    let tunnel = dir.join(format!("{STORE_SOCKET}.ssh"));
+    let moved = super::reattach::listen_private(dir, &staging).and_then(|listener| {
+        std::fs::rename(&path, &tunnel).map_err(|e| format!("{}: {e}", path.display()))?;
+        std::fs::rename(dir.join(&staging), &path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(listener)
+    });
+    let listener = match moved {
         Ok(l) => l,
         Err(e) => {
             tracing::warn!("QUIC: the store stays on the SSH tunnel: {e}");
-            return;
+            let _ = std::fs::remove_file(dir.join(&staging));
+            if !path.exists() {
+                let _ = std::fs::rename(&tunnel, &path);
+            }
+            return None;
         }
     };
-    if let Err(e) = std::fs::rename(dir.join(&staging), &path) {
-        tracing::warn!("QUIC: the store stays on the SSH tunnel: {e}");
-        let _ = std::fs::remove_file(dir.join(&staging));
-        return;
-    }
+    let route = Arc::new(StoreRoute::default());
+    let serving = route.clone();
     tokio::spawn(async move {
         loop {
-            let stream = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(_) => {
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        continue;
-                    }
-                },
-                _ = connection.closed() => break,
+            let Ok((stream, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
             };
             if let Err(e) = super::reattach::same_user(&stream) {
                 tracing::warn!("store socket: {e}");
                 continue;
             }
-            let connection = connection.clone();
-            tokio::spawn(async move {
-                let mut stream = stream;
-                match connection.open_bi().await {
-                    Ok((send, recv)) => {
-                        let mut quic = tokio::io::join(recv, send);
-                        let _ = tokio::io::copy_bidirectional(&mut stream, &mut quic).await;
-                    }
-                    Err(e) => tracing::debug!("store over QUIC: {e}"),
-                }
-            });
+            let (route, tunnel) = (serving.clone(), tunnel.clone());
+            tokio::spawn(async move { pipe_store(stream, &route, &tunnel).await });
         }
     });
+    Some(route)
+}
+
+/// One store connection, over QUIC when the link is there, else through the tunnel (until
+/// the link moves).
+async fn pipe_store(mut stream: tokio::net::UnixStream, route: &StoreRoute, tunnel: &Path) {
+    let _ = tokio::time::timeout(DECIDE, route.decided.cancelled()).await;
+    if let Some(connection) = route.quic() {
+        match connection.open_bi().await {
+            Ok((send, recv)) => {
+                let mut quic = tokio::io::join(recv, send);
+                let _ = tokio::io::copy_bidirectional(&mut stream, &mut quic).await;
+            }
+            Err(e) => tracing::debug!("store over QUIC: {e}"),
+        }
+        return;
+    }
+    match tokio::net::UnixStream::connect(tunnel).await {
+        Ok(mut ssh) => {
+            let _ = tokio::io::copy_bidirectional(&mut stream, &mut ssh).await;
+        }
+        Err(e) => tracing::debug!("store through the tunnel: {e}"),
+    }
 }

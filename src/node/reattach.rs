@@ -52,6 +52,9 @@ pub struct Offer {
     /// The QUIC connection the link runs on now, if it does: a node that exits waits for its
     /// parent to have read its last frames there.
     pub connection: Mutex<Option<quinn::Connection>>,
+    /// Where this node's store connections go, when it holds its store socket
+    /// (crate::node::quic_child::take_store_socket).
+    store: Mutex<Option<Arc<super::quic_child::StoreRoute>>>,
 }
 
 impl Offer {
@@ -71,6 +74,7 @@ impl Offer {
             writers,
             quic: AtomicBool::new(false),
             connection: Mutex::new(None),
+            store: Mutex::new(None),
         })
     }
 
@@ -78,6 +82,10 @@ impl Offer {
     /// its link wait for a re-attach when a stream ends, even without the socket.
     pub fn listening_on_quic(&self) {
         self.quic.store(true, Ordering::SeqCst);
+        if let Some(dir) = &self.dir {
+            *self.store.lock().unwrap_or_else(|e| e.into_inner()) =
+                super::quic_child::take_store_socket(dir);
+        }
     }
 
     /// Whether the link runs on a QUIC connection now.
@@ -87,8 +95,6 @@ impl Offer {
             .unwrap_or_else(|e| e.into_inner())
             .is_some()
     }
-
-
 
     /// A token from the parent: it replaces the one before; the first starts the listener.
     pub fn token(self: &Arc<Self>, token: String) {
@@ -109,6 +115,18 @@ impl Offer {
                 tokio::spawn(async move { offer.serve(listener).await });
             }
             Err(e) => tracing::warn!("re-attach: not listening: {e}"),
+        }
+    }
+
+    /// The parent keeps the link on SSH: store connections go through the tunnel.
+    pub fn no_quic(&self) {
+        if let Some(route) = self
+            .store
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            route.stay_on_ssh();
         }
     }
 
@@ -201,8 +219,9 @@ impl Offer {
             }))
             .await
             .map_err(|e| format!("answering: {e}"))?;
-        if let (Some(connection), Some(dir)) = (&connection, &self.dir) {
-            super::quic_child::move_store(dir, connection.clone());
+        let route = self.store.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let (Some(connection), Some(route)) = (&connection, route) {
+            route.to_quic(connection.clone());
         }
         *self.connection.lock().unwrap_or_else(|e| e.into_inner()) = connection;
         let _ = self.readers.send(reader).await;

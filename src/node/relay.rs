@@ -75,6 +75,7 @@ pub async fn run(options: RunOptions, log: EventLog, set_verbosity: SetVerbosity
             crate::exit::FAILED
         }
     };
+    up.bye(code).await;
     drop(up);
     log.detach();
     // `arbor exec`'s output must all reach the parent, which reads until the link closes (a
@@ -271,7 +272,7 @@ async fn serve(
                     tracing::debug!("{name}: shutting down: {reason}");
                     break Ok(());
                 }
-                Some(Down::Hello(_) | Down::Start(_) | Down::Heartbeat | Down::Ack { .. } | Down::Reattach { .. }) => {}
+                Some(Down::Hello(_) | Down::Start(_) | Down::Heartbeat | Down::Ack { .. } | Down::Reattach { .. } | Down::NoQuic) => {}
                 None => {
                     tracing::warn!("{name}: parent link closed; shutting down");
                     break Ok(());

@@ -497,6 +497,8 @@ pub enum Down {
     Reattach {
         token: String,
     },
+    /// The link stays on SSH: the parent could not (or would not) move it onto QUIC.
+    NoQuic,
 }
 
 /// A host's state, as the operator sees it.
@@ -700,6 +702,11 @@ pub enum Up {
     /// The answer to a re-attach with a wrong or used token: nothing else follows.
     Refused {
         reason: String,
+    },
+    /// The node's last frame: it exits with this code. Over QUIC, where the exit status of
+    /// the SSH channel may never come (that connection gone), this is how it ended.
+    Bye {
+        code: u8,
     },
     /// The child listens for its parent's QUIC connection on this UDP port, with the
     /// certificate of this sha256 (the answer to [`Start::quic`]), or could not (`error`).
