@@ -106,6 +106,7 @@ struct RawDefaults {
     #[serde(rename = "become")]
     escalate: Option<Spanned<String>>,
     become_user: Option<Spanned<String>>,
+    quic_ports: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -127,6 +128,8 @@ struct RawEntry {
     become_user: Option<Spanned<String>>,
     /// This host's children can reach each other (`node::sibling`).
     seed_siblings: Option<Spanned<String>>,
+    /// The UDP ports it listens on for its parent's QUIC link, `FIRST-LAST`.
+    quic_ports: Option<Spanned<String>>,
 }
 
 fn loc<T>(s: &Spanned<T>) -> (u64, u64) {
@@ -362,6 +365,15 @@ impl Builder<'_> {
             .or(self.defaults.identity.as_ref())
             .map(|i| i.value.clone());
         let cconns = self.cconns(e.cconns.as_ref().or(self.defaults.cconns.as_ref()))?;
+        let quic_ports = e
+            .quic_ports
+            .as_ref()
+            .or(self.defaults.quic_ports.as_ref())
+            .map(|p| {
+                crate::cli::parse_port_range(&p.value)
+                    .map_err(|why| self.error(loc(p), format!("quic_ports {why}")))
+            })
+            .transpose()?;
         let escalate = self.escalate(e, mode)?;
         let given = Given { user, port };
         let mut specs = Vec::new();
@@ -378,6 +390,7 @@ impl Builder<'_> {
                 children: children.clone(),
                 credential: None,
                 escalate: escalate.clone(),
+                quic_ports,
                 ..Default::default()
             };
             let at = e.host.as_ref().map(loc).unwrap_or_default();

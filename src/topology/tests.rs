@@ -197,15 +197,27 @@ fn an_unknown_key_is_reported_at_the_key() {
         3,
         3,
         "unknown field `nmae`, expected one of host, name, user, port, graph, children, \
-         identity, password, host_key, cconns, mode, become, become_user, seed_siblings",
+         identity, password, host_key, cconns, mode, become, become_user, seed_siblings, \
+         quic_ports",
     );
     Dir::new().err_at(
         "defaults:\n  mode: jump\nhosts:\n- host: a\n",
         2,
         3,
         "unknown field `mode`, expected one of user, port, identity, password, cconns, become, \
-         become_user",
+         become_user, quic_ports",
     );
+}
+
+#[test]
+fn quic_ports_come_from_the_entry_else_the_defaults() {
+    let t = Dir::new()
+        .parse(
+            "defaults:\n  quic_ports: 60000-60010\nhosts:\n- host: a\n- host: b\n  quic_ports: 61000-61000\n",
+        )
+        .unwrap();
+    let ports: Vec<_> = t.hosts.iter().map(|h| h.quic_ports).collect();
+    assert_eq!(ports, [Some((60000, 60010)), Some((61000, 61000))]);
 }
 
 #[test]
@@ -240,6 +252,12 @@ fn bad_types_are_reported_at_the_value() {
         3,
         11,
         "cconns `many` is not a count (0 for no limit)",
+    );
+    d.err_at(
+        "hosts:\n- host: a\n  quic_ports: 9000-8000\n",
+        3,
+        15,
+        "quic_ports \"9000-8000\": expected FIRST-LAST, two UDP ports (1-65535), FIRST <= LAST",
     );
     d.err_at("hosts:\n- host: [a]\n", 2, 9, "expected string scalar");
     d.err_at(
