@@ -1869,7 +1869,7 @@ fn json_output_is_one_event_per_line_in_order_at_every_depth(lab: &Lab) -> TestR
     let log = exited(&out, 0)?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let documented = documented_event_types();
-    check!(documented.len() == 7, "docs/events.md lists {documented:?}");
+    check!(documented.len() == 8, "docs/events.md lists {documented:?}");
     let mut seen = std::collections::BTreeSet::new();
     // Per host: the order its events came in, as phases (0 staging, 1 running, 2 exited).
     let mut phase: std::collections::BTreeMap<String, u8> = Default::default();
@@ -2678,10 +2678,18 @@ fn a_wrong_re_attach_token_is_refused_and_the_socket_is_the_users_alone(lab: &La
     let topo = topology(
         "defaults:\n  user: root\nhosts:\n- host: 10.199.0.11\n  name: r1\n  children:\n  - host: 10.199.1.11\n    name: l1-1\n    graph: {leaf}\n",
     );
+    // Over SSH alone: this is the re-attach over a fresh SSH connection.
     let (mut running, rx) = start_logging(
         lab,
         &topo,
-        &["--link-timeout", "2", "--reconnect-grace", "30"],
+        &[
+            "--link-timeout",
+            "2",
+            "--reconnect-grace",
+            "30",
+            "--transport",
+            "ssh",
+        ],
     );
     let mut seen = wait_lines(
         &rx,

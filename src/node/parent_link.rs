@@ -139,6 +139,11 @@ impl Downstream {
             let _gone = gone.drop_guard();
             let mut reader = Some(reader);
             let mut down_since: Option<tokio::time::Instant> = None;
+            // Cancelled when the SSH channel the link moved away from (onto QUIC) ended and the
+            // parent's end of the QUIC connection did not answer a probe: a killed parent
+            // (whose SSH connection closes, where its QUIC connection just goes quiet).
+            let parent_gone = tokio_util::sync::CancellationToken::new();
+            let mut gone_seen = false;
             loop {
                 let deadline = match down_since {
                     Some(since) => since + grace,
@@ -146,7 +151,21 @@ impl Downstream {
                 };
                 let frame = tokio::select! {
                     biased;
+                    () = parent_gone.cancelled(), if !gone_seen && down_since.is_none() && !grace.is_zero() => {
+                        gone_seen = true;
+                        tracing::warn!(
+                            "the parent's SSH connection closed and its QUIC end does not \
+                             answer: the link is down; this node and its subtree keep running \
+                             for up to {}s while it comes back",
+                            grace.as_secs()
+                        );
+                        down_since = Some(tokio::time::Instant::now());
+                        continue;
+                    }
                     swapped = next_swap(&mut swaps) => {
+                        if let (Some(old), Some(connection)) = (reader.take(), offer.quic_connection()) {
+                            tokio::spawn(drain(old, connection, parent_gone.clone()));
+                        }
                         reader = Some(swapped);
                         match down_since.take() {
                             Some(since) => tracing::warn!(
@@ -264,6 +283,34 @@ async fn recv_from(reader: &mut Option<LinkReader>) -> Result<Option<Numbered<Do
         None => std::future::pending().await,
     }
 }
+
+/// Reads the SSH stream the link moved away from (onto QUIC) to its end (what still comes
+/// there is dropped: a re-attach replays what was not taken). Then probes the parent's end
+/// of `connection`: a byte on a stream of its own, which a live parent's QUIC stack
+/// acknowledges within milliseconds; nothing back within [`PROBE`] (and no frame meanwhile)
+/// means the parent is gone (`gone`).
+async fn drain(
+    mut old: LinkReader,
+    connection: quinn::Connection,
+    gone: tokio_util::sync::CancellationToken,
+) {
+    while let Ok(Some(_)) = old.recv::<Numbered<Down>>().await {}
+    if connection.close_reason().is_some() {
+        return;
+    }
+    let before = connection.stats().udp_rx.datagrams;
+    if let Ok(mut probe) = connection.open_uni().await {
+        let _ = probe.write_all(&[0]).await;
+        let _ = probe.finish();
+    }
+    tokio::time::sleep(PROBE).await;
+    if connection.stats().udp_rx.datagrams == before {
+        gone.cancel();
+    }
+}
+
+/// How long a probe of the parent's QUIC end waits for any answer.
+const PROBE: std::time::Duration = std::time::Duration::from_millis(1500);
 
 /// The next stream a re-attach brought; pending forever once no more can come.
 async fn next_swap<T>(swaps: &mut Option<mpsc::Receiver<T>>) -> T {

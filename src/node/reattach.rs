@@ -88,6 +88,14 @@ impl Offer {
         }
     }
 
+    /// The QUIC connection the link runs on now, if it does.
+    pub fn quic_connection(&self) -> Option<quinn::Connection> {
+        self.connection
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Whether the link runs on a QUIC connection now.
     pub fn on_quic(&self) -> bool {
         self.connection
