@@ -214,6 +214,9 @@ Examples:
       reach hosts behind relays and jump hosts; run until ^C
   arbor run --topology topology/dc1.yaml --compress never --converged-timeout 10
       the same, every copy plain (the default, auto, compresses by each link's measured rate)
+  arbor run --topology topology/dc1.yaml --transport ssh --converged-timeout 10
+      keep every link on its SSH channel (the default, auto, moves links onto QUIC when UDP
+      gets through, so they ride out a change of this machine's address)
   arbor run --topology topology/dc1.yaml --limit 'rack1-n[01-08]' --converged-timeout 10
       only those hosts (and the relays on their way, which run no graph of their own)
   arbor run --topology topology/dc1.yaml --limit @failed --converged-timeout 10

@@ -63,6 +63,8 @@ pub struct ChildLink {
     token: Option<String>,
     /// The QUIC connection the link runs on, once it moved there.
     quic: Option<QuicLink>,
+    /// The child was offered QUIC (`Start::quic`).
+    quic_offered: bool,
 }
 
 /// A link's QUIC connection, and which attachment it is.
@@ -259,6 +261,11 @@ impl ChildLink {
                 Err(e)
             }
         }
+    }
+
+    /// Whether the child was offered QUIC: only then is its `Up::Quic` taken.
+    pub fn quic_offered(&self) -> bool {
+        self.quic_offered
     }
 
     /// Whether the link runs on QUIC now.
@@ -502,6 +509,7 @@ pub async fn launch(
 
     let (events_tx, events_rx) = mpsc::channel(CHILD_QUEUE);
     let allowed = Arc::new(subtree_paths(&start.children));
+    let quic_offered = start.quic.is_some();
     let seqs = LinkSeqs::<Down>::new();
     let reading = tokio_util::sync::CancellationToken::new();
     let sink = Sink {
@@ -523,6 +531,7 @@ pub async fn launch(
         reading,
         token: None,
         quic: None,
+        quic_offered,
     };
 
     let label = session.label();

@@ -978,12 +978,7 @@ async fn to_quic(
         (Some(e), _) => Err(format!("the host could not listen on UDP: {e}")),
         (None, None) => Err("no certificate of this node's".to_string()),
         (None, Some(me)) => {
-            let link_timeout = Duration::from_secs(ctx.config.link_timeout.max(1));
-            let tuning = crate::wire::quic::Tuning {
-                keep_alive: crate::wire::heartbeat_every(ctx.config.link_timeout),
-                idle: link_timeout + Duration::from_secs(ctx.config.reconnect_grace),
-                congestion: Default::default(),
-            };
+            let tuning = super::quic_child::tuning(&ctx.config);
             let addr = std::net::SocketAddr::new(session.peer().ip(), port);
             let timeout = Duration::from_secs(ctx.config.hello_timeout.max(1));
             link.move_to_quic(
@@ -1076,14 +1071,22 @@ async fn supervise(
     let mut settle: Option<tokio::time::Instant> = None;
     // `--transport quic` and QUIC could not be set up: why the host fails.
     let mut quic_failed: Option<String> = None;
+    let mut quic_tried = false;
     if !link.on_quic() {
         run.transport = Some(("ssh".into(), None));
     }
     let (status, stderr) = loop {
         tokio::select! {
             item = events.recv() => match item {
+                // A child may say where it listens once, and only when QUIC was offered: it
+                // cannot make this node connect again and again.
+                Some(FromChild::Quic { .. }) if !link.quic_offered() || quic_tried => {
+                    heard = tokio::time::Instant::now();
+                    tracing::warn!("{}: said again (or unasked) where it listens for QUIC; ignored", spec.name);
+                }
                 Some(FromChild::Quic { port, fingerprint, error }) => {
                     heard = tokio::time::Instant::now();
+                    quic_tried = true;
                     if let Err(cause) = to_quic(ctx, spec, run, &session, &mut link, port, &fingerprint, error).await
                         && !stopping
                     {
