@@ -2568,7 +2568,7 @@ fn when_the_ssh_connection_is_killed_the_quic_link_goes_on(lab: &Lab) -> TestRes
 /// UDP is dropped at r1 (nftables in its namespace): every QUIC handshake through it times
 /// out, so r1's link and its leaves' stay on SSH, each within QUIC's 1 s connect timeout,
 /// the run converges, and the summary says which links used SSH and why; r2's links,
-/// untouched, run on QUIC.
+/// untouched, run on QUIC. With `--transport quic`, r1 fails instead, and is stopped.
 fn when_udp_is_blocked_the_links_stay_on_ssh_and_converge(lab: &Lab) -> TestResult {
     clean(lab, false);
     let out = lab.exec(
@@ -2616,6 +2616,30 @@ fn when_udp_is_blocked_the_links_stay_on_ssh_and_converge(lab: &Lab) -> TestResu
         said.lines()
             .any(|l| l.starts_with("links on SSH (") && l.contains("r1")),
         "the summary does not say r1's link ran on SSH:\n{said}"
+    );
+    check_no_leftovers(lab, &["r1", "r2", "l1-1", "l2-1"])?;
+    // QUIC or nothing: r1 fails, saying why, and is stopped; r2's subtree converges.
+    let out = run(
+        lab,
+        &topo,
+        &["--converged-timeout", "3", "--transport", "quic"],
+    );
+    let said = text(&out);
+    check!(
+        out.status.code() == Some(1),
+        "exit {:?}:\n{said}",
+        out.status.code()
+    );
+    check!(
+        said.lines().any(|l| l.starts_with("r1 ")
+            && l.contains(" failed ")
+            && l.contains("no QUIC link (--transport quic)")),
+        "r1 did not fail for want of QUIC:\n{said}"
+    );
+    check!(
+        said.lines()
+            .any(|l| l.starts_with("r2/l2-1 ") && l.contains(" ok ")),
+        "r2's leaf did not converge:\n{said}"
     );
     check_no_leftovers(lab, &["r1", "r2", "l1-1", "l2-1"])
 }

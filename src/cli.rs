@@ -293,7 +293,7 @@ struct SshArgs {
     /// control frames, events and store traffic then ride its streams, and the link follows
     /// an address change of the parent), else the SSH channel within a second. ssh: the SSH
     /// channel only. quic: QUIC, or the host fails. The summary says which each link used
-    /// (docs/remote.md, "QUIC").
+    /// (docs/remote.md, "QUIC between nodes").
     #[arg(long, value_name = "HOW", default_value = "auto",
           value_parser = ["ssh", "quic", "auto"])]
     transport: String,
