@@ -20,6 +20,11 @@
 //!   crosses the siblings' network): whoever else connects, or listens, gets nothing readable,
 //!   and a stream that was tampered with, cut short or sent by an impostor is refused. A seeder
 //!   that seals garbage with the right key is caught by the sha256.
+//! - **The binary's first copy** goes the same way ([`BuildSeeding`]), but the fetcher has no
+//!   arbor yet: the parent starts a bash `/dev/tcp` fetch there ([`plain_fetch_command`]) and
+//!   the seeder serves its own binary unsealed (`--plain`); the fetcher keeps it only if
+//!   `sha256sum` finds the sha256 the parent named, before anything runs it. Not secret, so
+//!   not sealed (docs/security.md, "Sibling seeding").
 //! - **Falls back.** Any failure (unreachable sibling, refused, corrupt, expired) is reported
 //!   and the parent copies the artifact itself; a sibling that could not be reached is not
 //!   tried again by the same child.
@@ -439,52 +444,55 @@ pub async fn fetch(
 /// The exit code of a plain fetch when the host lacks what it needs (bash, sha256sum).
 const NO_TOOL: u32 = 4;
 
+/// Seconds a plain fetch waits for its connection: siblings on one network connect within
+/// milliseconds, and the binary's first copy is on every relay's critical path, so a sibling
+/// it cannot reach costs one second before the parent copies it instead.
+const PLAIN_CONNECT_TIMEOUT: u64 = 1;
+
 /// Seconds a plain fetch may take once connected: a stalled seeder is given up on.
 const PLAIN_FETCH_LIMIT: u64 = 60;
 
 /// The shell a host with no arbor yet fetches a build with: bash's `/dev/tcp` to the seeder
-/// (given up on after `CONNECT_TIMEOUT` seconds), the token from stdin, the bytes into a temp
-/// file beside `dest` that becomes `dest` only with `size` bytes and the `sha256` (checked by
-/// `sha256sum` before anything could run it); nothing stays behind otherwise. Says
-/// `connected` once connected; exits [`UNREACHABLE`] when it could not connect, [`NO_TOOL`]
-/// without bash or sha256sum.
+/// (a watchdog ends the connect after [`PLAIN_CONNECT_TIMEOUT`] seconds), the token from stdin, the
+/// bytes into a temp file beside `dest` that becomes `dest` (mode 0755) only with `size` bytes
+/// and the `sha256`, checked by `sha256sum` before anything could run it; otherwise the temp
+/// file is removed. Says `connected` once connected; exits [`UNREACHABLE`] (or is killed by
+/// its watchdog) when it could not connect, [`NO_TOOL`] without bash or sha256sum. No traps:
+/// a subshell forked while one is set may run it.
 fn plain_fetch_command(addr: SocketAddr, dest: &str, sha256: &str, size: u64) -> String {
     let script = format!(
-        "set -u; umask 077; d={dir}; t=\"$d/.arbor.seed.$$\"; \
+        "set -u; umask 077; t={dir}/.arbor.seed.$$; \
          IFS= read -r token || exit 1; \
-         trap 'rm -f \"$t\"' EXIT; \
          ( sleep {connect}; kill -TERM $$ ) >/dev/null 2>&1 </dev/null & w=$!; \
-         trap 'echo \"no connection within {connect} s\" >&2; exit {unreachable}' TERM; \
-         if ! exec 3<>/dev/tcp/{host}/{port}; then exit {unreachable}; fi; \
-         kill $w 2>/dev/null; trap - TERM; echo connected; \
-         printf '%s %s\\n' \"$token\" {sha} >&3 && cat <&3 > \"$t\" || exit 1; \
-         n=$(wc -c < \"$t\"); \
-         if [ \"$n\" -ne {size} ] || ! sha256sum \"$t\" | grep -q '^{sha} '; then \
-           echo \"received $n bytes, not the build {sha} ({size} bytes): not kept\" >&2; exit 1; \
-         fi; \
-         chmod 755 \"$t\" && mv -f \"$t\" {dest}",
+         exec 3<>/dev/tcp/{host}/{port} || exit {unreachable}; \
+         kill $w 2>/dev/null; echo connected; \
+         to=; if command -v timeout >/dev/null 2>&1; then to=\"timeout {limit}\"; fi; \
+         if printf '%s %s\\n' \"$token\" {sha} >&3 && $to cat <&3 > \"$t\" && \
+            [ \"$(wc -c < \"$t\")\" -eq {size} ] && sha256sum \"$t\" | grep -q '^{sha} ' && \
+            chmod 755 \"$t\" && mv -f \"$t\" {dest}; then exit 0; fi; \
+         n=$(wc -c < \"$t\" 2>/dev/null || echo 0); rm -f \"$t\"; \
+         echo \"received $n bytes, not the build {sha} ({size} bytes): not kept\" >&2; exit 1",
         dir = crate::ssh::shell_quote(dest.rsplit_once('/').map_or(".", |(d, _)| d)),
         dest = crate::ssh::shell_quote(dest),
-        connect = CONNECT_TIMEOUT,
+        connect = PLAIN_CONNECT_TIMEOUT,
         unreachable = UNREACHABLE,
+        limit = PLAIN_FETCH_LIMIT,
         host = addr.ip(),
         port = addr.port(),
         sha = sha256,
     );
-    let script = crate::ssh::shell_quote(&script);
     format!(
         "command -v bash >/dev/null 2>&1 && command -v sha256sum >/dev/null 2>&1 || \
          {{ echo 'no bash or no sha256sum here' >&2; exit {NO_TOOL}; }}; \
-         if command -v timeout >/dev/null 2>&1; then \
-           exec timeout {limit} bash -c {script}; else exec bash -c {script}; fi",
-        limit = PLAIN_FETCH_LIMIT + CONNECT_TIMEOUT,
+         exec bash -c {}",
+        crate::ssh::shell_quote(&script)
     )
 }
 
 /// The parent's side of a build's first copy: `to` has no arbor yet, so it fetches the build
 /// `sha256` (`size` bytes), which `from` runs, with what the host has ([`plain_fetch_command`])
-/// into `dest`, under a fresh capability. Ok once `dest` holds it, checked by sha256; any
-/// failure within about [`CONNECT_TIMEOUT`] seconds when the sibling cannot be reached.
+/// into `dest`, under a fresh capability. Ok once `dest` holds it, checked by sha256; a
+/// failure within about [`PLAIN_CONNECT_TIMEOUT`] seconds when the sibling cannot be reached.
 pub async fn fetch_build(
     to: &BuildSeeding,
     from: &Peer,
@@ -516,10 +524,10 @@ pub async fn fetch_build(
             .await
             .map_err(|e| failed(&to.name, e.to_string()))?;
         let _ = fetcher.close_stdin().await;
-        // The host's own watchdog ends a connect after CONNECT_TIMEOUT seconds; this one
-        // holds if the host has no `kill` or `sleep` that work, and bounds the whole fetch.
+        // The host's own watchdog ends a connect after PLAIN_CONNECT_TIMEOUT seconds; this
+        // one holds if the host has no `kill` or `sleep` that work, and bounds the whole fetch.
         let (mut stderr, mut connected) = (Vec::new(), false);
-        let limit = Duration::from_secs(CONNECT_TIMEOUT + 1);
+        let limit = Duration::from_secs(PLAIN_CONNECT_TIMEOUT + 1);
         let mut deadline = tokio::time::Instant::now() + limit;
         let status = loop {
             let item = tokio::select! {
@@ -540,8 +548,8 @@ pub async fn fetch_build(
                 Some(crate::ssh::Output::Stdout(d)) => {
                     if !connected && d.windows(9).any(|w| w == b"connected") {
                         connected = true;
-                        deadline =
-                            tokio::time::Instant::now() + Duration::from_secs(PLAIN_FETCH_LIMIT);
+                        deadline = tokio::time::Instant::now()
+                            + Duration::from_secs(PLAIN_FETCH_LIMIT + 2);
                     }
                 }
                 Some(crate::ssh::Output::Stderr(d)) => stderr.extend_from_slice(&d),
@@ -556,17 +564,21 @@ pub async fn fetch_build(
             .map(str::trim)
             .filter(|l| !l.is_empty())
             .collect();
-        Ok((status, why.join("; ")))
+        Ok((status, connected, why.join("; ")))
     }
     .await;
     seeder.end(&from.name).await;
-    let (status, why) = fetched?;
+    let (status, connected, why) = fetched?;
     match status {
         s if s.success() => Ok(()),
-        crate::ssh::ExitStatus::Code(c) if c == UNREACHABLE as u32 => Err(SeedError::Unreachable(
-            format!("{} from {}: {why}", to.name, from.name),
-        )),
         crate::ssh::ExitStatus::Code(NO_TOOL) => Err(failed(&to.name, why)),
+        // Refused, unroutable, or ended by its watchdog.
+        s if !connected => Err(SeedError::Unreachable(format!(
+            "{} from {}: no connection within {PLAIN_CONNECT_TIMEOUT} s ({s}{}{why})",
+            to.name,
+            from.name,
+            if why.is_empty() { "" } else { ": " }
+        ))),
         s => Err(failed(&to.name, format!("the fetch ended with {s}: {why}"))),
     }
 }
