@@ -4707,6 +4707,7 @@ fn the_binarys_first_copy_crosses_the_link_once_with_sibling_seeding_and_twice_w
         .and_then(|t| t.split(' ').next())
         .and_then(|t| t.parse().ok())
         .unwrap_or(f64::MAX);
+    eprintln!("the fallback: {fallback}");
     let quick = after <= 3.0;
     check!(
         quick,
