@@ -4557,8 +4557,8 @@ fn a_second_build_rolls_out_over_the_first_as_a_patch(lab: &Lab) -> TestResult {
 /// fetches it from that relay over the edge network. With the relays cut from each other (a
 /// route in r2's namespace), each fetch fails at once or after the 2 s connect timeout, and
 /// each relay gets its own copy from the initiator: twice the bytes, and the run converges.
-/// The binary is counted apart: a first run stages it (and is reported), and the runs
-/// measured find it in the relays' caches.
+/// The binary is counted apart (it is seeded too: see the next test): a first run stages it
+/// (and is reported), and the runs measured find it in the relays' caches.
 fn a_40_mib_artifact_crosses_the_link_once_with_sibling_seeding_and_twice_when_cut(
     lab: &Lab,
 ) -> TestResult {
@@ -4588,7 +4588,7 @@ fn a_40_mib_artifact_crosses_the_link_once_with_sibling_seeding_and_twice_when_c
         );
         Ok((tx1 - tx0, log))
     };
-    // Cold: the binary too (two copies of it: a host with no arbor yet cannot fetch).
+    // Cold: the binary too (one copy of it, seeded; measured by the next test).
     measured("cold caches, seeding (binary included)")?;
     drop_artifacts();
     let (sent, log) = measured("binary cached, seeding")?;
