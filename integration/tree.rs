@@ -42,6 +42,10 @@ fn main() -> std::process::ExitCode {
             a_sibling_fetch_needs_its_capability_once_and_garbage_from_a_seeder_is_not_kept,
         ),
         (
+            "the_binarys_first_copy_crosses_the_link_once_with_sibling_seeding_and_twice_when_cut",
+            the_binarys_first_copy_crosses_the_link_once_with_sibling_seeding_and_twice_when_cut,
+        ),
+        (
             "leaves_exchange_files_through_relays_with_one_binary_per_relay_on_the_link",
             leaves_exchange_files_through_relays_with_one_binary_per_relay_on_the_link,
         ),
@@ -4737,8 +4741,8 @@ fn a_second_build_rolls_out_over_the_first_as_a_patch(lab: &Lab) -> TestResult {
 /// fetches it from that relay over the edge network. With the relays cut from each other (a
 /// route in r2's namespace), each fetch fails at once or after the 2 s connect timeout, and
 /// each relay gets its own copy from the initiator: twice the bytes, and the run converges.
-/// The binary is counted apart: a first run stages it (and is reported), and the runs
-/// measured find it in the relays' caches.
+/// The binary is counted apart (it is seeded too: see the next test): a first run stages it
+/// (and is reported), and the runs measured find it in the relays' caches.
 fn a_40_mib_artifact_crosses_the_link_once_with_sibling_seeding_and_twice_when_cut(
     lab: &Lab,
 ) -> TestResult {
@@ -4768,7 +4772,7 @@ fn a_40_mib_artifact_crosses_the_link_once_with_sibling_seeding_and_twice_when_c
         );
         Ok((tx1 - tx0, log))
     };
-    // Cold: the binary too (two copies of it: a host with no arbor yet cannot fetch).
+    // Cold: the binary too (one copy of it, seeded; measured by the next test).
     measured("cold caches, seeding (binary included)")?;
     drop_artifacts();
     let (sent, log) = measured("binary cached, seeding")?;
@@ -4806,6 +4810,97 @@ fn a_40_mib_artifact_crosses_the_link_once_with_sibling_seeding_and_twice_when_c
         started.elapsed() < Duration::from_secs(60),
         "the run with seeding cut took {:?}",
         started.elapsed()
+    );
+    check_no_leftovers(lab, &HOSTS)
+}
+
+/// Seeding the binary's first copy: with cold caches and `seed_siblings`, one relay receives
+/// arbor from the initiator and the other fetches it from that relay (bash's /dev/tcp, checked
+/// by sha256sum: it has no arbor yet), so the binary crosses the initiator's link once. With
+/// the relays cut from each other (a route in r2's namespace) the fetch fails, the relay that
+/// tried gets its own copy within a few seconds, and the binary crosses twice. `--compress
+/// never`, so that each copy of the binary is its size on the link; a 1 MiB artifact, so that
+/// the binary's copies are what the counts tell apart.
+fn the_binarys_first_copy_crosses_the_link_once_with_sibling_seeding_and_twice_when_cut(
+    lab: &Lab,
+) -> TestResult {
+    let art = artifact_graph(1)?;
+    let seeded = format!("seed_siblings: true\n{TWO_RELAYS}");
+    let topo = topology(&seeded.replace("{leaf}", &art.graph.to_string_lossy()));
+    let binary = std::fs::metadata(ARBOR).map_err(fail)?.len();
+    let measured = |label: &str| -> Result<(u64, String), libtest_mimic::Failed> {
+        clean(lab, true);
+        let (tx0, _) = lab.init_link_bytes();
+        let started = Instant::now();
+        let out = run(
+            lab,
+            &topo,
+            &["--converged-timeout", "1", "--compress", "never"],
+        );
+        let took = started.elapsed().as_secs_f64();
+        let (tx1, _) = lab.init_link_bytes();
+        let log = exited(&out, 0)?;
+        check_artifact_on(lab, &LEAVES, &art, &log)?;
+        eprintln!(
+            "{label}: {} bytes out on the initiator's link for the {binary}-byte binary and \
+             the {}-byte artifact ({:.2} × the binary), {took:.1} s",
+            tx1 - tx0,
+            art.size,
+            (tx1 - tx0) as f64 / binary as f64
+        );
+        Ok((tx1 - tx0, log))
+    };
+    let (sent, log) = measured("cold caches, seeding")?;
+    check!(
+        log.contains("arbor fetched from its sibling"),
+        "no relay says it fetched arbor from its sibling\n{log}"
+    );
+    check!(
+        sent <= binary + binary / 10 + 2 * art.size,
+        "with seeding the initiator's link carried {sent} bytes for a {binary}-byte binary \
+         and 2 relays: want at most 1.1 × the binary plus the artifact\n{log}"
+    );
+    // Each relay's binary is arbor, intact.
+    let sha = sha256_of(Path::new(ARBOR))?;
+    for r in ["r1", "r2"] {
+        let got = lab.sh(
+            r,
+            &format!("sha256sum /root/.cache/arbor/bin/{sha}/arbor | cut -d' ' -f1"),
+        );
+        check!(got.trim() == sha, "{r}: its cached arbor is {got:?}\n{log}");
+    }
+    let cut = Undo {
+        lab,
+        host: "r2",
+        shell: "ip route del unreachable 10.199.0.11/32".into(),
+    };
+    lab.sh("r2", "ip route add unreachable 10.199.0.11/32");
+    let (sent, log) = measured("cold caches, seeding cut")?;
+    drop(cut);
+    let fallback = log
+        .lines()
+        .find(|l| l.contains("seeding arbor from a sibling failed"))
+        .unwrap_or_default();
+    check!(
+        fallback.contains("copying it from this node instead"),
+        "no relay reports the failed seeding of arbor\n{log}"
+    );
+    let after: f64 = fallback
+        .split("after ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(f64::MAX);
+    eprintln!("the fallback: {fallback}");
+    let quick = after <= 3.0;
+    check!(
+        quick,
+        "the failed fetch took {after} s before the fallback: want at most 3\n{fallback}"
+    );
+    check!(
+        sent >= 2 * binary,
+        "with seeding cut the initiator's link carried {sent} bytes for a {binary}-byte \
+         binary and 2 relays: want 2 copies of it\n{log}"
     );
     check_no_leftovers(lab, &HOSTS)
 }

@@ -130,6 +130,10 @@ enum Sub {
         expire: u64,
         #[arg(long, value_name = "ADDR")]
         bind: Option<String>,
+        /// Unsealed, for a fetcher with no arbor yet (the binary's first copy): the request
+        /// is a line of hex, the answer the file's bytes as they are.
+        #[arg(long)]
+        plain: bool,
     },
     /// (internal) Sibling seeding: fetch an artifact from a sibling's seed-serve under the
     /// capability read from stdin, keeping it only if it has --size bytes and the --sha256.
@@ -731,12 +735,14 @@ pub fn parse() -> Result<Invocation, ExitCode> {
             size,
             expire,
             bind,
+            plain,
         }) => Command::SeedServe(crate::node::sibling::Serve {
             file,
             sha256,
             size,
             expire,
             bind,
+            plain,
         }),
         Some(Sub::SeedFetch {
             from,

@@ -21,6 +21,9 @@
 //! Then the delta run: 1% of the artifact changed (200 KB in one place), every tool again
 //! (arbor's caches warm from its first run). The floor is the unique bytes that must cross
 //! (the artifact, plus arbor's binary gzipped for the cold run) ÷ the link rate.
+//!
+//! `ARBOR_PEERS_LOG=DIR` keeps each arbor run's log (`--log-file`: -v level, every host's
+//! events, timestamped) in DIR, to see where a run's time goes.
 
 #[path = "../support/mod.rs"]
 mod support;
@@ -338,6 +341,13 @@ impl<'a> Setup<'a> {
                     .args(["run", "--topology"])
                     .arg(self.dir.join("topology.yaml"))
                     .args(["--tmp-prefix", "--converged-timeout", "0"]);
+                // ARBOR_PEERS_LOG=DIR: each run's log (-v level, every host's events, with
+                // timestamps) in DIR, to see where a run's time goes.
+                if let Some(dir) = std::env::var_os("ARBOR_PEERS_LOG") {
+                    let n = std::fs::read_dir(&dir).map_or(0, |d| d.count());
+                    cmd.arg("--log-file")
+                        .arg(Path::new(&dir).join(format!("arbor-{n}.log")));
+                }
             }
         }
         let out = cmd.output().expect("run the tool");

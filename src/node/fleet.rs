@@ -614,6 +614,12 @@ async fn stage_child(
         .and_then(|g| ctx.graph(g).map(|t| (g.clone(), t)));
     let mut last_sent = Instant::now();
     let (events, progress_host) = (ctx.events.clone(), run.me.clone());
+    // Seeding: the binary's first copy too, from a sibling that holds it.
+    let seeding = spec.seed_siblings.then(|| super::sibling::BuildSeeding {
+        board: ctx.siblings.clone(),
+        name: spec.name.clone(),
+        session: session.clone(),
+    });
     let staged = stage::stage(
         &session,
         &ctx.builds,
@@ -622,6 +628,7 @@ async fn stage_child(
             .as_ref()
             .map(|(_, text)| ("graph.yaml", text.as_bytes())),
         !spec.children.is_empty(),
+        seeding.as_ref(),
         &mut |what, sent, total| {
             // At most ten updates a second, and always the last.
             if sent == total || last_sent.elapsed() >= Duration::from_millis(100) {

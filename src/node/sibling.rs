@@ -20,6 +20,11 @@
 //!   crosses the siblings' network): whoever else connects, or listens, gets nothing readable,
 //!   and a stream that was tampered with, cut short or sent by an impostor is refused. A seeder
 //!   that seals garbage with the right key is caught by the sha256.
+//! - **The binary's first copy** goes the same way ([`BuildSeeding`]), but the fetcher has no
+//!   arbor yet: the parent starts a bash `/dev/tcp` fetch there ([`plain_fetch_command`]) and
+//!   the seeder serves its own binary unsealed (`--plain`); the fetcher keeps it only if
+//!   `sha256sum` finds the sha256 the parent named, before anything runs it. Not secret, so
+//!   not sealed (docs/security.md, "Sibling seeding").
 //! - **Falls back.** Any failure (unreachable sibling, refused, corrupt, expired) is reported
 //!   and the parent copies the artifact itself; a sibling that could not be reached is not
 //!   tried again by the same child.
@@ -302,6 +307,82 @@ async fn serve_address(
     }
 }
 
+/// A seed-serve started on a sibling: its capability, its exec and the address it listens on.
+struct Seeder {
+    cap: Capability,
+    exec: crate::ssh::RemoteCommand,
+    addr: String,
+}
+
+/// Starts `from`'s `arbor seed-serve` for `file` (`sha256`, `size` bytes) under a fresh
+/// capability; `plain`: unsealed, for a fetcher with no arbor (see [`Serve::plain`]).
+async fn start_seeder(
+    from: &Peer,
+    file: &str,
+    sha256: &str,
+    size: u64,
+    plain: bool,
+    cancel: &CancellationToken,
+) -> Result<Seeder, SeedError> {
+    let failed = |e: String| SeedError::Failed(format!("{}: {e}", from.name));
+    let mut line = CommandLine::new(&from.binary).args([
+        "seed-serve",
+        "--file",
+        file,
+        "--sha256",
+        sha256,
+        "--size",
+        &size.to_string(),
+        "--expire",
+        &EXPIRE.to_string(),
+    ]);
+    if plain {
+        line = line.arg("--plain");
+    }
+    // A dropbear that closes a channel before answering its exec request (as older ones do
+    // when a connection is busy) did not run the command there: ask again, a few times.
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let cap = Capability::new();
+        let mut exec = from
+            .session
+            .exec(line.as_str(), &Default::default())
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        exec.write_stdin(cap.line().as_bytes())
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        match serve_address(&mut exec, &from.name, cancel).await {
+            Err(Served::Again) if attempt < SERVE_ATTEMPTS => {
+                tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+            }
+            Err(Served::Again) => {
+                return Err(failed(format!(
+                    "seed-serve ended with {} {SERVE_ATTEMPTS} times",
+                    crate::ssh::ExitStatus::ClosedBeforeReply
+                )));
+            }
+            Err(Served::Failed(e)) => return Err(e),
+            Ok(addr) => return Ok(Seeder { cap, exec, addr }),
+        }
+    }
+}
+
+impl Seeder {
+    /// Done, whichever way: revoked (if unused), the seeder ends; its word is for the log.
+    async fn end(self, from: &str) {
+        let _ = self.exec.close_stdin().await;
+        let served = tokio::time::timeout(Duration::from_secs(2), self.exec.collect()).await;
+        if let Ok(Ok(s)) = served {
+            let said = String::from_utf8_lossy(&s.stderr);
+            if !said.trim().is_empty() {
+                tracing::debug!("{from}: seed-serve: {}", said.trim());
+            }
+        }
+    }
+}
+
 /// The parent's side: has `to` fetch the artifact `sha256` (`size` bytes) into `dest` from
 /// `from`, under a fresh capability. Ok once `to` holds it, checked.
 pub async fn fetch(
@@ -313,53 +394,12 @@ pub async fn fetch(
     cancel: &CancellationToken,
 ) -> Result<(), SeedError> {
     let failed = |who: &str, e: String| SeedError::Failed(format!("{who}: {e}"));
-    let serve_line = CommandLine::new(&from.binary).args([
-        "seed-serve",
-        "--file",
-        &format!("{}/{sha256}", from.dir),
-        "--sha256",
-        sha256,
-        "--size",
-        &size.to_string(),
-        "--expire",
-        &EXPIRE.to_string(),
-    ]);
-    // A dropbear that closes a channel before answering its exec request (as older ones do
-    // when a connection is busy) did not run the command there: ask again, a few times.
-    let mut attempt = 0;
-    let (cap, serve, addr) = loop {
-        attempt += 1;
-        let cap = Capability::new();
-        let mut serve = from
-            .session
-            .exec(serve_line.as_str(), &Default::default())
-            .await
-            .map_err(|e| failed(&from.name, e.to_string()))?;
-        serve
-            .write_stdin(cap.line().as_bytes())
-            .await
-            .map_err(|e| failed(&from.name, e.to_string()))?;
-        match serve_address(&mut serve, &from.name, cancel).await {
-            Err(Served::Again) if attempt < SERVE_ATTEMPTS => {
-                tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
-            }
-            Err(Served::Again) => {
-                return Err(failed(
-                    &from.name,
-                    format!(
-                        "seed-serve ended with {} {SERVE_ATTEMPTS} times",
-                        crate::ssh::ExitStatus::ClosedBeforeReply
-                    ),
-                ));
-            }
-            Err(Served::Failed(e)) => return Err(e),
-            Ok(addr) => break (cap, serve, addr),
-        }
-    };
+    let file = format!("{}/{sha256}", from.dir);
+    let seeder = start_seeder(from, &file, sha256, size, false, cancel).await?;
     let fetch_line = CommandLine::new(&to.binary).args([
         "seed-fetch",
         "--from",
-        &addr,
+        &seeder.addr,
         "--dest",
         dest,
         "--sha256",
@@ -376,7 +416,7 @@ pub async fn fetch(
             .await
             .map_err(|e| failed(&to.name, e.to_string()))?;
         fetcher
-            .write_stdin(cap.line().as_bytes())
+            .write_stdin(seeder.cap.line().as_bytes())
             .await
             .map_err(|e| failed(&to.name, e.to_string()))?;
         let _ = fetcher.close_stdin().await;
@@ -386,15 +426,7 @@ pub async fn fetch(
         }
     }
     .await;
-    // Done, whichever way: revoked (if unused), the seeder ends; its word is for the log.
-    let _ = serve.close_stdin().await;
-    let served = tokio::time::timeout(Duration::from_secs(2), serve.collect()).await;
-    if let Ok(Ok(s)) = served {
-        let said = String::from_utf8_lossy(&s.stderr);
-        if !said.trim().is_empty() {
-            tracing::debug!("{}: seed-serve: {}", from.name, said.trim());
-        }
-    }
+    seeder.end(&from.name).await;
     let got = fetched?;
     let why = String::from_utf8_lossy(&got.stderr).trim().to_string();
     match got.status {
@@ -406,6 +438,203 @@ pub async fn fetch(
             &to.name,
             format!("seed-fetch ended with {s}: {why}"),
         )),
+    }
+}
+
+/// The exit code of a plain fetch when the host lacks what it needs (bash, sha256sum).
+const NO_TOOL: u32 = 4;
+
+/// Seconds a plain fetch waits for its connection: siblings on one network connect within
+/// milliseconds, and the binary's first copy is on every relay's critical path, so a sibling
+/// it cannot reach costs one second before the parent copies it instead.
+const PLAIN_CONNECT_TIMEOUT: u64 = 1;
+
+/// Seconds a plain fetch may take once connected: a stalled seeder is given up on.
+const PLAIN_FETCH_LIMIT: u64 = 60;
+
+/// The shell a host with no arbor yet fetches a build with: bash's `/dev/tcp` to the seeder
+/// (a watchdog ends the connect after [`PLAIN_CONNECT_TIMEOUT`] seconds), the token from stdin, the
+/// bytes into a temp file beside `dest` that becomes `dest` (mode 0755) only with `size` bytes
+/// and the `sha256`, checked by `sha256sum` before anything could run it; otherwise the temp
+/// file is removed. Says `connected` once connected; exits [`UNREACHABLE`] (or is killed by
+/// its watchdog) when it could not connect, [`NO_TOOL`] without bash or sha256sum. No traps:
+/// a subshell forked while one is set may run it.
+fn plain_fetch_command(addr: SocketAddr, dest: &str, sha256: &str, size: u64) -> String {
+    let script = format!(
+        "set -u; umask 077; t={dir}/.arbor.seed.$$; \
+         IFS= read -r token || exit 1; \
+         ( sleep {connect}; kill -TERM $$ ) >/dev/null 2>&1 </dev/null & w=$!; \
+         exec 3<>/dev/tcp/{host}/{port} || exit {unreachable}; \
+         kill $w 2>/dev/null; echo connected; \
+         to=; if command -v timeout >/dev/null 2>&1; then to=\"timeout {limit}\"; fi; \
+         if printf '%s %s\\n' \"$token\" {sha} >&3 && $to cat <&3 > \"$t\" && \
+            [ \"$(wc -c < \"$t\")\" -eq {size} ] && sha256sum \"$t\" | grep -q '^{sha} ' && \
+            chmod 755 \"$t\" && mv -f \"$t\" {dest}; then exit 0; fi; \
+         n=$(wc -c < \"$t\" 2>/dev/null || echo 0); rm -f \"$t\"; \
+         echo \"received $n bytes, not the build {sha} ({size} bytes): not kept\" >&2; exit 1",
+        dir = crate::ssh::shell_quote(dest.rsplit_once('/').map_or(".", |(d, _)| d)),
+        dest = crate::ssh::shell_quote(dest),
+        connect = PLAIN_CONNECT_TIMEOUT,
+        unreachable = UNREACHABLE,
+        limit = PLAIN_FETCH_LIMIT,
+        host = addr.ip(),
+        port = addr.port(),
+        sha = sha256,
+    );
+    format!(
+        "command -v bash >/dev/null 2>&1 && command -v sha256sum >/dev/null 2>&1 || \
+         {{ echo 'no bash or no sha256sum here' >&2; exit {NO_TOOL}; }}; \
+         exec bash -c {}",
+        crate::ssh::shell_quote(&script)
+    )
+}
+
+/// The parent's side of a build's first copy: `to` has no arbor yet, so it fetches the build
+/// `sha256` (`size` bytes), which `from` runs, with what the host has ([`plain_fetch_command`])
+/// into `dest`, under a fresh capability. Ok once `dest` holds it, checked by sha256; a
+/// failure within about [`PLAIN_CONNECT_TIMEOUT`] seconds when the sibling cannot be reached.
+pub async fn fetch_build(
+    to: &BuildSeeding,
+    from: &Peer,
+    sha256: &str,
+    size: u64,
+    dest: &str,
+    cancel: &CancellationToken,
+) -> Result<(), SeedError> {
+    let failed = |who: &str, e: String| SeedError::Failed(format!("{who}: {e}"));
+    let seeder = start_seeder(from, &from.binary, sha256, size, true, cancel).await?;
+    let fetched = async {
+        let addr: SocketAddr = seeder.addr.parse().map_err(|e| {
+            failed(
+                &from.name,
+                format!("seed-serve said {:?}: {e}", seeder.addr),
+            )
+        })?;
+        let mut fetcher = to
+            .session
+            .exec(
+                &plain_fetch_command(addr, dest, sha256, size),
+                &Default::default(),
+            )
+            .await
+            .map_err(|e| failed(&to.name, e.to_string()))?;
+        let token = data_encoding::HEXLOWER.encode(&seeder.cap.token);
+        fetcher
+            .write_stdin(format!("{token}\n").as_bytes())
+            .await
+            .map_err(|e| failed(&to.name, e.to_string()))?;
+        let _ = fetcher.close_stdin().await;
+        // The host's own watchdog ends a connect after PLAIN_CONNECT_TIMEOUT seconds; this
+        // one holds if the host has no `kill` or `sleep` that work, and bounds the whole fetch.
+        let (mut stderr, mut connected) = (Vec::new(), false);
+        let limit = Duration::from_secs(PLAIN_CONNECT_TIMEOUT + 1);
+        let mut deadline = tokio::time::Instant::now() + limit;
+        let status = loop {
+            let item = tokio::select! {
+                i = fetcher.next() => i,
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(if connected {
+                        failed(&to.name, format!("the fetch took over {PLAIN_FETCH_LIMIT} s"))
+                    } else {
+                        SeedError::Unreachable(format!(
+                            "{} from {}: no connection within {} s",
+                            to.name, from.name, limit.as_secs()
+                        ))
+                    });
+                }
+                _ = cancel.cancelled() => return Err(SeedError::Stopped),
+            };
+            match item {
+                Some(crate::ssh::Output::Stdout(d)) => {
+                    if !connected && d.windows(9).any(|w| w == b"connected") {
+                        connected = true;
+                        deadline = tokio::time::Instant::now()
+                            + Duration::from_secs(PLAIN_FETCH_LIMIT + 2);
+                    }
+                }
+                Some(crate::ssh::Output::Stderr(d)) => stderr.extend_from_slice(&d),
+                Some(crate::ssh::Output::Exit(status)) => break status,
+                None => break crate::ssh::ExitStatus::Unknown,
+            }
+        };
+        // One line, for the parent's report.
+        let said = String::from_utf8_lossy(&stderr);
+        let why: Vec<&str> = said
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        Ok((status, connected, why.join("; ")))
+    }
+    .await;
+    seeder.end(&from.name).await;
+    let (status, connected, why) = fetched?;
+    match status {
+        s if s.success() => Ok(()),
+        crate::ssh::ExitStatus::Code(NO_TOOL) => Err(failed(&to.name, why)),
+        // Refused, unroutable, or ended by its watchdog.
+        s if !connected => Err(SeedError::Unreachable(format!(
+            "{} from {}: no connection within {PLAIN_CONNECT_TIMEOUT} s ({s}{}{why})",
+            to.name,
+            from.name,
+            if why.is_empty() { "" } else { ": " }
+        ))),
+        s => Err(failed(&to.name, format!("the fetch ended with {s}: {why}"))),
+    }
+}
+
+/// A child about to receive its first copy of arbor, for its parent's seeding: the board its
+/// siblings share, its name and the parent's session to it. Builds are claimed on the board
+/// under [`build_key`], apart from artifacts.
+pub struct BuildSeeding {
+    pub board: Arc<Board>,
+    pub name: String,
+    pub session: Arc<Session>,
+}
+
+/// A build's name on a [`Board`]: never an artifact's, even one with the same bytes (the file
+/// served is the sibling's binary, not an artifact's cache entry).
+pub fn build_key(sha256: &str) -> String {
+    format!("build {sha256}")
+}
+
+impl BuildSeeding {
+    /// What this child does about the build `sha256`: see [`Board::claim`].
+    pub async fn claim(&self, sha256: &str, cancel: &CancellationToken) -> Option<Claim> {
+        self.board
+            .claim(&build_key(sha256), &self.name, true, cancel)
+            .await
+    }
+
+    /// This child holds the build at `binary` (it was in its cache): its siblings may fetch it.
+    pub fn offer(&self, sha256: &str, binary: &str) {
+        self.board.offer(&build_key(sha256), &self.peer(binary));
+    }
+
+    /// This child as a seeder of its build at `binary`.
+    pub fn peer(&self, binary: &str) -> Arc<Peer> {
+        Arc::new(Peer {
+            name: self.name.clone(),
+            session: self.session.clone(),
+            binary: binary.to_string(),
+            dir: String::new(),
+        })
+    }
+
+    /// Fetches the build from `from` into `dest`; an unreachable sibling is remembered.
+    pub async fn fetch(
+        &self,
+        from: &Peer,
+        sha256: &str,
+        size: u64,
+        dest: &str,
+        cancel: &CancellationToken,
+    ) -> Result<(), SeedError> {
+        let result = fetch_build(self, from, sha256, size, dest, cancel).await;
+        if let Err(SeedError::Unreachable(_)) = &result {
+            self.board.cut(&self.name, &from.name);
+        }
+        result
     }
 }
 
@@ -626,7 +855,14 @@ pub struct Serve {
     /// Where to listen; default: the address this host was reached at over SSH
     /// (`SSH_CONNECTION`), else every address.
     pub bind: Option<String>,
+    /// Unsealed ([`PLAIN_REQUEST`] in, the file's bytes out), for a fetcher that has no arbor
+    /// yet: only for arbor's own binary, whose sha256 the fetcher checks before it is used.
+    pub plain: bool,
 }
+
+/// A plain fetch's request: the token and the sha256 in hex, a space between, a newline
+/// after (what a shell can send with `printf`).
+pub const PLAIN_REQUEST: usize = 64 + 1 + 64 + 1;
 
 /// `arbor seed-fetch`: from where, what, and where to.
 #[derive(Debug, Clone)]
@@ -718,7 +954,11 @@ pub fn serve(
         let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
         let _ = conn.set_write_timeout(Some(Duration::from_secs(30)));
         let mut asked = [0u8; 64];
-        let shown = conn.read_exact(&mut asked).is_ok();
+        let shown = if args.plain {
+            read_plain_request(&mut conn, &mut asked)
+        } else {
+            conn.read_exact(&mut asked).is_ok()
+        };
         if !(shown && same(&asked[..32], &cap.token) && same(&asked[32..], &want_sha)) {
             eprintln!(
                 "refused a fetch from {peer}: {}",
@@ -730,22 +970,48 @@ pub fn serve(
                     "another artifact than its capability names"
                 }
             );
-            let _ = conn.write_all(b"N");
+            // A plain fetcher gets nothing at all: too few bytes, which it refuses.
+            if !args.plain {
+                let _ = conn.write_all(b"N");
+            }
             continue;
         }
         // Single use: whatever happens now, this capability is spent.
-        conn.write_all(b"Y").map_err(|e| format!("{peer}: {e}"))?;
         use std::io::Seek;
         file.seek(std::io::SeekFrom::Start(0))
             .map_err(|e| e.to_string())?;
-        let mut out = std::io::BufWriter::with_capacity(FRAME + 64, &mut conn);
-        let sent = send_sealed(&mut file, &mut out, &cap.key, &args.sha256)
-            .map_err(|e| format!("{peer}: {e}"))?;
-        drop(out);
+        let sent = if args.plain {
+            std::io::copy(&mut file, &mut conn).map_err(|e| format!("{peer}: {e}"))?
+        } else {
+            conn.write_all(b"Y").map_err(|e| format!("{peer}: {e}"))?;
+            let mut out = std::io::BufWriter::with_capacity(FRAME + 64, &mut conn);
+            let sent = send_sealed(&mut file, &mut out, &cap.key, &args.sha256)
+                .map_err(|e| format!("{peer}: {e}"))?;
+            drop(out);
+            sent
+        };
         let _ = conn.shutdown(std::net::Shutdown::Write);
         // Until the fetcher closes: it has read everything.
         let _ = conn.read(&mut [0u8; 1]);
         return Ok(sent);
+    }
+}
+
+/// Reads a [`PLAIN_REQUEST`] into `asked` (token, then sha256, as bytes); false if it is not
+/// one.
+fn read_plain_request(conn: &mut TcpStream, asked: &mut [u8; 64]) -> bool {
+    let mut line = [0u8; PLAIN_REQUEST];
+    if conn.read_exact(&mut line).is_err() || line[64] != b' ' || line[129] != b'\n' {
+        return false;
+    }
+    let hex = &data_encoding::HEXLOWER;
+    match (hex.decode(&line[..64]), hex.decode(&line[65..129])) {
+        (Ok(token), Ok(sha)) => {
+            asked[..32].copy_from_slice(&token);
+            asked[32..].copy_from_slice(&sha);
+            true
+        }
+        _ => false,
     }
 }
 
@@ -891,6 +1157,7 @@ mod tests {
             size: bytes.len() as u64,
             expire: 10,
             bind: Some("127.0.0.1:0".into()),
+            plain: false,
         };
         let (addr, server) = start(args, cap.clone());
         let dest = dir.path().join("got");
@@ -914,6 +1181,91 @@ mod tests {
         assert!(!again.exists());
     }
 
+    /// Runs [`plain_fetch_command`] here with `token` on stdin: its exit code and stderr.
+    fn plain_fetch(
+        addr: SocketAddr,
+        dest: &Path,
+        sha: &str,
+        size: u64,
+        token: &str,
+    ) -> (i32, String) {
+        use std::process::{Command, Stdio};
+        let mut child = Command::new("sh")
+            .args([
+                "-c",
+                &plain_fetch_command(addr, &dest.display().to_string(), sha, size),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("sh");
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin
+            .write_all(format!("{token}\n").as_bytes())
+            .expect("token");
+        drop(stdin);
+        let out = child.wait_with_output().expect("wait");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    }
+
+    #[test]
+    fn a_host_without_arbor_fetches_a_build_plain_once_and_keeps_it_only_if_its_sha256_matches() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bytes: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 253) as u8).collect();
+        let (path, sha) = artifact(dir.path(), &bytes);
+        let size = bytes.len() as u64;
+        let serve_args = |file: PathBuf| Serve {
+            file,
+            sha256: sha.clone(),
+            size,
+            expire: 10,
+            bind: Some("127.0.0.1:0".into()),
+            plain: true,
+        };
+        let hex = |t: &[u8; 32]| data_encoding::HEXLOWER.encode(t);
+        let cap = Capability::new();
+        let (addr, server) = start(serve_args(path.clone()), cap.clone());
+        let dest = dir.path().join("bin").join("arbor");
+        std::fs::create_dir(dir.path().join("bin")).expect("mkdir");
+        // A guessed token: the seeder sends nothing, nothing is kept.
+        let (code, why) = plain_fetch(addr, &dest, &sha, size, &hex(&Capability::new().token));
+        assert_eq!(code, 1, "{why}");
+        assert!(why.contains("not kept"), "{why}");
+        // The right one: kept, executable.
+        let (code, why) = plain_fetch(addr, &dest, &sha, size, &hex(&cap.token));
+        assert_eq!(code, 0, "{why}");
+        assert_eq!(std::fs::read(&dest).expect("read"), bytes);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&dest).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o755);
+        assert_eq!(server.join().expect("join"), Ok(size));
+        // Used: the seeder is gone, the fetch says it could not connect.
+        std::fs::remove_file(&dest).expect("rm");
+        let (code, why) = plain_fetch(addr, &dest, &sha, size, &hex(&cap.token));
+        assert_eq!(code, UNREACHABLE as i32, "{why}");
+        // A seeder whose bytes are not the build (its file changed after it was hashed, as
+        // a hostile one would send): refused by the sha256, nothing kept.
+        let other = dir.path().join("other");
+        std::fs::write(&other, &bytes).expect("write");
+        let cap = Capability::new();
+        let (addr, server) = start(serve_args(other.clone()), cap.clone());
+        let mut changed = bytes.clone();
+        changed[1000] ^= 1;
+        std::fs::write(&other, &changed).expect("change");
+        let (code, why) = plain_fetch(addr, &dest, &sha, size, &hex(&cap.token));
+        assert_eq!(code, 1, "{why}");
+        assert!(why.contains("not kept"), "{why}");
+        let _ = server.join();
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("bin"))
+            .expect("ls")
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
     #[test]
     fn a_seeder_serves_only_a_verified_entry_and_expires() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -925,6 +1277,7 @@ mod tests {
             size: 11,
             expire: 1,
             bind: Some("127.0.0.1:0".into()),
+            plain: false,
         };
         let e = serve(
             &args,

@@ -11,7 +11,9 @@
 //!    With --compress (and gzip on the host), the copy is `arbor.gz`, unpacked there by gzip,
 //!    whose CRC and a size check guard the result; a host that will stage children of its own
 //!    keeps `arbor.gz` beside the binary, so it passes the compressed copy on without
-//!    recompressing. A host without gzip gets the plain binary.
+//!    recompressing. A host without gzip gets the plain binary. Under sibling seeding
+//!    (`sibling::BuildSeeding`), a host whose sibling holds the build (or is receiving it)
+//!    fetches it from there instead, and is copied to only if that fails.
 //! 3. Copy the graph into the working dir, and close the sftp session: wait until the server
 //!    has closed its channel, so the exec that follows cannot be lost (see `ssh::sftp`).
 //!
@@ -23,6 +25,7 @@
 //! platform is served by [`copy_build`], into the same cache.
 
 use super::builds::{Build, Builds, Gzipped, KEPT_GZ};
+use super::sibling::{BuildSeeding, Claim, Publish, SeedError};
 use super::transfer;
 use crate::ssh::{CommandLine, Session, SshError, shell_quote};
 use crate::wire::NodeConfig;
@@ -337,14 +340,17 @@ fn parse_probe(out: &[u8], rate: Option<f64>) -> Option<Probed> {
 }
 
 /// Stages `session`'s host: see the module docs. `relay`: the host will stage children of
-/// its own (it keeps a compressed copy to pass on). Stops early, leaving nothing behind, when
-/// `cancel` fires.
+/// its own (it keeps a compressed copy to pass on). `seeding`: the host's siblings seed each
+/// other, the binary's first copy included (docs/remote.md, "Sibling seeding"). Stops early,
+/// leaving nothing behind, when `cancel` fires.
+#[allow(clippy::too_many_arguments)]
 pub async fn stage(
     session: &Session,
     builds: &Builds,
     options: &StageOptions,
     graph: Option<(&str, &[u8])>,
     relay: bool,
+    seeding: Option<&BuildSeeding>,
     progress: Progress<'_>,
     cancel: &CancellationToken,
 ) -> Result<Staged, StageError> {
@@ -403,7 +409,7 @@ pub async fn stage(
         }
     };
     let copied = copy_in(
-        session, &build, options, &probed, graph, relay, progress, cancel,
+        session, &build, options, &probed, graph, relay, seeding, progress, cancel,
     )
     .await;
     match copied {
@@ -427,6 +433,7 @@ async fn copy_in(
     probed: &Probed,
     graph: Option<(&str, &[u8])>,
     relay: bool,
+    seeding: Option<&BuildSeeding>,
     progress: Progress<'_>,
     cancel: &CancellationToken,
 ) -> Result<Staged, StageError> {
@@ -448,6 +455,16 @@ async fn copy_in(
         }
         _ => None,
     };
+    let (publish, seeded) = match seeding.filter(|_| !options.no_caching) {
+        Some(seed) if cached => {
+            seed.offer(&build.sha256, &binary);
+            (None, false)
+        }
+        Some(seed) if patched.is_none() => {
+            seed_build(session, seed, build, &binary, cancel).await?
+        }
+        _ => (None, false),
+    };
     let sftp = session.sftp().await?;
     let copied = async {
         let mut bytes_copied = patched.unwrap_or(0);
@@ -460,7 +477,7 @@ async fn copy_in(
             (Some(cell), true) => Some(cell.get().await.map_err(&other)?),
             _ => None,
         };
-        if cached || patched.is_some() {
+        if cached || patched.is_some() || seeded {
             // Nothing copied: the parent reports the cache hit itself (it used to report a
             // finished copy first, which the summary counted as bytes sent).
         } else if let Some(gz) = &gz {
@@ -504,6 +521,9 @@ async fn copy_in(
         tracing::warn!("{e}");
     }
     let (graph, bytes_copied) = copied?;
+    if let (Some(publish), Some(seed)) = (publish, seeding) {
+        publish.held(seed.peer(&binary));
+    }
     Ok(Staged {
         workdir: workdir.clone(),
         cache: cache.clone(),
@@ -516,6 +536,59 @@ async fn copy_in(
         escalate: None,
         rate: probed.rate,
     })
+}
+
+/// The binary's first copy under seeding: claims the build on the siblings' board. Returns
+/// the claim to publish once this host holds the build (it is the first to need it: the
+/// caller copies it), or whether it was fetched from a sibling that holds it (after waiting
+/// for that sibling's copy, if one was in flight). A failed fetch is reported and leaves the
+/// copy to the caller.
+async fn seed_build(
+    session: &Session,
+    seed: &BuildSeeding,
+    build: &Build,
+    binary: &str,
+    cancel: &CancellationToken,
+) -> Result<(Option<Publish>, bool), StageError> {
+    let host = session.label();
+    let stopped = || StageError::Stopped {
+        host: host.to_string(),
+    };
+    match seed
+        .claim(&build.sha256, cancel)
+        .await
+        .ok_or_else(stopped)?
+    {
+        Claim::Mine(publish) => Ok((Some(publish), false)),
+        Claim::From(peer) => {
+            let started = std::time::Instant::now();
+            match seed
+                .fetch(&peer, &build.sha256, build.size, binary, cancel)
+                .await
+            {
+                Ok(()) => {
+                    tracing::info!(
+                        "{host}: arbor fetched from its sibling {} (seeded) in {:.1} s, none of \
+                         its bytes over this node's link",
+                        peer.name,
+                        started.elapsed().as_secs_f64()
+                    );
+                    Ok((None, true))
+                }
+                Err(SeedError::Stopped) => Err(stopped()),
+                Err(e) => {
+                    tracing::warn!(
+                        "{host}: seeding arbor from a sibling failed (from {}: {e}, after \
+                         {:.1} s); copying it from this node instead",
+                        peer.name,
+                        started.elapsed().as_secs_f64()
+                    );
+                    Ok((None, false))
+                }
+            }
+        }
+        Claim::Alone | Claim::Later => Ok((None, false)),
+    }
 }
 
 pub(super) enum UploadError {
