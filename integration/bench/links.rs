@@ -82,7 +82,7 @@ fn main() {
          Release build ({}), `--transport ssh` against `--transport auto` (the default: every \
          link moves onto QUIC once SSH has started the child), alternating run by run, \
          median of {RUNS} runs each; every run is listed.\n\n{converge}{outage}",
-        git_describe()
+        support::git_describe()
     );
     println!("{body}");
     if only.is_empty() {
@@ -567,23 +567,4 @@ fn outage_section(lab: &Lab) -> String {
         OUTAGE.as_secs(),
         OUTAGE.as_secs(),
     )
-}
-
-/// The commit being measured: `+` when the code (not the docs) differs from it.
-fn git_describe() -> String {
-    let git = |args: &[&str]| {
-        Command::new("git")
-            .args(["-C", env!("CARGO_MANIFEST_DIR")])
-            .args(args)
-            .output()
-            .ok()
-    };
-    let commit = git(&["rev-parse", "--short", "HEAD"])
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "unknown".into());
-    let code = ["src", "integration", "Cargo.toml", "Cargo.lock"];
-    let clean = git(&[&["diff", "--quiet", "HEAD", "--"][..], &code[..]].concat())
-        .is_some_and(|o| o.status.success());
-    if clean { commit } else { format!("{commit}+") }
 }

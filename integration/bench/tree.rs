@@ -496,7 +496,10 @@ fn run_exchange(lab: &Lab, arbor: &Path, topo: &Path, leaves: usize) -> Exchange
 /// The exchange scenario, written as its own section of docs/benchmarks.md.
 fn exchange_section() {
     let this = PathBuf::from(ARBOR);
-    let mut builds = vec![(format!("this build ({})", git_describe()), this.clone())];
+    let mut builds = vec![(
+        format!("this build ({})", support::git_describe()),
+        this.clone(),
+    )];
     if let Ok(path) = std::env::var("ARBOR_BENCH_BASELINE") {
         let label = std::env::var("ARBOR_BENCH_BASELINE_LABEL")
             .unwrap_or_else(|_| format!("baseline `{path}`"));
@@ -597,23 +600,4 @@ fn exchange_section() {
     );
     println!("{body}");
     support::write_bench_section("tree-exchange", &body);
-}
-
-/// The commit being measured, for the table: `+` when the code (not the docs) differs from it.
-fn git_describe() -> String {
-    let git = |args: &[&str]| {
-        Command::new("git")
-            .args(["-C", env!("CARGO_MANIFEST_DIR")])
-            .args(args)
-            .output()
-            .ok()
-    };
-    let commit = git(&["rev-parse", "--short", "HEAD"])
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "unknown".into());
-    let code = ["src", "integration", "Cargo.toml", "Cargo.lock"];
-    let clean = git(&[&["diff", "--quiet", "HEAD", "--"][..], &code[..]].concat())
-        .is_some_and(|o| o.status.success());
-    if clean { commit } else { format!("{commit}+") }
 }

@@ -244,6 +244,25 @@ pub fn article_graph(dir: &Path, which: &str, addr: &str) -> PathBuf {
     path
 }
 
+/// The commit being measured, `+` when the code (not the docs) differs from it.
+pub fn git_describe() -> String {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(["-C", env!("CARGO_MANIFEST_DIR")])
+            .args(args)
+            .output()
+            .ok()
+    };
+    let commit = git(&["rev-parse", "--short", "HEAD"])
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into());
+    let code = ["src", "integration", "Cargo.toml", "Cargo.lock"];
+    let clean = git(&[&["diff", "--quiet", "HEAD", "--"][..], &code[..]].concat())
+        .is_some_and(|o| o.status.success());
+    if clean { commit } else { format!("{commit}+") }
+}
+
 pub fn write_bench_section(name: &str, body: &str) {
     let path = repo_root().join("docs/benchmarks.md");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".to_string());
