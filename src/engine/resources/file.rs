@@ -191,8 +191,12 @@ pub(super) async fn watch_path(
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 // No directory yet (an exec may create it): wait for the first missing
                 // ancestor to appear, then try again.
-                let missing = first_missing_ancestor(path)
-                    .with_context(|| format!("watch {}", path.display()))?;
+                let Some(missing) = first_missing_ancestor(path) else {
+                    // The directory appeared between the two looks (another resource made
+                    // it): subscribe again, after a breath in case it keeps coming and going.
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                };
                 let sub = fs.subscribe(&missing)?;
                 if missing.exists() {
                     continue;
@@ -207,15 +211,14 @@ pub(super) async fn watch_path(
     }
 }
 
-/// For `/a/b/c/f` where only `/a` exists: `/a/b`.
-fn first_missing_ancestor(path: &Path) -> anyhow::Result<PathBuf> {
+/// For `/a/b/c/f` where only `/a` exists: `/a/b`; `None` when every ancestor exists.
+fn first_missing_ancestor(path: &Path) -> Option<PathBuf> {
     let mut ancestors: Vec<&Path> = path.ancestors().skip(1).collect();
     ancestors.reverse();
     ancestors
         .into_iter()
         .find(|a| !a.exists())
         .map(Path::to_path_buf)
-        .context("its directory exists but cannot be watched")
 }
 
 #[cfg(test)]
@@ -734,6 +737,29 @@ mod tests {
         expect_poke(&mut rx).await;
         cancel.cancel();
         watcher.await.expect("join").expect("clean end");
+    }
+
+    /// The race the CI once lost: the watch finds no directory, and before it looks for the
+    /// missing ancestor another resource has made the whole chain. Many tries, directories
+    /// made by a thread while watches start.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_directory_made_while_the_watch_starts_is_no_error() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let fs_watch = FsEvents::new().expect("inotify");
+        for i in 0..400 {
+            let dir = root.path().join(format!("{i}/a/b"));
+            let path = dir.join("f");
+            let maker = std::thread::spawn(move || fs::create_dir_all(dir).expect("mkdir"));
+            let cancel = CancellationToken::new();
+            let watched = {
+                let (fs_watch, cancel) = (fs_watch.clone(), cancel.clone());
+                tokio::spawn(async move { watch_path(&fs_watch, &path, &cancel, || {}).await })
+            };
+            maker.join().expect("maker");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            cancel.cancel();
+            watched.await.expect("join").expect("a watch, not an error");
+        }
     }
 
     #[tokio::test]
