@@ -233,12 +233,20 @@ impl Backend {
         let wait = {
             let mut st = self.lock();
             self.check_writable()?;
-            self.check_space(&mut st, txn_cost(req))?;
-            let (resp, record) = st.txn(req)?;
-            (resp, self.commit(&mut st, record))
+            match self.check_space(&mut st, txn_cost(req)) {
+                Err(raised) => Err(raised),
+                Ok(()) => {
+                    let (resp, record) = st.txn(req)?;
+                    Ok((resp, self.commit(&mut st, record)))
+                }
+            }
         };
-        self.wait_durable(wait.1).await?;
-        Ok(wait.0)
+        let (resp, index) = match wait {
+            Ok(wait) => wait,
+            Err(raised) => return self.no_space(raised).await,
+        };
+        self.wait_durable(index).await?;
+        Ok(resp)
     }
 
     pub async fn compact(&self, revision: i64) -> Result<PbResponseHeader, Status> {
@@ -255,12 +263,20 @@ impl Backend {
 
     /// Returns the lease id and the TTL granted.
     pub async fn lease_grant(&self, id: i64, ttl: i64) -> Result<(i64, i64, i64), Status> {
-        let (id, ttl, rev, index) = {
+        let granted = {
             let mut st = self.lock();
             self.check_writable()?;
-            self.check_space(&mut st, LEASE_COST)?;
-            let (id, ttl, record) = st.lease_grant(id, ttl, Instant::now())?;
-            (id, ttl, st.mvcc.current(), self.commit(&mut st, record))
+            match self.check_space(&mut st, LEASE_COST) {
+                Err(raised) => Err(raised),
+                Ok(()) => {
+                    let (id, ttl, record) = st.lease_grant(id, ttl, Instant::now())?;
+                    Ok((id, ttl, st.mvcc.current(), self.commit(&mut st, record)))
+                }
+            }
+        };
+        let (id, ttl, rev, index) = match granted {
+            Ok(granted) => granted,
+            Err(raised) => return self.no_space(raised).await,
         };
         self.wait_durable(index).await?;
         self.metrics.leases_granted.fetch_add(1, Relaxed);
@@ -492,13 +508,14 @@ impl Backend {
 
     /// The space quota, for a request that adds `cost` bytes: refused while the NOSPACE alarm
     /// is raised, and refused (raising it) when it would take the store to the quota. Requests
-    /// that add nothing (reads, deletes, compaction, revokes) always pass, as in etcd.
-    fn check_space(&self, st: &mut State, cost: u64) -> Result<(), Status> {
+    /// that add nothing (reads, deletes, compaction, revokes) always pass, as in etcd. A
+    /// refusal carries the log index of the alarm it raised, if it raised one.
+    fn check_space(&self, st: &mut State, cost: u64) -> Result<(), Option<u64>> {
         if cost == 0 {
             return Ok(());
         }
         if st.alarms.contains(&ALARM_NOSPACE) {
-            return Err(errors::no_space());
+            return Err(None);
         }
         let Some(quota) = self.options.quota_bytes else {
             return Ok(());
@@ -506,14 +523,23 @@ impl Backend {
         if st.size() + cost < quota {
             return Ok(());
         }
-        if let Some(record) = st.raise_alarm(ALARM_NOSPACE) {
+        let record = st.raise_alarm(ALARM_NOSPACE);
+        Err(record.map(|record| {
             tracing::warn!(
                 "store: the space quota ({quota} bytes) is reached ({} bytes in use): NOSPACE \
                  alarm raised; writes are refused until space is freed (delete, compact) and \
                  the alarm disarmed (etcdctl alarm disarm)",
                 st.size()
             );
-            self.commit(st, record);
+            self.commit(st, record)
+        }))
+    }
+
+    /// The answer to a write refused by the quota: NOSPACE, once the alarm it raised (if any)
+    /// is durable, so a client that saw the refusal finds the alarm still raised after a crash.
+    async fn no_space<T>(&self, raised: Option<u64>) -> Result<T, Status> {
+        if let Some(index) = raised {
+            self.wait_durable(index).await?;
         }
         Err(errors::no_space())
     }
