@@ -3215,6 +3215,12 @@ fn a_relay_that_finds_its_artifact_corrupt_when_serving_fetches_it_again(lab: &L
         log.contains(&report) && log.contains("fetching it again from the parent"),
         "no {report:?} in the log\n{log}"
     );
+    // r1's link runs on QUIC (the default), so the fetch came on a stream of its own there.
+    let over_quic = format!("r1: {} sent again over its QUIC link", &art.sha256[..12]);
+    check!(
+        log.contains(&over_quic),
+        "no {over_quic:?} in the log\n{log}"
+    );
     check_artifact_on(lab, &LEAVES, &art, &log)?;
     let entry = lab.sh(
         "r1",

@@ -727,6 +727,7 @@ pub fn parse() -> Result<Invocation, ExitCode> {
                 size,
                 mode,
                 patch_from,
+                plain: false,
             })
         }
         Some(Sub::SeedServe {

@@ -573,6 +573,51 @@ pub struct CopyOptions {
     pub compress: crate::wire::Compress,
 }
 
+/// Serves a running child's `Fetch` of `artifact` over the QUIC link its control stream runs
+/// on (the SSH connection may be gone: this node's address changed): the whole file into its
+/// artifacts dir, at the link's level (level 1 for what does not compress; as it is with
+/// `--compress never`). Returns its path on the child and the bytes sent.
+pub async fn send_over_quic(
+    connection: &quinn::Connection,
+    label: &str,
+    staged: &Staged,
+    artifact: &ArtifactRef,
+    served: &Served,
+    options: CopyOptions,
+) -> Result<(String, u64), String> {
+    let sha = &artifact.sha256;
+    let remote = format!("{}/{sha}", child_dir(staged, options.no_caching)?);
+    let local = served.path(sha).await?;
+    let level = match transfer::level_for(options.compress, staged.rate) {
+        Some(l) if l > 1 && !served.compresses(sha, &local).await => Some(1),
+        l => l,
+    };
+    let what = format!("artifact {}", short(sha));
+    let send = transfer::Send {
+        what: &what,
+        local: &local,
+        size: artifact.size,
+        sha256: sha,
+        mode: BLOB_MODE,
+        level: level.unwrap_or(1),
+        base: None,
+        receiver: &staged.binary,
+        remote: &remote,
+    };
+    let never = CancellationToken::new();
+    let bytes = transfer::send_quic(
+        connection,
+        label,
+        &send,
+        level.is_none(),
+        &never,
+        &mut |_, _| {},
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    Ok((remote, bytes))
+}
+
 /// Puts `wanted` into the child's artifacts dir unless intact copies are there (see the
 /// module docs); `names`: the source names of each (by sha256), for the host's index of
 /// older versions. Stops early, removing a partial upload, when `cancel` fires.

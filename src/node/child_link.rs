@@ -275,6 +275,14 @@ impl ChildLink {
             .is_some_and(|q| q.attachment == self.attachment)
     }
 
+    /// The QUIC connection the link runs on now, if it does.
+    pub fn quic_connection(&self) -> Option<quinn::Connection> {
+        self.quic
+            .as_ref()
+            .filter(|q| q.attachment == self.attachment)
+            .map(|q| q.connection.clone())
+    }
+
     /// What the link runs on now, for the operator.
     pub fn transport(&self) -> &'static str {
         if self.on_quic() { "quic" } else { "ssh" }

@@ -902,6 +902,36 @@ async fn copy_artifact_again(
     Ok((format!("{dir}/{sha}"), copied.bytes))
 }
 
+/// Serves a running child's `Fetch` of a build over the QUIC link (as
+/// `artifacts::send_over_quic` does an artifact): into its cache, at the link's level.
+async fn send_build_over_quic(
+    connection: &quinn::Connection,
+    label: &str,
+    staged: &Staged,
+    build: &super::builds::Build,
+    options: artifacts::CopyOptions,
+) -> FetchResult {
+    let remote = stage::build_path(staged, &build.sha256, options.no_caching);
+    let level = super::transfer::level_for(options.compress, staged.rate);
+    let send = super::transfer::Send {
+        what: "arbor",
+        local: &build.path,
+        size: build.size,
+        sha256: &build.sha256,
+        mode: 0o755,
+        level: level.unwrap_or(1),
+        base: None,
+        receiver: &staged.binary,
+        remote: &remote,
+    };
+    let never = CancellationToken::new();
+    let plain = level.is_none();
+    super::transfer::send_quic(connection, label, &send, plain, &never, &mut |_, _| {})
+        .await
+        .map(|bytes| (remote.clone(), bytes))
+        .map_err(|e| e.to_string())
+}
+
 /// A build copied for a child: its path there and the bytes sent, or why not.
 type FetchResult = Result<(String, u64), String>;
 
@@ -1169,7 +1199,27 @@ async fn supervise(
                         .find(|a| a.sha256 == sha256)
                         .filter(|a| ctx.artifacts.holds(&a.sha256));
                     let served = ctx.artifacts.clone();
+                    let quic = link.quic_connection();
+                    let label = spec.name.clone();
                     fetches.spawn(async move {
+                        // On the QUIC link's own stream when the link runs there (its SSH
+                        // connection may be gone); over SSH otherwise, or when that fails.
+                        if let Some(connection) = &quic {
+                            let sent = match &artifact {
+                                Some(a) => artifacts::send_over_quic(connection, &label, &staged, a, &served, options).await,
+                                None => match builds.by_sha256(&sha256).await {
+                                    Ok(build) => send_build_over_quic(connection, &label, &staged, &build, options).await,
+                                    Err(e) => Err(e),
+                                },
+                            };
+                            match sent {
+                                Ok((path, bytes)) => {
+                                    tracing::info!("{label}: {} sent again over its QUIC link ({bytes} bytes)", crate::engine::artifacts::short(&sha256));
+                                    return (sha256, Ok((path, bytes)));
+                                }
+                                Err(e) => tracing::warn!("{e}; trying its SSH connection"),
+                            }
+                        }
                         let copied = match artifact {
                             Some(a) => {
                                 copy_artifact_again(&session, &staged, a, &served, options)

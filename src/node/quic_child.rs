@@ -101,6 +101,7 @@ async fn serve(listener: Listener, offer: Arc<Offer>) {
             let refused = match attached {
                 Ok(Ok(())) => {
                     tracing::debug!("QUIC: the link runs on {}", connection.remote_address());
+                    receive_copies(connection).await;
                     return;
                 }
                 Ok(Err(e)) => e,
@@ -216,5 +217,188 @@ async fn pipe_store(mut stream: tokio::net::UnixStream, route: &StoreRoute, tunn
             let _ = tokio::io::copy_bidirectional(&mut stream, &mut ssh).await;
         }
         Err(e) => tracing::debug!("store through the tunnel: {e}"),
+    }
+}
+
+/// The parent's copies over the link (a build or an artifact this node fetched while the
+/// link runs on QUIC, when the SSH connection may be gone): every stream the parent opens
+/// after the control stream is one, received as `arbor receive` would.
+async fn receive_copies(connection: quinn::Connection) {
+    while let Ok((send, recv)) = connection.accept_bi().await {
+        tokio::spawn(receive_copy(send, recv));
+    }
+}
+
+/// One copy: its header line, the bytes into place (checked), then `ok` or why not.
+async fn receive_copy(mut send: quinn::SendStream, recv: quinn::RecvStream) {
+    use crate::node::transfer::{self, STREAM_LINE_MAX, StreamHeader};
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    let mut reader = tokio::io::BufReader::new(recv);
+    let mut line = Vec::new();
+    let read = (&mut reader)
+        .take(STREAM_LINE_MAX)
+        .read_until(b'\n', &mut line)
+        .await;
+    let received = match read {
+        Err(e) => Err(format!("reading the header: {e}")),
+        Ok(_) => match serde_json::from_slice::<StreamHeader>(&line) {
+            Err(e) => Err(format!("a bad header: {e}")),
+            Ok(header) => {
+                let args = transfer::Receive {
+                    dest: header.dest,
+                    sha256: header.sha256,
+                    size: header.size,
+                    mode: header.mode,
+                    patch_from: None,
+                    plain: header.plain,
+                };
+                let input = tokio_util::io::SyncIoBridge::new(reader);
+                tokio::task::spawn_blocking(move || {
+                    if let Some(dir) = args.dest.parent() {
+                        use std::os::unix::fs::DirBuilderExt;
+                        std::fs::DirBuilder::new()
+                            .recursive(true)
+                            .mode(0o700)
+                            .create(dir)
+                            .map_err(|e| format!("{}: {e}", dir.display()))?;
+                    }
+                    match transfer::receive(&args, input) {
+                        Ok(()) => Ok(args.dest),
+                        Err(e) => Err(format!("{}: {e}", args.dest.display())),
+                    }
+                })
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()))
+            }
+        },
+    };
+    let answer = match received {
+        Ok(dest) => {
+            tracing::debug!("QUIC: received {}", dest.display());
+            "ok\n".to_string()
+        }
+        Err(e) => {
+            tracing::warn!("QUIC: a copy from the parent failed: {e}");
+            format!("{e}\n")
+        }
+    };
+    let _ = send.write_all(answer.as_bytes()).await;
+    let _ = send.finish();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::transfer::{self, Send, SendError};
+    use crate::wire::quic;
+    use tokio_util::sync::CancellationToken;
+
+    /// A parent's connection to a child that takes copies on it, as after a re-attach.
+    async fn linked() -> (quinn::Endpoint, quinn::Connection) {
+        let (parent, kid) = (Identity::generate().unwrap(), Identity::generate().unwrap());
+        let tuning = Tuning {
+            keep_alive: Duration::from_secs(1),
+            idle: Duration::from_secs(10),
+            congestion: Congestion::default(),
+        };
+        let listener = Listener::bind(
+            std::net::Ipv4Addr::LOCALHOST.into(),
+            41000..=41999,
+            &kid,
+            parent.fingerprint(),
+            &tuning,
+        )
+        .unwrap();
+        let addr = listener.local_addr();
+        tokio::spawn(async move {
+            let connection = listener.accept().await.unwrap().unwrap();
+            receive_copies(connection).await;
+            drop(listener);
+        });
+        quic::connect(
+            addr,
+            &parent,
+            kid.fingerprint(),
+            &tuning,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap()
+    }
+
+    fn sha256_hex(data: &[u8]) -> String {
+        use sha2::Digest;
+        data_encoding::HEXLOWER.encode(&sha2::Sha256::digest(data))
+    }
+
+    #[tokio::test]
+    async fn a_copy_over_the_quic_link_lands_checked_compressed_or_plain_and_a_wrong_one_is_refused()
+     {
+        use std::os::unix::fs::PermissionsExt;
+        let (_endpoint, connection) = linked().await;
+        let dir = tempfile::tempdir().unwrap();
+        let local = dir.path().join("local");
+        let data: Vec<u8> = (0..3u32 << 20).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&local, &data).unwrap();
+        let sha = sha256_hex(&data);
+        let never = CancellationToken::new();
+        for (plain, name) in [(false, "zstd"), (true, "plain")] {
+            // Into a dir that does not exist yet, as a build's dir in the cache.
+            let remote = dir.path().join(format!("cache/{name}/arbor"));
+            let remote = remote.to_str().unwrap();
+            let send = Send {
+                what: name,
+                local: &local,
+                size: data.len() as u64,
+                sha256: &sha,
+                mode: 0o755,
+                level: 3,
+                base: None,
+                receiver: "",
+                remote,
+            };
+            let sent =
+                transfer::send_quic(&connection, "kid", &send, plain, &never, &mut |_, _| {})
+                    .await
+                    .unwrap();
+            assert_eq!(std::fs::read(remote).unwrap(), data, "{name}");
+            let mode = std::fs::metadata(remote).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o755, "{name}");
+            // Compressed, the repetitive bytes take a fraction; plain, all of them.
+            if plain {
+                assert!(sent >= data.len() as u64, "{name}: {sent} bytes sent");
+            } else {
+                assert!(sent < data.len() as u64 / 10, "{name}: {sent} bytes sent");
+            }
+        }
+        // A size that is not the bytes' own (plain: zstd's own frame would catch it at this
+        // end): the child refuses it, says why, and leaves nothing.
+        let remote = dir.path().join("cache/wrong/blob");
+        let send = Send {
+            what: "wrong",
+            local: &local,
+            size: data.len() as u64 - 1,
+            sha256: &sha,
+            mode: 0o600,
+            level: 1,
+            base: None,
+            receiver: "",
+            remote: remote.to_str().unwrap(),
+        };
+        let err = transfer::send_quic(&connection, "kid", &send, true, &never, &mut |_, _| {})
+            .await
+            .unwrap_err();
+        let SendError::Failed(why) = err else {
+            panic!("not a failed copy: {err}");
+        };
+        assert!(
+            why.contains("kid: wrong over QUIC: the child refused it")
+                && why.contains("more than the"),
+            "{why}"
+        );
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("cache/wrong"))
+            .unwrap()
+            .collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
     }
 }

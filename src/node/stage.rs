@@ -700,6 +700,16 @@ pub(super) async fn upload_blob(
     }
 }
 
+/// Where a build with `sha256` goes on the child: its cache, or with --no-caching its
+/// working dir.
+pub fn build_path(staged: &Staged, sha256: &str, no_caching: bool) -> String {
+    if no_caching {
+        format!("{}/builds/{sha256}/arbor", staged.workdir)
+    } else {
+        format!("{}/{sha256}/arbor", staged.cache)
+    }
+}
+
 /// Serves a child's `Fetch`: puts `build` into the child's cache (or, with --no-caching, its
 /// working dir) unless an intact copy is there; returns its path on the child and the bytes
 /// copied.
@@ -710,18 +720,14 @@ pub async fn copy_build(
     no_caching: bool,
     compress: crate::wire::Compress,
 ) -> Result<(String, u64), String> {
-    let dir = if no_caching {
-        format!("{}/builds/{}", staged.workdir, build.sha256)
-    } else {
-        format!("{}/{}", staged.cache, build.sha256)
-    };
-    let binary = format!("{dir}/arbor");
+    let binary = build_path(staged, &build.sha256, no_caching);
+    let dir = binary.strip_suffix("/arbor").unwrap_or(&binary);
     let check = format!(
         "umask 077; mkdir -p -m 700 {dir} && f={f} && \
          if [ -f \"$f\" ] && sha256sum \"$f\" | grep -q '^{sha} '; then \
            touch -c -- {dir} \"$f\" || true; echo cached; \
          else echo missing; fi",
-        dir = shell_quote(&dir),
+        dir = shell_quote(dir),
         f = shell_quote(&binary),
         sha = build.sha256,
     );

@@ -109,6 +109,15 @@ pub enum SendError {
     Failed(String),
 }
 
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::Stopped => f.write_str("stopped"),
+            SendError::Changed(why) | SendError::Failed(why) => f.write_str(why),
+        }
+    }
+}
+
 /// Streams `send.local` zstd-compressed (or as a patch) to the arbor on the host, which
 /// writes it to `send.remote` if it has the right sha256; returns the bytes sent.
 pub async fn send(
@@ -131,24 +140,138 @@ pub async fn send(
     if let Some((_, remote_base)) = &send.base {
         line = line.args(["--patch-from", remote_base]);
     }
-    let failed = |e: String| SendError::Failed(format!("{}: {e}", session.label()));
+    let label = session.label();
     let command = session
         .exec(line.as_str(), &Default::default())
         .await
         .map_err(|e| SendError::Failed(e.to_string()))?;
+    let mut stdin = command.stdin_writer();
+    let (sent, written) =
+        stream(label, send, Some(send.level), &mut stdin, cancel, progress).await?;
+    let out = tokio::select! {
+        o = command.collect() => o.map_err(|e| SendError::Failed(e.to_string()))?,
+        _ = cancel.cancelled() => return Err(SendError::Stopped),
+    };
+    if !out.status.success() {
+        return Err(SendError::Failed(format!(
+            "{label}: arbor receive {} failed with {}: {}",
+            send.what,
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    if let Err(e) = written {
+        return Err(SendError::Failed(format!(
+            "{label}: sending {}: {e}",
+            send.what
+        )));
+    }
+    progress(send.size, send.size);
+    Ok(sent)
+}
+
+/// What precedes a copy on a stream of a QUIC link (crate::node::quic_child): one JSON line.
+/// The child answers one line when the file is in place (`ok`) or not (the reason).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct StreamHeader {
+    pub dest: PathBuf,
+    pub sha256: String,
+    pub size: u64,
+    pub mode: u32,
+    /// The bytes as they are, not a zstd stream (`--compress never`).
+    pub plain: bool,
+}
+
+/// The longest header or answer line on a copy's stream.
+pub const STREAM_LINE_MAX: u64 = 4096;
+
+/// Streams `send.local` (never a patch) to the child at the other end of `connection`, on a
+/// stream of its own: zstd at `send.level`, or as it is when `plain`; returns the bytes sent.
+pub async fn send_quic(
+    connection: &quinn::Connection,
+    label: &str,
+    send: &Send<'_>,
+    plain: bool,
+    cancel: &CancellationToken,
+    progress: &mut (dyn FnMut(u64, u64) + std::marker::Send),
+) -> Result<u64, SendError> {
+    use tokio::io::AsyncReadExt;
+    let failed = |e: String| SendError::Failed(format!("{label}: {} over QUIC: {e}", send.what));
+    let (mut tx, rx) = connection
+        .open_bi()
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    let header = StreamHeader {
+        dest: send.remote.into(),
+        sha256: send.sha256.to_string(),
+        size: send.size,
+        mode: send.mode,
+        plain,
+    };
+    let mut line = serde_json::to_vec(&header).map_err(|e| failed(e.to_string()))?;
+    line.push(b'\n');
+    tx.write_all(&line)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    let level = (!plain).then_some(send.level);
+    let streamed = stream(label, send, level, &mut tx, cancel, progress).await;
+    let mut answer = Vec::new();
+    let mut rx = rx.take(STREAM_LINE_MAX);
+    // A child that stopped reading says why: that beats the broken pipe seen here.
+    let wait = match &streamed {
+        Err(SendError::Failed(_)) => std::time::Duration::from_secs(2),
+        _ => std::time::Duration::MAX,
+    };
+    let read = tokio::select! {
+        r = tokio::time::timeout(wait, rx.read_to_end(&mut answer)) => r,
+        _ = cancel.cancelled() => return Err(SendError::Stopped),
+    };
+    // The child's words: shown, never trusted beyond `ok`.
+    let said = String::from_utf8_lossy(&answer);
+    let said = crate::ui::printable(said.trim());
+    if !said.is_empty() && said != "ok" {
+        return Err(failed(format!("the child refused it: {said}")));
+    }
+    let (sent, written) = streamed?;
+    match read {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Err(failed(format!("no answer: {e}"))),
+        Err(_) => return Err(failed("no answer".into())),
+    }
+    if said != "ok" {
+        return Err(failed(
+            "the child closed the stream without an answer".into(),
+        ));
+    }
+    written.map_err(|e| failed(e.to_string()))?;
+    progress(send.size, send.size);
+    Ok(sent + line.len() as u64)
+}
+
+/// Compresses (at `level`; as it is when `None`) `send.local` on a blocking thread into
+/// `writer`, and shuts `writer` down; returns the bytes written and how the writing went
+/// (checked after the receiver's verdict, which says more), once the bytes read are known to
+/// be the artifact.
+async fn stream<W: tokio::io::AsyncWrite + Unpin>(
+    label: &str,
+    send: &Send<'_>,
+    level: Option<i32>,
+    writer: &mut W,
+    cancel: &CancellationToken,
+    progress: &mut (dyn FnMut(u64, u64) + std::marker::Send),
+) -> Result<(u64, std::io::Result<()>), SendError> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
-    let (local, size, level) = (send.local.to_path_buf(), send.size, send.level);
+    let (local, size) = (send.local.to_path_buf(), send.size);
     let base = send.base.as_ref().map(|(b, _)| b.clone());
     let encoder = tokio::task::spawn_blocking(move || encode(&local, size, level, base, tx));
-    let mut stdin = command.stdin_writer();
     let mut sent = 0u64;
     let writing = async {
         while let Some(chunk) = rx.recv().await {
-            stdin.write_all(&chunk).await?;
+            writer.write_all(&chunk).await?;
             sent += chunk.len() as u64;
             progress(sent.min(size), size);
         }
-        stdin.shutdown().await
+        writer.shutdown().await
     };
     let written = tokio::select! {
         w = writing => w,
@@ -156,10 +279,11 @@ pub async fn send(
     };
     // A failed write leaves chunks unread: the encoder's next send then fails, and it ends.
     drop(rx);
+    let failed = |e: String| SendError::Failed(format!("{label}: {e}"));
     let encoded = encoder
         .await
         .map_err(|e| failed(e.to_string()))?
-        .map_err(&failed)?;
+        .map_err(failed)?;
     if encoded != send.sha256 {
         return Err(SendError::Changed(format!(
             "{} changed under {} while it was copied (sent bytes with sha256 {encoded}, want {})",
@@ -168,23 +292,7 @@ pub async fn send(
             send.sha256
         )));
     }
-    let out = tokio::select! {
-        o = command.collect() => o.map_err(|e| SendError::Failed(e.to_string()))?,
-        _ = cancel.cancelled() => return Err(SendError::Stopped),
-    };
-    if !out.status.success() {
-        return Err(failed(format!(
-            "arbor receive {} failed with {}: {}",
-            send.what,
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    if let Err(e) = written {
-        return Err(failed(format!("sending {}: {e}", send.what)));
-    }
-    progress(size, size);
-    Ok(sent)
+    Ok((sent, written))
 }
 
 /// Compresses `local` (`size` bytes) at `level`, as a patch against `base` if given, into
@@ -192,7 +300,7 @@ pub async fn send(
 fn encode(
     local: &Path,
     size: u64,
-    level: i32,
+    level: Option<i32>,
     base: Option<PathBuf>,
     tx: tokio::sync::mpsc::Sender<Vec<u8>>,
 ) -> Result<String, String> {
@@ -201,11 +309,27 @@ fn encode(
         None => Vec::new(),
     };
     let mut file = std::fs::File::open(local).map_err(|e| format!("{}: {e}", local.display()))?;
-    let sink = ChunkSink {
+    let mut sink = ChunkSink {
         tx,
         buf: Vec::with_capacity(CHUNK),
     };
     let z = |e: std::io::Error| format!("zstd: {e}");
+    let Some(level) = level else {
+        let mut hasher = sha2::Sha256::default();
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = file
+                .read(&mut buf)
+                .map_err(|e| format!("{}: {e}", local.display()))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            sink.write_all(&buf[..n]).map_err(z)?;
+        }
+        sink.flush().map_err(z)?;
+        return Ok(data_encoding::HEXLOWER.encode(&hasher.finalize()));
+    };
     let mut encoder = if base.is_empty() {
         zstd::stream::write::Encoder::new(sink, level).map_err(z)?
     } else {
@@ -270,6 +394,8 @@ pub struct Receive {
     pub size: u64,
     pub mode: u32,
     pub patch_from: Option<PathBuf>,
+    /// The input is the bytes as they are, not a zstd stream.
+    pub plain: bool,
 }
 
 /// Reads a zstd stream (a patch against `patch_from` if given) from `input` and writes it to
@@ -280,7 +406,11 @@ pub fn receive(args: &Receive, input: impl Read) -> Result<(), String> {
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let temp = dir.join(format!(".arbor.receive.{}", std::process::id()));
+    // Unique within this process too: a child receives its parent's copies over QUIC in
+    // its own process, several at once.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let temp = dir.join(format!(".arbor.receive.{}.{n}", std::process::id()));
     let result = write_checked(args, input, &temp);
     if result.is_err() {
         let _ = std::fs::remove_file(&temp);
@@ -296,12 +426,19 @@ fn write_checked(args: &Receive, input: impl Read, temp: &Path) -> Result<(), St
     };
     let z = |e: std::io::Error| format!("zstd: {e}");
     let input = std::io::BufReader::new(input);
-    let mut decoder = if base.is_empty() {
-        zstd::stream::read::Decoder::with_buffer(input).map_err(z)?
+    let (mut plain, mut zstd);
+    let decoder: &mut dyn Read = if args.plain {
+        plain = input;
+        &mut plain
     } else {
-        zstd::stream::read::Decoder::with_ref_prefix(input, &base).map_err(z)?
+        zstd = if base.is_empty() {
+            zstd::stream::read::Decoder::with_buffer(input).map_err(z)?
+        } else {
+            zstd::stream::read::Decoder::with_ref_prefix(input, &base).map_err(z)?
+        };
+        zstd.window_log_max(31).map_err(z)?;
+        &mut zstd
     };
-    decoder.window_log_max(31).map_err(z)?;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -368,7 +505,7 @@ mod tests {
     fn stream(local: &Path, size: u64, level: i32, base: Option<PathBuf>) -> (Vec<u8>, String) {
         let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
         let (local, b) = (local.to_path_buf(), base.clone());
-        let t = std::thread::spawn(move || encode(&local, size, level, b, tx));
+        let t = std::thread::spawn(move || encode(&local, size, Some(level), b, tx));
         let mut out = Vec::new();
         while let Some(c) = rx.blocking_recv() {
             out.extend(c);
@@ -420,6 +557,7 @@ mod tests {
             size: new.len() as u64,
             mode: 0o640,
             patch_from: None,
+            plain: false,
         };
         // Whole.
         let (whole, read) = stream(&new_path, new.len() as u64, 3, None);
@@ -436,6 +574,7 @@ mod tests {
         );
         let patched = Receive {
             patch_from: Some(old_path.clone()),
+            plain: false,
             ..args.clone()
         };
         receive(&patched, &patch[..]).expect("patch");
@@ -451,6 +590,7 @@ mod tests {
         std::fs::write(&other, &o).expect("write");
         let wrong = Receive {
             patch_from: Some(other),
+            plain: false,
             ..args.clone()
         };
         let err = receive(&wrong, &patch[..]).expect_err("wrong base");
