@@ -207,6 +207,10 @@ fn main() -> std::process::ExitCode {
             a_one_percent_change_to_a_40_mib_artifact_crosses_the_link_as_a_patch,
         ),
         (
+            "a_relay_stages_its_leaves_while_their_artifact_still_crosses_the_thin_link",
+            a_relay_stages_its_leaves_while_their_artifact_still_crosses_the_thin_link,
+        ),
+        (
             "a_second_build_rolls_out_over_the_first_as_a_patch",
             a_second_build_rolls_out_over_the_first_as_a_patch,
         ),
@@ -4530,6 +4534,66 @@ fn thin_link(lab: &Lab) -> Undo<'_> {
         host: "init",
         shell: format!("tc qdisc del dev {dev} root"),
     }
+}
+
+/// A relay starts before the artifacts only its leaves need have crossed its link
+/// (`Start::arriving`): on a 20 Mbit/s link, with binaries cached, r1's leaves are connected
+/// and checked and waiting at their `artifacts` step before the last byte of the 8 MiB
+/// artifact reached r1. Before, r1 started only once it had it. The events' own order and
+/// timestamps (`--output json`) say so.
+fn a_relay_stages_its_leaves_while_their_artifact_still_crosses_the_thin_link(
+    lab: &Lab,
+) -> TestResult {
+    clean(lab, true);
+    let art = artifact_graph(8)?;
+    // Binaries first: what the timed run carries is the artifact.
+    let out = run(lab, &topology(TWO_RELAYS), &["--converged-timeout", "1"]);
+    exited(&out, 0)?;
+    let topo = topology(&TWO_RELAYS.replace("{leaf}", &art.graph.to_string_lossy()));
+    let _shaped = thin_link(lab);
+    let out = run(
+        lab,
+        &topo,
+        &["--output", "json", "--converged-timeout", "1"],
+    );
+    let log = exited(&out, 0)?;
+    check_artifact_on(lab, &LEAVES, &art, &log)?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let events: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let what = format!("artifact {}", &art.sha256[..12]);
+    let at = |pred: &dyn Fn(&serde_json::Value) -> bool| events.iter().position(pred);
+    for relay in ["r1", "r2"] {
+        let arrived = at(&|e| {
+            e["type"] == "transfer"
+                && e["host"] == relay
+                && e["what"] == what.as_str()
+                && (e["sent"] == e["total"] || e["cached"] == true)
+        });
+        let leaf_waiting = at(&|e| {
+            e["type"] == "stage"
+                && e["host"]
+                    .as_str()
+                    .is_some_and(|h| h.starts_with(&format!("{relay}/")))
+                && e["step"] == "artifacts"
+        });
+        let (Some(arrived), Some(leaf_waiting)) = (arrived, leaf_waiting) else {
+            return Err(fail(format!(
+                "{relay}: no final transfer of {what} ({arrived:?}) or no leaf at its \
+                 artifacts step ({leaf_waiting:?})\n{stdout}\n{log}"
+            )));
+        };
+        check!(
+            leaf_waiting < arrived,
+            "{relay}: its first leaf reached the artifacts step at event {leaf_waiting} ({}), \
+             after the artifact reached it at event {arrived} ({})\n{log}",
+            events[leaf_waiting],
+            events[arrived]
+        );
+    }
+    check_no_leftovers(lab, &HOSTS)
 }
 
 /// With the default (`--compress auto`), an 8 MiB compressible artifact crosses a 20 Mbit/s

@@ -174,6 +174,7 @@ impl Sources {
                             size: a.size,
                             checked: None,
                             compresses: Default::default(),
+                            arrival: None,
                         }),
                     )
                 })
@@ -323,6 +324,9 @@ struct Entry {
     checked: Option<tokio::sync::Mutex<Option<Result<PathBuf, String>>>>,
     /// Whether it compresses ([`Served::compresses`]), found out once.
     compresses: tokio::sync::OnceCell<bool>,
+    /// Still being copied here by the parent (`Start::arriving`): `None` until it says the
+    /// copy is done (`Some(Ok)`) or failed.
+    arrival: Option<tokio::sync::watch::Sender<Option<Result<(), String>>>>,
 }
 
 /// Bytes of each of the three samples [`Served::compresses`] compresses.
@@ -372,10 +376,13 @@ pub struct Served {
 
 impl Served {
     /// The relay `node`'s: the artifacts of its subtree (`children`), in its cache `dir`.
+    /// Those in `arriving` are still being copied by the parent: serving one waits for
+    /// [`Served::arrived`].
     pub fn from_cache(
         node: &str,
         dir: &Path,
         children: &[ChildSpec],
+        arriving: &[String],
         fetch: FetchFromParent,
     ) -> Served {
         let mut entries = HashMap::new();
@@ -387,6 +394,9 @@ impl Served {
                         size: a.size,
                         checked: Some(tokio::sync::Mutex::new(None)),
                         compresses: Default::default(),
+                        arrival: arriving
+                            .contains(&a.sha256)
+                            .then(|| tokio::sync::watch::channel(None).0),
                     })
                 });
             }
@@ -465,6 +475,19 @@ impl Served {
             .await
     }
 
+    /// The parent's copy of an arriving artifact is done (`error`: it failed). Returns
+    /// whether it was one this node waited for.
+    pub fn arrived(&self, sha256: &str, error: Option<String>) -> bool {
+        let Some(arrival) = self.entries.get(sha256).and_then(|e| e.arrival.as_ref()) else {
+            return false;
+        };
+        arrival.send_replace(Some(match error {
+            None => Ok(()),
+            Some(e) => Err(e),
+        }));
+        true
+    }
+
     pub fn holds(&self, sha256: &str) -> bool {
         self.entries.contains_key(sha256)
     }
@@ -486,6 +509,22 @@ impl Served {
             return done.clone();
         }
         let result = async {
+            if let Some(arrival) = &entry.arrival {
+                let mut arrived = arrival.subscribe();
+                let done = arrived
+                    .wait_for(Option::is_some)
+                    .await
+                    .map(|done| done.clone().unwrap_or(Ok(())));
+                match done {
+                    Ok(Ok(())) => {}
+                    Ok(Err(why)) => {
+                        return Err(format!(
+                            "{host}: artifact {sha256} did not reach this node: {why}"
+                        ));
+                    }
+                    Err(_) => return Err(format!("{host}: stopped")),
+                }
+            }
             let found = check_blob(&entry.path, sha256, entry.size).await;
             if found.is_ok() {
                 return Ok(entry.path.clone());
@@ -630,6 +669,7 @@ pub async fn copy_to_child(
     served: &Served,
     options: CopyOptions,
     seeding: Option<&Seeding>,
+    quic: Option<&quinn::Connection>,
     cancel: &CancellationToken,
     progress: &mut (dyn FnMut(&str, u64, u64) + Send),
 ) -> Result<Copied, String> {
@@ -770,14 +810,23 @@ pub async fn copy_to_child(
             let base = patch_base(sha);
             let mut again = false;
             let mut zstd = level.is_some() || base.is_some();
+            // The child runs and its link is on QUIC (a relay taking its children's
+            // artifacts): a stream there, plain or zstd, whose congestion control keeps the
+            // link's queue short for everything else on it (the agent's requests the relay
+            // makes meanwhile, its control frames).
+            let mut on_quic = quic;
             loop {
-                let local = served.path(sha).await?;
+                // An artifact still arriving here is waited for, unless the run stops.
+                let local = tokio::select! {
+                    local = served.path(sha) => local?,
+                    _ = cancel.cancelled() => return Err(format!("{host}: stopped")),
+                };
                 // What does not compress goes at level 1, which passes it through.
                 let level = match level {
                     Some(l) if l > 1 && !served.compresses(sha, &local).await => Some(1),
                     l => l,
                 };
-                if zstd {
+                if zstd || on_quic.is_some() {
                     let send = transfer::Send {
                         what: &what,
                         local: &local,
@@ -789,10 +838,15 @@ pub async fn copy_to_child(
                         receiver: &staged.binary,
                         remote: &remote,
                     };
-                    let sent = transfer::send(session, &send, cancel, &mut |sent, total| {
-                        progress(&what, sent, total)
-                    })
-                    .await;
+                    let mut shown = |sent, total| progress(&what, sent, total);
+                    let sent = match on_quic {
+                        Some(connection) => {
+                            let plain = !zstd;
+                            transfer::send_quic(connection, &host, &send, plain, cancel, &mut shown)
+                                .await
+                        }
+                        None => transfer::send(session, &send, cancel, &mut shown).await,
+                    };
                     match sent {
                         Ok(bytes) => {
                             copied.bytes += bytes;
@@ -823,6 +877,11 @@ pub async fn copy_to_child(
                         }
                         Err(transfer::SendError::Changed(why)) => {
                             return Err(format!("{host}: {why}"));
+                        }
+                        Err(transfer::SendError::Failed(why)) if on_quic.is_some() => {
+                            tracing::warn!("{why}; copying {what} to {host} over SSH instead");
+                            on_quic = None;
+                            continue;
                         }
                         Err(transfer::SendError::Failed(why)) => {
                             tracing::warn!(
@@ -1087,7 +1146,7 @@ mod tests {
             let good = good.clone();
             Box::pin(async move { Ok(good) })
         });
-        let served = Served::from_cache("r", dir.path(), &[child], fetch);
+        let served = Served::from_cache("r", dir.path(), &[child], &[], fetch);
         let (a, b) = tokio::join!(served.path(&sha), served.path(&sha));
         assert_eq!(a.expect("fetched"), dir.path().join("fetched"));
         assert!(b.is_ok());
@@ -1102,5 +1161,57 @@ mod tests {
         assert!(served.path("0000").await.is_err());
         // The initiator's sources are never checked again: they are hashed as they are sent.
         assert!(!Sources::default().served().recheck(&sha).await);
+    }
+
+    #[tokio::test]
+    async fn an_arriving_artifact_is_served_once_the_parent_says_it_is_there_and_never_before() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bytes = b"the artifact's bytes";
+        let sha = crate::engine::artifacts::sha256_hex(bytes);
+        let child = ChildSpec {
+            name: "l".into(),
+            artifacts: [(
+                "s".to_string(),
+                ArtifactRef {
+                    sha256: sha.clone(),
+                    size: bytes.len() as u64,
+                },
+            )]
+            .into(),
+            ..Default::default()
+        };
+        let fetch: FetchFromParent =
+            Arc::new(|_| Box::pin(async { Err("not asked in this test".to_string()) }));
+        let served = Served::from_cache(
+            "r",
+            dir.path(),
+            std::slice::from_ref(&child),
+            std::slice::from_ref(&sha),
+            fetch.clone(),
+        );
+        // Not there yet: serving it waits, and does not take it for corrupt.
+        let waiting = served.path(&sha);
+        tokio::pin!(waiting);
+        let early = tokio::time::timeout(std::time::Duration::from_millis(200), &mut waiting).await;
+        assert!(early.is_err(), "served before it arrived: {early:?}");
+        std::fs::write(dir.path().join(&sha), bytes).expect("write");
+        assert!(served.arrived(&sha, None));
+        assert_eq!(waiting.await.expect("served"), dir.path().join(&sha));
+        assert!(!served.arrived("0000", None), "not one it waits for");
+        // A copy that failed: the children that need it fail with the reason.
+        let failed = tempfile::tempdir().expect("tempdir");
+        let served = Served::from_cache(
+            "r",
+            failed.path(),
+            &[child],
+            std::slice::from_ref(&sha),
+            fetch,
+        );
+        served.arrived(&sha, Some("link cut".into()));
+        let err = served.path(&sha).await.expect_err("not there");
+        assert_eq!(
+            err,
+            format!("r: artifact {sha} did not reach this node: link cut")
+        );
     }
 }

@@ -10,9 +10,10 @@ use super::stage::{self, StageOptions, Staged};
 use crate::ssh::{self, ConnectOptions, Connector, ExitStatus, HostKeyPolicy, Session, Target};
 use crate::ui::HostReport;
 use crate::wire::{
-    ChildMode, ChildSpec, Down, Event, EventKind, ExecJob, HostPath, HostState, NodeConfig, Start,
+    ArtifactRef, ChildMode, ChildSpec, Down, Event, EventKind, ExecJob, HostPath, HostState,
+    NodeConfig, Start,
 };
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, mpsc};
@@ -528,6 +529,8 @@ struct Launched {
     staged: Staged,
     link: ChildLink,
     events: mpsc::Receiver<FromChild>,
+    /// The artifacts still to copy into the running relay (`Start::arriving`).
+    arriving: BTreeSet<ArtifactRef>,
 }
 
 async fn run_child(
@@ -660,8 +663,20 @@ async fn stage_child(
     staged.escalate = spec.escalate.clone().filter(|_| ctx.exec.is_none());
     run.bytes = staged.bytes_copied;
     run.cached = Some(staged.cached);
-    if ctx.exec.is_none() {
-        run.bytes += copy_artifacts(ctx, spec, run, &session, &staged, stop).await?;
+    let (now, later) = match ctx.exec {
+        None => artifacts_now_and_later(spec),
+        Some(_) => Default::default(),
+    };
+    if !now.is_empty() {
+        run.step("artifacts").await;
+        match copy_artifacts(ctx, spec, &run.me, &session, &staged, &now, None, stop).await {
+            Ok(bytes) => run.bytes += bytes,
+            Err(e) => {
+                let _ = stage::remove_workdir(&session, &staged.workdir).await;
+                session.disconnect().await;
+                return Err(e);
+            }
+        }
     }
     if staged.cached {
         run.emit(EventKind::Transfer {
@@ -724,6 +739,7 @@ async fn stage_child(
             }
         }),
         quic,
+        arriving: later.iter().map(|a| a.sha256.clone()).collect(),
     };
     let forward_agent = !spec.children.is_empty() && ctx.agent.is_some();
     if let (true, Some(agent_for)) = (forward_agent, &ctx.agent) {
@@ -749,6 +765,7 @@ async fn stage_child(
             staged,
             link,
             events,
+            arriving: later,
         }),
         Err(e) => {
             // Staged but not started (or silent): leave nothing behind on the host. A
@@ -764,17 +781,39 @@ async fn stage_child(
     }
 }
 
-/// Puts the artifacts `spec`'s subtree needs into the child's cache (see `artifacts`);
-/// returns the bytes copied. On failure the host is left as staging found it.
+/// The artifacts to put into `spec`'s child before it starts, and those a relay takes while
+/// it runs: its children's (not its own graph's), which it needs only once it copies them on,
+/// so it connects to and stages its children meanwhile instead of after the slow link
+/// carried them.
+fn artifacts_now_and_later(spec: &ChildSpec) -> (BTreeSet<ArtifactRef>, BTreeSet<ArtifactRef>) {
+    let all = artifacts::subtree_artifacts(spec);
+    if spec.children.is_empty() {
+        return (all, BTreeSet::new());
+    }
+    let own: BTreeSet<ArtifactRef> = spec
+        .artifacts
+        .values()
+        .cloned()
+        .chain(spec.trees.values().flatten().filter_map(|e| e.file.clone()))
+        .collect();
+    let later = all.difference(&own).cloned().collect();
+    (own, later)
+}
+
+/// Puts `wanted` (artifacts `spec`'s subtree needs) into the child's cache (see
+/// `artifacts`), over the child's QUIC link if given; returns the bytes copied. Leaves what a
+/// failure left to the caller.
+#[allow(clippy::too_many_arguments)]
 async fn copy_artifacts(
     ctx: &FleetContext,
     spec: &ChildSpec,
-    run: &ChildRun,
+    me: &HostPath,
     session: &Arc<Session>,
     staged: &Staged,
+    wanted: &BTreeSet<ArtifactRef>,
+    quic: Option<&quinn::Connection>,
     stop: &CancellationToken,
 ) -> Result<u64, String> {
-    let wanted = artifacts::subtree_artifacts(spec);
     if wanted.is_empty() {
         return Ok(0);
     }
@@ -790,13 +829,12 @@ async fn copy_artifacts(
         }),
         false => None,
     };
-    run.step("artifacts").await;
     let mut last_sent = Instant::now();
-    let (events, host) = (ctx.events.clone(), run.me.clone());
+    let (events, host) = (ctx.events.clone(), me.clone());
     let copied = artifacts::copy_to_child(
         session,
         staged,
-        &wanted,
+        wanted,
         &artifacts::subtree_sources(spec),
         &ctx.artifacts,
         artifacts::CopyOptions {
@@ -804,6 +842,7 @@ async fn copy_artifacts(
             compress: ctx.config.compress,
         },
         seeding.as_ref(),
+        quic,
         stop,
         &mut |what, sent, total| {
             if sent == total || last_sent.elapsed() >= Duration::from_millis(100) {
@@ -864,15 +903,11 @@ async fn copy_artifacts(
             }
             Ok(copied.bytes)
         }
-        Err(e) => {
-            let _ = stage::remove_workdir(session, &staged.workdir).await;
-            session.disconnect().await;
-            Err(if stop.is_cancelled() {
-                stopped(&spec.name)
-            } else {
-                e
-            })
-        }
+        Err(e) => Err(if stop.is_cancelled() {
+            stopped(&spec.name)
+        } else {
+            e
+        }),
     }
 }
 
@@ -894,6 +929,7 @@ async fn copy_artifact_again(
         &BTreeMap::new(),
         served,
         options,
+        None,
         None,
         &never,
         &mut |_, _, _| {},
@@ -1077,7 +1113,14 @@ async fn supervise(
         staged,
         mut link,
         mut events,
+        arriving,
     } = launched;
+    // A relay's children's artifacts, copied while it runs (`Start::arriving`), over its
+    // QUIC link once the link is there (or settled on SSH); each announced with
+    // `Down::Arrived` once the copy is done.
+    let arriving_shas: Vec<String> = arriving.iter().map(|a| a.sha256.clone()).collect();
+    let mut arriving = Some(arriving).filter(|a| !a.is_empty());
+    let mut arriving_copy: Option<futures::future::BoxFuture<'_, Result<u64, String>>> = None;
     // Re-attaching over a fresh SSH connection (crate::node::reattach): the connect in
     // flight, when the next one may start, and the wait between tries.
     let mut connecting: Option<futures::future::BoxFuture<'_, Result<Session, String>>> = None;
@@ -1113,6 +1156,24 @@ async fn supervise(
         run.transport = Some(("ssh".into(), None));
     }
     let (status, stderr) = loop {
+        if arriving.is_some() && (link.on_quic() || !link.quic_offered() || quic_tried) {
+            let wanted = arriving.take().unwrap_or_default();
+            let (session, staged, quic) = (session.clone(), staged.clone(), link.quic_connection());
+            let (me, stop) = (run.me.clone(), inbox.stop.clone());
+            arriving_copy = Some(Box::pin(async move {
+                copy_artifacts(
+                    ctx,
+                    spec,
+                    &me,
+                    &session,
+                    &staged,
+                    &wanted,
+                    quic.as_ref(),
+                    &stop,
+                )
+                .await
+            }));
+        }
         tokio::select! {
             item = events.recv() => match item {
                 // A child may say where it listens once, and only when QUIC was offered: it
@@ -1351,6 +1412,26 @@ async fn supervise(
                         Err(_) => Err(format!("connect: no answer within {}s", connect_timeout.as_secs())),
                     }
                 }));
+            }
+            copied = async { Some(arriving_copy.as_mut()?.await) }, if arriving_copy.is_some() => {
+                arriving_copy = None;
+                let error = match copied {
+                    Some(Ok(bytes)) => {
+                        run.bytes += bytes;
+                        None
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!("{}: the artifacts for the hosts below: {e}", spec.name);
+                        Some(e)
+                    }
+                    None => Some("gone".to_string()),
+                };
+                for sha256 in &arriving_shas {
+                    let arrived = Down::Arrived { sha256: sha256.clone(), error: error.clone() };
+                    if let Err(e) = link.send(&arrived).await {
+                        tracing::debug!("{}: control link: {e}", spec.name);
+                    }
+                }
             }
             connected = async { Some(connecting.as_mut()?.await) }, if connecting.is_some() => {
                 connecting = None;

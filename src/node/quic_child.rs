@@ -249,7 +249,7 @@ async fn receive_copy(mut send: quinn::SendStream, recv: quinn::RecvStream) {
                     sha256: header.sha256,
                     size: header.size,
                     mode: header.mode,
-                    patch_from: None,
+                    patch_from: header.patch_from,
                     plain: header.plain,
                 };
                 let input = tokio_util::io::SyncIoBridge::new(reader);

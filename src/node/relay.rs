@@ -206,6 +206,8 @@ async fn serve(
     // Our children, staged exactly as our parent staged us.
     let fetches = Fetches::default();
     let (events_tx, mut events_rx) = mpsc::channel(1024);
+    // What this node serves its children, told of the artifacts still arriving.
+    let mut served: Option<Arc<super::artifacts::Served>> = None;
     let fleet = if start.children.is_empty() {
         None
     } else {
@@ -234,14 +236,16 @@ async fn serve(
         };
         let fetcher = fetches.fetcher(up.clone());
         #[cfg(debug_assertions)]
-        corrupt_own_artifacts(&artifacts_dir, start);
+        corrupt_own_artifacts(&artifacts_dir, start, None);
         let mut ctx = fleet_context(start, Some(store), events_tx.clone(), fetcher.clone())?;
         ctx.artifacts = Arc::new(super::artifacts::Served::from_cache(
             name,
             &artifacts_dir,
             &start.children,
+            &start.arriving,
             fetcher,
         ));
+        served = Some(ctx.artifacts.clone());
         report_learned_keys(&mut ctx, start, &events_tx);
         Some(Fleet::start(Arc::new(ctx), start.children.clone()))
     };
@@ -268,6 +272,18 @@ async fn serve(
                     }
                 }
                 Some(Down::Fetched { sha256, result }) => fetches.answer(&sha256, result),
+                Some(Down::Arrived { sha256, error }) => {
+                    if let Some(e) = &error {
+                        tracing::warn!("{name}: artifact {sha256} for the hosts below did not arrive: {e}");
+                    }
+                    #[cfg(debug_assertions)]
+                    if error.is_none() {
+                        corrupt_own_artifacts(&artifacts_dir, start, Some(&sha256));
+                    }
+                    if !served.as_ref().is_some_and(|s| s.arrived(&sha256, error)) {
+                        tracing::debug!("{name}: an arrival of {sha256} it did not wait for");
+                    }
+                }
                 Some(Down::Shutdown { reason }) => {
                     tracing::debug!("{name}: shutting down: {reason}");
                     break Ok(());
@@ -548,11 +564,12 @@ impl Exchange for KvAs {
 }
 
 /// Test builds only: with `ARBOR_TEST_MISBEHAVE=corrupt-artifacts`, a relay overwrites the
-/// artifacts its parent just put in its cache with other bytes of the same size before it
-/// serves its children, so the end-to-end tests can check a corrupt entry found while serving
-/// is reported, fetched again from the parent, and never passed on.
+/// artifacts its parent put in its cache with other bytes of the same size before it serves
+/// its children (at its start; one still arriving, `only`, once it has arrived), so the
+/// end-to-end tests can check a corrupt entry found while serving is reported, fetched again
+/// from the parent, and never passed on.
 #[cfg(debug_assertions)]
-fn corrupt_own_artifacts(dir: &Path, start: &Start) {
+fn corrupt_own_artifacts(dir: &Path, start: &Start, only: Option<&str>) {
     if std::env::var("ARBOR_TEST_MISBEHAVE").as_deref() != Ok("corrupt-artifacts") {
         return;
     }
@@ -560,6 +577,10 @@ fn corrupt_own_artifacts(dir: &Path, start: &Start) {
         .children
         .iter()
         .flat_map(super::artifacts::subtree_artifacts)
+        .filter(|a| match only {
+            Some(sha) => a.sha256 == sha,
+            None => !start.arriving.contains(&a.sha256),
+        })
         .collect();
     for a in all {
         let path = dir.join(&a.sha256);

@@ -180,13 +180,17 @@ pub struct StreamHeader {
     pub mode: u32,
     /// The bytes as they are, not a zstd stream (`--compress never`).
     pub plain: bool,
+    /// A zstd patch against this older version on the child.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patch_from: Option<PathBuf>,
 }
 
 /// The longest header or answer line on a copy's stream.
 pub const STREAM_LINE_MAX: u64 = 4096;
 
-/// Streams `send.local` (never a patch) to the child at the other end of `connection`, on a
-/// stream of its own: zstd at `send.level`, or as it is when `plain`; returns the bytes sent.
+/// Streams `send.local` to the child at the other end of `connection`, on a stream of its
+/// own: zstd at `send.level` (a patch against `send.base`, if given), or as it is when
+/// `plain`; returns the bytes sent.
 pub async fn send_quic(
     connection: &quinn::Connection,
     label: &str,
@@ -206,14 +210,15 @@ pub async fn send_quic(
         sha256: send.sha256.to_string(),
         size: send.size,
         mode: send.mode,
-        plain,
+        plain: plain && send.base.is_none(),
+        patch_from: send.base.as_ref().map(|(_, remote)| remote.into()),
     };
     let mut line = serde_json::to_vec(&header).map_err(|e| failed(e.to_string()))?;
     line.push(b'\n');
     tx.write_all(&line)
         .await
         .map_err(|e| failed(e.to_string()))?;
-    let level = (!plain).then_some(send.level);
+    let level = (!header.plain).then_some(send.level);
     let streamed = stream(label, send, level, &mut tx, cancel, progress).await;
     let mut answer = Vec::new();
     let mut rx = rx.take(STREAM_LINE_MAX);

@@ -453,6 +453,11 @@ pub struct Start {
     /// (`Up::Quic`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quic: Option<QuicStart>,
+    /// Artifacts of the children's subtrees (sha256s) the parent is still putting into this
+    /// relay's cache as it starts: it stages its children meanwhile, and a copy of one of
+    /// these waits for `Down::Arrived`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub arriving: Vec<String>,
 }
 
 /// An ad-hoc command (`arbor exec`) for a subtree.
@@ -499,6 +504,13 @@ pub enum Down {
     },
     /// The link stays on SSH: the parent could not (or would not) move it onto QUIC.
     NoQuic,
+    /// An artifact of `Start::arriving` is in this relay's cache now, or (`error`) will not
+    /// be: the parent's copy failed, and the children that need it fail with this reason.
+    Arrived {
+        sha256: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
 }
 
 /// A host's state, as the operator sees it.
