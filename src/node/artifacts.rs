@@ -1119,6 +1119,22 @@ mod tests {
         assert!(subtree_artifacts(&leaf("l3", &[])).is_empty());
     }
 
+    /// A leaf whose graph names one source, the artifact `sha` of `size` bytes.
+    fn leaf_needing(sha: &str, size: usize) -> ChildSpec {
+        ChildSpec {
+            name: "l".into(),
+            artifacts: [(
+                "s".to_string(),
+                ArtifactRef {
+                    sha256: sha.to_string(),
+                    size: size as u64,
+                },
+            )]
+            .into(),
+            ..Default::default()
+        }
+    }
+
     #[tokio::test]
     async fn a_corrupt_cache_entry_is_fetched_again_from_the_parent() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1127,18 +1143,7 @@ mod tests {
         std::fs::write(dir.path().join(&sha), b"wrong bytes").expect("write");
         let good = dir.path().join("fetched");
         std::fs::write(&good, right).expect("write");
-        let child = ChildSpec {
-            name: "l".into(),
-            artifacts: [(
-                "s".to_string(),
-                ArtifactRef {
-                    sha256: sha.clone(),
-                    size: right.len() as u64,
-                },
-            )]
-            .into(),
-            ..Default::default()
-        };
+        let child = leaf_needing(&sha, right.len());
         let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counter = calls.clone();
         let fetch: FetchFromParent = Arc::new(move |_| {
@@ -1168,18 +1173,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let bytes = b"the artifact's bytes";
         let sha = crate::engine::artifacts::sha256_hex(bytes);
-        let child = ChildSpec {
-            name: "l".into(),
-            artifacts: [(
-                "s".to_string(),
-                ArtifactRef {
-                    sha256: sha.clone(),
-                    size: bytes.len() as u64,
-                },
-            )]
-            .into(),
-            ..Default::default()
-        };
+        let child = leaf_needing(&sha, bytes.len());
         let fetch: FetchFromParent =
             Arc::new(|_| Box::pin(async { Err("not asked in this test".to_string()) }));
         let served = Served::from_cache(

@@ -320,20 +320,9 @@ fn encode(
     };
     let z = |e: std::io::Error| format!("zstd: {e}");
     let Some(level) = level else {
-        let mut hasher = sha2::Sha256::default();
-        let mut buf = vec![0u8; CHUNK];
-        loop {
-            let n = file
-                .read(&mut buf)
-                .map_err(|e| format!("{}: {e}", local.display()))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            sink.write_all(&buf[..n]).map_err(z)?;
-        }
+        let sha = copy_hashed(&mut file, local, &mut sink)?;
         sink.flush().map_err(z)?;
-        return Ok(data_encoding::HEXLOWER.encode(&hasher.finalize()));
+        return Ok(sha);
     };
     let mut encoder = if base.is_empty() {
         zstd::stream::write::Encoder::new(sink, level).map_err(z)?
@@ -346,6 +335,18 @@ fn encode(
         .window_log(window_log(size, base.len() as u64))
         .map_err(z)?;
     encoder.set_pledged_src_size(Some(size)).map_err(z)?;
+    let sha = copy_hashed(&mut file, local, &mut encoder)?;
+    let mut sink = encoder.finish().map_err(z)?;
+    sink.flush().map_err(z)?;
+    Ok(sha)
+}
+
+/// Copies `file` (at `local`) into `out`; returns the sha256 of what it read.
+fn copy_hashed(
+    file: &mut std::fs::File,
+    local: &Path,
+    out: &mut dyn Write,
+) -> Result<String, String> {
     let mut hasher = sha2::Sha256::default();
     let mut buf = vec![0u8; CHUNK];
     loop {
@@ -356,10 +357,8 @@ fn encode(
             break;
         }
         hasher.update(&buf[..n]);
-        encoder.write_all(&buf[..n]).map_err(z)?;
+        out.write_all(&buf[..n]).map_err(|e| format!("zstd: {e}"))?;
     }
-    let mut sink = encoder.finish().map_err(z)?;
-    sink.flush().map_err(z)?;
     Ok(data_encoding::HEXLOWER.encode(&hasher.finalize()))
 }
 
