@@ -24,7 +24,7 @@
 mod support;
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -99,26 +99,6 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn list(v: &[f64], f: impl Fn(f64) -> String) -> String {
     v.iter().map(|x| f(*x)).collect::<Vec<_>>().join(", ")
-}
-
-/// The tree bench's topology: `relays` relays with `leaves` leaves each, relay mode, every
-/// leaf running examples/leaf.yaml.
-fn topology(relays: usize, leaves: usize) -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let leaf = support::repo_root().join("examples/leaf.yaml");
-    let mut text = String::from("defaults:\n  user: root\nhosts:\n");
-    for r in 1..=relays {
-        text += &format!(
-            "- host: 10.199.0.{}\n  name: r{r}\n  children:\n  - host: 10.199.{r}.[11-{}]\n    \
-             name: l{r}-[1-{leaves}]\n    graph: {}\n",
-            10 + r,
-            10 + leaves,
-            leaf.display()
-        );
-    }
-    let path = dir.path().join("topology.yaml");
-    std::fs::write(&path, text).expect("write topology");
-    (dir, path)
 }
 
 /// Empties every host's cache and working dirs (and what examples/leaf.yaml writes).
@@ -213,7 +193,7 @@ fn converge_run(lab: &Lab, topo: &Path, transport: &str) -> (f64, u64, u64, Vec<
 }
 
 fn converge_section(lab: &Lab) -> String {
-    let (_d, topo) = topology(RELAYS, LEAVES);
+    let (_d, topo) = support::leaf_topology(RELAYS, LEAVES, false);
     let mut hosts = Vec::new();
     for r in 1..=RELAYS {
         hosts.push(format!("r{r}"));

@@ -101,7 +101,7 @@ fn text_artifact_graph() -> (tempfile::TempDir, PathBuf) {
 
 /// The same topology as `topology`, every leaf running `graph`.
 fn topology_with(relays: usize, leaves: usize, graph: &Path) -> (tempfile::TempDir, PathBuf) {
-    let (dir, path) = topology(relays, leaves, false);
+    let (dir, path) = support::leaf_topology(relays, leaves, false);
     let leaf = support::repo_root().join("examples/leaf.yaml");
     let text = std::fs::read_to_string(&path)
         .expect("read topology")
@@ -112,7 +112,7 @@ fn topology_with(relays: usize, leaves: usize, graph: &Path) -> (tempfile::TempD
 
 /// `--compress` never / always / auto (the default), on one lab, for two workloads.
 fn compress_runs(lab: &Lab, label: &str) -> String {
-    let (_d1, plain) = topology(2, 12, false);
+    let (_d1, plain) = support::leaf_topology(2, 12, false);
     let (_d2, art_graph) = text_artifact_graph();
     let (_d3, with_art) = topology_with(2, 12, &art_graph);
     let modes: [(&str, &[&str]); 3] = [
@@ -187,27 +187,6 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn topology(relays: usize, leaves: usize, jump: bool) -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let leaf = support::repo_root().join("examples/leaf.yaml");
-    let mut text = String::from("defaults:\n  user: root\nhosts:\n");
-    for r in 1..=relays {
-        text += &format!("- host: 10.199.0.{}\n  name: r{r}\n", 10 + r);
-        if jump {
-            text += "  mode: jump\n";
-        }
-        text += &format!(
-            "  children:\n  - host: 10.199.{r}.[{}-{}]\n    name: l{r}-[1-{leaves}]\n    graph: {}\n",
-            11,
-            10 + leaves,
-            leaf.display()
-        );
-    }
-    let path = dir.path().join("topology.yaml");
-    std::fs::write(&path, text).expect("write topology");
-    (dir, path)
-}
-
 fn clean(lab: &Lab) {
     for h in lab.get("LAB_HOSTS").split(',') {
         lab.sh(h, "rm -rf /root/.cache/arbor /tmp/from-* /tmp/arbor.*");
@@ -271,8 +250,8 @@ fn run(lab: &Lab, topo: &PathBuf, extra: &[&str]) -> (f64, u64, Vec<String>, usi
 }
 
 fn relay_vs_jump(lab: &Lab, binary: u64) -> String {
-    let (_d1, relay) = topology(2, 12, false);
-    let (_d2, jump) = topology(2, 12, true);
+    let (_d1, relay) = support::leaf_topology(2, 12, false);
+    let (_d2, jump) = support::leaf_topology(2, 12, true);
     let (mut rt, mut rb, mut jt, mut jb) = (vec![], vec![], vec![], vec![]);
     for _ in 0..RUNS {
         clean(lab);
@@ -355,7 +334,7 @@ fn gzipped_size() -> u64 {
 }
 
 fn hundred(lab: &Lab) -> String {
-    let (_d, topo) = topology(4, 24, false);
+    let (_d, topo) = support::leaf_topology(4, 24, false);
     // Each relay logs its own peak memory as it exits.
     let relay_peak = |lines: &[String]| {
         lines
@@ -517,7 +496,7 @@ fn exchange_section() {
             "bexch",
             &["--relays", "2", "--leaves", &per_relay.to_string()],
         );
-        let (_d, topo) = topology(2, per_relay, false);
+        let (_d, topo) = support::leaf_topology(2, per_relay, false);
         clean(&lab);
         // Warm every build's cache (and the lab) with one run each, not counted.
         for (_, arbor) in &builds {

@@ -244,6 +244,30 @@ pub fn article_graph(dir: &Path, which: &str, addr: &str) -> PathBuf {
     path
 }
 
+/// The benches' lab topology: `relays` relays (10.199.0.11, …), each with `leaves` leaves
+/// (10.199.R.11, …) running examples/leaf.yaml; with `jump`, each relay is a jump host
+/// (`mode: jump`) instead. The file lives as long as the returned dir.
+pub fn leaf_topology(relays: usize, leaves: usize, jump: bool) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let leaf = repo_root().join("examples/leaf.yaml");
+    let mut text = String::from("defaults:\n  user: root\nhosts:\n");
+    for r in 1..=relays {
+        text += &format!("- host: 10.199.0.{}\n  name: r{r}\n", 10 + r);
+        if jump {
+            text += "  mode: jump\n";
+        }
+        text += &format!(
+            "  children:\n  - host: 10.199.{r}.[{}-{}]\n    name: l{r}-[1-{leaves}]\n    graph: {}\n",
+            11,
+            10 + leaves,
+            leaf.display()
+        );
+    }
+    let path = dir.path().join("topology.yaml");
+    std::fs::write(&path, text).expect("write topology");
+    (dir, path)
+}
+
 /// The commit being measured, `+` when the code (not the docs) differs from it.
 pub fn git_describe() -> String {
     let git = |args: &[&str]| {
