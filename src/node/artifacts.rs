@@ -230,10 +230,16 @@ fn source_path(graph_path: &Path, source: &str) -> PathBuf {
     }
 }
 
-/// Every artifact a child's subtree needs (its own graph's and its descendants').
-pub fn subtree_artifacts(spec: &ChildSpec) -> BTreeSet<ArtifactRef> {
+/// The artifacts a child's own graph needs (its sources and its source directories' files).
+pub fn own_artifacts(spec: &ChildSpec) -> BTreeSet<ArtifactRef> {
     let mut out: BTreeSet<ArtifactRef> = spec.artifacts.values().cloned().collect();
     out.extend(spec.trees.values().flatten().filter_map(|e| e.file.clone()));
+    out
+}
+
+/// Every artifact a child's subtree needs (its own graph's and its descendants').
+pub fn subtree_artifacts(spec: &ChildSpec) -> BTreeSet<ArtifactRef> {
+    let mut out = own_artifacts(spec);
     for c in &spec.children {
         out.extend(subtree_artifacts(c));
     }

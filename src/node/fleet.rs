@@ -790,12 +790,7 @@ fn artifacts_now_and_later(spec: &ChildSpec) -> (BTreeSet<ArtifactRef>, BTreeSet
     if spec.children.is_empty() {
         return (all, BTreeSet::new());
     }
-    let own: BTreeSet<ArtifactRef> = spec
-        .artifacts
-        .values()
-        .cloned()
-        .chain(spec.trees.values().flatten().filter_map(|e| e.file.clone()))
-        .collect();
+    let own = artifacts::own_artifacts(spec);
     let later = all.difference(&own).cloned().collect();
     (own, later)
 }
