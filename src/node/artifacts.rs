@@ -471,6 +471,12 @@ impl Served {
             return true;
         };
         let local = local.to_path_buf();
+        if crate::node::arriving::is_arriving(&local) && entry.compresses.get().is_none() {
+            // Still arriving: sampled as far as it is here, and not kept.
+            return tokio::task::spawn_blocking(move || sample_compresses(&local))
+                .await
+                .unwrap_or(true);
+        }
         *entry
             .compresses
             .get_or_init(|| async move {
@@ -496,6 +502,27 @@ impl Served {
 
     pub fn holds(&self, sha256: &str) -> bool {
         self.entries.contains_key(sha256)
+    }
+
+    /// Where to read the blob `sha256` from to pass it on: while the parent's copy of it is
+    /// still arriving here, the arriving copy, read as it arrives (crate::node::arriving; a
+    /// path [`arriving::is_arriving`] knows) once it has begun; otherwise as [`Served::path`].
+    pub async fn source(&self, sha256: &str) -> Result<PathBuf, String> {
+        if let Some(entry) = self.entries.get(sha256)
+            && let Some(arrival) = &entry.arrival
+        {
+            let mut arrived = arrival.subscribe();
+            while arrived.borrow_and_update().is_none() {
+                if crate::node::arriving::open_growing(&entry.path).is_some() {
+                    return Ok(crate::node::arriving::arriving_path(&entry.path));
+                }
+                tokio::select! {
+                    _ = arrived.changed() => {}
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(20)) => {}
+                }
+            }
+        }
+        self.path(sha256).await
     }
 
     /// The blob with `sha256` here, intact: a relay's cache entry is checked the first time;
@@ -821,11 +848,22 @@ pub async fn copy_to_child(
             // link's queue short for everything else on it (the agent's requests the relay
             // makes meanwhile, its control frames).
             let mut on_quic = quic;
+            // An artifact still arriving here is passed on as it arrives (cut-through); if
+            // that fails, it is sent again once it is here whole and checked.
+            let mut follow = true;
             loop {
-                // An artifact still arriving here is waited for, unless the run stops.
                 let local = tokio::select! {
-                    local = served.path(sha) => local?,
+                    local = served.source(sha), if follow => local?,
+                    local = served.path(sha), if !follow => local?,
                     _ = cancel.cancelled() => return Err(format!("{host}: stopped")),
+                };
+                let growing = crate::node::arriving::is_arriving(&local);
+                let mut whole = |why: &dyn std::fmt::Display| {
+                    tracing::warn!(
+                        "{host}: passing {what} on as it arrived here failed ({why}); \
+                         sending it once it is here whole"
+                    );
+                    follow = false;
                 };
                 // What does not compress goes at level 1, which passes it through.
                 let level = match level {
@@ -844,6 +882,13 @@ pub async fn copy_to_child(
                         receiver: &staged.binary,
                         remote: &remote,
                     };
+                    // The child's arbor receives it where its own seed-serve can follow it
+                    // (crate::node::arriving): siblings waiting for it start fetching it from
+                    // this child now, while it still arrives (cut-through). Should this copy
+                    // fail, their fetch fails and they get it from this node instead.
+                    if let (Some(seed), Some(p)) = (seeding, publish.take()) {
+                        p.held(seed.me.clone());
+                    }
                     let mut shown = |sent, total| progress(&what, sent, total);
                     let sent = match on_quic {
                         Some(connection) => {
@@ -863,16 +908,15 @@ pub async fn copy_to_child(
                                 "{host}: {what}: {bytes} bytes sent for {size}{}",
                                 if base.is_some() { " (a patch)" } else { "" }
                             );
-                            // Siblings waiting for it start fetching before this node keeps
-                            // its own copy.
-                            if let (Some(seed), Some(p)) = (seeding, publish.take()) {
-                                p.held(seed.me.clone());
-                            }
                             served.keep_copy(sha, &local).await;
                             break;
                         }
                         Err(transfer::SendError::Stopped) => {
                             return Err(format!("{host}: stopped"));
+                        }
+                        Err(e) if growing => {
+                            whole(&e);
+                            continue;
                         }
                         Err(transfer::SendError::Changed(why))
                             if !again && served.recheck(sha).await =>
@@ -923,6 +967,7 @@ pub async fn copy_to_child(
                         served.keep_copy(sha, &local).await;
                         break;
                     }
+                    Err(e) if growing && !cancel.is_cancelled() => whole(&e),
                     Err(UploadError::Ssh(e)) => return Err(e.to_string()),
                     // The entry here changed since it was checked: check it again (and fetch
                     // it again from the parent if it is corrupt), once.
@@ -1213,5 +1258,46 @@ mod tests {
             err,
             format!("r: artifact {sha} did not reach this node: link cut")
         );
+    }
+
+    #[tokio::test]
+    async fn an_arriving_artifact_is_passed_on_as_it_arrives_once_its_copy_has_begun() {
+        use crate::node::arriving;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bytes: Vec<u8> = (0..100_000u32).map(|i| (i % 97) as u8).collect();
+        let sha = crate::engine::artifacts::sha256_hex(&bytes);
+        let fetch: FetchFromParent =
+            Arc::new(|_| Box::pin(async { Err("not asked in this test".to_string()) }));
+        let served = Served::from_cache(
+            "r",
+            dir.path(),
+            &[leaf_needing(&sha, bytes.len())],
+            std::slice::from_ref(&sha),
+            fetch,
+        );
+        // Its copy has not begun: nothing to pass on yet.
+        let waiting = served.source(&sha);
+        tokio::pin!(waiting);
+        let early = tokio::time::timeout(std::time::Duration::from_millis(200), &mut waiting).await;
+        assert!(early.is_err(), "a source before the copy began: {early:?}");
+        // It has begun: the arriving copy, read as it arrives, before the parent says it is
+        // there.
+        let dest = dir.path().join(&sha);
+        let mut incoming =
+            arriving::Incoming::create(&dest, &dir.path().join(".t")).expect("create");
+        let source = waiting.await.expect("source");
+        assert!(arriving::is_arriving(&source), "{}", source.display());
+        let file = arriving::open(&source).expect("open");
+        let size = bytes.len() as u64;
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            std::io::Read::read_to_end(&mut arriving::Tail::new(file, size), &mut got).map(|_| got)
+        });
+        std::io::Write::write_all(&mut incoming.file, &bytes).expect("write");
+        incoming.finish(0o600, &dest).expect("finish");
+        assert_eq!(reader.join().expect("thread").expect("read"), bytes);
+        // Arrived: the whole, checked copy.
+        served.arrived(&sha, None);
+        assert_eq!(served.source(&sha).await.expect("source"), dest);
     }
 }

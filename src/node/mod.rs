@@ -21,6 +21,7 @@
 //! | exec | `arbor exec`: an ad-hoc command on targeted hosts, through relays; output and exit codes |
 //! | parent_link | a child's end of the link to its parent (stdin/stdout frames, log) |
 
+pub mod arriving;
 pub mod artifacts;
 pub mod builds;
 pub mod cache;

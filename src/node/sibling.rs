@@ -781,29 +781,20 @@ pub fn receive_sealed(
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let temp = dir.join(format!(".arbor.seed.{}", std::process::id()));
-    let result = receive_into(input, &temp, dest, key, sha256, size);
-    if result.is_err() {
-        let _ = std::fs::remove_file(&temp);
-    }
-    result
+    // Removed unless it is put into place; this node's children can follow it meanwhile.
+    let incoming = crate::node::arriving::Incoming::create(dest, &temp)?;
+    receive_into(input, incoming, dest, key, sha256, size)
 }
 
 fn receive_into(
     input: &mut impl Read,
-    temp: &Path,
+    mut incoming: crate::node::arriving::Incoming,
     dest: &Path,
     key: &[u8; 32],
     sha256: &str,
     size: u64,
 ) -> Result<(), String> {
-    use std::os::unix::fs::OpenOptionsExt;
     let mut sealer = Sealer::new(key, sha256)?;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(temp)
-        .map_err(|e| format!("{}: {e}", temp.display()))?;
     let mut hasher = sha2::Sha256::default();
     let mut total = 0u64;
     let tag = ring::aead::CHACHA20_POLY1305.tag_len();
@@ -827,8 +818,10 @@ fn receive_into(
             return Err(format!("more than the {size} bytes expected"));
         }
         hasher.update(&*plain);
-        file.write_all(plain)
-            .map_err(|e| format!("{}: {e}", temp.display()))?;
+        incoming
+            .file
+            .write_all(plain)
+            .map_err(|e| format!("{}: {e}", incoming.path.display()))?;
         if last {
             break;
         }
@@ -840,8 +833,8 @@ fn receive_into(
              {sha256}: not kept"
         ));
     }
-    file.sync_all()
-        .and_then(|()| std::fs::rename(temp, dest))
+    incoming
+        .finish(0o600, dest)
         .map_err(|e| format!("{}: {e}", dest.display()))
 }
 
@@ -894,29 +887,33 @@ pub fn serve(
     ready: &mut dyn FnMut(SocketAddr),
     revoked: &dyn Fn() -> bool,
 ) -> Result<u64, String> {
-    let mut file =
-        std::fs::File::open(&args.file).map_err(|e| format!("{}: {e}", args.file.display()))?;
-    // Only a verified cache entry: hashed from the very handle that is then served.
-    let mut hasher = sha2::Sha256::default();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut n = 0u64;
-    loop {
-        let got = file
-            .read(&mut buf)
-            .map_err(|e| format!("{}: {e}", args.file.display()))?;
-        if got == 0 {
-            break;
+    let deadline = Instant::now() + Duration::from_secs(args.expire);
+    let (mut file, growing) = open_served(&args.file, deadline, revoked)?;
+    // A whole cache entry is served only once verified: hashed from the very handle that
+    // is then served. A copy still arriving here is served as it arrives, unverified: the
+    // fetcher keeps it only with the right sha256, as always.
+    if !growing {
+        let mut hasher = sha2::Sha256::default();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut n = 0u64;
+        loop {
+            let got = file
+                .read(&mut buf)
+                .map_err(|e| format!("{}: {e}", args.file.display()))?;
+            if got == 0 {
+                break;
+            }
+            n += got as u64;
+            hasher.update(&buf[..got]);
         }
-        n += got as u64;
-        hasher.update(&buf[..got]);
-    }
-    let sha = data_encoding::HEXLOWER.encode(&hasher.finalize());
-    if sha != args.sha256 || n != args.size {
-        return Err(format!(
-            "{}: {n} bytes with sha256 {sha}, not the artifact {}: not served",
-            args.file.display(),
-            args.sha256
-        ));
+        let sha = data_encoding::HEXLOWER.encode(&hasher.finalize());
+        if sha != args.sha256 || n != args.size {
+            return Err(format!(
+                "{}: {n} bytes with sha256 {sha}, not the artifact {}: not served",
+                args.file.display(),
+                args.sha256
+            ));
+        }
     }
     let bind: SocketAddr = match &args.bind {
         Some(b) => b.parse().map_err(|e| format!("--bind {b}: {e}"))?,
@@ -931,7 +928,6 @@ pub fn serve(
     let want_sha = data_encoding::HEXLOWER
         .decode(args.sha256.as_bytes())
         .map_err(|_| "not a sha256".to_string())?;
-    let deadline = Instant::now() + Duration::from_secs(args.expire);
     loop {
         if Instant::now() >= deadline {
             return Err(format!(
@@ -980,6 +976,7 @@ pub fn serve(
         use std::io::Seek;
         file.seek(std::io::SeekFrom::Start(0))
             .map_err(|e| e.to_string())?;
+        let mut file = crate::node::arriving::Tail::new(file, args.size);
         let sent = if args.plain {
             std::io::copy(&mut file, &mut conn).map_err(|e| format!("{peer}: {e}"))?
         } else {
@@ -994,6 +991,35 @@ pub fn serve(
         // Until the fetcher closes: it has read everything.
         let _ = conn.read(&mut [0u8; 1]);
         return Ok(sent);
+    }
+}
+
+/// The file to serve: `path` once it is there (`false`), or the copy of it that is arriving
+/// (`true`, crate::node::arriving), whichever comes first before `deadline`: the parent may
+/// name a file whose copy to this node has only just begun.
+fn open_served(
+    path: &Path,
+    deadline: Instant,
+    revoked: &dyn Fn() -> bool,
+) -> Result<(std::fs::File, bool), String> {
+    loop {
+        match std::fs::File::open(path) {
+            Ok(f) => return Ok((f, false)),
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(format!("{}: {e}", path.display()));
+            }
+            Err(_) => {}
+        }
+        if let Some(f) = crate::node::arriving::open_growing(path) {
+            return Ok((f, true));
+        }
+        if Instant::now() >= deadline || revoked() {
+            return Err(format!(
+                "{}: not there, and no copy of it arriving",
+                path.display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -1179,6 +1205,80 @@ mod tests {
         let e = fetch_from(&fetch_args(addr, &again, &sha, size), &cap).expect_err("reused");
         assert!(e.0, "{e:?}");
         assert!(!again.exists());
+    }
+
+    #[test]
+    fn a_copy_still_arriving_at_the_seeder_is_served_as_it_arrives_and_followed_at_the_fetcher() {
+        use crate::node::arriving;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bytes: Vec<u8> = (0..(FRAME * 3 + 5)).map(|i| (i * 7 % 253) as u8).collect();
+        let sha = crate::engine::artifacts::sha256_hex(&bytes);
+        let size = bytes.len() as u64;
+        // The seeder is named the file before its own copy of it has begun.
+        let path = dir.path().join(&sha);
+        let cap = Capability::new();
+        let args = Serve {
+            file: path.clone(),
+            sha256: sha.clone(),
+            size,
+            expire: 10,
+            bind: Some("127.0.0.1:0".into()),
+            plain: false,
+        };
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let server_cap = cap.clone();
+        let server = std::thread::spawn(move || {
+            serve(
+                &args,
+                &server_cap,
+                &mut |a| ready_tx.send(a).expect("tx"),
+                &|| false,
+            )
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let mut incoming = arriving::Incoming::create(&path, &dir.path().join(".t")).expect("in");
+        incoming.file.write_all(&bytes[..FRAME]).expect("write");
+        let addr = ready_rx.recv().expect("listening");
+        // The fetcher writes where its own children can follow it.
+        let dest = dir.path().join("fetched");
+        let fetch = fetch_args(addr, &dest, &sha, size);
+        let fetcher = std::thread::spawn(move || fetch_from(&fetch, &cap));
+        let mut followed = None;
+        for _ in 0..200 {
+            followed = arriving::open_growing(&dest);
+            if followed.is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let follower = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let file = followed.expect("the fetched copy, arriving");
+            arriving::Tail::new(file, size)
+                .read_to_end(&mut got)
+                .map(|_| got)
+        });
+        for chunk in bytes[FRAME..].chunks(100_000) {
+            std::thread::sleep(Duration::from_millis(20));
+            incoming.file.write_all(chunk).expect("write");
+        }
+        incoming.finish(0o600, &path).expect("finish");
+        fetcher.join().expect("join").expect("fetched");
+        assert_eq!(server.join().expect("join"), Ok(size));
+        assert_eq!(std::fs::read(&dest).expect("read"), bytes);
+        assert_eq!(follower.join().expect("join").expect("followed"), bytes);
+
+        // Named a file that never comes: it says so once its capability expires.
+        let args = Serve {
+            file: dir.path().join("never"),
+            sha256: sha.clone(),
+            size,
+            expire: 1,
+            bind: Some("127.0.0.1:0".into()),
+            plain: false,
+        };
+        let e = serve(&args, &Capability::new(), &mut |_| {}, &|| false).expect_err("never");
+        assert!(e.contains("not there, and no copy of it arriving"), "{e}");
     }
 
     /// Runs [`plain_fetch_command`] here with `token` on stdin: its exit code and stderr.

@@ -596,6 +596,15 @@ pub(super) enum UploadError {
     Other(String),
 }
 
+impl std::fmt::Display for UploadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UploadError::Ssh(e) => e.fmt(f),
+            UploadError::Other(why) => f.write_str(why),
+        }
+    }
+}
+
 impl From<SshError> for UploadError {
     fn from(e: SshError) -> Self {
         UploadError::Ssh(e)
@@ -663,11 +672,12 @@ pub(super) async fn upload_blob(
     cancel: &CancellationToken,
     progress: &mut (dyn FnMut(u64, u64) + Send),
 ) -> Result<u64, UploadError> {
-    let file = tokio::fs::File::open(blob.local)
-        .await
-        .map_err(|e| UploadError::Other(format!("opening {}: {e}", blob.local.display())))?;
+    // A copy still arriving here is read as it arrives (crate::node::arriving).
+    let opening =
+        |e: std::io::Error| UploadError::Other(format!("opening {}: {e}", blob.local.display()));
+    let file = crate::node::arriving::open(blob.local).map_err(opening)?;
     let mut reader = HashingReader {
-        inner: file,
+        inner: crate::node::arriving::AsyncTail::new(file, blob.size).map_err(opening)?,
         hasher: sha2::Sha256::default(),
     };
     let uploaded = sftp

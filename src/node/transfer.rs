@@ -313,7 +313,10 @@ fn encode(
         Some(b) => std::fs::read(&b).map_err(|e| format!("{}: {e}", b.display()))?,
         None => Vec::new(),
     };
-    let mut file = std::fs::File::open(local).map_err(|e| format!("{}: {e}", local.display()))?;
+    // A copy still arriving here is read as it arrives (crate::node::arriving).
+    let file =
+        crate::node::arriving::open(local).map_err(|e| format!("{}: {e}", local.display()))?;
+    let mut file = crate::node::arriving::Tail::new(file, size);
     let mut sink = ChunkSink {
         tx,
         buf: Vec::with_capacity(CHUNK),
@@ -342,11 +345,7 @@ fn encode(
 }
 
 /// Copies `file` (at `local`) into `out`; returns the sha256 of what it read.
-fn copy_hashed(
-    file: &mut std::fs::File,
-    local: &Path,
-    out: &mut dyn Write,
-) -> Result<String, String> {
+fn copy_hashed(file: &mut dyn Read, local: &Path, out: &mut dyn Write) -> Result<String, String> {
     let mut hasher = sha2::Sha256::default();
     let mut buf = vec![0u8; CHUNK];
     loop {
@@ -403,7 +402,8 @@ pub struct Receive {
 }
 
 /// Reads a zstd stream (a patch against `patch_from` if given) from `input` and writes it to
-/// `dest` atomically, only if it has `size` bytes and the sha256 `sha256`.
+/// `dest` atomically, only if it has `size` bytes and the sha256 `sha256`. While it arrives,
+/// readers can follow it (crate::node::arriving).
 pub fn receive(args: &Receive, input: impl Read) -> Result<(), String> {
     let dir = args
         .dest
@@ -415,15 +415,16 @@ pub fn receive(args: &Receive, input: impl Read) -> Result<(), String> {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let temp = dir.join(format!(".arbor.receive.{}.{n}", std::process::id()));
-    let result = write_checked(args, input, &temp);
-    if result.is_err() {
-        let _ = std::fs::remove_file(&temp);
-    }
-    result
+    // Removed unless it is put into place.
+    let incoming = crate::node::arriving::Incoming::create(&args.dest, &temp)?;
+    write_checked(args, input, incoming)
 }
 
-fn write_checked(args: &Receive, input: impl Read, temp: &Path) -> Result<(), String> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+fn write_checked(
+    args: &Receive,
+    input: impl Read,
+    mut incoming: crate::node::arriving::Incoming,
+) -> Result<(), String> {
     let base = match &args.patch_from {
         Some(b) => std::fs::read(b).map_err(|e| format!("{}: {e}", b.display()))?,
         None => Vec::new(),
@@ -443,12 +444,6 @@ fn write_checked(args: &Receive, input: impl Read, temp: &Path) -> Result<(), St
         zstd.window_log_max(31).map_err(z)?;
         &mut zstd
     };
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(temp)
-        .map_err(|e| format!("{}: {e}", temp.display()))?;
     let mut hasher = sha2::Sha256::default();
     let mut buf = vec![0u8; CHUNK];
     let mut n_total = 0u64;
@@ -462,8 +457,10 @@ fn write_checked(args: &Receive, input: impl Read, temp: &Path) -> Result<(), St
             return Err(format!("more than the {} bytes expected", args.size));
         }
         hasher.update(&buf[..n]);
-        file.write_all(&buf[..n])
-            .map_err(|e| format!("{}: {e}", temp.display()))?;
+        incoming
+            .file
+            .write_all(&buf[..n])
+            .map_err(|e| format!("{}: {e}", incoming.path.display()))?;
     }
     let sha = data_encoding::HEXLOWER.encode(&hasher.finalize());
     if n_total != args.size || sha != args.sha256 {
@@ -478,9 +475,8 @@ fn write_checked(args: &Receive, input: impl Read, temp: &Path) -> Result<(), St
             }
         ));
     }
-    file.sync_all()
-        .and_then(|()| std::fs::set_permissions(temp, std::fs::Permissions::from_mode(args.mode)))
-        .and_then(|()| std::fs::rename(temp, &args.dest))
+    incoming
+        .finish(args.mode, &args.dest)
         .map_err(|e| format!("{}: {e}", args.dest.display()))?;
     Ok(())
 }
@@ -607,7 +603,7 @@ mod tests {
             .expect("ls")
             .filter_map(|e| e.ok())
             .map(|e| e.file_name())
-            .filter(|n| n.to_string_lossy().starts_with(".arbor.receive"))
+            .filter(|n| n.to_string_lossy().starts_with(".arbor."))
             .collect();
         assert!(left.is_empty(), "{left:?}");
     }
