@@ -207,8 +207,8 @@ fn main() -> std::process::ExitCode {
             a_one_percent_change_to_a_40_mib_artifact_crosses_the_link_as_a_patch,
         ),
         (
-            "a_relay_stages_its_leaves_while_their_artifact_still_crosses_the_thin_link",
-            a_relay_stages_its_leaves_while_their_artifact_still_crosses_the_thin_link,
+            "a_relay_stages_its_leaves_and_passes_their_artifact_on_while_it_still_crosses_the_thin_link",
+            a_relay_stages_its_leaves_and_passes_their_artifact_on_while_it_still_crosses_the_thin_link,
         ),
         (
             "a_second_build_rolls_out_over_the_first_as_a_patch",
@@ -4537,12 +4537,16 @@ fn thin_link(lab: &Lab) -> Undo<'_> {
 }
 
 /// A relay starts before the artifacts only its leaves need have crossed its link
-/// (`Start::arriving`): on a 20 Mbit/s link, with binaries cached, r1's leaves are connected
-/// and checked and waiting at their `artifacts` step before the last byte of the 32 MiB
-/// artifact reached r1 (about 14 s at 20 Mbit/s shared by 2 relays: staging a leaf took up
-/// to 5.5 s under the full suite's load, longer than an 8 MiB crossing). Before, r1 started only once it had it. The events' own order and
-/// timestamps (`--output json`) say so.
-fn a_relay_stages_its_leaves_while_their_artifact_still_crosses_the_thin_link(
+/// (`Start::arriving`), and passes them on while they still arrive (cut-through): on a
+/// 20 Mbit/s link, with binaries cached, each relay's leaves are connected and checked and
+/// waiting at their `artifacts` step, and one of them already has part of the 32 MiB
+/// artifact, before the last byte of it reached the relay (about 27 s for 2 copies at
+/// 20 Mbit/s; staging a leaf took up to 5.5 s under the full suite's load, longer than an
+/// 8 MiB crossing). Then again with `seed_siblings`: the relay the initiator does not copy to
+/// fetches the artifact from its sibling while that one still receives it, and passes it on
+/// as it comes, so its leaves, too, have part of it before the first relay holds the whole.
+/// The events' own order (`--output json`) says so.
+fn a_relay_stages_its_leaves_and_passes_their_artifact_on_while_it_still_crosses_the_thin_link(
     lab: &Lab,
 ) -> TestResult {
     clean(lab, true);
@@ -4550,49 +4554,91 @@ fn a_relay_stages_its_leaves_while_their_artifact_still_crosses_the_thin_link(
     // Binaries first: what the timed run carries is the artifact.
     let out = run(lab, &topology(TWO_RELAYS), &["--converged-timeout", "1"]);
     exited(&out, 0)?;
-    let topo = topology(&TWO_RELAYS.replace("{leaf}", &art.graph.to_string_lossy()));
-    let _shaped = thin_link(lab);
-    let out = run(
-        lab,
-        &topo,
-        &["--output", "json", "--converged-timeout", "1"],
-    );
-    let log = exited(&out, 0)?;
-    check_artifact_on(lab, &LEAVES, &art, &log)?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let events: Vec<serde_json::Value> = stdout
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
-    let what = format!("artifact {}", &art.sha256[..12]);
-    let at = |pred: &dyn Fn(&serde_json::Value) -> bool| events.iter().position(pred);
-    for relay in ["r1", "r2"] {
-        let arrived = at(&|e| {
-            e["type"] == "transfer"
-                && e["host"] == relay
-                && e["what"] == what.as_str()
-                && (e["sent"] == e["total"] || e["cached"] == true)
+    for seeded in [false, true] {
+        for h in HOSTS {
+            lab.sh(h, "rm -rf /root/.cache/arbor/artifacts /tmp/from-*");
+        }
+        let body = TWO_RELAYS.replace("{leaf}", &art.graph.to_string_lossy());
+        let topo = topology(&if seeded {
+            format!("seed_siblings: true\n{body}")
+        } else {
+            body
         });
-        let leaf_waiting = at(&|e| {
-            e["type"] == "stage"
-                && e["host"]
-                    .as_str()
-                    .is_some_and(|h| h.starts_with(&format!("{relay}/")))
-                && e["step"] == "artifacts"
-        });
-        let (Some(arrived), Some(leaf_waiting)) = (arrived, leaf_waiting) else {
-            return Err(fail(format!(
-                "{relay}: no final transfer of {what} ({arrived:?}) or no leaf at its \
-                 artifacts step ({leaf_waiting:?})\n{stdout}\n{log}"
-            )));
-        };
-        check!(
-            leaf_waiting < arrived,
-            "{relay}: its first leaf reached the artifacts step at event {leaf_waiting} ({}), \
-             after the artifact reached it at event {arrived} ({})\n{log}",
-            events[leaf_waiting],
-            events[arrived]
+        let _shaped = thin_link(lab);
+        let out = run(
+            lab,
+            &topo,
+            &["--output", "json", "--converged-timeout", "1"],
         );
+        let log = exited(&out, 0)?;
+        check_artifact_on(lab, &LEAVES, &art, &log)?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let events: Vec<serde_json::Value> = stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        let what = format!("artifact {}", &art.sha256[..12]);
+        let at = |pred: &dyn Fn(&serde_json::Value) -> bool| events.iter().position(pred);
+        let arrival = |relay: &str| {
+            at(&|e| {
+                e["type"] == "transfer"
+                    && e["host"] == relay
+                    && e["what"] == what.as_str()
+                    && (e["sent"] == e["total"] || e["cached"] == true)
+            })
+        };
+        let under = |relay: &str, e: &serde_json::Value| {
+            e["host"]
+                .as_str()
+                .is_some_and(|h| h.starts_with(&format!("{relay}/")))
+        };
+        if seeded {
+            check!(
+                log.contains("1 artifact(s) fetched from a sibling (seeded)"),
+                "seeded run: no relay says it fetched the artifact from its sibling\n{log}"
+            );
+        }
+        for relay in ["r1", "r2"] {
+            let sibling = if relay == "r1" { "r2" } else { "r1" };
+            // A relay that fetched it from its sibling has no copy from the initiator: the
+            // sibling's is the one it came after.
+            let arrived = match arrival(relay) {
+                None if seeded => arrival(sibling),
+                a => a,
+            };
+            let leaf_waiting =
+                at(&|e| e["type"] == "stage" && under(relay, e) && e["step"] == "artifacts");
+            let (Some(arrived), Some(leaf_waiting)) = (arrived, leaf_waiting) else {
+                return Err(fail(format!(
+                    "{relay} (seeding: {seeded}): no final transfer of {what} ({arrived:?}) \
+                     or no leaf at its artifacts step ({leaf_waiting:?})\n{stdout}\n{log}"
+                )));
+            };
+            check!(
+                leaf_waiting < arrived,
+                "{relay} (seeding: {seeded}): its first leaf reached the artifacts step at \
+                 event {leaf_waiting} ({}), after the artifact reached it at event {arrived} \
+                 ({})\n{log}",
+                events[leaf_waiting],
+                events[arrived]
+            );
+            // Cut-through: a leaf has part of it before the relay (or, seeded, the relay it
+            // fetches from) holds the whole.
+            let leaf_partly = at(&|e| {
+                e["type"] == "transfer"
+                    && under(relay, e)
+                    && e["what"] == what.as_str()
+                    && e["sent"].as_u64().is_some_and(|s| s > 0)
+                    && e["sent"].as_u64() < e["total"].as_u64()
+            });
+            check!(
+                leaf_partly.is_some_and(|p| p < arrived),
+                "{relay} (seeding: {seeded}): no leaf had part of {what} before event \
+                 {arrived} ({}); first partial transfer to a leaf: {:?}\n{log}",
+                events[arrived],
+                leaf_partly.map(|p| &events[p])
+            );
+        }
     }
     check_no_leftovers(lab, &HOSTS)
 }
