@@ -211,6 +211,10 @@ fn main() -> std::process::ExitCode {
             a_relay_stages_its_leaves_and_passes_their_artifact_on_while_it_still_crosses_the_thin_link,
         ),
         (
+            "a_relay_whose_disk_fills_while_an_artifact_arrives_fails_its_leaves_and_keeps_nothing",
+            a_relay_whose_disk_fills_while_an_artifact_arrives_fails_its_leaves_and_keeps_nothing,
+        ),
+        (
             "a_second_build_rolls_out_over_the_first_as_a_patch",
             a_second_build_rolls_out_over_the_first_as_a_patch,
         ),
@@ -4639,6 +4643,64 @@ fn a_relay_stages_its_leaves_and_passes_their_artifact_on_while_it_still_crosses
                 leaf_partly.map(|p| &events[p])
             );
         }
+    }
+    check_no_leftovers(lab, &HOSTS)
+}
+
+/// A relay whose disk fills while an artifact only its leaves need arrives: r1's artifacts
+/// dir is a 4 MiB tmpfs (in r1's own mount namespace), the artifact 8 MiB. The copy fails on
+/// r1 (every way the initiator tries it: over QUIC, `arbor receive` over SSH, SFTP); r1's
+/// leaves, which may have begun following the copy as it arrived (cut-through), fail naming
+/// r1 and the artifact; r2's leaves converge; the run exits 1; nothing half-written stays in
+/// r1's cache and nothing runs anywhere afterwards.
+fn a_relay_whose_disk_fills_while_an_artifact_arrives_fails_its_leaves_and_keeps_nothing(
+    lab: &Lab,
+) -> TestResult {
+    clean(lab, true);
+    let art = artifact_graph(8)?;
+    // Binaries first: the run measured carries the artifact.
+    let out = run(lab, &topology(TWO_RELAYS), &["--converged-timeout", "1"]);
+    exited(&out, 0)?;
+    let dir = "/root/.cache/arbor/artifacts";
+    lab.sh("r1", &format!("rm -rf {dir} && mkdir -p -m 700 {dir} && mount -t tmpfs -o size=4m,mode=0700 arbor-full {dir}"));
+    let _full = Undo {
+        lab,
+        host: "r1",
+        shell: format!("umount {dir}"),
+    };
+    let topo = topology(&TWO_RELAYS.replace("{leaf}", &art.graph.to_string_lossy()));
+    let out = run(lab, &topo, &["--converged-timeout", "1"]);
+    let log = exited(&out, 1)?;
+    for leaf in ["l1-1", "l1-2", "l1-3"] {
+        check!(
+            log.lines().any(|l| l.contains(leaf)
+                && l.contains("failed")
+                && l.contains("did not reach this node")),
+            "no failure of r1/{leaf} saying its artifact did not reach r1\n{log}"
+        );
+    }
+    // The cause, though SFTP (the last way tried) says only "Failure".
+    check!(
+        log.lines().any(|l| l.contains("r1/l1-1")
+            && l.contains(&format!("artifact {}", art.sha256))
+            && l.contains("No space left on device")),
+        "r1/l1-1's failure does not name the artifact and the full disk\n{log}"
+    );
+    check_artifact_on(lab, &["l2-1", "l2-2", "l2-3"], &art, &log)?;
+    let left = lab.sh("r1", &format!("ls -A {dir} | grep -v '^.src$' || true"));
+    check!(
+        left.trim().is_empty(),
+        "r1's full cache keeps {left:?} after the failed copy\n{log}"
+    );
+    for leaf in ["l1-1", "l1-2", "l1-3"] {
+        let there = lab.sh(
+            leaf,
+            &format!("ls -A {dir} 2>/dev/null | grep -v '^.src$' || true"),
+        );
+        check!(
+            there.trim().is_empty(),
+            "{leaf} keeps {there:?} though its relay never had the artifact whole\n{log}"
+        );
     }
     check_no_leftovers(lab, &HOSTS)
 }

@@ -851,6 +851,13 @@ pub async fn copy_to_child(
             // An artifact still arriving here is passed on as it arrives (cut-through); if
             // that fails, it is sent again once it is here whole and checked.
             let mut follow = true;
+            // Why the first way tried failed: said with the last failure (a full disk fails
+            // every way, and SFTP's own word for it is only "Failure").
+            let mut first_failure: Option<String> = None;
+            let failed = |why: String, first: &Option<String>| match first {
+                Some(f) if !why.contains(f.as_str()) => format!("{why} (first tried: {f})"),
+                _ => why,
+            };
             loop {
                 let local = tokio::select! {
                     local = served.source(sha), if follow => local?,
@@ -930,6 +937,7 @@ pub async fn copy_to_child(
                         }
                         Err(transfer::SendError::Failed(why)) if on_quic.is_some() => {
                             tracing::warn!("{why}; copying {what} to {host} over SSH instead");
+                            first_failure.get_or_insert(why);
                             on_quic = None;
                             continue;
                         }
@@ -937,6 +945,7 @@ pub async fn copy_to_child(
                             tracing::warn!(
                                 "{why}; copying {what} to {host} whole and uncompressed instead"
                             );
+                            first_failure.get_or_insert(why);
                             zstd = false;
                             continue;
                         }
@@ -968,14 +977,16 @@ pub async fn copy_to_child(
                         break;
                     }
                     Err(e) if growing && !cancel.is_cancelled() => whole(&e),
-                    Err(UploadError::Ssh(e)) => return Err(e.to_string()),
+                    Err(UploadError::Ssh(e)) => return Err(failed(e.to_string(), &first_failure)),
                     // The entry here changed since it was checked: check it again (and fetch
                     // it again from the parent if it is corrupt), once.
                     Err(UploadError::Other(why)) if !again && served.recheck(sha).await => {
                         tracing::warn!("{host}: {why}; checking this node's copy again");
                         again = true;
                     }
-                    Err(UploadError::Other(why)) => return Err(format!("{host}: {why}")),
+                    Err(UploadError::Other(why)) => {
+                        return Err(failed(format!("{host}: {why}"), &first_failure));
+                    }
                 }
             }
             if let (Some(seed), Some(p)) = (seeding, publish) {
