@@ -179,6 +179,10 @@ fn main() -> std::process::ExitCode {
             when_the_ssh_connection_is_killed_the_quic_link_goes_on,
         ),
         (
+            "on_quic_a_relay_logs_in_to_its_leaf_through_the_agent_on_its_link_without_its_ssh_connection",
+            on_quic_a_relay_logs_in_to_its_leaf_through_the_agent_on_its_link_without_its_ssh_connection,
+        ),
+        (
             "when_udp_is_blocked_the_links_stay_on_ssh_and_converge",
             when_udp_is_blocked_the_links_stay_on_ssh_and_converge,
         ),
@@ -2575,6 +2579,85 @@ fn when_the_ssh_connection_is_killed_the_quic_link_goes_on(lab: &Lab) -> TestRes
         },
         &|_, _| Ok(Vec::new()),
     )
+}
+
+/// Over QUIC a relay signs through the initiator's agent over the link itself, not through
+/// the agent its SSH connection forwarded: r1's link to the initiator is on QUIC and its
+/// link to l1-1 on SSH (UDP dropped at l1-1). The sshd of the initiator's connection to r1
+/// is killed, and its forwarded agent goes with it; r1's link rides on over QUIC. Then the
+/// sshd of r1's connection to l1-1 is killed: r1 re-attaches to l1-1 over a new SSH
+/// connection, which it can log in with only through the agent on its QUIC link. Nothing
+/// fails, and nothing is left.
+fn on_quic_a_relay_logs_in_to_its_leaf_through_the_agent_on_its_link_without_its_ssh_connection(
+    lab: &Lab,
+) -> TestResult {
+    clean(lab, false);
+    let out = lab.exec(
+        "l1-1",
+        "nft add table inet arbor_test && \
+         nft add chain inet arbor_test input '{ type filter hook input priority 0; }' && \
+         nft add rule inet arbor_test input meta l4proto udp drop",
+    );
+    check!(
+        out.status.success(),
+        "dropping UDP at l1-1: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _undo = Undo {
+        lab,
+        host: "l1-1",
+        shell: "nft delete table inet arbor_test 2>/dev/null; true".into(),
+    };
+    let topo = topology(
+        "defaults:\n  user: root\nhosts:\n- host: 10.199.0.11\n  name: r1\n  children:\n  - host: 10.199.1.11\n    name: l1-1\n    graph: {leaf}\n",
+    );
+    let (mut running, rx) = start_logging(
+        lab,
+        &topo,
+        &["--link-timeout", "2", "--reconnect-grace", "30"],
+    );
+    let mut seen = wait_lines(
+        &rx,
+        &["r1/l1-1: converged".to_string()],
+        Duration::from_secs(60),
+    )?;
+    let dir = lab.sh("r1", "ls -d /tmp/arbor.*").trim().to_string();
+    let modes = lab.sh("r1", &format!("stat -c '%a %U' {dir}/agent.sock"));
+    check!(
+        modes == "600 root\n",
+        "r1's agent socket on the link: {modes:?}\n{}",
+        seen.join("\n")
+    );
+    kill_the_ssh_connection_of(lab, "r1")?;
+    std::thread::sleep(Duration::from_secs(3));
+    kill_the_ssh_connection_of(lab, "l1-1")?;
+    seen.extend(wait_lines(
+        &rx,
+        &["l1-1: its link is back after".to_string()],
+        Duration::from_secs(40),
+    )?);
+    check!(
+        seen.iter().any(|l| l.contains(" r1 | ")
+            && l.contains("l1-1: its link is back after")
+            && l.contains("re-attached over a new SSH connection")),
+        "r1 did not re-attach to l1-1 over a new SSH connection:\n{}",
+        seen.join("\n")
+    );
+    let (code, _) = running.interrupt()?;
+    seen.extend(rx.try_iter());
+    let all = seen.join("\n");
+    check!(code == Some(130), "exit {code:?} after ^C:\n{all}");
+    check!(
+        !seen
+            .iter()
+            .any(|l| l.contains("FAILED") || l.contains("r1: reconnecting")),
+        "a host failed, or r1's link went down:\n{all}"
+    );
+    check!(
+        seen.iter().any(|l| l.contains("links on QUIC: r1")),
+        "the summary does not say r1's link ran on QUIC:\n{all}"
+    );
+    check_no_leftovers(lab, &["r1", "l1-1"])
 }
 
 /// UDP is dropped at r1 (nftables in its namespace): every QUIC handshake through it times

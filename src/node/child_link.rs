@@ -206,6 +206,7 @@ impl ChildLink {
         me: &crate::wire::quic::Identity,
         tuning: &crate::wire::quic::Tuning,
         store: Option<Arc<dyn Connector>>,
+        agent: Option<Arc<dyn Connector>>,
         timeout: std::time::Duration,
     ) -> Result<(), String> {
         use crate::wire::quic;
@@ -237,7 +238,10 @@ impl ChildLink {
                 attachment,
                 timeout,
                 label,
-                Some(crate::wire::resume::Splice { agent: None }),
+                Some(crate::wire::resume::Splice {
+                    agent: None,
+                    agent_on_link: agent.is_some(),
+                }),
             )
             .await
             .map_err(|e| format!("QUIC to {addr}: {e}"))?;
@@ -245,8 +249,8 @@ impl ChildLink {
         };
         match opened.await {
             Ok(attachment) => {
-                if let Some(store) = store {
-                    tokio::spawn(serve_store_streams(connection.clone(), store));
+                if store.is_some() || agent.is_some() {
+                    tokio::spawn(serve_child_streams(connection.clone(), store, agent));
                 }
                 self.quic = Some(QuicLink {
                     endpoint,
@@ -381,12 +385,35 @@ impl ChildLink {
     }
 }
 
-/// Serves the streams a child opens on its QUIC link: each is one of its store connections
-/// (it listens at its store socket once the link moved, crate::node::parent_link), piped to
-/// the store as a tunnelled one would be. Ends with the connection.
-async fn serve_store_streams(connection: quinn::Connection, store: Arc<dyn Connector>) {
-    while let Ok((send, recv)) = connection.accept_bi().await {
-        store.connect(Box::new(tokio::io::join(recv, send)));
+/// Serves the streams a child opens on its QUIC link, by their first byte: one of its store
+/// connections (it listens at its store socket once the link moved,
+/// crate::node::quic_child), piped to `store` as a tunnelled one would be; or a connection
+/// to this node's agent for it (`agent`: the connector its SSH connection would forward, with
+/// the same constraints), if it has one. Anything else is closed. Ends with the connection.
+async fn serve_child_streams(
+    connection: quinn::Connection,
+    store: Option<Arc<dyn Connector>>,
+    agent: Option<Arc<dyn Connector>>,
+) {
+    use super::quic_child::{STREAM_AGENT, STREAM_STORE};
+    while let Ok((send, mut recv)) = connection.accept_bi().await {
+        let (store, agent) = (store.clone(), agent.clone());
+        tokio::spawn(async move {
+            let mut kind = [0u8; 1];
+            let read = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                recv.read_exact(&mut kind),
+            )
+            .await;
+            let to = match (read, kind[0]) {
+                (Ok(Ok(_)), STREAM_STORE) => store,
+                (Ok(Ok(_)), STREAM_AGENT) => agent,
+                _ => None,
+            };
+            if let Some(to) = to {
+                to.connect(Box::new(tokio::io::join(recv, send)));
+            }
+        });
     }
 }
 

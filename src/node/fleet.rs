@@ -1049,6 +1049,13 @@ async fn to_quic(
             let tuning = super::quic_child::tuning(&ctx.config);
             let addr = std::net::SocketAddr::new(session.peer().ip(), port);
             let timeout = Duration::from_secs(ctx.config.hello_timeout.max(1));
+            // A relay's logins sign through this node's agent over the link itself, as they
+            // did through the SSH connection's forwarding, under the same constraints.
+            let agent = ctx
+                .agent
+                .as_ref()
+                .filter(|_| !spec.children.is_empty())
+                .map(|agent_for| agent_for(spec));
             link.move_to_quic(
                 &spec.name,
                 addr,
@@ -1056,6 +1063,7 @@ async fn to_quic(
                 &me,
                 &tuning,
                 ctx.store.clone(),
+                agent,
                 timeout,
             )
             .await

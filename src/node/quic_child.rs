@@ -198,18 +198,31 @@ pub fn take_store_socket(dir: &Path) -> Option<Arc<StoreRoute>> {
     Some(route)
 }
 
+/// What a stream this node opens on its QUIC link carries: its first byte.
+pub const STREAM_STORE: u8 = b's';
+/// A connection to the parent's agent (crate::node::quic_child::serve_agent).
+pub const STREAM_AGENT: u8 = b'a';
+
+/// Pipes `stream` over a new stream of `connection` that says it carries `kind`.
+async fn pipe_over(mut stream: tokio::net::UnixStream, connection: &quinn::Connection, kind: u8) {
+    match connection.open_bi().await {
+        Ok((mut send, recv)) => {
+            if send.write_all(&[kind]).await.is_err() {
+                return;
+            }
+            let mut quic = tokio::io::join(recv, send);
+            let _ = tokio::io::copy_bidirectional(&mut stream, &mut quic).await;
+        }
+        Err(e) => tracing::debug!("a stream over QUIC: {e}"),
+    }
+}
+
 /// One store connection, over QUIC when the link is there, else through the tunnel (until
 /// the link moves).
 async fn pipe_store(mut stream: tokio::net::UnixStream, route: &StoreRoute, tunnel: &Path) {
     let _ = tokio::time::timeout(DECIDE, route.decided.cancelled()).await;
     if let Some(connection) = route.quic() {
-        match connection.open_bi().await {
-            Ok((send, recv)) => {
-                let mut quic = tokio::io::join(recv, send);
-                let _ = tokio::io::copy_bidirectional(&mut stream, &mut quic).await;
-            }
-            Err(e) => tracing::debug!("store over QUIC: {e}"),
-        }
+        pipe_over(stream, &connection, STREAM_STORE).await;
         return;
     }
     match tokio::net::UnixStream::connect(tunnel).await {
@@ -218,6 +231,44 @@ async fn pipe_store(mut stream: tokio::net::UnixStream, route: &StoreRoute, tunn
         }
         Err(e) => tracing::debug!("store through the tunnel: {e}"),
     }
+}
+
+/// The agent socket's name in the working dir.
+pub const AGENT_SOCKET: &str = "agent.sock";
+
+/// Serves the parent's agent at `agent.sock` in the private dir `dir` (0600, this user's
+/// connections only): each connection to it is a stream of the QUIC connection the link
+/// runs on now (`link`), which the parent pipes to the agent it would forward over SSH,
+/// under the same destination constraints. Returns the socket's path.
+pub fn serve_agent(
+    dir: &Path,
+    link: Arc<std::sync::Mutex<Option<quinn::Connection>>>,
+) -> Result<std::path::PathBuf, String> {
+    let listener = super::reattach::listen_private(dir, AGENT_SOCKET)?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            };
+            if let Err(e) = super::reattach::same_user(&stream) {
+                tracing::warn!("agent socket: {e}");
+                continue;
+            }
+            let connection = link
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .filter(|c| c.close_reason().is_none());
+            match connection {
+                Some(c) => {
+                    tokio::spawn(async move { pipe_over(stream, &c, STREAM_AGENT).await });
+                }
+                None => tracing::warn!("agent socket: the link is not on QUIC now"),
+            }
+        }
+    });
+    Ok(dir.join(AGENT_SOCKET))
 }
 
 /// The parent's copies over the link (a build or an artifact this node fetched while the

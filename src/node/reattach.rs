@@ -51,7 +51,9 @@ pub struct Offer {
     quic: AtomicBool,
     /// The QUIC connection the link runs on now, if it does: a node that exits waits for its
     /// parent to have read its last frames there.
-    pub connection: Mutex<Option<quinn::Connection>>,
+    pub connection: Arc<Mutex<Option<quinn::Connection>>>,
+    /// The parent's agent is served at this node's agent socket (over the QUIC link).
+    agent_served: AtomicBool,
     /// Where this node's store connections go, when it holds its store socket
     /// (crate::node::quic_child::take_store_socket).
     store: Mutex<Option<Arc<super::quic_child::StoreRoute>>>,
@@ -73,7 +75,8 @@ impl Offer {
             readers,
             writers,
             quic: AtomicBool::new(false),
-            connection: Mutex::new(None),
+            connection: Arc::default(),
+            agent_served: AtomicBool::new(false),
             store: Mutex::new(None),
         })
     }
@@ -221,6 +224,16 @@ impl Offer {
         if let Some(agent) = splice.agent.filter(|a| !a.is_empty()) {
             crate::ssh::set_agent_socket(PathBuf::from(agent));
         }
+        if let (Some(_), true, Some(dir)) = (&connection, splice.agent_on_link, &self.dir)
+            && !self.agent_served.swap(true, Ordering::SeqCst)
+        {
+            // The parent's agent over the QUIC link: what this node's own logins use from
+            // now on (its SSH connection, and the agent sshd forwarded on it, may go).
+            match super::quic_child::serve_agent(dir, self.connection.clone()) {
+                Ok(socket) => crate::ssh::set_agent_socket(socket),
+                Err(e) => tracing::warn!("QUIC: no agent on the link: {e}"),
+            }
+        }
         writer
             .send(&Numbered::bare(Up::Resumed {
                 acked: self.seqs.received(),
@@ -313,6 +326,7 @@ pub async fn splice_main(dir: &Path) -> u8 {
     };
     let splice = Splice {
         agent: crate::ssh::agent_socket().map(|p| p.to_string_lossy().into_owned()),
+        agent_on_link: false,
     };
     {
         let mut writer = FrameWriter::new(&mut socket);

@@ -16,7 +16,7 @@ pub use codec::{FrameReader, FrameWriter, MAX_FRAME, MAX_LINE, MAX_UP_FRAME};
 pub use frames::*;
 
 /// Bumped on any incompatible change to the frames below.
-pub const PROTOCOL_VERSION: u32 = 8;
+pub const PROTOCOL_VERSION: u32 = 9;
 
 /// Errors of the framed link.
 #[derive(Debug, thiserror::Error)]

@@ -240,6 +240,11 @@ impl<T: Clone + Serialize> LinkSeqs<T> {
 pub struct Splice {
     #[serde(default)]
     pub agent: Option<String>,
+    /// The parent serves its (constrained) agent on this link's own streams (a QUIC link:
+    /// crate::node::quic_child::serve_agent), so the node needs no SSH connection's
+    /// forwarded agent to log in to its children.
+    #[serde(default)]
+    pub agent_on_link: bool,
 }
 
 /// The parent's first frame on a re-attached link: the one-time token, and the last number
