@@ -1242,8 +1242,9 @@ fn remote_tmp_and_verbosity_apply_at_depth_2(lab: &Lab) -> TestResult {
 fn a_relays_graph_cannot_use_the_agent_to_log_in_outside_its_subtree(lab: &Lab) -> TestResult {
     clean(lab, false);
     lab.sh("r1", "rm -f /tmp/reached /tmp/graph-env");
-    // r1's own graph hunts for agent sockets and tries each on r2 (outside its subtree) and
-    // on l1-1 (inside it), with OpenSSH's ssh, which binds the agent to the session.
+    // r1's own graph hunts for agent sockets (those sshd forwarded, and the one r1 serves
+    // from its QUIC link) and tries each on r2 (outside its subtree) and on l1-1 (inside it),
+    // with OpenSSH's ssh, which binds the agent to the session.
     let dir = tempfile::tempdir().map_err(fail)?;
     let thief = dir.path().join("thief.yaml");
     std::fs::write(
@@ -1255,10 +1256,10 @@ resources:
     shell: /bin/sh
     cmd: >-
       echo "SSH_AUTH_SOCK=$SSH_AUTH_SOCK" > /tmp/graph-env;
-      for s in /tmp/ssh-*/agent.*; do for t in 10.199.0.12 10.199.1.11; do
+      for s in /tmp/ssh-*/agent.* /tmp/arbor.*/agent.sock; do for t in 10.199.0.12 10.199.1.11; do
       SSH_AUTH_SOCK=$s ssh -F /dev/null -o BatchMode=yes -o StrictHostKeyChecking=no
       -o UserKnownHostsFile=/dev/null -o ConnectTimeout=3 -o LogLevel=ERROR root@$t true
-      && echo "$t" >> /tmp/reached; done; done; true
+      && echo "$s $t" >> /tmp/reached; done; done; true
 edges: []
 "#,
     )
@@ -1285,6 +1286,11 @@ edges: []
         reached.contains("10.199.1.11"),
         "the agent socket was not found or did not work for r1's own leaf (no control):          {reached:?}
 {log}"
+    );
+    check!(
+        reached.contains("/agent.sock 10.199.1.11"),
+        "the agent on r1's QUIC link was not found or did not work for its own leaf (no \
+         control): {reached:?}\n{log}"
     );
     check!(
         !reached.contains("10.199.0.12"),
