@@ -2587,6 +2587,28 @@ fn when_the_ssh_connection_is_killed_the_quic_link_goes_on(lab: &Lab) -> TestRes
     )
 }
 
+/// Drops every UDP packet arriving at `host` (nftables in its namespace) until the returned
+/// guard goes.
+fn drop_udp_at<'a>(lab: &'a Lab, host: &'a str) -> Result<Undo<'a>, libtest_mimic::Failed> {
+    let out = lab.exec(
+        host,
+        "nft add table inet arbor_test && \
+         nft add chain inet arbor_test input '{ type filter hook input priority 0; }' && \
+         nft add rule inet arbor_test input meta l4proto udp drop",
+    );
+    let undo = Undo {
+        lab,
+        host,
+        shell: "nft delete table inet arbor_test 2>/dev/null; true".into(),
+    };
+    check!(
+        out.status.success(),
+        "dropping UDP at {host}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(undo)
+}
+
 /// Over QUIC a relay signs through the initiator's agent over the link itself, not through
 /// the agent its SSH connection forwarded: r1's link to the initiator is on QUIC and its
 /// link to l1-1 on SSH (UDP dropped at l1-1). The sshd of the initiator's connection to r1
@@ -2598,22 +2620,7 @@ fn on_quic_a_relay_logs_in_to_its_leaf_through_the_agent_on_its_link_without_its
     lab: &Lab,
 ) -> TestResult {
     clean(lab, false);
-    let out = lab.exec(
-        "l1-1",
-        "nft add table inet arbor_test && \
-         nft add chain inet arbor_test input '{ type filter hook input priority 0; }' && \
-         nft add rule inet arbor_test input meta l4proto udp drop",
-    );
-    check!(
-        out.status.success(),
-        "dropping UDP at l1-1: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let _undo = Undo {
-        lab,
-        host: "l1-1",
-        shell: "nft delete table inet arbor_test 2>/dev/null; true".into(),
-    };
+    let _undo = drop_udp_at(lab, "l1-1")?;
     let topo = topology(
         "defaults:\n  user: root\nhosts:\n- host: 10.199.0.11\n  name: r1\n  children:\n  - host: 10.199.1.11\n    name: l1-1\n    graph: {leaf}\n",
     );
@@ -2672,22 +2679,7 @@ fn on_quic_a_relay_logs_in_to_its_leaf_through_the_agent_on_its_link_without_its
 /// untouched, run on QUIC. With `--transport quic`, r1 fails instead, and is stopped.
 fn when_udp_is_blocked_the_links_stay_on_ssh_and_converge(lab: &Lab) -> TestResult {
     clean(lab, false);
-    let out = lab.exec(
-        "r1",
-        "nft add table inet arbor_test && \
-         nft add chain inet arbor_test input '{ type filter hook input priority 0; }' && \
-         nft add rule inet arbor_test input meta l4proto udp drop",
-    );
-    check!(
-        out.status.success(),
-        "dropping UDP at r1: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let _undo = Undo {
-        lab,
-        host: "r1",
-        shell: "nft delete table inet arbor_test 2>/dev/null; true".into(),
-    };
+    let _undo = drop_udp_at(lab, "r1")?;
     let topo = topology(
         "defaults:\n  user: root\nhosts:\n- host: 10.199.0.11\n  name: r1\n  children:\n  - host: 10.199.1.11\n    name: l1-1\n    graph: {leaf}\n- host: 10.199.0.12\n  name: r2\n  children:\n  - host: 10.199.2.11\n    name: l2-1\n    graph: {leaf}\n",
     );

@@ -131,31 +131,33 @@ impl Drop for Incoming {
     }
 }
 
-/// The error of a reader whose writer gave up before `size` bytes.
+/// The error of a reader whose file ended (its writer gave up) before `size` bytes.
 fn ended_early(read: u64, size: u64) -> std::io::Error {
     std::io::Error::new(
         ErrorKind::UnexpectedEof,
-        format!("the copy arriving here ended after {read} of its {size} bytes"),
+        format!("the file ended after {read} of its {size} bytes"),
     )
 }
 
-/// Reads `size` bytes of a file from its start, waiting at its end while a writer still holds
-/// it (see the module docs).
+/// Reads `size` bytes of a file from its start; when it `follow`s a copy that is arriving,
+/// it waits at the file's end while the writer still holds it (see the module docs). A file
+/// that is not arriving is read as it is, never waited for (another process may hold a lock
+/// on an operator's file for reasons of its own).
 pub struct Tail {
     file: File,
     read: u64,
     size: u64,
-    /// The writer was seen gone: the next end is the end.
+    /// The writer was seen gone (or there is none to follow): the next end is the end.
     last: bool,
 }
 
 impl Tail {
-    pub fn new(file: File, size: u64) -> Tail {
+    pub fn new(file: File, size: u64, follow: bool) -> Tail {
         Tail {
             file,
             read: 0,
             size,
-            last: false,
+            last: !follow,
         }
     }
 }
@@ -199,14 +201,14 @@ pub struct AsyncTail {
 }
 
 impl AsyncTail {
-    pub fn new(file: File, size: u64) -> std::io::Result<AsyncTail> {
+    pub fn new(file: File, size: u64, follow: bool) -> std::io::Result<AsyncTail> {
         let probe = file.try_clone()?;
         Ok(AsyncTail {
             file: tokio::fs::File::from_std(file),
             probe,
             read: 0,
             size,
-            last: false,
+            last: !follow,
             wait: None,
         })
     }
@@ -252,18 +254,18 @@ impl tokio::io::AsyncRead for AsyncTail {
     }
 }
 
-/// Opens `path` for a [`Tail`]: the growing copy if `path` is an arriving name whose writer
-/// has renamed it into place meanwhile, the destination then.
-pub fn open(path: &Path) -> std::io::Result<File> {
+/// Opens `path` for a [`Tail`], and says whether to follow it: an arriving copy is followed;
+/// one whose writer has renamed it into place meanwhile is opened there, whole.
+pub fn open(path: &Path) -> std::io::Result<(File, bool)> {
     match File::open(path) {
         Err(e) if e.kind() == ErrorKind::NotFound => {
             let name = path.file_name().unwrap_or_default().to_string_lossy();
             match name.strip_prefix(ARRIVING) {
-                Some(dest) => File::open(path.with_file_name(dest)),
+                Some(dest) => Ok((File::open(path.with_file_name(dest))?, false)),
                 None => Err(e),
             }
         }
-        r => r,
+        r => Ok((r?, is_arriving(path))),
     }
 }
 
@@ -292,7 +294,9 @@ mod tests {
         let size = data.len() as u64;
         let reader = std::thread::spawn(move || {
             let mut got = Vec::new();
-            Tail::new(file, size).read_to_end(&mut got).map(|_| got)
+            Tail::new(file, size, true)
+                .read_to_end(&mut got)
+                .map(|_| got)
         });
         for chunk in data.chunks(40_000) {
             incoming.file.write_all(chunk).expect("write");
@@ -304,10 +308,22 @@ mod tests {
         assert!(!arriving_path(&dest).exists());
         // A complete file reads as it is, from the arriving name it had.
         let mut got = Vec::new();
-        Tail::new(open(&arriving_path(&dest)).expect("open"), size)
+        let (file, follow) = open(&arriving_path(&dest)).expect("open");
+        assert!(!follow, "a copy already in place is read whole");
+        Tail::new(file, size, follow)
             .read_to_end(&mut got)
             .expect("read");
         assert_eq!(got, data);
+        // A file that is not arriving is never waited for, even locked by someone else.
+        let short = dir.path().join("short");
+        std::fs::write(&short, &data[..10]).expect("write");
+        let (file, follow) = open(&short).expect("open");
+        let locker = File::open(&short).expect("open");
+        locker.lock().expect("lock");
+        let err = Tail::new(file, size, follow)
+            .read_to_end(&mut Vec::new())
+            .expect_err("short");
+        assert!(err.to_string().contains("after 10 of its 300000"), "{err}");
 
         // A writer that gives up: its reader fails, nothing stays.
         let dest2 = dir.path().join("blob2");
@@ -316,7 +332,7 @@ mod tests {
         incoming.file.write_all(&data[..1000]).expect("write");
         let reader = std::thread::spawn(move || {
             let mut got = Vec::new();
-            Tail::new(file, size).read_to_end(&mut got)
+            Tail::new(file, size, true).read_to_end(&mut got)
         });
         std::thread::sleep(Duration::from_millis(50));
         drop(incoming);
@@ -346,7 +362,7 @@ mod tests {
         let size = data.len() as u64;
         let reader = tokio::spawn(async move {
             let mut got = Vec::new();
-            let mut tail = AsyncTail::new(file, size).expect("tail");
+            let mut tail = AsyncTail::new(file, size, true).expect("tail");
             tail.read_to_end(&mut got).await.map(|_| got)
         });
         let written = data.clone();

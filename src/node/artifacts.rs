@@ -1298,11 +1298,13 @@ mod tests {
             arriving::Incoming::create(&dest, &dir.path().join(".t")).expect("create");
         let source = waiting.await.expect("source");
         assert!(arriving::is_arriving(&source), "{}", source.display());
-        let file = arriving::open(&source).expect("open");
+        let (file, follow) = arriving::open(&source).expect("open");
+        assert!(follow, "the arriving copy is followed");
         let size = bytes.len() as u64;
         let reader = std::thread::spawn(move || {
             let mut got = Vec::new();
-            std::io::Read::read_to_end(&mut arriving::Tail::new(file, size), &mut got).map(|_| got)
+            std::io::Read::read_to_end(&mut arriving::Tail::new(file, size, follow), &mut got)
+                .map(|_| got)
         });
         std::io::Write::write_all(&mut incoming.file, &bytes).expect("write");
         incoming.finish(0o600, &dest).expect("finish");

@@ -183,14 +183,7 @@ pub fn take_store_socket(dir: &Path) -> Option<Arc<StoreRoute>> {
     let serving = route.clone();
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            };
-            if let Err(e) = super::reattach::same_user(&stream) {
-                tracing::warn!("store socket: {e}");
-                continue;
-            }
+            let stream = super::reattach::accept_own(&listener, "store socket").await;
             let (route, tunnel) = (serving.clone(), tunnel.clone());
             tokio::spawn(async move { pipe_store(stream, &route, &tunnel).await });
         }
@@ -247,14 +240,7 @@ pub fn serve_agent(
     let listener = super::reattach::listen_private(dir, AGENT_SOCKET)?;
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            };
-            if let Err(e) = super::reattach::same_user(&stream) {
-                tracing::warn!("agent socket: {e}");
-                continue;
-            }
+            let stream = super::reattach::accept_own(&listener, "agent socket").await;
             let connection = link
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -423,7 +409,8 @@ mod tests {
             }
         }
         // A size that is not the bytes' own (plain: zstd's own frame would catch it at this
-        // end): the child refuses it, says why, and leaves nothing.
+        // end): the sender reads that many bytes and no more, so the child gets a copy whose
+        // sha256 is wrong, refuses it, says why, and leaves nothing.
         let remote = dir.path().join("cache/wrong/blob");
         let send = Send {
             what: "wrong",
@@ -444,7 +431,8 @@ mod tests {
         };
         assert!(
             why.contains("kid: wrong over QUIC: the child refused it")
-                && why.contains("more than the"),
+                && why.contains(&format!("received {} bytes with sha256", data.len() - 1))
+                && why.contains(&format!("want {} bytes with sha256 {sha}", data.len() - 1)),
             "{why}"
         );
         let left: Vec<_> = std::fs::read_dir(dir.path().join("cache/wrong"))

@@ -163,14 +163,7 @@ impl Offer {
 
     async fn serve(self: Arc<Self>, listener: tokio::net::UnixListener) {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            };
-            if let Err(e) = same_user(&stream) {
-                tracing::warn!("re-attach: {e}");
-                continue;
-            }
+            let stream = accept_own(&listener, "re-attach").await;
             let offer = self.clone();
             tokio::spawn(async move {
                 let (read, write) = stream.into_split();
@@ -248,6 +241,24 @@ impl Offer {
         let _ = self.readers.send(reader).await;
         let _ = self.writers.send((writer.into_inner(), resume.acked)).await;
         Ok(())
+    }
+}
+
+/// The next connection to `listener` from this user; others are refused, and logged under
+/// `what`.
+pub(super) async fn accept_own(
+    listener: &tokio::net::UnixListener,
+    what: &str,
+) -> tokio::net::UnixStream {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        match same_user(&stream) {
+            Ok(()) => return stream,
+            Err(e) => tracing::warn!("{what}: {e}"),
+        }
     }
 }
 

@@ -976,7 +976,7 @@ pub fn serve(
         use std::io::Seek;
         file.seek(std::io::SeekFrom::Start(0))
             .map_err(|e| e.to_string())?;
-        let mut file = crate::node::arriving::Tail::new(file, args.size);
+        let mut file = crate::node::arriving::Tail::new(file, args.size, growing);
         let sent = if args.plain {
             std::io::copy(&mut file, &mut conn).map_err(|e| format!("{peer}: {e}"))?
         } else {
@@ -1254,7 +1254,7 @@ mod tests {
         let follower = std::thread::spawn(move || {
             let mut got = Vec::new();
             let file = followed.expect("the fetched copy, arriving");
-            arriving::Tail::new(file, size)
+            arriving::Tail::new(file, size, true)
                 .read_to_end(&mut got)
                 .map(|_| got)
         });

@@ -675,9 +675,9 @@ pub(super) async fn upload_blob(
     // A copy still arriving here is read as it arrives (crate::node::arriving).
     let opening =
         |e: std::io::Error| UploadError::Other(format!("opening {}: {e}", blob.local.display()));
-    let file = crate::node::arriving::open(blob.local).map_err(opening)?;
+    let (file, follow) = crate::node::arriving::open(blob.local).map_err(opening)?;
     let mut reader = HashingReader {
-        inner: crate::node::arriving::AsyncTail::new(file, blob.size).map_err(opening)?,
+        inner: crate::node::arriving::AsyncTail::new(file, blob.size, follow).map_err(opening)?,
         hasher: sha2::Sha256::default(),
     };
     let uploaded = sftp

@@ -314,9 +314,9 @@ fn encode(
         None => Vec::new(),
     };
     // A copy still arriving here is read as it arrives (crate::node::arriving).
-    let file =
+    let (file, follow) =
         crate::node::arriving::open(local).map_err(|e| format!("{}: {e}", local.display()))?;
-    let mut file = crate::node::arriving::Tail::new(file, size);
+    let mut file = crate::node::arriving::Tail::new(file, size, follow);
     let mut sink = ChunkSink {
         tx,
         buf: Vec::with_capacity(CHUNK),
