@@ -131,12 +131,48 @@ impl Drop for Incoming {
     }
 }
 
-/// The error of a reader whose file ended (its writer gave up) before `size` bytes.
-fn ended_early(read: u64, size: u64) -> std::io::Error {
-    std::io::Error::new(
-        ErrorKind::UnexpectedEof,
-        format!("the file ended after {read} of its {size} bytes"),
-    )
+/// How far a [`Tail`] or an [`AsyncTail`] has read, and what it does at the file's end.
+struct Position {
+    read: u64,
+    size: u64,
+    /// The writer was seen gone (or there is none to follow): the next end is the end.
+    last: bool,
+}
+
+impl Position {
+    fn new(size: u64, follow: bool) -> Position {
+        Position {
+            read: 0,
+            size,
+            last: !follow,
+        }
+    }
+
+    /// How many of `room` bytes to read next; 0 once all `size` are read.
+    fn want(&self, room: usize) -> usize {
+        room.min((self.size - self.read.min(self.size)) as usize)
+    }
+
+    /// At the end of `file` before `size` bytes: `Ok(true)` to wait and read again while its
+    /// writer holds it, `Ok(false)` to read once more at once (the writer let go, and what it
+    /// wrote before is there now), or the error once that last read found nothing either.
+    fn at_end(&mut self, file: &File) -> std::io::Result<bool> {
+        if self.last {
+            return Err(std::io::Error::new(
+                ErrorKind::UnexpectedEof,
+                format!(
+                    "the file ended after {} of its {} bytes",
+                    self.read, self.size
+                ),
+            ));
+        }
+        if written(file) {
+            Ok(true)
+        } else {
+            self.last = true;
+            Ok(false)
+        }
+    }
 }
 
 /// Reads `size` bytes of a file from its start; when it `follow`s a copy that is arriving,
@@ -145,19 +181,14 @@ fn ended_early(read: u64, size: u64) -> std::io::Error {
 /// on an operator's file for reasons of its own).
 pub struct Tail {
     file: File,
-    read: u64,
-    size: u64,
-    /// The writer was seen gone (or there is none to follow): the next end is the end.
-    last: bool,
+    at: Position,
 }
 
 impl Tail {
     pub fn new(file: File, size: u64, follow: bool) -> Tail {
         Tail {
             file,
-            read: 0,
-            size,
-            last: !follow,
+            at: Position::new(size, follow),
         }
     }
 }
@@ -165,25 +196,17 @@ impl Tail {
 impl Read for Tail {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         loop {
-            let want = buf
-                .len()
-                .min((self.size - self.read.min(self.size)) as usize);
+            let want = self.at.want(buf.len());
             if want == 0 {
                 return Ok(0);
             }
             let n = self.file.read(&mut buf[..want])?;
             if n > 0 {
-                self.read += n as u64;
+                self.at.read += n as u64;
                 return Ok(n);
             }
-            if self.last {
-                return Err(ended_early(self.read, self.size));
-            }
-            if written(&self.file) {
+            if self.at.at_end(&self.file)? {
                 std::thread::sleep(POLL);
-            } else {
-                // What it wrote before it let go is there now: one more read.
-                self.last = true;
             }
         }
     }
@@ -194,9 +217,7 @@ pub struct AsyncTail {
     file: tokio::fs::File,
     /// The same open file, to look at its lock.
     probe: File,
-    read: u64,
-    size: u64,
-    last: bool,
+    at: Position,
     wait: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
@@ -206,9 +227,7 @@ impl AsyncTail {
         Ok(AsyncTail {
             file: tokio::fs::File::from_std(file),
             probe,
-            read: 0,
-            size,
-            last: !follow,
+            at: Position::new(size, follow),
             wait: None,
         })
     }
@@ -226,9 +245,7 @@ impl tokio::io::AsyncRead for AsyncTail {
                 std::task::ready!(wait.as_mut().poll(cx));
                 this.wait = None;
             }
-            let want = buf
-                .remaining()
-                .min((this.size - this.read.min(this.size)) as usize);
+            let want = this.at.want(buf.remaining());
             if want == 0 {
                 return Poll::Ready(Ok(()));
             }
@@ -239,16 +256,11 @@ impl tokio::io::AsyncRead for AsyncTail {
                 // SAFETY: `part` filled these bytes of `buf`'s unfilled part.
                 unsafe { buf.assume_init(n) };
                 buf.advance(n);
-                this.read += n as u64;
+                this.at.read += n as u64;
                 return Poll::Ready(Ok(()));
             }
-            if this.last {
-                return Poll::Ready(Err(ended_early(this.read, this.size)));
-            }
-            if written(&this.probe) {
+            if this.at.at_end(&this.probe)? {
                 this.wait = Some(Box::pin(tokio::time::sleep(POLL)));
-            } else {
-                this.last = true;
             }
         }
     }
