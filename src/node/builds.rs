@@ -34,19 +34,23 @@ impl std::fmt::Debug for Gzipped {
     }
 }
 
-/// Where a build's gzip stream comes from, and the stream once made. Made lazily: a run whose
-/// hosts all have the binary cached never compresses, and the first copy's compression
-/// overlaps the other hosts' connects.
+/// Where a build's gzip stream comes from, and the stream once made. Made lazily, or ahead
+/// of need with [`GzCell::prewarm`]: a run whose hosts all have the binary cached compresses
+/// nothing but what a prewarm started.
 #[derive(Debug)]
 pub struct GzCell {
     source: PathBuf,
-    reuse_kept: bool,
+    /// Where a gzip stream of this build may have been kept: beside a relay's binary (what
+    /// its parent copied), or beside the build the initiator keeps in its own cache.
+    kept: Option<PathBuf>,
+    /// Write the stream made here to `kept`, for the next run of this build (the initiator).
+    save: bool,
     made: tokio::sync::OnceCell<Result<Gzipped, String>>,
 }
 
 impl PartialEq for GzCell {
     fn eq(&self, other: &Self) -> bool {
-        self.source == other.source && self.reuse_kept == other.reuse_kept
+        self.source == other.source && self.kept == other.kept && self.save == other.save
     }
 }
 
@@ -57,8 +61,8 @@ impl GzCell {
     pub async fn get(&self) -> Result<Gzipped, String> {
         self.made
             .get_or_init(|| async {
-                let (source, reuse_kept) = (self.source.clone(), self.reuse_kept);
-                tokio::task::spawn_blocking(move || gzip_file(&source, reuse_kept))
+                let (source, kept, save) = (self.source.clone(), self.kept.clone(), self.save);
+                tokio::task::spawn_blocking(move || gzip_file(&source, kept.as_deref(), save))
                     .await
                     .map_err(|e| e.to_string())
                     .and_then(|made| made)
@@ -66,37 +70,98 @@ impl GzCell {
             .await
             .clone()
     }
+
+    /// Starts making the stream now, in the background: a stage calls it before its probe,
+    /// so that the compression overlaps the probe's round trip and 512 KiB instead of
+    /// following them.
+    pub fn prewarm(self: &Arc<Self>) {
+        if self.made.initialized() {
+            return;
+        }
+        let cell = self.clone();
+        tokio::spawn(async move {
+            let _ = cell.get().await;
+        });
+    }
 }
 
-/// A node staged with --compress reuses the `arbor.gz` its parent left beside its binary
-/// (`reuse_kept`) if it unpacks to exactly that binary (a few tens of milliseconds, so a
-/// damaged copy is never passed on); otherwise the binary is compressed here (gzip level 6:
-/// 6.6 MB to 2.85 MB in about 0.4 s).
-fn gzip_file(path: &Path, reuse_kept: bool) -> Result<Gzipped, String> {
+/// The gzip stream of the binary at `path`: the one at `kept` if it unpacks to exactly that
+/// binary (a few tens of milliseconds, so a damaged copy is never passed on), else made here
+/// ([`gzip_members`]) and, with `save`, written to `kept` for the next run.
+fn gzip_file(path: &Path, kept: Option<&Path>, save: bool) -> Result<Gzipped, String> {
     let raw = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    if reuse_kept && let Ok(kept) = std::fs::read(path.with_file_name(KEPT_GZ)) {
+    if let Some(kept) = kept
+        && let Ok(gz) = std::fs::read(kept)
+    {
         let mut unpacked = Vec::with_capacity(raw.len());
-        let intact =
-            std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&kept[..]), &mut unpacked)
-                .is_ok()
-                && unpacked == raw;
+        let intact = std::io::Read::read_to_end(
+            &mut flate2::read::MultiGzDecoder::new(&gz[..]),
+            &mut unpacked,
+        )
+        .is_ok()
+            && unpacked == raw;
         if intact {
-            return Ok(Gzipped(Arc::new(kept)));
+            return Ok(Gzipped(Arc::new(gz)));
         }
         tracing::warn!(
             "{}: does not unpack to this binary; compressing afresh",
-            path.with_file_name(KEPT_GZ).display()
+            kept.display()
         );
     }
-    let mut encoder = flate2::write::GzEncoder::new(
-        Vec::with_capacity(raw.len() / 2),
-        flate2::Compression::new(6),
-    );
-    encoder
-        .write_all(&raw)
-        .and_then(|()| encoder.finish())
-        .map(|bytes| Gzipped(Arc::new(bytes)))
-        .map_err(|e| format!("compressing {}: {e}", path.display()))
+    let made = gzip_members(&raw).map_err(|e| format!("compressing {}: {e}", path.display()))?;
+    if let (Some(kept), true) = (kept, save) {
+        let temp = kept.with_extension(format!("gz.{}", std::process::id()));
+        if let Err(e) = std::fs::write(&temp, &made).and_then(|()| std::fs::rename(&temp, kept)) {
+            let _ = std::fs::remove_file(&temp);
+            tracing::debug!("keeping {}: {e}", kept.display());
+        }
+    }
+    Ok(Gzipped(Arc::new(made)))
+}
+
+/// How much of the binary each gzip member holds.
+const GZ_MEMBER: usize = 1 << 20;
+
+/// gzip level 6, as gzip(1) by default, in members of [`GZ_MEMBER`] bytes compressed on
+/// every core (a 12.7 MB binary: 1.3 s on one core of the lab's machine). gzip -d unpacks
+/// the members one after the other into the whole; each starts with an empty dictionary,
+/// which costs a few hundred bytes of 5.6 MB (deflate looks back only 32 KiB anyway).
+fn gzip_members(raw: &[u8]) -> std::io::Result<Vec<u8>> {
+    let gzip = |chunk: &[u8]| {
+        let mut encoder = flate2::write::GzEncoder::new(
+            Vec::with_capacity(chunk.len() / 2),
+            flate2::Compression::new(6),
+        );
+        encoder.write_all(chunk).and_then(|()| encoder.finish())
+    };
+    if raw.is_empty() {
+        return gzip(raw);
+    }
+    let chunks: Vec<&[u8]> = raw.chunks(GZ_MEMBER).collect();
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(chunks.len());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let members: Vec<std::sync::Mutex<Option<std::io::Result<Vec<u8>>>>> =
+        chunks.iter().map(|_| Default::default()).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(chunk) = chunks.get(i) else { break };
+                    let made = gzip(chunk);
+                    *members[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(made);
+                }
+            });
+        }
+    });
+    let mut out = Vec::with_capacity(raw.len() / 2);
+    for member in members {
+        let made = member.into_inner().unwrap_or_else(|e| e.into_inner());
+        out.extend_from_slice(&made.unwrap_or_else(|| Err(std::io::Error::other("not made")))?);
+    }
+    Ok(out)
 }
 
 /// What a host that stages children keeps beside its binary: the compressed copy it received.
@@ -116,14 +181,23 @@ impl Build {
         })
     }
 
-    /// Copies of this build go gzipped (--compress); see [`GzCell`].
-    pub fn with_gzip(mut self, reuse_kept: bool) -> Build {
+    /// Copies of this build go gzipped (--compress); see [`GzCell`]. `kept`: where a gzip
+    /// stream of it may be kept; `save`: write the one made here there.
+    pub fn with_gzip(mut self, kept: Option<PathBuf>, save: bool) -> Build {
         self.gz = Some(Arc::new(GzCell {
             source: self.path.clone(),
-            reuse_kept,
+            kept,
+            save,
             made: tokio::sync::OnceCell::new(),
         }));
         self
+    }
+
+    /// Copies of this build go gzipped, reusing the `arbor.gz` kept beside it (a relay's own
+    /// binary, staged gzipped by its parent).
+    pub fn with_kept_gzip(self) -> Build {
+        let kept = self.path.with_file_name(KEPT_GZ);
+        self.with_gzip(Some(kept), false)
     }
 
     /// The running executable: what a node copies to its children by default.
@@ -297,7 +371,7 @@ impl Builds {
                 }
                 tracing::debug!("fetched the build for {} from the parent", wanted.platform);
                 Ok(Arc::new(if self.gzip {
-                    build.with_gzip(false)
+                    build.with_gzip(None, false)
                 } else {
                     build
                 }))
@@ -377,37 +451,62 @@ mod tests {
     async fn a_kept_gzip_is_reused_only_if_it_unpacks_to_the_binary() {
         let dir = tempfile::tempdir().expect("tempdir");
         let bin = dir.path().join("arbor");
-        let body: Vec<u8> = (0..200_000u32)
-            .flat_map(|i| (i % 251).to_le_bytes())
+        // Several members' worth (GZ_MEMBER each).
+        let body: Vec<u8> = (0..900_000u32)
+            .flat_map(|i| (i % 251 ^ i / 7).to_le_bytes())
             .collect();
+        assert!(body.len() > 3 * GZ_MEMBER);
         std::fs::write(&bin, &body).expect("write");
+        // What a host does with it: gzip(1) unpacks every member, in order.
         let unpack = |gz: &Gzipped| {
-            let mut out = Vec::new();
-            std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz.0[..]), &mut out)
-                .expect("gunzip");
-            out
+            let packed = dir.path().join("unpack.gz");
+            std::fs::write(&packed, &gz.0[..]).expect("write");
+            let out = std::process::Command::new("gzip")
+                .arg("-dc")
+                .arg(&packed)
+                .output()
+                .expect("gzip");
+            assert!(out.status.success(), "{out:?}");
+            out.stdout
         };
-        // Nothing kept: compressed here.
-        let made = gzip_file(&bin, true).expect("gzip");
+        let kept = dir.path().join(KEPT_GZ);
+        // Nothing kept: compressed here, and not saved unless asked.
+        let made = gzip_file(&bin, Some(&kept), false).expect("gzip");
         assert_eq!(unpack(&made), body);
+        assert!(made.0.len() < body.len() / 2, "{} bytes", made.0.len());
+        assert!(!kept.exists());
         // An intact kept copy is reused as it is.
         let mut marked = made.0.to_vec();
         marked[4] = 0x42; // gzip's MTIME field: ignored on unpacking, tells the copies apart
-        std::fs::write(dir.path().join(KEPT_GZ), &marked).expect("write");
-        assert_eq!(gzip_file(&bin, true).expect("gzip").0.to_vec(), marked);
-        // A damaged one is not passed on.
+        std::fs::write(&kept, &marked).expect("write");
+        assert_eq!(
+            gzip_file(&bin, Some(&kept), false)
+                .expect("gzip")
+                .0
+                .to_vec(),
+            marked
+        );
+        // A damaged one is not passed on; with `save` the fresh one replaces it.
         let cut = &marked[..marked.len() / 2];
-        std::fs::write(dir.path().join(KEPT_GZ), cut).expect("write");
-        let fresh = gzip_file(&bin, true).expect("gzip");
+        std::fs::write(&kept, cut).expect("write");
+        let fresh = gzip_file(&bin, Some(&kept), true).expect("gzip");
         assert_eq!(unpack(&fresh), body);
-        // And the initiator never looks at a kept copy.
-        std::fs::write(dir.path().join(KEPT_GZ), &marked).expect("write");
-        assert_ne!(gzip_file(&bin, false).expect("gzip").0.to_vec(), marked);
+        assert_eq!(std::fs::read(&kept).expect("saved"), fresh.0.to_vec());
+        // Without a place to look, a kept copy is never used.
+        std::fs::write(&kept, &marked).expect("write");
+        assert_ne!(
+            gzip_file(&bin, None, false).expect("gzip").0.to_vec(),
+            marked
+        );
+        // A relay's own binary reuses what its parent left beside it.
         let cell = Build::from_file(&bin, "Linux x86_64")
             .expect("build")
-            .with_gzip(true);
+            .with_kept_gzip();
         let got = cell.gz.expect("armed").get().await.expect("gzip");
         assert_eq!(got.0.to_vec(), marked);
+        // An empty file still makes a stream gzip unpacks.
+        std::fs::write(&bin, b"").expect("write");
+        assert_eq!(unpack(&gzip_file(&bin, None, false).expect("gzip")), b"");
     }
 
     #[test]

@@ -561,7 +561,19 @@ pub(super) fn builds(options: &RunOptions) -> Result<Builds, String> {
         all.push(Build::from_file(path, &platform).map_err(|e| format!("--binary {arch}: {e}"))?);
     }
     if options.compress != crate::wire::Compress::Never {
-        all = all.into_iter().map(|b| b.with_gzip(false)).collect();
+        // The gzip stream made for a build is kept beside the copy of it in this machine's
+        // cache: the next run of the same build compresses nothing.
+        all = all
+            .into_iter()
+            .map(|b| {
+                let kept = (!options.no_caching).then(|| {
+                    super::builds::local_bin_cache()
+                        .join(&b.sha256)
+                        .join(super::builds::KEPT_GZ)
+                });
+                b.with_gzip(kept, true)
+            })
+            .collect();
         if !options.no_caching {
             // For the next build's delta upgrades.
             all.iter().for_each(super::builds::keep_locally);
@@ -924,10 +936,37 @@ struct DeepRow {
     first: Option<Instant>,
     last: Option<Instant>,
     bytes: u64,
+    /// The transfers counted in `bytes`: each once, however many "done" events it has.
+    counted: std::collections::BTreeSet<String>,
     cached: Option<bool>,
     cause: Option<String>,
     /// What its relay's link to it runs on, as the relay says.
     transport: Option<(String, Option<String>)>,
+}
+
+impl DeepRow {
+    fn heard(&mut self, kind: &EventKind, now: Instant) {
+        self.first.get_or_insert(now);
+        self.last = Some(now);
+        match kind {
+            EventKind::State(HostState::Failed { cause }) => {
+                self.cause.get_or_insert_with(|| cause.clone());
+            }
+            EventKind::Transfer { cached: true, .. } => self.cached = Some(true),
+            EventKind::Link { transport, note } => {
+                self.transport = Some((transport.clone(), note.clone()));
+            }
+            EventKind::Transfer {
+                what, sent, total, ..
+            } if sent == total => {
+                if self.counted.insert(what.clone()) {
+                    self.bytes += total;
+                }
+                self.cached.get_or_insert(false);
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Every host at depth 2 and more in `children`'s subtrees, by path.
@@ -987,23 +1026,7 @@ impl View {
 
     fn event(&mut self, event: &Event) {
         if let Some(row) = self.deep.get_mut(&event.host) {
-            let now = Instant::now();
-            row.first.get_or_insert(now);
-            row.last = Some(now);
-            match &event.kind {
-                EventKind::State(HostState::Failed { cause }) => {
-                    row.cause.get_or_insert_with(|| cause.clone());
-                }
-                EventKind::Transfer { cached: true, .. } => row.cached = Some(true),
-                EventKind::Link { transport, note } => {
-                    row.transport = Some((transport.clone(), note.clone()));
-                }
-                EventKind::Transfer { sent, total, .. } if sent == total => {
-                    row.bytes += total;
-                    row.cached.get_or_insert(false);
-                }
-                _ => {}
-            }
+            row.heard(&event.kind, Instant::now());
         }
         if !learned_key(
             event,
@@ -1561,5 +1584,28 @@ fn record_learned_key(
             "recording the host key of {name} in {}: {e}",
             file.display()
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deep_hosts_transfer_is_counted_once_however_often_it_says_done() {
+        let mut row = DeepRow::default();
+        let transfer = |what: &str, sent, total| EventKind::Transfer {
+            what: what.into(),
+            sent,
+            total,
+            cached: false,
+        };
+        let now = Instant::now();
+        row.heard(&transfer("artifact 9c1e", 10, 21), now);
+        row.heard(&transfer("artifact 9c1e", 21, 21), now);
+        row.heard(&transfer("artifact 9c1e", 21, 21), now);
+        row.heard(&transfer("arbor.gz", 5, 5), now);
+        assert_eq!(row.bytes, 26);
+        assert_eq!(row.cached, Some(false));
     }
 }

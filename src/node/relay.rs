@@ -820,7 +820,7 @@ fn fleet_context(
     // first time a child's copy goes gzipped (`stage`).
     let gzip = config.compress != crate::wire::Compress::Never;
     if gzip {
-        own = own.with_gzip(true);
+        own = own.with_kept_gzip();
     }
     let builds = Builds::new([own]).with_parent(&config.builds, fetcher, gzip);
     let mut connect = fleet::connect_options(config);

@@ -381,6 +381,11 @@ pub async fn stage(
         .preferred()
         .ok_or_else(|| other("no build of arbor to copy".into()))?;
     let measure = options.compress != crate::wire::Compress::Never;
+    // The binary's gzip stream, should the probe find the host without it and the link thin,
+    // is made meanwhile rather than after (kept streams are reused; docs/remote.md).
+    if let (true, Some(cell)) = (measure, &expected.gz) {
+        cell.prewarm();
+    }
     let mut probed = probe(&expected, "", measure).await?;
     let made = undo_probe(&probed, &expected);
     let found = match builds.for_platform(&probed.platform).await {

@@ -274,7 +274,11 @@ async fn stream<W: tokio::io::AsyncWrite + Unpin>(
         while let Some(chunk) = rx.recv().await {
             writer.write_all(&chunk).await?;
             sent += chunk.len() as u64;
-            progress(sent.min(size), size);
+            // What went on the wire (compressed, or plain bytes past a failed pass-through's
+            // retry) is shown against the file's size, short of it: only the end of the
+            // copy, once the receiver checked it, says "done" (a finished transfer is
+            // counted once in the summary).
+            progress(sent.min(size.saturating_sub(1)), size);
         }
         writer.shutdown().await
     };
