@@ -13,12 +13,36 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
-/// How many frames wait to be written up at most; with frames of at most
-/// [`MAX_UP_FRAME`](crate::wire::MAX_UP_FRAME) bytes, a node never queues more than 64 MiB
-/// for its parent. Events from children wait for room (backpressure reaches them through
-/// their own bounded queues); this node's own log lines are dropped, and counted, when the
-/// queue is full, since the log cannot wait.
-pub const UP_QUEUE: usize = 1024;
+/// How many bytes of frames (as written, JSON) wait at most to be written up: this node's
+/// events and log lines and its subtree's, while the link is slow or down. Events from
+/// children wait for room (backpressure reaches them through their own budgets); this
+/// node's own log lines are dropped, and counted, when there is none, since the log cannot
+/// wait. Frames already written and not yet acknowledged are kept apart, within
+/// [`REPLAY_BUDGET`](crate::wire::resume::REPLAY_BUDGET).
+pub const UP_BUDGET: usize = 16 << 20;
+
+/// The queue's length in frames: never what binds (no frame up is under 64 bytes), so the
+/// budget above is the bound. Tokio allocates the queue's slots as they fill.
+const UP_QUEUE: usize = UP_BUDGET / 64;
+
+/// A frame waiting to be written up, holding its share of [`UP_BUDGET`] until it is.
+pub struct Queued {
+    frame: Up,
+    _room: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Queued {
+    /// A frame outside the budget: hellos and heartbeats, a few bytes each and never many.
+    fn bare(frame: Up) -> Self {
+        Queued { frame, _room: None }
+    }
+}
+
+/// How much of the budget `frame` takes: its size as written.
+fn weight(frame: &Up) -> u32 {
+    let size = serde_json::to_vec(frame).map_or(crate::wire::MAX_UP_FRAME, |v| v.len());
+    size.min(UP_BUDGET) as u32
+}
 
 /// How long an exiting node waits for its parent to read its last frames on a QUIC link.
 const QUIC_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
@@ -26,13 +50,27 @@ const QUIC_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
 /// Sends events up. Cheap to clone; the writer task drains the queue.
 #[derive(Clone)]
 pub struct Upstream {
-    tx: mpsc::Sender<Up>,
+    tx: mpsc::Sender<Queued>,
+    /// What is left of [`UP_BUDGET`].
+    room: Arc<tokio::sync::Semaphore>,
     dropped: Arc<std::sync::atomic::AtomicU64>,
     /// Cancelled once this node gave up on its parent: nothing waits for room any more.
     gone: tokio_util::sync::CancellationToken,
 }
 
 impl Upstream {
+    /// An upstream whose frames go to the returned queue, within `budget` bytes.
+    fn queue(budget: usize) -> (Upstream, mpsc::Receiver<Queued>) {
+        let (tx, rx) = mpsc::channel(UP_QUEUE.max(1));
+        let up = Upstream {
+            tx,
+            room: Arc::new(tokio::sync::Semaphore::new(budget)),
+            dropped: Arc::default(),
+            gone: tokio_util::sync::CancellationToken::new(),
+        };
+        (up, rx)
+    }
+
     /// An event about `host` (relative to this node: the root path is this node itself);
     /// waits for room in the queue (while the link is down too), but not once this node
     /// gave up on its parent: then the event is dropped, so a node whose queue filled during
@@ -41,11 +79,32 @@ impl Upstream {
         self.send(Up::Event(Event { host, kind })).await;
     }
 
+    /// Queues `frame` once there is room for it in the budget.
     async fn send(&self, frame: Up) {
+        let weight = weight(&frame);
         tokio::select! {
-            _ = self.tx.send(frame) => {}
+            room = self.room.clone().acquire_many_owned(weight) => {
+                let queued = Queued { frame, _room: room.ok() };
+                tokio::select! {
+                    _ = self.tx.send(queued) => {}
+                    _ = self.gone.cancelled() => {}
+                }
+            }
             _ = self.gone.cancelled() => {}
         }
+    }
+
+    /// Queues `frame` if there is room for it now.
+    fn try_send(&self, frame: Up) -> bool {
+        let Ok(room) = self.room.clone().try_acquire_many_owned(weight(&frame)) else {
+            return false;
+        };
+        self.tx
+            .try_send(Queued {
+                frame,
+                _room: Some(room),
+            })
+            .is_ok()
     }
 
     /// An event about this node itself.
@@ -63,30 +122,22 @@ impl Upstream {
     fn log(&self, line: String) {
         use std::sync::atomic::Ordering;
         let lost = self.dropped.load(Ordering::Relaxed);
-        if lost > 0 && self.tx.capacity() > 1 {
+        let log = |line: String| {
+            Up::Event(Event {
+                host: HostPath::root(),
+                kind: EventKind::Log {
+                    line,
+                    stderr: false,
+                },
+            })
+        };
+        if lost > 0 {
             let note = format!("({lost} log lines were dropped: the link to the parent was full)");
-            if self
-                .tx
-                .try_send(Up::Event(Event {
-                    host: HostPath::root(),
-                    kind: EventKind::Log {
-                        line: note,
-                        stderr: false,
-                    },
-                }))
-                .is_ok()
-            {
+            if self.try_send(log(note)) {
                 self.dropped.fetch_sub(lost, Ordering::Relaxed);
             }
         }
-        let sent = self.tx.try_send(Up::Event(Event {
-            host: HostPath::root(),
-            kind: EventKind::Log {
-                line: crate::wire::cut_line(&line),
-                stderr: false,
-            },
-        }));
-        if sent.is_err() {
+        if !self.try_send(log(crate::wire::cut_line(&line))) {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -364,7 +415,7 @@ async fn resume_writer(
 pub async fn open(
     workdir: Option<std::path::PathBuf>,
 ) -> Result<(Start, Upstream, Downstream, tokio::task::JoinHandle<()>), WireError> {
-    let (tx, mut rx) = mpsc::channel::<Up>(UP_QUEUE);
+    let (up, mut rx) = Upstream::queue(UP_BUDGET);
     let seqs = LinkSeqs::<Up>::new();
     let numbering = seqs.clone();
     let (readers_tx, readers_rx) = mpsc::channel::<LinkReader>(1);
@@ -372,7 +423,7 @@ pub async fn open(
     let offer = Offer::new(workdir, seqs.clone(), readers_tx, writers_tx);
     let offered = offer.offered.clone();
     let last_quic = offer.clone();
-    let gone = tokio_util::sync::CancellationToken::new();
+    let gone = up.gone.clone();
     let given_up = gone.clone();
     let writer = tokio::spawn(async move {
         let mut swaps = Some(writers_rx);
@@ -385,13 +436,19 @@ pub async fn open(
                     out = resume_writer(writer, acked, &numbering).await;
                     continue;
                 }
-                frame = rx.recv(), if out.is_some() => match frame {
-                    Some(frame) => frame,
+                // Its share of the budget is given back once it is written, or numbered and
+                // kept for a replay.
+                queued = rx.recv(), if out.is_some() => match queued {
+                    Some(queued) => queued,
                     None => break,
                 },
                 // No stream, and the parent was given up on: nothing more goes anywhere.
                 () = given_up.cancelled(), if out.is_none() => break,
             };
+            let Queued {
+                frame,
+                _room: _held,
+            } = frame;
             // Events and fetches are numbered; hellos and heartbeats (acks) are not.
             let frame = match frame {
                 Up::Event(_) | Up::Fetch { .. } => numbering.number(frame),
@@ -433,12 +490,7 @@ pub async fn open(
             let _ = tokio::time::timeout(QUIC_FLUSH, connection.closed()).await;
         }
     });
-    let up = Upstream {
-        tx,
-        dropped: Arc::default(),
-        gone: gone.clone(),
-    };
-    let _ = up.tx.send(Up::hello()).await;
+    let _ = up.tx.send(Queued::bare(Up::hello())).await;
     let stdin: BoxRead = Box::new(tokio::io::stdin());
     let mut reader = FrameReader::new(stdin);
     match reader.recv::<Down>().await? {
@@ -453,7 +505,7 @@ pub async fn open(
     };
     if let Some(quic) = &start.quic {
         let said = super::quic_child::listen(quic, &start.config, offer.clone());
-        let _ = up.tx.send(said).await;
+        let _ = up.tx.send(Queued::bare(said)).await;
     }
     // Heartbeats up, while anything else holds the upstream (a weak handle does not keep
     // the writer alive at exit).
@@ -466,9 +518,9 @@ pub async fn open(
             let Some(tx) = weak.upgrade() else { break };
             // Each heartbeat acknowledges the control frames taken so far. A full queue
             // means frames are flowing anyway.
-            let _ = tx.try_send(Up::Ack {
+            let _ = tx.try_send(Queued::bare(Up::Ack {
                 acked: acks.received(),
-            });
+            }));
         }
     });
     let down = Downstream::spawn(
@@ -553,5 +605,92 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for EventLog {
 
     fn make_writer(&'a self) -> Self::Writer {
         self.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn line(text: &str) -> Up {
+        Up::Event(Event {
+            host: HostPath::root(),
+            kind: EventKind::Log {
+                line: text.to_string(),
+                stderr: false,
+            },
+        })
+    }
+
+    #[tokio::test]
+    async fn frames_up_wait_within_a_byte_budget_and_log_lines_past_it_are_counted() {
+        let text = "x".repeat(1000);
+        let each = weight(&line(&text)) as usize;
+        let (up, mut rx) = Upstream::queue(4 * each + 50);
+        // Four lines fit; the fifth and sixth do not, and are counted.
+        for _ in 0..6 {
+            up.log(text.clone());
+        }
+        assert_eq!(up.dropped.load(std::sync::atomic::Ordering::Relaxed), 2);
+        // An event waits for room (the budget, not the queue's length, is what binds).
+        let waiting = tokio::spawn({
+            let up = up.clone();
+            let text = text.clone();
+            async move {
+                up.own(EventKind::Log {
+                    line: text,
+                    stderr: false,
+                })
+                .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiting.is_finished(), "queued past the budget");
+        // A frame's room comes back once it is done with (written), not when it is taken.
+        let first = rx.recv().await.expect("queued");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !waiting.is_finished(),
+            "room given back before the frame was written"
+        );
+        drop(first);
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("room came back")
+            .expect("task");
+        // The next line that fits says how many were lost.
+        for _ in 0..4 {
+            drop(rx.recv().await.expect("queued"));
+        }
+        up.log("after".into());
+        let mut said = Vec::new();
+        while let Ok(q) = rx.try_recv() {
+            if let Up::Event(Event {
+                kind: EventKind::Log { line, .. },
+                ..
+            }) = q.frame
+            {
+                said.push(line);
+            }
+        }
+        assert_eq!(
+            said,
+            [
+                "(2 log lines were dropped: the link to the parent was full)",
+                "after"
+            ]
+        );
+        // A node that gave up on its parent waits for nothing.
+        up.gone.cancel();
+        tokio::time::timeout(
+            Duration::from_secs(1),
+            up.own(EventKind::Log {
+                line: "x".repeat(UP_BUDGET),
+                stderr: false,
+            }),
+        )
+        .await
+        .expect("no wait once gone");
     }
 }

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 const EXIT_DEADLINE: Duration = Duration::from_secs(4);
 
 /// At the end of `arbor exec`, how long a node waits for its parent to take the output still
-/// queued for it (at most `UP_QUEUE` frames): a slow terminal at the initiator slows every hop.
+/// queued for it (at most `UP_BUDGET` bytes): a slow terminal at the initiator slows every hop.
 const EXEC_FLUSH: Duration = Duration::from_secs(60);
 
 /// Sets the log level once the parent has said which (`NodeConfig::verbosity`, `quiet`).
