@@ -453,7 +453,7 @@ mod tests {
         let bin = dir.path().join("arbor");
         // Several members' worth (GZ_MEMBER each).
         let body: Vec<u8> = (0..900_000u32)
-            .flat_map(|i| (i % 251 ^ i / 7).to_le_bytes())
+            .flat_map(|i| ((i % 251) ^ (i / 7)).to_le_bytes())
             .collect();
         assert!(body.len() > 3 * GZ_MEMBER);
         std::fs::write(&bin, &body).expect("write");
