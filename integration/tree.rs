@@ -3197,6 +3197,21 @@ hosts:
     graph: {leaf}
 ";
     let cap = ["--converged-timeout", "1", "--cache-max-size", "1M"];
+    // The initiator's own cache too: the builds and artifact copies it keeps for deltas.
+    let own = lab.home().join(".cache/arbor");
+    let own_entries = |sub: &str| {
+        let mut names: Vec<String> = std::fs::read_dir(own.join(sub))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| !n.starts_with('.'))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names.join("\n")
+    };
+    let _ = std::fs::remove_dir_all(&own);
     let first = artifact_graph(1)?;
     let out = run(
         lab,
@@ -3213,8 +3228,13 @@ hosts:
             "{host}: after the first run the cache holds {cached:?}\n{log}"
         );
     }
+    let kept = own_entries("artifacts");
+    check!(
+        kept == first.sha256,
+        "the initiator kept {kept:?} after the first run, want its copy of the artifact\n{log}"
+    );
     // Time passes: every entry was last used two hours ago. The leaf also holds an old build
-    // no run uses any more.
+    // no run uses any more, and so does the initiator.
     let old_build = "0".repeat(64);
     lab.sh(
         "l1-1",
@@ -3230,6 +3250,17 @@ hosts:
              -exec touch -h -d '2 hours ago' {} +",
         );
     }
+    std::fs::create_dir_all(own.join("bin").join(&old_build)).map_err(fail)?;
+    std::fs::write(own.join("bin").join(&old_build).join("arbor"), [0u8; 4096]).map_err(fail)?;
+    let aged = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "find {0}/artifacts {0}/bin -mindepth 1 -exec touch -h -d '2 hours ago' {{}} +",
+            own.display()
+        ))
+        .status()
+        .map_err(fail)?;
+    check!(aged.success(), "aging the initiator's cache failed");
     clean(lab, false);
     let second = artifact_graph(1)?;
     let out = run(
@@ -3254,6 +3285,24 @@ hosts:
             "{host}: builds left {builds:?}\n{log}"
         );
     }
+    // The initiator bounds its own cache at the run's end: its copy of the first version
+    // and the old build went, this run's copy and build stay.
+    let kept = own_entries("artifacts");
+    check!(
+        kept == second.sha256,
+        "the initiator's cache holds {kept:?} after the second run, want only {}\n{log}",
+        second.sha256
+    );
+    let builds = own_entries("bin");
+    check!(
+        builds.lines().count() == 1 && !builds.contains(&old_build),
+        "the initiator's builds left {builds:?}\n{log}"
+    );
+    check!(
+        own_entries("leases").is_empty(),
+        "the initiator's lease was left: {:?}",
+        own_entries("leases")
+    );
     check!(
         log.contains("cache: evicted"),
         "no eviction reported\n{log}"

@@ -378,6 +378,12 @@ pub fn on_start(root: &Path, needed: &BTreeSet<String>, max: MaxSize) -> Option<
             None
         }
     };
+    evict_logged(root, needed, max);
+    lease
+}
+
+/// Evicts `root` down to `max`, keeping `needed`, and logs what went.
+pub fn evict_logged(root: &Path, needed: &BTreeSet<String>, max: MaxSize) {
     let cap = max.bytes(root);
     match evict(root, needed, cap, SystemTime::now()) {
         Some(done) if !done.removed.is_empty() => tracing::info!(
@@ -393,7 +399,6 @@ pub fn on_start(root: &Path, needed: &BTreeSet<String>, max: MaxSize) -> Option<
         ),
         _ => {}
     }
-    lease
 }
 
 #[cfg(test)]

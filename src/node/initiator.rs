@@ -583,6 +583,59 @@ pub(super) fn builds(options: &RunOptions) -> Result<Builds, String> {
     Ok(Builds::new(all))
 }
 
+/// The initiator's own cache (`~/.cache/arbor`): the builds it keeps for delta upgrades,
+/// with their gzip streams, and a copy of each artifact it sent, to patch against next time.
+/// Leased for the run, like a node's, and bounded by `--cache-max-size` at the run's end,
+/// once this run's copies are kept: what it sent and ran with stays, older versions go
+/// first (docs/remote.md, "The cache's size").
+struct LocalCache {
+    root: PathBuf,
+    needed: BTreeSet<String>,
+    max: super::cache::MaxSize,
+    _lease: Option<super::cache::Lease>,
+}
+
+impl LocalCache {
+    fn take(options: &RunOptions, plan: &Plan) -> Option<LocalCache> {
+        use super::cache;
+        if options.no_caching {
+            return None;
+        }
+        let max = cache::MaxSize::parse(&plan.config.cache_max_size).ok()?;
+        let root = cache::root();
+        let mut needed: BTreeSet<String> =
+            plan.builds.refs().into_iter().map(|b| b.sha256).collect();
+        needed.extend(
+            plan.children
+                .iter()
+                .flat_map(super::artifacts::subtree_artifacts)
+                .map(|a| a.sha256),
+        );
+        let lease = if root.is_dir() && cache::owned(&root) {
+            cache::Lease::take(&root, &needed)
+                .map_err(|e| tracing::warn!("cache: taking a lease in {}: {e}", root.display()))
+                .ok()
+        } else {
+            None
+        };
+        Some(LocalCache {
+            root,
+            needed,
+            max,
+            _lease: lease,
+        })
+    }
+
+    async fn bound(self) {
+        let _ = tokio::task::spawn_blocking(move || {
+            if super::cache::owned(&self.root) {
+                super::cache::evict_logged(&self.root, &self.needed, self.max);
+            }
+        })
+        .await;
+    }
+}
+
 /// The initiator's fleet: the run's settings, plus what only the initiator has (the
 /// operator's key files, known_hosts, prompter and agent).
 fn fleet_context(
@@ -1153,6 +1206,7 @@ pub async fn run(options: RunOptions) -> u8 {
             return exit::BAD_INPUT;
         }
     };
+    let local_cache = LocalCache::take(&options, &plan);
     let (events_tx, mut events) = mpsc::channel(super::child_link::CHILD_QUEUE * 4);
     let mut ctx = fleet_context(&options, &plan, &store, events_tx);
     ctx.agent = choose_agent(&ctx, &plan.children).await;
@@ -1345,6 +1399,9 @@ pub async fn run(options: RunOptions) -> u8 {
         .collect();
     if local_ok == Some(false) {
         failed.insert(hostname.clone());
+    }
+    if let Some(cache) = local_cache {
+        cache.bound().await;
     }
     failed.retain(|h| plan.ran.contains(h));
     if let Err(e) = plan.last_failed.update(&plan.ran, &failed) {
