@@ -253,10 +253,93 @@ pub async fn send_quic(
     Ok(sent + line.len() as u64)
 }
 
+/// A patch made once and sent to every child that holds the same older version: what it
+/// read had `sha256`.
+struct Patch {
+    bytes: Vec<u8>,
+    sha256: String,
+}
+
+/// The patches this process made, by (artifact, older version's file, level). A relay whose
+/// twelve leaves all hold last week's version of an artifact makes its patch once, not twelve
+/// times (each is a zstd pass over both versions: seconds of CPU for tens of MB); the
+/// initiator likewise for its relays.
+type PatchMemo =
+    std::collections::HashMap<(String, PathBuf, i32), std::sync::Arc<tokio::sync::OnceCell<Memo>>>;
+
+#[derive(Clone)]
+enum Memo {
+    Kept(std::sync::Arc<Patch>),
+    /// Over [`PATCH_KEPT_MAX`]: each copy streams its own.
+    TooLarge,
+    /// Making it failed (an arriving copy whose writer gave up, a read error): forgotten, so
+    /// the next copy tries again.
+    Failed,
+}
+
+static PATCHES: std::sync::LazyLock<std::sync::Mutex<PatchMemo>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// A patch larger than this is not kept in memory: it is made again for each copy, as it
+/// streams (a patch that large saves little over the whole file anyway).
+const PATCH_KEPT_MAX: usize = 32 << 20;
+
+/// The patch of `send` against its base at `level`: made by the first caller (the others
+/// wait for it), `None` when it is not kept.
+async fn memo_patch(send: &Send<'_>, base: &Path, level: i32) -> Option<std::sync::Arc<Patch>> {
+    let key = (send.sha256.to_string(), base.to_path_buf(), level);
+    let cell = PATCHES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(key)
+        .or_default()
+        .clone();
+    let made = cell
+        .get_or_init(|| async {
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+            let (local, size, base) = (send.local.to_path_buf(), send.size, base.to_path_buf());
+            let encoder = tokio::task::spawn_blocking(move || {
+                encode(&local, size, Some(level), Some(base), tx)
+            });
+            let mut bytes = Vec::new();
+            while let Some(chunk) = rx.recv().await {
+                if bytes.len() + chunk.len() > PATCH_KEPT_MAX {
+                    // Dropping the receiver ends the encoder at its next chunk.
+                    return Memo::TooLarge;
+                }
+                bytes.extend_from_slice(&chunk);
+            }
+            match encoder.await {
+                Ok(Ok(sha256)) => Memo::Kept(std::sync::Arc::new(Patch { bytes, sha256 })),
+                _ => Memo::Failed,
+            }
+        })
+        .await
+        .clone();
+    match made {
+        Memo::Kept(patch) => Some(patch),
+        Memo::TooLarge => None,
+        Memo::Failed => {
+            forget_patch(send, base, level);
+            None
+        }
+    }
+}
+
+/// Forgets the patch of `send` against `base`: what it read was not the artifact.
+fn forget_patch(send: &Send<'_>, base: &Path, level: i32) {
+    let key = (send.sha256.to_string(), base.to_path_buf(), level);
+    PATCHES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&key);
+}
+
 /// Compresses (at `level`; as it is when `None`) `send.local` on a blocking thread into
 /// `writer`, and shuts `writer` down; returns the bytes written and how the writing went
 /// (checked after the receiver's verdict, which says more), once the bytes read are known to
-/// be the artifact.
+/// be the artifact. A patch is made once per artifact, base and level, and kept for the
+/// next child ([`memo_patch`]).
 async fn stream<W: tokio::io::AsyncWrite + Unpin>(
     label: &str,
     send: &Send<'_>,
@@ -265,6 +348,40 @@ async fn stream<W: tokio::io::AsyncWrite + Unpin>(
     cancel: &CancellationToken,
     progress: &mut (dyn FnMut(u64, u64) + std::marker::Send),
 ) -> Result<(u64, std::io::Result<()>), SendError> {
+    if let (Some((base, _)), Some(level)) = (&send.base, level) {
+        let made = tokio::select! {
+            made = memo_patch(send, base, level) => made,
+            _ = cancel.cancelled() => return Err(SendError::Stopped),
+        };
+        if let Some(patch) = made {
+            if patch.sha256 != send.sha256 {
+                forget_patch(send, base, level);
+                return Err(SendError::Changed(format!(
+                    "{} changed under {} while it was copied (patched bytes with sha256 {}, \
+                     want {})",
+                    send.what,
+                    send.local.display(),
+                    patch.sha256,
+                    send.sha256
+                )));
+            }
+            let size = send.size;
+            let mut sent = 0u64;
+            let writing = async {
+                for chunk in patch.bytes.chunks(CHUNK) {
+                    writer.write_all(chunk).await?;
+                    sent += chunk.len() as u64;
+                    progress(sent.min(size.saturating_sub(1)), size);
+                }
+                writer.shutdown().await
+            };
+            let written = tokio::select! {
+                w = writing => w,
+                _ = cancel.cancelled() => return Err(SendError::Stopped),
+            };
+            return Ok((sent, written));
+        }
+    }
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
     let (local, size) = (send.local.to_path_buf(), send.size);
     let base = send.base.as_ref().map(|(b, _)| b.clone());
@@ -531,6 +648,84 @@ mod tests {
         assert_eq!(level_for(Auto, None), Some(3));
         assert_eq!(window_log(1, 0), 20);
         assert_eq!(window_log(40 << 20, 40 << 20), 27);
+    }
+
+    /// What [`stream`](super::stream) writes for `send`, at its level.
+    async fn copy_out(send: &Send<'_>) -> Result<Vec<u8>, SendError> {
+        let mut out = Vec::new();
+        let (sent, written) = super::stream(
+            "h",
+            send,
+            Some(send.level),
+            &mut out,
+            &CancellationToken::new(),
+            &mut |_, _| {},
+        )
+        .await?;
+        written.expect("written");
+        assert_eq!(sent, out.len() as u64);
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn a_patch_is_made_once_for_every_child_and_forgotten_when_it_is_not_the_artifact() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut x = 0x2545f4914f6cdd1du64;
+        let old: Vec<u8> = (0..2_000_000u32)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect();
+        let mut new = old.clone();
+        new[1000] ^= 1;
+        let (old_path, new_path) = (dir.path().join("old"), dir.path().join("new"));
+        std::fs::write(&old_path, &old).expect("write");
+        std::fs::write(&new_path, &new).expect("write");
+        let want = sha(&new);
+        let send = Send {
+            what: "artifact",
+            local: &new_path,
+            size: new.len() as u64,
+            sha256: &want,
+            mode: 0o600,
+            level: 6,
+            base: Some((old_path.clone(), "/remote/old".into())),
+            receiver: "arbor",
+            remote: "/remote/new",
+        };
+        let first = copy_out(&send).await.expect("first child");
+        let dest = dir.path().join("out");
+        let args = Receive {
+            dest: dest.clone(),
+            sha256: want.clone(),
+            size: new.len() as u64,
+            mode: 0o600,
+            patch_from: Some(old_path.clone()),
+            plain: false,
+        };
+        receive(&args, &first[..]).expect("patch");
+        assert_eq!(std::fs::read(&dest).expect("read"), new);
+        // The second child gets the same patch without the file being read again: with the
+        // file changed under it, it is still the patch made from the artifact.
+        std::fs::write(&new_path, &old).expect("write");
+        let second = copy_out(&send).await.expect("second child");
+        assert_eq!(second, first);
+        // A patch made from bytes that are not the artifact is refused and forgotten.
+        let other = "0".repeat(64);
+        let changed = Send {
+            sha256: &other,
+            base: send.base.clone(),
+            ..send
+        };
+        match copy_out(&changed).await {
+            Err(SendError::Changed(why)) => assert!(why.contains("changed under"), "{why}"),
+            got => panic!("{:?}", got.map(|o| o.len())),
+        }
+        let key = (other.clone(), old_path.clone(), 6);
+        assert!(!PATCHES.lock().expect("memo").contains_key(&key));
     }
 
     #[test]
