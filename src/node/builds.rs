@@ -73,9 +73,14 @@ impl GzCell {
 
     /// Starts making the stream now, in the background: a stage calls it before its probe,
     /// so that the compression overlaps the probe's round trip and 512 KiB instead of
-    /// following them.
+    /// following them. Only where a thin link is likely, since on a LAN nothing is gzipped
+    /// and the CPU would be spent for nothing (on a relay staging a dozen leaves, CPU it
+    /// needs): at the initiator, whose links to its hosts are the long ones, and on a relay
+    /// whose own binary came gzipped (its parent's link to it was thin), which only checks
+    /// the stream kept beside it.
     pub fn prewarm(self: &Arc<Self>) {
-        if self.made.initialized() {
+        let likely = self.save || self.kept.as_deref().is_some_and(Path::is_file);
+        if !likely || self.made.initialized() {
             return;
         }
         let cell = self.clone();
