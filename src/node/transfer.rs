@@ -284,6 +284,13 @@ static PATCHES: std::sync::LazyLock<std::sync::Mutex<PatchMemo>> =
 /// streams (a patch that large saves little over the whole file anyway).
 const PATCH_KEPT_MAX: usize = 32 << 20;
 
+/// At most this many bytes of patches are kept by a process: past it, each further patch
+/// is made for each copy, as before.
+const PATCHES_KEPT_TOTAL: usize = 128 << 20;
+
+/// The bytes of the patches kept now.
+static PATCHES_KEPT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// The patch of `send` against its base at `level`: made by the first caller (the others
 /// wait for it), `None` when it is not kept.
 async fn memo_patch(send: &Send<'_>, base: &Path, level: i32) -> Option<std::sync::Arc<Patch>> {
@@ -294,6 +301,8 @@ async fn memo_patch(send: &Send<'_>, base: &Path, level: i32) -> Option<std::syn
         .entry(key)
         .or_default()
         .clone();
+    // The patch made here when it could not be kept: used for this copy only.
+    let mut mine = None;
     let made = cell
         .get_or_init(|| async {
             let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
@@ -309,16 +318,25 @@ async fn memo_patch(send: &Send<'_>, base: &Path, level: i32) -> Option<std::syn
                 }
                 bytes.extend_from_slice(&chunk);
             }
-            match encoder.await {
-                Ok(Ok(sha256)) => Memo::Kept(std::sync::Arc::new(Patch { bytes, sha256 })),
-                _ => Memo::Failed,
+            let Ok(Ok(sha256)) = encoder.await else {
+                return Memo::Failed;
+            };
+            let patch = std::sync::Arc::new(Patch { bytes, sha256 });
+            use std::sync::atomic::Ordering;
+            let size = patch.bytes.len();
+            let kept = PATCHES_KEPT.fetch_add(size, Ordering::Relaxed) + size;
+            if kept > PATCHES_KEPT_TOTAL {
+                PATCHES_KEPT.fetch_sub(size, Ordering::Relaxed);
+                mine = Some(patch);
+                return Memo::TooLarge;
             }
+            Memo::Kept(patch)
         })
         .await
         .clone();
     match made {
         Memo::Kept(patch) => Some(patch),
-        Memo::TooLarge => None,
+        Memo::TooLarge => mine,
         Memo::Failed => {
             forget_patch(send, base, level);
             None
@@ -329,10 +347,13 @@ async fn memo_patch(send: &Send<'_>, base: &Path, level: i32) -> Option<std::syn
 /// Forgets the patch of `send` against `base`: what it read was not the artifact.
 fn forget_patch(send: &Send<'_>, base: &Path, level: i32) {
     let key = (send.sha256.to_string(), base.to_path_buf(), level);
-    PATCHES
+    let forgotten = PATCHES
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .remove(&key);
+    if let Some(Memo::Kept(patch)) = forgotten.as_ref().and_then(|cell| cell.get()) {
+        PATCHES_KEPT.fetch_sub(patch.bytes.len(), std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Compresses (at `level`; as it is when `None`) `send.local` on a blocking thread into
