@@ -671,6 +671,20 @@ mod tests {
         assert_eq!(window_log(40 << 20, 40 << 20), 27);
     }
 
+    /// `len` pseudo-random bytes (xorshift from `seed`): incompressible, so that only a
+    /// patch's base can supply matches.
+    fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+        let mut x = seed;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect()
+    }
+
     /// What [`stream`](super::stream) writes for `send`, at its level.
     async fn copy_out(send: &Send<'_>) -> Result<Vec<u8>, SendError> {
         let mut out = Vec::new();
@@ -691,15 +705,7 @@ mod tests {
     #[tokio::test]
     async fn a_patch_is_made_once_for_every_child_and_forgotten_when_it_is_not_the_artifact() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut x = 0x2545f4914f6cdd1du64;
-        let old: Vec<u8> = (0..2_000_000u32)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 24) as u8
-            })
-            .collect();
+        let old = random_bytes(0x2545f4914f6cdd1d, 2_000_000);
         let mut new = old.clone();
         new[1000] ^= 1;
         let (old_path, new_path) = (dir.path().join("old"), dir.path().join("new"));
@@ -753,15 +759,7 @@ mod tests {
     fn a_stream_and_a_patch_are_received_only_when_the_result_is_right() {
         let dir = tempfile::tempdir().expect("tempdir");
         // Pseudo-random, so that nothing but the base can supply matches.
-        let mut x = 0x9e3779b97f4a7c15u64;
-        let old: Vec<u8> = (0..3_000_000u32)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 24) as u8
-            })
-            .collect();
+        let old = random_bytes(0x9e3779b97f4a7c15, 3_000_000);
         let mut new = old.clone();
         for i in (0..new.len()).step_by(100_000) {
             new[i] ^= 0x5a;
