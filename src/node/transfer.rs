@@ -356,6 +356,16 @@ fn forget_patch(send: &Send<'_>, base: &Path, level: i32) {
     }
 }
 
+/// Why a copy was not sent: the bytes read (`what`: sent, patched) had sha256 `got`.
+fn changed(send: &Send<'_>, what: &str, got: &str) -> SendError {
+    SendError::Changed(format!(
+        "{} changed under {} while it was copied ({what} bytes with sha256 {got}, want {})",
+        send.what,
+        send.local.display(),
+        send.sha256
+    ))
+}
+
 /// Compresses (at `level`; as it is when `None`) `send.local` on a blocking thread into
 /// `writer`, and shuts `writer` down; returns the bytes written and how the writing went
 /// (checked after the receiver's verdict, which says more), once the bytes read are known to
@@ -369,44 +379,39 @@ async fn stream<W: tokio::io::AsyncWrite + Unpin>(
     cancel: &CancellationToken,
     progress: &mut (dyn FnMut(u64, u64) + std::marker::Send),
 ) -> Result<(u64, std::io::Result<()>), SendError> {
-    if let (Some((base, _)), Some(level)) = (&send.base, level) {
-        let made = tokio::select! {
-            made = memo_patch(send, base, level) => made,
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+    let memo = match (&send.base, level) {
+        (Some((base, _)), Some(level)) => tokio::select! {
+            made = memo_patch(send, base, level) => made.map(|patch| (patch, base, level)),
             _ = cancel.cancelled() => return Err(SendError::Stopped),
-        };
-        if let Some(patch) = made {
+        },
+        _ => None,
+    };
+    let encoder = match memo {
+        // A patch made already: checked before it goes, then sent from memory.
+        Some((patch, base, level)) => {
             if patch.sha256 != send.sha256 {
                 forget_patch(send, base, level);
-                return Err(SendError::Changed(format!(
-                    "{} changed under {} while it was copied (patched bytes with sha256 {}, \
-                     want {})",
-                    send.what,
-                    send.local.display(),
-                    patch.sha256,
-                    send.sha256
-                )));
+                return Err(changed(send, "patched", &patch.sha256));
             }
-            let size = send.size;
-            let mut sent = 0u64;
-            let writing = async {
+            tokio::spawn(async move {
                 for chunk in patch.bytes.chunks(CHUNK) {
-                    writer.write_all(chunk).await?;
-                    sent += chunk.len() as u64;
-                    progress(sent.min(size.saturating_sub(1)), size);
+                    if tx.send(chunk.to_vec()).await.is_err() {
+                        break;
+                    }
                 }
-                writer.shutdown().await
-            };
-            let written = tokio::select! {
-                w = writing => w,
-                _ = cancel.cancelled() => return Err(SendError::Stopped),
-            };
-            return Ok((sent, written));
+            });
+            None
         }
-    }
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
-    let (local, size) = (send.local.to_path_buf(), send.size);
-    let base = send.base.as_ref().map(|(b, _)| b.clone());
-    let encoder = tokio::task::spawn_blocking(move || encode(&local, size, level, base, tx));
+        None => {
+            let (local, size) = (send.local.to_path_buf(), send.size);
+            let base = send.base.as_ref().map(|(b, _)| b.clone());
+            Some(tokio::task::spawn_blocking(move || {
+                encode(&local, size, level, base, tx)
+            }))
+        }
+    };
+    let size = send.size;
     let mut sent = 0u64;
     let writing = async {
         while let Some(chunk) = rx.recv().await {
@@ -426,18 +431,16 @@ async fn stream<W: tokio::io::AsyncWrite + Unpin>(
     };
     // A failed write leaves chunks unread: the encoder's next send then fails, and it ends.
     drop(rx);
+    let Some(encoder) = encoder else {
+        return Ok((sent, written));
+    };
     let failed = |e: String| SendError::Failed(format!("{label}: {e}"));
     let encoded = encoder
         .await
         .map_err(|e| failed(e.to_string()))?
         .map_err(failed)?;
     if encoded != send.sha256 {
-        return Err(SendError::Changed(format!(
-            "{} changed under {} while it was copied (sent bytes with sha256 {encoded}, want {})",
-            send.what,
-            send.local.display(),
-            send.sha256
-        )));
+        return Err(changed(send, "sent", &encoded));
     }
     Ok((sent, written))
 }
