@@ -445,14 +445,15 @@ pub async fn open(
                 // No stream, and the parent was given up on: nothing more goes anywhere.
                 () = given_up.cancelled(), if out.is_none() => break,
             };
-            let Queued {
-                frame,
-                _room: _held,
-            } = frame;
-            // Events and fetches are numbered; hellos and heartbeats (acks) are not.
-            let frame = match frame {
-                Up::Event(_) | Up::Fetch { .. } => numbering.number(frame),
-                other => Numbered::bare(other),
+            let Queued { frame, _room: held } = frame;
+            // Events and fetches are numbered; hellos and heartbeats (acks) are not. The
+            // replay budget counts a frame's size as the up budget weighed it.
+            let frame = match (frame, &held) {
+                (frame @ (Up::Event(_) | Up::Fetch { .. }), Some(room)) => {
+                    numbering.number_weighed(frame, room.num_permits())
+                }
+                (frame @ (Up::Event(_) | Up::Fetch { .. }), None) => numbering.number(frame),
+                (other, _) => Numbered::bare(other),
             };
             let Some(current) = out.as_mut() else {
                 continue;

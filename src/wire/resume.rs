@@ -189,6 +189,12 @@ impl<T: Clone + Serialize> LinkSeqs<T> {
     /// `frame` with the next number, kept until acknowledged.
     pub fn number(&self, frame: T) -> Numbered<T> {
         let size = serde_json::to_vec(&frame).map(|v| v.len()).unwrap_or(0);
+        self.number_weighed(frame, size)
+    }
+
+    /// As [`LinkSeqs::number`], for a frame whose size as written (`size` bytes) the caller
+    /// measured already.
+    pub fn number_weighed(&self, frame: T, size: usize) -> Numbered<T> {
         lock(&self.out).number(frame, size)
     }
 
