@@ -371,15 +371,19 @@ pub fn on_start(root: &Path, needed: &BTreeSet<String>, max: MaxSize) -> Option<
         tracing::debug!("cache: {} is not this user's; not evicting", root.display());
         return None;
     }
-    let lease = match Lease::take(root, needed) {
-        Ok(l) => Some(l),
-        Err(e) => {
-            tracing::warn!("cache: taking a lease in {}: {e}", root.display());
-            None
-        }
-    };
+    let lease = lease(root, needed);
     evict_logged(root, needed, max);
     lease
+}
+
+/// A lease on `needed` in `root`, if `root` is this user's cache; a failure is logged.
+pub fn lease(root: &Path, needed: &BTreeSet<String>) -> Option<Lease> {
+    if !owned(root) {
+        return None;
+    }
+    Lease::take(root, needed)
+        .map_err(|e| tracing::warn!("cache: taking a lease in {}: {e}", root.display()))
+        .ok()
 }
 
 /// Evicts `root` down to `max`, keeping `needed`, and logs what went.

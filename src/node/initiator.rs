@@ -611,18 +611,11 @@ impl LocalCache {
                 .flat_map(super::artifacts::subtree_artifacts)
                 .map(|a| a.sha256),
         );
-        let lease = if root.is_dir() && cache::owned(&root) {
-            cache::Lease::take(&root, &needed)
-                .map_err(|e| tracing::warn!("cache: taking a lease in {}: {e}", root.display()))
-                .ok()
-        } else {
-            None
-        };
         Some(LocalCache {
+            _lease: cache::lease(&root, &needed),
             root,
             needed,
             max,
-            _lease: lease,
         })
     }
 
