@@ -187,6 +187,10 @@ fn main() -> std::process::ExitCode {
             when_udp_is_blocked_the_links_stay_on_ssh_and_converge,
         ),
         (
+            "a_topologys_quic_ports_are_where_each_child_listens_at_every_depth",
+            a_topologys_quic_ports_are_where_each_child_listens_at_every_depth,
+        ),
+        (
             "after_a_re_attach_a_relay_re_attaches_to_its_leaf_through_the_new_agent",
             after_a_re_attach_a_relay_re_attaches_to_its_leaf_through_the_new_agent,
         ),
@@ -2677,6 +2681,25 @@ fn on_quic_a_relay_logs_in_to_its_leaf_through_the_agent_on_its_link_without_its
 /// out, so r1's link and its leaves' stay on SSH, each within QUIC's 1 s connect timeout,
 /// the run converges, and the summary says which links used SSH and why; r2's links,
 /// untouched, run on QUIC. With `--transport quic`, r1 fails instead, and is stopped.
+/// The QUIC ports a topology sets per host are where that child listens, for a relay and for
+/// a leaf behind it: its UDP socket, seen on the host while the run is up.
+fn a_topologys_quic_ports_are_where_each_child_listens_at_every_depth(lab: &Lab) -> TestResult {
+    clean(lab, false);
+    let topo = topology(
+        "defaults:\n  user: root\nhosts:\n- host: 10.199.0.11\n  name: r1\n  quic_ports: 47110-47110\n  children:\n  - host: 10.199.1.11\n    name: l1-1\n    quic_ports: 47120-47120\n    graph: {leaf}\n",
+    );
+    let (mut running, _lines) = start(lab, &topo, &[]);
+    // arbor's UDP sockets on the host, by port.
+    let sockets = "ss -Huanp | grep '\"arbor\"' | grep -o ':4712[0-9]\\|:4711[0-9]' | sort -u";
+    let r1 = wait_for(lab, "r1", sockets, ":47110", 30);
+    let l1 = wait_for(lab, "l1-1", sockets, ":47120", 30);
+    let (code, _) = running.interrupt()?;
+    r1?;
+    l1?;
+    check!(code == Some(130), "exit {code:?} on ^C");
+    check_no_leftovers(lab, &["r1", "l1-1"])
+}
+
 fn when_udp_is_blocked_the_links_stay_on_ssh_and_converge(lab: &Lab) -> TestResult {
     clean(lab, false);
     let _undo = drop_udp_at(lab, "r1")?;
