@@ -4695,8 +4695,8 @@ fn thin_link(lab: &Lab) -> Undo<'_> {
 
 /// A relay starts before the artifacts only its leaves need have crossed its link
 /// (`Start::arriving`), and passes them on while they still arrive (cut-through): on a
-/// 20 Mbit/s link, with binaries cached, each relay's leaves are connected and checked and
-/// waiting at their `artifacts` step, and one of them already has part of the 32 MiB
+/// 20 Mbit/s link, with binaries cached, each relay's leaves are connected, checked and
+/// running (their engines waiting for the artifact), and one of them already has part of the 32 MiB
 /// artifact, before the last byte of it reached the relay (about 27 s for 2 copies at
 /// 20 Mbit/s; staging a leaf took up to 5.5 s under the full suite's load, longer than an
 /// 8 MiB crossing). Then again with `seed_siblings`: the relay the initiator does not copy to
@@ -4763,18 +4763,20 @@ fn a_relay_stages_its_leaves_and_passes_their_artifact_on_while_it_still_crosses
                 None if seeded => arrival(sibling),
                 a => a,
             };
+            // Its leaves are staged and running (their engines waiting for the artifact)
+            // before the artifact has crossed.
             let leaf_waiting =
-                at(&|e| e["type"] == "stage" && under(relay, e) && e["step"] == "artifacts");
+                at(&|e| e["type"] == "state" && under(relay, e) && e["state"] == "running");
             let (Some(arrived), Some(leaf_waiting)) = (arrived, leaf_waiting) else {
                 return Err(fail(format!(
                     "{relay} (seeding: {seeded}): no final transfer of {what} ({arrived:?}) \
-                     or no leaf at its artifacts step ({leaf_waiting:?})\n{stdout}\n{log}"
+                     or no leaf running ({leaf_waiting:?})\n{stdout}\n{log}"
                 )));
             };
             check!(
                 leaf_waiting < arrived,
-                "{relay} (seeding: {seeded}): its first leaf reached the artifacts step at \
-                 event {leaf_waiting} ({}), after the artifact reached it at event {arrived} \
+                "{relay} (seeding: {seeded}): its first leaf was running at event \
+                 {leaf_waiting} ({}), after the artifact reached it at event {arrived} \
                  ({})\n{log}",
                 events[leaf_waiting],
                 events[arrived]

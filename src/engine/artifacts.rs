@@ -7,13 +7,19 @@
 //!
 //! Nothing is used unchecked: a blob is read whole and its size and sha256 compared with what
 //! the initiator computed before a byte of it is written anywhere.
+//!
+//! A node starts before its parent has copied its artifacts (`Start::arriving`): a blob that
+//! is not here yet carries an [`Arrival`], and reading it waits for the copy, following it as
+//! it arrives (crate::node::arriving), until the bytes are whole and right or the parent says
+//! the copy failed.
 
 use sha2::Digest;
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 /// One artifact as this host holds it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -22,7 +28,56 @@ pub struct ArtifactFile {
     pub path: PathBuf,
     pub sha256: String,
     pub size: u64,
+    /// The parent still copies it here (`None`: it was here before the node started).
+    pub arrival: Option<Arrival>,
 }
+
+/// The parent's word on a blob it copies here while this node runs (`Down::Arrived`): not
+/// yet, done, or failed and why. Shared by every reader of the blob.
+#[derive(Clone, Default)]
+pub struct Arrival(Arc<(Mutex<Option<Result<(), String>>>, Condvar)>);
+
+impl Arrival {
+    /// The copy is done (or failed): readers stop waiting. The first word stands.
+    pub fn done(&self, result: Result<(), String>) {
+        let (state, cond) = &*self.0;
+        let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.is_none() {
+            *state = Some(result);
+            cond.notify_all();
+        }
+    }
+
+    fn state(&self) -> Option<Result<(), String>> {
+        self.0.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Waits up to `timeout` for the word.
+    fn wait(&self, timeout: Duration) {
+        let (state, cond) = &*self.0;
+        let state = state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.is_none() {
+            let _ = cond.wait_timeout(state, timeout);
+        }
+    }
+}
+
+impl std::fmt::Debug for Arrival {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Arrival({:?})", self.state())
+    }
+}
+
+impl PartialEq for Arrival {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Arrival {}
+
+/// How often a reader waiting for an arriving blob looks for its copy.
+const ARRIVAL_POLL: Duration = Duration::from_millis(20);
 
 /// The artifacts of one host's graph, by the source as written (after `{{hostname}}`).
 pub type ArtifactIndex = Arc<BTreeMap<String, ArtifactFile>>;
@@ -34,27 +89,134 @@ impl ArtifactFile {
     }
 
     /// The blob's bytes, only if they are the artifact (size and sha256); a corrupt or
-    /// missing blob is an error naming its path and sha256, and is never used.
+    /// missing blob is an error naming its path and sha256, and is never used. A blob still
+    /// arriving is waited for (read as it arrives) until it is right, or the parent says its
+    /// copy failed.
     pub fn read_verified(&self) -> anyhow::Result<Vec<u8>> {
-        let bytes = std::fs::read(&self.path).map_err(|e| {
-            anyhow::anyhow!(
-                "artifact {} ({}): {e}",
-                short(&self.sha256),
-                self.path.display()
-            )
-        })?;
-        if !self.is(&bytes) {
-            anyhow::bail!(
-                "artifact {} at {} is corrupt (size {}, sha256 {}; want size {}); not used",
-                self.sha256,
-                self.path.display(),
-                bytes.len(),
-                sha256_hex(&bytes),
-                self.size
-            );
-        }
+        let mut bytes = Vec::with_capacity(usize::try_from(self.size).unwrap_or(0));
+        self.write_verified(&mut bytes)?;
         Ok(bytes)
     }
+
+    /// Writes the blob's bytes to `out` as it reads them (an arriving blob as it arrives);
+    /// `Ok` only once all of them were written and they are the artifact. On an error `out`
+    /// holds something else: the caller throws it away.
+    pub fn write_verified(&self, out: &mut dyn Sink) -> anyhow::Result<()> {
+        let Some(arrival) = &self.arrival else {
+            let mut file = std::fs::File::open(&self.path).map_err(|e| {
+                anyhow::anyhow!(
+                    "artifact {} ({}): {e}",
+                    short(&self.sha256),
+                    self.path.display()
+                )
+            })?;
+            let (size, sha256) = copy_hashed(&mut file, out).map_err(|e| {
+                anyhow::anyhow!(
+                    "artifact {} ({}): {e}",
+                    short(&self.sha256),
+                    self.path.display()
+                )
+            })?;
+            if (size, sha256.as_str()) != (self.size, self.sha256.as_str()) {
+                anyhow::bail!(
+                    "artifact {} at {} is corrupt (size {size}, sha256 {sha256}; want size \
+                     {}); not used",
+                    self.sha256,
+                    self.path.display(),
+                    self.size
+                );
+            }
+            return Ok(());
+        };
+        // What was last found at the path, not right: read again only once it changed.
+        let mut seen: Option<(u64, std::time::SystemTime, u64)> = None;
+        let right = |from: &mut dyn Read, out: &mut dyn Sink| {
+            copy_hashed(from, out).is_ok_and(|(size, sha)| size == self.size && sha == self.sha256)
+        };
+        loop {
+            match arrival.state() {
+                Some(Ok(())) => {
+                    let whole = ArtifactFile {
+                        arrival: None,
+                        ..self.clone()
+                    };
+                    return whole.write_verified(out);
+                }
+                Some(Err(e)) => anyhow::bail!("artifact {} did not arrive: {e}", self.sha256),
+                None => {}
+            }
+            // Here whole already (kept in the cache, or put into place before the word).
+            if let Ok(meta) = std::fs::metadata(&self.path) {
+                use std::os::unix::fs::MetadataExt;
+                let now = (
+                    meta.len(),
+                    meta.modified().unwrap_or(std::time::UNIX_EPOCH),
+                    meta.ino(),
+                );
+                if seen != Some(now) {
+                    seen = Some(now);
+                    if let Ok(mut file) = std::fs::File::open(&self.path)
+                        && right(&mut file, out)
+                    {
+                        return Ok(());
+                    }
+                }
+            }
+            // Being written: read as it arrives. A copy whose writer gave up, or that is not
+            // the artifact, is not used; the parent's word (or its next copy) follows.
+            if let Some(file) = crate::node::arriving::open_growing(&self.path) {
+                let mut tail = crate::node::arriving::Tail::new(file, self.size, true);
+                if right(&mut tail, out) {
+                    return Ok(());
+                }
+            }
+            arrival.wait(ARRIVAL_POLL);
+        }
+    }
+}
+
+/// Where [`ArtifactFile::write_verified`] writes: it starts over from empty on each try.
+pub trait Sink: std::io::Write {
+    fn restart(&mut self) -> std::io::Result<()>;
+}
+
+impl Sink for Vec<u8> {
+    fn restart(&mut self) -> std::io::Result<()> {
+        self.clear();
+        Ok(())
+    }
+}
+
+impl Sink for std::io::Sink {
+    fn restart(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Sink for std::fs::File {
+    fn restart(&mut self) -> std::io::Result<()> {
+        use std::io::Seek;
+        self.set_len(0)?;
+        self.seek(std::io::SeekFrom::Start(0)).map(|_| ())
+    }
+}
+
+/// Copies `from` into `out` (emptied first), hashing it: its size and sha256.
+fn copy_hashed(from: &mut dyn Read, out: &mut dyn Sink) -> std::io::Result<(u64, String)> {
+    out.restart()?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = from.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        out.write_all(&buf[..n])?;
+        size += n as u64;
+    }
+    Ok((size, data_encoding::HEXLOWER.encode(&hasher.finalize())))
 }
 
 /// What a file resource must hold: any content, given text, or an artifact.
@@ -141,6 +303,7 @@ pub fn tree_items(manifest: &Manifest, blob: impl Fn(&str) -> Option<PathBuf>) -
                     path: blob(&a.sha256)?,
                     sha256: a.sha256.clone(),
                     size: a.size,
+                    arrival: None,
                 })
             }),
         })
@@ -244,18 +407,8 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 /// The sha256 and size of a file, read in pieces (sources may be large).
 pub fn sha256_file(path: &Path) -> std::io::Result<(String, u64)> {
     let mut file = std::fs::File::open(path)?;
-    let mut hasher = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        size += n as u64;
-    }
-    Ok((data_encoding::HEXLOWER.encode(&hasher.finalize()), size))
+    let (size, sha256) = copy_hashed(&mut file, &mut std::io::sink())?;
+    Ok((sha256, size))
 }
 
 /// The first 12 hex digits of a sha256, for messages.
@@ -278,6 +431,7 @@ mod tests {
             path: path.clone(),
             sha256,
             size,
+            arrival: None,
         };
         assert_eq!(a.read_verified().expect("intact"), b"the right bytes");
         // Same size, other bytes: only the sha256 tells.
@@ -286,6 +440,73 @@ mod tests {
         assert!(err.contains("corrupt") && err.contains(&a.sha256), "{err}");
         std::fs::remove_file(&path).expect("rm");
         assert!(a.read_verified().is_err());
+    }
+
+    #[test]
+    fn an_arriving_artifact_is_read_as_it_arrives_and_the_parents_word_ends_a_wait() {
+        use crate::node::arriving::Incoming;
+        use std::io::Write;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dest = dir.path().join("blob");
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 13 % 251) as u8).collect();
+        let a = ArtifactFile {
+            path: dest.clone(),
+            sha256: sha256_hex(&data),
+            size: data.len() as u64,
+            arrival: Some(Arrival::default()),
+        };
+        let settle = || std::thread::sleep(Duration::from_millis(100));
+        let reader = {
+            let a = a.clone();
+            std::thread::spawn(move || a.read_verified())
+        };
+        // Nothing there yet: it waits.
+        settle();
+        assert!(!reader.is_finished(), "read an artifact that is not there");
+        // A copy whose writer gives up halfway is not used.
+        let mut first = Incoming::create(&dest, &dir.path().join(".t1")).expect("create");
+        first.file.write_all(&data[..1000]).expect("write");
+        settle();
+        drop(first);
+        settle();
+        assert!(!reader.is_finished(), "used a copy its writer gave up");
+        // The next copy is read as it arrives: the reader has it once the last byte is
+        // written, before the rename and before the parent's word.
+        let mut second = Incoming::create(&dest, &dir.path().join(".t2")).expect("create");
+        second.file.write_all(&data[..150_000]).expect("write");
+        settle();
+        assert!(!reader.is_finished(), "done with half the bytes");
+        second.file.write_all(&data[150_000..]).expect("write");
+        let got = reader.join().expect("join").expect("read");
+        assert!(got == data, "not the artifact's bytes");
+        second.finish(0o600, &dest).expect("finish");
+
+        // Wrong bytes under the artifact's name are waited past, never used; the parent's
+        // word that its copy failed ends the wait with its cause.
+        let b = ArtifactFile {
+            path: dir.path().join("other"),
+            arrival: Some(Arrival::default()),
+            ..a.clone()
+        };
+        std::fs::write(&b.path, vec![0u8; data.len()]).expect("write");
+        let reader = {
+            let b = b.clone();
+            std::thread::spawn(move || b.read_verified())
+        };
+        settle();
+        assert!(!reader.is_finished(), "used wrong bytes");
+        if let Some(arrival) = &b.arrival {
+            arrival.done(Err("No space left on device".into()));
+        }
+        let err = reader
+            .join()
+            .expect("join")
+            .expect_err("failed copy")
+            .to_string();
+        assert!(
+            err.contains("did not arrive") && err.contains("No space left"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -153,6 +153,7 @@ impl Sources {
                             path,
                             sha256: a.sha256.clone(),
                             size: a.size,
+                            arrival: None,
                         },
                     ))
                 })
@@ -292,7 +293,11 @@ pub fn node_dir(no_caching: bool, workdir: Option<&Path>) -> PathBuf {
 }
 
 /// This node's own graph's artifacts, in `dir`.
-pub fn node_index(dir: &Path, artifacts: &BTreeMap<String, ArtifactRef>) -> ArtifactIndex {
+pub fn node_index(
+    dir: &Path,
+    artifacts: &BTreeMap<String, ArtifactRef>,
+    arrivals: &Arrivals,
+) -> ArtifactIndex {
     Arc::new(
         artifacts
             .iter()
@@ -303,6 +308,7 @@ pub fn node_index(dir: &Path, artifacts: &BTreeMap<String, ArtifactRef>) -> Arti
                         path: dir.join(&a.sha256),
                         sha256: a.sha256.clone(),
                         size: a.size,
+                        arrival: arrivals.0.get(&a.sha256).cloned(),
                     },
                 )
             })
@@ -311,13 +317,73 @@ pub fn node_index(dir: &Path, artifacts: &BTreeMap<String, ArtifactRef>) -> Arti
 }
 
 /// This node's own graph's source directories, their files in `dir`.
-pub fn node_trees(dir: &Path, trees: &BTreeMap<String, Manifest>) -> TreeIndex {
+pub fn node_trees(
+    dir: &Path,
+    trees: &BTreeMap<String, Manifest>,
+    arrivals: &Arrivals,
+) -> TreeIndex {
     Arc::new(
         trees
             .iter()
-            .map(|(source, m)| (source.clone(), tree_items(m, |sha| Some(dir.join(sha)))))
+            .map(|(source, m)| {
+                let mut items = tree_items(m, |sha| Some(dir.join(sha)));
+                for file in items.iter_mut().filter_map(|i| i.file.as_mut()) {
+                    file.arrival = arrivals.0.get(&file.sha256).cloned();
+                }
+                (source.clone(), items)
+            })
             .collect(),
     )
+}
+
+/// The artifacts this node's parent copies here while it runs (`Start::arriving`), each
+/// waited for by the engine until the parent's `Down::Arrived`. Dropped (the node ends),
+/// it ends every wait still going on, so that no check blocks the node's exit.
+#[derive(Default)]
+pub struct Arrivals(BTreeMap<String, crate::engine::artifacts::Arrival>);
+
+impl Arrivals {
+    /// Those of `start.arriving` that this node's own graph uses (the rest are its
+    /// children's, see [`Served`]).
+    pub fn new(start: &crate::wire::Start) -> Arrivals {
+        let own: BTreeSet<&str> = start
+            .artifacts
+            .values()
+            .map(|a| a.sha256.as_str())
+            .chain(
+                start
+                    .trees
+                    .values()
+                    .flatten()
+                    .filter_map(|e| e.file.as_ref().map(|f| f.sha256.as_str())),
+            )
+            .collect();
+        Arrivals(
+            start
+                .arriving
+                .iter()
+                .filter(|sha| own.contains(sha.as_str()))
+                .map(|sha| (sha.clone(), Default::default()))
+                .collect(),
+        )
+    }
+
+    /// The parent's word on `sha256`; whether this node's own graph waited for it.
+    pub fn arrived(&self, sha256: &str, error: Option<String>) -> bool {
+        let Some(arrival) = self.0.get(sha256) else {
+            return false;
+        };
+        arrival.done(error.map_or(Ok(()), Err));
+        true
+    }
+}
+
+impl Drop for Arrivals {
+    fn drop(&mut self) {
+        for arrival in self.0.values() {
+            arrival.done(Err("this node is stopping".into()));
+        }
+    }
 }
 
 /// One blob a node can copy to its children.

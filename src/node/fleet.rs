@@ -529,7 +529,7 @@ struct Launched {
     staged: Staged,
     link: ChildLink,
     events: mpsc::Receiver<FromChild>,
-    /// The artifacts still to copy into the running relay (`Start::arriving`).
+    /// The artifacts still to copy into the running child (`Start::arriving`).
     arriving: BTreeSet<ArtifactRef>,
 }
 
@@ -663,21 +663,13 @@ async fn stage_child(
     staged.escalate = spec.escalate.clone().filter(|_| ctx.exec.is_none());
     run.bytes = staged.bytes_copied;
     run.cached = Some(staged.cached);
-    let (now, later) = match ctx.exec {
-        None => artifacts_now_and_later(spec),
+    // Every artifact of the child's subtree is copied once it runs (`Start::arriving`): it
+    // starts, and a relay stages its own children, while the slow link carries them; its
+    // engine reads its own as they arrive.
+    let later = match ctx.exec {
+        None => artifacts::subtree_artifacts(spec),
         Some(_) => Default::default(),
     };
-    if !now.is_empty() {
-        run.step("artifacts").await;
-        match copy_artifacts(ctx, spec, &run.me, &session, &staged, &now, None, stop).await {
-            Ok(bytes) => run.bytes += bytes,
-            Err(e) => {
-                let _ = stage::remove_workdir(&session, &staged.workdir).await;
-                session.disconnect().await;
-                return Err(e);
-            }
-        }
-    }
     if staged.cached {
         run.emit(EventKind::Transfer {
             what: "arbor".into(),
@@ -779,20 +771,6 @@ async fn stage_child(
             Err(e.message)
         }
     }
-}
-
-/// The artifacts to put into `spec`'s child before it starts, and those a relay takes while
-/// it runs: its children's (not its own graph's), which it needs only once it copies them on,
-/// so it connects to and stages its children meanwhile instead of after the slow link
-/// carried them.
-fn artifacts_now_and_later(spec: &ChildSpec) -> (BTreeSet<ArtifactRef>, BTreeSet<ArtifactRef>) {
-    let all = artifacts::subtree_artifacts(spec);
-    if spec.children.is_empty() {
-        return (all, BTreeSet::new());
-    }
-    let own = artifacts::own_artifacts(spec);
-    let later = all.difference(&own).cloned().collect();
-    (own, later)
 }
 
 /// Puts `wanted` (artifacts `spec`'s subtree needs) into the child's cache (see
@@ -1122,6 +1100,9 @@ async fn supervise(
     // QUIC link once the link is there (or settled on SSH); each announced with
     // `Down::Arrived` once the copy is done.
     let arriving_shas: Vec<String> = arriving.iter().map(|a| a.sha256.clone()).collect();
+    // Its own graph needs some of them: without them it fails, as it would have before it
+    // started.
+    let needs_own = !artifacts::own_artifacts(spec).is_disjoint(&arriving);
     let mut arriving = Some(arriving).filter(|a| !a.is_empty());
     let mut arriving_copy: Option<futures::future::BoxFuture<'_, Result<u64, String>>> = None;
     // Re-attaching over a fresh SSH connection (crate::node::reattach): the connect in
@@ -1152,8 +1133,9 @@ async fn supervise(
     let mut quic_ended = false;
     let mut ssh_gone = false;
     let mut settle: Option<tokio::time::Instant> = None;
-    // `--transport quic` and QUIC could not be set up: why the host fails.
-    let mut quic_failed: Option<String> = None;
+    // Why the host fails though its arbor ran: `--transport quic` and QUIC could not be set
+    // up, or its own artifacts could not be copied to it.
+    let mut failed: Option<String> = None;
     let mut quic_tried = false;
     if !link.on_quic() {
         run.transport = Some(("ssh".into(), None));
@@ -1191,7 +1173,7 @@ async fn supervise(
                     if let Err(cause) = to_quic(ctx, spec, run, &session, &mut link, port, &fingerprint, error).await
                         && !stopping
                     {
-                        quic_failed = Some(cause);
+                        failed = Some(format!("{}: {cause}", spec.name));
                         stopping = true;
                         deadline = Some(tokio::time::Instant::now() + SHUTDOWN_GRACE);
                         let shutdown = Down::Shutdown { reason: "no QUIC link (--transport quic)".into() };
@@ -1424,7 +1406,9 @@ async fn supervise(
                         None
                     }
                     Some(Err(e)) => {
-                        tracing::warn!("{}: the artifacts for the hosts below: {e}", spec.name);
+                        if !needs_own {
+                            tracing::warn!("{}: the artifacts for the hosts below: {e}", spec.name);
+                        }
                         Some(e)
                     }
                     None => Some("gone".to_string()),
@@ -1432,6 +1416,15 @@ async fn supervise(
                 for sha256 in &arriving_shas {
                     let arrived = Down::Arrived { sha256: sha256.clone(), error: error.clone() };
                     if let Err(e) = link.send(&arrived).await {
+                        tracing::debug!("{}: control link: {e}", spec.name);
+                    }
+                }
+                if let (Some(e), true, false) = (error, needs_own, stopping || inbox.stop.is_cancelled()) {
+                    failed = Some(e);
+                    stopping = true;
+                    deadline = Some(tokio::time::Instant::now() + SHUTDOWN_GRACE);
+                    let shutdown = Down::Shutdown { reason: "its artifacts could not be copied".into() };
+                    if let Err(e) = link.send(&shutdown).await {
                         tracing::debug!("{}: control link: {e}", spec.name);
                     }
                 }
@@ -1542,9 +1535,9 @@ async fn supervise(
     };
     fetches.abort_all();
     link.close_quic();
-    if let Some(cause) = quic_failed {
+    if let Some(cause) = failed {
         clean_up(&session, &staged, !link_down).await;
-        return run.failed(format!("{}: {cause}", spec.name)).await;
+        return run.failed(cause).await;
     }
     // A relay for `arbor exec` ends on its own once its subtree is done.
     let ok = (stopping || ctx.exec.is_some()) && status.success();

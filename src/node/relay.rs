@@ -171,6 +171,8 @@ async fn serve(
     let _lease = (!start.config.no_caching && options.workdir.is_some())
         .then(|| bound_cache(start))
         .flatten();
+    // Our own graph's artifacts still to come from our parent: the engine waits for them.
+    let arrivals = super::artifacts::Arrivals::new(start);
     let mut engine = None;
     let mut status: Option<watch::Receiver<Status>> = None;
     let mut diffs = None;
@@ -186,8 +188,9 @@ async fn serve(
         let graph = graph::parse(text, &path, name).map_err(|e| e.to_string())?;
         let mut engine_config = EngineConfig::new(name.clone());
         engine_config.noop = start.config.noop;
-        engine_config.artifacts = super::artifacts::node_index(&artifacts_dir, &start.artifacts);
-        engine_config.trees = super::artifacts::node_trees(&artifacts_dir, &start.trees);
+        engine_config.artifacts =
+            super::artifacts::node_index(&artifacts_dir, &start.artifacts, &arrivals);
+        engine_config.trees = super::artifacts::node_trees(&artifacts_dir, &start.trees, &arrivals);
         engine_config.diff = start.config.diff;
         #[cfg(debug_assertions)]
         let engine_exchange = kv_as_another_host(exchange.clone());
@@ -273,14 +276,15 @@ async fn serve(
                 }
                 Some(Down::Fetched { sha256, result }) => fetches.answer(&sha256, result),
                 Some(Down::Arrived { sha256, error }) => {
-                    if let Some(e) = &error {
+                    let own = arrivals.arrived(&sha256, error.clone());
+                    if let (Some(e), false) = (&error, own) {
                         tracing::warn!("{name}: artifact {sha256} for the hosts below did not arrive: {e}");
                     }
                     #[cfg(debug_assertions)]
                     if error.is_none() {
                         corrupt_own_artifacts(&artifacts_dir, start, Some(&sha256));
                     }
-                    if !served.as_ref().is_some_and(|s| s.arrived(&sha256, error)) {
+                    if !served.as_ref().is_some_and(|s| s.arrived(&sha256, error)) && !own {
                         tracing::debug!("{name}: an arrival of {sha256} it did not wait for");
                     }
                 }
@@ -339,6 +343,8 @@ async fn serve(
         std::process::exit(crate::exit::FAILED.into());
     });
     fetches.answer_all_closed();
+    // A check still waiting for an artifact ends now, not with the engine's stop.
+    drop(arrivals);
     if let Some(fleet) = fleet {
         let forward = async {
             while let Some(event) = events_rx.recv().await {

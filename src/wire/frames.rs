@@ -453,9 +453,10 @@ pub struct Start {
     /// (`Up::Quic`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quic: Option<QuicStart>,
-    /// Artifacts of the children's subtrees (sha256s) the parent is still putting into this
-    /// relay's cache as it starts: it stages its children meanwhile, and a copy of one of
-    /// these waits for `Down::Arrived`.
+    /// Artifacts of this node's subtree (sha256s) the parent is still putting into its cache
+    /// as it starts: a relay stages its children meanwhile, a copy of one of these to them
+    /// waits for `Down::Arrived`, and so does the node's own engine reading one of its own
+    /// (crate::engine::artifacts::Arrival).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub arriving: Vec<String>,
 }
