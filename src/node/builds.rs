@@ -78,15 +78,19 @@ impl GzCell {
     /// needs): at the initiator, whose links to its hosts are the long ones, and on a relay
     /// whose own binary came gzipped (its parent's link to it was thin), which only checks
     /// the stream kept beside it.
-    pub fn prewarm(self: &Arc<Self>) {
+    /// Returns whether the stream is made (or being made) ahead.
+    pub fn prewarm(self: &Arc<Self>) -> bool {
         let likely = self.save || self.kept.as_deref().is_some_and(Path::is_file);
-        if !likely || self.made.initialized() {
-            return;
+        if !likely {
+            return false;
         }
-        let cell = self.clone();
-        tokio::spawn(async move {
-            let _ = cell.get().await;
-        });
+        if !self.made.initialized() {
+            let cell = self.clone();
+            tokio::spawn(async move {
+                let _ = cell.get().await;
+            });
+        }
+        true
     }
 }
 

@@ -380,12 +380,13 @@ pub async fn stage(
     let expected = builds
         .preferred()
         .ok_or_else(|| other("no build of arbor to copy".into()))?;
-    let measure = options.compress != crate::wire::Compress::Never;
-    // The binary's gzip stream, should the probe find the host without it and the link thin,
-    // is made meanwhile rather than after (kept streams are reused; docs/remote.md).
-    if let (true, Some(cell)) = (measure, &expected.gz) {
-        cell.prewarm();
-    }
+    // The binary's gzip stream, should the probe find the host without it, is made meanwhile
+    // rather than after (kept streams are reused; docs/remote.md). Where it is made ahead, a
+    // host without the binary gets it gzipped whatever its link, and that copy measures the
+    // link: the probe sends no bytes of its own.
+    let compress = options.compress != crate::wire::Compress::Never;
+    let ahead = compress && expected.gz.as_ref().is_some_and(|cell| cell.prewarm());
+    let measure = compress && !ahead;
     let mut probed = probe(&expected, "", measure).await?;
     let made = undo_probe(&probed, &expected);
     let found = match builds.for_platform(&probed.platform).await {
@@ -482,14 +483,19 @@ async fn copy_in(
             (Some(cell), true) => Some(cell.get().await.map_err(&other)?),
             _ => None,
         };
+        // The binary's copy, timed: the link's rate when the probe did not measure it.
+        let mut copy = None;
         if cached || patched.is_some() || seeded {
             // Nothing copied: the parent reports the cache hit itself (it used to report a
             // finished copy first, which the summary counted as bytes sent).
         } else if let Some(gz) = &gz {
-            bytes_copied +=
+            let (bytes, took) =
                 copy_gzipped(session, &sftp, build, gz, &binary, relay, progress, cancel).await?;
+            bytes_copied += bytes;
+            copy = Some((bytes, took));
         } else {
-            bytes_copied += upload_build(&sftp, build, &binary, cancel, &mut |sent, total| {
+            let began = std::time::Instant::now();
+            let bytes = upload_build(&sftp, build, &binary, cancel, &mut |sent, total| {
                 progress("arbor", sent, total)
             })
             .await
@@ -497,7 +503,19 @@ async fn copy_in(
                 UploadError::Ssh(e) => StageError::Ssh(e),
                 UploadError::Other(what) => other(what),
             })?;
+            bytes_copied += bytes;
+            copy = Some((bytes, began.elapsed()));
         }
+        let rate = probed.rate.or_else(|| {
+            let (bytes, took) = copy.filter(|(bytes, _)| *bytes >= transfer::MEASURED_BY)?;
+            let rate = transfer::rate_of(bytes, took);
+            tracing::debug!(
+                "{}: link measured at {:.1} MB/s by the binary's copy",
+                session.label(),
+                rate / 1e6
+            );
+            Some(rate)
+        });
         let graph = match graph {
             Some((name, text)) => {
                 let path = format!("{workdir}/{name}");
@@ -516,7 +534,7 @@ async fn copy_in(
             }
             None => None,
         };
-        Ok::<_, StageError>((graph, bytes_copied))
+        Ok::<_, StageError>((graph, bytes_copied, rate))
     }
     .await;
     // Nothing may start on this connection until the server has closed the sftp channel,
@@ -525,7 +543,7 @@ async fn copy_in(
     if let Err(e) = sftp.close().await {
         tracing::warn!("{e}");
     }
-    let (graph, bytes_copied) = copied?;
+    let (graph, bytes_copied, rate) = copied?;
     if let (Some(publish), Some(seed)) = (publish, seeding) {
         publish.held(seed.peer(&binary));
     }
@@ -539,7 +557,7 @@ async fn copy_in(
         bytes_copied,
         sha256: build.sha256.clone(),
         escalate: None,
-        rate: probed.rate,
+        rate,
     })
 }
 
@@ -789,7 +807,8 @@ pub async fn copy_build(
 
 /// Copies `arbor.gz` beside `binary` and unpacks it there with the host's gzip: gzip checks
 /// its CRC, the shell checks the size, and the result is renamed into place only when both
-/// pass. A relay keeps `arbor.gz` to pass on; other hosts remove it. Returns bytes copied.
+/// pass. A relay keeps `arbor.gz` to pass on; other hosts remove it. Returns the bytes copied
+/// and how long their upload took (the unpack not counted).
 #[allow(clippy::too_many_arguments)]
 async fn copy_gzipped(
     session: &Session,
@@ -800,9 +819,10 @@ async fn copy_gzipped(
     relay: bool,
     progress: Progress<'_>,
     cancel: &CancellationToken,
-) -> Result<u64, StageError> {
+) -> Result<(u64, std::time::Duration), StageError> {
     let dir = binary.rsplit_once('/').map_or(".", |(dir, _)| dir);
     let packed = format!("{dir}/{KEPT_GZ}");
+    let began = std::time::Instant::now();
     let uploaded = sftp
         .upload_until(
             cancel,
@@ -813,6 +833,7 @@ async fn copy_gzipped(
             &mut |sent, total| progress("arbor.gz", sent, total),
         )
         .await?;
+    let took = began.elapsed();
     let unpack = format!(
         "cd {dir} && t=.arbor.unpack.$$ && \
          if gzip -dc {KEPT_GZ} > \"$t\" && [ \"$(wc -c < \"$t\")\" -eq {size} ] && \
@@ -828,7 +849,7 @@ async fn copy_gzipped(
     );
     // A failure reads "host: exec: `cd … gzip -dc arbor.gz …` failed with exit 1: gzip: …".
     session.run_checked(&unpack).await?;
-    Ok(uploaded.bytes)
+    Ok((uploaded.bytes, took))
 }
 
 /// Removes a working dir (and with it a --no-caching binary). Best effort: the host may be gone.

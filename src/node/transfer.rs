@@ -79,9 +79,17 @@ fn window_log(size: u64, base: u64) -> u32 {
 /// Measures a link from the probe: the time between the first line of output (`first`) and
 /// the line [`RATE_MARK`] (`mark`), for [`PROBE_BYTES`].
 pub fn rate_from(first: Instant, mark: Instant) -> f64 {
-    let took = mark.duration_since(first).as_secs_f64().max(1e-4);
-    PROBE_BYTES as f64 / took
+    rate_of(PROBE_BYTES as u64, mark.duration_since(first))
 }
+
+/// The rate of a copy of `bytes` that took `took`, bytes/s.
+pub fn rate_of(bytes: u64, took: std::time::Duration) -> f64 {
+    bytes as f64 / took.as_secs_f64().max(1e-4)
+}
+
+/// The smallest copy whose time measures its link well enough for [`level_for`]: the probe's
+/// size.
+pub const MEASURED_BY: u64 = PROBE_BYTES as u64;
 
 /// What to send: a local file, what it must be, where it goes, and how.
 pub struct Send<'a> {
