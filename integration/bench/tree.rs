@@ -169,8 +169,10 @@ fn compress_section() {
         "### `--compress`: never, always, auto (the default)\n\n\
          2 relays × 12 leaves, cold caches (every host's cache emptied before each run, the \
          initiator's kept), release build. `always` is what `--compress` did before it took a \
-         value (the binary gzipped), plus zstd for artifacts; `auto` measures each link when \
-         its host is staged and compresses only below 12 MB/s (docs/remote.md, \
+         value (the binary gzipped), plus zstd for artifacts; `auto` compresses only below \
+         12 MB/s, the rate measured by a probe when its host is staged, or, where the \
+         binary's gzip stream is made ahead (the initiator, a relay holding a kept one), by \
+         that stream's copy, which such a node sends whatever the link (docs/remote.md, \
          \"Compression\"). Median of {RUNS} runs each, the three modes alternating run by \
          run. Bytes are the tx counter of the initiator's veth.\n\n\
          | link | workload | mode | time to converged (minus timeout) | bytes out on the \

@@ -35,7 +35,10 @@ pub struct ArtifactFile {
 /// The parent's word on a blob it copies here while this node runs (`Down::Arrived`): not
 /// yet, done, or failed and why. Shared by every reader of the blob.
 #[derive(Clone, Default)]
-pub struct Arrival(Arc<(Mutex<Option<Result<(), String>>>, Condvar)>);
+pub struct Arrival(Arc<(Mutex<Word>, Condvar)>);
+
+/// The parent's word: none yet, or the copy's result.
+type Word = Option<Result<(), String>>;
 
 impl Arrival {
     /// The copy is done (or failed): readers stop waiting. The first word stands.
@@ -48,7 +51,7 @@ impl Arrival {
         }
     }
 
-    fn state(&self) -> Option<Result<(), String>> {
+    fn state(&self) -> Word {
         self.0.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
