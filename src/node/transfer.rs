@@ -154,19 +154,54 @@ pub async fn send(
         .await
         .map_err(|e| SendError::Failed(e.to_string()))?;
     let mut stdin = command.stdin_writer();
-    let (sent, written) =
-        stream(label, send, Some(send.level), &mut stdin, cancel, progress).await?;
-    let out = tokio::select! {
-        o = command.collect() => o.map_err(|e| SendError::Failed(e.to_string()))?,
-        _ = cancel.cancelled() => return Err(SendError::Stopped),
-    };
-    if !out.status.success() {
-        return Err(SendError::Failed(format!(
+    let receive_failed = |out: &crate::ssh::Collected| {
+        SendError::Failed(format!(
             "{label}: arbor receive {} failed with {}: {}",
             send.what,
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
-        )));
+        ))
+    };
+    let ((sent, written), out) = {
+        let streaming = stream(
+            label,
+            send,
+            Some(send.level),
+            &mut stdin,
+            cancel,
+            &mut *progress,
+        );
+        let collecting = command.collect();
+        tokio::pin!(streaming, collecting);
+        // The receiver may end before it has read everything (a full disk): its failure is
+        // the answer, not a write that waits for room the channel will never give.
+        let first = tokio::select! {
+            streamed = &mut streaming => Ok(streamed?),
+            out = &mut collecting => Err(out),
+        };
+        match first {
+            Ok(streamed) => tokio::select! {
+                out = &mut collecting => (streamed, out),
+                _ = cancel.cancelled() => return Err(SendError::Stopped),
+            },
+            Err(Ok(out)) if !out.status.success() => return Err(receive_failed(&out)),
+            // It ended well while this end still wrote (its last bytes were in flight): the
+            // writing ends too, or the copy counts as failed.
+            Err(out) => match tokio::time::timeout(RECEIVER_GONE, &mut streaming).await {
+                Ok(streamed) => (streamed?, out),
+                Err(_) => {
+                    return Err(SendError::Failed(format!(
+                        "{label}: sending {}: the receiver ended before the last bytes were \
+                         written",
+                        send.what
+                    )));
+                }
+            },
+        }
+    };
+    let out = out.map_err(|e| SendError::Failed(e.to_string()))?;
+    if !out.status.success() {
+        return Err(receive_failed(&out));
     }
     if let Err(e) = written {
         return Err(SendError::Failed(format!(
@@ -177,6 +212,10 @@ pub async fn send(
     progress(send.size, send.size);
     Ok(sent)
 }
+
+/// How long the writing may go on once `arbor receive` has ended well (its last bytes and the
+/// end of the stream were in flight).
+const RECEIVER_GONE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What precedes a copy on a stream of a QUIC link (crate::node::quic_child): one JSON line.
 /// The child answers one line when the file is in place (`ok`) or not (the reason).
