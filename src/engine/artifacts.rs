@@ -106,20 +106,15 @@ impl ArtifactFile {
     /// holds something else: the caller throws it away.
     pub fn write_verified(&self, out: &mut dyn Sink) -> anyhow::Result<()> {
         let Some(arrival) = &self.arrival else {
-            let mut file = std::fs::File::open(&self.path).map_err(|e| {
+            let unread = |e: std::io::Error| {
                 anyhow::anyhow!(
                     "artifact {} ({}): {e}",
                     short(&self.sha256),
                     self.path.display()
                 )
-            })?;
-            let (size, sha256) = copy_hashed(&mut file, out).map_err(|e| {
-                anyhow::anyhow!(
-                    "artifact {} ({}): {e}",
-                    short(&self.sha256),
-                    self.path.display()
-                )
-            })?;
+            };
+            let mut file = std::fs::File::open(&self.path).map_err(unread)?;
+            let (size, sha256) = copy_hashed(&mut file, out).map_err(unread)?;
             if (size, sha256.as_str()) != (self.size, self.sha256.as_str()) {
                 anyhow::bail!(
                     "artifact {} at {} is corrupt (size {size}, sha256 {sha256}; want size \
