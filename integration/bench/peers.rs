@@ -23,7 +23,8 @@
 //! (the artifact, plus arbor's binary gzipped for the cold run) ÷ the link rate.
 //!
 //! `ARBOR_PEERS_LOG=DIR` keeps each arbor run's log (`--log-file`: -v level, every host's
-//! events, timestamped) in DIR, to see where a run's time goes.
+//! events, timestamped) in DIR, to see where a run's time goes. `ARBOR_PEERS_ARGS` adds
+//! arguments to arbor's runs (split at whitespace), to compare options.
 
 #[path = "../support/mod.rs"]
 mod support;
@@ -341,6 +342,11 @@ impl<'a> Setup<'a> {
                     .args(["run", "--topology"])
                     .arg(self.dir.join("topology.yaml"))
                     .args(["--tmp-prefix", "--converged-timeout", "0"]);
+                // ARBOR_PEERS_ARGS: more arguments for arbor's runs, split at whitespace (to
+                // compare `--transport ssh`, say).
+                if let Ok(more) = std::env::var("ARBOR_PEERS_ARGS") {
+                    cmd.args(more.split_whitespace());
+                }
                 // ARBOR_PEERS_LOG=DIR: each run's log (-v level, every host's events, with
                 // timestamps) in DIR, to see where a run's time goes.
                 if let Some(dir) = std::env::var_os("ARBOR_PEERS_LOG") {

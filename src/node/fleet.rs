@@ -626,7 +626,10 @@ async fn stage_child(
     let staged = stage::stage(
         &session,
         &ctx.builds,
-        &StageOptions::from(&ctx.config),
+        &StageOptions {
+            probe_always: !ctx.path.is_root(),
+            ..StageOptions::from(&ctx.config)
+        },
         graph
             .as_ref()
             .map(|(_, text)| ("graph.yaml", text.as_bytes())),

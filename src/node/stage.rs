@@ -40,6 +40,10 @@ pub struct StageOptions {
     pub no_caching: bool,
     /// `--compress`: measure the link, and gzip the binary's first copy on a thin one.
     pub compress: crate::wire::Compress,
+    /// Probe a link even where the binary's gzip stream is made ahead: at a relay, whose
+    /// children's links are its datacenter's, where a plain copy costs the host far less CPU
+    /// than unpacking one (the initiator's probe would cost its thin link 512 KiB).
+    pub probe_always: bool,
 }
 
 impl Default for StageOptions {
@@ -54,6 +58,7 @@ impl From<&NodeConfig> for StageOptions {
             remote_tmp: config.remote_tmp.clone(),
             no_caching: config.no_caching,
             compress: config.compress,
+            probe_always: false,
         }
     }
 }
@@ -189,6 +194,7 @@ async fn run_probe(
 ) -> Result<(Vec<u8>, Option<f64>), SshError> {
     use tokio::io::AsyncWriteExt;
     let mut cmd = session.exec(command, &Default::default()).await?;
+    let before = session.link_info();
     let mut stdin = cmd.stdin_writer();
     let feed = tokio::spawn(async move {
         if measure {
@@ -228,13 +234,38 @@ async fn run_probe(
         ));
     }
     let rate = match (first, mark) {
-        (Some(first), Some(mark)) => Some(transfer::rate_from(first, mark)),
+        (Some(first), Some(mark)) => Some(measured(
+            session,
+            "the probe",
+            transfer::rate_from(first, mark),
+            before,
+        )),
         _ => None,
     };
-    if let Some(r) = rate {
-        tracing::debug!("{}: link measured at {:.1} MB/s", session.label(), r / 1e6);
-    }
     Ok((stdout, rate))
+}
+
+/// A link's rate from a copy over `session` timed at `timed` bytes/s, and the kernel's
+/// reading of the connection since `before` (docs/remote.md, "Compression"): the kernel's
+/// delivery rate where it has one, since the timing includes the far end's scheduling, which
+/// on a busy host makes a LAN read as a thin link.
+fn measured(session: &Session, by: &str, timed: f64, before: Option<crate::ssh::LinkInfo>) -> f64 {
+    let kernel = before
+        .zip(session.link_info())
+        .map(|(before, after)| after.since(&before));
+    let rate = transfer::link_rate(timed, kernel.as_ref());
+    tracing::debug!(
+        "{}: link measured at {:.1} MB/s by {by} (timed {:.1} MB/s{})",
+        session.label(),
+        rate / 1e6,
+        timed / 1e6,
+        kernel.map_or(String::new(), |k| format!(
+            ", kernel {:.1} MB/s{}",
+            k.delivery_rate / 1e6,
+            if k.app_limited { " app-limited" } else { "" }
+        ))
+    );
+    rate
 }
 
 /// A delta upgrade: when this node holds the older build `old` the host's cache has, the
@@ -386,7 +417,7 @@ pub async fn stage(
     // link: the probe sends no bytes of its own.
     let compress = options.compress != crate::wire::Compress::Never;
     let ahead = compress && expected.gz.as_ref().is_some_and(|cell| cell.prewarm());
-    let measure = compress && !ahead;
+    let measure = compress && (!ahead || options.probe_always);
     let mut probed = probe(&expected, "", measure).await?;
     let made = undo_probe(&probed, &expected);
     let found = match builds.for_platform(&probed.platform).await {
@@ -485,6 +516,7 @@ async fn copy_in(
         };
         // The binary's copy, timed: the link's rate when the probe did not measure it.
         let mut copy = None;
+        let before = session.link_info();
         if cached || patched.is_some() || seeded {
             // Nothing copied: the parent reports the cache hit itself (it used to report a
             // finished copy first, which the summary counted as bytes sent).
@@ -508,13 +540,12 @@ async fn copy_in(
         }
         let rate = probed.rate.or_else(|| {
             let (bytes, took) = copy.filter(|(bytes, _)| *bytes >= transfer::MEASURED_BY)?;
-            let rate = transfer::rate_of(bytes, took);
-            tracing::debug!(
-                "{}: link measured at {:.1} MB/s by the binary's copy",
-                session.label(),
-                rate / 1e6
-            );
-            Some(rate)
+            Some(measured(
+                session,
+                "the binary's copy",
+                transfer::rate_of(bytes, took),
+                before,
+            ))
         });
         let graph = match graph {
             Some((name, text)) => {

@@ -21,6 +21,7 @@ pub mod prompt;
 pub mod session;
 pub mod sftp;
 pub mod ssh_config;
+pub mod tcp_info;
 
 pub use auth::{
     AgentSource, AuthOptions, Prompter, agent_socket, set_agent_socket, take_agent_socket,
@@ -36,3 +37,4 @@ pub use session::{
     connect_through, connect_via, local_user,
 };
 pub use sftp::{Sftp, Uploaded};
+pub use tcp_info::LinkInfo;

@@ -130,6 +130,9 @@ pub struct Session {
     /// The ProxyJump hop this session runs through, kept open as long as this session and
     /// closed with it ([`connect_through`]).
     via: Option<Arc<Session>>,
+    /// A duplicate of the TCP socket, for the kernel's view of the link; none through a jump
+    /// host, whose socket is the jump host's.
+    socket: Option<Arc<std::os::fd::OwnedFd>>,
 }
 
 impl Session {
@@ -141,6 +144,12 @@ impl Session {
     /// The address the TCP connection reached.
     pub fn peer(&self) -> SocketAddr {
         self.peer
+    }
+
+    /// The kernel's view of this connection's sending side (`TCP_INFO`), where arbor holds
+    /// its socket.
+    pub fn link_info(&self) -> Option<super::LinkInfo> {
+        super::LinkInfo::read(self.socket.as_deref()?)
     }
 
     pub(crate) fn handle(&self) -> &client::Handle<ClientHandler> {
@@ -262,9 +271,13 @@ async fn connect_with(
                 let (socket, peer) = tcp_connect(target)
                     .await
                     .map_err(|c| err(Step::Connect, c))?;
+                let kept = std::os::fd::AsFd::as_fd(&socket)
+                    .try_clone_to_owned()
+                    .ok()
+                    .map(Arc::new);
                 client::connect_stream(config, socket, handler)
                     .await
-                    .map(|h| (h, peer))
+                    .map(|h| (h, peer, kept))
             }
             Some(jump) => {
                 let channel = jump
@@ -287,7 +300,7 @@ async fn connect_with(
                     .unwrap_or_else(|_| jump.peer());
                 client::connect_stream(config, channel.into_stream(), handler)
                     .await
-                    .map(|h| (h, peer))
+                    .map(|h| (h, peer, None))
             }
         };
         match connected {
@@ -301,7 +314,7 @@ async fn connect_with(
             }
         }
     };
-    let (mut handle, peer) = tokio::time::timeout(options.connect_timeout, handshake)
+    let (mut handle, peer, socket) = tokio::time::timeout(options.connect_timeout, handshake)
         .await
         .map_err(|_| err(Step::Connect, Cause::Timeout(options.connect_timeout)))??;
 
@@ -312,6 +325,7 @@ async fn connect_with(
         routes,
         peer,
         via: None,
+        socket,
     })
 }
 
