@@ -203,6 +203,10 @@ fn main() -> std::process::ExitCode {
             compress_sends_the_binary_gzipped_once_per_relay,
         ),
         (
+            "a_kept_xz_stream_carries_the_binarys_first_copy_and_a_bad_one_falls_back_to_gzip",
+            a_kept_xz_stream_carries_the_binarys_first_copy_and_a_bad_one_falls_back_to_gzip,
+        ),
+        (
             "a_topology_without_graphs_ends_once_every_host_runs",
             a_topology_without_graphs_ends_once_every_host_runs,
         ),
@@ -661,6 +665,120 @@ fn jump_hosts_give_the_same_result(lab: &Lab) -> TestResult {
     let topo = topology(&TWO_RELAYS.replace("  name: r1\n", "  name: r1\n  mode: jump\n"));
     let out = run(lab, &topo, &["--converged-timeout", "2"]);
     exchanged(lab, &out)?;
+    check_no_leftovers(lab, &HOSTS)
+}
+
+/// Removes a file when dropped: a test's setup that must not outlive it, on failure too.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Where the initiator keeps an xz stream of its build (`arbor.xz` beside its cached copy),
+/// the binary's first copy to a host that has xz is that stream, and each host checks the
+/// sha256 of what it unpacks. A kept stream that unpacks to other bytes is refused on the
+/// host, removed at the initiator, and the copy goes gzipped. (arbor makes the stream itself
+/// only for builds up to 64 MiB, never for this 100 MB debug build: the test makes it.)
+fn a_kept_xz_stream_carries_the_binarys_first_copy_and_a_bad_one_falls_back_to_gzip(
+    lab: &Lab,
+) -> TestResult {
+    clean(lab, true);
+    let topo = topology(TWO_RELAYS);
+    let sha = |out: &str| {
+        out.split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let local_sha = sha(&String::from_utf8_lossy(
+        &Command::new("sha256sum")
+            .arg(ARBOR)
+            .output()
+            .map_err(fail)?
+            .stdout,
+    ));
+    let dir = lab.home().join(".cache/arbor/bin").join(&local_sha);
+    std::fs::create_dir_all(&dir).map_err(fail)?;
+    let kept = RemoveOnDrop(dir.join("arbor.xz"));
+    // xz -0: seconds for the debug build, where arbor would use preset 6.
+    let xz = |from: &str| {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("xz -0 -T2 -c '{from}' > '{}'", kept.0.display()))
+            .status()
+    };
+    check!(xz(ARBOR).map_err(fail)?.success(), "xz of the build");
+    let xz_size = std::fs::metadata(&kept.0).map_err(fail)?.len();
+
+    let (tx0, _) = lab.init_link_bytes();
+    let out = run(lab, &topo, &["--converged-timeout", "2"]);
+    let (tx1, _) = lab.init_link_bytes();
+    let log = exchanged(lab, &out)?;
+    for line in ["r1: copied arbor.xz", "r2: copied arbor.xz"] {
+        check!(log.contains(line), "no line {line:?}\n{log}");
+    }
+    let sent = tx1 - tx0;
+    let limit = 2 * xz_size + 2 * xz_size * 15 / 100;
+    check!(
+        sent <= limit,
+        "the initiator's link carried {sent} bytes out; two relays x {xz_size} bytes + 15% is \
+         {limit}"
+    );
+    for host in HOSTS {
+        let cached = lab.sh(host, "ls -a /root/.cache/arbor/bin/*/ 2>/dev/null || true");
+        check!(
+            !cached.contains("arbor.xz") && !cached.contains(".arbor.unpack"),
+            "{host}: the cache holds {cached:?}: the xz stream or a temp file was left"
+        );
+        let got = sha(&lab.sh(
+            host,
+            &format!("sha256sum /root/.cache/arbor/bin/{local_sha}/arbor || true"),
+        ));
+        check!(got == local_sha, "{host}: cached arbor has sha256 {got:?}");
+    }
+    check_no_leftovers(lab, &HOSTS)?;
+
+    // A kept stream of other bytes of the same size (one byte changed): refused on the host
+    // by its sha256, removed here, and the binary goes gzipped.
+    clean(lab, true);
+    let other = lab.dir().join("arbor-other");
+    let _other = RemoveOnDrop(other.clone());
+    std::fs::copy(ARBOR, &other).map_err(fail)?;
+    let changed = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "printf 'X' | dd of='{}' bs=1 seek=4096 conv=notrunc status=none",
+            other.display()
+        ))
+        .status()
+        .map_err(fail)?;
+    check!(changed.success(), "changing a byte");
+    check!(
+        xz(&other.display().to_string()).map_err(fail)?.success(),
+        "xz"
+    );
+    let out = run(lab, &topo, &["--converged-timeout", "2"]);
+    let log = exchanged(lab, &out)?;
+    check!(
+        log.contains("the binary's xz copy failed, copying it gzipped")
+            && log.contains("xz -d failed or gave the wrong bytes"),
+        "no warning naming the failed xz copy\n{log}"
+    );
+    check!(
+        log.contains("r1: copied arbor.gz") || log.contains("r2: copied arbor.gz"),
+        "no gzipped copy after the refused xz one\n{log}"
+    );
+    check!(!kept.0.exists(), "the bad kept stream was not removed");
+    for host in HOSTS {
+        let got = sha(&lab.sh(
+            host,
+            &format!("sha256sum /root/.cache/arbor/bin/{local_sha}/arbor || true"),
+        ));
+        check!(got == local_sha, "{host}: cached arbor has sha256 {got:?}");
+    }
     check_no_leftovers(lab, &HOSTS)
 }
 

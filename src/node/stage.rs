@@ -24,7 +24,7 @@
 //! Tunnel and exec come after, in `child_link.rs`. A child's request for a build of another
 //! platform is served by [`copy_build`], into the same cache.
 
-use super::builds::{Build, Builds, Gzipped, KEPT_GZ};
+use super::builds::{Build, Builds, KEPT_GZ};
 use super::sibling::{BuildSeeding, Claim, Publish, SeedError};
 use super::transfer;
 use crate::ssh::{CommandLine, Session, SshError, shell_quote};
@@ -125,6 +125,7 @@ struct Probed {
     /// The build probed for is in the cache, intact.
     cached: bool,
     has_gzip: bool,
+    has_xz: bool,
     /// The link's rate, bytes/s (`transfer::PROBE_BYTES` read between two lines).
     rate: Option<f64>,
     /// The sha256 of the newest other build in the host's cache: a delta upgrade's base.
@@ -151,6 +152,7 @@ fn probe_command(
            touch -c -- \"$c\"/{sha} \"$f\" || true; echo cached; \
          else {mkdir} echo missing; fi; \
          if command -v gzip >/dev/null 2>&1; then echo gzip; else echo no-gzip; fi; \
+         if command -v xz >/dev/null 2>&1; then echo xz; else echo no-xz; fi; \
          o=-; for d in $(ls -t \"$c\" 2>/dev/null); do case $d in {sha}) ;; *) \
            if [ ${{#d}} -eq 64 ] && [ -x \"$c/$d/arbor\" ]; then o=$d; break; fi;; esac; done; \
          echo \"old $o\"",
@@ -362,6 +364,7 @@ fn parse_probe(out: &[u8], rate: Option<f64>) -> Option<Probed> {
         cache: lines.next()?.to_string(),
         cached: lines.next()? == "cached",
         has_gzip: lines.next()? == "gzip",
+        has_xz: lines.next()? == "xz",
         old: lines
             .next()?
             .strip_prefix("old ")
@@ -510,19 +513,62 @@ async fn copy_in(
             crate::wire::Compress::Always => true,
             crate::wire::Compress::Auto => probed.rate.is_none_or(|r| r < transfer::LAN_RATE),
         };
-        let gz = match (&build.gz, thin && probed.has_gzip && !cached) {
+        let packed = thin && probed.has_gzip && !cached && !seeded && patched.is_none();
+        // The kept xz stream where the host has xz (smaller; see builds::Xz). A copy that
+        // fails there goes gzipped instead.
+        let before = session.link_info();
+        let mut xz_copy = None;
+        if let (Some(cell), true) = (&build.gz, packed && probed.has_xz)
+            && let Some(xz) = cell.xz()
+        {
+            match copy_packed(
+                session,
+                &sftp,
+                build,
+                &xz,
+                Packer::Xz,
+                &binary,
+                relay,
+                progress,
+                cancel,
+            )
+            .await
+            {
+                Ok(done) => xz_copy = Some(done),
+                Err(_) if cancel.is_cancelled() => {
+                    return Err(StageError::Stopped { host: host.clone() });
+                }
+                Err(e) => {
+                    tracing::warn!("{host}: the binary's xz copy failed, copying it gzipped: {e}");
+                    cell.forget_xz();
+                }
+            }
+        }
+        let gz = match (&build.gz, packed && xz_copy.is_none()) {
             (Some(cell), true) => Some(cell.get().await.map_err(&other)?),
             _ => None,
         };
         // The binary's copy, timed: the link's rate when the probe did not measure it.
         let mut copy = None;
-        let before = session.link_info();
         if cached || patched.is_some() || seeded {
             // Nothing copied: the parent reports the cache hit itself (it used to report a
             // finished copy first, which the summary counted as bytes sent).
+        } else if let Some((bytes, took)) = xz_copy {
+            bytes_copied += bytes;
+            copy = Some((bytes, took));
         } else if let Some(gz) = &gz {
-            let (bytes, took) =
-                copy_gzipped(session, &sftp, build, gz, &binary, relay, progress, cancel).await?;
+            let (bytes, took) = copy_packed(
+                session,
+                &sftp,
+                build,
+                &gz.0,
+                Packer::Gzip,
+                &binary,
+                relay,
+                progress,
+                cancel,
+            )
+            .await?;
             bytes_copied += bytes;
             copy = Some((bytes, took));
         } else {
@@ -836,46 +882,64 @@ pub async fn copy_build(
     Ok((binary, bytes))
 }
 
-/// Copies `arbor.gz` beside `binary` and unpacks it there with the host's gzip: gzip checks
-/// its CRC, the shell checks the size, and the result is renamed into place only when both
-/// pass. A relay keeps `arbor.gz` to pass on; other hosts remove it. Returns the bytes copied
-/// and how long their upload took (the unpack not counted).
+/// How the binary's first copy is packed: what the host unpacks it with.
+#[derive(Clone, Copy, PartialEq)]
+enum Packer {
+    /// gzip: kept beside a relay's binary, for its own children.
+    Gzip,
+    /// xz: smaller, made by the initiator only (builds::Xz); the host checks the sha256 of
+    /// what it unpacks, since the initiator does not unpack its kept stream to check it.
+    Xz,
+}
+
+/// The binary's first copy, packed: `packed` to `<dir>/arbor.gz` (or `.xz`) over sftp, then
+/// unpacked there (size, and for xz the sha256, checked before the rename). A relay keeps
+/// `arbor.gz` to pass on; other hosts, and every host for xz, remove it. Returns the bytes
+/// copied and how long their upload took (the unpack not counted: the link's rate).
 #[allow(clippy::too_many_arguments)]
-async fn copy_gzipped(
+async fn copy_packed(
     session: &Session,
     sftp: &crate::ssh::Sftp,
     build: &Build,
-    gz: &Gzipped,
+    packed: &[u8],
+    packer: Packer,
     binary: &str,
     relay: bool,
     progress: Progress<'_>,
     cancel: &CancellationToken,
 ) -> Result<(u64, std::time::Duration), StageError> {
     let dir = binary.rsplit_once('/').map_or(".", |(dir, _)| dir);
-    let packed = format!("{dir}/{KEPT_GZ}");
     let began = std::time::Instant::now();
+    let (name, tool) = match packer {
+        Packer::Gzip => (KEPT_GZ, "gzip"),
+        Packer::Xz => (super::builds::KEPT_XZ, "xz"),
+    };
     let uploaded = sftp
         .upload_until(
             cancel,
-            &mut &gz.0[..],
-            gz.0.len() as u64,
-            &packed,
+            &mut &packed[..],
+            packed.len() as u64,
+            &format!("{dir}/{name}"),
             0o600,
-            &mut |sent, total| progress("arbor.gz", sent, total),
+            &mut |sent, total| progress(name, sent, total),
         )
         .await?;
     let took = began.elapsed();
+    let check = match packer {
+        Packer::Gzip => String::new(),
+        Packer::Xz => format!("sha256sum \"$t\" | grep -q '^{} ' && ", build.sha256),
+    };
     let unpack = format!(
         "cd {dir} && t=.arbor.unpack.$$ && \
-         if gzip -dc {KEPT_GZ} > \"$t\" && [ \"$(wc -c < \"$t\")\" -eq {size} ] && \
+         if {tool} -dc {name} > \"$t\" && [ \"$(wc -c < \"$t\")\" -eq {size} ] && {check}\
             chmod 755 \"$t\" && mv -f \"$t\" arbor; then {keep} \
-         else rm -f \"$t\" {KEPT_GZ}; echo 'gzip -d failed or gave the wrong size' >&2; exit 1; fi",
+         else rm -f \"$t\" {name}; echo '{tool} -d failed or gave the wrong bytes' >&2; exit 1; fi",
         dir = shell_quote(dir),
         size = build.size,
-        keep = if relay {
+        keep = if relay && packer == Packer::Gzip {
             ":;".to_string()
         } else {
-            format!("rm -f {KEPT_GZ};")
+            format!("rm -f {name};")
         },
     );
     // A failure reads "host: exec: `cd … gzip -dc arbor.gz …` failed with exit 1: gzip: …".
