@@ -1102,15 +1102,15 @@ fn ctrl_c_during_staging_leaves_no_working_dir_or_partial_cache_file(lab: &Lab) 
         &["r1: copy".to_string(), "r2: copy".to_string()],
         Duration::from_secs(30),
     )?;
-    // Wait until both relays have a copy in flight: plain (`.arbor.arbor-*`) or, as the
-    // default compresses on a thin link, gzipped (`.arbor.gz.arbor-*`, after the initiator
-    // has gzipped the build).
+    // Wait until both relays have a copy in flight: plain (`.arbor.arbor-*`, sftp) or, as
+    // the default compresses on a thin link, gzipped and unpacked as it arrives
+    // (`.arbor.unpack.*`, after the initiator has gzipped the build).
     let deadline = Instant::now() + Duration::from_secs(30);
     for r in ["r1", "r2"] {
         loop {
             let partial = lab.sh(
                 r,
-                "find /root/.cache/arbor -name '.arbor.arbor-*' -o -name '.arbor.gz.arbor-*' \
+                "find /root/.cache/arbor -name '.arbor.arbor-*' -o -name '.arbor.unpack.*' \
                  2>/dev/null || true",
             );
             if !partial.trim().is_empty() {
@@ -1132,7 +1132,8 @@ fn ctrl_c_during_staging_leaves_no_working_dir_or_partial_cache_file(lab: &Lab) 
     for r in ["r1", "r2"] {
         let left = lab.sh(
             r,
-            "ls -d /tmp/arbor.* 2>/dev/null; find /root/.cache/arbor -name '.*arbor-*' 2>/dev/null; \
+            "ls -d /tmp/arbor.* 2>/dev/null; find /root/.cache/arbor -name '.*arbor-*' \
+             -o -name '.arbor.unpack.*' -o -name '.arbor.gz.*' 2>/dev/null; \
              ls /root/.cache/arbor/bin/*/arbor 2>/dev/null; pgrep -x -a arbor; true",
         );
         check!(
