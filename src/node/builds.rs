@@ -130,9 +130,18 @@ impl GzCell {
 }
 
 impl GzCell {
-    /// The xz stream, where one is kept and read (see [`Xz`]); never waits.
+    /// The xz stream, where one is kept and read (see [`Xz`]); never waits. A relay reads
+    /// the `arbor.xz` its parent left beside its binary the first time it is asked (it never
+    /// makes one): its children check the sha256 of what they unpack.
     pub fn xz(&self) -> Option<Arc<Vec<u8>>> {
-        match &*self.xz.lock().unwrap_or_else(|e| e.into_inner()) {
+        let mut state = self.xz.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.save
+            && matches!(*state, Xz::Unknown)
+            && let Some(path) = self.xz_path()
+        {
+            *state = std::fs::read(path).map_or(Xz::Absent, |xz| Xz::Ready(Arc::new(xz)));
+        }
+        match &*state {
             Xz::Ready(xz) => Some(xz.clone()),
             _ => None,
         }
@@ -218,11 +227,13 @@ fn make_xz(source: &Path, kept: &Path, x86: bool) -> Option<()> {
             .stdin(std::process::Stdio::null())
             .stdout(out)
             .stderr(std::process::Stdio::null());
-        // SAFETY: prctl is async-signal-safe; it only sets this child's parent-death signal.
-        // This thread waits for the child, so the signal comes only when the process ends.
+        // SAFETY: prctl and nice are async-signal-safe and touch only this child: its
+        // parent-death signal (this thread waits for the child, so the signal comes only when
+        // the process ends), and its priority, below the rollout it runs beside.
         unsafe {
             xz.pre_exec(|| {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                libc::nice(10);
                 Ok(())
             });
         }

@@ -883,10 +883,9 @@ pub async fn copy_build(
 /// How the binary's first copy is packed: what the host unpacks it with.
 #[derive(Clone, Copy, PartialEq)]
 enum Packer {
-    /// gzip: kept beside a relay's binary, for its own children.
     Gzip,
     /// xz: smaller, made by the initiator only (builds::Xz); the host checks the sha256 of
-    /// what it unpacks, since the initiator does not unpack its kept stream to check it.
+    /// what it unpacks, since no node unpacks a kept xz stream to check it before sending.
     Xz,
 }
 
@@ -895,8 +894,9 @@ enum Packer {
 /// of CPU for a release build, gzip 0.14 s). The result is renamed into place only when the
 /// unpacker succeeded (its CRC), the size is right, and for xz the sha256 too (the initiator
 /// does not unpack its kept xz stream to check it); a cut stream makes the unpacker fail, and
-/// nothing is left. A relay keeps `arbor.gz` (written beside by `tee`, renamed once whole) to
-/// pass on. Returns the bytes copied and how long until the last was written.
+/// nothing is left. A relay keeps what it received, `arbor.gz` or `arbor.xz` (written beside
+/// by `tee`, renamed once whole), to pass on to children on thin links without compressing
+/// anything itself. Returns the bytes copied and how long until the last was written.
 #[allow(clippy::too_many_arguments)]
 async fn copy_packed(
     session: &Session,
@@ -919,9 +919,9 @@ async fn copy_packed(
         Packer::Gzip => String::new(),
         Packer::Xz => format!("sha256sum \"$t\" | grep -q '^{} ' && ", build.sha256),
     };
-    let keep = relay && packer == Packer::Gzip;
+    let keep = relay;
     let unpack = format!(
-        "cd {dir} && t=.arbor.unpack.$$ && k=.arbor.gz.$$ && \
+        "cd {dir} && t=.arbor.unpack.$$ && k=.{name}.$$ && \
          if {source}{tool} -dc > \"$t\" && [ \"$(wc -c < \"$t\")\" -eq {size} ] && {check}\
             {kept}chmod 755 \"$t\" && mv -f \"$t\" arbor; then :; \
          else rm -f \"$t\" \"$k\"; echo '{tool} -d failed or gave the wrong bytes' >&2; exit 1; fi",
@@ -930,7 +930,7 @@ async fn copy_packed(
         source = if keep { "tee \"$k\" | " } else { "" },
         kept = if keep {
             format!(
-                "[ \"$(wc -c < \"$k\")\" -eq {} ] && mv -f \"$k\" {KEPT_GZ} && ",
+                "[ \"$(wc -c < \"$k\")\" -eq {} ] && mv -f \"$k\" {name} && ",
                 packed.len()
             )
         } else {
