@@ -513,7 +513,7 @@ async fn copy_in(
             crate::wire::Compress::Always => true,
             crate::wire::Compress::Auto => probed.rate.is_none_or(|r| r < transfer::LAN_RATE),
         };
-        let packed = thin && probed.has_gzip && !cached && !seeded && patched.is_none();
+        let packed = thin && !cached && !seeded && patched.is_none();
         // The kept xz stream where the host has xz (smaller; see builds::Xz). A copy that
         // fails there goes gzipped instead.
         let before = session.link_info();
@@ -543,7 +543,7 @@ async fn copy_in(
                 }
             }
         }
-        let gz = match (&build.gz, packed && xz_copy.is_none()) {
+        let gz = match (&build.gz, packed && probed.has_gzip && xz_copy.is_none()) {
             (Some(cell), true) => Some(cell.get().await.map_err(&other)?),
             _ => None,
         };
