@@ -177,17 +177,18 @@ impl GzCell {
             return;
         }
         let small = std::fs::metadata(&self.source).is_ok_and(|m| m.len() <= XZ_MAX);
-        if !small || !has_program("xz") {
+        let tool = crate::engine::resources::accounts::find_tool("xz");
+        let Some(tool) = tool.filter(|_| small) else {
             *state = Xz::Absent;
             return;
-        }
+        };
         *state = Xz::Making;
         drop(state);
         let cell = self.clone();
         let made = std::thread::Builder::new()
             .name("xz".into())
             .spawn(move || {
-                let made = make_xz(&cell.source, &path, cell.x86)
+                let made = make_xz(&tool, &cell.source, &path, cell.x86)
                     .and_then(|()| std::fs::read(&path).ok())
                     .map_or(Xz::Absent, |xz| Xz::Ready(Arc::new(xz)));
                 let mut state = cell.xz.lock().unwrap_or_else(|e| e.into_inner());
@@ -201,23 +202,17 @@ impl GzCell {
     }
 }
 
-/// Whether `name` is a program on this machine's PATH.
-fn has_program(name: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(name).is_file()))
-}
-
-/// Makes `kept`, the xz stream of the binary at `source`: preset 1 with a 16 MiB dictionary
+/// Makes `kept`, the xz stream of the binary at `source` (`tool`: xz): preset 1 with a 16 MiB dictionary
 /// (the whole binary), and the x86 branch filter for an x86_64 build; any xz since 5.0
 /// unpacks it. Preset 6 packs 10% smaller but takes 8.6 s, longer than many runs last, and
 /// a making that the run's end kills is wasted. Best effort: a failure leaves no file, and
 /// gzip is used as before.
-fn make_xz(source: &Path, kept: &Path, x86: bool) -> Option<()> {
+fn make_xz(tool: &Path, source: &Path, kept: &Path, x86: bool) -> Option<()> {
     use std::os::unix::process::CommandExt;
     let temp = kept.with_extension(format!("xz.{}", std::process::id()));
     let made = (|| {
         let out = std::fs::File::create(&temp)?;
-        let mut xz = std::process::Command::new("xz");
+        let mut xz = std::process::Command::new(tool);
         if x86 {
             xz.arg("--x86");
         }

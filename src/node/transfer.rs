@@ -726,12 +726,8 @@ mod tests {
     fn the_kernels_delivery_rate_measures_a_link_past_a_busy_far_end() {
         let k = |rate: f64, app_limited: bool| crate::ssh::LinkInfo {
             bytes_acked: 525_880,
-            busy: std::time::Duration::from_millis(8),
-            rwnd_limited: std::time::Duration::ZERO,
-            sndbuf_limited: std::time::Duration::ZERO,
             delivery_rate: rate,
             app_limited,
-            min_rtt: std::time::Duration::from_micros(6),
         };
         // A LAN the far end's CPU made look thin (both read in the lab): the kernel's.
         assert_eq!(link_rate(3.9e6, Some(&k(4.8e9, false))), 4.8e9);

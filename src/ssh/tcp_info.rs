@@ -4,11 +4,9 @@
 //! A rate timed by the application (bytes between two lines of output) includes the far end's
 //! scheduling: on a host whose CPU is busy, a LAN reads as a thin link. The kernel's
 //! delivery rate comes from acknowledgements, which the far end's kernel sends as data
-//! arrives, and it says apart the time the receive window held the sender back (the far end
-//! not reading: its CPU, not the link). docs/remote.md, "Compression".
+//! arrives. docs/remote.md, "Compression".
 
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::time::Duration;
 
 /// The part of the kernel's `struct tcp_info` (linux/tcp.h, append-only) read here.
 #[repr(C)]
@@ -58,33 +56,22 @@ struct Raw {
     data_segs_in: u32,
     data_segs_out: u32,
     delivery_rate: u64,
-    busy_time: u64,
-    rwnd_limited: u64,
-    sndbuf_limited: u64,
 }
 
-/// What the kernel says about a connection's sending side, over its whole life.
+/// What the kernel says about a connection's sending side.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LinkInfo {
-    /// Bytes the far end acknowledged.
+    /// Bytes the far end acknowledged, over the connection's whole life.
     pub bytes_acked: u64,
-    /// Time with data in flight.
-    pub busy: Duration,
-    /// Of `busy`, the time the far end's receive window held the sender back.
-    pub rwnd_limited: Duration,
-    /// Of `busy`, the time the local send buffer held it back.
-    pub sndbuf_limited: Duration,
     /// The latest delivery rate sample, bytes/s.
     pub delivery_rate: f64,
     /// That sample was taken while the sender had too little to send to fill the link.
     pub app_limited: bool,
-    /// The lowest round trip seen.
-    pub min_rtt: Duration,
 }
 
 impl LinkInfo {
-    /// Reads a socket's `TCP_INFO`; `None` where the kernel is too old to report busy time
-    /// (before Linux 4.10) or the descriptor is not a TCP socket.
+    /// Reads a socket's `TCP_INFO`; `None` where the kernel is too old to report a delivery
+    /// rate (before Linux 4.9) or the descriptor is not a TCP socket.
     pub fn read(socket: &OwnedFd) -> Option<LinkInfo> {
         let mut raw = Raw::default();
         let mut len = std::mem::size_of::<Raw>() as libc::socklen_t;
@@ -104,12 +91,8 @@ impl LinkInfo {
         }
         Some(LinkInfo {
             bytes_acked: raw.bytes_acked,
-            busy: Duration::from_micros(raw.busy_time),
-            rwnd_limited: Duration::from_micros(raw.rwnd_limited),
-            sndbuf_limited: Duration::from_micros(raw.sndbuf_limited),
             delivery_rate: raw.delivery_rate as f64,
             app_limited: raw.flags & 1 != 0,
-            min_rtt: Duration::from_micros(u64::from(raw.min_rtt)),
         })
     }
 
@@ -117,9 +100,6 @@ impl LinkInfo {
     pub fn since(&self, earlier: &LinkInfo) -> LinkInfo {
         LinkInfo {
             bytes_acked: self.bytes_acked.saturating_sub(earlier.bytes_acked),
-            busy: self.busy.saturating_sub(earlier.busy),
-            rwnd_limited: self.rwnd_limited.saturating_sub(earlier.rwnd_limited),
-            sndbuf_limited: self.sndbuf_limited.saturating_sub(earlier.sndbuf_limited),
             ..*self
         }
     }
