@@ -117,7 +117,7 @@ impl GzCell {
             return false;
         }
         if self.save {
-            self.look_for_xz();
+            self.look_for_xz(false);
         }
         if !self.made.initialized() {
             let cell = self.clone();
@@ -130,10 +130,15 @@ impl GzCell {
 }
 
 impl GzCell {
-    /// The xz stream, where one is kept and read (see [`Xz`]); never waits. A relay reads
-    /// the `arbor.xz` its parent left beside its binary the first time it is asked (it never
-    /// makes one): its children check the sha256 of what they unpack.
-    pub fn xz(&self) -> Option<Arc<Vec<u8>>> {
+    /// The xz stream, where one is kept and read (see [`Xz`]), for a copy across a thin
+    /// link; never waits. The initiator starts making it the first time it is asked, so a
+    /// run on fast links never spends a core on it. A relay reads the `arbor.xz` its parent
+    /// left beside its binary the first time it is asked (it never makes one): its children
+    /// check the sha256 of what they unpack.
+    pub fn xz(self: &Arc<Self>) -> Option<Arc<Vec<u8>>> {
+        if self.save {
+            self.look_for_xz(true);
+        }
         let mut state = self.xz.lock().unwrap_or_else(|e| e.into_inner());
         if !self.save
             && matches!(*state, Xz::Unknown)
@@ -163,7 +168,9 @@ impl GzCell {
     /// Reads the kept xz stream, or starts making it on a thread of its own: xz runs as a
     /// child that the kernel kills should this process end first (`PR_SET_PDEATHSIG`), and
     /// writes a temp file renamed into place only once xz has succeeded.
-    fn look_for_xz(self: &Arc<Self>) {
+    /// With `make` false, only reads a kept one (at a stage's start, before its probe has
+    /// said whether any link is thin).
+    fn look_for_xz(self: &Arc<Self>, make: bool) {
         let mut state = self.xz.lock().unwrap_or_else(|e| e.into_inner());
         if !matches!(*state, Xz::Unknown) {
             return;
@@ -174,6 +181,9 @@ impl GzCell {
         };
         if let Ok(kept) = std::fs::read(&path) {
             *state = Xz::Ready(Arc::new(kept));
+            return;
+        }
+        if !make {
             return;
         }
         let small = std::fs::metadata(&self.source).is_ok_and(|m| m.len() <= XZ_MAX);
@@ -209,6 +219,7 @@ impl GzCell {
 /// gzip is used as before.
 fn make_xz(tool: &Path, source: &Path, kept: &Path, x86: bool) -> Option<()> {
     use std::os::unix::process::CommandExt;
+    remove_stale_temps(kept);
     let temp = kept.with_extension(format!("xz.{}", std::process::id()));
     let made = (|| {
         let out = std::fs::File::create(&temp)?;
@@ -251,6 +262,33 @@ fn make_xz(tool: &Path, source: &Path, kept: &Path, x86: bool) -> Option<()> {
         tracing::debug!("making {}: {e}", kept.display());
     }
     made.ok()
+}
+
+/// Removes what makings of `kept` left behind: temp files `<kept>.<pid>` of processes that
+/// are gone (a run that ended while xz still worked: its xz was killed with it).
+fn remove_stale_temps(kept: &Path) {
+    let (Some(dir), Some(name)) = (kept.parent(), kept.file_name().and_then(|n| n.to_str())) else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let pid = file
+            .to_str()
+            .and_then(|f| f.strip_prefix(name)?.strip_prefix('.'))
+            .and_then(|p| p.parse::<libc::pid_t>().ok())
+            .filter(|p| *p > 0);
+        // SAFETY: kill with signal 0 sends nothing; it only asks whether the process exists.
+        let gone = pid.is_some_and(|p| {
+            let rc = unsafe { libc::kill(p, 0) };
+            rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+        });
+        if gone {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// The gzip stream of the binary at `path`: the one at `kept` if it unpacks to exactly that
@@ -630,7 +668,17 @@ mod tests {
             .unwrap()
             .with_gzip(Some(kept.clone()), true);
         let cell = build.gz.clone().unwrap();
-        assert_eq!(cell.xz(), None, "nothing kept, nothing made yet");
+        // What a run killed mid-making left behind (a pid no process has).
+        let stale = dir.path().join(format!("{KEPT_XZ}.{}", i32::MAX));
+        std::fs::write(&stale, b"half an xz stream").unwrap();
+        // A stage's start reads a kept stream but makes none: no link is known to be thin.
+        assert!(cell.prewarm());
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(
+            !dir.path().join(KEPT_XZ).exists(),
+            "made before any link asked"
+        );
+        assert_eq!(cell.xz(), None, "nothing kept, the making only starts now");
         assert!(cell.prewarm());
         // Never waited for: made on a thread of its own, then there for later copies.
         let mut xz = None;

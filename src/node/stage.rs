@@ -40,9 +40,11 @@ pub struct StageOptions {
     pub no_caching: bool,
     /// `--compress`: measure the link, and gzip the binary's first copy on a thin one.
     pub compress: crate::wire::Compress,
-    /// Probe a link even where the binary's gzip stream is made ahead: at a relay, whose
-    /// children's links are its datacenter's, where a plain copy costs the host far less CPU
-    /// than unpacking one (the initiator's probe would cost its thin link 512 KiB).
+    /// Staging for a relay, whose children's links are usually its datacenter's LAN, where
+    /// bytes are cheap and a plain copy costs a host far less CPU than unpacking one: probes
+    /// are full (`transfer::PROBE_BYTES`; a short one misreads a loaded LAN), and without a
+    /// packed stream of its own (its binary came plain) a host without the binary gets it
+    /// plain, that copy measuring the link (see `stage`).
     pub probe_always: bool,
 }
 
@@ -126,10 +128,27 @@ struct Probed {
     cached: bool,
     has_gzip: bool,
     has_xz: bool,
-    /// The link's rate, bytes/s (`transfer::PROBE_BYTES` read between two lines).
+    /// The link's rate, bytes/s (the bytes sent between two lines of its output).
     rate: Option<f64>,
+    /// Unmeasured, the link is taken for a LAN (see `Measure::if_cached`).
+    lan: bool,
     /// The sha256 of the newest other build in the host's cache: a delta upgrade's base.
     old: Option<String>,
+}
+
+/// How the probe measures the link: the probe reads its stdin to its end between its first
+/// line (with `if_cached`, the line that says whether the build is cached) and
+/// [`transfer::RATE_MARK`], and the parent sends `bytes`, then `more` unless the kernel's
+/// reading of `bytes` already says the link is thin (`transfer::SURELY_THIN`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Measure {
+    bytes: usize,
+    more: usize,
+    /// Sent only to a host that holds the build, which gets no copy to measure the link by;
+    /// for the others the parent closes the probe's stdin, and the binary's copy, plain,
+    /// measures the link (a relay whose own binary came plain: its children's links are
+    /// taken for its datacenter's LAN until measured).
+    if_cached: bool,
 }
 
 /// The one-round-trip probe: platform, a fresh private working dir, the cache entry of
@@ -140,17 +159,23 @@ fn probe_command(
     remote_tmp: &str,
     make_dir: bool,
     undo: &str,
-    measure: bool,
+    measure: Option<Measure>,
 ) -> String {
+    let measured = |if_cached| match measure {
+        Some(m) if m.if_cached == if_cached => {
+            format!("cat >/dev/null; echo {};", transfer::RATE_MARK)
+        }
+        _ => String::new(),
+    };
     format!(
-        "set -e; umask 077; uname -sm; {measure} \
+        "set -e; umask 077; uname -sm; {now} \
          c=\"${{XDG_CACHE_HOME:-$HOME/.cache}}/arbor/bin\"; {undo} \
          w=$(mktemp -d {tmp}/arbor.XXXXXXXXXX); echo \"$w\"; echo \"$c\"; \
          f=\"$c\"/{sha}/arbor; \
          if [ -f \"$f\" ] && [ \"$(wc -c < \"$f\")\" -eq {size} ] && \
             sha256sum \"$f\" | grep -q '^{sha} '; then \
            touch -c -- \"$c\"/{sha} \"$f\" || true; echo cached; \
-         else {mkdir} echo missing; fi; \
+         else {mkdir} echo missing; fi; {if_cached} \
          if command -v gzip >/dev/null 2>&1; then echo gzip; else echo no-gzip; fi; \
          if command -v xz >/dev/null 2>&1; then echo xz; else echo no-xz; fi; \
          o=-; for d in $(ls -t \"$c\" 2>/dev/null); do case $d in {sha}) ;; *) \
@@ -159,15 +184,8 @@ fn probe_command(
         tmp = shell_quote(remote_tmp.trim_end_matches('/')),
         sha = build.sha256,
         size = build.size,
-        measure = if measure {
-            format!(
-                "head -c {} >/dev/null; echo {};",
-                transfer::PROBE_BYTES,
-                transfer::RATE_MARK
-            )
-        } else {
-            String::new()
-        },
+        now = measured(false),
+        if_cached = measured(true),
         mkdir = if make_dir {
             format!("mkdir -p -m 700 \"$c\"/{};", build.sha256)
         } else {
@@ -186,38 +204,86 @@ fn undo_probe(probed: &Probed, build: &Build) -> String {
     )
 }
 
-/// Runs the probe; with `measure`, writes `transfer::PROBE_BYTES` to its stdin and times
-/// them between the first line of output and `transfer::RATE_MARK`. Returns the output and
-/// the rate, bytes/s.
+/// Runs the probe; with `measure`, writes its bytes to its stdin (at once, or once the
+/// probe said the build is cached) and times them between that line of output and
+/// `transfer::RATE_MARK`. Returns the output and the rate, bytes/s.
 async fn run_probe(
     session: &Session,
     command: &str,
-    measure: bool,
+    measure: Option<Measure>,
 ) -> Result<(Vec<u8>, Option<f64>), SshError> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::AsyncWriteExt;
     let mut cmd = session.exec(command, &Default::default()).await?;
-    let before = session.link_info();
+    let mut before = session.link_info();
     let mut stdin = cmd.stdin_writer();
+    let (go, send) = tokio::sync::oneshot::channel::<bool>();
+    let mut go = Some(go);
+    let written = std::sync::Arc::new(AtomicUsize::new(0));
+    let (counted, watch) = (written.clone(), session.link_watch());
     let feed = tokio::spawn(async move {
-        if measure {
-            let zeros = vec![0u8; transfer::PROBE_BYTES];
-            let _ = stdin.write_all(&zeros).await;
+        let m = match measure {
+            Some(m) if !m.if_cached || send.await == Ok(true) => m,
+            _ => {
+                let _ = stdin.shutdown().await;
+                return;
+            }
+        };
+        let start = watch.as_ref().and_then(|w| w.read());
+        counted.store(m.bytes, Ordering::Relaxed);
+        if stdin.write_all(&vec![0u8; m.bytes]).await.is_err() {
+            return;
+        }
+        if m.more > 0 {
+            // Until the kernel has them acknowledged (a thin link: tens of milliseconds).
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            let mut reading = None;
+            while let (Some(w), Some(start)) = (&watch, start) {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                reading = w.read().map(|r| r.since(&start));
+                let acked = reading.is_some_and(|r| r.bytes_acked >= m.bytes as u64);
+                if acked || std::time::Instant::now() > deadline {
+                    break;
+                }
+            }
+            let thin = reading.is_some_and(|r| {
+                !r.app_limited && r.delivery_rate > 0.0 && r.delivery_rate < transfer::SURELY_THIN
+            });
+            if !thin {
+                counted.store(m.bytes + m.more, Ordering::Relaxed);
+                let _ = stdin.write_all(&vec![0u8; m.more]).await;
+            }
         }
         let _ = stdin.shutdown().await;
     });
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
-    let (mut first, mut mark) = (None, None);
+    let (mut first, mut mark, mut sent) = (None, None, measure.is_some_and(|m| !m.if_cached));
     let status = loop {
         match cmd.next().await {
             Some(crate::ssh::Output::Stdout(d)) => {
                 let now = std::time::Instant::now();
                 stdout.extend_from_slice(&d);
-                first.get_or_insert(now);
-                if mark.is_none() && measure {
-                    let text = String::from_utf8_lossy(&stdout);
-                    if text.lines().any(|l| l == transfer::RATE_MARK) {
-                        mark = Some(now);
+                let text = String::from_utf8_lossy(&stdout);
+                if measure.is_some_and(|m| !m.if_cached) {
+                    first.get_or_insert(now);
+                }
+                // The fourth line, whole: cached or missing.
+                if go.is_some()
+                    && let Some(line) = text
+                        .split('\n')
+                        .nth(3)
+                        .filter(|_| text.split('\n').count() > 4)
+                {
+                    let cached = line == "cached";
+                    if let (Some(go), true) = (go.take(), measure.is_some_and(|m| m.if_cached)) {
+                        if cached {
+                            (first, before, sent) = (Some(now), session.link_info(), true);
+                        }
+                        let _ = go.send(cached);
                     }
+                }
+                if mark.is_none() && text.lines().any(|l| l == transfer::RATE_MARK) {
+                    mark = Some(now);
                 }
             }
             Some(crate::ssh::Output::Stderr(d)) => stderr.extend_from_slice(&d),
@@ -235,11 +301,12 @@ async fn run_probe(
             )),
         ));
     }
+    let bytes = written.load(std::sync::atomic::Ordering::Relaxed);
     let rate = match (first, mark) {
-        (Some(first), Some(mark)) => Some(measured(
+        (Some(first), Some(mark)) if sent && bytes > 0 => Some(measured(
             session,
             "the probe",
-            transfer::rate_from(first, mark),
+            transfer::rate_from(bytes, first, mark),
             before,
         )),
         _ => None,
@@ -359,6 +426,7 @@ fn parse_probe(out: &[u8], rate: Option<f64>) -> Option<Probed> {
     let mut lines = out.lines().filter(|l| *l != transfer::RATE_MARK);
     Some(Probed {
         rate,
+        lan: false,
         platform: lines.next()?.trim().to_string(),
         workdir: lines.next()?.to_string(),
         cache: lines.next()?.to_string(),
@@ -390,7 +458,7 @@ pub async fn stage(
 ) -> Result<Staged, StageError> {
     let host = session.label().to_string();
     let other = other_error(&host);
-    let probe = async |build: &Build, undo: &str, measure: bool| -> Result<Probed, StageError> {
+    let probe = async |build: &Build, undo: &str, measure| -> Result<Probed, StageError> {
         let command = probe_command(
             build,
             &options.remote_tmp,
@@ -415,13 +483,34 @@ pub async fn stage(
         .preferred()
         .ok_or_else(|| other("no build of arbor to copy".into()))?;
     // The binary's gzip stream, should the probe find the host without it, is made meanwhile
-    // rather than after (kept streams are reused; docs/remote.md). Where it is made ahead, a
-    // host without the binary gets it gzipped whatever its link, and that copy measures the
-    // link: the probe sends no bytes of its own.
+    // rather than after (kept streams are reused; docs/remote.md). How the link is measured
+    // (docs/remote.md, "Compression"):
+    // - the initiator, where the kernel measures the link: a short probe
+    //   (`transfer::PROBE_BYTES_KERNEL`);
+    // - the initiator through a jump host: a full probe, or none where the stream is made
+    //   ahead: a host without the binary gets it packed whatever its link, and that copy
+    //   measures the link;
+    // - a relay holding a packed stream (its own link was thin): a full probe;
+    // - a relay holding none (its own binary came plain): a host without the binary gets it
+    //   plain, as on a LAN, and that copy measures the link; a full probe only to a host
+    //   that holds the build.
     let compress = options.compress != crate::wire::Compress::Never;
     let ahead = compress && expected.gz.as_ref().is_some_and(|cell| cell.prewarm());
-    let measure = compress && (!ahead || options.probe_always);
+    let (full, short) = (transfer::PROBE_BYTES, transfer::PROBE_BYTES_KERNEL);
+    let measure = match (options.probe_always, ahead, session.link_info().is_some()) {
+        _ if !compress => None,
+        (false, _, true) => Some((short, full - short, false)),
+        (false, true, false) => None,
+        (false, false, false) | (true, true, _) => Some((full, 0, false)),
+        (true, false, _) => Some((full, 0, true)),
+    }
+    .map(|(bytes, more, if_cached)| Measure {
+        bytes,
+        more,
+        if_cached,
+    });
     let mut probed = probe(&expected, "", measure).await?;
+    probed.lan = measure.is_some_and(|m| m.if_cached);
     let made = undo_probe(&probed, &expected);
     let found = match builds.for_platform(&probed.platform).await {
         Ok(found) => found,
@@ -434,9 +523,9 @@ pub async fn stage(
         Some(b) if b.sha256 == expected.sha256 => b,
         Some(b) => {
             // Another platform: the second probe first undoes what the first made.
-            let rate = probed.rate;
-            probed = probe(&b, &made, false).await?;
-            probed.rate = rate;
+            let (rate, lan) = (probed.rate, probed.lan);
+            probed = probe(&b, &made, None).await?;
+            (probed.rate, probed.lan) = (rate, lan);
             b
         }
         None => {
@@ -511,7 +600,9 @@ async fn copy_in(
         let thin = match options.compress {
             crate::wire::Compress::Never => false,
             crate::wire::Compress::Always => true,
-            crate::wire::Compress::Auto => probed.rate.is_none_or(|r| r < transfer::LAN_RATE),
+            crate::wire::Compress::Auto => {
+                probed.rate.map_or(!probed.lan, |r| r < transfer::LAN_RATE)
+            }
         };
         let packed = thin && !cached && !seeded && patched.is_none();
         // The kept xz stream where the host has xz (smaller; see builds::Xz). A copy that

@@ -1,8 +1,10 @@
 //! Compressed copies between arbor processes, and deltas.
 //!
 //! - **The link's rate.** When a child is staged (unless `--compress never`), the probe's
-//!   stdin carries [`PROBE_BYTES`] that the probe reads with `head -c` between two lines of
-//!   its output; the time between those lines gives the rate of that link (`Staged::rate`).
+//!   stdin carries [`PROBE_BYTES`] (or only [`PROBE_BYTES_KERNEL`] of them, where the kernel
+//!   already reads a thin link) that the probe reads to their end between two lines of its
+//!   output; the kernel's delivery rate over them, or else the time between those lines,
+//!   gives the rate of that link (`Staged::rate`).
 //! - **The level.** [`level_for`] turns the rate into a zstd level, or none (docs/remote.md,
 //!   "Compression", has the table and the reasons).
 //! - **The stream.** Once arbor is on a host, a copy to it is an exec of that arbor's hidden
@@ -31,7 +33,22 @@ use tokio_util::sync::CancellationToken;
 /// milliseconds of scheduling delay weigh as much as the transfer.)
 pub const PROBE_BYTES: usize = 512 << 10;
 
-/// The line the probe prints once it has read [`PROBE_BYTES`].
+/// Bytes the initiator's probe sends first where the kernel measures the link (arbor holds
+/// the connection's socket): 26 ms at 20 Mbit/s, where [`PROBE_BYTES`] cost two relays
+/// sharing such a link 0.4 s before the binary's copy could start. The kernel's delivery
+/// rate comes from the acknowledgements of the flights that carry them; on a thin link
+/// those queue at the link, so they read its rate (two relays sharing the 20 Mbit/s lab
+/// link: 1.4 to 2.4 MB/s), and below [`SURELY_THIN`] the probe ends there. Anything else
+/// gets the rest of [`PROBE_BYTES`]: within slow start, 64 KiB are a few flights over a
+/// round trip that a loaded machine stretches, and LAN links read as low as 13.8 MB/s from
+/// the initiator and 2.0 MB/s from a relay probing its 12 leaves at once.
+pub const PROBE_BYTES_KERNEL: usize = 64 << 10;
+
+/// Below this rate (bytes/s, 32 Mbit/s), the kernel's reading of [`PROBE_BYTES_KERNEL`],
+/// taken while the sender still had data to send, is taken as the link's.
+pub const SURELY_THIN: f64 = 4e6;
+
+/// The line the probe prints once it has read all it was sent.
 pub const RATE_MARK: &str = "arbor-rate-mark";
 
 /// At or above this rate (bytes/s, about 100 Mbit/s) a link counts as a LAN: `auto` copies
@@ -77,9 +94,9 @@ fn window_log(size: u64, base: u64) -> u32 {
 }
 
 /// Measures a link from the probe: the time between the first line of output (`first`) and
-/// the line [`RATE_MARK`] (`mark`), for [`PROBE_BYTES`].
-pub fn rate_from(first: Instant, mark: Instant) -> f64 {
-    rate_of(PROBE_BYTES as u64, mark.duration_since(first))
+/// the line [`RATE_MARK`] (`mark`), for the `bytes` it was sent.
+pub fn rate_from(bytes: usize, first: Instant, mark: Instant) -> f64 {
+    rate_of(bytes as u64, mark.duration_since(first))
 }
 
 /// A link's rate from a copy timed at `timed` bytes/s and, where arbor holds the connection's
