@@ -135,12 +135,22 @@ fn compress_runs(lab: &Lab, label: &str) -> String {
                 bytes[i].push(b as f64);
             }
         }
+        let each: Vec<String> = times
+            .iter()
+            .map(|ts| {
+                ts.iter()
+                    .map(|t| format!("{t:.1}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .collect();
         let t: Vec<f64> = times.into_iter().map(median).collect();
         let b: Vec<f64> = bytes.into_iter().map(median).collect();
         for (i, (mode, _)) in modes.iter().enumerate() {
             rows += &format!(
-                "| {label} | {workload} | {mode} | {:.1} s | {:.0} | {:.2} | {:.2} |\n",
+                "| {label} | {workload} | {mode} | {:.1} s ({}) | {:.0} | {:.2} | {:.2} |\n",
                 t[i],
+                each[i],
                 b[i],
                 t[i] / t[0],
                 t[i] / t[1],
@@ -170,12 +180,12 @@ fn compress_section() {
          2 relays × 12 leaves, cold caches (every host's cache emptied before each run, the \
          initiator's kept), release build. `always` is what `--compress` did before it took a \
          value (the binary gzipped), plus zstd for artifacts; `auto` compresses only below \
-         12 MB/s, the rate measured by a probe when its host is staged, or, where the \
-         binary's gzip stream is made ahead (the initiator, a relay holding a kept one), by \
-         that stream's copy, which such a node sends whatever the link (docs/remote.md, \
-         \"Compression\"). Median of {RUNS} runs each, the three modes alternating run by \
+         12 MB/s, the rate the kernel measured over a probe when its host is staged (the \
+         initiator's: 64 KiB, 512 KiB unless those read a thin link; a relay's: 512 KiB, \
+         none where its own binary came plain and the host lacks the binary, whose plain \
+         copy then measures the link; docs/remote.md, \"Compression\"). Median of {RUNS} runs each, the three modes alternating run by \
          run. Bytes are the tx counter of the initiator's veth.\n\n\
-         | link | workload | mode | time to converged (minus timeout) | bytes out on the \
+         | link | workload | mode | time to converged (minus timeout), median (each run) | bytes out on the \
          initiator's link | time / never | time / always |\n|---|---|---|---|---|---|---|\n\
          {rows}\n\
          Targets: on 20 Mbit/s, auto's time / always ≤ 1; unshaped, auto's time / never ≤ 1.\n\n"

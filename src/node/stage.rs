@@ -136,10 +136,11 @@ struct Probed {
     old: Option<String>,
 }
 
-/// How the probe measures the link: the probe reads its stdin to its end between its first
-/// line (with `if_cached`, the line that says whether the build is cached) and
-/// [`transfer::RATE_MARK`], and the parent sends `bytes`, then `more` unless the kernel's
-/// reading of `bytes` already says the link is thin (`transfer::SURELY_THIN`).
+/// How the probe measures the link: the probe reads its stdin to its end between the line
+/// that says whether the build is cached and [`transfer::RATE_MARK`], and the parent sends
+/// `bytes`, then `more` to a host without the build (whose first copy is packed or not by
+/// the rate) unless the kernel's reading of `bytes` already says the link is thin
+/// (`transfer::SURELY_THIN`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Measure {
     bytes: usize,
@@ -161,21 +162,15 @@ fn probe_command(
     undo: &str,
     measure: Option<Measure>,
 ) -> String {
-    let measured = |if_cached| match measure {
-        Some(m) if m.if_cached == if_cached => {
-            format!("cat >/dev/null; echo {};", transfer::RATE_MARK)
-        }
-        _ => String::new(),
-    };
     format!(
-        "set -e; umask 077; uname -sm; {now} \
+        "set -e; umask 077; uname -sm; \
          c=\"${{XDG_CACHE_HOME:-$HOME/.cache}}/arbor/bin\"; {undo} \
          w=$(mktemp -d {tmp}/arbor.XXXXXXXXXX); echo \"$w\"; echo \"$c\"; \
          f=\"$c\"/{sha}/arbor; \
          if [ -f \"$f\" ] && [ \"$(wc -c < \"$f\")\" -eq {size} ] && \
             sha256sum \"$f\" | grep -q '^{sha} '; then \
            touch -c -- \"$c\"/{sha} \"$f\" || true; echo cached; \
-         else {mkdir} echo missing; fi; {if_cached} \
+         else {mkdir} echo missing; fi; {measure} \
          if command -v gzip >/dev/null 2>&1; then echo gzip; else echo no-gzip; fi; \
          if command -v xz >/dev/null 2>&1; then echo xz; else echo no-xz; fi; \
          o=-; for d in $(ls -t \"$c\" 2>/dev/null); do case $d in {sha}) ;; *) \
@@ -184,8 +179,10 @@ fn probe_command(
         tmp = shell_quote(remote_tmp.trim_end_matches('/')),
         sha = build.sha256,
         size = build.size,
-        now = measured(false),
-        if_cached = measured(true),
+        measure = match measure {
+            Some(_) => format!("cat >/dev/null; echo {};", transfer::RATE_MARK),
+            None => String::new(),
+        },
         mkdir = if make_dir {
             format!("mkdir -p -m 700 \"$c\"/{};", build.sha256)
         } else {
@@ -205,7 +202,7 @@ fn undo_probe(probed: &Probed, build: &Build) -> String {
 }
 
 /// Runs the probe; with `measure`, writes its bytes to its stdin (at once, or once the
-/// probe said the build is cached) and times them between that line of output and
+/// probe said the build is cached) and times them between the line that says so and
 /// `transfer::RATE_MARK`. Returns the output and the rate, bytes/s.
 async fn run_probe(
     session: &Session,
@@ -222,8 +219,11 @@ async fn run_probe(
     let written = std::sync::Arc::new(AtomicUsize::new(0));
     let (counted, watch) = (written.clone(), session.link_watch());
     let feed = tokio::spawn(async move {
+        let mut send = send;
+        let mut cached = None;
         let m = match measure {
-            Some(m) if !m.if_cached || send.await == Ok(true) => m,
+            Some(m) if !m.if_cached => m,
+            Some(m) if *cached.insert((&mut send).await == Ok(true)) => m,
             _ => {
                 let _ = stdin.shutdown().await;
                 return;
@@ -249,7 +249,11 @@ async fn run_probe(
             let thin = reading.is_some_and(|r| {
                 !r.app_limited && r.delivery_rate > 0.0 && r.delivery_rate < transfer::SURELY_THIN
             });
-            if !thin {
+            let missing = match cached {
+                Some(cached) => !cached,
+                None => send.await == Ok(false),
+            };
+            if !thin && missing {
                 counted.store(m.bytes + m.more, Ordering::Relaxed);
                 let _ = stdin.write_all(&vec![0u8; m.more]).await;
             }
@@ -264,10 +268,8 @@ async fn run_probe(
                 let now = std::time::Instant::now();
                 stdout.extend_from_slice(&d);
                 let text = String::from_utf8_lossy(&stdout);
-                if measure.is_some_and(|m| !m.if_cached) {
-                    first.get_or_insert(now);
-                }
-                // The fourth line, whole: cached or missing.
+                // The fourth line, whole: cached or missing; the probe reads what it is sent
+                // from there on.
                 if go.is_some()
                     && let Some(line) = text
                         .split('\n')
@@ -275,10 +277,11 @@ async fn run_probe(
                         .filter(|_| text.split('\n').count() > 4)
                 {
                     let cached = line == "cached";
-                    if let (Some(go), true) = (go.take(), measure.is_some_and(|m| m.if_cached)) {
-                        if cached {
-                            (first, before, sent) = (Some(now), session.link_info(), true);
-                        }
+                    first = Some(now);
+                    if cached && measure.is_some_and(|m| m.if_cached) {
+                        (before, sent) = (session.link_info(), true);
+                    }
+                    if let Some(go) = go.take() {
                         let _ = go.send(cached);
                     }
                 }
@@ -305,7 +308,7 @@ async fn run_probe(
     let rate = match (first, mark) {
         (Some(first), Some(mark)) if sent && bytes > 0 => Some(measured(
             session,
-            "the probe",
+            &format!("the probe ({} KiB)", bytes >> 10),
             transfer::rate_from(bytes, first, mark),
             before,
         )),
