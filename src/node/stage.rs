@@ -136,15 +136,12 @@ struct Probed {
     old: Option<String>,
 }
 
-/// How the probe measures the link: the probe reads its stdin to its end between the line
-/// that says whether the build is cached and [`transfer::RATE_MARK`], and the parent sends
-/// `bytes`, then `more` to a host without the build (whose first copy is packed or not by
-/// the rate) unless the kernel's reading of `bytes` already says the link is thin
-/// (`transfer::SURELY_THIN`).
+/// How the probe measures the link: the probe reads `bytes` from its stdin to its end
+/// (after its first line, or with `if_cached` after the fourth, which says whether the build
+/// is cached) and then prints [`transfer::RATE_MARK`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Measure {
     bytes: usize,
-    more: usize,
     /// Sent only to a host that holds the build, which gets no copy to measure the link by;
     /// for the others the parent closes the probe's stdin, and the binary's copy, plain,
     /// measures the link (a relay whose own binary came plain: its children's links are
@@ -162,15 +159,21 @@ fn probe_command(
     undo: &str,
     measure: Option<Measure>,
 ) -> String {
+    // Right after the first line, unless the parent waits for the line saying whether the
+    // build is cached before it sends the bytes.
+    let read = |late| match measure {
+        Some(m) if m.if_cached == late => format!("cat >/dev/null; echo {};", transfer::RATE_MARK),
+        _ => String::new(),
+    };
     format!(
-        "set -e; umask 077; uname -sm; \
+        "set -e; umask 077; uname -sm; {early} \
          c=\"${{XDG_CACHE_HOME:-$HOME/.cache}}/arbor/bin\"; {undo} \
          w=$(mktemp -d {tmp}/arbor.XXXXXXXXXX); echo \"$w\"; echo \"$c\"; \
          f=\"$c\"/{sha}/arbor; \
          if [ -f \"$f\" ] && [ \"$(wc -c < \"$f\")\" -eq {size} ] && \
             sha256sum \"$f\" | grep -q '^{sha} '; then \
            touch -c -- \"$c\"/{sha} \"$f\" || true; echo cached; \
-         else {mkdir} echo missing; fi; {measure} \
+         else {mkdir} echo missing; fi; {late} \
          if command -v gzip >/dev/null 2>&1; then echo gzip; else echo no-gzip; fi; \
          if command -v xz >/dev/null 2>&1; then echo xz; else echo no-xz; fi; \
          o=-; for d in $(ls -t \"$c\" 2>/dev/null); do case $d in {sha}) ;; *) \
@@ -179,10 +182,8 @@ fn probe_command(
         tmp = shell_quote(remote_tmp.trim_end_matches('/')),
         sha = build.sha256,
         size = build.size,
-        measure = match measure {
-            Some(_) => format!("cat >/dev/null; echo {};", transfer::RATE_MARK),
-            None => String::new(),
-        },
+        early = read(false),
+        late = read(true),
         mkdir = if make_dir {
             format!("mkdir -p -m 700 \"$c\"/{};", build.sha256)
         } else {
@@ -209,55 +210,18 @@ async fn run_probe(
     command: &str,
     measure: Option<Measure>,
 ) -> Result<(Vec<u8>, Option<f64>), SshError> {
-    use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::AsyncWriteExt;
     let mut cmd = session.exec(command, &Default::default()).await?;
     let mut before = session.link_info();
     let mut stdin = cmd.stdin_writer();
     let (go, send) = tokio::sync::oneshot::channel::<bool>();
     let mut go = Some(go);
-    let written = std::sync::Arc::new(AtomicUsize::new(0));
-    let (counted, watch) = (written.clone(), session.link_watch());
     let feed = tokio::spawn(async move {
-        let mut send = send;
-        let mut cached = None;
-        let m = match measure {
-            Some(m) if !m.if_cached => m,
-            Some(m) if *cached.insert((&mut send).await == Ok(true)) => m,
-            _ => {
-                let _ = stdin.shutdown().await;
-                return;
-            }
+        let bytes = match measure {
+            Some(m) if !m.if_cached || send.await == Ok(true) => m.bytes,
+            _ => 0,
         };
-        let start = watch.as_ref().and_then(|w| w.read());
-        counted.store(m.bytes, Ordering::Relaxed);
-        if stdin.write_all(&vec![0u8; m.bytes]).await.is_err() {
-            return;
-        }
-        if m.more > 0 {
-            // Until the kernel has them acknowledged (a thin link: tens of milliseconds).
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-            let mut reading = None;
-            while let (Some(w), Some(start)) = (&watch, start) {
-                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-                reading = w.read().map(|r| r.since(&start));
-                let acked = reading.is_some_and(|r| r.bytes_acked >= m.bytes as u64);
-                if acked || std::time::Instant::now() > deadline {
-                    break;
-                }
-            }
-            let thin = reading.is_some_and(|r| {
-                !r.app_limited && r.delivery_rate > 0.0 && r.delivery_rate < transfer::SURELY_THIN
-            });
-            let missing = match cached {
-                Some(cached) => !cached,
-                None => send.await == Ok(false),
-            };
-            if !thin && missing {
-                counted.store(m.bytes + m.more, Ordering::Relaxed);
-                let _ = stdin.write_all(&vec![0u8; m.more]).await;
-            }
-        }
+        let _ = stdin.write_all(&vec![0u8; bytes]).await;
         let _ = stdin.shutdown().await;
     });
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
@@ -268,8 +232,11 @@ async fn run_probe(
                 let now = std::time::Instant::now();
                 stdout.extend_from_slice(&d);
                 let text = String::from_utf8_lossy(&stdout);
-                // The fourth line, whole: cached or missing; the probe reads what it is sent
-                // from there on.
+                // Sent at once: timed from the first line.
+                if measure.is_some_and(|m| !m.if_cached) {
+                    first.get_or_insert(now);
+                }
+                // The fourth line, whole: cached or missing.
                 if go.is_some()
                     && let Some(line) = text
                         .split('\n')
@@ -277,9 +244,8 @@ async fn run_probe(
                         .filter(|_| text.split('\n').count() > 4)
                 {
                     let cached = line == "cached";
-                    first = Some(now);
                     if cached && measure.is_some_and(|m| m.if_cached) {
-                        (before, sent) = (session.link_info(), true);
+                        (first, before, sent) = (Some(now), session.link_info(), true);
                     }
                     if let Some(go) = go.take() {
                         let _ = go.send(cached);
@@ -304,9 +270,8 @@ async fn run_probe(
             )),
         ));
     }
-    let bytes = written.load(std::sync::atomic::Ordering::Relaxed);
-    let rate = match (first, mark) {
-        (Some(first), Some(mark)) if sent && bytes > 0 => Some(measured(
+    let rate = match (first, mark, measure) {
+        (Some(first), Some(mark), Some(Measure { bytes, .. })) if sent => Some(measured(
             session,
             &format!("the probe ({} KiB)", bytes >> 10),
             transfer::rate_from(bytes, first, mark),
@@ -488,28 +453,22 @@ pub async fn stage(
     // The binary's gzip stream, should the probe find the host without it, is made meanwhile
     // rather than after (kept streams are reused; docs/remote.md). How the link is measured
     // (docs/remote.md, "Compression"):
-    // - the initiator, where the kernel measures the link: a short probe
-    //   (`transfer::PROBE_BYTES_KERNEL`);
-    // - the initiator through a jump host: a full probe, or none where the stream is made
-    //   ahead: a host without the binary gets it packed whatever its link, and that copy
-    //   measures the link;
-    // - a relay holding a packed stream (its own link was thin): a full probe;
-    // - a relay holding none (its own binary came plain): a host without the binary gets it
-    //   plain, as on a LAN, and that copy measures the link; a full probe only to a host
-    //   that holds the build.
+    // - the initiator: a full probe, or none where the stream is made ahead: a host without
+    //   the binary gets it packed whatever its link, and that copy measures the link;
+    // - a relay holding a kept gzip stream (its own link was thin): a full probe;
+    // - a relay holding none (its own binary came plain or as xz): a host without the binary
+    //   gets it plain, as on a LAN, and that copy measures the link; a full probe only to a
+    //   host that holds the build.
     let compress = options.compress != crate::wire::Compress::Never;
     let ahead = compress && expected.gz.as_ref().is_some_and(|cell| cell.prewarm());
-    let (full, short) = (transfer::PROBE_BYTES, transfer::PROBE_BYTES_KERNEL);
-    let measure = match (options.probe_always, ahead, session.link_info().is_some()) {
+    let measure = match (options.probe_always, ahead) {
         _ if !compress => None,
-        (false, _, true) => Some((short, full - short, false)),
-        (false, true, false) => None,
-        (false, false, false) | (true, true, _) => Some((full, 0, false)),
-        (true, false, _) => Some((full, 0, true)),
+        (false, true) => None,
+        (false, false) | (true, true) => Some(false),
+        (true, false) => Some(true),
     }
-    .map(|(bytes, more, if_cached)| Measure {
-        bytes,
-        more,
+    .map(|if_cached| Measure {
+        bytes: transfer::PROBE_BYTES,
         if_cached,
     });
     let mut probed = probe(&expected, "", measure).await?;

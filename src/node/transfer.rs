@@ -1,9 +1,8 @@
 //! Compressed copies between arbor processes, and deltas.
 //!
 //! - **The link's rate.** When a child is staged (unless `--compress never`), the probe's
-//!   stdin carries [`PROBE_BYTES`] (or only [`PROBE_BYTES_KERNEL`] of them, where the kernel
-//!   already reads a thin link) that the probe reads to their end between two lines of its
-//!   output; the kernel's delivery rate over them, or else the time between those lines,
+//!   stdin carries [`PROBE_BYTES`] that the probe reads to their end between two lines of
+//!   its output; the kernel's delivery rate over them, or else the time between those lines,
 //!   gives the rate of that link (`Staged::rate`).
 //! - **The level.** [`level_for`] turns the rate into a zstd level, or none (docs/remote.md,
 //!   "Compression", has the table and the reasons).
@@ -32,21 +31,6 @@ use tokio_util::sync::CancellationToken;
 /// Mbit/s, a few milliseconds on a LAN. (128 KiB measured busy LAN hosts at 4 MB/s: a few
 /// milliseconds of scheduling delay weigh as much as the transfer.)
 pub const PROBE_BYTES: usize = 512 << 10;
-
-/// Bytes the initiator's probe sends first where the kernel measures the link (arbor holds
-/// the connection's socket): 26 ms at 20 Mbit/s, where [`PROBE_BYTES`] cost two relays
-/// sharing such a link 0.4 s before the binary's copy could start. The kernel's delivery
-/// rate comes from the acknowledgements of the flights that carry them; on a thin link
-/// those queue at the link, so they read its rate (two relays sharing the 20 Mbit/s lab
-/// link: 1.4 to 2.4 MB/s), and below [`SURELY_THIN`] the probe ends there. Anything else
-/// gets the rest of [`PROBE_BYTES`]: within slow start, 64 KiB are a few flights over a
-/// round trip that a loaded machine stretches, and LAN links read as low as 13.8 MB/s from
-/// the initiator and 2.0 MB/s from a relay probing its 12 leaves at once.
-pub const PROBE_BYTES_KERNEL: usize = 64 << 10;
-
-/// Below this rate (bytes/s, 32 Mbit/s), the kernel's reading of [`PROBE_BYTES_KERNEL`],
-/// taken while the sender still had data to send, is taken as the link's.
-pub const SURELY_THIN: f64 = 4e6;
 
 /// The line the probe prints once it has read all it was sent.
 pub const RATE_MARK: &str = "arbor-rate-mark";

@@ -152,11 +152,6 @@ impl Session {
         super::LinkInfo::read(self.socket.as_deref()?)
     }
 
-    /// The same, for a task that outlives this borrow.
-    pub fn link_watch(&self) -> Option<super::tcp_info::LinkWatch> {
-        self.socket.clone().map(super::tcp_info::LinkWatch)
-    }
-
     pub(crate) fn handle(&self) -> &client::Handle<ClientHandler> {
         &self.handle
     }

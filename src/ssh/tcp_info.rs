@@ -58,16 +58,6 @@ struct Raw {
     delivery_rate: u64,
 }
 
-/// A connection's socket, to read the kernel's view of it from a task of its own.
-#[derive(Debug, Clone)]
-pub struct LinkWatch(pub(crate) std::sync::Arc<OwnedFd>);
-
-impl LinkWatch {
-    pub fn read(&self) -> Option<LinkInfo> {
-        LinkInfo::read(&self.0)
-    }
-}
-
 /// What the kernel says about a connection's sending side.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LinkInfo {
