@@ -202,9 +202,9 @@ fn undo_probe(probed: &Probed, build: &Build) -> String {
     )
 }
 
-/// Runs the probe; with `measure`, writes its bytes to its stdin (at once, or once the
-/// probe said the build is cached) and times them between the line that says so and
-/// `transfer::RATE_MARK`. Returns the output and the rate, bytes/s.
+/// Runs the probe; with `measure`, writes its bytes to its stdin at once, timed from the
+/// first line of output to `transfer::RATE_MARK`, or (`if_cached`) once the probe said the
+/// build is cached, timed from that line. Returns the output and the rate, bytes/s.
 async fn run_probe(
     session: &Session,
     command: &str,
