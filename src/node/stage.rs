@@ -136,12 +136,11 @@ struct Probed {
     old: Option<String>,
 }
 
-/// How the probe measures the link: the probe reads `bytes` from its stdin to its end
-/// (after its first line, or with `if_cached` after the fourth, which says whether the build
-/// is cached) and then prints [`transfer::RATE_MARK`].
+/// How the probe measures the link: the probe reads [`transfer::PROBE_BYTES`] from its stdin
+/// to its end (after its first line, or with `if_cached` after the fourth, which says whether
+/// the build is cached) and then prints [`transfer::RATE_MARK`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Measure {
-    bytes: usize,
     /// Sent only to a host that holds the build, which gets no copy to measure the link by;
     /// for the others the parent closes the probe's stdin, and the binary's copy, plain,
     /// measures the link (a relay whose own binary came plain: its children's links are
@@ -218,7 +217,7 @@ async fn run_probe(
     let mut go = Some(go);
     let feed = tokio::spawn(async move {
         let bytes = match measure {
-            Some(m) if !m.if_cached || send.await == Ok(true) => m.bytes,
+            Some(m) if !m.if_cached || send.await == Ok(true) => transfer::PROBE_BYTES,
             _ => 0,
         };
         let _ = stdin.write_all(&vec![0u8; bytes]).await;
@@ -237,21 +236,25 @@ async fn run_probe(
                     first.get_or_insert(now);
                 }
                 // The fourth line, whole: cached or missing.
-                if go.is_some()
+                if measure.is_some_and(|m| m.if_cached)
+                    && go.is_some()
                     && let Some(line) = text
                         .split('\n')
                         .nth(3)
                         .filter(|_| text.split('\n').count() > 4)
                 {
                     let cached = line == "cached";
-                    if cached && measure.is_some_and(|m| m.if_cached) {
+                    if cached {
                         (first, before, sent) = (Some(now), session.link_info(), true);
                     }
                     if let Some(go) = go.take() {
                         let _ = go.send(cached);
                     }
                 }
-                if mark.is_none() && text.lines().any(|l| l == transfer::RATE_MARK) {
+                if mark.is_none()
+                    && measure.is_some()
+                    && text.lines().any(|l| l == transfer::RATE_MARK)
+                {
                     mark = Some(now);
                 }
             }
@@ -270,11 +273,11 @@ async fn run_probe(
             )),
         ));
     }
-    let rate = match (first, mark, measure) {
-        (Some(first), Some(mark), Some(Measure { bytes, .. })) if sent => Some(measured(
+    let rate = match (first, mark) {
+        (Some(first), Some(mark)) if sent => Some(measured(
             session,
-            &format!("the probe ({} KiB)", bytes >> 10),
-            transfer::rate_from(bytes, first, mark),
+            "the probe",
+            transfer::rate_from(first, mark),
             before,
         )),
         _ => None,
@@ -467,10 +470,7 @@ pub async fn stage(
         (false, false) | (true, true) => Some(false),
         (true, false) => Some(true),
     }
-    .map(|if_cached| Measure {
-        bytes: transfer::PROBE_BYTES,
-        if_cached,
-    });
+    .map(|if_cached| Measure { if_cached });
     let mut probed = probe(&expected, "", measure).await?;
     probed.lan = measure.is_some_and(|m| m.if_cached);
     let made = undo_probe(&probed, &expected);

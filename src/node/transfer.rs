@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 /// milliseconds of scheduling delay weigh as much as the transfer.)
 pub const PROBE_BYTES: usize = 512 << 10;
 
-/// The line the probe prints once it has read all it was sent.
+/// The line the probe prints once it has read all it was sent ([`PROBE_BYTES`] or nothing).
 pub const RATE_MARK: &str = "arbor-rate-mark";
 
 /// At or above this rate (bytes/s, about 100 Mbit/s) a link counts as a LAN: `auto` copies
@@ -78,9 +78,9 @@ fn window_log(size: u64, base: u64) -> u32 {
 }
 
 /// Measures a link from the probe: the time between the first line of output (`first`) and
-/// the line [`RATE_MARK`] (`mark`), for the `bytes` it was sent.
-pub fn rate_from(bytes: usize, first: Instant, mark: Instant) -> f64 {
-    rate_of(bytes as u64, mark.duration_since(first))
+/// the line [`RATE_MARK`] (`mark`), for [`PROBE_BYTES`].
+pub fn rate_from(first: Instant, mark: Instant) -> f64 {
+    rate_of(PROBE_BYTES as u64, mark.duration_since(first))
 }
 
 /// A link's rate from a copy timed at `timed` bytes/s and, where arbor holds the connection's
