@@ -679,9 +679,12 @@ impl Drop for RemoveOnDrop {
 
 /// Where the initiator keeps an xz stream of its build (`arbor.xz` beside its cached copy),
 /// the binary's first copy to a host that has xz is that stream, relays keep it to pass on,
-/// and each host checks the sha256 of what it unpacks. A kept stream that unpacks to other bytes is refused on the
-/// host, removed at the initiator, and the copy goes gzipped. (arbor makes the stream itself
-/// only for builds up to 64 MiB, never for this 100 MB debug build: the test makes it.)
+/// and each host checks the sha256 of what it unpacks. The probe's bytes were its first
+/// 512 KiB, which the host kept, so the copy sends the rest. A kept stream that unpacks to
+/// other bytes is refused on the host, removed at the initiator, and the copy goes gzipped.
+/// (arbor makes the stream itself only for builds up to 64 MiB, never for this 100 MB debug
+/// build: the test makes it. `--compress always`: a packed copy on the unshaped link, which
+/// `auto` may rightly read as a LAN.)
 fn a_kept_xz_stream_carries_the_binarys_first_copy_and_a_bad_one_falls_back_to_gzip(
     lab: &Lab,
 ) -> TestResult {
@@ -713,12 +716,28 @@ fn a_kept_xz_stream_carries_the_binarys_first_copy_and_a_bad_one_falls_back_to_g
     check!(xz(ARBOR).map_err(fail)?.success(), "xz of the build");
     let xz_size = std::fs::metadata(&kept.0).map_err(fail)?.len();
 
+    let always = ["--converged-timeout", "2", "--compress", "always"];
+    // At the debug level, which says how the copy went.
     let (tx0, _) = lab.init_link_bytes();
-    let out = run(lab, &topo, &["--converged-timeout", "2"]);
+    let mut args = vec![
+        "--topology",
+        topo.path.to_str().unwrap_or_default(),
+        "--tmp-prefix",
+    ];
+    args.extend_from_slice(&always);
+    let out = arbor_command(lab, &lab.home(), &args)
+        .env("ARBOR_LOG", "arbor=debug")
+        .output()
+        .map_err(fail)?;
     let (tx1, _) = lab.init_link_bytes();
     let log = exchanged(lab, &out)?;
-    for line in ["r1: copied arbor.xz", "r2: copied arbor.xz"] {
-        check!(log.contains(line), "no line {line:?}\n{log}");
+    for relay in ["r1", "r2"] {
+        for line in [
+            format!("{relay}: copied arbor.xz"),
+            format!("{relay}: arbor.xz: its first 524288 bytes came with the probe"),
+        ] {
+            check!(log.contains(&line), "no line {line:?}\n{log}");
+        }
     }
     let sent = tx1 - tx0;
     let limit = 2 * xz_size + 2 * xz_size * 15 / 100;
@@ -765,7 +784,7 @@ fn a_kept_xz_stream_carries_the_binarys_first_copy_and_a_bad_one_falls_back_to_g
         xz(&other.display().to_string()).map_err(fail)?.success(),
         "xz"
     );
-    let out = run(lab, &topo, &["--converged-timeout", "2"]);
+    let out = run(lab, &topo, &always);
     let log = exchanged(lab, &out)?;
     check!(
         log.contains("the binary's xz copy failed, copying it gzipped")

@@ -136,8 +136,26 @@ impl GzCell {
     /// left beside its binary the first time it is asked (it never makes one): its children
     /// check the sha256 of what they unpack.
     pub fn xz(self: &Arc<Self>) -> Option<Arc<Vec<u8>>> {
+        self.xz_if(true)
+    }
+
+    /// A stream ready now to send the host, whose tools `xz` and `gzip` say what it can
+    /// unpack: the kept xz stream, else the gzip stream if made; never makes or waits for one
+    /// (the head a probe sends, see `stage`). `true` with an xz stream.
+    pub fn ready(self: &Arc<Self>, xz: bool, gzip: bool) -> Option<(bool, Arc<Vec<u8>>)> {
+        if let Some(stream) = self.xz_if(false).filter(|_| xz) {
+            return Some((true, stream));
+        }
+        match self.made.get() {
+            Some(Ok(gz)) if gzip => Some((false, gz.0.clone())),
+            _ => None,
+        }
+    }
+
+    /// The xz stream if there is one; with `make`, the initiator starts making it if not.
+    fn xz_if(self: &Arc<Self>, make: bool) -> Option<Arc<Vec<u8>>> {
         if self.save {
-            self.look_for_xz(true);
+            self.look_for_xz(make);
         }
         let mut state = self.xz.lock().unwrap_or_else(|e| e.into_inner());
         if !self.save

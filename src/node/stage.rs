@@ -5,10 +5,12 @@
 //!    the content-addressed cache `~/.cache/arbor/bin/<sha256>/arbor` (XDG_CACHE_HOME
 //!    respected) holds an intact copy (size and sha256) of the build for that platform. A host
 //!    whose platform has no build is refused before anything is copied, its working dir removed.
+//!    The same exec measures the link by the bytes it reads from its stdin ([`Measure`]):
+//!    mostly the first 512 KiB of the binary's packed copy, which the host keeps for the copy.
 //! 2. Copy the binary into the cache unless it is there; with --no-caching, into the working
 //!    dir instead. Uploads are atomic (temp name, rename), so an interrupted copy never leaves a
 //!    bad cache entry; the size is checked after the copy, and the sha256 by every later probe.
-//!    With --compress (and gzip on the host), the copy is `arbor.gz`, unpacked there by gzip,
+//!    On a thin link (and gzip on the host), the copy is `arbor.gz`, unpacked there by gzip,
 //!    whose CRC and a size check guard the result; a host that will stage children of its own
 //!    keeps `arbor.gz` beside the binary, so it passes the compressed copy on without
 //!    recompressing. A host without gzip gets the plain binary. Under sibling seeding
@@ -29,6 +31,7 @@ use super::sibling::{BuildSeeding, Claim, Publish, SeedError};
 use super::transfer;
 use crate::ssh::{CommandLine, Session, SshError, shell_quote};
 use crate::wire::NodeConfig;
+use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 /// How to stage: the run's settings that concern one host.
@@ -130,22 +133,91 @@ struct Probed {
     has_xz: bool,
     /// The link's rate, bytes/s (the bytes sent between two lines of its output).
     rate: Option<f64>,
-    /// Unmeasured, the link is taken for a LAN (see `Measure::if_cached`).
+    /// Unmeasured, the link is taken for a LAN (see [`Late`]).
     lan: bool,
     /// The sha256 of the newest other build in the host's cache: a delta upgrade's base.
     old: Option<String>,
+    /// The head of a packed stream the probe's bytes were, kept on the host in
+    /// `<workdir>/`[`HEAD_FILE`].
+    head: Option<Head>,
 }
 
-/// How the probe measures the link: the probe reads [`transfer::PROBE_BYTES`] from its stdin
-/// to its end (after its first line, or with `if_cached` after the fourth, which says whether
-/// the build is cached) and then prints [`transfer::RATE_MARK`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Measure {
-    /// Sent only to a host that holds the build, which gets no copy to measure the link by;
-    /// for the others the parent closes the probe's stdin, and the binary's copy, plain,
-    /// measures the link (a relay whose own binary came plain: its children's links are
-    /// taken for its datacenter's LAN until measured).
-    if_cached: bool,
+/// Where a probe keeps the head of a packed stream that its bytes were, in the working dir.
+const HEAD_FILE: &str = "arbor.head";
+
+/// The first `len` bytes of `stream`, which a probe sent and the host keeps: the binary's
+/// packed copy that follows sends only the rest.
+#[derive(Clone)]
+struct Head {
+    packer: Packer,
+    stream: Arc<Vec<u8>>,
+    len: usize,
+}
+
+/// How the probe measures the link: it reads its stdin to its end, after its first line
+/// (`Early`: [`transfer::PROBE_BYTES`], sent at once) or after its last (`Late`: what the
+/// parent chose once it knew what the host has, see [`Late::feed`]), and then prints
+/// [`transfer::RATE_MARK`].
+#[derive(Clone, Copy)]
+enum Measure<'a> {
+    Early,
+    Late(Late<'a>),
+}
+
+/// A late probe: what it is sent depends on what the host has (docs/remote.md, "Compression").
+#[derive(Clone, Copy)]
+struct Late<'a> {
+    /// Staging for a relay (`StageOptions::probe_always`).
+    relay: bool,
+    /// The build's packed streams, made ahead (`GzCell::prewarm`).
+    packed: Option<&'a Arc<super::builds::GzCell>>,
+    /// Under sibling seeding the host may fetch the binary from a sibling: no head is sent.
+    seeding: bool,
+}
+
+/// What a late probe is sent after a line naming it (the probe reads that line first).
+enum Feed {
+    /// Nothing (its stdin closed): the binary's copy measures the link.
+    Nothing,
+    /// [`transfer::PROBE_BYTES`] the host throws away: a host that gets no copy, or no packed
+    /// stream is ready.
+    Junk,
+    /// The head of the packed stream its copy will be, if the link proves thin.
+    Head(Head),
+}
+
+impl Late<'_> {
+    /// - A host that holds the build, or an older one to patch: [`Feed::Junk`] from a relay
+    ///   (a patch's level, and the artifacts', need the rate), nothing from the initiator,
+    ///   where a thin link is likely (the link is then taken for thin).
+    /// - Otherwise, where a packed stream is ready for the host's tools, its head: on a thin
+    ///   link the copy sends the rest, so the probe costs nothing; on a LAN the copy is plain
+    ///   and the head (512 KiB) is thrown away.
+    /// - Otherwise junk from a relay that holds a packed stream (its own link was thin), and
+    ///   nothing from one that does not (its children's links are taken for its datacenter's
+    ///   LAN, and the binary's plain copy measures them) or from the initiator.
+    fn feed(&self, probed: &Probed) -> Feed {
+        if probed.cached || probed.old.is_some() {
+            return if self.relay {
+                Feed::Junk
+            } else {
+                Feed::Nothing
+            };
+        }
+        let ready = self
+            .packed
+            .filter(|_| !self.seeding)
+            .and_then(|cell| cell.ready(probed.has_xz, probed.has_gzip));
+        match ready {
+            Some((xz, stream)) => Feed::Head(Head {
+                packer: if xz { Packer::Xz } else { Packer::Gzip },
+                len: stream.len().min(transfer::PROBE_BYTES),
+                stream,
+            }),
+            None if self.relay && self.packed.is_some() => Feed::Junk,
+            None => Feed::Nothing,
+        }
+    }
 }
 
 /// The one-round-trip probe: platform, a fresh private working dir, the cache entry of
@@ -158,11 +230,20 @@ fn probe_command(
     undo: &str,
     measure: Option<Measure>,
 ) -> String {
-    // Right after the first line, unless the parent waits for the line saying whether the
-    // build is cached before it sends the bytes.
-    let read = |late| match measure {
-        Some(m) if m.if_cached == late => format!("cat >/dev/null; echo {};", transfer::RATE_MARK),
-        _ => String::new(),
+    // Right after the first line, or after the last, where a line first names what follows.
+    let (early, late) = match measure {
+        Some(Measure::Early) => (format!("cat >/dev/null; echo {};", transfer::RATE_MARK), ""),
+        Some(Measure::Late(_)) => (String::new(), "late"),
+        None => (String::new(), ""),
+    };
+    let late = if late.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; read -r k || k=; if [ \"$k\" = head ]; then cat > \"$w\"/{HEAD_FILE}; \
+             else cat >/dev/null; fi; echo {}",
+            transfer::RATE_MARK
+        )
     };
     format!(
         "set -e; umask 077; uname -sm; {early} \
@@ -172,17 +253,15 @@ fn probe_command(
          if [ -f \"$f\" ] && [ \"$(wc -c < \"$f\")\" -eq {size} ] && \
             sha256sum \"$f\" | grep -q '^{sha} '; then \
            touch -c -- \"$c\"/{sha} \"$f\" || true; echo cached; \
-         else {mkdir} echo missing; fi; {late} \
+         else {mkdir} echo missing; fi; \
          if command -v gzip >/dev/null 2>&1; then echo gzip; else echo no-gzip; fi; \
          if command -v xz >/dev/null 2>&1; then echo xz; else echo no-xz; fi; \
          o=-; for d in $(ls -t \"$c\" 2>/dev/null); do case $d in {sha}) ;; *) \
            if [ ${{#d}} -eq 64 ] && [ -x \"$c/$d/arbor\" ]; then o=$d; break; fi;; esac; done; \
-         echo \"old $o\"",
+         echo \"old $o\"{late}",
         tmp = shell_quote(remote_tmp.trim_end_matches('/')),
         sha = build.sha256,
         size = build.size,
-        early = read(false),
-        late = read(true),
         mkdir = if make_dir {
             format!("mkdir -p -m 700 \"$c\"/{};", build.sha256)
         } else {
@@ -201,59 +280,72 @@ fn undo_probe(probed: &Probed, build: &Build) -> String {
     )
 }
 
-/// Runs the probe; with `measure`, writes its bytes to its stdin at once, timed from the
-/// first line of output to `transfer::RATE_MARK`, or (`if_cached`) once the probe said the
-/// build is cached, timed from that line. Returns the output and the rate, bytes/s.
+/// Runs the probe; with `measure`, writes its bytes to its stdin: at once (`Early`), timed
+/// from the first line of output to `transfer::RATE_MARK`, or (`Late`) what [`Late::feed`]
+/// chose once the probe's last line said what the host has, timed from that line. Returns
+/// the output, the rate (bytes/s), and what a late probe was sent.
 async fn run_probe(
     session: &Session,
     command: &str,
-    measure: Option<Measure>,
-) -> Result<(Vec<u8>, Option<f64>), SshError> {
+    measure: Option<Measure<'_>>,
+) -> Result<(Vec<u8>, Option<f64>, Option<Feed>), SshError> {
     use tokio::io::AsyncWriteExt;
     let mut cmd = session.exec(command, &Default::default()).await?;
     let mut before = session.link_info();
     let mut stdin = cmd.stdin_writer();
-    let (go, send) = tokio::sync::oneshot::channel::<bool>();
+    let (go, send) = tokio::sync::oneshot::channel::<Vec<u8>>();
     let mut go = Some(go);
+    let early = matches!(measure, Some(Measure::Early));
     let feed = tokio::spawn(async move {
-        let bytes = match measure {
-            Some(m) if !m.if_cached || send.await == Ok(true) => transfer::PROBE_BYTES,
-            _ => 0,
+        let bytes = match early {
+            true => vec![0u8; transfer::PROBE_BYTES],
+            false => send.await.unwrap_or_default(),
         };
-        let _ = stdin.write_all(&vec![0u8; bytes]).await;
+        let _ = stdin.write_all(&bytes).await;
         let _ = stdin.shutdown().await;
     });
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
-    let (mut first, mut mark, mut sent) = (None, None, measure.is_some_and(|m| !m.if_cached));
+    let (mut first, mut mark, mut sent, mut fed) =
+        (None, None, early.then_some(transfer::PROBE_BYTES), None);
     let status = loop {
         match cmd.next().await {
             Some(crate::ssh::Output::Stdout(d)) => {
                 let now = std::time::Instant::now();
                 stdout.extend_from_slice(&d);
-                let text = String::from_utf8_lossy(&stdout);
-                // Sent at once: timed from the first line.
-                if measure.is_some_and(|m| !m.if_cached) {
-                    first.get_or_insert(now);
-                }
-                // The fourth line, whole: cached or missing.
-                if measure.is_some_and(|m| m.if_cached)
-                    && go.is_some()
-                    && let Some(line) = text
-                        .split('\n')
-                        .nth(3)
-                        .filter(|_| text.split('\n').count() > 4)
-                {
-                    let cached = line == "cached";
-                    if cached {
-                        (first, before, sent) = (Some(now), session.link_info(), true);
+                match measure {
+                    // Sent at once: timed from the first line.
+                    Some(Measure::Early) => {
+                        first.get_or_insert(now);
                     }
-                    if let Some(go) = go.take() {
-                        let _ = go.send(cached);
+                    // Once the last line is whole, what the host has chooses the bytes.
+                    Some(Measure::Late(late)) if go.is_some() => {
+                        let whole = stdout.iter().rposition(|b| *b == b'\n');
+                        if let Some(found) = whole.and_then(|n| parse_probe(&stdout[..=n], None)) {
+                            let chosen = late.feed(&found);
+                            let bytes = match &chosen {
+                                Feed::Nothing => Vec::new(),
+                                Feed::Junk => {
+                                    [&b"junk\n"[..], &[0u8; transfer::PROBE_BYTES]].concat()
+                                }
+                                Feed::Head(h) => [&b"head\n"[..], &h.stream[..h.len]].concat(),
+                            };
+                            if !bytes.is_empty() {
+                                (first, before, sent) =
+                                    (Some(now), session.link_info(), Some(bytes.len()));
+                            }
+                            fed = Some(chosen);
+                            if let Some(go) = go.take() {
+                                let _ = go.send(bytes);
+                            }
+                        }
                     }
+                    _ => {}
                 }
                 if mark.is_none()
                     && measure.is_some()
-                    && text.lines().any(|l| l == transfer::RATE_MARK)
+                    && String::from_utf8_lossy(&stdout)
+                        .lines()
+                        .any(|l| l == transfer::RATE_MARK)
                 {
                     mark = Some(now);
                 }
@@ -273,16 +365,16 @@ async fn run_probe(
             )),
         ));
     }
-    let rate = match (first, mark) {
-        (Some(first), Some(mark)) if sent => Some(measured(
+    let rate = match (first, mark, sent) {
+        (Some(first), Some(mark), Some(sent)) => Some(measured(
             session,
             "the probe",
-            transfer::rate_from(first, mark),
+            transfer::rate_of(sent as u64, mark.duration_since(first)),
             before,
         )),
         _ => None,
     };
-    Ok((stdout, rate))
+    Ok((stdout, rate, fed))
 }
 
 /// A link's rate from a copy over `session` timed at `timed` bytes/s, and the kernel's
@@ -404,6 +496,7 @@ fn parse_probe(out: &[u8], rate: Option<f64>) -> Option<Probed> {
         cached: lines.next()? == "cached",
         has_gzip: lines.next()? == "gzip",
         has_xz: lines.next()? == "xz",
+        head: None,
         old: lines
             .next()?
             .strip_prefix("old ")
@@ -437,13 +530,21 @@ pub async fn stage(
             undo,
             measure,
         );
-        let (out, rate) = run_probe(session, &command, measure).await?;
-        parse_probe(&out, rate).ok_or_else(|| {
+        let (out, rate, fed) = run_probe(session, &command, measure).await?;
+        let mut probed = parse_probe(&out, rate).ok_or_else(|| {
             other(format!(
                 "unexpected probe output: {:?}",
                 String::from_utf8_lossy(&out)
             ))
-        })
+        })?;
+        // Unmeasured, a relay without a packed stream takes its children's links for LANs.
+        if let Some(Measure::Late(late)) = measure {
+            probed.lan = late.relay && late.packed.is_none();
+        }
+        if let Some(Feed::Head(head)) = fed {
+            probed.head = Some(head);
+        }
+        Ok(probed)
     };
 
     // One round trip for the common case: the platform, a private working dir, and whether
@@ -455,24 +556,24 @@ pub async fn stage(
         .ok_or_else(|| other("no build of arbor to copy".into()))?;
     // The binary's gzip stream, should the probe find the host without it, is made meanwhile
     // rather than after (kept streams are reused; docs/remote.md). How the link is measured
-    // (docs/remote.md, "Compression"):
-    // - the initiator: a full probe, or none where the stream is made ahead: a host without
-    //   the binary gets it packed whatever its link, and that copy measures the link;
-    // - a relay holding a kept gzip stream (its own link was thin): a full probe;
-    // - a relay holding none (its own binary came plain or as xz): a host without the binary
-    //   gets it plain, as on a LAN, and that copy measures the link; a full probe only to a
-    //   host that holds the build.
+    // (docs/remote.md, "Compression"): by a probe sent 512 KiB at once where the initiator's
+    // stream is being made (its first run of a build), else by a late probe (`Late::feed`),
+    // whose bytes are the head of the packed copy where one is ready.
     let compress = options.compress != crate::wire::Compress::Never;
-    let ahead = compress && expected.gz.as_ref().is_some_and(|cell| cell.prewarm());
-    let measure = match (options.probe_always, ahead) {
+    let packed = expected
+        .gz
+        .as_ref()
+        .filter(|cell| compress && cell.prewarm());
+    let measure = match (options.probe_always, packed) {
         _ if !compress => None,
-        (false, true) => None,
-        (false, false) | (true, true) => Some(false),
-        (true, false) => Some(true),
-    }
-    .map(|if_cached| Measure { if_cached });
+        (false, None) => Some(Measure::Early),
+        (relay, packed) => Some(Measure::Late(Late {
+            relay,
+            packed,
+            seeding: seeding.is_some() && !options.no_caching,
+        })),
+    };
     let mut probed = probe(&expected, "", measure).await?;
-    probed.lan = measure.is_some_and(|m| m.if_cached);
     let made = undo_probe(&probed, &expected);
     let found = match builds.for_platform(&probed.platform).await {
         Ok(found) => found,
@@ -567,18 +668,31 @@ async fn copy_in(
             }
         };
         let packed = thin && !cached && !seeded && patched.is_none();
-        // The kept xz stream where the host has xz (smaller; see builds::Xz). A copy that
-        // fails there goes gzipped instead.
+        // Where the probe's bytes were the head of a packed stream, the host holds them.
+        let head = probed.head.as_ref();
+        let headed = |packer| head.filter(|h| packed && h.packer == packer);
+        let head_file = format!("{workdir}/{HEAD_FILE}");
+        // The kept xz stream where the host has xz (smaller; see builds::Xz), or the one whose
+        // head the host holds. A copy that fails there goes gzipped instead.
         let before = session.link_info();
         let mut xz_copy = None;
-        if let (Some(cell), true) = (&build.gz, packed && probed.has_xz)
-            && let Some(xz) = cell.xz()
-        {
+        let xz = match (&build.gz, packed && probed.has_xz) {
+            // Asked for at the initiator, it is made for later copies if it is not there.
+            (Some(cell), true) => cell.xz(),
+            _ => None,
+        };
+        let xz = match (head, headed(Packer::Xz)) {
+            (Some(_), Some(h)) => Some(h.stream.clone()),
+            (Some(_), None) => None,
+            (None, _) => xz,
+        };
+        if let Some(xz) = xz {
             match copy_packed(
                 session,
                 build,
                 &xz,
                 Packer::Xz,
+                headed(Packer::Xz).map(|h| (head_file.as_str(), h.len)),
                 &binary,
                 relay,
                 progress,
@@ -592,7 +706,9 @@ async fn copy_in(
                 }
                 Err(e) => {
                     tracing::warn!("{host}: the binary's xz copy failed, copying it gzipped: {e}");
-                    cell.forget_xz();
+                    if let Some(cell) = &build.gz {
+                        cell.forget_xz();
+                    }
                 }
             }
         }
@@ -609,11 +725,13 @@ async fn copy_in(
             bytes_copied += bytes;
             copy = Some((bytes, took));
         } else if let Some(gz) = &gz {
+            let head = headed(Packer::Gzip).filter(|h| Arc::ptr_eq(&h.stream, &gz.0));
             let (bytes, took) = copy_packed(
                 session,
                 build,
                 &gz.0,
                 Packer::Gzip,
+                head.map(|h| (head_file.as_str(), h.len)),
                 &binary,
                 relay,
                 progress,
@@ -623,6 +741,10 @@ async fn copy_in(
             bytes_copied += bytes;
             copy = Some((bytes, took));
         } else {
+            // A head the probe sent for a packed copy that the link's rate ruled out.
+            if head.is_some() {
+                let _ = sftp.remove(&head_file).await;
+            }
             let began = std::time::Instant::now();
             let bytes = upload_build(&sftp, build, &binary, cancel, &mut |sent, total| {
                 progress("arbor", sent, total)
@@ -956,6 +1078,7 @@ async fn copy_packed(
     build: &Build,
     packed: &[u8],
     packer: Packer,
+    head: Option<(&str, usize)>,
     binary: &str,
     relay: bool,
     progress: Progress<'_>,
@@ -973,11 +1096,20 @@ async fn copy_packed(
         Packer::Xz => format!("sha256sum \"$t\" | grep -q '^{} ' && ", build.sha256),
     };
     let keep = relay;
+    // The head a probe sent (`Feed::Head`) goes first, and is removed whatever happens.
+    let skip = head.map_or(0, |(_, len)| len);
+    let (first, drop) = match head {
+        Some((path, _)) => (
+            format!("cat {} - | ", shell_quote(path)),
+            format!("rm -f -- {};", shell_quote(path)),
+        ),
+        None => (String::new(), String::new()),
+    };
     let unpack = format!(
         "cd {dir} && t=.arbor.unpack.$$ && k=.{name}.$$ && \
-         if {source}{tool} -dc > \"$t\" && [ \"$(wc -c < \"$t\")\" -eq {size} ] && {check}\
-            {kept}chmod 755 \"$t\" && mv -f \"$t\" arbor; then :; \
-         else rm -f \"$t\" \"$k\"; echo '{tool} -d failed or gave the wrong bytes' >&2; exit 1; fi",
+         if {first}{source}{tool} -dc > \"$t\" && [ \"$(wc -c < \"$t\")\" -eq {size} ] && {check}\
+            {kept}chmod 755 \"$t\" && mv -f \"$t\" arbor; then {drop} :; \
+         else rm -f \"$t\" \"$k\"; {drop} echo '{tool} -d failed or gave the wrong bytes' >&2; exit 1; fi",
         dir = shell_quote(dir),
         size = build.size,
         source = if keep { "tee \"$k\" | " } else { "" },
@@ -990,13 +1122,20 @@ async fn copy_packed(
             String::new()
         },
     );
+    if skip > 0 {
+        tracing::debug!(
+            "{host}: {name}: its first {skip} bytes came with the probe, the copy sends the \
+             other {}",
+            packed.len().saturating_sub(skip)
+        );
+    }
     let command = session.exec(&unpack, &Default::default()).await?;
     let mut stdin = command.stdin_writer();
     let began = std::time::Instant::now();
     let total = packed.len() as u64;
     let streaming = async {
-        let mut sent = 0u64;
-        for chunk in packed.chunks(256 << 10) {
+        let mut sent = skip as u64;
+        for chunk in packed[skip.min(packed.len())..].chunks(256 << 10) {
             stdin.write_all(chunk).await?;
             sent += chunk.len() as u64;
             progress(name, sent, total);
@@ -1093,6 +1232,151 @@ mod tests {
 
     use super::*;
     use tokio::io::AsyncReadExt;
+
+    /// Runs a late probe's shell here (`sh`, HOME in a temp dir) with `stdin`: its output,
+    /// parsed, and what its working dir holds afterwards.
+    fn late_probe_here(
+        build: &Build,
+        home: &std::path::Path,
+        stdin: &[u8],
+    ) -> (Probed, Vec<String>) {
+        use std::io::Write;
+        let late = Late {
+            relay: false,
+            packed: None,
+            seeding: false,
+        };
+        let command = probe_command(
+            build,
+            &home.display().to_string(),
+            true,
+            "",
+            Some(Measure::Late(late)),
+        );
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", &command])
+            .env("HOME", home)
+            .env_remove("XDG_CACHE_HOME")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("sh");
+        child.stdin.take().unwrap().write_all(stdin).expect("stdin");
+        let out = child.wait_with_output().expect("probe");
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(text.lines().last(), Some(transfer::RATE_MARK), "{text}");
+        let probed = parse_probe(&out.stdout, None).expect("parse");
+        let mut held: Vec<String> = std::fs::read_dir(&probed.workdir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        held.sort();
+        (probed, held)
+    }
+
+    #[test]
+    fn a_late_probe_keeps_a_head_it_is_sent_and_throws_junk_away() {
+        let home = tempfile::tempdir().unwrap();
+        let bin = home.path().join("bin");
+        std::fs::write(&bin, b"not really arbor").unwrap();
+        let build = Build::from_file(&bin, "Linux x86_64").unwrap();
+        let head: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+
+        let (probed, held) =
+            late_probe_here(&build, home.path(), &[&b"head\n"[..], &head].concat());
+        assert!(!probed.cached && probed.old.is_none());
+        assert_eq!(held, [HEAD_FILE]);
+        assert_eq!(
+            std::fs::read(format!("{}/{HEAD_FILE}", probed.workdir)).unwrap(),
+            head
+        );
+
+        let (_, held) = late_probe_here(&build, home.path(), &[&b"junk\n"[..], &head].concat());
+        assert!(held.is_empty(), "junk was kept: {held:?}");
+        let (_, held) = late_probe_here(&build, home.path(), b"");
+        assert!(held.is_empty(), "nothing sent, yet {held:?}");
+    }
+
+    #[tokio::test]
+    async fn a_late_probe_sends_a_missing_host_the_head_of_a_ready_stream_and_a_cached_one_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("arbor");
+        let body: Vec<u8> = (0..2_000_000u32).map(|i| (i % 13) as u8).collect();
+        std::fs::write(&bin, &body).unwrap();
+        let build = Build::from_file(&bin, "Linux x86_64")
+            .unwrap()
+            .with_gzip(Some(dir.path().join(KEPT_GZ)), false);
+        let cell = build.gz.clone().unwrap();
+        let host = |cached: bool, gzip: bool| Probed {
+            platform: "Linux x86_64".into(),
+            workdir: "/tmp/arbor.x".into(),
+            cache: "/root/.cache/arbor/bin".into(),
+            cached,
+            has_gzip: gzip,
+            has_xz: false,
+            rate: None,
+            lan: false,
+            old: None,
+            head: None,
+        };
+        let kind = |feed: Feed| match feed {
+            Feed::Nothing => "nothing".to_string(),
+            Feed::Junk => "junk".to_string(),
+            Feed::Head(h) => format!("head {:?} {}", h.packer == Packer::Gzip, h.len),
+        };
+        let late = |relay, packed, seeding| Late {
+            relay,
+            packed,
+            seeding,
+        };
+        // The stream not made yet: no head; a relay holding one measures with junk.
+        assert_eq!(
+            kind(late(false, Some(&cell), false).feed(&host(false, true))),
+            "nothing"
+        );
+        assert_eq!(
+            kind(late(true, Some(&cell), false).feed(&host(false, true))),
+            "junk"
+        );
+        let gz = cell.get().await.unwrap();
+        let head = format!("head true {}", gz.0.len().min(transfer::PROBE_BYTES));
+        assert_eq!(
+            kind(late(false, Some(&cell), false).feed(&host(false, true))),
+            head
+        );
+        assert_eq!(
+            kind(late(true, Some(&cell), false).feed(&host(false, true))),
+            head
+        );
+        // A host without gzip, a seeded one, a cached one: no head.
+        assert_eq!(
+            kind(late(false, Some(&cell), false).feed(&host(false, false))),
+            "nothing"
+        );
+        assert_eq!(
+            kind(late(false, Some(&cell), true).feed(&host(false, true))),
+            "nothing"
+        );
+        assert_eq!(
+            kind(late(false, Some(&cell), false).feed(&host(true, true))),
+            "nothing"
+        );
+        assert_eq!(
+            kind(late(true, Some(&cell), false).feed(&host(true, true))),
+            "junk"
+        );
+        // A relay without a packed stream: nothing to a host without the build, junk to one
+        // with it.
+        assert_eq!(
+            kind(late(true, None, false).feed(&host(false, true))),
+            "nothing"
+        );
+        assert_eq!(
+            kind(late(true, None, false).feed(&host(true, true))),
+            "junk"
+        );
+    }
 
     #[tokio::test]
     async fn what_is_read_through_a_hashing_reader_is_hashed() {

@@ -23,7 +23,6 @@ use crate::wire::Compress;
 use sha2::Digest;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
@@ -75,12 +74,6 @@ pub fn level_for(mode: Compress, rate: Option<f64>) -> Option<i32> {
 fn window_log(size: u64, base: u64) -> u32 {
     let total = (size + base).max(1);
     (64 - (total - 1).leading_zeros()).clamp(20, 30)
-}
-
-/// Measures a link from the probe: the time between the first line of output (`first`) and
-/// the line [`RATE_MARK`] (`mark`), for [`PROBE_BYTES`].
-pub fn rate_from(first: Instant, mark: Instant) -> f64 {
-    rate_of(PROBE_BYTES as u64, mark.duration_since(first))
 }
 
 /// A link's rate from a copy timed at `timed` bytes/s and, where arbor holds the connection's
