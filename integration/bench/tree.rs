@@ -180,11 +180,12 @@ fn compress_section() {
          2 relays × 12 leaves, cold caches (every host's cache emptied before each run, the \
          initiator's kept), release build. `always` is what `--compress` did before it took a \
          value (the binary gzipped), plus zstd for artifacts; `auto` compresses only below \
-         12 MB/s, the rate the kernel measured over a 512 KiB probe when its host is staged, \
-         or over the binary's copy where no probe ran: the initiator, whose packed stream is \
-         made ahead, sends it whatever the link; a relay whose own binary came plain or as \
-         xz copies it plain to a host without it (docs/remote.md, \"Compression\"). Median of {RUNS} runs each, the three modes alternating run by \
-         run. Bytes are the tx counter of the initiator's veth.\n\n\
+         12 MB/s, the rate the kernel measured over a probe of 512 KiB when its host is \
+         staged (to a host without the binary, the head of its packed copy, which on a thin \
+         link the copy does not send again), or over the binary's copy where no probe ran: a \
+         relay whose own binary came plain or as xz copies it plain to a host without it \
+         (docs/remote.md, \"Compression\"). Median of {RUNS} runs each, the three modes \
+         alternating run by run. Bytes are the tx counter of the initiator's veth.\n\n\
          | link | workload | mode | time to converged (minus timeout), median (each run) | bytes out on the \
          initiator's link | time / never | time / always |\n|---|---|---|---|---|---|---|\n\
          {rows}\n\
