@@ -139,16 +139,34 @@ impl GzCell {
         self.xz_if(true)
     }
 
-    /// A stream ready now to send the host, whose tools `xz` and `gzip` say what it can
-    /// unpack: the kept xz stream, else the gzip stream if made; never makes or waits for one
-    /// (the head a probe sends, see `stage`). `true` with an xz stream.
-    pub fn ready(self: &Arc<Self>, xz: bool, gzip: bool) -> Option<(bool, Arc<Vec<u8>>)> {
+    /// The first `len` bytes of a packed stream ready now for a host whose tools `xz` and
+    /// `gzip` say what it can unpack (the head a probe sends, see `stage`); `true` for xz.
+    /// Never makes or waits for a stream: the kept xz stream, else the gzip stream if made,
+    /// else the head of the kept gzip stream, which is checked before use and may not be
+    /// the stream the copy sends (the caller compares).
+    pub fn ready_head(
+        self: &Arc<Self>,
+        xz: bool,
+        gzip: bool,
+        len: usize,
+    ) -> Option<(bool, Vec<u8>)> {
+        let head = |s: &[u8]| s[..len.min(s.len())].to_vec();
         if let Some(stream) = self.xz_if(false).filter(|_| xz) {
-            return Some((true, stream));
+            return Some((true, head(&stream)));
+        }
+        if !gzip {
+            return None;
         }
         match self.made.get() {
-            Some(Ok(gz)) if gzip => Some((false, gz.0.clone())),
-            _ => None,
+            Some(Ok(gz)) => Some((false, head(&gz.0))),
+            Some(Err(_)) => None,
+            None => {
+                let mut bytes = Vec::with_capacity(len);
+                let file = std::fs::File::open(self.kept.as_deref()?).ok()?;
+                std::io::Read::read_to_end(&mut std::io::Read::take(file, len as u64), &mut bytes)
+                    .ok()?;
+                Some((false, bytes))
+            }
         }
     }
 

@@ -145,13 +145,12 @@ struct Probed {
 /// Where a probe keeps the head of a packed stream that its bytes were, in the working dir.
 const HEAD_FILE: &str = "arbor.head";
 
-/// The first `len` bytes of `stream`, which a probe sent and the host keeps: the binary's
-/// packed copy that follows sends only the rest.
+/// The first bytes of a packed stream of the binary, which a probe sent and the host keeps:
+/// the packed copy that follows, if it is that stream, sends only the rest.
 #[derive(Clone)]
 struct Head {
     packer: Packer,
-    stream: Arc<Vec<u8>>,
-    len: usize,
+    bytes: Arc<Vec<u8>>,
 }
 
 /// How the probe measures the link: it reads its stdin to its end, after its first line
@@ -204,15 +203,13 @@ impl Late<'_> {
                 Feed::Nothing
             };
         }
-        let ready = self
-            .packed
-            .filter(|_| !self.seeding)
-            .and_then(|cell| cell.ready(probed.has_xz, probed.has_gzip));
+        let ready = self.packed.filter(|_| !self.seeding).and_then(|cell| {
+            cell.ready_head(probed.has_xz, probed.has_gzip, transfer::PROBE_BYTES)
+        });
         match ready {
-            Some((xz, stream)) => Feed::Head(Head {
+            Some((xz, bytes)) => Feed::Head(Head {
                 packer: if xz { Packer::Xz } else { Packer::Gzip },
-                len: stream.len().min(transfer::PROBE_BYTES),
-                stream,
+                bytes: Arc::new(bytes),
             }),
             None if self.relay && self.packed.is_some() => Feed::Junk,
             None => Feed::Nothing,
@@ -327,7 +324,7 @@ async fn run_probe(
                                 Feed::Junk => {
                                     [&b"junk\n"[..], &[0u8; transfer::PROBE_BYTES]].concat()
                                 }
-                                Feed::Head(h) => [&b"head\n"[..], &h.stream[..h.len]].concat(),
+                                Feed::Head(h) => [&b"head\n"[..], &h.bytes].concat(),
                             };
                             if !bytes.is_empty() {
                                 (first, before, sent) =
@@ -668,12 +665,18 @@ async fn copy_in(
             }
         };
         let packed = thin && !cached && !seeded && patched.is_none();
-        // Where the probe's bytes were the head of a packed stream, the host holds them.
-        let head = probed.head.as_ref();
-        let headed = |packer| head.filter(|h| packed && h.packer == packer);
+        // Where the probe's bytes were the head of a packed stream, the host holds them: a
+        // packed copy of that stream sends only the rest (and removes the head file, whether
+        // it works or not); otherwise the head file is removed below.
+        let head = probed.head.as_ref().filter(|_| packed);
         let head_file = format!("{workdir}/{HEAD_FILE}");
-        // The kept xz stream where the host has xz (smaller; see builds::Xz), or the one whose
-        // head the host holds. A copy that fails there goes gzipped instead.
+        let mut head_used = false;
+        let fits = |stream: &[u8], packer| {
+            head.filter(|h| h.packer == packer && stream.starts_with(&h.bytes))
+                .map(|h| (head_file.as_str(), h.bytes.len()))
+        };
+        // The kept xz stream where the host has xz (smaller; see builds::Xz), unless the host
+        // holds the head of the gzip stream. A copy that fails there goes gzipped instead.
         let before = session.link_info();
         let mut xz_copy = None;
         let xz = match (&build.gz, packed && probed.has_xz) {
@@ -681,18 +684,15 @@ async fn copy_in(
             (Some(cell), true) => cell.xz(),
             _ => None,
         };
-        let xz = match (head, headed(Packer::Xz)) {
-            (Some(_), Some(h)) => Some(h.stream.clone()),
-            (Some(_), None) => None,
-            (None, _) => xz,
-        };
-        if let Some(xz) = xz {
+        if let Some(xz) = xz.filter(|_| head.is_none_or(|h| h.packer == Packer::Xz)) {
+            let head = fits(&xz, Packer::Xz);
+            head_used |= head.is_some();
             match copy_packed(
                 session,
                 build,
                 &xz,
                 Packer::Xz,
-                headed(Packer::Xz).map(|h| (head_file.as_str(), h.len)),
+                head,
                 &binary,
                 relay,
                 progress,
@@ -716,6 +716,15 @@ async fn copy_in(
             (Some(cell), true) => Some(cell.get().await.map_err(&other)?),
             _ => None,
         };
+        let gz_head = gz
+            .as_ref()
+            .and_then(|gz| fits(&gz.0, Packer::Gzip))
+            .filter(|_| !head_used);
+        head_used |= gz_head.is_some();
+        if probed.head.is_some() && !head_used {
+            // Not used: a LAN's plain copy, or a stream other than the one it came from.
+            let _ = sftp.remove(&head_file).await;
+        }
         // The binary's copy, timed: the link's rate when the probe did not measure it.
         let mut copy = None;
         if cached || patched.is_some() || seeded {
@@ -725,13 +734,12 @@ async fn copy_in(
             bytes_copied += bytes;
             copy = Some((bytes, took));
         } else if let Some(gz) = &gz {
-            let head = headed(Packer::Gzip).filter(|h| Arc::ptr_eq(&h.stream, &gz.0));
             let (bytes, took) = copy_packed(
                 session,
                 build,
                 &gz.0,
                 Packer::Gzip,
-                head.map(|h| (head_file.as_str(), h.len)),
+                gz_head,
                 &binary,
                 relay,
                 progress,
@@ -741,10 +749,6 @@ async fn copy_in(
             bytes_copied += bytes;
             copy = Some((bytes, took));
         } else {
-            // A head the probe sent for a packed copy that the link's rate ruled out.
-            if head.is_some() {
-                let _ = sftp.remove(&head_file).await;
-            }
             let began = std::time::Instant::now();
             let bytes = upload_build(&sftp, build, &binary, cancel, &mut |sent, total| {
                 progress("arbor", sent, total)
@@ -1323,7 +1327,7 @@ mod tests {
         let kind = |feed: Feed| match feed {
             Feed::Nothing => "nothing".to_string(),
             Feed::Junk => "junk".to_string(),
-            Feed::Head(h) => format!("head {:?} {}", h.packer == Packer::Gzip, h.len),
+            Feed::Head(h) => format!("head {:?} {}", h.packer == Packer::Gzip, h.bytes.len()),
         };
         let late = |relay, packed, seeding| Late {
             relay,
@@ -1339,7 +1343,23 @@ mod tests {
             kind(late(true, Some(&cell), false).feed(&host(false, true))),
             "junk"
         );
+        // A kept stream not yet checked (`GzCell::get`): its head, which the copy compares
+        // with the stream it sends.
+        let kept: Vec<u8> = (0..800_000u32).map(|i| (i % 7) as u8).collect();
+        std::fs::write(dir.path().join(KEPT_GZ), &kept).unwrap();
+        match late(false, Some(&cell), false).feed(&host(false, true)) {
+            Feed::Head(h) => {
+                assert!(h.packer == Packer::Gzip);
+                assert_eq!(h.bytes[..], kept[..transfer::PROBE_BYTES]);
+            }
+            _ => panic!("no head of the kept stream"),
+        }
+        // Checked, it does not unpack to the binary: made afresh, and the head is the new one.
         let gz = cell.get().await.unwrap();
+        match late(false, Some(&cell), false).feed(&host(false, true)) {
+            Feed::Head(h) => assert!(gz.0.starts_with(&h.bytes) && !kept.starts_with(&h.bytes)),
+            _ => panic!("no head of the made stream"),
+        }
         let head = format!("head true {}", gz.0.len().min(transfer::PROBE_BYTES));
         assert_eq!(
             kind(late(false, Some(&cell), false).feed(&host(false, true))),
