@@ -807,7 +807,9 @@ fn a_kept_xz_stream_carries_the_binarys_first_copy_and_a_bad_one_falls_back_to_g
 }
 
 /// With --compress, the initiator's link carries two gzipped binaries, relays keep theirs to
-/// pass on without recompressing, and every leaf ends up with the exact binary.
+/// pass on without recompressing, and every leaf ends up with the exact binary. Then again
+/// with the gzip stream the first run kept at the initiator: each relay's probe was its
+/// first 512 KiB, which the copy does not send again.
 fn compress_sends_the_binary_gzipped_once_per_relay(lab: &Lab) -> TestResult {
     clean(lab, true);
     let topo = topology(TWO_RELAYS);
@@ -867,6 +869,46 @@ fn compress_sends_the_binary_gzipped_once_per_relay(lab: &Lab) -> TestResult {
         check!(
             !kept.contains(".arbor.unpack"),
             "{host}: an unpacking temp file was left: {kept:?}"
+        );
+    }
+    check_no_leftovers(lab, &HOSTS)?;
+
+    // The kept stream's head goes with the probe (the debug level says so).
+    clean(lab, true);
+    let mut args = vec![
+        "--topology",
+        topo.path.to_str().unwrap_or_default(),
+        "--tmp-prefix",
+    ];
+    args.extend_from_slice(&["--converged-timeout", "2", "--compress"]);
+    let (tx0, _) = lab.init_link_bytes();
+    let out = arbor_command(lab, &lab.home(), &args)
+        .env("ARBOR_LOG", "arbor=debug")
+        .output()
+        .map_err(fail)?;
+    let (tx1, _) = lab.init_link_bytes();
+    let log = exchanged(lab, &out)?;
+    for relay in ["r1", "r2"] {
+        for line in [
+            format!("{relay}: copied arbor.gz"),
+            format!("{relay}: arbor.gz: its first 524288 bytes came with the probe"),
+        ] {
+            check!(log.contains(&line), "no line {line:?}\n{log}");
+        }
+    }
+    let sent = tx1 - tx0;
+    check!(
+        sent <= limit,
+        "the second run: the initiator's link carried {sent} bytes out, over {limit}"
+    );
+    for host in ["r1", "r2", "l1-1", "l2-3"] {
+        let sha = sha_of(
+            lab.sh(host, "sha256sum /root/.cache/arbor/bin/*/arbor")
+                .as_bytes(),
+        );
+        check!(
+            sha == local_sha,
+            "second run, {host}: cached arbor has sha256 {sha}, want {local_sha}"
         );
     }
     check_no_leftovers(lab, &HOSTS)
