@@ -220,6 +220,9 @@ impl GzCell {
             return;
         }
         if !make {
+            // What a run that ended mid-making left: a run whose links are all fast never
+            // makes one again, so the temp files would stay.
+            remove_stale_temps(&path);
             return;
         }
         let small = std::fs::metadata(&self.source).is_ok_and(|m| m.len() <= XZ_MAX);
@@ -708,7 +711,9 @@ mod tests {
         let stale = dir.path().join(format!("{KEPT_XZ}.{}", i32::MAX));
         std::fs::write(&stale, b"half an xz stream").unwrap();
         // A stage's start reads a kept stream but makes none: no link is known to be thin.
+        // It removes what an earlier making left.
         assert!(cell.prewarm());
+        assert!(!stale.exists(), "a stale temp file was left");
         std::thread::sleep(std::time::Duration::from_millis(300));
         assert!(
             !dir.path().join(KEPT_XZ).exists(),
