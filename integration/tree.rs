@@ -677,6 +677,39 @@ impl Drop for RemoveOnDrop {
     }
 }
 
+/// Runs arbor at the debug level, which says how each copy of the binary went: each relay
+/// got `packed` (`arbor.xz`, `arbor.gz`), its first 512 KiB sent as its probe's bytes (the
+/// copy sent only the rest). Returns the bytes out on the initiator's link.
+fn relays_got_the_binary_after_the_probes_head(
+    lab: &Lab,
+    topo: &Topo,
+    extra: &[&str],
+    packed: &str,
+) -> Result<u64, libtest_mimic::Failed> {
+    let mut args = vec![
+        "--topology",
+        topo.path.to_str().unwrap_or_default(),
+        "--tmp-prefix",
+    ];
+    args.extend_from_slice(extra);
+    let (tx0, _) = lab.init_link_bytes();
+    let out = arbor_command(lab, &lab.home(), &args)
+        .env("ARBOR_LOG", "arbor=debug")
+        .output()
+        .map_err(fail)?;
+    let (tx1, _) = lab.init_link_bytes();
+    let log = exchanged(lab, &out)?;
+    for relay in ["r1", "r2"] {
+        for line in [
+            format!("{relay}: copied {packed}"),
+            format!("{relay}: {packed}: its first 524288 bytes came with the probe"),
+        ] {
+            check!(log.contains(&line), "no line {line:?}\n{log}");
+        }
+    }
+    Ok(tx1 - tx0)
+}
+
 /// Where the initiator keeps an xz stream of its build (`arbor.xz` beside its cached copy),
 /// the binary's first copy to a host that has xz is that stream, relays keep it to pass on,
 /// and each host checks the sha256 of what it unpacks. The probe's bytes were its first
@@ -717,29 +750,7 @@ fn a_kept_xz_stream_carries_the_binarys_first_copy_and_a_bad_one_falls_back_to_g
     let xz_size = std::fs::metadata(&kept.0).map_err(fail)?.len();
 
     let always = ["--converged-timeout", "2", "--compress", "always"];
-    // At the debug level, which says how the copy went.
-    let (tx0, _) = lab.init_link_bytes();
-    let mut args = vec![
-        "--topology",
-        topo.path.to_str().unwrap_or_default(),
-        "--tmp-prefix",
-    ];
-    args.extend_from_slice(&always);
-    let out = arbor_command(lab, &lab.home(), &args)
-        .env("ARBOR_LOG", "arbor=debug")
-        .output()
-        .map_err(fail)?;
-    let (tx1, _) = lab.init_link_bytes();
-    let log = exchanged(lab, &out)?;
-    for relay in ["r1", "r2"] {
-        for line in [
-            format!("{relay}: copied arbor.xz"),
-            format!("{relay}: arbor.xz: its first 524288 bytes came with the probe"),
-        ] {
-            check!(log.contains(&line), "no line {line:?}\n{log}");
-        }
-    }
-    let sent = tx1 - tx0;
+    let sent = relays_got_the_binary_after_the_probes_head(lab, &topo, &always, "arbor.xz")?;
     let limit = 2 * xz_size + 2 * xz_size * 15 / 100;
     check!(
         sent <= limit,
@@ -873,30 +884,14 @@ fn compress_sends_the_binary_gzipped_once_per_relay(lab: &Lab) -> TestResult {
     }
     check_no_leftovers(lab, &HOSTS)?;
 
-    // The kept stream's head goes with the probe (the debug level says so).
+    // The kept stream's head goes with the probe.
     clean(lab, true);
-    let mut args = vec![
-        "--topology",
-        topo.path.to_str().unwrap_or_default(),
-        "--tmp-prefix",
-    ];
-    args.extend_from_slice(&["--converged-timeout", "2", "--compress"]);
-    let (tx0, _) = lab.init_link_bytes();
-    let out = arbor_command(lab, &lab.home(), &args)
-        .env("ARBOR_LOG", "arbor=debug")
-        .output()
-        .map_err(fail)?;
-    let (tx1, _) = lab.init_link_bytes();
-    let log = exchanged(lab, &out)?;
-    for relay in ["r1", "r2"] {
-        for line in [
-            format!("{relay}: copied arbor.gz"),
-            format!("{relay}: arbor.gz: its first 524288 bytes came with the probe"),
-        ] {
-            check!(log.contains(&line), "no line {line:?}\n{log}");
-        }
-    }
-    let sent = tx1 - tx0;
+    let sent = relays_got_the_binary_after_the_probes_head(
+        lab,
+        &topo,
+        &["--converged-timeout", "2", "--compress"],
+        "arbor.gz",
+    )?;
     check!(
         sent <= limit,
         "the second run: the initiator's link carried {sent} bytes out, over {limit}"

@@ -1361,41 +1361,26 @@ mod tests {
             _ => panic!("no head of the made stream"),
         }
         let head = format!("head true {}", gz.0.len().min(transfer::PROBE_BYTES));
-        assert_eq!(
-            kind(late(false, Some(&cell), false).feed(&host(false, true))),
-            head
-        );
-        assert_eq!(
-            kind(late(true, Some(&cell), false).feed(&host(false, true))),
-            head
-        );
-        // A host without gzip, a seeded one, a cached one: no head.
-        assert_eq!(
-            kind(late(false, Some(&cell), false).feed(&host(false, false))),
-            "nothing"
-        );
-        assert_eq!(
-            kind(late(false, Some(&cell), true).feed(&host(false, true))),
-            "nothing"
-        );
-        assert_eq!(
-            kind(late(false, Some(&cell), false).feed(&host(true, true))),
-            "nothing"
-        );
-        assert_eq!(
-            kind(late(true, Some(&cell), false).feed(&host(true, true))),
-            "junk"
-        );
-        // A relay without a packed stream: nothing to a host without the build, junk to one
-        // with it.
-        assert_eq!(
-            kind(late(true, None, false).feed(&host(false, true))),
-            "nothing"
-        );
-        assert_eq!(
-            kind(late(true, None, false).feed(&host(true, true))),
-            "junk"
-        );
+        // (relay, holds a packed stream, seeding; host cached, host has gzip): what it is sent.
+        for (relay, packed, seeding, cached, gzip, want) in [
+            (false, true, false, false, true, head.as_str()),
+            (true, true, false, false, true, &head),
+            // A host without gzip, a seeded one, a cached one: no head.
+            (false, true, false, false, false, "nothing"),
+            (false, true, true, false, true, "nothing"),
+            (false, true, false, true, true, "nothing"),
+            (true, true, false, true, true, "junk"),
+            // A relay without a packed stream: nothing to a host without the build, junk to
+            // one with it.
+            (true, false, false, false, true, "nothing"),
+            (true, false, false, true, true, "junk"),
+        ] {
+            let got = kind(late(relay, packed.then_some(&cell), seeding).feed(&host(cached, gzip)));
+            assert_eq!(
+                got, want,
+                "relay {relay}, packed {packed}, seeding {seeding}, cached {cached}, gzip {gzip}"
+            );
+        }
     }
 
     #[tokio::test]
