@@ -229,18 +229,19 @@ fn probe_command(
 ) -> String {
     // Right after the first line, or after the last, where a line first names what follows.
     let (early, late) = match measure {
-        Some(Measure::Early) => (format!("cat >/dev/null; echo {};", transfer::RATE_MARK), ""),
-        Some(Measure::Late(_)) => (String::new(), "late"),
-        None => (String::new(), ""),
-    };
-    let late = if late.is_empty() {
-        String::new()
-    } else {
-        format!(
-            "; read -r k || k=; if [ \"$k\" = head ]; then cat > \"$w\"/{HEAD_FILE}; \
-             else cat >/dev/null; fi; echo {}",
-            transfer::RATE_MARK
-        )
+        Some(Measure::Early) => (
+            format!("cat >/dev/null; echo {};", transfer::RATE_MARK),
+            String::new(),
+        ),
+        Some(Measure::Late(_)) => (
+            String::new(),
+            format!(
+                "; read -r k || k=; if [ \"$k\" = head ]; then cat > \"$w\"/{HEAD_FILE}; \
+                 else cat >/dev/null; fi; echo {}",
+                transfer::RATE_MARK
+            ),
+        ),
+        None => (String::new(), String::new()),
     };
     format!(
         "set -e; umask 077; uname -sm; {early} \
@@ -280,12 +281,12 @@ fn undo_probe(probed: &Probed, build: &Build) -> String {
 /// Runs the probe; with `measure`, writes its bytes to its stdin: at once (`Early`), timed
 /// from the first line of output to `transfer::RATE_MARK`, or (`Late`) what [`Late::feed`]
 /// chose once the probe's last line said what the host has, timed from that line. Returns
-/// the output, the rate (bytes/s), and what a late probe was sent.
+/// the output, the rate (bytes/s), and the head of a packed stream a late probe was sent.
 async fn run_probe(
     session: &Session,
     command: &str,
     measure: Option<Measure<'_>>,
-) -> Result<(Vec<u8>, Option<f64>, Option<Feed>), SshError> {
+) -> Result<(Vec<u8>, Option<f64>, Option<Head>), SshError> {
     use tokio::io::AsyncWriteExt;
     let mut cmd = session.exec(command, &Default::default()).await?;
     let mut before = session.link_info();
@@ -302,7 +303,7 @@ async fn run_probe(
         let _ = stdin.shutdown().await;
     });
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
-    let (mut first, mut mark, mut sent, mut fed) =
+    let (mut first, mut mark, mut sent, mut head) =
         (None, None, early.then_some(transfer::PROBE_BYTES), None);
     let status = loop {
         match cmd.next().await {
@@ -318,19 +319,21 @@ async fn run_probe(
                     Some(Measure::Late(late)) if go.is_some() => {
                         let whole = stdout.iter().rposition(|b| *b == b'\n');
                         if let Some(found) = whole.and_then(|n| parse_probe(&stdout[..=n], None)) {
-                            let chosen = late.feed(&found);
-                            let bytes = match &chosen {
+                            let bytes = match late.feed(&found) {
                                 Feed::Nothing => Vec::new(),
                                 Feed::Junk => {
                                     [&b"junk\n"[..], &[0u8; transfer::PROBE_BYTES]].concat()
                                 }
-                                Feed::Head(h) => [&b"head\n"[..], &h.bytes].concat(),
+                                Feed::Head(h) => {
+                                    let bytes = [&b"head\n"[..], &h.bytes].concat();
+                                    head = Some(h);
+                                    bytes
+                                }
                             };
                             if !bytes.is_empty() {
                                 (first, before, sent) =
                                     (Some(now), session.link_info(), Some(bytes.len()));
                             }
-                            fed = Some(chosen);
                             if let Some(go) = go.take() {
                                 let _ = go.send(bytes);
                             }
@@ -371,7 +374,7 @@ async fn run_probe(
         )),
         _ => None,
     };
-    Ok((stdout, rate, fed))
+    Ok((stdout, rate, head))
 }
 
 /// A link's rate from a copy over `session` timed at `timed` bytes/s, and the kernel's
@@ -527,7 +530,7 @@ pub async fn stage(
             undo,
             measure,
         );
-        let (out, rate, fed) = run_probe(session, &command, measure).await?;
+        let (out, rate, head) = run_probe(session, &command, measure).await?;
         let mut probed = parse_probe(&out, rate).ok_or_else(|| {
             other(format!(
                 "unexpected probe output: {:?}",
@@ -538,9 +541,7 @@ pub async fn stage(
         if let Some(Measure::Late(late)) = measure {
             probed.lan = late.relay && late.packed.is_none();
         }
-        if let Some(Feed::Head(head)) = fed {
-            probed.head = Some(head);
-        }
+        probed.head = head;
         Ok(probed)
     };
 
@@ -716,10 +717,7 @@ async fn copy_in(
             (Some(cell), true) => Some(cell.get().await.map_err(&other)?),
             _ => None,
         };
-        let gz_head = gz
-            .as_ref()
-            .and_then(|gz| fits(&gz.0, Packer::Gzip))
-            .filter(|_| !head_used);
+        let gz_head = gz.as_ref().and_then(|gz| fits(&gz.0, Packer::Gzip));
         head_used |= gz_head.is_some();
         if probed.head.is_some() && !head_used {
             // Not used: a LAN's plain copy, or a stream other than the one it came from.
