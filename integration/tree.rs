@@ -191,6 +191,10 @@ fn main() -> std::process::ExitCode {
             a_topologys_quic_ports_are_where_each_child_listens_at_every_depth,
         ),
         (
+            "the_congestion_control_chosen_runs_at_both_ends_of_every_link",
+            the_congestion_control_chosen_runs_at_both_ends_of_every_link,
+        ),
+        (
             "after_a_re_attach_a_relay_re_attaches_to_its_leaf_through_the_new_agent",
             after_a_re_attach_a_relay_re_attaches_to_its_leaf_through_the_new_agent,
         ),
@@ -2877,6 +2881,49 @@ fn a_topologys_quic_ports_are_where_each_child_listens_at_every_depth(lab: &Lab)
     r1?;
     l1?;
     check!(code == Some(130), "exit {code:?} on ^C");
+    check_no_leftovers(lab, &["r1", "l1-1"])
+}
+
+/// `--congestion`: Cubic unless told, and what it names at both ends of every link, at every
+/// depth (each end says so in its debug log: the parent as the link moves onto QUIC, the
+/// child as it takes the connection).
+fn the_congestion_control_chosen_runs_at_both_ends_of_every_link(lab: &Lab) -> TestResult {
+    clean(lab, false);
+    let topo = topology(
+        "defaults:\n  user: root\nhosts:\n- host: 10.199.0.11\n  name: r1\n  children:\n  - host: 10.199.1.11\n    name: l1-1\n    graph: {leaf}\n",
+    );
+    for (extra, want) in [(None, "cubic"), (Some("bbr"), "bbr")] {
+        let mut args = vec!["--converged-timeout", "1", "-v"];
+        if let Some(cc) = extra {
+            args.extend(["--congestion", cc]);
+        }
+        args.extend(["--topology", topo.path.to_str().unwrap_or_default()]);
+        args.push("--tmp-prefix");
+        let out = arbor_command(lab, &lab.home(), &args)
+            .env("ARBOR_LOG", "arbor=debug")
+            .output()
+            .map_err(fail)?;
+        let log = exited(&out, 0)?;
+        let ends = [
+            (
+                "the initiator, for r1",
+                "DEBUG r1: the link moved onto QUIC",
+            ),
+            ("r1, for l1-1", "r1 | DEBUG l1-1: the link moved onto QUIC"),
+            ("r1, as its link came", "r1 | DEBUG QUIC: the link runs on"),
+            (
+                "l1-1, as its link came",
+                "r1/l1-1 | DEBUG QUIC: the link runs on",
+            ),
+        ];
+        for (end, start) in ends {
+            let line = log.lines().find(|l| l.contains(start)).unwrap_or_default();
+            check!(
+                line.ends_with(&format!("(congestion control: {want})")),
+                "{end}: want {want}, the line is {line:?}\n{log}"
+            );
+        }
+    }
     check_no_leftovers(lab, &["r1", "l1-1"])
 }
 

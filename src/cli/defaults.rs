@@ -79,6 +79,7 @@ const KEYS: &[Key] = &[
     key("compress", "compress", Shape::Value, RUN_EXEC),
     key("transport", "transport", Shape::Value, RUN_EXEC),
     key("quic-ports", "quic_ports", Shape::Value, RUN_EXEC),
+    key("congestion", "congestion", Shape::Value, RUN_EXEC),
     key(
         "allow-interactive",
         "allow_interactive",

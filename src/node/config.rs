@@ -39,6 +39,8 @@ pub struct RunOptions {
     pub transport: crate::wire::Transport,
     /// `--quic-ports FIRST-LAST`.
     pub quic_ports: Option<(u16, u16)>,
+    /// `--congestion cubic|bbr|newreno`.
+    pub congestion: crate::wire::quic::Congestion,
     pub tmp_prefix: bool,
     pub seeds: Vec<String>,
     /// The etcd user the initiator acts as at the --seeds etcd.
@@ -111,6 +113,7 @@ impl Default for RunOptions {
             compress: crate::wire::Compress::Auto,
             transport: node.transport,
             quic_ports: node.quic_ports,
+            congestion: node.congestion,
             tmp_prefix: false,
             seeds: Vec::new(),
             seeds_user: None,
@@ -193,6 +196,7 @@ impl RunOptions {
             reconnect_grace: self.reconnect_grace,
             transport: self.transport,
             quic_ports: self.quic_ports,
+            congestion: self.congestion,
             noop: self.noop,
             diff: self.diff,
             builds,
@@ -220,6 +224,7 @@ mod tests {
             quiet: true,
             transport: crate::wire::Transport::Quic,
             quic_ports: Some((60000, 60010)),
+            congestion: crate::wire::quic::Congestion::Bbr,
             ..RunOptions::default()
         };
         let builds = vec![BuildRef {
@@ -244,6 +249,7 @@ mod tests {
                 cconns: 7,
                 transport: crate::wire::Transport::Quic,
                 quic_ports: Some((60000, 60010)),
+                congestion: crate::wire::quic::Congestion::Bbr,
                 converged_timeout: Some(5),
                 noop: true,
                 diff: true,

@@ -1052,7 +1052,11 @@ async fn to_quic(
     };
     let note = match moved {
         Ok(()) => {
-            tracing::debug!("{}: the link moved onto QUIC", spec.name);
+            tracing::debug!(
+                "{}: the link moved onto QUIC (congestion control: {})",
+                spec.name,
+                ctx.config.congestion.name()
+            );
             None
         }
         Err(e) => {

@@ -40,7 +40,7 @@ pub fn listen(quic: &QuicStart, config: &NodeConfig, offer: Arc<Offer>) -> Up {
             let port = listener.local_addr().port();
             offer.listening_on_quic();
             tracing::debug!("QUIC: listening on {}", listener.local_addr());
-            tokio::spawn(serve(listener, offer));
+            tokio::spawn(serve(listener, offer, tuning.congestion));
             Up::Quic {
                 port,
                 fingerprint: me.fingerprint().to_string(),
@@ -64,7 +64,7 @@ pub fn tuning(config: &NodeConfig) -> Tuning {
     Tuning {
         keep_alive: crate::wire::heartbeat_every(config.link_timeout),
         idle: Duration::from_secs(config.link_timeout.max(1) + config.reconnect_grace),
-        congestion: Congestion::default(),
+        congestion: config.congestion,
     }
 }
 
@@ -77,7 +77,7 @@ fn ssh_server_ip() -> Option<IpAddr> {
 
 /// Takes the parent's connections (the handshake already checked its certificate): each
 /// opens a control stream and re-attaches over it.
-async fn serve(listener: Listener, offer: Arc<Offer>) {
+async fn serve(listener: Listener, offer: Arc<Offer>, congestion: Congestion) {
     while let Some(connection) = listener.accept().await {
         let connection = match connection {
             Ok(c) => c,
@@ -100,7 +100,11 @@ async fn serve(listener: Listener, offer: Arc<Offer>) {
             .await;
             let refused = match attached {
                 Ok(Ok(())) => {
-                    tracing::debug!("QUIC: the link runs on {}", connection.remote_address());
+                    tracing::debug!(
+                        "QUIC: the link runs on {} (congestion control: {})",
+                        connection.remote_address(),
+                        congestion.name()
+                    );
                     receive_copies(connection).await;
                     return;
                 }

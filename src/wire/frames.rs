@@ -299,6 +299,9 @@ pub struct NodeConfig {
     /// The UDP ports a child listens on for QUIC (`--quic-ports`): `None` for any free port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quic_ports: Option<(u16, u16)>,
+    /// How each QUIC link's sender controls congestion (`--congestion`).
+    #[serde(default)]
+    pub congestion: crate::wire::quic::Congestion,
     /// Every build of arbor the run has, for children of other platforms: a node that lacks
     /// one asks its parent for it (`Up::Fetch`).
     pub builds: Vec<BuildRef>,
@@ -409,6 +412,7 @@ impl Default for NodeConfig {
             reconnect_grace: RECONNECT_GRACE,
             transport: Transport::default(),
             quic_ports: None,
+            congestion: crate::wire::quic::Congestion::default(),
             builds: Vec::new(),
         }
     }

@@ -103,16 +103,39 @@ impl Identity {
     }
 }
 
-/// How the link's congestion is controlled. The long, thin links arbor relays across lose
-/// packets for reasons other than congestion (radio, a policer), which loss-based control
-/// (Cubic, NewReno) takes as congestion and halves its rate for; BBR paces by the bandwidth
-/// and round trip it measures (docs/benchmarks.md has the measurements behind the default).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// How the link's congestion is controlled (`--congestion`). Cubic, as TCP does, by default:
+/// it fills a thin link as SSH does, also while the far end is too busy to acknowledge
+/// promptly, where quinn's BBR (experimental there) fell to 0.9 of it with the round trip
+/// under a millisecond. BBR keeps the link's queue short and does not take random loss for
+/// congestion, for operators on lossy links (docs/remote.md, "QUIC between nodes", has the
+/// measurements).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Congestion {
+    #[default]
     Cubic,
     NewReno,
-    #[default]
     Bbr,
+}
+
+impl Congestion {
+    pub fn parse(s: &str) -> Option<Congestion> {
+        match s {
+            "cubic" => Some(Congestion::Cubic),
+            "newreno" => Some(Congestion::NewReno),
+            "bbr" => Some(Congestion::Bbr),
+            _ => None,
+        }
+    }
+
+    /// As `--congestion` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Congestion::Cubic => "cubic",
+            Congestion::NewReno => "newreno",
+            Congestion::Bbr => "bbr",
+        }
+    }
 }
 
 /// The link's timing, from the node configuration.
