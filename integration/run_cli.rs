@@ -623,6 +623,45 @@ fn a_bad_source_exits_2_naming_the_graph_place_and_the_path_before_connecting() 
     refused_before_contact(dir.path(), &listener, cases);
 }
 
+/// An exported file's source goes with the export, as its content, in the store: one that is
+/// not UTF-8 text, or sources that come to more than an export may carry, exit 2 at the
+/// graph's place, naming the path, before any host is contacted.
+#[test]
+fn an_exported_files_source_that_is_not_text_or_too_big_exits_2_before_connecting() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("binary.dat"),
+        [0x7f, b'E', b'L', b'F', 0xff, 0xfe],
+    )
+    .expect("write");
+    std::fs::write(dir.path().join("big.txt"), "x".repeat((1 << 20) + 1)).expect("write");
+    let (listener, port) = silent_host();
+    let graph = |source: &str| {
+        format!(
+            "graph: g\nremote: ssh://root@127.0.0.1:{port}\nresources:\n  file:\n  \
+             - name: \"@@published\"\n    path: /tmp/arbor-test-published\n    source: {source}\n"
+        )
+    };
+    let cases = [
+        (
+            "binary.yaml",
+            graph("binary.dat"),
+            ":7:13: ",
+            format!(
+                "source `binary.dat`: {} is not UTF-8 text",
+                dir.path().join("binary.dat").display()
+            ),
+        ),
+        (
+            "big.yaml",
+            graph("big.txt"),
+            ":7:13: ",
+            "over the 1048576 a host's exports may carry".to_string(),
+        ),
+    ];
+    refused_before_contact(dir.path(), &listener, cases);
+}
+
 /// Source directories too: a missing one, one holding a symlink, a file named as a directory,
 /// a directory source to a path not ending in `/`, or with `content`, or without `recurse`:
 /// exit 2 at the graph's place, naming the path, before any host is contacted.

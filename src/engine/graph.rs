@@ -50,6 +50,9 @@ pub struct SourceAt {
     pub source: String,
     pub line: u64,
     pub column: u64,
+    /// An exported file's: the host publishes it as the export's content, so it must be text
+    /// that fits an export (node::artifacts::Sources::resolve_sources checks).
+    pub exported: bool,
 }
 
 /// Pull in every host's exports of a kind. What other hosts export is untrusted: a collected
@@ -1413,19 +1416,20 @@ fn declare_svc(v: &Spanned<RawSvc>, host: &str) -> Result<Declared, Located> {
     declare(spec, &raw.name)
 }
 
-/// A resource's `source:` (as expanded, written at `at`), to be sent down as an artifact;
-/// refused on an exported resource.
+/// A resource's `source:` (as expanded, written at `at`), to be sent down as an artifact.
+/// An exported file's goes to the exporting host, which publishes it as the export's content;
+/// refused on an exported pkg (collectors install no packages from another host's word).
 fn source_at(
     source: &Option<String>,
     at: &Spanned<String>,
     exported: bool,
     kind: Kind,
 ) -> Result<SourceAt, Located> {
-    if exported {
+    if exported && kind != Kind::File {
         return Err(not_supported(
             loc(at),
             &format!("`source` on an exported {kind}"),
-            "artifacts reach the hosts of the run's tree, not collectors",
+            "only an exported file carries its source, as its content",
         ));
     }
     let (line, column) = loc(at);
@@ -1433,6 +1437,7 @@ fn source_at(
         source: source.clone().unwrap_or_default(),
         line,
         column,
+        exported,
     })
 }
 

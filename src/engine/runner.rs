@@ -72,12 +72,15 @@ pub struct Status {
     /// Collected kinds whose store watch is broken, with why. While one is, the host is not
     /// converged: it cannot know what it should collect.
     pub collect_errors: BTreeMap<Kind, String>,
+    /// Why the host's exports could not be published: an exported file's source could not be
+    /// read here. While it cannot, the host is not converged.
+    pub export_error: Option<String>,
 }
 
 impl Status {
     /// Nothing failed, blocked or broken.
     pub fn healthy(&self) -> bool {
-        self.failures.is_empty() && self.collect_errors.is_empty()
+        self.failures.is_empty() && self.collect_errors.is_empty() && self.export_error.is_none()
     }
 }
 
@@ -124,6 +127,7 @@ impl Engine {
             exchange,
             graph: Graph::default(),
             published: None,
+            exports: ExportSources::new(),
             collected: HashMap::new(),
             collectors: HashMap::new(),
             events_tx,
@@ -209,6 +213,62 @@ struct Collector {
     state: CollectState,
 }
 
+/// The reading of exported files' sources (see [`HostLoop::publish`]).
+struct ExportSources {
+    /// Bumped by every publish: a read for an older one is dropped.
+    generation: u64,
+    /// A read is under way for the current generation.
+    reading: bool,
+    /// Why the current generation's sources could not be read.
+    failed: Option<String>,
+    tx: mpsc::UnboundedSender<(u64, anyhow::Result<Vec<ResourceSpec>>)>,
+    read: mpsc::UnboundedReceiver<(u64, anyhow::Result<Vec<ResourceSpec>>)>,
+}
+
+impl ExportSources {
+    fn new() -> Self {
+        let (tx, read) = mpsc::unbounded_channel();
+        ExportSources {
+            generation: 0,
+            reading: false,
+            failed: None,
+            tx,
+            read,
+        }
+    }
+}
+
+/// The exports as collectors get them: an exported file's `source` goes as its content, the
+/// bytes of this host's artifact for it (verified, and waited for while it arrives). The
+/// initiator checked that it is text that fits an export (node::artifacts::EXPORTED_SOURCES_MAX).
+fn with_sources(
+    exports: Vec<ResourceSpec>,
+    artifacts: &crate::engine::artifacts::ArtifactIndex,
+) -> anyhow::Result<Vec<ResourceSpec>> {
+    exports
+        .into_iter()
+        .map(|spec| {
+            let ResourceSpec::File(mut f) = spec else {
+                return Ok(spec);
+            };
+            let Some(source) = f.source.take() else {
+                return Ok(ResourceSpec::File(f));
+            };
+            let what = format!("exported file {}: source `{source}`", f.name);
+            let artifact = artifacts
+                .get(&source)
+                .ok_or_else(|| anyhow::anyhow!("{what}: this host was given no artifact for it"))?;
+            let bytes = artifact
+                .read_verified()
+                .map_err(|e| anyhow::anyhow!("{what}: {e:#}"))?;
+            let text = String::from_utf8(bytes)
+                .map_err(|_| anyhow::anyhow!("{what}: not UTF-8 text, which an export carries"))?;
+            f.content = Some(text);
+            Ok(ResourceSpec::File(f))
+        })
+        .collect()
+}
+
 enum CollectState {
     /// Started; the first set has not arrived. Counts as busy: convergence waits for it.
     Waiting,
@@ -222,6 +282,9 @@ struct HostLoop {
     graph: Graph,
     /// The exports last published successfully; `None` before the first time.
     published: Option<Vec<ResourceSpec>>,
+    /// Exported files' sources being read, off the loop (an artifact may still be arriving),
+    /// and what came of it: see [`HostLoop::publish`].
+    exports: ExportSources,
     scheduler: Scheduler,
     convergence: Convergence,
     collected: HashMap<Kind, Vec<ExportedResource>>,
@@ -269,6 +332,9 @@ impl HostLoop {
                     }
                 }
                 Some(event) = self.events.recv() => self.handle(event),
+                Some((generation, read)) = self.exports.read.recv() => {
+                    self.sources_read(generation, read).await;
+                }
                 Some(graph) = self.graphs.recv() => self.load(graph).await,
                 _ = sleep_until(deadline), if deadline.is_some() => {}
             }
@@ -356,6 +422,10 @@ impl HostLoop {
         self.convergence.changed(Instant::now());
     }
 
+    /// Publishes the graph's exports. An exported file with a `source` goes with the
+    /// source's bytes as its content: those are read from this host's artifact off the loop,
+    /// and published when read ([`HostLoop::sources_read`]); until then the host is busy, and
+    /// unhealthy if they cannot be read.
     async fn publish(&mut self, graph: &Graph) {
         let host = &self.config.hostname;
         if self.config.noop {
@@ -365,8 +435,52 @@ impl HostLoop {
             self.published = Some(graph.exports.clone());
             return;
         }
-        match self.exchange.publish(host, graph.exports.clone()).await {
-            Ok(()) => self.published = Some(graph.exports.clone()),
+        self.exports.generation += 1;
+        self.exports.failed = None;
+        let sourced = graph
+            .exports
+            .iter()
+            .any(|s| matches!(s, ResourceSpec::File(f) if f.source.is_some()));
+        self.exports.reading = sourced;
+        if sourced {
+            let (generation, tx) = (self.exports.generation, self.exports.tx.clone());
+            let (exports, artifacts) = (graph.exports.clone(), self.config.artifacts.clone());
+            tokio::task::spawn_blocking(move || {
+                let _ = tx.send((generation, with_sources(exports, &artifacts)));
+            });
+            return;
+        }
+        self.write_exports(graph.exports.clone(), graph.exports.clone())
+            .await;
+    }
+
+    /// An exported file's source was read for the exports of `generation`: publish them,
+    /// unless a newer graph's exports replaced them meanwhile.
+    async fn sources_read(&mut self, generation: u64, read: anyhow::Result<Vec<ResourceSpec>>) {
+        if generation != self.exports.generation {
+            return;
+        }
+        self.exports.reading = false;
+        self.convergence.changed(Instant::now());
+        match read {
+            Ok(exports) => {
+                let as_written = self.graph.exports.clone();
+                self.write_exports(exports, as_written).await;
+            }
+            Err(e) => {
+                let msg = format!("publishing {}'s exports: {e:#}", self.config.hostname);
+                tracing::error!("{msg}");
+                self.exports.failed = Some(msg);
+            }
+        }
+    }
+
+    /// Writes `exports` (as collectors get them) to the exchange; `as_written` is what the
+    /// graph says, remembered so that an unchanged graph does not publish again.
+    async fn write_exports(&mut self, exports: Vec<ResourceSpec>, as_written: Vec<ResourceSpec>) {
+        let host = &self.config.hostname;
+        match self.exchange.publish(host, exports).await {
+            Ok(()) => self.published = Some(as_written),
             // Tried again with the next graph.
             Err(e) => tracing::error!("publishing {host}'s exports: {e:#}"),
         }
@@ -409,6 +523,8 @@ impl HostLoop {
     /// set keeps the host busy, a broken one makes it unhealthy.
     fn load_now(&self) -> Load {
         let mut load = self.scheduler.load();
+        load.busy |= self.exports.reading;
+        load.healthy &= self.exports.failed.is_none();
         for c in self.collectors.values() {
             match c.state {
                 CollectState::Waiting => load.busy = true,
@@ -512,6 +628,10 @@ impl HostLoop {
             }
             if s.collect_errors != collect_errors {
                 s.collect_errors = collect_errors;
+                moved = true;
+            }
+            if s.export_error != self.exports.failed {
+                s.export_error = self.exports.failed.clone();
                 moved = true;
             }
             moved

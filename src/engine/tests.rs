@@ -1140,3 +1140,60 @@ async fn a_host_reads_another_hosts_kv_key_but_cannot_write_it() {
     a.stop().await;
     b.stop().await;
 }
+
+/// An exported file's `source` is published as its content, the bytes of the exporter's
+/// artifact: a collector, which holds no artifact, writes them. An exporter without the
+/// artifact publishes nothing and settles unhealthy, saying why.
+#[tokio::test]
+async fn an_exported_files_source_reaches_a_collector_as_its_content() {
+    use crate::engine::artifacts::{ArtifactFile, sha256_hex};
+    let (da, db) = (
+        tempfile::tempdir().expect("a"),
+        tempfile::tempdir().expect("b"),
+    );
+    let text = "published by a\nsecond line: ünïcödé\n";
+    let blob = da.path().join("blob");
+    fs::write(&blob, text).expect("blob");
+    let ex = new_exchange().await;
+    let a_src = format!(
+        "graph: a\nresources:\n  file:\n  - name: \"@@motd\"\n    path: {}/motd\n    \
+         source: motd.txt\n",
+        db.path().display()
+    );
+    let mut a_config = config("a");
+    a_config.artifacts = Arc::new(
+        [(
+            "motd.txt".to_string(),
+            ArtifactFile {
+                path: blob,
+                sha256: sha256_hex(text.as_bytes()),
+                size: text.len() as u64,
+                arrival: None,
+            },
+        )]
+        .into(),
+    );
+    let a = Engine::start(parse(&a_src, "a"), a_config, ex.clone()).expect("a starts");
+    let b_src = format!(
+        "graph: b\ncollect:\n- kind: file\n  pattern: {}/\n",
+        db.path().display()
+    );
+    let b = start(&b_src, "b", &ex).await;
+    wait_file(&db.path().join("motd"), text).await;
+    converged(&a).await;
+    converged(&b).await;
+    a.stop().await;
+
+    // The same graph on a host given no artifact for the source.
+    let c = start(&a_src.replace("motd", "motd-c"), "c", &ex).await;
+    let (status, held) = c.wait_for(WAIT, |s| s.settled && !s.healthy()).await;
+    assert!(held, "c did not settle unhealthy: {status:?}");
+    let why = status.export_error.unwrap_or_default();
+    assert!(
+        why.contains("source `motd-c.txt`: this host was given no artifact for it"),
+        "{why}"
+    );
+    assert!(!db.path().join("motd-c").exists(), "c published its export");
+    c.stop().await;
+    b.stop().await;
+}

@@ -42,6 +42,11 @@ use tokio_util::sync::CancellationToken;
 /// Mode of blobs in a cache: private; a file resource sets its own file's mode.
 const BLOB_MODE: u32 = 0o600;
 
+/// What the sources of one graph's exported files may come to as the exports' content, JSON
+/// escaped: a host's exports are written in one store transaction, which etcd (and arbor's
+/// store) caps at 1.5 MiB; the rest is left to the specs themselves.
+pub const EXPORTED_SOURCES_MAX: usize = 1 << 20;
+
 /// The initiator's sources, hashed once each, by the file they were read from.
 #[derive(Default)]
 pub struct Sources {
@@ -62,6 +67,7 @@ impl Sources {
     ) -> Result<Resolved, GraphError> {
         let mut out = BTreeMap::new();
         let mut trees = BTreeMap::new();
+        let mut exported = 0;
         for at in &graph.sources {
             let error = |message: String| GraphError::Invalid {
                 path: graph_path.to_path_buf(),
@@ -104,6 +110,18 @@ impl Sources {
             let artifact = self
                 .hash(&file)
                 .map_err(|e| error(format!("source `{}`: {shown}: {e}", at.source)))?;
+            if at.exported {
+                exported += exported_size(&file)
+                    .map_err(|e| error(format!("source `{}`: {shown}{e}", at.source)))?;
+                if exported > EXPORTED_SOURCES_MAX {
+                    return Err(error(format!(
+                        "source `{}`: the graph's exported files' sources come to {exported} \
+                         bytes as content, over the {EXPORTED_SOURCES_MAX} a host's exports may \
+                         carry in the store",
+                        at.source
+                    )));
+                }
+            }
             out.insert(at.source.clone(), artifact);
         }
         Ok(Resolved {
@@ -217,6 +235,21 @@ pub fn new_source(
         at.column,
         at.source
     ))
+}
+
+/// An exported file's source, as the export's content will be in the store: its size, JSON
+/// escaped; an error (to follow the path) when it is not UTF-8 text, since an export carries
+/// its content as text.
+fn exported_size(file: &Path) -> Result<usize, String> {
+    let bytes = std::fs::read(file).map_err(|e| format!(": {e}"))?;
+    let text = String::from_utf8(bytes).map_err(|_| {
+        " is not UTF-8 text: an exported file's source is published with the export, as its \
+         content, which is text"
+            .to_string()
+    })?;
+    serde_json::to_string(&text)
+        .map(|json| json.len())
+        .map_err(|e| format!(": {e}"))
 }
 
 /// A source as written, relative to the graph file's directory unless absolute.
@@ -781,7 +814,8 @@ pub async fn copy_to_child(
     }
     // One exec: which entries are there, intact (size and sha256); corrupt ones are removed.
     // The index (`.src/<sha256 of the source name>`: the sha256 it had) is read for an older
-    // version of each missing one that is still there (`base`), and updated.
+    // version of each missing one that is still there (`base`), and updated. The list goes on
+    // stdin, a line each: a tree of many files would not fit a command line.
     let list: Vec<String> = wanted
         .iter()
         .map(|a| {
@@ -796,7 +830,7 @@ pub async fn copy_to_child(
         .collect();
     let check = format!(
         "set -e; umask 077; mkdir -p -m 700 {dir}; cd {dir}; mkdir -p .src; \
-         for e in {list}; do h=${{e%%:*}}; r=${{e#*:}}; n=${{r%%:*}}; ks=${{r#*:}}; m=; \
+         while IFS= read -r e; do h=${{e%%:*}}; r=${{e#*:}}; n=${{r%%:*}}; ks=${{r#*:}}; m=; \
          if [ -f \"$h\" ] && [ \"$(wc -c < \"$h\")\" -eq \"$n\" ] && \
             sha256sum \"$h\" | grep -q \"^$h \"; then touch -c -- \"$h\" || true; \
            echo \"cached $h\"; \
@@ -812,10 +846,9 @@ pub async fn copy_to_child(
            echo \"$h\" > .src/\"$k\"; done; \
          if [ -n \"$b\" ]; then echo \"base $h $b\"; fi; done",
         dir = shell_quote(&dir),
-        list = list.join(" "),
     );
     let out = session
-        .run_checked(&check)
+        .run_checked_with_input(&check, format!("{}\n", list.join("\n")).as_bytes())
         .await
         .map_err(|e| e.to_string())?;
     let mut to_copy = Vec::new();

@@ -1355,6 +1355,9 @@ pub async fn run(options: RunOptions) -> u8 {
             for (id, why) in &status.failures {
                 eprintln!("arbor: {hostname}: {id}: {why}");
             }
+            for why in status.collect_errors.values().chain(&status.export_error) {
+                eprintln!("arbor: {hostname}: {why}");
+            }
             engine.stop().await;
             Some(status.healthy())
         }

@@ -664,6 +664,7 @@ pub fn settled_state(status: &Status, reported: Option<&HostState>) -> Option<Ho
             .map(|(id, why)| format!("{id}: {why}"))
             .collect();
         failures.extend(status.collect_errors.values().cloned());
+        failures.extend(status.export_error.clone());
         Some(HostState::Unhealthy { failures })
     } else if reported.is_some() {
         Some(HostState::Changed)

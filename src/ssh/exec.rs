@@ -177,7 +177,19 @@ impl Session {
 
     /// Runs `command` and fails unless it exits 0; the error carries its stderr.
     pub async fn run_checked(&self, command: &str) -> Result<Vec<u8>> {
-        let out = self.output(command).await?;
+        self.run_checked_with_input(command, &[]).await
+    }
+
+    /// [`Session::run_checked`] with `input` on the command's stdin: for a list that grows
+    /// with the work (a command line is capped: 128 KiB for one argument on Linux, 9000 bytes
+    /// in dropbear).
+    pub async fn run_checked_with_input(&self, command: &str, input: &[u8]) -> Result<Vec<u8>> {
+        let cmd = self.exec(command, &ExecOptions::default()).await?;
+        if !input.is_empty() {
+            cmd.write_stdin(input).await?;
+        }
+        cmd.close_stdin().await?;
+        let out = cmd.collect().await?;
         if out.status.success() {
             Ok(out.stdout)
         } else {

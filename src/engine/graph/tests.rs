@@ -839,6 +839,7 @@ fn a_file_source_is_kept_as_written_with_its_place() {
             source: "files/h1.bin".into(),
             line: 5,
             column: 13,
+            exported: false,
         }]
     );
     // No source, no entry.
@@ -877,11 +878,17 @@ fn bad_sources_are_errors_at_the_source() {
         13,
         "`state: absent`",
     );
-    err_at(
-        "graph: g\nresources:\n  file:\n  - name: \"@@f\"\n    path: /f\n    source: a.bin\n",
-        6,
-        13,
-        "not supported: `source` on an exported file",
+    // An exported file carries its source (published as its content by the exporter).
+    let g =
+        ok("graph: g\nresources:\n  file:\n  - name: \"@@f\"\n    path: /f\n    source: a.bin\n");
+    assert_eq!(
+        g.sources,
+        vec![SourceAt {
+            source: "a.bin".into(),
+            line: 6,
+            column: 13,
+            exported: true,
+        }]
     );
 }
 
