@@ -252,6 +252,34 @@ fn exported_size(file: &Path) -> Result<usize, String> {
         .map_err(|e| format!(": {e}"))
 }
 
+/// The shell that checks a host's artifacts dir `dir` against the list on its stdin, a line
+/// per artifact: `sha256:size:key,key…` (keys: the index entries of its source names). It
+/// prints `cached`, `corrupt` (removed) or `missing` for each, and `base <sha256> <older>`
+/// where the index names an older version still there. Nothing forks for a missing entry (a
+/// fork costs milliseconds on a busy host, and a tree brings thousands of entries); an
+/// entry that is there is read whole by sha256sum.
+fn check_command(dir: &str) -> String {
+    format!(
+        "set -e; umask 077; mkdir -p -m 700 {dir}; cd {dir}; mkdir -p .src; oi=$IFS; \
+         while IFS= read -r e; do h=${{e%%:*}}; r=${{e#*:}}; n=${{r%%:*}}; ks=${{r#*:}}; m=; \
+         if [ -f \"$h\" ] && [ \"$(wc -c < \"$h\")\" -eq \"$n\" ] && \
+            sha256sum \"$h\" | grep -q \"^$h \"; then touch -c -- \"$h\" || true; \
+           echo \"cached $h\"; \
+         elif [ -e \"$h\" ]; then rm -f -- \"$h\"; m=1; \
+           if command -v sha256sum >/dev/null 2>&1; then echo \"corrupt $h\"; \
+           else echo \"missing $h\"; fi; \
+         else m=1; echo \"missing $h\"; fi; \
+         b=; IFS=,; set -- $ks; IFS=$oi; for k in \"$@\"; do o=; \
+           if [ -f .src/\"$k\" ]; then read -r o < .src/\"$k\" || true; fi; \
+           case \"$o\" in *[!0-9a-f]*|'') ;; *) \
+             if [ -n \"$m\" ] && [ -z \"$b\" ] && [ \"$o\" != \"$h\" ] && [ -f \"$o\" ]; \
+             then b=$o; fi;; esac; \
+           echo \"$h\" > .src/\"$k\"; done; \
+         if [ -n \"$b\" ]; then echo \"base $h $b\"; fi; done",
+        dir = shell_quote(dir),
+    )
+}
+
 /// A source as written, relative to the graph file's directory unless absolute.
 fn source_path(graph_path: &Path, source: &str) -> PathBuf {
     let source = Path::new(source);
@@ -828,25 +856,7 @@ pub async fn copy_to_child(
             format!("{}:{}:{}", a.sha256, a.size, keys.join(","))
         })
         .collect();
-    let check = format!(
-        "set -e; umask 077; mkdir -p -m 700 {dir}; cd {dir}; mkdir -p .src; \
-         while IFS= read -r e; do h=${{e%%:*}}; r=${{e#*:}}; n=${{r%%:*}}; ks=${{r#*:}}; m=; \
-         if [ -f \"$h\" ] && [ \"$(wc -c < \"$h\")\" -eq \"$n\" ] && \
-            sha256sum \"$h\" | grep -q \"^$h \"; then touch -c -- \"$h\" || true; \
-           echo \"cached $h\"; \
-         elif [ -e \"$h\" ]; then rm -f -- \"$h\"; m=1; \
-           if command -v sha256sum >/dev/null 2>&1; then echo \"corrupt $h\"; \
-           else echo \"missing $h\"; fi; \
-         else m=1; echo \"missing $h\"; fi; \
-         b=; for k in $(echo \"$ks\" | tr , ' '); do \
-           o=$(cat .src/\"$k\" 2>/dev/null || true); \
-           case \"$o\" in *[!0-9a-f]*|'') ;; *) \
-             if [ -n \"$m\" ] && [ -z \"$b\" ] && [ \"$o\" != \"$h\" ] && [ -f \"$o\" ]; \
-             then b=$o; fi;; esac; \
-           echo \"$h\" > .src/\"$k\"; done; \
-         if [ -n \"$b\" ]; then echo \"base $h $b\"; fi; done",
-        dir = shell_quote(&dir),
-    );
+    let check = check_command(&dir);
     let out = session
         .run_checked_with_input(&check, format!("{}\n", list.join("\n")).as_bytes())
         .await
@@ -1108,6 +1118,59 @@ pub async fn copy_to_child(
 mod tests {
     use super::*;
     use crate::engine::graph;
+
+    /// The cache check, run with `sh` on a dir holding an intact entry, a corrupt one and an
+    /// older version named by the index: each entry's word, the corrupt one removed, the
+    /// index pointing at the new versions.
+    #[test]
+    fn the_cache_check_names_each_entry_and_an_older_version_to_patch() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let blob = |text: &str| {
+            (
+                crate::engine::artifacts::sha256_hex(text.as_bytes()),
+                text.len(),
+            )
+        };
+        let (intact, corrupt, new, old, fresh) = (
+            blob("intact"),
+            blob("corrupt"),
+            blob("new"),
+            blob("old"),
+            blob("fresh"),
+        );
+        std::fs::write(dir.path().join(&intact.0), "intact").expect("write");
+        std::fs::write(dir.path().join(&corrupt.0), "not what it says").expect("write");
+        std::fs::write(dir.path().join(&old.0), "old").expect("write");
+        std::fs::create_dir(dir.path().join(".src")).expect("mkdir");
+        std::fs::write(dir.path().join(".src/k1"), format!("{}\n", old.0)).expect("write");
+        let input = format!(
+            "{}:{}:\n{}:{}:k0\n{}:{}:k0,k1\n{}:{}:\n",
+            intact.0, intact.1, corrupt.0, corrupt.1, new.0, new.1, fresh.0, fresh.1
+        );
+        let mut child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(check_command(&dir.path().to_string_lossy()))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("sh");
+        std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), input.as_bytes())
+            .expect("stdin");
+        let out = child.wait_with_output().expect("sh");
+        assert!(out.status.success());
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!(
+                "cached {}\ncorrupt {}\nmissing {}\nbase {} {}\nmissing {}\n",
+                intact.0, corrupt.0, new.0, new.0, old.0, fresh.0
+            )
+        );
+        assert!(!dir.path().join(&corrupt.0).exists());
+        for k in ["k0", "k1"] {
+            let index = std::fs::read_to_string(dir.path().join(".src").join(k)).expect("index");
+            assert_eq!(index, format!("{}\n", new.0), "{k}");
+        }
+    }
 
     #[test]
     fn random_bytes_do_not_compress_and_text_does() {
