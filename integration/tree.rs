@@ -5298,6 +5298,8 @@ fn artifacts_go_zstd_compressed_on_a_thin_link_and_plain_with_never(lab: &Lab) -
 /// A 40 MiB artifact, then the same with 1% of it changed (100 blocks of 4 KiB): the second
 /// run sends each relay a zstd patch against the version in its cache, and each relay its
 /// leaves one against theirs; the initiator's link carries at most 5% of the artifact.
+/// Then another 1%, with r2's copy of the version before damaged in place: its patch gives
+/// the wrong sha256, is refused, and r2 gets the whole file; every leaf ends up right.
 fn a_one_percent_change_to_a_40_mib_artifact_crosses_the_link_as_a_patch(lab: &Lab) -> TestResult {
     clean(lab, true);
     let mut art = artifact_graph(40)?;
@@ -5306,15 +5308,19 @@ fn a_one_percent_change_to_a_40_mib_artifact_crosses_the_link_as_a_patch(lab: &L
     let log = exited(&out, 0)?;
     check_artifact_on(lab, &LEAVES, &art, &log)?;
     // 1%: 100 blocks of 4 KiB, spread over the file, rewritten with new random bytes.
-    let mut data = std::fs::read(art.data()).map_err(fail)?;
-    let blocks = random_bytes(100 * 4096)?;
-    let stride = data.len() / 100;
-    for (k, block) in blocks.chunks(4096).enumerate() {
-        let at = k * stride + (k * 7919) % (stride - 4096);
-        data[at..at + 4096].copy_from_slice(block);
-    }
-    std::fs::write(art.data(), &data).map_err(fail)?;
-    art.sha256 = sha256_of(&art.data())?;
+    let change_one_percent = |art: &mut ArtifactGraph| -> TestResult {
+        let mut data = std::fs::read(art.data()).map_err(fail)?;
+        let blocks = random_bytes(100 * 4096)?;
+        let stride = data.len() / 100;
+        for (k, block) in blocks.chunks(4096).enumerate() {
+            let at = k * stride + (k * 7919) % (stride - 4096);
+            data[at..at + 4096].copy_from_slice(block);
+        }
+        std::fs::write(art.data(), &data).map_err(fail)?;
+        art.sha256 = sha256_of(&art.data())?;
+        Ok(())
+    };
+    change_one_percent(&mut art)?;
     let (tx0, _) = lab.init_link_bytes();
     let out = run(lab, &topo, &["--converged-timeout", "1"]);
     let (tx1, _) = lab.init_link_bytes();
@@ -5335,6 +5341,44 @@ fn a_one_percent_change_to_a_40_mib_artifact_crosses_the_link_as_a_patch(lab: &L
         sent <= art.size / 20,
         "the initiator's link carried {sent} bytes for a 1% change of a {}-byte artifact; \
          want at most 5%\n{log}",
+        art.size
+    );
+    check_no_leftovers(lab, &HOSTS)?;
+
+    // The base damaged on r2, same size: its patch is refused, the whole file follows.
+    let base = format!("/root/.cache/arbor/artifacts/{}", art.sha256);
+    lab.sh(
+        "r2",
+        &format!("printf damaged | dd of={base} bs=1 seek=4096 conv=notrunc 2>/dev/null"),
+    );
+    change_one_percent(&mut art)?;
+    let (tx0, _) = lab.init_link_bytes();
+    let out = run(lab, &topo, &["--converged-timeout", "1"]);
+    let (tx1, _) = lab.init_link_bytes();
+    let log = exited(&out, 0)?;
+    check_artifact_on(lab, &LEAVES, &art, &log)?;
+    let sent = tx1 - tx0;
+    eprintln!("with r2's base damaged: {sent} bytes out on the initiator's link");
+    check!(
+        log.contains("(patched against a base that differs from the sender's)"),
+        "no refused patch reported\n{log}"
+    );
+    let cached = lab.sh(
+        "r2",
+        &format!(
+            "sha256sum /root/.cache/arbor/artifacts/{} | cut -d' ' -f1",
+            art.sha256
+        ),
+    );
+    check!(
+        cached.trim() == art.sha256,
+        "r2 caches {cached:?} for {}\n{log}",
+        art.sha256
+    );
+    check!(
+        sent >= art.size && sent <= art.size + art.size / 10,
+        "the initiator's link carried {sent} bytes: want the whole {}-byte artifact once \
+         (for r2) and a patch (for r1)\n{log}",
         art.size
     );
     check_no_leftovers(lab, &HOSTS)
