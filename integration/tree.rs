@@ -5307,8 +5307,9 @@ fn a_one_percent_change_to_a_40_mib_artifact_crosses_the_link_as_a_patch(lab: &L
     let out = run(lab, &topo, &["--converged-timeout", "1"]);
     let log = exited(&out, 0)?;
     check_artifact_on(lab, &LEAVES, &art, &log)?;
-    // 1%: 100 blocks of 4 KiB, spread over the file, rewritten with new random bytes.
-    let change_one_percent = |art: &mut ArtifactGraph| -> TestResult {
+    // 1% (100 blocks of 4 KiB, spread over the file, rewritten with new random bytes), rolled
+    // out and checked on every leaf: the bytes out on the initiator's link, and the log.
+    let roll_a_change = |art: &mut ArtifactGraph| -> Result<(u64, String), libtest_mimic::Failed> {
         let mut data = std::fs::read(art.data()).map_err(fail)?;
         let blocks = random_bytes(100 * 4096)?;
         let stride = data.len() / 100;
@@ -5318,15 +5319,14 @@ fn a_one_percent_change_to_a_40_mib_artifact_crosses_the_link_as_a_patch(lab: &L
         }
         std::fs::write(art.data(), &data).map_err(fail)?;
         art.sha256 = sha256_of(&art.data())?;
-        Ok(())
+        let (tx0, _) = lab.init_link_bytes();
+        let out = run(lab, &topo, &["--converged-timeout", "1"]);
+        let (tx1, _) = lab.init_link_bytes();
+        let log = exited(&out, 0)?;
+        check_artifact_on(lab, &LEAVES, art, &log)?;
+        Ok((tx1 - tx0, log))
     };
-    change_one_percent(&mut art)?;
-    let (tx0, _) = lab.init_link_bytes();
-    let out = run(lab, &topo, &["--converged-timeout", "1"]);
-    let (tx1, _) = lab.init_link_bytes();
-    let log = exited(&out, 0)?;
-    check_artifact_on(lab, &LEAVES, &art, &log)?;
-    let sent = tx1 - tx0;
+    let (sent, log) = roll_a_change(&mut art)?;
     eprintln!(
         "1% of a {}-byte artifact changed: {sent} bytes out on the initiator's link ({:.2}% \
          of the artifact)",
@@ -5351,13 +5351,7 @@ fn a_one_percent_change_to_a_40_mib_artifact_crosses_the_link_as_a_patch(lab: &L
         "r2",
         &format!("printf damaged | dd of={base} bs=1 seek=4096 conv=notrunc 2>/dev/null"),
     );
-    change_one_percent(&mut art)?;
-    let (tx0, _) = lab.init_link_bytes();
-    let out = run(lab, &topo, &["--converged-timeout", "1"]);
-    let (tx1, _) = lab.init_link_bytes();
-    let log = exited(&out, 0)?;
-    check_artifact_on(lab, &LEAVES, &art, &log)?;
-    let sent = tx1 - tx0;
+    let (sent, log) = roll_a_change(&mut art)?;
     eprintln!("with r2's base damaged: {sent} bytes out on the initiator's link");
     check!(
         log.contains("(patched against a base that differs from the sender's)"),
