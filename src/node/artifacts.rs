@@ -67,7 +67,7 @@ impl Sources {
     ) -> Result<Resolved, GraphError> {
         let mut out = BTreeMap::new();
         let mut trees = BTreeMap::new();
-        let mut exported = 0;
+        let mut exported: usize = 0;
         for at in &graph.sources {
             let error = |message: String| GraphError::Invalid {
                 path: graph_path.to_path_buf(),
@@ -111,8 +111,14 @@ impl Sources {
                 .hash(&file)
                 .map_err(|e| error(format!("source `{}`: {shown}: {e}", at.source)))?;
             if at.exported {
-                exported += exported_size(&file)
-                    .map_err(|e| error(format!("source `{}`: {shown}{e}", at.source)))?;
+                // As JSON text it is at least as long as its bytes: one over the cap is not read.
+                let len = usize::try_from(meta.len()).unwrap_or(usize::MAX);
+                exported = exported.saturating_add(if len > EXPORTED_SOURCES_MAX {
+                    len
+                } else {
+                    exported_size(&file)
+                        .map_err(|e| error(format!("source `{}`: {shown}{e}", at.source)))?
+                });
                 if exported > EXPORTED_SOURCES_MAX {
                     return Err(error(format!(
                         "source `{}`: the graph's exported files' sources come to {exported} \
