@@ -51,6 +51,9 @@ pub const EXPORTED_SOURCES_MAX: usize = 1 << 20;
 #[derive(Default)]
 pub struct Sources {
     by_path: HashMap<PathBuf, ArtifactRef>,
+    /// An exported source's size as the export's content, or why it cannot be one: read once
+    /// per file, however many hosts' graphs export it.
+    exported: HashMap<PathBuf, Result<usize, String>>,
     /// What the initiator serves: each sha256's file here.
     files: BTreeMap<String, PathBuf>,
 }
@@ -116,7 +119,10 @@ impl Sources {
                 exported = exported.saturating_add(if len > EXPORTED_SOURCES_MAX {
                     len
                 } else {
-                    exported_size(&file)
+                    self.exported
+                        .entry(file.clone())
+                        .or_insert_with(|| exported_size(&file))
+                        .clone()
                         .map_err(|e| error(format!("source `{}`: {shown}{e}", at.source)))?
                 });
                 if exported > EXPORTED_SOURCES_MAX {

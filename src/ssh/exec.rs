@@ -170,7 +170,17 @@ impl Session {
 
     /// Runs `command` to completion with empty stdin and collects its output.
     pub async fn output(&self, command: &str) -> Result<Collected> {
+        self.output_with_input(command, &[]).await
+    }
+
+    /// [`Session::output`] with `input` on the command's stdin: for a list that grows with the
+    /// work (a command line is capped: 128 KiB for one argument on Linux, 9000 bytes in
+    /// dropbear).
+    pub async fn output_with_input(&self, command: &str, input: &[u8]) -> Result<Collected> {
         let cmd = self.exec(command, &ExecOptions::default()).await?;
+        if !input.is_empty() {
+            cmd.write_stdin(input).await?;
+        }
         cmd.close_stdin().await?;
         cmd.collect().await
     }
@@ -180,16 +190,10 @@ impl Session {
         self.run_checked_with_input(command, &[]).await
     }
 
-    /// [`Session::run_checked`] with `input` on the command's stdin: for a list that grows
-    /// with the work (a command line is capped: 128 KiB for one argument on Linux, 9000 bytes
-    /// in dropbear).
+    /// [`Session::run_checked`] with `input` on the command's stdin
+    /// ([`Session::output_with_input`]).
     pub async fn run_checked_with_input(&self, command: &str, input: &[u8]) -> Result<Vec<u8>> {
-        let cmd = self.exec(command, &ExecOptions::default()).await?;
-        if !input.is_empty() {
-            cmd.write_stdin(input).await?;
-        }
-        cmd.close_stdin().await?;
-        let out = cmd.collect().await?;
+        let out = self.output_with_input(command, input).await?;
         if out.status.success() {
             Ok(out.stdout)
         } else {

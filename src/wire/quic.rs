@@ -120,12 +120,9 @@ pub enum Congestion {
 
 impl Congestion {
     pub fn parse(s: &str) -> Option<Congestion> {
-        match s {
-            "cubic" => Some(Congestion::Cubic),
-            "newreno" => Some(Congestion::NewReno),
-            "bbr" => Some(Congestion::Bbr),
-            _ => None,
-        }
+        [Congestion::Cubic, Congestion::NewReno, Congestion::Bbr]
+            .into_iter()
+            .find(|c| c.name() == s)
     }
 
     /// As `--congestion` takes it.
